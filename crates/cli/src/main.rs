@@ -1,0 +1,248 @@
+//! `saif`: the engine from the command line, for batch experiments and for checking the engine against
+//! references. Every command prints one JSON object with `--json` (text without it) and exits non-zero with a
+//! message on stderr on error.
+
+mod bench;
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use saif_engine::sampler::top_candidates;
+use saif_engine::{Engine, GenerateOptions, Hooks, LoadOptions, LogitsWanted, Positions, Sampling, Segment};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(name = "saif", version, about = "SAIF in the browser: the inference engine from the command line")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Token ids of a text (no BOS added).
+    Tokenize {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        text: String,
+    },
+    /// Next-token logits after a prompt, and residual-stream norms at the last prompt token.
+    Logits {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        prompt: String,
+        /// How many of the highest logits to print.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        /// Layers whose resid_post to report, e.g. 0,5,11,17.
+        #[arg(long, value_delimiter = ',')]
+        resid: Vec<usize>,
+    },
+    /// Generates a continuation of a prompt.
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        prompt: String,
+        #[arg(long, default_value_t = 32)]
+        max_new_tokens: usize,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+        /// Wrap the prompt in the model's chat template and stop at the end of the answer's turn.
+        #[arg(long)]
+        chat: bool,
+    },
+    /// Prefill and decode speed (median of several runs).
+    Bench {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Prompt length for the prefill measurement.
+        #[arg(long, default_value_t = 128)]
+        prompt_tokens: usize,
+        /// Tokens decoded one at a time after the prompt.
+        #[arg(long, default_value_t = 64)]
+        decode_tokens: usize,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// The GGUF's metadata and the model's shape.
+    Info {
+        #[command(flatten)]
+        model: ModelArgs,
+    },
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// A GGUF file (default: the offline Gemma 3 270M in $SAIF_MODELS or ~/.cache/saif/models).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+    backend: Backend,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Backend {
+    Cpu,
+    Wgpu,
+}
+
+#[derive(Args)]
+struct SamplingArgs {
+    /// Always take the most likely token (the default unless --temperature is given).
+    #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k"])]
+    greedy: bool,
+    #[arg(long)]
+    temperature: Option<f32>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    fn sampling(&self) -> Result<Sampling> {
+        match self.temperature {
+            None if self.top_p.is_some() || self.top_k.is_some() => {
+                bail!("--top-p and --top-k need --temperature")
+            }
+            None => Ok(Sampling::Greedy),
+            Some(t) => Ok(Sampling::Random { temperature: t, top_k: self.top_k, top_p: self.top_p, seed: self.seed }),
+        }
+    }
+}
+
+fn default_model() -> PathBuf {
+    let dir = std::env::var_os("SAIF_MODELS").map(PathBuf::from).unwrap_or_else(|| {
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+        home.join(".cache/saif/models")
+    });
+    dir.join("gemma-3-270m-q4_k_m.gguf")
+}
+
+impl ModelArgs {
+    fn path(&self) -> PathBuf {
+        self.model.clone().unwrap_or_else(default_model)
+    }
+
+    fn load(&self) -> Result<Engine> {
+        if let Backend::Wgpu = self.backend {
+            bail!("the wgpu backend is not in this build yet; use --backend cpu");
+        }
+        let path = self.path();
+        let file = File::open(&path).with_context(|| open_hint(&path))?;
+        Engine::load_cpu(&mut BufReader::new(file), &LoadOptions::default())
+            .with_context(|| format!("cannot load {}", path.display()))
+    }
+}
+
+fn open_hint(path: &Path) -> String {
+    if path == default_model() {
+        format!("cannot open {} (the offline default; run `make setup` to fetch it, or pass --model)", path.display())
+    } else {
+        format!("cannot open {}", path.display())
+    }
+}
+
+fn print(json_mode: bool, value: serde_json::Value, text: impl FnOnce() -> String) {
+    if json_mode {
+        println!("{value}");
+    } else {
+        println!("{}", text());
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Tokenize { model, text } => {
+            let engine = model.load()?;
+            let ids = engine.tokenizer.encode(&text)?;
+            print(model.json, json!({ "ids": ids }), || {
+                ids.iter()
+                    .map(|&id| format!("{id}\t{:?}", engine.tokenizer.token_text(id).unwrap_or_default()))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        Command::Logits { model, prompt, top, resid } => {
+            let mut engine = model.load()?;
+            let ids = engine.tokenizer.encode_prompt(&prompt)?;
+            let hooks = resid.iter().fold(Hooks::none(), |h, &l| h.read(l, Positions::Last));
+            engine.model.reset();
+            let out = engine.model.forward(&ids, Segment::Prompt, &hooks, LogitsWanted::Last)?;
+            let best = top_candidates(&out.logits, Some(top));
+            let norms: BTreeMap<usize, f64> = out
+                .captures
+                .iter()
+                .map(|c| (c.layer, c.values.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt()))
+                .collect();
+            let value = json!({
+                "input_ids": ids,
+                "top": best.iter().map(|&(id, logit)| json!({
+                    "id": id, "logit": logit, "token": engine.tokenizer.token_text(id),
+                })).collect::<Vec<_>>(),
+                "resid_post": norms.iter().map(|(l, n)| (l.to_string(), json!({ "norm": n })))
+                    .collect::<serde_json::Map<_, _>>(),
+            });
+            print(model.json, value, || {
+                let mut s = format!("input ids: {ids:?}\n");
+                for (id, logit) in &best {
+                    s += &format!("{id:>8} {logit:>10.4}  {:?}\n", engine.tokenizer.token_text(*id).unwrap_or_default());
+                }
+                for (l, n) in &norms {
+                    s += &format!("resid_post[{l}] norm {n:.4}\n");
+                }
+                s.trim_end().to_string()
+            });
+        }
+        Command::Generate { model, prompt, max_new_tokens, sampling, chat } => {
+            let mut engine = model.load()?;
+            let text = if chat { engine.chat.render(&prompt, None) } else { prompt };
+            let ids = engine.tokenizer.encode_prompt(&text)?;
+            let stop_tokens = if chat { engine.chat_stop_tokens() } else { engine.stop_tokens() };
+            let options = GenerateOptions { max_new_tokens, sampling: sampling.sampling()?, stop_tokens };
+            let generation = saif_engine::generate(engine.model.as_mut(), &ids, &options, &Hooks::none(), |_| true)?;
+            let text = engine.tokenizer.decode(&generation.ids)?;
+            print(model.json, json!({ "ids": generation.ids, "text": text }), || text.clone());
+        }
+        Command::Bench { model, prompt_tokens, decode_tokens, runs } => {
+            let path = model.path();
+            let mut engine = model.load()?;
+            let report = bench::run(&mut engine, &path, prompt_tokens, decode_tokens, runs)?;
+            print(model.json, serde_json::to_value(&report)?, || report.to_text());
+        }
+        Command::Info { model } => {
+            let engine = model.load()?;
+            let config = engine.config();
+            let metadata: serde_json::Map<_, _> =
+                engine.metadata.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+            let value = json!({ "config": config, "chat_template": engine.chat, "metadata": metadata });
+            print(model.json, value, || {
+                engine.metadata.iter().map(|(k, v)| format!("{k} = {v}")).collect::<Vec<_>>().join("\n")
+            });
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("saif: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! The generation loop: prefill the prompt, then one token at a time until an end token or the limit, on any
+//! backend, with hooks applied throughout.
+
+use serde::Serialize;
+
+use crate::error::{EngineError, Result};
+use crate::hooks::{Capture, Hooks, Segment};
+use crate::model::{LanguageModel, LogitsWanted};
+use crate::sampler::{Sampler, Sampling};
+
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+    /// Generation stops after any of these (the GGUF's EOS; a chat also adds the end-of-turn token).
+    pub stop_tokens: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// A stop token was generated (it is the last of `ids`).
+    EndToken,
+    /// `max_new_tokens` were generated.
+    Limit,
+    /// The caller's token callback asked to stop.
+    Cancelled,
+}
+
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// The generated tokens only, a stop token included.
+    pub ids: Vec<u32>,
+    pub stop: StopReason,
+    /// What the read hooks captured, prompt and generation.
+    pub captures: Vec<Capture>,
+    /// Next-token logits after the last prompt token.
+    pub prompt_logits: Vec<f32>,
+}
+
+/// Generates from `prompt` (already tokenized, BOS included where the model wants it), starting from an empty
+/// cache. `on_token` sees each new token as it comes and returns false to stop early.
+pub fn generate(
+    model: &mut dyn LanguageModel,
+    prompt: &[u32],
+    options: &GenerateOptions,
+    hooks: &Hooks,
+    mut on_token: impl FnMut(u32) -> bool,
+) -> Result<Generation> {
+    if prompt.is_empty() {
+        return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+    }
+    // The last generated token is never fed back, so the cache needs prompt + max_new_tokens - 1 places.
+    let needed = prompt.len() + options.max_new_tokens.saturating_sub(1);
+    if needed > model.max_context() {
+        return Err(EngineError::ContextOverflow { tokens: needed, context: model.max_context() });
+    }
+    let mut sampler = Sampler::new(options.sampling)?;
+    model.reset();
+    let out = model.forward(prompt, Segment::Prompt, hooks, LogitsWanted::Last)?;
+    let prompt_logits = out.logits;
+    let mut captures = out.captures;
+    let mut logits = prompt_logits.clone();
+    let mut ids = Vec::with_capacity(options.max_new_tokens);
+    let mut stop = StopReason::Limit;
+    while ids.len() < options.max_new_tokens {
+        let next = sampler.sample(&logits);
+        ids.push(next);
+        if !on_token(next) {
+            stop = StopReason::Cancelled;
+            break;
+        }
+        if options.stop_tokens.contains(&next) {
+            stop = StopReason::EndToken;
+            break;
+        }
+        if ids.len() == options.max_new_tokens {
+            break;
+        }
+        let out = model.forward(&[next], Segment::Generated, hooks, LogitsWanted::Last)?;
+        captures.extend(out.captures);
+        logits = out.logits;
+    }
+    Ok(Generation { ids, stop, captures, prompt_logits })
+}

@@ -1,0 +1,212 @@
+//! Hooks on the residual stream, the one mechanism that SAEs and steering plug into, on every backend.
+//!
+//! The hook point is `resid_post[L]`: the hidden state leaving decoder layer L (before the final norm for the last
+//! layer). A hook either *reads* it at chosen positions (to encode it with an SAE, to collect statistics) or *adds*
+//! a vector to it (steering) at all positions, the prompt's only or the generated tokens' only. Reads see the
+//! stream before the adds of the same layer, so an SAE reads the model's own activation; the adds then flow into
+//! every later layer and into the logits.
+//!
+//! A backend is handed a `Hooks` on every forward call together with the positions it processes and whether they
+//! are prompt or generated tokens; it returns one `Capture` per (read, position).
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{EngineError, Result};
+
+/// Whether a forward call processes prompt tokens or tokens the model generated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Segment {
+    Prompt,
+    Generated,
+}
+
+/// Where a steering vector is added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// Every position, prompt and generation (SAIF's default).
+    #[default]
+    All,
+    Prompt,
+    Generated,
+}
+
+impl Scope {
+    pub fn covers(self, segment: Segment) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Prompt => segment == Segment::Prompt,
+            Scope::Generated => segment == Segment::Generated,
+        }
+    }
+}
+
+/// Which positions a read hook captures.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Positions {
+    /// The last position of each forward call (the last prompt token during prefill).
+    Last,
+    /// Every position of each forward call.
+    All,
+    /// These absolute positions, where a forward call covers them.
+    At(Vec<usize>),
+}
+
+/// Read `resid_post[layer]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReadHook {
+    pub layer: usize,
+    pub positions: Positions,
+}
+
+/// Add `vector` to `resid_post[layer]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AddHook {
+    pub layer: usize,
+    pub vector: Vec<f32>,
+    pub scope: Scope,
+}
+
+/// The hooks of one run; empty hooks cost nothing.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Hooks {
+    pub reads: Vec<ReadHook>,
+    pub adds: Vec<AddHook>,
+}
+
+/// One captured activation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Capture {
+    pub layer: usize,
+    /// Absolute position in the sequence (0 is the first token, BOS where there is one).
+    pub position: usize,
+    pub values: Vec<f32>,
+}
+
+impl Hooks {
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    pub fn read(mut self, layer: usize, positions: Positions) -> Self {
+        self.reads.push(ReadHook { layer, positions });
+        self
+    }
+
+    pub fn add(mut self, layer: usize, vector: Vec<f32>, scope: Scope) -> Self {
+        self.adds.push(AddHook { layer, vector, scope });
+        self
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.reads.is_empty() && self.adds.is_empty()
+    }
+
+    /// Checks layers and vector widths against the model, so a bad request fails before any work is done.
+    pub fn validate(&self, n_layers: usize, hidden: usize) -> Result<()> {
+        for r in &self.reads {
+            if r.layer >= n_layers {
+                return Err(EngineError::InvalidRequest(format!(
+                    "read hook on layer {} but the model has layers 0..{}",
+                    r.layer,
+                    n_layers - 1
+                )));
+            }
+        }
+        for a in &self.adds {
+            if a.layer >= n_layers {
+                return Err(EngineError::InvalidRequest(format!(
+                    "steering vector on layer {} but the model has layers 0..{}",
+                    a.layer,
+                    n_layers - 1
+                )));
+            }
+            if a.vector.len() != hidden {
+                return Err(EngineError::InvalidRequest(format!(
+                    "steering vector of width {} but the residual stream is {} wide",
+                    a.vector.len(),
+                    hidden
+                )));
+            }
+            if a.vector.iter().any(|x| !x.is_finite()) {
+                return Err(EngineError::InvalidRequest("steering vector has NaN or infinite entries".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether any hook touches `layer` (so a backend can skip the layer's hook work entirely).
+    pub fn touches(&self, layer: usize) -> bool {
+        self.reads.iter().any(|r| r.layer == layer) || self.adds.iter().any(|a| a.layer == layer)
+    }
+
+    /// The sum of the vectors added at `layer` for this segment, if any.
+    pub fn added_vector(&self, layer: usize, segment: Segment) -> Option<Vec<f32>> {
+        let mut sum: Option<Vec<f32>> = None;
+        for a in self.adds.iter().filter(|a| a.layer == layer && a.scope.covers(segment)) {
+            match &mut sum {
+                None => sum = Some(a.vector.clone()),
+                Some(s) => s.iter_mut().zip(&a.vector).for_each(|(x, y)| *x += y),
+            }
+        }
+        sum
+    }
+
+    /// For a forward call over positions `start..start + len`: the offsets within the call that read hooks on
+    /// `layer` capture, sorted and without repeats.
+    pub fn read_offsets(&self, layer: usize, start: usize, len: usize) -> Vec<usize> {
+        let mut offsets = Vec::new();
+        for r in self.reads.iter().filter(|r| r.layer == layer) {
+            match &r.positions {
+                Positions::Last => offsets.push(len - 1),
+                Positions::All => offsets.extend(0..len),
+                Positions::At(ps) => offsets.extend(ps.iter().filter(|&&p| p >= start && p < start + len).map(|p| p - start)),
+            }
+        }
+        offsets.sort_unstable();
+        offsets.dedup();
+        offsets
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_cover_their_segments() {
+        assert!(Scope::All.covers(Segment::Prompt) && Scope::All.covers(Segment::Generated));
+        assert!(Scope::Prompt.covers(Segment::Prompt) && !Scope::Prompt.covers(Segment::Generated));
+        assert!(!Scope::Generated.covers(Segment::Prompt) && Scope::Generated.covers(Segment::Generated));
+    }
+
+    #[test]
+    fn adds_on_one_layer_sum_and_respect_scope() {
+        let h = Hooks::none()
+            .add(2, vec![1.0, 2.0], Scope::All)
+            .add(2, vec![10.0, 20.0], Scope::Generated)
+            .add(3, vec![5.0, 5.0], Scope::All);
+        assert_eq!(h.added_vector(2, Segment::Prompt), Some(vec![1.0, 2.0]));
+        assert_eq!(h.added_vector(2, Segment::Generated), Some(vec![11.0, 22.0]));
+        assert_eq!(h.added_vector(1, Segment::Prompt), None);
+    }
+
+    #[test]
+    fn read_offsets_map_absolute_positions_into_the_call() {
+        let h = Hooks::none().read(1, Positions::At(vec![3, 7, 12])).read(1, Positions::Last);
+        // A call over positions 5..10 holds position 7 (offset 2) and its last offset 4.
+        assert_eq!(h.read_offsets(1, 5, 5), vec![2, 4]);
+        assert_eq!(h.read_offsets(0, 5, 5), Vec::<usize>::new());
+        assert_eq!(Hooks::none().read(0, Positions::All).read_offsets(0, 0, 3), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn validation_rejects_wrong_layers_and_widths() {
+        assert!(Hooks::none().read(4, Positions::Last).validate(4, 2).is_err());
+        assert!(Hooks::none().add(0, vec![1.0], Scope::All).validate(4, 2).is_err());
+        assert!(Hooks::none().add(0, vec![f32::NAN, 0.0], Scope::All).validate(4, 2).is_err());
+        assert!(Hooks::none().add(3, vec![1.0, 0.0], Scope::All).read(3, Positions::All).validate(4, 2).is_ok());
+    }
+}

@@ -1,0 +1,31 @@
+//! The inference engine behind SAIF in the browser: GGUF models (Gemma 3, Gemma 2, Llama) with a KV cache,
+//! residual-stream hooks for SAEs and steering, and sampling. It has no UI and runs natively and in wasm.
+//!
+//! Reading order, bottom up: `gguf` (the file) -> `config` (the model's shape) -> `tokenizer` and `chat` (text to
+//! ids) -> `model` (the forward pass, per backend) with `hooks` -> `sampler` and `generate` (tokens out).
+//! `Engine` bundles a loaded model with its tokenizer for the command-line tool and the app.
+
+pub mod chat;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod gguf;
+pub mod hooks;
+pub mod model;
+pub mod quant;
+pub mod sampler;
+pub mod tokenizer;
+
+mod engine;
+
+pub use chat::ChatTemplate;
+pub use config::{Architecture, ModelConfig};
+pub use engine::Engine;
+pub use error::{EngineError, Result};
+pub use generate::{generate, GenerateOptions, Generation, StopReason};
+pub use gguf::GgufFile;
+pub use hooks::{Capture, Hooks, Positions, Scope, Segment};
+pub use model::cpu::{CpuModel, LoadOptions};
+pub use model::{LanguageModel, LogitsWanted, StepOutput};
+pub use sampler::{Sampler, Sampling};
+pub use tokenizer::Tokenizer;

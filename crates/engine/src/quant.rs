@@ -1,0 +1,196 @@
+//! Quantized weight matrices multiplied by f32 activations, exactly: each GGUF block is dequantized (candle's
+//! `to_float`) and dotted with the activations in f32, so the result is that of the float32 reference up to the
+//! order of summation. candle's own `QMatMul` first rounds the activations to 8 bits, which moves Gemma's logits by
+//! up to a quarter and flips greedy tokens; this is the engine's CPU product and the reference the GPU kernels
+//! must match.
+
+use std::sync::Arc;
+
+use candle_core::quantized::k_quants::{
+    BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ6K, BlockQ8_0, GgmlType,
+};
+use candle_core::quantized::{GgmlDType, QTensor};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::error::{EngineError, Result, TensorContext};
+use crate::gguf::type_name;
+
+/// A `rows x cols` matrix in a GGUF quantization; row r holds output r's weights.
+#[derive(Clone)]
+pub struct QuantMatrix {
+    tensor: Arc<QTensor>,
+    rows: usize,
+    cols: usize,
+}
+
+/// Rows of output computed by one task: enough work to amortise scheduling, few enough to balance two cores.
+const ROWS_PER_TASK: usize = 64;
+
+impl QuantMatrix {
+    pub fn new(name: &str, tensor: Arc<QTensor>) -> Result<Self> {
+        let dims = tensor.shape().dims().to_vec();
+        let [rows, cols] = dims[..] else {
+            return Err(EngineError::BadTensor { name: name.into(), why: format!("expected a matrix, found shape {dims:?}") });
+        };
+        let block = tensor.dtype().block_size();
+        if cols % block != 0 {
+            return Err(EngineError::BadTensor {
+                name: name.into(),
+                why: format!("rows of {cols} values do not split into {} blocks of {block}", type_name(tensor.dtype())),
+            });
+        }
+        Ok(Self { tensor, rows, cols })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn dtype(&self) -> GgmlDType {
+        self.tensor.dtype()
+    }
+
+    /// The raw GGUF blocks, row after row.
+    pub fn raw(&self) -> Result<std::borrow::Cow<'_, [u8]>> {
+        self.tensor.data().context("reading quantized blocks")
+    }
+
+    /// Bytes of one row's blocks.
+    pub fn row_bytes(&self) -> usize {
+        self.cols / self.dtype().block_size() * self.dtype().type_size()
+    }
+
+    /// Dequantizes rows `first..first + out.len() / cols` into `out`.
+    pub fn dequantize_rows(&self, first: usize, out: &mut [f32]) -> Result<()> {
+        let raw = self.raw()?;
+        let count = out.len() / self.cols;
+        let bytes = &raw[first * self.row_bytes()..(first + count) * self.row_bytes()];
+        dequantize(self.dtype(), bytes, out);
+        Ok(())
+    }
+
+    /// `x` is `m x cols` (row-major); returns `m x rows`: `out[i][r] = sum_c x[i][c] * W[r][c]`.
+    pub fn matmul(&self, x: &[f32]) -> Result<Vec<f32>> {
+        let (k, n) = (self.cols, self.rows);
+        if x.len() % k != 0 {
+            return Err(EngineError::InvalidRequest(format!("activations of {} values for rows of {k}", x.len())));
+        }
+        let m = x.len() / k;
+        let raw = self.raw()?;
+        let row_bytes = self.row_bytes();
+        let dtype = self.dtype();
+        // Each task dequantizes a band of rows once and dots it with every activation row.
+        let bands: Vec<Vec<f32>> = (0..n.div_ceil(ROWS_PER_TASK))
+            .into_par_iter()
+            .map(|band| {
+                let first = band * ROWS_PER_TASK;
+                let count = ROWS_PER_TASK.min(n - first);
+                let mut w = vec![0f32; count * k];
+                dequantize(dtype, &raw[first * row_bytes..(first + count) * row_bytes], &mut w);
+                let mut out = vec![0f32; m * count];
+                for i in 0..m {
+                    let xi = &x[i * k..(i + 1) * k];
+                    for r in 0..count {
+                        out[i * count + r] = dot(xi, &w[r * k..(r + 1) * k]);
+                    }
+                }
+                out
+            })
+            .collect();
+        let mut out = vec![0f32; m * n];
+        for (band, values) in bands.iter().enumerate() {
+            let first = band * ROWS_PER_TASK;
+            let count = values.len() / m;
+            for i in 0..m {
+                out[i * n + first..i * n + first + count].copy_from_slice(&values[i * count..(i + 1) * count]);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// f32 dot product with 16 independent partial sums, which the compiler turns into SIMD (AVX2, wasm simd128).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0f32; LANES];
+    let chunks = a.len() / LANES;
+    for c in 0..chunks {
+        let (ac, bc) = (&a[c * LANES..(c + 1) * LANES], &b[c * LANES..(c + 1) * LANES]);
+        for l in 0..LANES {
+            acc[l] += ac[l] * bc[l];
+        }
+    }
+    let mut tail = 0f32;
+    for i in chunks * LANES..a.len() {
+        tail += a[i] * b[i];
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Reinterprets raw GGUF bytes as blocks. The bytes come from a `Vec` of those blocks (candle's storage), so
+/// they are aligned for them.
+fn blocks<T>(bytes: &[u8]) -> &[T] {
+    let size = std::mem::size_of::<T>();
+    assert!(bytes.len() % size == 0 && (bytes.as_ptr() as usize) % std::mem::align_of::<T>() == 0);
+    // SAFETY: length and alignment checked above; every block type is plain old data.
+    unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, bytes.len() / size) }
+}
+
+/// Dequantizes whole blocks of `dtype` from `bytes` into `out` (`out.len()` = values in `bytes`).
+pub fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) {
+    match dtype {
+        GgmlDType::F32 => out.copy_from_slice(blocks::<f32>(bytes)),
+        GgmlDType::F16 => blocks::<f16>(bytes).iter().zip(out).for_each(|(x, y)| *y = x.to_f32()),
+        GgmlDType::BF16 => blocks::<bf16>(bytes).iter().zip(out).for_each(|(x, y)| *y = x.to_f32()),
+        GgmlDType::Q4_0 => BlockQ4_0::to_float(blocks(bytes), out),
+        GgmlDType::Q4_1 => BlockQ4_1::to_float(blocks(bytes), out),
+        GgmlDType::Q5_0 => BlockQ5_0::to_float(blocks(bytes), out),
+        GgmlDType::Q8_0 => BlockQ8_0::to_float(blocks(bytes), out),
+        GgmlDType::Q4K => BlockQ4K::to_float(blocks(bytes), out),
+        GgmlDType::Q6K => BlockQ6K::to_float(blocks(bytes), out),
+        other => unreachable!("{} is refused when the file is opened", type_name(other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    /// Quantizes a random matrix with candle, then checks the product against dequantize-then-multiply in f64.
+    #[test]
+    fn matmul_equals_dequantized_product_for_every_type() {
+        let (n, k, m) = (70, 512, 3); // n not a multiple of a task's rows; k a multiple of 256 for K-quants
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1).collect();
+        let x: Vec<f32> = (0..m * k).map(|i| ((i * 104729 % 997) as f32 / 498.5 - 1.0)).collect();
+        let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+        for dtype in crate::gguf::SUPPORTED_TYPES {
+            let q = Arc::new(QTensor::quantize(&wt, dtype).unwrap());
+            let deq = q.dequantize(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+            let qm = QuantMatrix::new("w", q).unwrap();
+            let got = qm.matmul(&x).unwrap();
+            for i in 0..m {
+                for r in 0..n {
+                    let want: f64 = (0..k).map(|c| x[i * k + c] as f64 * deq[r][c] as f64).sum();
+                    let g = got[i * n + r] as f64;
+                    assert!((g - want).abs() <= 1e-4 * (1.0 + want.abs()), "{dtype:?} [{i},{r}]: {g} vs {want}");
+                }
+            }
+            let mut row = vec![0f32; k];
+            qm.dequantize_rows(n - 1, &mut row).unwrap();
+            assert_eq!(row, deq[n - 1]);
+        }
+    }
+
+    #[test]
+    fn dot_handles_lengths_that_are_not_a_multiple_of_the_lanes() {
+        let a: Vec<f32> = (0..37).map(|i| i as f32).collect();
+        let b = vec![2.0f32; 37];
+        assert_eq!(dot(&a, &b), (0..37).map(|i| 2.0 * i as f32).sum::<f32>());
+    }
+}
