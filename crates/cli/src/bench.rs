@@ -59,11 +59,18 @@ impl BenchReport {
 pub fn machine() -> Machine {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string());
     Machine {
         cpu,
-        logical_cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        logical_cores: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
         os: std::env::consts::OS.to_string(),
     }
 }
@@ -79,8 +86,17 @@ fn median(values: &[f64]) -> f64 {
     }
 }
 
-pub fn run(engine: &mut Engine, path: &Path, prompt_tokens: usize, decode_tokens: usize, runs: usize) -> Result<BenchReport> {
-    ensure!(prompt_tokens > 0 && runs > 0, "--prompt-tokens and --runs must be at least 1");
+pub fn run(
+    engine: &mut Engine,
+    path: &Path,
+    prompt_tokens: usize,
+    decode_tokens: usize,
+    runs: usize,
+) -> Result<BenchReport> {
+    ensure!(
+        prompt_tokens > 0 && runs > 0,
+        "--prompt-tokens and --runs must be at least 1"
+    );
     let mut text = String::new();
     let mut ids = Vec::new();
     while ids.len() < prompt_tokens {
@@ -111,21 +127,32 @@ pub fn run(engine: &mut Engine, path: &Path, prompt_tokens: usize, decode_tokens
         let mut next = argmax(&out.logits);
         let t1 = Instant::now();
         for _ in 0..decode_tokens {
-            next = argmax(&model.forward(&[next], Segment::Generated, &hooks, LogitsWanted::Last)?.logits);
+            next = argmax(
+                &model
+                    .forward(&[next], Segment::Generated, &hooks, LogitsWanted::Last)?
+                    .logits,
+            );
         }
         if decode_tokens > 0 {
             decode.push(decode_tokens as f64 / t1.elapsed().as_secs_f64());
         }
     }
     Ok(BenchReport {
-        model: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        model: path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         backend: model.backend_name(),
         machine: machine(),
         prompt_tokens,
         decode_tokens,
         runs,
         prefill_tokens_per_s: median(&prefill),
-        decode_tokens_per_s: if decode.is_empty() { 0.0 } else { median(&decode) },
+        decode_tokens_per_s: if decode.is_empty() {
+            0.0
+        } else {
+            median(&decode)
+        },
         time_to_first_token_ms: median(&ttft),
         prefill_tokens_per_s_runs: prefill,
         decode_tokens_per_s_runs: decode,

@@ -26,7 +26,12 @@ impl Engine {
         let tokenizer = Tokenizer::from_gguf(&gguf)?;
         let model = CpuModel::load(&gguf, reader, options)?;
         let chat = ChatTemplate::from_gguf(&gguf, model.config().architecture);
-        Ok(Self { tokenizer, chat, model: Box::new(model), metadata: gguf.metadata_summary() })
+        Ok(Self {
+            tokenizer,
+            chat,
+            model: Box::new(model),
+            metadata: gguf.metadata_summary(),
+        })
     }
 
     /// Loads a GGUF file held in memory onto the CPU backend.
@@ -45,6 +50,10 @@ impl Engine {
 
     /// Tokens that end a chat answer: EOS and the end-of-turn token.
     pub fn chat_stop_tokens(&self) -> Vec<u32> {
-        self.tokenizer.eos().into_iter().chain(self.tokenizer.end_of_turn()).collect()
+        self.tokenizer
+            .eos()
+            .into_iter()
+            .chain(self.tokenizer.end_of_turn())
+            .collect()
     }
 }

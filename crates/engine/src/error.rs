@@ -11,14 +11,21 @@ pub enum EngineError {
 
     /// The file ends before the header, the metadata or a tensor's data does.
     #[error("the GGUF file is truncated: {what} (the file has {actual} bytes{expected}); download it again")]
-    Truncated { what: String, actual: u64, expected: ExpectedBytes },
+    Truncated {
+        what: String,
+        actual: u64,
+        expected: ExpectedBytes,
+    },
 
     /// The GGUF is readable but describes a model family this engine does not implement.
     #[error("unsupported architecture \"{0}\": this engine runs gemma3, gemma2 and llama (SmolLM2, Llama 3) GGUF files")]
     UnsupportedArchitecture(String),
 
     /// A tensor is stored in a quantization this engine does not read.
-    #[error("tensor {tensor} uses the unsupported quantization {dtype}; supported: {}", SUPPORTED_TYPES_TEXT)]
+    #[error(
+        "tensor {tensor} uses the unsupported quantization {dtype}; supported: {}",
+        SUPPORTED_TYPES_TEXT
+    )]
     UnsupportedTensorType { tensor: String, dtype: String },
 
     /// A metadata key the architecture needs is absent or has the wrong type.
@@ -43,7 +50,10 @@ pub enum EngineError {
 
     /// An error from the tensor library, with the step that hit it.
     #[error("{context}: {source}")]
-    Tensor { context: String, source: candle_core::Error },
+    Tensor {
+        context: String,
+        source: candle_core::Error,
+    },
 
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
@@ -74,6 +84,9 @@ pub(crate) trait TensorContext<T> {
 
 impl<T> TensorContext<T> for candle_core::Result<T> {
     fn context(self, what: &str) -> Result<T> {
-        self.map_err(|source| EngineError::Tensor { context: what.to_string(), source })
+        self.map_err(|source| EngineError::Tensor {
+            context: what.to_string(),
+            source,
+        })
     }
 }

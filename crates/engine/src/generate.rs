@@ -53,7 +53,10 @@ pub fn generate(
     // The last generated token is never fed back, so the cache needs prompt + max_new_tokens - 1 places.
     let needed = prompt.len() + options.max_new_tokens.saturating_sub(1);
     if needed > model.max_context() {
-        return Err(EngineError::ContextOverflow { tokens: needed, context: model.max_context() });
+        return Err(EngineError::ContextOverflow {
+            tokens: needed,
+            context: model.max_context(),
+        });
     }
     let mut sampler = Sampler::new(options.sampling)?;
     model.reset();
@@ -81,5 +84,10 @@ pub fn generate(
         captures.extend(out.captures);
         logits = out.logits;
     }
-    Ok(Generation { ids, stop, captures, prompt_logits })
+    Ok(Generation {
+        ids,
+        stop,
+        captures,
+        prompt_logits,
+    })
 }

@@ -31,13 +31,19 @@ impl QuantMatrix {
     pub fn new(name: &str, tensor: Arc<QTensor>) -> Result<Self> {
         let dims = tensor.shape().dims().to_vec();
         let [rows, cols] = dims[..] else {
-            return Err(EngineError::BadTensor { name: name.into(), why: format!("expected a matrix, found shape {dims:?}") });
+            return Err(EngineError::BadTensor {
+                name: name.into(),
+                why: format!("expected a matrix, found shape {dims:?}"),
+            });
         };
         let block = tensor.dtype().block_size();
         if cols % block != 0 {
             return Err(EngineError::BadTensor {
                 name: name.into(),
-                why: format!("rows of {cols} values do not split into {} blocks of {block}", type_name(tensor.dtype())),
+                why: format!(
+                    "rows of {cols} values do not split into {} blocks of {block}",
+                    type_name(tensor.dtype())
+                ),
             });
         }
         Ok(Self { tensor, rows, cols })
@@ -78,7 +84,10 @@ impl QuantMatrix {
     pub fn matmul(&self, x: &[f32]) -> Result<Vec<f32>> {
         let (k, n) = (self.cols, self.rows);
         if x.len() % k != 0 {
-            return Err(EngineError::InvalidRequest(format!("activations of {} values for rows of {k}", x.len())));
+            return Err(EngineError::InvalidRequest(format!(
+                "activations of {} values for rows of {k}",
+                x.len()
+            )));
         }
         let m = x.len() / k;
         let raw = self.raw()?;
@@ -91,7 +100,11 @@ impl QuantMatrix {
                 let first = band * ROWS_PER_TASK;
                 let count = ROWS_PER_TASK.min(n - first);
                 let mut w = vec![0f32; count * k];
-                dequantize(dtype, &raw[first * row_bytes..(first + count) * row_bytes], &mut w);
+                dequantize(
+                    dtype,
+                    &raw[first * row_bytes..(first + count) * row_bytes],
+                    &mut w,
+                );
                 let mut out = vec![0f32; m * count];
                 for i in 0..m {
                     let xi = &x[i * k..(i + 1) * k];
@@ -107,7 +120,8 @@ impl QuantMatrix {
             let first = band * ROWS_PER_TASK;
             let count = values.len() / m;
             for i in 0..m {
-                out[i * n + first..i * n + first + count].copy_from_slice(&values[i * count..(i + 1) * count]);
+                out[i * n + first..i * n + first + count]
+                    .copy_from_slice(&values[i * count..(i + 1) * count]);
             }
         }
         Ok(out)
@@ -120,7 +134,10 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let chunks = a.len() / LANES;
     for c in 0..chunks {
-        let (ac, bc) = (&a[c * LANES..(c + 1) * LANES], &b[c * LANES..(c + 1) * LANES]);
+        let (ac, bc) = (
+            &a[c * LANES..(c + 1) * LANES],
+            &b[c * LANES..(c + 1) * LANES],
+        );
         for l in 0..LANES {
             acc[l] += ac[l] * bc[l];
         }
@@ -145,8 +162,14 @@ fn blocks<T>(bytes: &[u8]) -> &[T] {
 pub fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) {
     match dtype {
         GgmlDType::F32 => out.copy_from_slice(blocks::<f32>(bytes)),
-        GgmlDType::F16 => blocks::<f16>(bytes).iter().zip(out).for_each(|(x, y)| *y = x.to_f32()),
-        GgmlDType::BF16 => blocks::<bf16>(bytes).iter().zip(out).for_each(|(x, y)| *y = x.to_f32()),
+        GgmlDType::F16 => blocks::<f16>(bytes)
+            .iter()
+            .zip(out)
+            .for_each(|(x, y)| *y = x.to_f32()),
+        GgmlDType::BF16 => blocks::<bf16>(bytes)
+            .iter()
+            .zip(out)
+            .for_each(|(x, y)| *y = x.to_f32()),
         GgmlDType::Q4_0 => BlockQ4_0::to_float(blocks(bytes), out),
         GgmlDType::Q4_1 => BlockQ4_1::to_float(blocks(bytes), out),
         GgmlDType::Q5_0 => BlockQ5_0::to_float(blocks(bytes), out),
@@ -166,19 +189,30 @@ mod tests {
     #[test]
     fn matmul_equals_dequantized_product_for_every_type() {
         let (n, k, m) = (70, 512, 3); // n not a multiple of a task's rows; k a multiple of 256 for K-quants
-        let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1).collect();
-        let x: Vec<f32> = (0..m * k).map(|i| ((i * 104729 % 997) as f32 / 498.5 - 1.0)).collect();
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1)
+            .collect();
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 104729 % 997) as f32 / 498.5 - 1.0))
+            .collect();
         let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
         for dtype in crate::gguf::SUPPORTED_TYPES {
             let q = Arc::new(QTensor::quantize(&wt, dtype).unwrap());
-            let deq = q.dequantize(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+            let deq = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
             let qm = QuantMatrix::new("w", q).unwrap();
             let got = qm.matmul(&x).unwrap();
             for i in 0..m {
                 for r in 0..n {
                     let want: f64 = (0..k).map(|c| x[i * k + c] as f64 * deq[r][c] as f64).sum();
                     let g = got[i * n + r] as f64;
-                    assert!((g - want).abs() <= 1e-4 * (1.0 + want.abs()), "{dtype:?} [{i},{r}]: {g} vs {want}");
+                    assert!(
+                        (g - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "{dtype:?} [{i},{r}]: {g} vs {want}"
+                    );
                 }
             }
             let mut row = vec![0f32; k];

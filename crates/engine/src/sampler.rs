@@ -14,23 +14,38 @@ pub enum Sampling {
     Greedy,
     /// Sample from softmax(logits / temperature), restricted to the `top_k` highest and then to the smallest set
     /// whose probability reaches `top_p`.
-    Random { temperature: f32, top_k: Option<usize>, top_p: Option<f32>, seed: u64 },
+    Random {
+        temperature: f32,
+        top_k: Option<usize>,
+        top_p: Option<f32>,
+        seed: u64,
+    },
 }
 
 impl Sampling {
     pub fn validate(&self) -> Result<()> {
-        if let Sampling::Random { temperature, top_k, top_p, .. } = *self {
+        if let Sampling::Random {
+            temperature,
+            top_k,
+            top_p,
+            ..
+        } = *self
+        {
             if !(temperature.is_finite() && temperature > 0.0) {
                 return Err(EngineError::InvalidRequest(format!(
                     "temperature must be a positive number (got {temperature}); use greedy decoding for 0"
                 )));
             }
             if top_k == Some(0) {
-                return Err(EngineError::InvalidRequest("top-k must be at least 1".into()));
+                return Err(EngineError::InvalidRequest(
+                    "top-k must be at least 1".into(),
+                ));
             }
             if let Some(p) = top_p {
                 if !(p > 0.0 && p <= 1.0) {
-                    return Err(EngineError::InvalidRequest(format!("top-p must be in (0, 1] (got {p})")));
+                    return Err(EngineError::InvalidRequest(format!(
+                        "top-p must be in (0, 1] (got {p})"
+                    )));
                 }
             }
         }
@@ -50,17 +65,27 @@ impl Sampler {
             Sampling::Random { seed, .. } => seed,
             Sampling::Greedy => 0,
         };
-        Ok(Self { sampling, rng: ChaCha8Rng::seed_from_u64(seed) })
+        Ok(Self {
+            sampling,
+            rng: ChaCha8Rng::seed_from_u64(seed),
+        })
     }
 
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         match self.sampling {
             Sampling::Greedy => argmax(logits),
-            Sampling::Random { temperature, top_k, top_p, .. } => {
+            Sampling::Random {
+                temperature,
+                top_k,
+                top_p,
+                ..
+            } => {
                 let candidates = top_candidates(logits, top_k);
                 let max = candidates.first().map_or(0.0, |&(_, l)| l as f64);
-                let mut probs: Vec<(u32, f64)> =
-                    candidates.iter().map(|&(i, l)| (i, ((l as f64 - max) / temperature as f64).exp())).collect();
+                let mut probs: Vec<(u32, f64)> = candidates
+                    .iter()
+                    .map(|&(i, l)| (i, ((l as f64 - max) / temperature as f64).exp()))
+                    .collect();
                 let total: f64 = probs.iter().map(|p| p.1).sum();
                 if let Some(p) = top_p {
                     let mut cumulative = 0.0;
@@ -103,8 +128,12 @@ pub fn argmax(values: &[f32]) -> u32 {
 
 /// (id, logit) of the `k` highest logits (all when `k` is `None`), highest first, lower id first among equals.
 pub fn top_candidates(logits: &[f32], k: Option<usize>) -> Vec<(u32, f32)> {
-    let mut all: Vec<(u32, f32)> =
-        logits.iter().enumerate().filter(|(_, l)| !l.is_nan()).map(|(i, &l)| (i as u32, l)).collect();
+    let mut all: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| !l.is_nan())
+        .map(|(i, &l)| (i as u32, l))
+        .collect();
     let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
     if let Some(k) = k {
         if k < all.len() {
@@ -136,8 +165,13 @@ mod tests {
     fn same_seed_same_tokens_other_seed_other_tokens() {
         let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
         let run = |seed| {
-            let mut s =
-                Sampler::new(Sampling::Random { temperature: 1.5, top_k: None, top_p: None, seed }).unwrap();
+            let mut s = Sampler::new(Sampling::Random {
+                temperature: 1.5,
+                top_k: None,
+                top_p: None,
+                seed,
+            })
+            .unwrap();
             (0..64).map(|_| s.sample(&logits)).collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
@@ -147,10 +181,22 @@ mod tests {
     #[test]
     fn top_k_one_is_greedy_and_top_p_keeps_the_nucleus() {
         let logits = [0.0, 5.0, 4.9, -3.0];
-        let mut s = Sampler::new(Sampling::Random { temperature: 1.0, top_k: Some(1), top_p: None, seed: 1 }).unwrap();
+        let mut s = Sampler::new(Sampling::Random {
+            temperature: 1.0,
+            top_k: Some(1),
+            top_p: None,
+            seed: 1,
+        })
+        .unwrap();
         assert!((0..20).all(|_| s.sample(&logits) == 1));
         // Ids 1 and 2 hold almost all the mass: top-p 0.9 never picks 0 or 3.
-        let mut s = Sampler::new(Sampling::Random { temperature: 1.0, top_k: None, top_p: Some(0.9), seed: 3 }).unwrap();
+        let mut s = Sampler::new(Sampling::Random {
+            temperature: 1.0,
+            top_k: None,
+            top_p: Some(0.9),
+            seed: 3,
+        })
+        .unwrap();
         let picks: Vec<u32> = (0..200).map(|_| s.sample(&logits)).collect();
         assert!(picks.iter().all(|&p| p == 1 || p == 2));
         assert!(picks.contains(&1) && picks.contains(&2));
@@ -160,15 +206,39 @@ mod tests {
     fn sampling_follows_the_distribution() {
         // Two tokens with probabilities 0.2 / 0.8 at temperature 1.
         let logits = [0.0, (4.0f32).ln()];
-        let mut s = Sampler::new(Sampling::Random { temperature: 1.0, top_k: None, top_p: None, seed: 11 }).unwrap();
+        let mut s = Sampler::new(Sampling::Random {
+            temperature: 1.0,
+            top_k: None,
+            top_p: None,
+            seed: 11,
+        })
+        .unwrap();
         let ones = (0..5000).filter(|_| s.sample(&logits) == 1).count() as f64 / 5000.0;
         assert!((ones - 0.8).abs() < 0.03, "{ones}");
     }
 
     #[test]
     fn bad_settings_are_refused() {
-        assert!(Sampler::new(Sampling::Random { temperature: 0.0, top_k: None, top_p: None, seed: 0 }).is_err());
-        assert!(Sampler::new(Sampling::Random { temperature: 1.0, top_k: Some(0), top_p: None, seed: 0 }).is_err());
-        assert!(Sampler::new(Sampling::Random { temperature: 1.0, top_k: None, top_p: Some(1.5), seed: 0 }).is_err());
+        assert!(Sampler::new(Sampling::Random {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            seed: 0
+        })
+        .is_err());
+        assert!(Sampler::new(Sampling::Random {
+            temperature: 1.0,
+            top_k: Some(0),
+            top_p: None,
+            seed: 0
+        })
+        .is_err());
+        assert!(Sampler::new(Sampling::Random {
+            temperature: 1.0,
+            top_k: None,
+            top_p: Some(1.5),
+            seed: 0
+        })
+        .is_err());
     }
 }

@@ -20,7 +20,9 @@ use tokenizers::normalizers::{Prepend, Replace};
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior};
+use tokenizers::{
+    AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior,
+};
 
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
@@ -55,7 +57,9 @@ impl Tokenizer {
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
         let model = gguf.get_str("tokenizer.ggml.model")?;
         let tokens = gguf.get_str_array("tokenizer.ggml.tokens")?;
-        let types = gguf.opt_i64_array("tokenizer.ggml.token_type")?.unwrap_or_else(|| vec![TYPE_NORMAL; tokens.len()]);
+        let types = gguf
+            .opt_i64_array("tokenizer.ggml.token_type")?
+            .unwrap_or_else(|| vec![TYPE_NORMAL; tokens.len()]);
         if types.len() != tokens.len() {
             return Err(EngineError::Tokenizer(format!(
                 "{} token types for {} tokens",
@@ -63,7 +67,13 @@ impl Tokenizer {
                 tokens.len()
             )));
         }
-        let id = |key: &str| gguf.opt_usize(key).ok().flatten().map(|v| v as u32).filter(|&v| (v as usize) < tokens.len());
+        let id = |key: &str| {
+            gguf.opt_usize(key)
+                .ok()
+                .flatten()
+                .map(|v| v as u32)
+                .filter(|&v| (v as usize) < tokens.len())
+        };
         let bos = id("tokenizer.ggml.bos_token_id");
         let eos = id("tokenizer.ggml.eos_token_id");
         let unk = id("tokenizer.ggml.unknown_token_id");
@@ -96,7 +106,9 @@ impl Tokenizer {
             .iter()
             .zip(&types)
             .filter(|(_, &t)| t == TYPE_CONTROL || t == TYPE_USER_DEFINED)
-            .map(|(&text, &t)| AddedToken::from(text.to_string(), t == TYPE_CONTROL).normalized(false))
+            .map(|(&text, &t)| {
+                AddedToken::from(text.to_string(), t == TYPE_CONTROL).normalized(false)
+            })
             .collect();
         let specials: Vec<AddedToken> = added.iter().filter(|t| t.special).cloned().collect();
         let plain: Vec<AddedToken> = added.into_iter().filter(|t| !t.special).collect();
@@ -112,7 +124,15 @@ impl Tokenizer {
             .or_else(|| lookup("<|im_end|>"))
             .or_else(|| lookup("<|eot_id|>"))
             .filter(|&t| Some(t) != eos);
-        Ok(Self { inner, kind, bos, eos, add_bos, vocab_size: tokens.len(), end_of_turn })
+        Ok(Self {
+            inner,
+            kind,
+            bos,
+            eos,
+            add_bos,
+            vocab_size: tokens.len(),
+            end_of_turn,
+        })
     }
 
     pub fn kind(&self) -> TokenizerKind {
@@ -142,7 +162,10 @@ impl Tokenizer {
 
     /// Token ids of `text`, without BOS; special tokens written in the text are recognised.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode(text, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -158,7 +181,9 @@ impl Tokenizer {
 
     /// Text of `ids`, special tokens left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, true).map_err(|e| EngineError::Tokenizer(e.to_string()))
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))
     }
 
     /// The vocabulary entry of one token, as stored (with `▁` or byte-level characters).
@@ -200,7 +225,11 @@ fn sentencepiece_bpe(
     add_space_prefix: bool,
 ) -> Result<tokenizers::Tokenizer> {
     if scores.len() != tokens.len() {
-        return Err(EngineError::Tokenizer(format!("{} scores for {} tokens", scores.len(), tokens.len())));
+        return Err(EngineError::Tokenizer(format!(
+            "{} scores for {} tokens",
+            scores.len(),
+            tokens.len()
+        )));
     }
     let vocab = vocab_map(tokens);
     let mut ranked: Vec<(f32, u32, u32, usize)> = Vec::new();
@@ -218,11 +247,19 @@ fn sentencepiece_bpe(
     ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
     let merges: Vec<(String, String)> = ranked
         .into_iter()
-        .map(|(_, l, r, _)| (tokens[l as usize].to_string(), tokens[r as usize].to_string()))
+        .map(|(_, l, r, _)| {
+            (
+                tokens[l as usize].to_string(),
+                tokens[r as usize].to_string(),
+            )
+        })
         .collect();
 
     let byte_fallback = vocab.contains_key("<0x00>");
-    let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(byte_fallback).fuse_unk(true);
+    let mut builder = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .byte_fallback(byte_fallback)
+        .fuse_unk(true);
     if let Some(unk) = unk {
         builder = builder.unk_token(unk.to_string());
     }
@@ -231,7 +268,11 @@ fn sentencepiece_bpe(
     let mut tk = tokenizers::Tokenizer::new(bpe);
     let replace = Replace::new(" ", "▁").map_err(tokenizer_error)?;
     let normalizer: NormalizerWrapper = if add_space_prefix {
-        tokenizers::normalizers::Sequence::new(vec![Prepend::new("▁".into()).into(), replace.into()]).into()
+        tokenizers::normalizers::Sequence::new(vec![
+            Prepend::new("▁".into()).into(),
+            replace.into(),
+        ])
+        .into()
     } else {
         replace.into()
     };
@@ -251,10 +292,18 @@ fn sentencepiece_bpe(
 /// The regular expression that splits text into words before byte-level BPE, by `tokenizer.ggml.pre`.
 fn pre_tokenizer_for(pre: &str) -> Result<PreTokenizerWrapper> {
     // GPT-2's own split, built into the ByteLevel pre-tokenizer.
-    let gpt2 = || PreTokenizerWrapper::from(tokenizers::pre_tokenizers::byte_level::ByteLevel::new(false, true, true));
+    let gpt2 = || {
+        PreTokenizerWrapper::from(tokenizers::pre_tokenizers::byte_level::ByteLevel::new(
+            false, true, true,
+        ))
+    };
     let split_then_bytes = |pattern: &str| -> Result<PreTokenizerWrapper> {
-        let split = Split::new(SplitPattern::Regex(pattern.into()), SplitDelimiterBehavior::Isolated, false)
-            .map_err(tokenizer_error)?;
+        let split = Split::new(
+            SplitPattern::Regex(pattern.into()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(tokenizer_error)?;
         Ok(PreSequence::new(vec![
             split.into(),
             tokenizers::pre_tokenizers::byte_level::ByteLevel::new(false, true, false).into(),
@@ -264,7 +313,9 @@ fn pre_tokenizer_for(pre: &str) -> Result<PreTokenizerWrapper> {
     match pre {
         "default" | "gpt2" | "gpt-2" => Ok(gpt2()),
         // SmolLM: every digit on its own, then GPT-2's split.
-        "smollm" | "starcoder" => Ok(PreSequence::new(vec![Digits::new(true).into(), gpt2()]).into()),
+        "smollm" | "starcoder" => {
+            Ok(PreSequence::new(vec![Digits::new(true).into(), gpt2()]).into())
+        }
         // Llama 3.
         "llama-bpe" | "llama3" => split_then_bytes(
             r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
@@ -285,7 +336,10 @@ fn byte_level_bpe(tokens: &[&str], merges: &[&str], pre: &str) -> Result<tokeniz
                 .ok_or_else(|| EngineError::Tokenizer(format!("malformed merge \"{m}\"")))
         })
         .collect::<Result<Vec<_>>>()?;
-    let bpe = BPE::builder().vocab_and_merges(vocab_map(tokens), merges).build().map_err(tokenizer_error)?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab_map(tokens), merges)
+        .build()
+        .map_err(tokenizer_error)?;
     let mut tk = tokenizers::Tokenizer::new(bpe);
     tk.with_pre_tokenizer(Some(pre_tokenizer_for(pre)?));
     tk.with_decoder(Some(ByteLevel::default()));

@@ -43,7 +43,10 @@ impl Linear {
     /// `x`: [n, cols] -> [n, rows].
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let n = x.dims2().context("matrix product input")?.0;
-        let values = x.flatten_all().and_then(|v| v.to_vec1::<f32>()).context("matrix product input")?;
+        let values = x
+            .flatten_all()
+            .and_then(|v| v.to_vec1::<f32>())
+            .context("matrix product input")?;
         let out = self.0.matmul(&values)?;
         Tensor::from_vec(out, (n, self.0.rows()), &Device::Cpu).context("matrix product")
     }
@@ -107,7 +110,10 @@ impl<R: Read + Seek> Loader<'_, R> {
         let t = self.qtensor(name)?.dequantize(&Device::Cpu).context(name)?;
         let t = t.flatten_all().context(name)?;
         if t.elem_count() != len {
-            return Err(EngineError::BadTensor { name: name.into(), why: format!("expected {len} values, found {}", t.elem_count()) });
+            return Err(EngineError::BadTensor {
+                name: name.into(),
+                why: format!("expected {len} values, found {}", t.elem_count()),
+            });
         }
         Ok(t)
     }
@@ -129,14 +135,21 @@ impl<R: Read + Seek> Loader<'_, R> {
 fn linear_from(name: &str, q: Arc<QTensor>, rows: usize, cols: usize) -> Result<Linear> {
     let dims = q.shape().dims().to_vec();
     if dims != [rows, cols] {
-        return Err(EngineError::BadTensor { name: name.into(), why: format!("expected shape [{rows}, {cols}], found {dims:?}") });
+        return Err(EngineError::BadTensor {
+            name: name.into(),
+            why: format!("expected shape [{rows}, {cols}], found {dims:?}"),
+        });
     }
     QuantMatrix::new(name, q).map(Linear)
 }
 
 impl CpuModel {
     /// Loads every tensor of the model from `reader` (the file `gguf` was parsed from).
-    pub fn load<R: Read + Seek>(gguf: &GgufFile, reader: &mut R, options: &LoadOptions) -> Result<Self> {
+    pub fn load<R: Read + Seek>(
+        gguf: &GgufFile,
+        reader: &mut R,
+        options: &LoadOptions,
+    ) -> Result<Self> {
         Self::load_with_progress(gguf, reader, options, |_, _| {})
     }
 
@@ -156,7 +169,10 @@ impl CpuModel {
         if tdims != [c.vocab_size, c.hidden] {
             return Err(EngineError::BadTensor {
                 name: "token_embd.weight".into(),
-                why: format!("expected shape [{}, {}], found {tdims:?}", c.vocab_size, c.hidden),
+                why: format!(
+                    "expected shape [{}, {}], found {tdims:?}",
+                    c.vocab_size, c.hidden
+                ),
             });
         }
         let embedding = Embedding(QuantMatrix::new("token_embd.weight", table.clone())?);
@@ -173,14 +189,30 @@ impl CpuModel {
                 wk: ld.linear(&n("attn_k"), c.kv_dim(), c.hidden)?,
                 wv: ld.linear(&n("attn_v"), c.kv_dim(), c.hidden)?,
                 wo: ld.linear(&n("attn_output"), c.hidden, c.q_dim())?,
-                q_norm: if c.qk_norm { Some(ld.vector(&n("attn_q_norm"), c.head_dim)?) } else { None },
-                k_norm: if c.qk_norm { Some(ld.vector(&n("attn_k_norm"), c.head_dim)?) } else { None },
-                post_attn_norm: if gemma { Some(ld.vector(&n("post_attention_norm"), c.hidden)?) } else { None },
+                q_norm: if c.qk_norm {
+                    Some(ld.vector(&n("attn_q_norm"), c.head_dim)?)
+                } else {
+                    None
+                },
+                k_norm: if c.qk_norm {
+                    Some(ld.vector(&n("attn_k_norm"), c.head_dim)?)
+                } else {
+                    None
+                },
+                post_attn_norm: if gemma {
+                    Some(ld.vector(&n("post_attention_norm"), c.hidden)?)
+                } else {
+                    None
+                },
                 ffn_norm: ld.vector(&n("ffn_norm"), c.hidden)?,
                 gate: ld.linear(&n("ffn_gate"), c.ffn_hidden, c.hidden)?,
                 up: ld.linear(&n("ffn_up"), c.ffn_hidden, c.hidden)?,
                 down: ld.linear(&n("ffn_down"), c.hidden, c.ffn_hidden)?,
-                post_ffn_norm: if gemma { Some(ld.vector(&n("post_ffw_norm"), c.hidden)?) } else { None },
+                post_ffn_norm: if gemma {
+                    Some(ld.vector(&n("post_ffw_norm"), c.hidden)?)
+                } else {
+                    None
+                },
                 cache: KvCache::new(2, 256),
             });
             progress(i + 2, total);
@@ -189,15 +221,32 @@ impl CpuModel {
         let lm_head = if gguf.has_tensor("output.weight") {
             ld.linear("output.weight", c.vocab_size, c.hidden)?
         } else {
-            linear_from("token_embd.weight (tied output)", table, c.vocab_size, c.hidden)?
+            linear_from(
+                "token_embd.weight (tied output)",
+                table,
+                c.vocab_size,
+                c.hidden,
+            )?
         };
         let rope_factors = match ld.opt_vector("rope_freqs.weight", c.head_dim / 2)? {
             Some(t) => Some(t.to_vec1::<f32>().context("rope_freqs")?),
             None => None,
         };
         progress(total, total);
-        let max_context = options.max_context.map_or(c.context_length, |m| m.min(c.context_length)).max(1);
-        Ok(Self { config, embedding, layers, final_norm, lm_head, rope_factors, position: 0, max_context })
+        let max_context = options
+            .max_context
+            .map_or(c.context_length, |m| m.min(c.context_length))
+            .max(1);
+        Ok(Self {
+            config,
+            embedding,
+            layers,
+            final_norm,
+            lm_head,
+            rope_factors,
+            position: 0,
+            max_context,
+        })
     }
 
     /// cos and sin of the RoPE angles for positions `start..start + n` ([n, head_dim / 2] each).
@@ -207,7 +256,8 @@ impl CpuModel {
         let mut sin = Vec::with_capacity(n * half);
         for p in start..start + n {
             for i in 0..half {
-                let mut inv_freq = 1.0 / (base as f64).powf(2.0 * i as f64 / self.config.head_dim as f64);
+                let mut inv_freq =
+                    1.0 / (base as f64).powf(2.0 * i as f64 / self.config.head_dim as f64);
                 if let Some(f) = &self.rope_factors {
                     inv_freq /= f[i] as f64;
                 }
@@ -223,7 +273,13 @@ impl CpuModel {
 
     /// Additive attention mask for queries at `start..start + n` over keys `0..start + n`, with the query rows
     /// repeated for each of the `group` query heads that share a key head. `None` when nothing is masked.
-    fn attention_mask(&self, start: usize, n: usize, window: Option<usize>, group: usize) -> Result<Option<Tensor>> {
+    fn attention_mask(
+        &self,
+        start: usize,
+        n: usize,
+        window: Option<usize>,
+        group: usize,
+    ) -> Result<Option<Tensor>> {
         let total = start + n;
         let hidden_by_window = window.is_some_and(|w| total > w);
         if n == 1 && !hidden_by_window {
@@ -242,7 +298,9 @@ impl CpuModel {
                 }
             }
         }
-        Tensor::from_vec(mask, (group * n, total), &Device::Cpu).map(Some).context("mask")
+        Tensor::from_vec(mask, (group * n, total), &Device::Cpu)
+            .map(Some)
+            .context("mask")
     }
 
     fn attention(&mut self, layer: usize, a: &Tensor, start: usize) -> Result<Tensor> {
@@ -253,7 +311,12 @@ impl CpuModel {
         let spec = c.layers[layer];
         let (cos, sin) = self.rope_tables(spec.rope_base, start, n)?;
         let mask = self.attention_mask(start, n, spec.window, group)?;
-        let (scale, softcap, eps, layout) = (c.attention_scale as f64, c.attn_softcap, c.rms_eps, c.rope_layout);
+        let (scale, softcap, eps, layout) = (
+            c.attention_scale as f64,
+            c.attn_softcap,
+            c.rms_eps,
+            c.rope_layout,
+        );
         let l = &mut self.layers[layer];
 
         // [n, heads * hd] -> [1, heads, n, hd]
@@ -280,16 +343,28 @@ impl CpuModel {
         let (k_all, v_all) = l.cache.append(&k, &v).context("kv cache")?;
 
         // The `group` query heads of one key head attend together: [1, nkv, group * n, hd].
-        let q = (q * scale).context("scale")?.reshape((1, nkv, group * n, hd)).context("group heads")?;
-        let mut scores = q.matmul(&k_all.t().context("k^T")?.contiguous().context("k^T")?).context("q k^T")?;
+        let q = (q * scale)
+            .context("scale")?
+            .reshape((1, nkv, group * n, hd))
+            .context("group heads")?;
+        let mut scores = q
+            .matmul(&k_all.t().context("k^T")?.contiguous().context("k^T")?)
+            .context("q k^T")?;
         if let Some(cap) = softcap {
-            scores = ((scores / cap as f64).context("softcap")?.tanh().context("softcap")? * cap as f64).context("softcap")?;
+            scores = ((scores / cap as f64)
+                .context("softcap")?
+                .tanh()
+                .context("softcap")?
+                * cap as f64)
+                .context("softcap")?;
         }
         if let Some(mask) = mask {
             scores = scores.broadcast_add(&mask).context("mask")?;
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores).context("softmax")?;
-        let out = probs.matmul(&v_all.contiguous().context("v")?).context("attention values")?;
+        let out = probs
+            .matmul(&v_all.contiguous().context("v")?)
+            .context("attention values")?;
         debug_assert_eq!(out.dims(), &[1, nkv, group * n, hd]);
         // [1, nkv, group * n, hd] -> [1, nh, n, hd] -> [n, nh * hd]
         let out = out
@@ -321,7 +396,10 @@ impl CpuModel {
         if tokens.is_empty() {
             return Err(EngineError::InvalidRequest("no tokens to run".into()));
         }
-        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+        if let Some(bad) = tokens
+            .iter()
+            .find(|&&t| t as usize >= self.config.vocab_size)
+        {
             return Err(EngineError::InvalidRequest(format!(
                 "token id {bad} is outside the vocabulary (size {})",
                 self.config.vocab_size
@@ -329,7 +407,10 @@ impl CpuModel {
         }
         let needed = self.position + tokens.len();
         if needed > self.max_context {
-            return Err(EngineError::ContextOverflow { tokens: needed, context: self.max_context });
+            return Err(EngineError::ContextOverflow {
+                tokens: needed,
+                context: self.max_context,
+            });
         }
         hooks.validate(self.config.n_layers, self.config.hidden)
     }
@@ -355,7 +436,13 @@ impl LanguageModel for CpuModel {
         self.position = 0;
     }
 
-    fn forward(&mut self, tokens: &[u32], segment: Segment, hooks: &Hooks, logits: LogitsWanted) -> Result<StepOutput> {
+    fn forward(
+        &mut self,
+        tokens: &[u32],
+        segment: Segment,
+        hooks: &Hooks,
+        logits: LogitsWanted,
+    ) -> Result<StepOutput> {
         self.check_request(tokens, hooks)?;
         let start = self.position;
         let n = tokens.len();
@@ -381,11 +468,19 @@ impl LanguageModel for CpuModel {
 
             if hooks.touches(i) {
                 for off in hooks.read_offsets(i, start, n) {
-                    let values = h.get(off).and_then(|r| r.to_vec1::<f32>()).context("reading resid_post")?;
-                    captures.push(Capture { layer: i, position: start + off, values });
+                    let values = h
+                        .get(off)
+                        .and_then(|r| r.to_vec1::<f32>())
+                        .context("reading resid_post")?;
+                    captures.push(Capture {
+                        layer: i,
+                        position: start + off,
+                        values,
+                    });
                 }
                 if let Some(v) = hooks.added_vector(i, segment) {
-                    let v = Tensor::from_vec(v, (1, hidden), &Device::Cpu).context("steering vector")?;
+                    let v = Tensor::from_vec(v, (1, hidden), &Device::Cpu)
+                        .context("steering vector")?;
                     h = h.broadcast_add(&v).context("adding steering vector")?;
                 }
             }
@@ -399,16 +494,26 @@ impl LanguageModel for CpuModel {
         let normed = self.norm(&rows, &self.final_norm)?;
         let mut out = self.lm_head.forward(&normed)?;
         if let Some(cap) = self.config.final_softcap {
-            out = ((out / cap as f64).and_then(|x| x.tanh()).and_then(|x| x * cap as f64)).context("final softcap")?;
+            out = ((out / cap as f64)
+                .and_then(|x| x.tanh())
+                .and_then(|x| x * cap as f64))
+            .context("final softcap")?;
         }
         let out = out.to_dtype(DType::F32).context("logits")?;
         let vocab = self.lm_head.0.rows();
-        let flat = out.flatten_all().and_then(|x| x.to_vec1::<f32>()).context("logits")?;
+        let flat = out
+            .flatten_all()
+            .and_then(|x| x.to_vec1::<f32>())
+            .context("logits")?;
         let (last, all) = match logits {
             LogitsWanted::Last => (flat, None),
             LogitsWanted::All => (flat[(n - 1) * vocab..].to_vec(), Some(flat)),
         };
-        Ok(StepOutput { logits: last, all_logits: all, captures })
+        Ok(StepOutput {
+            logits: last,
+            all_logits: all,
+            captures,
+        })
     }
 
     fn backend_name(&self) -> String {

@@ -42,7 +42,13 @@ pub trait LanguageModel {
 
     /// Runs `tokens` at positions `position()..position() + tokens.len()`, appends their keys and values to the
     /// cache and returns the logits after the last one, with the hooks applied.
-    fn forward(&mut self, tokens: &[u32], segment: Segment, hooks: &Hooks, logits: LogitsWanted) -> Result<StepOutput>;
+    fn forward(
+        &mut self,
+        tokens: &[u32],
+        segment: Segment,
+        hooks: &Hooks,
+        logits: LogitsWanted,
+    ) -> Result<StepOutput>;
 
     /// A short name of the backend ("cpu", "wgpu") for reports.
     fn backend_name(&self) -> String;
