@@ -19,7 +19,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .filter(|k| k.starts_with("tokenizer.") || *k == "general.architecture")
         .collect();
     keys.sort();
-    let metadata: Vec<(&str, &gguf_file::Value)> = keys.iter().map(|k| (k.as_str(), &content.metadata[*k])).collect();
+    let metadata: Vec<(&str, &gguf_file::Value)> = keys
+        .iter()
+        .map(|k| (k.as_str(), &content.metadata[*k]))
+        .collect();
     let mut out = std::io::BufWriter::new(std::fs::File::create(output)?);
     gguf_file::write(&mut out, &metadata, &[])?;
     Ok(())

@@ -85,7 +85,9 @@ fn chatml_default_system(template: &str) -> Option<String> {
     let end = template[start..].find("<|im_end|>")? + start;
     let text = &template[start..end];
     // A template that inserts the caller's own system message has Jinja there, not text.
-    let jinja = ["{{", "{%", "message[", "' +", "+ '"].iter().any(|j| text.contains(j));
+    let jinja = ["{{", "{%", "message[", "' +", "+ '"]
+        .iter()
+        .any(|j| text.contains(j));
     (!jinja).then(|| text.to_string())
 }
 

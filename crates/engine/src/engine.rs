@@ -1,15 +1,28 @@
 //! A loaded model with everything needed to go from text to text: the file's metadata, the tokenizer, the chat
 //! template and the forward pass on a backend.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Seek};
 
 use crate::chat::ChatTemplate;
 use crate::config::ModelConfig;
 use crate::error::Result;
-use crate::gguf::GgufFile;
+use crate::gguf::{type_name, GgufFile};
 use crate::model::cpu::{CpuModel, LoadOptions};
 use crate::model::LanguageModel;
 use crate::tokenizer::Tokenizer;
+
+/// What a load is doing, for progress displays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "step", rename_all = "snake_case")]
+pub enum LoadStep {
+    /// Parsing the GGUF header and checking the tensor directory.
+    Header,
+    /// Building the tokenizer from the vocabulary.
+    Tokenizer,
+    /// Reading the weights: `done` of `total` parts (embedding, layers, output).
+    Weights { done: usize, total: usize },
+}
 
 pub struct Engine {
     pub tokenizer: Tokenizer,
@@ -17,26 +30,58 @@ pub struct Engine {
     pub model: Box<dyn LanguageModel>,
     /// The GGUF metadata, one line per key, for display.
     pub metadata: Vec<(String, String)>,
+    /// How many tensors the file stores in each quantization, e.g. ("Q4_K", 27).
+    pub tensor_types: Vec<(String, usize)>,
+    /// The file's size in bytes.
+    pub file_bytes: u64,
 }
 
 impl Engine {
     /// Loads a GGUF file onto the CPU backend.
     pub fn load_cpu<R: Read + Seek>(reader: &mut R, options: &LoadOptions) -> Result<Self> {
+        Self::load_cpu_with_progress(reader, options, |_| {})
+    }
+
+    /// As `load_cpu`, reporting each step (the browser shows them while a large model loads).
+    pub fn load_cpu_with_progress<R: Read + Seek>(
+        reader: &mut R,
+        options: &LoadOptions,
+        mut progress: impl FnMut(LoadStep),
+    ) -> Result<Self> {
+        progress(LoadStep::Header);
         let gguf = GgufFile::read(reader)?;
+        progress(LoadStep::Tokenizer);
         let tokenizer = Tokenizer::from_gguf(&gguf)?;
-        let model = CpuModel::load(&gguf, reader, options)?;
+        let model = CpuModel::load_with_progress(&gguf, reader, options, |done, total| {
+            progress(LoadStep::Weights { done, total })
+        })?;
         let chat = ChatTemplate::from_gguf(&gguf, model.config().architecture);
+        let mut types = BTreeMap::new();
+        for t in gguf.tensors() {
+            *types.entry(type_name(t.dtype).to_string()).or_insert(0) += 1;
+        }
         Ok(Self {
             tokenizer,
             chat,
             model: Box::new(model),
             metadata: gguf.metadata_summary(),
+            tensor_types: types.into_iter().collect(),
+            file_bytes: gguf.file_size(),
         })
     }
 
     /// Loads a GGUF file held in memory onto the CPU backend.
     pub fn from_bytes_cpu(bytes: &[u8], options: &LoadOptions) -> Result<Self> {
         Self::load_cpu(&mut std::io::Cursor::new(bytes), options)
+    }
+
+    /// As `from_bytes_cpu`, reporting each step.
+    pub fn from_bytes_cpu_with_progress(
+        bytes: &[u8],
+        options: &LoadOptions,
+        progress: impl FnMut(LoadStep),
+    ) -> Result<Self> {
+        Self::load_cpu_with_progress(&mut std::io::Cursor::new(bytes), options, progress)
     }
 
     pub fn config(&self) -> &ModelConfig {

@@ -20,7 +20,7 @@ mod engine;
 
 pub use chat::ChatTemplate;
 pub use config::{Architecture, ModelConfig};
-pub use engine::Engine;
+pub use engine::{Engine, LoadStep};
 pub use error::{EngineError, Result};
 pub use generate::{generate, GenerateOptions, Generation, StopReason};
 pub use gguf::GgufFile;

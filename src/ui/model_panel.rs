@@ -1,0 +1,189 @@
+//! Choosing and loading a model (offline default, any URL, or a local file) with a progress bar, and the card
+//! that describes the loaded model.
+
+use leptos::prelude::*;
+
+use super::client::WorkerClient;
+use super::state::{AppState, Status};
+use crate::catalog::{self, MODELS};
+use crate::link::ModelChoice;
+use crate::protocol::{human_bytes, Request};
+
+/// Asks the worker to load the chosen model.
+pub fn load_choice(state: AppState, client: WorkerClient) {
+    let (url, name) = match state.choice.get_untracked() {
+        ModelChoice::Catalog(id) => {
+            let m = catalog::find(id).expect("catalog ids are checked when read");
+            (m.url.to_string(), m.label.to_string())
+        }
+        ModelChoice::Url(url) => {
+            let name = url.rsplit('/').next().unwrap_or(&url).to_string();
+            (url, name)
+        }
+    };
+    state.error.set(None);
+    let id = client.send(Request::LoadUrl { url, name }, None);
+    state.status.set(Status::Loading { id, progress: None });
+}
+
+#[component]
+pub fn ModelPanel() -> impl IntoView {
+    let state = expect_context::<AppState>();
+    let client = expect_context::<WorkerClient>();
+    let custom_url = RwSignal::new(match state.choice.get_untracked() {
+        ModelChoice::Url(u) => u,
+        ModelChoice::Catalog(_) => String::new(),
+    });
+    let file_input = NodeRef::<leptos::html::Input>::new();
+    let busy = move || state.is_loading() || !state.worker_ready.get();
+
+    let on_select = move |ev: leptos::ev::Event| {
+        let value = event_target_value(&ev);
+        if let Some(m) = catalog::find(&value) {
+            state.choice.set(ModelChoice::Catalog(m.id));
+        } else {
+            state
+                .choice
+                .set(ModelChoice::Url(custom_url.get_untracked()));
+        }
+    };
+    let on_file = move |_| {
+        let Some(input) = file_input.get() else {
+            return;
+        };
+        let Some(file) = input.files().and_then(|f| f.get(0)) else {
+            return;
+        };
+        state.error.set(None);
+        let id = client.send(Request::LoadFile { name: file.name() }, Some(&file));
+        state.status.set(Status::Loading { id, progress: None });
+        input.set_value("");
+    };
+
+    view! {
+        <section class="panel">
+            <h2>"Model"</h2>
+            <div class="row">
+                <label for="model-select">"Model: "</label>
+                <select id="model-select" on:change=on_select prop:disabled=busy>
+                    {MODELS.iter().map(|m| {
+                        let id = m.id;
+                        view! {
+                            <option value=id selected=move || state.choice.get() == ModelChoice::Catalog(id)>
+                                {m.label}" — "{human_bytes(m.bytes)}
+                            </option>
+                        }
+                    }).collect_view()}
+                    <option value="url" selected=move || matches!(state.choice.get(), ModelChoice::Url(_))>
+                        "Another GGUF file by URL…"
+                    </option>
+                </select>
+                <button id="load-button" on:click=move |_| load_choice(state, client) prop:disabled=busy>"Load"</button>
+            </div>
+            <Show when=move || matches!(state.choice.get(), ModelChoice::Url(_))>
+                <div class="row">
+                    <input type="url" class="wide" placeholder="https://huggingface.co/…/resolve/main/model.gguf"
+                        prop:value=move || custom_url.get()
+                        on:change=move |ev| {
+                            let url = event_target_value(&ev);
+                            custom_url.set(url.clone());
+                            state.choice.set(ModelChoice::Url(url));
+                        }/>
+                </div>
+            </Show>
+            <p class="hint">
+                {move || match state.choice.get() {
+                    ModelChoice::Catalog(id) => catalog::find(id).map(|m| m.note).unwrap_or_default().to_string(),
+                    ModelChoice::Url(_) => "Any Gemma 3, Gemma 2 or Llama-architecture GGUF a browser may fetch (CORS).".to_string(),
+                }}
+            </p>
+            <div class="row">
+                <label>"Or a GGUF file from your disk: "
+                    <input type="file" accept=".gguf" node_ref=file_input on:change=on_file prop:disabled=busy/>
+                </label>
+                <button class="secondary" on:click=move |_| { client.send(Request::ClearCache, None); } prop:disabled=busy>
+                    "Forget cached downloads"
+                </button>
+            </div>
+            <LoadProgress/>
+        </section>
+    }
+}
+
+#[component]
+fn LoadProgress() -> impl IntoView {
+    let state = expect_context::<AppState>();
+    let progress = move || match state.status.get() {
+        Status::Loading { progress, .. } => Some(progress),
+        _ => None,
+    };
+    view! {
+        <Show when=move || progress().is_some()>
+            {move || {
+                let p = progress().flatten();
+                let (label, value, max) = match &p {
+                    None => ("Starting…".to_string(), None, 1.0),
+                    Some(p) => {
+                        let what = p.stage.label();
+                        let text = match (p.total, p.stage.counts_bytes()) {
+                            (Some(t), true) => format!("{what}: {} of {} ({}%)", human_bytes(p.done), human_bytes(t), p.done * 100 / t.max(1)),
+                            (None, true) => format!("{what}: {}", human_bytes(p.done)),
+                            (Some(t), false) => format!("{what}: {} of {}", p.done, t),
+                            (None, false) => format!("{what}…"),
+                        };
+                        (text, p.total.map(|_| p.done as f64), p.total.unwrap_or(1) as f64)
+                    }
+                };
+                view! {
+                    <div class="progress" id="load-progress">
+                        {match value {
+                            Some(v) => view! { <progress max=max value=v></progress> }.into_any(),
+                            None => view! { <progress></progress> }.into_any(),
+                        }}
+                        <span>{label}</span>
+                    </div>
+                }
+            }}
+        </Show>
+    }
+}
+
+#[component]
+pub fn ModelCard() -> impl IntoView {
+    let state = expect_context::<AppState>();
+    view! {
+        <Show when=move || state.model.get().is_some()>
+            {move || state.model.get().map(|m| {
+                let types = m.tensor_types.iter().map(|(t, n)| format!("{n} {t}")).collect::<Vec<_>>().join(", ");
+                let source = if m.from_cache { "from the browser cache" } else { "downloaded" };
+                let rows = vec![
+                    ("Architecture", m.architecture.clone()),
+                    ("Layers", m.layers.to_string()),
+                    ("Hidden size", m.hidden.to_string()),
+                    ("Attention heads (key/value)", format!("{} ({}) × {}", m.heads, m.kv_heads, m.head_dim)),
+                    ("MLP width", m.ffn_hidden.to_string()),
+                    ("Vocabulary", format!("{} ({})", m.vocab_size, m.tokenizer)),
+                    ("Context", format!("{} tokens", m.context_length)),
+                    ("Tensors", types),
+                    ("File", format!("{} ({source}), loaded in {:.1} s", human_bytes(m.file_bytes), m.load_ms / 1000.0)),
+                ];
+                view! {
+                    <section class="panel" id="model-card">
+                        <h2>{m.name.clone()}</h2>
+                        <table class="facts">
+                            {rows.into_iter().map(|(k, v)| view! { <tr><th>{k}</th><td>{v}</td></tr> }).collect_view()}
+                        </table>
+                        <details>
+                            <summary>{format!("All {} metadata entries", m.metadata.len())}</summary>
+                            <table class="metadata">
+                                {m.metadata.iter().map(|(k, v)| view! {
+                                    <tr><th>{k.clone()}</th><td>{v.clone()}</td></tr>
+                                }).collect_view()}
+                            </table>
+                        </details>
+                    </section>
+                }
+            })}
+        </Show>
+    }
+}
