@@ -108,7 +108,7 @@ struct SamplingArgs {
     /// Always take the most likely token (the default unless --temperature is given).
     #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k"])]
     greedy: bool,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     temperature: Option<f32>,
     #[arg(long)]
     top_p: Option<f32>,

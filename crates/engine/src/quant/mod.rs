@@ -1,20 +1,20 @@
-//! Quantized weight matrices multiplied by f32 activations, exactly: each GGUF block is dequantized (candle's
-//! `to_float`) and dotted with the activations in f32, so the result is that of the float32 reference up to the
+//! Quantized weight matrices multiplied by f32 activations, exactly: each GGUF block is decoded (`blocks`) and
+//! dotted with the activations in f32, so the result is that of the float32 reference up to the
 //! order of summation. candle's own `QMatMul` first rounds the activations to 8 bits, which moves Gemma's logits by
 //! up to a quarter and flips greedy tokens; this is the engine's CPU product and the reference the GPU kernels
 //! must match.
 
 use std::sync::Arc;
 
-use candle_core::quantized::k_quants::{
-    BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ6K, BlockQ8_0, GgmlType,
-};
 use candle_core::quantized::{GgmlDType, QTensor};
-use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::error::{EngineError, Result, TensorContext};
 use crate::gguf::type_name;
+
+pub mod blocks;
+
+pub use blocks::dequantize;
 
 /// A `rows x cols` matrix in a GGUF quantization; row r holds output r's weights.
 #[derive(Clone)]
@@ -26,6 +26,9 @@ pub struct QuantMatrix {
 
 /// Rows of output computed by one task: enough work to amortise scheduling, few enough to balance two cores.
 const ROWS_PER_TASK: usize = 64;
+
+/// Up to this many activation rows, blocks are decoded inside each dot product rather than once per band.
+const FUSED_MAX_ROWS: usize = 2;
 
 impl QuantMatrix {
     pub fn new(name: &str, tensor: Arc<QTensor>) -> Result<Self> {
@@ -93,23 +96,31 @@ impl QuantMatrix {
         let raw = self.raw()?;
         let row_bytes = self.row_bytes();
         let dtype = self.dtype();
-        // Each task dequantizes a band of rows once and dots it with every activation row.
+        // Each task covers a band of rows. Few activation rows (decoding): decode inside each dot product. Many
+        // (a prompt): decode the band once into f32 and reuse it for every activation row.
         let bands: Vec<Vec<f32>> = (0..n.div_ceil(ROWS_PER_TASK))
             .into_par_iter()
             .map(|band| {
                 let first = band * ROWS_PER_TASK;
                 let count = ROWS_PER_TASK.min(n - first);
-                let mut w = vec![0f32; count * k];
-                dequantize(
-                    dtype,
-                    &raw[first * row_bytes..(first + count) * row_bytes],
-                    &mut w,
-                );
+                let rows = &raw[first * row_bytes..(first + count) * row_bytes];
                 let mut out = vec![0f32; m * count];
-                for i in 0..m {
-                    let xi = &x[i * k..(i + 1) * k];
+                if m <= FUSED_MAX_ROWS {
                     for r in 0..count {
-                        out[i * count + r] = dot(xi, &w[r * k..(r + 1) * k]);
+                        let row = &rows[r * row_bytes..(r + 1) * row_bytes];
+                        for i in 0..m {
+                            out[i * count + r] =
+                                blocks::dot_row(dtype, row, &x[i * k..(i + 1) * k]);
+                        }
+                    }
+                } else {
+                    let mut w = vec![0f32; count * k];
+                    dequantize(dtype, rows, &mut w);
+                    for i in 0..m {
+                        let xi = &x[i * k..(i + 1) * k];
+                        for r in 0..count {
+                            out[i * count + r] = dot(xi, &w[r * k..(r + 1) * k]);
+                        }
                     }
                 }
                 out
@@ -149,51 +160,18 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Reinterprets raw GGUF bytes as blocks. The bytes come from a `Vec` of those blocks (candle's storage), so
-/// they are aligned for them.
-fn blocks<T>(bytes: &[u8]) -> &[T] {
-    let size = std::mem::size_of::<T>();
-    assert!(bytes.len() % size == 0 && (bytes.as_ptr() as usize) % std::mem::align_of::<T>() == 0);
-    // SAFETY: length and alignment checked above; every block type is plain old data.
-    unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, bytes.len() / size) }
-}
-
-/// Dequantizes whole blocks of `dtype` from `bytes` into `out` (`out.len()` = values in `bytes`).
-pub fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) {
-    match dtype {
-        GgmlDType::F32 => out.copy_from_slice(blocks::<f32>(bytes)),
-        GgmlDType::F16 => blocks::<f16>(bytes)
-            .iter()
-            .zip(out)
-            .for_each(|(x, y)| *y = x.to_f32()),
-        GgmlDType::BF16 => blocks::<bf16>(bytes)
-            .iter()
-            .zip(out)
-            .for_each(|(x, y)| *y = x.to_f32()),
-        GgmlDType::Q4_0 => BlockQ4_0::to_float(blocks(bytes), out),
-        GgmlDType::Q4_1 => BlockQ4_1::to_float(blocks(bytes), out),
-        GgmlDType::Q5_0 => BlockQ5_0::to_float(blocks(bytes), out),
-        GgmlDType::Q8_0 => BlockQ8_0::to_float(blocks(bytes), out),
-        GgmlDType::Q4K => BlockQ4K::to_float(blocks(bytes), out),
-        GgmlDType::Q6K => BlockQ6K::to_float(blocks(bytes), out),
-        other => unreachable!("{} is refused when the file is opened", type_name(other)),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
 
-    /// Quantizes a random matrix with candle, then checks the product against dequantize-then-multiply in f64.
+    /// Quantizes a random matrix with candle, then checks the product against dequantize-then-multiply in f64,
+    /// for one activation row (decoding inside the dot product) and several (decoding the band first).
     #[test]
     fn matmul_equals_dequantized_product_for_every_type() {
-        let (n, k, m) = (70, 512, 3); // n not a multiple of a task's rows; k a multiple of 256 for K-quants
+        let (n, k) = (70, 512); // n not a multiple of a task's rows; k a multiple of 256 for K-quants
         let w: Vec<f32> = (0..n * k)
             .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1)
-            .collect();
-        let x: Vec<f32> = (0..m * k)
-            .map(|i| ((i * 104729 % 997) as f32 / 498.5 - 1.0))
             .collect();
         let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
         for dtype in crate::gguf::SUPPORTED_TYPES {
@@ -204,15 +182,21 @@ mod tests {
                 .to_vec2::<f32>()
                 .unwrap();
             let qm = QuantMatrix::new("w", q).unwrap();
-            let got = qm.matmul(&x).unwrap();
-            for i in 0..m {
-                for r in 0..n {
-                    let want: f64 = (0..k).map(|c| x[i * k + c] as f64 * deq[r][c] as f64).sum();
-                    let g = got[i * n + r] as f64;
-                    assert!(
-                        (g - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                        "{dtype:?} [{i},{r}]: {g} vs {want}"
-                    );
+            for m in [1, FUSED_MAX_ROWS + 1] {
+                let x: Vec<f32> = (0..m * k)
+                    .map(|i| ((i * 104729 % 997) as f32 / 498.5 - 1.0))
+                    .collect();
+                let got = qm.matmul(&x).unwrap();
+                for i in 0..m {
+                    for r in 0..n {
+                        let want: f64 =
+                            (0..k).map(|c| x[i * k + c] as f64 * deq[r][c] as f64).sum();
+                        let g = got[i * n + r] as f64;
+                        assert!(
+                            (g - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                            "{dtype:?} m={m} [{i},{r}]: {g} vs {want}"
+                        );
+                    }
                 }
             }
             let mut row = vec![0f32; k];

@@ -1,0 +1,25 @@
+# SAIF in the browser. The two commands of the README:
+#   make serve   builds the app and serves it on http://127.0.0.1:8080 with the offline models
+#   make test    runs every test (native, the engine in headless Chromium, the page end to end)
+# Both run `setup` first, which installs only what is missing (see scripts/setup.sh).
+
+.PHONY: setup serve build test bench fixtures
+
+setup:
+	@scripts/setup.sh
+
+serve: setup
+	@scripts/app.sh serve
+
+build: setup
+	@scripts/app.sh build
+
+test: setup
+	@scripts/test.sh
+
+bench: setup
+	@scripts/bench.sh
+
+# Dev-only: rewrites the engine's random test models and their transformers references (needs torch; see the script).
+fixtures:
+	@python3 scripts/dev/make_fixtures.py

@@ -1,0 +1,283 @@
+//! The `saif` command-line contract: one JSON object on stdout with --json, a non-zero exit and a message on
+//! stderr on error. Checked on the offline models against the golden references and on the engine's fixtures.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn saif(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_saif"))
+        .args(args)
+        .output()
+        .expect("saif runs")
+}
+
+fn json_ok(args: &[&str]) -> Value {
+    let out = saif(args);
+    assert!(
+        out.status.success(),
+        "saif {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        stdout.trim().lines().count(),
+        1,
+        "one JSON object on one line: {stdout}"
+    );
+    serde_json::from_str(&stdout).unwrap()
+}
+
+fn models() -> PathBuf {
+    std::env::var_os("SAIF_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/saif/models"))
+}
+
+fn model(file: &str) -> String {
+    let p = models().join(file);
+    assert!(p.exists(), "{} is missing: run `make setup`", p.display());
+    p.to_string_lossy().into_owned()
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn golden(name: &str) -> Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(repo().join("../shared/golden").join(name)).unwrap(),
+    )
+    .unwrap()
+}
+
+const GEMMA: &str = "gemma-3-270m-q4_k_m.gguf";
+const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[test]
+fn tokenize_prints_ids_without_bos() {
+    let g = golden("gemma-3-270m-q4_k_m.json");
+    let case = &g["tokenizer"][0];
+    let out = json_ok(&[
+        "tokenize",
+        "--model",
+        &model(GEMMA),
+        "--text",
+        case["text"].as_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(out, serde_json::json!({ "ids": case["ids"] }));
+}
+
+#[test]
+fn logits_report_input_ids_top_and_residual_norms() {
+    let g = golden("gemma-3-270m-q4_k_m.json");
+    let p = &g["prompts"][0];
+    let out = json_ok(&[
+        "logits",
+        "--model",
+        &model(GEMMA),
+        "--prompt",
+        p["prompt"].as_str().unwrap(),
+        "--top",
+        "10",
+        "--resid",
+        "0,5,11,17",
+        "--json",
+    ]);
+    assert_eq!(out["input_ids"], p["input_ids"]);
+    let top = out["top"].as_array().unwrap();
+    assert_eq!(top.len(), 10);
+    assert_eq!(top[0]["id"], p["top10_ids"][0]);
+    assert!(
+        (top[0]["logit"].as_f64().unwrap() - p["top10_logits"][0].as_f64().unwrap()).abs() < 0.25
+    );
+    for layer in ["0", "5", "11", "17"] {
+        let got = out["resid_post"][layer]["norm"].as_f64().unwrap();
+        let want = p["resid_post_last_token"][layer]["norm"].as_f64().unwrap();
+        assert!(
+            (got / want - 1.0).abs() < 0.02,
+            "layer {layer}: {got} vs {want}"
+        );
+    }
+}
+
+#[test]
+fn generate_greedy_matches_the_reference_and_keeps_eos() {
+    let g = golden("smollm2-135m-instruct-q4_1.json");
+    let p = g["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["greedy16_ids"].as_array().unwrap().len() < 16)
+        .unwrap();
+    let out = json_ok(&[
+        "generate",
+        "--model",
+        &model(SMOL),
+        "--prompt",
+        p["prompt"].as_str().unwrap(),
+        "--max-new-tokens",
+        "16",
+        "--greedy",
+        "--json",
+    ]);
+    assert_eq!(out["ids"], p["greedy16_ids"]);
+    assert!(out["text"].is_string());
+}
+
+#[test]
+fn sampling_with_a_seed_is_repeatable() {
+    let m = model(SMOL);
+    let run = |seed: &str| {
+        json_ok(&[
+            "generate",
+            "--model",
+            &m,
+            "--prompt",
+            "Once upon a time",
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "1.0",
+            "--top-p",
+            "0.95",
+            "--top-k",
+            "50",
+            "--seed",
+            seed,
+            "--json",
+        ])["ids"]
+            .clone()
+    };
+    assert_eq!(run("7"), run("7"));
+    assert_ne!(run("7"), run("8"));
+}
+
+#[test]
+fn chat_mode_wraps_the_prompt_and_stops_at_the_end_of_the_turn() {
+    let out = json_ok(&[
+        "generate",
+        "--model",
+        &model(SMOL),
+        "--prompt",
+        "What is 2 + 2? Answer with one number.",
+        "--chat",
+        "--max-new-tokens",
+        "24",
+        "--json",
+    ]);
+    let ids = out["ids"].as_array().unwrap();
+    assert!(ids.len() < 24, "a short answer ends its turn: {out}");
+    assert_eq!(ids.last().unwrap(), 2, "<|im_end|> ends the answer");
+    assert!(out["text"].as_str().unwrap().contains('4'), "{out}");
+}
+
+#[test]
+fn bench_reports_throughput_with_the_machine() {
+    let fixture = repo().join("crates/engine/tests/fixtures/tiny-llama.gguf");
+    let out = json_ok(&[
+        "bench",
+        "--model",
+        fixture.to_str().unwrap(),
+        "--prompt-tokens",
+        "16",
+        "--decode-tokens",
+        "4",
+        "--runs",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(out["backend"], "cpu");
+    assert!(out["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(out["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(
+        out["prefill_tokens_per_s_runs"].as_array().unwrap().len(),
+        2
+    );
+    assert!(out["machine"]["cpu"]
+        .as_str()
+        .is_some_and(|s| !s.is_empty()));
+}
+
+#[test]
+fn errors_exit_non_zero_with_a_message() {
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "tokenize".into(),
+                "--model".into(),
+                "/nonexistent.gguf".into(),
+                "--text".into(),
+                "x".into(),
+            ],
+            "cannot open",
+        ),
+        (
+            vec![
+                "tokenize".into(),
+                "--model".into(),
+                repo().join("Cargo.toml").to_string_lossy().into(),
+                "--text".into(),
+                "x".into(),
+            ],
+            "not a GGUF file",
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                model(SMOL),
+                "--prompt".into(),
+                "x".into(),
+                "--temperature".into(),
+                "-1".into(),
+            ],
+            "temperature",
+        ),
+        (
+            vec![
+                "logits".into(),
+                "--model".into(),
+                model(SMOL),
+                "--prompt".into(),
+                "x".into(),
+                "--resid".into(),
+                "30".into(),
+            ],
+            "layer 30",
+        ),
+    ];
+    for (args, needle) in cases {
+        let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let out = saif(&args);
+        assert!(!out.status.success(), "{args:?} should fail");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: stderr {stderr:?} lacks {needle:?}"
+        );
+        assert!(
+            out.stdout.is_empty(),
+            "{args:?}: nothing on stdout on error"
+        );
+    }
+}
+
+#[test]
+fn text_output_without_json() {
+    let out = saif(&[
+        "tokenize",
+        "--model",
+        &model(SMOL),
+        "--text",
+        "Hello, world!",
+    ]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("19556") && serde_json::from_str::<Value>(&text).is_err(),
+        "{text}"
+    );
+}

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Every test of the project, in the order a failure is cheapest to find:
+#   1. native: the engine (against ../shared/golden, transformers fixtures, KV cache, hooks, bad input), the
+#      saif command-line contract, the app's plain-Rust logic;
+#   2. the engine compiled to wasm, in headless Chromium (wasm-bindgen-test);
+#   3. the page built with trunk and driven end to end in headless Chromium (tests/e2e).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+say() { printf '\n==> %s\n' "$*"; }
+
+say "native tests"
+cargo test --release --workspace
+
+say "the engine in headless Chromium (wasm-bindgen-test)"
+export SAIF_WASM_FIXTURES="$PWD/target/wasm-fixtures"
+mkdir -p "$SAIF_WASM_FIXTURES"
+cargo run --quiet --release -p saif-engine --example tokenizer_gguf -- \
+  "$SAIF_MODELS/gemma-3-270m-q4_k_m.gguf" "$SAIF_WASM_FIXTURES/gemma-3-270m-tokenizer.gguf"
+cargo run --quiet --release -p saif-engine --example tokenizer_gguf -- \
+  "$SAIF_MODELS/SmolLM2-135M-Instruct.Q4_1.gguf" "$SAIF_WASM_FIXTURES/smollm2-135m-tokenizer.gguf"
+(
+  use_wasm_toolchain
+  export CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner
+  export CHROMEDRIVER=/usr/bin/chromedriver WASM_BINDGEN_TEST_TIMEOUT=600
+  cd crates/engine # webdriver.json (headless Chromium with WebGPU) lives here
+  cargo test --release --target wasm32-unknown-unknown --test wasm
+)
+
+say "the page, end to end in headless Chromium"
+scripts/app.sh build
+(cd tests/e2e && node --test)
+
+say "all tests passed"
