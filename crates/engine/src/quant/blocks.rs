@@ -127,123 +127,153 @@ pub fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) {
 /// The dot product of one row of blocks with `x`, decoding inside the product (no f32 copy of the row): each
 /// block's integer values are summed against `x` first and scaled once, as ggml's and the WGSL kernels' dot
 /// products do. Equal to `dot(dequantize(row), x)` up to rounding.
+///
+/// Blocks and activations are taken as fixed-size arrays so the compiler drops bounds checks and vectorizes.
 pub fn dot_row(dtype: GgmlDType, bytes: &[u8], x: &[f32]) -> f32 {
-    match dtype {
-        GgmlDType::Q8_0 => {
-            let mut acc = 0f32;
-            for (b, x) in bytes.chunks_exact(34).zip(x.chunks_exact(32)) {
-                let mut s = [0f32; 8];
-                for j in 0..32 {
-                    s[j % 8] += b[2 + j] as i8 as f32 * x[j];
-                }
-                acc += half(b, 0) * s.iter().sum::<f32>();
+    let lanes = match dtype {
+        GgmlDType::Q8_0 => fold_blocks::<34, 32>(bytes, x, |acc, b, x| {
+            let mut q = [0f32; 32];
+            for j in 0..32 {
+                q[j] = b[2 + j] as i8 as f32;
             }
-            acc
-        }
-        GgmlDType::Q4_0 => {
-            let mut acc = 0f32;
-            for (b, x) in bytes.chunks_exact(18).zip(x.chunks_exact(32)) {
-                let mut s = [0f32; 16];
-                for j in 0..16 {
-                    s[j] += ((b[2 + j] & 0x0f) as i32 - 8) as f32 * x[j]
-                        + ((b[2 + j] >> 4) as i32 - 8) as f32 * x[j + 16];
-                }
-                acc += half(b, 0) * s.iter().sum::<f32>();
+            add_scaled(acc, half(b, 0), &dot8(&q, x));
+        }),
+        GgmlDType::Q4_0 => fold_blocks::<18, 32>(bytes, x, |acc, b, x| {
+            let mut q = [0f32; 32];
+            for j in 0..16 {
+                q[j] = ((b[2 + j] & 0x0f) as i32 - 8) as f32;
+                q[j + 16] = ((b[2 + j] >> 4) as i32 - 8) as f32;
             }
-            acc
-        }
-        GgmlDType::Q4_1 => {
-            let mut acc = 0f32;
-            for (b, x) in bytes.chunks_exact(20).zip(x.chunks_exact(32)) {
-                let (mut s, mut sx) = ([0f32; 16], [0f32; 16]);
-                for j in 0..16 {
-                    s[j] += (b[4 + j] & 0x0f) as f32 * x[j] + (b[4 + j] >> 4) as f32 * x[j + 16];
-                    sx[j] += x[j] + x[j + 16];
-                }
-                acc += half(b, 0) * s.iter().sum::<f32>() + half(b, 2) * sx.iter().sum::<f32>();
+            add_scaled(acc, half(b, 0), &dot8(&q, x));
+        }),
+        GgmlDType::Q4_1 => fold_blocks::<20, 32>(bytes, x, |acc, b, x| {
+            let mut q = [0f32; 32];
+            for j in 0..16 {
+                q[j] = (b[4 + j] & 0x0f) as f32;
+                q[j + 16] = (b[4 + j] >> 4) as f32;
             }
-            acc
-        }
-        GgmlDType::Q5_0 => {
-            let mut acc = 0f32;
-            for (b, x) in bytes.chunks_exact(22).zip(x.chunks_exact(32)) {
-                let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-                let mut s = [0f32; 16];
-                for j in 0..16 {
-                    let h0 = ((qh >> j) << 4) & 0x10;
-                    let h1 = (qh >> (j + 12)) & 0x10;
-                    let q0 = ((b[6 + j] & 0x0f) as u32 | h0) as i32 - 16;
-                    let q1 = ((b[6 + j] >> 4) as u32 | h1) as i32 - 16;
-                    s[j] += q0 as f32 * x[j] + q1 as f32 * x[j + 16];
-                }
-                acc += half(b, 0) * s.iter().sum::<f32>();
+            add_scaled(acc, half(b, 0), &dot8(&q, x));
+            add_scaled(acc, half(b, 2), &sum8(x));
+        }),
+        GgmlDType::Q5_0 => fold_blocks::<22, 32>(bytes, x, |acc, b, x| {
+            let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+            let mut q = [0f32; 32];
+            for j in 0..16 {
+                let h0 = ((qh >> j) << 4) & 0x10;
+                let h1 = (qh >> (j + 12)) & 0x10;
+                q[j] = (((b[6 + j] & 0x0f) as u32 | h0) as i32 - 16) as f32;
+                q[j + 16] = (((b[6 + j] >> 4) as u32 | h1) as i32 - 16) as f32;
             }
-            acc
-        }
-        GgmlDType::Q4K => {
-            let mut acc = 0f32;
-            for (b, x) in bytes.chunks_exact(144).zip(x.chunks_exact(256)) {
-                let (d, dmin) = (half(b, 0), half(b, 2));
-                let scales = &b[4..16];
-                for g in 0..4 {
-                    let (sc1, m1) = scale_min_k4(2 * g, scales);
-                    let (sc2, m2) = scale_min_k4(2 * g + 1, scales);
-                    let q = &b[16 + 32 * g..16 + 32 * g + 32];
-                    let x = &x[64 * g..64 * g + 64];
-                    let (mut s1, mut s2, mut x1, mut x2) =
-                        ([0f32; 8], [0f32; 8], [0f32; 8], [0f32; 8]);
-                    for l in 0..32 {
-                        s1[l % 8] += (q[l] & 0x0f) as f32 * x[l];
-                        s2[l % 8] += (q[l] >> 4) as f32 * x[l + 32];
-                        x1[l % 8] += x[l];
-                        x2[l % 8] += x[l + 32];
-                    }
-                    let sum = |a: [f32; 8]| a.iter().sum::<f32>();
-                    acc += d * (sc1 as f32 * sum(s1) + sc2 as f32 * sum(s2))
-                        - dmin * (m1 as f32 * sum(x1) + m2 as f32 * sum(x2));
+            add_scaled(acc, half(b, 0), &dot8(&q, x));
+        }),
+        GgmlDType::Q4K => fold_blocks::<144, 256>(bytes, x, |acc, b, x| {
+            let (d, dmin) = (half(b, 0), half(b, 2));
+            let scales = &b[4..16];
+            for g in 0..4 {
+                let (sc1, m1) = scale_min_k4(2 * g, scales);
+                let (sc2, m2) = scale_min_k4(2 * g + 1, scales);
+                let qs: &[u8; 32] = b[16 + 32 * g..48 + 32 * g].try_into().unwrap();
+                let (mut lo, mut hi) = ([0f32; 32], [0f32; 32]);
+                for l in 0..32 {
+                    lo[l] = (qs[l] & 0x0f) as f32;
+                    hi[l] = (qs[l] >> 4) as f32;
                 }
+                let x1: &[f32; 32] = x[64 * g..64 * g + 32].try_into().unwrap();
+                let x2: &[f32; 32] = x[64 * g + 32..64 * g + 64].try_into().unwrap();
+                add_scaled(acc, d * sc1 as f32, &dot8(&lo, x1));
+                add_scaled(acc, d * sc2 as f32, &dot8(&hi, x2));
+                add_scaled(acc, -dmin * m1 as f32, &sum8(x1));
+                add_scaled(acc, -dmin * m2 as f32, &sum8(x2));
             }
-            acc
-        }
-        GgmlDType::Q6K => {
-            let mut acc = 0f32;
-            for (b, x) in bytes.chunks_exact(210).zip(x.chunks_exact(256)) {
-                let d = half(b, 208);
-                for h in 0..2 {
-                    let ql = &b[64 * h..64 * h + 64];
-                    let qh = &b[128 + 32 * h..128 + 32 * h + 32];
-                    let sc = &b[192 + 8 * h..192 + 8 * h + 8];
-                    let x = &x[128 * h..128 * h + 128];
-                    // s[k][is]: the sum for scale sc[is + 2k] (values l + 32k, l in 16is..16is+16).
-                    let mut s = [[0f32; 2]; 4];
-                    for l in 0..32 {
-                        let is = l / 16;
-                        let q1 = ((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) as i32 - 32;
-                        let q2 = ((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
-                        s[0][is] += q1 as f32 * x[l];
-                        s[1][is] += q2 as f32 * x[l + 32];
-                        s[2][is] += q3 as f32 * x[l + 64];
-                        s[3][is] += q4 as f32 * x[l + 96];
-                    }
-                    let mut t = 0f32;
-                    for k in 0..4 {
-                        for is in 0..2 {
-                            t += (sc[is + 2 * k] as i8) as f32 * s[k][is];
-                        }
-                    }
-                    acc += d * t;
+        }),
+        GgmlDType::Q6K => fold_blocks::<210, 256>(bytes, x, |acc, b, x| {
+            let d = half(b, 208);
+            for h in 0..2 {
+                let ql: &[u8; 64] = b[64 * h..64 * h + 64].try_into().unwrap();
+                let qh: &[u8; 32] = b[128 + 32 * h..160 + 32 * h].try_into().unwrap();
+                let sc = &b[192 + 8 * h..200 + 8 * h];
+                // Four runs of 32 values (l + 32k); each run has two scales, one per 16 values.
+                let mut q = [[0f32; 32]; 4];
+                for l in 0..32 {
+                    q[0][l] = (((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) as i32 - 32) as f32;
+                    q[1][l] =
+                        (((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32) as f32;
+                    q[2][l] = (((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32) as f32;
+                    q[3][l] = (((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32) as f32;
+                }
+                for (k, run) in q.iter().enumerate() {
+                    let xs: &[f32; 32] = x[128 * h + 32 * k..128 * h + 32 * k + 32]
+                        .try_into()
+                        .unwrap();
+                    let (first, second) = dot8_halves(run, xs);
+                    add_scaled(acc, d * (sc[2 * k] as i8) as f32, &first);
+                    add_scaled(acc, d * (sc[2 * k + 1] as i8) as f32, &second);
                 }
             }
-            acc
-        }
+        }),
         // Float weights: decode and multiply.
         _ => {
             let mut row = vec![0f32; x.len()];
             dequantize(dtype, bytes, &mut row);
-            super::dot(&row, x)
+            return super::dot(&row, x);
         }
+    };
+    lanes.iter().sum()
+}
+
+/// Runs `f(lanes, block, activations)` over the blocks of a row (`B` bytes and `V` values per block); `f` adds
+/// its block's contribution to eight running lanes, summed once at the end of the row.
+#[inline(always)]
+fn fold_blocks<const B: usize, const V: usize>(
+    bytes: &[u8],
+    x: &[f32],
+    f: impl Fn(&mut [f32; 8], &[u8; B], &[f32; V]),
+) -> [f32; 8] {
+    let mut acc = [0f32; 8];
+    for (b, x) in bytes.chunks_exact(B).zip(x.chunks_exact(V)) {
+        f(&mut acc, b.try_into().unwrap(), x.try_into().unwrap());
+    }
+    acc
+}
+
+/// Eight lanes of the products of 32 values: lane l sums a[l + 8c] * b[l + 8c].
+#[inline(always)]
+fn dot8(a: &[f32; 32], b: &[f32; 32]) -> [f32; 8] {
+    let mut s = [0f32; 8];
+    for c in 0..4 {
+        for l in 0..8 {
+            s[l] += a[8 * c + l] * b[8 * c + l];
+        }
+    }
+    s
+}
+
+/// `dot8` over the first 16 and the last 16 values separately (Q6_K scales 16 values at a time).
+#[inline(always)]
+fn dot8_halves(a: &[f32; 32], b: &[f32; 32]) -> ([f32; 8], [f32; 8]) {
+    let (mut s, mut t) = ([0f32; 8], [0f32; 8]);
+    for l in 0..8 {
+        s[l] = a[l] * b[l] + a[8 + l] * b[8 + l];
+        t[l] = a[16 + l] * b[16 + l] + a[24 + l] * b[24 + l];
+    }
+    (s, t)
+}
+
+#[inline(always)]
+fn sum8(a: &[f32; 32]) -> [f32; 8] {
+    let mut s = [0f32; 8];
+    for c in 0..4 {
+        for l in 0..8 {
+            s[l] += a[8 * c + l];
+        }
+    }
+    s
+}
+
+#[inline(always)]
+fn add_scaled(acc: &mut [f32; 8], scale: f32, v: &[f32; 8]) {
+    for l in 0..8 {
+        acc[l] += scale * v[l];
     }
 }
 

@@ -24,7 +24,7 @@ pub struct QuantMatrix {
     cols: usize,
 }
 
-/// Rows of output computed by one task: enough work to amortise scheduling, few enough to balance two cores.
+/// The fewest rows of output one task computes: enough work to amortise scheduling.
 const ROWS_PER_TASK: usize = 64;
 
 /// Up to this many activation rows, blocks are decoded inside each dot product rather than once per band.
@@ -98,11 +98,13 @@ impl QuantMatrix {
         let dtype = self.dtype();
         // Each task covers a band of rows. Few activation rows (decoding): decode inside each dot product. Many
         // (a prompt): decode the band once into f32 and reuse it for every activation row.
-        let bands: Vec<Vec<f32>> = (0..n.div_ceil(ROWS_PER_TASK))
+        // A few bands per thread balance the load; more only add scheduling.
+        let per_band = ROWS_PER_TASK.max(n.div_ceil(4 * rayon::current_num_threads()));
+        let bands: Vec<Vec<f32>> = (0..n.div_ceil(per_band))
             .into_par_iter()
             .map(|band| {
-                let first = band * ROWS_PER_TASK;
-                let count = ROWS_PER_TASK.min(n - first);
+                let first = band * per_band;
+                let count = per_band.min(n - first);
                 let rows = &raw[first * row_bytes..(first + count) * row_bytes];
                 let mut out = vec![0f32; m * count];
                 if m <= FUSED_MAX_ROWS {
@@ -116,19 +118,14 @@ impl QuantMatrix {
                 } else {
                     let mut w = vec![0f32; count * k];
                     dequantize(dtype, rows, &mut w);
-                    for i in 0..m {
-                        let xi = &x[i * k..(i + 1) * k];
-                        for r in 0..count {
-                            out[i * count + r] = dot(xi, &w[r * k..(r + 1) * k]);
-                        }
-                    }
+                    band_product(x, &w, m, k, count, &mut out);
                 }
                 out
             })
             .collect();
         let mut out = vec![0f32; m * n];
         for (band, values) in bands.iter().enumerate() {
-            let first = band * ROWS_PER_TASK;
+            let first = band * per_band;
             let count = values.len() / m;
             for i in 0..m {
                 out[i * n + first..i * n + first + count]
@@ -136,6 +133,38 @@ impl QuantMatrix {
             }
         }
         Ok(out)
+    }
+}
+
+/// `out[i][r] = sum_c x[i][c] * w[r][c]` for `x` of `m x k`, `w` of `count x k` and `out` of `m x count`, all
+/// row-major: a plain f32 matrix product, handed to the `gemm` crate (cache-blocked SIMD kernels; the parallelism
+/// is across bands, so none inside).
+fn band_product(x: &[f32], w: &[f32], m: usize, k: usize, count: usize, out: &mut [f32]) {
+    assert!(x.len() == m * k && w.len() == count * k && out.len() == m * count);
+    // SAFETY: the three buffers have the sizes asserted above, and the strides below stay inside them:
+    // dst (i, r) at i * count + r; lhs (i, c) at i * k + c; rhs (c, r) = w[r][c] at r * k + c.
+    unsafe {
+        gemm::gemm(
+            m,
+            count,
+            k,
+            out.as_mut_ptr(),
+            1,
+            count as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
     }
 }
 

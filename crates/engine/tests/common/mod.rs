@@ -37,6 +37,13 @@ pub fn golden_path(name: &str) -> PathBuf {
     path
 }
 
+/// The project's own references of the offline models (scripts/dev/make_references.py).
+pub fn reference_path(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/reference")
+        .join(name)
+}
+
 pub fn fixture_path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
