@@ -51,11 +51,7 @@ mod tests {
     #[test]
     fn ids_are_unique_and_the_default_exists() {
         for (i, a) in MODELS.iter().enumerate() {
-            assert!(
-                MODELS[i + 1..].iter().all(|b| b.id != a.id),
-                "duplicate id {}",
-                a.id
-            );
+            assert!(MODELS[i + 1..].iter().all(|b| b.id != a.id), "duplicate id {}", a.id);
         }
         assert!(find(DEFAULT_MODEL).is_some());
     }

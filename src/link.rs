@@ -51,9 +51,7 @@ pub fn parse(query: &str) -> (LinkState, Vec<String>) {
                 Err(why) => problems.push(why),
             },
             "text" if value.chars().count() > MAX_TEXT => {
-                problems.push(format!(
-                    "the link's text is longer than {MAX_TEXT} characters; it was cut"
-                ));
+                problems.push(format!("the link's text is longer than {MAX_TEXT} characters; it was cut"));
                 state.text = value.chars().take(MAX_TEXT).collect();
             }
             "text" => state.text = value.into_owned(),
@@ -68,9 +66,8 @@ fn parse_model(value: &str) -> Result<ModelChoice, String> {
         return Ok(ModelChoice::Catalog(m.id));
     }
     let lower = value.to_ascii_lowercase();
-    let web = lower.starts_with("https://")
-        || lower.starts_with("http://localhost")
-        || lower.starts_with("http://127.0.0.1");
+    let web =
+        lower.starts_with("https://") || lower.starts_with("http://localhost") || lower.starts_with("http://127.0.0.1");
     if web && !value.chars().any(|c| c.is_whitespace() || c.is_control()) {
         Ok(ModelChoice::Url(value.to_string()))
     } else {
@@ -95,15 +92,10 @@ mod tests {
 
     #[test]
     fn a_state_survives_the_round_trip() {
-        let state = LinkState {
-            model: ModelChoice::Catalog("gemma-3-270m"),
-            text: "Voilà l'été & 12,50 €?".into(),
-        };
+        let state =
+            LinkState { model: ModelChoice::Catalog("gemma-3-270m"), text: "Voilà l'été & 12,50 €?".into() };
         assert_eq!(parse(&to_query(&state)), (state, vec![]));
-        let url = LinkState {
-            model: ModelChoice::Url("https://example.org/m.gguf?x=1".into()),
-            text: String::new(),
-        };
+        let url = LinkState { model: ModelChoice::Url("https://example.org/m.gguf?x=1".into()), text: String::new() };
         assert_eq!(parse(&to_query(&url)).0, url);
     }
 

@@ -73,10 +73,7 @@ impl Stage {
 
     /// Whether `done`/`total` count bytes.
     pub fn counts_bytes(self) -> bool {
-        matches!(
-            self,
-            Stage::Downloading | Stage::ReadingCache | Stage::ReadingFile
-        )
+        matches!(self, Stage::Downloading | Stage::ReadingCache | Stage::ReadingFile)
     }
 }
 
@@ -142,13 +139,7 @@ mod tests {
 
     #[test]
     fn requests_round_trip_through_json() {
-        let r = Envelope {
-            id: 7,
-            body: Request::Tokenize {
-                text: "hé <b>".into(),
-                add_bos: true,
-            },
-        };
+        let r = Envelope { id: 7, body: Request::Tokenize { text: "hé <b>".into(), add_bos: true } };
         let s = serde_json::to_string(&r).unwrap();
         assert_eq!(serde_json::from_str::<Envelope<Request>>(&s).unwrap(), r);
         assert!(s.contains("\"kind\":\"tokenize\""));

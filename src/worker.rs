@@ -12,13 +12,10 @@ use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{
-    Blob, Cache, DedicatedWorkerGlobalScope, File, MessageEvent, ReadableStreamDefaultReader,
-    Response as WebResponse,
+    Blob, Cache, DedicatedWorkerGlobalScope, File, MessageEvent, ReadableStreamDefaultReader, Response as WebResponse,
 };
 
-use crate::protocol::{
-    Envelope, ModelSummary, Progress, Request, Response, Stage, TokenList, TokenView,
-};
+use crate::protocol::{Envelope, ModelSummary, Progress, Request, Response, Stage, TokenList, TokenView};
 
 const CACHE_NAME: &str = "saif-models-v1";
 
@@ -48,27 +45,14 @@ struct Reporter {
 
 impl Reporter {
     fn new(id: u32, stage: Stage) -> Self {
-        Self {
-            id,
-            stage,
-            last_percent: -1,
-        }
+        Self { id, stage, last_percent: -1 }
     }
 
     fn report(&mut self, done: u64, total: Option<u64>) {
-        let percent = total
-            .filter(|&t| t > 0)
-            .map_or(done as i64, |t| (done * 100 / t) as i64);
+        let percent = total.filter(|&t| t > 0).map_or(done as i64, |t| (done * 100 / t) as i64);
         if percent != self.last_percent {
             self.last_percent = percent;
-            post(
-                self.id,
-                Response::Progress(Progress {
-                    stage: self.stage,
-                    done,
-                    total,
-                }),
-            );
+            post(self.id, Response::Progress(Progress { stage: self.stage, done, total }));
         }
     }
 }
@@ -79,21 +63,14 @@ pub fn start() {
     let onmessage = Closure::<dyn FnMut(MessageEvent)>::new(|event: MessageEvent| {
         let data = event.data();
         let request = Reflect::get(&data, &"request".into()).unwrap_or(JsValue::UNDEFINED);
-        let file = Reflect::get(&data, &"file".into())
-            .ok()
-            .and_then(|v| v.dyn_into::<File>().ok());
+        let file = Reflect::get(&data, &"file".into()).ok().and_then(|v| v.dyn_into::<File>().ok());
         match serde_wasm_bindgen::from_value::<Envelope<Request>>(request) {
             Ok(Envelope { id, body }) => wasm_bindgen_futures::spawn_local(async move {
                 if let Err(message) = handle(id, body, file).await {
                     post(id, Response::Error { message });
                 }
             }),
-            Err(e) => post(
-                0,
-                Response::Error {
-                    message: format!("the worker could not read a request: {e}"),
-                },
-            ),
+            Err(e) => post(0, Response::Error { message: format!("the worker could not read a request: {e}") }),
         }
     });
     scope().set_onmessage(Some(onmessage.as_ref().unchecked_ref()));
@@ -111,7 +88,9 @@ async fn handle(id: u32, request: Request, file: Option<File>) -> Result<(), Str
                     if from_cache {
                         // A damaged cache entry would fail every visit: drop it so the next try downloads afresh.
                         let _ = delete_cached(&url).await;
-                        return Err(format!("{message} (the cached copy was removed; loading again downloads it anew)"));
+                        return Err(format!(
+                            "{message} (the cached copy was removed; loading again downloads it anew)"
+                        ));
                     }
                     return Err(message);
                 }
@@ -132,18 +111,10 @@ async fn handle(id: u32, request: Request, file: Option<File>) -> Result<(), Str
         }
         Request::ClearCache => {
             let caches = scope().caches().map_err(js_error)?;
-            let cache: Cache = JsFuture::from(caches.open(CACHE_NAME))
-                .await
-                .map_err(js_error)?
-                .unchecked_into();
-            let keys: Array = JsFuture::from(cache.keys())
-                .await
-                .map_err(js_error)?
-                .unchecked_into();
+            let cache: Cache = JsFuture::from(caches.open(CACHE_NAME)).await.map_err(js_error)?.unchecked_into();
+            let keys: Array = JsFuture::from(cache.keys()).await.map_err(js_error)?.unchecked_into();
             let entries = keys.length();
-            JsFuture::from(caches.delete(CACHE_NAME))
-                .await
-                .map_err(js_error)?;
+            JsFuture::from(caches.delete(CACHE_NAME)).await.map_err(js_error)?;
             post(id, Response::CacheCleared { entries });
         }
     }
@@ -151,22 +122,14 @@ async fn handle(id: u32, request: Request, file: Option<File>) -> Result<(), Str
 }
 
 fn tokenize(engine: &Engine, text: &str, add_bos: bool) -> Result<TokenList, EngineError> {
-    let ids = if add_bos {
-        engine.tokenizer.encode_prompt(text)?
-    } else {
-        engine.tokenizer.encode(text)?
-    };
+    let ids = if add_bos { engine.tokenizer.encode_prompt(text)? } else { engine.tokenizer.encode(text)? };
     let tokens = ids
         .iter()
         .map(|&id| {
             let shown = engine.tokenizer.decode(&[id]).unwrap_or_default();
             let raw = engine.tokenizer.token_text(id).unwrap_or_default();
             let special = shown.is_empty() && !raw.is_empty();
-            let text = if shown.is_empty() || shown.contains('\u{fffd}') {
-                raw
-            } else {
-                shown
-            };
+            let text = if shown.is_empty() || shown.contains('\u{fffd}') { raw } else { shown };
             TokenView { id, text, special }
         })
         .collect();
@@ -178,35 +141,18 @@ fn load(id: u32, name: &str, bytes: Vec<u8>, from_cache: bool) -> Result<ModelSu
     // Drop the previous model first: two models at once may not fit in the tab's memory.
     ENGINE.with(|e| e.borrow_mut().take());
     let mut weights = Reporter::new(id, Stage::LoadingWeights);
-    let engine =
-        Engine::from_bytes_cpu_with_progress(&bytes, &LoadOptions::default(), |step| match step {
-            LoadStep::Header => post(
-                id,
-                Response::Progress(Progress {
-                    stage: Stage::Parsing,
-                    done: 0,
-                    total: None,
-                }),
-            ),
-            LoadStep::Tokenizer => post(
-                id,
-                Response::Progress(Progress {
-                    stage: Stage::BuildingTokenizer,
-                    done: 0,
-                    total: None,
-                }),
-            ),
-            LoadStep::Weights { done, total } => weights.report(done as u64, Some(total as u64)),
-        })
-        .map_err(|e| e.to_string())?;
+    let engine = Engine::from_bytes_cpu_with_progress(&bytes, &LoadOptions::default(), |step| match step {
+        LoadStep::Header => post(id, Response::Progress(Progress { stage: Stage::Parsing, done: 0, total: None })),
+        LoadStep::Tokenizer => {
+            post(id, Response::Progress(Progress { stage: Stage::BuildingTokenizer, done: 0, total: None }))
+        }
+        LoadStep::Weights { done, total } => weights.report(done as u64, Some(total as u64)),
+    })
+    .map_err(|e| e.to_string())?;
     drop(bytes);
     let c = engine.config().clone();
     let summary = ModelSummary {
-        name: if c.name.is_empty() {
-            name.to_string()
-        } else {
-            c.name.clone()
-        },
+        name: if c.name.is_empty() { name.to_string() } else { c.name.clone() },
         architecture: c.architecture.gguf_name().to_string(),
         layers: c.n_layers,
         hidden: c.hidden,
@@ -234,16 +180,11 @@ fn load(id: u32, name: &str, bytes: Vec<u8>, from_cache: bool) -> Result<ModelSu
 async fn download(id: u32, url: &str) -> Result<(Vec<u8>, bool), String> {
     let scope = scope();
     let cache: Option<Cache> = match scope.caches() {
-        Ok(caches) => JsFuture::from(caches.open(CACHE_NAME))
-            .await
-            .ok()
-            .map(|c| c.unchecked_into()),
+        Ok(caches) => JsFuture::from(caches.open(CACHE_NAME)).await.ok().map(|c| c.unchecked_into()),
         Err(_) => None, // e.g. a page not served over https or localhost: no cache, still works
     };
     if let Some(cache) = &cache {
-        let hit = JsFuture::from(cache.match_with_str(url))
-            .await
-            .map_err(js_error)?;
+        let hit = JsFuture::from(cache.match_with_str(url)).await.map_err(js_error)?;
         if let Ok(response) = hit.dyn_into::<WebResponse>() {
             let bytes = read_response(id, &response, Stage::ReadingCache).await?;
             return Ok((bytes, true));
@@ -251,23 +192,18 @@ async fn download(id: u32, url: &str) -> Result<(Vec<u8>, bool), String> {
     }
     let response: WebResponse = JsFuture::from(scope.fetch_with_str(url))
         .await
-        .map_err(|e| format!("could not download {url}: {} (offline, or the server refuses cross-origin requests?)", js_text(&e)))?
+        .map_err(|e| {
+            format!("could not download {url}: {} (offline, or the server refuses cross-origin requests?)", js_text(&e))
+        })?
         .unchecked_into();
     if !response.ok() {
-        return Err(format!(
-            "downloading {url} failed: HTTP {} {}",
-            response.status(),
-            response.status_text()
-        ));
+        return Err(format!("downloading {url} failed: HTTP {} {}", response.status(), response.status_text()));
     }
     let total = content_length(&response);
     let (bytes, chunks) = read_stream(id, &response, Stage::Downloading, total).await?;
     if let Some(total) = total {
         if bytes.len() as u64 != total {
-            return Err(format!(
-                "the download of {url} stopped after {} of {total} bytes; try again",
-                bytes.len()
-            ));
+            return Err(format!("the download of {url} stopped after {} of {total} bytes; try again", bytes.len()));
         }
     }
     if let Some(cache) = &cache {
@@ -283,35 +219,24 @@ async fn download(id: u32, url: &str) -> Result<(Vec<u8>, bool), String> {
 
 async fn delete_cached(url: &str) -> Result<(), JsValue> {
     let caches = scope().caches()?;
-    let cache: Cache = JsFuture::from(caches.open(CACHE_NAME))
-        .await?
-        .unchecked_into();
+    let cache: Cache = JsFuture::from(caches.open(CACHE_NAME)).await?.unchecked_into();
     JsFuture::from(cache.delete_with_str(url)).await?;
     Ok(())
 }
 
 fn content_length(response: &WebResponse) -> Option<u64> {
-    response
-        .headers()
-        .get("content-length")
-        .ok()
-        .flatten()
-        .and_then(|v| v.parse().ok())
+    response.headers().get("content-length").ok().flatten().and_then(|v| v.parse().ok())
 }
 
 async fn read_response(id: u32, response: &WebResponse, stage: Stage) -> Result<Vec<u8>, String> {
     let total = content_length(response);
-    read_stream(id, response, stage, total)
-        .await
-        .map(|(bytes, _)| bytes)
+    read_stream(id, response, stage, total).await.map(|(bytes, _)| bytes)
 }
 
 async fn read_blob(id: u32, blob: &Blob, stage: Stage) -> Result<Vec<u8>, String> {
     let response = WebResponse::new_with_opt_blob(Some(blob)).map_err(js_error)?;
     let total = Some(blob.size() as u64);
-    read_stream(id, &response, stage, total)
-        .await
-        .map(|(bytes, _)| bytes)
+    read_stream(id, &response, stage, total).await.map(|(bytes, _)| bytes)
 }
 
 /// Reads a response body chunk by chunk into memory, reporting progress; also returns the chunks as JS arrays.
@@ -328,19 +253,11 @@ async fn read_stream(
     let mut reporter = Reporter::new(id, stage);
     reporter.report(0, total);
     loop {
-        let result = JsFuture::from(reader.read())
-            .await
-            .map_err(|e| format!("reading failed: {}", js_text(&e)))?;
-        if Reflect::get(&result, &"done".into())
-            .map_err(js_error)?
-            .as_bool()
-            .unwrap_or(true)
-        {
+        let result = JsFuture::from(reader.read()).await.map_err(|e| format!("reading failed: {}", js_text(&e)))?;
+        if Reflect::get(&result, &"done".into()).map_err(js_error)?.as_bool().unwrap_or(true) {
             break;
         }
-        let chunk: Uint8Array = Reflect::get(&result, &"value".into())
-            .map_err(js_error)?
-            .unchecked_into();
+        let chunk: Uint8Array = Reflect::get(&result, &"value".into()).map_err(js_error)?.unchecked_into();
         let start = bytes.len();
         bytes.resize(start + chunk.length() as usize, 0);
         chunk.copy_to(&mut bytes[start..]);
@@ -351,10 +268,7 @@ async fn read_stream(
 }
 
 fn now_ms() -> f64 {
-    scope()
-        .performance()
-        .map(|p| p.now())
-        .unwrap_or_else(|| js_sys::Date::now())
+    scope().performance().map(|p| p.now()).unwrap_or_else(|| js_sys::Date::now())
 }
 
 fn js_text(value: &JsValue) -> String {

@@ -22,11 +22,7 @@ pub struct WorkerClient {
 
 impl WorkerClient {
     pub fn new(state: AppState) -> Self {
-        let client = Self {
-            worker: StoredValue::new_local(None),
-            next_id: StoredValue::new(1),
-            state,
-        };
+        let client = Self { worker: StoredValue::new_local(None), next_id: StoredValue::new(1), state };
         client.restart();
         client
     }
@@ -40,15 +36,12 @@ impl WorkerClient {
         match Worker::new(WORKER_SCRIPT) {
             Ok(worker) => {
                 let state = self.state;
-                let onmessage =
-                    Closure::<dyn FnMut(MessageEvent)>::new(move |event: MessageEvent| {
-                        match serde_wasm_bindgen::from_value::<Envelope<Response>>(event.data()) {
-                            Ok(envelope) => state.receive(envelope),
-                            Err(e) => state.fail(format!(
-                                "the engine sent a message the page cannot read: {e}"
-                            )),
-                        }
-                    });
+                let onmessage = Closure::<dyn FnMut(MessageEvent)>::new(move |event: MessageEvent| {
+                    match serde_wasm_bindgen::from_value::<Envelope<Response>>(event.data()) {
+                        Ok(envelope) => state.receive(envelope),
+                        Err(e) => state.fail(format!("the engine sent a message the page cannot read: {e}")),
+                    }
+                });
                 let onerror = Closure::<dyn FnMut(ErrorEvent)>::new(move |event: ErrorEvent| {
                     event.prevent_default();
                     state.worker_ready.set(false);
@@ -66,9 +59,7 @@ impl WorkerClient {
             }
             Err(e) => {
                 self.state.status.set(Status::Stopped);
-                self.state.fail(format!(
-                    "This browser could not start the engine's worker: {e:?}"
-                ));
+                self.state.fail(format!("This browser could not start the engine's worker: {e:?}"));
             }
         }
     }
@@ -78,8 +69,7 @@ impl WorkerClient {
         let id = self.next_id.get_value();
         self.next_id.set_value(id + 1);
         let Ok(request) = serde_wasm_bindgen::to_value(&Envelope { id, body: request }) else {
-            self.state
-                .fail("could not encode a request for the engine".into());
+            self.state.fail("could not encode a request for the engine".into());
             return id;
         };
         let message = js_sys::Object::new();
@@ -90,13 +80,10 @@ impl WorkerClient {
         match self.worker.get_value() {
             Some(worker) => {
                 if let Err(e) = worker.post_message(&message) {
-                    self.state
-                        .fail(format!("could not reach the engine: {e:?}"));
+                    self.state.fail(format!("could not reach the engine: {e:?}"));
                 }
             }
-            None => self
-                .state
-                .fail("the engine is not running; restart it".into()),
+            None => self.state.fail("the engine is not running; restart it".into()),
         }
         id
     }

@@ -19,9 +19,7 @@ pub fn start() {
 
 #[component]
 fn App() -> impl IntoView {
-    let query = web_sys::window()
-        .and_then(|w| w.location().search().ok())
-        .unwrap_or_default();
+    let query = web_sys::window().and_then(|w| w.location().search().ok()).unwrap_or_default();
     let (link_state, notices) = link::parse(&query);
     let state = AppState::new(link_state, notices);
     let client = WorkerClient::new(state);
@@ -38,14 +36,10 @@ fn App() -> impl IntoView {
     });
     // Keep the address bar's link in step with the page, without adding history entries.
     Effect::new(move |_| {
-        let query = link::to_query(&link::LinkState {
-            model: state.choice.get(),
-            text: state.text.get(),
-        });
+        let query = link::to_query(&link::LinkState { model: state.choice.get(), text: state.text.get() });
         if let Some(window) = web_sys::window() {
             if let Ok(history) = window.history() {
-                let _ =
-                    history.replace_state_with_url(&wasm_bindgen::JsValue::NULL, "", Some(&query));
+                let _ = history.replace_state_with_url(&wasm_bindgen::JsValue::NULL, "", Some(&query));
             }
         }
     });

@@ -42,9 +42,7 @@ pub fn ModelPanel() -> impl IntoView {
         if let Some(m) = catalog::find(&value) {
             state.choice.set(ModelChoice::Catalog(m.id));
         } else {
-            state
-                .choice
-                .set(ModelChoice::Url(custom_url.get_untracked()));
+            state.choice.set(ModelChoice::Url(custom_url.get_untracked()));
         }
     };
     let on_file = move |_| {

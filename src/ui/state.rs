@@ -66,10 +66,7 @@ impl AppState {
             Response::Ready => self.worker_ready.set(true),
             Response::Progress(progress) => {
                 if loading_id == Some(id) {
-                    self.status.set(Status::Loading {
-                        id,
-                        progress: Some(progress),
-                    });
+                    self.status.set(Status::Loading { id, progress: Some(progress) });
                 }
             }
             Response::Loaded(summary) => {
@@ -85,8 +82,7 @@ impl AppState {
                 }
             }
             Response::CacheCleared { entries } => {
-                self.notices
-                    .update(|n| n.push(format!("Removed {entries} cached download(s).")));
+                self.notices.update(|n| n.push(format!("Removed {entries} cached download(s).")));
             }
             Response::Error { message } => {
                 if loading_id == Some(id) {

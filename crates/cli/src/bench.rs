@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{ensure, Result};
 use saif_engine::sampler::argmax;
-use saif_engine::{Engine, Hooks, LogitsWanted, Segment};
+use saif_engine::{block_on, Engine, Hooks, LogitsWanted, Segment};
 use serde::Serialize;
 
 /// A paragraph of ordinary English, repeated to make prompts of any length.
@@ -68,9 +68,7 @@ pub fn machine() -> Machine {
         .unwrap_or_else(|| std::env::consts::ARCH.to_string());
     Machine {
         cpu,
-        logical_cores: std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1),
+        logical_cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         os: std::env::consts::OS.to_string(),
     }
 }
@@ -93,10 +91,7 @@ pub fn run(
     decode_tokens: usize,
     runs: usize,
 ) -> Result<BenchReport> {
-    ensure!(
-        prompt_tokens > 0 && runs > 0,
-        "--prompt-tokens and --runs must be at least 1"
-    );
+    ensure!(prompt_tokens > 0 && runs > 0, "--prompt-tokens and --runs must be at least 1");
     let mut text = String::new();
     let mut ids = Vec::new();
     while ids.len() < prompt_tokens {
@@ -114,45 +109,35 @@ pub fn run(
 
     // One untimed run warms caches and allocations.
     model.reset();
-    model.forward(&ids, Segment::Prompt, &hooks, LogitsWanted::Last)?;
+    block_on(model.forward(&ids, Segment::Prompt, &hooks, LogitsWanted::Last))?;
 
     let (mut prefill, mut decode, mut ttft) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..runs {
         model.reset();
         let t0 = Instant::now();
-        let out = model.forward(&ids, Segment::Prompt, &hooks, LogitsWanted::Last)?;
+        let out = block_on(model.forward(&ids, Segment::Prompt, &hooks, LogitsWanted::Last))?;
         let dt = t0.elapsed().as_secs_f64();
         prefill.push(prompt_tokens as f64 / dt);
         ttft.push(dt * 1000.0);
         let mut next = argmax(&out.logits);
         let t1 = Instant::now();
         for _ in 0..decode_tokens {
-            next = argmax(
-                &model
-                    .forward(&[next], Segment::Generated, &hooks, LogitsWanted::Last)?
-                    .logits,
-            );
+            let out = block_on(model.forward(&[next], Segment::Generated, &hooks, LogitsWanted::Last))?;
+            next = argmax(&out.logits);
         }
         if decode_tokens > 0 {
             decode.push(decode_tokens as f64 / t1.elapsed().as_secs_f64());
         }
     }
     Ok(BenchReport {
-        model: path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
+        model: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         backend: model.backend_name(),
         machine: machine(),
         prompt_tokens,
         decode_tokens,
         runs,
         prefill_tokens_per_s: median(&prefill),
-        decode_tokens_per_s: if decode.is_empty() {
-            0.0
-        } else {
-            median(&decode)
-        },
+        decode_tokens_per_s: if decode.is_empty() { 0.0 } else { median(&decode) },
         time_to_first_token_ms: median(&ttft),
         prefill_tokens_per_s_runs: prefill,
         decode_tokens_per_s_runs: decode,

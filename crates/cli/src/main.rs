@@ -13,17 +13,11 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use saif_engine::sampler::top_candidates;
-use saif_engine::{
-    Engine, GenerateOptions, Hooks, LoadOptions, LogitsWanted, Positions, Sampling, Segment,
-};
+use saif_engine::{block_on, Engine, GenerateOptions, Hooks, LoadOptions, LogitsWanted, Positions, Sampling, Segment};
 use serde_json::json;
 
 #[derive(Parser)]
-#[command(
-    name = "saif",
-    version,
-    about = "SAIF in the browser: the inference engine from the command line"
-)]
+#[command(name = "saif", version, about = "SAIF in the browser: the inference engine from the command line")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -125,25 +119,16 @@ impl SamplingArgs {
                 bail!("--top-p and --top-k need --temperature")
             }
             None => Ok(Sampling::Greedy),
-            Some(t) => Ok(Sampling::Random {
-                temperature: t,
-                top_k: self.top_k,
-                top_p: self.top_p,
-                seed: self.seed,
-            }),
+            Some(t) => Ok(Sampling::Random { temperature: t, top_k: self.top_k, top_p: self.top_p, seed: self.seed }),
         }
     }
 }
 
 fn default_model() -> PathBuf {
-    let dir = std::env::var_os("SAIF_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_default();
-            home.join(".cache/saif/models")
-        });
+    let dir = std::env::var_os("SAIF_MODELS").map(PathBuf::from).unwrap_or_else(|| {
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+        home.join(".cache/saif/models")
+    });
     dir.join("gemma-3-270m-q4_k_m.gguf")
 }
 
@@ -153,22 +138,20 @@ impl ModelArgs {
     }
 
     fn load(&self) -> Result<Engine> {
-        if let Backend::Wgpu = self.backend {
-            bail!("the wgpu backend is not in this build yet; use --backend cpu");
-        }
         let path = self.path();
         let file = File::open(&path).with_context(|| open_hint(&path))?;
-        Engine::load_cpu(&mut BufReader::new(file), &LoadOptions::default())
-            .with_context(|| format!("cannot load {}", path.display()))
+        let reader = &mut BufReader::new(file);
+        let loaded = match self.backend {
+            Backend::Cpu => Engine::load_cpu(reader, &LoadOptions::default()),
+            Backend::Wgpu => block_on(Engine::load_wgpu(reader, &LoadOptions::default(), None)),
+        };
+        loaded.with_context(|| format!("cannot load {}", path.display()))
     }
 }
 
 fn open_hint(path: &Path) -> String {
     if path == default_model() {
-        format!(
-            "cannot open {} (the offline default; run `make setup` to fetch it, or pass --model)",
-            path.display()
-        )
+        format!("cannot open {} (the offline default; run `make setup` to fetch it, or pass --model)", path.display())
     } else {
         format!("cannot open {}", path.display())
     }
@@ -189,45 +172,22 @@ fn run(cli: Cli) -> Result<()> {
             let ids = engine.tokenizer.encode(&text)?;
             print(model.json, json!({ "ids": ids }), || {
                 ids.iter()
-                    .map(|&id| {
-                        format!(
-                            "{id}\t{:?}",
-                            engine.tokenizer.token_text(id).unwrap_or_default()
-                        )
-                    })
+                    .map(|&id| format!("{id}\t{:?}", engine.tokenizer.token_text(id).unwrap_or_default()))
                     .collect::<Vec<_>>()
                     .join("\n")
             });
         }
-        Command::Logits {
-            model,
-            prompt,
-            top,
-            resid,
-        } => {
+        Command::Logits { model, prompt, top, resid } => {
             let mut engine = model.load()?;
             let ids = engine.tokenizer.encode_prompt(&prompt)?;
-            let hooks = resid
-                .iter()
-                .fold(Hooks::none(), |h, &l| h.read(l, Positions::Last));
+            let hooks = resid.iter().fold(Hooks::none(), |h, &l| h.read(l, Positions::Last));
             engine.model.reset();
-            let out = engine
-                .model
-                .forward(&ids, Segment::Prompt, &hooks, LogitsWanted::Last)?;
+            let out = block_on(engine.model.forward(&ids, Segment::Prompt, &hooks, LogitsWanted::Last))?;
             let best = top_candidates(&out.logits, Some(top));
             let norms: BTreeMap<usize, f64> = out
                 .captures
                 .iter()
-                .map(|c| {
-                    (
-                        c.layer,
-                        c.values
-                            .iter()
-                            .map(|&x| (x as f64) * (x as f64))
-                            .sum::<f64>()
-                            .sqrt(),
-                    )
-                })
+                .map(|c| (c.layer, c.values.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt()))
                 .collect();
             let value = json!({
                 "input_ids": ids,
@@ -240,10 +200,8 @@ fn run(cli: Cli) -> Result<()> {
             print(model.json, value, || {
                 let mut s = format!("input ids: {ids:?}\n");
                 for (id, logit) in &best {
-                    s += &format!(
-                        "{id:>8} {logit:>10.4}  {:?}\n",
-                        engine.tokenizer.token_text(*id).unwrap_or_default()
-                    );
+                    s +=
+                        &format!("{id:>8} {logit:>10.4}  {:?}\n", engine.tokenizer.token_text(*id).unwrap_or_default());
                 }
                 for (l, n) in &norms {
                     s += &format!("resid_post[{l}] norm {n:.4}\n");
@@ -251,74 +209,30 @@ fn run(cli: Cli) -> Result<()> {
                 s.trim_end().to_string()
             });
         }
-        Command::Generate {
-            model,
-            prompt,
-            max_new_tokens,
-            sampling,
-            chat,
-        } => {
+        Command::Generate { model, prompt, max_new_tokens, sampling, chat } => {
             let mut engine = model.load()?;
-            let text = if chat {
-                engine.chat.render(&prompt, None)
-            } else {
-                prompt
-            };
+            let text = if chat { engine.chat.render(&prompt, None) } else { prompt };
             let ids = engine.tokenizer.encode_prompt(&text)?;
-            let stop_tokens = if chat {
-                engine.chat_stop_tokens()
-            } else {
-                engine.stop_tokens()
-            };
-            let options = GenerateOptions {
-                max_new_tokens,
-                sampling: sampling.sampling()?,
-                stop_tokens,
-            };
-            let generation = saif_engine::generate(
-                engine.model.as_mut(),
-                &ids,
-                &options,
-                &Hooks::none(),
-                |_| true,
-            )?;
+            let stop_tokens = if chat { engine.chat_stop_tokens() } else { engine.stop_tokens() };
+            let options = GenerateOptions { max_new_tokens, sampling: sampling.sampling()?, stop_tokens };
+            let generation =
+                block_on(saif_engine::generate(engine.model.as_mut(), &ids, &options, &Hooks::none(), |_| true))?;
             let text = engine.tokenizer.decode(&generation.ids)?;
-            print(
-                model.json,
-                json!({ "ids": generation.ids, "text": text }),
-                || text.clone(),
-            );
+            print(model.json, json!({ "ids": generation.ids, "text": text }), || text.clone());
         }
-        Command::Bench {
-            model,
-            prompt_tokens,
-            decode_tokens,
-            runs,
-        } => {
+        Command::Bench { model, prompt_tokens, decode_tokens, runs } => {
             let path = model.path();
             let mut engine = model.load()?;
             let report = bench::run(&mut engine, &path, prompt_tokens, decode_tokens, runs)?;
-            print(model.json, serde_json::to_value(&report)?, || {
-                report.to_text()
-            });
+            print(model.json, serde_json::to_value(&report)?, || report.to_text());
         }
         Command::Info { model } => {
             let engine = model.load()?;
             let config = engine.config();
-            let metadata: serde_json::Map<_, _> = engine
-                .metadata
-                .iter()
-                .map(|(k, v)| (k.clone(), json!(v)))
-                .collect();
-            let value =
-                json!({ "config": config, "chat_template": engine.chat, "metadata": metadata });
+            let metadata: serde_json::Map<_, _> = engine.metadata.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+            let value = json!({ "config": config, "chat_template": engine.chat, "metadata": metadata });
             print(model.json, value, || {
-                engine
-                    .metadata
-                    .iter()
-                    .map(|(k, v)| format!("{k} = {v}"))
-                    .collect::<Vec<_>>()
-                    .join("\n")
+                engine.metadata.iter().map(|(k, v)| format!("{k} = {v}")).collect::<Vec<_>>().join("\n")
             });
         }
     }

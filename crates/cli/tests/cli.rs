@@ -7,25 +7,14 @@ use std::process::{Command, Output};
 use serde_json::Value;
 
 fn saif(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_saif"))
-        .args(args)
-        .output()
-        .expect("saif runs")
+    Command::new(env!("CARGO_BIN_EXE_saif")).args(args).output().expect("saif runs")
 }
 
 fn json_ok(args: &[&str]) -> Value {
     let out = saif(args);
-    assert!(
-        out.status.success(),
-        "saif {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "saif {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(
-        stdout.trim().lines().count(),
-        1,
-        "one JSON object on one line: {stdout}"
-    );
+    assert_eq!(stdout.trim().lines().count(), 1, "one JSON object on one line: {stdout}");
     serde_json::from_str(&stdout).unwrap()
 }
 
@@ -46,10 +35,7 @@ fn repo() -> PathBuf {
 }
 
 fn golden(name: &str) -> Value {
-    serde_json::from_str(
-        &std::fs::read_to_string(repo().join("../shared/golden").join(name)).unwrap(),
-    )
-    .unwrap()
+    serde_json::from_str(&std::fs::read_to_string(repo().join("../shared/golden").join(name)).unwrap()).unwrap()
 }
 
 const GEMMA: &str = "gemma-3-270m-q4_k_m.gguf";
@@ -59,14 +45,7 @@ const SMOL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 fn tokenize_prints_ids_without_bos() {
     let g = golden("gemma-3-270m-q4_k_m.json");
     let case = &g["tokenizer"][0];
-    let out = json_ok(&[
-        "tokenize",
-        "--model",
-        &model(GEMMA),
-        "--text",
-        case["text"].as_str().unwrap(),
-        "--json",
-    ]);
+    let out = json_ok(&["tokenize", "--model", &model(GEMMA), "--text", case["text"].as_str().unwrap(), "--json"]);
     assert_eq!(out, serde_json::json!({ "ids": case["ids"] }));
 }
 
@@ -90,28 +69,18 @@ fn logits_report_input_ids_top_and_residual_norms() {
     let top = out["top"].as_array().unwrap();
     assert_eq!(top.len(), 10);
     assert_eq!(top[0]["id"], p["top10_ids"][0]);
-    assert!(
-        (top[0]["logit"].as_f64().unwrap() - p["top10_logits"][0].as_f64().unwrap()).abs() < 0.25
-    );
+    assert!((top[0]["logit"].as_f64().unwrap() - p["top10_logits"][0].as_f64().unwrap()).abs() < 0.25);
     for layer in ["0", "5", "11", "17"] {
         let got = out["resid_post"][layer]["norm"].as_f64().unwrap();
         let want = p["resid_post_last_token"][layer]["norm"].as_f64().unwrap();
-        assert!(
-            (got / want - 1.0).abs() < 0.02,
-            "layer {layer}: {got} vs {want}"
-        );
+        assert!((got / want - 1.0).abs() < 0.02, "layer {layer}: {got} vs {want}");
     }
 }
 
 #[test]
 fn generate_greedy_matches_the_reference_and_keeps_eos() {
     let g = golden("smollm2-135m-instruct-q4_1.json");
-    let p = g["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["greedy16_ids"].as_array().unwrap().len() < 16)
-        .unwrap();
+    let p = g["prompts"].as_array().unwrap().iter().find(|p| p["greedy16_ids"].as_array().unwrap().len() < 16).unwrap();
     let out = json_ok(&[
         "generate",
         "--model",
@@ -192,26 +161,15 @@ fn bench_reports_throughput_with_the_machine() {
     assert_eq!(out["backend"], "cpu");
     assert!(out["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
     assert!(out["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
-    assert_eq!(
-        out["prefill_tokens_per_s_runs"].as_array().unwrap().len(),
-        2
-    );
-    assert!(out["machine"]["cpu"]
-        .as_str()
-        .is_some_and(|s| !s.is_empty()));
+    assert_eq!(out["prefill_tokens_per_s_runs"].as_array().unwrap().len(), 2);
+    assert!(out["machine"]["cpu"].as_str().is_some_and(|s| !s.is_empty()));
 }
 
 #[test]
 fn errors_exit_non_zero_with_a_message() {
     let cases: Vec<(Vec<String>, &str)> = vec![
         (
-            vec![
-                "tokenize".into(),
-                "--model".into(),
-                "/nonexistent.gguf".into(),
-                "--text".into(),
-                "x".into(),
-            ],
+            vec!["tokenize".into(), "--model".into(), "/nonexistent.gguf".into(), "--text".into(), "x".into()],
             "cannot open",
         ),
         (
@@ -254,30 +212,15 @@ fn errors_exit_non_zero_with_a_message() {
         let out = saif(&args);
         assert!(!out.status.success(), "{args:?} should fail");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            stderr.contains(needle),
-            "{args:?}: stderr {stderr:?} lacks {needle:?}"
-        );
-        assert!(
-            out.stdout.is_empty(),
-            "{args:?}: nothing on stdout on error"
-        );
+        assert!(stderr.contains(needle), "{args:?}: stderr {stderr:?} lacks {needle:?}");
+        assert!(out.stdout.is_empty(), "{args:?}: nothing on stdout on error");
     }
 }
 
 #[test]
 fn text_output_without_json() {
-    let out = saif(&[
-        "tokenize",
-        "--model",
-        &model(SMOL),
-        "--text",
-        "Hello, world!",
-    ]);
+    let out = saif(&["tokenize", "--model", &model(SMOL), "--text", "Hello, world!"]);
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(
-        text.contains("19556") && serde_json::from_str::<Value>(&text).is_err(),
-        "{text}"
-    );
+    assert!(text.contains("19556") && serde_json::from_str::<Value>(&text).is_err(), "{text}");
 }

@@ -13,16 +13,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err("usage: tokenizer_gguf MODEL.gguf OUT.gguf".into());
     };
     let content = gguf_file::Content::read(&mut BufReader::new(std::fs::File::open(input)?))?;
-    let mut keys: Vec<&String> = content
-        .metadata
-        .keys()
-        .filter(|k| k.starts_with("tokenizer.") || *k == "general.architecture")
-        .collect();
+    let mut keys: Vec<&String> =
+        content.metadata.keys().filter(|k| k.starts_with("tokenizer.") || *k == "general.architecture").collect();
     keys.sort();
-    let metadata: Vec<(&str, &gguf_file::Value)> = keys
-        .iter()
-        .map(|k| (k.as_str(), &content.metadata[*k]))
-        .collect();
+    let metadata: Vec<(&str, &gguf_file::Value)> = keys.iter().map(|k| (k.as_str(), &content.metadata[*k])).collect();
     let mut out = std::io::BufWriter::new(std::fs::File::create(output)?);
     gguf_file::write(&mut out, &metadata, &[])?;
     Ok(())

@@ -23,17 +23,13 @@ impl ChatTemplate {
     pub fn from_gguf(gguf: &GgufFile, architecture: Architecture) -> Self {
         let template = gguf.get_str("tokenizer.chat_template").unwrap_or("");
         if template.contains("<|im_start|>") {
-            ChatTemplate::ChatMl {
-                default_system: chatml_default_system(template),
-            }
+            ChatTemplate::ChatMl { default_system: chatml_default_system(template) }
         } else if template.contains("<|start_header_id|>") {
             ChatTemplate::Llama3
         } else if template.contains("<start_of_turn>") || architecture != Architecture::Llama {
             ChatTemplate::Gemma
         } else {
-            ChatTemplate::ChatMl {
-                default_system: None,
-            }
+            ChatTemplate::ChatMl { default_system: None }
         }
     }
 
@@ -50,24 +46,18 @@ impl ChatTemplate {
                 format!("<start_of_turn>user\n{user}<end_of_turn>\n<start_of_turn>model\n")
             }
             ChatTemplate::ChatMl { default_system } => {
-                let system = system
-                    .or(default_system.as_deref())
-                    .filter(|s| !s.is_empty());
+                let system = system.or(default_system.as_deref()).filter(|s| !s.is_empty());
                 let mut out = String::new();
                 if let Some(s) = system {
                     out.push_str(&format!("<|im_start|>system\n{s}<|im_end|>\n"));
                 }
-                out.push_str(&format!(
-                    "<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
-                ));
+                out.push_str(&format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"));
                 out
             }
             ChatTemplate::Llama3 => {
                 let mut out = String::new();
                 if let Some(s) = system.filter(|s| !s.is_empty()) {
-                    out.push_str(&format!(
-                        "<|start_header_id|>system<|end_header_id|>\n\n{s}<|eot_id|>"
-                    ));
+                    out.push_str(&format!("<|start_header_id|>system<|end_header_id|>\n\n{s}<|eot_id|>"));
                 }
                 out.push_str(&format!(
                     "<|start_header_id|>user<|end_header_id|>\n\n{user}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
@@ -85,9 +75,7 @@ fn chatml_default_system(template: &str) -> Option<String> {
     let end = template[start..].find("<|im_end|>")? + start;
     let text = &template[start..end];
     // A template that inserts the caller's own system message has Jinja there, not text.
-    let jinja = ["{{", "{%", "message[", "' +", "+ '"]
-        .iter()
-        .any(|j| text.contains(j));
+    let jinja = ["{{", "{%", "message[", "' +", "+ '"].iter().any(|j| text.contains(j));
     (!jinja).then(|| text.to_string())
 }
 
@@ -102,10 +90,7 @@ mod tests {
             chatml_default_system(t).as_deref(),
             Some("You are a helpful AI assistant named SmolLM, trained by Hugging Face")
         );
-        assert_eq!(
-            chatml_default_system("{{'<|im_start|>system\n' + message['content'] + '<|im_end|>'}}"),
-            None
-        );
+        assert_eq!(chatml_default_system("{{'<|im_start|>system\n' + message['content'] + '<|im_end|>'}}"), None);
     }
 
     #[test]
@@ -114,16 +99,11 @@ mod tests {
             ChatTemplate::Gemma.render("hi", None),
             "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
         );
-        let chatml = ChatTemplate::ChatMl {
-            default_system: Some("Be brief.".into()),
-        };
+        let chatml = ChatTemplate::ChatMl { default_system: Some("Be brief.".into()) };
         assert_eq!(
             chatml.render("hi", None),
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
         );
-        assert_eq!(
-            chatml.render("hi", Some("")),
-            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-        );
+        assert_eq!(chatml.render("hi", Some("")), "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
     }
 }

@@ -105,9 +105,7 @@ impl ModelConfig {
         let hidden = gguf.get_usize(&key("embedding_length"))?;
         let n_layers = gguf.get_usize(&key("block_count"))?;
         let n_heads = gguf.get_usize(&key("attention.head_count"))?;
-        let n_kv_heads = gguf
-            .opt_usize(&key("attention.head_count_kv"))?
-            .unwrap_or(n_heads);
+        let n_kv_heads = gguf.opt_usize(&key("attention.head_count_kv"))?.unwrap_or(n_heads);
         let head_dim = match gguf.opt_usize(&key("attention.key_length"))? {
             Some(d) => d,
             None => hidden / n_heads,
@@ -123,9 +121,7 @@ impl ModelConfig {
         if n_heads == 0 || n_kv_heads == 0 || n_heads % n_kv_heads != 0 {
             return Err(EngineError::MissingMetadata {
                 key: key("attention.head_count_kv"),
-                why: format!(
-                    "{n_heads} query heads cannot be shared by {n_kv_heads} key/value heads"
-                ),
+                why: format!("{n_heads} query heads cannot be shared by {n_kv_heads} key/value heads"),
             });
         }
         let ffn_hidden = gguf.get_usize(&key("feed_forward_length"))?;
@@ -134,15 +130,10 @@ impl ModelConfig {
             Err(_) => gguf
                 .tensor_dims("token_embd.weight")
                 .map(|d| d[0])
-                .ok_or_else(|| EngineError::BadTensor {
-                    name: "token_embd.weight".into(),
-                    why: "missing".into(),
-                })?,
+                .ok_or_else(|| EngineError::BadTensor { name: "token_embd.weight".into(), why: "missing".into() })?,
         };
         let context_length = gguf.get_usize(&key("context_length"))?;
-        let rms_eps = gguf
-            .opt_f32(&key("attention.layer_norm_rms_epsilon"))?
-            .unwrap_or(1e-6);
+        let rms_eps = gguf.opt_f32(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-6);
         let name = gguf.get_str("general.name").unwrap_or(p).to_string();
         let rope_base = gguf.opt_f32(&key("rope.freq_base"))?.unwrap_or(10_000.0);
 
@@ -150,13 +141,8 @@ impl ModelConfig {
             Architecture::Gemma3 => {
                 // 5 local layers then 1 global; local layers use the window and a base of 10,000.
                 let window = gguf.opt_usize(&key("attention.sliding_window"))?;
-                let pattern = gguf
-                    .opt_usize(&key("attention.sliding_window_pattern"))?
-                    .unwrap_or(6)
-                    .max(1);
-                let local_base = gguf
-                    .opt_f32(&key("rope.local_freq_base"))?
-                    .unwrap_or(10_000.0);
+                let pattern = gguf.opt_usize(&key("attention.sliding_window_pattern"))?.unwrap_or(6).max(1);
+                let local_base = gguf.opt_f32(&key("rope.local_freq_base"))?.unwrap_or(10_000.0);
                 (0..n_layers)
                     .map(|i| {
                         let global = (i + 1) % pattern == 0;
@@ -171,18 +157,10 @@ impl ModelConfig {
                 // Even layers local (window 4096), odd layers global; one RoPE base.
                 let window = gguf.opt_usize(&key("attention.sliding_window"))?;
                 (0..n_layers)
-                    .map(|i| LayerAttention {
-                        window: if i % 2 == 0 { window } else { None },
-                        rope_base,
-                    })
+                    .map(|i| LayerAttention { window: if i % 2 == 0 { window } else { None }, rope_base })
                     .collect()
             }
-            Architecture::Llama => (0..n_layers)
-                .map(|_| LayerAttention {
-                    window: None,
-                    rope_base,
-                })
-                .collect(),
+            Architecture::Llama => (0..n_layers).map(|_| LayerAttention { window: None, rope_base }).collect(),
         };
 
         let gemma = architecture != Architecture::Llama;
@@ -198,30 +176,16 @@ impl ModelConfig {
             vocab_size,
             context_length,
             rms_eps,
-            activation: if gemma {
-                Activation::GeluTanh
-            } else {
-                Activation::Silu
-            },
-            rope_layout: if gemma {
-                RopeLayout::Halves
-            } else {
-                RopeLayout::Interleaved
-            },
+            activation: if gemma { Activation::GeluTanh } else { Activation::Silu },
+            rope_layout: if gemma { RopeLayout::Halves } else { RopeLayout::Interleaved },
             layers,
             attention_scale: 1.0 / (head_dim as f32).sqrt(),
             attn_softcap: match architecture {
-                Architecture::Gemma2 => Some(
-                    gguf.opt_f32(&key("attn_logit_softcapping"))?
-                        .unwrap_or(50.0),
-                ),
+                Architecture::Gemma2 => Some(gguf.opt_f32(&key("attn_logit_softcapping"))?.unwrap_or(50.0)),
                 _ => None,
             },
             final_softcap: match architecture {
-                Architecture::Gemma2 => Some(
-                    gguf.opt_f32(&key("final_logit_softcapping"))?
-                        .unwrap_or(30.0),
-                ),
+                Architecture::Gemma2 => Some(gguf.opt_f32(&key("final_logit_softcapping"))?.unwrap_or(30.0)),
                 _ => None,
             },
             embedding_scale: gemma.then(|| (hidden as f32).sqrt()),

@@ -3,11 +3,13 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek};
+use std::rc::Rc;
 
 use crate::chat::ChatTemplate;
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::gguf::{type_name, GgufFile};
+use crate::gpu::{Gpu, GpuModel};
 use crate::model::cpu::{CpuModel, LoadOptions};
 use crate::model::LanguageModel;
 use crate::tokenizer::Tokenizer;
@@ -55,19 +57,49 @@ impl Engine {
         let model = CpuModel::load_with_progress(&gguf, reader, options, |done, total| {
             progress(LoadStep::Weights { done, total })
         })?;
-        let chat = ChatTemplate::from_gguf(&gguf, model.config().architecture);
+        Ok(Self::assemble(&gguf, tokenizer, Box::new(model)))
+    }
+
+    /// Loads a GGUF file onto the GPU backend (wgpu), on `gpu` or, when `None`, on a newly opened device.
+    pub async fn load_wgpu<R: Read + Seek>(reader: &mut R, options: &LoadOptions, gpu: Option<Rc<Gpu>>) -> Result<Self> {
+        let gpu = match gpu {
+            Some(gpu) => gpu,
+            None => Rc::new(Gpu::new().await?),
+        };
+        Self::load_wgpu_with_progress(reader, options, gpu, |_| {})
+    }
+
+    /// As `load_wgpu` on an open device, reporting each step.
+    pub fn load_wgpu_with_progress<R: Read + Seek>(
+        reader: &mut R,
+        options: &LoadOptions,
+        gpu: Rc<Gpu>,
+        mut progress: impl FnMut(LoadStep),
+    ) -> Result<Self> {
+        progress(LoadStep::Header);
+        let gguf = GgufFile::read(reader)?;
+        progress(LoadStep::Tokenizer);
+        let tokenizer = Tokenizer::from_gguf(&gguf)?;
+        let model = GpuModel::load_with_progress(gpu, &gguf, reader, options, |done, total| {
+            progress(LoadStep::Weights { done, total })
+        })?;
+        Ok(Self::assemble(&gguf, tokenizer, Box::new(model)))
+    }
+
+    fn assemble(gguf: &GgufFile, tokenizer: Tokenizer, model: Box<dyn LanguageModel>) -> Self {
+        let chat = ChatTemplate::from_gguf(gguf, model.config().architecture);
         let mut types = BTreeMap::new();
         for t in gguf.tensors() {
             *types.entry(type_name(t.dtype).to_string()).or_insert(0) += 1;
         }
-        Ok(Self {
+        Self {
             tokenizer,
             chat,
-            model: Box::new(model),
+            model,
             metadata: gguf.metadata_summary(),
             tensor_types: types.into_iter().collect(),
             file_bytes: gguf.file_size(),
-        })
+        }
     }
 
     /// Loads a GGUF file held in memory onto the CPU backend.
@@ -95,10 +127,6 @@ impl Engine {
 
     /// Tokens that end a chat answer: EOS and the end-of-turn token.
     pub fn chat_stop_tokens(&self) -> Vec<u32> {
-        self.tokenizer
-            .eos()
-            .into_iter()
-            .chain(self.tokenizer.end_of_turn())
-            .collect()
+        self.tokenizer.eos().into_iter().chain(self.tokenizer.end_of_turn()).collect()
     }
 }

@@ -11,21 +11,16 @@ pub enum EngineError {
 
     /// The file ends before the header, the metadata or a tensor's data does.
     #[error("the GGUF file is truncated: {what} (the file has {actual} bytes{expected}); download it again")]
-    Truncated {
-        what: String,
-        actual: u64,
-        expected: ExpectedBytes,
-    },
+    Truncated { what: String, actual: u64, expected: ExpectedBytes },
 
     /// The GGUF is readable but describes a model family this engine does not implement.
-    #[error("unsupported architecture \"{0}\": this engine runs gemma3, gemma2 and llama (SmolLM2, Llama 3) GGUF files")]
+    #[error(
+        "unsupported architecture \"{0}\": this engine runs gemma3, gemma2 and llama (SmolLM2, Llama 3) GGUF files"
+    )]
     UnsupportedArchitecture(String),
 
     /// A tensor is stored in a quantization this engine does not read.
-    #[error(
-        "tensor {tensor} uses the unsupported quantization {dtype}; supported: {}",
-        SUPPORTED_TYPES_TEXT
-    )]
+    #[error("tensor {tensor} uses the unsupported quantization {dtype}; supported: {}", SUPPORTED_TYPES_TEXT)]
     UnsupportedTensorType { tensor: String, dtype: String },
 
     /// A metadata key the architecture needs is absent or has the wrong type.
@@ -50,10 +45,15 @@ pub enum EngineError {
 
     /// An error from the tensor library, with the step that hit it.
     #[error("{context}: {source}")]
-    Tensor {
-        context: String,
-        source: candle_core::Error,
-    },
+    Tensor { context: String, source: candle_core::Error },
+
+    /// No usable GPU, or the GPU refused something at load time.
+    #[error("GPU: {0}")]
+    Gpu(String),
+
+    /// The GPU device was lost or failed while running; results after this are unusable.
+    #[error("{0}; the model has to be loaded again (the CPU backend always works)")]
+    GpuLost(String),
 
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
@@ -84,9 +84,6 @@ pub(crate) trait TensorContext<T> {
 
 impl<T> TensorContext<T> for candle_core::Result<T> {
     fn context(self, what: &str) -> Result<T> {
-        self.map_err(|source| EngineError::Tensor {
-            context: what.to_string(),
-            source,
-        })
+        self.map_err(|source| EngineError::Tensor { context: what.to_string(), source })
     }
 }

@@ -5,8 +5,8 @@ use serde::Serialize;
 
 use crate::error::{EngineError, Result};
 use crate::hooks::{Capture, Hooks, Segment};
-use crate::model::{LanguageModel, LogitsWanted};
-use crate::sampler::{Sampler, Sampling};
+use crate::model::LanguageModel;
+use crate::sampler::Sampling;
 
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
@@ -34,13 +34,13 @@ pub struct Generation {
     pub stop: StopReason,
     /// What the read hooks captured, prompt and generation.
     pub captures: Vec<Capture>,
-    /// Next-token logits after the last prompt token.
-    pub prompt_logits: Vec<f32>,
+    /// Next-token logits after the last prompt token, where the backend read them back (the CPU does).
+    pub prompt_logits: Option<Vec<f32>>,
 }
 
 /// Generates from `prompt` (already tokenized, BOS included where the model wants it), starting from an empty
 /// cache. `on_token` sees each new token as it comes and returns false to stop early.
-pub fn generate(
+pub async fn generate(
     model: &mut dyn LanguageModel,
     prompt: &[u32],
     options: &GenerateOptions,
@@ -50,24 +50,27 @@ pub fn generate(
     if prompt.is_empty() {
         return Err(EngineError::InvalidRequest("the prompt is empty".into()));
     }
+    options.sampling.validate()?;
     // The last generated token is never fed back, so the cache needs prompt + max_new_tokens - 1 places.
     let needed = prompt.len() + options.max_new_tokens.saturating_sub(1);
     if needed > model.max_context() {
-        return Err(EngineError::ContextOverflow {
-            tokens: needed,
-            context: model.max_context(),
-        });
+        return Err(EngineError::ContextOverflow { tokens: needed, context: model.max_context() });
     }
-    let mut sampler = Sampler::new(options.sampling)?;
     model.reset();
-    let out = model.forward(prompt, Segment::Prompt, hooks, LogitsWanted::Last)?;
-    let prompt_logits = out.logits;
-    let mut captures = out.captures;
-    let mut logits = prompt_logits.clone();
     let mut ids = Vec::with_capacity(options.max_new_tokens);
+    let mut captures = Vec::new();
+    let mut prompt_logits = None;
     let mut stop = StopReason::Limit;
+    let mut input = prompt.to_vec();
+    let mut segment = Segment::Prompt;
     while ids.len() < options.max_new_tokens {
-        let next = sampler.sample(&logits);
+        let step = ids.len() as u32;
+        let picked = model.forward_pick(&input, segment, hooks, options.sampling, step).await?;
+        if segment == Segment::Prompt {
+            prompt_logits = picked.logits;
+        }
+        captures.extend(picked.captures);
+        let next = picked.token;
         ids.push(next);
         if !on_token(next) {
             stop = StopReason::Cancelled;
@@ -77,17 +80,8 @@ pub fn generate(
             stop = StopReason::EndToken;
             break;
         }
-        if ids.len() == options.max_new_tokens {
-            break;
-        }
-        let out = model.forward(&[next], Segment::Generated, hooks, LogitsWanted::Last)?;
-        captures.extend(out.captures);
-        logits = out.logits;
+        input = vec![next];
+        segment = Segment::Generated;
     }
-    Ok(Generation {
-        ids,
-        stop,
-        captures,
-        prompt_logits,
-    })
+    Ok(Generation { ids, stop, captures, prompt_logits })
 }

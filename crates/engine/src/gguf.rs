@@ -77,9 +77,7 @@ impl GgufFile {
             });
         }
         if &magic != b"GGUF" {
-            return Err(EngineError::NotGguf {
-                found: describe_magic(&magic),
-            });
+            return Err(EngineError::NotGguf { found: describe_magic(&magic) });
         }
         reader.seek(SeekFrom::Start(0))?;
         let content = gguf_file::Content::read(reader).map_err(|e| header_error(e, file_size))?;
@@ -119,11 +117,7 @@ impl GgufFile {
     pub fn data_end(&self) -> u64 {
         self.tensors()
             .iter()
-            .map(|t| {
-                self.content.tensor_data_offset
-                    + self.content.tensor_infos[&t.name].offset
-                    + t.bytes
-            })
+            .map(|t| self.content.tensor_data_offset + self.content.tensor_infos[&t.name].offset + t.bytes)
             .max()
             .unwrap_or(self.content.tensor_data_offset)
     }
@@ -148,10 +142,7 @@ impl GgufFile {
     pub fn get_str(&self, key: &str) -> Result<&str> {
         match self.get(key) {
             Some(Value::String(s)) => Ok(s),
-            Some(other) => Err(missing(
-                key,
-                &format!("expected a string, found {:?}", other.value_type()),
-            )),
+            Some(other) => Err(missing(key, &format!("expected a string, found {:?}", other.value_type()))),
             None => Err(missing(key, "required")),
         }
     }
@@ -159,12 +150,9 @@ impl GgufFile {
     /// An unsigned integer of any width (writers differ in the width they pick).
     pub fn get_u64(&self, key: &str) -> Result<u64> {
         match self.get(key) {
-            Some(v) => value_as_u64(v).ok_or_else(|| {
-                missing(
-                    key,
-                    &format!("expected an integer, found {:?}", v.value_type()),
-                )
-            }),
+            Some(v) => {
+                value_as_u64(v).ok_or_else(|| missing(key, &format!("expected an integer, found {:?}", v.value_type())))
+            }
             None => Err(missing(key, "required")),
         }
     }
@@ -187,10 +175,7 @@ impl GgufFile {
             Some(Value::F64(v)) => Ok(Some(*v as f32)),
             Some(v) => match value_as_u64(v) {
                 Some(i) => Ok(Some(i as f32)),
-                None => Err(missing(
-                    key,
-                    &format!("expected a number, found {:?}", v.value_type()),
-                )),
+                None => Err(missing(key, &format!("expected a number, found {:?}", v.value_type()))),
             },
         }
     }
@@ -209,16 +194,10 @@ impl GgufFile {
                 .iter()
                 .map(|v| match v {
                     Value::String(s) => Ok(s.as_str()),
-                    other => Err(missing(
-                        key,
-                        &format!("expected strings, found {:?}", other.value_type()),
-                    )),
+                    other => Err(missing(key, &format!("expected strings, found {:?}", other.value_type()))),
                 })
                 .collect(),
-            Some(other) => Err(missing(
-                key,
-                &format!("expected an array, found {:?}", other.value_type()),
-            )),
+            Some(other) => Err(missing(key, &format!("expected an array, found {:?}", other.value_type()))),
             None => Err(missing(key, "required")),
         }
     }
@@ -232,17 +211,11 @@ impl GgufFile {
                 .map(|v| match v {
                     Value::F32(x) => Ok(*x),
                     Value::F64(x) => Ok(*x as f32),
-                    other => Err(missing(
-                        key,
-                        &format!("expected numbers, found {:?}", other.value_type()),
-                    )),
+                    other => Err(missing(key, &format!("expected numbers, found {:?}", other.value_type()))),
                 })
                 .collect::<Result<Vec<_>>>()
                 .map(Some),
-            Some(other) => Err(missing(
-                key,
-                &format!("expected an array, found {:?}", other.value_type()),
-            )),
+            Some(other) => Err(missing(key, &format!("expected an array, found {:?}", other.value_type()))),
         }
     }
 
@@ -255,10 +228,7 @@ impl GgufFile {
                 .map(|v| value_as_i64(v).ok_or_else(|| missing(key, "expected integers")))
                 .collect::<Result<Vec<_>>>()
                 .map(Some),
-            Some(other) => Err(missing(
-                key,
-                &format!("expected an array, found {:?}", other.value_type()),
-            )),
+            Some(other) => Err(missing(key, &format!("expected an array, found {:?}", other.value_type()))),
         }
     }
 
@@ -271,14 +241,8 @@ impl GgufFile {
             .map(|(name, info)| {
                 let dims = info.shape.dims().to_vec();
                 let elems: usize = dims.iter().product();
-                let bytes =
-                    (elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as u64;
-                TensorSummary {
-                    name: name.clone(),
-                    dtype: info.ggml_dtype,
-                    dims,
-                    bytes,
-                }
+                let bytes = (elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as u64;
+                TensorSummary { name: name.clone(), dtype: info.ggml_dtype, dims, bytes }
             })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -297,34 +261,21 @@ impl GgufFile {
     /// Reads one tensor's data (still quantized) from the file.
     pub fn tensor<R: Read + Seek>(&self, reader: &mut R, name: &str) -> Result<QTensor> {
         if !self.has_tensor(name) {
-            return Err(EngineError::BadTensor {
-                name: name.into(),
-                why: "missing from the file".into(),
-            });
+            return Err(EngineError::BadTensor { name: name.into(), why: "missing from the file".into() });
         }
-        self.content
-            .tensor(reader, name, &Device::Cpu)
-            .context(&format!("reading tensor {name}"))
+        self.content.tensor(reader, name, &Device::Cpu).context(&format!("reading tensor {name}"))
     }
 
     /// A one-line rendering of each metadata entry, long arrays summarised: what the app shows after loading.
     pub fn metadata_summary(&self) -> Vec<(String, String)> {
-        let mut out: Vec<_> = self
-            .content
-            .metadata
-            .iter()
-            .map(|(k, v)| (k.clone(), summarize_value(v)))
-            .collect();
+        let mut out: Vec<_> = self.content.metadata.iter().map(|(k, v)| (k.clone(), summarize_value(v))).collect();
         out.sort();
         out
     }
 }
 
 fn missing(key: &str, why: &str) -> EngineError {
-    EngineError::MissingMetadata {
-        key: key.into(),
-        why: why.into(),
-    }
+    EngineError::MissingMetadata { key: key.into(), why: why.into() }
 }
 
 fn value_as_u64(v: &Value) -> Option<u64> {
@@ -354,28 +305,15 @@ fn value_as_i64(v: &Value) -> Option<i64> {
 fn summarize_value(v: &Value) -> String {
     match v {
         Value::String(s) if s.chars().count() > 120 => {
-            format!(
-                "{}… ({} characters)",
-                s.chars().take(120).collect::<String>(),
-                s.chars().count()
-            )
+            format!("{}… ({} characters)", s.chars().take(120).collect::<String>(), s.chars().count())
         }
         Value::String(s) => s.clone(),
         Value::Array(items) if items.len() > 8 => format!("[{} items]", items.len()),
-        Value::Array(items) => format!(
-            "[{}]",
-            items
-                .iter()
-                .map(summarize_value)
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+        Value::Array(items) => format!("[{}]", items.iter().map(summarize_value).collect::<Vec<_>>().join(", ")),
         Value::Bool(b) => b.to_string(),
         Value::F32(x) => x.to_string(),
         Value::F64(x) => x.to_string(),
-        other => value_as_i64(other)
-            .map(|x| x.to_string())
-            .unwrap_or_else(|| format!("{other:?}")),
+        other => value_as_i64(other).map(|x| x.to_string()).unwrap_or_else(|| format!("{other:?}")),
     }
 }
 
@@ -395,10 +333,7 @@ fn describe_magic(magic: &[u8; 4]) -> String {
     if magic.iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
         format!("\"{}\"", String::from_utf8_lossy(magic))
     } else {
-        format!(
-            "bytes {:02x} {:02x} {:02x} {:02x}",
-            magic[0], magic[1], magic[2], magic[3]
-        )
+        format!("bytes {:02x} {:02x} {:02x} {:02x}", magic[0], magic[1], magic[2], magic[3])
     }
 }
 
@@ -412,22 +347,11 @@ fn header_error(e: candle_core::Error, file_size: u64) -> EngineError {
             expected: ExpectedBytes(None),
         };
     }
-    if let Some(code) = text
-        .strip_prefix("unknown dtype for tensor ")
-        .map(|s| s.trim().to_string())
-    {
-        return EngineError::UnsupportedTensorType {
-            tensor: "a tensor".into(),
-            dtype: format!("ggml type {code}"),
-        };
+    if let Some(code) = text.strip_prefix("unknown dtype for tensor ").map(|s| s.trim().to_string()) {
+        return EngineError::UnsupportedTensorType { tensor: "a tensor".into(), dtype: format!("ggml type {code}") };
     }
     if text.contains("unsupported magic/version") {
-        return EngineError::InvalidRequest(format!(
-            "unsupported GGUF version ({text}); versions 1 to 3 are read"
-        ));
+        return EngineError::InvalidRequest(format!("unsupported GGUF version ({text}); versions 1 to 3 are read"));
     }
-    EngineError::Tensor {
-        context: "reading the GGUF header".into(),
-        source: e,
-    }
+    EngineError::Tensor { context: "reading the GGUF header".into(), source: e }
 }

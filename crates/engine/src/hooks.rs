@@ -96,11 +96,7 @@ impl Hooks {
     }
 
     pub fn add(mut self, layer: usize, vector: Vec<f32>, scope: Scope) -> Self {
-        self.adds.push(AddHook {
-            layer,
-            vector,
-            scope,
-        });
+        self.adds.push(AddHook { layer, vector, scope });
         self
     }
 
@@ -135,9 +131,7 @@ impl Hooks {
                 )));
             }
             if a.vector.iter().any(|x| !x.is_finite()) {
-                return Err(EngineError::InvalidRequest(
-                    "steering vector has NaN or infinite entries".into(),
-                ));
+                return Err(EngineError::InvalidRequest("steering vector has NaN or infinite entries".into()));
             }
         }
         Ok(())
@@ -151,11 +145,7 @@ impl Hooks {
     /// The sum of the vectors added at `layer` for this segment, if any.
     pub fn added_vector(&self, layer: usize, segment: Segment) -> Option<Vec<f32>> {
         let mut sum: Option<Vec<f32>> = None;
-        for a in self
-            .adds
-            .iter()
-            .filter(|a| a.layer == layer && a.scope.covers(segment))
-        {
+        for a in self.adds.iter().filter(|a| a.layer == layer && a.scope.covers(segment)) {
             match &mut sum {
                 None => sum = Some(a.vector.clone()),
                 Some(s) => s.iter_mut().zip(&a.vector).for_each(|(x, y)| *x += y),
@@ -172,11 +162,9 @@ impl Hooks {
             match &r.positions {
                 Positions::Last => offsets.push(len - 1),
                 Positions::All => offsets.extend(0..len),
-                Positions::At(ps) => offsets.extend(
-                    ps.iter()
-                        .filter(|&&p| p >= start && p < start + len)
-                        .map(|p| p - start),
-                ),
+                Positions::At(ps) => {
+                    offsets.extend(ps.iter().filter(|&&p| p >= start && p < start + len).map(|p| p - start))
+                }
             }
         }
         offsets.sort_unstable();
@@ -193,58 +181,35 @@ mod tests {
     fn scopes_cover_their_segments() {
         assert!(Scope::All.covers(Segment::Prompt) && Scope::All.covers(Segment::Generated));
         assert!(Scope::Prompt.covers(Segment::Prompt) && !Scope::Prompt.covers(Segment::Generated));
-        assert!(
-            !Scope::Generated.covers(Segment::Prompt)
-                && Scope::Generated.covers(Segment::Generated)
-        );
+        assert!(!Scope::Generated.covers(Segment::Prompt) && Scope::Generated.covers(Segment::Generated));
     }
 
     #[test]
     fn adds_on_one_layer_sum_and_respect_scope() {
-        let h = Hooks::none()
-            .add(2, vec![1.0, 2.0], Scope::All)
-            .add(2, vec![10.0, 20.0], Scope::Generated)
-            .add(3, vec![5.0, 5.0], Scope::All);
-        assert_eq!(h.added_vector(2, Segment::Prompt), Some(vec![1.0, 2.0]));
-        assert_eq!(
-            h.added_vector(2, Segment::Generated),
-            Some(vec![11.0, 22.0])
+        let h = Hooks::none().add(2, vec![1.0, 2.0], Scope::All).add(2, vec![10.0, 20.0], Scope::Generated).add(
+            3,
+            vec![5.0, 5.0],
+            Scope::All,
         );
+        assert_eq!(h.added_vector(2, Segment::Prompt), Some(vec![1.0, 2.0]));
+        assert_eq!(h.added_vector(2, Segment::Generated), Some(vec![11.0, 22.0]));
         assert_eq!(h.added_vector(1, Segment::Prompt), None);
     }
 
     #[test]
     fn read_offsets_map_absolute_positions_into_the_call() {
-        let h = Hooks::none()
-            .read(1, Positions::At(vec![3, 7, 12]))
-            .read(1, Positions::Last);
+        let h = Hooks::none().read(1, Positions::At(vec![3, 7, 12])).read(1, Positions::Last);
         // A call over positions 5..10 holds position 7 (offset 2) and its last offset 4.
         assert_eq!(h.read_offsets(1, 5, 5), vec![2, 4]);
         assert_eq!(h.read_offsets(0, 5, 5), Vec::<usize>::new());
-        assert_eq!(
-            Hooks::none().read(0, Positions::All).read_offsets(0, 0, 3),
-            vec![0, 1, 2]
-        );
+        assert_eq!(Hooks::none().read(0, Positions::All).read_offsets(0, 0, 3), vec![0, 1, 2]);
     }
 
     #[test]
     fn validation_rejects_wrong_layers_and_widths() {
-        assert!(Hooks::none()
-            .read(4, Positions::Last)
-            .validate(4, 2)
-            .is_err());
-        assert!(Hooks::none()
-            .add(0, vec![1.0], Scope::All)
-            .validate(4, 2)
-            .is_err());
-        assert!(Hooks::none()
-            .add(0, vec![f32::NAN, 0.0], Scope::All)
-            .validate(4, 2)
-            .is_err());
-        assert!(Hooks::none()
-            .add(3, vec![1.0, 0.0], Scope::All)
-            .read(3, Positions::All)
-            .validate(4, 2)
-            .is_ok());
+        assert!(Hooks::none().read(4, Positions::Last).validate(4, 2).is_err());
+        assert!(Hooks::none().add(0, vec![1.0], Scope::All).validate(4, 2).is_err());
+        assert!(Hooks::none().add(0, vec![f32::NAN, 0.0], Scope::All).validate(4, 2).is_err());
+        assert!(Hooks::none().add(3, vec![1.0, 0.0], Scope::All).read(3, Positions::All).validate(4, 2).is_ok());
     }
 }

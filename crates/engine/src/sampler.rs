@@ -1,8 +1,14 @@
-//! Choosing the next token from logits: greedy, or temperature with optional top-k and top-p, from a seeded
-//! generator so that the same seed gives the same tokens on every platform.
+//! Choosing the next token from logits: greedy, or temperature with optional top-k and top-p, from a seed.
+//!
+//! The draw is stateless so that a GPU kernel can make the same one: at generation step `step`, every token `i`
+//! gets Gumbel noise `g_i = -ln(-ln(u_i))` from a hash of (seed, step, i), and the pick is the kept token with the
+//! largest `l_i / T + g_i` (the Gumbel-max trick: an exact draw from softmax(l / T) over the kept tokens). The
+//! same seed gives the same tokens, on every backend and platform.
+//!
+//! Kept tokens: those at least as likely as the k-th most likely (top-k), then the most likely ones whose
+//! probability mass first reaches p (top-p): every token whose logit is at least the largest threshold `t` with
+//! mass(logit >= t) >= p.
 
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
@@ -12,40 +18,24 @@ use crate::error::{EngineError, Result};
 pub enum Sampling {
     /// The highest logit; the lowest id among equals.
     Greedy,
-    /// Sample from softmax(logits / temperature), restricted to the `top_k` highest and then to the smallest set
-    /// whose probability reaches `top_p`.
-    Random {
-        temperature: f32,
-        top_k: Option<usize>,
-        top_p: Option<f32>,
-        seed: u64,
-    },
+    /// Sample from softmax(logits / temperature) over the kept tokens.
+    Random { temperature: f32, top_k: Option<usize>, top_p: Option<f32>, seed: u64 },
 }
 
 impl Sampling {
     pub fn validate(&self) -> Result<()> {
-        if let Sampling::Random {
-            temperature,
-            top_k,
-            top_p,
-            ..
-        } = *self
-        {
+        if let Sampling::Random { temperature, top_k, top_p, .. } = *self {
             if !(temperature.is_finite() && temperature > 0.0) {
                 return Err(EngineError::InvalidRequest(format!(
                     "temperature must be a positive number (got {temperature}); use greedy decoding for 0"
                 )));
             }
             if top_k == Some(0) {
-                return Err(EngineError::InvalidRequest(
-                    "top-k must be at least 1".into(),
-                ));
+                return Err(EngineError::InvalidRequest("top-k must be at least 1".into()));
             }
             if let Some(p) = top_p {
                 if !(p > 0.0 && p <= 1.0) {
-                    return Err(EngineError::InvalidRequest(format!(
-                        "top-p must be in (0, 1] (got {p})"
-                    )));
+                    return Err(EngineError::InvalidRequest(format!("top-p must be in (0, 1] (got {p})")));
                 }
             }
         }
@@ -53,64 +43,68 @@ impl Sampling {
     }
 }
 
-pub struct Sampler {
-    sampling: Sampling,
-    rng: ChaCha8Rng,
+/// lowbias32 (Chris Wellons): a 32-bit integer hash with good avalanche, cheap in WGSL too.
+pub fn mix32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^= x >> 16;
+    x
 }
 
-impl Sampler {
-    pub fn new(sampling: Sampling) -> Result<Self> {
-        sampling.validate()?;
-        let seed = match sampling {
-            Sampling::Random { seed, .. } => seed,
-            Sampling::Greedy => 0,
-        };
-        Ok(Self {
-            sampling,
-            rng: ChaCha8Rng::seed_from_u64(seed),
-        })
-    }
+/// The uniform number in (0, 1) of token `index` at `step` for `seed` (24 bits of a hash, centred).
+pub fn uniform(seed: u64, step: u32, index: u32) -> f32 {
+    let h = mix32(mix32(mix32((seed as u32) ^ mix32((seed >> 32) as u32)) ^ step) ^ index);
+    ((h >> 8) as f32 + 0.5) / 16_777_216.0
+}
 
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        match self.sampling {
-            Sampling::Greedy => argmax(logits),
-            Sampling::Random {
-                temperature,
-                top_k,
-                top_p,
-                ..
-            } => {
-                let candidates = top_candidates(logits, top_k);
-                let max = candidates.first().map_or(0.0, |&(_, l)| l as f64);
-                let mut probs: Vec<(u32, f64)> = candidates
-                    .iter()
-                    .map(|&(i, l)| (i, ((l as f64 - max) / temperature as f64).exp()))
-                    .collect();
-                let total: f64 = probs.iter().map(|p| p.1).sum();
-                if let Some(p) = top_p {
-                    let mut cumulative = 0.0;
-                    let mut keep = probs.len();
-                    for (n, &(_, w)) in probs.iter().enumerate() {
-                        cumulative += w / total;
-                        if cumulative >= p as f64 {
-                            keep = n + 1;
-                            break;
-                        }
+/// Gumbel noise of token `index` at `step`.
+pub fn gumbel(seed: u64, step: u32, index: u32) -> f32 {
+    -(-uniform(seed, step, index).ln()).ln()
+}
+
+/// The next token after `logits` at generation step `step` (0 for the first generated token).
+pub fn pick(logits: &[f32], sampling: &Sampling, step: u32) -> u32 {
+    match *sampling {
+        Sampling::Greedy => argmax(logits),
+        Sampling::Random { temperature, top_k, top_p, seed } => {
+            let threshold = keep_threshold(logits, temperature, top_k, top_p);
+            let mut best = (f32::NEG_INFINITY, 0u32);
+            for (i, &l) in logits.iter().enumerate() {
+                if l >= threshold {
+                    let score = l / temperature + gumbel(seed, step, i as u32);
+                    if score > best.0 {
+                        best = (score, i as u32);
                     }
-                    probs.truncate(keep);
                 }
-                let total: f64 = probs.iter().map(|p| p.1).sum();
-                let mut r = self.rng.random::<f64>() * total;
-                for &(id, w) in &probs {
-                    if r < w {
-                        return id;
-                    }
-                    r -= w;
-                }
-                probs.last().map_or(0, |p| p.0)
+            }
+            best.1
+        }
+    }
+}
+
+/// The smallest logit a token may have to be kept by top-k and top-p (negative infinity keeps all).
+pub fn keep_threshold(logits: &[f32], temperature: f32, top_k: Option<usize>, top_p: Option<f32>) -> f32 {
+    if top_k.is_none() && top_p.is_none_or(|p| p >= 1.0) {
+        return f32::NEG_INFINITY;
+    }
+    let candidates = top_candidates(logits, top_k);
+    let mut threshold = candidates.last().map_or(f32::NEG_INFINITY, |c| c.1);
+    if let Some(p) = top_p.filter(|&p| p < 1.0) {
+        let max = candidates[0].1 as f64;
+        let weights: Vec<f64> = candidates.iter().map(|c| ((c.1 as f64 - max) / temperature as f64).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        let mut mass = 0.0;
+        for (c, w) in candidates.iter().zip(&weights) {
+            mass += w / total;
+            if mass >= p as f64 {
+                threshold = c.1;
+                break;
             }
         }
     }
+    threshold
 }
 
 /// The index of the highest value; the first among equals; NaN never wins.
@@ -128,12 +122,8 @@ pub fn argmax(values: &[f32]) -> u32 {
 
 /// (id, logit) of the `k` highest logits (all when `k` is `None`), highest first, lower id first among equals.
 pub fn top_candidates(logits: &[f32], k: Option<usize>) -> Vec<(u32, f32)> {
-    let mut all: Vec<(u32, f32)> = logits
-        .iter()
-        .enumerate()
-        .filter(|(_, l)| !l.is_nan())
-        .map(|(i, &l)| (i as u32, l))
-        .collect();
+    let mut all: Vec<(u32, f32)> =
+        logits.iter().enumerate().filter(|(_, l)| !l.is_nan()).map(|(i, &l)| (i as u32, l)).collect();
     let order = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
     if let Some(k) = k {
         if k < all.len() {
@@ -149,10 +139,15 @@ pub fn top_candidates(logits: &[f32], k: Option<usize>) -> Vec<(u32, f32)> {
 mod tests {
     use super::*;
 
+    fn random(temperature: f32, top_k: Option<usize>, top_p: Option<f32>, seed: u64) -> Sampling {
+        Sampling::Random { temperature, top_k, top_p, seed }
+    }
+
     #[test]
     fn greedy_takes_the_first_maximum() {
         assert_eq!(argmax(&[1.0, 3.0, 3.0, -1.0]), 1);
         assert_eq!(argmax(&[f32::NAN, 0.5, 0.2]), 1);
+        assert_eq!(pick(&[0.0, 2.0, 1.0], &Sampling::Greedy, 9), 1);
     }
 
     #[test]
@@ -162,18 +157,23 @@ mod tests {
     }
 
     #[test]
+    fn uniforms_are_uniform_and_depend_on_every_input() {
+        let n = 20_000;
+        let mean = (0..n).map(|i| uniform(1, 0, i) as f64).sum::<f64>() / n as f64;
+        assert!((mean - 0.5).abs() < 0.01, "{mean}");
+        assert!((0..n).all(|i| {
+            let u = uniform(1, 0, i);
+            u > 0.0 && u < 1.0
+        }));
+        assert_ne!(uniform(1, 0, 5), uniform(2, 0, 5));
+        assert_ne!(uniform(1, 0, 5), uniform(1, 1, 5));
+        assert_ne!(uniform(1 << 40, 0, 5), uniform(0, 0, 5));
+    }
+
+    #[test]
     fn same_seed_same_tokens_other_seed_other_tokens() {
         let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
-        let run = |seed| {
-            let mut s = Sampler::new(Sampling::Random {
-                temperature: 1.5,
-                top_k: None,
-                top_p: None,
-                seed,
-            })
-            .unwrap();
-            (0..64).map(|_| s.sample(&logits)).collect::<Vec<_>>()
-        };
+        let run = |seed| (0..64).map(|step| pick(&logits, &random(1.5, None, None, seed), step)).collect::<Vec<_>>();
         assert_eq!(run(7), run(7));
         assert_ne!(run(7), run(8));
     }
@@ -181,64 +181,32 @@ mod tests {
     #[test]
     fn top_k_one_is_greedy_and_top_p_keeps_the_nucleus() {
         let logits = [0.0, 5.0, 4.9, -3.0];
-        let mut s = Sampler::new(Sampling::Random {
-            temperature: 1.0,
-            top_k: Some(1),
-            top_p: None,
-            seed: 1,
-        })
-        .unwrap();
-        assert!((0..20).all(|_| s.sample(&logits) == 1));
+        assert!((0..20).all(|s| pick(&logits, &random(1.0, Some(1), None, 1), s) == 1));
         // Ids 1 and 2 hold almost all the mass: top-p 0.9 never picks 0 or 3.
-        let mut s = Sampler::new(Sampling::Random {
-            temperature: 1.0,
-            top_k: None,
-            top_p: Some(0.9),
-            seed: 3,
-        })
-        .unwrap();
-        let picks: Vec<u32> = (0..200).map(|_| s.sample(&logits)).collect();
+        let picks: Vec<u32> = (0..200).map(|s| pick(&logits, &random(1.0, None, Some(0.9), 3), s)).collect();
         assert!(picks.iter().all(|&p| p == 1 || p == 2));
         assert!(picks.contains(&1) && picks.contains(&2));
+        assert_eq!(keep_threshold(&logits, 1.0, Some(2), None), 4.9);
+        assert_eq!(keep_threshold(&logits, 1.0, None, Some(0.5)), 5.0);
+        assert_eq!(keep_threshold(&logits, 1.0, None, None), f32::NEG_INFINITY);
     }
 
     #[test]
     fn sampling_follows_the_distribution() {
-        // Two tokens with probabilities 0.2 / 0.8 at temperature 1.
+        // Two tokens with probabilities 0.2 / 0.8 at temperature 1, and 1/3 / 2/3 at temperature 2.
         let logits = [0.0, (4.0f32).ln()];
-        let mut s = Sampler::new(Sampling::Random {
-            temperature: 1.0,
-            top_k: None,
-            top_p: None,
-            seed: 11,
-        })
-        .unwrap();
-        let ones = (0..5000).filter(|_| s.sample(&logits) == 1).count() as f64 / 5000.0;
-        assert!((ones - 0.8).abs() < 0.03, "{ones}");
+        let share = |t: f32| {
+            (0..20_000).filter(|&s| pick(&logits, &random(t, None, None, 11), s) == 1).count() as f64 / 20_000.0
+        };
+        assert!((share(1.0) - 0.8).abs() < 0.015, "{}", share(1.0));
+        assert!((share(2.0) - 2.0 / 3.0).abs() < 0.015, "{}", share(2.0));
     }
 
     #[test]
     fn bad_settings_are_refused() {
-        assert!(Sampler::new(Sampling::Random {
-            temperature: 0.0,
-            top_k: None,
-            top_p: None,
-            seed: 0
-        })
-        .is_err());
-        assert!(Sampler::new(Sampling::Random {
-            temperature: 1.0,
-            top_k: Some(0),
-            top_p: None,
-            seed: 0
-        })
-        .is_err());
-        assert!(Sampler::new(Sampling::Random {
-            temperature: 1.0,
-            top_k: None,
-            top_p: Some(1.5),
-            seed: 0
-        })
-        .is_err());
+        assert!(random(0.0, None, None, 0).validate().is_err());
+        assert!(random(1.0, Some(0), None, 0).validate().is_err());
+        assert!(random(1.0, None, Some(1.5), 0).validate().is_err());
+        assert!(random(0.7, Some(40), Some(0.9), 0).validate().is_ok());
     }
 }

@@ -20,9 +20,7 @@ use tokenizers::normalizers::{Prepend, Replace};
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{
-    AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior,
-};
+use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior};
 
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
@@ -57,32 +55,21 @@ impl Tokenizer {
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
         let model = gguf.get_str("tokenizer.ggml.model")?;
         let tokens = gguf.get_str_array("tokenizer.ggml.tokens")?;
-        let types = gguf
-            .opt_i64_array("tokenizer.ggml.token_type")?
-            .unwrap_or_else(|| vec![TYPE_NORMAL; tokens.len()]);
+        let types = gguf.opt_i64_array("tokenizer.ggml.token_type")?.unwrap_or_else(|| vec![TYPE_NORMAL; tokens.len()]);
         if types.len() != tokens.len() {
-            return Err(EngineError::Tokenizer(format!(
-                "{} token types for {} tokens",
-                types.len(),
-                tokens.len()
-            )));
+            return Err(EngineError::Tokenizer(format!("{} token types for {} tokens", types.len(), tokens.len())));
         }
-        let id = |key: &str| {
-            gguf.opt_usize(key)
-                .ok()
-                .flatten()
-                .map(|v| v as u32)
-                .filter(|&v| (v as usize) < tokens.len())
-        };
+        let id =
+            |key: &str| gguf.opt_usize(key).ok().flatten().map(|v| v as u32).filter(|&v| (v as usize) < tokens.len());
         let bos = id("tokenizer.ggml.bos_token_id");
         let eos = id("tokenizer.ggml.eos_token_id");
         let unk = id("tokenizer.ggml.unknown_token_id");
 
         let (kind, mut inner) = match model {
             "llama" | "gemma" => {
-                let scores = gguf
-                    .opt_f32_array("tokenizer.ggml.scores")?
-                    .ok_or_else(|| EngineError::Tokenizer("a SentencePiece vocabulary needs tokenizer.ggml.scores".into()))?;
+                let scores = gguf.opt_f32_array("tokenizer.ggml.scores")?.ok_or_else(|| {
+                    EngineError::Tokenizer("a SentencePiece vocabulary needs tokenizer.ggml.scores".into())
+                })?;
                 let add_space_prefix = gguf.opt_bool("tokenizer.ggml.add_space_prefix").unwrap_or(true);
                 (
                     TokenizerKind::SentencePiece,
@@ -106,33 +93,21 @@ impl Tokenizer {
             .iter()
             .zip(&types)
             .filter(|(_, &t)| t == TYPE_CONTROL || t == TYPE_USER_DEFINED)
-            .map(|(&text, &t)| {
-                AddedToken::from(text.to_string(), t == TYPE_CONTROL).normalized(false)
-            })
+            .map(|(&text, &t)| AddedToken::from(text.to_string(), t == TYPE_CONTROL).normalized(false))
             .collect();
         let specials: Vec<AddedToken> = added.iter().filter(|t| t.special).cloned().collect();
         let plain: Vec<AddedToken> = added.into_iter().filter(|t| !t.special).collect();
         inner.add_special_tokens(&specials);
         inner.add_tokens(&plain);
 
-        let add_bos = gguf
-            .opt_bool("tokenizer.ggml.add_bos_token")
-            .unwrap_or(kind == TokenizerKind::SentencePiece);
+        let add_bos = gguf.opt_bool("tokenizer.ggml.add_bos_token").unwrap_or(kind == TokenizerKind::SentencePiece);
         let lookup = |text: &str| tokens.iter().position(|t| *t == text).map(|i| i as u32);
         let end_of_turn = id("tokenizer.ggml.eot_token_id")
             .or_else(|| lookup("<end_of_turn>"))
             .or_else(|| lookup("<|im_end|>"))
             .or_else(|| lookup("<|eot_id|>"))
             .filter(|&t| Some(t) != eos);
-        Ok(Self {
-            inner,
-            kind,
-            bos,
-            eos,
-            add_bos,
-            vocab_size: tokens.len(),
-            end_of_turn,
-        })
+        Ok(Self { inner, kind, bos, eos, add_bos, vocab_size: tokens.len(), end_of_turn })
     }
 
     pub fn kind(&self) -> TokenizerKind {
@@ -162,10 +137,7 @@ impl Tokenizer {
 
     /// Token ids of `text`, without BOS; special tokens written in the text are recognised.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let enc = self.inner.encode(text, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -181,9 +153,7 @@ impl Tokenizer {
 
     /// Text of `ids`, special tokens left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))
+        self.inner.decode(ids, true).map_err(|e| EngineError::Tokenizer(e.to_string()))
     }
 
     /// The vocabulary entry of one token, as stored (with `▁` or byte-level characters).
@@ -225,11 +195,7 @@ fn sentencepiece_bpe(
     add_space_prefix: bool,
 ) -> Result<tokenizers::Tokenizer> {
     if scores.len() != tokens.len() {
-        return Err(EngineError::Tokenizer(format!(
-            "{} scores for {} tokens",
-            scores.len(),
-            tokens.len()
-        )));
+        return Err(EngineError::Tokenizer(format!("{} scores for {} tokens", scores.len(), tokens.len())));
     }
     let vocab = vocab_map(tokens);
     let mut ranked: Vec<(f32, u32, u32, usize)> = Vec::new();
@@ -247,19 +213,11 @@ fn sentencepiece_bpe(
     ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
     let merges: Vec<(String, String)> = ranked
         .into_iter()
-        .map(|(_, l, r, _)| {
-            (
-                tokens[l as usize].to_string(),
-                tokens[r as usize].to_string(),
-            )
-        })
+        .map(|(_, l, r, _)| (tokens[l as usize].to_string(), tokens[r as usize].to_string()))
         .collect();
 
     let byte_fallback = vocab.contains_key("<0x00>");
-    let mut builder = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .byte_fallback(byte_fallback)
-        .fuse_unk(true);
+    let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(byte_fallback).fuse_unk(true);
     if let Some(unk) = unk {
         builder = builder.unk_token(unk.to_string());
     }
@@ -268,20 +226,13 @@ fn sentencepiece_bpe(
     let mut tk = tokenizers::Tokenizer::new(bpe);
     let replace = Replace::new(" ", "▁").map_err(tokenizer_error)?;
     let normalizer: NormalizerWrapper = if add_space_prefix {
-        tokenizers::normalizers::Sequence::new(vec![
-            Prepend::new("▁".into()).into(),
-            replace.into(),
-        ])
-        .into()
+        tokenizers::normalizers::Sequence::new(vec![Prepend::new("▁".into()).into(), replace.into()]).into()
     } else {
         replace.into()
     };
     tk.with_normalizer(Some(normalizer));
-    let mut decoders: Vec<DecoderWrapper> = vec![
-        Replace::new("▁", " ").map_err(tokenizer_error)?.into(),
-        ByteFallback::new().into(),
-        Fuse::new().into(),
-    ];
+    let mut decoders: Vec<DecoderWrapper> =
+        vec![Replace::new("▁", " ").map_err(tokenizer_error)?.into(), ByteFallback::new().into(), Fuse::new().into()];
     if add_space_prefix {
         decoders.push(Strip::new(' ', 1, 0).into());
     }
@@ -292,18 +243,10 @@ fn sentencepiece_bpe(
 /// The regular expression that splits text into words before byte-level BPE, by `tokenizer.ggml.pre`.
 fn pre_tokenizer_for(pre: &str) -> Result<PreTokenizerWrapper> {
     // GPT-2's own split, built into the ByteLevel pre-tokenizer.
-    let gpt2 = || {
-        PreTokenizerWrapper::from(tokenizers::pre_tokenizers::byte_level::ByteLevel::new(
-            false, true, true,
-        ))
-    };
+    let gpt2 = || PreTokenizerWrapper::from(tokenizers::pre_tokenizers::byte_level::ByteLevel::new(false, true, true));
     let split_then_bytes = |pattern: &str| -> Result<PreTokenizerWrapper> {
-        let split = Split::new(
-            SplitPattern::Regex(pattern.into()),
-            SplitDelimiterBehavior::Isolated,
-            false,
-        )
-        .map_err(tokenizer_error)?;
+        let split = Split::new(SplitPattern::Regex(pattern.into()), SplitDelimiterBehavior::Isolated, false)
+            .map_err(tokenizer_error)?;
         Ok(PreSequence::new(vec![
             split.into(),
             tokenizers::pre_tokenizers::byte_level::ByteLevel::new(false, true, false).into(),
@@ -313,9 +256,7 @@ fn pre_tokenizer_for(pre: &str) -> Result<PreTokenizerWrapper> {
     match pre {
         "default" | "gpt2" | "gpt-2" => Ok(gpt2()),
         // SmolLM: every digit on its own, then GPT-2's split.
-        "smollm" | "starcoder" => {
-            Ok(PreSequence::new(vec![Digits::new(true).into(), gpt2()]).into())
-        }
+        "smollm" | "starcoder" => Ok(PreSequence::new(vec![Digits::new(true).into(), gpt2()]).into()),
         // Llama 3.
         "llama-bpe" | "llama3" => split_then_bytes(
             r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
@@ -336,10 +277,7 @@ fn byte_level_bpe(tokens: &[&str], merges: &[&str], pre: &str) -> Result<tokeniz
                 .ok_or_else(|| EngineError::Tokenizer(format!("malformed merge \"{m}\"")))
         })
         .collect::<Result<Vec<_>>>()?;
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab_map(tokens), merges)
-        .build()
-        .map_err(tokenizer_error)?;
+    let bpe = BPE::builder().vocab_and_merges(vocab_map(tokens), merges).build().map_err(tokenizer_error)?;
     let mut tk = tokenizers::Tokenizer::new(bpe);
     tk.with_pre_tokenizer(Some(pre_tokenizer_for(pre)?));
     tk.with_decoder(Some(ByteLevel::default()));

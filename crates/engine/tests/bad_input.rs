@@ -7,8 +7,7 @@ use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use common::*;
 use saif_engine::{
-    generate, Engine, EngineError, GenerateOptions, Hooks, LoadOptions, LogitsWanted, Sampling,
-    Segment,
+    block_on, generate, Engine, EngineError, GenerateOptions, Hooks, LoadOptions, LogitsWanted, Sampling, Segment,
 };
 
 fn load_bytes(bytes: &[u8]) -> Result<Engine, EngineError> {
@@ -22,22 +21,13 @@ fn fixture_bytes() -> Vec<u8> {
 #[test]
 fn truncated_files_say_so() {
     let bytes = fixture_bytes();
-    let header_end = saif_engine::GgufFile::from_bytes(&bytes)
-        .unwrap()
-        .data_end() as usize;
-    assert_eq!(
-        header_end,
-        bytes.len(),
-        "the fixture ends where its last tensor does"
-    );
+    let header_end = saif_engine::GgufFile::from_bytes(&bytes).unwrap().data_end() as usize;
+    assert_eq!(header_end, bytes.len(), "the fixture ends where its last tensor does");
     for cut in [0, 3, 100, 5000, bytes.len() / 2, bytes.len() - 1] {
         match load_bytes(&bytes[..cut]) {
             Err(e @ EngineError::Truncated { .. }) => {
                 let msg = e.to_string();
-                assert!(
-                    msg.contains("truncated") && msg.contains(&cut.to_string()),
-                    "{cut}: {msg}"
-                );
+                assert!(msg.contains("truncated") && msg.contains(&cut.to_string()), "{cut}: {msg}");
             }
             Err(other) => panic!("cut at {cut}: expected a truncation error, got: {other}"),
             Ok(_) => panic!("cut at {cut}: loaded a truncated file"),
@@ -50,17 +40,13 @@ fn foreign_files_are_named_as_not_gguf() {
     let zip = b"PK\x03\x04\x14\x00\x00\x00\x08\x00rest of a zip file".to_vec();
     let html = b"<!DOCTYPE html><html><body>404 Not Found</body></html>".to_vec();
     let mut safetensors = 42u64.to_le_bytes().to_vec();
-    safetensors
-        .extend_from_slice(b"{\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}    ");
+    safetensors.extend_from_slice(b"{\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}    ");
     for bytes in [zip, html, safetensors] {
         match load_bytes(&bytes) {
             Err(e @ EngineError::NotGguf { .. }) => {
                 assert!(e.to_string().contains("not a GGUF file"), "{e}")
             }
-            other => panic!(
-                "expected NotGguf, got {:?}",
-                other.err().map(|e| e.to_string())
-            ),
+            other => panic!("expected NotGguf, got {:?}", other.err().map(|e| e.to_string())),
         }
     }
 }
@@ -79,10 +65,7 @@ fn unknown_architectures_are_refused_by_name() {
     }
     match load_bytes(&bytes) {
         Err(EngineError::UnsupportedArchitecture(name)) => assert_eq!(name, "mamba9"),
-        other => panic!(
-            "expected UnsupportedArchitecture, got {:?}",
-            other.err().map(|e| e.to_string())
-        ),
+        other => panic!("expected UnsupportedArchitecture, got {:?}", other.err().map(|e| e.to_string())),
     }
 }
 
@@ -92,12 +75,7 @@ fn gguf_with_tensor(dtype: GgmlDType) -> Vec<u8> {
     let q = QTensor::quantize(&t, dtype).unwrap();
     let arch = gguf_file::Value::String("llama".into());
     let mut out = std::io::Cursor::new(Vec::new());
-    gguf_file::write(
-        &mut out,
-        &[("general.architecture", &arch)],
-        &[("blk.0.attn_q.weight", &q)],
-    )
-    .unwrap();
+    gguf_file::write(&mut out, &[("general.architecture", &arch)], &[("blk.0.attn_q.weight", &q)]).unwrap();
     out.into_inner()
 }
 
@@ -106,15 +84,9 @@ fn unsupported_quantizations_are_named() {
     match load_bytes(&gguf_with_tensor(GgmlDType::Q5_1)) {
         Err(e @ EngineError::UnsupportedTensorType { .. }) => {
             let msg = e.to_string();
-            assert!(
-                msg.contains("Q5_1") && msg.contains("blk.0.attn_q.weight") && msg.contains("Q4_K"),
-                "{msg}"
-            );
+            assert!(msg.contains("Q5_1") && msg.contains("blk.0.attn_q.weight") && msg.contains("Q4_K"), "{msg}");
         }
-        other => panic!(
-            "expected UnsupportedTensorType, got {:?}",
-            other.err().map(|e| e.to_string())
-        ),
+        other => panic!("expected UnsupportedTensorType, got {:?}", other.err().map(|e| e.to_string())),
     }
     // A type code no reader knows (ggml has added IQ and MX types over time): patch Q8_0's code 8 to 99.
     let mut bytes = gguf_with_tensor(GgmlDType::Q8_0);
@@ -122,19 +94,13 @@ fn unsupported_quantizations_are_named() {
     let at = bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len();
     // After the name: n_dims (u32), 2 dims (u64 each), then the type (u32).
     let type_at = at + 4 + 16;
-    assert_eq!(
-        u32::from_le_bytes(bytes[type_at..type_at + 4].try_into().unwrap()),
-        8
-    );
+    assert_eq!(u32::from_le_bytes(bytes[type_at..type_at + 4].try_into().unwrap()), 8);
     bytes[type_at..type_at + 4].copy_from_slice(&99u32.to_le_bytes());
     match load_bytes(&bytes) {
         Err(e @ EngineError::UnsupportedTensorType { .. }) => {
             assert!(e.to_string().contains("99"), "{e}")
         }
-        other => panic!(
-            "expected UnsupportedTensorType, got {:?}",
-            other.err().map(|e| e.to_string())
-        ),
+        other => panic!("expected UnsupportedTensorType, got {:?}", other.err().map(|e| e.to_string())),
     }
 }
 
@@ -145,54 +111,18 @@ fn prompts_longer_than_the_context_are_refused_and_the_model_stays_usable() {
     assert_eq!(context, 64);
     let too_long: Vec<u32> = (0..context as u32 + 1).map(|i| 5 + i % 200).collect();
     let none = Hooks::none();
-    match engine
-        .model
-        .forward(&too_long, Segment::Prompt, &none, LogitsWanted::Last)
-    {
+    match block_on(engine.model.forward(&too_long, Segment::Prompt, &none, LogitsWanted::Last)) {
         Err(e @ EngineError::ContextOverflow { .. }) => {
-            assert!(
-                e.to_string().contains("65 tokens") && e.to_string().contains("64"),
-                "{e}"
-            )
+            assert!(e.to_string().contains("65 tokens") && e.to_string().contains("64"), "{e}")
         }
-        other => panic!(
-            "expected ContextOverflow, got {:?}",
-            other.err().map(|e| e.to_string())
-        ),
+        other => panic!("expected ContextOverflow, got {:?}", other.err().map(|e| e.to_string())),
     }
     // Prompt plus new tokens beyond the context fails before any work.
-    let options = GenerateOptions {
-        max_new_tokens: 10,
-        sampling: Sampling::Greedy,
-        stop_tokens: vec![],
-    };
-    let err = generate(
-        engine.model.as_mut(),
-        &too_long[..60],
-        &options,
-        &none,
-        |_| true,
-    )
-    .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            EngineError::ContextOverflow {
-                tokens: 69,
-                context: 64
-            }
-        ),
-        "{err}"
-    );
+    let options = GenerateOptions { max_new_tokens: 10, sampling: Sampling::Greedy, stop_tokens: vec![] };
+    let err = block_on(generate(engine.model.as_mut(), &too_long[..60], &options, &none, |_| true)).unwrap_err();
+    assert!(matches!(err, EngineError::ContextOverflow { tokens: 69, context: 64 }), "{err}");
     // Still usable.
-    let g = generate(
-        engine.model.as_mut(),
-        &too_long[..5],
-        &options,
-        &none,
-        |_| true,
-    )
-    .unwrap();
+    let g = block_on(generate(engine.model.as_mut(), &too_long[..5], &options, &none, |_| true)).unwrap();
     assert_eq!(g.ids.len(), 10);
 }
 
@@ -201,36 +131,18 @@ fn bad_requests_are_refused() {
     let mut engine = load(&fixture_path("tiny-llama.gguf"));
     let none = Hooks::none();
     assert!(matches!(
-        engine
-            .model
-            .forward(&[], Segment::Prompt, &none, LogitsWanted::Last),
+        block_on(engine.model.forward(&[], Segment::Prompt, &none, LogitsWanted::Last)),
         Err(EngineError::InvalidRequest(_))
     ));
-    let err = engine
-        .model
-        .forward(&[100_000], Segment::Prompt, &none, LogitsWanted::Last)
-        .unwrap_err();
+    let err = block_on(engine.model.forward(&[100_000], Segment::Prompt, &none, LogitsWanted::Last)).unwrap_err();
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
     let bad_hook = Hooks::none().read(3, saif_engine::Positions::Last);
-    let err = engine
-        .model
-        .forward(&[5, 6], Segment::Prompt, &bad_hook, LogitsWanted::Last)
-        .unwrap_err();
+    let err = block_on(engine.model.forward(&[5, 6], Segment::Prompt, &bad_hook, LogitsWanted::Last)).unwrap_err();
     assert!(err.to_string().contains("layer 3"), "{err}");
     let bad_sampling = GenerateOptions {
         max_new_tokens: 4,
-        sampling: Sampling::Random {
-            temperature: -1.0,
-            top_k: None,
-            top_p: None,
-            seed: 0,
-        },
+        sampling: Sampling::Random { temperature: -1.0, top_k: None, top_p: None, seed: 0 },
         stop_tokens: vec![],
     };
-    assert!(
-        generate(engine.model.as_mut(), &[5, 6], &bad_sampling, &none, |_| {
-            true
-        })
-        .is_err()
-    );
+    assert!(block_on(generate(engine.model.as_mut(), &[5, 6], &bad_sampling, &none, |_| { true })).is_err());
 }

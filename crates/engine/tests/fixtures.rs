@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use saif_engine::{generate, GenerateOptions, Hooks, LogitsWanted, Positions, Sampling, Segment};
+use saif_engine::{block_on, generate, GenerateOptions, Hooks, LogitsWanted, Positions, Sampling, Segment};
 
 fn check_fixture(name: &str) {
     let mut engine = load(&fixture_path(&format!("{name}.gguf")));
@@ -16,52 +16,23 @@ fn check_fixture(name: &str) {
         let input = ids(&case["input_ids"]);
         let hooks = (0..n_layers).fold(Hooks::none(), |h, l| h.read(l, Positions::Last));
         engine.model.reset();
-        let out = engine
-            .model
-            .forward(&input, Segment::Prompt, &hooks, LogitsWanted::Last)
-            .unwrap();
+        let out = block_on(engine.model.forward(&input, Segment::Prompt, &hooks, LogitsWanted::Last)).unwrap();
         let want = floats(&case["last_logits"]);
         assert_eq!(out.logits.len(), want.len());
         for (i, (&g, &w)) in out.logits.iter().zip(&want).enumerate() {
-            assert!(
-                (g as f64 - w).abs() <= 1e-3 + 1e-3 * w.abs(),
-                "{name} {input:?}: logit {i}: {g} vs {w}"
-            );
+            assert!((g as f64 - w).abs() <= 1e-3 + 1e-3 * w.abs(), "{name} {input:?}: logit {i}: {g} vs {w}");
         }
         for c in &out.captures {
             let r = &case["resid_post_last_token"][c.layer.to_string()];
             let want_norm = r["norm"].as_f64().unwrap();
-            assert!(
-                (norm(&c.values) / want_norm - 1.0).abs() < 1e-4,
-                "{name}: resid_post[{}] norm",
-                c.layer
-            );
+            assert!((norm(&c.values) / want_norm - 1.0).abs() < 1e-4, "{name}: resid_post[{}] norm", c.layer);
             for (g, w) in c.values.iter().zip(floats(&r["first8"])) {
-                assert!(
-                    (*g as f64 - w).abs() <= 1e-3 + 1e-4 * w.abs(),
-                    "{name}: resid_post[{}] {g} vs {w}",
-                    c.layer
-                );
+                assert!((*g as f64 - w).abs() <= 1e-3 + 1e-4 * w.abs(), "{name}: resid_post[{}] {g} vs {w}", c.layer);
             }
         }
-        let options = GenerateOptions {
-            max_new_tokens: 8,
-            sampling: Sampling::Greedy,
-            stop_tokens: vec![],
-        };
-        let g = generate(
-            engine.model.as_mut(),
-            &input,
-            &options,
-            &Hooks::none(),
-            |_| true,
-        )
-        .unwrap();
-        assert_eq!(
-            g.ids,
-            ids(&case["greedy8_ids"]),
-            "{name} {input:?}: greedy tokens"
-        );
+        let options = GenerateOptions { max_new_tokens: 8, sampling: Sampling::Greedy, stop_tokens: vec![] };
+        let g = block_on(generate(engine.model.as_mut(), &input, &options, &Hooks::none(), |_| true)).unwrap();
+        assert_eq!(g.ids, ids(&case["greedy8_ids"]), "{name} {input:?}: greedy tokens");
     }
 }
 
@@ -85,17 +56,10 @@ fn fixtures_use_every_supported_quantization() {
     for name in ["tiny-gemma3", "tiny-gemma2", "tiny-llama"] {
         let bytes = std::fs::read(fixture_path(&format!("{name}.gguf"))).unwrap();
         let gguf = saif_engine::GgufFile::from_bytes(&bytes).unwrap();
-        let used: std::collections::BTreeSet<_> = gguf
-            .tensors()
-            .iter()
-            .map(|t| saif_engine::gguf::type_name(t.dtype))
-            .collect();
+        let used: std::collections::BTreeSet<_> =
+            gguf.tensors().iter().map(|t| saif_engine::gguf::type_name(t.dtype)).collect();
         for t in saif_engine::gguf::SUPPORTED_TYPES {
-            assert!(
-                used.contains(saif_engine::gguf::type_name(t)),
-                "{name} lacks {}",
-                saif_engine::gguf::type_name(t)
-            );
+            assert!(used.contains(saif_engine::gguf::type_name(t)), "{name} lacks {}", saif_engine::gguf::type_name(t));
         }
     }
 }

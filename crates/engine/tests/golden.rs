@@ -7,18 +7,12 @@ mod common;
 
 use common::*;
 use saif_engine::sampler::top_candidates;
-use saif_engine::{
-    generate, Engine, GenerateOptions, Hooks, LogitsWanted, Positions, Sampling, Segment,
-};
+use saif_engine::{block_on, generate, Engine, GenerateOptions, Hooks, LogitsWanted, Positions, Sampling, Segment};
 
 fn check_tokenizer(engine: &Engine, golden: &serde_json::Value) {
     for case in golden["tokenizer"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
-        assert_eq!(
-            engine.tokenizer.encode(text).unwrap(),
-            ids(&case["ids"]),
-            "tokenizing {text:?}"
-        );
+        assert_eq!(engine.tokenizer.encode(text).unwrap(), ids(&case["ids"]), "tokenizing {text:?}");
     }
 }
 
@@ -30,80 +24,39 @@ fn check_prompts(engine: &mut Engine, golden: &serde_json::Value) {
         let input = engine.tokenizer.encode_prompt(prompt).unwrap();
         assert_eq!(input, ids(&p["input_ids"]), "input ids of {prompt:?}");
 
-        let layers: Vec<usize> = p["resid_post_last_token"]
-            .as_object()
-            .unwrap()
-            .keys()
-            .map(|k| k.parse().unwrap())
-            .collect();
-        let hooks = layers
-            .iter()
-            .fold(Hooks::none(), |h, &l| h.read(l, Positions::Last));
+        let layers: Vec<usize> =
+            p["resid_post_last_token"].as_object().unwrap().keys().map(|k| k.parse().unwrap()).collect();
+        let hooks = layers.iter().fold(Hooks::none(), |h, &l| h.read(l, Positions::Last));
         engine.model.reset();
-        let out = engine
-            .model
-            .forward(&input, Segment::Prompt, &hooks, LogitsWanted::Last)
-            .unwrap();
+        let out = block_on(engine.model.forward(&input, Segment::Prompt, &hooks, LogitsWanted::Last)).unwrap();
 
         let top: Vec<(u32, f32)> = top_candidates(&out.logits, Some(10));
         let want_ids = ids(&p["top10_ids"]);
         let want_logits = floats(&p["top10_logits"]);
         assert_eq!(top[0].0, want_ids[0], "top-1 token of {prompt:?}");
         let shared = top.iter().filter(|(id, _)| want_ids.contains(id)).count();
-        assert!(
-            shared >= 8,
-            "{prompt:?}: only {shared} of the top 10 shared"
-        );
+        assert!(shared >= 8, "{prompt:?}: only {shared} of the top 10 shared");
         let dlogit = (top[0].1 as f64 - want_logits[0]).abs();
-        assert!(
-            dlogit <= 0.25,
-            "{prompt:?}: top-1 logit {} vs {}",
-            top[0].1,
-            want_logits[0]
-        );
+        assert!(dlogit <= 0.25, "{prompt:?}: top-1 logit {} vs {}", top[0].1, want_logits[0]);
 
         for c in &out.captures {
-            let want = p["resid_post_last_token"][c.layer.to_string()]["norm"]
-                .as_f64()
-                .unwrap();
+            let want = p["resid_post_last_token"][c.layer.to_string()]["norm"].as_f64().unwrap();
             let rel = (norm(&c.values) / want - 1.0).abs();
-            assert!(
-                rel <= 0.02,
-                "{prompt:?}: resid_post[{}] norm {} vs {want}",
-                c.layer,
-                norm(&c.values)
-            );
+            assert!(rel <= 0.02, "{prompt:?}: resid_post[{}] norm {} vs {want}", c.layer, norm(&c.values));
         }
         assert_eq!(out.captures.len(), layers.len());
 
-        let options = GenerateOptions {
-            max_new_tokens: 16,
-            sampling: Sampling::Greedy,
-            stop_tokens: engine.stop_tokens(),
-        };
-        let generation = generate(
-            engine.model.as_mut(),
-            &input,
-            &options,
-            &Hooks::none(),
-            |_| true,
-        )
-        .unwrap();
+        let options =
+            GenerateOptions { max_new_tokens: 16, sampling: Sampling::Greedy, stop_tokens: engine.stop_tokens() };
+        let generation = block_on(generate(engine.model.as_mut(), &input, &options, &Hooks::none(), |_| true)).unwrap();
         let want = ids(&p["greedy16_ids"]);
         if generation.ids == want {
             greedy_equal += 1;
         } else {
-            eprintln!(
-                "{prompt:?}: greedy tokens differ:\n  got  {:?}\n  want {want:?}",
-                generation.ids
-            );
+            eprintln!("{prompt:?}: greedy tokens differ:\n  got  {:?}\n  want {want:?}", generation.ids);
         }
     }
-    assert!(
-        greedy_equal >= 4,
-        "greedy tokens equal on only {greedy_equal} of {} prompts",
-        prompts.len()
-    );
+    assert!(greedy_equal >= 4, "greedy tokens equal on only {greedy_equal} of {} prompts", prompts.len());
 }
 
 #[test]
@@ -128,11 +81,7 @@ fn smollm2_135m_matches_the_reference() {
 fn gemma3_270m_matches_the_reference_on_more_prompts() {
     let reference = read_json(&reference_path("gemma-3-270m-q4_k_m.json"));
     let mut engine = load(&model_path(GEMMA));
-    assert!(reference["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|p| p["input_ids"].as_array().unwrap().len() > 512));
+    assert!(reference["prompts"].as_array().unwrap().iter().any(|p| p["input_ids"].as_array().unwrap().len() > 512));
     check_prompts(&mut engine, &reference);
 }
 
@@ -154,30 +103,14 @@ fn generation_stops_after_eos_and_keeps_it() {
         if want.len() == 16 {
             continue;
         }
-        let input = engine
-            .tokenizer
-            .encode_prompt(p["prompt"].as_str().unwrap())
-            .unwrap();
-        let options = GenerateOptions {
-            max_new_tokens: 16,
-            sampling: Sampling::Greedy,
-            stop_tokens: engine.stop_tokens(),
-        };
-        let g = generate(
-            engine.model.as_mut(),
-            &input,
-            &options,
-            &Hooks::none(),
-            |_| true,
-        )
-        .unwrap();
+        let input = engine.tokenizer.encode_prompt(p["prompt"].as_str().unwrap()).unwrap();
+        let options =
+            GenerateOptions { max_new_tokens: 16, sampling: Sampling::Greedy, stop_tokens: engine.stop_tokens() };
+        let g = block_on(generate(engine.model.as_mut(), &input, &options, &Hooks::none(), |_| true)).unwrap();
         assert_eq!(g.ids, want);
         assert_eq!(*g.ids.last().unwrap(), engine.tokenizer.eos().unwrap());
         assert_eq!(g.stop, saif_engine::StopReason::EndToken);
         seen += 1;
     }
-    assert!(
-        seen >= 1,
-        "the golden file has no early-ending answer to check"
-    );
+    assert!(seen >= 1, "the golden file has no early-ending answer to check");
 }

@@ -4,50 +4,23 @@
 mod common;
 
 use common::*;
-use saif_engine::{
-    generate, GenerateOptions, Hooks, LogitsWanted, Positions, Sampling, Scope, Segment,
-};
+use saif_engine::{block_on, generate, GenerateOptions, Hooks, LogitsWanted, Positions, Sampling, Scope, Segment};
 
 #[test]
 fn reads_capture_the_asked_positions() {
     let mut engine = load(&fixture_path("tiny-gemma3.gguf"));
     let prompt = [2u32, 40, 41, 42, 43, 44];
-    let hooks = Hooks::none()
-        .read(1, Positions::All)
-        .read(4, Positions::At(vec![0, 3, 9]))
-        .read(5, Positions::Last);
+    let hooks = Hooks::none().read(1, Positions::All).read(4, Positions::At(vec![0, 3, 9])).read(5, Positions::Last);
     engine.model.reset();
-    let out = engine
-        .model
-        .forward(&prompt, Segment::Prompt, &hooks, LogitsWanted::Last)
-        .unwrap();
-    let at = |layer: usize| {
-        out.captures
-            .iter()
-            .filter(|c| c.layer == layer)
-            .map(|c| c.position)
-            .collect::<Vec<_>>()
-    };
+    let out = block_on(engine.model.forward(&prompt, Segment::Prompt, &hooks, LogitsWanted::Last)).unwrap();
+    let at = |layer: usize| out.captures.iter().filter(|c| c.layer == layer).map(|c| c.position).collect::<Vec<_>>();
     assert_eq!(at(1), vec![0, 1, 2, 3, 4, 5]);
     assert_eq!(at(4), vec![0, 3]);
     assert_eq!(at(5), vec![5]);
     // Position 9 falls in a later call.
-    let out = engine
-        .model
-        .forward(
-            &[50, 51, 52, 53],
-            Segment::Generated,
-            &hooks,
-            LogitsWanted::Last,
-        )
-        .unwrap();
-    let at = |layer: usize| {
-        out.captures
-            .iter()
-            .filter(|c| c.layer == layer)
-            .map(|c| c.position)
-            .collect::<Vec<_>>()
-    };
+    let out =
+        block_on(engine.model.forward(&[50, 51, 52, 53], Segment::Generated, &hooks, LogitsWanted::Last)).unwrap();
+    let at = |layer: usize| out.captures.iter().filter(|c| c.layer == layer).map(|c| c.position).collect::<Vec<_>>();
     assert_eq!(at(4), vec![9]);
     assert_eq!(at(5), vec![9]);
 }
@@ -58,78 +31,33 @@ fn reads_capture_the_asked_positions() {
 fn an_add_on_the_last_layer_equals_the_manual_computation() {
     let path = fixture_path("tiny-llama.gguf");
     let mut engine = load(&path);
-    let (hidden, last, eps) = (
-        engine.config().hidden,
-        engine.config().n_layers - 1,
-        engine.config().rms_eps as f64,
-    );
+    let (hidden, last, eps) = (engine.config().hidden, engine.config().n_layers - 1, engine.config().rms_eps as f64);
     let prompt = [10u32, 20, 30];
     engine.model.reset();
-    let clean = engine
-        .model
-        .forward(
-            &prompt,
-            Segment::Prompt,
-            &Hooks::none().read(last, Positions::Last),
-            LogitsWanted::Last,
-        )
-        .unwrap();
+    let reads = Hooks::none().read(last, Positions::Last);
+    let clean = block_on(engine.model.forward(&prompt, Segment::Prompt, &reads, LogitsWanted::Last)).unwrap();
     let h = &clean.captures[0].values;
-    let v: Vec<f32> = (0..hidden)
-        .map(|i| ((i * 31 % 17) as f32 - 8.0) * 0.5)
-        .collect();
+    let v: Vec<f32> = (0..hidden).map(|i| ((i * 31 % 17) as f32 - 8.0) * 0.5).collect();
     engine.model.reset();
-    let steered = engine
-        .model
-        .forward(
-            &prompt,
-            Segment::Prompt,
-            &Hooks::none().add(last, v.clone(), Scope::All),
-            LogitsWanted::Last,
-        )
-        .unwrap();
+    let adds = Hooks::none().add(last, v.clone(), Scope::All);
+    let steered = block_on(engine.model.forward(&prompt, Segment::Prompt, &adds, LogitsWanted::Last)).unwrap();
 
     let bytes = std::fs::read(&path).unwrap();
     let gguf = saif_engine::GgufFile::from_bytes(&bytes).unwrap();
     let mut cursor = std::io::Cursor::new(&bytes);
     let dev = candle_core::Device::Cpu;
-    let w_u = gguf
-        .tensor(&mut cursor, "token_embd.weight")
-        .unwrap()
-        .dequantize(&dev)
-        .unwrap()
-        .to_vec2::<f32>()
-        .unwrap();
-    let norm_w = gguf
-        .tensor(&mut cursor, "output_norm.weight")
-        .unwrap()
-        .dequantize(&dev)
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let x: Vec<f64> = h
-        .iter()
-        .zip(&v)
-        .map(|(&a, &b)| a as f64 + b as f64)
-        .collect();
+    let w_u =
+        gguf.tensor(&mut cursor, "token_embd.weight").unwrap().dequantize(&dev).unwrap().to_vec2::<f32>().unwrap();
+    let norm_w =
+        gguf.tensor(&mut cursor, "output_norm.weight").unwrap().dequantize(&dev).unwrap().to_vec1::<f32>().unwrap();
+    let x: Vec<f64> = h.iter().zip(&v).map(|(&a, &b)| a as f64 + b as f64).collect();
     let rms = (x.iter().map(|a| a * a).sum::<f64>() / hidden as f64 + eps).sqrt();
     for (id, row) in w_u.iter().enumerate() {
-        let want: f64 = row
-            .iter()
-            .zip(&x)
-            .zip(&norm_w)
-            .map(|((&w, &a), &g)| w as f64 * a / rms * g as f64)
-            .sum();
+        let want: f64 = row.iter().zip(&x).zip(&norm_w).map(|((&w, &a), &g)| w as f64 * a / rms * g as f64).sum();
         let got = steered.logits[id] as f64;
-        assert!(
-            (got - want).abs() < 1e-3 * (1.0 + want.abs()),
-            "logit {id}: {got} vs {want}"
-        );
+        assert!((got - want).abs() < 1e-3 * (1.0 + want.abs()), "logit {id}: {got} vs {want}");
     }
-    assert!(
-        (steered.logits[0] - clean.logits[0]).abs() > 1e-3,
-        "the vector changed nothing"
-    );
+    assert!((steered.logits[0] - clean.logits[0]).abs() > 1e-3, "the vector changed nothing");
 }
 
 #[test]
@@ -137,30 +65,18 @@ fn zero_vectors_change_nothing_and_scopes_are_respected() {
     let mut engine = load(&fixture_path("tiny-gemma2.gguf"));
     let hidden = engine.config().hidden;
     let prompt = [2u32, 60, 61, 62, 63, 64];
-    let options = GenerateOptions {
-        max_new_tokens: 6,
-        sampling: Sampling::Greedy,
-        stop_tokens: vec![],
-    };
+    let options = GenerateOptions { max_new_tokens: 6, sampling: Sampling::Greedy, stop_tokens: vec![] };
     let run = |engine: &mut saif_engine::Engine, hooks: &Hooks| {
-        generate(engine.model.as_mut(), &prompt, &options, hooks, |_| true).unwrap()
+        block_on(generate(engine.model.as_mut(), &prompt, &options, hooks, |_| true)).unwrap()
     };
     let clean = run(&mut engine, &Hooks::none());
-    let zero = run(
-        &mut engine,
-        &Hooks::none().add(1, vec![0.0; hidden], Scope::All),
-    );
+    let zero = run(&mut engine, &Hooks::none().add(1, vec![0.0; hidden], Scope::All));
     assert_eq!(clean.prompt_logits, zero.prompt_logits);
     assert_eq!(clean.ids, zero.ids);
 
-    let v: Vec<f32> = (0..hidden)
-        .map(|i| if i % 3 == 0 { 25.0 } else { -10.0 })
-        .collect();
+    let v: Vec<f32> = (0..hidden).map(|i| if i % 3 == 0 { 25.0 } else { -10.0 }).collect();
     // Generated-only: the prompt's logits are untouched.
-    let generated_only = run(
-        &mut engine,
-        &Hooks::none().add(1, v.clone(), Scope::Generated),
-    );
+    let generated_only = run(&mut engine, &Hooks::none().add(1, v.clone(), Scope::Generated));
     assert_eq!(generated_only.prompt_logits, clean.prompt_logits);
     // Prompt-only and all: the prompt's logits move.
     let prompt_only = run(&mut engine, &Hooks::none().add(1, v.clone(), Scope::Prompt));

@@ -5,8 +5,7 @@
 #![cfg(target_arch = "wasm32")]
 
 use saif_engine::{
-    generate, Engine, GenerateOptions, GgufFile, Hooks, LoadOptions, LogitsWanted, Sampling,
-    Segment, Tokenizer,
+    generate, Engine, GenerateOptions, GgufFile, Hooks, LoadOptions, LogitsWanted, Sampling, Segment, Tokenizer,
 };
 use wasm_bindgen_test::*;
 
@@ -17,11 +16,7 @@ fn json(text: &str) -> serde_json::Value {
 }
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
 fn check_tokenizer(gguf_bytes: &[u8], golden: &str) {
@@ -30,114 +25,64 @@ fn check_tokenizer(gguf_bytes: &[u8], golden: &str) {
     let golden = json(golden);
     for case in golden["tokenizer"].as_array().unwrap() {
         let text = case["text"].as_str().unwrap();
-        assert_eq!(
-            tokenizer.encode(text).unwrap(),
-            ids(&case["ids"]),
-            "{text:?}"
-        );
+        assert_eq!(tokenizer.encode(text).unwrap(), ids(&case["ids"]), "{text:?}");
     }
     for p in golden["prompts"].as_array().unwrap() {
-        assert_eq!(
-            tokenizer
-                .encode_prompt(p["prompt"].as_str().unwrap())
-                .unwrap(),
-            ids(&p["input_ids"])
-        );
+        assert_eq!(tokenizer.encode_prompt(p["prompt"].as_str().unwrap()).unwrap(), ids(&p["input_ids"]));
     }
 }
 
 #[wasm_bindgen_test]
 fn gemma3_tokenizer_matches_the_golden_cases() {
     check_tokenizer(
-        include_bytes!(concat!(
-            env!("SAIF_WASM_FIXTURES"),
-            "/gemma-3-270m-tokenizer.gguf"
-        )),
-        include_str!(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../../shared/golden/gemma-3-270m-q4_k_m.json"
-        )),
+        include_bytes!(concat!(env!("SAIF_WASM_FIXTURES"), "/gemma-3-270m-tokenizer.gguf")),
+        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/golden/gemma-3-270m-q4_k_m.json")),
     );
 }
 
 #[wasm_bindgen_test]
 fn smollm2_tokenizer_matches_the_golden_cases() {
     check_tokenizer(
-        include_bytes!(concat!(
-            env!("SAIF_WASM_FIXTURES"),
-            "/smollm2-135m-tokenizer.gguf"
-        )),
-        include_str!(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../../shared/golden/smollm2-135m-instruct-q4_1.json"
-        )),
+        include_bytes!(concat!(env!("SAIF_WASM_FIXTURES"), "/smollm2-135m-tokenizer.gguf")),
+        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/golden/smollm2-135m-instruct-q4_1.json")),
     );
 }
 
-fn check_fixture(gguf_bytes: &[u8], reference: &str) {
+async fn check_fixture(gguf_bytes: &[u8], reference: &str) {
     let mut engine = Engine::from_bytes_cpu(gguf_bytes, &LoadOptions::default()).unwrap();
     let reference = json(reference);
     for case in reference["cases"].as_array().unwrap() {
         let input = ids(&case["input_ids"]);
         engine.model.reset();
-        let out = engine
-            .model
-            .forward(&input, Segment::Prompt, &Hooks::none(), LogitsWanted::Last)
-            .unwrap();
-        for (g, w) in out
-            .logits
-            .iter()
-            .zip(case["last_logits"].as_array().unwrap())
-        {
+        let out = engine.model.forward(&input, Segment::Prompt, &Hooks::none(), LogitsWanted::Last).await.unwrap();
+        for (g, w) in out.logits.iter().zip(case["last_logits"].as_array().unwrap()) {
             let w = w.as_f64().unwrap();
             assert!((*g as f64 - w).abs() <= 1e-3 + 1e-3 * w.abs(), "{g} vs {w}");
         }
-        let options = GenerateOptions {
-            max_new_tokens: 8,
-            sampling: Sampling::Greedy,
-            stop_tokens: vec![],
-        };
-        let g = generate(
-            engine.model.as_mut(),
-            &input,
-            &options,
-            &Hooks::none(),
-            |_| true,
-        )
-        .unwrap();
+        let options = GenerateOptions { max_new_tokens: 8, sampling: Sampling::Greedy, stop_tokens: vec![] };
+        let g = generate(engine.model.as_mut(), &input, &options, &Hooks::none(), |_| true).await.unwrap();
         assert_eq!(g.ids, ids(&case["greedy8_ids"]));
     }
 }
 
 #[wasm_bindgen_test]
-fn tiny_gemma3_forward_matches_transformers() {
-    check_fixture(
-        include_bytes!("fixtures/tiny-gemma3.gguf"),
-        include_str!("fixtures/tiny-gemma3.json"),
-    );
+async fn tiny_gemma3_forward_matches_transformers() {
+    check_fixture(include_bytes!("fixtures/tiny-gemma3.gguf"), include_str!("fixtures/tiny-gemma3.json")).await;
 }
 
 #[wasm_bindgen_test]
-fn tiny_gemma2_forward_matches_transformers() {
-    check_fixture(
-        include_bytes!("fixtures/tiny-gemma2.gguf"),
-        include_str!("fixtures/tiny-gemma2.json"),
-    );
+async fn tiny_gemma2_forward_matches_transformers() {
+    check_fixture(include_bytes!("fixtures/tiny-gemma2.gguf"), include_str!("fixtures/tiny-gemma2.json")).await;
 }
 
 #[wasm_bindgen_test]
-fn tiny_llama_forward_matches_transformers() {
-    check_fixture(
-        include_bytes!("fixtures/tiny-llama.gguf"),
-        include_str!("fixtures/tiny-llama.json"),
-    );
+async fn tiny_llama_forward_matches_transformers() {
+    check_fixture(include_bytes!("fixtures/tiny-llama.gguf"), include_str!("fixtures/tiny-llama.json")).await;
 }
 
 #[wasm_bindgen_test]
 fn truncated_files_are_errors_not_panics() {
     let bytes = include_bytes!("fixtures/tiny-llama.gguf");
-    let err = Engine::from_bytes_cpu(&bytes[..bytes.len() / 2], &LoadOptions::default())
-        .err()
-        .unwrap();
+    let err = Engine::from_bytes_cpu(&bytes[..bytes.len() / 2], &LoadOptions::default()).err().unwrap();
     assert!(err.to_string().contains("truncated"), "{err}");
 }

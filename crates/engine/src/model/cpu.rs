@@ -22,7 +22,7 @@ use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::kv_cache::KvCache;
 
-use super::{LanguageModel, LogitsWanted, StepOutput};
+use super::{LanguageModel, LocalBoxFuture, LogitsWanted, StepOutput};
 use crate::config::{Activation, ModelConfig, RopeLayout};
 use crate::error::{EngineError, Result, TensorContext};
 use crate::gguf::GgufFile;
@@ -43,10 +43,7 @@ impl Linear {
     /// `x`: [n, cols] -> [n, rows].
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let n = x.dims2().context("matrix product input")?.0;
-        let values = x
-            .flatten_all()
-            .and_then(|v| v.to_vec1::<f32>())
-            .context("matrix product input")?;
+        let values = x.flatten_all().and_then(|v| v.to_vec1::<f32>()).context("matrix product input")?;
         let out = self.0.matmul(&values)?;
         Tensor::from_vec(out, (n, self.0.rows()), &Device::Cpu).context("matrix product")
     }
@@ -145,11 +142,7 @@ fn linear_from(name: &str, q: Arc<QTensor>, rows: usize, cols: usize) -> Result<
 
 impl CpuModel {
     /// Loads every tensor of the model from `reader` (the file `gguf` was parsed from).
-    pub fn load<R: Read + Seek>(
-        gguf: &GgufFile,
-        reader: &mut R,
-        options: &LoadOptions,
-    ) -> Result<Self> {
+    pub fn load<R: Read + Seek>(gguf: &GgufFile, reader: &mut R, options: &LoadOptions) -> Result<Self> {
         Self::load_with_progress(gguf, reader, options, |_, _| {})
     }
 
@@ -169,10 +162,7 @@ impl CpuModel {
         if tdims != [c.vocab_size, c.hidden] {
             return Err(EngineError::BadTensor {
                 name: "token_embd.weight".into(),
-                why: format!(
-                    "expected shape [{}, {}], found {tdims:?}",
-                    c.vocab_size, c.hidden
-                ),
+                why: format!("expected shape [{}, {}], found {tdims:?}", c.vocab_size, c.hidden),
             });
         }
         let embedding = Embedding(QuantMatrix::new("token_embd.weight", table.clone())?);
@@ -189,30 +179,14 @@ impl CpuModel {
                 wk: ld.linear(&n("attn_k"), c.kv_dim(), c.hidden)?,
                 wv: ld.linear(&n("attn_v"), c.kv_dim(), c.hidden)?,
                 wo: ld.linear(&n("attn_output"), c.hidden, c.q_dim())?,
-                q_norm: if c.qk_norm {
-                    Some(ld.vector(&n("attn_q_norm"), c.head_dim)?)
-                } else {
-                    None
-                },
-                k_norm: if c.qk_norm {
-                    Some(ld.vector(&n("attn_k_norm"), c.head_dim)?)
-                } else {
-                    None
-                },
-                post_attn_norm: if gemma {
-                    Some(ld.vector(&n("post_attention_norm"), c.hidden)?)
-                } else {
-                    None
-                },
+                q_norm: if c.qk_norm { Some(ld.vector(&n("attn_q_norm"), c.head_dim)?) } else { None },
+                k_norm: if c.qk_norm { Some(ld.vector(&n("attn_k_norm"), c.head_dim)?) } else { None },
+                post_attn_norm: if gemma { Some(ld.vector(&n("post_attention_norm"), c.hidden)?) } else { None },
                 ffn_norm: ld.vector(&n("ffn_norm"), c.hidden)?,
                 gate: ld.linear(&n("ffn_gate"), c.ffn_hidden, c.hidden)?,
                 up: ld.linear(&n("ffn_up"), c.ffn_hidden, c.hidden)?,
                 down: ld.linear(&n("ffn_down"), c.hidden, c.ffn_hidden)?,
-                post_ffn_norm: if gemma {
-                    Some(ld.vector(&n("post_ffw_norm"), c.hidden)?)
-                } else {
-                    None
-                },
+                post_ffn_norm: if gemma { Some(ld.vector(&n("post_ffw_norm"), c.hidden)?) } else { None },
                 cache: KvCache::new(2, 256),
             });
             progress(i + 2, total);
@@ -221,32 +195,15 @@ impl CpuModel {
         let lm_head = if gguf.has_tensor("output.weight") {
             ld.linear("output.weight", c.vocab_size, c.hidden)?
         } else {
-            linear_from(
-                "token_embd.weight (tied output)",
-                table,
-                c.vocab_size,
-                c.hidden,
-            )?
+            linear_from("token_embd.weight (tied output)", table, c.vocab_size, c.hidden)?
         };
         let rope_factors = match ld.opt_vector("rope_freqs.weight", c.head_dim / 2)? {
             Some(t) => Some(t.to_vec1::<f32>().context("rope_freqs")?),
             None => None,
         };
         progress(total, total);
-        let max_context = options
-            .max_context
-            .map_or(c.context_length, |m| m.min(c.context_length))
-            .max(1);
-        Ok(Self {
-            config,
-            embedding,
-            layers,
-            final_norm,
-            lm_head,
-            rope_factors,
-            position: 0,
-            max_context,
-        })
+        let max_context = options.max_context.map_or(c.context_length, |m| m.min(c.context_length)).max(1);
+        Ok(Self { config, embedding, layers, final_norm, lm_head, rope_factors, position: 0, max_context })
     }
 
     /// cos and sin of the RoPE angles for positions `start..start + n` ([n, head_dim / 2] each).
@@ -256,8 +213,7 @@ impl CpuModel {
         let mut sin = Vec::with_capacity(n * half);
         for p in start..start + n {
             for i in 0..half {
-                let mut inv_freq =
-                    1.0 / (base as f64).powf(2.0 * i as f64 / self.config.head_dim as f64);
+                let mut inv_freq = 1.0 / (base as f64).powf(2.0 * i as f64 / self.config.head_dim as f64);
                 if let Some(f) = &self.rope_factors {
                     inv_freq /= f[i] as f64;
                 }
@@ -273,13 +229,7 @@ impl CpuModel {
 
     /// Additive attention mask for queries at `start..start + n` over keys `0..start + n`, with the query rows
     /// repeated for each of the `group` query heads that share a key head. `None` when nothing is masked.
-    fn attention_mask(
-        &self,
-        start: usize,
-        n: usize,
-        window: Option<usize>,
-        group: usize,
-    ) -> Result<Option<Tensor>> {
+    fn attention_mask(&self, start: usize, n: usize, window: Option<usize>, group: usize) -> Result<Option<Tensor>> {
         let total = start + n;
         let hidden_by_window = window.is_some_and(|w| total > w);
         if n == 1 && !hidden_by_window {
@@ -298,9 +248,7 @@ impl CpuModel {
                 }
             }
         }
-        Tensor::from_vec(mask, (group * n, total), &Device::Cpu)
-            .map(Some)
-            .context("mask")
+        Tensor::from_vec(mask, (group * n, total), &Device::Cpu).map(Some).context("mask")
     }
 
     fn attention(&mut self, layer: usize, a: &Tensor, start: usize) -> Result<Tensor> {
@@ -311,12 +259,7 @@ impl CpuModel {
         let spec = c.layers[layer];
         let (cos, sin) = self.rope_tables(spec.rope_base, start, n)?;
         let mask = self.attention_mask(start, n, spec.window, group)?;
-        let (scale, softcap, eps, layout) = (
-            c.attention_scale as f64,
-            c.attn_softcap,
-            c.rms_eps,
-            c.rope_layout,
-        );
+        let (scale, softcap, eps, layout) = (c.attention_scale as f64, c.attn_softcap, c.rms_eps, c.rope_layout);
         let l = &mut self.layers[layer];
 
         // [n, heads * hd] -> [1, heads, n, hd]
@@ -343,28 +286,17 @@ impl CpuModel {
         let (k_all, v_all) = l.cache.append(&k, &v).context("kv cache")?;
 
         // The `group` query heads of one key head attend together: [1, nkv, group * n, hd].
-        let q = (q * scale)
-            .context("scale")?
-            .reshape((1, nkv, group * n, hd))
-            .context("group heads")?;
-        let mut scores = q
-            .matmul(&k_all.t().context("k^T")?.contiguous().context("k^T")?)
-            .context("q k^T")?;
+        let q = (q * scale).context("scale")?.reshape((1, nkv, group * n, hd)).context("group heads")?;
+        let mut scores = q.matmul(&k_all.t().context("k^T")?.contiguous().context("k^T")?).context("q k^T")?;
         if let Some(cap) = softcap {
-            scores = ((scores / cap as f64)
-                .context("softcap")?
-                .tanh()
-                .context("softcap")?
-                * cap as f64)
+            scores = ((scores / cap as f64).context("softcap")?.tanh().context("softcap")? * cap as f64)
                 .context("softcap")?;
         }
         if let Some(mask) = mask {
             scores = scores.broadcast_add(&mask).context("mask")?;
         }
         let probs = candle_nn::ops::softmax_last_dim(&scores).context("softmax")?;
-        let out = probs
-            .matmul(&v_all.contiguous().context("v")?)
-            .context("attention values")?;
+        let out = probs.matmul(&v_all.contiguous().context("v")?).context("attention values")?;
         debug_assert_eq!(out.dims(), &[1, nkv, group * n, hd]);
         // [1, nkv, group * n, hd] -> [1, nh, n, hd] -> [n, nh * hd]
         let out = out
@@ -392,51 +324,8 @@ impl CpuModel {
         candle_nn::ops::rms_norm(x, w, self.config.rms_eps).context("rms norm")
     }
 
-    fn check_request(&self, tokens: &[u32], hooks: &Hooks) -> Result<()> {
-        if tokens.is_empty() {
-            return Err(EngineError::InvalidRequest("no tokens to run".into()));
-        }
-        if let Some(bad) = tokens
-            .iter()
-            .find(|&&t| t as usize >= self.config.vocab_size)
-        {
-            return Err(EngineError::InvalidRequest(format!(
-                "token id {bad} is outside the vocabulary (size {})",
-                self.config.vocab_size
-            )));
-        }
-        let needed = self.position + tokens.len();
-        if needed > self.max_context {
-            return Err(EngineError::ContextOverflow {
-                tokens: needed,
-                context: self.max_context,
-            });
-        }
-        hooks.validate(self.config.n_layers, self.config.hidden)
-    }
-}
-
-impl LanguageModel for CpuModel {
-    fn config(&self) -> &ModelConfig {
-        &self.config
-    }
-
-    fn position(&self) -> usize {
-        self.position
-    }
-
-    fn max_context(&self) -> usize {
-        self.max_context
-    }
-
-    fn reset(&mut self) {
-        for l in &mut self.layers {
-            l.cache.reset();
-        }
-        self.position = 0;
-    }
-
-    fn forward(
+    /// The forward pass, synchronously (see `LanguageModel::forward`).
+    pub fn forward_sync(
         &mut self,
         tokens: &[u32],
         segment: Segment,
@@ -468,19 +357,11 @@ impl LanguageModel for CpuModel {
 
             if hooks.touches(i) {
                 for off in hooks.read_offsets(i, start, n) {
-                    let values = h
-                        .get(off)
-                        .and_then(|r| r.to_vec1::<f32>())
-                        .context("reading resid_post")?;
-                    captures.push(Capture {
-                        layer: i,
-                        position: start + off,
-                        values,
-                    });
+                    let values = h.get(off).and_then(|r| r.to_vec1::<f32>()).context("reading resid_post")?;
+                    captures.push(Capture { layer: i, position: start + off, values });
                 }
                 if let Some(v) = hooks.added_vector(i, segment) {
-                    let v = Tensor::from_vec(v, (1, hidden), &Device::Cpu)
-                        .context("steering vector")?;
+                    let v = Tensor::from_vec(v, (1, hidden), &Device::Cpu).context("steering vector")?;
                     h = h.broadcast_add(&v).context("adding steering vector")?;
                 }
             }
@@ -494,26 +375,64 @@ impl LanguageModel for CpuModel {
         let normed = self.norm(&rows, &self.final_norm)?;
         let mut out = self.lm_head.forward(&normed)?;
         if let Some(cap) = self.config.final_softcap {
-            out = ((out / cap as f64)
-                .and_then(|x| x.tanh())
-                .and_then(|x| x * cap as f64))
-            .context("final softcap")?;
+            out = ((out / cap as f64).and_then(|x| x.tanh()).and_then(|x| x * cap as f64)).context("final softcap")?;
         }
         let out = out.to_dtype(DType::F32).context("logits")?;
         let vocab = self.lm_head.0.rows();
-        let flat = out
-            .flatten_all()
-            .and_then(|x| x.to_vec1::<f32>())
-            .context("logits")?;
+        let flat = out.flatten_all().and_then(|x| x.to_vec1::<f32>()).context("logits")?;
         let (last, all) = match logits {
             LogitsWanted::Last => (flat, None),
             LogitsWanted::All => (flat[(n - 1) * vocab..].to_vec(), Some(flat)),
         };
-        Ok(StepOutput {
-            logits: last,
-            all_logits: all,
-            captures,
-        })
+        Ok(StepOutput { logits: last, all_logits: all, captures })
+    }
+
+    fn check_request(&self, tokens: &[u32], hooks: &Hooks) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(EngineError::InvalidRequest("no tokens to run".into()));
+        }
+        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            return Err(EngineError::InvalidRequest(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                self.config.vocab_size
+            )));
+        }
+        let needed = self.position + tokens.len();
+        if needed > self.max_context {
+            return Err(EngineError::ContextOverflow { tokens: needed, context: self.max_context });
+        }
+        hooks.validate(self.config.n_layers, self.config.hidden)
+    }
+}
+
+impl LanguageModel for CpuModel {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn position(&self) -> usize {
+        self.position
+    }
+
+    fn max_context(&self) -> usize {
+        self.max_context
+    }
+
+    fn reset(&mut self) {
+        for l in &mut self.layers {
+            l.cache.reset();
+        }
+        self.position = 0;
+    }
+
+    fn forward<'a>(
+        &'a mut self,
+        tokens: &'a [u32],
+        segment: Segment,
+        hooks: &'a Hooks,
+        logits: LogitsWanted,
+    ) -> LocalBoxFuture<'a, Result<StepOutput>> {
+        Box::pin(std::future::ready(self.forward_sync(tokens, segment, hooks, logits)))
     }
 
     fn backend_name(&self) -> String {

@@ -1,13 +1,22 @@
 //! A language model with a KV cache, behind one interface for every backend.
 //!
-//! `cpu` runs the transformer with candle-core tensors (natively and in wasm); the WebGPU backend implements the
-//! same trait. The three architectures share one transformer whose differences are fields of `ModelConfig`.
+//! `cpu` runs the transformer with candle-core tensors (natively and in wasm); `crate::gpu` runs it with WGSL
+//! kernels through wgpu. The three architectures share one transformer whose differences are fields of
+//! `ModelConfig`. Calls return futures because a GPU's results arrive asynchronously in the browser (nothing may
+//! block there); the CPU's futures are ready at once, and native callers wait with `block_on`.
 
 pub mod cpu;
+
+use std::future::Future;
+use std::pin::Pin;
 
 use crate::config::ModelConfig;
 use crate::error::Result;
 use crate::hooks::{Capture, Hooks, Segment};
+use crate::sampler::{pick, Sampling};
+
+/// A boxed future that may hold references and need not be `Send` (wasm futures are not).
+pub type LocalBoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
 
 /// What one forward call returns.
 #[derive(Debug, Clone)]
@@ -18,6 +27,15 @@ pub struct StepOutput {
     pub all_logits: Option<Vec<f32>>,
     /// The activations the read hooks asked for, in layer then position order.
     pub captures: Vec<Capture>,
+}
+
+/// What a forward call that also picks the next token returns.
+#[derive(Debug, Clone)]
+pub struct Picked {
+    pub token: u32,
+    pub captures: Vec<Capture>,
+    /// The logits, where the backend had them on the CPU anyway (the GPU keeps them on the device).
+    pub logits: Option<Vec<f32>>,
 }
 
 /// Which logits a forward call computes: the LM head is the largest matrix, so by default only the last row.
@@ -40,16 +58,38 @@ pub trait LanguageModel {
     /// Empties the KV cache.
     fn reset(&mut self);
 
+    /// A short name of the backend ("cpu", "wgpu ...") for reports.
+    fn backend_name(&self) -> String;
+
     /// Runs `tokens` at positions `position()..position() + tokens.len()`, appends their keys and values to the
     /// cache and returns the logits after the last one, with the hooks applied.
-    fn forward(
-        &mut self,
-        tokens: &[u32],
+    fn forward<'a>(
+        &'a mut self,
+        tokens: &'a [u32],
         segment: Segment,
-        hooks: &Hooks,
+        hooks: &'a Hooks,
         logits: LogitsWanted,
-    ) -> Result<StepOutput>;
+    ) -> LocalBoxFuture<'a, Result<StepOutput>>;
 
-    /// A short name of the backend ("cpu", "wgpu") for reports.
-    fn backend_name(&self) -> String;
+    /// As `forward`, then picks the next token (generation step `step`, see `sampler`). A GPU backend does the
+    /// picking on the device and reads back one token id instead of the logits.
+    fn forward_pick<'a>(
+        &'a mut self,
+        tokens: &'a [u32],
+        segment: Segment,
+        hooks: &'a Hooks,
+        sampling: Sampling,
+        step: u32,
+    ) -> LocalBoxFuture<'a, Result<Picked>> {
+        Box::pin(async move {
+            let out = self.forward(tokens, segment, hooks, LogitsWanted::Last).await?;
+            Ok(Picked { token: pick(&out.logits, &sampling, step), captures: out.captures, logits: Some(out.logits) })
+        })
+    }
+}
+
+/// Runs a future to completion on this thread (native only; the browser awaits instead).
+#[cfg(not(target_arch = "wasm32"))]
+pub fn block_on<F: Future>(future: F) -> F::Output {
+    pollster::block_on(future)
 }

@@ -196,15 +196,12 @@ pub fn dot_row(dtype: GgmlDType, bytes: &[u8], x: &[f32]) -> f32 {
                 let mut q = [[0f32; 32]; 4];
                 for l in 0..32 {
                     q[0][l] = (((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) as i32 - 32) as f32;
-                    q[1][l] =
-                        (((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32) as f32;
+                    q[1][l] = (((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32) as f32;
                     q[2][l] = (((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32) as f32;
                     q[3][l] = (((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32) as f32;
                 }
                 for (k, run) in q.iter().enumerate() {
-                    let xs: &[f32; 32] = x[128 * h + 32 * k..128 * h + 32 * k + 32]
-                        .try_into()
-                        .unwrap();
+                    let xs: &[f32; 32] = x[128 * h + 32 * k..128 * h + 32 * k + 32].try_into().unwrap();
                     let (first, second) = dot8_halves(run, xs);
                     add_scaled(acc, d * (sc[2 * k] as i8) as f32, &first);
                     add_scaled(acc, d * (sc[2 * k + 1] as i8) as f32, &second);
@@ -283,10 +280,7 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        (
-            (q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
+        ((q[j + 4] & 0x0f) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
     }
 }
 
@@ -311,9 +305,8 @@ mod tests {
             let blocks = 512 / values.max(1) * 3;
             let mut bytes: Vec<u8> = (0..blocks * size).map(|_| next() as u8).collect();
             // Overwrite every f16 scale (and float weight) with a finite value.
-            let finite = |b: &mut [u8], at: usize, v: f32| {
-                b[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes())
-            };
+            let finite =
+                |b: &mut [u8], at: usize, v: f32| b[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes());
             for (i, b) in bytes.chunks_exact_mut(size).enumerate() {
                 let v = 0.01 + (i % 7) as f32 * 0.003;
                 match dtype {
@@ -339,30 +332,14 @@ mod tests {
                 .to_vec1::<f32>()
                 .unwrap();
             for (i, (a, b)) in ours.iter().zip(&theirs).enumerate() {
-                assert!(
-                    (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
-                    "{dtype:?} value {i}: {a} vs {b}"
-                );
+                assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{dtype:?} value {i}: {a} vs {b}");
             }
             // The fused dot product equals the dot product with the decoded values (computed in f64).
-            let x: Vec<f32> = (0..n)
-                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
-                .collect();
-            let want: f64 = theirs
-                .iter()
-                .zip(&x)
-                .map(|(&w, &v)| w as f64 * v as f64)
-                .sum();
+            let x: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+            let want: f64 = theirs.iter().zip(&x).map(|(&w, &v)| w as f64 * v as f64).sum();
             let got = dot_row(dtype, &bytes, &x) as f64;
-            let scale: f64 = theirs
-                .iter()
-                .zip(&x)
-                .map(|(&w, &v)| (w as f64 * v as f64).abs())
-                .sum();
-            assert!(
-                (got - want).abs() <= 1e-5 * (1.0 + scale),
-                "{dtype:?} dot: {got} vs {want}"
-            );
+            let scale: f64 = theirs.iter().zip(&x).map(|(&w, &v)| (w as f64 * v as f64).abs()).sum();
+            assert!((got - want).abs() <= 1e-5 * (1.0 + scale), "{dtype:?} dot: {got} vs {want}");
         }
     }
 }

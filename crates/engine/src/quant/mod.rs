@@ -43,10 +43,7 @@ impl QuantMatrix {
         if cols % block != 0 {
             return Err(EngineError::BadTensor {
                 name: name.into(),
-                why: format!(
-                    "rows of {cols} values do not split into {} blocks of {block}",
-                    type_name(tensor.dtype())
-                ),
+                why: format!("rows of {cols} values do not split into {} blocks of {block}", type_name(tensor.dtype())),
             });
         }
         Ok(Self { tensor, rows, cols })
@@ -87,10 +84,7 @@ impl QuantMatrix {
     pub fn matmul(&self, x: &[f32]) -> Result<Vec<f32>> {
         let (k, n) = (self.cols, self.rows);
         if x.len() % k != 0 {
-            return Err(EngineError::InvalidRequest(format!(
-                "activations of {} values for rows of {k}",
-                x.len()
-            )));
+            return Err(EngineError::InvalidRequest(format!("activations of {} values for rows of {k}", x.len())));
         }
         let m = x.len() / k;
         let raw = self.raw()?;
@@ -111,8 +105,7 @@ impl QuantMatrix {
                     for r in 0..count {
                         let row = &rows[r * row_bytes..(r + 1) * row_bytes];
                         for i in 0..m {
-                            out[i * count + r] =
-                                blocks::dot_row(dtype, row, &x[i * k..(i + 1) * k]);
+                            out[i * count + r] = blocks::dot_row(dtype, row, &x[i * k..(i + 1) * k]);
                         }
                     }
                 } else {
@@ -128,8 +121,7 @@ impl QuantMatrix {
             let first = band * per_band;
             let count = values.len() / m;
             for i in 0..m {
-                out[i * n + first..i * n + first + count]
-                    .copy_from_slice(&values[i * count..(i + 1) * count]);
+                out[i * n + first..i * n + first + count].copy_from_slice(&values[i * count..(i + 1) * count]);
             }
         }
         Ok(out)
@@ -174,10 +166,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let chunks = a.len() / LANES;
     for c in 0..chunks {
-        let (ac, bc) = (
-            &a[c * LANES..(c + 1) * LANES],
-            &b[c * LANES..(c + 1) * LANES],
-        );
+        let (ac, bc) = (&a[c * LANES..(c + 1) * LANES], &b[c * LANES..(c + 1) * LANES]);
         for l in 0..LANES {
             acc[l] += ac[l] * bc[l];
         }
@@ -199,27 +188,18 @@ mod tests {
     #[test]
     fn matmul_equals_dequantized_product_for_every_type() {
         let (n, k) = (70, 512); // n not a multiple of a task's rows; k a multiple of 256 for K-quants
-        let w: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1)
-            .collect();
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1).collect();
         let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
         for dtype in crate::gguf::SUPPORTED_TYPES {
             let q = Arc::new(QTensor::quantize(&wt, dtype).unwrap());
-            let deq = q
-                .dequantize(&Device::Cpu)
-                .unwrap()
-                .to_vec2::<f32>()
-                .unwrap();
+            let deq = q.dequantize(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
             let qm = QuantMatrix::new("w", q).unwrap();
             for m in [1, FUSED_MAX_ROWS + 1] {
-                let x: Vec<f32> = (0..m * k)
-                    .map(|i| ((i * 104729 % 997) as f32 / 498.5 - 1.0))
-                    .collect();
+                let x: Vec<f32> = (0..m * k).map(|i| ((i * 104729 % 997) as f32 / 498.5 - 1.0)).collect();
                 let got = qm.matmul(&x).unwrap();
                 for i in 0..m {
                     for r in 0..n {
-                        let want: f64 =
-                            (0..k).map(|c| x[i * k + c] as f64 * deq[r][c] as f64).sum();
+                        let want: f64 = (0..k).map(|c| x[i * k + c] as f64 * deq[r][c] as f64).sum();
                         let g = got[i * n + r] as f64;
                         assert!(
                             (g - want).abs() <= 1e-4 * (1.0 + want.abs()),

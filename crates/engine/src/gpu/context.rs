@@ -1,0 +1,165 @@
+//! The GPU device: adapter, device with the adapter's real limits, buffers, readback, and device loss.
+//!
+//! Limits: WebGPU's defaults cap a storage binding at 128 MiB, below the 178 MB embedding table of Gemma 3 270M;
+//! the device is asked for whatever the adapter offers, and larger matrices are split (`weights`). No optional
+//! feature is required (`shader-f16` is absent on SwiftShader and on Linux Chrome with NVIDIA): f16 values are
+//! unpacked from u32 words in the shaders.
+
+use std::sync::{Arc, Mutex};
+
+use wgpu::util::DeviceExt;
+
+use crate::error::{EngineError, Result};
+
+/// A device and its queue, shared by everything the GPU backend creates.
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    /// Set by the device-lost callback and by uncaptured validation or out-of-memory errors.
+    failure: Arc<Mutex<Option<String>>>,
+}
+
+impl Gpu {
+    /// Opens the best GPU the platform offers (WebGPU in a browser; Vulkan, Metal or DX12 natively).
+    pub async fn new() -> Result<Self> {
+        #[cfg(target_arch = "wasm32")]
+        let descriptor = wgpu::InstanceDescriptor { backends: wgpu::Backends::BROWSER_WEBGPU, ..Default::default() };
+        #[cfg(not(target_arch = "wasm32"))]
+        let descriptor = wgpu::InstanceDescriptor::from_env_or_default();
+        let instance = wgpu::Instance::new(&descriptor);
+        let adapter = instance
+            .request_adapter(&wgpu::RequestAdapterOptions {
+                power_preference: wgpu::PowerPreference::HighPerformance,
+                force_fallback_adapter: false,
+                compatible_surface: None,
+            })
+            .await
+            .map_err(|e| EngineError::Gpu(format!("no GPU adapter is available ({e}); use the CPU backend")))?;
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("saif"),
+                required_features: wgpu::Features::empty(),
+                required_limits: limits.clone(),
+                experimental_features: Default::default(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: Default::default(),
+            })
+            .await
+            .map_err(|e| EngineError::Gpu(format!("the GPU refused a device: {e}")))?;
+        let failure = Arc::new(Mutex::new(None));
+        let lost = failure.clone();
+        device.set_device_lost_callback(move |reason, message| {
+            if let Ok(mut f) = lost.lock() {
+                f.get_or_insert(format!("the GPU device was lost ({reason:?}: {message})"));
+            }
+        });
+        let errors = failure.clone();
+        device.on_uncaptured_error(Arc::new(move |error: wgpu::Error| {
+            if let Ok(mut f) = errors.lock() {
+                f.get_or_insert(format!("GPU error: {error}"));
+            }
+        }));
+        Ok(Self { device, queue, info, limits, failure })
+    }
+
+    /// A one-line description of the adapter, for reports ("NVIDIA H100 (Vulkan)").
+    pub fn describe(&self) -> String {
+        let backend = format!("{:?}", self.info.backend);
+        if self.info.name.is_empty() {
+            backend
+        } else {
+            format!("{} ({backend})", self.info.name)
+        }
+    }
+
+    /// Fails once the device was lost or reported an error: every later result would be garbage.
+    pub fn check(&self) -> Result<()> {
+        match self.failure.lock().ok().and_then(|f| f.clone()) {
+            Some(message) => Err(EngineError::GpuLost(message)),
+            None => Ok(()),
+        }
+    }
+
+    /// Marks the device as failed (tests use it to check that loss is reported).
+    pub fn fail(&self, message: &str) {
+        if let Ok(mut f) = self.failure.lock() {
+            f.get_or_insert(message.to_string());
+        }
+    }
+
+    /// A storage buffer holding `bytes` (padded to a multiple of 4).
+    pub fn storage_with(&self, label: &str, bytes: &[u8]) -> wgpu::Buffer {
+        let mut padded;
+        let contents = if bytes.len() % 4 == 0 && !bytes.is_empty() {
+            bytes
+        } else {
+            padded = bytes.to_vec();
+            padded.resize(bytes.len().div_ceil(4).max(1) * 4, 0);
+            &padded
+        };
+        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+        })
+    }
+
+    /// A zeroed storage buffer of `bytes` bytes.
+    pub fn storage(&self, label: &str, bytes: u64) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes.max(4).div_ceil(4) * 4,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// A uniform buffer holding `bytes`, writable later.
+    pub fn uniform_with(&self, label: &str, bytes: &[u8]) -> wgpu::Buffer {
+        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: bytes,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        })
+    }
+
+    /// A buffer the CPU can map to read results back.
+    pub fn readback(&self, label: &str, bytes: u64) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes.max(4).div_ceil(4) * 4,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// Waits until `buffer` (a readback buffer the queue has written) can be read, then returns its first
+    /// `bytes` bytes.
+    pub async fn read(&self, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+        let slice = buffer.slice(0..bytes.div_ceil(4) * 4);
+        let (sender, receiver) = futures_channel::oneshot::channel();
+        slice.map_async(wgpu::MapMode::Read, move |result| {
+            let _ = sender.send(result);
+        });
+        #[cfg(not(target_arch = "wasm32"))]
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| EngineError::GpuLost(format!("waiting for the GPU failed: {e}")))?;
+        let mapped = receiver.await.map_err(|_| EngineError::GpuLost("the GPU dropped a readback".into()))?;
+        mapped.map_err(|e| EngineError::GpuLost(format!("reading GPU memory failed: {e}")))?;
+        let data = slice.get_mapped_range()[..bytes as usize].to_vec();
+        buffer.unmap();
+        self.check()?;
+        Ok(data)
+    }
+
+    /// Reads back f32 values.
+    pub async fn read_f32(&self, buffer: &wgpu::Buffer, count: usize) -> Result<Vec<f32>> {
+        let bytes = self.read(buffer, (count * 4) as u64).await?;
+        Ok(bytemuck::cast_slice(&bytes).to_vec())
+    }
+}

@@ -1,0 +1,329 @@
+//! The WGSL kernels (one family per `.wgsl` file in `kernels/`), compiled into pipelines with explicit bind group
+//! layouts, and the uniform parameter blocks they read (`#[repr(C)]` twins of the WGSL structs).
+
+use std::collections::HashMap;
+
+use bytemuck::{Pod, Zeroable};
+use candle_core::quantized::GgmlDType;
+
+use super::context::Gpu;
+use crate::error::{EngineError, Result};
+
+const QUANT: &str = include_str!("kernels/quant.wgsl");
+const MATMUL: &str = include_str!("kernels/matmul.wgsl");
+const EMBED: &str = include_str!("kernels/embed.wgsl");
+const RMSNORM: &str = include_str!("kernels/rmsnorm.wgsl");
+const ROPE: &str = include_str!("kernels/rope.wgsl");
+const ATTENTION: &str = include_str!("kernels/attention.wgsl");
+const ELEMENTWISE: &str = include_str!("kernels/elementwise.wgsl");
+const SELECT: &str = include_str!("kernels/select.wgsl");
+
+/// Tokens per workgroup of the matrix product when a call has many (prompts); decoding uses 1.
+pub const PREFILL_TILE: u32 = 8;
+
+/// How a kernel sees one binding.
+#[derive(Clone, Copy)]
+enum Slot {
+    Read,
+    Write,
+    Uniform,
+}
+
+/// A compute pipeline with the layout its bind groups are made for.
+pub struct Kernel {
+    pub name: String,
+    pipeline: wgpu::ComputePipeline,
+    layout: wgpu::BindGroupLayout,
+    bindings: Vec<u32>,
+}
+
+impl Kernel {
+    /// A bind group with `buffers` at the kernel's bindings, in order.
+    pub fn bind(&self, gpu: &Gpu, buffers: &[&wgpu::Buffer]) -> wgpu::BindGroup {
+        assert_eq!(buffers.len(), self.bindings.len(), "kernel {} takes {} buffers", self.name, self.bindings.len());
+        let entries: Vec<wgpu::BindGroupEntry> = self
+            .bindings
+            .iter()
+            .zip(buffers)
+            .map(|(&binding, buffer)| wgpu::BindGroupEntry { binding, resource: buffer.as_entire_binding() })
+            .collect();
+        gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(&self.name),
+            layout: &self.layout,
+            entries: &entries,
+        })
+    }
+
+    pub fn pipeline(&self) -> &wgpu::ComputePipeline {
+        &self.pipeline
+    }
+}
+
+fn build(gpu: &Gpu, name: &str, source: &str, entry: &str, slots: &[(u32, Slot)], constants: &[(&str, f64)]) -> Kernel {
+    let layout = bind_group_layout(gpu, name, slots);
+    build_with_layout(gpu, name, source, entry, layout, slots, constants)
+}
+
+fn bind_group_layout(gpu: &Gpu, name: &str, slots: &[(u32, Slot)]) -> wgpu::BindGroupLayout {
+    let entries: Vec<wgpu::BindGroupLayoutEntry> = slots
+        .iter()
+        .map(|&(binding, slot)| wgpu::BindGroupLayoutEntry {
+            binding,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: match slot {
+                Slot::Read => wgpu::BindingType::Buffer {
+                    ty: wgpu::BufferBindingType::Storage { read_only: true },
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+                Slot::Write => wgpu::BindingType::Buffer {
+                    ty: wgpu::BufferBindingType::Storage { read_only: false },
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+                Slot::Uniform => wgpu::BindingType::Buffer {
+                    ty: wgpu::BufferBindingType::Uniform,
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+            },
+            count: None,
+        })
+        .collect();
+    gpu.device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some(name), entries: &entries })
+}
+
+/// A pipeline for an existing layout, so that variants of one kernel (tile sizes) share bind groups.
+fn build_with_layout(
+    gpu: &Gpu,
+    name: &str,
+    source: &str,
+    entry: &str,
+    layout: wgpu::BindGroupLayout,
+    slots: &[(u32, Slot)],
+    constants: &[(&str, f64)],
+) -> Kernel {
+    let module = gpu.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some(name),
+        source: wgpu::ShaderSource::Wgsl(source.into()),
+    });
+    let pipeline_layout = gpu.device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+        label: Some(name),
+        bind_group_layouts: &[&layout],
+        push_constant_ranges: &[],
+    });
+    let pipeline = gpu.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(name),
+        layout: Some(&pipeline_layout),
+        module: &module,
+        entry_point: Some(entry),
+        compilation_options: wgpu::PipelineCompilationOptions { constants, ..Default::default() },
+        cache: None,
+    });
+    Kernel { name: name.to_string(), pipeline, layout, bindings: slots.iter().map(|s| s.0).collect() }
+}
+
+/// The WGSL decoder function of a GGUF type (in quant.wgsl).
+fn decoder(dtype: GgmlDType) -> Result<&'static str> {
+    Ok(match dtype {
+        GgmlDType::F32 => "decode_f32",
+        GgmlDType::F16 => "decode_f16",
+        GgmlDType::BF16 => "decode_bf16",
+        GgmlDType::Q4_0 => "decode_q4_0",
+        GgmlDType::Q4_1 => "decode_q4_1",
+        GgmlDType::Q5_0 => "decode_q5_0",
+        GgmlDType::Q8_0 => "decode_q8_0",
+        GgmlDType::Q4K => "decode_q4_k",
+        GgmlDType::Q6K => "decode_q6_k",
+        other => return Err(EngineError::Gpu(format!("no GPU decoder for {other:?}"))),
+    })
+}
+
+/// `source` with the block decoders and `decode_chunk` bound to `dtype`'s decoder.
+fn with_decoder(source: &str, dtype: GgmlDType) -> Result<String> {
+    Ok(format!(
+        "{QUANT}\n{source}\nfn decode_chunk(row: u32, c: u32) -> array<f32, 32> {{ return {}(row, c); }}\n",
+        decoder(dtype)?
+    ))
+}
+
+use Slot::{Read as R, Uniform as U, Write as W};
+
+/// Every pipeline the model needs, built once per device (the quantized ones per type present in the file).
+pub struct Kernels {
+    /// Per weight type: (one token per workgroup, PREFILL_TILE tokens per workgroup).
+    matmul: HashMap<GgmlDType, (Kernel, Kernel)>,
+    embed: HashMap<GgmlDType, Kernel>,
+    pub norm: Kernel,
+    pub norm_add: Kernel,
+    pub norm_inplace: Kernel,
+    pub rope_inplace: Kernel,
+    pub rope_to: Kernel,
+    pub attention: Kernel,
+    pub glu_gelu: Kernel,
+    pub glu_silu: Kernel,
+    pub add: Kernel,
+    pub add_vector: Kernel,
+    pub softcap: Kernel,
+    pub select: Kernel,
+}
+
+impl Kernels {
+    /// Builds the pipelines; `types` are the weight types the matrix products and the embedding will read.
+    pub fn new(gpu: &Gpu, types: &[GgmlDType]) -> Result<Self> {
+        let mut matmul = HashMap::new();
+        let mut embed = HashMap::new();
+        for &t in types {
+            if matmul.contains_key(&t) {
+                continue;
+            }
+            let source = with_decoder(MATMUL, t)?;
+            let slots = [(0, R), (1, R), (2, W), (3, U), (4, U)];
+            let one = build(gpu, &format!("matmul {t:?}"), &source, "main", &slots, &[("TILE", 1.0)]);
+            let name = format!("matmul {t:?} x{PREFILL_TILE}");
+            let tiles = [("TILE", PREFILL_TILE as f64)];
+            let tile = build_with_layout(gpu, &name, &source, "main", one.layout.clone(), &slots, &tiles);
+            matmul.insert(t, (one, tile));
+            let source = with_decoder(EMBED, t)?;
+            embed.insert(t, build(gpu, &format!("embed {t:?}"), &source, "main", &slots, &[]));
+        }
+        let norm_slots = [(0, R), (1, W), (2, R), (3, U), (4, U)];
+        let rope_to_slots = [(0, R), (1, W), (2, R), (3, R), (4, U), (5, U)];
+        let ew = [(0, R), (1, W), (2, U), (3, U)];
+        let kernels = Self {
+            norm: build(gpu, "norm", RMSNORM, "norm", &norm_slots, &[]),
+            norm_add: build(gpu, "norm_add", RMSNORM, "norm_add", &norm_slots, &[]),
+            norm_inplace: build(gpu, "norm_inplace", RMSNORM, "norm_inplace", &[(1, W), (2, R), (3, U), (4, U)], &[]),
+            rope_inplace: build(gpu, "rope_inplace", ROPE, "rope_inplace", &rope_to_slots[1..], &[]),
+            rope_to: build(gpu, "rope_to", ROPE, "rope_to", &rope_to_slots, &[]),
+            attention: build(
+                gpu,
+                "attention",
+                ATTENTION,
+                "main",
+                &[(0, R), (1, R), (2, R), (3, W), (4, U), (5, U)],
+                &[],
+            ),
+            glu_gelu: build(gpu, "glu_gelu", ELEMENTWISE, "glu_gelu", &ew, &[]),
+            glu_silu: build(gpu, "glu_silu", ELEMENTWISE, "glu_silu", &ew, &[]),
+            add: build(gpu, "add", ELEMENTWISE, "add", &ew, &[]),
+            add_vector: build(gpu, "add_vector", ELEMENTWISE, "add_vector", &ew, &[]),
+            softcap: build(gpu, "softcap", ELEMENTWISE, "softcap", &ew[1..], &[]),
+            select: build(gpu, "select", SELECT, "main", &[(0, R), (1, W), (2, U)], &[]),
+            matmul,
+            embed,
+        };
+        gpu.check()?;
+        Ok(kernels)
+    }
+
+    /// The matrix product for `dtype`: tiled for prompts, one token per workgroup otherwise.
+    pub fn matmul(&self, dtype: GgmlDType, tiled: bool) -> &Kernel {
+        let pair = &self.matmul[&dtype];
+        if tiled {
+            &pair.1
+        } else {
+            &pair.0
+        }
+    }
+
+    pub fn embed(&self, dtype: GgmlDType) -> &Kernel {
+        &self.embed[&dtype]
+    }
+}
+
+/// The per-call uniform every kernel reads: tokens in the call and the position of the first.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Debug, Default)]
+pub struct StepParams {
+    pub tokens: u32,
+    pub start: u32,
+    pub pad: [u32; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Debug, Default)]
+pub struct MatmulParams {
+    pub rows: u32,
+    pub cols: u32,
+    pub row_bytes: u32,
+    pub out_stride: u32,
+    pub out_col: u32,
+    pub at_position: u32,
+    pub last_only: u32,
+    pub groups_x: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Debug, Default)]
+pub struct EmbedParams {
+    pub rows: u32,
+    pub first_row: u32,
+    pub cols: u32,
+    pub row_bytes: u32,
+    pub scale: f32,
+    pub pad: [u32; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Debug, Default)]
+pub struct NormParams {
+    pub width: u32,
+    pub rows_per_token: u32,
+    pub last_only: u32,
+    pub eps: f32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Debug, Default)]
+pub struct RopeParams {
+    pub heads: u32,
+    pub head_dim: u32,
+    pub interleaved: u32,
+    pub pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Debug, Default)]
+pub struct AttentionParams {
+    pub heads: u32,
+    pub kv_heads: u32,
+    pub head_dim: u32,
+    pub window: u32,
+    pub scale: f32,
+    pub softcap: f32,
+    pub pad: [u32; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Debug, Default)]
+pub struct ElementwiseParams {
+    pub width: u32,
+    pub rows: u32,
+    pub cap: f32,
+    pub pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Debug, Default)]
+pub struct SelectParams {
+    pub vocab: u32,
+    pub random: u32,
+    pub top_k: u32,
+    pub top_p: f32,
+    pub temperature: f32,
+    pub seed_lo: u32,
+    pub seed_hi: u32,
+    pub step: u32,
+}
+
+/// Workgroup counts for `groups` workgroups along one dimension, split over x and y when there are more than a
+/// dispatch dimension holds (65,535). Returns (x, y); kernels recover the index as x + y * x_count.
+pub fn split_groups(groups: u32) -> (u32, u32) {
+    const MAX: u32 = 65_535;
+    if groups <= MAX {
+        (groups.max(1), 1)
+    } else {
+        (MAX, groups.div_ceil(MAX))
+    }
+}

@@ -1,0 +1,805 @@
+//! The transformer on the GPU: the same steps as `model::cpu`, as a plan of kernel dispatches built once at load
+//! (pipelines, bind groups and parameter blocks are never recreated), recorded into one command encoder per
+//! forward call. Only the call's size (tokens, position) is written per call; decoding reads back one token id.
+//!
+//! Per layer (Gemma-only steps marked):
+//!   norm h -> a | q = a Wq; k = a Wk; V[pos] = a Wv | q_norm, k_norm (Gemma 3) | rope q; K[pos] = rope k |
+//!   attention -> attn | o = attn Wo | h += post_norm(o) (Gemma) or h += o | norm h -> a | g = a Wg; u = a Wu |
+//!   g = act(g) u | o = g Wd | h += post_norm(o) or h += o | hooks on h
+//! then the final norm, the LM head (rows split over several buffers where needed), Gemma 2's softcap, and the
+//! token selection.
+
+use std::io::{Read, Seek};
+use std::rc::Rc;
+
+use bytemuck::Pod;
+use candle_core::Device;
+
+use super::context::Gpu;
+use super::kernels::*;
+use super::weights::GpuMatrix;
+use crate::config::{Activation, ModelConfig, RopeLayout};
+use crate::error::{EngineError, Result, TensorContext};
+use crate::gguf::GgufFile;
+use crate::hooks::{Capture, Hooks, Segment};
+use crate::model::cpu::LoadOptions;
+use crate::model::{LanguageModel, LocalBoxFuture, LogitsWanted, Picked, StepOutput};
+use crate::sampler::Sampling;
+
+/// Tokens one command buffer processes; longer prompts go through in several calls.
+pub const MAX_TOKENS_PER_CALL: usize = 128;
+
+/// Context the KV cache is allocated for when the caller sets none (GPU memory is allocated up front).
+pub const DEFAULT_GPU_CONTEXT: usize = 4096;
+
+/// How many workgroups a dispatch needs, from the number of tokens in the call.
+#[derive(Clone, Copy)]
+enum Grid {
+    /// A matrix product over `rows` output rows (4 per workgroup); `last_only` uses only the last token.
+    Matmul { rows: u32, last_only: bool },
+    /// One workgroup per row: `per_token` rows per token, or only the last token's when `last_only`.
+    Rows { per_token: u32, last_only: bool },
+    /// One thread per value: `per_token` values per token, 64 threads per workgroup.
+    Threads { per_token: u32 },
+    /// Attention: one workgroup per (head, token).
+    Attention { heads: u32 },
+    /// A single workgroup.
+    One,
+}
+
+impl Grid {
+    /// (workgroup counts, whether the matrix product takes its tiled variant)
+    fn size(self, tokens: u32) -> ([u32; 3], bool) {
+        match self {
+            Grid::Matmul { rows, last_only } => {
+                let inputs = if last_only { 1 } else { tokens };
+                let tiled = inputs > 1;
+                let tile = if tiled { PREFILL_TILE } else { 1 };
+                let (x, y) = split_groups(rows.div_ceil(4));
+                ([x, y, inputs.div_ceil(tile)], tiled)
+            }
+            Grid::Rows { per_token, last_only } => ([if last_only { per_token } else { per_token * tokens }, 1, 1], false),
+            Grid::Threads { per_token } => {
+                let (x, y) = split_groups((per_token * tokens).div_ceil(64));
+                ([x, y, 1], false)
+            }
+            Grid::Attention { heads } => ([heads, tokens, 1], false),
+            Grid::One => ([1, 1, 1], false),
+        }
+    }
+}
+
+/// One prepared dispatch.
+struct Op {
+    pipeline: wgpu::ComputePipeline,
+    /// The tiled variant of a matrix product.
+    tiled: Option<wgpu::ComputePipeline>,
+    bind: wgpu::BindGroup,
+    grid: Grid,
+    /// Kept alive for the bind group.
+    _params: Option<wgpu::Buffer>,
+}
+
+impl Op {
+    fn record(&self, pass: &mut wgpu::ComputePass, tokens: u32) {
+        let (size, tiled) = self.grid.size(tokens);
+        let pipeline = if tiled { self.tiled.as_ref().unwrap_or(&self.pipeline) } else { &self.pipeline };
+        pass.set_pipeline(pipeline);
+        pass.set_bind_group(0, &self.bind, &[]);
+        pass.dispatch_workgroups(size[0], size[1], size[2]);
+    }
+}
+
+/// Buffers every call reuses.
+struct Scratch {
+    step: wgpu::Buffer,
+    tokens: wgpu::Buffer,
+    h: wgpu::Buffer,
+    a: wgpu::Buffer,
+    q: wgpu::Buffer,
+    k: wgpu::Buffer,
+    attn: wgpu::Buffer,
+    o: wgpu::Buffer,
+    g: wgpu::Buffer,
+    u: wgpu::Buffer,
+    logits: wgpu::Buffer,
+    picked: wgpu::Buffer,
+    select_params: wgpu::Buffer,
+    logits_read: wgpu::Buffer,
+    picked_read: wgpu::Buffer,
+}
+
+struct LayerCache {
+    k: wgpu::Buffer,
+    v: wgpu::Buffer,
+}
+
+pub struct GpuModel {
+    gpu: Rc<Gpu>,
+    kernels: Kernels,
+    config: ModelConfig,
+    scratch: Scratch,
+    embed_ops: Vec<Op>,
+    layer_ops: Vec<Vec<Op>>,
+    /// Final norm over the last token, LM head, softcap.
+    head_last: Vec<Op>,
+    select_op: Op,
+    _caches: Vec<LayerCache>,
+    /// The LM head and its norm, to build the all-positions variant on demand.
+    head: HeadWeights,
+    /// The all-positions head for calls of up to `.0` tokens, with its logits buffer.
+    head_all: Option<(usize, Vec<Op>, wgpu::Buffer)>,
+    /// Per layer: the steering vector buffer and its `add_vector` dispatch, created on first use.
+    steering: Vec<Option<(wgpu::Buffer, Op)>>,
+    _weights: Vec<GpuMatrix>,
+    _vectors: Vec<wgpu::Buffer>,
+    position: usize,
+    max_context: usize,
+}
+
+/// What the all-positions LM head needs.
+struct HeadWeights {
+    final_norm: wgpu::Buffer,
+    lm_head: Rc<GpuMatrix>,
+}
+
+/// Reads tensors from the file and uploads them, with shape checks that name the tensor.
+struct Uploader<'a, R> {
+    gpu: &'a Gpu,
+    gguf: &'a GgufFile,
+    reader: &'a mut R,
+}
+
+impl<R: Read + Seek> Uploader<'_, R> {
+    /// A weight matrix, raw blocks as stored.
+    fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<GpuMatrix> {
+        let q = self.gguf.tensor(self.reader, name)?;
+        let dims = q.shape().dims().to_vec();
+        if dims != [rows, cols] {
+            return Err(EngineError::BadTensor { name: name.into(), why: format!("expected [{rows}, {cols}], found {dims:?}") });
+        }
+        let data = q.data().context(name)?;
+        GpuMatrix::upload(self.gpu, name, q.dtype(), rows, cols, &data)
+    }
+
+    /// A vector's values as f32 on the CPU.
+    fn values(&mut self, name: &str, len: usize) -> Result<Vec<f32>> {
+        let t = self.gguf.tensor(self.reader, name)?.dequantize(&Device::Cpu).context(name)?;
+        let values = t.flatten_all().and_then(|t| t.to_vec1::<f32>()).context(name)?;
+        if values.len() != len {
+            return Err(EngineError::BadTensor { name: name.into(), why: format!("expected {len} values, found {}", values.len()) });
+        }
+        Ok(values)
+    }
+
+    /// A vector (a norm's weights) on the GPU as f32.
+    fn vector(&mut self, name: &str, len: usize) -> Result<wgpu::Buffer> {
+        let values = self.values(name, len)?;
+        Ok(self.gpu.storage_with(name, bytemuck::cast_slice(&values)))
+    }
+}
+
+fn uniform<T: Pod>(gpu: &Gpu, label: &str, value: &T) -> wgpu::Buffer {
+    gpu.uniform_with(label, bytemuck::bytes_of(value))
+}
+
+impl GpuModel {
+    /// Loads the model from `reader` onto `gpu` (a GGUF whose header is `gguf`).
+    pub fn load<R: Read + Seek>(gpu: Rc<Gpu>, gguf: &GgufFile, reader: &mut R, options: &LoadOptions) -> Result<Self> {
+        Self::load_with_progress(gpu, gguf, reader, options, |_, _| {})
+    }
+
+    pub fn load_with_progress<R: Read + Seek>(
+        gpu: Rc<Gpu>,
+        gguf: &GgufFile,
+        reader: &mut R,
+        options: &LoadOptions,
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<Self> {
+        let config = ModelConfig::from_gguf(gguf)?;
+        let c = config.clone();
+        if c.head_dim > 256 || c.head_dim % 2 != 0 {
+            return Err(EngineError::Gpu(format!("head size {} is not supported on the GPU (at most 256)", c.head_dim)));
+        }
+        let max_context = options.max_context.unwrap_or(DEFAULT_GPU_CONTEXT).min(c.context_length).max(1);
+        let total_parts = c.n_layers + 2;
+        let mut weights: Vec<GpuMatrix> = Vec::new();
+        let mut vectors: Vec<wgpu::Buffer> = Vec::new();
+
+        let mut ld = Uploader { gpu: &gpu, gguf, reader };
+        let types: Vec<_> = gguf.tensors().iter().map(|t| t.dtype).collect();
+        let kernels = Kernels::new(&gpu, &types)?;
+
+        let embedding = Rc::new(ld.matrix("token_embd.weight", c.vocab_size, c.hidden)?);
+        progress(1, total_parts);
+        let t = MAX_TOKENS_PER_CALL as u64;
+        let f = 4u64;
+        let scratch = Scratch {
+            step: gpu.uniform_with("step", bytemuck::bytes_of(&StepParams::default())),
+            tokens: gpu.storage("tokens", t * 4),
+            h: gpu.storage("h", t * c.hidden as u64 * f),
+            a: gpu.storage("a", t * c.hidden as u64 * f),
+            q: gpu.storage("q", t * c.q_dim() as u64 * f),
+            k: gpu.storage("k", t * c.kv_dim() as u64 * f),
+            attn: gpu.storage("attn", t * c.q_dim() as u64 * f),
+            o: gpu.storage("o", t * c.hidden as u64 * f),
+            g: gpu.storage("g", t * c.ffn_hidden as u64 * f),
+            u: gpu.storage("u", t * c.ffn_hidden as u64 * f),
+            logits: gpu.storage("logits", c.vocab_size as u64 * f),
+            picked: gpu.storage("picked", 4),
+            select_params: uniform(&gpu, "select", &SelectParams::default()),
+            logits_read: gpu.readback("logits read", c.vocab_size as u64 * f),
+            picked_read: gpu.readback("picked read", 4),
+        };
+        let s = &scratch;
+
+        // RoPE tables per distinct base, for every position of the context (computed in f64 like the CPU path).
+        let rope_factors =
+            if gguf.has_tensor("rope_freqs.weight") { Some(ld.values("rope_freqs.weight", c.head_dim / 2)?) } else { None };
+        let mut rope_tables: Vec<(f32, wgpu::Buffer, wgpu::Buffer)> = Vec::new();
+        for layer in &c.layers {
+            if rope_tables.iter().any(|r| r.0 == layer.rope_base) {
+                continue;
+            }
+            let half = c.head_dim / 2;
+            let (mut cos, mut sin) = (Vec::with_capacity(max_context * half), Vec::with_capacity(max_context * half));
+            for p in 0..max_context {
+                for i in 0..half {
+                    let mut inv = 1.0 / (layer.rope_base as f64).powf(2.0 * i as f64 / c.head_dim as f64);
+                    if let Some(f) = &rope_factors {
+                        inv /= f[i] as f64;
+                    }
+                    let angle = p as f64 * inv;
+                    cos.push(angle.cos() as f32);
+                    sin.push(angle.sin() as f32);
+                }
+            }
+            rope_tables.push((
+                layer.rope_base,
+                gpu.storage_with("rope cos", bytemuck::cast_slice(&cos)),
+                gpu.storage_with("rope sin", bytemuck::cast_slice(&sin)),
+            ));
+        }
+
+        let k = &kernels;
+        let op = |kernel: &Kernel, buffers: &[&wgpu::Buffer], params: Option<wgpu::Buffer>, grid: Grid| -> Op {
+            let mut all: Vec<&wgpu::Buffer> = buffers.to_vec();
+            if let Some(p) = &params {
+                all.push(p);
+            }
+            all.push(&s.step);
+            Op { pipeline: kernel.pipeline().clone(), tiled: None, bind: kernel.bind(&gpu, &all), grid, _params: params }
+        };
+        let matmul_ops = |m: &GpuMatrix, x: &wgpu::Buffer, y: &wgpu::Buffer, out_stride: usize, at_position: bool, last_only: bool| -> Vec<Op> {
+            m.parts
+                .iter()
+                .map(|part| {
+                    let (groups_x, _) = split_groups((part.rows as u32).div_ceil(4));
+                    let params = MatmulParams {
+                        rows: part.rows as u32,
+                        cols: m.cols as u32,
+                        row_bytes: m.row_bytes as u32,
+                        out_stride: out_stride as u32,
+                        out_col: part.first_row as u32,
+                        at_position: at_position as u32,
+                        last_only: last_only as u32,
+                        groups_x,
+                    };
+                    let params = uniform(&gpu, &m.name, &params);
+                    let one = k.matmul(m.dtype, false);
+                    let bind = one.bind(&gpu, &[&part.buffer, x, y, &params, &s.step]);
+                    Op {
+                        pipeline: one.pipeline().clone(),
+                        tiled: Some(k.matmul(m.dtype, true).pipeline().clone()),
+                        bind,
+                        grid: Grid::Matmul { rows: part.rows as u32, last_only },
+                        _params: Some(params),
+                    }
+                })
+                .collect()
+        };
+        let norm_params = |width: usize, rows_per_token: usize, last_only: bool| {
+            uniform(&gpu, "norm", &NormParams {
+                width: width as u32,
+                rows_per_token: rows_per_token as u32,
+                last_only: last_only as u32,
+                eps: c.rms_eps,
+            })
+        };
+        let ew_params = |width: usize, rows: usize, cap: f32| {
+            uniform(&gpu, "elementwise", &ElementwiseParams { width: width as u32, rows: rows as u32, cap, pad: 0 })
+        };
+
+        let embed_ops: Vec<Op> = embedding
+            .parts
+            .iter()
+            .map(|part| {
+                let params = uniform(&gpu, "embed", &EmbedParams {
+                    rows: part.rows as u32,
+                    first_row: part.first_row as u32,
+                    cols: c.hidden as u32,
+                    row_bytes: embedding.row_bytes as u32,
+                    scale: c.embedding_scale.unwrap_or(1.0),
+                    pad: [0; 3],
+                });
+                op(k.embed(embedding.dtype), &[&part.buffer, &s.tokens, &s.h], Some(params), Grid::Threads {
+                    per_token: (c.hidden / 32) as u32,
+                })
+            })
+            .collect();
+
+        let mut caches = Vec::with_capacity(c.n_layers);
+        let mut layer_ops = Vec::with_capacity(c.n_layers);
+        let gemma = c.architecture.has_post_norms();
+        for i in 0..c.n_layers {
+            let n = |s: &str| format!("blk.{i}.{s}.weight");
+            let cache = LayerCache {
+                k: gpu.storage("k cache", (max_context * c.kv_dim() * 4) as u64),
+                v: gpu.storage("v cache", (max_context * c.kv_dim() * 4) as u64),
+            };
+            let wq = ld.matrix(&n("attn_q"), c.q_dim(), c.hidden)?;
+            let wk = ld.matrix(&n("attn_k"), c.kv_dim(), c.hidden)?;
+            let wv = ld.matrix(&n("attn_v"), c.kv_dim(), c.hidden)?;
+            let wo = ld.matrix(&n("attn_output"), c.hidden, c.q_dim())?;
+            let gate = ld.matrix(&n("ffn_gate"), c.ffn_hidden, c.hidden)?;
+            let up = ld.matrix(&n("ffn_up"), c.ffn_hidden, c.hidden)?;
+            let down = ld.matrix(&n("ffn_down"), c.hidden, c.ffn_hidden)?;
+            let attn_norm = ld.vector(&n("attn_norm"), c.hidden)?;
+            let ffn_norm = ld.vector(&n("ffn_norm"), c.hidden)?;
+
+            let mut ops = Vec::new();
+            ops.push(op(&k.norm, &[&s.h, &s.a, &attn_norm], Some(norm_params(c.hidden, 1, false)), Grid::Rows {
+                per_token: 1,
+                last_only: false,
+            }));
+            ops.extend(matmul_ops(&wq, &s.a, &s.q, c.q_dim(), false, false));
+            ops.extend(matmul_ops(&wk, &s.a, &s.k, c.kv_dim(), false, false));
+            ops.extend(matmul_ops(&wv, &s.a, &cache.v, c.kv_dim(), true, false));
+            if c.qk_norm {
+                let qn = ld.vector(&n("attn_q_norm"), c.head_dim)?;
+                let kn = ld.vector(&n("attn_k_norm"), c.head_dim)?;
+                ops.push(op(&k.norm_inplace, &[&s.q, &qn], Some(norm_params(c.head_dim, c.n_heads, false)), Grid::Rows {
+                    per_token: c.n_heads as u32,
+                    last_only: false,
+                }));
+                ops.push(op(&k.norm_inplace, &[&s.k, &kn], Some(norm_params(c.head_dim, c.n_kv_heads, false)), Grid::Rows {
+                    per_token: c.n_kv_heads as u32,
+                    last_only: false,
+                }));
+                vectors.extend([qn, kn]);
+            }
+            let spec = c.layers[i];
+            let (_, cos, sin) = rope_tables.iter().find(|r| r.0 == spec.rope_base).expect("a table per base");
+            let interleaved = (c.rope_layout == RopeLayout::Interleaved) as u32;
+            let rope_q = uniform(&gpu, "rope q", &RopeParams { heads: c.n_heads as u32, head_dim: c.head_dim as u32, interleaved, pad: 0 });
+            ops.push(op(&k.rope_inplace, &[&s.q, cos, sin], Some(rope_q), Grid::Threads {
+                per_token: (c.q_dim() / 2) as u32,
+            }));
+            let rope_k = uniform(&gpu, "rope k", &RopeParams { heads: c.n_kv_heads as u32, head_dim: c.head_dim as u32, interleaved, pad: 0 });
+            ops.push(op(&k.rope_to, &[&s.k, &cache.k, cos, sin], Some(rope_k), Grid::Threads {
+                per_token: (c.kv_dim() / 2) as u32,
+            }));
+            let attn_params = uniform(&gpu, "attention", &AttentionParams {
+                heads: c.n_heads as u32,
+                kv_heads: c.n_kv_heads as u32,
+                head_dim: c.head_dim as u32,
+                window: spec.window.unwrap_or(0) as u32,
+                scale: c.attention_scale,
+                softcap: c.attn_softcap.unwrap_or(0.0),
+                pad: [0; 2],
+            });
+            ops.push(op(&k.attention, &[&s.q, &cache.k, &cache.v, &s.attn], Some(attn_params), Grid::Attention {
+                heads: c.n_heads as u32,
+            }));
+            ops.extend(matmul_ops(&wo, &s.attn, &s.o, c.hidden, false, false));
+            let residual = |ops: &mut Vec<Op>, norm: Option<&wgpu::Buffer>| match norm {
+                Some(w) => ops.push(op(&k.norm_add, &[&s.o, &s.h, w], Some(norm_params(c.hidden, 1, false)), Grid::Rows {
+                    per_token: 1,
+                    last_only: false,
+                })),
+                None => ops.push(op(&k.add, &[&s.o, &s.h], Some(ew_params(c.hidden, 0, 0.0)), Grid::Threads {
+                    per_token: c.hidden as u32,
+                })),
+            };
+            let post_attn = if gemma { Some(ld.vector(&n("post_attention_norm"), c.hidden)?) } else { None };
+            residual(&mut ops, post_attn.as_ref());
+            ops.push(op(&k.norm, &[&s.h, &s.a, &ffn_norm], Some(norm_params(c.hidden, 1, false)), Grid::Rows {
+                per_token: 1,
+                last_only: false,
+            }));
+            ops.extend(matmul_ops(&gate, &s.a, &s.g, c.ffn_hidden, false, false));
+            ops.extend(matmul_ops(&up, &s.a, &s.u, c.ffn_hidden, false, false));
+            let glu = match c.activation {
+                Activation::GeluTanh => &k.glu_gelu,
+                Activation::Silu => &k.glu_silu,
+            };
+            ops.push(op(glu, &[&s.u, &s.g], Some(ew_params(c.ffn_hidden, 0, 0.0)), Grid::Threads {
+                per_token: c.ffn_hidden as u32,
+            }));
+            ops.extend(matmul_ops(&down, &s.g, &s.o, c.hidden, false, false));
+            let post_ffn = if gemma { Some(ld.vector(&n("post_ffw_norm"), c.hidden)?) } else { None };
+            residual(&mut ops, post_ffn.as_ref());
+
+            vectors.extend([attn_norm, ffn_norm]);
+            vectors.extend(post_attn);
+            vectors.extend(post_ffn);
+            weights.extend([wq, wk, wv, wo, gate, up, down]);
+            caches.push(cache);
+            layer_ops.push(ops);
+            progress(i + 2, total_parts);
+        }
+
+        let final_norm = ld.vector("output_norm.weight", c.hidden)?;
+        let lm_head = if gguf.has_tensor("output.weight") {
+            Rc::new(ld.matrix("output.weight", c.vocab_size, c.hidden)?)
+        } else {
+            embedding.clone()
+        };
+        let head_last = Self::head_ops(&gpu, &kernels, &c, &scratch, &final_norm, &lm_head, &scratch.logits, true);
+        let select_op = {
+            let bind = kernels.select.bind(&gpu, &[&scratch.logits, &scratch.picked, &scratch.select_params]);
+            Op { pipeline: kernels.select.pipeline().clone(), tiled: None, bind, grid: Grid::One, _params: None }
+        };
+        progress(total_parts, total_parts);
+        gpu.check()?;
+        let embedding = Rc::try_unwrap(embedding).ok();
+        weights.extend(embedding);
+        Ok(Self {
+            kernels,
+            config,
+            embed_ops,
+            layer_ops,
+            head_last,
+            select_op,
+            _caches: caches,
+            head: HeadWeights { final_norm, lm_head },
+            head_all: None,
+            steering: (0..c.n_layers).map(|_| None).collect(),
+            _weights: weights,
+            _vectors: vectors.into_iter().chain(rope_tables.into_iter().flat_map(|r| [r.1, r.2])).collect(),
+            scratch,
+            position: 0,
+            max_context,
+            gpu,
+        })
+    }
+
+    /// The final norm, the LM head (one product per part of its rows) and Gemma 2's softcap, writing logits of
+    /// the last token (`last_only`) or of every token into `logits`.
+    #[allow(clippy::too_many_arguments)]
+    fn head_ops(
+        gpu: &Gpu,
+        k: &Kernels,
+        c: &ModelConfig,
+        s: &Scratch,
+        final_norm: &wgpu::Buffer,
+        lm_head: &GpuMatrix,
+        logits: &wgpu::Buffer,
+        last_only: bool,
+    ) -> Vec<Op> {
+        let mut ops = Vec::new();
+        let params = uniform(gpu, "final norm", &NormParams { width: c.hidden as u32, rows_per_token: 1, last_only: last_only as u32, eps: c.rms_eps });
+        ops.push(Op {
+            pipeline: k.norm.pipeline().clone(),
+            tiled: None,
+            bind: k.norm.bind(gpu, &[&s.h, &s.a, final_norm, &params, &s.step]),
+            grid: Grid::Rows { per_token: 1, last_only },
+            _params: Some(params),
+        });
+        for part in &lm_head.parts {
+            let (groups_x, _) = split_groups((part.rows as u32).div_ceil(4));
+            let params = uniform(gpu, "lm head", &MatmulParams {
+                rows: part.rows as u32,
+                cols: lm_head.cols as u32,
+                row_bytes: lm_head.row_bytes as u32,
+                out_stride: c.vocab_size as u32,
+                out_col: part.first_row as u32,
+                at_position: 0,
+                last_only: last_only as u32,
+                groups_x,
+            });
+            let one = k.matmul(lm_head.dtype, false);
+            ops.push(Op {
+                pipeline: one.pipeline().clone(),
+                tiled: Some(k.matmul(lm_head.dtype, true).pipeline().clone()),
+                bind: one.bind(gpu, &[&part.buffer, &s.a, logits, &params, &s.step]),
+                grid: Grid::Matmul { rows: part.rows as u32, last_only },
+                _params: Some(params),
+            });
+        }
+        if let Some(cap) = c.final_softcap {
+            let rows = if last_only { 1 } else { 0 };
+            let params = uniform(gpu, "softcap", &ElementwiseParams { width: c.vocab_size as u32, rows, cap, pad: 0 });
+            ops.push(Op {
+                pipeline: k.softcap.pipeline().clone(),
+                tiled: None,
+                bind: k.softcap.bind(gpu, &[logits, &params, &s.step]),
+                grid: Grid::Threads { per_token: c.vocab_size as u32 },
+                _params: Some(params),
+            });
+        }
+        ops
+    }
+
+    pub fn gpu(&self) -> &Rc<Gpu> {
+        &self.gpu
+    }
+
+    fn check_request(&self, tokens: &[u32], hooks: &Hooks) -> Result<()> {
+        self.gpu.check()?;
+        if tokens.is_empty() {
+            return Err(EngineError::InvalidRequest("no tokens to run".into()));
+        }
+        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+            return Err(EngineError::InvalidRequest(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                self.config.vocab_size
+            )));
+        }
+        let needed = self.position + tokens.len();
+        if needed > self.max_context {
+            return Err(EngineError::ContextOverflow { tokens: needed, context: self.max_context });
+        }
+        hooks.validate(self.config.n_layers, self.config.hidden)
+    }
+
+    /// The add_vector dispatch of layer `layer`'s steering buffer, created on first use.
+    fn steering_op(&mut self, layer: usize) -> &(wgpu::Buffer, Op) {
+        if self.steering[layer].is_none() {
+            let c = &self.config;
+            let buffer = self.gpu.storage("steering", (c.hidden * 4) as u64);
+            let params = uniform(&self.gpu, "steering", &ElementwiseParams { width: c.hidden as u32, rows: 0, cap: 0.0, pad: 0 });
+            let k = &self.kernels.add_vector;
+            let bind = k.bind(&self.gpu, &[&buffer, &self.scratch.h, &params, &self.scratch.step]);
+            let op = Op { pipeline: k.pipeline().clone(), tiled: None, bind, grid: Grid::Threads { per_token: c.hidden as u32 }, _params: Some(params) };
+            self.steering[layer] = Some((buffer, op));
+        }
+        self.steering[layer].as_ref().expect("just created")
+    }
+
+    /// Makes sure the all-positions head exists for calls of `tokens` tokens.
+    fn ensure_head_all(&mut self, tokens: usize) {
+        if self.head_all.as_ref().is_some_and(|h| h.0 >= tokens) {
+            return;
+        }
+        let logits = self.gpu.storage("all logits", (tokens * self.config.vocab_size * 4) as u64);
+        let ops = Self::head_ops(&self.gpu, &self.kernels, &self.config, &self.scratch, &self.head.final_norm, &self.head.lm_head, &logits, false);
+        self.head_all = Some((tokens, ops, logits));
+    }
+
+    /// Runs one call of at most MAX_TOKENS_PER_CALL tokens. `finish` says what the last call of a forward ends
+    /// with; earlier calls of a long prompt end after the layers.
+    async fn run_call(&mut self, tokens: &[u32], segment: Segment, hooks: &Hooks, finish: Finish) -> Result<CallOutput> {
+        let n = tokens.len();
+        let start = self.position;
+        let hidden = self.config.hidden;
+        let gpu = self.gpu.clone();
+        gpu.queue.write_buffer(&self.scratch.step, 0, bytemuck::bytes_of(&StepParams { tokens: n as u32, start: start as u32, pad: [0; 2] }));
+        gpu.queue.write_buffer(&self.scratch.tokens, 0, bytemuck::cast_slice(tokens));
+        if let Finish::Pick(sampling, step) = finish {
+            let params = match sampling {
+                Sampling::Greedy => SelectParams { vocab: self.config.vocab_size as u32, ..Default::default() },
+                Sampling::Random { temperature, top_k, top_p, seed } => SelectParams {
+                    vocab: self.config.vocab_size as u32,
+                    random: 1,
+                    top_k: top_k.unwrap_or(0).min(u32::MAX as usize) as u32,
+                    top_p: top_p.unwrap_or(1.0),
+                    temperature,
+                    seed_lo: seed as u32,
+                    seed_hi: (seed >> 32) as u32,
+                    step,
+                },
+            };
+            gpu.queue.write_buffer(&self.scratch.select_params, 0, bytemuck::bytes_of(&params));
+        }
+        if matches!(finish, Finish::Logits(LogitsWanted::All)) {
+            self.ensure_head_all(n);
+        }
+        // Steering vectors for this call's segment, written before the commands that read them.
+        let mut steered = vec![false; self.config.n_layers];
+        for layer in 0..self.config.n_layers {
+            if let Some(v) = hooks.added_vector(layer, segment) {
+                let (buffer, _) = self.steering_op(layer);
+                gpu.queue.write_buffer(buffer, 0, bytemuck::cast_slice(&v));
+                steered[layer] = true;
+            }
+        }
+        // Captures: (layer, offset in call) in order, copied out of h after their layer.
+        let mut captures: Vec<(usize, usize)> = Vec::new();
+        for layer in 0..self.config.n_layers {
+            captures.extend(hooks.read_offsets(layer, start, n).into_iter().map(|o| (layer, o)));
+        }
+        let capture_read = (!captures.is_empty()).then(|| gpu.readback("captures", (captures.len() * hidden * 4) as u64));
+
+        let mut encoder = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("forward") });
+        let t = n as u32;
+        // Passes forget the encoder's borrow so that captures can end one, copy, and begin the next.
+        let mut pass = Some(encoder.begin_compute_pass(&Default::default()).forget_lifetime());
+        for op in &self.embed_ops {
+            op.record(pass.as_mut().unwrap(), t);
+        }
+        let mut next_capture = 0;
+        for layer in 0..self.config.n_layers {
+            for op in &self.layer_ops[layer] {
+                op.record(pass.as_mut().unwrap(), t);
+            }
+            // Reads see the stream before this layer's steering vector.
+            if captures[next_capture..].iter().any(|c| c.0 == layer) {
+                drop(pass.take());
+                while next_capture < captures.len() && captures[next_capture].0 == layer {
+                    let offset = captures[next_capture].1;
+                    let bytes = (hidden * 4) as u64;
+                    encoder.copy_buffer_to_buffer(
+                        &self.scratch.h,
+                        offset as u64 * bytes,
+                        capture_read.as_ref().expect("made when there are captures"),
+                        next_capture as u64 * bytes,
+                        bytes,
+                    );
+                    next_capture += 1;
+                }
+                pass = Some(encoder.begin_compute_pass(&Default::default()).forget_lifetime());
+            }
+            if steered[layer] {
+                let (_, op) = self.steering[layer].as_ref().expect("made above");
+                op.record(pass.as_mut().unwrap(), t);
+            }
+        }
+        match finish {
+            Finish::Layers => {}
+            Finish::Logits(LogitsWanted::Last) | Finish::Pick(..) => {
+                for op in &self.head_last {
+                    op.record(pass.as_mut().unwrap(), t);
+                }
+            }
+            Finish::Logits(LogitsWanted::All) => {
+                for op in &self.head_all.as_ref().expect("ensured above").1 {
+                    op.record(pass.as_mut().unwrap(), t);
+                }
+            }
+        }
+        if let Finish::Pick(..) = finish {
+            self.select_op.record(pass.as_mut().unwrap(), t);
+        }
+        drop(pass);
+        let vocab = self.config.vocab_size;
+        let all_read = match finish {
+            Finish::Logits(LogitsWanted::Last) => {
+                encoder.copy_buffer_to_buffer(&self.scratch.logits, 0, &self.scratch.logits_read, 0, (vocab * 4) as u64);
+                None
+            }
+            Finish::Logits(LogitsWanted::All) => {
+                let bytes = (n * vocab * 4) as u64;
+                let read = gpu.readback("all logits read", bytes);
+                encoder.copy_buffer_to_buffer(&self.head_all.as_ref().expect("ensured").2, 0, &read, 0, bytes);
+                Some(read)
+            }
+            Finish::Pick(..) => {
+                encoder.copy_buffer_to_buffer(&self.scratch.picked, 0, &self.scratch.picked_read, 0, 4);
+                None
+            }
+            Finish::Layers => None,
+        };
+        gpu.queue.submit([encoder.finish()]);
+        self.position += n;
+
+        let mut out = CallOutput::default();
+        if let Some(read) = &capture_read {
+            let values = gpu.read_f32(read, captures.len() * hidden).await?;
+            out.captures = captures
+                .iter()
+                .enumerate()
+                .map(|(i, &(layer, offset))| Capture { layer, position: start + offset, values: values[i * hidden..(i + 1) * hidden].to_vec() })
+                .collect();
+        }
+        match finish {
+            Finish::Logits(LogitsWanted::Last) => out.logits = Some(gpu.read_f32(&self.scratch.logits_read, vocab).await?),
+            Finish::Logits(LogitsWanted::All) => {
+                let all = gpu.read_f32(all_read.as_ref().expect("made above"), n * vocab).await?;
+                out.logits = Some(all[(n - 1) * vocab..].to_vec());
+                out.all_logits = Some(all);
+            }
+            Finish::Pick(..) => {
+                let bytes = gpu.read(&self.scratch.picked_read, 4).await?;
+                out.token = Some(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]));
+            }
+            Finish::Layers => gpu.check()?,
+        }
+        Ok(out)
+    }
+
+    /// A forward over any number of tokens, in calls of at most MAX_TOKENS_PER_CALL.
+    async fn run(&mut self, tokens: &[u32], segment: Segment, hooks: &Hooks, finish: Finish) -> Result<CallOutput> {
+        self.check_request(tokens, hooks)?;
+        let chunks: Vec<&[u32]> = tokens.chunks(MAX_TOKENS_PER_CALL).collect();
+        let mut total = CallOutput::default();
+        let mut all_logits = Vec::new();
+        let keep_all = matches!(finish, Finish::Logits(LogitsWanted::All));
+        for (i, chunk) in chunks.iter().enumerate() {
+            let last = i + 1 == chunks.len();
+            let this_finish = if last || keep_all { finish } else { Finish::Layers };
+            let out = self.run_call(chunk, segment, hooks, this_finish).await?;
+            total.captures.extend(out.captures);
+            if let Some(all) = out.all_logits {
+                all_logits.extend(all);
+            }
+            if last {
+                total.logits = out.logits;
+                total.token = out.token;
+            }
+        }
+        if keep_all {
+            total.all_logits = Some(all_logits);
+        }
+        Ok(total)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Finish {
+    /// Stop after the layers (an early chunk of a long prompt).
+    Layers,
+    Logits(LogitsWanted),
+    Pick(Sampling, u32),
+}
+
+#[derive(Default)]
+struct CallOutput {
+    logits: Option<Vec<f32>>,
+    all_logits: Option<Vec<f32>>,
+    token: Option<u32>,
+    captures: Vec<Capture>,
+}
+
+impl LanguageModel for GpuModel {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn position(&self) -> usize {
+        self.position
+    }
+
+    fn max_context(&self) -> usize {
+        self.max_context
+    }
+
+    fn reset(&mut self) {
+        self.position = 0;
+    }
+
+    fn backend_name(&self) -> String {
+        format!("wgpu: {}", self.gpu.describe())
+    }
+
+    fn forward<'a>(
+        &'a mut self,
+        tokens: &'a [u32],
+        segment: Segment,
+        hooks: &'a Hooks,
+        logits: LogitsWanted,
+    ) -> LocalBoxFuture<'a, Result<StepOutput>> {
+        Box::pin(async move {
+            let out = self.run(tokens, segment, hooks, Finish::Logits(logits)).await?;
+            Ok(StepOutput {
+                logits: out.logits.expect("logits were asked for"),
+                all_logits: out.all_logits,
+                captures: out.captures,
+            })
+        })
+    }
+
+    fn forward_pick<'a>(
+        &'a mut self,
+        tokens: &'a [u32],
+        segment: Segment,
+        hooks: &'a Hooks,
+        sampling: Sampling,
+        step: u32,
+    ) -> LocalBoxFuture<'a, Result<Picked>> {
+        Box::pin(async move {
+            let out = self.run(tokens, segment, hooks, Finish::Pick(sampling, step)).await?;
+            Ok(Picked { token: out.token.expect("a token was picked"), captures: out.captures, logits: None })
+        })
+    }
+}
