@@ -61,7 +61,11 @@ impl Engine {
     }
 
     /// Loads a GGUF file onto the GPU backend (wgpu), on `gpu` or, when `None`, on a newly opened device.
-    pub async fn load_wgpu<R: Read + Seek>(reader: &mut R, options: &LoadOptions, gpu: Option<Rc<Gpu>>) -> Result<Self> {
+    pub async fn load_wgpu<R: Read + Seek>(
+        reader: &mut R,
+        options: &LoadOptions,
+        gpu: Option<Rc<Gpu>>,
+    ) -> Result<Self> {
         let gpu = match gpu {
             Some(gpu) => gpu,
             None => Rc::new(Gpu::new().await?),

@@ -8,8 +8,8 @@ mod common;
 use common::*;
 use saif_engine::{block_on, generate, GenerateOptions, Hooks, LogitsWanted, Positions, Sampling, Segment};
 
-fn check_fixture(name: &str) {
-    let mut engine = load(&fixture_path(&format!("{name}.gguf")));
+fn check_fixture(name: &str, backend: Backend) {
+    let mut engine = load_on(&fixture_path(&format!("{name}.gguf")), backend);
     let reference = read_json(&fixture_path(&format!("{name}.json")));
     let n_layers = engine.config().n_layers;
     for case in reference["cases"].as_array().unwrap() {
@@ -38,17 +38,32 @@ fn check_fixture(name: &str) {
 
 #[test]
 fn tiny_gemma3_matches_transformers() {
-    check_fixture("tiny-gemma3");
+    check_fixture("tiny-gemma3", Backend::Cpu);
+}
+
+#[test]
+fn tiny_gemma3_matches_transformers_on_the_gpu() {
+    check_fixture("tiny-gemma3", Backend::Wgpu);
 }
 
 #[test]
 fn tiny_gemma2_matches_transformers() {
-    check_fixture("tiny-gemma2");
+    check_fixture("tiny-gemma2", Backend::Cpu);
+}
+
+#[test]
+fn tiny_gemma2_matches_transformers_on_the_gpu() {
+    check_fixture("tiny-gemma2", Backend::Wgpu);
 }
 
 #[test]
 fn tiny_llama_matches_transformers() {
-    check_fixture("tiny-llama");
+    check_fixture("tiny-llama", Backend::Cpu);
+}
+
+#[test]
+fn tiny_llama_matches_transformers_on_the_gpu() {
+    check_fixture("tiny-llama", Backend::Wgpu);
 }
 
 #[test]

@@ -59,37 +59,37 @@ fn check_prompts(engine: &mut Engine, golden: &serde_json::Value) {
     assert!(greedy_equal >= 4, "greedy tokens equal on only {greedy_equal} of {} prompts", prompts.len());
 }
 
-#[test]
-fn gemma3_270m_matches_the_reference() {
-    let golden = read_json(&golden_path("gemma-3-270m-q4_k_m.json"));
-    let mut engine = load(&model_path(GEMMA));
+fn check_model(file: &str, golden: &str, reference: &str, backend: Backend) {
+    let golden = read_json(&golden_path(golden));
+    let reference = read_json(&reference_path(reference));
+    let mut engine = load_on(&model_path(file), backend);
     check_tokenizer(&engine, &golden);
     check_prompts(&mut engine, &golden);
-}
-
-#[test]
-fn smollm2_135m_matches_the_reference() {
-    let golden = read_json(&golden_path("smollm2-135m-instruct-q4_1.json"));
-    let mut engine = load(&model_path(SMOLLM));
-    check_tokenizer(&engine, &golden);
-    check_prompts(&mut engine, &golden);
-}
-
-/// Prompts the golden files lack (Spanish, German, code, chat turns, and 600-token prompts that cross Gemma 3's
-/// 512-token sliding window), with references made the same way (scripts/dev/make_references.py).
-#[test]
-fn gemma3_270m_matches_the_reference_on_more_prompts() {
-    let reference = read_json(&reference_path("gemma-3-270m-q4_k_m.json"));
-    let mut engine = load(&model_path(GEMMA));
+    // Prompts the golden files lack (Spanish, German, code, chat turns, and 600-token prompts that cross Gemma 3's
+    // 512-token sliding window), with references made the same way (scripts/dev/make_references.py).
     assert!(reference["prompts"].as_array().unwrap().iter().any(|p| p["input_ids"].as_array().unwrap().len() > 512));
     check_prompts(&mut engine, &reference);
 }
 
 #[test]
-fn smollm2_135m_matches_the_reference_on_more_prompts() {
-    let reference = read_json(&reference_path("SmolLM2-135M-Instruct.Q4_1.json"));
-    let mut engine = load(&model_path(SMOLLM));
-    check_prompts(&mut engine, &reference);
+fn gemma3_270m_matches_the_reference() {
+    check_model(GEMMA, "gemma-3-270m-q4_k_m.json", "gemma-3-270m-q4_k_m.json", Backend::Cpu);
+}
+
+#[test]
+fn smollm2_135m_matches_the_reference() {
+    check_model(SMOLLM, "smollm2-135m-instruct-q4_1.json", "SmolLM2-135M-Instruct.Q4_1.json", Backend::Cpu);
+}
+
+/// The same criteria on the GPU backend (lavapipe where the machine has no GPU).
+#[test]
+fn gemma3_270m_matches_the_reference_on_the_gpu() {
+    check_model(GEMMA, "gemma-3-270m-q4_k_m.json", "gemma-3-270m-q4_k_m.json", Backend::Wgpu);
+}
+
+#[test]
+fn smollm2_135m_matches_the_reference_on_the_gpu() {
+    check_model(SMOLLM, "smollm2-135m-instruct-q4_1.json", "SmolLM2-135M-Instruct.Q4_1.json", Backend::Wgpu);
 }
 
 /// Two of SmolLM2's golden answers end early with EOS (id 2), which must be the last generated token.

@@ -84,3 +84,54 @@ fn zero_vectors_change_nothing_and_scopes_are_respected() {
     assert_ne!(prompt_only.prompt_logits, clean.prompt_logits);
     assert_eq!(prompt_only.prompt_logits, all.prompt_logits);
 }
+
+/// The GPU backend's hooks give what the CPU backend's give: the same captures, the same steered logits and
+/// tokens, in every scope.
+#[test]
+fn gpu_hooks_match_cpu_hooks() {
+    for name in ["tiny-gemma3", "tiny-llama"] {
+        let path = fixture_path(&format!("{name}.gguf"));
+        let mut cpu = load_on(&path, Backend::Cpu);
+        let mut gpu = load_on(&path, Backend::Wgpu);
+        let hidden = cpu.config().hidden;
+        let v: Vec<f32> = (0..hidden).map(|i| ((i * 13 % 7) as f32 - 3.0) * 0.8).collect();
+        let prompt = [2u32, 44, 45, 46, 47];
+        for scope in [Scope::All, Scope::Prompt, Scope::Generated] {
+            let hooks = Hooks::none().read(1, Positions::All).read(2, Positions::Last).add(1, v.clone(), scope);
+            let options = GenerateOptions {
+                max_new_tokens: 5,
+                sampling: Sampling::Random { temperature: 0.9, top_k: Some(50), top_p: Some(0.95), seed: 3 },
+                stop_tokens: vec![],
+            };
+            let a = block_on(generate(cpu.model.as_mut(), &prompt, &options, &hooks, |_| true)).unwrap();
+            let b = block_on(generate(gpu.model.as_mut(), &prompt, &options, &hooks, |_| true)).unwrap();
+            assert_eq!(a.ids, b.ids, "{name} {scope:?}: tokens");
+            assert_eq!(a.captures.len(), b.captures.len());
+            for (x, y) in a.captures.iter().zip(&b.captures) {
+                assert_eq!((x.layer, x.position), (y.layer, y.position));
+                for (p, q) in x.values.iter().zip(&y.values) {
+                    assert!((p - q).abs() <= 1e-4 * (1.0 + p.abs()), "{name} {scope:?}: capture {p} vs {q}");
+                }
+            }
+        }
+    }
+}
+
+/// A lost GPU device turns every later call into a clear error, not garbage or a panic.
+#[test]
+fn a_lost_gpu_device_is_reported() {
+    let gpu = std::rc::Rc::new(block_on(saif_engine::gpu::Gpu::new()).unwrap());
+    let bytes = std::fs::read(fixture_path("tiny-llama.gguf")).unwrap();
+    let mut engine = block_on(saif_engine::Engine::load_wgpu(
+        &mut std::io::Cursor::new(&bytes),
+        &saif_engine::LoadOptions::default(),
+        Some(gpu.clone()),
+    ))
+    .unwrap();
+    assert!(block_on(engine.model.forward(&[5, 6], Segment::Prompt, &Hooks::none(), LogitsWanted::Last)).is_ok());
+    gpu.device.destroy();
+    let _ = gpu.device.poll(wgpu::PollType::Poll);
+    let err = block_on(engine.model.forward(&[7], Segment::Generated, &Hooks::none(), LogitsWanted::Last)).unwrap_err();
+    assert!(matches!(err, saif_engine::EngineError::GpuLost(_)), "{err}");
+    assert!(err.to_string().contains("lost") && err.to_string().contains("CPU backend"), "{err}");
+}

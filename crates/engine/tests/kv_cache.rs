@@ -48,8 +48,17 @@ fn check_cache(engine: &mut Engine, prompt: &[u32], continuation: &[u32]) {
 
 #[test]
 fn cache_matches_recompute_on_fixtures() {
+    cache_matches_recompute_on(Backend::Cpu);
+}
+
+#[test]
+fn cache_matches_recompute_on_fixtures_on_the_gpu() {
+    cache_matches_recompute_on(Backend::Wgpu);
+}
+
+fn cache_matches_recompute_on(backend: Backend) {
     for name in ["tiny-gemma3", "tiny-gemma2", "tiny-llama"] {
-        let mut engine = load(&fixture_path(&format!("{name}.gguf")));
+        let mut engine = load_on(&fixture_path(&format!("{name}.gguf")), backend);
         let prompt: Vec<u32> = (0..7).map(|i| 10 + 37 * i % 300).collect();
         let continuation: Vec<u32> = (0..9).map(|i| 20 + 53 * i % 290).collect();
         check_cache(&mut engine, &prompt, &continuation);

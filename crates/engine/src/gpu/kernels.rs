@@ -123,27 +123,32 @@ fn build_with_layout(
     Kernel { name: name.to_string(), pipeline, layout, bindings: slots.iter().map(|s| s.0).collect() }
 }
 
-/// The WGSL decoder function of a GGUF type (in quant.wgsl).
-fn decoder(dtype: GgmlDType) -> Result<&'static str> {
+/// The suffix of a GGUF type's functions in quant.wgsl.
+fn type_suffix(dtype: GgmlDType) -> Result<&'static str> {
     Ok(match dtype {
-        GgmlDType::F32 => "decode_f32",
-        GgmlDType::F16 => "decode_f16",
-        GgmlDType::BF16 => "decode_bf16",
-        GgmlDType::Q4_0 => "decode_q4_0",
-        GgmlDType::Q4_1 => "decode_q4_1",
-        GgmlDType::Q5_0 => "decode_q5_0",
-        GgmlDType::Q8_0 => "decode_q8_0",
-        GgmlDType::Q4K => "decode_q4_k",
-        GgmlDType::Q6K => "decode_q6_k",
+        GgmlDType::F32 => "f32",
+        GgmlDType::F16 => "f16",
+        GgmlDType::BF16 => "bf16",
+        GgmlDType::Q4_0 => "q4_0",
+        GgmlDType::Q4_1 => "q4_1",
+        GgmlDType::Q5_0 => "q5_0",
+        GgmlDType::Q8_0 => "q8_0",
+        GgmlDType::Q4K => "q4_k",
+        GgmlDType::Q6K => "q6_k",
         other => return Err(EngineError::Gpu(format!("no GPU decoder for {other:?}"))),
     })
 }
 
-/// `source` with the block decoders and `decode_chunk` bound to `dtype`'s decoder.
+/// `source` after quant.wgsl, with `dot_chunk` and `value_at` bound to `dtype`'s functions.
 fn with_decoder(source: &str, dtype: GgmlDType) -> Result<String> {
+    let t = type_suffix(dtype)?;
+    // quant.wgsl's dot products read `X4`; a kernel that only decodes values (the embedding) gets a private
+    // stand-in so the module compiles.
+    let stand_in = if source.contains("var<storage, read> X4") { "" } else { "var<private> X4: array<vec4<f32>, 8>;" };
     Ok(format!(
-        "{QUANT}\n{source}\nfn decode_chunk(row: u32, c: u32) -> array<f32, 32> {{ return {}(row, c); }}\n",
-        decoder(dtype)?
+        "{QUANT}\n{source}\n{stand_in}\n\
+         fn dot_chunk(row: u32, c: u32, x: u32) -> f32 {{ return dot_{t}(row, c, x); }}\n\
+         fn value_at(row: u32, i: u32) -> f32 {{ return value_{t}(row, i); }}\n"
     ))
 }
 
@@ -179,9 +184,10 @@ impl Kernels {
             }
             let source = with_decoder(MATMUL, t)?;
             let slots = [(0, R), (1, R), (2, W), (3, U), (4, U)];
-            let one = build(gpu, &format!("matmul {t:?}"), &source, "main", &slots, &[("TILE", 1.0)]);
+            let lanes = matmul_lanes(gpu) as f64;
+            let one = build(gpu, &format!("matmul {t:?}"), &source, "main", &slots, &[("TILE", 1.0), ("LANES", lanes)]);
             let name = format!("matmul {t:?} x{PREFILL_TILE}");
-            let tiles = [("TILE", PREFILL_TILE as f64)];
+            let tiles = [("TILE", PREFILL_TILE as f64), ("LANES", lanes)];
             let tile = build_with_layout(gpu, &name, &source, "main", one.layout.clone(), &slots, &tiles);
             matmul.insert(t, (one, tile));
             let source = with_decoder(EMBED, t)?;
@@ -230,6 +236,22 @@ impl Kernels {
     pub fn embed(&self, dtype: GgmlDType) -> &Kernel {
         &self.embed[&dtype]
     }
+}
+
+/// Threads sharing one row of a matrix product: a thread per row on adapters that are CPUs (lavapipe, SwiftShader:
+/// no exchange through workgroup memory, measured several times faster there), 16 on GPUs (more threads in flight
+/// per row, coalesced reads).
+pub fn matmul_lanes(gpu: &Gpu) -> u32 {
+    if gpu.info.device_type == wgpu::DeviceType::Cpu {
+        1
+    } else {
+        16
+    }
+}
+
+/// Output rows one workgroup of the matrix product covers.
+pub fn matmul_rows_per_group(gpu: &Gpu) -> u32 {
+    64 / matmul_lanes(gpu)
 }
 
 /// The per-call uniform every kernel reads: tokens in the call and the position of the first.

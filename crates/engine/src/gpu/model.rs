@@ -35,8 +35,8 @@ pub const DEFAULT_GPU_CONTEXT: usize = 4096;
 /// How many workgroups a dispatch needs, from the number of tokens in the call.
 #[derive(Clone, Copy)]
 enum Grid {
-    /// A matrix product over `rows` output rows (4 per workgroup); `last_only` uses only the last token.
-    Matmul { rows: u32, last_only: bool },
+    /// A matrix product over `rows` output rows (`per_group` per workgroup); `last_only` uses only the last token.
+    Matmul { rows: u32, per_group: u32, last_only: bool },
     /// One workgroup per row: `per_token` rows per token, or only the last token's when `last_only`.
     Rows { per_token: u32, last_only: bool },
     /// One thread per value: `per_token` values per token, 64 threads per workgroup.
@@ -51,14 +51,16 @@ impl Grid {
     /// (workgroup counts, whether the matrix product takes its tiled variant)
     fn size(self, tokens: u32) -> ([u32; 3], bool) {
         match self {
-            Grid::Matmul { rows, last_only } => {
+            Grid::Matmul { rows, per_group, last_only } => {
                 let inputs = if last_only { 1 } else { tokens };
                 let tiled = inputs > 1;
                 let tile = if tiled { PREFILL_TILE } else { 1 };
-                let (x, y) = split_groups(rows.div_ceil(4));
+                let (x, y) = split_groups(rows.div_ceil(per_group));
                 ([x, y, inputs.div_ceil(tile)], tiled)
             }
-            Grid::Rows { per_token, last_only } => ([if last_only { per_token } else { per_token * tokens }, 1, 1], false),
+            Grid::Rows { per_token, last_only } => {
+                ([if last_only { per_token } else { per_token * tokens }, 1, 1], false)
+            }
             Grid::Threads { per_token } => {
                 let (x, y) = split_groups((per_token * tokens).div_ceil(64));
                 ([x, y, 1], false)
@@ -156,7 +158,10 @@ impl<R: Read + Seek> Uploader<'_, R> {
         let q = self.gguf.tensor(self.reader, name)?;
         let dims = q.shape().dims().to_vec();
         if dims != [rows, cols] {
-            return Err(EngineError::BadTensor { name: name.into(), why: format!("expected [{rows}, {cols}], found {dims:?}") });
+            return Err(EngineError::BadTensor {
+                name: name.into(),
+                why: format!("expected [{rows}, {cols}], found {dims:?}"),
+            });
         }
         let data = q.data().context(name)?;
         GpuMatrix::upload(self.gpu, name, q.dtype(), rows, cols, &data)
@@ -167,7 +172,10 @@ impl<R: Read + Seek> Uploader<'_, R> {
         let t = self.gguf.tensor(self.reader, name)?.dequantize(&Device::Cpu).context(name)?;
         let values = t.flatten_all().and_then(|t| t.to_vec1::<f32>()).context(name)?;
         if values.len() != len {
-            return Err(EngineError::BadTensor { name: name.into(), why: format!("expected {len} values, found {}", values.len()) });
+            return Err(EngineError::BadTensor {
+                name: name.into(),
+                why: format!("expected {len} values, found {}", values.len()),
+            });
         }
         Ok(values)
     }
@@ -199,7 +207,10 @@ impl GpuModel {
         let config = ModelConfig::from_gguf(gguf)?;
         let c = config.clone();
         if c.head_dim > 256 || c.head_dim % 2 != 0 {
-            return Err(EngineError::Gpu(format!("head size {} is not supported on the GPU (at most 256)", c.head_dim)));
+            return Err(EngineError::Gpu(format!(
+                "head size {} is not supported on the GPU (at most 256)",
+                c.head_dim
+            )));
         }
         let max_context = options.max_context.unwrap_or(DEFAULT_GPU_CONTEXT).min(c.context_length).max(1);
         let total_parts = c.n_layers + 2;
@@ -234,8 +245,11 @@ impl GpuModel {
         let s = &scratch;
 
         // RoPE tables per distinct base, for every position of the context (computed in f64 like the CPU path).
-        let rope_factors =
-            if gguf.has_tensor("rope_freqs.weight") { Some(ld.values("rope_freqs.weight", c.head_dim / 2)?) } else { None };
+        let rope_factors = if gguf.has_tensor("rope_freqs.weight") {
+            Some(ld.values("rope_freqs.weight", c.head_dim / 2)?)
+        } else {
+            None
+        };
         let mut rope_tables: Vec<(f32, wgpu::Buffer, wgpu::Buffer)> = Vec::new();
         for layer in &c.layers {
             if rope_tables.iter().any(|r| r.0 == layer.rope_base) {
@@ -268,13 +282,25 @@ impl GpuModel {
                 all.push(p);
             }
             all.push(&s.step);
-            Op { pipeline: kernel.pipeline().clone(), tiled: None, bind: kernel.bind(&gpu, &all), grid, _params: params }
+            Op {
+                pipeline: kernel.pipeline().clone(),
+                tiled: None,
+                bind: kernel.bind(&gpu, &all),
+                grid,
+                _params: params,
+            }
         };
-        let matmul_ops = |m: &GpuMatrix, x: &wgpu::Buffer, y: &wgpu::Buffer, out_stride: usize, at_position: bool, last_only: bool| -> Vec<Op> {
+        let matmul_ops = |m: &GpuMatrix,
+                          x: &wgpu::Buffer,
+                          y: &wgpu::Buffer,
+                          out_stride: usize,
+                          at_position: bool,
+                          last_only: bool|
+         -> Vec<Op> {
             m.parts
                 .iter()
                 .map(|part| {
-                    let (groups_x, _) = split_groups((part.rows as u32).div_ceil(4));
+                    let (groups_x, _) = split_groups((part.rows as u32).div_ceil(matmul_rows_per_group(&gpu)));
                     let params = MatmulParams {
                         rows: part.rows as u32,
                         cols: m.cols as u32,
@@ -292,19 +318,27 @@ impl GpuModel {
                         pipeline: one.pipeline().clone(),
                         tiled: Some(k.matmul(m.dtype, true).pipeline().clone()),
                         bind,
-                        grid: Grid::Matmul { rows: part.rows as u32, last_only },
+                        grid: Grid::Matmul {
+                            rows: part.rows as u32,
+                            per_group: matmul_rows_per_group(&gpu),
+                            last_only,
+                        },
                         _params: Some(params),
                     }
                 })
                 .collect()
         };
         let norm_params = |width: usize, rows_per_token: usize, last_only: bool| {
-            uniform(&gpu, "norm", &NormParams {
-                width: width as u32,
-                rows_per_token: rows_per_token as u32,
-                last_only: last_only as u32,
-                eps: c.rms_eps,
-            })
+            uniform(
+                &gpu,
+                "norm",
+                &NormParams {
+                    width: width as u32,
+                    rows_per_token: rows_per_token as u32,
+                    last_only: last_only as u32,
+                    eps: c.rms_eps,
+                },
+            )
         };
         let ew_params = |width: usize, rows: usize, cap: f32| {
             uniform(&gpu, "elementwise", &ElementwiseParams { width: width as u32, rows: rows as u32, cap, pad: 0 })
@@ -314,17 +348,24 @@ impl GpuModel {
             .parts
             .iter()
             .map(|part| {
-                let params = uniform(&gpu, "embed", &EmbedParams {
-                    rows: part.rows as u32,
-                    first_row: part.first_row as u32,
-                    cols: c.hidden as u32,
-                    row_bytes: embedding.row_bytes as u32,
-                    scale: c.embedding_scale.unwrap_or(1.0),
-                    pad: [0; 3],
-                });
-                op(k.embed(embedding.dtype), &[&part.buffer, &s.tokens, &s.h], Some(params), Grid::Threads {
-                    per_token: (c.hidden / 32) as u32,
-                })
+                let params = uniform(
+                    &gpu,
+                    "embed",
+                    &EmbedParams {
+                        rows: part.rows as u32,
+                        first_row: part.first_row as u32,
+                        cols: c.hidden as u32,
+                        row_bytes: embedding.row_bytes as u32,
+                        scale: c.embedding_scale.unwrap_or(1.0),
+                        pad: [0; 3],
+                    },
+                );
+                op(
+                    k.embed(embedding.dtype),
+                    &[&part.buffer, &s.tokens, &s.h],
+                    Some(params),
+                    Grid::Threads { per_token: c.hidden as u32 },
+                )
             })
             .collect();
 
@@ -348,74 +389,111 @@ impl GpuModel {
             let ffn_norm = ld.vector(&n("ffn_norm"), c.hidden)?;
 
             let mut ops = Vec::new();
-            ops.push(op(&k.norm, &[&s.h, &s.a, &attn_norm], Some(norm_params(c.hidden, 1, false)), Grid::Rows {
-                per_token: 1,
-                last_only: false,
-            }));
+            ops.push(op(
+                &k.norm,
+                &[&s.h, &s.a, &attn_norm],
+                Some(norm_params(c.hidden, 1, false)),
+                Grid::Rows { per_token: 1, last_only: false },
+            ));
             ops.extend(matmul_ops(&wq, &s.a, &s.q, c.q_dim(), false, false));
             ops.extend(matmul_ops(&wk, &s.a, &s.k, c.kv_dim(), false, false));
             ops.extend(matmul_ops(&wv, &s.a, &cache.v, c.kv_dim(), true, false));
             if c.qk_norm {
                 let qn = ld.vector(&n("attn_q_norm"), c.head_dim)?;
                 let kn = ld.vector(&n("attn_k_norm"), c.head_dim)?;
-                ops.push(op(&k.norm_inplace, &[&s.q, &qn], Some(norm_params(c.head_dim, c.n_heads, false)), Grid::Rows {
-                    per_token: c.n_heads as u32,
-                    last_only: false,
-                }));
-                ops.push(op(&k.norm_inplace, &[&s.k, &kn], Some(norm_params(c.head_dim, c.n_kv_heads, false)), Grid::Rows {
-                    per_token: c.n_kv_heads as u32,
-                    last_only: false,
-                }));
+                ops.push(op(
+                    &k.norm_inplace,
+                    &[&s.q, &qn],
+                    Some(norm_params(c.head_dim, c.n_heads, false)),
+                    Grid::Rows { per_token: c.n_heads as u32, last_only: false },
+                ));
+                ops.push(op(
+                    &k.norm_inplace,
+                    &[&s.k, &kn],
+                    Some(norm_params(c.head_dim, c.n_kv_heads, false)),
+                    Grid::Rows { per_token: c.n_kv_heads as u32, last_only: false },
+                ));
                 vectors.extend([qn, kn]);
             }
             let spec = c.layers[i];
             let (_, cos, sin) = rope_tables.iter().find(|r| r.0 == spec.rope_base).expect("a table per base");
             let interleaved = (c.rope_layout == RopeLayout::Interleaved) as u32;
-            let rope_q = uniform(&gpu, "rope q", &RopeParams { heads: c.n_heads as u32, head_dim: c.head_dim as u32, interleaved, pad: 0 });
-            ops.push(op(&k.rope_inplace, &[&s.q, cos, sin], Some(rope_q), Grid::Threads {
-                per_token: (c.q_dim() / 2) as u32,
-            }));
-            let rope_k = uniform(&gpu, "rope k", &RopeParams { heads: c.n_kv_heads as u32, head_dim: c.head_dim as u32, interleaved, pad: 0 });
-            ops.push(op(&k.rope_to, &[&s.k, &cache.k, cos, sin], Some(rope_k), Grid::Threads {
-                per_token: (c.kv_dim() / 2) as u32,
-            }));
-            let attn_params = uniform(&gpu, "attention", &AttentionParams {
-                heads: c.n_heads as u32,
-                kv_heads: c.n_kv_heads as u32,
-                head_dim: c.head_dim as u32,
-                window: spec.window.unwrap_or(0) as u32,
-                scale: c.attention_scale,
-                softcap: c.attn_softcap.unwrap_or(0.0),
-                pad: [0; 2],
-            });
-            ops.push(op(&k.attention, &[&s.q, &cache.k, &cache.v, &s.attn], Some(attn_params), Grid::Attention {
-                heads: c.n_heads as u32,
-            }));
+            let rope_q = uniform(
+                &gpu,
+                "rope q",
+                &RopeParams { heads: c.n_heads as u32, head_dim: c.head_dim as u32, interleaved, pad: 0 },
+            );
+            ops.push(op(
+                &k.rope_inplace,
+                &[&s.q, cos, sin],
+                Some(rope_q),
+                Grid::Threads { per_token: (c.q_dim() / 2) as u32 },
+            ));
+            let rope_k = uniform(
+                &gpu,
+                "rope k",
+                &RopeParams { heads: c.n_kv_heads as u32, head_dim: c.head_dim as u32, interleaved, pad: 0 },
+            );
+            ops.push(op(
+                &k.rope_to,
+                &[&s.k, &cache.k, cos, sin],
+                Some(rope_k),
+                Grid::Threads { per_token: (c.kv_dim() / 2) as u32 },
+            ));
+            let attn_params = uniform(
+                &gpu,
+                "attention",
+                &AttentionParams {
+                    heads: c.n_heads as u32,
+                    kv_heads: c.n_kv_heads as u32,
+                    head_dim: c.head_dim as u32,
+                    window: spec.window.unwrap_or(0) as u32,
+                    scale: c.attention_scale,
+                    softcap: c.attn_softcap.unwrap_or(0.0),
+                    pad: [0; 2],
+                },
+            );
+            ops.push(op(
+                &k.attention,
+                &[&s.q, &cache.k, &cache.v, &s.attn],
+                Some(attn_params),
+                Grid::Attention { heads: c.n_heads as u32 },
+            ));
             ops.extend(matmul_ops(&wo, &s.attn, &s.o, c.hidden, false, false));
             let residual = |ops: &mut Vec<Op>, norm: Option<&wgpu::Buffer>| match norm {
-                Some(w) => ops.push(op(&k.norm_add, &[&s.o, &s.h, w], Some(norm_params(c.hidden, 1, false)), Grid::Rows {
-                    per_token: 1,
-                    last_only: false,
-                })),
-                None => ops.push(op(&k.add, &[&s.o, &s.h], Some(ew_params(c.hidden, 0, 0.0)), Grid::Threads {
-                    per_token: c.hidden as u32,
-                })),
+                Some(w) => ops.push(op(
+                    &k.norm_add,
+                    &[&s.o, &s.h, w],
+                    Some(norm_params(c.hidden, 1, false)),
+                    Grid::Rows { per_token: 1, last_only: false },
+                )),
+                None => ops.push(op(
+                    &k.add,
+                    &[&s.o, &s.h],
+                    Some(ew_params(c.hidden, 0, 0.0)),
+                    Grid::Threads { per_token: c.hidden as u32 },
+                )),
             };
             let post_attn = if gemma { Some(ld.vector(&n("post_attention_norm"), c.hidden)?) } else { None };
             residual(&mut ops, post_attn.as_ref());
-            ops.push(op(&k.norm, &[&s.h, &s.a, &ffn_norm], Some(norm_params(c.hidden, 1, false)), Grid::Rows {
-                per_token: 1,
-                last_only: false,
-            }));
+            ops.push(op(
+                &k.norm,
+                &[&s.h, &s.a, &ffn_norm],
+                Some(norm_params(c.hidden, 1, false)),
+                Grid::Rows { per_token: 1, last_only: false },
+            ));
             ops.extend(matmul_ops(&gate, &s.a, &s.g, c.ffn_hidden, false, false));
             ops.extend(matmul_ops(&up, &s.a, &s.u, c.ffn_hidden, false, false));
             let glu = match c.activation {
                 Activation::GeluTanh => &k.glu_gelu,
                 Activation::Silu => &k.glu_silu,
             };
-            ops.push(op(glu, &[&s.u, &s.g], Some(ew_params(c.ffn_hidden, 0, 0.0)), Grid::Threads {
-                per_token: c.ffn_hidden as u32,
-            }));
+            ops.push(op(
+                glu,
+                &[&s.u, &s.g],
+                Some(ew_params(c.ffn_hidden, 0, 0.0)),
+                Grid::Threads { per_token: c.ffn_hidden as u32 },
+            ));
             ops.extend(matmul_ops(&down, &s.g, &s.o, c.hidden, false, false));
             let post_ffn = if gemma { Some(ld.vector(&n("post_ffw_norm"), c.hidden)?) } else { None };
             residual(&mut ops, post_ffn.as_ref());
@@ -478,7 +556,11 @@ impl GpuModel {
         last_only: bool,
     ) -> Vec<Op> {
         let mut ops = Vec::new();
-        let params = uniform(gpu, "final norm", &NormParams { width: c.hidden as u32, rows_per_token: 1, last_only: last_only as u32, eps: c.rms_eps });
+        let params = uniform(
+            gpu,
+            "final norm",
+            &NormParams { width: c.hidden as u32, rows_per_token: 1, last_only: last_only as u32, eps: c.rms_eps },
+        );
         ops.push(Op {
             pipeline: k.norm.pipeline().clone(),
             tiled: None,
@@ -487,23 +569,27 @@ impl GpuModel {
             _params: Some(params),
         });
         for part in &lm_head.parts {
-            let (groups_x, _) = split_groups((part.rows as u32).div_ceil(4));
-            let params = uniform(gpu, "lm head", &MatmulParams {
-                rows: part.rows as u32,
-                cols: lm_head.cols as u32,
-                row_bytes: lm_head.row_bytes as u32,
-                out_stride: c.vocab_size as u32,
-                out_col: part.first_row as u32,
-                at_position: 0,
-                last_only: last_only as u32,
-                groups_x,
-            });
+            let (groups_x, _) = split_groups((part.rows as u32).div_ceil(matmul_rows_per_group(gpu)));
+            let params = uniform(
+                gpu,
+                "lm head",
+                &MatmulParams {
+                    rows: part.rows as u32,
+                    cols: lm_head.cols as u32,
+                    row_bytes: lm_head.row_bytes as u32,
+                    out_stride: c.vocab_size as u32,
+                    out_col: part.first_row as u32,
+                    at_position: 0,
+                    last_only: last_only as u32,
+                    groups_x,
+                },
+            );
             let one = k.matmul(lm_head.dtype, false);
             ops.push(Op {
                 pipeline: one.pipeline().clone(),
                 tiled: Some(k.matmul(lm_head.dtype, true).pipeline().clone()),
                 bind: one.bind(gpu, &[&part.buffer, &s.a, logits, &params, &s.step]),
-                grid: Grid::Matmul { rows: part.rows as u32, last_only },
+                grid: Grid::Matmul { rows: part.rows as u32, per_group: matmul_rows_per_group(gpu), last_only },
                 _params: Some(params),
             });
         }
@@ -548,10 +634,20 @@ impl GpuModel {
         if self.steering[layer].is_none() {
             let c = &self.config;
             let buffer = self.gpu.storage("steering", (c.hidden * 4) as u64);
-            let params = uniform(&self.gpu, "steering", &ElementwiseParams { width: c.hidden as u32, rows: 0, cap: 0.0, pad: 0 });
+            let params = uniform(
+                &self.gpu,
+                "steering",
+                &ElementwiseParams { width: c.hidden as u32, rows: 0, cap: 0.0, pad: 0 },
+            );
             let k = &self.kernels.add_vector;
             let bind = k.bind(&self.gpu, &[&buffer, &self.scratch.h, &params, &self.scratch.step]);
-            let op = Op { pipeline: k.pipeline().clone(), tiled: None, bind, grid: Grid::Threads { per_token: c.hidden as u32 }, _params: Some(params) };
+            let op = Op {
+                pipeline: k.pipeline().clone(),
+                tiled: None,
+                bind,
+                grid: Grid::Threads { per_token: c.hidden as u32 },
+                _params: Some(params),
+            };
             self.steering[layer] = Some((buffer, op));
         }
         self.steering[layer].as_ref().expect("just created")
@@ -563,18 +659,38 @@ impl GpuModel {
             return;
         }
         let logits = self.gpu.storage("all logits", (tokens * self.config.vocab_size * 4) as u64);
-        let ops = Self::head_ops(&self.gpu, &self.kernels, &self.config, &self.scratch, &self.head.final_norm, &self.head.lm_head, &logits, false);
+        let ops = Self::head_ops(
+            &self.gpu,
+            &self.kernels,
+            &self.config,
+            &self.scratch,
+            &self.head.final_norm,
+            &self.head.lm_head,
+            &logits,
+            false,
+        );
         self.head_all = Some((tokens, ops, logits));
     }
 
     /// Runs one call of at most MAX_TOKENS_PER_CALL tokens. `finish` says what the last call of a forward ends
     /// with; earlier calls of a long prompt end after the layers.
-    async fn run_call(&mut self, tokens: &[u32], segment: Segment, hooks: &Hooks, finish: Finish) -> Result<CallOutput> {
+    async fn run_call(
+        &mut self,
+        tokens: &[u32],
+        segment: Segment,
+        hooks: &Hooks,
+        reads: &[(usize, usize)],
+        finish: Finish,
+    ) -> Result<CallOutput> {
         let n = tokens.len();
         let start = self.position;
         let hidden = self.config.hidden;
         let gpu = self.gpu.clone();
-        gpu.queue.write_buffer(&self.scratch.step, 0, bytemuck::bytes_of(&StepParams { tokens: n as u32, start: start as u32, pad: [0; 2] }));
+        gpu.queue.write_buffer(
+            &self.scratch.step,
+            0,
+            bytemuck::bytes_of(&StepParams { tokens: n as u32, start: start as u32, pad: [0; 2] }),
+        );
         gpu.queue.write_buffer(&self.scratch.tokens, 0, bytemuck::cast_slice(tokens));
         if let Finish::Pick(sampling, step) = finish {
             let params = match sampling {
@@ -604,12 +720,11 @@ impl GpuModel {
                 steered[layer] = true;
             }
         }
-        // Captures: (layer, offset in call) in order, copied out of h after their layer.
-        let mut captures: Vec<(usize, usize)> = Vec::new();
-        for layer in 0..self.config.n_layers {
-            captures.extend(hooks.read_offsets(layer, start, n).into_iter().map(|o| (layer, o)));
-        }
-        let capture_read = (!captures.is_empty()).then(|| gpu.readback("captures", (captures.len() * hidden * 4) as u64));
+        // Captures: (layer, offset in this call) in layer order, copied out of h after their layer.
+        let captures: Vec<(usize, usize)> =
+            reads.iter().filter(|r| r.1 >= start && r.1 < start + n).map(|&(layer, p)| (layer, p - start)).collect();
+        let capture_read =
+            (!captures.is_empty()).then(|| gpu.readback("captures", (captures.len() * hidden * 4) as u64));
 
         let mut encoder = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("forward") });
         let t = n as u32;
@@ -665,7 +780,13 @@ impl GpuModel {
         let vocab = self.config.vocab_size;
         let all_read = match finish {
             Finish::Logits(LogitsWanted::Last) => {
-                encoder.copy_buffer_to_buffer(&self.scratch.logits, 0, &self.scratch.logits_read, 0, (vocab * 4) as u64);
+                encoder.copy_buffer_to_buffer(
+                    &self.scratch.logits,
+                    0,
+                    &self.scratch.logits_read,
+                    0,
+                    (vocab * 4) as u64,
+                );
                 None
             }
             Finish::Logits(LogitsWanted::All) => {
@@ -689,11 +810,17 @@ impl GpuModel {
             out.captures = captures
                 .iter()
                 .enumerate()
-                .map(|(i, &(layer, offset))| Capture { layer, position: start + offset, values: values[i * hidden..(i + 1) * hidden].to_vec() })
+                .map(|(i, &(layer, offset))| Capture {
+                    layer,
+                    position: start + offset,
+                    values: values[i * hidden..(i + 1) * hidden].to_vec(),
+                })
                 .collect();
         }
         match finish {
-            Finish::Logits(LogitsWanted::Last) => out.logits = Some(gpu.read_f32(&self.scratch.logits_read, vocab).await?),
+            Finish::Logits(LogitsWanted::Last) => {
+                out.logits = Some(gpu.read_f32(&self.scratch.logits_read, vocab).await?)
+            }
             Finish::Logits(LogitsWanted::All) => {
                 let all = gpu.read_f32(all_read.as_ref().expect("made above"), n * vocab).await?;
                 out.logits = Some(all[(n - 1) * vocab..].to_vec());
@@ -711,6 +838,13 @@ impl GpuModel {
     /// A forward over any number of tokens, in calls of at most MAX_TOKENS_PER_CALL.
     async fn run(&mut self, tokens: &[u32], segment: Segment, hooks: &Hooks, finish: Finish) -> Result<CallOutput> {
         self.check_request(tokens, hooks)?;
+        // What the read hooks want over the whole forward, as (layer, absolute position): `Last` means the last
+        // token of the forward, not of each internal call.
+        let start = self.position;
+        let mut reads = Vec::new();
+        for layer in 0..self.config.n_layers {
+            reads.extend(hooks.read_offsets(layer, start, tokens.len()).into_iter().map(|o| (layer, start + o)));
+        }
         let chunks: Vec<&[u32]> = tokens.chunks(MAX_TOKENS_PER_CALL).collect();
         let mut total = CallOutput::default();
         let mut all_logits = Vec::new();
@@ -718,7 +852,7 @@ impl GpuModel {
         for (i, chunk) in chunks.iter().enumerate() {
             let last = i + 1 == chunks.len();
             let this_finish = if last || keep_all { finish } else { Finish::Layers };
-            let out = self.run_call(chunk, segment, hooks, this_finish).await?;
+            let out = self.run_call(chunk, segment, hooks, &reads, this_finish).await?;
             total.captures.extend(out.captures);
             if let Some(all) = out.all_logits {
                 all_logits.extend(all);

@@ -23,8 +23,22 @@ pub struct GpuMatrix {
 }
 
 impl GpuMatrix {
-    /// Uploads `bytes` (rows x cols values of `dtype`, row after row).
+    /// Uploads `bytes` (rows x cols values of `dtype`, row after row), in parts no larger than the device binds.
     pub fn upload(gpu: &Gpu, name: &str, dtype: GgmlDType, rows: usize, cols: usize, bytes: &[u8]) -> Result<Self> {
+        let limit = (gpu.limits.max_storage_buffer_binding_size as u64).min(gpu.limits.max_buffer_size) as usize;
+        Self::upload_with_limit(gpu, name, dtype, rows, cols, bytes, limit)
+    }
+
+    /// As `upload`, with parts of at most `limit` bytes.
+    pub fn upload_with_limit(
+        gpu: &Gpu,
+        name: &str,
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
+        limit: usize,
+    ) -> Result<Self> {
         if cols % 32 != 0 || cols % dtype.block_size() != 0 {
             return Err(EngineError::BadTensor {
                 name: name.into(),
@@ -35,7 +49,6 @@ impl GpuMatrix {
         if bytes.len() != rows * row_bytes {
             return Err(EngineError::BadTensor { name: name.into(), why: "size does not match its shape".into() });
         }
-        let limit = (gpu.limits.max_storage_buffer_binding_size as u64).min(gpu.limits.max_buffer_size) as usize;
         // Leave room for the 4-byte padding of a part.
         let rows_per_part = ((limit - 4) / row_bytes).min(rows).max(1);
         if row_bytes > limit - 4 {

@@ -35,9 +35,26 @@ pub fn fixture_path(name: &str) -> PathBuf {
 }
 
 pub fn load(path: &std::path::Path) -> Engine {
+    load_on(path, Backend::Cpu)
+}
+
+/// Which backend a test runs the model on.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Backend {
+    Cpu,
+    /// wgpu on the machine's adapter: Mesa's lavapipe (Vulkan on the CPU) where there is no GPU.
+    Wgpu,
+}
+
+pub fn load_on(path: &std::path::Path, backend: Backend) -> Engine {
     let file = std::fs::File::open(path).unwrap();
-    Engine::load_cpu(&mut std::io::BufReader::new(file), &LoadOptions::default())
-        .unwrap_or_else(|e| panic!("loading {}: {e}", path.display()))
+    let reader = &mut std::io::BufReader::new(file);
+    let options = LoadOptions { max_context: Some(1024) };
+    let engine = match backend {
+        Backend::Cpu => Engine::load_cpu(reader, &options),
+        Backend::Wgpu => saif_engine::block_on(Engine::load_wgpu(reader, &options, None)),
+    };
+    engine.unwrap_or_else(|e| panic!("loading {} on {backend:?}: {e}", path.display()))
 }
 
 pub fn read_json(path: &std::path::Path) -> serde_json::Value {

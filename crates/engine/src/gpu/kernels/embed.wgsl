@@ -1,4 +1,4 @@
-// Token embedding: H[t] = scale * W[token t], the row decoded from its GGUF blocks (quant.wgsl). The table may be
+// Token embedding: H[t] = scale * W[token t], each value decoded from its GGUF block (quant.wgsl, `value_at`). The table may be
 // split over several buffers (Gemma 3 270M's is 178 MB, above some devices' binding limit); each dispatch covers
 // the rows of one buffer and leaves the other tokens alone. CPU twin: Embedding::lookup (model/cpu.rs).
 
@@ -28,9 +28,9 @@ struct Step {
 
 @compute @workgroup_size(64)
 fn main(@builtin(global_invocation_id) id: vec3<u32>) {
-    let chunks = P.cols / 32u;
-    let t = id.x / chunks;
-    let c = id.x % chunks;
+    let index = id.x + id.y * 65535u * 64u;
+    let t = index / P.cols;
+    let i = index % P.cols;
     if (t >= S.tokens) {
         return;
     }
@@ -38,9 +38,5 @@ fn main(@builtin(global_invocation_id) id: vec3<u32>) {
     if (token < P.first_row || token >= P.first_row + P.rows) {
         return;
     }
-    let v = decode_chunk((token - P.first_row) * P.row_bytes, c);
-    let out = t * P.cols + 32u * c;
-    for (var l = 0u; l < 32u; l++) {
-        H[out + l] = v[l] * P.scale;
-    }
+    H[t * P.cols + i] = value_at((token - P.first_row) * P.row_bytes, i) * P.scale;
 }

@@ -1,11 +1,11 @@
-// Decoding GGUF blocks inside shaders: the raw bytes of a weight matrix sit in `W` (an array of u32 words, as the
-// file stores them) and are decoded 32 values at a time, so dequantization fuses into whatever reads them.
-// The CPU twin of every function here is crates/engine/src/quant/blocks.rs (`dequantize`), which the GPU tests
-// compare against.
-//
-// The including kernel declares `W` and appends `fn decode_chunk(row: u32, c: u32) -> array<f32, 32>` forwarding
-// to the decoder of its type (see gpu/kernels.rs). `row` is the byte offset of a row's first block; chunk `c`
-// holds the row's values 32c .. 32c + 31. Every field of every block starts at an even byte offset.
+// GGUF blocks read inside shaders: the raw bytes of a weight matrix sit in `W` (u32 words, as the file stores them).
+// Two functions per type, the twins of crates/engine/src/quant/blocks.rs:
+//   dot_<type>(row, c, x)  the dot product of the row's values 32c .. 32c + 31 with X4[x .. x + 8] (8 vec4s of
+//                          activations), decoding inside the product (blocks::dot_row);
+//   value_<type>(row, i)   the row's value i alone (blocks::dequantize), for the embedding lookup.
+// `row` is the byte offset of a row's first block. Every field of every block starts at an even byte offset.
+// The including kernel declares `W` and, for the dot products, `X4: array<vec4<f32>>`; gpu/kernels.rs appends
+// `dot_chunk` and `value_at`, bound to the matrix's type.
 
 fn byte_at(off: u32) -> u32 {
     return (W[off >> 2u] >> ((off & 3u) * 8u)) & 0xffu;
@@ -25,104 +25,161 @@ fn half_at(off: u32) -> f32 {
     return unpack2x16float((W[off >> 2u] >> ((off & 2u) * 8u)) & 0xffffu).x;
 }
 
-fn decode_f32(row: u32, c: u32) -> array<f32, 32> {
-    var v: array<f32, 32>;
+fn nibbles_lo(q: u32) -> vec4<f32> {
+    return vec4<f32>(unpack4xU8(q & 0x0f0f0f0fu));
+}
+
+fn nibbles_hi(q: u32) -> vec4<f32> {
+    return vec4<f32>(unpack4xU8((q >> 4u) & 0x0f0f0f0fu));
+}
+
+// Four bits b .. b + 3 of `bits` as 0 or 1 each.
+fn bits4(bits: u32, b: u32) -> vec4<f32> {
+    let v = bits >> b;
+    return vec4<f32>(f32(v & 1u), f32((v >> 1u) & 1u), f32((v >> 2u) & 1u), f32((v >> 3u) & 1u));
+}
+
+fn sum4(v: vec4<f32>) -> f32 {
+    return v.x + v.y + v.z + v.w;
+}
+
+// --- F32, F16, BF16: plain numbers -------------------------------------------------------------------------
+
+fn dot_f32(row: u32, c: u32, x: u32) -> f32 {
     let base = (row >> 2u) + 32u * c;
-    for (var l = 0u; l < 32u; l++) {
-        v[l] = bitcast<f32>(W[base + l]);
+    var s = 0.0;
+    for (var w = 0u; w < 8u; w++) {
+        let v = vec4<f32>(bitcast<f32>(W[base + 4u * w]), bitcast<f32>(W[base + 4u * w + 1u]),
+                          bitcast<f32>(W[base + 4u * w + 2u]), bitcast<f32>(W[base + 4u * w + 3u]));
+        s += dot(v, X4[x + w]);
     }
-    return v;
+    return s;
 }
 
-fn decode_f16(row: u32, c: u32) -> array<f32, 32> {
-    var v: array<f32, 32>;
+fn value_f32(row: u32, i: u32) -> f32 {
+    return bitcast<f32>(W[(row >> 2u) + i]);
+}
+
+fn dot_f16(row: u32, c: u32, x: u32) -> f32 {
     let base = row + 64u * c;
-    for (var l = 0u; l < 16u; l++) {
-        let pair = unpack2x16float(word_at(base + 4u * l));
-        v[2u * l] = pair.x;
-        v[2u * l + 1u] = pair.y;
+    var s = 0.0;
+    for (var w = 0u; w < 8u; w++) {
+        let v = vec4<f32>(unpack2x16float(word_at(base + 8u * w)), unpack2x16float(word_at(base + 8u * w + 4u)));
+        s += dot(v, X4[x + w]);
     }
-    return v;
+    return s;
 }
 
-fn decode_bf16(row: u32, c: u32) -> array<f32, 32> {
-    var v: array<f32, 32>;
+fn value_f16(row: u32, i: u32) -> f32 {
+    return half_at(row + 2u * i);
+}
+
+fn bf16_pair(w: u32) -> vec2<f32> {
+    return vec2<f32>(bitcast<f32>(w << 16u), bitcast<f32>(w & 0xffff0000u));
+}
+
+fn dot_bf16(row: u32, c: u32, x: u32) -> f32 {
     let base = row + 64u * c;
-    for (var l = 0u; l < 16u; l++) {
-        let w = word_at(base + 4u * l);
-        v[2u * l] = bitcast<f32>(w << 16u);
-        v[2u * l + 1u] = bitcast<f32>(w & 0xffff0000u);
+    var s = 0.0;
+    for (var w = 0u; w < 8u; w++) {
+        let v = vec4<f32>(bf16_pair(word_at(base + 8u * w)), bf16_pair(word_at(base + 8u * w + 4u)));
+        s += dot(v, X4[x + w]);
     }
-    return v;
+    return s;
 }
 
-// block_q4_0 (18 bytes, 32 values): d (f16), 16 bytes of nibbles; value j = (low nibble j - 8) d, value j + 16 =
-// (high nibble j - 8) d.
-fn decode_q4_0(row: u32, c: u32) -> array<f32, 32> {
-    var v: array<f32, 32>;
+fn value_bf16(row: u32, i: u32) -> f32 {
+    let off = row + 2u * i;
+    return bitcast<f32>(((W[off >> 2u] >> ((off & 2u) * 8u)) & 0xffffu) << 16u);
+}
+
+// --- block_q4_0 (18 bytes, 32 values): d (f16), 16 bytes of nibbles -------------------------------------------
+// Value j = (low nibble of byte j - 8) d; value j + 16 = (high nibble of byte j - 8) d.
+
+fn dot_q4_0(row: u32, c: u32, x: u32) -> f32 {
     let b = row + 18u * c;
-    let d = half_at(b);
+    var s = 0.0;
     for (var w = 0u; w < 4u; w++) {
         let q = word_at(b + 2u + 4u * w);
-        for (var k = 0u; k < 4u; k++) {
-            let byte = (q >> (8u * k)) & 0xffu;
-            v[4u * w + k] = (f32(byte & 0xfu) - 8.0) * d;
-            v[4u * w + k + 16u] = (f32(byte >> 4u) - 8.0) * d;
-        }
+        s += dot(nibbles_lo(q) - 8.0, X4[x + w]) + dot(nibbles_hi(q) - 8.0, X4[x + 4u + w]);
     }
-    return v;
+    return s * half_at(b);
 }
 
-// block_q4_1 (20 bytes): d, m (f16), 16 bytes of nibbles; value = nibble d + m.
-fn decode_q4_1(row: u32, c: u32) -> array<f32, 32> {
-    var v: array<f32, 32>;
+fn value_q4_0(row: u32, i: u32) -> f32 {
+    let b = row + 18u * (i / 32u);
+    let j = i % 32u;
+    let q = (byte_at(b + 2u + j % 16u) >> (4u * (j / 16u))) & 0xfu;
+    return (f32(q) - 8.0) * half_at(b);
+}
+
+// --- block_q4_1 (20 bytes): d, m (f16), 16 bytes of nibbles; value = nibble d + m ------------------------------
+
+fn dot_q4_1(row: u32, c: u32, x: u32) -> f32 {
     let b = row + 20u * c;
-    let d = half_at(b);
-    let m = half_at(b + 2u);
+    var s = 0.0;
+    var sx = 0.0;
     for (var w = 0u; w < 4u; w++) {
         let q = word_at(b + 4u + 4u * w);
-        for (var k = 0u; k < 4u; k++) {
-            let byte = (q >> (8u * k)) & 0xffu;
-            v[4u * w + k] = f32(byte & 0xfu) * d + m;
-            v[4u * w + k + 16u] = f32(byte >> 4u) * d + m;
-        }
+        let x0 = X4[x + w];
+        let x1 = X4[x + 4u + w];
+        s += dot(nibbles_lo(q), x0) + dot(nibbles_hi(q), x1);
+        sx += sum4(x0 + x1);
     }
-    return v;
+    return s * half_at(b) + sx * half_at(b + 2u);
 }
 
-// block_q5_0 (22 bytes): d (f16), 32 high bits (u32), 16 bytes of low nibbles; value = (5-bit q - 16) d.
-fn decode_q5_0(row: u32, c: u32) -> array<f32, 32> {
-    var v: array<f32, 32>;
+fn value_q4_1(row: u32, i: u32) -> f32 {
+    let b = row + 20u * (i / 32u);
+    let j = i % 32u;
+    let q = (byte_at(b + 4u + j % 16u) >> (4u * (j / 16u))) & 0xfu;
+    return f32(q) * half_at(b) + half_at(b + 2u);
+}
+
+// --- block_q5_0 (22 bytes): d (f16), 32 fifth bits (u32), 16 bytes of low nibbles; value = (q - 16) d ----------
+// Value j takes bit j of the fifth bits, value j + 16 bit j + 16.
+
+fn dot_q5_0(row: u32, c: u32, x: u32) -> f32 {
     let b = row + 22u * c;
-    let d = half_at(b);
     let qh = word_at(b + 2u);
+    var s = 0.0;
     for (var w = 0u; w < 4u; w++) {
         let q = word_at(b + 6u + 4u * w);
-        for (var k = 0u; k < 4u; k++) {
-            let j = 4u * w + k;
-            let byte = (q >> (8u * k)) & 0xffu;
-            let h0 = ((qh >> j) << 4u) & 0x10u;
-            let h1 = (qh >> (j + 12u)) & 0x10u;
-            v[j] = (f32((byte & 0xfu) | h0) - 16.0) * d;
-            v[j + 16u] = (f32((byte >> 4u) | h1) - 16.0) * d;
-        }
+        let lo = nibbles_lo(q) + 16.0 * bits4(qh, 4u * w) - 16.0;
+        let hi = nibbles_hi(q) + 16.0 * bits4(qh, 16u + 4u * w) - 16.0;
+        s += dot(lo, X4[x + w]) + dot(hi, X4[x + 4u + w]);
     }
-    return v;
+    return s * half_at(b);
 }
 
-// block_q8_0 (34 bytes): d (f16), 32 signed bytes; value = q d.
-fn decode_q8_0(row: u32, c: u32) -> array<f32, 32> {
-    var v: array<f32, 32>;
-    let b = row + 34u * c;
-    let d = half_at(b);
-    for (var w = 0u; w < 8u; w++) {
-        let q = word_at(b + 2u + 4u * w);
-        for (var k = 0u; k < 4u; k++) {
-            v[4u * w + k] = f32(extractBits(bitcast<i32>(q), 8u * k, 8u)) * d;
-        }
-    }
-    return v;
+fn value_q5_0(row: u32, i: u32) -> f32 {
+    let b = row + 22u * (i / 32u);
+    let j = i % 32u;
+    let low = (byte_at(b + 6u + j % 16u) >> (4u * (j / 16u))) & 0xfu;
+    let high = ((word_at(b + 2u) >> j) & 1u) << 4u;
+    return (f32(low | high) - 16.0) * half_at(b);
 }
+
+// --- block_q8_0 (34 bytes): d (f16), 32 signed bytes; value = q d ---------------------------------------------
+
+fn dot_q8_0(row: u32, c: u32, x: u32) -> f32 {
+    let b = row + 34u * c;
+    var s = 0.0;
+    for (var w = 0u; w < 8u; w++) {
+        s += dot(vec4<f32>(unpack4xI8(word_at(b + 2u + 4u * w))), X4[x + w]);
+    }
+    return s * half_at(b);
+}
+
+fn value_q8_0(row: u32, i: u32) -> f32 {
+    let b = row + 34u * (i / 32u);
+    let q = byte_at(b + 2u + i % 32u);
+    return f32(extractBits(bitcast<i32>(q), 0u, 8u)) * half_at(b);
+}
+
+// --- block_q4_K (144 bytes, 256 values) -----------------------------------------------------------------------
+// d, dmin (f16), 12 bytes of 6-bit scales and minimums, 128 bytes of nibbles. Sub-block j (32 values) takes the
+// low (j even) or high (j odd) nibbles of bytes 32 (j / 2) ..; value = d sc_j q - dmin m_j.
 
 // Scale and minimum (6 bits each) of sub-block j of a Q4_K block whose 12 scale bytes start at `s`.
 fn scale_min_k4(s: u32, j: u32) -> vec2<f32> {
@@ -134,53 +191,70 @@ fn scale_min_k4(s: u32, j: u32) -> vec2<f32> {
     return vec2<f32>(f32(sc), f32(mn));
 }
 
-// block_q4_K (144 bytes, 256 values): d, dmin (f16), 12 bytes of 6-bit scales and minimums, 128 bytes of
-// nibbles. Sub-block j (32 values) takes the low (j even) or high (j odd) nibbles of bytes 32 (j / 2) ...;
-// value = d sc_j q - dmin m_j.
-fn decode_q4_k(row: u32, c: u32) -> array<f32, 32> {
-    var v: array<f32, 32>;
+fn dot_q4_k(row: u32, c: u32, x: u32) -> f32 {
     let b = row + 144u * (c / 8u);
     let j = c % 8u;
-    let d = half_at(b);
-    let dmin = half_at(b + 2u);
     let sm = scale_min_k4(b + 4u, j);
-    let scale = d * sm.x;
-    let minimum = dmin * sm.y;
-    let shift = 4u * (j % 2u);
     let qs = b + 16u + 32u * (j / 2u);
+    let shift = 4u * (j % 2u);
+    var s = 0.0;
+    var sx = 0.0;
     for (var w = 0u; w < 8u; w++) {
-        let q = word_at(qs + 4u * w);
-        for (var k = 0u; k < 4u; k++) {
-            let nibble = (q >> (8u * k + shift)) & 0xfu;
-            v[4u * w + k] = scale * f32(nibble) - minimum;
-        }
+        let q = vec4<f32>(unpack4xU8((word_at(qs + 4u * w) >> shift) & 0x0f0f0f0fu));
+        let xv = X4[x + w];
+        s += dot(q, xv);
+        sx += sum4(xv);
     }
-    return v;
+    return half_at(b) * sm.x * s - half_at(b + 2u) * sm.y * sx;
 }
 
-// block_q6_K (210 bytes, 256 values): 128 bytes of low nibbles, 64 bytes of 2-bit highs, 16 signed scales (one per
-// 16 values), d (f16). In each half of 128 values, run k (values 32k .. 32k + 31) takes low bits from byte
-// l + 32 (k % 2) of the half's 64 (nibble k / 2), high bits from byte l of its 32 (bits 2k); value = d s (q - 32).
-fn decode_q6_k(row: u32, c: u32) -> array<f32, 32> {
-    var v: array<f32, 32>;
+fn value_q4_k(row: u32, i: u32) -> f32 {
+    let b = row + 144u * (i / 256u);
+    let j = (i % 256u) / 32u;
+    let sm = scale_min_k4(b + 4u, j);
+    let q = (byte_at(b + 16u + 32u * (j / 2u) + i % 32u) >> (4u * (j % 2u))) & 0xfu;
+    return half_at(b) * sm.x * f32(q) - half_at(b + 2u) * sm.y;
+}
+
+// --- block_q6_K (210 bytes, 256 values) -----------------------------------------------------------------------
+// 128 bytes of low nibbles, 64 bytes of 2-bit highs, 16 signed scales (one per 16 values), d (f16). In each half of
+// 128 values, run k (values 32k .. 32k + 31) takes its low bits from byte l + 32 (k % 2) of the half's 64 (nibble
+// k / 2) and its high bits from byte l of the half's 32 (bits 2k); value = d s (q - 32).
+
+fn signed_byte(off: u32) -> f32 {
+    return f32(extractBits(bitcast<i32>(byte_at(off)), 0u, 8u));
+}
+
+fn dot_q6_k(row: u32, c: u32, x: u32) -> f32 {
     let b = row + 210u * (c / 8u);
     let h = (c % 8u) / 4u;
     let k = c % 4u;
-    let d = half_at(b + 208u);
     let ql = b + 64u * h + 32u * (k % 2u);
     let qh = b + 128u + 32u * h;
     let sc = b + 192u + 8u * h + 2u * k;
-    let s0 = d * f32(extractBits(bitcast<i32>(byte_at(sc)), 0u, 8u));
-    let s1 = d * f32(extractBits(bitcast<i32>(byte_at(sc + 1u)), 0u, 8u));
+    var s0 = 0.0;
+    var s1 = 0.0;
     for (var w = 0u; w < 8u; w++) {
-        let lo = word_at(ql + 4u * w);
-        let hi = word_at(qh + 4u * w);
-        for (var i = 0u; i < 4u; i++) {
-            let l = 4u * w + i;
-            let q = ((lo >> (8u * i + 4u * (k / 2u))) & 0xfu) | (((hi >> (8u * i + 2u * k)) & 3u) << 4u);
-            let s = select(s1, s0, l < 16u);
-            v[l] = s * (f32(q) - 32.0);
+        let lo = (word_at(ql + 4u * w) >> (4u * (k / 2u))) & 0x0f0f0f0fu;
+        let hi = (word_at(qh + 4u * w) >> (2u * k)) & 0x03030303u;
+        let q = vec4<f32>(unpack4xU8(lo | (hi << 4u))) - 32.0;
+        let p = dot(q, X4[x + w]);
+        if (w < 4u) {
+            s0 += p;
+        } else {
+            s1 += p;
         }
     }
-    return v;
+    return half_at(b + 208u) * (signed_byte(sc) * s0 + signed_byte(sc + 1u) * s1);
+}
+
+fn value_q6_k(row: u32, i: u32) -> f32 {
+    let b = row + 210u * (i / 256u);
+    let h = (i % 256u) / 128u;
+    let k = (i % 128u) / 32u;
+    let l = i % 32u;
+    let low = (byte_at(b + 64u * h + 32u * (k % 2u) + l) >> (4u * (k / 2u))) & 0xfu;
+    let high = (byte_at(b + 128u + 32u * h + l) >> (2u * k)) & 3u;
+    let scale = signed_byte(b + 192u + 8u * h + 2u * k + l / 16u);
+    return half_at(b + 208u) * scale * (f32(low | (high << 4u)) - 32.0);
 }

@@ -1,0 +1,486 @@
+//! Each WGSL kernel against its CPU twin on random inputs: every quantization, odd sizes, sizes that are not a
+//! multiple of the workgroup. Written once as async functions and run natively (tests/gpu_kernels.rs, lavapipe
+//! where there is no GPU) and in headless Chromium (tests/wasm.rs, WebGPU on SwiftShader).
+#![allow(dead_code)]
+
+use bytemuck::Pod;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use saif_engine::gpu::kernels::*;
+use saif_engine::gpu::weights::GpuMatrix;
+use saif_engine::gpu::Gpu;
+use saif_engine::quant::QuantMatrix;
+use saif_engine::sampler::{pick, Sampling};
+
+/// Deterministic pseudo-random values in [-1, 1).
+pub fn noise(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn assert_close(got: &[f32], want: &[f32], tolerance: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= tolerance * (1.0 + w.abs()), "{what}: value {i}: GPU {g} vs CPU {w}");
+    }
+}
+
+fn uniform<T: Pod>(gpu: &Gpu, value: &T) -> wgpu::Buffer {
+    gpu.uniform_with("test params", bytemuck::bytes_of(value))
+}
+
+fn step(gpu: &Gpu, tokens: u32, start: u32) -> wgpu::Buffer {
+    uniform(gpu, &StepParams { tokens, start, pad: [0; 2] })
+}
+
+fn floats(gpu: &Gpu, values: &[f32]) -> wgpu::Buffer {
+    gpu.storage_with("test values", bytemuck::cast_slice(values))
+}
+
+/// Runs `kernel` once over `groups` workgroups.
+fn dispatch(gpu: &Gpu, kernel: &Kernel, buffers: &[&wgpu::Buffer], groups: [u32; 3]) {
+    let bind = kernel.bind(gpu, buffers);
+    let mut encoder = gpu.device.create_command_encoder(&Default::default());
+    {
+        let mut pass = encoder.begin_compute_pass(&Default::default());
+        pass.set_pipeline(kernel.pipeline());
+        pass.set_bind_group(0, &bind, &[]);
+        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+    }
+    gpu.queue.submit([encoder.finish()]);
+}
+
+async fn read(gpu: &Gpu, buffer: &wgpu::Buffer, count: usize) -> Vec<f32> {
+    let staging = gpu.readback("test read", (count * 4) as u64);
+    let mut encoder = gpu.device.create_command_encoder(&Default::default());
+    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, (count * 4) as u64);
+    gpu.queue.submit([encoder.finish()]);
+    gpu.read_f32(&staging, count).await.unwrap()
+}
+
+fn quantized(rows: usize, cols: usize, dtype: GgmlDType, seed: u64) -> QTensor {
+    let w = Tensor::from_vec(noise(rows * cols, seed), (rows, cols), &Device::Cpu).unwrap();
+    QTensor::quantize(&w, dtype).unwrap()
+}
+
+/// Runs the matrix product of `m` with `tokens` rows of `x` through every part of `m`.
+async fn gpu_matmul(
+    gpu: &Gpu,
+    kernels: &Kernels,
+    m: &GpuMatrix,
+    x: &[f32],
+    tokens: usize,
+    last_only: bool,
+    start: usize,
+) -> Vec<f32> {
+    let out_rows = if last_only { 1 } else { start + tokens };
+    let y = gpu.storage("y", (out_rows * m.rows * 4) as u64);
+    let xb = floats(gpu, x);
+    let s = step(gpu, tokens as u32, start as u32);
+    let inputs = if last_only { 1 } else { tokens as u32 };
+    let tiled = inputs > 1;
+    let tile = if tiled { PREFILL_TILE } else { 1 };
+    for part in &m.parts {
+        let (gx, gy) = split_groups((part.rows as u32).div_ceil(matmul_rows_per_group(gpu)));
+        let p = uniform(
+            gpu,
+            &MatmulParams {
+                rows: part.rows as u32,
+                cols: m.cols as u32,
+                row_bytes: m.row_bytes as u32,
+                out_stride: m.rows as u32,
+                out_col: part.first_row as u32,
+                at_position: (start > 0) as u32,
+                last_only: last_only as u32,
+                groups_x: gx,
+            },
+        );
+        dispatch(
+            gpu,
+            kernels.matmul(m.dtype, tiled),
+            &[&part.buffer, &xb, &y, &p, &s],
+            [gx, gy, inputs.div_ceil(tile)],
+        );
+    }
+    read(gpu, &y, out_rows * m.rows).await
+}
+
+pub async fn matmul_matches_cpu_for_every_type(gpu: &Gpu) {
+    for dtype in saif_engine::gguf::SUPPORTED_TYPES {
+        let k_quant = matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K);
+        // 37 and 70 rows: neither a multiple of a workgroup's rows; 96 columns: 3 chunks, fewer than the lanes.
+        for (rows, cols) in [(37, if k_quant { 256 } else { 96 }), (70, 512)] {
+            let q = quantized(rows, cols, dtype, rows as u64 + cols as u64);
+            let data = q.data().unwrap().to_vec();
+            let m = GpuMatrix::upload(gpu, "w", dtype, rows, cols, &data).unwrap();
+            let cpu = QuantMatrix::new("w", std::sync::Arc::new(q)).unwrap();
+            let kernels = Kernels::new(gpu, &[dtype]).unwrap();
+            for tokens in [1, 3, 9] {
+                let x = noise(tokens * cols, 7 + tokens as u64);
+                let got = gpu_matmul(gpu, &kernels, &m, &x, tokens, false, 0).await;
+                let want = cpu.matmul(&x).unwrap();
+                assert_close(&got, &want, 1e-4, &format!("matmul {dtype:?} {rows}x{cols}, {tokens} tokens"));
+            }
+            // The last input row only (the LM head while decoding).
+            let x = noise(3 * cols, 99);
+            let got = gpu_matmul(gpu, &kernels, &m, &x, 3, true, 0).await;
+            let want = cpu.matmul(&x[2 * cols..]).unwrap();
+            assert_close(&got, &want, 1e-4, &format!("matmul {dtype:?} last row"));
+        }
+    }
+}
+
+/// A matrix split over several buffers (as Gemma 3's 178 MB embedding is on devices with a 128 MiB binding):
+/// products and lookups give what one buffer gives.
+pub async fn split_matrices_give_the_same_products(gpu: &Gpu) {
+    let (rows, cols, dtype) = (203, 64, GgmlDType::Q8_0);
+    let q = quantized(rows, cols, dtype, 5);
+    let data = q.data().unwrap().to_vec();
+    let row_bytes = cols / 32 * 34;
+    let split = GpuMatrix::upload_with_limit(gpu, "w", dtype, rows, cols, &data, 70 * row_bytes + 4).unwrap();
+    assert_eq!(split.parts.len(), 3);
+    let whole = GpuMatrix::upload(gpu, "w", dtype, rows, cols, &data).unwrap();
+    assert_eq!(whole.parts.len(), 1);
+    let kernels = Kernels::new(gpu, &[dtype]).unwrap();
+    let x = noise(2 * cols, 3);
+    let a = gpu_matmul(gpu, &kernels, &split, &x, 2, false, 0).await;
+    let b = gpu_matmul(gpu, &kernels, &whole, &x, 2, false, 0).await;
+    assert_close(&a, &b, 0.0, "split product");
+    let tokens = [0u32, 69, 70, 140, 202];
+    let a = gpu_embed(gpu, &kernels, &split, &tokens, 1.0).await;
+    let b = gpu_embed(gpu, &kernels, &whole, &tokens, 1.0).await;
+    assert_close(&a, &b, 0.0, "split lookup");
+}
+
+async fn gpu_embed(gpu: &Gpu, kernels: &Kernels, m: &GpuMatrix, tokens: &[u32], scale: f32) -> Vec<f32> {
+    let h = gpu.storage("h", (tokens.len() * m.cols * 4) as u64);
+    let t = gpu.storage_with("tokens", bytemuck::cast_slice(tokens));
+    let s = step(gpu, tokens.len() as u32, 0);
+    for part in &m.parts {
+        let p = uniform(
+            gpu,
+            &EmbedParams {
+                rows: part.rows as u32,
+                first_row: part.first_row as u32,
+                cols: m.cols as u32,
+                row_bytes: m.row_bytes as u32,
+                scale,
+                pad: [0; 3],
+            },
+        );
+        let (gx, gy) = split_groups(((tokens.len() * m.cols) as u32).div_ceil(64));
+        dispatch(gpu, kernels.embed(m.dtype), &[&part.buffer, &t, &h, &p, &s], [gx, gy, 1]);
+    }
+    read(gpu, &h, tokens.len() * m.cols).await
+}
+
+pub async fn embedding_matches_cpu_for_every_type(gpu: &Gpu) {
+    for dtype in saif_engine::gguf::SUPPORTED_TYPES {
+        let cols = if matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K) { 256 } else { 96 };
+        let rows = 41;
+        let q = quantized(rows, cols, dtype, 11);
+        let data = q.data().unwrap().to_vec();
+        let m = GpuMatrix::upload(gpu, "table", dtype, rows, cols, &data).unwrap();
+        let cpu = QuantMatrix::new("table", std::sync::Arc::new(q)).unwrap();
+        let kernels = Kernels::new(gpu, &[dtype]).unwrap();
+        let tokens = [0u32, 40, 7, 7, 23];
+        let got = gpu_embed(gpu, &kernels, &m, &tokens, 2.5).await;
+        let mut want = Vec::new();
+        for &t in &tokens {
+            let mut row = vec![0f32; cols];
+            cpu.dequantize_rows(t as usize, &mut row).unwrap();
+            want.extend(row.iter().map(|v| v * 2.5));
+        }
+        assert_close(&got, &want, 1e-6, &format!("embedding {dtype:?}"));
+    }
+}
+
+fn rms_norm_cpu(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let mean = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let r = 1.0 / (mean + eps).sqrt();
+    x.iter().zip(w).map(|(v, g)| v * r * g).collect()
+}
+
+pub async fn rms_norms_match_cpu(gpu: &Gpu) {
+    let kernels = Kernels::new(gpu, &[]).unwrap();
+    let (width, tokens, heads) = (100, 5, 3); // width not a multiple of the 64 threads
+    let eps = 1e-6;
+    let x = noise(tokens * width, 1);
+    let y0 = noise(tokens * width, 2);
+    let w = noise(width, 3);
+    let s = step(gpu, tokens as u32, 0);
+    let want_norm: Vec<f32> = x.chunks(width).flat_map(|r| rms_norm_cpu(r, &w, eps)).collect();
+
+    // norm: Y = norm(X)
+    let y = floats(gpu, &y0);
+    let p = uniform(gpu, &NormParams { width: width as u32, rows_per_token: 1, last_only: 0, eps });
+    dispatch(gpu, &kernels.norm, &[&floats(gpu, &x), &y, &floats(gpu, &w), &p, &s], [tokens as u32, 1, 1]);
+    assert_close(&read(gpu, &y, tokens * width).await, &want_norm, 1e-5, "norm");
+
+    // norm_add: Y += norm(X)
+    let y = floats(gpu, &y0);
+    dispatch(gpu, &kernels.norm_add, &[&floats(gpu, &x), &y, &floats(gpu, &w), &p, &s], [tokens as u32, 1, 1]);
+    let want: Vec<f32> = y0.iter().zip(&want_norm).map(|(a, b)| a + b).collect();
+    assert_close(&read(gpu, &y, tokens * width).await, &want, 1e-5, "norm_add");
+
+    // last_only: only the last token's row changes.
+    let y = floats(gpu, &y0);
+    let p_last = uniform(gpu, &NormParams { width: width as u32, rows_per_token: 1, last_only: 1, eps });
+    dispatch(gpu, &kernels.norm, &[&floats(gpu, &x), &y, &floats(gpu, &w), &p_last, &s], [1, 1, 1]);
+    let mut want = y0.clone();
+    want[(tokens - 1) * width..].copy_from_slice(&want_norm[(tokens - 1) * width..]);
+    assert_close(&read(gpu, &y, tokens * width).await, &want, 1e-5, "norm of the last row");
+
+    // norm_inplace per head: rows of head_dim values, `heads` per token.
+    let head_dim = 20;
+    let q0 = noise(tokens * heads * head_dim, 4);
+    let wh = noise(head_dim, 5);
+    let q = floats(gpu, &q0);
+    let p = uniform(gpu, &NormParams { width: head_dim as u32, rows_per_token: heads as u32, last_only: 0, eps });
+    dispatch(gpu, &kernels.norm_inplace, &[&q, &floats(gpu, &wh), &p, &s], [(tokens * heads) as u32, 1, 1]);
+    let want: Vec<f32> = q0.chunks(head_dim).flat_map(|r| rms_norm_cpu(r, &wh, eps)).collect();
+    assert_close(&read(gpu, &q, tokens * heads * head_dim).await, &want, 1e-5, "per-head norm");
+}
+
+pub async fn rope_matches_cpu_in_both_layouts(gpu: &Gpu) {
+    let kernels = Kernels::new(gpu, &[]).unwrap();
+    let (heads, head_dim, tokens, start) = (3usize, 8usize, 4usize, 5usize);
+    let positions = start + tokens;
+    let half = head_dim / 2;
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    for p in 0..positions {
+        for i in 0..half {
+            let angle = p as f64 / 10_000f64.powf(2.0 * i as f64 / head_dim as f64);
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    let x = noise(tokens * heads * head_dim, 9);
+    let dev = Device::Cpu;
+    let xt = Tensor::from_vec(x.clone(), (tokens, heads, head_dim), &dev)
+        .unwrap()
+        .transpose(0, 1)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let ct = Tensor::from_vec(cos[start * half..].to_vec(), (tokens, half), &dev).unwrap();
+    let st = Tensor::from_vec(sin[start * half..].to_vec(), (tokens, half), &dev).unwrap();
+    for interleaved in [false, true] {
+        let rope = if interleaved { candle_nn::rotary_emb::rope_i } else { candle_nn::rotary_emb::rope };
+        let want = rope(&xt, &ct, &st)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .transpose(0, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let p = uniform(
+            gpu,
+            &RopeParams { heads: heads as u32, head_dim: head_dim as u32, interleaved: interleaved as u32, pad: 0 },
+        );
+        let s = step(gpu, tokens as u32, start as u32);
+        let groups = ((tokens * heads * half) as u32).div_ceil(64);
+        // In place (q).
+        let y = floats(gpu, &x);
+        dispatch(gpu, &kernels.rope_inplace, &[&y, &floats(gpu, &cos), &floats(gpu, &sin), &p, &s], [groups, 1, 1]);
+        assert_close(&read(gpu, &y, x.len()).await, &want, 1e-5, &format!("rope in place, interleaved {interleaved}"));
+        // Into the cache at the call's positions (k).
+        let cache = gpu.storage("cache", (positions * heads * head_dim * 4) as u64);
+        dispatch(
+            gpu,
+            &kernels.rope_to,
+            &[&floats(gpu, &x), &cache, &floats(gpu, &cos), &floats(gpu, &sin), &p, &s],
+            [groups, 1, 1],
+        );
+        let got = read(gpu, &cache, positions * heads * head_dim).await;
+        assert_close(
+            &got[start * heads * head_dim..],
+            &want,
+            1e-5,
+            &format!("rope into the cache, interleaved {interleaved}"),
+        );
+        assert!(got[..start * heads * head_dim].iter().all(|&v| v == 0.0), "rope wrote before the call's positions");
+    }
+}
+
+/// Attention computed plainly in f64: softmax over visible keys of (q.k scale, softcapped), times v.
+#[allow(clippy::too_many_arguments)]
+fn attention_cpu(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    start: usize,
+    tokens: usize,
+    window: usize,
+    scale: f32,
+    softcap: f32,
+) -> Vec<f32> {
+    let mut out = vec![0f32; tokens * heads * hd];
+    for t in 0..tokens {
+        let pos = start + t;
+        for h in 0..heads {
+            let kh = h / (heads / kv_heads);
+            let visible: Vec<usize> = (0..=pos).filter(|&j| window == 0 || pos - j < window).collect();
+            let scores: Vec<f64> = visible
+                .iter()
+                .map(|&j| {
+                    let mut s: f64 = (0..hd)
+                        .map(|d| {
+                            q[(t * heads + h) * hd + d] as f64 * scale as f64 * k[(j * kv_heads + kh) * hd + d] as f64
+                        })
+                        .sum();
+                    if softcap > 0.0 {
+                        s = softcap as f64 * (s / softcap as f64).tanh();
+                    }
+                    s
+                })
+                .collect();
+            let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+            let z: f64 = e.iter().sum();
+            for d in 0..hd {
+                let o: f64 = visible.iter().zip(&e).map(|(&j, w)| w / z * v[(j * kv_heads + kh) * hd + d] as f64).sum();
+                out[(t * heads + h) * hd + d] = o as f32;
+            }
+        }
+    }
+    out
+}
+
+pub async fn attention_matches_cpu(gpu: &Gpu) {
+    let kernels = Kernels::new(gpu, &[]).unwrap();
+    // 72 dimensions (not a multiple of 64), 2 query heads per key head, positions past 64 keys (two chunks of the
+    // online softmax), with and without a window, with and without a softcap.
+    let (heads, kv_heads, hd, start, tokens) = (4usize, 2usize, 72usize, 70usize, 3usize);
+    let positions = start + tokens;
+    let q = noise(tokens * heads * hd, 21);
+    let k: Vec<f32> = noise(positions * kv_heads * hd, 22).iter().map(|x| x * 3.0).collect();
+    let v = noise(positions * kv_heads * hd, 23);
+    let scale = 1.0 / (hd as f32).sqrt();
+    for (window, softcap) in [(0usize, 0f32), (50, 0.0), (0, 2.0), (5, 1.5)] {
+        let want = attention_cpu(&q, &k, &v, heads, kv_heads, hd, start, tokens, window, scale, softcap);
+        let p = uniform(
+            gpu,
+            &AttentionParams {
+                heads: heads as u32,
+                kv_heads: kv_heads as u32,
+                head_dim: hd as u32,
+                window: window as u32,
+                scale,
+                softcap,
+                pad: [0; 2],
+            },
+        );
+        let o = gpu.storage("o", (tokens * heads * hd * 4) as u64);
+        let s = step(gpu, tokens as u32, start as u32);
+        dispatch(
+            gpu,
+            &kernels.attention,
+            &[&floats(gpu, &q), &floats(gpu, &k), &floats(gpu, &v), &o, &p, &s],
+            [heads as u32, tokens as u32, 1],
+        );
+        assert_close(
+            &read(gpu, &o, want.len()).await,
+            &want,
+            1e-4,
+            &format!("attention, window {window}, softcap {softcap}"),
+        );
+    }
+}
+
+pub async fn elementwise_steps_match_cpu(gpu: &Gpu) {
+    let kernels = Kernels::new(gpu, &[]).unwrap();
+    let (width, tokens) = (77usize, 3usize);
+    let n = width * tokens;
+    let g0: Vec<f32> = noise(n, 31).iter().map(|x| x * 6.0).collect();
+    let u = noise(n, 32);
+    let s = step(gpu, tokens as u32, 0);
+    let p = uniform(gpu, &ElementwiseParams { width: width as u32, rows: 0, cap: 0.0, pad: 0 });
+    let groups = [(n as u32).div_ceil(64), 1, 1];
+    let dev = Device::Cpu;
+    let gt = Tensor::from_vec(g0.clone(), n, &dev).unwrap();
+    for (kernel, act) in [(&kernels.glu_gelu, gt.gelu().unwrap()), (&kernels.glu_silu, gt.silu().unwrap())] {
+        let want: Vec<f32> = act.to_vec1::<f32>().unwrap().iter().zip(&u).map(|(a, b)| a * b).collect();
+        let g = floats(gpu, &g0);
+        dispatch(gpu, kernel, &[&floats(gpu, &u), &g, &p, &s], groups);
+        assert_close(&read(gpu, &g, n).await, &want, 1e-5, &kernel.name);
+    }
+    let y = floats(gpu, &g0);
+    dispatch(gpu, &kernels.add, &[&floats(gpu, &u), &y, &p, &s], groups);
+    let want: Vec<f32> = g0.iter().zip(&u).map(|(a, b)| a + b).collect();
+    assert_close(&read(gpu, &y, n).await, &want, 1e-6, "add");
+    let vector = noise(width, 33);
+    let y = floats(gpu, &g0);
+    dispatch(gpu, &kernels.add_vector, &[&floats(gpu, &vector), &y, &p, &s], groups);
+    let want: Vec<f32> = g0.iter().enumerate().map(|(i, a)| a + vector[i % width]).collect();
+    assert_close(&read(gpu, &y, n).await, &want, 1e-6, "add_vector");
+    let y = floats(gpu, &g0);
+    let p = uniform(gpu, &ElementwiseParams { width: width as u32, rows: 2, cap: 4.0, pad: 0 });
+    dispatch(gpu, &kernels.softcap, &[&y, &p, &s], groups);
+    let got = read(gpu, &y, n).await;
+    let want: Vec<f32> = g0[..2 * width].iter().map(|x| 4.0 * (x / 4.0).tanh()).collect();
+    assert_close(&got[..2 * width], &want, 1e-5, "softcap");
+    assert_eq!(&got[2 * width..], &g0[2 * width..], "softcap touched rows beyond its count");
+}
+
+async fn gpu_pick(gpu: &Gpu, kernels: &Kernels, logits: &[f32], sampling: &Sampling, step: u32) -> u32 {
+    let params = match *sampling {
+        Sampling::Greedy => SelectParams { vocab: logits.len() as u32, ..Default::default() },
+        Sampling::Random { temperature, top_k, top_p, seed } => SelectParams {
+            vocab: logits.len() as u32,
+            random: 1,
+            top_k: top_k.unwrap_or(0) as u32,
+            top_p: top_p.unwrap_or(1.0),
+            temperature,
+            seed_lo: seed as u32,
+            seed_hi: (seed >> 32) as u32,
+            step,
+        },
+    };
+    let out = gpu.storage("picked", 4);
+    dispatch(gpu, &kernels.select, &[&floats(gpu, logits), &out, &uniform(gpu, &params)], [1, 1, 1]);
+    read(gpu, &out, 1).await[0].to_bits()
+}
+
+pub async fn token_selection_matches_the_cpu_sampler(gpu: &Gpu) {
+    let kernels = Kernels::new(gpu, &[]).unwrap();
+    let vocab = 1003;
+    let mut logits: Vec<f32> = noise(vocab, 41).iter().map(|x| x * 4.0).collect();
+    // Ties at the maximum: greedy takes the first.
+    logits[500] = 10.0;
+    logits[17] = 10.0;
+    assert_eq!(gpu_pick(gpu, &kernels, &logits, &Sampling::Greedy, 0).await, 17);
+    let cases = [
+        (1.0, None, None),
+        (0.7, Some(40), None),
+        (1.3, None, Some(0.9)),
+        (0.8, Some(100), Some(0.5)),
+        (2.0, Some(1), None),
+    ];
+    logits[500] = 3.0;
+    logits[17] = 3.5;
+    for (temperature, top_k, top_p) in cases {
+        for seed in [0u64, 42, 1 << 40] {
+            for step in [0u32, 1, 7] {
+                let sampling = Sampling::Random { temperature, top_k, top_p, seed };
+                let got = gpu_pick(gpu, &kernels, &logits, &sampling, step).await;
+                assert_eq!(got, pick(&logits, &sampling, step), "{sampling:?} step {step}");
+            }
+        }
+    }
+}

@@ -1,0 +1,51 @@
+//! The WGSL kernels against their CPU twins, natively (on Mesa's lavapipe where the machine has no GPU). The
+//! cases live in gpu_cases/ and also run in headless Chromium (tests/wasm.rs).
+
+mod gpu_cases;
+
+use saif_engine::block_on;
+use saif_engine::gpu::Gpu;
+
+fn gpu() -> Gpu {
+    block_on(Gpu::new()).expect("a wgpu adapter (make setup installs Mesa's Vulkan drivers)")
+}
+
+#[test]
+fn matmul_matches_cpu_for_every_type() {
+    block_on(gpu_cases::matmul_matches_cpu_for_every_type(&gpu()));
+}
+
+#[test]
+fn split_matrices_give_the_same_products() {
+    block_on(gpu_cases::split_matrices_give_the_same_products(&gpu()));
+}
+
+#[test]
+fn embedding_matches_cpu_for_every_type() {
+    block_on(gpu_cases::embedding_matches_cpu_for_every_type(&gpu()));
+}
+
+#[test]
+fn rms_norms_match_cpu() {
+    block_on(gpu_cases::rms_norms_match_cpu(&gpu()));
+}
+
+#[test]
+fn rope_matches_cpu_in_both_layouts() {
+    block_on(gpu_cases::rope_matches_cpu_in_both_layouts(&gpu()));
+}
+
+#[test]
+fn attention_matches_cpu() {
+    block_on(gpu_cases::attention_matches_cpu(&gpu()));
+}
+
+#[test]
+fn elementwise_steps_match_cpu() {
+    block_on(gpu_cases::elementwise_steps_match_cpu(&gpu()));
+}
+
+#[test]
+fn token_selection_matches_the_cpu_sampler() {
+    block_on(gpu_cases::token_selection_matches_the_cpu_sampler(&gpu()));
+}
