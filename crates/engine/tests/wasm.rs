@@ -86,3 +86,80 @@ fn truncated_files_are_errors_not_panics() {
     let err = Engine::from_bytes_cpu(&bytes[..bytes.len() / 2], &LoadOptions::default()).err().unwrap();
     assert!(err.to_string().contains("truncated"), "{err}");
 }
+
+// --- WebGPU (SwiftShader in headless Chromium) ---------------------------------------------------------------
+
+mod gpu_cases;
+
+async fn gpu() -> saif_engine::gpu::Gpu {
+    saif_engine::gpu::Gpu::new().await.expect("WebGPU (Chromium runs with --enable-unsafe-webgpu)")
+}
+
+#[wasm_bindgen_test]
+async fn webgpu_matmul_matches_cpu_for_every_type() {
+    gpu_cases::matmul_matches_cpu_for_every_type(&gpu().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn webgpu_split_matrices_give_the_same_products() {
+    gpu_cases::split_matrices_give_the_same_products(&gpu().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn webgpu_embedding_matches_cpu_for_every_type() {
+    gpu_cases::embedding_matches_cpu_for_every_type(&gpu().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn webgpu_rms_norms_match_cpu() {
+    gpu_cases::rms_norms_match_cpu(&gpu().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn webgpu_rope_matches_cpu_in_both_layouts() {
+    gpu_cases::rope_matches_cpu_in_both_layouts(&gpu().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn webgpu_attention_matches_cpu() {
+    gpu_cases::attention_matches_cpu(&gpu().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn webgpu_elementwise_steps_match_cpu() {
+    gpu_cases::elementwise_steps_match_cpu(&gpu().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn webgpu_token_selection_matches_the_cpu_sampler() {
+    gpu_cases::token_selection_matches_the_cpu_sampler(&gpu().await).await;
+}
+
+/// The whole model on WebGPU: the fixtures' logits and greedy tokens equal transformers'.
+#[wasm_bindgen_test]
+async fn webgpu_fixture_models_match_transformers() {
+    let gpu = std::rc::Rc::new(gpu().await);
+    for (bytes, reference) in [
+        (&include_bytes!("fixtures/tiny-gemma3.gguf")[..], include_str!("fixtures/tiny-gemma3.json")),
+        (&include_bytes!("fixtures/tiny-gemma2.gguf")[..], include_str!("fixtures/tiny-gemma2.json")),
+        (&include_bytes!("fixtures/tiny-llama.gguf")[..], include_str!("fixtures/tiny-llama.json")),
+    ] {
+        let mut engine =
+            Engine::load_wgpu(&mut std::io::Cursor::new(bytes), &LoadOptions::default(), Some(gpu.clone()))
+                .await
+                .unwrap();
+        let reference = json(reference);
+        for case in reference["cases"].as_array().unwrap() {
+            let input = ids(&case["input_ids"]);
+            engine.model.reset();
+            let out = engine.model.forward(&input, Segment::Prompt, &Hooks::none(), LogitsWanted::Last).await.unwrap();
+            for (g, w) in out.logits.iter().zip(case["last_logits"].as_array().unwrap()) {
+                let w = w.as_f64().unwrap();
+                assert!((*g as f64 - w).abs() <= 1e-3 + 1e-3 * w.abs(), "{g} vs {w}");
+            }
+            let options = GenerateOptions { max_new_tokens: 8, sampling: Sampling::Greedy, stop_tokens: vec![] };
+            let g = generate(engine.model.as_mut(), &input, &options, &Hooks::none(), |_| true).await.unwrap();
+            assert_eq!(g.ids, ids(&case["greedy8_ids"]));
+        }
+    }
+}
