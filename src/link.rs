@@ -3,6 +3,7 @@
 //! default, and the page says what it ignored.
 
 use crate::catalog;
+use crate::protocol::BackendChoice;
 
 /// The longest text a link may carry (links get cut by mail clients and chat apps beyond a few thousand bytes).
 pub const MAX_TEXT: usize = 4000;
@@ -27,8 +28,11 @@ impl ModelChoice {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkState {
     pub model: ModelChoice,
-    /// The text in the tokenizer box.
+    /// The prompt.
     pub text: String,
+    pub backend: BackendChoice,
+    /// Whether the prompt goes through the model's chat template.
+    pub chat: bool,
 }
 
 impl Default for LinkState {
@@ -36,6 +40,8 @@ impl Default for LinkState {
         Self {
             model: ModelChoice::Catalog(catalog::DEFAULT_MODEL),
             text: "Translate into French: The weather is nice today.".into(),
+            backend: BackendChoice::Auto,
+            chat: true,
         }
     }
 }
@@ -55,6 +61,15 @@ pub fn parse(query: &str) -> (LinkState, Vec<String>) {
                 state.text = value.chars().take(MAX_TEXT).collect();
             }
             "text" => state.text = value.into_owned(),
+            "backend" => match BackendChoice::from_id(&value) {
+                Some(b) => state.backend = b,
+                None => problems.push(format!("unknown backend \"{value}\" ignored (auto, webgpu or cpu)")),
+            },
+            "chat" => match value.as_ref() {
+                "1" => state.chat = true,
+                "0" => state.chat = false,
+                other => problems.push(format!("chat={other} ignored (1 or 0)")),
+            },
             other => problems.push(format!("unknown link parameter \"{other}\" ignored")),
         }
     }
@@ -83,6 +98,8 @@ pub fn to_query(state: &LinkState) -> String {
     let mut s = form_urlencoded::Serializer::new(String::from("?"));
     s.append_pair("model", state.model.as_param());
     s.append_pair("text", &state.text);
+    s.append_pair("backend", state.backend.id());
+    s.append_pair("chat", if state.chat { "1" } else { "0" });
     s.finish()
 }
 
@@ -92,21 +109,27 @@ mod tests {
 
     #[test]
     fn a_state_survives_the_round_trip() {
-        let state =
-            LinkState { model: ModelChoice::Catalog("gemma-3-270m"), text: "Voilà l'été & 12,50 €?".into() };
+        let state = LinkState {
+            model: ModelChoice::Catalog("gemma-3-270m"),
+            text: "Voilà l'été & 12,50 €?".into(),
+            backend: BackendChoice::Cpu,
+            chat: false,
+        };
         assert_eq!(parse(&to_query(&state)), (state, vec![]));
-        let url = LinkState { model: ModelChoice::Url("https://example.org/m.gguf?x=1".into()), text: String::new() };
+        let url = LinkState { model: ModelChoice::Url("https://example.org/m.gguf?x=1".into()), ..Default::default() };
         assert_eq!(parse(&to_query(&url)).0, url);
     }
 
     #[test]
     fn malformed_links_fall_back_and_say_why() {
-        let (state, problems) = parse("?model=javascript:alert(1)&text=%E2%82&colour=red");
+        let (state, problems) = parse("?model=javascript:alert(1)&text=%E2%82&colour=red&backend=tpu&chat=yes");
         assert_eq!(state.model, LinkState::default().model);
         assert_eq!(state.text, "\u{fffd}"); // invalid UTF-8 is replaced, not fatal
-        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert_eq!((state.backend, state.chat), (BackendChoice::Auto, true));
+        assert_eq!(problems.len(), 4, "{problems:?}");
         assert!(problems[0].contains("neither a known model"));
         assert!(problems[1].contains("colour"));
+        assert!(problems[2].contains("tpu") && problems[3].contains("chat"));
         let (state, problems) = parse(&format!("text={}", "a".repeat(MAX_TEXT + 10)));
         assert_eq!(state.text.len(), MAX_TEXT);
         assert_eq!(problems.len(), 1);

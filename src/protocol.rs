@@ -1,17 +1,68 @@
 //! Messages between the page and the engine's worker. Each request carries an id that its responses repeat, so
 //! the page can drop answers to requests it has since replaced (a tokenization of text the user kept typing).
 
+pub use saif_engine::bench::{BenchResult, BenchSettings};
+pub use saif_engine::Sampling;
 use serde::{Deserialize, Serialize};
+
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// WebGPU when the browser offers it, the CPU otherwise.
+    #[default]
+    Auto,
+    Webgpu,
+    Cpu,
+}
+
+impl BackendChoice {
+    pub fn label(self) -> &'static str {
+        match self {
+            BackendChoice::Auto => "WebGPU, or the CPU without it",
+            BackendChoice::Webgpu => "WebGPU only",
+            BackendChoice::Cpu => "CPU (WebAssembly)",
+        }
+    }
+
+    pub fn id(self) -> &'static str {
+        match self {
+            BackendChoice::Auto => "auto",
+            BackendChoice::Webgpu => "webgpu",
+            BackendChoice::Cpu => "cpu",
+        }
+    }
+
+    pub fn from_id(id: &str) -> Option<Self> {
+        [BackendChoice::Auto, BackendChoice::Webgpu, BackendChoice::Cpu].into_iter().find(|b| b.id() == id)
+    }
+}
+
+/// A generation request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    /// Wrap the prompt in the model's chat template and stop at the end of the answer's turn.
+    pub chat: bool,
+    pub max_new_tokens: usize,
+    pub sampling: Sampling,
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Request {
     /// Download (or take from the browser's cache) and load a GGUF file.
-    LoadUrl { url: String, name: String },
+    LoadUrl { url: String, name: String, backend: BackendChoice },
     /// Load a GGUF file the user picked; the `File` travels beside the request (see `worker`).
-    LoadFile { name: String },
-    /// Tokenize text with the loaded model's tokenizer.
-    Tokenize { text: String, add_bos: bool },
+    LoadFile { name: String, backend: BackendChoice },
+    /// Generate from a prompt, streaming the text.
+    Generate(GenerateRequest),
+    /// Stop the generation under way.
+    Stop,
+    /// Measure prefill and decode speed.
+    Bench(BenchSettings),
+    /// Tokenize text with the loaded model's tokenizer (wrapped in its chat template when `chat`).
+    Tokenize { text: String, add_bos: bool, chat: bool },
     /// Forget every cached download.
     ClearCache,
 }
@@ -30,12 +81,21 @@ pub enum Response {
     Progress(Progress),
     Loaded(ModelSummary),
     Tokens(TokenList),
+    /// More generated text (the decoded tokens so far, from the start of the answer).
+    Text {
+        text: String,
+        tokens: usize,
+    },
+    Generated(GenerationSummary),
+    Benchmarked(BenchResult),
     CacheCleared {
         entries: u32,
     },
-    /// The request failed; the message is meant for a person.
+    /// The request failed; the message is meant for a person. `gpu_lost`: the GPU failed, so the model has to be
+    /// loaded again (on the CPU, the page suggests).
     Error {
         message: String,
+        gpu_lost: bool,
     },
 }
 
@@ -91,6 +151,9 @@ pub struct ModelSummary {
     pub vocab_size: usize,
     pub context_length: usize,
     pub tokenizer: String,
+    /// Where it runs ("wgpu: ..." or "cpu"), and why it is not on the GPU when WebGPU was wanted.
+    pub backend: String,
+    pub backend_note: Option<String>,
     pub bos: Option<u32>,
     pub eos: Option<u32>,
     pub adds_bos: bool,
@@ -102,6 +165,18 @@ pub struct ModelSummary {
     pub metadata: Vec<(String, String)>,
     /// Count of tensors per quantization, e.g. ("Q4_K", 27).
     pub tensor_types: Vec<(String, usize)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationSummary {
+    pub text: String,
+    pub ids: Vec<u32>,
+    pub prompt_tokens: usize,
+    /// "end_token", "limit" or "cancelled".
+    pub stop: String,
+    pub time_to_first_token_ms: f64,
+    /// Tokens after the first, per second.
+    pub decode_tokens_per_s: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -139,7 +214,7 @@ mod tests {
 
     #[test]
     fn requests_round_trip_through_json() {
-        let r = Envelope { id: 7, body: Request::Tokenize { text: "hé <b>".into(), add_bos: true } };
+        let r = Envelope { id: 7, body: Request::Tokenize { text: "hé <b>".into(), add_bos: true, chat: false } };
         let s = serde_json::to_string(&r).unwrap();
         assert_eq!(serde_json::from_str::<Envelope<Request>>(&s).unwrap(), r);
         assert!(s.contains("\"kind\":\"tokenize\""));

@@ -1,13 +1,18 @@
 //! The Web Worker that hosts the engine, so that downloading, parsing and running a model never blocks the page.
 //!
 //! Messages in: `{ request: { id, body: Request }, file?: File }` (the file for `LoadFile`); messages out:
-//! `{ id, body: Response }`; both are plain JS objects (serde-wasm-bindgen). Downloads go through the browser's Cache API, so a model is fetched
-//! once and read from disk on later visits; an entry that turns out damaged is deleted.
+//! `{ id, body: Response }`; both are plain JS objects (serde-wasm-bindgen). Downloads go through the browser's
+//! Cache API, so a model is fetched once and read from disk on later visits; an entry that turns out damaged is
+//! deleted. The model runs on WebGPU when the browser has it and falls back to the CPU (WebAssembly) otherwise.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::Arc;
 
+use gloo::timers::future::TimeoutFuture;
 use js_sys::{Array, Reflect, Uint8Array};
-use saif_engine::{Engine, EngineError, LoadOptions, LoadStep};
+use saif_engine::gpu::Gpu;
+use saif_engine::{ChatTemplate, Engine, EngineError, GenerateOptions, Hooks, LoadOptions, LoadStep, Tokenizer};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
 use wasm_bindgen_futures::JsFuture;
@@ -15,12 +20,25 @@ use web_sys::{
     Blob, Cache, DedicatedWorkerGlobalScope, File, MessageEvent, ReadableStreamDefaultReader, Response as WebResponse,
 };
 
-use crate::protocol::{Envelope, ModelSummary, Progress, Request, Response, Stage, TokenList, TokenView};
+use crate::protocol::{
+    BackendChoice, Envelope, GenerateRequest, GenerationSummary, ModelSummary, Progress, Request, Response, Stage,
+    TokenList, TokenView,
+};
 
 const CACHE_NAME: &str = "saif-models-v1";
 
+/// The context a model is loaded with in the browser (GPU memory for the KV cache is allocated up front).
+const BROWSER_CONTEXT: usize = 4096;
+
 thread_local! {
+    /// The loaded model; `None` while a generation or benchmark has it (or before the first load).
     static ENGINE: RefCell<Option<Engine>> = const { RefCell::new(None) };
+    /// The loaded model's tokenizer and chat template, usable while the model is busy.
+    static TOKENIZER: RefCell<Option<(Arc<Tokenizer>, ChatTemplate)>> = const { RefCell::new(None) };
+    /// The WebGPU device, opened once and reused by later loads.
+    static GPU: RefCell<Option<Rc<Gpu>>> = const { RefCell::new(None) };
+    /// Set by a Stop request; the generation loop checks it between tokens.
+    static STOP: Cell<bool> = const { Cell::new(false) };
 }
 
 fn scope() -> DedicatedWorkerGlobalScope {
@@ -33,6 +51,30 @@ fn post(id: u32, body: Response) {
             let _ = scope().post_message(&message);
         }
         Err(e) => gloo::console::error!(format!("could not send a response: {e}")),
+    }
+}
+
+/// A failure of a request: its message, and whether it was the GPU that failed (the page then offers the CPU).
+struct Failure {
+    message: String,
+    gpu_lost: bool,
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Self { message, gpu_lost: false }
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(message: &str) -> Self {
+        message.to_string().into()
+    }
+}
+
+impl From<EngineError> for Failure {
+    fn from(e: EngineError) -> Self {
+        Self { gpu_lost: matches!(e, EngineError::GpuLost(_)), message: e.to_string() }
     }
 }
 
@@ -65,12 +107,17 @@ pub fn start() {
         let request = Reflect::get(&data, &"request".into()).unwrap_or(JsValue::UNDEFINED);
         let file = Reflect::get(&data, &"file".into()).ok().and_then(|v| v.dyn_into::<File>().ok());
         match serde_wasm_bindgen::from_value::<Envelope<Request>>(request) {
+            // Stop must act at once, even while a generation holds the model.
+            Ok(Envelope { body: Request::Stop, .. }) => STOP.with(|s| s.set(true)),
             Ok(Envelope { id, body }) => wasm_bindgen_futures::spawn_local(async move {
-                if let Err(message) = handle(id, body, file).await {
-                    post(id, Response::Error { message });
+                if let Err(Failure { message, gpu_lost }) = handle(id, body, file).await {
+                    post(id, Response::Error { message, gpu_lost });
                 }
             }),
-            Err(e) => post(0, Response::Error { message: format!("the worker could not read a request: {e}") }),
+            Err(e) => post(
+                0,
+                Response::Error { message: format!("the worker could not read a request: {e}"), gpu_lost: false },
+            ),
         }
     });
     scope().set_onmessage(Some(onmessage.as_ref().unchecked_ref()));
@@ -78,37 +125,48 @@ pub fn start() {
     post(0, Response::Ready);
 }
 
-async fn handle(id: u32, request: Request, file: Option<File>) -> Result<(), String> {
+async fn handle(id: u32, request: Request, file: Option<File>) -> Result<(), Failure> {
     match request {
-        Request::LoadUrl { url, name } => {
+        Request::LoadUrl { url, name, backend } => {
             let (bytes, from_cache) = download(id, &url).await?;
-            match load(id, &name, bytes, from_cache) {
+            match load(id, &name, bytes, from_cache, backend).await {
                 Ok(summary) => post(id, Response::Loaded(summary)),
-                Err(message) => {
-                    if from_cache {
-                        // A damaged cache entry would fail every visit: drop it so the next try downloads afresh.
-                        let _ = delete_cached(&url).await;
-                        return Err(format!(
-                            "{message} (the cached copy was removed; loading again downloads it anew)"
-                        ));
-                    }
-                    return Err(message);
+                Err(failure) if from_cache && !failure.gpu_lost => {
+                    // A damaged cache entry would fail every visit: drop it so the next try downloads afresh.
+                    let _ = delete_cached(&url).await;
+                    return Err(format!(
+                        "{} (the cached copy was removed; loading again downloads it anew)",
+                        failure.message
+                    )
+                    .into());
                 }
+                Err(failure) => return Err(failure),
             }
         }
-        Request::LoadFile { name } => {
+        Request::LoadFile { name, backend } => {
             let file = file.ok_or("no file came with the request")?;
             let bytes = read_blob(id, &file, Stage::ReadingFile).await?;
-            post(id, Response::Loaded(load(id, &name, bytes, false)?));
+            post(id, Response::Loaded(load(id, &name, bytes, false, backend).await?));
         }
-        Request::Tokenize { text, add_bos } => {
-            let tokens = ENGINE.with(|e| -> Result<TokenList, String> {
-                let engine = e.borrow();
-                let engine = engine.as_ref().ok_or("load a model first")?;
-                tokenize(engine, &text, add_bos).map_err(|e| e.to_string())
-            })?;
-            post(id, Response::Tokens(tokens));
+        Request::Tokenize { text, add_bos, chat } => {
+            let (tokenizer, template) = TOKENIZER.with(|t| t.borrow().clone()).ok_or("load a model first")?;
+            let text = if chat { template.render(&text, None) } else { text };
+            post(id, Response::Tokens(tokenize(&tokenizer, &text, add_bos)?));
         }
+        Request::Generate(request) => {
+            let mut engine = take_engine()?;
+            let result = generate(id, &mut engine, request).await;
+            ENGINE.with(|e| *e.borrow_mut() = Some(engine));
+            post(id, Response::Generated(result?));
+        }
+        Request::Bench(settings) => {
+            let mut engine = take_engine()?;
+            let now = || now_ms();
+            let result = saif_engine::bench::run(&mut engine, &settings, &now).await;
+            ENGINE.with(|e| *e.borrow_mut() = Some(engine));
+            post(id, Response::Benchmarked(result?));
+        }
+        Request::Stop => STOP.with(|s| s.set(true)),
         Request::ClearCache => {
             let caches = scope().caches().map_err(js_error)?;
             let cache: Cache = JsFuture::from(caches.open(CACHE_NAME)).await.map_err(js_error)?.unchecked_into();
@@ -121,13 +179,25 @@ async fn handle(id: u32, request: Request, file: Option<File>) -> Result<(), Str
     Ok(())
 }
 
-fn tokenize(engine: &Engine, text: &str, add_bos: bool) -> Result<TokenList, EngineError> {
-    let ids = if add_bos { engine.tokenizer.encode_prompt(text)? } else { engine.tokenizer.encode(text)? };
+/// Takes the model out for a long task (generation, benchmark); it goes back when the task ends.
+fn take_engine() -> Result<Engine, Failure> {
+    ENGINE.with(|e| e.borrow_mut().take()).ok_or_else(|| {
+        let loaded = TOKENIZER.with(|t| t.borrow().is_some());
+        Failure::from(if loaded {
+            "the model is busy with another request; wait or stop it"
+        } else {
+            "load a model first"
+        })
+    })
+}
+
+fn tokenize(tokenizer: &Tokenizer, text: &str, add_bos: bool) -> Result<TokenList, EngineError> {
+    let ids = if add_bos { tokenizer.encode_prompt(text)? } else { tokenizer.encode(text)? };
     let tokens = ids
         .iter()
         .map(|&id| {
-            let shown = engine.tokenizer.decode(&[id]).unwrap_or_default();
-            let raw = engine.tokenizer.token_text(id).unwrap_or_default();
+            let shown = tokenizer.decode(&[id]).unwrap_or_default();
+            let raw = tokenizer.token_text(id).unwrap_or_default();
             let special = shown.is_empty() && !raw.is_empty();
             let text = if shown.is_empty() || shown.contains('\u{fffd}') { raw } else { shown };
             TokenView { id, text, special }
@@ -136,19 +206,99 @@ fn tokenize(engine: &Engine, text: &str, add_bos: bool) -> Result<TokenList, Eng
     Ok(TokenList { tokens })
 }
 
-fn load(id: u32, name: &str, bytes: Vec<u8>, from_cache: bool) -> Result<ModelSummary, String> {
+async fn generate(id: u32, engine: &mut Engine, request: GenerateRequest) -> Result<GenerationSummary, Failure> {
+    let text = if request.chat { engine.chat.render(&request.prompt, None) } else { request.prompt.clone() };
+    let prompt = engine.tokenizer.encode_prompt(&text)?;
+    let stop_tokens = if request.chat { engine.chat_stop_tokens() } else { engine.stop_tokens() };
+    let options = GenerateOptions { max_new_tokens: request.max_new_tokens, sampling: request.sampling, stop_tokens };
+    let tokenizer = engine.tokenizer.clone();
+    let ids = RefCell::new(Vec::new());
+    let times = RefCell::new(Vec::new());
+    STOP.with(|s| s.set(false));
+    let started = now_ms();
+    let generation = saif_engine::generate_async(engine.model.as_mut(), &prompt, &options, &Hooks::none(), |token| {
+        times.borrow_mut().push(now_ms());
+        ids.borrow_mut().push(token);
+        let text = tokenizer.decode(&ids.borrow()).unwrap_or_default();
+        post(id, Response::Text { text, tokens: ids.borrow().len() });
+        async {
+            // Let a Stop request (or a tokenization) in between tokens.
+            TimeoutFuture::new(0).await;
+            !STOP.with(|s| s.get())
+        }
+    })
+    .await?;
+    let times = times.into_inner();
+    let first = times.first().copied().unwrap_or(started);
+    let decode_tokens_per_s = match (times.len(), times.last()) {
+        (n, Some(&last)) if n > 1 && last > first => (n - 1) as f64 / ((last - first) / 1000.0),
+        _ => 0.0,
+    };
+    Ok(GenerationSummary {
+        text: engine.tokenizer.decode(&generation.ids)?,
+        ids: generation.ids,
+        prompt_tokens: prompt.len(),
+        stop: serde_json::to_value(generation.stop).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+        time_to_first_token_ms: first - started,
+        decode_tokens_per_s,
+    })
+}
+
+/// The WebGPU device, opened on first use (and again after a failure).
+async fn gpu() -> Result<Rc<Gpu>, EngineError> {
+    if let Some(gpu) = GPU.with(|g| g.borrow().clone()).filter(|g| g.check().is_ok()) {
+        return Ok(gpu);
+    }
+    let gpu = Rc::new(Gpu::new().await?);
+    GPU.with(|g| *g.borrow_mut() = Some(gpu.clone()));
+    Ok(gpu)
+}
+
+async fn load(
+    id: u32,
+    name: &str,
+    bytes: Vec<u8>,
+    from_cache: bool,
+    backend: BackendChoice,
+) -> Result<ModelSummary, Failure> {
     let started = now_ms();
     // Drop the previous model first: two models at once may not fit in the tab's memory.
     ENGINE.with(|e| e.borrow_mut().take());
+    TOKENIZER.with(|t| t.borrow_mut().take());
+    let options = LoadOptions { max_context: Some(BROWSER_CONTEXT) };
     let mut weights = Reporter::new(id, Stage::LoadingWeights);
-    let engine = Engine::from_bytes_cpu_with_progress(&bytes, &LoadOptions::default(), |step| match step {
+    let mut progress = |step: LoadStep| match step {
         LoadStep::Header => post(id, Response::Progress(Progress { stage: Stage::Parsing, done: 0, total: None })),
         LoadStep::Tokenizer => {
             post(id, Response::Progress(Progress { stage: Stage::BuildingTokenizer, done: 0, total: None }))
         }
         LoadStep::Weights { done, total } => weights.report(done as u64, Some(total as u64)),
-    })
-    .map_err(|e| e.to_string())?;
+    };
+    let cursor = || std::io::Cursor::new(bytes.as_slice());
+    let on_cpu = |progress: &mut dyn FnMut(LoadStep)| Engine::load_cpu_with_progress(&mut cursor(), &options, progress);
+    let (engine, note) = match backend {
+        BackendChoice::Cpu => (on_cpu(&mut progress)?, None),
+        BackendChoice::Webgpu => {
+            let gpu = gpu().await?;
+            (Engine::load_wgpu_with_progress(&mut cursor(), &options, gpu, &mut progress)?, None)
+        }
+        BackendChoice::Auto => match gpu().await {
+            Ok(gpu) => match Engine::load_wgpu_with_progress(&mut cursor(), &options, gpu, &mut progress) {
+                Ok(engine) => (engine, None),
+                Err(e @ (EngineError::Gpu(_) | EngineError::GpuLost(_))) => {
+                    GPU.with(|g| g.borrow_mut().take());
+                    let note =
+                        format!("WebGPU could not hold the model ({e}); it runs on the CPU instead, more slowly.");
+                    (on_cpu(&mut progress)?, Some(note))
+                }
+                Err(e) => return Err(e.into()),
+            },
+            Err(e) => {
+                let note = format!("This browser offers no WebGPU ({e}); the model runs on the CPU, more slowly.");
+                (on_cpu(&mut progress)?, Some(note))
+            }
+        },
+    };
     drop(bytes);
     let c = engine.config().clone();
     let summary = ModelSummary {
@@ -163,6 +313,8 @@ fn load(id: u32, name: &str, bytes: Vec<u8>, from_cache: bool) -> Result<ModelSu
         vocab_size: c.vocab_size,
         context_length: c.context_length,
         tokenizer: format!("{:?}", engine.tokenizer.kind()),
+        backend: engine.model.backend_name(),
+        backend_note: note,
         bos: engine.tokenizer.bos(),
         eos: engine.tokenizer.eos(),
         adds_bos: engine.tokenizer.adds_bos(),
@@ -172,12 +324,13 @@ fn load(id: u32, name: &str, bytes: Vec<u8>, from_cache: bool) -> Result<ModelSu
         metadata: engine.metadata.clone(),
         tensor_types: engine.tensor_types.clone(),
     };
+    TOKENIZER.with(|t| *t.borrow_mut() = Some((engine.tokenizer.clone(), engine.chat.clone())));
     ENGINE.with(|e| *e.borrow_mut() = Some(engine));
     Ok(summary)
 }
 
 /// Fetches `url` through the Cache API, reporting progress. Returns the bytes and whether they came from the cache.
-async fn download(id: u32, url: &str) -> Result<(Vec<u8>, bool), String> {
+async fn download(id: u32, url: &str) -> Result<(Vec<u8>, bool), Failure> {
     let scope = scope();
     let cache: Option<Cache> = match scope.caches() {
         Ok(caches) => JsFuture::from(caches.open(CACHE_NAME)).await.ok().map(|c| c.unchecked_into()),
@@ -197,13 +350,15 @@ async fn download(id: u32, url: &str) -> Result<(Vec<u8>, bool), String> {
         })?
         .unchecked_into();
     if !response.ok() {
-        return Err(format!("downloading {url} failed: HTTP {} {}", response.status(), response.status_text()));
+        return Err(format!("downloading {url} failed: HTTP {} {}", response.status(), response.status_text()).into());
     }
     let total = content_length(&response);
     let (bytes, chunks) = read_stream(id, &response, Stage::Downloading, total).await?;
     if let Some(total) = total {
         if bytes.len() as u64 != total {
-            return Err(format!("the download of {url} stopped after {} of {total} bytes; try again", bytes.len()));
+            return Err(
+                format!("the download of {url} stopped after {} of {total} bytes; try again", bytes.len()).into()
+            );
         }
     }
     if let Some(cache) = &cache {

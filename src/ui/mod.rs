@@ -1,10 +1,11 @@
 //! The page (Leptos, client-side rendered). `state` holds the signals, `client` talks to the engine's worker,
 //! and each panel is a component of its own.
 
+mod bench_panel;
 mod client;
 mod model_panel;
+mod prompt_panel;
 mod state;
-mod tokenizer_panel;
 
 use leptos::prelude::*;
 
@@ -36,7 +37,12 @@ fn App() -> impl IntoView {
     });
     // Keep the address bar's link in step with the page, without adding history entries.
     Effect::new(move |_| {
-        let query = link::to_query(&link::LinkState { model: state.choice.get(), text: state.text.get() });
+        let query = link::to_query(&link::LinkState {
+            model: state.choice.get(),
+            text: state.text.get(),
+            backend: state.backend.get(),
+            chat: state.chat.get(),
+        });
         if let Some(window) = web_sys::window() {
             if let Ok(history) = window.history() {
                 let _ = history.replace_state_with_url(&wasm_bindgen::JsValue::NULL, "", Some(&query));
@@ -57,8 +63,9 @@ fn App() -> impl IntoView {
             <Notices/>
             <ErrorBanner/>
             <model_panel::ModelPanel/>
+            <prompt_panel::PromptPanel/>
             <model_panel::ModelCard/>
-            <tokenizer_panel::TokenizerPanel/>
+            <bench_panel::BenchPanel/>
         </main>
         <footer>
             "The model runs in this tab; nothing you type leaves your machine. Downloads are kept in the browser's "
@@ -76,6 +83,14 @@ fn ErrorBanner() -> impl IntoView {
             <div class="error" role="alert">
                 <strong>"Something went wrong: "</strong>
                 <span class="error-message">{move || state.error.get().unwrap_or_default()}</span>
+                <Show when=move || state.gpu_lost.get()>
+                    <button id="reload-on-cpu" on:click=move |_| {
+                        state.error.set(None);
+                        state.gpu_lost.set(false);
+                        state.backend.set(crate::protocol::BackendChoice::Cpu);
+                        model_panel::load_choice(state, client);
+                    }>"Load the model again on the CPU"</button>
+                </Show>
                 <Show when=move || matches!(state.status.get(), state::Status::Stopped)>
                     <button on:click=move |_| {
                         state.error.set(None);

@@ -7,7 +7,7 @@ use super::client::WorkerClient;
 use super::state::{AppState, Status};
 use crate::catalog::{self, MODELS};
 use crate::link::ModelChoice;
-use crate::protocol::{human_bytes, Request};
+use crate::protocol::{human_bytes, BackendChoice, Request};
 
 /// Asks the worker to load the chosen model.
 pub fn load_choice(state: AppState, client: WorkerClient) {
@@ -22,7 +22,8 @@ pub fn load_choice(state: AppState, client: WorkerClient) {
         }
     };
     state.error.set(None);
-    let id = client.send(Request::LoadUrl { url, name }, None);
+    let backend = state.backend.get_untracked();
+    let id = client.send(Request::LoadUrl { url, name, backend }, None);
     state.status.set(Status::Loading { id, progress: None });
 }
 
@@ -35,7 +36,7 @@ pub fn ModelPanel() -> impl IntoView {
         ModelChoice::Catalog(_) => String::new(),
     });
     let file_input = NodeRef::<leptos::html::Input>::new();
-    let busy = move || state.is_loading() || !state.worker_ready.get();
+    let busy = move || state.is_busy() || !state.worker_ready.get();
 
     let on_select = move |ev: leptos::ev::Event| {
         let value = event_target_value(&ev);
@@ -53,7 +54,8 @@ pub fn ModelPanel() -> impl IntoView {
             return;
         };
         state.error.set(None);
-        let id = client.send(Request::LoadFile { name: file.name() }, Some(&file));
+        let backend = state.backend.get_untracked();
+        let id = client.send(Request::LoadFile { name: file.name(), backend }, Some(&file));
         state.status.set(Status::Loading { id, progress: None });
         input.set_value("");
     };
@@ -77,6 +79,19 @@ pub fn ModelPanel() -> impl IntoView {
                     </option>
                 </select>
                 <button id="load-button" on:click=move |_| load_choice(state, client) prop:disabled=busy>"Load"</button>
+            </div>
+            <div class="row">
+                <label for="backend-select">"Run on: "</label>
+                <select id="backend-select" prop:disabled=busy on:change=move |ev| {
+                    if let Some(b) = BackendChoice::from_id(&event_target_value(&ev)) {
+                        state.backend.set(b);
+                    }
+                }>
+                    {[BackendChoice::Auto, BackendChoice::Webgpu, BackendChoice::Cpu].into_iter().map(|b| view! {
+                        <option value=b.id() selected=move || state.backend.get() == b>{b.label()}</option>
+                    }).collect_view()}
+                </select>
+                <span class="hint">" (applies to the next load)"</span>
             </div>
             <Show when=move || matches!(state.choice.get(), ModelChoice::Url(_))>
                 <div class="row">
@@ -162,6 +177,7 @@ pub fn ModelCard() -> impl IntoView {
                     ("MLP width", m.ffn_hidden.to_string()),
                     ("Vocabulary", format!("{} ({})", m.vocab_size, m.tokenizer)),
                     ("Context", format!("{} tokens", m.context_length)),
+                    ("Runs on", m.backend.clone()),
                     ("Tensors", types),
                     ("File", format!("{} ({source}), loaded in {:.1} s", human_bytes(m.file_bytes), m.load_ms / 1000.0)),
                 ];

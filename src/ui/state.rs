@@ -3,7 +3,9 @@
 use leptos::prelude::*;
 
 use crate::link::{LinkState, ModelChoice};
-use crate::protocol::{Envelope, ModelSummary, Progress, Response, TokenList};
+use crate::protocol::{
+    BackendChoice, BenchResult, Envelope, GenerationSummary, ModelSummary, Progress, Response, TokenList,
+};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Status {
@@ -15,6 +17,22 @@ pub enum Status {
     Stopped,
 }
 
+/// The sampling settings as the form holds them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplingForm {
+    pub greedy: bool,
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    pub seed: u64,
+}
+
+impl Default for SamplingForm {
+    fn default() -> Self {
+        Self { greedy: true, temperature: 0.8, top_k: 40, top_p: 0.95, seed: 1 }
+    }
+}
+
 #[derive(Clone, Copy)]
 pub struct AppState {
     pub status: RwSignal<Status>,
@@ -22,14 +40,29 @@ pub struct AppState {
     pub model: RwSignal<Option<ModelSummary>>,
     /// The last error, shown until dismissed or replaced.
     pub error: RwSignal<Option<String>>,
-    /// Notes about parts of the link that were ignored.
+    /// The GPU failed: the model must be loaded again (the page offers the CPU).
+    pub gpu_lost: RwSignal<bool>,
+    /// Notes about parts of the link that were ignored, and other things worth knowing.
     pub notices: RwSignal<Vec<String>>,
     pub choice: RwSignal<ModelChoice>,
+    pub backend: RwSignal<BackendChoice>,
+    /// The prompt.
     pub text: RwSignal<String>,
+    pub chat: RwSignal<bool>,
     pub add_bos: RwSignal<bool>,
     pub tokens: RwSignal<Option<TokenList>>,
     /// The id of the newest tokenization request: older answers are dropped.
     pub latest_tokenize: RwSignal<u32>,
+    pub max_new_tokens: RwSignal<usize>,
+    pub sampling: RwSignal<SamplingForm>,
+    /// The generation under way (its request id).
+    pub generating: RwSignal<Option<u32>>,
+    /// The text generated so far.
+    pub output: RwSignal<String>,
+    pub generation: RwSignal<Option<GenerationSummary>>,
+    /// The benchmark under way (its request id).
+    pub benchmarking: RwSignal<Option<u32>>,
+    pub bench: RwSignal<Option<BenchResult>>,
 }
 
 impl AppState {
@@ -39,12 +72,22 @@ impl AppState {
             worker_ready: RwSignal::new(false),
             model: RwSignal::new(None),
             error: RwSignal::new(None),
+            gpu_lost: RwSignal::new(false),
             notices: RwSignal::new(notices),
             choice: RwSignal::new(link.model),
+            backend: RwSignal::new(link.backend),
             text: RwSignal::new(link.text),
+            chat: RwSignal::new(link.chat),
             add_bos: RwSignal::new(true),
             tokens: RwSignal::new(None),
             latest_tokenize: RwSignal::new(0),
+            max_new_tokens: RwSignal::new(48),
+            sampling: RwSignal::new(SamplingForm::default()),
+            generating: RwSignal::new(None),
+            output: RwSignal::new(String::new()),
+            generation: RwSignal::new(None),
+            benchmarking: RwSignal::new(None),
+            bench: RwSignal::new(None),
         }
     }
 
@@ -54,6 +97,11 @@ impl AppState {
 
     pub fn is_loading(&self) -> bool {
         matches!(self.status.get(), Status::Loading { .. })
+    }
+
+    /// Whether the model is busy (loading, generating, benchmarking): the controls that need it wait.
+    pub fn is_busy(&self) -> bool {
+        self.is_loading() || self.generating.get().is_some() || self.benchmarking.get().is_some()
     }
 
     /// Applies one response from the worker.
@@ -74,6 +122,10 @@ impl AppState {
                     self.status.set(Status::Idle);
                 }
                 self.error.set(None);
+                self.gpu_lost.set(false);
+                if let Some(note) = &summary.backend_note {
+                    self.notices.update(|n| n.push(note.clone()));
+                }
                 self.model.set(Some(summary));
             }
             Response::Tokens(tokens) => {
@@ -81,15 +133,42 @@ impl AppState {
                     self.tokens.set(Some(tokens));
                 }
             }
+            Response::Text { text, .. } => {
+                if self.generating.get_untracked() == Some(id) {
+                    self.output.set(text);
+                }
+            }
+            Response::Generated(summary) => {
+                if self.generating.get_untracked() == Some(id) {
+                    self.generating.set(None);
+                    self.output.set(summary.text.clone());
+                    self.generation.set(Some(summary));
+                }
+            }
+            Response::Benchmarked(result) => {
+                if self.benchmarking.get_untracked() == Some(id) {
+                    self.benchmarking.set(None);
+                    self.bench.set(Some(result));
+                }
+            }
             Response::CacheCleared { entries } => {
                 self.notices.update(|n| n.push(format!("Removed {entries} cached download(s).")));
             }
-            Response::Error { message } => {
+            Response::Error { message, gpu_lost } => {
                 if loading_id == Some(id) {
                     self.status.set(Status::Idle);
                 }
                 if id == self.latest_tokenize.get_untracked() {
                     self.tokens.set(None);
+                }
+                if self.generating.get_untracked() == Some(id) {
+                    self.generating.set(None);
+                }
+                if self.benchmarking.get_untracked() == Some(id) {
+                    self.benchmarking.set(None);
+                }
+                if gpu_lost {
+                    self.gpu_lost.set(true);
                 }
                 self.fail(message);
             }

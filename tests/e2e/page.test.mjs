@@ -64,10 +64,11 @@ async function openPage(context, query) {
 }
 
 const ids = async (page) => JSON.parse(await page.locator("#token-ids").textContent());
+const attached = { state: "attached" };
 
 test("loads the offline default with progress, shows its metadata and tokenizes what is typed", async () => {
   const context = await browser.newContext();
-  const { page, problems } = await openPage(context, "?text=" + encodeURIComponent("Hello, world!"));
+  const { page, problems } = await openPage(context, "?chat=0&text=" + encodeURIComponent("Hello, world!"));
   await page.locator("#load-progress").waitFor({ timeout: 60_000 });
   await page.locator("#model-card").waitFor({ timeout: 120_000 });
   const card = await page.locator("#model-card").textContent();
@@ -75,12 +76,12 @@ test("loads the offline default with progress, shows its metadata and tokenizes 
   assert.match(card, /Layers\s*30/);
   assert.match(card, /49152/);
   assert.match(card, /downloaded/);
-  await page.locator("#token-ids").waitFor();
+  await page.locator("#token-ids").waitFor(attached);
   assert.deepEqual(await ids(page), smolGolden.tokenizer[0].ids);
 
   // Typing re-tokenizes; the link follows the text.
   for (const c of smolGolden.tokenizer.slice(1, 4)) {
-    await page.locator("#tokenizer-input").fill(c.text);
+    await page.locator("#prompt").fill(c.text);
     await page.waitForFunction((want) => document.querySelector("#token-ids")?.textContent === want,
       JSON.stringify(c.ids).replaceAll(",", ", "), { timeout: 10_000 });
   }
@@ -96,7 +97,7 @@ test("loads the offline default with progress, shows its metadata and tokenizes 
 
 test("a file that is not GGUF gets a clear error and the page stays usable", async () => {
   const context = await browser.newContext();
-  const { page, problems } = await openPage(context, "?model=" + encodeURIComponent(base + "index.html"));
+  const { page, problems } = await openPage(context, "?chat=0&model=" + encodeURIComponent(base + "index.html"));
   await page.locator(".error").waitFor({ timeout: 60_000 });
   assert.match(await page.locator(".error-message").textContent(), /not a GGUF file/);
   // Pick the offline default and load it: everything works again.
@@ -104,7 +105,7 @@ test("a file that is not GGUF gets a clear error and the page stays usable", asy
   await page.click("#load-button");
   await page.locator("#model-card").waitFor({ timeout: 120_000 });
   assert.equal(await page.locator(".error").count(), 0);
-  await page.locator("#tokenizer-input").fill("Hello, world!");
+  await page.locator("#prompt").fill("Hello, world!");
   await page.waitForFunction(() => document.querySelector("#token-ids")?.textContent === "[19556, 28, 905, 17]");
   assert.deepEqual(problems, []);
   await context.close();
@@ -126,11 +127,70 @@ test("a malformed link falls back to the default and says what it ignored", asyn
 test("Gemma 3 270M loads and tokenizes with BOS as its GGUF asks", async () => {
   const context = await browser.newContext();
   const prompt = gemmaGolden.prompts[1];
-  const { page, problems } = await openPage(context, "?model=gemma-3-270m&text=" + encodeURIComponent(prompt.prompt));
+  const { page, problems } = await openPage(context, "?model=gemma-3-270m&chat=0&text=" + encodeURIComponent(prompt.prompt));
   await page.locator("#model-card").waitFor({ timeout: 240_000 });
   assert.match(await page.locator("#model-card").textContent(), /gemma3/);
-  await page.locator("#token-ids").waitFor();
+  await page.locator("#token-ids").waitFor(attached);
   assert.deepEqual(await ids(page), prompt.input_ids);
+  assert.deepEqual(problems, []);
+  await context.close();
+});
+
+/** Generates with the page and returns the ids it reports. */
+async function generate(page) {
+  await page.click("#generate");
+  await page.waitForFunction(() => document.querySelector("#output")?.dataset.ids, null, { timeout: 300_000 });
+  return JSON.parse(await page.locator("#output").getAttribute("data-ids"));
+}
+
+test("a real GGUF generates on WebGPU in the browser, the tokens of the reference", async () => {
+  const context = await browser.newContext();
+  const p = smolGolden.prompts[0];
+  const { page, problems } = await openPage(context, "?chat=0&backend=webgpu&text=" + encodeURIComponent(p.prompt));
+  await page.locator("#model-card").waitFor({ timeout: 120_000 });
+  assert.match(await page.locator("#model-card").textContent(), /Runs on\s*wgpu/);
+  await page.fill("#max-new-tokens", "16");
+  await page.dispatchEvent("#max-new-tokens", "change");
+  assert.deepEqual(await generate(page), p.greedy16_ids);
+  assert.match(await page.locator("#generation-stats").textContent(), /16 tokens/);
+  assert.deepEqual(problems, []);
+  await context.close();
+});
+
+test("the CPU backend in the browser gives the same tokens, and sampling with a seed repeats", async () => {
+  const context = await browser.newContext();
+  const p = smolGolden.prompts[0];
+  const { page, problems } = await openPage(context, "?chat=0&backend=cpu&text=" + encodeURIComponent(p.prompt));
+  await page.locator("#model-card").waitFor({ timeout: 120_000 });
+  assert.match(await page.locator("#model-card").textContent(), /Runs on\s*cpu/);
+  await page.fill("#max-new-tokens", "16");
+  await page.dispatchEvent("#max-new-tokens", "change");
+  assert.deepEqual(await generate(page), p.greedy16_ids);
+  await page.uncheck("#greedy");
+  const first = await generate(page);
+  const second = await generate(page);
+  assert.deepEqual(first, second);
+  assert.notDeepEqual(first, p.greedy16_ids);
+  assert.deepEqual(problems, []);
+  await context.close();
+});
+
+test("the benchmark page measures the loaded model", async () => {
+  const context = await browser.newContext();
+  const { page, problems } = await openPage(context, "?chat=0&backend=webgpu");
+  await page.locator("#model-card").waitFor({ timeout: 120_000 });
+  await page.click("#bench-panel summary");
+  for (const [field, value] of [["Prompt tokens", "8"], ["Decoded tokens", "4"], ["Runs", "1"]]) {
+    const input = page.locator("#bench-panel label", { hasText: field }).locator("input");
+    await input.fill(value);
+    await input.dispatchEvent("change");
+  }
+  await page.click("#run-bench");
+  await page.locator("#bench-results").waitFor({ timeout: 300_000 });
+  const results = await page.locator("#bench-results").textContent();
+  assert.match(results, /Prefill[\d.]+ tokens\/s \(8 tokens\)/);
+  assert.match(results, /Dispatches per token\d+/);
+  assert.match(results, /GPU memory held/);
   assert.deepEqual(problems, []);
   await context.close();
 });

@@ -12,6 +12,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use saif_engine::bench::BenchSettings;
 use saif_engine::sampler::top_candidates;
 use saif_engine::{block_on, Engine, GenerateOptions, Hooks, LoadOptions, LogitsWanted, Positions, Sampling, Segment};
 use serde_json::json;
@@ -71,6 +72,9 @@ enum Command {
         decode_tokens: usize,
         #[arg(long, default_value_t = 5)]
         runs: usize,
+        /// Skip the decode run with a steering vector and a read hook.
+        #[arg(long)]
+        no_hooks: bool,
     },
     /// The GGUF's metadata and the model's shape.
     Info {
@@ -220,10 +224,11 @@ fn run(cli: Cli) -> Result<()> {
             let text = engine.tokenizer.decode(&generation.ids)?;
             print(model.json, json!({ "ids": generation.ids, "text": text }), || text.clone());
         }
-        Command::Bench { model, prompt_tokens, decode_tokens, runs } => {
+        Command::Bench { model, prompt_tokens, decode_tokens, runs, no_hooks } => {
             let path = model.path();
             let mut engine = model.load()?;
-            let report = bench::run(&mut engine, &path, prompt_tokens, decode_tokens, runs)?;
+            let settings = BenchSettings { prompt_tokens, decode_tokens, runs, with_hooks: !no_hooks };
+            let report = bench::run(&mut engine, &path, &settings)?;
             print(model.json, serde_json::to_value(&report)?, || report.to_text());
         }
         Command::Info { model } => {

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Seek};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use crate::chat::ChatTemplate;
 use crate::config::ModelConfig;
@@ -27,7 +28,8 @@ pub enum LoadStep {
 }
 
 pub struct Engine {
-    pub tokenizer: Tokenizer,
+    /// Shared so that a host can tokenize while the model is busy generating.
+    pub tokenizer: Arc<Tokenizer>,
     pub chat: ChatTemplate,
     pub model: Box<dyn LanguageModel>,
     /// The GGUF metadata, one line per key, for display.
@@ -97,7 +99,7 @@ impl Engine {
             *types.entry(type_name(t.dtype).to_string()).or_insert(0) += 1;
         }
         Self {
-            tokenizer,
+            tokenizer: Arc::new(tokenizer),
             chat,
             model,
             metadata: gguf.metadata_summary(),

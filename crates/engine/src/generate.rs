@@ -1,6 +1,8 @@
 //! The generation loop: prefill the prompt, then one token at a time until an end token or the limit, on any
 //! backend, with hooks applied throughout.
 
+use std::future::Future;
+
 use serde::Serialize;
 
 use crate::error::{EngineError, Result};
@@ -47,6 +49,18 @@ pub async fn generate(
     hooks: &Hooks,
     mut on_token: impl FnMut(u32) -> bool,
 ) -> Result<Generation> {
+    generate_async(model, prompt, options, hooks, |token| std::future::ready(on_token(token))).await
+}
+
+/// As `generate`, with a callback that may wait (a browser worker yields there so that a stop request can
+/// arrive between tokens).
+pub async fn generate_async<F: Future<Output = bool>>(
+    model: &mut dyn LanguageModel,
+    prompt: &[u32],
+    options: &GenerateOptions,
+    hooks: &Hooks,
+    mut on_token: impl FnMut(u32) -> F,
+) -> Result<Generation> {
     if prompt.is_empty() {
         return Err(EngineError::InvalidRequest("the prompt is empty".into()));
     }
@@ -72,7 +86,7 @@ pub async fn generate(
         captures.extend(picked.captures);
         let next = picked.token;
         ids.push(next);
-        if !on_token(next) {
+        if !on_token(next).await {
             stop = StopReason::Cancelled;
             break;
         }

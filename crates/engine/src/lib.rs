@@ -5,6 +5,7 @@
 //! ids) -> `model` (the forward pass, per backend) with `hooks` -> `sampler` and `generate` (tokens out).
 //! `Engine` bundles a loaded model with its tokenizer for the command-line tool and the app.
 
+pub mod bench;
 pub mod chat;
 pub mod config;
 pub mod error;
@@ -23,12 +24,12 @@ pub use chat::ChatTemplate;
 pub use config::{Architecture, ModelConfig};
 pub use engine::{Engine, LoadStep};
 pub use error::{EngineError, Result};
-pub use generate::{generate, GenerateOptions, Generation, StopReason};
+pub use generate::{generate, generate_async, GenerateOptions, Generation, StopReason};
 pub use gguf::GgufFile;
 pub use hooks::{Capture, Hooks, Positions, Scope, Segment};
 #[cfg(not(target_arch = "wasm32"))]
 pub use model::block_on;
 pub use model::cpu::{CpuModel, LoadOptions};
-pub use model::{LanguageModel, LocalBoxFuture, LogitsWanted, Picked, StepOutput};
+pub use model::{BackendStats, LanguageModel, LocalBoxFuture, LogitsWanted, Picked, StepOutput};
 pub use sampler::{pick, Sampling};
 pub use tokenizer::Tokenizer;

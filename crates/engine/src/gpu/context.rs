@@ -19,6 +19,8 @@ pub struct Gpu {
     pub limits: wgpu::Limits,
     /// Set by the device-lost callback and by uncaptured validation or out-of-memory errors.
     failure: Arc<Mutex<Option<String>>>,
+    /// Bytes of every buffer created through this struct (buffers are only freed with their owner).
+    allocated: std::cell::Cell<u64>,
 }
 
 impl Gpu {
@@ -63,7 +65,7 @@ impl Gpu {
                 f.get_or_insert(format!("GPU error: {error}"));
             }
         }));
-        Ok(Self { device, queue, info, limits, failure })
+        Ok(Self { device, queue, info, limits, failure, allocated: std::cell::Cell::new(0) })
     }
 
     /// A one-line description of the adapter, for reports ("NVIDIA H100 (Vulkan)").
@@ -91,6 +93,16 @@ impl Gpu {
         }
     }
 
+    /// Bytes of the buffers created through this struct so far.
+    pub fn allocated(&self) -> u64 {
+        self.allocated.get()
+    }
+
+    fn count(&self, buffer: wgpu::Buffer) -> wgpu::Buffer {
+        self.allocated.set(self.allocated.get() + buffer.size());
+        buffer
+    }
+
     /// A storage buffer holding `bytes` (padded to a multiple of 4).
     pub fn storage_with(&self, label: &str, bytes: &[u8]) -> wgpu::Buffer {
         let mut padded;
@@ -101,30 +113,30 @@ impl Gpu {
             padded.resize(bytes.len().div_ceil(4).max(1) * 4, 0);
             &padded
         };
-        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        self.count(self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some(label),
             contents,
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-        })
+        }))
     }
 
     /// A zeroed storage buffer of `bytes` bytes.
     pub fn storage(&self, label: &str, bytes: u64) -> wgpu::Buffer {
-        self.device.create_buffer(&wgpu::BufferDescriptor {
+        self.count(self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size: bytes.max(4).div_ceil(4) * 4,
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
-        })
+        }))
     }
 
     /// A uniform buffer holding `bytes`, writable later.
     pub fn uniform_with(&self, label: &str, bytes: &[u8]) -> wgpu::Buffer {
-        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        self.count(self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some(label),
             contents: bytes,
             usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-        })
+        }))
     }
 
     /// A buffer the CPU can map to read results back.

@@ -23,7 +23,7 @@ use crate::error::{EngineError, Result, TensorContext};
 use crate::gguf::GgufFile;
 use crate::hooks::{Capture, Hooks, Segment};
 use crate::model::cpu::LoadOptions;
-use crate::model::{LanguageModel, LocalBoxFuture, LogitsWanted, Picked, StepOutput};
+use crate::model::{BackendStats, LanguageModel, LocalBoxFuture, LogitsWanted, Picked, StepOutput};
 use crate::sampler::Sampling;
 
 /// Tokens one command buffer processes; longer prompts go through in several calls.
@@ -137,6 +137,8 @@ pub struct GpuModel {
     _vectors: Vec<wgpu::Buffer>,
     position: usize,
     max_context: usize,
+    /// GPU memory allocated while loading.
+    memory: u64,
 }
 
 /// What the all-positions LM head needs.
@@ -206,6 +208,7 @@ impl GpuModel {
     ) -> Result<Self> {
         let config = ModelConfig::from_gguf(gguf)?;
         let c = config.clone();
+        let allocated_before = gpu.allocated();
         if c.head_dim > 256 || c.head_dim % 2 != 0 {
             return Err(EngineError::Gpu(format!(
                 "head size {} is not supported on the GPU (at most 256)",
@@ -538,6 +541,7 @@ impl GpuModel {
             scratch,
             position: 0,
             max_context,
+            memory: gpu.allocated() - allocated_before,
             gpu,
         })
     }
@@ -904,6 +908,12 @@ impl LanguageModel for GpuModel {
 
     fn backend_name(&self) -> String {
         format!("wgpu: {}", self.gpu.describe())
+    }
+
+    fn stats(&self) -> BackendStats {
+        let per_token =
+            self.embed_ops.len() + self.layer_ops.iter().map(|l| l.len()).sum::<usize>() + self.head_last.len() + 1; // token selection
+        BackendStats { gpu_memory_bytes: Some(self.memory), dispatches_per_token: Some(per_token) }
     }
 
     fn forward<'a>(

@@ -38,6 +38,15 @@ pub struct Picked {
     pub logits: Option<Vec<f32>>,
 }
 
+/// Figures a backend reports about itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackendStats {
+    /// GPU memory the model holds (weights, KV cache, scratch buffers).
+    pub gpu_memory_bytes: Option<u64>,
+    /// Compute dispatches recorded per decoded token.
+    pub dispatches_per_token: Option<usize>,
+}
+
 /// Which logits a forward call computes: the LM head is the largest matrix, so by default only the last row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogitsWanted {
@@ -60,6 +69,11 @@ pub trait LanguageModel {
 
     /// A short name of the backend ("cpu", "wgpu ...") for reports.
     fn backend_name(&self) -> String;
+
+    /// What the backend holds and does per token, for benchmarks.
+    fn stats(&self) -> BackendStats {
+        BackendStats::default()
+    }
 
     /// Runs `tokens` at positions `position()..position() + tokens.len()`, appends their keys and values to the
     /// cache and returns the logits after the last one, with the hooks applied.
