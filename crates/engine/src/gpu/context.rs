@@ -39,7 +39,16 @@ impl Gpu {
             })
             .await
             .map_err(|e| EngineError::Gpu(format!("no GPU adapter is available ({e}); use the CPU backend")))?;
-        let info = adapter.get_info();
+        #[allow(unused_mut)]
+        let mut info = adapter.get_info();
+        // wgpu cannot see a browser adapter's description: ask WebGPU for it, and whether it is a CPU (SwiftShader).
+        #[cfg(target_arch = "wasm32")]
+        if let Some((description, software)) = web_adapter_description().await {
+            info.name = description;
+            if software {
+                info.device_type = wgpu::DeviceType::Cpu;
+            }
+        }
         let limits = adapter.limits();
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
@@ -174,4 +183,26 @@ impl Gpu {
         let bytes = self.read(buffer, (count * 4) as u64).await?;
         Ok(bytemuck::cast_slice(&bytes).to_vec())
     }
+}
+
+/// The browser's description of its WebGPU adapter (`GPUAdapter.info`), and whether it runs on the CPU
+/// (SwiftShader, or a fallback adapter).
+#[cfg(target_arch = "wasm32")]
+async fn web_adapter_description() -> Option<(String, bool)> {
+    use js_sys::{Function, Promise, Reflect};
+    use wasm_bindgen::JsCast;
+    let navigator = Reflect::get(&js_sys::global(), &"navigator".into()).ok()?;
+    let gpu = Reflect::get(&navigator, &"gpu".into()).ok().filter(|g| !g.is_undefined())?;
+    let request: Function = Reflect::get(&gpu, &"requestAdapter".into()).ok()?.dyn_into().ok()?;
+    let promise: Promise = request.call0(&gpu).ok()?.dyn_into().ok()?;
+    let adapter = wasm_bindgen_futures::JsFuture::from(promise).await.ok().filter(|a| !a.is_null())?;
+    let info = Reflect::get(&adapter, &"info".into()).ok()?;
+    let field = |key: &str| Reflect::get(&info, &key.into()).ok().and_then(|v| v.as_string()).unwrap_or_default();
+    let (vendor, architecture, description) = (field("vendor"), field("architecture"), field("description"));
+    let fallback = Reflect::get(&adapter, &"isFallbackAdapter".into()).ok().and_then(|v| v.as_bool()).unwrap_or(false);
+    let software = fallback
+        || architecture.to_lowercase().contains("swiftshader")
+        || description.to_lowercase().contains("swiftshader");
+    let text = [vendor, architecture, description].into_iter().filter(|s| !s.is_empty()).collect::<Vec<_>>().join(" ");
+    Some((text, software))
 }
