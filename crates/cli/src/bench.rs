@@ -22,6 +22,23 @@ pub struct BenchReport {
     pub machine: Machine,
     #[serde(flatten)]
     pub result: BenchResult,
+    /// Where the time goes, per kernel, with `--profile`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<Profile>,
+}
+
+/// Milliseconds per kernel for a prompt's forward and for one decode step.
+#[derive(Serialize)]
+pub struct Profile {
+    pub prefill: Vec<KernelTime>,
+    pub decode: Vec<KernelTime>,
+}
+
+#[derive(Serialize)]
+pub struct KernelTime {
+    pub kernel: String,
+    pub ms: f64,
+    pub dispatches: usize,
 }
 
 impl BenchReport {
@@ -49,7 +66,23 @@ impl BenchReport {
         if let Some(d) = r.dispatches_per_token {
             s += &format!("\ndispatches per decoded token: {d}");
         }
-        s + &format!("\n(median of {} runs)", r.runs)
+        s += &format!("\n(median of {} runs)", r.runs);
+        if let Some(p) = &self.profile {
+            for (what, times) in [("prefill", &p.prefill), ("one decode step", &p.decode)] {
+                let total: f64 = times.iter().map(|k| k.ms).sum();
+                s += &format!("\nwhere the time goes, {what} (each dispatch timed alone, {total:.1} ms in all):");
+                for k in times {
+                    s += &format!(
+                        "\n  {:>8.2} ms {:>5.1}%  {} ({} dispatches)",
+                        k.ms,
+                        100.0 * k.ms / total,
+                        k.kernel,
+                        k.dispatches
+                    );
+                }
+            }
+        }
+        s
     }
 }
 
@@ -78,5 +111,22 @@ pub fn run(engine: &mut Engine, path: &Path, settings: &BenchSettings) -> Result
         model: path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         machine: machine(),
         result,
+        profile: None,
     })
+}
+
+/// Times each kernel of a `prompt_tokens` forward, then of one decode step after it.
+pub fn profile(engine: &mut Engine, prompt_tokens: usize) -> Result<Profile> {
+    let prompt = saif_engine::bench::bench_prompt(engine, prompt_tokens)?;
+    let model = engine.model.as_mut();
+    let to_times = |v: Vec<(String, f64, usize)>| {
+        v.into_iter().map(|(kernel, ms, dispatches)| KernelTime { kernel, ms, dispatches }).collect()
+    };
+    model.reset();
+    let prefill = model.profile(&prompt).ok_or_else(|| anyhow::anyhow!("--profile needs --backend wgpu"))??;
+    // Fill the cache with the prompt, then profile one token after it.
+    model.reset();
+    block_on(model.forward(&prompt, saif_engine::Segment::Prompt, &saif_engine::Hooks::none(), Default::default()))?;
+    let decode = model.profile(&prompt[..1]).expect("the same backend")?;
+    Ok(Profile { prefill: to_times(prefill), decode: to_times(decode) })
 }

@@ -75,6 +75,9 @@ enum Command {
         /// Skip the decode run with a steering vector and a read hook.
         #[arg(long)]
         no_hooks: bool,
+        /// Also time each GPU kernel of a prompt's forward and of one decode step (wgpu only).
+        #[arg(long)]
+        profile: bool,
     },
     /// The GGUF's metadata and the model's shape.
     Info {
@@ -224,11 +227,14 @@ fn run(cli: Cli) -> Result<()> {
             let text = engine.tokenizer.decode(&generation.ids)?;
             print(model.json, json!({ "ids": generation.ids, "text": text }), || text.clone());
         }
-        Command::Bench { model, prompt_tokens, decode_tokens, runs, no_hooks } => {
+        Command::Bench { model, prompt_tokens, decode_tokens, runs, no_hooks, profile } => {
             let path = model.path();
             let mut engine = model.load()?;
             let settings = BenchSettings { prompt_tokens, decode_tokens, runs, with_hooks: !no_hooks };
-            let report = bench::run(&mut engine, &path, &settings)?;
+            let mut report = bench::run(&mut engine, &path, &settings)?;
+            if profile {
+                report.profile = Some(bench::profile(&mut engine, prompt_tokens)?);
+            }
             print(model.json, serde_json::to_value(&report)?, || report.to_text());
         }
         Command::Info { model } => {

@@ -73,6 +73,8 @@ impl Grid {
 
 /// One prepared dispatch.
 struct Op {
+    /// The kernel's name, for profiles.
+    name: String,
     pipeline: wgpu::ComputePipeline,
     /// The tiled variant of a matrix product.
     tiled: Option<wgpu::ComputePipeline>,
@@ -286,6 +288,7 @@ impl GpuModel {
             }
             all.push(&s.step);
             Op {
+                name: kernel.name.clone(),
                 pipeline: kernel.pipeline().clone(),
                 tiled: None,
                 bind: kernel.bind(&gpu, &all),
@@ -318,6 +321,7 @@ impl GpuModel {
                     let one = k.matmul(m.dtype, false);
                     let bind = one.bind(&gpu, &[&part.buffer, x, y, &params, &s.step]);
                     Op {
+                        name: one.name.clone(),
                         pipeline: one.pipeline().clone(),
                         tiled: Some(k.matmul(m.dtype, true).pipeline().clone()),
                         bind,
@@ -519,7 +523,14 @@ impl GpuModel {
         let head_last = Self::head_ops(&gpu, &kernels, &c, &scratch, &final_norm, &lm_head, &scratch.logits, true);
         let select_op = {
             let bind = kernels.select.bind(&gpu, &[&scratch.logits, &scratch.picked, &scratch.select_params]);
-            Op { pipeline: kernels.select.pipeline().clone(), tiled: None, bind, grid: Grid::One, _params: None }
+            Op {
+                name: kernels.select.name.clone(),
+                pipeline: kernels.select.pipeline().clone(),
+                tiled: None,
+                bind,
+                grid: Grid::One,
+                _params: None,
+            }
         };
         progress(total_parts, total_parts);
         gpu.check()?;
@@ -566,6 +577,7 @@ impl GpuModel {
             &NormParams { width: c.hidden as u32, rows_per_token: 1, last_only: last_only as u32, eps: c.rms_eps },
         );
         ops.push(Op {
+            name: "final norm".into(),
             pipeline: k.norm.pipeline().clone(),
             tiled: None,
             bind: k.norm.bind(gpu, &[&s.h, &s.a, final_norm, &params, &s.step]),
@@ -590,6 +602,7 @@ impl GpuModel {
             );
             let one = k.matmul(lm_head.dtype, false);
             ops.push(Op {
+                name: format!("lm head {}", one.name),
                 pipeline: one.pipeline().clone(),
                 tiled: Some(k.matmul(lm_head.dtype, true).pipeline().clone()),
                 bind: one.bind(gpu, &[&part.buffer, &s.a, logits, &params, &s.step]),
@@ -601,6 +614,7 @@ impl GpuModel {
             let rows = if last_only { 1 } else { 0 };
             let params = uniform(gpu, "softcap", &ElementwiseParams { width: c.vocab_size as u32, rows, cap, pad: 0 });
             ops.push(Op {
+                name: k.softcap.name.clone(),
                 pipeline: k.softcap.pipeline().clone(),
                 tiled: None,
                 bind: k.softcap.bind(gpu, &[logits, &params, &s.step]),
@@ -613,6 +627,47 @@ impl GpuModel {
 
     pub fn gpu(&self) -> &Rc<Gpu> {
         &self.gpu
+    }
+
+    /// Where the time of one forward call of `tokens` tokens goes (at the current position): every dispatch in a
+    /// submission of its own, waited for and timed, summed per kernel. Slower than a real call (each dispatch
+    /// pays a submission), but it shows which kernels dominate. Native only (the browser cannot block).
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn profile_call(&mut self, tokens: &[u32]) -> Result<Vec<(String, f64, usize)>> {
+        use std::time::Instant;
+        self.check_request(tokens, &Hooks::none())?;
+        let t = tokens.len().min(MAX_TOKENS_PER_CALL);
+        let gpu = self.gpu.clone();
+        let step = StepParams { tokens: t as u32, start: self.position as u32, pad: [0; 2] };
+        gpu.queue.write_buffer(&self.scratch.step, 0, bytemuck::bytes_of(&step));
+        gpu.queue.write_buffer(&self.scratch.tokens, 0, bytemuck::cast_slice(&tokens[..t]));
+        let wait = || gpu.device.poll(wgpu::PollType::wait_indefinitely()).map(|_| ());
+        let mut totals: Vec<(String, f64, usize)> = Vec::new();
+        let ops = self
+            .embed_ops
+            .iter()
+            .chain(self.layer_ops.iter().flatten())
+            .chain(&self.head_last)
+            .chain([&self.select_op]);
+        for op in ops {
+            wait().map_err(|e| EngineError::GpuLost(e.to_string()))?;
+            let start = Instant::now();
+            let mut encoder = gpu.device.create_command_encoder(&Default::default());
+            op.record(&mut encoder.begin_compute_pass(&Default::default()), t as u32);
+            gpu.queue.submit([encoder.finish()]);
+            wait().map_err(|e| EngineError::GpuLost(e.to_string()))?;
+            let ms = start.elapsed().as_secs_f64() * 1000.0;
+            match totals.iter_mut().find(|e| e.0 == op.name) {
+                Some(entry) => {
+                    entry.1 += ms;
+                    entry.2 += 1;
+                }
+                None => totals.push((op.name.clone(), ms, 1)),
+            }
+        }
+        gpu.check()?;
+        totals.sort_by(|a, b| b.1.total_cmp(&a.1));
+        Ok(totals)
     }
 
     fn check_request(&self, tokens: &[u32], hooks: &Hooks) -> Result<()> {
@@ -646,6 +701,7 @@ impl GpuModel {
             let k = &self.kernels.add_vector;
             let bind = k.bind(&self.gpu, &[&buffer, &self.scratch.h, &params, &self.scratch.step]);
             let op = Op {
+                name: "steering add".into(),
                 pipeline: k.pipeline().clone(),
                 tiled: None,
                 bind,
@@ -908,6 +964,11 @@ impl LanguageModel for GpuModel {
 
     fn backend_name(&self) -> String {
         format!("wgpu: {}", self.gpu.describe())
+    }
+
+    #[cfg(not(target_arch = "wasm32"))]
+    fn profile(&mut self, tokens: &[u32]) -> Option<Result<Vec<(String, f64, usize)>>> {
+        Some(self.profile_call(tokens))
     }
 
     fn stats(&self) -> BackendStats {

@@ -75,6 +75,12 @@ pub trait LanguageModel {
         BackendStats::default()
     }
 
+    /// Milliseconds spent per kernel (name, total ms, dispatches) in one forward call of `tokens`, where the
+    /// backend can tell (the GPU backend, natively); `None` elsewhere.
+    fn profile(&mut self, _tokens: &[u32]) -> Option<Result<Vec<(String, f64, usize)>>> {
+        None
+    }
+
     /// Runs `tokens` at positions `position()..position() + tokens.len()`, appends their keys and values to the
     /// cache and returns the logits after the last one, with the hooks applied.
     fn forward<'a>(
