@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Speed of the engine on the offline models, side by side with llama.cpp on the same files in the same run.
-#   saif bench: prefill of a 128-token prompt, then 64 tokens decoded one at a time; median of 5 runs.
-#   llama-bench: pp128 and tg64 with the same thread count, 5 repetitions.
+# Speed of the engine on the offline models, everything measured in the same run on this machine:
+#   1. saif bench on the CPU and on wgpu (natively; Mesa's lavapipe where there is no GPU), side by side with
+#      llama.cpp on the same files: prefill of a 128-token prompt, 64 tokens decoded one at a time after it,
+#      median of 5 runs; llama-bench pp128 / tg64 with the same thread count, 5 repetitions;
+#   2. the app's benchmark page in headless Chromium, on WebGPU (SwiftShader without a GPU) and on the CPU
+#      (WebAssembly): a 32-token prompt, 16 decoded tokens, median of 3 runs.
 # llama.cpp comes from a registry package: the source distribution of llama-cpp-python on PyPI vendors it. It is
 # built once into ~/.cache/saif/llama.cpp (a few minutes); nothing of it is committed.
-# Results land in target/bench/ as JSON and as a table on stdout, for docs/benchmarks.md.
+# Results land in target/bench/ as JSON and as tables on stdout, for docs/benchmarks.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 
 LLAMA_CPP_PYTHON=${LLAMA_CPP_PYTHON:-0.3.36}
 threads=$(nproc)
@@ -39,21 +43,48 @@ EOF
   cmake --build "$llama_dir/build" --target llama-bench -j"$threads" >/dev/null
 fi
 
-printf '\n| model | engine | prefill 128 (tokens/s) | decode 64 (tokens/s) |\n|---|---|---|---|\n'
+printf '\n## Native (%s, %s threads)\n\n' "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)" "$threads"
+printf '| model | engine | prefill 128 (tokens/s) | decode 64 (tokens/s) | time to first token (ms) | hooks overhead | GPU memory (MB) | dispatches/token |\n|---|---|---|---|---|---|---|---|\n'
 for model in SmolLM2-135M-Instruct.Q4_1.gguf gemma-3-270m-q4_k_m.gguf; do
   path="$SAIF_MODELS/$model"
-  target/release/saif bench --model "$path" --prompt-tokens 128 --decode-tokens 64 --runs 5 --json >"$out/saif-$model.json"
+  for backend in cpu wgpu; do
+    target/release/saif bench --backend "$backend" --model "$path" --prompt-tokens 128 --decode-tokens 64 --runs 5 --json \
+      >"$out/saif-$backend-$model.json" 2>/dev/null
+  done
   "$llama_bench" -m "$path" -p 128 -n 64 -t "$threads" -r 5 -o json >"$out/llama-$model.json" 2>/dev/null
-  python3 - "$model" "$out/saif-$model.json" "$out/llama-$model.json" <<'EOF'
+  python3 - "$model" "$out" <<'EOF'
 import json, sys
-model, saif, llama = sys.argv[1], json.load(open(sys.argv[2])), json.load(open(sys.argv[3]))
+model, out = sys.argv[1], sys.argv[2]
+cpu = json.load(open(f"{out}/saif-cpu-{model}.json"))
+gpu = json.load(open(f"{out}/saif-wgpu-{model}.json"))
+llama = json.load(open(f"{out}/llama-{model}.json"))
 pp = next(r["avg_ts"] for r in llama if r["n_prompt"] > 0 and r["n_gen"] == 0)
 tg = next(r["avg_ts"] for r in llama if r["n_gen"] > 0 and r["n_prompt"] == 0)
-sp, sd = saif["prefill_tokens_per_s"], saif["decode_tokens_per_s"]
-print(f"| {model} | saif (cpu) | {sp:.1f} | {sd:.1f} |")
-print(f"| {model} | llama.cpp {llama[0].get('build_commit', '')} (cpu, {llama[0]['n_threads']} threads) | {pp:.1f} | {tg:.1f} |")
-print(f"| {model} | ratio saif / llama.cpp | {sp / pp:.2f} | {sd / tg:.2f} |")
+def row(name, r):
+    hooks = f"{r['hooks_overhead_percent']:+.1f}%" if r.get("hooks_overhead_percent") is not None else ""
+    mem = f"{r['gpu_memory_bytes'] / 1e6:.0f}" if r.get("gpu_memory_bytes") else ""
+    disp = r.get("dispatches_per_token") or ""
+    print(f"| {model} | {name} | {r['prefill_tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.1f} | {r['time_to_first_token_ms']:.0f} | {hooks} | {mem} | {disp} |")
+row("saif cpu", cpu)
+row(f"saif {gpu['backend']}", gpu)
+print(f"| {model} | llama.cpp {llama[0].get('build_commit', '')} cpu | {pp:.1f} | {tg:.1f} | | | | |")
+print(f"| {model} | ratio saif cpu / llama.cpp | {cpu['prefill_tokens_per_s'] / pp:.2f} | {cpu['decode_tokens_per_s'] / tg:.2f} | | | | |")
+print(f"| {model} | ratio saif wgpu / saif cpu | {gpu['prefill_tokens_per_s'] / cpu['prefill_tokens_per_s']:.2f} | {gpu['decode_tokens_per_s'] / cpu['decode_tokens_per_s']:.2f} | | | | |")
 EOF
 done
+
+printf '\n## Headless Chromium, the app'"'"'s benchmark page (32-token prompt, 16 decoded tokens, median of 3)\n\n'
+scripts/app.sh build >/dev/null 2>&1
+(cd tests/e2e && node bench.mjs 32 16 3) >"$out/browser.jsonl"
+python3 - "$out/browser.jsonl" <<'EOF'
+import json, sys
+keys = ["Backend", "Prefill", "Decode", "Time to first token", "Decode with steering and an SAE read", "GPU memory held",
+        "Dispatches per token"]
+print("| model | backend | prefill | decode | time to first token | with hooks | GPU memory | dispatches/token |")
+print("|---|---|---|---|---|---|---|---|")
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print("| " + " | ".join([r["model"]] + [r.get(k, "") for k in keys]) + " |")
+EOF
 echo
-echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $threads threads; raw results in $out/"
+echo "raw results in $out/"

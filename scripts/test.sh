@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
 # Every test of the project, in the order a failure is cheapest to find:
-#   1. native: the engine (against ../shared/golden, transformers fixtures, KV cache, hooks, bad input), the
-#      saif command-line contract, the app's plain-Rust logic;
-#   2. the engine compiled to wasm, in headless Chromium (wasm-bindgen-test);
-#   3. the page built with trunk and driven end to end in headless Chromium (tests/e2e).
+#   1. native: the engine on the CPU and on wgpu (Mesa's lavapipe without a GPU) against ../shared/golden, the
+#      project's further references, transformers fixtures, recomputation without the KV cache, hooks, bad
+#      input; every WGSL kernel against its CPU twin; the saif command-line contract; the app's plain-Rust logic;
+#   2. the engine compiled to wasm, in headless Chromium (wasm-bindgen-test): tokenizers, the CPU path, every
+#      WGSL kernel and the fixture models on WebGPU (SwiftShader without a GPU);
+#   3. the page built with trunk and driven end to end in headless Chromium (tests/e2e): loading, caching,
+#      errors, tokenizing, generating on WebGPU and on the CPU, the benchmark page.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 say() { printf '\n==> %s\n' "$*"; }
+# wgpu's Vulkan loader (lavapipe here) complains without a runtime directory.
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 
 say "native tests"
 cargo test --release --workspace

@@ -283,6 +283,16 @@ async fn load(
             (Engine::load_wgpu_with_progress(&mut cursor(), &options, gpu, &mut progress)?, None)
         }
         BackendChoice::Auto => match gpu().await {
+            // A WebGPU that is itself a CPU program (SwiftShader) is many times slower than the engine's own CPU
+            // path (docs/benchmarks.md): take the CPU path, and say so.
+            Ok(gpu) if gpu.runs_on_cpu() => {
+                let note = format!(
+                    "WebGPU here runs on the CPU ({}), slower than this page's own CPU engine: the model runs on the \
+                     CPU. Choose \"WebGPU only\" to use it anyway.",
+                    gpu.describe()
+                );
+                (on_cpu(&mut progress)?, Some(note))
+            }
             Ok(gpu) => match Engine::load_wgpu_with_progress(&mut cursor(), &options, gpu, &mut progress) {
                 Ok(engine) => (engine, None),
                 Err(e @ (EngineError::Gpu(_) | EngineError::GpuLost(_))) => {

@@ -87,6 +87,11 @@ impl Gpu {
         }
     }
 
+    /// Whether the adapter is itself a CPU program (lavapipe, SwiftShader).
+    pub fn runs_on_cpu(&self) -> bool {
+        self.info.device_type == wgpu::DeviceType::Cpu
+    }
+
     /// Fails once the device was lost or reported an error: every later result would be garbage.
     pub fn check(&self) -> Result<()> {
         match self.failure.lock().ok().and_then(|f| f.clone()) {

@@ -242,7 +242,7 @@ impl Kernels {
 /// no exchange through workgroup memory, measured several times faster there), 16 on GPUs (more threads in flight
 /// per row, coalesced reads).
 pub fn matmul_lanes(gpu: &Gpu) -> u32 {
-    if gpu.info.device_type == wgpu::DeviceType::Cpu {
+    if gpu.runs_on_cpu() {
         1
     } else {
         16
