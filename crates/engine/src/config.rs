@@ -203,3 +203,31 @@ impl ModelConfig {
         self.n_kv_heads * self.head_dim
     }
 }
+
+/// cos and sin of the RoPE angles at `positions` (row-major [position][head_dim / 2]): the angle of pair i at
+/// position p is p / (base^(2i / head_dim) * factor_i), with Llama 3's per-pair factors where the file has them.
+/// Computed in f64 once; the CPU path and the GPU's tables use this same function.
+pub fn rope_cos_sin(
+    head_dim: usize,
+    base: f32,
+    factors: Option<&[f32]>,
+    positions: std::ops::Range<usize>,
+) -> (Vec<f32>, Vec<f32>) {
+    let half = head_dim / 2;
+    let inv: Vec<f64> = (0..half)
+        .map(|i| {
+            let f = 1.0 / (base as f64).powf(2.0 * i as f64 / head_dim as f64);
+            factors.map_or(f, |fs| f / fs[i] as f64)
+        })
+        .collect();
+    let n = positions.len() * half;
+    let (mut cos, mut sin) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for p in positions {
+        for &f in &inv {
+            let angle = p as f64 * f;
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    (cos, sin)
+}

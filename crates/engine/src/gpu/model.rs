@@ -18,7 +18,7 @@ use candle_core::Device;
 use super::context::Gpu;
 use super::kernels::*;
 use super::weights::GpuMatrix;
-use crate::config::{Activation, ModelConfig, RopeLayout};
+use crate::config::{rope_cos_sin, Activation, ModelConfig, RopeLayout};
 use crate::error::{EngineError, Result, TensorContext};
 use crate::gguf::GgufFile;
 use crate::hooks::{Capture, Hooks, Segment};
@@ -260,19 +260,7 @@ impl GpuModel {
             if rope_tables.iter().any(|r| r.0 == layer.rope_base) {
                 continue;
             }
-            let half = c.head_dim / 2;
-            let (mut cos, mut sin) = (Vec::with_capacity(max_context * half), Vec::with_capacity(max_context * half));
-            for p in 0..max_context {
-                for i in 0..half {
-                    let mut inv = 1.0 / (layer.rope_base as f64).powf(2.0 * i as f64 / c.head_dim as f64);
-                    if let Some(f) = &rope_factors {
-                        inv /= f[i] as f64;
-                    }
-                    let angle = p as f64 * inv;
-                    cos.push(angle.cos() as f32);
-                    sin.push(angle.sin() as f32);
-                }
-            }
+            let (cos, sin) = rope_cos_sin(c.head_dim, layer.rope_base, rope_factors.as_deref(), 0..max_context);
             rope_tables.push((
                 layer.rope_base,
                 gpu.storage_with("rope cos", bytemuck::cast_slice(&cos)),

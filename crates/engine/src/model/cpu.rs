@@ -23,7 +23,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::kv_cache::KvCache;
 
 use super::{LanguageModel, LocalBoxFuture, LogitsWanted, StepOutput};
-use crate::config::{Activation, ModelConfig, RopeLayout};
+use crate::config::{rope_cos_sin, Activation, ModelConfig, RopeLayout};
 use crate::error::{EngineError, Result, TensorContext};
 use crate::gguf::GgufFile;
 use crate::hooks::{Capture, Hooks, Segment};
@@ -209,19 +209,7 @@ impl CpuModel {
     /// cos and sin of the RoPE angles for positions `start..start + n` ([n, head_dim / 2] each).
     fn rope_tables(&self, base: f32, start: usize, n: usize) -> Result<(Tensor, Tensor)> {
         let half = self.config.head_dim / 2;
-        let mut cos = Vec::with_capacity(n * half);
-        let mut sin = Vec::with_capacity(n * half);
-        for p in start..start + n {
-            for i in 0..half {
-                let mut inv_freq = 1.0 / (base as f64).powf(2.0 * i as f64 / self.config.head_dim as f64);
-                if let Some(f) = &self.rope_factors {
-                    inv_freq /= f[i] as f64;
-                }
-                let angle = p as f64 * inv_freq;
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
-            }
-        }
+        let (cos, sin) = rope_cos_sin(self.config.head_dim, base, self.rope_factors.as_deref(), start..start + n);
         let cos = Tensor::from_vec(cos, (n, half), &Device::Cpu).context("rope")?;
         let sin = Tensor::from_vec(sin, (n, half), &Device::Cpu).context("rope")?;
         Ok((cos, sin))
