@@ -9,6 +9,7 @@ use candle_core::quantized::GgmlDType;
 use super::context::Gpu;
 use crate::error::{EngineError, Result};
 
+const COMMON: &str = include_str!("kernels/common.wgsl");
 const QUANT: &str = include_str!("kernels/quant.wgsl");
 const MATMUL: &str = include_str!("kernels/matmul.wgsl");
 const EMBED: &str = include_str!("kernels/embed.wgsl");
@@ -105,7 +106,7 @@ fn build_with_layout(
 ) -> Kernel {
     let module = gpu.device.create_shader_module(wgpu::ShaderModuleDescriptor {
         label: Some(name),
-        source: wgpu::ShaderSource::Wgsl(source.into()),
+        source: wgpu::ShaderSource::Wgsl(format!("{COMMON}\n{source}").into()),
     });
     let pipeline_layout = gpu.device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
         label: Some(name),

@@ -23,7 +23,7 @@ use crate::error::{EngineError, Result, TensorContext};
 use crate::gguf::GgufFile;
 use crate::hooks::{Capture, Hooks, Segment};
 use crate::model::cpu::LoadOptions;
-use crate::model::{BackendStats, LanguageModel, LocalBoxFuture, LogitsWanted, Picked, StepOutput};
+use crate::model::{check_request, BackendStats, LanguageModel, LocalBoxFuture, LogitsWanted, Picked, StepOutput};
 use crate::sampler::Sampling;
 
 /// Tokens one command buffer processes; longer prompts go through in several calls.
@@ -660,20 +660,7 @@ impl GpuModel {
 
     fn check_request(&self, tokens: &[u32], hooks: &Hooks) -> Result<()> {
         self.gpu.check()?;
-        if tokens.is_empty() {
-            return Err(EngineError::InvalidRequest("no tokens to run".into()));
-        }
-        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
-            return Err(EngineError::InvalidRequest(format!(
-                "token id {bad} is outside the vocabulary (size {})",
-                self.config.vocab_size
-            )));
-        }
-        let needed = self.position + tokens.len();
-        if needed > self.max_context {
-            return Err(EngineError::ContextOverflow { tokens: needed, context: self.max_context });
-        }
-        hooks.validate(self.config.n_layers, self.config.hidden)
+        check_request(&self.config, self.position, self.max_context, tokens, hooks)
     }
 
     /// The add_vector dispatch of layer `layer`'s steering buffer, created on first use.

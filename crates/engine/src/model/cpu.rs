@@ -22,7 +22,7 @@ use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::kv_cache::KvCache;
 
-use super::{LanguageModel, LocalBoxFuture, LogitsWanted, StepOutput};
+use super::{check_request, LanguageModel, LocalBoxFuture, LogitsWanted, StepOutput};
 use crate::config::{rope_cos_sin, Activation, ModelConfig, RopeLayout};
 use crate::error::{EngineError, Result, TensorContext};
 use crate::gguf::GgufFile;
@@ -320,7 +320,7 @@ impl CpuModel {
         hooks: &Hooks,
         logits: LogitsWanted,
     ) -> Result<StepOutput> {
-        self.check_request(tokens, hooks)?;
+        check_request(&self.config, self.position, self.max_context, tokens, hooks)?;
         let start = self.position;
         let n = tokens.len();
         let hidden = self.config.hidden;
@@ -373,23 +373,6 @@ impl CpuModel {
             LogitsWanted::All => (flat[(n - 1) * vocab..].to_vec(), Some(flat)),
         };
         Ok(StepOutput { logits: last, all_logits: all, captures })
-    }
-
-    fn check_request(&self, tokens: &[u32], hooks: &Hooks) -> Result<()> {
-        if tokens.is_empty() {
-            return Err(EngineError::InvalidRequest("no tokens to run".into()));
-        }
-        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
-            return Err(EngineError::InvalidRequest(format!(
-                "token id {bad} is outside the vocabulary (size {})",
-                self.config.vocab_size
-            )));
-        }
-        let needed = self.position + tokens.len();
-        if needed > self.max_context {
-            return Err(EngineError::ContextOverflow { tokens: needed, context: self.max_context });
-        }
-        hooks.validate(self.config.n_layers, self.config.hidden)
     }
 }
 

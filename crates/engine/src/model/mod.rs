@@ -11,7 +11,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 use crate::hooks::{Capture, Hooks, Segment};
 use crate::sampler::{pick, Sampling};
 
@@ -106,6 +106,31 @@ pub trait LanguageModel {
             Ok(Picked { token: pick(&out.logits, &sampling, step), captures: out.captures, logits: Some(out.logits) })
         })
     }
+}
+
+/// Checks a forward call before any work: tokens present and in the vocabulary, room in the cache, hooks that
+/// fit the model. Every backend calls it.
+pub(crate) fn check_request(
+    config: &ModelConfig,
+    position: usize,
+    max_context: usize,
+    tokens: &[u32],
+    hooks: &Hooks,
+) -> Result<()> {
+    if tokens.is_empty() {
+        return Err(EngineError::InvalidRequest("no tokens to run".into()));
+    }
+    if let Some(bad) = tokens.iter().find(|&&t| t as usize >= config.vocab_size) {
+        return Err(EngineError::InvalidRequest(format!(
+            "token id {bad} is outside the vocabulary (size {})",
+            config.vocab_size
+        )));
+    }
+    let needed = position + tokens.len();
+    if needed > max_context {
+        return Err(EngineError::ContextOverflow { tokens: needed, context: max_context });
+    }
+    hooks.validate(config.n_layers, config.hidden)
 }
 
 /// Runs a future to completion on this thread (native only; the browser awaits instead).

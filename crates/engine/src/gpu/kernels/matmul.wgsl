@@ -20,12 +20,6 @@ struct Params {
     groups_x: u32,    // workgroups along x (the row groups may exceed one dispatch dimension)
 }
 
-struct Step {
-    tokens: u32,      // rows of X in this call
-    start: u32,       // position of the first of them
-    pad0: u32,
-    pad1: u32,
-}
 
 @group(0) @binding(0) var<storage, read> W: array<u32>;
 @group(0) @binding(1) var<storage, read> X4: array<vec4<f32>>;
