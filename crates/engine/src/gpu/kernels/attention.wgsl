@@ -15,7 +15,6 @@ struct Params {
     pad1: u32,
 }
 
-
 @group(0) @binding(0) var<storage, read> Q: array<f32>;  // [tokens][heads * head_dim]
 @group(0) @binding(1) var<storage, read> K: array<f32>;  // [position][kv_heads * head_dim]
 @group(0) @binding(2) var<storage, read> V: array<f32>;

@@ -13,7 +13,6 @@ struct Params {
     pad0: u32,
 }
 
-
 @group(0) @binding(0) var<storage, read> X: array<f32>;
 @group(0) @binding(1) var<storage, read_write> Y: array<f32>;
 @group(0) @binding(2) var<uniform> P: Params;

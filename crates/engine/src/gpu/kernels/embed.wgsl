@@ -13,7 +13,6 @@ struct Params {
     pad2: u32,
 }
 
-
 @group(0) @binding(0) var<storage, read> W: array<u32>;
 @group(0) @binding(1) var<storage, read> TOKENS: array<u32>;
 @group(0) @binding(2) var<storage, read_write> H: array<f32>;

@@ -20,7 +20,6 @@ struct Params {
     groups_x: u32,    // workgroups along x (the row groups may exceed one dispatch dimension)
 }
 
-
 @group(0) @binding(0) var<storage, read> W: array<u32>;
 @group(0) @binding(1) var<storage, read> X4: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> Y: array<f32>;
