@@ -1,0 +1,387 @@
+//! Sparse autoencoders on the residual stream: the file formats (Gemma Scope 2's `params.safetensors` +
+//! `config.json`, SAELens' `sae_weights.safetensors` + `cfg.json`), encoding into latents and decoding back.
+//!
+//! Every SAE is held in one form, Gemma Scope's: `pre = x W_enc + b_enc`, latents `a = act(pre)`, reconstruction
+//! `x_hat = a W_dec + b_dec`, with `W_enc` of shape [d_in, d_sae] and `W_dec` of shape [d_sae, d_in]. Formats that
+//! subtract `b_dec` from the input first (SAELens' `apply_b_dec_to_input`, TopK SAEs) are folded into `b_enc` when
+//! read. The activation is JumpReLU (`pre` where `pre > threshold`), TopK (the k largest of `relu(pre)`) or ReLU.
+
+use std::path::Path;
+
+use half::{bf16, f16};
+use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SaeError {
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("not an SAE file: {0}")]
+    Format(String),
+    /// The SAE does not belong to the model it is used with.
+    #[error("this SAE does not fit the model: {0}")]
+    Mismatch(String),
+}
+
+pub type Result<T> = std::result::Result<T, SaeError>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Activation {
+    JumpRelu,
+    TopK { k: usize },
+    Relu,
+}
+
+/// What an SAE says about itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SaeInfo {
+    pub activation: Activation,
+    pub d_in: usize,
+    pub d_sae: usize,
+    /// The decoder layer whose `resid_post` it reads, where the file says.
+    pub layer: Option<usize>,
+    /// The model it was trained on, where the file says (e.g. "smollm2-135m", "gemma-3-270m").
+    pub model: Option<String>,
+    /// Anything else the file's config holds (training details, provenance).
+    pub extra: Value,
+}
+
+pub struct Sae {
+    pub info: SaeInfo,
+    /// [d_in, d_sae], row-major.
+    pub w_enc: Vec<f32>,
+    /// [d_sae, d_in], row-major.
+    pub w_dec: Vec<f32>,
+    pub b_enc: Vec<f32>,
+    pub b_dec: Vec<f32>,
+    /// JumpReLU thresholds (zeros for other activations).
+    pub threshold: Vec<f32>,
+}
+
+/// How weights are stored when saved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreAs {
+    F32,
+    F16,
+}
+
+fn read(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| SaeError::Io { path: path.display().to_string(), source })
+}
+
+/// A tensor of a safetensors file as f32, with its shape.
+fn tensor_f32(st: &SafeTensors, names: &[&str]) -> Result<Option<(Vec<f32>, Vec<usize>)>> {
+    let Some(view) = names.iter().find_map(|n| st.tensor(n).ok()) else { return Ok(None) };
+    let data = view.data();
+    let values = match view.dtype() {
+        Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F16 => data.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::BF16 => data.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        other => return Err(SaeError::Format(format!("tensor {} is {other:?}; F32, F16 or BF16 expected", names[0]))),
+    };
+    Ok(Some((values, view.shape().to_vec())))
+}
+
+fn parse_json(bytes: &[u8], what: &str) -> Result<Value> {
+    serde_json::from_slice(bytes).map_err(|e| SaeError::Format(format!("{what} is not valid JSON: {e}")))
+}
+
+impl std::fmt::Debug for Sae {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sae").field("info", &self.info).finish_non_exhaustive()
+    }
+}
+
+impl Sae {
+    /// Reads an SAE folder: Gemma Scope 2 (`params.safetensors`, `config.json`) or SAELens
+    /// (`sae_weights.safetensors`, `cfg.json`).
+    pub fn load_dir(dir: &Path) -> Result<Self> {
+        let gemma_scope = dir.join("params.safetensors");
+        let sae_lens = dir.join("sae_weights.safetensors");
+        if gemma_scope.exists() {
+            let config =
+                if dir.join("config.json").exists() { read(&dir.join("config.json"))? } else { b"{}".to_vec() };
+            Self::from_gemma_scope(&read(&gemma_scope)?, &config)
+        } else if sae_lens.exists() {
+            Self::from_sae_lens(&read(&sae_lens)?, &read(&dir.join("cfg.json"))?)
+        } else {
+            Err(SaeError::Format(format!(
+                "{} holds neither params.safetensors (Gemma Scope 2) nor sae_weights.safetensors (SAELens)",
+                dir.display()
+            )))
+        }
+    }
+
+    /// Gemma Scope 2: `w_enc [d_in, d_sae]`, `w_dec [d_sae, d_in]`, `b_enc`, `b_dec`, `threshold`, and a config.
+    pub fn from_gemma_scope(params: &[u8], config: &[u8]) -> Result<Self> {
+        let st = SafeTensors::deserialize(params).map_err(|e| SaeError::Format(format!("params.safetensors: {e}")))?;
+        let config = parse_json(config, "config.json")?;
+        let w_enc = tensor_f32(&st, &["w_enc", "W_enc"])?.ok_or_else(|| SaeError::Format("no w_enc tensor".into()))?;
+        let w_dec = tensor_f32(&st, &["w_dec", "W_dec"])?.ok_or_else(|| SaeError::Format("no w_dec tensor".into()))?;
+        let b_enc = tensor_f32(&st, &["b_enc"])?.map(|t| t.0);
+        let b_dec = tensor_f32(&st, &["b_dec"])?.map(|t| t.0);
+        let threshold = tensor_f32(&st, &["threshold"])?.map(|t| t.0);
+        let activation = match config.get("architecture").or_else(|| config.get("activation")).and_then(Value::as_str) {
+            Some("topk" | "top_k" | "TopK") => {
+                let k = config
+                    .get("k")
+                    .and_then(Value::as_u64)
+                    .ok_or_else(|| SaeError::Format("config.json says the activation is TopK but gives no k".into()))?;
+                Activation::TopK { k: k as usize }
+            }
+            Some("relu" | "standard") => Activation::Relu,
+            Some("jump_relu" | "jumprelu" | "JumpReLU") | None => Activation::JumpRelu,
+            Some(other) => return Err(SaeError::Format(format!("unknown SAE architecture \"{other}\""))),
+        };
+        let layer = config.get("layer").and_then(Value::as_u64).map(|l| l as usize);
+        let model = config.get("model_name").or_else(|| config.get("model")).and_then(Value::as_str).map(String::from);
+        Self::assemble(activation, w_enc, w_dec, b_enc, b_dec, threshold, layer, model, config, false)
+    }
+
+    /// SAELens: `W_enc`, `W_dec`, `b_enc`, `b_dec`, optional `threshold`, and `cfg.json`.
+    pub fn from_sae_lens(weights: &[u8], cfg: &[u8]) -> Result<Self> {
+        let st = SafeTensors::deserialize(weights).map_err(|e| SaeError::Format(format!("sae_weights: {e}")))?;
+        let cfg = parse_json(cfg, "cfg.json")?;
+        let w_enc = tensor_f32(&st, &["W_enc"])?.ok_or_else(|| SaeError::Format("no W_enc tensor".into()))?;
+        let w_dec = tensor_f32(&st, &["W_dec"])?.ok_or_else(|| SaeError::Format("no W_dec tensor".into()))?;
+        let threshold = tensor_f32(&st, &["threshold"])?.map(|t| t.0);
+        let activation = match cfg.get("architecture").and_then(Value::as_str) {
+            Some("jumprelu") => Activation::JumpRelu,
+            Some("topk") => {
+                let k = cfg.pointer("/activation_fn_kwargs/k").or_else(|| cfg.get("k")).and_then(Value::as_u64);
+                Activation::TopK {
+                    k: k.ok_or_else(|| SaeError::Format("cfg.json: a TopK SAE without k".into()))? as usize,
+                }
+            }
+            _ => Activation::Relu,
+        };
+        // "blocks.12.hook_resid_post" -> 12
+        let layer = cfg.get("hook_name").and_then(Value::as_str).and_then(|h| h.split('.').nth(1)?.parse().ok());
+        let model = cfg.get("model_name").and_then(Value::as_str).map(String::from);
+        let fold = cfg.get("apply_b_dec_to_input").and_then(Value::as_bool).unwrap_or(false);
+        Self::assemble(
+            activation,
+            w_enc,
+            w_dec,
+            tensor_f32(&st, &["b_enc"])?.map(|t| t.0),
+            tensor_f32(&st, &["b_dec"])?.map(|t| t.0),
+            threshold,
+            layer,
+            model,
+            cfg,
+            fold,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        activation: Activation,
+        (w_enc, enc_shape): (Vec<f32>, Vec<usize>),
+        (w_dec, dec_shape): (Vec<f32>, Vec<usize>),
+        b_enc: Option<Vec<f32>>,
+        b_dec: Option<Vec<f32>>,
+        threshold: Option<Vec<f32>>,
+        layer: Option<usize>,
+        model: Option<String>,
+        config: Value,
+        subtract_b_dec_from_input: bool,
+    ) -> Result<Self> {
+        let [d_in, d_sae] = enc_shape[..] else {
+            return Err(SaeError::Format(format!("w_enc has shape {enc_shape:?}; [d_in, d_sae] expected")));
+        };
+        if dec_shape != [d_sae, d_in] {
+            return Err(SaeError::Format(format!("w_dec has shape {dec_shape:?}; [{d_sae}, {d_in}] expected")));
+        }
+        let b_enc = b_enc.unwrap_or_else(|| vec![0.0; d_sae]);
+        let b_dec = b_dec.unwrap_or_else(|| vec![0.0; d_in]);
+        let threshold = threshold.unwrap_or_else(|| vec![0.0; d_sae]);
+        if b_enc.len() != d_sae || b_dec.len() != d_in || threshold.len() != d_sae {
+            return Err(SaeError::Format("bias or threshold lengths do not match w_enc".into()));
+        }
+        if let Activation::TopK { k } = activation {
+            if k == 0 || k > d_sae {
+                return Err(SaeError::Format(format!("TopK with k = {k} for {d_sae} latents")));
+            }
+        }
+        let mut sae = Self {
+            info: SaeInfo { activation, d_in, d_sae, layer, model, extra: config },
+            w_enc,
+            w_dec,
+            b_enc,
+            b_dec,
+            threshold,
+        };
+        if subtract_b_dec_from_input {
+            // (x - b_dec) W_enc + b_enc = x W_enc + (b_enc - b_dec W_enc)
+            let shift = sae.pre_activations_of(&sae.b_dec.clone(), false);
+            sae.b_enc.iter_mut().zip(shift).for_each(|(b, s)| *b -= s);
+        }
+        Ok(sae)
+    }
+
+    /// `x W_enc` (+ `b_enc` when `with_bias`).
+    fn pre_activations_of(&self, x: &[f32], with_bias: bool) -> Vec<f32> {
+        let d_sae = self.info.d_sae;
+        let mut pre = if with_bias { self.b_enc.clone() } else { vec![0.0; d_sae] };
+        for (i, &xi) in x.iter().enumerate() {
+            if xi != 0.0 {
+                let row = &self.w_enc[i * d_sae..(i + 1) * d_sae];
+                pre.iter_mut().zip(row).for_each(|(p, w)| *p += xi * w);
+            }
+        }
+        pre
+    }
+
+    /// Checks that this SAE reads a residual stream of `hidden` values and a layer the model has.
+    pub fn check_fits(&self, hidden: usize, n_layers: usize, layer: usize) -> Result<()> {
+        if self.info.d_in != hidden {
+            return Err(SaeError::Mismatch(format!(
+                "it reads vectors of {} values but the model's residual stream has {hidden}{}",
+                self.info.d_in,
+                self.info.model.as_deref().map(|m| format!(" (it was made for {m})")).unwrap_or_default()
+            )));
+        }
+        if layer >= n_layers {
+            return Err(SaeError::Mismatch(format!("layer {layer} does not exist (the model has {n_layers})")));
+        }
+        Ok(())
+    }
+
+    /// The latent activations of one residual vector, dense.
+    pub fn encode(&self, x: &[f32]) -> Vec<f32> {
+        let mut pre = self.pre_activations_of(x, true);
+        self.activate(&mut pre);
+        pre
+    }
+
+    /// Applies the activation to pre-activations in place.
+    pub fn activate(&self, pre: &mut [f32]) {
+        match self.info.activation {
+            Activation::Relu => pre.iter_mut().for_each(|p| *p = p.max(0.0)),
+            Activation::JumpRelu => pre.iter_mut().zip(&self.threshold).for_each(|(p, t)| {
+                if *p <= *t {
+                    *p = 0.0
+                }
+            }),
+            Activation::TopK { k } => top_k_relu(pre, k),
+        }
+    }
+
+    /// The nonzero latents of one residual vector as (index, activation), largest first.
+    pub fn encode_sparse(&self, x: &[f32]) -> Vec<(u32, f32)> {
+        let dense = self.encode(x);
+        let mut active: Vec<(u32, f32)> =
+            dense.iter().enumerate().filter(|(_, &a)| a != 0.0).map(|(i, &a)| (i as u32, a)).collect();
+        active.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        active
+    }
+
+    /// The reconstruction of the residual vector from latents (index, activation).
+    pub fn decode(&self, latents: &[(u32, f32)]) -> Vec<f32> {
+        let d_in = self.info.d_in;
+        let mut x = self.b_dec.clone();
+        for &(j, a) in latents {
+            let row = &self.w_dec[j as usize * d_in..(j as usize + 1) * d_in];
+            x.iter_mut().zip(row).for_each(|(v, w)| *v += a * w);
+        }
+        x
+    }
+
+    /// The decoder direction of latent `j` (what steering adds).
+    pub fn decoder_row(&self, j: usize) -> &[f32] {
+        &self.w_dec[j * self.info.d_in..(j + 1) * self.info.d_in]
+    }
+
+    /// Writes the SAE in Gemma Scope 2's layout: `params.safetensors` and `config.json`.
+    pub fn save_dir(&self, dir: &Path, store: StoreAs) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|source| SaeError::Io { path: dir.display().to_string(), source })?;
+        let (d_in, d_sae) = (self.info.d_in, self.info.d_sae);
+        let bytes = |v: &[f32]| -> Vec<u8> {
+            match store {
+                StoreAs::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                StoreAs::F16 => v.iter().flat_map(|x| f16::from_f32(*x).to_le_bytes()).collect(),
+            }
+        };
+        let dtype = match store {
+            StoreAs::F32 => Dtype::F32,
+            StoreAs::F16 => Dtype::F16,
+        };
+        let data = [
+            ("w_enc", bytes(&self.w_enc), vec![d_in, d_sae]),
+            ("w_dec", bytes(&self.w_dec), vec![d_sae, d_in]),
+            ("b_enc", bytes(&self.b_enc), vec![d_sae]),
+            ("b_dec", bytes(&self.b_dec), vec![d_in]),
+            ("threshold", bytes(&self.threshold), vec![d_sae]),
+        ];
+        let views: Vec<(&str, safetensors::tensor::TensorView)> = data
+            .iter()
+            .map(|(name, b, shape)| {
+                (*name, safetensors::tensor::TensorView::new(dtype, shape.clone(), b).expect("sizes match"))
+            })
+            .collect();
+        let file = safetensors::serialize(views, None).map_err(|e| SaeError::Format(e.to_string()))?;
+        let path = dir.join("params.safetensors");
+        std::fs::write(&path, file).map_err(|source| SaeError::Io { path: path.display().to_string(), source })?;
+        let mut config = match &self.info.extra {
+            Value::Object(m) => Value::Object(m.clone()),
+            _ => json!({}),
+        };
+        let arch = match self.info.activation {
+            Activation::JumpRelu => json!("jump_relu"),
+            Activation::TopK { .. } => json!("topk"),
+            Activation::Relu => json!("relu"),
+        };
+        config["architecture"] = arch;
+        if let Activation::TopK { k } = self.info.activation {
+            config["k"] = json!(k);
+        }
+        config["d_in"] = json!(d_in);
+        config["d_sae"] = json!(d_sae);
+        config["hook"] = json!("resid_post");
+        config["encoder"] = json!("pre = x @ w_enc + b_enc");
+        if let Some(l) = self.info.layer {
+            config["layer"] = json!(l);
+        }
+        if let Some(m) = &self.info.model {
+            config["model_name"] = json!(m);
+        }
+        config["dtype"] = json!(if store == StoreAs::F16 { "float16" } else { "float32" });
+        let path = dir.join("config.json");
+        let text = serde_json::to_string_pretty(&config).expect("JSON values serialize");
+        std::fs::write(&path, text).map_err(|source| SaeError::Io { path: path.display().to_string(), source })
+    }
+}
+
+/// Keeps the `k` largest positive values (the lowest index among equals), zeroes the rest.
+pub fn top_k_relu(values: &mut [f32], k: usize) {
+    let mut order: Vec<u32> = (0..values.len() as u32).filter(|&i| values[i as usize] > 0.0).collect();
+    if order.len() > k {
+        let cmp = |a: &u32, b: &u32| values[*b as usize].total_cmp(&values[*a as usize]).then(a.cmp(b));
+        order.select_nth_unstable_by(k, cmp);
+        let keep: std::collections::HashSet<u32> = order[..k].iter().copied().collect();
+        for (i, v) in values.iter_mut().enumerate() {
+            if !keep.contains(&(i as u32)) {
+                *v = 0.0;
+            }
+        }
+    } else {
+        values.iter_mut().for_each(|v| *v = v.max(0.0));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_keeps_the_largest_positive_values() {
+        let mut v = vec![0.5, -1.0, 3.0, 2.0, 0.0, 2.0];
+        top_k_relu(&mut v, 2);
+        assert_eq!(v, vec![0.0, 0.0, 3.0, 2.0, 0.0, 0.0]);
+        let mut v = vec![-1.0, 0.3, 0.0];
+        top_k_relu(&mut v, 2);
+        assert_eq!(v, vec![0.0, 0.3, 0.0]);
+    }
+}
