@@ -69,11 +69,23 @@ pub struct AddHook {
     pub scope: Scope,
 }
 
+/// Add a different vector at each position: `rows` holds one row of `hidden` values per position from `start`
+/// (splicing an SAE's reconstruction into the stream, or zeroing a layer, for evaluations).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RowsHook {
+    pub layer: usize,
+    /// Absolute position of the first row.
+    pub start: usize,
+    pub rows: Vec<f32>,
+}
+
 /// The hooks of one run; empty hooks cost nothing.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Hooks {
     pub reads: Vec<ReadHook>,
     pub adds: Vec<AddHook>,
+    #[serde(default)]
+    pub add_rows: Vec<RowsHook>,
 }
 
 /// One captured activation.
@@ -100,8 +112,13 @@ impl Hooks {
         self
     }
 
+    pub fn add_rows(mut self, layer: usize, start: usize, rows: Vec<f32>) -> Self {
+        self.add_rows.push(RowsHook { layer, start, rows });
+        self
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.reads.is_empty() && self.adds.is_empty()
+        self.reads.is_empty() && self.adds.is_empty() && self.add_rows.is_empty()
     }
 
     /// Checks layers and vector widths against the model, so a bad request fails before any work is done.
@@ -134,12 +151,42 @@ impl Hooks {
                 return Err(EngineError::InvalidRequest("steering vector has NaN or infinite entries".into()));
             }
         }
+        for r in &self.add_rows {
+            if r.layer >= n_layers || r.rows.len() % hidden != 0 {
+                return Err(EngineError::InvalidRequest(format!(
+                    "per-position additions on layer {} with {} values (rows of {hidden} expected)",
+                    r.layer,
+                    r.rows.len()
+                )));
+            }
+        }
         Ok(())
     }
 
     /// Whether any hook touches `layer` (so a backend can skip the layer's hook work entirely).
     pub fn touches(&self, layer: usize) -> bool {
-        self.reads.iter().any(|r| r.layer == layer) || self.adds.iter().any(|a| a.layer == layer)
+        self.reads.iter().any(|r| r.layer == layer)
+            || self.adds.iter().any(|a| a.layer == layer)
+            || self.add_rows.iter().any(|a| a.layer == layer)
+    }
+
+    /// For a forward call over positions `start..start + len`: the per-position additions at `layer` as one
+    /// `len x hidden` block (zeros where no hook covers a position), or `None` when there are none.
+    pub fn added_rows(&self, layer: usize, start: usize, len: usize, hidden: usize) -> Option<Vec<f32>> {
+        let mut block: Option<Vec<f32>> = None;
+        for r in self.add_rows.iter().filter(|r| r.layer == layer) {
+            let count = r.rows.len() / hidden;
+            let (from, to) = (r.start.max(start), (r.start + count).min(start + len));
+            if from >= to {
+                continue;
+            }
+            let b = block.get_or_insert_with(|| vec![0.0; len * hidden]);
+            for p in from..to {
+                let src = &r.rows[(p - r.start) * hidden..(p - r.start + 1) * hidden];
+                b[(p - start) * hidden..(p - start + 1) * hidden].iter_mut().zip(src).for_each(|(x, y)| *x += y);
+            }
+        }
+        block
     }
 
     /// The sum of the vectors added at `layer` for this segment, if any.
@@ -203,6 +250,16 @@ mod tests {
         assert_eq!(h.read_offsets(1, 5, 5), vec![2, 4]);
         assert_eq!(h.read_offsets(0, 5, 5), Vec::<usize>::new());
         assert_eq!(Hooks::none().read(0, Positions::All).read_offsets(0, 0, 3), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn rows_map_onto_the_positions_of_a_call() {
+        // Rows for positions 3, 4, 5 (width 2); a call over positions 4..7.
+        let h = Hooks::none().add_rows(1, 3, vec![1.0, 1.0, 2.0, 2.0, 3.0, 3.0]);
+        assert_eq!(h.added_rows(1, 4, 3, 2), Some(vec![2.0, 2.0, 3.0, 3.0, 0.0, 0.0]));
+        assert_eq!(h.added_rows(1, 6, 2, 2), None);
+        assert_eq!(h.added_rows(0, 4, 3, 2), None);
+        assert!(h.validate(2, 2).is_ok() && h.validate(2, 4).is_err());
     }
 
     #[test]

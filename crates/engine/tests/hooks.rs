@@ -135,3 +135,25 @@ fn a_lost_gpu_device_is_reported() {
     assert!(matches!(err, saif_engine::EngineError::GpuLost(_)), "{err}");
     assert!(err.to_string().contains("lost") && err.to_string().contains("CPU backend"), "{err}");
 }
+
+/// Per-position additions: adding -h at every position of the last layer zeroes the stream there, so every
+/// logit of every position is 0 (the final norm of a zero vector is zero), on both backends.
+#[test]
+fn per_position_additions_reach_every_position_on_both_backends() {
+    for backend in [Backend::Cpu, Backend::Wgpu] {
+        let mut engine = load_on(&fixture_path("tiny-llama.gguf"), backend);
+        let (last, hidden) = (engine.config().n_layers - 1, engine.config().hidden);
+        let prompt = [5u32, 6, 7, 8];
+        engine.model.reset();
+        let reads = Hooks::none().read(last, Positions::All);
+        let out = block_on(engine.model.forward(&prompt, Segment::Prompt, &reads, LogitsWanted::Last)).unwrap();
+        let minus_h: Vec<f32> = out.captures.iter().flat_map(|c| c.values.iter().map(|v| -v)).collect();
+        assert_eq!(minus_h.len(), prompt.len() * hidden);
+        engine.model.reset();
+        let zeroing = Hooks::none().add_rows(last, 0, minus_h);
+        let out = block_on(engine.model.forward(&prompt, Segment::Prompt, &zeroing, LogitsWanted::All)).unwrap();
+        let all = out.all_logits.unwrap();
+        assert!(all.iter().all(|&l| l.abs() < 1e-4), "{backend:?}: logits of a zeroed stream");
+        assert!(out.logits.iter().all(|&l| l.abs() < 1e-4));
+    }
+}

@@ -755,6 +755,26 @@ impl GpuModel {
                 steered[layer] = true;
             }
         }
+        // Per-position additions (evaluations only): a buffer and a dispatch made for this call.
+        let row_ops: Vec<Option<(wgpu::Buffer, Op)>> = (0..self.config.n_layers)
+            .map(|layer| {
+                let rows = hooks.added_rows(layer, start, n, hidden)?;
+                let buffer = gpu.storage_with("rows", bytemuck::cast_slice(&rows));
+                let params =
+                    uniform(&gpu, "rows", &ElementwiseParams { width: hidden as u32, rows: 0, cap: 0.0, pad: 0 });
+                let k = &self.kernels.add;
+                let bind = k.bind(&gpu, &[&buffer, &self.scratch.h, &params, &self.scratch.step]);
+                let op = Op {
+                    name: "row add".into(),
+                    pipeline: k.pipeline().clone(),
+                    tiled: None,
+                    bind,
+                    grid: Grid::Threads { per_token: hidden as u32 },
+                    _params: Some(params),
+                };
+                Some((buffer, op))
+            })
+            .collect();
         // Captures: (layer, offset in this call) in layer order, copied out of h after their layer.
         let captures: Vec<(usize, usize)> =
             reads.iter().filter(|r| r.1 >= start && r.1 < start + n).map(|&(layer, p)| (layer, p - start)).collect();
@@ -792,6 +812,9 @@ impl GpuModel {
             }
             if steered[layer] {
                 let (_, op) = self.steering[layer].as_ref().expect("made above");
+                op.record(pass.as_mut().unwrap(), t);
+            }
+            if let Some((_, op)) = &row_ops[layer] {
                 op.record(pass.as_mut().unwrap(), t);
             }
         }

@@ -352,6 +352,10 @@ impl CpuModel {
                     let v = Tensor::from_vec(v, (1, hidden), &Device::Cpu).context("steering vector")?;
                     h = h.broadcast_add(&v).context("adding steering vector")?;
                 }
+                if let Some(rows) = hooks.added_rows(i, start, n, hidden) {
+                    let rows = Tensor::from_vec(rows, (n, hidden), &Device::Cpu).context("per-position rows")?;
+                    h = (h + rows).context("adding per-position rows")?;
+                }
             }
         }
         self.position += n;
