@@ -3,7 +3,7 @@
 #   make test    runs every test (native, the engine in headless Chromium, the page end to end)
 # Both run `setup` first, which installs only what is missing (see scripts/setup.sh).
 
-.PHONY: setup serve build test bench fixtures
+.PHONY: setup serve build test bench corpus saes fixtures
 
 setup:
 	@scripts/setup.sh
@@ -19,6 +19,14 @@ test: setup
 
 bench: setup
 	@scripts/bench.sh
+
+# On request only: the SAE training corpus (Debian packages + SAIF prompts) into ~/.cache/saif/corpus ...
+corpus: setup
+	@scripts/sae.sh corpus
+
+# ... and the shipped SAEs in public/saes, trained on it (about an hour on 2 cores).
+saes: setup
+	@scripts/sae.sh
 
 # Dev-only: rewrites the engine's random test models and their transformers references (needs torch; see the script).
 fixtures:

@@ -61,6 +61,8 @@ pub enum Request {
     Stop,
     /// Measure prefill and decode speed.
     Bench(BenchSettings),
+    /// The SAE latents most active at the prompt's last token.
+    Latents { text: String, chat: bool, top: usize },
     /// Tokenize text with the loaded model's tokenizer (wrapped in its chat template when `chat`).
     Tokenize { text: String, add_bos: bool, chat: bool },
     /// Forget every cached download.
@@ -88,6 +90,7 @@ pub enum Response {
     },
     Generated(GenerationSummary),
     Benchmarked(BenchResult),
+    Latents(LatentList),
     CacheCleared {
         entries: u32,
     },
@@ -165,6 +168,34 @@ pub struct ModelSummary {
     pub metadata: Vec<(String, String)>,
     /// Count of tensors per quantization, e.g. ("Q4_K", 27).
     pub tensor_types: Vec<(String, usize)>,
+    /// The SAE the page found for this model, if any.
+    pub sae: Option<SaeSummary>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SaeSummary {
+    pub layer: usize,
+    pub width: usize,
+    /// "TopK (k = 32)", "JumpReLU"...
+    pub activation: String,
+    /// Where it came from ("shipped with the page: saes/smollm2-135m/layer_29").
+    pub source: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LatentList {
+    pub layer: usize,
+    /// The token the latents were read at.
+    pub token: String,
+    pub latents: Vec<LatentView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LatentView {
+    pub index: u32,
+    pub activation: f32,
+    /// The tokens its decoder direction promotes (lens.json), when the SAE has them.
+    pub tokens: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

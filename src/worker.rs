@@ -11,8 +11,12 @@ use std::sync::Arc;
 
 use gloo::timers::future::TimeoutFuture;
 use js_sys::{Array, Reflect, Uint8Array};
+use saif::{Activation, Sae};
 use saif_engine::gpu::Gpu;
-use saif_engine::{ChatTemplate, Engine, EngineError, GenerateOptions, Hooks, LoadOptions, LoadStep, Tokenizer};
+use saif_engine::{
+    ChatTemplate, Engine, EngineError, GenerateOptions, Hooks, LoadOptions, LoadStep, LogitsWanted, Positions, Segment,
+    Tokenizer,
+};
 use wasm_bindgen::prelude::*;
 use wasm_bindgen::JsCast;
 use wasm_bindgen_futures::JsFuture;
@@ -21,8 +25,8 @@ use web_sys::{
 };
 
 use crate::protocol::{
-    BackendChoice, Envelope, GenerateRequest, GenerationSummary, ModelSummary, Progress, Request, Response, Stage,
-    TokenList, TokenView,
+    BackendChoice, Envelope, GenerateRequest, GenerationSummary, LatentList, LatentView, ModelSummary, Progress,
+    Request, Response, SaeSummary, Stage, TokenList, TokenView,
 };
 
 const CACHE_NAME: &str = "saif-models-v1";
@@ -39,6 +43,15 @@ thread_local! {
     static GPU: RefCell<Option<Rc<Gpu>>> = const { RefCell::new(None) };
     /// Set by a Stop request; the generation loop checks it between tokens.
     static STOP: Cell<bool> = const { Cell::new(false) };
+    /// The SAE for the loaded model: the SAE, its layer, and each latent's logit-lens tokens.
+    static SAE: RefCell<Option<Rc<LoadedSae>>> = const { RefCell::new(None) };
+}
+
+/// An SAE the page found for its model.
+struct LoadedSae {
+    sae: Sae,
+    layer: usize,
+    lens: Vec<Vec<String>>,
 }
 
 fn scope() -> DedicatedWorkerGlobalScope {
@@ -166,6 +179,13 @@ async fn handle(id: u32, request: Request, file: Option<File>) -> Result<(), Fai
             ENGINE.with(|e| *e.borrow_mut() = Some(engine));
             post(id, Response::Benchmarked(result?));
         }
+        Request::Latents { text, chat, top } => {
+            let sae = SAE.with(|s| s.borrow().clone()).ok_or("no SAE is loaded for this model")?;
+            let mut engine = take_engine()?;
+            let result = latents(&mut engine, &sae, &text, chat, top).await;
+            ENGINE.with(|e| *e.borrow_mut() = Some(engine));
+            post(id, Response::Latents(result?));
+        }
         Request::Stop => STOP.with(|s| s.set(true)),
         Request::ClearCache => {
             let caches = scope().caches().map_err(js_error)?;
@@ -244,6 +264,67 @@ async fn generate(id: u32, engine: &mut Engine, request: GenerateRequest) -> Res
     })
 }
 
+/// The latents most active at the last token of the prompt.
+async fn latents(
+    engine: &mut Engine,
+    sae: &LoadedSae,
+    text: &str,
+    chat: bool,
+    top: usize,
+) -> Result<LatentList, Failure> {
+    let text = if chat { engine.chat.render(text, None) } else { text.to_string() };
+    let ids = engine.tokenizer.encode_prompt(&text)?;
+    if ids.is_empty() {
+        return Err("the prompt is empty".into());
+    }
+    engine.model.reset();
+    let hooks = Hooks::none().read(sae.layer, Positions::Last);
+    let out = engine.model.forward(&ids, Segment::Prompt, &hooks, LogitsWanted::Last).await?;
+    let values = &out.captures.first().ok_or("the model returned no activation")?.values;
+    let latents = sae
+        .sae
+        .encode_sparse(values)
+        .into_iter()
+        .take(top)
+        .map(|(index, activation)| LatentView {
+            index,
+            activation,
+            tokens: sae.lens.get(index as usize).cloned().unwrap_or_default(),
+        })
+        .collect();
+    let token = engine.tokenizer.decode(&ids[ids.len() - 1..]).unwrap_or_default();
+    Ok(LatentList { layer: sae.layer, token, latents })
+}
+
+/// The SAE shipped with the page for `key` (its last layer), from `saes/index.json`; `None` when there is none.
+async fn shipped_sae(id: u32, key: &str) -> Result<Option<(LoadedSae, SaeSummary)>, Failure> {
+    let Ok((index, _)) = download(id, "saes/index.json").await else { return Ok(None) };
+    let index: serde_json::Value = serde_json::from_slice(&index).map_err(|e| format!("saes/index.json: {e}"))?;
+    let Some(layer) = index.pointer(&format!("/{key}/layers")).and_then(|l| l.as_array()).and_then(|l| l.last()) else {
+        return Ok(None);
+    };
+    let layer = layer.as_u64().ok_or("saes/index.json: a layer is not a number")? as usize;
+    let folder = format!("saes/{key}/layer_{layer}");
+    let (config, _) = download(id, &format!("{folder}/config.json")).await?;
+    let (params, _) = download(id, &format!("{folder}/params.safetensors")).await?;
+    let sae = Sae::from_gemma_scope(&params, &config).map_err(|e| format!("{folder}: {e}"))?;
+    let lens = match download(id, &format!("{folder}/lens.json")).await {
+        Ok((bytes, _)) => serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| serde_json::from_value::<Vec<Vec<String>>>(v["top_tokens"].clone()).ok())
+            .unwrap_or_default(),
+        Err(_) => Vec::new(),
+    };
+    let activation = match sae.info.activation {
+        Activation::TopK { k } => format!("TopK (k = {k})"),
+        Activation::JumpRelu => "JumpReLU".into(),
+        Activation::Relu => "ReLU".into(),
+    };
+    let summary =
+        SaeSummary { layer, width: sae.info.d_sae, activation, source: format!("shipped with the page: {folder}") };
+    Ok(Some((LoadedSae { sae, layer, lens }, summary)))
+}
+
 /// The WebGPU device, opened on first use (and again after a failure).
 async fn gpu() -> Result<Rc<Gpu>, EngineError> {
     if let Some(gpu) = GPU.with(|g| g.borrow().clone()).filter(|g| g.check().is_ok()) {
@@ -311,6 +392,24 @@ async fn load(
     };
     drop(bytes);
     let c = engine.config().clone();
+    SAE.with(|s| s.borrow_mut().take());
+    let sae = match shipped_sae(id, &c.key).await {
+        Ok(found) => found,
+        Err(failure) => {
+            gloo::console::warn!(format!("the shipped SAE could not be loaded: {}", failure.message));
+            None
+        }
+    };
+    let mut sae_summary = None;
+    if let Some((loaded, summary)) = sae {
+        match loaded.sae.check_fits(c.hidden, c.n_layers, loaded.layer) {
+            Ok(()) => {
+                sae_summary = Some(summary);
+                SAE.with(|s| *s.borrow_mut() = Some(Rc::new(loaded)));
+            }
+            Err(e) => gloo::console::warn!(format!("the shipped SAE for {} is not usable: {e}", c.key)),
+        }
+    }
     let summary = ModelSummary {
         name: if c.name.is_empty() { name.to_string() } else { c.name.clone() },
         architecture: c.architecture.gguf_name().to_string(),
@@ -333,6 +432,7 @@ async fn load(
         load_ms: now_ms() - started,
         metadata: engine.metadata.clone(),
         tensor_types: engine.tensor_types.clone(),
+        sae: sae_summary,
     };
     TOKENIZER.with(|t| *t.borrow_mut() = Some((engine.tokenizer.clone(), engine.chat.clone())));
     ENGINE.with(|e| *e.borrow_mut() = Some(engine));

@@ -3,6 +3,7 @@
 
 mod bench_panel;
 mod client;
+mod latents_panel;
 mod model_panel;
 mod prompt_panel;
 mod state;
@@ -64,6 +65,7 @@ fn App() -> impl IntoView {
             <ErrorBanner/>
             <model_panel::ModelPanel/>
             <prompt_panel::PromptPanel/>
+            <latents_panel::LatentsPanel/>
             <model_panel::ModelCard/>
             <bench_panel::BenchPanel/>
         </main>

@@ -178,6 +178,9 @@ pub fn ModelCard() -> impl IntoView {
                     ("Vocabulary", format!("{} ({})", m.vocab_size, m.tokenizer)),
                     ("Context", format!("{} tokens", m.context_length)),
                     ("Runs on", m.backend.clone()),
+                    ("SAE", m.sae.as_ref().map_or("none found for this model".to_string(), |s| format!(
+                        "layer {}, {} latents, {}", s.layer, s.width, s.activation
+                    ))),
                     ("Tensors", types),
                     ("File", format!("{} ({source}), loaded in {:.1} s", human_bytes(m.file_bytes), m.load_ms / 1000.0)),
                 ];

@@ -4,7 +4,7 @@ use leptos::prelude::*;
 
 use crate::link::{LinkState, ModelChoice};
 use crate::protocol::{
-    BackendChoice, BenchResult, Envelope, GenerationSummary, ModelSummary, Progress, Response, TokenList,
+    BackendChoice, BenchResult, Envelope, GenerationSummary, LatentList, ModelSummary, Progress, Response, TokenList,
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -63,6 +63,9 @@ pub struct AppState {
     /// The benchmark under way (its request id).
     pub benchmarking: RwSignal<Option<u32>>,
     pub bench: RwSignal<Option<BenchResult>>,
+    /// The latent request under way, and the last answer.
+    pub reading_latents: RwSignal<Option<u32>>,
+    pub latents: RwSignal<Option<LatentList>>,
 }
 
 impl AppState {
@@ -88,6 +91,8 @@ impl AppState {
             generation: RwSignal::new(None),
             benchmarking: RwSignal::new(None),
             bench: RwSignal::new(None),
+            reading_latents: RwSignal::new(None),
+            latents: RwSignal::new(None),
         }
     }
 
@@ -101,7 +106,10 @@ impl AppState {
 
     /// Whether the model is busy (loading, generating, benchmarking): the controls that need it wait.
     pub fn is_busy(&self) -> bool {
-        self.is_loading() || self.generating.get().is_some() || self.benchmarking.get().is_some()
+        self.is_loading()
+            || self.generating.get().is_some()
+            || self.benchmarking.get().is_some()
+            || self.reading_latents.get().is_some()
     }
 
     /// Applies one response from the worker.
@@ -145,6 +153,12 @@ impl AppState {
                     self.generation.set(Some(summary));
                 }
             }
+            Response::Latents(list) => {
+                if self.reading_latents.get_untracked() == Some(id) {
+                    self.reading_latents.set(None);
+                    self.latents.set(Some(list));
+                }
+            }
             Response::Benchmarked(result) => {
                 if self.benchmarking.get_untracked() == Some(id) {
                     self.benchmarking.set(None);
@@ -166,6 +180,9 @@ impl AppState {
                 }
                 if self.benchmarking.get_untracked() == Some(id) {
                     self.benchmarking.set(None);
+                }
+                if self.reading_latents.get_untracked() == Some(id) {
+                    self.reading_latents.set(None);
                 }
                 if gpu_lost {
                     self.gpu_lost.set(true);

@@ -3,6 +3,10 @@
 //! message on stderr on error.
 
 mod bench;
+mod sae;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -83,6 +87,80 @@ enum Command {
     Info {
         #[command(flatten)]
         model: ModelArgs,
+    },
+    /// Trains a TopK SAE on resid_post of a layer (or several: --layer 20,29 writes DIR/layer_20, DIR/layer_29).
+    TrainSae {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long, value_delimiter = ',', required = true)]
+        layer: Vec<usize>,
+        /// Latents.
+        #[arg(long)]
+        width: usize,
+        /// Active latents per token.
+        #[arg(long, default_value_t = 32)]
+        k: usize,
+        /// Training tokens (activations collected from the corpus).
+        #[arg(long, default_value_t = 300_000)]
+        tokens: usize,
+        #[arg(long)]
+        out: PathBuf,
+        /// One text per line ("[chat] " lines are wrapped in the chat template); default: make corpus's.
+        #[arg(long)]
+        corpus: Option<PathBuf>,
+        #[arg(long, default_value_t = 4)]
+        epochs: usize,
+        #[arg(long, default_value_t = 1024)]
+        batch: usize,
+        #[arg(long, default_value_t = 4e-4)]
+        lr: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Store the weights in f32 (default f16).
+        #[arg(long)]
+        f32: bool,
+    },
+    /// Measures an SAE on held-out text: FVU, L0, dead latents, next-token loss recovered.
+    SaeEval {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// An SAE folder (default: the model's shipped SAE).
+        #[arg(long)]
+        sae: Option<PathBuf>,
+        /// The layer (default: the SAE's own; for shipped SAEs the last shipped layer).
+        #[arg(long)]
+        layer: Option<usize>,
+        /// Held-out text, one text per line.
+        #[arg(long)]
+        contents: PathBuf,
+    },
+    /// Writes lens.json beside an SAE: each latent's top logit-lens tokens (what the app shows for a latent).
+    SaeLens {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        sae: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        top: usize,
+    },
+    /// What a latent means: its logit-lens tokens and where it fires most in a corpus.
+    SaeLatent {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        sae: Option<PathBuf>,
+        #[arg(long)]
+        layer: Option<usize>,
+        #[arg(long)]
+        latent: usize,
+        /// Texts to search for the strongest activations (one per line).
+        #[arg(long)]
+        corpus: Option<PathBuf>,
+        /// How many lines of the corpus to search.
+        #[arg(long, default_value_t = 400)]
+        lines: usize,
+        #[arg(long, default_value_t = 10)]
+        top: usize,
     },
 }
 
@@ -236,6 +314,50 @@ fn run(cli: Cli) -> Result<()> {
                 report.profile = Some(bench::profile(&mut engine, prompt_tokens)?);
             }
             print(model.json, serde_json::to_value(&report)?, || report.to_text());
+        }
+        Command::TrainSae { model, layer, width, k, tokens, out, corpus, epochs, batch, lr, seed, f32 } => {
+            let mut engine = model.load()?;
+            let args = sae::TrainArgs {
+                layers: layer,
+                width,
+                k,
+                tokens,
+                out,
+                corpus: corpus.unwrap_or_else(sae::default_corpus),
+                epochs,
+                batch,
+                lr,
+                seed,
+                store_f32: f32,
+            };
+            let value = sae::train_sae(&mut engine, &args)?;
+            print(model.json, value.clone(), || serde_json::to_string_pretty(&value).unwrap_or_default());
+        }
+        Command::SaeEval { model, sae, layer, contents } => {
+            let mut engine = model.load()?;
+            let (eval, path) = sae::sae_eval(&mut engine, sae.as_deref(), layer, &contents)?;
+            let mut value = serde_json::to_value(&eval)?;
+            value["sae"] = json!(path.display().to_string());
+            print(model.json, value, || {
+                format!(
+                    "{} at layer {}: FVU {:.3}, L0 {:.1}, dead {:.1}%, loss clean {:.3} / with the SAE {:.3} / layer zeroed {:.3}: {:.1}% recovered ({} tokens of {} texts)",
+                    path.display(), eval.layer, eval.fvu, eval.l0, 100.0 * eval.dead_fraction, eval.ce_loss_clean,
+                    eval.ce_loss_sae, eval.ce_loss_zero, 100.0 * eval.ce_recovered, eval.tokens, eval.texts
+                )
+            });
+        }
+        Command::SaeLens { model, sae, top } => {
+            let path = model.path();
+            let engine = model.load()?;
+            let value = sae::write_lens(&engine, &path, &sae, top)?;
+            print(model.json, value.clone(), || serde_json::to_string_pretty(&value).unwrap_or_default());
+        }
+        Command::SaeLatent { model, sae, layer, latent, corpus, lines, top } => {
+            let path = model.path();
+            let mut engine = model.load()?;
+            let value =
+                sae::sae_latent(&mut engine, &path, sae.as_deref(), layer, latent, corpus.as_deref(), lines, top)?;
+            print(model.json, value.clone(), || serde_json::to_string_pretty(&value).unwrap_or_default());
         }
         Command::Info { model } => {
             let engine = model.load()?;

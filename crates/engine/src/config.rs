@@ -71,6 +71,9 @@ pub struct LayerAttention {
 pub struct ModelConfig {
     pub architecture: Architecture,
     pub name: String,
+    /// A short stable name for files made for this model, e.g. SAEs: "smollm2-135m", "gemma-3-270m" (GGUF
+    /// `general.basename` and `general.size_label`, lowercased).
+    pub key: String,
     pub hidden: usize,
     pub n_layers: usize,
     pub n_heads: usize,
@@ -135,6 +138,12 @@ impl ModelConfig {
         let context_length = gguf.get_usize(&key("context_length"))?;
         let rms_eps = gguf.opt_f32(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-6);
         let name = gguf.get_str("general.name").unwrap_or(p).to_string();
+        let model_key = match (gguf.get_str("general.basename"), gguf.get_str("general.size_label")) {
+            (Ok(base), Ok(size)) => format!("{base}-{size}"),
+            _ => name.clone(),
+        }
+        .to_lowercase()
+        .replace(|c: char| !c.is_ascii_alphanumeric() && c != '.', "-");
         let rope_base = gguf.opt_f32(&key("rope.freq_base"))?.unwrap_or(10_000.0);
 
         let layers = match architecture {
@@ -167,6 +176,7 @@ impl ModelConfig {
         Ok(Self {
             architecture,
             name,
+            key: model_key,
             hidden,
             n_layers,
             n_heads,

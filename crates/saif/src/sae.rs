@@ -356,18 +356,24 @@ impl Sae {
 
 /// Keeps the `k` largest positive values (the lowest index among equals), zeroes the rest.
 pub fn top_k_relu(values: &mut [f32], k: usize) {
-    let mut order: Vec<u32> = (0..values.len() as u32).filter(|&i| values[i as usize] > 0.0).collect();
-    if order.len() > k {
-        let cmp = |a: &u32, b: &u32| values[*b as usize].total_cmp(&values[*a as usize]).then(a.cmp(b));
-        order.select_nth_unstable_by(k, cmp);
-        let keep: std::collections::HashSet<u32> = order[..k].iter().copied().collect();
-        for (i, v) in values.iter_mut().enumerate() {
-            if !keep.contains(&(i as u32)) {
-                *v = 0.0;
-            }
-        }
-    } else {
+    let mut positive: Vec<f32> = values.iter().copied().filter(|v| *v > 0.0).collect();
+    if positive.len() <= k {
         values.iter_mut().for_each(|v| *v = v.max(0.0));
+        return;
+    }
+    // The k-th largest value; everything above it stays, and as many equal to it as there is room for.
+    let at = positive.len() - k;
+    let threshold = *positive.select_nth_unstable_by(at, |a, b| a.total_cmp(b)).1;
+    let mut room_for_ties = k - values.iter().filter(|v| **v > threshold).count();
+    for v in values.iter_mut() {
+        if *v > threshold {
+            continue;
+        }
+        if *v == threshold && room_for_ties > 0 {
+            room_for_ties -= 1;
+        } else {
+            *v = 0.0;
+        }
     }
 }
 

@@ -73,7 +73,8 @@ impl Grid {
 
 /// One prepared dispatch.
 struct Op {
-    /// The kernel's name, for profiles.
+    /// The kernel's name, for profiles (native only).
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
     name: String,
     pipeline: wgpu::ComputePipeline,
     /// The tiled variant of a matrix product.

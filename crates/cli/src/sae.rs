@@ -1,0 +1,246 @@
+//! The SAE commands of `saif`: train-sae, sae-eval, sae-latent.
+
+use std::fs::File;
+use std::io::{BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use saif::corpus::{collect, read_lines};
+use saif::eval::{evaluate, SaeEval};
+use saif::lens::{top_firings, LogitLens};
+use saif::train::{train, TrainConfig};
+use saif::{defaults, Sae, StoreAs};
+use saif_engine::{block_on, Engine};
+use serde_json::{json, Value};
+
+/// A one-line progress display on stderr, redrawn in place.
+pub struct Progress {
+    last: Instant,
+    enabled: bool,
+}
+
+impl Progress {
+    pub fn new() -> Self {
+        Self { last: Instant::now(), enabled: true }
+    }
+
+    pub fn show(&mut self, done: usize, total: usize, what: &str) {
+        if !self.enabled || (self.last.elapsed().as_millis() < 200 && done < total) {
+            return;
+        }
+        self.last = Instant::now();
+        let width = 30;
+        let filled = (done * width / total.max(1)).min(width);
+        eprint!(
+            "\r[{}{}] {:>3}% {what}\x1b[K",
+            "#".repeat(filled),
+            " ".repeat(width - filled),
+            done * 100 / total.max(1)
+        );
+        if done >= total {
+            eprintln!();
+        }
+        let _ = std::io::stderr().flush();
+    }
+}
+
+pub fn default_corpus() -> PathBuf {
+    let cache = std::env::var_os("SAIF_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/saif"));
+    cache.join("corpus/train.txt")
+}
+
+pub struct TrainArgs {
+    pub layers: Vec<usize>,
+    pub width: usize,
+    pub k: usize,
+    pub tokens: usize,
+    pub out: PathBuf,
+    pub corpus: PathBuf,
+    pub epochs: usize,
+    pub batch: usize,
+    pub lr: f64,
+    pub seed: u64,
+    pub store_f32: bool,
+}
+
+pub fn train_sae(engine: &mut Engine, args: &TrainArgs) -> Result<Value> {
+    let config = engine.config().clone();
+    if args.layers.is_empty() {
+        bail!("--layer names no layer");
+    }
+    for &l in &args.layers {
+        if l >= config.n_layers {
+            bail!("layer {l} does not exist: the model has layers 0..{}", config.n_layers - 1);
+        }
+    }
+    if args.k == 0 || args.k > args.width {
+        bail!("--k must be between 1 and --width");
+    }
+    let lines = read_lines(&args.corpus).with_context(|| {
+        format!("cannot read the corpus {} (make corpus writes the default one)", args.corpus.display())
+    })?;
+    let started = Instant::now();
+    let mut bar = Progress::new();
+    let acts = block_on(collect(engine, &lines, &args.layers, args.tokens, |rows, texts| {
+        let rate = rows as f64 / started.elapsed().as_secs_f64().max(1e-3);
+        bar.show(rows, args.tokens, &format!("activations: {rows} tokens from {texts} texts, {rate:.0} tokens/s"));
+    }))?;
+    let collect_seconds = started.elapsed().as_secs_f64();
+    if acts.is_empty() {
+        bail!("the corpus gave no tokens");
+    }
+    let machine = crate::bench::machine();
+    let mut reports = Vec::new();
+    for (slot, &layer) in acts.layers.iter().enumerate() {
+        let out = if args.layers.len() == 1 { args.out.clone() } else { args.out.join(format!("layer_{layer}")) };
+        std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+        let mut train_config = TrainConfig::new(args.width, args.k);
+        train_config.epochs = args.epochs;
+        train_config.batch = args.batch;
+        train_config.lr = args.lr;
+        train_config.seed = args.seed;
+        let t0 = Instant::now();
+        let mut bar = Progress::new();
+        let checkpoint = out.join("checkpoint.safetensors");
+        let (mut sae, report) = train(&acts.rows[slot], acts.d, &train_config, Some(&checkpoint), |s| {
+            bar.show(
+                s.step,
+                s.steps,
+                &format!("layer {layer}: step {}/{} fvu {:.3} dead {}", s.step, s.steps, s.fvu, s.dead),
+            );
+            true
+        })?;
+        let train_seconds = t0.elapsed().as_secs_f64();
+        sae.info.layer = Some(layer);
+        sae.info.model = Some(config.key.clone());
+        sae.info.extra = json!({
+            "model_file": config.name,
+            "training": {
+                "tokens": report.tokens,
+                "steps": report.steps,
+                "epochs": args.epochs,
+                "batch": args.batch,
+                "lr": args.lr,
+                "seed": args.seed,
+                "width": args.width,
+                "k": args.k,
+                "corpus": args.corpus.display().to_string(),
+                "corpus_lines_read": acts.origin.last().map_or(0, |o| o.0 as usize + 1),
+                "skipped": "the first position of every text (attention sink)",
+                "final_batch_fvu": report.final_batch_fvu,
+                "resumed_from_step": report.resumed_from_step,
+                "activation_seconds": collect_seconds,
+                "training_seconds": train_seconds,
+                "backend": engine.model.backend_name(),
+                "machine": format!("{}, {} logical cores", machine.cpu, machine.logical_cores),
+                "trainer": "saif train-sae (TopK, AuxK, Adam; crates/saif/src/train.rs)",
+            }
+        });
+        sae.save_dir(&out, if args.store_f32 { StoreAs::F32 } else { StoreAs::F16 })?;
+        reports.push(json!({
+            "layer": layer,
+            "out": out.display().to_string(),
+            "tokens": report.tokens,
+            "steps": report.steps,
+            "final_batch_fvu": report.final_batch_fvu,
+            "activation_seconds": collect_seconds,
+            "training_seconds": train_seconds,
+        }));
+    }
+    Ok(json!({ "saes": reports }))
+}
+
+/// The SAE to use: `--sae DIR`, or the model's shipped one (its last layer unless `layer` names another).
+pub fn resolve_sae(engine: &Engine, sae: Option<&Path>, layer: Option<usize>) -> Result<(Sae, usize, PathBuf)> {
+    let config = engine.config();
+    let (path, shipped_layer) = match sae {
+        Some(p) => (p.to_path_buf(), None),
+        None => {
+            let (l, p) = defaults::find(&config.key, layer).with_context(|| {
+                let have: Vec<usize> = defaults::shipped(&config.key).into_iter().map(|x| x.0).collect();
+                format!(
+                    "no shipped SAE for {}{} (shipped layers: {have:?}); pass --sae DIR",
+                    config.key,
+                    layer.map(|l| format!(" at layer {l}")).unwrap_or_default()
+                )
+            })?;
+            (p, Some(l))
+        }
+    };
+    let sae = Sae::load_dir(&path).with_context(|| format!("cannot load the SAE in {}", path.display()))?;
+    let layer = layer.or(shipped_layer).or(sae.info.layer).context("the SAE does not say its layer; pass --layer")?;
+    sae.check_fits(config.hidden, config.n_layers, layer)?;
+    Ok((sae, layer, path))
+}
+
+pub fn sae_eval(
+    engine: &mut Engine,
+    sae: Option<&Path>,
+    layer: Option<usize>,
+    contents: &Path,
+) -> Result<(SaeEval, PathBuf)> {
+    let (sae, layer, path) = resolve_sae(engine, sae, layer)?;
+    let lines = read_lines(contents).with_context(|| format!("cannot read {}", contents.display()))?;
+    let mut bar = Progress::new();
+    let eval = block_on(evaluate(engine, &sae, layer, &lines, |done, total| bar.show(done, total, "evaluating")))?;
+    Ok((eval, path))
+}
+
+pub fn sae_latent(
+    engine: &mut Engine,
+    gguf_path: &Path,
+    sae: Option<&Path>,
+    layer: Option<usize>,
+    latent: usize,
+    corpus: Option<&Path>,
+    lines: usize,
+    top: usize,
+) -> Result<Value> {
+    let (sae, layer, path) = resolve_sae(engine, sae, layer)?;
+    if latent >= sae.info.d_sae {
+        bail!("latent {latent} does not exist: the SAE has {} latents", sae.info.d_sae);
+    }
+    let lens = LogitLens::from_gguf(&mut BufReader::new(File::open(gguf_path)?))?;
+    let tokens: Vec<Value> = lens.top_tokens(&sae, &[latent], top)?[0]
+        .iter()
+        .map(|&(id, logit)| json!({ "id": id, "token": engine.tokenizer.decode(&[id]).unwrap_or_default(), "logit": logit }))
+        .collect();
+    let firings = match corpus {
+        Some(c) => {
+            let text = read_lines(c).with_context(|| format!("cannot read {}", c.display()))?;
+            let take = &text[..lines.min(text.len())];
+            block_on(top_firings(engine, &sae, layer, latent, take, top))?
+        }
+        None => Vec::new(),
+    };
+    Ok(json!({
+        "sae": path.display().to_string(),
+        "layer": layer,
+        "latent": latent,
+        "logit_lens": tokens,
+        "top_activations": firings,
+    }))
+}
+
+/// Writes `lens.json` into the SAE folder: for every latent, its `top` logit-lens tokens as text.
+pub fn write_lens(engine: &Engine, gguf_path: &Path, sae_dir: &Path, top: usize) -> Result<Value> {
+    let sae = Sae::load_dir(sae_dir).with_context(|| format!("cannot load the SAE in {}", sae_dir.display()))?;
+    let config = engine.config();
+    sae.check_fits(config.hidden, config.n_layers, sae.info.layer.unwrap_or(0))?;
+    let lens = LogitLens::from_gguf(&mut BufReader::new(File::open(gguf_path)?))?;
+    let all: Vec<usize> = (0..sae.info.d_sae).collect();
+    let tokens: Vec<Vec<String>> = lens
+        .top_tokens(&sae, &all, top)?
+        .iter()
+        .map(|t| t.iter().map(|&(id, _)| engine.tokenizer.decode(&[id]).unwrap_or_default()).collect())
+        .collect();
+    let value =
+        json!({ "about": "each latent's top tokens through the logit lens (saif sae-lens)", "top_tokens": tokens });
+    let path = sae_dir.join("lens.json");
+    std::fs::write(&path, serde_json::to_string(&value)?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(json!({ "lens": path.display().to_string(), "latents": sae.info.d_sae }))
+}

@@ -1,0 +1,397 @@
+//! Training TopK sparse autoencoders (Gao et al. 2024, "Scaling and evaluating sparse autoencoders") on
+//! residual-stream activations, with candle-core's autograd on the CPU.
+//!
+//! - Inputs are scaled to unit mean norm; the scale is folded back into the weights when the SAE is exported, so
+//!   the saved SAE reads raw activations (Gemma Scope's form, `sae::Sae`).
+//! - Encoder `pre = (x - b_dec) W_enc + b_enc`, latents the k largest of `relu(pre)`, decoder `a W_dec + b_dec`
+//!   with unit-norm decoder rows (renormalised after every step). `W_enc` starts as `W_dec^T`, `b_dec` as the mean.
+//! - Loss: squared error over the variance of the batch (the fraction of variance unexplained), plus 1/32 of the
+//!   AuxK loss: latents that have not fired for `dead_after` tokens reconstruct what the others miss, which brings
+//!   dead latents back.
+//! - Adam by hand (so its moments go into checkpoints): an interrupted run resumes from its last checkpoint and
+//!   ends where an uninterrupted one would. Everything random comes from the seed.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use serde::{Deserialize, Serialize};
+
+use crate::sae::{top_k_relu, Activation, Sae, SaeInfo};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainConfig {
+    pub d_sae: usize,
+    pub k: usize,
+    pub epochs: usize,
+    pub batch: usize,
+    pub lr: f64,
+    pub seed: u64,
+    /// Latents silent for this many training tokens count as dead (and join the AuxK loss).
+    pub dead_after: usize,
+    /// Latents the AuxK loss uses per token (at most the number of dead ones).
+    pub aux_k: usize,
+    pub aux_weight: f64,
+    /// Steps between checkpoints (0: none).
+    pub checkpoint_every: usize,
+}
+
+impl TrainConfig {
+    pub fn new(d_sae: usize, k: usize) -> Self {
+        Self {
+            d_sae,
+            k,
+            epochs: 4,
+            batch: 1024,
+            lr: 4e-4,
+            seed: 0,
+            dead_after: 200_000,
+            aux_k: 256,
+            aux_weight: 1.0 / 32.0,
+            checkpoint_every: 100,
+        }
+    }
+}
+
+/// What the trainer reports after each step.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepReport {
+    pub step: usize,
+    pub steps: usize,
+    /// Fraction of variance unexplained on the batch.
+    pub fvu: f64,
+    pub aux_loss: f64,
+    /// Latents dead by the `dead_after` rule.
+    pub dead: usize,
+}
+
+/// How a training run went.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainReport {
+    pub tokens: usize,
+    pub steps: usize,
+    pub final_batch_fvu: f64,
+    pub resumed_from_step: usize,
+}
+
+/// A deterministic xorshift generator (initialisation and the order of batches).
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Standard normal (Box-Muller).
+    fn normal(&mut self) -> f32 {
+        let (u, v) = (self.unit().max(1e-12), self.unit());
+        ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
+    }
+
+    fn shuffle<T>(&mut self, v: &mut [T]) {
+        for i in (1..v.len()).rev() {
+            let j = (self.next() % (i as u64 + 1)) as usize;
+            v.swap(i, j);
+        }
+    }
+}
+
+type CResult<T> = candle_core::Result<T>;
+
+struct Params {
+    w_enc: Var,
+    b_enc: Var,
+    w_dec: Var,
+    b_dec: Var,
+}
+
+impl Params {
+    fn all(&self) -> [&Var; 4] {
+        [&self.w_enc, &self.b_enc, &self.w_dec, &self.b_dec]
+    }
+}
+
+/// Adam's first and second moments of each parameter.
+struct Adam {
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+}
+
+const NAMES: [&str; 4] = ["w_enc", "b_enc", "w_dec", "b_dec"];
+
+fn normalize_rows(w: &Tensor) -> CResult<Tensor> {
+    let norms = w.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-8, f64::MAX)?;
+    w.broadcast_div(&norms)
+}
+
+/// The index of the k largest values of each row that are positive, as a 0/1 mask (lower index first among
+/// equals), restricted to `allowed` columns when given.
+fn top_k_mask(values: &[f32], rows: usize, cols: usize, k: usize, allowed: Option<&[bool]>) -> Vec<f32> {
+    let mut mask = vec![0f32; rows * cols];
+    let mut row = vec![0f32; cols];
+    for r in 0..rows {
+        row.copy_from_slice(&values[r * cols..(r + 1) * cols]);
+        if let Some(allowed) = allowed {
+            row.iter_mut().zip(allowed).for_each(|(v, &ok)| {
+                if !ok {
+                    *v = 0.0
+                }
+            });
+        }
+        top_k_relu(&mut row, k);
+        for (m, v) in mask[r * cols..(r + 1) * cols].iter_mut().zip(&row) {
+            *m = if *v > 0.0 { 1.0 } else { 0.0 };
+        }
+    }
+    mask
+}
+
+/// Why a training run ended without an SAE.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// The progress callback asked to stop; the last checkpoint lets the run resume.
+    #[error("training stopped at step {step}; run the same command again to resume from its checkpoint")]
+    Stopped { step: usize },
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+/// Trains on `rows` (`n x d`, row-major); checkpoints into `checkpoint` (and resumes from it when it exists and
+/// was made with the same configuration on the same data). `progress` returns false to stop the run (after a
+/// checkpoint).
+pub fn train(
+    rows: &[f32],
+    d: usize,
+    config: &TrainConfig,
+    checkpoint: Option<&Path>,
+    mut progress: impl FnMut(&StepReport) -> bool,
+) -> Result<(Sae, TrainReport), TrainError> {
+    let dev = Device::Cpu;
+    let n = rows.len() / d;
+    let (d_sae, k) = (config.d_sae, config.k);
+    // Unit mean norm.
+    let mean_norm =
+        rows.chunks(d).map(|r| r.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt()).sum::<f64>() / n as f64;
+    let scale = (1.0 / mean_norm) as f32;
+    let data: Vec<f32> = rows.iter().map(|x| x * scale).collect();
+    let data_id = data_fingerprint(&data);
+
+    let mut rng = Rng::new(config.seed);
+    let w_dec0: Vec<f32> = (0..d_sae * d).map(|_| rng.normal()).collect();
+    let w_dec0 = normalize_rows(&Tensor::from_vec(w_dec0, (d_sae, d), &dev)?)?;
+    let mean: Vec<f32> = (0..d).map(|j| data.iter().skip(j).step_by(d).sum::<f32>() / n as f32).collect();
+    let params = Params {
+        w_enc: Var::from_tensor(&w_dec0.t()?.contiguous()?)?,
+        b_enc: Var::from_tensor(&Tensor::zeros(d_sae, DType::F32, &dev)?)?,
+        w_dec: Var::from_tensor(&w_dec0)?,
+        b_dec: Var::from_tensor(&Tensor::from_vec(mean, d, &dev)?)?,
+    };
+    let mut adam = Adam {
+        m: params.all().iter().map(|p| p.as_tensor().zeros_like()).collect::<CResult<_>>()?,
+        v: params.all().iter().map(|p| p.as_tensor().zeros_like()).collect::<CResult<_>>()?,
+    };
+    // Tokens seen when each latent last fired.
+    let mut last_fired = vec![0usize; d_sae];
+    let steps_per_epoch = n / config.batch.max(1);
+    let steps = steps_per_epoch * config.epochs;
+    let mut start_step = 0;
+    if let Some(path) = checkpoint.filter(|p| p.exists()) {
+        if let Some((step, fired)) = load_checkpoint(path, config, &data_id, &params, &mut adam)? {
+            start_step = step;
+            last_fired = fired;
+        }
+    }
+
+    let (beta1, beta2, eps) = (0.9f64, 0.999f64, 1e-8f64);
+    let mut order: Vec<usize> = Vec::new();
+    let mut last_fvu = f64::NAN;
+    for step in start_step..steps {
+        let (epoch, in_epoch) = (step / steps_per_epoch, step % steps_per_epoch);
+        if order.is_empty() || in_epoch == 0 || step == start_step {
+            // The order of an epoch depends only on the seed and the epoch, so a resumed run sees the same batches.
+            order = (0..n).collect();
+            Rng::new(config.seed ^ (epoch as u64 + 1).wrapping_mul(0x2545_f491_4f6c_dd1d)).shuffle(&mut order);
+        }
+        let batch_rows = &order[in_epoch * config.batch..(in_epoch + 1) * config.batch];
+        let mut x = Vec::with_capacity(config.batch * d);
+        for &r in batch_rows {
+            x.extend_from_slice(&data[r * d..(r + 1) * d]);
+        }
+        let b = batch_rows.len();
+        let x = Tensor::from_vec(x, (b, d), &dev)?;
+
+        let pre = x
+            .broadcast_sub(params.b_dec.as_tensor())?
+            .matmul(params.w_enc.as_tensor())?
+            .broadcast_add(params.b_enc.as_tensor())?;
+        let relu = pre.relu()?;
+        let relu_values = relu.flatten_all()?.to_vec1::<f32>()?;
+        let mask = Tensor::from_vec(top_k_mask(&relu_values, b, d_sae, k, None), (b, d_sae), &dev)?;
+        let latents = (&relu * &mask)?;
+        let recon = latents.matmul(params.w_dec.as_tensor())?.broadcast_add(params.b_dec.as_tensor())?;
+        let err = (&x - &recon)?;
+        let variance = x.broadcast_sub(&x.mean_keepdim(0)?)?.sqr()?.sum_all()?;
+        let fvu = (err.sqr()?.sum_all()? / &variance)?;
+        let mut loss = fvu.clone();
+
+        // Latents that fired in this batch.
+        let fired: Vec<bool> = {
+            let m = mask.max(0)?.to_vec1::<f32>()?;
+            m.iter().map(|&v| v > 0.0).collect()
+        };
+        let seen = (step + 1) * b;
+        let dead: Vec<bool> = last_fired.iter().map(|&t| seen - t.min(seen) > config.dead_after).collect();
+        let n_dead = dead.iter().filter(|&&x| x).count();
+        let mut aux_value = 0.0;
+        if n_dead > 0 && config.aux_weight > 0.0 {
+            let aux_mask = top_k_mask(&relu_values, b, d_sae, config.aux_k.min(n_dead), Some(&dead));
+            let aux_latents = (&relu * Tensor::from_vec(aux_mask, (b, d_sae), &dev)?)?;
+            let target = err.detach();
+            let aux_recon = aux_latents.matmul(params.w_dec.as_tensor())?;
+            let target_var = target.broadcast_sub(&target.mean_keepdim(0)?)?.sqr()?.sum_all()?;
+            let aux = ((&target - aux_recon)?.sqr()?.sum_all()? / target_var)?;
+            aux_value = aux.to_scalar::<f32>()? as f64;
+            if aux_value.is_finite() {
+                loss = (loss + (aux * config.aux_weight)?)?;
+            }
+        }
+        for (j, f) in fired.iter().enumerate() {
+            if *f {
+                last_fired[j] = seen;
+            }
+        }
+
+        let grads = loss.backward()?;
+        let t = (step + 1) as i32;
+        let (c1, c2) = (1.0 - beta1.powi(t), 1.0 - beta2.powi(t));
+        for (i, p) in params.all().iter().enumerate() {
+            let Some(g) = grads.get(p.as_tensor()) else { continue };
+            adam.m[i] = ((&adam.m[i] * beta1)? + (g * (1.0 - beta1))?)?;
+            adam.v[i] = ((&adam.v[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+            let update = ((&adam.m[i] / c1)? / ((&adam.v[i] / c2)?.sqrt()? + eps)?)?;
+            p.set(&(p.as_tensor() - (update * config.lr)?)?)?;
+        }
+        params.w_dec.set(&normalize_rows(params.w_dec.as_tensor())?)?;
+
+        last_fvu = fvu.to_scalar::<f32>()? as f64;
+        let go_on = progress(&StepReport { step: step + 1, steps, fvu: last_fvu, aux_loss: aux_value, dead: n_dead });
+        if let Some(path) = checkpoint {
+            let due = config.checkpoint_every > 0 && (step + 1) % config.checkpoint_every == 0;
+            if (due || !go_on) && step + 1 < steps {
+                save_checkpoint(path, config, &data_id, step + 1, &params, &adam, &last_fired)?;
+            }
+        }
+        if !go_on && step + 1 < steps {
+            return Err(TrainError::Stopped { step: step + 1 });
+        }
+    }
+    if let Some(path) = checkpoint {
+        let _ = std::fs::remove_file(path);
+    }
+    let sae = export(&params, scale, k, d, d_sae)?;
+    Ok((sae, TrainReport { tokens: n, steps, final_batch_fvu: last_fvu, resumed_from_step: start_step }))
+}
+
+/// The trained SAE in Gemma Scope's form on raw activations: `pre = x (s W_enc) + (b_enc - b_dec W_enc)`,
+/// `x_hat = a (W_dec / s) + b_dec / s`, where `s` scaled the inputs to unit mean norm.
+fn export(params: &Params, scale: f32, k: usize, d: usize, d_sae: usize) -> CResult<Sae> {
+    let w_enc = params.w_enc.as_tensor();
+    let b_dec = params.b_dec.as_tensor();
+    let shift = b_dec.unsqueeze(0)?.matmul(w_enc)?.squeeze(0)?;
+    let b_enc = (params.b_enc.as_tensor() - shift)?;
+    Ok(Sae {
+        info: SaeInfo {
+            activation: Activation::TopK { k },
+            d_in: d,
+            d_sae,
+            layer: None,
+            model: None,
+            extra: serde_json::json!({}),
+        },
+        w_enc: (w_enc * scale as f64)?.flatten_all()?.to_vec1()?,
+        w_dec: (params.w_dec.as_tensor() / scale as f64)?.flatten_all()?.to_vec1()?,
+        b_enc: b_enc.to_vec1()?,
+        b_dec: (b_dec / scale as f64)?.to_vec1()?,
+        threshold: vec![0.0; d_sae],
+    })
+}
+
+/// A short fingerprint of the training data, so a checkpoint is only resumed on the data it was made with.
+fn data_fingerprint(data: &[f32]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for x in data.iter().step_by(97) {
+        h = (h ^ x.to_bits() as u64).wrapping_mul(0x100_0000_01b3);
+    }
+    format!("{:016x}-{}", h, data.len())
+}
+
+#[derive(Serialize, Deserialize)]
+struct CheckpointMeta {
+    config: TrainConfig,
+    data: String,
+    step: usize,
+}
+
+fn meta_path(path: &Path) -> PathBuf {
+    path.with_extension("json")
+}
+
+fn save_checkpoint(
+    path: &Path,
+    config: &TrainConfig,
+    data: &str,
+    step: usize,
+    params: &Params,
+    adam: &Adam,
+    last_fired: &[usize],
+) -> CResult<()> {
+    let mut tensors = std::collections::HashMap::new();
+    for (i, p) in params.all().iter().enumerate() {
+        tensors.insert(NAMES[i].to_string(), p.as_tensor().clone());
+        tensors.insert(format!("adam_m.{}", NAMES[i]), adam.m[i].clone());
+        tensors.insert(format!("adam_v.{}", NAMES[i]), adam.v[i].clone());
+    }
+    let fired: Vec<u32> = last_fired.iter().map(|&t| t as u32).collect();
+    tensors.insert("last_fired".into(), Tensor::new(fired.as_slice(), &Device::Cpu)?);
+    // Write beside, then rename: an interruption never leaves a half-written checkpoint.
+    let tmp = path.with_extension("partial");
+    candle_core::safetensors::save(&tensors, &tmp)?;
+    std::fs::rename(&tmp, path)?;
+    let meta = CheckpointMeta { config: config.clone(), data: data.to_string(), step };
+    std::fs::write(meta_path(path), serde_json::to_string(&meta).expect("serializes"))?;
+    Ok(())
+}
+
+/// Restores a checkpoint made with the same configuration on the same data: returns its step and firing record.
+fn load_checkpoint(
+    path: &Path,
+    config: &TrainConfig,
+    data: &str,
+    params: &Params,
+    adam: &mut Adam,
+) -> CResult<Option<(usize, Vec<usize>)>> {
+    let Ok(text) = std::fs::read_to_string(meta_path(path)) else { return Ok(None) };
+    let Ok(meta) = serde_json::from_str::<CheckpointMeta>(&text) else { return Ok(None) };
+    if meta.config != *config || meta.data != data {
+        return Ok(None);
+    }
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu)?;
+    for (i, p) in params.all().iter().enumerate() {
+        p.set(&tensors[NAMES[i]])?;
+        adam.m[i] = tensors[&format!("adam_m.{}", NAMES[i])].clone();
+        adam.v[i] = tensors[&format!("adam_v.{}", NAMES[i])].clone();
+    }
+    let fired = tensors["last_fired"].to_vec1::<u32>()?.into_iter().map(|t| t as usize).collect();
+    Ok(Some((meta.step, fired)))
+}

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Rebuilds the SAEs the project ships (public/saes), on request only (make saes): about an hour on 2 cores.
+# `scripts/sae.sh corpus` (make corpus) stops after step 1.
+#   1. the corpus (scripts/corpus.py) from Debian packages installed here if missing;
+#   2. for each offline model, a TopK SAE (k = 32, 4x the residual width) on resid_post of a middle layer and of
+#      the last layer, from one pass of activations over 300,000 corpus tokens, 4 epochs, seed 0, stored in f16;
+#   3. each SAE's lens.json (its latents' top logit-lens tokens, for the app) and public/saes/index.json;
+#   4. an evaluation of each on the corpus' held-out split (first 400 lines).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+
+packages=(fortunes fortunes-de fortunes-es debian-reference-en debian-reference-fr debian-reference-de debian-reference-es)
+missing=()
+for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "==> installing the corpus' Debian packages: ${missing[*]}"
+  sudo_=""; [ "$(id -u)" = 0 ] || sudo_=sudo
+  $sudo_ apt-get update -qq && $sudo_ env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null ||
+    { echo "sae: could not install ${missing[*]}; retry make saes" >&2; exit 1; }
+fi
+corpus="$SAIF_CACHE/corpus"
+python3 scripts/corpus.py "$corpus"
+[ "${1:-}" = corpus ] && exit 0
+
+cargo build --quiet --release --bin saif
+saif=target/release/saif
+# model file, model key, middle layer, last layer, width
+specs=(
+  "SmolLM2-135M-Instruct.Q4_1.gguf smollm2-135m 20 29 2304"
+  "gemma-3-270m-q4_k_m.gguf gemma-3-270m 9 17 2560"
+)
+for spec in "${specs[@]}"; do
+  read -r file key middle last width <<<"$spec"
+  model="$SAIF_MODELS/$file"
+  out="public/saes/$key"
+  echo "==> $key: SAEs on layers $middle and $last"
+  $saif train-sae --model "$model" --layer "$middle,$last" --width "$width" --k 32 --tokens 300000 --epochs 4 \
+    --seed 0 --corpus "$corpus/train.txt" --out "$out" --json
+  for layer in "$middle" "$last"; do
+    $saif sae-lens --model "$model" --sae "$out/layer_$layer" --json
+    head -400 "$corpus/heldout.txt" >"$corpus/heldout-400.txt"
+    $saif sae-eval --model "$model" --sae "$out/layer_$layer" --contents "$corpus/heldout-400.txt"
+  done
+done
+python3 - <<'EOF'
+import json, os
+index = {}
+for key in sorted(os.listdir("public/saes")):
+    folder = os.path.join("public/saes", key)
+    if os.path.isdir(folder):
+        layers = sorted(int(d[6:]) for d in os.listdir(folder) if d.startswith("layer_"))
+        index[key] = {"layers": layers}
+json.dump(index, open("public/saes/index.json", "w"), indent=1)
+print("public/saes/index.json:", index)
+EOF

@@ -1,0 +1,53 @@
+//! The SAE latents most active at the prompt's last token, with the tokens each one's decoder direction promotes:
+//! the first look at which latents encode an instruction.
+
+use leptos::prelude::*;
+
+use super::client::WorkerClient;
+use super::state::AppState;
+use crate::protocol::Request;
+
+#[component]
+pub fn LatentsPanel() -> impl IntoView {
+    let state = expect_context::<AppState>();
+    let client = expect_context::<WorkerClient>();
+    let has_sae = move || state.model.with(|m| m.as_ref().is_some_and(|m| m.sae.is_some()));
+    let read = move |_| {
+        state.error.set(None);
+        let request = Request::Latents { text: state.text.get_untracked(), chat: state.chat.get_untracked(), top: 12 };
+        let id = client.send(request, None);
+        state.reading_latents.set(Some(id));
+    };
+    view! {
+        <Show when=has_sae>
+            <section class="panel" id="latents-panel">
+                <h2>"SAE latents"</h2>
+                <p class="hint">{move || state.model.get().and_then(|m| m.sae).map(|s| format!(
+                    "{} latents, {}, on resid_post of layer {} ({}).", s.width, s.activation, s.layer, s.source
+                ))}</p>
+                <button id="read-latents" on:click=read prop:disabled=move || state.is_busy()>
+                    "Show the latents at the prompt's last token"
+                </button>
+                {move || state.latents.get().map(|list| {
+                    let max = list.latents.first().map_or(1.0, |l| l.activation).max(1e-6);
+                    view! {
+                        <p class="hint">{format!("Layer {}, at the token {:?}:", list.layer, list.token)}</p>
+                        <table class="latents" id="latent-table">
+                            <tr><th>"latent"</th><th>"activation"</th><th>"promotes"</th></tr>
+                            {list.latents.into_iter().map(|l| view! {
+                                <tr>
+                                    <td class="latent-index">{l.index}</td>
+                                    <td>
+                                        <span class="bar" style:width=format!("{:.0}px", 80.0 * l.activation / max)></span>
+                                        {format!(" {:.2}", l.activation)}
+                                    </td>
+                                    <td class="lens">{l.tokens.iter().map(|t| format!("{t:?}")).collect::<Vec<_>>().join(" ")}</td>
+                                </tr>
+                            }).collect_view()}
+                        </table>
+                    }
+                })}
+            </section>
+        </Show>
+    }
+}
