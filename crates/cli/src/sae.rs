@@ -52,6 +52,55 @@ pub fn default_corpus() -> PathBuf {
     cache.join("corpus/train.txt")
 }
 
+/// Collected activations kept on disk (`~/.cache/saif/activations`), so that training again on the same model,
+/// corpus, layers and token count (another width, another seed, a crash) skips the slowest step.
+struct ActivationCache {
+    files: Vec<PathBuf>,
+}
+
+impl ActivationCache {
+    fn new(model_key: &str, lines: &[String], layers: &[usize], tokens: usize) -> Self {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in lines.iter().flat_map(|l| l.bytes().chain([b'\n'])) {
+            h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+        let dir = default_corpus().parent().and_then(Path::parent).map(|c| c.join("activations")).unwrap_or_default();
+        let name = |l: usize| format!("{model_key}-{h:016x}-{tokens}-{}-layer{l}.f32", saif::corpus::MAX_TOKENS_PER_TEXT);
+        Self { files: layers.iter().map(|&l| dir.join(name(l))).collect() }
+    }
+
+    fn describe(&self) -> String {
+        self.files.first().and_then(|f| f.parent()).map(|d| d.display().to_string()).unwrap_or_default()
+    }
+
+    fn load(&self, d: usize) -> Option<saif::corpus::Activations> {
+        let mut rows = Vec::new();
+        for f in &self.files {
+            let bytes = std::fs::read(f).ok()?;
+            rows.push(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect::<Vec<f32>>());
+        }
+        let n = rows.first()?.len() / d;
+        let layers = self.files.iter().map(|f| {
+            let name = f.file_stem()?.to_str()?;
+            name.rsplit("layer").next()?.parse().ok()
+        });
+        let layers: Option<Vec<usize>> = layers.collect();
+        Some(saif::corpus::Activations { layers: layers?, d, rows, origin: vec![(0, 0); n] })
+    }
+
+    /// Best effort: a cache that cannot be written only costs time next run.
+    fn save(&self, acts: &saif::corpus::Activations) {
+        for (f, rows) in self.files.iter().zip(&acts.rows) {
+            let _ = f.parent().map(std::fs::create_dir_all);
+            let bytes: Vec<u8> = rows.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let tmp = f.with_extension("partial");
+            if std::fs::write(&tmp, bytes).is_ok() {
+                let _ = std::fs::rename(&tmp, f);
+            }
+        }
+    }
+}
+
 pub struct TrainArgs {
     pub layers: Vec<usize>,
     pub width: usize,
@@ -83,11 +132,22 @@ pub fn train_sae(engine: &mut Engine, args: &TrainArgs) -> Result<Value> {
         format!("cannot read the corpus {} (make corpus writes the default one)", args.corpus.display())
     })?;
     let started = Instant::now();
-    let mut bar = Progress::new();
-    let acts = block_on(collect(engine, &lines, &args.layers, args.tokens, |rows, texts| {
-        let rate = rows as f64 / started.elapsed().as_secs_f64().max(1e-3);
-        bar.show(rows, args.tokens, &format!("activations: {rows} tokens from {texts} texts, {rate:.0} tokens/s"));
-    }))?;
+    let cache = ActivationCache::new(&config.key, &lines, &args.layers, args.tokens);
+    let acts = match cache.load(config.hidden) {
+        Some(acts) => {
+            eprintln!("activations from the cache {}", cache.describe());
+            acts
+        }
+        None => {
+            let mut bar = Progress::new();
+            let acts = block_on(collect(engine, &lines, &args.layers, args.tokens, |rows, texts| {
+                let rate = rows as f64 / started.elapsed().as_secs_f64().max(1e-3);
+                bar.show(rows, args.tokens, &format!("activations: {rows} tokens from {texts} texts, {rate:.0} tokens/s"));
+            }))?;
+            cache.save(&acts);
+            acts
+        }
+    };
     let collect_seconds = started.elapsed().as_secs_f64();
     if acts.is_empty() {
         bail!("the corpus gave no tokens");
@@ -128,7 +188,7 @@ pub fn train_sae(engine: &mut Engine, args: &TrainArgs) -> Result<Value> {
                 "width": args.width,
                 "k": args.k,
                 "corpus": args.corpus.display().to_string(),
-                "corpus_lines_read": acts.origin.last().map_or(0, |o| o.0 as usize + 1),
+
                 "skipped": "the first position of every text (attention sink)",
                 "final_batch_fvu": report.final_batch_fvu,
                 "resumed_from_step": report.resumed_from_step,

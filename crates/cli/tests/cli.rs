@@ -224,3 +224,54 @@ fn text_output_without_json() {
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("19556") && serde_json::from_str::<Value>(&text).is_err(), "{text}");
 }
+
+/// train-sae, sae-lens, sae-eval and sae-latent on the engine's tiny Llama fixture: the JSON contract, an SAE in
+/// Gemma Scope 2's layout that says it is TopK, and a clear refusal of an SAE made for another model.
+#[test]
+fn sae_commands_train_describe_and_evaluate() {
+    let dir = std::env::temp_dir().join(format!("saif-cli-sae-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let corpus = dir.join("corpus.txt");
+    let lines: Vec<String> = (0..40)
+        .map(|i| format!("line {i}: the cat sat on the mat and the dog ran to the river {}", i * 7))
+        .chain(["[chat] Translate the text into French. The weather is nice.".to_string()])
+        .collect();
+    std::fs::write(&corpus, lines.join("\n")).unwrap();
+    let fixture = repo().join("crates/engine/tests/fixtures/tiny-llama.gguf");
+    let fixture = fixture.to_str().unwrap();
+    let out = dir.join("sae");
+    let trained = json_ok(&[
+        "train-sae", "--model", fixture, "--layer", "2", "--width", "64", "--k", "4", "--tokens", "400", "--epochs",
+        "2", "--batch", "64", "--corpus", corpus.to_str().unwrap(), "--out", out.to_str().unwrap(), "--json",
+    ]);
+    assert_eq!(trained["saes"][0]["layer"], 2);
+    assert_eq!(trained["saes"][0]["tokens"], 400);
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!((config["architecture"].as_str(), config["k"].as_u64(), config["layer"].as_u64()), (Some("topk"), Some(4), Some(2)));
+    assert!(out.join("params.safetensors").exists());
+
+    let lens = json_ok(&["sae-lens", "--model", fixture, "--sae", out.to_str().unwrap(), "--json"]);
+    assert_eq!(lens["latents"], 64);
+    let lens_file: Value = serde_json::from_str(&std::fs::read_to_string(out.join("lens.json")).unwrap()).unwrap();
+    assert_eq!(lens_file["top_tokens"].as_array().unwrap().len(), 64);
+
+    let eval = json_ok(&["sae-eval", "--model", fixture, "--sae", out.to_str().unwrap(), "--contents", corpus.to_str().unwrap(), "--json"]);
+    for key in ["layer", "fvu", "l0", "dead_fraction", "ce_loss_clean", "ce_loss_sae", "ce_loss_zero", "ce_recovered"] {
+        assert!(eval[key].is_number(), "sae-eval lacks {key}: {eval}");
+    }
+    assert_eq!(eval["layer"], 2);
+    assert!(eval["l0"].as_f64().unwrap() <= 4.0);
+
+    let latent = json_ok(&[
+        "sae-latent", "--model", fixture, "--sae", out.to_str().unwrap(), "--latent", "3", "--corpus",
+        corpus.to_str().unwrap(), "--lines", "10", "--top", "5", "--json",
+    ]);
+    assert_eq!(latent["logit_lens"].as_array().unwrap().len(), 5);
+    assert!(latent["top_activations"].as_array().unwrap().len() <= 5);
+
+    // The fixture's SAE on SmolLM2 (576 wide, not 256): refused with the reason.
+    let wrong = saif(&["sae-eval", "--model", &model(SMOL), "--sae", out.to_str().unwrap(), "--contents", corpus.to_str().unwrap()]);
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("does not fit"), "{}", String::from_utf8_lossy(&wrong.stderr));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

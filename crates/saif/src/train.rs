@@ -275,14 +275,16 @@ pub fn train(
         let grads = loss.backward()?;
         let t = (step + 1) as i32;
         let (c1, c2) = (1.0 - beta1.powi(t), 1.0 - beta2.powi(t));
+        // Detached throughout: the moments must not keep each step's graph alive (they did: out of memory).
         for (i, p) in params.all().iter().enumerate() {
             let Some(g) = grads.get(p.as_tensor()) else { continue };
-            adam.m[i] = ((&adam.m[i] * beta1)? + (g * (1.0 - beta1))?)?;
-            adam.v[i] = ((&adam.v[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+            let g = g.detach();
+            adam.m[i] = ((&adam.m[i] * beta1)? + (&g * (1.0 - beta1))?)?.detach();
+            adam.v[i] = ((&adam.v[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?.detach();
             let update = ((&adam.m[i] / c1)? / ((&adam.v[i] / c2)?.sqrt()? + eps)?)?;
-            p.set(&(p.as_tensor() - (update * config.lr)?)?)?;
+            p.set(&(p.as_detached_tensor() - (update * config.lr)?)?)?;
         }
-        params.w_dec.set(&normalize_rows(params.w_dec.as_tensor())?)?;
+        params.w_dec.set(&normalize_rows(&params.w_dec.as_detached_tensor())?)?;
 
         last_fvu = fvu.to_scalar::<f32>()? as f64;
         let go_on = progress(&StepReport { step: step + 1, steps, fvu: last_fvu, aux_loss: aux_value, dead: n_dead });
