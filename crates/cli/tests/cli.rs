@@ -11,7 +11,10 @@ fn saif(args: &[&str]) -> Output {
 }
 
 fn json_ok(args: &[&str]) -> Value {
-    let out = saif(args);
+    parse_ok(args, saif(args))
+}
+
+fn parse_ok(args: &[&str], out: Output) -> Value {
     assert!(out.status.success(), "saif {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert_eq!(stdout.trim().lines().count(), 1, "one JSON object on one line: {stdout}");
@@ -240,15 +243,25 @@ fn sae_commands_train_describe_and_evaluate() {
     let fixture = repo().join("crates/engine/tests/fixtures/tiny-llama.gguf");
     let fixture = fixture.to_str().unwrap();
     let out = dir.join("sae");
-    let trained = json_ok(&[
+    let train_args = [
         "train-sae", "--model", fixture, "--layer", "2", "--width", "64", "--k", "4", "--tokens", "400", "--epochs",
         "2", "--batch", "64", "--corpus", corpus.to_str().unwrap(), "--out", out.to_str().unwrap(), "--json",
-    ]);
+    ];
+    // The activation cache goes under SAIF_CACHE: here the test's own folder, not the user's.
+    let train = || Command::new(env!("CARGO_BIN_EXE_saif")).args(train_args).env("SAIF_CACHE", &dir).output().unwrap();
+    let first = train();
+    assert!(!String::from_utf8_lossy(&first.stderr).contains("from the cache"));
+    let trained = parse_ok(&train_args, first);
     assert_eq!(trained["saes"][0]["layer"], 2);
     assert_eq!(trained["saes"][0]["tokens"], 400);
     let config: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!((config["architecture"].as_str(), config["k"].as_u64(), config["layer"].as_u64()), (Some("topk"), Some(4), Some(2)));
-    assert!(out.join("params.safetensors").exists());
+    let params = std::fs::read(out.join("params.safetensors")).unwrap();
+    // Again with the same seed: the activations come from the cache and the SAE is the same, byte for byte.
+    let second = train();
+    assert!(String::from_utf8_lossy(&second.stderr).contains("activations from the cache"));
+    assert!(second.status.success());
+    assert!(std::fs::read(out.join("params.safetensors")).unwrap() == params, "same seed, same SAE");
 
     let lens = json_ok(&["sae-lens", "--model", fixture, "--sae", out.to_str().unwrap(), "--json"]);
     assert_eq!(lens["latents"], 64);
