@@ -194,3 +194,19 @@ test("the benchmark page measures the loaded model", async () => {
   assert.deepEqual(problems, []);
   await context.close();
 });
+
+test("the shipped SAE is found for the model and shows the latents at the prompt's last token", async () => {
+  const context = await browser.newContext();
+  const { page, problems } = await openPage(context, "?backend=cpu&chat=1&text=" +
+    encodeURIComponent("The weather is nice today. Translate the text into French."));
+  await page.locator("#model-card").waitFor({ timeout: 120_000 });
+  assert.match(await page.locator("#model-card").textContent(), /SAElayer 29, 2304 latents, TopK \(k = 32\)/);
+  await page.click("#read-latents");
+  await page.locator("#latent-table").waitFor({ timeout: 120_000 });
+  const rows = await page.locator("#latent-table tr").count();
+  assert.equal(rows, 1 + 12, "a header and the 12 most active latents");
+  const lens = await page.locator("#latent-table .lens").first().textContent();
+  assert.ok(lens.length > 0, "each latent shows the tokens it promotes");
+  assert.deepEqual(problems, []);
+  await context.close();
+});

@@ -65,7 +65,8 @@ impl ActivationCache {
             h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
         }
         let dir = default_corpus().parent().and_then(Path::parent).map(|c| c.join("activations")).unwrap_or_default();
-        let name = |l: usize| format!("{model_key}-{h:016x}-{tokens}-{}-layer{l}.f32", saif::corpus::MAX_TOKENS_PER_TEXT);
+        let name =
+            |l: usize| format!("{model_key}-{h:016x}-{tokens}-{}-layer{l}.f32", saif::corpus::MAX_TOKENS_PER_TEXT);
         Self { files: layers.iter().map(|&l| dir.join(name(l))).collect() }
     }
 
@@ -77,7 +78,9 @@ impl ActivationCache {
         let mut rows = Vec::new();
         for f in &self.files {
             let bytes = std::fs::read(f).ok()?;
-            rows.push(bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect::<Vec<f32>>());
+            rows.push(
+                bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect::<Vec<f32>>(),
+            );
         }
         let n = rows.first()?.len() / d;
         let layers = self.files.iter().map(|f| {
@@ -142,7 +145,11 @@ pub fn train_sae(engine: &mut Engine, args: &TrainArgs) -> Result<Value> {
             let mut bar = Progress::new();
             let acts = block_on(collect(engine, &lines, &args.layers, args.tokens, |rows, texts| {
                 let rate = rows as f64 / started.elapsed().as_secs_f64().max(1e-3);
-                bar.show(rows, args.tokens, &format!("activations: {rows} tokens from {texts} texts, {rate:.0} tokens/s"));
+                bar.show(
+                    rows,
+                    args.tokens,
+                    &format!("activations: {rows} tokens from {texts} texts, {rate:.0} tokens/s"),
+                );
             }))?;
             cache.save(&acts);
             acts

@@ -244,8 +244,26 @@ fn sae_commands_train_describe_and_evaluate() {
     let fixture = fixture.to_str().unwrap();
     let out = dir.join("sae");
     let train_args = [
-        "train-sae", "--model", fixture, "--layer", "2", "--width", "64", "--k", "4", "--tokens", "400", "--epochs",
-        "2", "--batch", "64", "--corpus", corpus.to_str().unwrap(), "--out", out.to_str().unwrap(), "--json",
+        "train-sae",
+        "--model",
+        fixture,
+        "--layer",
+        "2",
+        "--width",
+        "64",
+        "--k",
+        "4",
+        "--tokens",
+        "400",
+        "--epochs",
+        "2",
+        "--batch",
+        "64",
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
     ];
     // The activation cache goes under SAIF_CACHE: here the test's own folder, not the user's.
     let train = || Command::new(env!("CARGO_BIN_EXE_saif")).args(train_args).env("SAIF_CACHE", &dir).output().unwrap();
@@ -255,7 +273,10 @@ fn sae_commands_train_describe_and_evaluate() {
     assert_eq!(trained["saes"][0]["layer"], 2);
     assert_eq!(trained["saes"][0]["tokens"], 400);
     let config: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
-    assert_eq!((config["architecture"].as_str(), config["k"].as_u64(), config["layer"].as_u64()), (Some("topk"), Some(4), Some(2)));
+    assert_eq!(
+        (config["architecture"].as_str(), config["k"].as_u64(), config["layer"].as_u64()),
+        (Some("topk"), Some(4), Some(2))
+    );
     let params = std::fs::read(out.join("params.safetensors")).unwrap();
     // Again with the same seed: the activations come from the cache and the SAE is the same, byte for byte.
     let second = train();
@@ -268,7 +289,16 @@ fn sae_commands_train_describe_and_evaluate() {
     let lens_file: Value = serde_json::from_str(&std::fs::read_to_string(out.join("lens.json")).unwrap()).unwrap();
     assert_eq!(lens_file["top_tokens"].as_array().unwrap().len(), 64);
 
-    let eval = json_ok(&["sae-eval", "--model", fixture, "--sae", out.to_str().unwrap(), "--contents", corpus.to_str().unwrap(), "--json"]);
+    let eval = json_ok(&[
+        "sae-eval",
+        "--model",
+        fixture,
+        "--sae",
+        out.to_str().unwrap(),
+        "--contents",
+        corpus.to_str().unwrap(),
+        "--json",
+    ]);
     for key in ["layer", "fvu", "l0", "dead_fraction", "ce_loss_clean", "ce_loss_sae", "ce_loss_zero", "ce_recovered"] {
         assert!(eval[key].is_number(), "sae-eval lacks {key}: {eval}");
     }
@@ -276,15 +306,39 @@ fn sae_commands_train_describe_and_evaluate() {
     assert!(eval["l0"].as_f64().unwrap() <= 4.0);
 
     let latent = json_ok(&[
-        "sae-latent", "--model", fixture, "--sae", out.to_str().unwrap(), "--latent", "3", "--corpus",
-        corpus.to_str().unwrap(), "--lines", "10", "--top", "5", "--json",
+        "sae-latent",
+        "--model",
+        fixture,
+        "--sae",
+        out.to_str().unwrap(),
+        "--latent",
+        "3",
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--lines",
+        "10",
+        "--top",
+        "5",
+        "--json",
     ]);
     assert_eq!(latent["logit_lens"].as_array().unwrap().len(), 5);
     assert!(latent["top_activations"].as_array().unwrap().len() <= 5);
 
     // The fixture's SAE on SmolLM2 (576 wide, not 256): refused with the reason.
-    let wrong = saif(&["sae-eval", "--model", &model(SMOL), "--sae", out.to_str().unwrap(), "--contents", corpus.to_str().unwrap()]);
+    let wrong = saif(&[
+        "sae-eval",
+        "--model",
+        &model(SMOL),
+        "--sae",
+        out.to_str().unwrap(),
+        "--contents",
+        corpus.to_str().unwrap(),
+    ]);
     assert!(!wrong.status.success());
-    assert!(String::from_utf8_lossy(&wrong.stderr).contains("does not fit"), "{}", String::from_utf8_lossy(&wrong.stderr));
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("does not fit"),
+        "{}",
+        String::from_utf8_lossy(&wrong.stderr)
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

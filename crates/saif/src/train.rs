@@ -300,6 +300,7 @@ pub fn train(
     }
     if let Some(path) = checkpoint {
         let _ = std::fs::remove_file(path);
+        let _ = std::fs::remove_file(meta_path(path));
     }
     let sae = export(&params, scale, k, d, d_sae)?;
     Ok((sae, TrainReport { tokens: n, steps, final_batch_fvu: last_fvu, resumed_from_step: start_step }))
@@ -366,12 +367,14 @@ fn save_checkpoint(
     }
     let fired: Vec<u32> = last_fired.iter().map(|&t| t as u32).collect();
     tensors.insert("last_fired".into(), Tensor::new(fired.as_slice(), &Device::Cpu)?);
-    // Write beside, then rename: an interruption never leaves a half-written checkpoint.
+    // The step goes with the weights, in one file renamed into place: an interruption anywhere leaves either the
+    // previous checkpoint or this one, never a mix. The JSON beside it only says what run it belongs to.
+    tensors.insert("step".into(), Tensor::new(&[step as u32], &Device::Cpu)?);
+    let meta = CheckpointMeta { config: config.clone(), data: data.to_string(), step };
+    std::fs::write(meta_path(path), serde_json::to_string(&meta).expect("serializes"))?;
     let tmp = path.with_extension("partial");
     candle_core::safetensors::save(&tensors, &tmp)?;
     std::fs::rename(&tmp, path)?;
-    let meta = CheckpointMeta { config: config.clone(), data: data.to_string(), step };
-    std::fs::write(meta_path(path), serde_json::to_string(&meta).expect("serializes"))?;
     Ok(())
 }
 
@@ -389,11 +392,15 @@ fn load_checkpoint(
         return Ok(None);
     }
     let tensors = candle_core::safetensors::load(path, &Device::Cpu)?;
+    let needed = NAMES.iter().flat_map(|n| [n.to_string(), format!("adam_m.{n}"), format!("adam_v.{n}")]);
+    if !needed.chain(["last_fired".into(), "step".into()]).all(|n| tensors.contains_key(&n)) {
+        return Ok(None); // an older or foreign file: start afresh rather than fail
+    }
     for (i, p) in params.all().iter().enumerate() {
         p.set(&tensors[NAMES[i]])?;
         adam.m[i] = tensors[&format!("adam_m.{}", NAMES[i])].clone();
         adam.v[i] = tensors[&format!("adam_v.{}", NAMES[i])].clone();
     }
     let fired = tensors["last_fired"].to_vec1::<u32>()?.into_iter().map(|t| t as usize).collect();
-    Ok(Some((meta.step, fired)))
+    Ok(Some((tensors["step"].to_vec1::<u32>()?[0] as usize, fired)))
 }

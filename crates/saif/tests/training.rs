@@ -94,6 +94,9 @@ fn a_sparse_dictionary_is_learned_repeatably_and_resumes_exactly() {
     assert_eq!(report.resumed_from_step, 75);
     assert_eq!(resumed.w_dec, sae.w_dec, "a resumed run ends where an uninterrupted one does");
     assert_eq!(resumed.b_enc, sae.b_enc);
-    assert!(!checkpoint.exists(), "the checkpoint goes once the run is complete");
+    assert!(
+        !checkpoint.exists() && !checkpoint.with_extension("json").exists(),
+        "the checkpoint goes once the run is complete"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
