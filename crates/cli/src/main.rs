@@ -94,9 +94,9 @@ enum Command {
         model: ModelArgs,
         #[arg(long, value_delimiter = ',', required = true)]
         layer: Vec<usize>,
-        /// Latents.
-        #[arg(long)]
-        width: usize,
+        /// Latents: one number for every layer, or one per layer (`--width 2560,4096`).
+        #[arg(long, value_delimiter = ',', required = true)]
+        width: Vec<usize>,
         /// Active latents per token.
         #[arg(long, default_value_t = 32)]
         k: usize,
@@ -108,8 +108,9 @@ enum Command {
         /// One text per line ("[chat] " lines are wrapped in the chat template); default: make corpus's.
         #[arg(long)]
         corpus: Option<PathBuf>,
-        #[arg(long, default_value_t = 4)]
-        epochs: usize,
+        /// Passes over the activations: one number for every layer, or one per layer.
+        #[arg(long, value_delimiter = ',', default_value = "4")]
+        epochs: Vec<usize>,
         #[arg(long, default_value_t = 1024)]
         batch: usize,
         #[arg(long, default_value_t = 4e-4)]

@@ -106,12 +106,14 @@ impl ActivationCache {
 
 pub struct TrainArgs {
     pub layers: Vec<usize>,
-    pub width: usize,
+    /// One per layer, or one for all.
+    pub width: Vec<usize>,
     pub k: usize,
     pub tokens: usize,
     pub out: PathBuf,
     pub corpus: PathBuf,
-    pub epochs: usize,
+    /// One per layer, or one for all.
+    pub epochs: Vec<usize>,
     pub batch: usize,
     pub lr: f64,
     pub seed: u64,
@@ -128,8 +130,20 @@ pub fn train_sae(engine: &mut Engine, args: &TrainArgs) -> Result<Value> {
             bail!("layer {l} does not exist: the model has layers 0..{}", config.n_layers - 1);
         }
     }
-    if args.k == 0 || args.k > args.width {
+    let per_layer = |values: &[usize], flag: &str| -> Result<Vec<usize>> {
+        match values.len() {
+            1 => Ok(vec![values[0]; args.layers.len()]),
+            n if n == args.layers.len() => Ok(values.to_vec()),
+            n => bail!("--{flag} gives {n} values for {} layers: give one, or one per layer", args.layers.len()),
+        }
+    };
+    let widths = per_layer(&args.width, "width")?;
+    let epochs = per_layer(&args.epochs, "epochs")?;
+    if widths.iter().any(|&w| args.k == 0 || args.k > w) {
         bail!("--k must be between 1 and --width");
+    }
+    if epochs.contains(&0) {
+        bail!("--epochs must be at least 1");
     }
     let lines = read_lines(&args.corpus).with_context(|| {
         format!("cannot read the corpus {} (make corpus writes the default one)", args.corpus.display())
@@ -164,8 +178,10 @@ pub fn train_sae(engine: &mut Engine, args: &TrainArgs) -> Result<Value> {
     for (slot, &layer) in acts.layers.iter().enumerate() {
         let out = if args.layers.len() == 1 { args.out.clone() } else { args.out.join(format!("layer_{layer}")) };
         std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
-        let mut train_config = TrainConfig::new(args.width, args.k);
-        train_config.epochs = args.epochs;
+        let slot_in_args = args.layers.iter().position(|&l| l == layer).unwrap_or(slot);
+        let (width, epochs) = (widths[slot_in_args], epochs[slot_in_args]);
+        let mut train_config = TrainConfig::new(width, args.k);
+        train_config.epochs = epochs;
         train_config.batch = args.batch;
         train_config.lr = args.lr;
         train_config.seed = args.seed;
@@ -188,11 +204,11 @@ pub fn train_sae(engine: &mut Engine, args: &TrainArgs) -> Result<Value> {
             "training": {
                 "tokens": report.tokens,
                 "steps": report.steps,
-                "epochs": args.epochs,
+                "epochs": epochs,
                 "batch": args.batch,
                 "lr": args.lr,
                 "seed": args.seed,
-                "width": args.width,
+                "width": width,
                 "k": args.k,
                 "corpus": args.corpus.display().to_string(),
 

@@ -324,6 +324,23 @@ fn sae_commands_train_describe_and_evaluate() {
     assert_eq!(latent["logit_lens"].as_array().unwrap().len(), 5);
     assert!(latent["top_activations"].as_array().unwrap().len() <= 5);
 
+    // Widths and epochs go one per layer, or one for all; any other count is refused before any work.
+    let bad = saif(&[
+        "train-sae",
+        "--model",
+        fixture,
+        "--layer",
+        "1,2",
+        "--width",
+        "64,32,16",
+        "--corpus",
+        corpus.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--width gives 3 values for 2 layers"));
+
     // The fixture's SAE on SmolLM2 (576 wide, not 256): refused with the reason.
     let wrong = saif(&[
         "sae-eval",

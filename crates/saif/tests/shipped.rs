@@ -62,6 +62,11 @@ fn smollm2_saes_meet_the_quality_bar() {
     check_shipped("SmolLM2-135M-Instruct.Q4_1.gguf", 2);
 }
 
+#[test]
+fn gemma3_saes_meet_the_quality_bar() {
+    check_shipped("gemma-3-270m-q4_k_m.gguf", 2);
+}
+
 /// Common French words (few of them English ones): a latent whose logit lens is made of these speaks French.
 const FRENCH: &str =
     "le les des une est et du au aux avec dans sur pas qui que qu mais nous vous ils elle elles leur leurs sont \
