@@ -61,8 +61,9 @@ pub enum Request {
     Stop,
     /// Measure prefill and decode speed.
     Bench(BenchSettings),
-    /// The SAE latents most active at the prompt's last token.
-    Latents { text: String, chat: bool, top: usize },
+    /// The SAE latents most active at the prompt's last token, with the shipped SAE of `layer` (default: the one
+    /// loaded with the model).
+    Latents { text: String, chat: bool, top: usize, layer: Option<usize> },
     /// Tokenize text with the loaded model's tokenizer (wrapped in its chat template when `chat`).
     Tokenize { text: String, add_bos: bool, chat: bool },
     /// Forget every cached download.
@@ -180,11 +181,15 @@ pub struct SaeSummary {
     pub activation: String,
     /// Where it came from ("shipped with the page: saes/smollm2-135m/layer_29").
     pub source: String,
+    /// Every layer with a shipped SAE for this model, in order (the page offers them).
+    pub shipped_layers: Vec<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LatentList {
     pub layer: usize,
+    /// The SAE that read them.
+    pub sae: SaeSummary,
     /// The token the latents were read at.
     pub token: String,
     pub latents: Vec<LatentView>,

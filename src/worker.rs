@@ -52,6 +52,7 @@ struct LoadedSae {
     sae: Sae,
     layer: usize,
     lens: Vec<Vec<String>>,
+    summary: SaeSummary,
 }
 
 fn scope() -> DedicatedWorkerGlobalScope {
@@ -179,8 +180,17 @@ async fn handle(id: u32, request: Request, file: Option<File>) -> Result<(), Fai
             ENGINE.with(|e| *e.borrow_mut() = Some(engine));
             post(id, Response::Benchmarked(result?));
         }
-        Request::Latents { text, chat, top } => {
-            let sae = SAE.with(|s| s.borrow().clone()).ok_or("no SAE is loaded for this model")?;
+        Request::Latents { text, chat, top, layer } => {
+            let mut sae = SAE.with(|s| s.borrow().clone()).ok_or("no SAE is loaded for this model")?;
+            if let Some(layer) = layer.filter(|&l| l != sae.layer) {
+                let c = ENGINE.with(|e| e.borrow().as_ref().map(|e| e.config().clone())).ok_or("no model is loaded")?;
+                let loaded = shipped_sae(id, &c.key, Some(layer))
+                    .await?
+                    .ok_or_else(|| format!("no SAE is shipped for {} at layer {layer}", c.key))?;
+                loaded.sae.check_fits(c.hidden, c.n_layers, loaded.layer).map_err(|e| e.to_string())?;
+                sae = Rc::new(loaded);
+                SAE.with(|s| *s.borrow_mut() = Some(sae.clone()));
+            }
             let mut engine = take_engine()?;
             let result = latents(&mut engine, &sae, &text, chat, top).await;
             ENGINE.with(|e| *e.borrow_mut() = Some(engine));
@@ -293,17 +303,21 @@ async fn latents(
         })
         .collect();
     let token = engine.tokenizer.decode(&ids[ids.len() - 1..]).unwrap_or_default();
-    Ok(LatentList { layer: sae.layer, token, latents })
+    Ok(LatentList { layer: sae.layer, sae: sae.summary.clone(), token, latents })
 }
 
-/// The SAE shipped with the page for `key` (its last layer), from `saes/index.json`; `None` when there is none.
-async fn shipped_sae(id: u32, key: &str) -> Result<Option<(LoadedSae, SaeSummary)>, Failure> {
+/// The SAE shipped with the page for `key` at `layer` (default: its last layer), from `saes/index.json`; `None` when
+/// there is none.
+async fn shipped_sae(id: u32, key: &str, layer: Option<usize>) -> Result<Option<LoadedSae>, Failure> {
     let Ok((index, _)) = download(id, "saes/index.json").await else { return Ok(None) };
     let index: serde_json::Value = serde_json::from_slice(&index).map_err(|e| format!("saes/index.json: {e}"))?;
-    let Some(layer) = index.pointer(&format!("/{key}/layers")).and_then(|l| l.as_array()).and_then(|l| l.last()) else {
-        return Ok(None);
-    };
-    let layer = layer.as_u64().ok_or("saes/index.json: a layer is not a number")? as usize;
+    let Some(layers) = index.pointer(&format!("/{key}/layers")).and_then(|l| l.as_array()) else { return Ok(None) };
+    let layers: Vec<usize> = layers
+        .iter()
+        .map(|l| l.as_u64().map(|l| l as usize))
+        .collect::<Option<_>>()
+        .ok_or("saes/index.json: a layer is not a number")?;
+    let Some(layer) = layer.or(layers.last().copied()).filter(|l| layers.contains(l)) else { return Ok(None) };
     let folder = format!("saes/{key}/layer_{layer}");
     let (config, _) = download(id, &format!("{folder}/config.json")).await?;
     let (params, _) = download(id, &format!("{folder}/params.safetensors")).await?;
@@ -320,9 +334,9 @@ async fn shipped_sae(id: u32, key: &str) -> Result<Option<(LoadedSae, SaeSummary
         Activation::JumpRelu => "JumpReLU".into(),
         Activation::Relu => "ReLU".into(),
     };
-    let summary =
-        SaeSummary { layer, width: sae.info.d_sae, activation, source: format!("shipped with the page: {folder}") };
-    Ok(Some((LoadedSae { sae, layer, lens }, summary)))
+    let source = format!("shipped with the page: {folder}");
+    let summary = SaeSummary { layer, width: sae.info.d_sae, activation, source, shipped_layers: layers };
+    Ok(Some(LoadedSae { sae, layer, lens, summary }))
 }
 
 /// The WebGPU device, opened on first use (and again after a failure).
@@ -393,7 +407,7 @@ async fn load(
     drop(bytes);
     let c = engine.config().clone();
     SAE.with(|s| s.borrow_mut().take());
-    let sae = match shipped_sae(id, &c.key).await {
+    let sae = match shipped_sae(id, &c.key, None).await {
         Ok(found) => found,
         Err(failure) => {
             gloo::console::warn!(format!("the shipped SAE could not be loaded: {}", failure.message));
@@ -401,10 +415,10 @@ async fn load(
         }
     };
     let mut sae_summary = None;
-    if let Some((loaded, summary)) = sae {
+    if let Some(loaded) = sae {
         match loaded.sae.check_fits(c.hidden, c.n_layers, loaded.layer) {
             Ok(()) => {
-                sae_summary = Some(summary);
+                sae_summary = Some(loaded.summary.clone());
                 SAE.with(|s| *s.borrow_mut() = Some(Rc::new(loaded)));
             }
             Err(e) => gloo::console::warn!(format!("the shipped SAE for {} is not usable: {e}", c.key)),

@@ -195,7 +195,7 @@ test("the benchmark page measures the loaded model", async () => {
   await context.close();
 });
 
-test("the shipped SAE is found for the model and shows the latents at the prompt's last token", async () => {
+test("the shipped SAEs are found for the model and show the latents at the prompt's last token, on the layer chosen", async () => {
   const context = await browser.newContext();
   const { page, problems } = await openPage(context, "?backend=cpu&chat=1&text=" +
     encodeURIComponent("The weather is nice today. Translate the text into French."));
@@ -207,6 +207,13 @@ test("the shipped SAE is found for the model and shows the latents at the prompt
   assert.equal(rows, 1 + 12, "a header and the 12 most active latents");
   const lens = await page.locator("#latent-table .lens").first().textContent();
   assert.ok(lens.length > 0, "each latent shows the tokens it promotes");
+  // The middle layer's SAE, picked from the menu, is downloaded and read at the same token.
+  assert.deepEqual(await page.locator("#sae-layer option").allTextContents(), ["20", "29"]);
+  await page.selectOption("#sae-layer", "20");
+  await page.click("#read-latents");
+  await page.locator("#latents-panel p.hint", { hasText: "Layer 20, at the token" }).waitFor({ timeout: 120_000 });
+  assert.match(await page.locator("#latents-panel").textContent(), /on resid_post of layer 20 \(shipped with the page: saes\/smollm2-135m\/layer_20\)/);
+  assert.equal(await page.locator("#latent-table tr").count(), 1 + 12);
   assert.deepEqual(problems, []);
   await context.close();
 });
