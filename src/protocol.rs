@@ -158,6 +158,8 @@ pub struct ModelSummary {
     /// Where it runs ("wgpu: ..." or "cpu"), and why it is not on the GPU when WebGPU was wanted.
     pub backend: String,
     pub backend_note: Option<String>,
+    /// Why the model's shipped SAE is not there although the page ships one (the model still works).
+    pub sae_note: Option<String>,
     pub bos: Option<u32>,
     pub eos: Option<u32>,
     pub adds_bos: bool,

@@ -407,21 +407,22 @@ async fn load(
     drop(bytes);
     let c = engine.config().clone();
     SAE.with(|s| s.borrow_mut().take());
-    let sae = match shipped_sae(id, &c.key, None).await {
-        Ok(found) => found,
-        Err(failure) => {
-            gloo::console::warn!(format!("the shipped SAE could not be loaded: {}", failure.message));
-            None
-        }
-    };
-    let mut sae_summary = None;
-    if let Some(loaded) = sae {
-        match loaded.sae.check_fits(c.hidden, c.n_layers, loaded.layer) {
+    // The model is usable without its SAE: a failure here becomes a notice, not an error.
+    let (mut sae_summary, mut sae_note) = (None, None);
+    match shipped_sae(id, &c.key, None).await {
+        Ok(Some(loaded)) => match loaded.sae.check_fits(c.hidden, c.n_layers, loaded.layer) {
             Ok(()) => {
                 sae_summary = Some(loaded.summary.clone());
                 SAE.with(|s| *s.borrow_mut() = Some(Rc::new(loaded)));
             }
-            Err(e) => gloo::console::warn!(format!("the shipped SAE for {} is not usable: {e}", c.key)),
+            Err(e) => {
+                sae_note = Some(format!("The SAE shipped for {} does not fit this model ({e}); no latents.", c.key))
+            }
+        },
+        Ok(None) => {}
+        Err(failure) => {
+            sae_note =
+                Some(format!("The SAE shipped for this model could not be loaded ({}); no latents.", failure.message))
         }
     }
     let summary = ModelSummary {
@@ -438,6 +439,7 @@ async fn load(
         tokenizer: format!("{:?}", engine.tokenizer.kind()),
         backend: engine.model.backend_name(),
         backend_note: note,
+        sae_note,
         bos: engine.tokenizer.bos(),
         eos: engine.tokenizer.eos(),
         adds_bos: engine.tokenizer.adds_bos(),

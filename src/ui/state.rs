@@ -131,7 +131,7 @@ impl AppState {
                 }
                 self.error.set(None);
                 self.gpu_lost.set(false);
-                if let Some(note) = &summary.backend_note {
+                for note in summary.backend_note.iter().chain(&summary.sae_note) {
                     self.notices.update(|n| n.push(note.clone()));
                 }
                 self.model.set(Some(summary));

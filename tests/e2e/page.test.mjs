@@ -217,3 +217,21 @@ test("the shipped SAEs are found for the model and show the latents at the promp
   assert.deepEqual(problems, []);
   await context.close();
 });
+
+test("a damaged shipped SAE is reported and the model still works without it", async () => {
+  const context = await browser.newContext();
+  // The worker's download of the last layer's SAE gets 100 bytes of noise instead of the file.
+  await context.route("**/saes/smollm2-135m/layer_29/params.safetensors", (route) =>
+    route.fulfill({ status: 200, contentType: "application/octet-stream", body: Buffer.alloc(100, 7) }));
+  const p = smolGolden.prompts[0];
+  const { page, problems } = await openPage(context, "?chat=0&backend=cpu&text=" + encodeURIComponent(p.prompt));
+  await page.locator("#model-card").waitFor({ timeout: 120_000 });
+  await page.locator(".notice").waitFor({ timeout: 30_000 });
+  assert.match(await page.locator(".notice").textContent(), /The SAE shipped for this model could not be loaded \(saes\/smollm2-135m\/layer_29: .+\); no latents\./);
+  assert.equal(await page.locator("#latents-panel").count(), 0, "no latents panel without an SAE");
+  await page.fill("#max-new-tokens", "8");
+  await page.dispatchEvent("#max-new-tokens", "change");
+  assert.deepEqual(await generate(page), p.greedy16_ids.slice(0, 8));
+  assert.deepEqual(problems, []);
+  await context.close();
+});
