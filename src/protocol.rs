@@ -189,8 +189,7 @@ pub struct SaeSummary {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LatentList {
-    pub layer: usize,
-    /// The SAE that read them.
+    /// The SAE that read them (its layer, width, source).
     pub sae: SaeSummary,
     /// The token the latents were read at.
     pub token: String,

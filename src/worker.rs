@@ -303,7 +303,7 @@ async fn latents(
         })
         .collect();
     let token = engine.tokenizer.decode(&ids[ids.len() - 1..]).unwrap_or_default();
-    Ok(LatentList { layer: sae.layer, sae: sae.summary.clone(), token, latents })
+    Ok(LatentList { sae: sae.summary.clone(), token, latents })
 }
 
 /// The SAE shipped with the page for `key` at `layer` (default: its last layer), from `saes/index.json`; `None` when

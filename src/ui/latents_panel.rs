@@ -14,8 +14,7 @@ pub fn LatentsPanel() -> impl IntoView {
     let has_sae = move || state.model.with(|m| m.as_ref().is_some_and(|m| m.sae.is_some()));
     // The SAE in use: the one of the last reading, else the one loaded with the model.
     let current = move || state.latents.get().map(|l| l.sae).or_else(|| state.model.get().and_then(|m| m.sae));
-    // The layer chosen in the menu; `None` keeps the SAE in use.
-    let chosen = RwSignal::new(None::<usize>);
+    let chosen = state.sae_layer;
     let read = move |_| {
         state.error.set(None);
         let request = Request::Latents {
@@ -54,7 +53,7 @@ pub fn LatentsPanel() -> impl IntoView {
                 {move || state.latents.get().map(|list| {
                     let max = list.latents.first().map_or(1.0, |l| l.activation).max(1e-6);
                     view! {
-                        <p class="hint">{format!("Layer {}, at the token {:?}:", list.layer, list.token)}</p>
+                        <p class="hint">{format!("Layer {}, at the token {:?}:", list.sae.layer, list.token)}</p>
                         <table class="latents" id="latent-table">
                             <tr><th>"latent"</th><th>"activation"</th><th>"promotes"</th></tr>
                             {list.latents.into_iter().map(|l| view! {

@@ -66,6 +66,8 @@ pub struct AppState {
     /// The latent request under way, and the last answer.
     pub reading_latents: RwSignal<Option<u32>>,
     pub latents: RwSignal<Option<LatentList>>,
+    /// The shipped SAE layer picked in the latents panel; `None` keeps the one in use.
+    pub sae_layer: RwSignal<Option<usize>>,
 }
 
 impl AppState {
@@ -93,6 +95,7 @@ impl AppState {
             bench: RwSignal::new(None),
             reading_latents: RwSignal::new(None),
             latents: RwSignal::new(None),
+            sae_layer: RwSignal::new(None),
         }
     }
 
@@ -134,6 +137,9 @@ impl AppState {
                 for note in summary.backend_note.iter().chain(&summary.sae_note) {
                     self.notices.update(|n| n.push(note.clone()));
                 }
+                // A new model: the last model's latents and SAE choice no longer apply.
+                self.latents.set(None);
+                self.sae_layer.set(None);
                 self.model.set(Some(summary));
             }
             Response::Tokens(tokens) => {

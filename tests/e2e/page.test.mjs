@@ -214,6 +214,14 @@ test("the shipped SAEs are found for the model and show the latents at the promp
   await page.locator("#latents-panel p.hint", { hasText: "Layer 20, at the token" }).waitFor({ timeout: 120_000 });
   assert.match(await page.locator("#latents-panel").textContent(), /on resid_post of layer 20 \(shipped with the page: saes\/smollm2-135m\/layer_20\)/);
   assert.equal(await page.locator("#latent-table tr").count(), 1 + 12);
+  // Another model: its own SAEs, and nothing left of the last model's reading.
+  await page.selectOption("#model-select", "gemma-3-270m");
+  await page.click("#load-button");
+  await page.locator("#latents-panel", { hasText: "saes/gemma-3-270m/layer_17" }).waitFor({ timeout: 240_000 });
+  assert.equal(await page.locator("#latent-table").count(), 0);
+  assert.deepEqual(await page.locator("#sae-layer option").allTextContents(), ["9", "17"]);
+  await page.click("#read-latents");
+  await page.locator("#latents-panel p.hint", { hasText: "Layer 17, at the token" }).waitFor({ timeout: 120_000 });
   assert.deepEqual(problems, []);
   await context.close();
 });

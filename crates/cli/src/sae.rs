@@ -211,7 +211,6 @@ pub fn train_sae(engine: &mut Engine, args: &TrainArgs) -> Result<Value> {
                 "width": width,
                 "k": args.k,
                 "corpus": args.corpus.display().to_string(),
-
                 "skipped": "the first position of every text (attention sink)",
                 "final_batch_fvu": report.final_batch_fvu,
                 "resumed_from_step": report.resumed_from_step,
