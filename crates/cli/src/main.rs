@@ -125,12 +125,8 @@ enum Command {
     SaeEval {
         #[command(flatten)]
         model: ModelArgs,
-        /// An SAE folder (default: the model's shipped SAE).
-        #[arg(long)]
-        sae: Option<PathBuf>,
-        /// The layer (default: the SAE's own; for shipped SAEs the last shipped layer).
-        #[arg(long)]
-        layer: Option<usize>,
+        #[command(flatten)]
+        choice: SaeChoice,
         /// Held-out text, one text per line.
         #[arg(long)]
         contents: PathBuf,
@@ -148,10 +144,9 @@ enum Command {
     SaeLatent {
         #[command(flatten)]
         model: ModelArgs,
-        #[arg(long)]
-        sae: Option<PathBuf>,
-        #[arg(long)]
-        layer: Option<usize>,
+        #[command(flatten)]
+        choice: SaeChoice,
+        /// The latent's index in the SAE.
         #[arg(long)]
         latent: usize,
         /// Texts to search for the strongest activations (one per line).
@@ -163,6 +158,17 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         top: usize,
     },
+}
+
+/// Which SAE an SAE command works on.
+#[derive(Args)]
+struct SaeChoice {
+    /// An SAE folder (default: the model's shipped SAE).
+    #[arg(long)]
+    sae: Option<PathBuf>,
+    /// The layer (default: the SAE's own; for shipped SAEs the last shipped layer).
+    #[arg(long)]
+    layer: Option<usize>,
 }
 
 #[derive(Args)]
@@ -334,7 +340,7 @@ fn run(cli: Cli) -> Result<()> {
             let value = sae::train_sae(&mut engine, &args)?;
             print(model.json, value.clone(), || serde_json::to_string_pretty(&value).unwrap_or_default());
         }
-        Command::SaeEval { model, sae, layer, contents } => {
+        Command::SaeEval { model, choice: SaeChoice { sae, layer }, contents } => {
             let mut engine = model.load()?;
             let (eval, path) = sae::sae_eval(&mut engine, sae.as_deref(), layer, &contents)?;
             let mut value = serde_json::to_value(&eval)?;
@@ -353,7 +359,7 @@ fn run(cli: Cli) -> Result<()> {
             let value = sae::write_lens(&engine, &path, &sae, top)?;
             print(model.json, value.clone(), || serde_json::to_string_pretty(&value).unwrap_or_default());
         }
-        Command::SaeLatent { model, sae, layer, latent, corpus, lines, top } => {
+        Command::SaeLatent { model, choice: SaeChoice { sae, layer }, latent, corpus, lines, top } => {
             let path = model.path();
             let mut engine = model.load()?;
             let value =

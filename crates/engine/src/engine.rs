@@ -41,6 +41,18 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// The first two load steps of every backend: the GGUF header and the tokenizer it describes.
+    fn read_header<R: Read + Seek>(
+        reader: &mut R,
+        progress: &mut impl FnMut(LoadStep),
+    ) -> Result<(GgufFile, Tokenizer)> {
+        progress(LoadStep::Header);
+        let gguf = GgufFile::read(reader)?;
+        progress(LoadStep::Tokenizer);
+        let tokenizer = Tokenizer::from_gguf(&gguf)?;
+        Ok((gguf, tokenizer))
+    }
+
     /// Loads a GGUF file onto the CPU backend.
     pub fn load_cpu<R: Read + Seek>(reader: &mut R, options: &LoadOptions) -> Result<Self> {
         Self::load_cpu_with_progress(reader, options, |_| {})
@@ -52,10 +64,7 @@ impl Engine {
         options: &LoadOptions,
         mut progress: impl FnMut(LoadStep),
     ) -> Result<Self> {
-        progress(LoadStep::Header);
-        let gguf = GgufFile::read(reader)?;
-        progress(LoadStep::Tokenizer);
-        let tokenizer = Tokenizer::from_gguf(&gguf)?;
+        let (gguf, tokenizer) = Self::read_header(reader, &mut progress)?;
         let model = CpuModel::load_with_progress(&gguf, reader, options, |done, total| {
             progress(LoadStep::Weights { done, total })
         })?;
@@ -82,10 +91,7 @@ impl Engine {
         gpu: Rc<Gpu>,
         mut progress: impl FnMut(LoadStep),
     ) -> Result<Self> {
-        progress(LoadStep::Header);
-        let gguf = GgufFile::read(reader)?;
-        progress(LoadStep::Tokenizer);
-        let tokenizer = Tokenizer::from_gguf(&gguf)?;
+        let (gguf, tokenizer) = Self::read_header(reader, &mut progress)?;
         let model = GpuModel::load_with_progress(gpu, &gguf, reader, options, |done, total| {
             progress(LoadStep::Weights { done, total })
         })?;
