@@ -13,10 +13,12 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::rc::Rc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use saif_engine::bench::BenchSettings;
+use saif_engine::gpu::Gpu;
 use saif_engine::sampler::top_candidates;
 use saif_engine::{block_on, Engine, GenerateOptions, Hooks, LoadOptions, LogitsWanted, Positions, Sampling, Segment};
 use serde_json::json;
@@ -230,14 +232,23 @@ impl ModelArgs {
     }
 
     fn load(&self) -> Result<Engine> {
+        Ok(self.load_with_gpu()?.0)
+    }
+
+    /// The engine, and with `--backend wgpu` the GPU it runs on (for other work on the same device).
+    fn load_with_gpu(&self) -> Result<(Engine, Option<Rc<Gpu>>)> {
         let path = self.path();
         let file = File::open(&path).with_context(|| open_hint(&path))?;
         let reader = &mut BufReader::new(file);
-        let loaded = match self.backend {
-            Backend::Cpu => Engine::load_cpu(reader, &LoadOptions::default()),
-            Backend::Wgpu => block_on(Engine::load_wgpu(reader, &LoadOptions::default(), None)),
+        let gpu = match self.backend {
+            Backend::Cpu => None,
+            Backend::Wgpu => Some(Rc::new(block_on(Gpu::new())?)),
         };
-        loaded.with_context(|| format!("cannot load {}", path.display()))
+        let loaded = match &gpu {
+            None => Engine::load_cpu(reader, &LoadOptions::default()),
+            Some(gpu) => block_on(Engine::load_wgpu(reader, &LoadOptions::default(), Some(gpu.clone()))),
+        };
+        Ok((loaded.with_context(|| format!("cannot load {}", path.display()))?, gpu))
     }
 }
 
@@ -323,7 +334,8 @@ fn run(cli: Cli) -> Result<()> {
             print(model.json, serde_json::to_value(&report)?, || report.to_text());
         }
         Command::TrainSae { model, layer, width, k, tokens, out, corpus, epochs, batch, lr, seed, f32 } => {
-            let mut engine = model.load()?;
+            // With --backend wgpu the activations are collected and the SAE trained on the GPU.
+            let (mut engine, gpu) = model.load_with_gpu()?;
             let args = sae::TrainArgs {
                 layers: layer,
                 width,
@@ -337,7 +349,7 @@ fn run(cli: Cli) -> Result<()> {
                 seed,
                 store_f32: f32,
             };
-            let value = sae::train_sae(&mut engine, &args)?;
+            let value = sae::train_sae(&mut engine, gpu.as_deref(), &args)?;
             print(model.json, value.clone(), || serde_json::to_string_pretty(&value).unwrap_or_default());
         }
         Command::SaeEval { model, choice: SaeChoice { sae, layer }, contents } => {

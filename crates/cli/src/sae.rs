@@ -9,8 +9,9 @@ use anyhow::{bail, Context, Result};
 use saif::corpus::{collect, read_lines};
 use saif::eval::{evaluate, SaeEval};
 use saif::lens::{top_firings, LogitLens};
-use saif::train::{train, TrainConfig};
+use saif::train::{train_on, TrainConfig};
 use saif::{defaults, Sae, StoreAs};
+use saif_engine::gpu::Gpu;
 use saif_engine::{block_on, Engine};
 use serde_json::{json, Value};
 
@@ -120,7 +121,8 @@ pub struct TrainArgs {
     pub store_f32: bool,
 }
 
-pub fn train_sae(engine: &mut Engine, args: &TrainArgs) -> Result<Value> {
+/// Collects activations with `engine` and trains on `gpu` when given (the engine's own device), else on the CPU.
+pub fn train_sae(engine: &mut Engine, gpu: Option<&Gpu>, args: &TrainArgs) -> Result<Value> {
     let config = engine.config().clone();
     if args.layers.is_empty() {
         bail!("--layer names no layer");
@@ -174,6 +176,7 @@ pub fn train_sae(engine: &mut Engine, args: &TrainArgs) -> Result<Value> {
         bail!("the corpus gave no tokens");
     }
     let machine = crate::bench::machine();
+    let trained_on = gpu.map_or_else(|| "cpu".to_string(), |g| format!("wgpu {}", g.describe()));
     let mut reports = Vec::new();
     for (slot, &layer) in acts.layers.iter().enumerate() {
         let out = if args.layers.len() == 1 { args.out.clone() } else { args.out.join(format!("layer_{layer}")) };
@@ -188,7 +191,7 @@ pub fn train_sae(engine: &mut Engine, args: &TrainArgs) -> Result<Value> {
         let t0 = Instant::now();
         let mut bar = Progress::new();
         let checkpoint = out.join("checkpoint.safetensors");
-        let (mut sae, report) = train(&acts.rows[slot], acts.d, &train_config, Some(&checkpoint), |s| {
+        let (mut sae, report) = train_on(gpu, &acts.rows[slot], acts.d, &train_config, Some(&checkpoint), |s| {
             bar.show(
                 s.step,
                 s.steps,
@@ -217,8 +220,9 @@ pub fn train_sae(engine: &mut Engine, args: &TrainArgs) -> Result<Value> {
                 "activation_seconds": collect_seconds,
                 "training_seconds": train_seconds,
                 "backend": engine.model.backend_name(),
+                "trained_on": trained_on.clone(),
                 "machine": format!("{}, {} logical cores", machine.cpu, machine.logical_cores),
-                "trainer": "saif train-sae (TopK, AuxK, Adam; crates/saif/src/train.rs)",
+                "trainer": "saif train-sae (TopK, AuxK, Adam; crates/saif/src/train/)",
             }
         });
         sae.save_dir(&out, if args.store_f32 { StoreAs::F32 } else { StoreAs::F16 })?;
@@ -230,6 +234,7 @@ pub fn train_sae(engine: &mut Engine, args: &TrainArgs) -> Result<Value> {
             "final_batch_fvu": report.final_batch_fvu,
             "activation_seconds": collect_seconds,
             "training_seconds": train_seconds,
+            "trained_on": trained_on,
         }));
     }
     Ok(json!({ "saes": reports }))

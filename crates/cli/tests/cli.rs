@@ -1,7 +1,7 @@
 //! The `saif` command-line contract: one JSON object on stdout with --json, a non-zero exit and a message on
 //! stderr on error. Checked on the offline models against the golden references and on the engine's fixtures.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;
@@ -283,6 +283,24 @@ fn sae_commands_train_describe_and_evaluate() {
     assert!(String::from_utf8_lossy(&second.stderr).contains("activations from the cache"));
     assert!(second.status.success());
     assert!(std::fs::read(out.join("params.safetensors")).unwrap() == params, "same seed, same SAE");
+    assert_eq!(trained["saes"][0]["trained_on"], "cpu");
+
+    // The same run with --backend wgpu (lavapipe where there is no GPU), with a cache of its own: the activations
+    // collected and the SAE trained on the GPU, about as good.
+    let gpu_out = dir.join("sae-gpu");
+    let mut gpu_args: Vec<&str> = train_args.to_vec();
+    let at = gpu_args.iter().position(|a| *a == "--out").unwrap() + 1;
+    gpu_args[at] = gpu_out.to_str().unwrap();
+    gpu_args.extend(["--backend", "wgpu"]);
+    let run = Command::new(env!("CARGO_BIN_EXE_saif")).args(&gpu_args).env("SAIF_CACHE", dir.join("gpu")).output();
+    let on_gpu = parse_ok(&gpu_args, run.unwrap());
+    assert!(on_gpu["saes"][0]["trained_on"].as_str().unwrap().starts_with("wgpu"), "{on_gpu}");
+    let fvu_of = |sae: &Path| {
+        let args = ["sae-eval", "--model", fixture, "--sae", sae.to_str().unwrap(), "--contents"];
+        json_ok(&[&args[..], &[corpus.to_str().unwrap(), "--json"]].concat())["fvu"].as_f64().unwrap()
+    };
+    let (cpu_fvu, gpu_fvu) = (fvu_of(&out), fvu_of(&gpu_out));
+    assert!((cpu_fvu - gpu_fvu).abs() < 0.01, "FVU after training on the CPU {cpu_fvu}, on the GPU {gpu_fvu}");
 
     let lens = json_ok(&["sae-lens", "--model", fixture, "--sae", out.to_str().unwrap(), "--json"]);
     assert_eq!(lens["latents"], 64);

@@ -356,6 +356,10 @@ impl Sae {
 
 /// Keeps the `k` largest positive values (the lowest index among equals), zeroes the rest.
 pub fn top_k_relu(values: &mut [f32], k: usize) {
+    if k == 0 {
+        values.iter_mut().for_each(|v| *v = 0.0);
+        return;
+    }
     let mut positive: Vec<f32> = values.iter().copied().filter(|v| *v > 0.0).collect();
     if positive.len() <= k {
         values.iter_mut().for_each(|v| *v = v.max(0.0));
@@ -386,6 +390,9 @@ mod tests {
         let mut v = vec![0.5, -1.0, 3.0, 2.0, 0.0, 2.0];
         top_k_relu(&mut v, 2);
         assert_eq!(v, vec![0.0, 0.0, 3.0, 2.0, 0.0, 0.0]);
+        let mut v = vec![0.5, -1.0, 3.0];
+        top_k_relu(&mut v, 0);
+        assert_eq!(v, vec![0.0; 3], "k = 0 keeps nothing");
         let mut v = vec![-1.0, 0.3, 0.0];
         top_k_relu(&mut v, 2);
         assert_eq!(v, vec![0.0, 0.3, 0.0]);

@@ -24,7 +24,7 @@ pub const PREFILL_TILE: u32 = 8;
 
 /// How a kernel sees one binding.
 #[derive(Clone, Copy)]
-enum Slot {
+pub enum Slot {
     Read,
     Write,
     Uniform,
@@ -63,6 +63,12 @@ impl Kernel {
 fn build(gpu: &Gpu, name: &str, source: &str, entry: &str, slots: &[(u32, Slot)], constants: &[(&str, f64)]) -> Kernel {
     let layout = bind_group_layout(gpu, name, slots);
     build_with_layout(gpu, name, source, entry, layout, slots, constants)
+}
+
+/// A pipeline for entry point `entry` of a WGSL `source` that uses the bindings `slots` (binding number, access),
+/// for kernels that live outside this crate (the SAE trainer's).
+pub fn compute_kernel(gpu: &Gpu, name: &str, source: &str, entry: &str, slots: &[(u32, Slot)]) -> Kernel {
+    build(gpu, name, source, entry, slots, &[])
 }
 
 fn bind_group_layout(gpu: &Gpu, name: &str, slots: &[(u32, Slot)]) -> wgpu::BindGroupLayout {

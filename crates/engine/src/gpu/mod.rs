@@ -12,3 +12,6 @@ pub mod weights;
 
 pub use context::Gpu;
 pub use model::GpuModel;
+
+/// The wgpu this backend is built on, for crates that add kernels of their own (the SAE trainer).
+pub use wgpu;

@@ -1,5 +1,8 @@
 //! Training TopK sparse autoencoders (Gao et al. 2024, "Scaling and evaluating sparse autoencoders") on
-//! residual-stream activations, with candle-core's autograd on the CPU.
+//! residual-stream activations, on the CPU (`cpu`: candle-core's autograd) or a GPU (`gpu`: WGSL kernels with
+//! hand-written gradients, natively through wgpu). This module holds what both share: the scaling of the data, the
+//! initialisation, the order of the batches, the dead-latent bookkeeping, the checkpoints and the export; a
+//! `Stepper` does one optimisation step on its device.
 //!
 //! - Inputs are scaled to unit mean norm; the scale is folded back into the weights when the SAE is exported, so
 //!   the saved SAE reads raw activations (Gemma Scope's form, `sae::Sae`).
@@ -11,12 +14,16 @@
 //! - Adam by hand (so its moments go into checkpoints): an interrupted run resumes from its last checkpoint and
 //!   ends where an uninterrupted one would. Everything random comes from the seed.
 
+mod cpu;
+pub mod gpu;
+
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor, Var, D};
+use candle_core::{Device, Tensor};
+use saif_engine::gpu::Gpu;
 use serde::{Deserialize, Serialize};
 
-use crate::sae::{top_k_relu, Activation, Sae, SaeInfo};
+use crate::sae::{Activation, Sae, SaeInfo};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TrainConfig {
@@ -74,10 +81,10 @@ pub struct TrainReport {
 }
 
 /// A deterministic xorshift generator (initialisation and the order of batches).
-struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
-    fn new(seed: u64) -> Self {
+    pub(crate) fn new(seed: u64) -> Self {
         Self(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
     }
 
@@ -94,7 +101,7 @@ impl Rng {
     }
 
     /// Standard normal (Box-Muller).
-    fn normal(&mut self) -> f32 {
+    pub(crate) fn normal(&mut self) -> f32 {
         let (u, v) = (self.unit().max(1e-12), self.unit());
         ((-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()) as f32
     }
@@ -109,35 +116,57 @@ impl Rng {
 
 type CResult<T> = candle_core::Result<T>;
 
-struct Params {
-    w_enc: Var,
-    b_enc: Var,
-    w_dec: Var,
-    b_dec: Var,
-}
-
-impl Params {
-    fn all(&self) -> [&Var; 4] {
-        [&self.w_enc, &self.b_enc, &self.w_dec, &self.b_dec]
-    }
-}
-
-/// Adam's first and second moments of each parameter.
-struct Adam {
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
+/// The parameters in training order (`NAMES`) and Adam's first and second moments of each, as plain vectors: what
+/// a checkpoint holds and what moves between the trainer and a device. Shapes: `w_enc` d x d_sae, `b_enc` d_sae,
+/// `w_dec` d_sae x d, `b_dec` d (row-major).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct State {
+    pub params: [Vec<f32>; 4],
+    pub m: [Vec<f32>; 4],
+    pub v: [Vec<f32>; 4],
 }
 
 const NAMES: [&str; 4] = ["w_enc", "b_enc", "w_dec", "b_dec"];
 
-fn normalize_rows(w: &Tensor) -> CResult<Tensor> {
-    let norms = w.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-8, f64::MAX)?;
-    w.broadcast_div(&norms)
+fn shapes(d: usize, d_sae: usize) -> [Vec<usize>; 4] {
+    [vec![d, d_sae], vec![d_sae], vec![d_sae, d], vec![d]]
 }
 
+/// One batch for a step.
+pub(crate) struct Batch<'a> {
+    /// `rows x d` scaled activations.
+    pub x: &'a [f32],
+    pub rows: usize,
+    /// Latents dead by the `dead_after` rule; the AuxK loss uses them when there are any.
+    pub dead: &'a [bool],
+    pub n_dead: usize,
+    /// Adam's step count, from 1.
+    pub t: usize,
+}
+
+/// What a step measured.
+pub(crate) struct StepOutcome {
+    pub fvu: f64,
+    pub aux_loss: f64,
+    /// Latents among the TopK of some row of the batch.
+    pub fired: Vec<bool>,
+}
+
+/// One optimisation step (forward, loss, gradients, Adam, decoder-row normalisation) on some device.
+pub(crate) trait Stepper {
+    fn step(&mut self, batch: &Batch) -> Result<StepOutcome, TrainError>;
+    /// The parameters and moments now (for checkpoints and the export).
+    fn state(&mut self) -> Result<State, TrainError>;
+}
+
+/// Adam's constants (the CPU and GPU steps use the same).
+pub(crate) const BETA1: f64 = 0.9;
+pub(crate) const BETA2: f64 = 0.999;
+pub(crate) const EPS: f64 = 1e-8;
+
 /// The index of the k largest values of each row that are positive, as a 0/1 mask (lower index first among
-/// equals), restricted to `allowed` columns when given.
-fn top_k_mask(values: &[f32], rows: usize, cols: usize, k: usize, allowed: Option<&[bool]>) -> Vec<f32> {
+/// equals), restricted to `allowed` columns when given. The reference the GPU's `top_k` kernel must match.
+pub fn top_k_mask(values: &[f32], rows: usize, cols: usize, k: usize, allowed: Option<&[bool]>) -> Vec<f32> {
     let mut mask = vec![0f32; rows * cols];
     let mut row = vec![0f32; cols];
     for r in 0..rows {
@@ -149,7 +178,7 @@ fn top_k_mask(values: &[f32], rows: usize, cols: usize, k: usize, allowed: Optio
                 }
             });
         }
-        top_k_relu(&mut row, k);
+        crate::sae::top_k_relu(&mut row, k);
         for (m, v) in mask[r * cols..(r + 1) * cols].iter_mut().zip(&row) {
             *m = if *v > 0.0 { 1.0 } else { 0.0 };
         }
@@ -165,19 +194,57 @@ pub enum TrainError {
     Stopped { step: usize },
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
+    #[error("GPU training: {0}")]
+    Gpu(String),
 }
 
-/// Trains on `rows` (`n x d`, row-major); checkpoints into `checkpoint` (and resumes from it when it exists and
-/// was made with the same configuration on the same data). `progress` returns false to stop the run (after a
-/// checkpoint).
+impl From<saif_engine::EngineError> for TrainError {
+    fn from(e: saif_engine::EngineError) -> Self {
+        TrainError::Gpu(e.to_string())
+    }
+}
+
+/// The initial parameters: decoder rows random unit vectors, the encoder their transpose, `b_enc` zero, `b_dec`
+/// the data's mean; moments zero.
+fn initial_state(data: &[f32], n: usize, d: usize, config: &TrainConfig) -> CResult<State> {
+    let d_sae = config.d_sae;
+    let mut rng = Rng::new(config.seed);
+    let w_dec0: Vec<f32> = (0..d_sae * d).map(|_| rng.normal()).collect();
+    let w_dec0 = cpu::normalize_rows(&Tensor::from_vec(w_dec0, (d_sae, d), &Device::Cpu)?)?;
+    let mean: Vec<f32> = (0..d).map(|j| data.iter().skip(j).step_by(d).sum::<f32>() / n as f32).collect();
+    let params = [
+        w_dec0.t()?.contiguous()?.flatten_all()?.to_vec1()?,
+        vec![0f32; d_sae],
+        w_dec0.flatten_all()?.to_vec1()?,
+        mean,
+    ];
+    let zeros = || params.clone().map(|p| vec![0f32; p.len()]);
+    Ok(State { m: zeros(), v: zeros(), params })
+}
+
+/// Trains on `rows` (`n x d`, row-major) on the CPU; checkpoints into `checkpoint` (and resumes from it when it
+/// exists and was made with the same configuration on the same data). `progress` returns false to stop the run
+/// (after a checkpoint).
 pub fn train(
+    rows: &[f32],
+    d: usize,
+    config: &TrainConfig,
+    checkpoint: Option<&Path>,
+    progress: impl FnMut(&StepReport) -> bool,
+) -> Result<(Sae, TrainReport), TrainError> {
+    train_on(None, rows, d, config, checkpoint, progress)
+}
+
+/// As `train`, on `gpu` when given (natively: a browser cannot wait for the GPU inside a step). A checkpoint made
+/// on one device resumes on the other.
+pub fn train_on(
+    gpu: Option<&Gpu>,
     rows: &[f32],
     d: usize,
     config: &TrainConfig,
     checkpoint: Option<&Path>,
     mut progress: impl FnMut(&StepReport) -> bool,
 ) -> Result<(Sae, TrainReport), TrainError> {
-    let dev = Device::Cpu;
     let n = rows.len() / d;
     let (d_sae, k) = (config.d_sae, config.k);
     // Unit mean norm.
@@ -187,35 +254,28 @@ pub fn train(
     let data: Vec<f32> = rows.iter().map(|x| x * scale).collect();
     let data_id = data_fingerprint(&data);
 
-    let mut rng = Rng::new(config.seed);
-    let w_dec0: Vec<f32> = (0..d_sae * d).map(|_| rng.normal()).collect();
-    let w_dec0 = normalize_rows(&Tensor::from_vec(w_dec0, (d_sae, d), &dev)?)?;
-    let mean: Vec<f32> = (0..d).map(|j| data.iter().skip(j).step_by(d).sum::<f32>() / n as f32).collect();
-    let params = Params {
-        w_enc: Var::from_tensor(&w_dec0.t()?.contiguous()?)?,
-        b_enc: Var::from_tensor(&Tensor::zeros(d_sae, DType::F32, &dev)?)?,
-        w_dec: Var::from_tensor(&w_dec0)?,
-        b_dec: Var::from_tensor(&Tensor::from_vec(mean, d, &dev)?)?,
-    };
-    let mut adam = Adam {
-        m: params.all().iter().map(|p| p.as_tensor().zeros_like()).collect::<CResult<_>>()?,
-        v: params.all().iter().map(|p| p.as_tensor().zeros_like()).collect::<CResult<_>>()?,
-    };
+    let mut state = initial_state(&data, n, d, config)?;
     // Tokens seen when each latent last fired.
     let mut last_fired = vec![0usize; d_sae];
     let steps_per_epoch = n / config.batch.max(1);
     let steps = steps_per_epoch * config.epochs;
     let mut start_step = 0;
     if let Some(path) = checkpoint.filter(|p| p.exists()) {
-        if let Some((step, fired)) = load_checkpoint(path, config, &data_id, &params, &mut adam)? {
+        if let Some((step, fired, saved)) = load_checkpoint(path, config, &data_id, d)? {
             start_step = step;
             last_fired = fired;
+            state = saved;
         }
     }
+    let mut stepper: Box<dyn Stepper + '_> = match gpu {
+        None => Box::new(cpu::CpuStepper::new(&state, d, config)?),
+        Some(gpu) => Box::new(gpu::GpuStepper::new(gpu, &state, d, config)?),
+    };
+    drop(state);
 
-    let (beta1, beta2, eps) = (0.9f64, 0.999f64, 1e-8f64);
     let mut order: Vec<usize> = Vec::new();
     let mut last_fvu = f64::NAN;
+    let mut x = Vec::with_capacity(config.batch * d);
     for step in start_step..steps {
         let (epoch, in_epoch) = (step / steps_per_epoch, step % steps_per_epoch);
         if order.is_empty() || in_epoch == 0 || step == start_step {
@@ -224,74 +284,28 @@ pub fn train(
             Rng::new(config.seed ^ (epoch as u64 + 1).wrapping_mul(0x2545_f491_4f6c_dd1d)).shuffle(&mut order);
         }
         let batch_rows = &order[in_epoch * config.batch..(in_epoch + 1) * config.batch];
-        let mut x = Vec::with_capacity(config.batch * d);
+        x.clear();
         for &r in batch_rows {
             x.extend_from_slice(&data[r * d..(r + 1) * d]);
         }
         let b = batch_rows.len();
-        let x = Tensor::from_vec(x, (b, d), &dev)?;
-
-        let pre = x
-            .broadcast_sub(params.b_dec.as_tensor())?
-            .matmul(params.w_enc.as_tensor())?
-            .broadcast_add(params.b_enc.as_tensor())?;
-        let relu = pre.relu()?;
-        let relu_values = relu.flatten_all()?.to_vec1::<f32>()?;
-        let mask = Tensor::from_vec(top_k_mask(&relu_values, b, d_sae, k, None), (b, d_sae), &dev)?;
-        let latents = (&relu * &mask)?;
-        let recon = latents.matmul(params.w_dec.as_tensor())?.broadcast_add(params.b_dec.as_tensor())?;
-        let err = (&x - &recon)?;
-        let variance = x.broadcast_sub(&x.mean_keepdim(0)?)?.sqr()?.sum_all()?;
-        let fvu = (err.sqr()?.sum_all()? / &variance)?;
-        let mut loss = fvu.clone();
-
-        // Latents that fired in this batch.
-        let fired: Vec<bool> = {
-            let m = mask.max(0)?.to_vec1::<f32>()?;
-            m.iter().map(|&v| v > 0.0).collect()
-        };
         let seen = (step + 1) * b;
         let dead: Vec<bool> = last_fired.iter().map(|&t| seen - t.min(seen) > config.dead_after).collect();
         let n_dead = dead.iter().filter(|&&x| x).count();
-        let mut aux_value = 0.0;
-        if n_dead > 0 && config.aux_weight > 0.0 {
-            let aux_mask = top_k_mask(&relu_values, b, d_sae, config.aux_k.min(n_dead), Some(&dead));
-            let aux_latents = (&relu * Tensor::from_vec(aux_mask, (b, d_sae), &dev)?)?;
-            let target = err.detach();
-            let aux_recon = aux_latents.matmul(params.w_dec.as_tensor())?;
-            let target_var = target.broadcast_sub(&target.mean_keepdim(0)?)?.sqr()?.sum_all()?;
-            let aux = ((&target - aux_recon)?.sqr()?.sum_all()? / target_var)?;
-            aux_value = aux.to_scalar::<f32>()? as f64;
-            if aux_value.is_finite() {
-                loss = (loss + (aux * config.aux_weight)?)?;
-            }
-        }
-        for (j, f) in fired.iter().enumerate() {
+        let outcome = stepper.step(&Batch { x: &x, rows: b, dead: &dead, n_dead, t: step + 1 })?;
+        for (j, f) in outcome.fired.iter().enumerate() {
             if *f {
                 last_fired[j] = seen;
             }
         }
 
-        let grads = loss.backward()?;
-        let t = (step + 1) as i32;
-        let (c1, c2) = (1.0 - beta1.powi(t), 1.0 - beta2.powi(t));
-        // Detached throughout: the moments must not keep each step's graph alive (they did: out of memory).
-        for (i, p) in params.all().iter().enumerate() {
-            let Some(g) = grads.get(p.as_tensor()) else { continue };
-            let g = g.detach();
-            adam.m[i] = ((&adam.m[i] * beta1)? + (&g * (1.0 - beta1))?)?.detach();
-            adam.v[i] = ((&adam.v[i] * beta2)? + (g.sqr()? * (1.0 - beta2))?)?.detach();
-            let update = ((&adam.m[i] / c1)? / ((&adam.v[i] / c2)?.sqrt()? + eps)?)?;
-            p.set(&(p.as_detached_tensor() - (update * config.lr)?)?)?;
-        }
-        params.w_dec.set(&normalize_rows(&params.w_dec.as_detached_tensor())?)?;
-
-        last_fvu = fvu.to_scalar::<f32>()? as f64;
-        let go_on = progress(&StepReport { step: step + 1, steps, fvu: last_fvu, aux_loss: aux_value, dead: n_dead });
+        last_fvu = outcome.fvu;
+        let report = StepReport { step: step + 1, steps, fvu: last_fvu, aux_loss: outcome.aux_loss, dead: n_dead };
+        let go_on = progress(&report);
         if let Some(path) = checkpoint {
             let due = config.checkpoint_every > 0 && (step + 1) % config.checkpoint_every == 0;
             if (due || !go_on) && step + 1 < steps {
-                save_checkpoint(path, config, &data_id, step + 1, &params, &adam, &last_fired)?;
+                save_checkpoint(path, config, &data_id, step + 1, &stepper.state()?, &last_fired)?;
             }
         }
         if !go_on && step + 1 < steps {
@@ -302,17 +316,18 @@ pub fn train(
         let _ = std::fs::remove_file(path);
         let _ = std::fs::remove_file(meta_path(path));
     }
-    let sae = export(&params, scale, k, d, d_sae)?;
+    let sae = export(&stepper.state()?, scale, k, d, d_sae)?;
     Ok((sae, TrainReport { tokens: n, steps, final_batch_fvu: last_fvu, resumed_from_step: start_step }))
 }
 
 /// The trained SAE in Gemma Scope's form on raw activations: `pre = x (s W_enc) + (b_enc - b_dec W_enc)`,
 /// `x_hat = a (W_dec / s) + b_dec / s`, where `s` scaled the inputs to unit mean norm.
-fn export(params: &Params, scale: f32, k: usize, d: usize, d_sae: usize) -> CResult<Sae> {
-    let w_enc = params.w_enc.as_tensor();
-    let b_dec = params.b_dec.as_tensor();
+fn export(state: &State, scale: f32, k: usize, d: usize, d_sae: usize) -> CResult<Sae> {
+    let [w_enc, b_enc, w_dec, b_dec] = state.params.clone();
+    let w_enc = &Tensor::from_vec(w_enc, (d, d_sae), &Device::Cpu)?;
+    let b_dec = &Tensor::from_vec(b_dec, d, &Device::Cpu)?;
     let shift = b_dec.unsqueeze(0)?.matmul(w_enc)?.squeeze(0)?;
-    let b_enc = (params.b_enc.as_tensor() - shift)?;
+    let b_enc = (Tensor::from_vec(b_enc, d_sae, &Device::Cpu)? - shift)?;
     Ok(Sae {
         info: SaeInfo {
             activation: Activation::TopK { k },
@@ -323,7 +338,7 @@ fn export(params: &Params, scale: f32, k: usize, d: usize, d_sae: usize) -> CRes
             extra: serde_json::json!({}),
         },
         w_enc: (w_enc * scale as f64)?.flatten_all()?.to_vec1()?,
-        w_dec: (params.w_dec.as_tensor() / scale as f64)?.flatten_all()?.to_vec1()?,
+        w_dec: (Tensor::from_vec(w_dec, (d_sae, d), &Device::Cpu)? / scale as f64)?.flatten_all()?.to_vec1()?,
         b_enc: b_enc.to_vec1()?,
         b_dec: (b_dec / scale as f64)?.to_vec1()?,
         threshold: vec![0.0; d_sae],
@@ -355,15 +370,16 @@ fn save_checkpoint(
     config: &TrainConfig,
     data: &str,
     step: usize,
-    params: &Params,
-    adam: &Adam,
+    state: &State,
     last_fired: &[usize],
 ) -> CResult<()> {
+    let shapes = shapes(state.params[3].len(), state.params[1].len());
     let mut tensors = std::collections::HashMap::new();
-    for (i, p) in params.all().iter().enumerate() {
-        tensors.insert(NAMES[i].to_string(), p.as_tensor().clone());
-        tensors.insert(format!("adam_m.{}", NAMES[i]), adam.m[i].clone());
-        tensors.insert(format!("adam_v.{}", NAMES[i]), adam.v[i].clone());
+    for (i, name) in NAMES.iter().enumerate() {
+        let tensor = |values: &Vec<f32>| Tensor::from_vec(values.clone(), shapes[i].as_slice(), &Device::Cpu);
+        tensors.insert(name.to_string(), tensor(&state.params[i])?);
+        tensors.insert(format!("adam_m.{name}"), tensor(&state.m[i])?);
+        tensors.insert(format!("adam_v.{name}"), tensor(&state.v[i])?);
     }
     let fired: Vec<u32> = last_fired.iter().map(|&t| t as u32).collect();
     tensors.insert("last_fired".into(), Tensor::new(fired.as_slice(), &Device::Cpu)?);
@@ -378,14 +394,14 @@ fn save_checkpoint(
     Ok(())
 }
 
-/// Restores a checkpoint made with the same configuration on the same data: returns its step and firing record.
+/// Restores a checkpoint made with the same configuration on the same data: returns its step, firing record and
+/// state.
 fn load_checkpoint(
     path: &Path,
     config: &TrainConfig,
     data: &str,
-    params: &Params,
-    adam: &mut Adam,
-) -> CResult<Option<(usize, Vec<usize>)>> {
+    d: usize,
+) -> CResult<Option<(usize, Vec<usize>, State)>> {
     let Ok(text) = std::fs::read_to_string(meta_path(path)) else { return Ok(None) };
     let Ok(meta) = serde_json::from_str::<CheckpointMeta>(&text) else { return Ok(None) };
     if meta.config != *config || meta.data != data {
@@ -396,11 +412,20 @@ fn load_checkpoint(
     if !needed.chain(["last_fired".into(), "step".into()]).all(|n| tensors.contains_key(&n)) {
         return Ok(None); // an older or foreign file: start afresh rather than fail
     }
-    for (i, p) in params.all().iter().enumerate() {
-        p.set(&tensors[NAMES[i]])?;
-        adam.m[i] = tensors[&format!("adam_m.{}", NAMES[i])].clone();
-        adam.v[i] = tensors[&format!("adam_v.{}", NAMES[i])].clone();
+    let shapes = shapes(d, config.d_sae);
+    let read = |name: &str, i: usize| -> CResult<Option<Vec<f32>>> {
+        let t = &tensors[name];
+        (t.dims() == shapes[i].as_slice()).then(|| t.flatten_all().and_then(|t| t.to_vec1())).transpose()
+    };
+    let mut state = State { params: Default::default(), m: Default::default(), v: Default::default() };
+    for (i, name) in NAMES.iter().enumerate() {
+        let (Some(p), Some(m), Some(v)) =
+            (read(name, i)?, read(&format!("adam_m.{name}"), i)?, read(&format!("adam_v.{name}"), i)?)
+        else {
+            return Ok(None);
+        };
+        (state.params[i], state.m[i], state.v[i]) = (p, m, v);
     }
     let fired = tensors["last_fired"].to_vec1::<u32>()?.into_iter().map(|t| t as usize).collect();
-    Ok(Some((tensors["step"].to_vec1::<u32>()?[0] as usize, fired)))
+    Ok(Some((tensors["step"].to_vec1::<u32>()?[0] as usize, fired, state)))
 }
