@@ -90,6 +90,30 @@ enum Command {
         #[command(flatten)]
         model: ModelArgs,
     },
+    /// Speed of SAE training steps (`train-sae`'s inner loop) on random activations; needs no model.
+    BenchTrain {
+        /// Width of the activations (SmolLM2-135M: 576, Gemma 3 270M: 640, Gemma 2 2B: 2304).
+        #[arg(long, default_value_t = 576)]
+        d: usize,
+        /// Latents.
+        #[arg(long, default_value_t = 2304)]
+        width: usize,
+        #[arg(long, default_value_t = 32)]
+        k: usize,
+        #[arg(long, default_value_t = 1024)]
+        batch: usize,
+        /// Timed steps (after one untimed step); the median is reported.
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        #[arg(long, value_enum, default_value_t = Backend::Cpu)]
+        backend: Backend,
+        /// Also time each GPU kernel of one step (wgpu only).
+        #[arg(long)]
+        profile: bool,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Trains a TopK SAE on resid_post of a layer (or several: --layer 20,29 writes DIR/layer_20, DIR/layer_29).
     TrainSae {
         #[command(flatten)]
@@ -332,6 +356,34 @@ fn run(cli: Cli) -> Result<()> {
                 report.profile = Some(bench::profile(&mut engine, prompt_tokens)?);
             }
             print(model.json, serde_json::to_value(&report)?, || report.to_text());
+        }
+        Command::BenchTrain { d, width, k, batch, steps, backend, profile, json } => {
+            if k == 0 || k > width || steps == 0 || batch == 0 || d == 0 {
+                bail!("--k must be between 1 and --width, and --steps, --batch and --d at least 1");
+            }
+            let gpu = match backend {
+                Backend::Cpu => None,
+                Backend::Wgpu => Some(block_on(Gpu::new())?),
+            };
+            let mut config = saif::train::TrainConfig::new(width, k);
+            config.batch = batch;
+            let timing = saif::train::time_steps(gpu.as_ref(), d, &config, steps, profile)?;
+            let machine = bench::machine();
+            let value = json!({
+                "machine": format!("{}, {} logical cores", machine.cpu, machine.logical_cores),
+                "d": d, "width": width, "k": k, "batch": batch,
+                "timing": timing,
+            });
+            print(json, value, || {
+                let mut s = format!(
+                    "{}: {:.1} ms per step ({} x {d} activations, {width} latents, k {k}), {:.0} tokens/s\n",
+                    timing.device, timing.ms_per_step, batch, timing.tokens_per_second
+                );
+                for (name, ms) in timing.kernels.iter().flatten() {
+                    s += &format!("{ms:>10.2} ms  {name}\n");
+                }
+                s
+            });
         }
         Command::TrainSae { model, layer, width, k, tokens, out, corpus, epochs, batch, lr, seed, f32 } => {
             // With --backend wgpu the activations are collected and the SAE trained on the GPU.

@@ -2,7 +2,7 @@
 //! `saif_engine`.
 //!
 //! `sae`: the SAE formats, encoding and decoding; `corpus`: texts and the activations a model makes on them;
-//! `train`: TopK SAE training; `eval`: FVU, L0, dead latents, loss recovered; `lens`: what a latent means;
+//! `train`: TopK SAE training (on the CPU, or natively on a GPU); `eval`: FVU, L0, dead latents, loss recovered; `lens`: what a latent means;
 //! `defaults`: the SAEs shipped for the offline models.
 
 pub mod corpus;

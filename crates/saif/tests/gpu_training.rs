@@ -1,6 +1,6 @@
 //! The SAE trainer's GPU step (crates/saif/src/train/gpu.rs and its kernels) against its CPU references, natively
-//! on the machine's wgpu adapter (Mesa's lavapipe where there is no GPU): the dense product against a plain
-//! triple loop, TopK/AuxK against `top_k_mask`, one whole step's gradients against candle's autograd (read from
+//! on the machine's wgpu adapter (Mesa's lavapipe where there is no GPU): both forms of the dense product (the
+//! tiled one GPUs use, the direct one CPU adapters use) against a plain triple loop, TopK/AuxK against `top_k_mask`, one whole step's gradients against candle's autograd (read from
 //! Adam's first moments in the checkpoints), and a whole run against the CPU run on data with a known answer.
 
 mod common;
@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use saif::train::gpu::{dense_product, top_k_rows};
+use saif::train::gpu::{dense_product, top_k_rows, Matmul};
 use saif::train::{top_k_mask, train_on, StepReport, TrainConfig, TrainError};
 use saif_engine::block_on;
 use saif_engine::gpu::Gpu;
@@ -37,20 +37,22 @@ fn reference_product(a: &[f32], a_t: bool, b: &[f32], b_t: bool, m: usize, k: us
 }
 
 #[test]
-fn dense_products_match_the_definition_in_every_layout() {
+fn dense_products_match_the_definition_in_every_layout_and_form() {
     let gpu = gpu();
-    // Sizes that are not multiples of the 64 x 64 tile or of its 16-deep steps.
-    let (m, k, n) = (70, 37, 131);
-    let a = values(m * k, 1);
-    let b = values(k * n, 2);
-    for a_t in [false, true] {
-        for b_t in [false, true] {
-            let a_shape = if a_t { (k, m) } else { (m, k) };
-            let b_shape = if b_t { (n, k) } else { (k, n) };
-            let got = dense_product(&gpu, (&a, a_shape.0, a_shape.1, a_t), (&b, b_shape.0, b_shape.1, b_t)).unwrap();
-            let want = reference_product(&a, a_t, &b, b_t, m, k, n);
-            let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
-            assert!(worst < 1e-4, "A{} B{}: off by {worst}", if a_t { "^T" } else { "" }, if b_t { "^T" } else { "" });
+    // Sizes that are not multiples of the tiles (64 and 32) or of the 16-deep steps, and span several tiles.
+    for (m, k, n) in [(70, 37, 131), (5, 3, 2)] {
+        let a = values(m * k, 1);
+        let b = values(k * n, 2);
+        for form in [Matmul::Tiled, Matmul::Direct] {
+            for (a_t, b_t) in [(false, false), (false, true), (true, false), (true, true)] {
+                let a_shape = if a_t { (k, m) } else { (m, k) };
+                let b_shape = if b_t { (n, k) } else { (k, n) };
+                let got = dense_product(&gpu, form, (&a, a_shape.0, a_shape.1, a_t), (&b, b_shape.0, b_shape.1, b_t))
+                    .unwrap();
+                let want = reference_product(&a, a_t, &b, b_t, m, k, n);
+                let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
+                assert!(worst < 1e-4, "{form:?} {m}x{k}x{n}, transposed A {a_t} B {b_t}: off by {worst}");
+            }
         }
     }
 }

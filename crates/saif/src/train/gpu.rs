@@ -95,8 +95,28 @@ impl<'a> Operand<'a> {
     }
 }
 
+/// The two forms of the dense product in dense_matmul.wgsl.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Matmul {
+    /// 64 x 64 tiles through workgroup memory: GPUs.
+    Tiled,
+    /// 4 x 4 blocks straight from memory, no barriers: adapters that are CPU programs (measured 1.6 times faster
+    /// on lavapipe, 2 cores).
+    Direct,
+}
+
+/// The product for this adapter.
+pub fn adapter_matmul(gpu: &Gpu) -> Matmul {
+    if gpu.runs_on_cpu() {
+        Matmul::Direct
+    } else {
+        Matmul::Tiled
+    }
+}
+
 /// One dispatch, prepared once and recorded again every step.
 struct Dispatch {
+    name: String,
     pipeline: wgpu::ComputePipeline,
     bind_group: wgpu::BindGroup,
     groups: (u32, u32),
@@ -105,6 +125,8 @@ struct Dispatch {
 /// The trainer's pipelines.
 pub struct TrainKernels {
     matmul: Kernel,
+    /// Output rows and columns one workgroup of `matmul` covers (64 tiled on GPUs, 32 direct on CPU adapters).
+    matmul_tile: u32,
     top_k: Kernel,
     center: Kernel,
     bias_relu: Kernel,
@@ -130,14 +152,25 @@ fn step_slot(binding: u32) -> (u32, Slot) {
 }
 
 impl TrainKernels {
+    /// The pipelines, with the product `adapter_matmul` chooses for this adapter.
     pub fn new(gpu: &Gpu) -> Result<Self, TrainError> {
+        Self::with_matmul(gpu, adapter_matmul(gpu))
+    }
+
+    /// The pipelines with a given product kernel.
+    fn with_matmul(gpu: &Gpu, matmul: Matmul) -> Result<Self, TrainError> {
         use Slot::{Read as R, Uniform as U, Write as W};
         let step = |entry: &str, bindings: &[u32]| {
             let slots: Vec<(u32, Slot)> = bindings.iter().map(|&b| step_slot(b)).collect();
             compute_kernel(gpu, entry, SAE_STEP, entry, &slots)
         };
+        let (matmul_entry, matmul_tile) = match matmul {
+            Matmul::Tiled => ("main", 64),
+            Matmul::Direct => ("direct", 32),
+        };
         let kernels = Self {
-            matmul: compute_kernel(gpu, "dense_matmul", DENSE_MATMUL, "main", &[(0, R), (1, R), (2, W), (3, U)]),
+            matmul: compute_kernel(gpu, "dense_matmul", DENSE_MATMUL, matmul_entry, &[(0, R), (1, R), (2, W), (3, U)]),
+            matmul_tile,
             top_k: compute_kernel(gpu, "top_k", TOP_K, "main", &[(0, R), (1, R), (2, W), (3, W), (4, U)]),
             center: step("center", &[0, 1, 2, 3]),
             bias_relu: step("bias_relu", &[0, 4, 5]),
@@ -155,21 +188,28 @@ impl TrainKernels {
         Ok(kernels)
     }
 
-    /// The dispatch of `c = a b` (`c` row-major); returns it with the uniform buffer it reads.
-    fn product(&self, gpu: &Gpu, a: Operand, b: Operand, c: &wgpu::Buffer) -> (Dispatch, wgpu::Buffer) {
+    /// The dispatch of `c = a b` (`c` row-major), named `name` in profiles; returns it with the uniform buffer it
+    /// reads.
+    fn product(&self, gpu: &Gpu, name: &str, a: Operand, b: Operand, c: &wgpu::Buffer) -> (Dispatch, wgpu::Buffer) {
         let (m, k, a_row, a_col) = a.view();
         let (k_b, n, b_row, b_col) = b.view();
         assert_eq!(k, k_b, "the inner dimensions of a product agree");
         let params = MatmulParams { m, n, k, pad: 0, a_row, a_col, b_row, b_col };
         let uniform = gpu.uniform_with("dense_matmul params", bytemuck::bytes_of(&params));
-        let dispatch =
-            dispatch(gpu, &self.matmul, &[a.buffer, b.buffer, c, &uniform], (n.div_ceil(64), m.div_ceil(64)));
+        let groups = (n.div_ceil(self.matmul_tile), m.div_ceil(self.matmul_tile));
+        let mut dispatch = dispatch(gpu, &self.matmul, &[a.buffer, b.buffer, c, &uniform], groups);
+        dispatch.name = format!("dense_matmul {name}");
         (dispatch, uniform)
     }
 }
 
 fn dispatch(gpu: &Gpu, kernel: &Kernel, buffers: &[&wgpu::Buffer], groups: (u32, u32)) -> Dispatch {
-    Dispatch { pipeline: kernel.pipeline().clone(), bind_group: kernel.bind(gpu, buffers), groups }
+    Dispatch {
+        name: kernel.name.clone(),
+        pipeline: kernel.pipeline().clone(),
+        bind_group: kernel.bind(gpu, buffers),
+        groups,
+    }
 }
 
 /// Workgroups of 256 threads covering `threads`, over x and y when there are many.
@@ -224,13 +264,14 @@ fn read_back(_gpu: &Gpu, _buffer: &wgpu::Buffer, _bytes: u64) -> Result<Vec<u8>,
     Err(TrainError::Gpu("training on the GPU runs natively (saif train-sae), not in a browser".into()))
 }
 
-/// `a b` on the GPU, for checks of the product kernel against a CPU reference.
+/// `a b` on the GPU with the product kernel `form`, for checks against a CPU reference.
 pub fn dense_product(
     gpu: &Gpu,
+    form: Matmul,
     a: (&[f32], usize, usize, bool),
     b: (&[f32], usize, usize, bool),
 ) -> Result<Vec<f32>, TrainError> {
-    let kernels = TrainKernels::new(gpu)?;
+    let kernels = TrainKernels::with_matmul(gpu, form)?;
     let (ab, bb) = (gpu.storage_with("a", f32_bytes(a.0)), gpu.storage_with("b", f32_bytes(b.0)));
     let mut a_op = Operand::new(&ab, a.1, a.2);
     let mut b_op = Operand::new(&bb, b.1, b.2);
@@ -242,7 +283,7 @@ pub fn dense_product(
     }
     let (m, n) = (a_op.view().0 as usize, b_op.view().1 as usize);
     let c = gpu.storage("c", (m * n * 4) as u64);
-    let (d, _uniform) = kernels.product(gpu, a_op, b_op, &c);
+    let (d, _uniform) = kernels.product(gpu, "", a_op, b_op, &c);
     let mut encoder = gpu.device.create_command_encoder(&Default::default());
     record(&mut encoder, &[d]);
     gpu.queue.submit([encoder.finish()]);
@@ -337,8 +378,8 @@ impl<'g> GpuStepper<'g> {
         let sp = &step_params;
 
         let mut uniforms = Vec::new();
-        let mut product = |a: Operand, b: Operand, c: &wgpu::Buffer| {
-            let (d, u) = kernels.product(gpu, a, b, c);
+        let mut product = |name: &str, a: Operand, b: Operand, c: &wgpu::Buffer| {
+            let (d, u) = kernels.product(gpu, name, a, b, c);
             uniforms.push(u);
             d
         };
@@ -349,20 +390,20 @@ impl<'g> GpuStepper<'g> {
         let (xd, rw) = (rows * d, rows * width);
         let mut dispatches = vec![
             on(&k.center, &[sp, &x, b_dec, &xc], xd),
-            product(Operand::new(&xc, rows, d), Operand::new(w_enc, d, width), &pre),
+            product("xc W_enc", Operand::new(&xc, rows, d), Operand::new(w_enc, d, width), &pre),
             on(&k.bias_relu, &[sp, &pre, b_enc], rw),
             dispatch(gpu, &k.top_k, &[&pre, &dead, &lat2, &fired, &top_k_params], split_groups(rows as u32)),
-            product(Operand::new(&lat2, 2 * rows, width), Operand::new(w_dec, width, d), &r2),
+            product("lat W_dec", Operand::new(&lat2, 2 * rows, width), Operand::new(w_dec, width, d), &r2),
             on(&k.residual, &[sp, &x, b_dec, &r2, &err, &g2], xd),
             on(&k.column_stats, &[sp, &err, &cols], d),
             dispatch(gpu, &k.total_stats, &[sp, &cols, &stats_err], (1, 1)),
             on(&k.aux_residual, &[sp, &r2, &err, &g2, &stats_err, &aux_err], xd),
             on(&k.column_stats, &[sp, &aux_err, &cols], d),
             dispatch(gpu, &k.total_stats, &[sp, &cols, &stats_aux], (1, 1)),
-            product(Operand::new(&g2, 2 * rows, d), Operand::new(w_dec, width, d).t(), &glat2),
+            product("G W_dec^T", Operand::new(&g2, 2 * rows, d), Operand::new(w_dec, width, d).t(), &glat2),
             on(&k.pre_grad, &[sp, &glat2, &lat2, &gpre], rw),
-            product(Operand::new(&lat2, 2 * rows, width).t(), Operand::new(&g2, 2 * rows, d), &grads[2]),
-            product(Operand::new(&xc, rows, d).t(), Operand::new(&gpre, rows, width), &grads[0]),
+            product("lat^T G", Operand::new(&lat2, 2 * rows, width).t(), Operand::new(&g2, 2 * rows, d), &grads[2]),
+            product("xc^T Gpre", Operand::new(&xc, rows, d).t(), Operand::new(&gpre, rows, width), &grads[0]),
             on(&k.b_enc_grad, &[sp, &gpre, &grads[1]], width),
             on(&k.b_dec_grad, &[sp, &g2, &grads[1], w_enc, &grads[3]], d),
         ];
@@ -393,8 +434,9 @@ impl<'g> GpuStepper<'g> {
     }
 }
 
-impl Stepper for GpuStepper<'_> {
-    fn step(&mut self, batch: &Batch) -> Result<StepOutcome, TrainError> {
+impl GpuStepper<'_> {
+    /// Uploads a step's batch, dead flags and parameters; returns the batch's variance and whether AuxK is on.
+    fn upload(&mut self, batch: &Batch) -> (f64, bool) {
         let (gpu, config, d) = (self.gpu, &self.config, self.d);
         let (rows, width) = (batch.rows, config.d_sae);
         assert_eq!(rows, config.batch, "every batch is full");
@@ -435,10 +477,43 @@ impl Stepper for GpuStepper<'_> {
             cols: d as u32,
         };
         queue.write_buffer(&self.adam_params, 0, bytemuck::bytes_of(&adam));
+        (variance, aux_on)
+    }
+
+    /// Milliseconds per kernel of one step, each dispatch submitted and waited for alone (for `saif bench-train
+    /// --profile`; the step itself is left half done, so the stepper is not used for training afterwards).
+    pub(crate) fn profile(&mut self, batch: &Batch) -> Result<Vec<(String, f64)>, TrainError> {
+        self.upload(batch);
+        let gpu = self.gpu;
+        let wait = || gpu.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| TrainError::Gpu(e.to_string()));
+        let mut totals: Vec<(String, f64)> = Vec::new();
+        for d in &self.dispatches {
+            wait()?;
+            let start = std::time::Instant::now();
+            let mut encoder = gpu.device.create_command_encoder(&Default::default());
+            record(&mut encoder, std::slice::from_ref(d));
+            gpu.queue.submit([encoder.finish()]);
+            wait()?;
+            let ms = start.elapsed().as_secs_f64() * 1000.0;
+            match totals.iter_mut().find(|t| t.0 == d.name) {
+                Some(t) => t.1 += ms,
+                None => totals.push((d.name.clone(), ms)),
+            }
+        }
+        gpu.check()?;
+        totals.sort_by(|a, b| b.1.total_cmp(&a.1));
+        Ok(totals)
+    }
+}
+
+impl Stepper for GpuStepper<'_> {
+    fn step(&mut self, batch: &Batch) -> Result<StepOutcome, TrainError> {
+        let (variance, aux_on) = self.upload(batch);
+        let (gpu, width) = (self.gpu, self.config.d_sae);
         let mut encoder = gpu.device.create_command_encoder(&Default::default());
         encoder.clear_buffer(&self.fired, 0, None);
         record(&mut encoder, &self.dispatches);
-        queue.submit([encoder.finish()]);
+        gpu.queue.submit([encoder.finish()]);
         let out = read_buffers(gpu, &[(&self.stats_err, 8), (&self.stats_aux, 8), (&self.fired, (width * 4) as u64)])?;
         let (err, aux): (&[f32], &[f32]) = (bytemuck::cast_slice(&out[0]), bytemuck::cast_slice(&out[1]));
         let fired: &[u32] = bytemuck::cast_slice(&out[2]);

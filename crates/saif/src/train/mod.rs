@@ -320,6 +320,59 @@ pub fn train_on(
     Ok((sae, TrainReport { tokens: n, steps, final_batch_fvu: last_fvu, resumed_from_step: start_step }))
 }
 
+/// How fast training steps run (`saif bench-train`).
+#[derive(Debug, Clone, Serialize)]
+pub struct StepTiming {
+    pub device: String,
+    /// Median over the timed steps, after one untimed step.
+    pub ms_per_step: f64,
+    pub steps: usize,
+    pub tokens_per_second: f64,
+    /// With a GPU and `profile`: milliseconds per kernel in one step, each dispatch alone (largest first).
+    pub kernels: Option<Vec<(String, f64)>>,
+}
+
+/// Times `steps` training steps on random activations of width `d` with `config`'s shape (batch, latents, k), on
+/// the CPU or on `gpu`. One latent in a hundred counts as dead, so the AuxK loss takes part as in a real run.
+pub fn time_steps(
+    gpu: Option<&Gpu>,
+    d: usize,
+    config: &TrainConfig,
+    steps: usize,
+    profile: bool,
+) -> Result<StepTiming, TrainError> {
+    let mut rng = Rng::new(config.seed);
+    let rows: Vec<f32> = (0..config.batch * d).map(|_| rng.normal()).collect();
+    let state = initial_state(&rows, config.batch, d, config)?;
+    let dead: Vec<bool> = (0..config.d_sae).map(|i| i % 100 == 0).collect();
+    let n_dead = dead.iter().filter(|&&x| x).count();
+    let batch = |t| Batch { x: &rows, rows: config.batch, dead: &dead, n_dead, t };
+    let (mut stepper, device): (Box<dyn Stepper + '_>, String) = match gpu {
+        None => (Box::new(cpu::CpuStepper::new(&state, d, config)?), "cpu".into()),
+        Some(g) => (Box::new(gpu::GpuStepper::new(g, &state, d, config)?), format!("wgpu {}", g.describe())),
+    };
+    stepper.step(&batch(1))?;
+    let mut times = Vec::new();
+    for t in 0..steps {
+        let start = std::time::Instant::now();
+        stepper.step(&batch(t + 2))?;
+        times.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    times.sort_by(f64::total_cmp);
+    let ms_per_step = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
+    let kernels = match gpu {
+        Some(g) if profile => Some(gpu::GpuStepper::new(g, &state, d, config)?.profile(&batch(1))?),
+        _ => None,
+    };
+    Ok(StepTiming {
+        device,
+        ms_per_step,
+        steps,
+        tokens_per_second: config.batch as f64 / ms_per_step * 1000.0,
+        kernels,
+    })
+}
+
 /// The trained SAE in Gemma Scope's form on raw activations: `pre = x (s W_enc) + (b_enc - b_dec W_enc)`,
 /// `x_hat = a (W_dec / s) + b_dec / s`, where `s` scaled the inputs to unit mean norm.
 fn export(state: &State, scale: f32, k: usize, d: usize, d_sae: usize) -> CResult<Sae> {

@@ -5,6 +5,8 @@
 // A workgroup of 16 x 16 threads computes a 64 x 64 tile of C, each thread 4 x 4 values (rows ly + 16 i, columns
 // lx + 16 j), stepping through K 16 at a time with the tiles of A and B staged in workgroup memory. The tiles are
 // loaded along whichever dimension is contiguous in memory, so that neighbouring threads read neighbouring words.
+// `direct` computes the same 4 x 4 blocks straight from memory, without workgroup memory or barriers: the choice
+// for adapters that are CPU programs (lavapipe, SwiftShader), where barriers are costly (train/gpu.rs picks).
 
 struct Params {
     m: u32,
@@ -81,6 +83,43 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
             let c = col0 + lid.x + 16u * j;
             if (r < P.m && c < P.n) {
                 C[r * P.n + c] = acc[i * 4u + j];
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(8, 8)
+fn direct(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    let row0 = wg.y * 32u + lid.y * 4u;
+    let col0 = wg.x * 32u + lid.x * 4u;
+    if (row0 >= P.m || col0 >= P.n) {
+        return;
+    }
+    // Rows and columns past the edge repeat the last one (their sums are computed and dropped).
+    var rows: array<u32, 4>;
+    var cols: array<u32, 4>;
+    for (var i = 0u; i < 4u; i++) {
+        rows[i] = min(row0 + i, P.m - 1u) * P.a_row;
+        cols[i] = min(col0 + i, P.n - 1u) * P.b_col;
+    }
+    var acc: array<f32, 16>;
+    for (var k = 0u; k < P.k; k++) {
+        var a: array<f32, 4>;
+        var b: array<f32, 4>;
+        for (var i = 0u; i < 4u; i++) {
+            a[i] = A[rows[i] + k * P.a_col];
+            b[i] = B[k * P.b_row + cols[i]];
+        }
+        for (var i = 0u; i < 4u; i++) {
+            for (var j = 0u; j < 4u; j++) {
+                acc[i * 4u + j] += a[i] * b[j];
+            }
+        }
+    }
+    for (var i = 0u; i < 4u; i++) {
+        for (var j = 0u; j < 4u; j++) {
+            if (row0 + i < P.m && col0 + j < P.n) {
+                C[(row0 + i) * P.n + col0 + j] = acc[i * 4u + j];
             }
         }
     }
