@@ -377,3 +377,18 @@ fn sae_commands_train_describe_and_evaluate() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// bench-train times the training step on both backends, and profiles the GPU's kernels.
+#[test]
+fn bench_train_times_the_step_on_both_backends() {
+    let shape = ["bench-train", "--d", "32", "--width", "64", "--k", "4", "--batch", "64", "--steps", "2", "--json"];
+    let cpu = json_ok(&shape);
+    assert_eq!(cpu["timing"]["device"], "cpu");
+    assert!(cpu["timing"]["ms_per_step"].as_f64().unwrap() > 0.0 && cpu["timing"]["kernels"].is_null());
+    let gpu = json_ok(&[&shape[..], &["--backend", "wgpu", "--profile"]].concat());
+    assert!(gpu["timing"]["device"].as_str().unwrap().starts_with("wgpu"));
+    let kernels = gpu["timing"]["kernels"].as_array().unwrap();
+    assert!(kernels.iter().any(|k| k[0] == "top_k") && kernels.iter().any(|k| k[0] == "adam"), "{kernels:?}");
+    let bad = saif(&["bench-train", "--k", "0"]);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--k must be"));
+}
