@@ -68,7 +68,7 @@ struct AdamParams {
 /// A matrix in GPU memory as a product reads it: its buffer, its shape as stored (row-major), and whether the
 /// product uses its transpose.
 #[derive(Clone, Copy)]
-pub struct Operand<'a> {
+pub(crate) struct Operand<'a> {
     pub buffer: &'a wgpu::Buffer,
     pub rows: usize,
     pub cols: usize,
@@ -123,7 +123,7 @@ struct Dispatch {
 }
 
 /// The trainer's pipelines.
-pub struct TrainKernels {
+pub(crate) struct TrainKernels {
     matmul: Kernel,
     /// Output rows and columns one workgroup of `matmul` covers (64 tiled on GPUs, 32 direct on CPU adapters).
     matmul_tile: u32,
@@ -232,18 +232,31 @@ fn f32_bytes(values: &[f32]) -> &[u8] {
     bytemuck::cast_slice(values)
 }
 
-/// Reads back `sources` (each with its size in bytes) through one mapped buffer.
-fn read_buffers(gpu: &Gpu, sources: &[(&wgpu::Buffer, u64)]) -> Result<Vec<Vec<u8>>, TrainError> {
+/// Appends copies of `sources` (each with its size in bytes) into `readback` to `encoder`'s work, submits it all at
+/// once, and returns each source's bytes. `None` allocates a readback buffer for this call (the training step keeps
+/// its own).
+fn submit_and_read(
+    gpu: &Gpu,
+    mut encoder: wgpu::CommandEncoder,
+    readback: Option<&wgpu::Buffer>,
+    sources: &[(&wgpu::Buffer, u64)],
+) -> Result<Vec<Vec<u8>>, TrainError> {
     let total: u64 = sources.iter().map(|s| s.1).sum();
-    let readback = gpu.readback("sae readback", total);
-    let mut encoder = gpu.device.create_command_encoder(&Default::default());
+    let fresh;
+    let readback = match readback {
+        Some(buffer) => buffer,
+        None => {
+            fresh = gpu.readback("sae readback", total);
+            &fresh
+        }
+    };
     let mut at = 0;
     for (buffer, bytes) in sources {
-        encoder.copy_buffer_to_buffer(buffer, 0, &readback, at, *bytes);
+        encoder.copy_buffer_to_buffer(buffer, 0, readback, at, *bytes);
         at += bytes;
     }
     gpu.queue.submit([encoder.finish()]);
-    let bytes = read_back(gpu, &readback, total)?;
+    let bytes = read_back(gpu, readback, total)?;
     let mut out = Vec::new();
     let mut at = 0;
     for (_, size) in sources {
@@ -286,8 +299,7 @@ pub fn dense_product(
     let (d, _uniform) = kernels.product(gpu, "", a_op, b_op, &c);
     let mut encoder = gpu.device.create_command_encoder(&Default::default());
     record(&mut encoder, &[d]);
-    gpu.queue.submit([encoder.finish()]);
-    let bytes = read_buffers(gpu, &[(&c, (m * n * 4) as u64)])?;
+    let bytes = submit_and_read(gpu, encoder, None, &[(&c, (m * n * 4) as u64)])?;
     Ok(bytemuck::cast_slice(&bytes[0]).to_vec())
 }
 
@@ -314,8 +326,8 @@ pub fn top_k_rows(
         dispatch(gpu, &kernels.top_k, &[&pre_buffer, &dead_buffer, &lat, &fired, &uniform], split_groups(rows as u32));
     let mut encoder = gpu.device.create_command_encoder(&Default::default());
     record(&mut encoder, &[d]);
-    gpu.queue.submit([encoder.finish()]);
-    let bytes = read_buffers(gpu, &[(&lat, (2 * rows * width * 4) as u64), (&fired, (width * 4) as u64)])?;
+    let sources = [(&lat, (2 * rows * width * 4) as u64), (&fired, (width * 4) as u64)];
+    let bytes = submit_and_read(gpu, encoder, None, &sources)?;
     let fired: &[u32] = bytemuck::cast_slice(&bytes[1]);
     Ok((bytemuck::cast_slice(&bytes[0]).to_vec(), fired.iter().map(|&f| f != 0).collect()))
 }
@@ -329,6 +341,8 @@ pub(crate) struct GpuStepper<'g> {
     fired: wgpu::Buffer,
     stats_err: wgpu::Buffer,
     stats_aux: wgpu::Buffer,
+    /// Where each step's statistics and fired flags come back (one buffer for the whole run).
+    step_readback: wgpu::Buffer,
     /// `w_enc, b_enc, w_dec, b_dec` (`NAMES` order), and Adam's moments of each.
     params: [wgpu::Buffer; 4],
     m: [wgpu::Buffer; 4],
@@ -422,6 +436,7 @@ impl<'g> GpuStepper<'g> {
             fired,
             stats_err,
             stats_aux,
+            step_readback: gpu.readback("sae step readback", 16 + (width * 4) as u64),
             params,
             m,
             v,
@@ -513,8 +528,8 @@ impl Stepper for GpuStepper<'_> {
         let mut encoder = gpu.device.create_command_encoder(&Default::default());
         encoder.clear_buffer(&self.fired, 0, None);
         record(&mut encoder, &self.dispatches);
-        gpu.queue.submit([encoder.finish()]);
-        let out = read_buffers(gpu, &[(&self.stats_err, 8), (&self.stats_aux, 8), (&self.fired, (width * 4) as u64)])?;
+        let sources = [(&self.stats_err, 8), (&self.stats_aux, 8), (&self.fired, (width * 4) as u64)];
+        let out = submit_and_read(gpu, encoder, Some(&self.step_readback), &sources)?;
         let (err, aux): (&[f32], &[f32]) = (bytemuck::cast_slice(&out[0]), bytemuck::cast_slice(&out[1]));
         let fired: &[u32] = bytemuck::cast_slice(&out[2]);
         Ok(StepOutcome {
@@ -527,7 +542,8 @@ impl Stepper for GpuStepper<'_> {
     fn state(&mut self) -> Result<State, TrainError> {
         let refs: Vec<(&wgpu::Buffer, u64)> =
             self.params.iter().chain(&self.m).chain(&self.v).map(|b| (b, b.size())).collect();
-        let bytes = read_buffers(self.gpu, &refs)?;
+        let encoder = self.gpu.device.create_command_encoder(&Default::default());
+        let bytes = submit_and_read(self.gpu, encoder, None, &refs)?;
         let lengths = [self.d * self.config.d_sae, self.config.d_sae, self.config.d_sae * self.d, self.d];
         let mut vectors =
             bytes.iter().enumerate().map(|(i, b)| bytemuck::cast_slice::<u8, f32>(b)[..lengths[i % 4]].to_vec());
