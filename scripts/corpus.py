@@ -8,12 +8,16 @@ OUT_DIR/manifest.json (every source with its package, version, licence file, lin
 A line starting with "[chat] " is a user turn: the trainer wraps it in the model's chat template.
 
 Sources (see docs/corpus.md for the licences):
+  - plain everyday English: WordNet's example sentences (package wordnet-base), the kind of sentence SAIF's contents
+    are;
   - English prose: fortune quotations (package fortunes) and paragraphs of the Debian Reference (debian-reference-en);
   - French, Spanish, German prose: the Debian Reference's translations (debian-reference-fr/-es/-de), German and
     Spanish fortunes (fortunes-de, fortunes-es), and translated program messages from the machine's gettext
     catalogs (/usr/share/locale/{fr,es,de}), each beside its English original;
-  - SAIF prompts: short English sentences from the fortunes as contents, alone (negatives) and followed or preceded
-    by an instruction (crates/saif/data/instructions.json) in English, French, Spanish or German (positives).
+  - SAIF prompts: the project's discovery contents (crates/saif/data/contents-discovery.txt; never the held-out
+    ones), alone (negatives) and followed or preceded by an instruction of crates/saif/data/instructions.json in
+    English, French, Spanish or German (positives). They are "[prompt] " lines, with "\\n" for a line break: the
+    trainer feeds them as SAIF feeds a model (a chat turn for an instruction-tuned model, plain text otherwise).
 Held out: every text whose hash falls in the last tenth, so the split is stable as sources change.
 """
 
@@ -30,6 +34,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORTUNES = "/usr/share/games/fortunes"
+WORDNET = "/usr/share/wordnet"
 REFERENCE = "/usr/share/debian-reference"
 
 
@@ -114,18 +119,36 @@ def catalogs(lang, limit):
     return out
 
 
-def saif_prompts(contents, rng, count):
+def wordnet_examples():
+    """WordNet's example sentences ("the patient has trouble breathing"): plain, everyday English."""
+    out = []
+    for part in ("noun", "verb", "adj", "adv"):
+        with open(os.path.join(WORDNET, f"data.{part}"), encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("  "):
+                    continue  # the licence header
+                for example in re.findall(r'"([^"]+)"', line.split("|", 1)[-1]):
+                    text = clean(example)
+                    if len(text.split()) >= 5 and text[0].isalpha():
+                        text = text[0].upper() + text[1:]
+                        out.append(text if text[-1] in ".?!" else text + ".")
+    return out
+
+
+def saif_prompts(rng, count):
+    """Discovery contents alone and with an instruction before or after them, as "[prompt] " lines."""
     spec = json.load(open(os.path.join(ROOT, "crates", "saif", "data", "instructions.json")))
-    phrasings = [(kind, p) for kind, by_lang in spec["instructions"].items() for ps in by_lang.values() for p in ps]
+    with open(os.path.join(ROOT, "crates", "saif", "data", "contents-discovery.txt"), encoding="utf-8") as f:
+        contents = [l.strip() for l in f if l.strip()]
+    phrasings = [p for i in spec["instructions"] for ps in i["phrasings"].values() for p in ps]
     out = []
     for i in range(count):
         content = contents[i % len(contents)]
         if i % 3 == 0:
-            out.append("[chat] " + content)  # no instruction: the negatives of SAIF
+            out.append("[prompt] " + content)  # no instruction: the negatives of SAIF
             continue
-        kind, phrasing = phrasings[rng.randrange(len(phrasings))]
-        instruction = phrasing.replace("{word}", rng.choice(spec["keywords"]))
-        out.append("[chat] " + (f"{content} {instruction}" if i % 4 else f"{instruction} {content}"))
+        instruction = rng.choice(phrasings).replace("{word}", rng.choice(spec["keywords"]))
+        out.append("[prompt] " + (f"{content}\\n{instruction}" if i % 4 else f"{instruction}\\n{content}"))
     return out
 
 
@@ -134,19 +157,19 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     rng = random.Random(20250215)
     english_quotes = fortunes(FORTUNES)
-    contents = [q for q in english_quotes if len(q) <= 160 and q.count(".") <= 2]
     sources = [
-        ("fortunes (English quotations)", "fortunes", english_quotes, 9000),
-        ("Debian Reference, English", "debian-reference-en", reference("en"), 3000),
-        ("Debian Reference, French", "debian-reference-fr", reference("fr"), 3000),
-        ("Debian Reference, Spanish", "debian-reference-es", reference("es"), 2000),
-        ("Debian Reference, German", "debian-reference-de", reference("de"), 2000),
-        ("fortunes-de (German quotations)", "fortunes-de", fortunes(os.path.join(FORTUNES, "de")), 3000),
-        ("fortunes-es (Spanish quotations)", "fortunes-es", fortunes(os.path.join(FORTUNES, "es")), 3000),
-        ("gettext catalogs, French", "(catalogs of the installed packages)", catalogs("fr", 4000), 4000),
-        ("gettext catalogs, Spanish", "(catalogs of the installed packages)", catalogs("es", 1500), 1500),
-        ("gettext catalogs, German", "(catalogs of the installed packages)", catalogs("de", 1500), 1500),
-        ("SAIF prompts (contents from fortunes, instructions.json)", "fortunes + this project", saif_prompts(contents, rng, 9000), 9000),
+        ("WordNet example sentences (plain English)", "wordnet-base", wordnet_examples(), 14000),
+        ("fortunes (English quotations)", "fortunes", english_quotes, 2500),
+        ("Debian Reference, English", "debian-reference-en", reference("en"), 600),
+        ("Debian Reference, French", "debian-reference-fr", reference("fr"), 600),
+        ("Debian Reference, Spanish", "debian-reference-es", reference("es"), 400),
+        ("Debian Reference, German", "debian-reference-de", reference("de"), 400),
+        ("fortunes-de (German quotations)", "fortunes-de", fortunes(os.path.join(FORTUNES, "de")), 1200),
+        ("fortunes-es (Spanish quotations)", "fortunes-es", fortunes(os.path.join(FORTUNES, "es")), 1200),
+        ("gettext catalogs, French", "(catalogs of the installed packages)", catalogs("fr", 1500), 1500),
+        ("gettext catalogs, Spanish", "(catalogs of the installed packages)", catalogs("es", 600), 600),
+        ("gettext catalogs, German", "(catalogs of the installed packages)", catalogs("de", 600), 600),
+        ("SAIF prompts (the project's discovery contents and instructions)", "this project", saif_prompts(rng, 7000), 7000),
     ]
     train, heldout, manifest = [], [], []
     for name, package, texts, cap in sources:

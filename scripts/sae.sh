@@ -2,16 +2,17 @@
 # Rebuilds the SAEs the project ships (public/saes), on request only (make saes): about an hour on 2 cores.
 # `scripts/sae.sh corpus` (make corpus) stops after step 1.
 #   1. the corpus (scripts/corpus.py) from Debian packages installed here if missing;
-#   2. for each offline model, a TopK SAE (k = 32, 4x the residual width; 6.4x on Gemma's last layer) on resid_post
-#      of a middle layer and of the last layer, from one pass of activations over 300,000 corpus tokens, seed 0,
-#      stored in f16;
+#   2. for each offline model, TopK SAEs (k = 32, 4x the residual width; 6.4x on Gemma's last layer) on resid_post
+#      of layers spread over the depth (SmolLM2: 5, 10, 15, 20, 25, 29; Gemma: 5, 9, 13, 17), from one pass of
+#      activations over 400,000 corpus tokens, seed 0, stored in f16;
 #   3. each SAE's lens.json (its latents' top logit-lens tokens, for the app) and public/saes/index.json;
-#   4. an evaluation of each on the corpus' held-out split (first 400 lines).
+#   4. an evaluation of each on the corpus' held-out split (first 400 lines), on the held-out SAIF contents and on
+#      SAIF prompts made from them (crates/saif/tests/data).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 
-packages=(fortunes fortunes-de fortunes-es debian-reference-en debian-reference-fr debian-reference-de debian-reference-es)
+packages=(wordnet-base fortunes fortunes-de fortunes-es debian-reference-en debian-reference-fr debian-reference-de debian-reference-es)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -25,25 +26,26 @@ python3 scripts/corpus.py "$corpus"
 [ "${1:-}" = corpus ] && exit 0
 
 cargo build --quiet --release --bin saif
-saif=target/release/saif
-# model file, model key, middle layer, last layer, latents and epochs (one for both layers, or middle,last).
-# Gemma's last layer is the hardest to reconstruct: 2560 latents and 4 epochs left its held-out FVU at 0.242, just
-# under the 0.25 bar; 4096 latents and 6 epochs bring it to 0.218 (docs/benchmarks.md).
+saif=${SAIF_BIN:-target/release/saif}
+# model file, model key, layers, latents and epochs (one value for every layer, or one per layer).
+# Gemma's last layer is the hardest to reconstruct: 4096 latents and 6 epochs (docs/benchmarks.md).
 specs=(
-  "SmolLM2-135M-Instruct.Q4_1.gguf smollm2-135m 20 29 2304 4"
-  "gemma-3-270m-q4_k_m.gguf gemma-3-270m 9 17 2560,4096 4,6"
+  "SmolLM2-135M-Instruct.Q4_1.gguf smollm2-135m 5,10,15,20,25,29 2304 4"
+  "gemma-3-270m-q4_k_m.gguf gemma-3-270m 5,9,13,17 2560,2560,2560,4096 4,4,4,6"
 )
+head -400 "$corpus/heldout.txt" >"$corpus/heldout-400.txt"
 for spec in "${specs[@]}"; do
-  read -r file key middle last width epochs <<<"$spec"
+  read -r file key layers width epochs <<<"$spec"
   model="$SAIF_MODELS/$file"
   out="public/saes/$key"
-  echo "==> $key: SAEs on layers $middle and $last"
-  $saif train-sae --model "$model" --layer "$middle,$last" --width "$width" --k 32 --tokens 300000 --epochs "$epochs" \
+  echo "==> $key: SAEs on layers $layers"
+  $saif train-sae --model "$model" --layer "$layers" --width "$width" --k 32 --tokens 400000 --epochs "$epochs" \
     --seed 0 --corpus "$corpus/train.txt" --out "$out" --json
-  for layer in "$middle" "$last"; do
+  for layer in ${layers//,/ }; do
     $saif sae-lens --model "$model" --sae "$out/layer_$layer" --json
-    head -400 "$corpus/heldout.txt" >"$corpus/heldout-400.txt"
-    $saif sae-eval --model "$model" --sae "$out/layer_$layer" --contents "$corpus/heldout-400.txt"
+    for set in "$corpus/heldout-400.txt" crates/saif/data/contents-heldout.txt crates/saif/tests/data/prompts.txt; do
+      $saif sae-eval --model "$model" --sae "$out/layer_$layer" --contents "$set"
+    done
   done
 done
 python3 - <<'EOF'

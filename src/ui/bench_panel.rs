@@ -11,7 +11,8 @@ use crate::protocol::{human_bytes, BenchSettings, Request};
 pub fn BenchPanel() -> impl IntoView {
     let state = expect_context::<AppState>();
     let client = expect_context::<WorkerClient>();
-    let settings = RwSignal::new(BenchSettings { prompt_tokens: 64, decode_tokens: 32, runs: 3, with_hooks: true });
+    let settings =
+        RwSignal::new(BenchSettings { prompt_tokens: 64, decode_tokens: 32, runs: 3, with_hooks: true, batch: 1 });
     let run = move |_| {
         state.error.set(None);
         let id = client.send(Request::Bench(settings.get_untracked()), None);

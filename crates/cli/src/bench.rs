@@ -60,6 +60,12 @@ impl BenchReport {
             s +=
                 &format!("\ndecode with a steering vector and a read hook: {speed:.1} tokens/s ({overhead:+.1}% time)");
         }
+        if let (Some(batch), Some(speed)) = (r.batch, r.batched_decode_tokens_per_s) {
+            s += &format!(
+                "\ndecode {batch} sequences at once: {speed:.1} tokens/s in all ({:.1}x one sequence)",
+                speed / r.decode_tokens_per_s
+            );
+        }
         if let Some(bytes) = r.gpu_memory_bytes {
             s += &format!("\nGPU memory held by the model: {:.1} MB", bytes as f64 / 1e6);
         }

@@ -3,6 +3,7 @@
 //! message on stderr on error.
 
 mod bench;
+mod method;
 mod sae;
 
 #[global_allocator]
@@ -84,6 +85,9 @@ enum Command {
         /// Also time each GPU kernel of a prompt's forward and of one decode step (wgpu only).
         #[arg(long)]
         profile: bool,
+        /// Also decode this many sequences at once (batched decoding, CPU), and report their total tokens/s.
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
     },
     /// The GGUF's metadata and the model's shape.
     Info {
@@ -184,6 +188,166 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         top: usize,
     },
+    /// The latents that encode an instruction: SAIF's discovery on the built-in discovery contents.
+    Discover {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        choice: SaeChoice,
+        #[command(flatten)]
+        saif: SaifArgs,
+        /// Latents to keep (default: the recorded best for this model and instruction).
+        #[arg(long)]
+        k: Option<usize>,
+        /// Keep latents firing on at least this fraction of the positives.
+        #[arg(long, default_value_t = 0.5)]
+        tau: f32,
+        /// Use the first N discovery contents (default: all 240).
+        #[arg(long)]
+        contents: Option<usize>,
+    },
+    /// Steers (or prompts) the model on held-out contents and checks whether it follows the instruction.
+    Eval {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        choice: SaeChoice,
+        #[command(flatten)]
+        saif: SaifArgs,
+        /// none, prompt, diffmean, diffmean-project, random or saif.
+        #[arg(long)]
+        method: String,
+        #[arg(long)]
+        k: Option<usize>,
+        /// Steering strength (default: the recorded best for this model, instruction and method).
+        #[arg(long, allow_negative_numbers = true)]
+        alpha: Option<f32>,
+        /// One content per line (default: the built-in held-out contents).
+        #[arg(long)]
+        contents: Option<PathBuf>,
+        #[arg(long, default_value_t = 32)]
+        max_new_tokens: usize,
+        /// The draw of the random baseline's latents.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Positions steered: all, prompt or generated.
+        #[arg(long, default_value = "all")]
+        scope: String,
+    },
+    /// Varies one setting (alpha, k, layer or placement) for several methods; writes JSON, CSV and an SVG chart.
+    Sweep {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        choice: SaeChoice,
+        #[command(flatten)]
+        saif: SaifArgs,
+        /// alpha, k, layer or placement.
+        #[arg(long)]
+        param: String,
+        /// The values swept, e.g. 0.5,1,2,4 or 1,5,15,30 or after,before.
+        #[arg(long, value_delimiter = ',', required = true, allow_hyphen_values = true)]
+        values: Vec<String>,
+        /// Methods compared at every value.
+        #[arg(long, value_delimiter = ',', default_value = "saif,diffmean,random")]
+        methods: Vec<String>,
+        #[arg(long)]
+        k: Option<usize>,
+        #[arg(long, allow_negative_numbers = true)]
+        alpha: Option<f32>,
+        /// Difference-in-means' strength where alpha is not what is swept.
+        #[arg(long, allow_negative_numbers = true)]
+        diffmean_alpha: Option<f32>,
+        /// The contents evaluated: heldout (default) or discovery (for tuning), or a file (one per line).
+        #[arg(long, default_value = "heldout")]
+        on: String,
+        /// Use the first N of them.
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long, default_value_t = 32)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Folder for sweep-<instruction>-<param>.{json,csv,svg}.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Generates from a prompt twice from the same seed: as it is, and steered with SAE latents.
+    Steer {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        choice: SaeChoice,
+        /// ID:STRENGTH[,ID:STRENGTH...]: each latent's coefficient on its decoder row.
+        #[arg(long, allow_hyphen_values = true)]
+        latent: String,
+        /// Multiplies every strength.
+        #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+        mult: f32,
+        /// Positions steered: all, prompt or generated.
+        #[arg(long, default_value = "all")]
+        scope: String,
+        #[arg(long)]
+        prompt: String,
+        /// Wrap the prompt in the model's chat template and stop at the end of the answer's turn.
+        #[arg(long)]
+        chat: bool,
+        #[arg(long, default_value_t = 32)]
+        max_new_tokens: usize,
+        #[command(flatten)]
+        sampling: SamplingArgs,
+    },
+}
+
+/// What a SAIF command works on: the instruction and how its prompts are built and read.
+#[derive(Args)]
+struct SaifArgs {
+    /// translate-fr, translate-es, translate-de, summarize, include-word or uppercase.
+    #[arg(long)]
+    instruction: String,
+    /// Where the instruction goes: after or before the content.
+    #[arg(long, default_value = "after")]
+    placement: String,
+    /// How discovery ranks latents: delta (SAIF) or output (their effect on the instructed answer).
+    #[arg(long, default_value = "delta")]
+    rank: String,
+    /// Where the SAE reads each prompt: last (token) or after-instruction (every token after it, averaged).
+    #[arg(long, default_value = "last")]
+    read_at: String,
+    /// The word include-word asks for (default: the first built-in keyword).
+    #[arg(long)]
+    keyword: Option<String>,
+    /// What multiplies each SAIF latent's decoder row before alpha: mean (its mean activation on positives, the
+    /// paper's) or delta (its mean difference between positives and negatives).
+    #[arg(long, default_value = "mean")]
+    coefficient: String,
+}
+
+impl SaifArgs {
+    fn placement(&self) -> Result<saif::data::Placement> {
+        Ok(saif::data::Placement::parse(&self.placement)?)
+    }
+
+    fn rank(&self) -> Result<saif::discover::Rank> {
+        Ok(saif::discover::Rank::parse(&self.rank)?)
+    }
+
+    fn read_at(&self) -> Result<saif::discover::ReadAt> {
+        match self.read_at.as_str() {
+            "last" => Ok(saif::discover::ReadAt::LastToken),
+            "after-instruction" => Ok(saif::discover::ReadAt::AfterInstruction),
+            other => bail!("--read-at {other}: last or after-instruction"),
+        }
+    }
+}
+
+fn parse_scope(s: &str) -> Result<saif_engine::Scope> {
+    match s {
+        "all" => Ok(saif_engine::Scope::All),
+        "prompt" => Ok(saif_engine::Scope::Prompt),
+        "generated" => Ok(saif_engine::Scope::Generated),
+        other => bail!("--scope {other}: all, prompt or generated"),
+    }
 }
 
 /// Which SAE an SAE command works on.
@@ -347,10 +511,10 @@ fn run(cli: Cli) -> Result<()> {
             let text = engine.tokenizer.decode(&generation.ids)?;
             print(model.json, json!({ "ids": generation.ids, "text": text }), || text.clone());
         }
-        Command::Bench { model, prompt_tokens, decode_tokens, runs, no_hooks, profile } => {
+        Command::Bench { model, prompt_tokens, decode_tokens, runs, no_hooks, profile, batch } => {
             let path = model.path();
             let mut engine = model.load()?;
-            let settings = BenchSettings { prompt_tokens, decode_tokens, runs, with_hooks: !no_hooks };
+            let settings = BenchSettings { prompt_tokens, decode_tokens, runs, with_hooks: !no_hooks, batch };
             let mut report = bench::run(&mut engine, &path, &settings)?;
             if profile {
                 report.profile = Some(bench::profile(&mut engine, prompt_tokens)?);
@@ -429,6 +593,146 @@ fn run(cli: Cli) -> Result<()> {
             let value =
                 sae::sae_latent(&mut engine, &path, sae.as_deref(), layer, latent, corpus.as_deref(), lines, top)?;
             print(model.json, value.clone(), || serde_json::to_string_pretty(&value).unwrap_or_default());
+        }
+        Command::Discover { model, choice, saif, k, tau, contents } => {
+            let path = model.path();
+            let mut engine = model.load()?;
+            let args = method::DiscoverArgs {
+                instruction: saif.instruction.clone(),
+                sae: choice.sae,
+                layer: choice.layer,
+                k,
+                tau,
+                placement: saif.placement()?,
+                rank: saif.rank()?,
+                read_at: saif.read_at()?,
+                contents,
+                keyword: saif.keyword.clone(),
+            };
+            let value = method::discover_cmd(&mut engine, &path, &args)?;
+            print(model.json, value.clone(), || {
+                let mut s = format!(
+                    "layer {}: {} latents of {} candidates\n",
+                    value["layer"],
+                    value["latents"].as_array().map_or(0, Vec::len),
+                    value["candidates"]
+                );
+                for l in value["latents"].as_array().into_iter().flatten() {
+                    s += &format!(
+                        "{:>6}  freq {:.2}/{:.2}  mean {:.2}/{:.2}  delta {:.2}  {}\n",
+                        l["id"],
+                        l["freq_pos"].as_f64().unwrap_or(0.0),
+                        l["freq_neg"].as_f64().unwrap_or(0.0),
+                        l["mean_pos"].as_f64().unwrap_or(0.0),
+                        l["mean_neg"].as_f64().unwrap_or(0.0),
+                        l["delta"].as_f64().unwrap_or(0.0),
+                        l["top_tokens"]
+                    );
+                }
+                s.trim_end().to_string()
+            });
+        }
+        Command::Eval { model, choice, saif, method: m, k, alpha, contents, max_new_tokens, seed, scope } => {
+            let mut engine = model.load()?;
+            let instruction = saif::data::instruction(&saif.instruction)?;
+            let args = method::EvalArgs {
+                instruction: saif.instruction.clone(),
+                method: saif::evaluate::Method::parse(&m)?,
+                sae: choice.sae,
+                layer: choice.layer,
+                k,
+                alpha,
+                contents,
+                max_new_tokens,
+                seed,
+                placement: saif.placement()?,
+                rank: saif.rank()?,
+                read_at: saif.read_at()?,
+                scope: parse_scope(&scope)?,
+                keyword: saif.keyword.clone(),
+                coefficient: saif::discover::Coefficient::parse(&saif.coefficient)?,
+            };
+            let report = method::eval_cmd(&mut engine, &args)?;
+            print(model.json, serde_json::to_value(&report)?, || method::eval_text(&report, instruction));
+        }
+        Command::Sweep {
+            model,
+            choice,
+            saif,
+            param,
+            values,
+            methods,
+            k,
+            alpha,
+            diffmean_alpha,
+            on,
+            limit,
+            max_new_tokens,
+            seed,
+            out,
+        } => {
+            let mut engine = model.load()?;
+            let mut contents: Vec<String> = match on.as_str() {
+                "heldout" => saif::data::heldout_contents().into_iter().map(String::from).collect(),
+                "discovery" => saif::data::discovery_contents().into_iter().map(String::from).collect(),
+                file => method::contents(Some(Path::new(file)))?,
+            };
+            contents.truncate(limit.unwrap_or(usize::MAX));
+            let args = method::SweepArgs {
+                instruction: saif.instruction.clone(),
+                param: saif::sweep::Param::parse(&param)?,
+                values,
+                methods: methods.iter().map(|m| saif::evaluate::Method::parse(m)).collect::<Result<_, _>>()?,
+                sae: choice.sae,
+                layer: choice.layer,
+                k,
+                alpha,
+                diffmean_alpha,
+                contents,
+                max_new_tokens,
+                seed,
+                placement: saif.placement()?,
+                rank: saif.rank()?,
+                read_at: saif.read_at()?,
+                coefficient: saif::discover::Coefficient::parse(&saif.coefficient)?,
+                keyword: saif.keyword.clone(),
+                out,
+            };
+            let value = method::sweep_cmd(&mut engine, &args)?;
+            print(model.json, value.clone(), || {
+                let mut s = String::new();
+                for r in value["rows"].as_array().into_iter().flatten() {
+                    s += &format!(
+                        "{} = {:>6}  {:<16} loose {:>5.1}%  strict {:>5.1}%  perplexity {:>8.1}  repetition {:.2}\n",
+                        r["param"].as_str().unwrap_or(""),
+                        r["value"].as_str().unwrap_or(""),
+                        r["method"].as_str().unwrap_or(""),
+                        100.0 * r["loose"].as_f64().unwrap_or(0.0),
+                        100.0 * r["strict"].as_f64().unwrap_or(0.0),
+                        r["perplexity"].as_f64().unwrap_or(0.0),
+                        r["repetition"].as_f64().unwrap_or(0.0)
+                    );
+                }
+                s + &format!("files: {}", value["files"])
+            });
+        }
+        Command::Steer { model, choice, latent, mult, scope, prompt, chat, max_new_tokens, sampling } => {
+            let mut engine = model.load()?;
+            let args = method::SteerArgs {
+                latents: method::parse_latents(&latent)?,
+                sae: choice.sae,
+                layer: choice.layer,
+                multiplier: mult,
+                scope: parse_scope(&scope)?,
+                prompt,
+                chat,
+                max_new_tokens,
+                sampling: sampling.sampling()?,
+            };
+            let value = method::steer_cmd(&mut engine, &args)?;
+            print(model.json, value.clone(), || {
+                format!("default: {}\nsteered: {}", value["default"]["text"], value["steered"]["text"])
+            });
         }
         Command::Info { model } => {
             let engine = model.load()?;

@@ -7,7 +7,8 @@ use serde::Serialize;
 use crate::engine::Engine;
 use crate::error::{EngineError, Result};
 use crate::hooks::{Hooks, Positions, Scope, Segment};
-use crate::sampler::Sampling;
+use crate::model::BatchCall;
+use crate::sampler::{pick, Sampling};
 
 /// A paragraph of ordinary English, repeated to make prompts of any length.
 const FILLER: &str = "The old lighthouse keeper climbed the stairs every evening to light the lamp. Ships passing \
@@ -21,11 +22,18 @@ pub struct BenchSettings {
     pub runs: usize,
     /// Also decode with a steering vector and a read hook on the last layer, to measure what hooks cost.
     pub with_hooks: bool,
+    /// Also decode this many sequences at once (batched decoding), where the backend batches; 1: no.
+    #[serde(default = "one")]
+    pub batch: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl Default for BenchSettings {
     fn default() -> Self {
-        Self { prompt_tokens: 128, decode_tokens: 64, runs: 5, with_hooks: true }
+        Self { prompt_tokens: 128, decode_tokens: 64, runs: 5, with_hooks: true, batch: 1 }
     }
 }
 
@@ -50,6 +58,12 @@ pub struct BenchResult {
     pub gpu_memory_bytes: Option<u64>,
     /// Compute dispatches recorded per decoded token; absent on the CPU.
     pub dispatches_per_token: Option<usize>,
+    /// Sequences decoded at once for `batched_decode_tokens_per_s`.
+    #[serde(default)]
+    pub batch: Option<usize>,
+    /// Tokens per second over all sequences when `batch` sequences decode together (median over the runs).
+    #[serde(default)]
+    pub batched_decode_tokens_per_s: Option<f64>,
 }
 
 pub fn median(values: &[f64]) -> f64 {
@@ -97,9 +111,39 @@ async fn one_run(
     Ok(((t1 - t0) / 1000.0, (t2 - t1) / 1000.0))
 }
 
+/// Times `decode_tokens` greedy steps of `batch` sequences decoding together after each prefilled `prompt`;
+/// returns the seconds of the decoding steps.
+async fn batched_run(
+    engine: &mut Engine,
+    prompt: &[u32],
+    decode_tokens: usize,
+    batch: usize,
+    now: &dyn Fn() -> f64,
+) -> Result<f64> {
+    let model = engine.model.as_mut();
+    let none = Hooks::none();
+    let mut next = Vec::with_capacity(batch);
+    for s in 0..batch {
+        model.reset_sequence(s);
+        let call = [BatchCall { sequence: s, tokens: prompt, segment: Segment::Prompt, hooks: &none }];
+        next.push([pick(&model.forward_batch(&call).await?[0].logits, &Sampling::Greedy, 0)]);
+    }
+    let t0 = now();
+    for _ in 0..decode_tokens {
+        let calls: Vec<BatchCall> = next
+            .iter()
+            .enumerate()
+            .map(|(s, t)| BatchCall { sequence: s, tokens: t, segment: Segment::Generated, hooks: &none })
+            .collect();
+        let out = model.forward_batch(&calls).await?;
+        next = out.iter().map(|o| [pick(&o.logits, &Sampling::Greedy, 1)]).collect();
+    }
+    Ok((now() - t0) / 1000.0)
+}
+
 /// Runs the benchmark; `now` returns milliseconds.
 pub async fn run(engine: &mut Engine, settings: &BenchSettings, now: &dyn Fn() -> f64) -> Result<BenchResult> {
-    let BenchSettings { prompt_tokens, decode_tokens, runs, with_hooks } = *settings;
+    let BenchSettings { prompt_tokens, decode_tokens, runs, with_hooks, batch } = *settings;
     if prompt_tokens == 0 || runs == 0 {
         return Err(EngineError::InvalidRequest("the prompt length and the number of runs must be at least 1".into()));
     }
@@ -136,6 +180,16 @@ pub async fn run(engine: &mut Engine, settings: &BenchSettings, now: &dyn Fn() -
     } else {
         (None, None)
     };
+    let batched = if batch > 1 && decode_tokens > 0 && engine.model.batch_capacity() >= batch {
+        let mut speeds = Vec::new();
+        for _ in 0..runs {
+            let seconds = batched_run(engine, &prompt, decode_tokens, batch, now).await?;
+            speeds.push((batch * decode_tokens) as f64 / seconds);
+        }
+        Some(median(&speeds))
+    } else {
+        None
+    };
     let stats = engine.model.stats();
     Ok(BenchResult {
         backend: engine.model.backend_name(),
@@ -151,5 +205,7 @@ pub async fn run(engine: &mut Engine, settings: &BenchSettings, now: &dyn Fn() -
         hooks_overhead_percent: overhead,
         gpu_memory_bytes: stats.gpu_memory_bytes,
         dispatches_per_token: stats.dispatches_per_token,
+        batch: batched.map(|_| batch),
+        batched_decode_tokens_per_s: batched,
     })
 }

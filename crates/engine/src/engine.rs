@@ -38,6 +38,27 @@ pub struct Engine {
     pub tensor_types: Vec<(String, usize)>,
     /// The file's size in bytes.
     pub file_bytes: u64,
+    /// Whether the file names an instruction-tuned model (see `is_instruction_tuned`).
+    pub instruction_tuned: bool,
+}
+
+/// Whether a GGUF holds a model tuned to follow instructions: it carries a chat template
+/// (`tokenizer.chat_template`; pretrained files such as Gemma 3 270M's have none), or the names it gives its model
+/// (`general.name`, `general.finetune`, `general.basename`) say "instruct", "chat" or "it" (Gemma's `-it`). A
+/// pretrained model is fed plain text; an instruction-tuned one its chat template.
+pub fn is_instruction_tuned(gguf: &GgufFile) -> bool {
+    if gguf.get_str("tokenizer.chat_template").is_ok_and(|t| !t.trim().is_empty()) {
+        return true;
+    }
+    let names = ["general.name", "general.finetune", "general.basename"]
+        .iter()
+        .filter_map(|k| gguf.get_str(k).ok())
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase();
+    names.contains("instruct")
+        || names.contains("chat")
+        || names.split(|c: char| !c.is_alphanumeric()).any(|w| w == "it")
 }
 
 impl Engine {
@@ -111,6 +132,7 @@ impl Engine {
             metadata: gguf.metadata_summary(),
             tensor_types: types.into_iter().collect(),
             file_bytes: gguf.file_size(),
+            instruction_tuned: is_instruction_tuned(gguf),
         }
     }
 
@@ -130,6 +152,11 @@ impl Engine {
 
     pub fn config(&self) -> &ModelConfig {
         self.model.config()
+    }
+
+    /// Whether the model follows chat instructions (it then gets its chat template).
+    pub fn instruction_tuned(&self) -> bool {
+        self.instruction_tuned
     }
 
     /// Tokens that end a plain completion: the GGUF's end-of-sequence token.

@@ -57,6 +57,10 @@ pub enum EngineError {
 
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+
+    /// The caller asked a long task (a discovery, an evaluation) to stop.
+    #[error("stopped on request")]
+    Stopped,
 }
 
 /// The quantizations this engine reads, for error messages and docs.

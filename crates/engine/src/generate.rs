@@ -7,8 +7,8 @@ use serde::Serialize;
 
 use crate::error::{EngineError, Result};
 use crate::hooks::{Capture, Hooks, Segment};
-use crate::model::LanguageModel;
-use crate::sampler::Sampling;
+use crate::model::{BatchCall, LanguageModel};
+use crate::sampler::{pick, Sampling};
 
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
@@ -98,4 +98,107 @@ pub async fn generate_async<F: Future<Output = bool>>(
         segment = Segment::Generated;
     }
     Ok(Generation { ids, stop, captures, prompt_logits })
+}
+
+/// One sequence of a batched generation: its prompt, hooks and options.
+#[derive(Clone, Copy)]
+pub struct SequenceRequest<'a> {
+    pub prompt: &'a [u32],
+    pub hooks: &'a Hooks,
+    pub options: &'a GenerateOptions,
+}
+
+/// Generates every request, several sequences per forward call where the backend batches
+/// (`LanguageModel::batch_capacity`), one after the other where it does not. A sequence gets exactly the same
+/// tokens, logits and captures whatever it is batched with (its rows are computed independently of the others';
+/// `generate` may differ from it at near-ties, as its products sum in another order). `on_token(i, token)` sees
+/// request i's tokens as they come and returns false to stop that sequence.
+pub async fn generate_batch<F: Future<Output = bool>>(
+    model: &mut dyn LanguageModel,
+    requests: &[SequenceRequest<'_>],
+    mut on_token: impl FnMut(usize, u32) -> F,
+) -> Result<Vec<Generation>> {
+    let capacity = model.batch_capacity();
+    if capacity < 2 {
+        let mut out = Vec::with_capacity(requests.len());
+        for (i, r) in requests.iter().enumerate() {
+            out.push(generate_async(model, r.prompt, r.options, r.hooks, |t| on_token(i, t)).await?);
+        }
+        return Ok(out);
+    }
+    for r in requests {
+        if r.prompt.is_empty() {
+            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+        }
+        r.options.sampling.validate()?;
+        let needed = r.prompt.len() + r.options.max_new_tokens.saturating_sub(1);
+        if needed > model.max_context() {
+            return Err(EngineError::ContextOverflow { tokens: needed, context: model.max_context() });
+        }
+    }
+    let mut out: Vec<Option<Generation>> = vec![None; requests.len()];
+    let indices: Vec<usize> = (0..requests.len()).collect();
+    for group in indices.chunks(capacity) {
+        // State per sequence of the group: generated ids, captures, prompt logits, whether it goes on.
+        let mut gens: Vec<Generation> = group
+            .iter()
+            .map(|_| Generation { ids: Vec::new(), stop: StopReason::Limit, captures: Vec::new(), prompt_logits: None })
+            .collect();
+        let mut running: Vec<bool> = group.iter().map(|&i| requests[i].options.max_new_tokens > 0).collect();
+        // Prompts one at a time (each as it runs alone), then steps of one token per running sequence.
+        for (slot, &i) in group.iter().enumerate() {
+            model.reset_sequence(slot);
+            if !running[slot] {
+                continue;
+            }
+            let r = &requests[i];
+            let call = [BatchCall { sequence: slot, tokens: r.prompt, segment: Segment::Prompt, hooks: r.hooks }];
+            let step = model.forward_batch(&call).await?.pop().expect("one output per call");
+            gens[slot].prompt_logits = Some(step.logits.clone());
+            gens[slot].captures.extend(step.captures);
+            let token = pick(&step.logits, &r.options.sampling, 0);
+            running[slot] = accept(&mut gens[slot], token, r.options, on_token(i, token).await);
+        }
+        while running.iter().any(|&r| r) {
+            let live: Vec<usize> = (0..group.len()).filter(|&s| running[s]).collect();
+            let last: Vec<[u32; 1]> = live.iter().map(|&s| [*gens[s].ids.last().expect("a token")]).collect();
+            let calls: Vec<BatchCall> = live
+                .iter()
+                .zip(&last)
+                .map(|(&s, t)| BatchCall {
+                    sequence: s,
+                    tokens: t,
+                    segment: Segment::Generated,
+                    hooks: requests[group[s]].hooks,
+                })
+                .collect();
+            let steps = model.forward_batch(&calls).await?;
+            for (&slot, step) in live.iter().zip(steps) {
+                let i = group[slot];
+                let r = &requests[i];
+                gens[slot].captures.extend(step.captures);
+                let token = pick(&step.logits, &r.options.sampling, gens[slot].ids.len() as u32);
+                running[slot] = accept(&mut gens[slot], token, r.options, on_token(i, token).await);
+            }
+        }
+        for (slot, g) in gens.into_iter().enumerate() {
+            out[group[slot]] = Some(g);
+        }
+    }
+    Ok(out.into_iter().map(|g| g.expect("every request generated")).collect())
+}
+
+/// Records a sequence's new token; returns whether it goes on (not stopped by the caller, a stop token or the
+/// limit).
+fn accept(g: &mut Generation, token: u32, options: &GenerateOptions, keep_going: bool) -> bool {
+    g.ids.push(token);
+    if !keep_going {
+        g.stop = StopReason::Cancelled;
+        false
+    } else if options.stop_tokens.contains(&token) {
+        g.stop = StopReason::EndToken;
+        false
+    } else {
+        g.ids.len() < options.max_new_tokens
+    }
 }

@@ -1,10 +1,12 @@
 //! Hooks on the residual stream, the one mechanism that SAEs and steering plug into, on every backend.
 //!
 //! The hook point is `resid_post[L]`: the hidden state leaving decoder layer L (before the final norm for the last
-//! layer). A hook either *reads* it at chosen positions (to encode it with an SAE, to collect statistics) or *adds*
-//! a vector to it (steering) at all positions, the prompt's only or the generated tokens' only. Reads see the
-//! stream before the adds of the same layer, so an SAE reads the model's own activation; the adds then flow into
-//! every later layer and into the logits.
+//! layer). A hook either *reads* it at chosen positions (to encode it with an SAE, to collect statistics), *adds*
+//! a vector to it (steering) at all positions, the prompt's only or the generated tokens' only, or *sets its
+//! projection* onto a unit direction to a value (`h' = h + (c - h.u) u`, Stolfo et al.'s format steering). At one
+//! layer the order is: reads, then adds, then per-position additions, then the projection. Reads therefore see the
+//! stream before any change, so an SAE reads the model's own activation; the changes flow into every later layer
+//! and into the logits.
 //!
 //! A backend is handed a `Hooks` on every forward call together with the positions it processes and whether they
 //! are prompt or generated tokens; it returns one `Capture` per (read, position).
@@ -79,6 +81,16 @@ pub struct RowsHook {
     pub rows: Vec<f32>,
 }
 
+/// Set the component of `resid_post[layer]` along the unit vector `unit` to `value`: `h' = h + (value - h.unit) unit`
+/// at every position of the scope.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProjectHook {
+    pub layer: usize,
+    pub unit: Vec<f32>,
+    pub value: f32,
+    pub scope: Scope,
+}
+
 /// The hooks of one run; empty hooks cost nothing.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Hooks {
@@ -86,6 +98,8 @@ pub struct Hooks {
     pub adds: Vec<AddHook>,
     #[serde(default)]
     pub add_rows: Vec<RowsHook>,
+    #[serde(default)]
+    pub projections: Vec<ProjectHook>,
 }
 
 /// One captured activation.
@@ -117,8 +131,14 @@ impl Hooks {
         self
     }
 
+    /// Sets the projection of `resid_post[layer]` onto `unit` (a unit vector) to `value`.
+    pub fn project(mut self, layer: usize, unit: Vec<f32>, value: f32, scope: Scope) -> Self {
+        self.projections.push(ProjectHook { layer, unit, value, scope });
+        self
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.reads.is_empty() && self.adds.is_empty() && self.add_rows.is_empty()
+        self.reads.is_empty() && self.adds.is_empty() && self.add_rows.is_empty() && self.projections.is_empty()
     }
 
     /// Checks layers and vector widths against the model, so a bad request fails before any work is done.
@@ -151,6 +171,28 @@ impl Hooks {
                 return Err(EngineError::InvalidRequest("steering vector has NaN or infinite entries".into()));
             }
         }
+        for (i, p) in self.projections.iter().enumerate() {
+            if p.layer >= n_layers || p.unit.len() != hidden {
+                return Err(EngineError::InvalidRequest(format!(
+                    "projection on layer {} with a direction of width {} (the model has layers 0..{} of width {hidden})",
+                    p.layer,
+                    p.unit.len(),
+                    n_layers - 1
+                )));
+            }
+            if !p.value.is_finite() || p.unit.iter().any(|x| !x.is_finite()) {
+                return Err(EngineError::InvalidRequest("projection has NaN or infinite entries".into()));
+            }
+            let norm = p.unit.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+            if (norm - 1.0).abs() > 1e-3 {
+                return Err(EngineError::InvalidRequest(format!(
+                    "a projection needs a unit direction (its norm is {norm:.4})"
+                )));
+            }
+            if self.projections[..i].iter().any(|q| q.layer == p.layer) {
+                return Err(EngineError::InvalidRequest(format!("two projections on layer {}", p.layer)));
+            }
+        }
         for r in &self.add_rows {
             if r.layer >= n_layers || r.rows.len() % hidden != 0 {
                 return Err(EngineError::InvalidRequest(format!(
@@ -168,6 +210,12 @@ impl Hooks {
         self.reads.iter().any(|r| r.layer == layer)
             || self.adds.iter().any(|a| a.layer == layer)
             || self.add_rows.iter().any(|a| a.layer == layer)
+            || self.projections.iter().any(|p| p.layer == layer)
+    }
+
+    /// The projection set at `layer` for this segment, if any (at most one per layer).
+    pub fn projection(&self, layer: usize, segment: Segment) -> Option<&ProjectHook> {
+        self.projections.iter().find(|p| p.layer == layer && p.scope.covers(segment))
     }
 
     /// For a forward call over positions `start..start + len`: the per-position additions at `layer` as one
@@ -220,6 +268,16 @@ impl Hooks {
     }
 }
 
+/// `h' = h + (value - h.u) u` for each row of `rows` (rows of `unit.len()` values): the CPU twin of
+/// gpu/kernels/project.wgsl.
+pub fn set_projection(rows: &mut [f32], unit: &[f32], value: f32) {
+    for row in rows.chunks_mut(unit.len()) {
+        let along: f32 = row.iter().zip(unit).map(|(h, u)| h * u).sum();
+        let shift = value - along;
+        row.iter_mut().zip(unit).for_each(|(h, u)| *h += shift * u);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,6 +318,19 @@ mod tests {
         assert_eq!(h.added_rows(1, 6, 2, 2), None);
         assert_eq!(h.added_rows(0, 4, 3, 2), None);
         assert!(h.validate(2, 2).is_ok() && h.validate(2, 4).is_err());
+    }
+
+    #[test]
+    fn projections_need_unit_directions_one_per_layer() {
+        let unit = vec![0.6, 0.8];
+        assert!(Hooks::none().project(1, unit.clone(), 3.0, Scope::All).validate(4, 2).is_ok());
+        assert!(Hooks::none().project(1, vec![1.0, 1.0], 3.0, Scope::All).validate(4, 2).is_err());
+        assert!(Hooks::none().project(1, unit.clone(), f32::INFINITY, Scope::All).validate(4, 2).is_err());
+        let twice = Hooks::none().project(1, unit.clone(), 1.0, Scope::All).project(1, unit.clone(), 2.0, Scope::All);
+        assert!(twice.validate(4, 2).is_err());
+        let h = Hooks::none().project(1, unit, 3.0, Scope::Generated);
+        assert!(h.touches(1) && !h.touches(0));
+        assert!(h.projection(1, Segment::Prompt).is_none() && h.projection(1, Segment::Generated).is_some());
     }
 
     #[test]

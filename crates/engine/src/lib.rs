@@ -24,12 +24,14 @@ pub use chat::ChatTemplate;
 pub use config::{Architecture, ModelConfig};
 pub use engine::{Engine, LoadStep};
 pub use error::{EngineError, Result};
-pub use generate::{generate, generate_async, GenerateOptions, Generation, StopReason};
+pub use generate::{
+    generate, generate_async, generate_batch, GenerateOptions, Generation, SequenceRequest, StopReason,
+};
 pub use gguf::GgufFile;
 pub use hooks::{Capture, Hooks, Positions, Scope, Segment};
 #[cfg(not(target_arch = "wasm32"))]
 pub use model::block_on;
 pub use model::cpu::{CpuModel, LoadOptions};
-pub use model::{BackendStats, LanguageModel, LocalBoxFuture, LogitsWanted, Picked, StepOutput};
+pub use model::{BackendStats, BatchCall, LanguageModel, LocalBoxFuture, LogitsWanted, Picked, StepOutput};
 pub use sampler::{pick, Sampling};
 pub use tokenizer::Tokenizer;

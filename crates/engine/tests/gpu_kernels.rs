@@ -49,3 +49,8 @@ fn elementwise_steps_match_cpu() {
 fn token_selection_matches_the_cpu_sampler() {
     block_on(gpu_cases::token_selection_matches_the_cpu_sampler(&gpu()));
 }
+
+#[test]
+fn projection_matches_cpu() {
+    block_on(gpu_cases::projection_matches_cpu(&gpu()));
+}

@@ -157,3 +157,103 @@ fn per_position_additions_reach_every_position_on_both_backends() {
         assert!(out.logits.iter().all(|&l| l.abs() < 1e-4));
     }
 }
+
+/// Setting the projection of resid_post of the last layer onto u to c must give logits = W_U rmsnorm(h + (c - h.u) u),
+/// computed here in f64 from the file's own tensors, on both backends.
+#[test]
+fn a_projection_on_the_last_layer_equals_the_manual_computation() {
+    let path = fixture_path("tiny-llama.gguf");
+    for backend in [Backend::Cpu, Backend::Wgpu] {
+        let mut engine = load_on(&path, backend);
+        let (hidden, last, eps) =
+            (engine.config().hidden, engine.config().n_layers - 1, engine.config().rms_eps as f64);
+        let prompt = [10u32, 20, 30];
+        engine.model.reset();
+        let reads = Hooks::none().read(last, Positions::Last);
+        let clean = block_on(engine.model.forward(&prompt, Segment::Prompt, &reads, LogitsWanted::Last)).unwrap();
+        let h = &clean.captures[0].values;
+        let raw: Vec<f64> = (0..hidden).map(|i| ((i * 29 % 13) as f64 - 6.0) * 0.3).collect();
+        let norm = raw.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let unit: Vec<f32> = raw.iter().map(|x| (x / norm) as f32).collect();
+        let c = 7.5f32;
+        engine.model.reset();
+        let hooks = Hooks::none().project(last, unit.clone(), c, Scope::All);
+        let steered = block_on(engine.model.forward(&prompt, Segment::Prompt, &hooks, LogitsWanted::Last)).unwrap();
+
+        let bytes = std::fs::read(&path).unwrap();
+        let gguf = saif_engine::GgufFile::from_bytes(&bytes).unwrap();
+        let mut cursor = std::io::Cursor::new(&bytes);
+        let dev = candle_core::Device::Cpu;
+        let w_u =
+            gguf.tensor(&mut cursor, "token_embd.weight").unwrap().dequantize(&dev).unwrap().to_vec2::<f32>().unwrap();
+        let norm_w =
+            gguf.tensor(&mut cursor, "output_norm.weight").unwrap().dequantize(&dev).unwrap().to_vec1::<f32>().unwrap();
+        let along: f64 = h.iter().zip(&unit).map(|(&a, &u)| a as f64 * u as f64).sum();
+        let x: Vec<f64> = h.iter().zip(&unit).map(|(&a, &u)| a as f64 + (c as f64 - along) * u as f64).collect();
+        let rms = (x.iter().map(|a| a * a).sum::<f64>() / hidden as f64 + eps).sqrt();
+        for (id, row) in w_u.iter().enumerate() {
+            let want: f64 = row.iter().zip(&x).zip(&norm_w).map(|((&w, &a), &g)| w as f64 * a / rms * g as f64).sum();
+            let got = steered.logits[id] as f64;
+            assert!((got - want).abs() < 1e-3 * (1.0 + want.abs()), "{backend:?} logit {id}: {got} vs {want}");
+        }
+        assert!((steered.logits[0] - clean.logits[0]).abs() > 1e-3, "{backend:?}: the projection changed nothing");
+    }
+}
+
+/// A generated-only hook leaves every prompt position's logits alone and changes the generated positions'; a
+/// prompt-only hook does the opposite (the generated tokens' logits move only through the prompt's keys and values,
+/// so they are compared on the same fed tokens, with the cache made under the hook). Both kinds of steering, both
+/// backends.
+#[test]
+fn generated_and_prompt_scopes_touch_only_their_positions() {
+    let path = fixture_path("tiny-gemma3.gguf");
+    for backend in [Backend::Cpu, Backend::Wgpu] {
+        let mut engine = load_on(&path, backend);
+        let hidden = engine.config().hidden;
+        let v: Vec<f32> = (0..hidden).map(|i| if i % 2 == 0 { 4.0 } else { -3.0 }).collect();
+        let unit: Vec<f32> = {
+            let n = (hidden as f32).sqrt();
+            (0..hidden).map(|_| 1.0 / n).collect()
+        };
+        let prompt = [2u32, 40, 41, 42];
+        let next = [43u32, 44];
+        // Logits after every prompt position, and after each fed generated token, under `hooks`.
+        let run = |engine: &mut saif_engine::Engine, hooks: &Hooks| {
+            engine.model.reset();
+            let p = block_on(engine.model.forward(&prompt, Segment::Prompt, hooks, LogitsWanted::All)).unwrap();
+            let g = block_on(engine.model.forward(&next, Segment::Generated, hooks, LogitsWanted::All)).unwrap();
+            (p.all_logits.unwrap(), g.all_logits.unwrap())
+        };
+        let clean = run(&mut engine, &Hooks::none());
+        for hooks in [
+            Hooks::none().add(1, v.clone(), Scope::Generated),
+            Hooks::none().project(1, unit.clone(), 6.0, Scope::Generated),
+        ] {
+            let (p, g) = run(&mut engine, &hooks);
+            assert_eq!(p, clean.0, "{backend:?}: a generated-only hook changed the prompt's logits");
+            assert!(differ(&g, &clean.1), "{backend:?}: a generated-only hook changed nothing it covers");
+        }
+        for hooks in
+            [Hooks::none().add(1, v.clone(), Scope::Prompt), Hooks::none().project(1, unit.clone(), 6.0, Scope::Prompt)]
+        {
+            let (p, g) = run(&mut engine, &hooks);
+            assert!(differ(&p, &clean.0), "{backend:?}: a prompt-only hook left the prompt alone");
+            // The generated positions differ only through the cache: the same hook on an empty cache of
+            // generated tokens alone must leave them untouched.
+            engine.model.reset();
+            let alone = block_on(engine.model.forward(&next, Segment::Generated, &hooks, LogitsWanted::All)).unwrap();
+            engine.model.reset();
+            let alone_clean =
+                block_on(engine.model.forward(&next, Segment::Generated, &Hooks::none(), LogitsWanted::All)).unwrap();
+            assert_eq!(
+                alone.all_logits, alone_clean.all_logits,
+                "{backend:?}: a prompt-only hook ran on generated tokens"
+            );
+            assert!(differ(&g, &clean.1), "through the cache, the prompt's change reaches later tokens");
+        }
+    }
+}
+
+fn differ(a: &[f32], b: &[f32]) -> bool {
+    a.iter().zip(b).any(|(x, y)| (x - y).abs() > 1e-4)
+}

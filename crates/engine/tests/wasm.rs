@@ -131,6 +131,11 @@ async fn webgpu_elementwise_steps_match_cpu() {
 }
 
 #[wasm_bindgen_test]
+async fn webgpu_projection_matches_cpu() {
+    gpu_cases::projection_matches_cpu(&gpu().await).await;
+}
+
+#[wasm_bindgen_test]
 async fn webgpu_token_selection_matches_the_cpu_sampler() {
     gpu_cases::token_selection_matches_the_cpu_sampler(&gpu().await).await;
 }

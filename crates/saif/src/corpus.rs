@@ -1,5 +1,8 @@
-//! Text for SAEs: corpus files (one text per line; a line starting with "[chat] " is a user turn, wrapped in the
-//! model's chat template) and the residual-stream activations a model produces on them.
+//! Text for SAEs: corpus files (one text per line) and the residual-stream activations a model produces on them.
+//!
+//! Two markers start special lines: "[chat] " is a user turn, wrapped in the model's chat template; "[prompt] " is
+//! a SAIF prompt, fed as SAIF feeds the model (a chat turn for an instruction-tuned model, plain text and a newline
+//! for a pretrained one; `data::render`). In both, the two characters `\n` stand for a line break.
 
 use saif_engine::{Engine, EngineError, Hooks, LogitsWanted, Positions, Segment};
 
@@ -14,9 +17,12 @@ pub fn read_lines(path: &std::path::Path) -> std::io::Result<Vec<String>> {
 /// The token ids a model is fed for a corpus line: chat lines in its chat template, BOS where it wants one, at most
 /// `MAX_TOKENS_PER_TEXT`.
 pub fn line_tokens(engine: &Engine, line: &str) -> Result<Vec<u32>, EngineError> {
-    let text = match line.strip_prefix("[chat] ") {
-        Some(user) => engine.chat.render(user, None),
-        None => line.to_string(),
+    let text = if let Some(user) = line.strip_prefix("[chat] ") {
+        engine.chat.render(&user.replace("\\n", "\n"), None)
+    } else if let Some(user) = line.strip_prefix("[prompt] ") {
+        crate::data::render(engine, &user.replace("\\n", "\n"), crate::data::PromptStyle::for_engine(engine))
+    } else {
+        line.to_string()
     };
     let mut ids = engine.tokenizer.encode_prompt(&text)?;
     ids.truncate(MAX_TOKENS_PER_TEXT);

@@ -1,8 +1,32 @@
-//! The SAEs the project ships for the offline models, found without any flag: `public/saes/<model key>/layer_<L>/`
-//! (the app serves the same folder). Search order: `$SAIF_SAES`, the repository the `saif` binary was built in
-//! (`<exe>/../../public/saes`), `./public/saes`.
+//! What the project ships for the offline models, found without any flag:
+//! - the SAEs, `public/saes/<model key>/layer_<L>/` (the app serves the same folder). Search order: `$SAIF_SAES`,
+//!   the repository the `saif` binary was built in (`<exe>/../../public/saes`), `./public/saes`;
+//! - the steering settings the sweeps found best per model and instruction (`crates/saif/data/steering.json`).
 
 use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Steering settings for one model and instruction.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SteeringDefaults {
+    /// The layer steered and read by the SAE.
+    pub layer: usize,
+    /// SAIF's strength (the multiplier of the latents' mean activations).
+    pub alpha: f32,
+    /// Latents steered with.
+    pub k: usize,
+    /// Difference-in-means' strength at the same layer.
+    pub diffmean_alpha: f32,
+}
+
+/// The recorded settings for `model_key` and `instruction` (its own entry, else the model's "*" entry).
+pub fn steering(model_key: &str, instruction: &str) -> Option<SteeringDefaults> {
+    let all: serde_json::Value = serde_json::from_str(include_str!("../data/steering.json")).ok()?;
+    let model = all.get("models")?.get(model_key)?;
+    let entry = model.get(instruction).or_else(|| model.get("*"))?;
+    serde_json::from_value(entry.clone()).ok()
+}
 
 pub fn search_dirs() -> Vec<PathBuf> {
     let mut dirs = Vec::new();

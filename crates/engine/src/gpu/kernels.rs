@@ -18,6 +18,7 @@ const ROPE: &str = include_str!("kernels/rope.wgsl");
 const ATTENTION: &str = include_str!("kernels/attention.wgsl");
 const ELEMENTWISE: &str = include_str!("kernels/elementwise.wgsl");
 const SELECT: &str = include_str!("kernels/select.wgsl");
+const PROJECT: &str = include_str!("kernels/project.wgsl");
 
 /// Tokens per workgroup of the matrix product when a call has many (prompts); decoding uses 1.
 pub const PREFILL_TILE: u32 = 8;
@@ -178,6 +179,7 @@ pub struct Kernels {
     pub add_vector: Kernel,
     pub softcap: Kernel,
     pub select: Kernel,
+    pub set_projection: Kernel,
 }
 
 impl Kernels {
@@ -223,6 +225,7 @@ impl Kernels {
             add_vector: build(gpu, "add_vector", ELEMENTWISE, "add_vector", &ew, &[]),
             softcap: build(gpu, "softcap", ELEMENTWISE, "softcap", &ew[1..], &[]),
             select: build(gpu, "select", SELECT, "main", &[(0, R), (1, W), (2, U)], &[]),
+            set_projection: build(gpu, "set_projection", PROJECT, "set_projection", &ew, &[]),
             matmul,
             embed,
         };
@@ -331,6 +334,14 @@ pub struct ElementwiseParams {
     pub rows: u32,
     pub cap: f32,
     pub pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Debug, Default)]
+pub struct ProjectParams {
+    pub width: u32,
+    pub value: f32,
+    pub pad: [u32; 2],
 }
 
 #[repr(C)]

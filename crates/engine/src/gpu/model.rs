@@ -136,6 +136,9 @@ pub struct GpuModel {
     head_all: Option<(usize, Vec<Op>, wgpu::Buffer)>,
     /// Per layer: the steering vector buffer and its `add_vector` dispatch, created on first use.
     steering: Vec<Option<(wgpu::Buffer, Op)>>,
+    /// Per layer: the projection's direction and parameter buffers and its `set_projection` dispatch, created on
+    /// first use.
+    projecting: Vec<Option<(wgpu::Buffer, wgpu::Buffer, Op)>>,
     _weights: Vec<GpuMatrix>,
     _vectors: Vec<wgpu::Buffer>,
     position: usize,
@@ -536,6 +539,7 @@ impl GpuModel {
             head: HeadWeights { final_norm, lm_head },
             head_all: None,
             steering: (0..c.n_layers).map(|_| None).collect(),
+            projecting: (0..c.n_layers).map(|_| None).collect(),
             _weights: weights,
             _vectors: vectors.into_iter().chain(rope_tables.into_iter().flat_map(|r| [r.1, r.2])).collect(),
             scratch,
@@ -689,6 +693,28 @@ impl GpuModel {
         self.steering[layer].as_ref().expect("just created")
     }
 
+    /// The set_projection dispatch of layer `layer`, with its direction and parameter buffers, created on first use.
+    fn projection_op(&mut self, layer: usize) -> &(wgpu::Buffer, wgpu::Buffer, Op) {
+        if self.projecting[layer].is_none() {
+            let hidden = self.config.hidden;
+            let unit = self.gpu.storage("projection direction", (hidden * 4) as u64);
+            let params =
+                uniform(&self.gpu, "projection", &ProjectParams { width: hidden as u32, ..Default::default() });
+            let k = &self.kernels.set_projection;
+            let bind = k.bind(&self.gpu, &[&unit, &self.scratch.h, &params, &self.scratch.step]);
+            let op = Op {
+                name: "set projection".into(),
+                pipeline: k.pipeline().clone(),
+                tiled: None,
+                bind,
+                grid: Grid::Rows { per_token: 1, last_only: false },
+                _params: None,
+            };
+            self.projecting[layer] = Some((unit, params, op));
+        }
+        self.projecting[layer].as_ref().expect("just created")
+    }
+
     /// Makes sure the all-positions head exists for calls of `tokens` tokens.
     fn ensure_head_all(&mut self, tokens: usize) {
         if self.head_all.as_ref().is_some_and(|h| h.0 >= tokens) {
@@ -756,6 +782,17 @@ impl GpuModel {
                 steered[layer] = true;
             }
         }
+        // Projections for this call's segment: direction and value written before the commands that read them.
+        let mut projected = vec![false; self.config.n_layers];
+        for layer in 0..self.config.n_layers {
+            if let Some(p) = hooks.projection(layer, segment) {
+                let params = ProjectParams { width: hidden as u32, value: p.value, pad: [0; 2] };
+                let (unit, params_buffer, _) = self.projection_op(layer);
+                gpu.queue.write_buffer(unit, 0, bytemuck::cast_slice(&p.unit));
+                gpu.queue.write_buffer(params_buffer, 0, bytemuck::bytes_of(&params));
+                projected[layer] = true;
+            }
+        }
         // Per-position additions (evaluations only): a buffer and a dispatch made for this call.
         let row_ops: Vec<Option<(wgpu::Buffer, Op)>> = (0..self.config.n_layers)
             .map(|layer| {
@@ -816,6 +853,10 @@ impl GpuModel {
                 op.record(pass.as_mut().unwrap(), t);
             }
             if let Some((_, op)) = &row_ops[layer] {
+                op.record(pass.as_mut().unwrap(), t);
+            }
+            if projected[layer] {
+                let (_, _, op) = self.projecting[layer].as_ref().expect("made above");
                 op.record(pass.as_mut().unwrap(), t);
             }
         }

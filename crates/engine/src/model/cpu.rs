@@ -14,6 +14,12 @@
 //! ```
 //!
 //! The hook point `resid_post[L]` is `h` after layer L.
+//!
+//! Several sequences can run in one call (`forward_batch`), each with its own KV cache and position: their rows
+//! share the matrix products, and attention and hooks run per sequence. Batched calls compute every row of every
+//! product independently of the other rows (`QuantMatrix::matmul_exact_rows`), so a sequence gets the same numbers
+//! in any batch; single-sequence calls (`forward`) take the fastest product form for their size, which sums in
+//! another order (the same tokens but at near-ties).
 
 use std::io::{Read, Seek};
 use std::sync::Arc;
@@ -22,7 +28,7 @@ use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::kv_cache::KvCache;
 
-use super::{check_request, LanguageModel, LocalBoxFuture, LogitsWanted, StepOutput};
+use super::{check_request, BatchCall, LanguageModel, LocalBoxFuture, LogitsWanted, StepOutput};
 use crate::config::{rope_cos_sin, Activation, ModelConfig, RopeLayout};
 use crate::error::{EngineError, Result, TensorContext};
 use crate::gguf::GgufFile;
@@ -40,11 +46,11 @@ pub struct LoadOptions {
 struct Linear(QuantMatrix);
 
 impl Linear {
-    /// `x`: [n, cols] -> [n, rows].
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x`: [n, cols] -> [n, rows]; with `exact_rows`, each row computed as it would be alone.
+    fn forward(&self, x: &Tensor, exact_rows: bool) -> Result<Tensor> {
         let n = x.dims2().context("matrix product input")?.0;
         let values = x.flatten_all().and_then(|v| v.to_vec1::<f32>()).context("matrix product input")?;
-        let out = self.0.matmul(&values)?;
+        let out = if exact_rows { self.0.matmul_exact_rows(&values)? } else { self.0.matmul(&values)? };
         Tensor::from_vec(out, (n, self.0.rows()), &Device::Cpu).context("matrix product")
     }
 }
@@ -63,8 +69,27 @@ struct Layer {
     up: Linear,
     down: Linear,
     post_ffn_norm: Option<Tensor>,
-    cache: KvCache,
 }
+
+/// One sequence's state: its keys and values per layer, and how many tokens it holds.
+struct Sequence {
+    caches: Vec<KvCache>,
+    position: usize,
+}
+
+impl Sequence {
+    fn new(n_layers: usize) -> Self {
+        Self { caches: (0..n_layers).map(|_| KvCache::new(2, 256)).collect(), position: 0 }
+    }
+
+    fn reset(&mut self) {
+        self.caches.iter_mut().for_each(KvCache::reset);
+        self.position = 0;
+    }
+}
+
+/// Sequences one batched call may hold.
+const MAX_SEQUENCES: usize = 64;
 
 /// The token embedding, kept quantized: rows are dequantized on lookup (the 270M table is 671 MB in f32).
 struct Embedding(QuantMatrix);
@@ -88,7 +113,8 @@ pub struct CpuModel {
     lm_head: Linear,
     /// RoPE frequency divisors (Llama 3's `rope_freqs.weight`), one per pair of dimensions.
     rope_factors: Option<Vec<f32>>,
-    position: usize,
+    /// Sequence 0 is the one `forward` runs; batched calls use more, created on first use.
+    sequences: Vec<Sequence>,
     max_context: usize,
 }
 
@@ -187,7 +213,6 @@ impl CpuModel {
                 up: ld.linear(&n("ffn_up"), c.ffn_hidden, c.hidden)?,
                 down: ld.linear(&n("ffn_down"), c.hidden, c.ffn_hidden)?,
                 post_ffn_norm: if gemma { Some(ld.vector(&n("post_ffw_norm"), c.hidden)?) } else { None },
-                cache: KvCache::new(2, 256),
             });
             progress(i + 2, total);
         }
@@ -203,7 +228,8 @@ impl CpuModel {
         };
         progress(total, total);
         let max_context = options.max_context.map_or(c.context_length, |m| m.min(c.context_length)).max(1);
-        Ok(Self { config, embedding, layers, final_norm, lm_head, rope_factors, position: 0, max_context })
+        let sequences = vec![Sequence::new(c.n_layers)];
+        Ok(Self { config, embedding, layers, final_norm, lm_head, rope_factors, sequences, max_context })
     }
 
     /// cos and sin of the RoPE angles for positions `start..start + n` ([n, head_dim / 2] each).
@@ -239,16 +265,38 @@ impl CpuModel {
         Tensor::from_vec(mask, (group * n, total), &Device::Cpu).map(Some).context("mask")
     }
 
-    fn attention(&mut self, layer: usize, a: &Tensor, start: usize) -> Result<Tensor> {
+    /// The attention block of `layer` over the rows of every call (`a`: the calls' rows, one after the other):
+    /// the projections on all rows at once, attention per sequence against its own cache.
+    fn attention(&mut self, layer: usize, a: &Tensor, calls: &[BatchCall], exact_rows: bool) -> Result<Tensor> {
+        let l = &self.layers[layer];
+        let q = l.wq.forward(a, exact_rows)?;
+        let k = l.wk.forward(a, exact_rows)?;
+        let v = l.wv.forward(a, exact_rows)?;
+        let mut outs = Vec::with_capacity(calls.len());
+        let mut row = 0;
+        for call in calls {
+            let n = call.tokens.len();
+            let part = |x: &Tensor| x.narrow(0, row, n).context("a sequence's rows");
+            outs.push(self.attend(layer, part(&q)?, part(&k)?, part(&v)?, call.sequence)?);
+            row += n;
+        }
+        let out = if outs.len() == 1 { outs.pop().expect("one") } else { Tensor::cat(&outs, 0).context("rows")? };
+        self.layers[layer].wo.forward(&out, exact_rows)
+    }
+
+    /// Attention of one sequence's `n` new rows (queries, keys, values: [n, heads * hd]) at `layer`, appending
+    /// the keys and values to the sequence's cache. Returns [n, heads * hd].
+    fn attend(&mut self, layer: usize, q: Tensor, k: Tensor, v: Tensor, sequence: usize) -> Result<Tensor> {
         let c = &self.config;
-        let (n, _) = a.dims2().context("attention input")?;
+        let (n, _) = q.dims2().context("attention input")?;
         let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
         let group = nh / nkv;
         let spec = c.layers[layer];
+        let start = self.sequences[sequence].position;
         let (cos, sin) = self.rope_tables(spec.rope_base, start, n)?;
         let mask = self.attention_mask(start, n, spec.window, group)?;
         let (scale, softcap, eps, layout) = (c.attention_scale as f64, c.attn_softcap, c.rms_eps, c.rope_layout);
-        let l = &mut self.layers[layer];
+        let l = &self.layers[layer];
 
         // [n, heads * hd] -> [1, heads, n, hd]
         let heads = |x: Tensor, h: usize| -> Result<Tensor> {
@@ -258,9 +306,9 @@ impl CpuModel {
                 .and_then(|x| x.unsqueeze(0))
                 .context("split heads")
         };
-        let mut q = heads(l.wq.forward(a)?, nh)?;
-        let mut k = heads(l.wk.forward(a)?, nkv)?;
-        let v = heads(l.wv.forward(a)?, nkv)?;
+        let mut q = heads(q, nh)?;
+        let mut k = heads(k, nkv)?;
+        let v = heads(v, nkv)?;
         if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
             q = candle_nn::ops::rms_norm(&q, qn, eps).context("q norm")?;
             k = candle_nn::ops::rms_norm(&k, kn, eps).context("k norm")?;
@@ -271,7 +319,7 @@ impl CpuModel {
         };
         let q = rope(&q, &cos, &sin).context("rope q")?;
         let k = rope(&k, &cos, &sin).context("rope k")?;
-        let (k_all, v_all) = l.cache.append(&k, &v).context("kv cache")?;
+        let (k_all, v_all) = self.sequences[sequence].caches[layer].append(&k, &v).context("kv cache")?;
 
         // The `group` query heads of one key head attend together: [1, nkv, group * n, hd].
         let q = (q * scale).context("scale")?.reshape((1, nkv, group * n, hd)).context("group heads")?;
@@ -287,32 +335,30 @@ impl CpuModel {
         let out = probs.matmul(&v_all.contiguous().context("v")?).context("attention values")?;
         debug_assert_eq!(out.dims(), &[1, nkv, group * n, hd]);
         // [1, nkv, group * n, hd] -> [1, nh, n, hd] -> [n, nh * hd]
-        let out = out
-            .reshape((nh, n, hd))
+        out.reshape((nh, n, hd))
             .and_then(|o| o.transpose(0, 1))
             .and_then(|o| o.contiguous())
             .and_then(|o| o.reshape((n, nh * hd)))
-            .context("merge heads")?;
-        l.wo.forward(&out)
+            .context("merge heads")
     }
 
-    fn mlp(&self, layer: usize, m: &Tensor) -> Result<Tensor> {
+    fn mlp(&self, layer: usize, m: &Tensor, exact_rows: bool) -> Result<Tensor> {
         let l = &self.layers[layer];
-        let gate = l.gate.forward(m)?;
-        let up = l.up.forward(m)?;
+        let gate = l.gate.forward(m, exact_rows)?;
+        let up = l.up.forward(m, exact_rows)?;
         let act = match self.config.activation {
             Activation::GeluTanh => gate.gelu(),
             Activation::Silu => gate.silu(),
         }
         .context("activation")?;
-        l.down.forward(&(act * up).context("gating")?)
+        l.down.forward(&(act * up).context("gating")?, exact_rows)
     }
 
     fn norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         candle_nn::ops::rms_norm(x, w, self.config.rms_eps).context("rms norm")
     }
 
-    /// The forward pass, synchronously (see `LanguageModel::forward`).
+    /// The forward pass of sequence 0, synchronously (see `LanguageModel::forward`).
     pub fn forward_sync(
         &mut self,
         tokens: &[u32],
@@ -320,64 +366,161 @@ impl CpuModel {
         hooks: &Hooks,
         logits: LogitsWanted,
     ) -> Result<StepOutput> {
-        check_request(&self.config, self.position, self.max_context, tokens, hooks)?;
-        let start = self.position;
-        let n = tokens.len();
+        let call = BatchCall { sequence: 0, tokens, segment, hooks };
+        Ok(self.forward_calls(&[call], logits, false)?.pop().expect("one output per call"))
+    }
+
+    /// One forward call for each of `calls` (distinct sequences), synchronously (see
+    /// `LanguageModel::forward_batch`). `LogitsWanted::All` is for a single call. With `exact_rows` every row of
+    /// every product is computed independently of the others (batched calls); without, in the fastest form.
+    pub fn forward_calls(
+        &mut self,
+        calls: &[BatchCall],
+        logits: LogitsWanted,
+        exact_rows: bool,
+    ) -> Result<Vec<StepOutput>> {
+        for (i, call) in calls.iter().enumerate() {
+            if call.sequence >= MAX_SEQUENCES {
+                return Err(EngineError::InvalidRequest(format!(
+                    "sequence {} of a batch: this backend holds sequences 0..{}",
+                    call.sequence,
+                    MAX_SEQUENCES - 1
+                )));
+            }
+            if calls[..i].iter().any(|c| c.sequence == call.sequence) {
+                return Err(EngineError::InvalidRequest(format!("sequence {} twice in one batch", call.sequence)));
+            }
+            while self.sequences.len() <= call.sequence {
+                self.sequences.push(Sequence::new(self.config.n_layers));
+            }
+            let position = self.sequences[call.sequence].position;
+            check_request(&self.config, position, self.max_context, call.tokens, call.hooks)?;
+        }
+        if calls.is_empty() {
+            return Ok(Vec::new());
+        }
+        if calls.len() > 1 && logits == LogitsWanted::All {
+            return Err(EngineError::InvalidRequest("all-position logits are for one sequence at a time".into()));
+        }
         let hidden = self.config.hidden;
-        let mut h = self.embedding.lookup(tokens)?;
+        let all_tokens: Vec<u32> = calls.iter().flat_map(|c| c.tokens.iter().copied()).collect();
+        let mut h = self.embedding.lookup(&all_tokens)?;
         if let Some(s) = self.config.embedding_scale {
             h = (h * s as f64).context("embedding scale")?;
         }
-        let mut captures = Vec::new();
+        let mut captures: Vec<Vec<Capture>> = vec![Vec::new(); calls.len()];
         for i in 0..self.config.n_layers {
             let a = self.norm(&h, &self.layers[i].attn_norm)?;
-            let mut o = self.attention(i, &a, start)?;
+            let mut o = self.attention(i, &a, calls, exact_rows)?;
             if let Some(w) = &self.layers[i].post_attn_norm {
                 o = self.norm(&o, w)?;
             }
             h = (h + o).context("residual")?;
             let m = self.norm(&h, &self.layers[i].ffn_norm)?;
-            let mut m = self.mlp(i, &m)?;
+            let mut m = self.mlp(i, &m, exact_rows)?;
             if let Some(w) = &self.layers[i].post_ffn_norm {
                 m = self.norm(&m, w)?;
             }
             h = (h + m).context("residual")?;
 
-            if hooks.touches(i) {
-                for off in hooks.read_offsets(i, start, n) {
-                    let values = h.get(off).and_then(|r| r.to_vec1::<f32>()).context("reading resid_post")?;
-                    captures.push(Capture { layer: i, position: start + off, values });
+            if calls.iter().any(|c| c.hooks.touches(i)) {
+                let mut parts = Vec::with_capacity(calls.len());
+                let mut row = 0;
+                for (c, call) in calls.iter().enumerate() {
+                    let n = call.tokens.len();
+                    let part = h.narrow(0, row, n).context("a sequence's rows")?;
+                    let start = self.sequences[call.sequence].position;
+                    parts.push(apply_hooks(part, call, i, start, hidden, &mut captures[c])?);
+                    row += n;
                 }
-                if let Some(v) = hooks.added_vector(i, segment) {
-                    let v = Tensor::from_vec(v, (1, hidden), &Device::Cpu).context("steering vector")?;
-                    h = h.broadcast_add(&v).context("adding steering vector")?;
-                }
-                if let Some(rows) = hooks.added_rows(i, start, n, hidden) {
-                    let rows = Tensor::from_vec(rows, (n, hidden), &Device::Cpu).context("per-position rows")?;
-                    h = (h + rows).context("adding per-position rows")?;
-                }
+                h = if parts.len() == 1 {
+                    parts.pop().expect("one")
+                } else {
+                    Tensor::cat(&parts, 0).context("rows")?
+                };
             }
         }
-        self.position += n;
+        for call in calls {
+            self.sequences[call.sequence].position += call.tokens.len();
+        }
 
+        // The rows whose logits are wanted: every row of a single call, or the last row of each call.
         let rows = match logits {
-            LogitsWanted::Last => h.narrow(0, n - 1, 1).context("last row")?,
             LogitsWanted::All => h,
+            LogitsWanted::Last => {
+                let mut last = Vec::with_capacity(calls.len());
+                let mut end = 0;
+                for call in calls {
+                    end += call.tokens.len();
+                    last.push(h.narrow(0, end - 1, 1).context("last row")?);
+                }
+                if last.len() == 1 {
+                    last.pop().expect("one")
+                } else {
+                    Tensor::cat(&last, 0).context("last rows")?
+                }
+            }
         };
         let normed = self.norm(&rows, &self.final_norm)?;
-        let mut out = self.lm_head.forward(&normed)?;
+        let mut out = self.lm_head.forward(&normed, exact_rows)?;
         if let Some(cap) = self.config.final_softcap {
             out = ((out / cap as f64).and_then(|x| x.tanh()).and_then(|x| x * cap as f64)).context("final softcap")?;
         }
         let out = out.to_dtype(DType::F32).context("logits")?;
         let vocab = self.lm_head.0.rows();
         let flat = out.flatten_all().and_then(|x| x.to_vec1::<f32>()).context("logits")?;
-        let (last, all) = match logits {
-            LogitsWanted::Last => (flat, None),
-            LogitsWanted::All => (flat[(n - 1) * vocab..].to_vec(), Some(flat)),
-        };
-        Ok(StepOutput { logits: last, all_logits: all, captures })
+        Ok(match logits {
+            LogitsWanted::All => {
+                let last = flat[flat.len() - vocab..].to_vec();
+                vec![StepOutput { logits: last, all_logits: Some(flat), captures: captures.pop().unwrap_or_default() }]
+            }
+            LogitsWanted::Last => flat
+                .chunks(vocab)
+                .zip(captures)
+                .map(|(row, captures)| StepOutput { logits: row.to_vec(), all_logits: None, captures })
+                .collect(),
+        })
     }
+}
+
+/// The hooks of one call on its rows `h` ([n, hidden], positions `start..start + n`) at `layer`: reads into
+/// `captures`, then adds, per-position additions and the projection (see `hooks`).
+fn apply_hooks(
+    mut h: Tensor,
+    call: &BatchCall,
+    layer: usize,
+    start: usize,
+    hidden: usize,
+    captures: &mut Vec<Capture>,
+) -> Result<Tensor> {
+    let (hooks, n) = (call.hooks, call.tokens.len());
+    if !hooks.touches(layer) {
+        return Ok(h);
+    }
+    for off in hooks.read_offsets(layer, start, n) {
+        let values = h.get(off).and_then(|r| r.to_vec1::<f32>()).context("reading resid_post")?;
+        captures.push(Capture { layer, position: start + off, values });
+    }
+    if let Some(v) = hooks.added_vector(layer, call.segment) {
+        let v = Tensor::from_vec(v, (1, hidden), &Device::Cpu).context("steering vector")?;
+        h = h.broadcast_add(&v).context("adding steering vector")?;
+    }
+    if let Some(rows) = hooks.added_rows(layer, start, n, hidden) {
+        let rows = Tensor::from_vec(rows, (n, hidden), &Device::Cpu).context("per-position rows")?;
+        h = (h + rows).context("adding per-position rows")?;
+    }
+    if let Some(p) = hooks.projection(layer, call.segment) {
+        h = set_projection(&h, &p.unit, p.value)?;
+    }
+    Ok(h)
+}
+
+/// `h' = h + (value - h.u) u` for every row of `h` ([n, hidden]), by `hooks::set_projection`.
+fn set_projection(h: &Tensor, unit: &[f32], value: f32) -> Result<Tensor> {
+    let dims = h.dims2().context("projection")?;
+    let mut rows = h.flatten_all().and_then(|t| t.to_vec1::<f32>()).context("projection")?;
+    crate::hooks::set_projection(&mut rows, unit, value);
+    Tensor::from_vec(rows, dims, &Device::Cpu).context("setting the projection")
 }
 
 impl LanguageModel for CpuModel {
@@ -386,7 +529,7 @@ impl LanguageModel for CpuModel {
     }
 
     fn position(&self) -> usize {
-        self.position
+        self.sequences[0].position
     }
 
     fn max_context(&self) -> usize {
@@ -394,10 +537,25 @@ impl LanguageModel for CpuModel {
     }
 
     fn reset(&mut self) {
-        for l in &mut self.layers {
-            l.cache.reset();
+        self.sequences[0].reset();
+    }
+
+    fn batch_capacity(&self) -> usize {
+        MAX_SEQUENCES
+    }
+
+    fn reset_sequence(&mut self, sequence: usize) {
+        if let Some(s) = self.sequences.get_mut(sequence) {
+            s.reset();
         }
-        self.position = 0;
+    }
+
+    fn sequence_position(&self, sequence: usize) -> usize {
+        self.sequences.get(sequence).map_or(0, |s| s.position)
+    }
+
+    fn forward_batch<'a>(&'a mut self, calls: &'a [BatchCall<'a>]) -> LocalBoxFuture<'a, Result<Vec<StepOutput>>> {
+        Box::pin(std::future::ready(self.forward_calls(calls, LogitsWanted::Last, true)))
     }
 
     fn forward<'a>(

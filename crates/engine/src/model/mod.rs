@@ -55,6 +55,17 @@ pub enum LogitsWanted {
     All,
 }
 
+/// One sequence's part of a batched forward call: `tokens` run at the sequence's own positions, with its own
+/// hooks, against its own KV cache.
+#[derive(Clone, Copy)]
+pub struct BatchCall<'a> {
+    /// Which sequence (0..`batch_capacity()`); sequence 0 is the one `forward` runs.
+    pub sequence: usize,
+    pub tokens: &'a [u32],
+    pub segment: Segment,
+    pub hooks: &'a Hooks,
+}
+
 pub trait LanguageModel {
     fn config(&self) -> &ModelConfig;
 
@@ -90,6 +101,44 @@ pub trait LanguageModel {
         hooks: &'a Hooks,
         logits: LogitsWanted,
     ) -> LocalBoxFuture<'a, Result<StepOutput>>;
+
+    /// How many sequences a batched call may hold (1: the backend runs one sequence at a time).
+    fn batch_capacity(&self) -> usize {
+        1
+    }
+
+    /// Empties sequence `sequence`'s cache (`reset` empties sequence 0's).
+    fn reset_sequence(&mut self, sequence: usize) {
+        if sequence == 0 {
+            self.reset();
+        }
+    }
+
+    /// Tokens in sequence `sequence`'s cache.
+    fn sequence_position(&self, sequence: usize) -> usize {
+        if sequence == 0 {
+            self.position()
+        } else {
+            0
+        }
+    }
+
+    /// Runs one call for each of several distinct sequences at once and returns each call's logits after its last
+    /// token (and its captures). Each row's numbers are those the sequence gets alone. Backends without batching
+    /// take a single call on sequence 0.
+    fn forward_batch<'a>(&'a mut self, calls: &'a [BatchCall<'a>]) -> LocalBoxFuture<'a, Result<Vec<StepOutput>>> {
+        Box::pin(async move {
+            match calls {
+                [call] if call.sequence == 0 => {
+                    Ok(vec![self.forward(call.tokens, call.segment, call.hooks, LogitsWanted::Last).await?])
+                }
+                _ => Err(EngineError::InvalidRequest(format!(
+                    "the {} backend runs one sequence at a time",
+                    self.backend_name()
+                ))),
+            }
+        })
+    }
 
     /// As `forward`, then picks the next token (generation step `step`, see `sampler`). A GPU backend does the
     /// picking on the device and reads back one token id instead of the logits.

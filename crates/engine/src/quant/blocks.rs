@@ -37,6 +37,7 @@ pub fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) {
         }
         GgmlDType::Q4_0 => {
             for (y, b) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(18)) {
+                let (y, b): (&mut [f32; 32], &[u8; 18]) = (y.try_into().unwrap(), b.try_into().unwrap());
                 let d = half(b, 0);
                 let qs = &b[2..18];
                 for j in 0..16 {
@@ -47,16 +48,21 @@ pub fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) {
         }
         GgmlDType::Q4_1 => {
             for (y, b) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(20)) {
+                let (y, b): (&mut [f32; 32], &[u8; 20]) = (y.try_into().unwrap(), b.try_into().unwrap());
                 let (d, m) = (half(b, 0), half(b, 2));
-                let qs = &b[4..20];
+                let qs: &[u8; 16] = b[4..20].try_into().unwrap();
+                let (lo, hi) = y.split_at_mut(16);
                 for j in 0..16 {
-                    y[j] = (qs[j] & 0x0f) as f32 * d + m;
-                    y[j + 16] = (qs[j] >> 4) as f32 * d + m;
+                    lo[j] = (qs[j] & 0x0f) as f32 * d + m;
+                }
+                for j in 0..16 {
+                    hi[j] = (qs[j] >> 4) as f32 * d + m;
                 }
             }
         }
         GgmlDType::Q5_0 => {
             for (y, b) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(22)) {
+                let (y, b): (&mut [f32; 32], &[u8; 22]) = (y.try_into().unwrap(), b.try_into().unwrap());
                 let d = half(b, 0);
                 let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
                 let qs = &b[6..22];
@@ -70,6 +76,7 @@ pub fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) {
         }
         GgmlDType::Q8_0 => {
             for (y, b) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(34)) {
+                let (y, b): (&mut [f32; 32], &[u8; 34]) = (y.try_into().unwrap(), b.try_into().unwrap());
                 let d = half(b, 0);
                 for j in 0..32 {
                     y[j] = b[2 + j] as i8 as f32 * d;

@@ -80,8 +80,21 @@ impl QuantMatrix {
         Ok(())
     }
 
-    /// `x` is `m x cols` (row-major); returns `m x rows`: `out[i][r] = sum_c x[i][c] * W[r][c]`.
+    /// `x` is `m x cols` (row-major); returns `m x rows`: `out[i][r] = sum_c x[i][c] * W[r][c]`. The fastest
+    /// form: blocks decoded inside the dot products for one or two rows, a decoded band and `gemm` for more.
     pub fn matmul(&self, x: &[f32]) -> Result<Vec<f32>> {
+        let m = x.len() / self.cols.max(1);
+        self.product(x, if m <= FUSED_MAX_ROWS { Form::Fused } else { Form::Band })
+    }
+
+    /// As `matmul`, with each row's result independent of the other rows: every weight row is decoded once to
+    /// f32 and dotted with each activation row (`dot`), so a sequence of a batched decoding step gets the same
+    /// numbers in any batch. (`matmul`'s forms differ in the order of their sums, hence this third one.)
+    pub fn matmul_exact_rows(&self, x: &[f32]) -> Result<Vec<f32>> {
+        self.product(x, Form::Rows)
+    }
+
+    fn product(&self, x: &[f32], form: Form) -> Result<Vec<f32>> {
         let (k, n) = (self.cols, self.rows);
         if x.len() % k != 0 {
             return Err(EngineError::InvalidRequest(format!("activations of {} values for rows of {k}", x.len())));
@@ -101,17 +114,29 @@ impl QuantMatrix {
                 let count = per_band.min(n - first);
                 let rows = &raw[first * row_bytes..(first + count) * row_bytes];
                 let mut out = vec![0f32; m * count];
-                if m <= FUSED_MAX_ROWS {
-                    for r in 0..count {
-                        let row = &rows[r * row_bytes..(r + 1) * row_bytes];
-                        for i in 0..m {
-                            out[i * count + r] = blocks::dot_row(dtype, row, &x[i * k..(i + 1) * k]);
+                match form {
+                    Form::Fused => {
+                        for r in 0..count {
+                            let row = &rows[r * row_bytes..(r + 1) * row_bytes];
+                            for i in 0..m {
+                                out[i * count + r] = blocks::dot_row(dtype, row, &x[i * k..(i + 1) * k]);
+                            }
                         }
                     }
-                } else {
-                    let mut w = vec![0f32; count * k];
-                    dequantize(dtype, rows, &mut w);
-                    band_product(x, &w, m, k, count, &mut out);
+                    Form::Rows => {
+                        let mut w = vec![0f32; k];
+                        for r in 0..count {
+                            dequantize(dtype, &rows[r * row_bytes..(r + 1) * row_bytes], &mut w);
+                            for i in 0..m {
+                                out[i * count + r] = dot(&w, &x[i * k..(i + 1) * k]);
+                            }
+                        }
+                    }
+                    Form::Band => {
+                        let mut w = vec![0f32; count * k];
+                        dequantize(dtype, rows, &mut w);
+                        band_product(x, &w, m, k, count, &mut out);
+                    }
                 }
                 out
             })
@@ -126,6 +151,17 @@ impl QuantMatrix {
         }
         Ok(out)
     }
+}
+
+/// How a product is computed (all exact up to the order of the f32 sums).
+#[derive(Clone, Copy)]
+enum Form {
+    /// Blocks decoded inside each dot product: fastest for one or two activation rows.
+    Fused,
+    /// Each weight row decoded to f32 once, then dotted with every activation row alone.
+    Rows,
+    /// A band of weight rows decoded, then one `gemm` product: fastest for many rows.
+    Band,
 }
 
 /// `out[i][r] = sum_c x[i][c] * w[r][c]` for `x` of `m x k`, `w` of `count x k` and `out` of `m x count`, all
@@ -194,9 +230,23 @@ mod tests {
             let q = Arc::new(QTensor::quantize(&wt, dtype).unwrap());
             let deq = q.dequantize(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
             let qm = QuantMatrix::new("w", q).unwrap();
-            for m in [1, FUSED_MAX_ROWS + 1] {
+            for m in [1, FUSED_MAX_ROWS + 1, 7] {
                 let x: Vec<f32> = (0..m * k).map(|i| ((i * 104729 % 997) as f32 / 498.5 - 1.0)).collect();
                 let got = qm.matmul(&x).unwrap();
+                // Exact rows: each row bit for bit what it gives alone, and as close to the reference.
+                let exact = qm.matmul_exact_rows(&x).unwrap();
+                for i in 0..m {
+                    let alone = qm.matmul_exact_rows(&x[i * k..(i + 1) * k]).unwrap();
+                    assert_eq!(&exact[i * n..(i + 1) * n], &alone[..], "{dtype:?}: row {i} of {m} rows");
+                    for r in 0..n {
+                        let want: f64 = (0..k).map(|c| x[i * k + c] as f64 * deq[r][c] as f64).sum();
+                        let g = exact[i * n + r] as f64;
+                        assert!(
+                            (g - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                            "{dtype:?} exact [{i},{r}]: {g} vs {want}"
+                        );
+                    }
+                }
                 for i in 0..m {
                     for r in 0..n {
                         let want: f64 = (0..k).map(|c| x[i * k + c] as f64 * deq[r][c] as f64).sum();

@@ -484,3 +484,29 @@ pub async fn token_selection_matches_the_cpu_sampler(gpu: &Gpu) {
         }
     }
 }
+
+/// set_projection against `hooks::set_projection`: afterwards every row's projection onto the direction is the
+/// value asked for, and the orthogonal part is unchanged.
+pub async fn projection_matches_cpu(gpu: &Gpu) {
+    let kernels = Kernels::new(gpu, &[]).unwrap();
+    let (width, tokens) = (150usize, 5usize);
+    let rows = noise(width * tokens, 41).iter().map(|x| x * 3.0).collect::<Vec<f32>>();
+    let raw = noise(width, 42);
+    let norm = raw.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let unit: Vec<f32> = raw.iter().map(|x| x / norm).collect();
+    let mut want = rows.clone();
+    saif_engine::hooks::set_projection(&mut want, &unit, 2.5);
+    for row in want.chunks(width) {
+        let along: f32 = row.iter().zip(&unit).map(|(a, b)| a * b).sum();
+        assert!((along - 2.5).abs() < 1e-4, "the CPU twin sets the projection ({along})");
+    }
+    let y = floats(gpu, &rows);
+    let p = uniform(gpu, &ProjectParams { width: width as u32, value: 2.5, pad: [0; 2] });
+    dispatch(
+        gpu,
+        &kernels.set_projection,
+        &[&floats(gpu, &unit), &y, &p, &step(gpu, tokens as u32, 0)],
+        [tokens as u32, 1, 1],
+    );
+    assert_close(&read(gpu, &y, rows.len()).await, &want, 1e-5, "set_projection");
+}

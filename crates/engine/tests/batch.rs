@@ -1,0 +1,114 @@
+//! Batched generation gives every sequence exactly what generating it alone gives: the same tokens, the same
+//! prompt logits and the same captures, bit for bit, with steering, projections and reads active and with
+//! different sampling per sequence, and the same tokens as `generate` (whose products sum in another order). On the
+//! CPU (which batches) and on wgpu (which runs the sequences one after the other).
+
+mod common;
+
+use common::*;
+use saif_engine::{
+    block_on, generate, generate_batch, Engine, GenerateOptions, Generation, Hooks, Positions, Sampling, Scope,
+    SequenceRequest,
+};
+
+fn requests_for(engine: &Engine) -> (Vec<Vec<u32>>, Vec<Hooks>, Vec<GenerateOptions>) {
+    let (hidden, layers) = (engine.config().hidden, engine.config().n_layers);
+    let v: Vec<f32> = (0..hidden).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.6).collect();
+    let unit: Vec<f32> = {
+        let raw: Vec<f32> = (0..hidden).map(|i| ((i * 5 % 9) as f32 - 4.0)).collect();
+        let n = norm(&raw) as f32;
+        raw.iter().map(|x| x / n).collect()
+    };
+    let prompts = vec![
+        vec![2, 40, 41, 42, 43],
+        vec![2, 50],
+        vec![2, 60, 61, 62, 63, 64, 65, 66],
+        vec![2, 70, 71],
+        vec![2, 80, 81, 82],
+    ];
+    let hooks = vec![
+        Hooks::none(),
+        Hooks::none().add(1, v.clone(), Scope::All).read(layers - 1, Positions::All),
+        Hooks::none().add(0, v.clone(), Scope::Generated).read(1, Positions::Last),
+        Hooks::none().project(1, unit, 2.0, Scope::All),
+        Hooks::none().add(layers - 1, v, Scope::Prompt),
+    ];
+    let greedy = |n| GenerateOptions { max_new_tokens: n, sampling: Sampling::Greedy, stop_tokens: vec![] };
+    let random = |n, seed| GenerateOptions {
+        max_new_tokens: n,
+        sampling: Sampling::Random { temperature: 0.8, top_k: Some(40), top_p: Some(0.9), seed },
+        stop_tokens: vec![],
+    };
+    // Different lengths, so sequences leave the batch at different steps; one stops at a token it will pick.
+    let options = vec![greedy(7), random(5, 3), greedy(9), random(4, 11), greedy(6)];
+    (prompts, hooks, options)
+}
+
+/// Logits of two summation orders of the same exact product.
+fn close(a: &[f32], b: &[f32], what: &str) {
+    for (x, y) in a.iter().zip(b) {
+        assert!((x - y).abs() <= 1e-4 * (1.0 + x.abs()), "{what}: logit {x} vs {y}");
+    }
+}
+
+fn same(a: &Generation, b: &Generation, what: &str) {
+    assert_eq!(a.ids, b.ids, "{what}: tokens");
+    assert_eq!(a.stop, b.stop, "{what}: stop reason");
+    assert_eq!(a.prompt_logits, b.prompt_logits, "{what}: prompt logits");
+    assert_eq!(a.captures, b.captures, "{what}: captures");
+}
+
+#[test]
+fn batched_generation_equals_generation_alone() {
+    for name in ["tiny-llama", "tiny-gemma3", "tiny-gemma2"] {
+        for backend in [Backend::Cpu, Backend::Wgpu] {
+            let mut engine = load_on(&fixture_path(&format!("{name}.gguf")), backend);
+            let (prompts, hooks, mut options) = requests_for(&engine);
+            // A stop token sequence 2 reaches midway (its third greedy token alone).
+            let alone =
+                block_on(generate(engine.model.as_mut(), &prompts[2], &options[2], &hooks[2], |_| true)).unwrap();
+            options[2].stop_tokens = vec![alone.ids[2]];
+            let stops_after = alone.ids.iter().position(|&t| t == alone.ids[2]).unwrap() + 1;
+            let requests: Vec<SequenceRequest> = (0..prompts.len())
+                .map(|i| SequenceRequest { prompt: &prompts[i], hooks: &hooks[i], options: &options[i] })
+                .collect();
+            let batched = block_on(generate_batch(engine.model.as_mut(), &requests, |_, _| async { true })).unwrap();
+            for (i, b) in batched.iter().enumerate() {
+                let what = format!("{name} on {backend:?}, sequence {i}");
+                let alone = block_on(generate_batch(engine.model.as_mut(), &requests[i..i + 1], |_, _| async { true }));
+                same(&alone.unwrap()[0], b, &what);
+                let a =
+                    block_on(generate(engine.model.as_mut(), &prompts[i], &options[i], &hooks[i], |_| true)).unwrap();
+                assert_eq!(a.ids, b.ids, "{what}: generate's tokens");
+                if let (Some(x), Some(y)) = (&a.prompt_logits, &b.prompt_logits) {
+                    close(x, y, &what); // the GPU keeps its logits on the device
+                }
+            }
+            assert_eq!(batched[2].ids.len(), stops_after, "sequence 2 stopped at its stop token");
+            assert_eq!(batched[2].stop, saif_engine::StopReason::EndToken);
+        }
+    }
+}
+
+/// On a real model too: four chat prompts of SmolLM2, greedy, one steered.
+#[test]
+fn batched_generation_equals_generation_alone_on_smollm2() {
+    let mut engine = load(&model_path(SMOLLM));
+    let hidden = engine.config().hidden;
+    let texts = ["The cat sleeps.", "Write a haiku about rain.", "What is 2 + 2?", "Name three colours."];
+    let prompts: Vec<Vec<u32>> =
+        texts.iter().map(|t| engine.tokenizer.encode_prompt(&engine.chat.render(t, None)).unwrap()).collect();
+    let v: Vec<f32> = (0..hidden).map(|i| if i % 2 == 0 { 0.5 } else { -0.5 }).collect();
+    let hooks = [Hooks::none(), Hooks::none().add(20, v, Scope::All), Hooks::none(), Hooks::none()];
+    let options =
+        GenerateOptions { max_new_tokens: 12, sampling: Sampling::Greedy, stop_tokens: engine.chat_stop_tokens() };
+    let requests: Vec<SequenceRequest> =
+        (0..4).map(|i| SequenceRequest { prompt: &prompts[i], hooks: &hooks[i], options: &options }).collect();
+    let batched = block_on(generate_batch(engine.model.as_mut(), &requests, |_, _| async { true })).unwrap();
+    for (i, b) in batched.iter().enumerate() {
+        let alone = block_on(generate_batch(engine.model.as_mut(), &requests[i..i + 1], |_, _| async { true }));
+        same(&alone.unwrap()[0], b, &format!("SmolLM2 sequence {i}"));
+        let a = block_on(generate(engine.model.as_mut(), &prompts[i], &options, &hooks[i], |_| true)).unwrap();
+        assert_eq!(a.ids, b.ids, "SmolLM2 sequence {i}: generate's tokens");
+    }
+}
