@@ -5,18 +5,28 @@ use leptos::prelude::*;
 
 use super::client::WorkerClient;
 use super::state::AppState;
-use crate::protocol::{human_bytes, BenchSettings, Request};
+use crate::protocol::{human_bytes, BenchSettings, Request, Response};
 
 #[component]
 pub fn BenchPanel() -> impl IntoView {
     let state = expect_context::<AppState>();
     let client = expect_context::<WorkerClient>();
     let settings =
-        RwSignal::new(BenchSettings { prompt_tokens: 64, decode_tokens: 32, runs: 3, with_hooks: true, batch: 1 });
+        RwSignal::new(BenchSettings { prompt_tokens: 64, decode_tokens: 32, runs: 3, with_hooks: true, batch: 2 });
+    let running = RwSignal::new(false);
     let run = move |_| {
         state.error.set(None);
-        let id = client.send(Request::Bench(settings.get_untracked()), None);
-        state.benchmarking.set(Some(id));
+        running.set(true);
+        let call = client.call(Request::Bench(settings.get_untracked()), vec![], |_| {});
+        leptos::task::spawn_local(async move {
+            let answer = call.await;
+            running.set(false);
+            match answer {
+                Ok(Response::Benchmarked(r)) => state.bench.set(Some(r)),
+                Ok(_) => {}
+                Err(e) => state.fail(e),
+            }
+        });
     };
     let number = |ev: &leptos::ev::Event| event_target_value(ev).trim().parse::<usize>().ok().filter(|&v| v > 0);
     let browser = StoredValue::new(web_sys::window().and_then(|w| w.navigator().user_agent().ok()).unwrap_or_default());
@@ -40,7 +50,7 @@ pub fn BenchPanel() -> impl IntoView {
                                 on:change=move |ev| if let Some(v) = number(&ev) { settings.update(|s| s.runs = v) }/>
                         </label>
                         <button id="run-bench" on:click=run prop:disabled=move || state.is_busy()>
-                            {move || if state.benchmarking.get().is_some() { "Measuring…" } else { "Run" }}
+                            {move || if running.get() { "Measuring…" } else { "Run" }}
                         </button>
                     </div>
                     {move || state.bench.get().map(|r| {
@@ -59,6 +69,10 @@ pub fn BenchPanel() -> impl IntoView {
                         if let Some(d) = r.dispatches_per_token {
                             rows.push(("Dispatches per token", d.to_string()));
                         }
+                        if let (Some(batch), Some(speed)) = (r.batch, r.batched_decode_tokens_per_s) {
+                            rows.push(("Batched decode", format!("{speed:.1} tokens/s in all, {batch} sequences at once")));
+                        }
+                        rows.push(("Longest frame of the page while busy", format!("{:.0} ms", state.longest_frame_ms.get())));
                         rows.push(("Browser", browser.get_value()));
                         rows.push(("Runs", format!("median of {}", r.runs)));
                         view! {

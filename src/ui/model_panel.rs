@@ -4,27 +4,95 @@
 use leptos::prelude::*;
 
 use super::client::WorkerClient;
-use super::state::{AppState, Status};
+use super::state::AppState;
 use crate::catalog::{self, MODELS};
-use crate::link::ModelChoice;
-use crate::protocol::{human_bytes, BackendChoice, Request};
+use crate::link::{ModelChoice, SaeChoice};
+use crate::protocol::{human_bytes, BackendChoice, Expected, Request, Response, SaeSource};
 
-/// Asks the worker to load the chosen model.
+/// Asks the worker to load the chosen model; once loaded, the SAE the link asks for is put in use.
 pub fn load_choice(state: AppState, client: WorkerClient) {
-    let (url, name) = match state.choice.get_untracked() {
+    let (url, name, expected) = match state.choice.get_untracked() {
         ModelChoice::Catalog(id) => {
             let m = catalog::find(id).expect("catalog ids are checked when read");
-            (m.url.to_string(), m.label.to_string())
+            let expected = Expected { bytes: Some(m.bytes), sha256: m.sha256.map(String::from) };
+            (m.url.to_string(), m.label.to_string(), expected)
         }
         ModelChoice::Url(url) => {
             let name = url.rsplit('/').next().unwrap_or(&url).to_string();
-            (url, name)
+            (url, name, Expected::default())
         }
     };
-    state.error.set(None);
+    state.confirm_model.set(None);
     let backend = state.backend.get_untracked();
-    let id = client.send(Request::LoadUrl { url, name, backend }, None);
-    state.status.set(Status::Loading { id, progress: None });
+    load(state, client, Request::LoadUrl { url, name, backend, expected }, vec![]);
+}
+
+fn load(state: AppState, client: WorkerClient, request: Request, files: Vec<web_sys::File>) {
+    state.error.set(None);
+    state.loading.set(Some(None));
+    let call = client.call(request, files, move |r| {
+        if let Response::Progress(p) = r {
+            state.loading.set(Some(Some(p)));
+        }
+    });
+    leptos::task::spawn_local(async move {
+        let answer = call.await;
+        state.loading.set(None);
+        match answer {
+            Ok(Response::Loaded(summary)) => {
+                let default_layer = summary.sae.as_ref().map(|s| s.layer);
+                let key = summary.key.clone();
+                state.model_loaded(summary);
+                // The link's SAE, where it is not the one loaded with the model.
+                match state.sae_choice.get_untracked() {
+                    Some(SaeChoice::Layer(l)) if Some(l) != default_layer => {
+                        let choice = Some(SaeChoice::Layer(l));
+                        super::latents_panel::use_sae(state, client, SaeSource::Shipped { layer: l }, vec![], choice);
+                    }
+                    Some(SaeChoice::Preset(id)) => match catalog::sae_preset(id).filter(|p| p.model_key == key) {
+                        Some(p) => {
+                            let source = SaeSource::Folder { url: p.url(), layer: p.layer, label: p.label.to_string() };
+                            super::latents_panel::use_sae(state, client, source, vec![], Some(SaeChoice::Preset(id)));
+                        }
+                        None => state.notices.update(|n| {
+                            n.push(format!(
+                                "The link's SAE preset {id} is not for this model; the shipped SAE is used."
+                            ))
+                        }),
+                    },
+                    _ => {}
+                }
+            }
+            Ok(_) => {}
+            Err(e) => state.fail(e),
+        }
+    });
+}
+
+/// A link that names a model outside the catalog: nothing is downloaded until the visitor agrees.
+#[component]
+pub fn ConfirmModel() -> impl IntoView {
+    let state = expect_context::<AppState>();
+    let client = expect_context::<WorkerClient>();
+    view! {
+        {move || state.confirm_model.get().map(|url| view! {
+            <div class="notice confirm" role="dialog" aria-labelledby="confirm-title" id="confirm-model">
+                <div>
+                    <strong id="confirm-title">"This link asks to download a model that is not in this page's catalog:"</strong>
+                    <p><code class="url">{url.clone()}</code></p>
+                    <p class="hint">"Nothing has been downloaded. Load it only if you trust where it comes from."</p>
+                    <div class="row">
+                        <button id="confirm-load" on:click=move |_| load_choice(state, client)
+                            prop:disabled=move || !state.worker_ready.get()>"Download and load it"</button>
+                        <button class="secondary" id="confirm-default" on:click=move |_| {
+                            state.choice.set(ModelChoice::Catalog(catalog::DEFAULT_MODEL));
+                            load_choice(state, client);
+                        } prop:disabled=move || !state.worker_ready.get()>"Load the default model instead"</button>
+                    </div>
+                </div>
+            </div>
+        })}
+    }
 }
 
 #[component]
@@ -37,6 +105,19 @@ pub fn ModelPanel() -> impl IntoView {
     });
     let file_input = NodeRef::<leptos::html::Input>::new();
     let busy = move || state.is_busy() || !state.worker_ready.get();
+    let clear_cache = move |_| {
+        let call = client.call(Request::ClearCache, vec![], |_| {});
+        leptos::task::spawn_local(async move {
+            match call.await {
+                Ok(Response::CacheCleared { entries }) => {
+                    state.cache.set(None);
+                    state.notices.update(|n| n.push(format!("Removed {entries} cached download(s).")));
+                }
+                Ok(_) => {}
+                Err(e) => state.fail(e),
+            }
+        });
+    };
 
     let on_select = move |ev: leptos::ev::Event| {
         let value = event_target_value(&ev);
@@ -53,10 +134,8 @@ pub fn ModelPanel() -> impl IntoView {
         let Some(file) = input.files().and_then(|f| f.get(0)) else {
             return;
         };
-        state.error.set(None);
         let backend = state.backend.get_untracked();
-        let id = client.send(Request::LoadFile { name: file.name(), backend }, Some(&file));
-        state.status.set(Status::Loading { id, progress: None });
+        load(state, client, Request::LoadFile { name: file.name(), backend }, vec![file]);
         input.set_value("");
     };
 
@@ -114,7 +193,7 @@ pub fn ModelPanel() -> impl IntoView {
                 <label>"Or a GGUF file from your disk: "
                     <input type="file" accept=".gguf" node_ref=file_input on:change=on_file prop:disabled=busy/>
                 </label>
-                <button class="secondary" on:click=move |_| { client.send(Request::ClearCache, None); } prop:disabled=busy>
+                <button class="secondary" on:click=clear_cache prop:disabled=busy>
                     "Forget cached downloads"
                 </button>
             </div>
@@ -126,10 +205,7 @@ pub fn ModelPanel() -> impl IntoView {
 #[component]
 fn LoadProgress() -> impl IntoView {
     let state = expect_context::<AppState>();
-    let progress = move || match state.status.get() {
-        Status::Loading { progress, .. } => Some(progress),
-        _ => None,
-    };
+    let progress = move || state.loading.get();
     view! {
         <Show when=move || progress().is_some()>
             {move || {
@@ -178,9 +254,10 @@ pub fn ModelCard() -> impl IntoView {
                     ("Vocabulary", format!("{} ({})", m.vocab_size, m.tokenizer)),
                     ("Context", format!("{} tokens", m.context_length)),
                     ("Runs on", m.backend.clone()),
-                    ("SAE", m.sae.as_ref().map_or("none found for this model".to_string(), |s| format!(
+                    ("SAE", state.sae.get().map_or("none found for this model".to_string(), |s| format!(
                         "layer {}, {} latents, {}", s.layer, s.width, s.activation
                     ))),
+                    ("Prompted as", if m.instruction_tuned { "a chat (instruction-tuned)".to_string() } else { "plain text (pretrained)".to_string() }),
                     ("Tensors", types),
                     ("File", format!("{} ({source}), loaded in {:.1} s", human_bytes(m.file_bytes), m.load_ms / 1000.0)),
                 ];

@@ -272,6 +272,28 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// The results table: every method on every instruction with the recorded settings (JSON, CSV, markdown).
+    Table {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Instructions (default: all six).
+        #[arg(long, value_delimiter = ',')]
+        instructions: Vec<String>,
+        #[arg(long, value_delimiter = ',', default_value = "none,prompt,diffmean,diffmean-project,random,saif")]
+        methods: Vec<String>,
+        /// The contents: heldout (default) or a file (one per line).
+        #[arg(long, default_value = "heldout")]
+        on: String,
+        /// Use the first N of them.
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long, default_value_t = 32)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Generates from a prompt twice from the same seed: as it is, and steered with SAE latents.
     Steer {
         #[command(flatten)]
@@ -715,6 +737,30 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 s + &format!("files: {}", value["files"])
             });
+        }
+        Command::Table { model, instructions, methods, on, limit, max_new_tokens, seed, out } => {
+            let mut engine = model.load()?;
+            let mut contents: Vec<String> = match on.as_str() {
+                "heldout" => saif::data::heldout_contents().into_iter().map(String::from).collect(),
+                file => method::contents(Some(Path::new(file)))?,
+            };
+            contents.truncate(limit.unwrap_or(usize::MAX));
+            let instructions = if instructions.is_empty() {
+                saif::data::instruction_ids().into_iter().map(String::from).collect()
+            } else {
+                instructions
+            };
+            let args = method::TableArgs {
+                instructions,
+                methods: methods.iter().map(|m| saif::evaluate::Method::parse(m)).collect::<Result<_, _>>()?,
+                contents,
+                max_new_tokens,
+                seed,
+                out,
+            };
+            let value = method::table_cmd(&mut engine, &args)?;
+            let rows: Vec<saif::sweep::SweepRow> = serde_json::from_value(value["rows"].clone())?;
+            print(model.json, value, || method::markdown_table(&rows));
         }
         Command::Steer { model, choice, latent, mult, scope, prompt, chat, max_new_tokens, sampling } => {
             let mut engine = model.load()?;

@@ -14,7 +14,7 @@ use saif::lens::LogitLens;
 use saif::progress::Progress as Step;
 use saif::steer::{latent_vector, Steering};
 use saif::{defaults, Sae};
-use saif_engine::{block_on, generate, Engine, GenerateOptions, Sampling, Scope};
+use saif_engine::{block_on, generate_batch, Engine, GenerateOptions, Sampling, Scope, SequenceRequest};
 use serde_json::{json, Value};
 
 use crate::sae::{resolve_sae, Progress};
@@ -231,12 +231,17 @@ pub fn steer_cmd(engine: &mut Engine, args: &SteerArgs) -> Result<Value> {
     let ids = engine.tokenizer.encode_prompt(&text)?;
     let stop_tokens = if args.chat { engine.chat_stop_tokens() } else { engine.stop_tokens() };
     let options = GenerateOptions { max_new_tokens: args.max_new_tokens, sampling: args.sampling, stop_tokens };
-    let mut run = |hooks| -> Result<Value> {
-        let g = block_on(generate(engine.model.as_mut(), &ids, &options, &hooks, |_| true))?;
+    // The default and the steered output as one batch of two, as the page generates them.
+    let (none, steered_hooks) = (Steering::None.hooks(), steering.hooks());
+    let requests = [
+        SequenceRequest { prompt: &ids, hooks: &none, options: &options },
+        SequenceRequest { prompt: &ids, hooks: &steered_hooks, options: &options },
+    ];
+    let generations = block_on(generate_batch(engine.model.as_mut(), &requests, |_, _| async { true }))?;
+    let output = |g: &saif_engine::Generation| -> Result<Value> {
         Ok(json!({ "ids": g.ids, "text": engine.tokenizer.decode(&g.ids)? }))
     };
-    let default = run(Steering::None.hooks())?;
-    let steered = run(steering.hooks())?;
+    let (default, steered) = (output(&generations[0])?, output(&generations[1])?);
     Ok(json!({
         "sae": dir.display().to_string(),
         "layer": layer,
@@ -363,4 +368,80 @@ pub fn sweep_cmd(engine: &mut Engine, args: &SweepArgs) -> Result<Value> {
         "seconds": seconds,
         "settings_from": s.source,
     }))
+}
+
+pub struct TableArgs {
+    pub instructions: Vec<String>,
+    pub methods: Vec<Method>,
+    pub contents: Vec<String>,
+    pub max_new_tokens: usize,
+    pub seed: u64,
+    pub out: PathBuf,
+}
+
+/// The results table: every method on every instruction with the recorded settings, on the same contents. Writes
+/// `table-<model>.{json,csv,md}` into `--out`.
+pub fn table_cmd(engine: &mut Engine, args: &TableArgs) -> Result<Value> {
+    let key = engine.config().key.clone();
+    let started = Instant::now();
+    let mut rows = Vec::new();
+    let mut samples = Vec::new();
+    for id in &args.instructions {
+        let instruction = data::instruction(id)?;
+        let s = settings(engine, &instruction.id, None, None, None);
+        let (sae, layer, _) = sae_for(engine, None, s.layer)?;
+        let mut base = EvalOptions::new(Method::Saif, layer, s.alpha, s.k);
+        base.max_new_tokens = args.max_new_tokens;
+        base.seed = args.seed;
+        let discovery = block_on(discover(engine, &sae, layer, instruction, &base.discover_options(), bar()))?;
+        for &method in &args.methods {
+            let mut options = base.clone();
+            options.method = method;
+            if matches!(method, Method::Diffmean | Method::DiffmeanProject) {
+                options.alpha = s.diffmean_alpha;
+            }
+            let stats = saif::evaluate::Statistics { discovery: Some(&discovery), diffmean: None, sae: Some(&sae) };
+            let report =
+                block_on(saif::evaluate::evaluate(engine, instruction, &args.contents, stats, &options, bar()))?;
+            let value = if method.steers() { options.alpha.to_string() } else { "-".into() };
+            rows.push(saif::sweep::SweepRow::from_report(&report, saif::sweep::Param::Alpha, &value, &options));
+            samples.push(json!({
+                "instruction": instruction.id, "method": method.name(),
+                "samples": report.samples.iter().take(4).collect::<Vec<_>>(),
+            }));
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
+    let stem = args.out.join(format!("table-{key}"));
+    let value = json!({ "model": key, "rows": rows, "samples": samples, "seconds": seconds, "contents": args.contents.len(),
+        "max_new_tokens": args.max_new_tokens });
+    std::fs::write(stem.with_extension("json"), serde_json::to_string_pretty(&value)?)?;
+    std::fs::write(stem.with_extension("csv"), saif::sweep::to_csv(&rows))?;
+    std::fs::write(stem.with_extension("md"), markdown_table(&rows))?;
+    Ok(value)
+}
+
+/// The rows as a markdown table: accuracies with their intervals, and fluency.
+pub fn markdown_table(rows: &[saif::sweep::SweepRow]) -> String {
+    let pct = |p: f64, ci: [f64; 2]| format!("{:.0}% [{:.0}, {:.0}]", 100.0 * p, 100.0 * ci[0], 100.0 * ci[1]);
+    let mut out = String::from(
+        "| instruction | method | layer | α | k | loose (95% CI) | strict (95% CI) | perplexity | repetition |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in rows {
+        let steers = r.method.steers();
+        out += &format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.2} |\n",
+            r.instruction,
+            r.method.name(),
+            if steers { r.layer.to_string() } else { String::new() },
+            if steers { r.value.clone() } else { String::new() },
+            if r.method.needs_sae() { r.k.to_string() } else { String::new() },
+            pct(r.loose, r.loose_ci),
+            pct(r.strict, r.strict_ci),
+            r.perplexity,
+            r.repetition
+        );
+    }
+    out
 }

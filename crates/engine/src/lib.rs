@@ -32,6 +32,6 @@ pub use hooks::{Capture, Hooks, Positions, Scope, Segment};
 #[cfg(not(target_arch = "wasm32"))]
 pub use model::block_on;
 pub use model::cpu::{CpuModel, LoadOptions};
-pub use model::{BackendStats, BatchCall, LanguageModel, LocalBoxFuture, LogitsWanted, Picked, StepOutput};
+pub use model::{BackendStats, BatchCall, LanguageModel, LocalBoxFuture, LogitsWanted, Picked, Readout, StepOutput};
 pub use sampler::{pick, Sampling};
 pub use tokenizer::Tokenizer;

@@ -54,6 +54,9 @@ pub fn accuracy_chart(
             .map_err(failed)?;
         chart
             .configure_mesh()
+            .light_line_style(TRANSPARENT)
+            .y_labels(6)
+            .y_label_formatter(&|y| format!("{y:.0}"))
             .x_labels(n)
             .x_label_formatter(&|x| {
                 let i = x.round();
@@ -67,9 +70,13 @@ pub fn accuracy_chart(
             .x_desc(x_label)
             .draw()
             .map_err(failed)?;
-        for (s, colour) in series.iter().zip(PALETTE.iter().cycle()) {
+        // Series side by side around each category, so that their intervals do not hide each other.
+        let spread = 0.08;
+        let offset = |i: usize| (i as f64 - (series.len() as f64 - 1.0) / 2.0) * spread;
+        for (i, (s, colour)) in series.iter().zip(PALETTE.iter().cycle()).enumerate() {
             let style = ShapeStyle::from(colour).stroke_width(2);
-            let line = s.points.iter().map(|p| (p.x as f64, 100.0 * p.y));
+            let dx = offset(i);
+            let line = s.points.iter().map(move |p| (p.x as f64 + dx, 100.0 * p.y));
             chart
                 .draw_series(LineSeries::new(line, style))
                 .map_err(failed)?
@@ -77,7 +84,14 @@ pub fn accuracy_chart(
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
             chart
                 .draw_series(s.points.iter().map(|p| {
-                    ErrorBar::new_vertical(p.x as f64, 100.0 * p.low, 100.0 * p.y, 100.0 * p.high, style.filled(), 6)
+                    ErrorBar::new_vertical(
+                        p.x as f64 + dx,
+                        100.0 * p.low,
+                        100.0 * p.y,
+                        100.0 * p.high,
+                        style.filled(),
+                        6,
+                    )
                 }))
                 .map_err(failed)?;
         }

@@ -5,7 +5,7 @@ use std::io::{Read, Seek};
 use std::sync::Arc;
 
 use saif_engine::quant::QuantMatrix;
-use saif_engine::{Engine, EngineError, GgufFile, Hooks, LogitsWanted, Positions, Segment};
+use saif_engine::{Engine, EngineError, GgufFile, Hooks, LogitsWanted, Positions, Readout, Segment};
 use serde::Serialize;
 
 use crate::corpus::{line_tokens, skipped_position};
@@ -32,6 +32,37 @@ impl LogitLens {
             .and_then(|t| t.to_vec1::<f32>())
             .map_err(|e| EngineError::InvalidRequest(format!("output_norm.weight: {e}")))?;
         Ok(Self { unembed, norm })
+    }
+
+    /// The lens of a loaded model (its backend keeps the unembedding on the CPU).
+    pub fn from_readout(readout: Readout) -> Self {
+        Self { unembed: readout.unembedding, norm: readout.final_norm }
+    }
+
+    /// The latents whose decoder direction promotes any of `tokens` most, best first, with the logit it adds per
+    /// unit of activation: `max_t (g * W_dec[j]) . W_U[t]`. No table is needed: one pass over the decoder.
+    pub fn latents_promoting(&self, sae: &Sae, tokens: &[u32], top: usize) -> Result<Vec<(usize, f32)>, EngineError> {
+        let d = sae.info.d_in;
+        let mut readers = Vec::with_capacity(tokens.len());
+        for &t in tokens {
+            if t as usize >= self.unembed.rows() {
+                return Err(EngineError::InvalidRequest(format!("token {t} is outside the vocabulary")));
+            }
+            let mut row = vec![0f32; d];
+            self.unembed.dequantize_rows(t as usize, &mut row)?;
+            row.iter_mut().zip(&self.norm).for_each(|(u, g)| *u *= g);
+            readers.push(row);
+        }
+        let mut scored: Vec<(usize, f32)> = (0..sae.info.d_sae)
+            .map(|j| {
+                let w = sae.decoder_row(j);
+                let best = readers.iter().map(|u| saif_engine::quant::dot(w, u)).fold(f32::NEG_INFINITY, f32::max);
+                (j, best)
+            })
+            .collect();
+        scored.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        scored.truncate(top);
+        Ok(scored)
     }
 
     /// For each latent in `latents`, the `n` tokens its decoder direction promotes most, with their logits.

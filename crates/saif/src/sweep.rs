@@ -51,7 +51,7 @@ impl Param {
 }
 
 /// One point of a sweep.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SweepRow {
     pub instruction: String,
     pub param: Param,
@@ -73,7 +73,7 @@ pub struct SweepRow {
 }
 
 impl SweepRow {
-    fn from_report(r: &EvalReport, param: Param, value: &str, options: &EvalOptions) -> Self {
+    pub fn from_report(r: &EvalReport, param: Param, value: &str, options: &EvalOptions) -> Self {
         Self {
             instruction: r.instruction.clone(),
             param,

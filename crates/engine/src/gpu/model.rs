@@ -23,7 +23,10 @@ use crate::error::{EngineError, Result, TensorContext};
 use crate::gguf::GgufFile;
 use crate::hooks::{Capture, Hooks, Segment};
 use crate::model::cpu::LoadOptions;
-use crate::model::{check_request, BackendStats, LanguageModel, LocalBoxFuture, LogitsWanted, Picked, StepOutput};
+use crate::model::{
+    check_request, BackendStats, LanguageModel, LocalBoxFuture, LogitsWanted, Picked, Readout, StepOutput,
+};
+use crate::quant::QuantMatrix;
 use crate::sampler::Sampling;
 
 /// Tokens one command buffer processes; longer prompts go through in several calls.
@@ -132,6 +135,8 @@ pub struct GpuModel {
     _caches: Vec<LayerCache>,
     /// The LM head and its norm, to build the all-positions variant on demand.
     head: HeadWeights,
+    /// The unembedding's blocks and the final norm, kept on the CPU for the logit lens.
+    readout: Readout,
     /// The all-positions head for calls of up to `.0` tokens, with its logits buffer.
     head_all: Option<(usize, Vec<Op>, wgpu::Buffer)>,
     /// Per layer: the steering vector buffer and its `add_vector` dispatch, created on first use.
@@ -163,6 +168,11 @@ struct Uploader<'a, R> {
 impl<R: Read + Seek> Uploader<'_, R> {
     /// A weight matrix, raw blocks as stored.
     fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<GpuMatrix> {
+        Ok(self.matrix_kept(name, rows, cols)?.0)
+    }
+
+    /// As `matrix`, also keeping the blocks on the CPU.
+    fn matrix_kept(&mut self, name: &str, rows: usize, cols: usize) -> Result<(GpuMatrix, QuantMatrix)> {
         let q = self.gguf.tensor(self.reader, name)?;
         let dims = q.shape().dims().to_vec();
         if dims != [rows, cols] {
@@ -172,7 +182,9 @@ impl<R: Read + Seek> Uploader<'_, R> {
             });
         }
         let data = q.data().context(name)?;
-        GpuMatrix::upload(self.gpu, name, q.dtype(), rows, cols, &data)
+        let gpu = GpuMatrix::upload(self.gpu, name, q.dtype(), rows, cols, &data)?;
+        drop(data);
+        Ok((gpu, QuantMatrix::new(name, std::sync::Arc::new(q))?))
     }
 
     /// A vector's values as f32 on the CPU.
@@ -230,7 +242,8 @@ impl GpuModel {
         let types: Vec<_> = gguf.tensors().iter().map(|t| t.dtype).collect();
         let kernels = Kernels::new(&gpu, &types)?;
 
-        let embedding = Rc::new(ld.matrix("token_embd.weight", c.vocab_size, c.hidden)?);
+        let (embedding, embedding_cpu) = ld.matrix_kept("token_embd.weight", c.vocab_size, c.hidden)?;
+        let embedding = Rc::new(embedding);
         progress(1, total_parts);
         let t = MAX_TOKENS_PER_CALL as u64;
         let f = 4u64;
@@ -506,12 +519,15 @@ impl GpuModel {
             progress(i + 2, total_parts);
         }
 
-        let final_norm = ld.vector("output_norm.weight", c.hidden)?;
-        let lm_head = if gguf.has_tensor("output.weight") {
-            Rc::new(ld.matrix("output.weight", c.vocab_size, c.hidden)?)
+        let final_norm_values = ld.values("output_norm.weight", c.hidden)?;
+        let final_norm = gpu.storage_with("output_norm.weight", bytemuck::cast_slice(&final_norm_values));
+        let (lm_head, unembedding) = if gguf.has_tensor("output.weight") {
+            let (m, cpu) = ld.matrix_kept("output.weight", c.vocab_size, c.hidden)?;
+            (Rc::new(m), cpu)
         } else {
-            embedding.clone()
+            (embedding.clone(), embedding_cpu)
         };
+        let readout = Readout { unembedding, final_norm: final_norm_values };
         let head_last = Self::head_ops(&gpu, &kernels, &c, &scratch, &final_norm, &lm_head, &scratch.logits, true);
         let select_op = {
             let bind = kernels.select.bind(&gpu, &[&scratch.logits, &scratch.picked, &scratch.select_params]);
@@ -537,6 +553,7 @@ impl GpuModel {
             select_op,
             _caches: caches,
             head: HeadWeights { final_norm, lm_head },
+            readout,
             head_all: None,
             steering: (0..c.n_layers).map(|_| None).collect(),
             projecting: (0..c.n_layers).map(|_| None).collect(),
@@ -1000,6 +1017,10 @@ impl LanguageModel for GpuModel {
 
     fn reset(&mut self) {
         self.position = 0;
+    }
+
+    fn readout(&self) -> Option<Readout> {
+        Some(self.readout.clone())
     }
 
     fn backend_name(&self) -> String {

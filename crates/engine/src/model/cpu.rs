@@ -28,7 +28,7 @@ use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::kv_cache::KvCache;
 
-use super::{check_request, BatchCall, LanguageModel, LocalBoxFuture, LogitsWanted, StepOutput};
+use super::{check_request, BatchCall, LanguageModel, LocalBoxFuture, LogitsWanted, Readout, StepOutput};
 use crate::config::{rope_cos_sin, Activation, ModelConfig, RopeLayout};
 use crate::error::{EngineError, Result, TensorContext};
 use crate::gguf::GgufFile;
@@ -542,6 +542,11 @@ impl LanguageModel for CpuModel {
 
     fn batch_capacity(&self) -> usize {
         MAX_SEQUENCES
+    }
+
+    fn readout(&self) -> Option<Readout> {
+        let final_norm = self.final_norm.to_vec1::<f32>().ok()?;
+        Some(Readout { unembedding: self.lm_head.0.clone(), final_norm })
     }
 
     fn reset_sequence(&mut self, sequence: usize) {

@@ -47,6 +47,14 @@ pub struct BackendStats {
     pub dispatches_per_token: Option<usize>,
 }
 
+/// What turns a residual vector into logits: the final norm's weights and the unembedding (the LM head, or the
+/// tied embedding). SAE tools read latents through it (the logit lens, searching latents by token).
+#[derive(Clone)]
+pub struct Readout {
+    pub unembedding: crate::quant::QuantMatrix,
+    pub final_norm: Vec<f32>,
+}
+
 /// Which logits a forward call computes: the LM head is the largest matrix, so by default only the last row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogitsWanted {
@@ -101,6 +109,11 @@ pub trait LanguageModel {
         hooks: &'a Hooks,
         logits: LogitsWanted,
     ) -> LocalBoxFuture<'a, Result<StepOutput>>;
+
+    /// The final norm and unembedding, where the backend keeps them on the CPU (both backends do).
+    fn readout(&self) -> Option<Readout> {
+        None
+    }
 
     /// How many sequences a batched call may hold (1: the backend runs one sequence at a time).
     fn batch_capacity(&self) -> usize {

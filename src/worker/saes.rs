@@ -1,0 +1,175 @@
+//! The SAEs the worker reads latents with: those shipped with the page for the loaded model (`saes/index.json`),
+//! any folder on the web in Gemma Scope 2's layout (`params.safetensors` and `config.json`: the Gemma Scope 2
+//! presets on Hugging Face), and files the visitor picks or drops (Gemma Scope 2 or SAELens). An SAE that does not
+//! fit the model (its width, its layer) is refused with the reason.
+
+use saif::{Activation, Sae};
+use saif_engine::{Engine, Hooks, LogitsWanted, Positions, Segment};
+use web_sys::File;
+
+use super::download::{fetch, read_blob};
+use super::Failure;
+use crate::protocol::{Expected, SaeSummary, Stage};
+
+/// An SAE in use: the SAE, the layer it reads, each latent's top tokens where known, and its summary.
+pub struct LoadedSae {
+    pub sae: Sae,
+    pub layer: usize,
+    pub lens: Option<Vec<Vec<String>>>,
+    pub summary: SaeSummary,
+}
+
+/// What `saes/index.json` says of a model's shipped SAEs: their layers and each file's size and sha256.
+#[derive(Clone, Default)]
+pub struct Shipped {
+    pub layers: Vec<usize>,
+    files: serde_json::Value,
+}
+
+impl Shipped {
+    /// What a shipped file is known to be (so a damaged download or cached copy is caught).
+    fn expected(&self, layer: usize, name: &str) -> Expected {
+        let entry = &self.files[format!("layer_{layer}")][name];
+        Expected { bytes: entry["bytes"].as_u64(), sha256: entry["sha256"].as_str().map(String::from) }
+    }
+}
+
+/// The SAEs shipped for `key` (none when the page ships none for it).
+pub async fn shipped_index(id: u32, key: &str) -> Result<Shipped, Failure> {
+    let Ok(index) = fetch(id, "saes/index.json", &Expected::default()).await else { return Ok(Shipped::default()) };
+    let index: serde_json::Value = serde_json::from_slice(&index.bytes).map_err(|e| format!("saes/index.json: {e}"))?;
+    let Some(entry) = index.get(key) else { return Ok(Shipped::default()) };
+    let layers = entry["layers"]
+        .as_array()
+        .map(|l| l.iter().map(|l| l.as_u64().map(|l| l as usize)).collect::<Option<Vec<_>>>())
+        .unwrap_or(Some(Vec::new()))
+        .ok_or("saes/index.json: a layer is not a number")?;
+    Ok(Shipped { layers, files: entry["files"].clone() })
+}
+
+/// The SAE shipped for `key` at `layer`, each file checked against the index.
+pub async fn shipped(
+    id: u32,
+    key: &str,
+    index: &Shipped,
+    layer: usize,
+) -> Result<(Sae, Option<Vec<Vec<String>>>, String), Failure> {
+    let folder = format!("saes/{key}/layer_{layer}");
+    let config = fetch(id, &format!("{folder}/config.json"), &index.expected(layer, "config.json")).await?.bytes;
+    let params =
+        fetch(id, &format!("{folder}/params.safetensors"), &index.expected(layer, "params.safetensors")).await?.bytes;
+    let sae = parse_or_forget(&folder, &params, &config)?;
+    let lens = fetch(id, &format!("{folder}/lens.json"), &index.expected(layer, "lens.json"))
+        .await
+        .ok()
+        .and_then(|f| parse_lens(&f.bytes, sae.info.d_sae));
+    Ok((sae, lens, format!("shipped with the page: {folder}")))
+}
+
+/// An SAE in a folder on the web: `params.safetensors` and `config.json`, nothing else. Files that turn out not to
+/// be an SAE are dropped from the cache, so that the next try downloads them again.
+pub async fn folder_sae(id: u32, folder: &str) -> Result<Sae, Failure> {
+    let folder = folder.trim_end_matches('/');
+    let none = Expected::default();
+    let (config_url, params_url) = (format!("{folder}/config.json"), format!("{folder}/params.safetensors"));
+    let config = fetch(id, &config_url, &none).await?.bytes;
+    let params = fetch(id, &params_url, &none).await?.bytes;
+    parse_or_forget(folder, &params, &config)
+}
+
+/// The SAE in a folder's `params.safetensors` and `config.json`; where they are not one, their cached copies are
+/// deleted, so that the next try downloads them again.
+fn parse_or_forget(folder: &str, params: &[u8], config: &[u8]) -> Result<Sae, Failure> {
+    Sae::from_gemma_scope(params, config).map_err(|e| {
+        let urls = [format!("{folder}/config.json"), format!("{folder}/params.safetensors")];
+        wasm_bindgen_futures::spawn_local(async move {
+            for url in urls {
+                let _ = super::download::delete(&url).await;
+            }
+        });
+        Failure::from(format!("{folder}: {e}"))
+    })
+}
+
+/// An SAE from files the visitor picked: Gemma Scope 2 (`params.safetensors` + `config.json`) or SAELens
+/// (`sae_weights.safetensors` + `cfg.json`), told apart by their names; `lens.json` is used where given.
+pub async fn files_sae(id: u32, files: &[File]) -> Result<(Sae, Option<Vec<Vec<String>>>), Failure> {
+    let find = |name: &str| files.iter().find(|f| f.name() == name);
+    let read = |f: &File| {
+        let f = f.clone();
+        async move { read_blob(id, &f, Stage::ReadingFile).await }
+    };
+    let names: Vec<String> = files.iter().map(|f| f.name()).collect();
+    let sae = if let Some(params) = find("params.safetensors") {
+        let config = match find("config.json") {
+            Some(c) => read(c).await?,
+            None => b"{}".to_vec(),
+        };
+        Sae::from_gemma_scope(&read(params).await?, &config)
+    } else if let (Some(weights), Some(cfg)) = (find("sae_weights.safetensors"), find("cfg.json")) {
+        Sae::from_sae_lens(&read(weights).await?, &read(cfg).await?)
+    } else {
+        return Err(format!(
+            "the files {names:?} are not an SAE: pick params.safetensors and config.json (Gemma Scope 2), or \
+             sae_weights.safetensors and cfg.json (SAELens)"
+        )
+        .into());
+    }
+    .map_err(|e| e.to_string())?;
+    let lens = match find("lens.json") {
+        Some(f) => parse_lens(&read(f).await?, sae.info.d_sae),
+        None => None,
+    };
+    Ok((sae, lens))
+}
+
+fn parse_lens(bytes: &[u8], d_sae: usize) -> Option<Vec<Vec<String>>> {
+    let value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    let lens: Vec<Vec<String>> = serde_json::from_value(value["top_tokens"].clone()).ok()?;
+    (lens.len() == d_sae).then_some(lens)
+}
+
+/// Checks that `sae` fits the loaded model at `layer`, measures the residual stream there, and summarizes it.
+pub async fn attach(
+    engine: &mut Engine,
+    sae: Sae,
+    layer: Option<usize>,
+    lens: Option<Vec<Vec<String>>>,
+    source: String,
+) -> Result<LoadedSae, Failure> {
+    let c = engine.config().clone();
+    let layer = layer.or(sae.info.layer).ok_or("the SAE does not say which layer it reads; give the layer")?;
+    if let Some(trained) = sae.info.layer.filter(|&l| l != layer) {
+        return Err(format!("this SAE was trained on layer {trained}, not on layer {layer}").into());
+    }
+    sae.check_fits(c.hidden, c.n_layers, layer).map_err(|e| e.to_string())?;
+    let residual_norm = residual_norm(engine, layer).await?;
+    let decoder_norm =
+        (0..sae.info.d_sae).map(|j| saif::steer::norm(sae.decoder_row(j))).sum::<f64>() as f32 / sae.info.d_sae as f32;
+    let activation = match sae.info.activation {
+        Activation::TopK { k } => format!("TopK (k = {k})"),
+        Activation::JumpRelu => "JumpReLU".into(),
+        Activation::Relu => "ReLU".into(),
+    };
+    let summary = SaeSummary {
+        layer,
+        width: sae.info.d_sae,
+        activation,
+        source,
+        residual_norm,
+        decoder_norm,
+        has_lens: lens.is_some(),
+    };
+    Ok(LoadedSae { sae, layer, lens, summary })
+}
+
+/// The mean norm of `resid_post[layer]` over a plain sentence's tokens (the first, an attention sink, left out).
+async fn residual_norm(engine: &mut Engine, layer: usize) -> Result<f32, Failure> {
+    let ids = engine.tokenizer.encode_prompt("The weather was mild, so we walked to the market and bought bread.")?;
+    engine.model.reset();
+    let hooks = Hooks::none().read(layer, Positions::All);
+    let out = engine.model.forward(&ids, Segment::Prompt, &hooks, LogitsWanted::Last).await?;
+    let norms: Vec<f64> =
+        out.captures.iter().filter(|c| c.position > 0).map(|c| saif::steer::norm(&c.values)).collect();
+    Ok((norms.iter().sum::<f64>() / norms.len().max(1) as f64) as f32)
+}
