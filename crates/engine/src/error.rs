@@ -13,6 +13,10 @@ pub enum EngineError {
     #[error("the GGUF file is truncated: {what} (the file has {actual} bytes{expected}); download it again")]
     Truncated { what: String, actual: u64, expected: ExpectedBytes },
 
+    /// A length, count, shape or offset in the GGUF header that the file cannot hold (a crafted or damaged file).
+    #[error("the GGUF header is malformed near byte {at}: {what}")]
+    MalformedGguf { at: u64, what: String },
+
     /// The GGUF is readable but describes a model family this engine does not implement.
     #[error(
         "unsupported architecture \"{0}\": this engine runs gemma3, gemma2 and llama (SmolLM2, Llama 3) GGUF files"

@@ -1,5 +1,6 @@
-//! Reading GGUF files: candle-core parses the format; this module checks what candle does not (the magic, that every
-//! tensor's data lies inside the file, that every quantization is one the engine reads) and turns candle's
+//! Reading GGUF files: candle-core parses the format; this module checks what candle does not (the magic, every
+//! length and shape in the header against the file's size, before candle allocates anything (`gguf_guard`), that
+//! every tensor's data lies inside the file, that every quantization is one the engine reads) and turns candle's
 //! low-level errors into messages a person can act on.
 
 use std::collections::HashMap;
@@ -79,6 +80,7 @@ impl GgufFile {
         if &magic != b"GGUF" {
             return Err(EngineError::NotGguf { found: describe_magic(&magic) });
         }
+        crate::gguf_guard::check_header(reader, file_size)?;
         reader.seek(SeekFrom::Start(0))?;
         let content = gguf_file::Content::read(reader).map_err(|e| header_error(e, file_size))?;
         let file = Self { content, file_size };
@@ -101,10 +103,10 @@ impl GgufFile {
                 });
             }
             let info = &self.content.tensor_infos[&t.name];
-            let end = self.content.tensor_data_offset + info.offset + t.bytes;
-            if end > self.file_size {
+            let end = self.content.tensor_data_offset.checked_add(info.offset).and_then(|x| x.checked_add(t.bytes));
+            if !matches!(end, Some(end) if end <= self.file_size) {
                 return Err(EngineError::Truncated {
-                    what: format!("tensor {} ends at byte {end}", t.name),
+                    what: format!("tensor {} ends past the end of the file", t.name),
                     actual: self.file_size,
                     expected: ExpectedBytes(Some(self.data_end())),
                 });
@@ -117,7 +119,12 @@ impl GgufFile {
     pub fn data_end(&self) -> u64 {
         self.tensors()
             .iter()
-            .map(|t| self.content.tensor_data_offset + self.content.tensor_infos[&t.name].offset + t.bytes)
+            .map(|t| {
+                self.content
+                    .tensor_data_offset
+                    .saturating_add(self.content.tensor_infos[&t.name].offset)
+                    .saturating_add(t.bytes)
+            })
             .max()
             .unwrap_or(self.content.tensor_data_offset)
     }
@@ -240,8 +247,10 @@ impl GgufFile {
             .iter()
             .map(|(name, info)| {
                 let dims = info.shape.dims().to_vec();
-                let elems: usize = dims.iter().product();
-                let bytes = (elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size()) as u64;
+                // u64 and saturating: usize is 32 bits in wasm (`gguf_guard` has already refused what overflows).
+                let elems = dims.iter().fold(1u64, |acc, &d| acc.saturating_mul(d as u64));
+                let bytes =
+                    (elems / info.ggml_dtype.block_size() as u64).saturating_mul(info.ggml_dtype.type_size() as u64);
                 TensorSummary { name: name.clone(), dtype: info.ggml_dtype, dims, bytes }
             })
             .collect();

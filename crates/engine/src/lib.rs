@@ -11,6 +11,7 @@ pub mod config;
 pub mod error;
 pub mod generate;
 pub mod gguf;
+mod gguf_guard;
 pub mod gpu;
 pub mod hooks;
 pub mod model;

@@ -135,6 +135,9 @@ impl Sae {
             Some("jump_relu" | "jumprelu" | "JumpReLU") | None => Activation::JumpRelu,
             Some(other) => return Err(SaeError::Format(format!("unknown SAE architecture \"{other}\""))),
         };
+        if let Some(hook) = config.get("hook").or_else(|| config.get("hook_name")).and_then(Value::as_str) {
+            check_hook(hook, "config.json")?;
+        }
         let layer = config.get("layer").and_then(Value::as_u64).map(|l| l as usize);
         let model = config.get("model_name").or_else(|| config.get("model")).and_then(Value::as_str).map(String::from);
         Self::assemble(activation, w_enc, w_dec, b_enc, b_dec, threshold, layer, model, config, false)
@@ -147,6 +150,7 @@ impl Sae {
         let w_enc = tensor_f32(&st, &["W_enc"])?.ok_or_else(|| SaeError::Format("no W_enc tensor".into()))?;
         let w_dec = tensor_f32(&st, &["W_dec"])?.ok_or_else(|| SaeError::Format("no W_dec tensor".into()))?;
         let threshold = tensor_f32(&st, &["threshold"])?.map(|t| t.0);
+        // SAELens names its architectures; an unknown one is refused rather than read as a ReLU SAE.
         let activation = match cfg.get("architecture").and_then(Value::as_str) {
             Some("jumprelu") => Activation::JumpRelu,
             Some("topk") => {
@@ -155,10 +159,26 @@ impl Sae {
                     k: k.ok_or_else(|| SaeError::Format("cfg.json: a TopK SAE without k".into()))? as usize,
                 }
             }
-            _ => Activation::Relu,
+            Some("standard") | None => Activation::Relu,
+            Some(other) => {
+                return Err(SaeError::Format(format!(
+                    "cfg.json: unknown SAE architecture \"{other}\" (standard, jumprelu and topk are read)"
+                )))
+            }
         };
-        // "blocks.12.hook_resid_post" -> 12
-        let layer = cfg.get("hook_name").and_then(Value::as_str).and_then(|h| h.split('.').nth(1)?.parse().ok());
+        // "blocks.12.hook_resid_post" -> 12; the steering hooks add to the residual stream after a block, so an
+        // SAE trained on another hook point would be read at the wrong place.
+        let layer = match cfg.get("hook_name").and_then(Value::as_str) {
+            Some(hook) => {
+                check_hook(hook, "cfg.json")?;
+                Some(hook.split('.').nth(1).and_then(|l| l.parse().ok()).ok_or_else(|| {
+                    SaeError::Format(format!(
+                        "cfg.json: hook_name \"{hook}\" names no layer (blocks.N.hook_resid_post)"
+                    ))
+                })?)
+            }
+            None => None,
+        };
         let model = cfg.get("model_name").and_then(Value::as_str).map(String::from);
         let fold = cfg.get("apply_b_dec_to_input").and_then(Value::as_bool).unwrap_or(false);
         Self::assemble(
@@ -355,6 +375,17 @@ impl Sae {
 }
 
 /// Keeps the `k` largest positive values (the lowest index among equals), zeroes the rest.
+/// The SAE must read the residual stream after a block (resid_post), where the engine's hooks read and add.
+fn check_hook(hook: &str, file: &str) -> Result<()> {
+    if hook.ends_with("resid_post") {
+        Ok(())
+    } else {
+        Err(SaeError::Format(format!(
+            "{file}: the SAE reads \"{hook}\", but only residual-stream SAEs after a block (resid_post) are supported"
+        )))
+    }
+}
+
 pub fn top_k_relu(values: &mut [f32], k: usize) {
     if k == 0 {
         values.iter_mut().for_each(|v| *v = 0.0);

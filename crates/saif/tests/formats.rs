@@ -130,3 +130,32 @@ fn foreign_files_are_refused_with_a_reason() {
     assert!(Sae::load_dir(&dir).unwrap_err().to_string().contains("not an SAE file"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// An SAELens folder with `cfg` as its cfg.json: what loading it says.
+fn sae_lens_with_cfg(cfg: &str) -> Result<Sae, saif::sae::SaeError> {
+    let dir = std::env::temp_dir().join(format!("saif-saelens-cfg-{}-{}", std::process::id(), cfg.len()));
+    std::fs::create_dir_all(&dir).unwrap();
+    write_safetensors(
+        &dir.join("sae_weights.safetensors"),
+        &[("W_enc", values(D_IN * D_SAE, 1), vec![D_IN, D_SAE]), ("W_dec", values(D_SAE * D_IN, 2), vec![D_SAE, D_IN])],
+    );
+    std::fs::write(dir.join("cfg.json"), cfg).unwrap();
+    let sae = Sae::load_dir(&dir);
+    std::fs::remove_dir_all(&dir).unwrap();
+    sae
+}
+
+#[test]
+fn sae_lens_architectures_and_hooks_are_read_not_guessed() {
+    let standard =
+        sae_lens_with_cfg(r#"{"architecture": "standard", "hook_name": "blocks.3.hook_resid_post"}"#).unwrap();
+    assert_eq!((standard.info.activation, standard.info.layer), (Activation::Relu, Some(3)));
+    let gated = sae_lens_with_cfg(r#"{"architecture": "gated", "hook_name": "blocks.3.hook_resid_post"}"#).unwrap_err();
+    assert!(gated.to_string().contains("unknown SAE architecture \"gated\""), "{gated}");
+    for hook in ["blocks.3.hook_mlp_out", "blocks.3.attn.hook_z", "blocks.3.hook_resid_mid"] {
+        let err = sae_lens_with_cfg(&format!(r#"{{"architecture": "jumprelu", "hook_name": "{hook}"}}"#)).unwrap_err();
+        assert!(err.to_string().contains(hook) && err.to_string().contains("resid_post"), "{err}");
+    }
+    let nameless = sae_lens_with_cfg(r#"{"architecture": "jumprelu", "hook_name": "hook_resid_post"}"#).unwrap_err();
+    assert!(nameless.to_string().contains("names no layer"), "{nameless}");
+}

@@ -1,0 +1,279 @@
+//! A walk over a GGUF header that checks every length, count, shape and offset against the bytes the file has,
+//! before candle-core's reader runs. candle trusts the header: a metadata string whose length field says 2^61
+//! aborts the process on allocation, an array of 2^60 elements panics with "capacity overflow", and a tensor shape
+//! whose product wraps passes a naive "inside the file" check. This walk reads only fixed-size fields, skips over
+//! strings and arrays by seeking, allocates nothing the header claims, and does all its arithmetic checked; what
+//! it lets through, candle can read without trusting a length.
+
+use std::io::{Read, Seek, SeekFrom};
+
+use candle_core::quantized::GgmlDType;
+
+use crate::error::{EngineError, ExpectedBytes, Result};
+use crate::gguf::{type_name, SUPPORTED_TYPES};
+
+/// ggml's limit on a tensor's dimensions.
+const MAX_DIMS: u32 = 4;
+/// Arrays of arrays deeper than this are refused (real files use none).
+const MAX_DEPTH: usize = 4;
+
+/// Checks the header of the GGUF file `reader` holds (`file_size` bytes, magic already checked). Leaves the
+/// reader's position anywhere.
+pub fn check_header<R: Read + Seek>(reader: &mut R, file_size: u64) -> Result<()> {
+    let mut walk = Walk { reader, pos: 0, size: file_size, version: 0 };
+    walk.seek(4)?;
+    walk.version = walk.u32("the version")?;
+    if !(1..=3).contains(&walk.version) {
+        return Err(EngineError::InvalidRequest(format!(
+            "unsupported GGUF version {}; versions 1 to 3 are read",
+            walk.version
+        )));
+    }
+    let tensor_count = walk.count("the tensor count")?;
+    let kv_count = walk.count("the metadata count")?;
+    // Each entry takes at least a length field and a type: more entries than that cannot be in the file.
+    walk.at_most(kv_count, 12, "metadata entries")?;
+    let mut alignment = 32u64;
+    for _ in 0..kv_count {
+        let key = walk.key()?;
+        let value_type = walk.u32("a metadata value's type")?;
+        if key.as_deref() == Some("general.alignment") {
+            // candle divides by it: zero would panic.
+            alignment = match value_type {
+                4 => walk.u32("general.alignment")? as u64,
+                _ => return Err(walk.malformed("general.alignment is not a u32")),
+            };
+            if alignment == 0 || !alignment.is_power_of_two() {
+                return Err(walk.malformed(&format!("general.alignment is {alignment}, not a power of two")));
+            }
+        } else {
+            walk.value(value_type, 0)?;
+        }
+    }
+    walk.at_most(tensor_count, 24, "tensors")?;
+    let mut ends = Vec::new();
+    for _ in 0..tensor_count {
+        let name = walk.name()?;
+        let n_dims = walk.u32("a tensor's dimension count")?;
+        if n_dims > MAX_DIMS {
+            return Err(walk.malformed(&format!("a tensor has {n_dims} dimensions (ggml allows {MAX_DIMS})")));
+        }
+        let mut elements = 1u64;
+        for _ in 0..n_dims {
+            let dim = walk.count("a tensor dimension")?;
+            elements = elements.checked_mul(dim).ok_or_else(|| walk.malformed("a tensor's shape overflows"))?;
+        }
+        let code = walk.u32("a tensor's type")?;
+        let dtype = ggml_type(code).ok_or_else(|| EngineError::UnsupportedTensorType {
+            tensor: format!("tensor {name}"),
+            dtype: format!("ggml type {code}"),
+        })?;
+        if !SUPPORTED_TYPES.contains(&dtype) {
+            return Err(EngineError::UnsupportedTensorType {
+                tensor: format!("tensor {name}"),
+                dtype: type_name(dtype).into(),
+            });
+        }
+        let block = dtype.block_size() as u64;
+        if elements % block != 0 {
+            return Err(walk.malformed(&format!(
+                "a {} tensor has {elements} elements, not whole blocks of {block}",
+                type_name(dtype)
+            )));
+        }
+        let bytes = (elements / block)
+            .checked_mul(dtype.type_size() as u64)
+            .ok_or_else(|| walk.malformed("a tensor's size overflows"))?;
+        let offset = walk.count("a tensor's offset")?;
+        ends.push(offset.checked_add(bytes).ok_or_else(|| walk.malformed("a tensor's end overflows"))?);
+    }
+    let data_start = walk
+        .pos
+        .div_ceil(alignment)
+        .checked_mul(alignment)
+        .ok_or_else(|| walk.malformed("the data offset overflows"))?;
+    for end in ends {
+        match data_start.checked_add(end) {
+            Some(end) if end <= file_size => {}
+            end => {
+                return Err(EngineError::Truncated {
+                    what: match end {
+                        Some(end) => format!("a tensor's data ends at byte {end}"),
+                        None => "a tensor's data ends past 2^64 bytes".into(),
+                    },
+                    actual: file_size,
+                    expected: ExpectedBytes(end),
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+/// ggml's numbering of its types (ggml.h), for the ones candle reads.
+fn ggml_type(code: u32) -> Option<GgmlDType> {
+    Some(match code {
+        0 => GgmlDType::F32,
+        1 => GgmlDType::F16,
+        2 => GgmlDType::Q4_0,
+        3 => GgmlDType::Q4_1,
+        6 => GgmlDType::Q5_0,
+        7 => GgmlDType::Q5_1,
+        8 => GgmlDType::Q8_0,
+        9 => GgmlDType::Q8_1,
+        10 => GgmlDType::Q2K,
+        11 => GgmlDType::Q3K,
+        12 => GgmlDType::Q4K,
+        13 => GgmlDType::Q5K,
+        14 => GgmlDType::Q6K,
+        15 => GgmlDType::Q8K,
+        30 => GgmlDType::BF16,
+        _ => return None,
+    })
+}
+
+struct Walk<'a, R> {
+    reader: &'a mut R,
+    pos: u64,
+    size: u64,
+    version: u32,
+}
+
+impl<R: Read + Seek> Walk<'_, R> {
+    fn malformed(&self, what: &str) -> EngineError {
+        EngineError::MalformedGguf { at: self.pos, what: what.into() }
+    }
+
+    fn left(&self) -> u64 {
+        self.size.saturating_sub(self.pos)
+    }
+
+    /// Moves forward by `n` bytes, which must be in the file.
+    fn seek(&mut self, n: u64) -> Result<()> {
+        if n > self.left() {
+            return Err(EngineError::Truncated {
+                what: format!("it ends inside the header (a field at byte {} needs {n} bytes)", self.pos),
+                actual: self.size,
+                expected: ExpectedBytes(self.pos.checked_add(n)),
+            });
+        }
+        self.pos += n;
+        self.reader.seek(SeekFrom::Start(self.pos))?;
+        Ok(())
+    }
+
+    fn bytes<const N: usize>(&mut self) -> Result<[u8; N]> {
+        let at = self.pos;
+        self.seek(N as u64)?;
+        self.reader.seek(SeekFrom::Start(at))?;
+        let mut buf = [0u8; N];
+        self.reader.read_exact(&mut buf)?;
+        Ok(buf)
+    }
+
+    fn u32(&mut self, _what: &str) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.bytes()?))
+    }
+
+    /// A count or length: a u32 in version 1, a u64 after.
+    fn count(&mut self, what: &str) -> Result<u64> {
+        if self.version == 1 {
+            Ok(self.u32(what)? as u64)
+        } else {
+            Ok(u64::from_le_bytes(self.bytes()?))
+        }
+    }
+
+    /// `count` items of at least `min_bytes` each must fit in what is left: if they do not, the file is cut short
+    /// (or the count is a lie, which the message shows by its size).
+    fn at_most(&self, count: u64, min_bytes: u64, what: &str) -> Result<()> {
+        match count.checked_mul(min_bytes) {
+            Some(n) if n <= self.left() => Ok(()),
+            Some(n) => Err(EngineError::Truncated {
+                what: format!("the header lists {count} {what} at byte {}, which need at least {n} bytes", self.pos),
+                actual: self.size,
+                expected: ExpectedBytes(self.pos.checked_add(n)),
+            }),
+            None => Err(self.malformed(&format!("it lists {count} {what}"))),
+        }
+    }
+
+    fn skip_string(&mut self, what: &str) -> Result<()> {
+        let len = self.count(what)?;
+        self.seek(len)
+    }
+
+    /// A tensor's name, for messages: read when it is of a sane length, else described by its length.
+    fn name(&mut self) -> Result<String> {
+        let at = self.pos;
+        let len = self.count("a tensor's name")?;
+        if len <= 256 && len <= self.left() {
+            let mut buf = vec![0u8; len as usize];
+            self.reader.read_exact(&mut buf)?;
+            self.seek(len)?;
+            return Ok(String::from_utf8_lossy(&buf).into_owned());
+        }
+        self.pos = at;
+        self.reader.seek(SeekFrom::Start(at))?;
+        self.skip_string("a tensor's name")?;
+        Ok(format!("(a name of {len} bytes)"))
+    }
+
+    /// A metadata key: read only when it could be `general.alignment` (the one key this walk needs), else skipped.
+    fn key(&mut self) -> Result<Option<String>> {
+        const WANTED: &str = "general.alignment";
+        let at = self.pos;
+        let len = self.count("a metadata key")?;
+        if len == WANTED.len() as u64 {
+            let text: [u8; WANTED.len()] = self.bytes()?;
+            return Ok(Some(String::from_utf8_lossy(&text).into_owned()));
+        }
+        self.pos = at;
+        self.reader.seek(SeekFrom::Start(at))?;
+        self.skip_string("a metadata key")?;
+        Ok(None)
+    }
+
+    /// The bytes of a fixed-size value type, None for strings and arrays.
+    fn fixed_size(value_type: u32) -> Option<u64> {
+        match value_type {
+            0 | 1 | 7 => Some(1),
+            2 | 3 => Some(2),
+            4..=6 => Some(4),
+            10..=12 => Some(8),
+            _ => None,
+        }
+    }
+
+    fn value(&mut self, value_type: u32, depth: usize) -> Result<()> {
+        if let Some(n) = Self::fixed_size(value_type) {
+            return self.seek(n);
+        }
+        match value_type {
+            8 => self.skip_string("a metadata string"),
+            9 => {
+                if depth >= MAX_DEPTH {
+                    return Err(self.malformed("arrays nested too deep"));
+                }
+                let element_type = self.u32("an array's element type")?;
+                let count = self.count("an array's length")?;
+                match Self::fixed_size(element_type) {
+                    Some(n) => {
+                        self.at_most(count, n, "array elements")?;
+                        self.seek(count * n)
+                    }
+                    None if element_type == 8 || element_type == 9 => {
+                        let min = if self.version == 1 { 4 } else { 8 };
+                        self.at_most(count, min, "array elements")?;
+                        for _ in 0..count {
+                            self.value(element_type, depth + 1)?;
+                        }
+                        Ok(())
+                    }
+                    None => Err(self.malformed(&format!("unknown array element type {element_type}"))),
+                }
+            }
+            other => Err(self.malformed(&format!("unknown metadata value type {other}"))),
+        }
+    }
+}
