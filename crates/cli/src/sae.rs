@@ -109,7 +109,8 @@ pub struct TrainArgs {
     pub layers: Vec<usize>,
     /// One per layer, or one for all.
     pub width: Vec<usize>,
-    pub k: usize,
+    /// One per layer, or one for all.
+    pub k: Vec<usize>,
     pub tokens: usize,
     pub out: PathBuf,
     pub corpus: PathBuf,
@@ -141,7 +142,8 @@ pub fn train_sae(engine: &mut Engine, gpu: Option<&Gpu>, args: &TrainArgs) -> Re
     };
     let widths = per_layer(&args.width, "width")?;
     let epochs = per_layer(&args.epochs, "epochs")?;
-    if widths.iter().any(|&w| args.k == 0 || args.k > w) {
+    let ks = per_layer(&args.k, "k")?;
+    if widths.iter().zip(&ks).any(|(&w, &k)| k == 0 || k > w) {
         bail!("--k must be between 1 and --width");
     }
     if epochs.contains(&0) {
@@ -182,8 +184,8 @@ pub fn train_sae(engine: &mut Engine, gpu: Option<&Gpu>, args: &TrainArgs) -> Re
         let out = if args.layers.len() == 1 { args.out.clone() } else { args.out.join(format!("layer_{layer}")) };
         std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
         let slot_in_args = args.layers.iter().position(|&l| l == layer).unwrap_or(slot);
-        let (width, epochs) = (widths[slot_in_args], epochs[slot_in_args]);
-        let mut train_config = TrainConfig::new(width, args.k);
+        let (width, epochs, k) = (widths[slot_in_args], epochs[slot_in_args], ks[slot_in_args]);
+        let mut train_config = TrainConfig::new(width, k);
         train_config.epochs = epochs;
         train_config.batch = args.batch;
         train_config.lr = args.lr;
@@ -212,7 +214,7 @@ pub fn train_sae(engine: &mut Engine, gpu: Option<&Gpu>, args: &TrainArgs) -> Re
                 "lr": args.lr,
                 "seed": args.seed,
                 "width": width,
-                "k": args.k,
+                "k": k,
                 "corpus": args.corpus.display().to_string(),
                 "skipped": "the first position of every text (attention sink)",
                 "final_batch_fvu": report.final_batch_fvu,
