@@ -3,7 +3,7 @@
 #   make test    runs every test (native, the engine in headless Chromium, the page end to end)
 # Both run `setup` first, which installs only what is missing (see scripts/setup.sh).
 
-.PHONY: setup serve build test bench corpus saes fixtures
+.PHONY: setup serve build test bench corpus saes results fixtures
 
 setup:
 	@scripts/setup.sh
@@ -27,6 +27,10 @@ corpus: setup
 # ... and the shipped SAEs in public/saes, trained on it (about an hour on 2 cores).
 saes: setup
 	@scripts/sae.sh
+
+# On request only: the experiments behind docs/results.md (several hours on 2 cores; see scripts/results.sh).
+results: setup
+	@scripts/results.sh
 
 # Dev-only: rewrites the engine's random test models and their transformers references (needs torch; see the script).
 fixtures:

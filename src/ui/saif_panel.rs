@@ -131,7 +131,7 @@ pub fn SaifPanel() -> impl IntoView {
         state.steering.update(|s| {
             s.latents.clear();
             for l in &d.latents {
-                s.put(l.id as u32, alpha * l.mean_pos, l.top_tokens.clone());
+                s.put(l.id as u32, alpha * l.delta, l.top_tokens.clone());
             }
             s.multiplier = 1.0;
         });
@@ -197,12 +197,12 @@ pub fn SaifPanel() -> impl IntoView {
                                         <td>{format!("{:.3} / {:.3}", l.mean_pos, l.mean_neg)}</td>
                                         <td>{format!("{:.3}", l.delta)}</td>
                                         <td class="lens">{l.top_tokens.iter().take(5).map(|t| format!("{t:?}")).collect::<Vec<_>>().join(" ")}</td>
-                                        <td><SteerControl index=index tokens=l.top_tokens.clone() suggested=l.mean_pos/></td>
+                                        <td><SteerControl index=index tokens=l.top_tokens.clone() suggested=l.delta/></td>
                                     </tr>
                                 }
                             }).collect_view()}
                         </table>
-                        <button id="saif-apply" on:click=apply>{format!("Steer with these {} latents (strength = α × mean activation)", d.latents.len())}</button>
+                        <button id="saif-apply" on:click=apply>{format!("Steer with these {} latents (strength = α × Δ)", d.latents.len())}</button>
                     })}
                 </div>
                 <h3>"Evaluate against the baselines"</h3>

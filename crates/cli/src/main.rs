@@ -127,9 +127,9 @@ enum Command {
         /// Latents: one number for every layer, or one per layer (`--width 2560,4096`).
         #[arg(long, value_delimiter = ',', required = true)]
         width: Vec<usize>,
-        /// Active latents per token.
-        #[arg(long, default_value_t = 32)]
-        k: usize,
+        /// Active latents per token: one number for every layer, or one per layer.
+        #[arg(long, value_delimiter = ',', default_value = "32")]
+        k: Vec<usize>,
         /// Training tokens (activations collected from the corpus).
         #[arg(long, default_value_t = 300_000)]
         tokens: usize,
@@ -202,9 +202,6 @@ enum Command {
         /// Keep latents firing on at least this fraction of the positives.
         #[arg(long, default_value_t = 0.5)]
         tau: f32,
-        /// Use the first N discovery contents (default: all 240).
-        #[arg(long)]
-        contents: Option<usize>,
     },
     /// Steers (or prompts) the model on held-out contents and checks whether it follows the instruction.
     Eval {
@@ -287,6 +284,9 @@ enum Command {
         /// Use the first N of them.
         #[arg(long)]
         limit: Option<usize>,
+        /// Discovery contents the statistics are read on (default: all 240).
+        #[arg(long)]
+        discovery_contents: Option<usize>,
         #[arg(long, default_value_t = 32)]
         max_new_tokens: usize,
         #[arg(long, default_value_t = 0)]
@@ -339,9 +339,12 @@ struct SaifArgs {
     /// The word include-word asks for (default: the first built-in keyword).
     #[arg(long)]
     keyword: Option<String>,
-    /// What multiplies each SAIF latent's decoder row before alpha: mean (its mean activation on positives, the
-    /// paper's) or delta (its mean difference between positives and negatives).
-    #[arg(long, default_value = "mean")]
+    /// Discovery contents the statistics are read on (default: all 240).
+    #[arg(long)]
+    discovery_contents: Option<usize>,
+    /// What multiplies each SAIF latent's decoder row before alpha: delta (its mean difference between positives
+    /// and negatives) or mean (its mean activation on positives, the paper's).
+    #[arg(long, default_value = "delta")]
     coefficient: String,
 }
 
@@ -616,11 +619,12 @@ fn run(cli: Cli) -> Result<()> {
                 sae::sae_latent(&mut engine, &path, sae.as_deref(), layer, latent, corpus.as_deref(), lines, top)?;
             print(model.json, value.clone(), || serde_json::to_string_pretty(&value).unwrap_or_default());
         }
-        Command::Discover { model, choice, saif, k, tau, contents } => {
+        Command::Discover { model, choice, saif, k, tau } => {
             let path = model.path();
             let mut engine = model.load()?;
             let args = method::DiscoverArgs {
                 instruction: saif.instruction.clone(),
+                discovery_contents: saif.discovery_contents,
                 sae: choice.sae,
                 layer: choice.layer,
                 k,
@@ -628,7 +632,6 @@ fn run(cli: Cli) -> Result<()> {
                 placement: saif.placement()?,
                 rank: saif.rank()?,
                 read_at: saif.read_at()?,
-                contents,
                 keyword: saif.keyword.clone(),
             };
             let value = method::discover_cmd(&mut engine, &path, &args)?;
@@ -673,6 +676,7 @@ fn run(cli: Cli) -> Result<()> {
                 scope: parse_scope(&scope)?,
                 keyword: saif.keyword.clone(),
                 coefficient: saif::discover::Coefficient::parse(&saif.coefficient)?,
+                discovery_contents: saif.discovery_contents,
             };
             let report = method::eval_cmd(&mut engine, &args)?;
             print(model.json, serde_json::to_value(&report)?, || method::eval_text(&report, instruction));
@@ -718,6 +722,7 @@ fn run(cli: Cli) -> Result<()> {
                 read_at: saif.read_at()?,
                 coefficient: saif::discover::Coefficient::parse(&saif.coefficient)?,
                 keyword: saif.keyword.clone(),
+                discovery_contents: saif.discovery_contents,
                 out,
             };
             let value = method::sweep_cmd(&mut engine, &args)?;
@@ -738,7 +743,7 @@ fn run(cli: Cli) -> Result<()> {
                 s + &format!("files: {}", value["files"])
             });
         }
-        Command::Table { model, instructions, methods, on, limit, max_new_tokens, seed, out } => {
+        Command::Table { model, instructions, methods, on, limit, discovery_contents, max_new_tokens, seed, out } => {
             let mut engine = model.load()?;
             let mut contents: Vec<String> = match on.as_str() {
                 "heldout" => saif::data::heldout_contents().into_iter().map(String::from).collect(),
@@ -754,6 +759,7 @@ fn run(cli: Cli) -> Result<()> {
                 instructions,
                 methods: methods.iter().map(|m| saif::evaluate::Method::parse(m)).collect::<Result<_, _>>()?,
                 contents,
+                discovery_contents,
                 max_new_tokens,
                 seed,
                 out,

@@ -94,6 +94,7 @@ fn fill_top_tokens(engine: &Engine, gguf: &Path, sae: &Sae, sae_dir: &Path, disc
 
 pub struct DiscoverArgs {
     pub instruction: String,
+    pub discovery_contents: Option<usize>,
     pub sae: Option<PathBuf>,
     pub layer: Option<usize>,
     pub k: Option<usize>,
@@ -101,7 +102,6 @@ pub struct DiscoverArgs {
     pub placement: Placement,
     pub rank: Rank,
     pub read_at: ReadAt,
-    pub contents: Option<usize>,
     pub keyword: Option<String>,
 }
 
@@ -116,7 +116,7 @@ pub fn discover_cmd(engine: &mut Engine, gguf: &Path, args: &DiscoverArgs) -> Re
         k: s.k,
         rank: args.rank,
         keyword: args.keyword.clone().unwrap_or_else(|| data::default_keyword().into()),
-        contents: args.contents.unwrap_or(usize::MAX),
+        contents: args.discovery_contents.unwrap_or(usize::MAX),
         ..DiscoverOptions::default()
     };
     let started = Instant::now();
@@ -154,6 +154,7 @@ pub struct EvalArgs {
     pub scope: Scope,
     pub keyword: Option<String>,
     pub coefficient: Coefficient,
+    pub discovery_contents: Option<usize>,
 }
 
 /// The held-out contents, or the lines of `--contents FILE`.
@@ -192,6 +193,7 @@ pub fn eval_cmd(engine: &mut Engine, args: &EvalArgs) -> Result<EvalReport> {
     options.read_at = args.read_at;
     options.scope = args.scope;
     options.coefficient = args.coefficient;
+    options.discovery_contents = args.discovery_contents.unwrap_or(usize::MAX);
     if let Some(k) = &args.keyword {
         options.keyword = k.clone();
     }
@@ -294,6 +296,7 @@ pub struct SweepArgs {
     pub read_at: ReadAt,
     pub coefficient: Coefficient,
     pub keyword: Option<String>,
+    pub discovery_contents: Option<usize>,
     pub out: PathBuf,
 }
 
@@ -312,6 +315,7 @@ pub fn sweep_cmd(engine: &mut Engine, args: &SweepArgs) -> Result<Value> {
     base.rank = args.rank;
     base.read_at = args.read_at;
     base.coefficient = args.coefficient;
+    base.discovery_contents = args.discovery_contents.unwrap_or(usize::MAX);
     if let Some(k) = &args.keyword {
         base.keyword = k.clone();
     }
@@ -374,6 +378,7 @@ pub struct TableArgs {
     pub instructions: Vec<String>,
     pub methods: Vec<Method>,
     pub contents: Vec<String>,
+    pub discovery_contents: Option<usize>,
     pub max_new_tokens: usize,
     pub seed: u64,
     pub out: PathBuf,
@@ -393,6 +398,7 @@ pub fn table_cmd(engine: &mut Engine, args: &TableArgs) -> Result<Value> {
         let mut base = EvalOptions::new(Method::Saif, layer, s.alpha, s.k);
         base.max_new_tokens = args.max_new_tokens;
         base.seed = args.seed;
+        base.discovery_contents = args.discovery_contents.unwrap_or(usize::MAX);
         let discovery = block_on(discover(engine, &sae, layer, instruction, &base.discover_options(), bar()))?;
         for &method in &args.methods {
             let mut options = base.clone();
@@ -415,6 +421,7 @@ pub fn table_cmd(engine: &mut Engine, args: &TableArgs) -> Result<Value> {
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
     let stem = args.out.join(format!("table-{key}"));
     let value = json!({ "model": key, "rows": rows, "samples": samples, "seconds": seconds, "contents": args.contents.len(),
+        "discovery_contents": args.discovery_contents,
         "max_new_tokens": args.max_new_tokens });
     std::fs::write(stem.with_extension("json"), serde_json::to_string_pretty(&value)?)?;
     std::fs::write(stem.with_extension("csv"), saif::sweep::to_csv(&rows))?;
@@ -426,17 +433,18 @@ pub fn table_cmd(engine: &mut Engine, args: &TableArgs) -> Result<Value> {
 pub fn markdown_table(rows: &[saif::sweep::SweepRow]) -> String {
     let pct = |p: f64, ci: [f64; 2]| format!("{:.0}% [{:.0}, {:.0}]", 100.0 * p, 100.0 * ci[0], 100.0 * ci[1]);
     let mut out = String::from(
-        "| instruction | method | layer | α | k | loose (95% CI) | strict (95% CI) | perplexity | repetition |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| instruction | method | layer | α | k | n | loose (95% CI) | strict (95% CI) | perplexity | repetition |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let steers = r.method.steers();
         out += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.2} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.2} |\n",
             r.instruction,
             r.method.name(),
             if steers { r.layer.to_string() } else { String::new() },
             if steers { r.value.clone() } else { String::new() },
             if r.method.needs_sae() { r.k.to_string() } else { String::new() },
+            r.n,
             pct(r.loose, r.loose_ci),
             pct(r.strict, r.strict_ci),
             r.perplexity,

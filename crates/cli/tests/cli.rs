@@ -392,3 +392,202 @@ fn bench_train_times_the_step_on_both_backends() {
     let bad = saif(&["bench-train", "--k", "0"]);
     assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--k must be"));
 }
+
+/// The SAIF commands' JSON contract on SmolLM2 with its shipped SAE, kept small: discovery on a few contents, an
+/// evaluation on two, a sweep of two values, and `saif steer`'s two outputs from the same seed.
+#[test]
+fn saif_commands_print_their_contract() {
+    let smol = model(SMOL);
+    let discovered = json_ok(&[
+        "discover",
+        "--model",
+        &smol,
+        "--instruction",
+        "translate-fr",
+        "--k",
+        "5",
+        "--discovery-contents",
+        "6",
+        "--json",
+    ]);
+    assert_eq!(discovered["instruction"], "translate-fr");
+    let latents = discovered["latents"].as_array().unwrap();
+    assert!(!latents.is_empty() && latents.len() <= 5);
+    for l in latents {
+        for field in ["id", "freq_pos", "freq_neg", "mean_pos", "mean_neg", "delta", "top_tokens"] {
+            assert!(l.get(field).is_some(), "latent without {field}: {l}");
+        }
+        assert!(l["freq_pos"].as_f64().unwrap() >= 0.5, "tau 0.5 keeps latents firing on half the positives");
+        let d = l["mean_pos"].as_f64().unwrap() - l["mean_neg"].as_f64().unwrap();
+        assert!((d - l["delta"].as_f64().unwrap()).abs() < 1e-5);
+    }
+    let deltas: Vec<f64> = latents.iter().map(|l| l["delta"].as_f64().unwrap()).collect();
+    assert!(deltas.windows(2).all(|w| w[0] >= w[1]), "ranked by delta: {deltas:?}");
+
+    let contents = std::env::temp_dir().join(format!("saif-contents-{}.txt", std::process::id()));
+    std::fs::write(&contents, "The cat sleeps on the warm sofa.\nWe walked to the market in the rain.\n").unwrap();
+    let c = contents.to_str().unwrap();
+    let evaluated = json_ok(&[
+        "eval",
+        "--model",
+        &smol,
+        "--instruction",
+        "uppercase",
+        "--method",
+        "prompt",
+        "--contents",
+        c,
+        "--max-new-tokens",
+        "6",
+        "--seed",
+        "0",
+        "--json",
+    ]);
+    assert_eq!(
+        (evaluated["method"].as_str(), evaluated["instruction"].as_str(), evaluated["n"].as_u64()),
+        (Some("prompt"), Some("uppercase"), Some(2))
+    );
+    for field in ["strict", "loose", "strict_ci", "loose_ci", "fluency", "samples"] {
+        assert!(evaluated.get(field).is_some(), "eval without {field}");
+    }
+    let samples = evaluated["samples"].as_array().unwrap();
+    assert_eq!(samples.len(), 2);
+    let loose = samples.iter().filter(|s| s["loose"] == true).count() as f64 / 2.0;
+    assert_eq!(evaluated["loose"].as_f64().unwrap(), loose);
+
+    let out = std::env::temp_dir().join(format!("saif-sweep-{}", std::process::id()));
+    let swept = json_ok(&[
+        "sweep",
+        "--model",
+        &smol,
+        "--instruction",
+        "translate-fr",
+        "--param",
+        "alpha",
+        "--values",
+        "0.5,1",
+        "--methods",
+        "diffmean",
+        "--discovery-contents",
+        "4",
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(swept["rows"].as_array().unwrap().len(), 2);
+    for ext in ["json", "csv", "svg"] {
+        assert!(out.join(format!("sweep-translate-fr-alpha.{ext}")).exists(), "{ext} written");
+    }
+    let csv = std::fs::read_to_string(out.join("sweep-translate-fr-alpha.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 3, "a header and a line per point");
+
+    // The wgpu path (lavapipe here) evaluates too: difference-in-means, its projection variant, on two contents.
+    for method in ["diffmean", "diffmean-project"] {
+        let gpu = json_ok(&[
+            "eval",
+            "--model",
+            &smol,
+            "--backend",
+            "wgpu",
+            "--instruction",
+            "translate-fr",
+            "--method",
+            method,
+            "--discovery-contents",
+            "2",
+            "--contents",
+            c,
+            "--max-new-tokens",
+            "3",
+            "--json",
+        ]);
+        assert_eq!(gpu["n"], 2, "{method} on wgpu");
+    }
+
+    let steered = json_ok(&[
+        "steer",
+        "--model",
+        &smol,
+        "--latent",
+        "5:1,6:-1",
+        "--prompt",
+        "The capital of France is",
+        "--max-new-tokens",
+        "6",
+        "--greedy",
+        "--json",
+    ]);
+    let g = golden("smollm2-135m-instruct-q4_1.json");
+    assert_eq!(steered["default"]["ids"], serde_json::json!(g["prompts"][0]["greedy16_ids"].as_array().unwrap()[..6]));
+    assert_ne!(steered["steered"]["ids"], steered["default"]["ids"], "the steering changes the output");
+    let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_file(&contents);
+}
+
+/// The SAIF commands' errors: a clear message and a non-zero exit, before any long work.
+#[test]
+fn saif_commands_refuse_bad_input() {
+    let smol = model(SMOL);
+    let empty = std::env::temp_dir().join(format!("saif-empty-{}.txt", std::process::id()));
+    std::fs::write(&empty, "\n\n").unwrap();
+    let gemma_sae =
+        repo().join("public/saes/gemma-3-270m").join(format!("layer_{}", shipped_layers("gemma-3-270m")[0]));
+    let smol_layers = shipped_layers("smollm2-135m");
+    let smol_sae =
+        repo().join("public/saes/smollm2-135m").join(format!("layer_{}", smol_layers[smol_layers.len() - 1]));
+    let wrong_layer = smol_layers[0].to_string();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["discover", "--instruction", "translate-xx"],
+            "unknown instruction \"translate-xx\"; the built-in ones are translate-fr",
+        ),
+        (
+            vec!["eval", "--instruction", "translate-fr", "--method", "none", "--contents", empty.to_str().unwrap()],
+            "holds no contents",
+        ),
+        (
+            vec!["discover", "--instruction", "translate-fr", "--sae", gemma_sae.to_str().unwrap()],
+            "does not fit the model",
+        ),
+        (
+            vec![
+                "discover",
+                "--instruction",
+                "translate-fr",
+                "--sae",
+                smol_sae.to_str().unwrap(),
+                "--layer",
+                &wrong_layer,
+            ],
+            "trained on layer",
+        ),
+        (vec!["eval", "--instruction", "translate-fr", "--method", "saif", "--alpha", "NaN"], "not a finite number"),
+        (
+            vec!["eval", "--instruction", "translate-fr", "--method", "diffmean", "--alpha", "inf"],
+            "not a finite number",
+        ),
+        (vec!["discover", "--instruction", "translate-fr", "--k", "1000000"], "k = 1000000"),
+        (vec!["eval", "--instruction", "translate-fr", "--method", "magic"], "unknown method \"magic\""),
+        (vec!["steer", "--latent", "999999:1", "--prompt", "x"], "latent 999999 does not exist"),
+        (vec!["steer", "--latent", "1:1e38", "--mult", "1e10", "--prompt", "x"], "overflows"),
+    ];
+    for (args, message) in cases {
+        let mut all = args.clone();
+        all.extend(["--model", &smol]);
+        let out = saif(&all);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "saif {args:?} succeeded");
+        assert!(stderr.contains(message), "saif {args:?}: {stderr}");
+    }
+    let _ = std::fs::remove_file(&empty);
+}
+
+fn shipped_layers(key: &str) -> Vec<u64> {
+    let index: Value =
+        serde_json::from_str(&std::fs::read_to_string(repo().join("public/saes/index.json")).unwrap()).unwrap();
+    index[key]["layers"].as_array().unwrap().iter().map(|l| l.as_u64().unwrap()).collect()
+}

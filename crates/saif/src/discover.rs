@@ -134,11 +134,12 @@ pub struct Discovery {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Coefficient {
-    /// Its mean activation on positives (SAIF's `abar_j`).
-    #[default]
+    /// Its mean activation on positives (the paper's "activation strength", `abar_j`). Latents that fire without
+    /// the instruction too get their whole activation added again, which derails the model (docs/results.md).
     MeanPos,
     /// Its delta, the instruction's share of it: over every latent, `sum_j delta_j W_dec[j]` is the difference in
-    /// means of the SAE's reconstructions, so the top k give a sparse difference-in-means.
+    /// means of the SAE's reconstructions, so the top k give a sparse difference-in-means. The default.
+    #[default]
     Delta,
 }
 

@@ -7,8 +7,8 @@
 //! - `diffmean`: the content alone, `h + alpha * d` with `d` the difference in means of last-token residuals
 //!   (Stolfo et al.); `diffmean-project`: the projection onto `d / |d|` set to `alpha` times the positives' mean;
 //! - `random`: k random latents of the SAE, scaled to the norm of SAIF's vector;
-//! - `saif`: the k discovered latents, `h + alpha * sum_j c_j * W_dec[j]`, with `c_j` the latent's mean activation
-//!   on positives (SAIF's `abar_j`) or its delta (`discover::Coefficient`).
+//! - `saif`: the k discovered latents, `h + alpha * sum_j c_j * W_dec[j]`, with `c_j` the latent's delta (by
+//!   default) or its mean activation on positives (the paper's `abar_j`; `discover::Coefficient`).
 //!
 //! The steering methods get their statistics from the discovery contents only; the evaluation runs on held-out
 //! contents (or a file of the caller's). Accuracies come with 95% Wilson intervals and fluency (`metrics`).
@@ -109,7 +109,7 @@ impl EvalOptions {
             placement: Placement::After,
             read_at: ReadAt::LastToken,
             rank: Rank::Delta,
-            coefficient: Coefficient::MeanPos,
+            coefficient: Coefficient::Delta,
             scope: Scope::All,
             max_new_tokens: 32,
             sampling: Sampling::Greedy,

@@ -2,7 +2,8 @@
 //!
 //! - SAE latents: `h' = h + m * sum_j s_j * W_dec[j]`, where `s_j` is latent j's strength (the coefficient on its
 //!   decoder row; the same number in the page, in links and in `saif steer`) and `m` a global multiplier. SAIF's
-//!   vector sets `s_j = alpha * abar_j`, with `abar_j` the latent's mean activation on positives (`discover`).
+//!   vector sets `s_j = alpha * c_j`, with `c_j` the latent's delta or its mean activation on positives
+//!   (`discover::Coefficient`).
 //! - Difference-in-means (Stolfo et al. 2024): `d = mean(h_pos - h_neg)` of last-token residuals. Added as
 //!   `h' = h + alpha * d`, or as format steering that sets the projection onto `u = d / |d|` to `alpha * c`, with
 //!   `c` the mean projection of the positives.

@@ -127,7 +127,17 @@ impl QuantMatrix {
                         let mut w = vec![0f32; k];
                         for r in 0..count {
                             dequantize(dtype, &rows[r * row_bytes..(r + 1) * row_bytes], &mut w);
-                            for i in 0..m {
+                            // Four activation rows per pass over the decoded row, then the rest one by one; each
+                            // row's sums are `dot`'s either way.
+                            let mut i = 0;
+                            while i + 4 <= m {
+                                let xs = [0, 1, 2, 3].map(|j| &x[(i + j) * k..(i + j + 1) * k]);
+                                for (j, v) in dot4(&w, xs).into_iter().enumerate() {
+                                    out[(i + j) * count + r] = v;
+                                }
+                                i += 4;
+                            }
+                            for i in i..m {
                                 out[i * count + r] = dot(&w, &x[i * k..(i + 1) * k]);
                             }
                         }
@@ -214,6 +224,32 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// `dot(a, b)` for four `b`s at once, each with exactly `dot`'s arithmetic (the same lanes in the same order), so
+/// that a row's result does not depend on whether it came in a group of four.
+pub fn dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
+    const LANES: usize = 16;
+    let mut acc = [[0f32; LANES]; 4];
+    let chunks = a.len() / LANES;
+    for c in 0..chunks {
+        let ac: &[f32; LANES] = a[c * LANES..(c + 1) * LANES].try_into().unwrap();
+        for (acc, b) in acc.iter_mut().zip(&b) {
+            let bc: &[f32; LANES] = b[c * LANES..(c + 1) * LANES].try_into().unwrap();
+            for l in 0..LANES {
+                acc[l] += ac[l] * bc[l];
+            }
+        }
+    }
+    let mut out = [0f32; 4];
+    for (r, b) in b.iter().enumerate() {
+        let mut tail = 0f32;
+        for i in chunks * LANES..a.len() {
+            tail += a[i] * b[i];
+        }
+        out[r] = acc[r].iter().sum::<f32>() + tail;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -261,6 +297,17 @@ mod tests {
             let mut row = vec![0f32; k];
             qm.dequantize_rows(n - 1, &mut row).unwrap();
             assert_eq!(row, deq[n - 1]);
+        }
+    }
+
+    #[test]
+    fn dot4_is_dot_four_times_bit_for_bit() {
+        let a: Vec<f32> = (0..101).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.37).collect();
+        let bs: Vec<Vec<f32>> =
+            (0..4).map(|r| (0..101).map(|i| ((i * 13 + r * 7) % 19) as f32 * 0.11 - 1.0).collect()).collect();
+        let four = dot4(&a, [&bs[0], &bs[1], &bs[2], &bs[3]]);
+        for r in 0..4 {
+            assert_eq!(four[r].to_bits(), dot(&a, &bs[r]).to_bits(), "row {r}");
         }
     }
 
