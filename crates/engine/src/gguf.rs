@@ -102,6 +102,14 @@ impl GgufFile {
                     dtype: type_name(t.dtype).into(),
                 });
             }
+            let block = t.dtype.block_size() as u64;
+            let elements = t.dims.iter().fold(1u64, |acc, &d| acc.saturating_mul(d as u64));
+            if elements % block != 0 {
+                return Err(EngineError::BadTensor {
+                    name: t.name.clone(),
+                    why: format!("{elements} {} elements are not whole blocks of {block}", type_name(t.dtype)),
+                });
+            }
             let info = &self.content.tensor_infos[&t.name];
             let end = self.content.tensor_data_offset.checked_add(info.offset).and_then(|x| x.checked_add(t.bytes));
             if !matches!(end, Some(end) if end <= self.file_size) {
@@ -247,7 +255,7 @@ impl GgufFile {
             .iter()
             .map(|(name, info)| {
                 let dims = info.shape.dims().to_vec();
-                // u64 and saturating: usize is 32 bits in wasm (`gguf_guard` has already refused what overflows).
+                // u64 and saturating: usize is 32 bits in wasm (`gguf_guard` has already refused shapes that overflow).
                 let elems = dims.iter().fold(1u64, |acc, &d| acc.saturating_mul(d as u64));
                 let bytes =
                     (elems / info.ggml_dtype.block_size() as u64).saturating_mul(info.ggml_dtype.type_size() as u64);

@@ -3,14 +3,12 @@
 //! aborts the process on allocation, an array of 2^60 elements panics with "capacity overflow", and a tensor shape
 //! whose product wraps passes a naive "inside the file" check. This walk reads only fixed-size fields, skips over
 //! strings and arrays by seeking, allocates nothing the header claims, and does all its arithmetic checked; what
-//! it lets through, candle can read without trusting a length.
+//! it lets through, candle can read without trusting a length. The tensors' types and extents are checked after
+//! candle's parse, in `GgufFile::check_tensors`.
 
 use std::io::{Read, Seek, SeekFrom};
 
-use candle_core::quantized::GgmlDType;
-
 use crate::error::{EngineError, ExpectedBytes, Result};
-use crate::gguf::{type_name, SUPPORTED_TYPES};
 
 /// ggml's limit on a tensor's dimensions.
 const MAX_DIMS: u32 = 4;
@@ -33,13 +31,12 @@ pub fn check_header<R: Read + Seek>(reader: &mut R, file_size: u64) -> Result<()
     let kv_count = walk.count("the metadata count")?;
     // Each entry takes at least a length field and a type: more entries than that cannot be in the file.
     walk.at_most(kv_count, 12, "metadata entries")?;
-    let mut alignment = 32u64;
     for _ in 0..kv_count {
         let key = walk.key()?;
         let value_type = walk.u32("a metadata value's type")?;
         if key.as_deref() == Some("general.alignment") {
             // candle divides by it: zero would panic.
-            alignment = match value_type {
+            let alignment = match value_type {
                 4 => walk.u32("general.alignment")? as u64,
                 _ => return Err(walk.malformed("general.alignment is not a u32")),
             };
@@ -50,10 +47,11 @@ pub fn check_header<R: Read + Seek>(reader: &mut R, file_size: u64) -> Result<()
             walk.value(value_type, 0)?;
         }
     }
+    // Tensor entries: only what candle allocates by (the dimension count) or multiplies (the shape) is checked
+    // here; types, whole blocks and where the data ends are `GgufFile::check_tensors`'s, on candle's parse.
     walk.at_most(tensor_count, 24, "tensors")?;
-    let mut ends = Vec::new();
     for _ in 0..tensor_count {
-        let name = walk.name()?;
+        walk.skip_string("a tensor's name")?;
         let n_dims = walk.u32("a tensor's dimension count")?;
         if n_dims > MAX_DIMS {
             return Err(walk.malformed(&format!("a tensor has {n_dims} dimensions (ggml allows {MAX_DIMS})")));
@@ -63,73 +61,9 @@ pub fn check_header<R: Read + Seek>(reader: &mut R, file_size: u64) -> Result<()
             let dim = walk.count("a tensor dimension")?;
             elements = elements.checked_mul(dim).ok_or_else(|| walk.malformed("a tensor's shape overflows"))?;
         }
-        let code = walk.u32("a tensor's type")?;
-        let dtype = ggml_type(code).ok_or_else(|| EngineError::UnsupportedTensorType {
-            tensor: format!("tensor {name}"),
-            dtype: format!("ggml type {code}"),
-        })?;
-        if !SUPPORTED_TYPES.contains(&dtype) {
-            return Err(EngineError::UnsupportedTensorType {
-                tensor: format!("tensor {name}"),
-                dtype: type_name(dtype).into(),
-            });
-        }
-        let block = dtype.block_size() as u64;
-        if elements % block != 0 {
-            return Err(walk.malformed(&format!(
-                "a {} tensor has {elements} elements, not whole blocks of {block}",
-                type_name(dtype)
-            )));
-        }
-        let bytes = (elements / block)
-            .checked_mul(dtype.type_size() as u64)
-            .ok_or_else(|| walk.malformed("a tensor's size overflows"))?;
-        let offset = walk.count("a tensor's offset")?;
-        ends.push(offset.checked_add(bytes).ok_or_else(|| walk.malformed("a tensor's end overflows"))?);
-    }
-    let data_start = walk
-        .pos
-        .div_ceil(alignment)
-        .checked_mul(alignment)
-        .ok_or_else(|| walk.malformed("the data offset overflows"))?;
-    for end in ends {
-        match data_start.checked_add(end) {
-            Some(end) if end <= file_size => {}
-            end => {
-                return Err(EngineError::Truncated {
-                    what: match end {
-                        Some(end) => format!("a tensor's data ends at byte {end}"),
-                        None => "a tensor's data ends past 2^64 bytes".into(),
-                    },
-                    actual: file_size,
-                    expected: ExpectedBytes(end),
-                })
-            }
-        }
+        walk.seek(4 + 8)?; // the type and the offset
     }
     Ok(())
-}
-
-/// ggml's numbering of its types (ggml.h), for the ones candle reads.
-fn ggml_type(code: u32) -> Option<GgmlDType> {
-    Some(match code {
-        0 => GgmlDType::F32,
-        1 => GgmlDType::F16,
-        2 => GgmlDType::Q4_0,
-        3 => GgmlDType::Q4_1,
-        6 => GgmlDType::Q5_0,
-        7 => GgmlDType::Q5_1,
-        8 => GgmlDType::Q8_0,
-        9 => GgmlDType::Q8_1,
-        10 => GgmlDType::Q2K,
-        11 => GgmlDType::Q3K,
-        12 => GgmlDType::Q4K,
-        13 => GgmlDType::Q5K,
-        14 => GgmlDType::Q6K,
-        15 => GgmlDType::Q8K,
-        30 => GgmlDType::BF16,
-        _ => return None,
-    })
 }
 
 struct Walk<'a, R> {
@@ -201,22 +135,6 @@ impl<R: Read + Seek> Walk<'_, R> {
     fn skip_string(&mut self, what: &str) -> Result<()> {
         let len = self.count(what)?;
         self.seek(len)
-    }
-
-    /// A tensor's name, for messages: read when it is of a sane length, else described by its length.
-    fn name(&mut self) -> Result<String> {
-        let at = self.pos;
-        let len = self.count("a tensor's name")?;
-        if len <= 256 && len <= self.left() {
-            let mut buf = vec![0u8; len as usize];
-            self.reader.read_exact(&mut buf)?;
-            self.seek(len)?;
-            return Ok(String::from_utf8_lossy(&buf).into_owned());
-        }
-        self.pos = at;
-        self.reader.seek(SeekFrom::Start(at))?;
-        self.skip_string("a tensor's name")?;
-        Ok(format!("(a name of {len} bytes)"))
     }
 
     /// A metadata key: read only when it could be `general.alignment` (the one key this walk needs), else skipped.
