@@ -3,7 +3,7 @@
 #   make test    runs every test (native, the engine in headless Chromium, the page end to end)
 # Both run `setup` first, which installs only what is missing (see scripts/setup.sh).
 
-.PHONY: setup serve build test bench corpus saes results fixtures
+.PHONY: setup serve build test bench fuzz corpus saes results fixtures
 
 setup:
 	@scripts/setup.sh
@@ -19,6 +19,10 @@ test: setup
 
 bench: setup
 	@scripts/bench.sh
+
+# Coverage-guided fuzzing of the GGUF, SAE, lens.json and link readers, five minutes a target (scripts/fuzz.sh).
+fuzz: setup
+	@scripts/fuzz.sh 300
 
 # On request only: the SAE training corpus (Debian packages + SAIF prompts) into ~/.cache/saif/corpus ...
 corpus: setup

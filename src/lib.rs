@@ -3,11 +3,12 @@
 //! model: it sends requests and renders what comes back, so a long load or generation never freezes it.
 //!
 //! `catalog` lists the models the page offers; `link` reads and writes the shareable URL. Both are plain Rust
-//! and tested natively.
+//! and tested natively. `untrusted` gathers every reader of a stranger's bytes for the fuzz targets.
 
 pub mod catalog;
 pub mod link;
 pub mod protocol;
+pub mod untrusted;
 
 #[cfg(target_arch = "wasm32")]
 pub mod ui;

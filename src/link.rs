@@ -19,6 +19,9 @@ pub const MAX_STRENGTH: f32 = 10_000.0;
 pub const MAX_MULTIPLIER: f32 = 100.0;
 /// The longest model URL a link may carry.
 pub const MAX_URL: usize = 2000;
+/// The longest query string read at all: room for the longest link the page itself writes, whose text may take 12
+/// bytes a character once percent-encoded (a 4-byte character as `%XX` four times) and whose URL 3 bytes a byte.
+pub const MAX_QUERY: usize = 12 * MAX_TEXT + 3 * MAX_URL + 16 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelChoice {
@@ -87,7 +90,7 @@ pub fn parse(query: &str) -> (LinkState, Vec<String>) {
     let mut state = LinkState::default();
     let mut problems = Vec::new();
     let query = query.trim_start_matches('?');
-    if query.len() > 4 * MAX_TEXT + 4 * MAX_URL {
+    if query.len() > MAX_QUERY {
         return (state, vec!["the link is too long to be read; the defaults are used".into()]);
     }
     for (key, value) in form_urlencoded::parse(query.as_bytes()) {

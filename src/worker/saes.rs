@@ -62,7 +62,7 @@ pub async fn shipped(
     let lens = fetch(id, &format!("{folder}/lens.json"), &index.expected(layer, "lens.json"))
         .await
         .ok()
-        .and_then(|f| parse_lens(&f.bytes, sae.info.d_sae));
+        .and_then(|f| lens_or_none(&f.bytes, sae.info.d_sae));
     Ok((sae, lens, format!("shipped with the page: {folder}")))
 }
 
@@ -117,16 +117,16 @@ pub async fn files_sae(id: u32, files: &[File]) -> Result<(Sae, Option<Vec<Vec<S
     }
     .map_err(|e| e.to_string())?;
     let lens = match find("lens.json") {
-        Some(f) => parse_lens(&read(f).await?, sae.info.d_sae),
+        Some(f) => lens_or_none(&read(f).await?, sae.info.d_sae),
         None => None,
     };
     Ok((sae, lens))
 }
 
-fn parse_lens(bytes: &[u8], d_sae: usize) -> Option<Vec<Vec<String>>> {
-    let value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
-    let lens: Vec<Vec<String>> = serde_json::from_value(value["top_tokens"].clone()).ok()?;
-    (lens.len() == d_sae).then_some(lens)
+/// A lens.json is optional: one that cannot be read is left out (and said in the console), and the latents'
+/// tokens are then computed from the model.
+fn lens_or_none(bytes: &[u8], d_sae: usize) -> Option<Vec<Vec<String>>> {
+    saif::lens::read_lens_json(bytes, d_sae).map_err(|e| gloo::console::warn!(e)).ok()
 }
 
 /// Checks that `sae` fits the loaded model at `layer`, measures the residual stream there, and summarizes it.

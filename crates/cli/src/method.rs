@@ -75,11 +75,10 @@ pub fn sae_for(engine: &Engine, sae: Option<&Path>, layer: Option<usize>) -> Res
 
 /// Each kept latent's logit-lens tokens: from the SAE folder's lens.json, or computed from the model file.
 fn fill_top_tokens(engine: &Engine, gguf: &Path, sae: &Sae, sae_dir: &Path, discovery: &mut Discovery) -> Result<()> {
-    let from_file: Option<Vec<Vec<String>>> = std::fs::read(sae_dir.join("lens.json"))
+    let from_file = std::fs::read(sae_dir.join("lens.json"))
         .ok()
-        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-        .and_then(|v| serde_json::from_value(v["top_tokens"].clone()).ok());
-    match from_file.filter(|t| t.len() == sae.info.d_sae) {
+        .and_then(|b| saif::lens::read_lens_json(&b, sae.info.d_sae).map_err(|e| eprintln!("{e}; computing it")).ok());
+    match from_file {
         Some(tokens) => discovery.latents.iter_mut().for_each(|l| l.top_tokens = tokens[l.id].clone()),
         None => {
             let lens = LogitLens::from_gguf(&mut BufReader::new(File::open(gguf)?))?;

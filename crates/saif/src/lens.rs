@@ -131,3 +131,26 @@ pub async fn top_firings(
         })
         .collect()
 }
+
+/// The longest token string a `lens.json` may give a latent (the app shows a few tokens per latent, never more).
+const MAX_LENS_TOKEN_BYTES: usize = 256;
+
+/// Reads a `lens.json` written by `saif sae-lens`: `{"top_tokens": [[token, ...], ...]}`, one list per latent of an
+/// SAE with `d_sae` latents. The file travels beside an SAE and may come from anyone, so it is checked, not trusted.
+pub fn read_lens_json(bytes: &[u8], d_sae: usize) -> Result<Vec<Vec<String>>, String> {
+    #[derive(serde::Deserialize)]
+    struct LensFile {
+        top_tokens: Vec<Vec<String>>,
+    }
+    let file: LensFile = serde_json::from_slice(bytes)
+        .map_err(|e| format!("lens.json is not a lens file ({{\"top_tokens\": ...}}): {e}"))?;
+    if file.top_tokens.len() != d_sae {
+        return Err(format!("lens.json describes {} latents but the SAE has {d_sae}", file.top_tokens.len()));
+    }
+    if let Some((latent, _)) =
+        file.top_tokens.iter().enumerate().find(|(_, t)| t.iter().any(|s| s.len() > MAX_LENS_TOKEN_BYTES))
+    {
+        return Err(format!("lens.json: latent {latent} has a token longer than {MAX_LENS_TOKEN_BYTES} bytes"));
+    }
+    Ok(file.top_tokens)
+}

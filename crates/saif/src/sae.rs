@@ -71,15 +71,20 @@ fn read(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|source| SaeError::Io { path: path.display().to_string(), source })
 }
 
-/// A tensor of a safetensors file as f32, with its shape.
-fn tensor_f32(st: &SafeTensors, names: &[&str]) -> Result<Option<(Vec<f32>, Vec<usize>)>> {
+/// A tensor of a safetensors file (named `file` in messages) as f32, with its shape.
+fn tensor_f32(st: &SafeTensors, file: &str, names: &[&str]) -> Result<Option<(Vec<f32>, Vec<usize>)>> {
     let Some(view) = names.iter().find_map(|n| st.tensor(n).ok()) else { return Ok(None) };
     let data = view.data();
     let values = match view.dtype() {
         Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
         Dtype::F16 => data.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
         Dtype::BF16 => data.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        other => return Err(SaeError::Format(format!("tensor {} is {other:?}; F32, F16 or BF16 expected", names[0]))),
+        other => {
+            return Err(SaeError::Format(format!(
+                "{file}: tensor {} is {other:?}; F32, F16 or BF16 expected",
+                names[0]
+            )))
+        }
     };
     Ok(Some((values, view.shape().to_vec())))
 }
@@ -116,47 +121,51 @@ impl Sae {
 
     /// Gemma Scope 2: `w_enc [d_in, d_sae]`, `w_dec [d_sae, d_in]`, `b_enc`, `b_dec`, `threshold`, and a config.
     pub fn from_gemma_scope(params: &[u8], config: &[u8]) -> Result<Self> {
-        let st = SafeTensors::deserialize(params).map_err(|e| SaeError::Format(format!("params.safetensors: {e}")))?;
+        const FILE: &str = "params.safetensors";
+        let st = SafeTensors::deserialize(params).map_err(|e| SaeError::Format(format!("{FILE}: {e}")))?;
         let config = parse_json(config, "config.json")?;
-        let w_enc = tensor_f32(&st, &["w_enc", "W_enc"])?.ok_or_else(|| SaeError::Format("no w_enc tensor".into()))?;
-        let w_dec = tensor_f32(&st, &["w_dec", "W_dec"])?.ok_or_else(|| SaeError::Format("no w_dec tensor".into()))?;
-        let b_enc = tensor_f32(&st, &["b_enc"])?.map(|t| t.0);
-        let b_dec = tensor_f32(&st, &["b_dec"])?.map(|t| t.0);
-        let threshold = tensor_f32(&st, &["threshold"])?.map(|t| t.0);
+        let missing = |name: &str| SaeError::Format(format!("{FILE} has no {name} tensor"));
+        let w_enc = tensor_f32(&st, FILE, &["w_enc", "W_enc"])?.ok_or_else(|| missing("w_enc"))?;
+        let w_dec = tensor_f32(&st, FILE, &["w_dec", "W_dec"])?.ok_or_else(|| missing("w_dec"))?;
+        let b_enc = tensor_f32(&st, FILE, &["b_enc"])?.map(|t| t.0);
+        let b_dec = tensor_f32(&st, FILE, &["b_dec"])?.map(|t| t.0);
+        let threshold = tensor_f32(&st, FILE, &["threshold"])?.map(|t| t.0);
         let activation = match config.get("architecture").or_else(|| config.get("activation")).and_then(Value::as_str) {
             Some("topk" | "top_k" | "TopK") => {
                 let k = config
                     .get("k")
                     .and_then(Value::as_u64)
                     .ok_or_else(|| SaeError::Format("config.json says the activation is TopK but gives no k".into()))?;
-                Activation::TopK { k: k as usize }
+                Activation::TopK { k: to_usize(k) }
             }
             Some("relu" | "standard") => Activation::Relu,
             Some("jump_relu" | "jumprelu" | "JumpReLU") | None => Activation::JumpRelu,
-            Some(other) => return Err(SaeError::Format(format!("unknown SAE architecture \"{other}\""))),
+            Some(other) => return Err(SaeError::Format(format!("config.json: unknown SAE architecture \"{other}\""))),
         };
         if let Some(hook) = config.get("hook").or_else(|| config.get("hook_name")).and_then(Value::as_str) {
             check_hook(hook, "config.json")?;
         }
-        let layer = config.get("layer").and_then(Value::as_u64).map(|l| l as usize);
+        let layer = config.get("layer").and_then(Value::as_u64).map(to_usize);
         let model = config.get("model_name").or_else(|| config.get("model")).and_then(Value::as_str).map(String::from);
-        Self::assemble(activation, w_enc, w_dec, b_enc, b_dec, threshold, layer, model, config, false)
+        Self::assemble(FILE, activation, w_enc, w_dec, b_enc, b_dec, threshold, layer, model, config, false)
     }
 
     /// SAELens: `W_enc`, `W_dec`, `b_enc`, `b_dec`, optional `threshold`, and `cfg.json`.
     pub fn from_sae_lens(weights: &[u8], cfg: &[u8]) -> Result<Self> {
-        let st = SafeTensors::deserialize(weights).map_err(|e| SaeError::Format(format!("sae_weights: {e}")))?;
+        const FILE: &str = "sae_weights.safetensors";
+        let st = SafeTensors::deserialize(weights).map_err(|e| SaeError::Format(format!("{FILE}: {e}")))?;
         let cfg = parse_json(cfg, "cfg.json")?;
-        let w_enc = tensor_f32(&st, &["W_enc"])?.ok_or_else(|| SaeError::Format("no W_enc tensor".into()))?;
-        let w_dec = tensor_f32(&st, &["W_dec"])?.ok_or_else(|| SaeError::Format("no W_dec tensor".into()))?;
-        let threshold = tensor_f32(&st, &["threshold"])?.map(|t| t.0);
+        let missing = |name: &str| SaeError::Format(format!("{FILE} has no {name} tensor"));
+        let w_enc = tensor_f32(&st, FILE, &["W_enc"])?.ok_or_else(|| missing("W_enc"))?;
+        let w_dec = tensor_f32(&st, FILE, &["W_dec"])?.ok_or_else(|| missing("W_dec"))?;
+        let threshold = tensor_f32(&st, FILE, &["threshold"])?.map(|t| t.0);
         // SAELens names its architectures; an unknown one is refused rather than read as a ReLU SAE.
         let activation = match cfg.get("architecture").and_then(Value::as_str) {
             Some("jumprelu") => Activation::JumpRelu,
             Some("topk") => {
                 let k = cfg.pointer("/activation_fn_kwargs/k").or_else(|| cfg.get("k")).and_then(Value::as_u64);
                 Activation::TopK {
-                    k: k.ok_or_else(|| SaeError::Format("cfg.json: a TopK SAE without k".into()))? as usize,
+                    k: to_usize(k.ok_or_else(|| SaeError::Format("cfg.json: a TopK SAE without k".into()))?),
                 }
             }
             Some("standard") | None => Activation::Relu,
@@ -182,11 +191,12 @@ impl Sae {
         let model = cfg.get("model_name").and_then(Value::as_str).map(String::from);
         let fold = cfg.get("apply_b_dec_to_input").and_then(Value::as_bool).unwrap_or(false);
         Self::assemble(
+            FILE,
             activation,
             w_enc,
             w_dec,
-            tensor_f32(&st, &["b_enc"])?.map(|t| t.0),
-            tensor_f32(&st, &["b_dec"])?.map(|t| t.0),
+            tensor_f32(&st, FILE, &["b_enc"])?.map(|t| t.0),
+            tensor_f32(&st, FILE, &["b_dec"])?.map(|t| t.0),
             threshold,
             layer,
             model,
@@ -197,6 +207,7 @@ impl Sae {
 
     #[allow(clippy::too_many_arguments)]
     fn assemble(
+        file: &str,
         activation: Activation,
         (w_enc, enc_shape): (Vec<f32>, Vec<usize>),
         (w_dec, dec_shape): (Vec<f32>, Vec<usize>),
@@ -209,20 +220,24 @@ impl Sae {
         subtract_b_dec_from_input: bool,
     ) -> Result<Self> {
         let [d_in, d_sae] = enc_shape[..] else {
-            return Err(SaeError::Format(format!("w_enc has shape {enc_shape:?}; [d_in, d_sae] expected")));
+            return Err(SaeError::Format(format!("{file}: w_enc has shape {enc_shape:?}; [d_in, d_sae] expected")));
         };
+        // An empty dimension would leave the biases' size to the header alone: [0, 10^9] takes no bytes.
+        if d_in == 0 || d_sae == 0 {
+            return Err(SaeError::Format(format!("{file}: w_enc has shape {enc_shape:?}, with nothing in it")));
+        }
         if dec_shape != [d_sae, d_in] {
-            return Err(SaeError::Format(format!("w_dec has shape {dec_shape:?}; [{d_sae}, {d_in}] expected")));
+            return Err(SaeError::Format(format!("{file}: w_dec has shape {dec_shape:?}; [{d_sae}, {d_in}] expected")));
         }
         let b_enc = b_enc.unwrap_or_else(|| vec![0.0; d_sae]);
         let b_dec = b_dec.unwrap_or_else(|| vec![0.0; d_in]);
         let threshold = threshold.unwrap_or_else(|| vec![0.0; d_sae]);
         if b_enc.len() != d_sae || b_dec.len() != d_in || threshold.len() != d_sae {
-            return Err(SaeError::Format("bias or threshold lengths do not match w_enc".into()));
+            return Err(SaeError::Format(format!("{file}: bias or threshold lengths do not match w_enc")));
         }
         if let Activation::TopK { k } = activation {
             if k == 0 || k > d_sae {
-                return Err(SaeError::Format(format!("TopK with k = {k} for {d_sae} latents")));
+                return Err(SaeError::Format(format!("{file} holds {d_sae} latents; TopK with k = {k} cannot be")));
             }
         }
         let mut sae = Self {
@@ -376,6 +391,12 @@ impl Sae {
 
 /// Keeps the `k` largest positive values (the lowest index among equals), zeroes the rest.
 /// The SAE must read the residual stream after a block (resid_post), where the engine's hooks read and add.
+/// A count from a config file; one too large for this machine's `usize` (32 bits in wasm) saturates, so that the
+/// range checks that follow refuse it instead of reading it wrapped.
+fn to_usize(n: u64) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
+}
+
 fn check_hook(hook: &str, file: &str) -> Result<()> {
     if hook.ends_with("resid_post") {
         Ok(())
