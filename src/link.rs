@@ -290,6 +290,19 @@ mod tests {
     }
 
     #[test]
+    fn the_longest_link_the_page_writes_reads_back() {
+        // 4,000 four-byte characters are 48,000 bytes once percent-encoded, twice the old limit on what was read.
+        let state = LinkState {
+            text: "𝄞".repeat(MAX_TEXT),
+            steer: vec![(16_777_215, -9_999.5); MAX_STEERED],
+            ..Default::default()
+        };
+        let query = to_query(&state);
+        assert!(query.len() > 48_000, "{}", query.len());
+        assert_eq!(parse(&query), (state, vec![]));
+    }
+
+    #[test]
     fn the_issue_s_example_link_reads_as_written() {
         let (state, problems) = parse(
             "?model=smollm2-135m-instruct&sae=29&steer=1767:6,88:-2&text=The%20cat%20sleeps.&chat=1&seed=0&greedy=1",
