@@ -124,8 +124,9 @@ pub enum Request {
     Bench(BenchSettings),
     /// Tokenize text with the loaded model's tokenizer (wrapped in its chat template when `chat`).
     Tokenize { text: String, add_bos: bool, chat: bool },
-    /// Use another SAE.
-    UseSae(SaeSource),
+    /// Use another SAE; one that records another model than the loaded one only with `any_model` (the page asks
+    /// the visitor first).
+    UseSae { source: SaeSource, any_model: bool },
     /// The SAE's latents on every token of a prompt.
     ReadLatents { text: String, chat: bool, top: usize },
     /// Latents by id ("1247") or by the tokens they promote ("French", " les").
@@ -207,6 +208,11 @@ pub enum Response {
     },
     CacheCleared {
         entries: u32,
+    },
+    /// The SAE asked for records another model than the loaded one; the message says which and how they differ.
+    /// Sending the request again with `any_model` uses it anyway.
+    SaeForAnotherModel {
+        message: String,
     },
     /// The request is done and has nothing to return.
     Done,

@@ -13,7 +13,8 @@ use crate::catalog;
 use crate::link::SaeChoice;
 use crate::protocol::{LatentReading, LatentView, Request, Response, SaeSource};
 
-/// Asks the worker for another SAE.
+/// Asks the worker for another SAE. One that records another model than the loaded one is used only once the
+/// visitor says so.
 pub fn use_sae(
     state: AppState,
     client: WorkerClient,
@@ -21,10 +22,31 @@ pub fn use_sae(
     files: Vec<web_sys::File>,
     choice: Option<SaeChoice>,
 ) {
+    request_sae(state, client, source, files, choice, false)
+}
+
+fn request_sae(
+    state: AppState,
+    client: WorkerClient,
+    source: SaeSource,
+    files: Vec<web_sys::File>,
+    choice: Option<SaeChoice>,
+    any_model: bool,
+) {
     state.error.set(None);
-    let call = client.call(Request::UseSae(source), files, |_| {});
+    let call = client.call(Request::UseSae { source: source.clone(), any_model }, files.clone(), |_| {});
     leptos::task::spawn_local(async move {
         match call.await {
+            Ok(Response::SaeForAnotherModel { message }) => {
+                let question =
+                    format!("{message}.\n\nSteering and latents may mean nothing on this model. Use it anyway?");
+                let yes = web_sys::window().and_then(|w| w.confirm_with_message(&question).ok()).unwrap_or(false);
+                if yes {
+                    request_sae(state, client, source, files, choice, true);
+                } else {
+                    state.fail(format!("That SAE was not used: {message}."));
+                }
+            }
             Ok(Response::SaeLoaded(summary)) => {
                 state.sae.set(Some(summary));
                 state.sae_choice.set(choice);

@@ -192,7 +192,7 @@ async fn handle(id: u32, request: Request, files: Vec<File>) -> Result<Response,
         })
         .await
         .map(Response::Benchmarked),
-        Request::UseSae(source) => use_sae(id, source, &files).await.map(Response::SaeLoaded),
+        Request::UseSae { source, any_model } => use_sae(id, source, any_model, &files).await,
         Request::ReadLatents { text, chat, top } => {
             let (sae, lens) = (current_sae()?, current_lens());
             with_engine(|engine| Box::pin(latents::read(engine, sae, lens, text, chat, top)))
@@ -315,8 +315,9 @@ async fn load_url(
     }
 }
 
-/// Uses another SAE for the loaded model.
-async fn use_sae(id: u32, source: SaeSource, files: &[File]) -> Result<crate::protocol::SaeSummary, Failure> {
+/// Uses another SAE for the loaded model: `SaeLoaded`, or `SaeForAnotherModel` when it records another model and
+/// `any_model` is not set (the page then asks the visitor).
+async fn use_sae(id: u32, source: SaeSource, any_model: bool, files: &[File]) -> Result<Response, Failure> {
     let facts = STATE.with(|s| s.borrow().model.clone()).ok_or("load a model first")?;
     let (sae, lens, layer, label) = match source {
         SaeSource::Shipped { layer } => {
@@ -339,14 +340,22 @@ async fn use_sae(id: u32, source: SaeSource, files: &[File]) -> Result<crate::pr
         )
         .into());
     }
-    let loaded = with_engine(|engine| Box::pin(saes::attach(engine, sae, layer, lens, label))).await?;
+    let attached = with_engine(|engine| {
+        Box::pin(async move { Ok(saes::attach(engine, sae, layer, lens, label, any_model).await) })
+    })
+    .await?;
+    let loaded = match attached {
+        Ok(loaded) => loaded,
+        Err(saes::NotAttached::OtherModel(message)) => return Ok(Response::SaeForAnotherModel { message }),
+        Err(saes::NotAttached::Failure(failure)) => return Err(failure),
+    };
     let summary = loaded.summary.clone();
     STATE.with(|s| {
         let mut s = s.borrow_mut();
         s.sae = Some(Rc::new(loaded));
         s.discovery = None;
     });
-    Ok(summary)
+    Ok(Response::SaeLoaded(summary))
 }
 
 /// The WebGPU device, opened on first use (and again after a failure).
@@ -419,13 +428,21 @@ async fn load(
     drop(bytes);
     let c = engine.config().clone();
     let shipped = saes::shipped_index(id, &c.key).await.unwrap_or_default();
-    // The model is usable without its SAE: a failure here becomes a notice, not an error.
+    // The model is usable without its SAE: a failure here becomes a notice, not an error. It starts on the layer
+    // whose SAE reproduces the recorded SAIF results (crates/saif/data/steering.json), else on the last one.
     let (mut sae, mut sae_note) = (None, None);
-    if let Some(&layer) = shipped.layers.last() {
+    let recorded = saif::defaults::steering(&c.key, "*").map(|d| d.layer).filter(|l| shipped.layers.contains(l));
+    if let Some(layer) = recorded.or(shipped.layers.last().copied()) {
         match saes::shipped(id, &c.key, &shipped, layer).await {
-            Ok((s, lens, label)) => match saes::attach(&mut engine, s, Some(layer), lens, label).await {
+            Ok((s, lens, label)) => match saes::attach(&mut engine, s, Some(layer), lens, label, false).await {
                 Ok(loaded) => sae = Some(loaded),
-                Err(e) => {
+                Err(saes::NotAttached::OtherModel(why)) => {
+                    sae_note = Some(format!(
+                        "The SAE shipped for {} was not loaded: {why}. Pick its layer under Latents to use it anyway.",
+                        c.key
+                    ))
+                }
+                Err(saes::NotAttached::Failure(e)) => {
                     sae_note = Some(format!(
                         "The SAE shipped for {} does not fit this model ({}); no latents.",
                         c.key, e.message

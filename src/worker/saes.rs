@@ -129,20 +129,38 @@ fn lens_or_none(bytes: &[u8], d_sae: usize) -> Option<Vec<Vec<String>>> {
     saif::lens::read_lens_json(bytes, d_sae).map_err(|e| gloo::console::warn!(e)).ok()
 }
 
-/// Checks that `sae` fits the loaded model at `layer`, measures the residual stream there, and summarizes it.
+/// Why an SAE was not attached: it cannot be (`Failure`), or it records another model, which the visitor may
+/// still choose to use (`OtherModel`, with the message that asks).
+pub enum NotAttached {
+    Failure(Failure),
+    OtherModel(String),
+}
+
+impl<T: Into<Failure>> From<T> for NotAttached {
+    fn from(failure: T) -> Self {
+        Self::Failure(failure.into())
+    }
+}
+
+/// Checks that `sae` fits the loaded model at `layer` (and, unless `any_model`, that it records no other model),
+/// measures the residual stream there, and summarizes it.
 pub async fn attach(
     engine: &mut Engine,
     sae: Sae,
     layer: Option<usize>,
     lens: Option<Vec<Vec<String>>>,
     source: String,
-) -> Result<LoadedSae, Failure> {
+    any_model: bool,
+) -> Result<LoadedSae, NotAttached> {
     let c = engine.config().clone();
     let layer = layer.or(sae.info.layer).ok_or("the SAE does not say which layer it reads; give the layer")?;
     if let Some(trained) = sae.info.layer.filter(|&l| l != layer) {
         return Err(format!("this SAE was trained on layer {trained}, not on layer {layer}").into());
     }
     sae.check_fits(c.hidden, c.n_layers, layer).map_err(|e| e.to_string())?;
+    if !any_model {
+        sae.check_model(&engine.fingerprint).map_err(|e| NotAttached::OtherModel(e.to_string()))?;
+    }
     let residual_norm = residual_norm(engine, layer).await?;
     let decoder_norm =
         (0..sae.info.d_sae).map(|j| saif::steer::norm(sae.decoder_row(j))).sum::<f64>() as f32 / sae.info.d_sae as f32;

@@ -5,6 +5,7 @@ import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import fs from "node:fs";
 import path from "node:path";
+import os from "node:os";
 import { execFileSync } from "node:child_process";
 import http from "node:http";
 import { serve, launch, root } from "./serve.mjs";
@@ -15,6 +16,9 @@ const gemmaGolden = golden("gemma-3-270m-q4_k_m.json");
 const shippedLayers = JSON.parse(fs.readFileSync(path.join(root, "public/saes/index.json"), "utf8"));
 const smolLayers = shippedLayers["smollm2-135m"].layers;
 const gemmaLayers = shippedLayers["gemma-3-270m"].layers;
+// The page starts on the SAE whose layer reproduces the recorded SAIF results, else on the last layer's.
+const recorded = JSON.parse(fs.readFileSync(path.join(root, "crates/saif/data/steering.json"), "utf8")).models;
+const smolStart = recorded["smollm2-135m"]?.["*"]?.layer ?? smolLayers[smolLayers.length - 1];
 const models = process.env.SAIF_MODELS ?? path.join(process.env.HOME, ".cache/saif/models");
 const shots = path.join(root, "target/e2e-screenshots");
 fs.mkdirSync(shots, { recursive: true });
@@ -280,8 +284,7 @@ test("latents: every token coloured, search by token text, a latent's card, and 
   const { page, problems } = await openPage(context, "?backend=cpu&chat=1&text=" +
     encodeURIComponent("The weather is nice today. Translate the text into French."));
   await loaded(page);
-  const last = smolLayers[smolLayers.length - 1];
-  assert.match(await page.locator("#model-card").textContent(), new RegExp(`SAElayer ${last}, \\d+ latents, TopK \\(k = \\d+\\)`));
+  assert.match(await page.locator("#model-card").textContent(), new RegExp(`SAElayer ${smolStart}, \\d+ latents, TopK \\(k = \\d+\\)`));
   assert.deepEqual(await page.locator("#sae-select option:not([disabled])").allTextContents(), smolLayers.map((l) => `shipped, layer ${l}`));
   await page.click("#read-latents");
   await page.locator("#latent-table").waitFor({ timeout: 120_000 });
@@ -377,8 +380,8 @@ test("the benchmark page measures the loaded model", async () => {
 
 test("errors leave the page usable: a damaged shipped SAE, a wrong SAE, a corrupt cache entry, an interrupted download, a lost GPU", async () => {
   const context = await browser.newContext();
-  const last = smolLayers[smolLayers.length - 1];
-  // The worker's download of the last layer's SAE gets 100 bytes of noise instead of the file.
+  const last = smolStart;
+  // The worker's download of the SAE it starts on gets 100 bytes of noise instead of the file.
   await context.route(`**/saes/smollm2-135m/layer_${last}/params.safetensors`, (route) =>
     route.fulfill({ status: 200, contentType: "application/octet-stream", body: Buffer.alloc(100, 7) }));
   const p = smolGolden.prompts[0];
@@ -402,6 +405,28 @@ test("errors leave the page usable: a damaged shipped SAE, a wrong SAE, a corrup
   assert.match(await page.locator(".error-message").textContent(), /does not fit the model: it reads vectors of 640 values but smollm2-135m's residual stream has 576/);
   await shot(page, "09-wrong-sae");
   await page.click(".error .dismiss");
+
+  // An SAE of the right width that records another model (SmolLM2's own, its record changed to say a pretrained
+  // model): the page asks first. "No" leaves the SAE in use as it was; "yes" uses the new one.
+  const other = fs.mkdtempSync(path.join(os.tmpdir(), "saif-other-model-"));
+  const smolSae = path.join(root, `public/saes/smollm2-135m/layer_${smolLayers[0]}`);
+  const config = JSON.parse(fs.readFileSync(path.join(smolSae, "config.json"), "utf8"));
+  config.model_fingerprint.instruction_tuned = false;
+  fs.writeFileSync(path.join(other, "config.json"), JSON.stringify(config));
+  fs.copyFileSync(path.join(smolSae, "params.safetensors"), path.join(other, "params.safetensors"));
+  const otherFiles = [path.join(other, "params.safetensors"), path.join(other, "config.json")];
+  let asked = "";
+  page.once("dialog", (dialog) => { asked = dialog.message(); dialog.dismiss(); });
+  await page.setInputFiles("#sae-files", otherFiles);
+  await page.locator(".error").waitFor({ timeout: 60_000 });
+  assert.match(asked, /trained on another model \(pretrained against instruction-tuned\).*Use it anyway\?/s);
+  assert.match(await page.locator(".error-message").textContent(), /That SAE was not used/);
+  await page.locator("#latents-panel .hint", { hasText: `layer ${smolLayers[0]} (shipped` }).waitFor();
+  await page.click(".error .dismiss");
+  page.once("dialog", (dialog) => dialog.accept());
+  await page.setInputFiles("#sae-files", otherFiles);
+  await page.locator("#latents-panel .hint", { hasText: "from your disk: params.safetensors, config.json" }).waitFor({ timeout: 120_000 });
+  await shot(page, "09-other-model-sae");
 
   // A cached model whose bytes no longer match its checksum is deleted and downloaded again.
   await page.evaluate(async () => {

@@ -29,6 +29,9 @@ use serde_json::json;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Use an SAE even where it records another model than the one loaded (its shape must still fit).
+    #[arg(long, global = true)]
+    any_model: bool,
 }
 
 #[derive(Subcommand)]
@@ -169,6 +172,14 @@ enum Command {
         sae: PathBuf,
         #[arg(long, default_value_t = 8)]
         top: usize,
+    },
+    /// Records the model's fingerprint in an SAE folder's config (for SAEs trained elsewhere): other models refuse
+    /// the SAE from then on, unless --any-model.
+    SaeStamp {
+        #[command(flatten)]
+        model: ModelArgs,
+        #[arg(long)]
+        sae: PathBuf,
     },
     /// What a latent means: its logit-lens tokens and where it fires most in a corpus.
     SaeLatent {
@@ -482,6 +493,7 @@ fn print(json_mode: bool, value: serde_json::Value, text: impl FnOnce() -> Strin
 }
 
 fn run(cli: Cli) -> Result<()> {
+    sae::allow_other_models(cli.any_model);
     match cli.command {
         Command::Tokenize { model, text } => {
             let engine = model.load()?;
@@ -610,6 +622,11 @@ fn run(cli: Cli) -> Result<()> {
             let path = model.path();
             let engine = model.load()?;
             let value = sae::write_lens(&engine, &path, &sae, top)?;
+            print(model.json, value.clone(), || serde_json::to_string_pretty(&value).unwrap_or_default());
+        }
+        Command::SaeStamp { model, sae } => {
+            let engine = model.load()?;
+            let value = sae::stamp(&engine, &sae)?;
             print(model.json, value.clone(), || serde_json::to_string_pretty(&value).unwrap_or_default());
         }
         Command::SaeLatent { model, choice: SaeChoice { sae, layer }, latent, corpus, lines, top } => {

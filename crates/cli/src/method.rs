@@ -329,6 +329,7 @@ pub fn sweep_cmd(engine: &mut Engine, args: &SweepArgs) -> Result<Value> {
     let sae_dir = args.sae.clone();
     let rows = {
         let config = engine.config().clone();
+        let fingerprint = engine.fingerprint.clone();
         // `--sae DIR` for every layer (it must be trained on the one swept), else each layer's shipped SAE.
         let sae_at = move |layer: usize| -> std::result::Result<Sae, saif_engine::EngineError> {
             let path = match &sae_dir {
@@ -340,7 +341,8 @@ pub fn sweep_cmd(engine: &mut Engine, args: &SweepArgs) -> Result<Value> {
                     ))
                 })?,
             };
-            let sae = Sae::load_dir(&path).map_err(|e| saif_engine::EngineError::InvalidRequest(e.to_string()))?;
+            let sae = crate::sae::load_for_model(&fingerprint, &path)
+                .map_err(|e| saif_engine::EngineError::InvalidRequest(format!("{e:#}")))?;
             if let Some(trained) = sae.info.layer.filter(|&l| l != layer) {
                 return Err(saif_engine::EngineError::InvalidRequest(format!(
                     "the SAE in {} was trained on layer {trained}, not layer {layer}",

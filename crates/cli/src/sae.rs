@@ -3,6 +3,7 @@
 use std::fs::File;
 use std::io::{BufReader, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -12,7 +13,7 @@ use saif::lens::{top_firings, LogitLens};
 use saif::train::{train_on, TrainConfig};
 use saif::{defaults, Sae, StoreAs};
 use saif_engine::gpu::Gpu;
-use saif_engine::{block_on, Engine};
+use saif_engine::{block_on, Engine, ModelFingerprint};
 use serde_json::{json, Value};
 
 /// A one-line progress display on stderr, redrawn in place.
@@ -204,6 +205,7 @@ pub fn train_sae(engine: &mut Engine, gpu: Option<&Gpu>, args: &TrainArgs) -> Re
         let train_seconds = t0.elapsed().as_secs_f64();
         sae.info.layer = Some(layer);
         sae.info.model = Some(config.key.clone());
+        sae.info.trained_on = Some(engine.fingerprint.clone());
         sae.info.extra = json!({
             "model_file": config.name,
             "training": {
@@ -243,6 +245,46 @@ pub fn train_sae(engine: &mut Engine, gpu: Option<&Gpu>, args: &TrainArgs) -> Re
 }
 
 /// The SAE to use: `--sae DIR`, or the model's shipped one (its last layer unless `layer` names another).
+/// Set once from `--any-model`: SAEs that record another model are used anyway (their shape must still fit).
+static ANY_MODEL: AtomicBool = AtomicBool::new(false);
+
+pub fn allow_other_models(yes: bool) {
+    ANY_MODEL.store(yes, Ordering::Relaxed);
+}
+
+/// Reads an SAE folder to use with `engine`'s model, refusing one that records another model unless `--any-model`.
+pub fn load_for(engine: &Engine, dir: &Path) -> Result<Sae> {
+    load_for_model(&engine.fingerprint, dir)
+}
+
+/// As `load_for`, for the model with this fingerprint.
+pub fn load_for_model(model: &ModelFingerprint, dir: &Path) -> Result<Sae> {
+    let sae = Sae::load_dir(dir).with_context(|| format!("cannot load the SAE in {}", dir.display()))?;
+    if !ANY_MODEL.load(Ordering::Relaxed) {
+        sae.check_model(model)
+            .with_context(|| format!("the SAE in {} (pass --any-model to use it anyway)", dir.display()))?;
+    }
+    Ok(sae)
+}
+
+/// Records `engine`'s model in an SAE folder's config (`config.json` or SAELens' `cfg.json`), for SAEs trained
+/// elsewhere, so that other models refuse it from then on. Only the config is rewritten.
+pub fn stamp(engine: &Engine, dir: &Path) -> Result<Value> {
+    let sae = Sae::load_dir(dir).with_context(|| format!("cannot load the SAE in {}", dir.display()))?;
+    let config = engine.config();
+    sae.check_fits(config.hidden, config.n_layers, sae.info.layer.unwrap_or(0))?;
+    let path =
+        ["config.json", "cfg.json"].iter().map(|f| dir.join(f)).find(|p| p.exists()).unwrap_or(dir.join("config.json"));
+    let mut value: Value = match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("{} is not JSON", path.display()))?,
+        Err(_) => json!({}),
+    };
+    value["model_fingerprint"] = json!(engine.fingerprint);
+    std::fs::write(&path, serde_json::to_string_pretty(&value)? + "\n")
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(json!({ "config": path.display().to_string(), "model_fingerprint": engine.fingerprint }))
+}
+
 pub fn resolve_sae(engine: &Engine, sae: Option<&Path>, layer: Option<usize>) -> Result<(Sae, usize, PathBuf)> {
     let config = engine.config();
     let (path, shipped_layer) = match sae {
@@ -259,7 +301,7 @@ pub fn resolve_sae(engine: &Engine, sae: Option<&Path>, layer: Option<usize>) ->
             (p, Some(l))
         }
     };
-    let sae = Sae::load_dir(&path).with_context(|| format!("cannot load the SAE in {}", path.display()))?;
+    let sae = load_for(engine, &path)?;
     let layer = layer.or(shipped_layer).or(sae.info.layer).context("the SAE does not say its layer; pass --layer")?;
     sae.check_fits(config.hidden, config.n_layers, layer)?;
     Ok((sae, layer, path))
@@ -316,7 +358,7 @@ pub fn sae_latent(
 
 /// Writes `lens.json` into the SAE folder: for every latent, its `top` logit-lens tokens as text.
 pub fn write_lens(engine: &Engine, gguf_path: &Path, sae_dir: &Path, top: usize) -> Result<Value> {
-    let sae = Sae::load_dir(sae_dir).with_context(|| format!("cannot load the SAE in {}", sae_dir.display()))?;
+    let sae = load_for(engine, sae_dir)?;
     let config = engine.config();
     sae.check_fits(config.hidden, config.n_layers, sae.info.layer.unwrap_or(0))?;
     let lens = LogitLens::from_gguf(&mut BufReader::new(File::open(gguf_path)?))?;

@@ -591,3 +591,37 @@ fn shipped_layers(key: &str) -> Vec<u64> {
         serde_json::from_str(&std::fs::read_to_string(repo().join("public/saes/index.json")).unwrap()).unwrap();
     index[key]["layers"].as_array().unwrap().iter().map(|l| l.as_u64().unwrap()).collect()
 }
+
+#[test]
+fn an_sae_recording_another_model_is_refused_unless_asked_or_stamped() {
+    // SmolLM2's own SAE, its record changed to say a pretrained model: same shape, another model.
+    let smol = model(SMOL);
+    let layer = shipped_layers("smollm2-135m")[0];
+    let shipped = repo().join(format!("public/saes/smollm2-135m/layer_{layer}"));
+    let dir = std::env::temp_dir().join(format!("saif-other-model-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(shipped.join("params.safetensors"), dir.join("params.safetensors")).unwrap();
+    let mut config: Value = serde_json::from_slice(&std::fs::read(shipped.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model_fingerprint"]["instruction_tuned"], true, "the shipped SAE records SmolLM2-Instruct");
+    config["model_fingerprint"]["instruction_tuned"] = Value::Bool(false);
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let sae = dir.to_str().unwrap();
+
+    let lens = ["sae-lens", "--model", &smol, "--sae", sae, "--top", "1", "--json"];
+    let refused = saif(&lens);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        stderr.contains("trained on another model (pretrained against instruction-tuned)")
+            && stderr.contains("--any-model"),
+        "{stderr}"
+    );
+    let mut anyway = lens.to_vec();
+    anyway.push("--any-model");
+    json_ok(&anyway);
+    // Stamping records the loaded model, after which it is accepted without the flag.
+    let stamped = json_ok(&["sae-stamp", "--model", &smol, "--sae", sae, "--json"]);
+    assert_eq!(stamped["model_fingerprint"]["instruction_tuned"], true);
+    json_ok(&lens);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use crate::chat::ChatTemplate;
 use crate::config::ModelConfig;
 use crate::error::Result;
+use crate::fingerprint::ModelFingerprint;
 use crate::gguf::{type_name, GgufFile};
 use crate::gpu::{Gpu, GpuModel};
 use crate::model::cpu::{CpuModel, LoadOptions};
@@ -40,6 +41,8 @@ pub struct Engine {
     pub file_bytes: u64,
     /// Whether the file names an instruction-tuned model (see `is_instruction_tuned`).
     pub instruction_tuned: bool,
+    /// What tells this model from others (an SAE records it and is refused by other models).
+    pub fingerprint: ModelFingerprint,
 }
 
 /// Whether a GGUF holds a model tuned to follow instructions: it carries a chat template
@@ -121,6 +124,7 @@ impl Engine {
 
     fn assemble(gguf: &GgufFile, tokenizer: Tokenizer, model: Box<dyn LanguageModel>) -> Self {
         let chat = ChatTemplate::from_gguf(gguf, model.config().architecture);
+        let fingerprint = ModelFingerprint::of(gguf, model.config(), is_instruction_tuned(gguf));
         let mut types = BTreeMap::new();
         for t in gguf.tensors() {
             *types.entry(type_name(t.dtype).to_string()).or_insert(0) += 1;
@@ -132,7 +136,8 @@ impl Engine {
             metadata: gguf.metadata_summary(),
             tensor_types: types.into_iter().collect(),
             file_bytes: gguf.file_size(),
-            instruction_tuned: is_instruction_tuned(gguf),
+            instruction_tuned: fingerprint.instruction_tuned,
+            fingerprint,
         }
     }
 

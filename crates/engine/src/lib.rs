@@ -9,6 +9,7 @@ pub mod bench;
 pub mod chat;
 pub mod config;
 pub mod error;
+pub mod fingerprint;
 pub mod generate;
 pub mod gguf;
 mod gguf_guard;
@@ -25,6 +26,7 @@ pub use chat::ChatTemplate;
 pub use config::{Architecture, ModelConfig};
 pub use engine::{Engine, LoadStep};
 pub use error::{EngineError, Result};
+pub use fingerprint::ModelFingerprint;
 pub use generate::{
     generate, generate_async, generate_batch, GenerateOptions, Generation, SequenceRequest, StopReason,
 };

@@ -10,6 +10,7 @@ use std::path::Path;
 
 use half::{bf16, f16};
 use safetensors::{Dtype, SafeTensors};
+use saif_engine::ModelFingerprint;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -22,6 +23,9 @@ pub enum SaeError {
     /// The SAE does not belong to the model it is used with.
     #[error("this SAE does not fit the model: {0}")]
     Mismatch(String),
+    /// The SAE fits the model's shape but records another model: refused unless the user asks for it anyway.
+    #[error("this SAE was trained on another model ({differences}): it was trained on {trained_on}")]
+    OtherModel { trained_on: String, differences: String },
 }
 
 pub type Result<T> = std::result::Result<T, SaeError>;
@@ -44,6 +48,10 @@ pub struct SaeInfo {
     pub layer: Option<usize>,
     /// The model it was trained on, where the file says (e.g. "smollm2-135m", "gemma-3-270m").
     pub model: Option<String>,
+    /// That model's fingerprint, where the config records one (`model_fingerprint`: SAEs this project trains or
+    /// stamps with `saif sae-stamp`).
+    #[serde(default)]
+    pub trained_on: Option<ModelFingerprint>,
     /// Anything else the file's config holds (training details, provenance).
     pub extra: Value,
 }
@@ -147,7 +155,11 @@ impl Sae {
         }
         let layer = config.get("layer").and_then(Value::as_u64).map(to_usize);
         let model = config.get("model_name").or_else(|| config.get("model")).and_then(Value::as_str).map(String::from);
-        Self::assemble(FILE, activation, w_enc, w_dec, b_enc, b_dec, threshold, layer, model, config, false)
+        let trained_on = fingerprint_in(&config, "config.json")?;
+        let mut sae =
+            Self::assemble(FILE, activation, w_enc, w_dec, b_enc, b_dec, threshold, layer, model, config, false)?;
+        sae.info.trained_on = trained_on;
+        Ok(sae)
     }
 
     /// SAELens: `W_enc`, `W_dec`, `b_enc`, `b_dec`, optional `threshold`, and `cfg.json`.
@@ -190,7 +202,8 @@ impl Sae {
         };
         let model = cfg.get("model_name").and_then(Value::as_str).map(String::from);
         let fold = cfg.get("apply_b_dec_to_input").and_then(Value::as_bool).unwrap_or(false);
-        Self::assemble(
+        let trained_on = fingerprint_in(&cfg, "cfg.json")?;
+        let mut sae = Self::assemble(
             FILE,
             activation,
             w_enc,
@@ -202,7 +215,9 @@ impl Sae {
             model,
             cfg,
             fold,
-        )
+        )?;
+        sae.info.trained_on = trained_on;
+        Ok(sae)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -241,7 +256,7 @@ impl Sae {
             }
         }
         let mut sae = Self {
-            info: SaeInfo { activation, d_in, d_sae, layer, model, extra: config },
+            info: SaeInfo { activation, d_in, d_sae, layer, model, trained_on: None, extra: config },
             w_enc,
             w_dec,
             b_enc,
@@ -267,6 +282,17 @@ impl Sae {
             }
         }
         pre
+    }
+
+    /// Checks that this SAE was trained on `model`, where it records the model it was trained on. SAEs that record
+    /// none (Gemma Scope's, SAELens') are only checked for their shape, by `check_fits`.
+    pub fn check_model(&self, model: &ModelFingerprint) -> Result<()> {
+        let Some(trained_on) = &self.info.trained_on else { return Ok(()) };
+        let differences = trained_on.differences(model);
+        if differences.is_empty() {
+            return Ok(());
+        }
+        Err(SaeError::OtherModel { trained_on: trained_on.to_string(), differences: differences.join(", ") })
     }
 
     /// Checks that this SAE reads a residual stream of `hidden` values and a layer the model has.
@@ -382,6 +408,9 @@ impl Sae {
         if let Some(m) = &self.info.model {
             config["model_name"] = json!(m);
         }
+        if let Some(fingerprint) = &self.info.trained_on {
+            config["model_fingerprint"] = json!(fingerprint);
+        }
         config["dtype"] = json!(if store == StoreAs::F16 { "float16" } else { "float32" });
         let path = dir.join("config.json");
         let text = serde_json::to_string_pretty(&config).expect("JSON values serialize");
@@ -391,6 +420,16 @@ impl Sae {
 
 /// Keeps the `k` largest positive values (the lowest index among equals), zeroes the rest.
 /// The SAE must read the residual stream after a block (resid_post), where the engine's hooks read and add.
+/// The `model_fingerprint` a config records, if any; one that is there but malformed is an error, not a silence.
+fn fingerprint_in(config: &Value, file: &str) -> Result<Option<ModelFingerprint>> {
+    match config.get("model_fingerprint") {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => serde_json::from_value(v.clone())
+            .map(Some)
+            .map_err(|e| SaeError::Format(format!("{file}: model_fingerprint is not a model's fingerprint: {e}"))),
+    }
+}
+
 /// A count from a config file; one too large for this machine's `usize` (32 bits in wasm) saturates, so that the
 /// range checks that follow refuse it instead of reading it wrapped.
 fn to_usize(n: u64) -> usize {

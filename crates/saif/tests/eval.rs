@@ -29,6 +29,7 @@ fn sae(d: usize, identity: bool) -> Sae {
             d_sae,
             layer: Some(1),
             model: None,
+            trained_on: None,
             extra: serde_json::json!({}),
         },
         w_enc,

@@ -159,3 +159,48 @@ fn sae_lens_architectures_and_hooks_are_read_not_guessed() {
     let nameless = sae_lens_with_cfg(r#"{"architecture": "jumprelu", "hook_name": "hook_resid_post"}"#).unwrap_err();
     assert!(nameless.to_string().contains("names no layer"), "{nameless}");
 }
+
+#[test]
+fn an_sae_records_its_model_and_refuses_another() {
+    use saif_engine::ModelFingerprint;
+    let smol = ModelFingerprint {
+        architecture: "llama".into(),
+        hidden: 8,
+        layers: 30,
+        vocab: 49_152,
+        tokenizer: "3ff3b2ef50dfd8ca".into(),
+        instruction_tuned: true,
+    };
+    let sae = || {
+        let bytes = |t: &[(&str, Vec<f32>, Vec<usize>)]| {
+            let path = std::env::temp_dir().join(format!("saif-fingerprint-{}.safetensors", std::process::id()));
+            write_safetensors(&path, t);
+            std::fs::read(&path).unwrap()
+        };
+        let params = bytes(&[
+            ("w_enc", values(D_IN * D_SAE, 1), vec![D_IN, D_SAE]),
+            ("w_dec", values(D_SAE * D_IN, 2), vec![D_SAE, D_IN]),
+        ]);
+        Sae::from_gemma_scope(&params, br#"{"architecture": "topk", "k": 2}"#).unwrap()
+    };
+    let mut recorded = sae();
+    recorded.info.trained_on = Some(smol.clone());
+    let dir = std::env::temp_dir().join(format!("saif-fingerprint-{}", std::process::id()));
+    recorded.save_dir(&dir, StoreAs::F32).unwrap();
+    let back = Sae::load_dir(&dir).unwrap();
+    assert_eq!(back.info.trained_on.as_ref(), Some(&smol), "the fingerprint survives save and load");
+    back.check_model(&smol).unwrap();
+    let pretrained = ModelFingerprint { instruction_tuned: false, ..smol.clone() };
+    let err = back.check_model(&pretrained).unwrap_err();
+    assert!(matches!(err, saif::SaeError::OtherModel { .. }), "{err}");
+    assert!(err.to_string().contains("instruction-tuned against pretrained"), "{err}");
+    // A record that is not a fingerprint is an error naming the file, not a silence.
+    let config =
+        std::fs::read_to_string(dir.join("config.json")).unwrap().replace("\"hidden\": 8", "\"hidden\": \"eight\"");
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    let err = Sae::load_dir(&dir).unwrap_err().to_string();
+    assert!(err.contains("config.json: model_fingerprint"), "{err}");
+    // SAEs that record no model (Gemma Scope's, SAELens') are checked by their shape only.
+    sae().check_model(&pretrained).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -83,6 +83,7 @@ fn hand_sae(engine: &mut Engine) -> Sae {
             d_sae: 4,
             layer: Some(LAYER),
             model: None,
+            trained_on: None,
             extra: serde_json::json!({}),
         },
         w_enc,

@@ -388,6 +388,7 @@ fn export(state: &State, scale: f32, k: usize, d: usize, d_sae: usize) -> CResul
             d_sae,
             layer: None,
             model: None,
+            trained_on: None,
             extra: serde_json::json!({}),
         },
         w_enc: (w_enc * scale as f64)?.flatten_all()?.to_vec1()?,
