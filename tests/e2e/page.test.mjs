@@ -281,10 +281,13 @@ test("a shared link reopens a steering experiment: default and steered side by s
 
 test("latents: every token coloured, search by token text, a latent's card, and steering from the lists", async () => {
   const context = await browser.newContext();
-  const { page, problems } = await openPage(context, "?backend=cpu&chat=1&text=" +
+  // The last layer's SAE, whose latents promote the word "French" itself (layer 25's promote French endings).
+  const last = smolLayers[smolLayers.length - 1];
+  const { page, problems } = await openPage(context, `?backend=cpu&chat=1&sae=${last}&text=` +
     encodeURIComponent("The weather is nice today. Translate the text into French."));
   await loaded(page);
-  assert.match(await page.locator("#model-card").textContent(), new RegExp(`SAElayer ${smolStart}, \\d+ latents, TopK \\(k = \\d+\\)`));
+  await page.locator("#model-card", { hasText: `SAElayer ${last},` }).waitFor({ timeout: 120_000 });
+  assert.match(await page.locator("#model-card").textContent(), new RegExp(`SAElayer ${last}, \\d+ latents, TopK \\(k = \\d+\\)`));
   assert.deepEqual(await page.locator("#sae-select option:not([disabled])").allTextContents(), smolLayers.map((l) => `shipped, layer ${l}`));
   await page.click("#read-latents");
   await page.locator("#latent-table").waitFor({ timeout: 120_000 });
