@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing (cargo fuzz, libFuzzer with AddressSanitizer) of every reader of a stranger's bytes:
-# the GGUF loader, both SAE formats, lens.json and the shared link (fuzz/fuzz_targets, saif_app::untrusted).
-#   scripts/fuzz.sh [SECONDS]   each target for SECONDS (make fuzz: 300; make test: 15)
+# the GGUF loader, both SAE formats (and their shape checks), lens.json and the shared link (fuzz/fuzz_targets, saif_app::untrusted).
+#   scripts/fuzz.sh [SECONDS]   each target for SECONDS (make fuzz: 300; make test: 15); SAIF_FUZZ_TARGETS="gguf link"
+#                               runs only those
 # Seeds: fuzz/corpus (fuzz/seeds.py), the engine's fixture models, and fuzz/regressions. What a run learns goes to
 # target/fuzz-corpus, so the committed seeds stay as they are. A crash, a hang (over 10 s), an allocation of
 # more than 512 MiB at once, or more than 2 GiB resident fails the run, and the input is kept in
@@ -11,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 seconds=${1:-300}
-targets=(gguf sae_gemma_scope sae_lens lens_json link)
+targets=(${SAIF_FUZZ_TARGETS:-gguf sae_gemma_scope sae_lens sae_shapes lens_json link})
 
 command -v cargo-fuzz >/dev/null || { echo "fuzz: cargo-fuzz is missing; run make setup" >&2; exit 1; }
 echo "==> building the fuzz targets (cargo fuzz, AddressSanitizer)"

@@ -1,5 +1,6 @@
 //! Every way the app reads bytes that a stranger could have written, as one function of those bytes each: a GGUF
-//! model, the two SAE formats, an SAE's `lens.json`, and a shared link. The fuzz targets (`fuzz/`, `make fuzz`) and
+//! model, the two SAE formats (and their shape checks, through `sae_shapes`), an SAE's `lens.json`, and a shared
+//! link. The fuzz targets (`fuzz/`, `make fuzz`) and
 //! the replay of their corpora and past crashes (`tests/untrusted.rs`) call these, so what is fuzzed is what the page
 //! and the `saif` tool run.
 //!
@@ -95,4 +96,35 @@ pub fn link(bytes: &[u8]) -> Result<String, String> {
     assert!(problems.is_empty(), "the link {written:?}, written by the page, reads with problems: {problems:?}");
     assert_eq!(crate::link::to_query(&again), written, "the link {written:?} does not read back to itself");
     Ok(format!("{} parts ignored", ignored.len()))
+}
+
+/// An SAE built from the input's bytes rather than parsed from them: the tensors' presence, shapes and dtype, the
+/// architecture and k, written as a well-formed safetensors file and config, then read by the Gemma Scope reader.
+/// Byte-level mutation almost never gets a shape past safetensors' own checks (each shape must match its data's
+/// length), so this target is the one that exercises the reader's shape checks; any input is a valid recipe.
+pub fn sae_shapes(bytes: &[u8]) -> Result<String, String> {
+    use safetensors::tensor::TensorView;
+    use safetensors::Dtype;
+    let mut next = bytes.iter().copied().chain(std::iter::repeat(0));
+    let mut small = |limit: u8| next.next().unwrap_or(0) % limit;
+    let (dtype, size) = [(Dtype::F32, 4), (Dtype::F16, 2), (Dtype::BF16, 2)][small(3) as usize];
+    let names = ["w_enc", "w_dec", "b_enc", "b_dec", "threshold"];
+    let mut tensors = Vec::new();
+    for name in names {
+        if small(8) == 0 {
+            continue; // absent
+        }
+        let shape: Vec<usize> = (0..small(3) + 1).map(|_| small(9) as usize).collect();
+        let elements: usize = shape.iter().product();
+        let data: Vec<u8> = (0..elements * size).map(|i| (i * 37 % 251) as u8 & 0x3f).collect();
+        tensors.push((name, shape, data));
+    }
+    let views: Vec<(&str, TensorView)> = tensors
+        .iter()
+        .map(|(name, shape, data)| (*name, TensorView::new(dtype, shape.clone(), data).expect("sizes match")))
+        .collect();
+    let params = safetensors::serialize(views, None).map_err(|e| e.to_string())?;
+    let architecture = ["topk", "jump_relu", "relu"][small(3) as usize];
+    let config = format!(r#"{{"architecture": "{architecture}", "k": {}, "layer": {}}}"#, small(12), small(4));
+    Sae::from_gemma_scope(&params, config.as_bytes()).map(exercise).map_err(|e| e.to_string())
 }

@@ -9,10 +9,11 @@ use saif_app::untrusted;
 
 type Target = fn(&[u8]) -> Result<String, String>;
 
-const TARGETS: [(&str, Target); 5] = [
+const TARGETS: [(&str, Target); 6] = [
     ("gguf", untrusted::gguf),
     ("sae_gemma_scope", untrusted::sae_gemma_scope),
     ("sae_lens", untrusted::sae_lens),
+    ("sae_shapes", untrusted::sae_shapes),
     ("lens_json", untrusted::lens_json),
     ("link", untrusted::link),
 ];
@@ -20,7 +21,7 @@ const TARGETS: [(&str, Target); 5] = [
 /// The files a target's error messages must name, so that a visitor knows which file is wrong.
 fn files_named(target: &str) -> &'static [&'static str] {
     match target {
-        "sae_gemma_scope" => &["params.safetensors", "config.json"],
+        "sae_gemma_scope" | "sae_shapes" => &["params.safetensors", "config.json"],
         "sae_lens" => &["sae_weights.safetensors", "cfg.json"],
         "lens_json" => &["lens.json"],
         _ => &[],
