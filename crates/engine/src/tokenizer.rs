@@ -156,6 +156,11 @@ impl Tokenizer {
         self.inner.decode(ids, true).map_err(|e| EngineError::Tokenizer(e.to_string()))
     }
 
+    /// Text of `ids` with special tokens written out (`<|im_end|>`), as reference implementations print them.
+    pub fn decode_with_special(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, false).map_err(|e| EngineError::Tokenizer(e.to_string()))
+    }
+
     /// The vocabulary entry of one token, as stored (with `▁` or byte-level characters).
     pub fn token_text(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)

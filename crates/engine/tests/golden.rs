@@ -1,7 +1,9 @@
 //! The offline models against reference outputs of an independent implementation (Hugging Face transformers in
-//! float32 on the same GGUF weights, ../shared/golden): token ids; per prompt the top-1 token, at least 8 of the
-//! top 10 shared, the top-1 logit within 0.25 and the residual norms within 2%; 16 greedy tokens equal on at least
-//! 4 of 5 prompts. The same criteria hold on the project's own further references (tests/reference).
+//! float32 on the same GGUF weights, ../shared/golden): token ids; per prompt the same top 10 in the same order
+//! (two neighbours may swap only where the reference calls them a near-tie), every top-10 logit within 1e-3, the
+//! residual stream (norm and first 8 values) within 1e-5 of its norm, and the 16 greedy tokens on every prompt,
+//! whose text is the reference's. The same criteria hold on the project's own further references
+//! (tests/reference).
 
 mod common;
 
@@ -16,8 +18,20 @@ fn check_tokenizer(engine: &Engine, golden: &serde_json::Value) {
     }
 }
 
+/// How far the engine may be from the float32 reference on the exact path (the reference's logits are given to 4
+/// decimals, so 1e-3 leaves room for that rounding and for float32 sums taken in another order).
+const LOGIT_TOLERANCE: f64 = 1e-3;
+/// The residual stream's first 8 values and its norm, relative to the norm (measured: at most 1.6e-6).
+const RESIDUAL_TOLERANCE: f64 = 1e-5;
+/// Two reference logits closer than this are a near-tie, whose order float32 rounding may swap.
+const NEAR_TIE: f64 = 2e-3;
+
+/// Every prompt of a reference file: input ids, the top 10 ids in order, their logits, the residual stream at the
+/// last prompt token (norm and first 8 values), the 16 greedy tokens and, where given, their text. Every
+/// departure is collected and reported together, with the largest of each kind printed for docs/benchmarks.md.
 fn check_prompts(engine: &mut Engine, golden: &serde_json::Value) {
-    let mut greedy_equal = 0;
+    let mut departures = Vec::new();
+    let (mut worst_logit, mut worst_residual) = (0f64, 0f64);
     let prompts = golden["prompts"].as_array().unwrap();
     for p in prompts {
         let prompt = p["prompt"].as_str().unwrap();
@@ -33,30 +47,69 @@ fn check_prompts(engine: &mut Engine, golden: &serde_json::Value) {
         let top: Vec<(u32, f32)> = top_candidates(&out.logits, Some(10));
         let want_ids = ids(&p["top10_ids"]);
         let want_logits = floats(&p["top10_logits"]);
-        assert_eq!(top[0].0, want_ids[0], "top-1 token of {prompt:?}");
-        let shared = top.iter().filter(|(id, _)| want_ids.contains(id)).count();
-        assert!(shared >= 8, "{prompt:?}: only {shared} of the top 10 shared");
-        let dlogit = (top[0].1 as f64 - want_logits[0]).abs();
-        assert!(dlogit <= 0.25, "{prompt:?}: top-1 logit {} vs {}", top[0].1, want_logits[0]);
-
-        for c in &out.captures {
-            let want = p["resid_post_last_token"][c.layer.to_string()]["norm"].as_f64().unwrap();
-            let rel = (norm(&c.values) / want - 1.0).abs();
-            assert!(rel <= 0.02, "{prompt:?}: resid_post[{}] norm {} vs {want}", c.layer, norm(&c.values));
+        let got_ids: Vec<u32> = top.iter().map(|t| t.0).collect();
+        if got_ids != want_ids {
+            // Only a swap of two neighbours whose reference logits are a near-tie is allowed.
+            let swapped_near_ties = got_ids.len() == want_ids.len()
+                && (0..want_ids.len()).all(|i| {
+                    got_ids[i] == want_ids[i]
+                        || (i + 1 < want_ids.len()
+                            && got_ids[i] == want_ids[i + 1]
+                            && got_ids[i + 1] == want_ids[i]
+                            && (want_logits[i] - want_logits[i + 1]).abs() < NEAR_TIE)
+                        || (i > 0
+                            && got_ids[i] == want_ids[i - 1]
+                            && got_ids[i - 1] == want_ids[i]
+                            && (want_logits[i] - want_logits[i - 1]).abs() < NEAR_TIE)
+                });
+            if !swapped_near_ties {
+                departures.push(format!("{prompt:?}: top 10 {got_ids:?}, reference {want_ids:?}"));
+            }
         }
+        for (id, want) in want_ids.iter().zip(&want_logits) {
+            let got = out.logits[*id as usize] as f64;
+            worst_logit = worst_logit.max((got - want).abs());
+            if (got - want).abs() > LOGIT_TOLERANCE {
+                departures.push(format!("{prompt:?}: logit of {id} is {got:.5}, reference {want}"));
+            }
+        }
+
         assert_eq!(out.captures.len(), layers.len());
+        for c in &out.captures {
+            let want = &p["resid_post_last_token"][c.layer.to_string()];
+            let want_norm = want["norm"].as_f64().unwrap();
+            let mut rel = (norm(&c.values) / want_norm - 1.0).abs();
+            if let Some(first8) = want.get("first8") {
+                for (got, want) in c.values.iter().zip(floats(first8)) {
+                    rel = rel.max((*got as f64 - want).abs() / want_norm);
+                }
+            }
+            worst_residual = worst_residual.max(rel);
+            if rel > RESIDUAL_TOLERANCE {
+                departures.push(format!("{prompt:?}: resid_post[{}] off by {rel:.2e} of its norm", c.layer));
+            }
+        }
 
         let options =
             GenerateOptions { max_new_tokens: 16, sampling: Sampling::Greedy, stop_tokens: engine.stop_tokens() };
         let generation = block_on(generate(engine.model.as_mut(), &input, &options, &Hooks::none(), |_| true)).unwrap();
         let want = ids(&p["greedy16_ids"]);
-        if generation.ids == want {
-            greedy_equal += 1;
-        } else {
-            eprintln!("{prompt:?}: greedy tokens differ:\n  got  {:?}\n  want {want:?}", generation.ids);
+        if generation.ids != want {
+            departures.push(format!("{prompt:?}: greedy tokens {:?}, reference {want:?}", generation.ids));
+        }
+        if let Some(text) = p.get("greedy16_text").and_then(|t| t.as_str()) {
+            let decoded = engine.tokenizer.decode_with_special(&want).unwrap();
+            if decoded != text {
+                departures
+                    .push(format!("{prompt:?}: the reference's greedy tokens decode to {decoded:?}, not {text:?}"));
+            }
         }
     }
-    assert!(greedy_equal >= 4, "greedy tokens equal on only {greedy_equal} of {} prompts", prompts.len());
+    eprintln!(
+        "{} prompts: largest logit difference {worst_logit:.2e}, largest residual difference {worst_residual:.2e} of the norm",
+        prompts.len()
+    );
+    assert!(departures.is_empty(), "{} departures from the reference:\n{}", departures.len(), departures.join("\n"));
 }
 
 fn check_model(file: &str, golden: &str, reference: &str, backend: Backend) {
