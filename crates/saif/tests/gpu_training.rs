@@ -1,6 +1,8 @@
 //! The SAE trainer's GPU step (crates/saif/src/train/gpu.rs and its kernels) against its CPU references, natively
 //! on the machine's wgpu adapter (Mesa's lavapipe where there is no GPU): both forms of the dense product (the
-//! tiled one GPUs use, the direct one CPU adapters use) against a plain triple loop, TopK/AuxK against `top_k_mask`, one whole step's gradients against candle's autograd (read from
+//! tiled one GPUs use, the direct one CPU adapters use) against a plain triple loop, TopK/AuxK against `top_k_mask`,
+//! Adam's update and the decoder's row normalisation against the CPU trainer's own, one whole step's gradients
+//! against candle's autograd (read from
 //! Adam's first moments in the checkpoints), and a whole run against the CPU run on data with a known answer.
 
 mod common;
@@ -9,7 +11,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
-use saif::train::gpu::{dense_product, top_k_rows, Matmul};
+use saif::train::gpu::{adam_update, dense_product, normalized_rows, top_k_rows, Matmul};
 use saif::train::{top_k_mask, train_on, StepReport, TrainConfig, TrainError};
 use saif_engine::block_on;
 use saif_engine::gpu::Gpu;
@@ -34,6 +36,61 @@ fn reference_product(a: &[f32], a_t: bool, b: &[f32], b_t: bool, m: usize, k: us
         }
     }
     c
+}
+
+fn tensor(values: &[f32]) -> Tensor {
+    Tensor::from_slice(values, values.len(), &Device::Cpu).unwrap()
+}
+
+fn close(what: &str, got: &[f32], want: &[f32], tolerance: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= tolerance * (1.0 + w.abs()), "{what}[{i}]: {g} on the GPU, {w} on the CPU");
+    }
+}
+
+/// `adam.wgsl`'s update against `cpu::adam_update`, the CPU trainer's own, on random values over several steps (the
+/// bias corrections differ most at the first), with moments carried over as training carries them. 1027 values:
+/// not a multiple of the 256-wide workgroup.
+#[test]
+fn adam_on_the_gpu_is_the_cpu_trainer_s_adam() {
+    let gpu = gpu();
+    let n = 1027;
+    let (mut param, mut m, mut v) = (values(n, 1), vec![0f32; n], vec![0f32; n]);
+    for t in [1usize, 2, 3, 50] {
+        let grad: Vec<f32> = values(n, 10 + t as u64).iter().map(|g| g * (t as f32)).collect();
+        let [gp, gm, gv] = adam_update(&gpu, [&param, &grad, &m, &v], t, 4e-4).unwrap();
+        let [cp, cm, cv] =
+            saif::train::cpu::adam_update(&tensor(&param), &tensor(&grad), &tensor(&m), &tensor(&v), t, 4e-4).unwrap();
+        let flat = |t: &Tensor| t.to_vec1::<f32>().unwrap();
+        close(&format!("step {t}: first moment"), &gm, &flat(&cm), 1e-6);
+        close(&format!("step {t}: second moment"), &gv, &flat(&cv), 1e-6);
+        close(&format!("step {t}: parameter"), &gp, &flat(&cp), 1e-6);
+        assert!(gp.iter().zip(&param).any(|(a, b)| a != b), "step {t}: nothing moved");
+        (param, m, v) = (gp, gm, gv);
+    }
+}
+
+/// `normalize_rows` against `cpu::normalize_rows`: random rows, a row of zeros (kept at zero by the 1e-8 floor) and
+/// a row far from unit norm; 300 rows, more than one workgroup.
+#[test]
+fn the_gpu_normalises_decoder_rows_as_the_cpu_does() {
+    let gpu = gpu();
+    let (rows, cols) = (300, 37);
+    let mut w = values(rows * cols, 5);
+    w[cols..2 * cols].iter_mut().for_each(|x| *x = 0.0);
+    w[2 * cols..3 * cols].iter_mut().for_each(|x| *x *= 1000.0);
+    let got = normalized_rows(&gpu, &w, rows, cols).unwrap();
+    let want = saif::train::cpu::normalize_rows(&Tensor::from_slice(&w, (rows, cols), &Device::Cpu).unwrap())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    close("normalised rows", &got, &want, 1e-6);
+    assert!(got[cols..2 * cols].iter().all(|&x| x == 0.0), "a zero row stays zero");
+    let norm = |r: usize| got[r * cols..(r + 1) * cols].iter().map(|x| x * x).sum::<f32>().sqrt();
+    assert!((norm(0) - 1.0).abs() < 1e-5 && (norm(2) - 1.0).abs() < 1e-5);
 }
 
 #[test]

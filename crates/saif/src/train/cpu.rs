@@ -5,7 +5,20 @@ use candle_core::{Device, Tensor, Var, D};
 
 use super::{top_k_mask, Batch, CResult, State, StepOutcome, Stepper, TrainConfig, TrainError, BETA1, BETA2, EPS};
 
-pub(crate) fn normalize_rows(w: &Tensor) -> CResult<Tensor> {
+/// One Adam update of a parameter at step `t` (from 1): the parameter and both moments after it, all detached (the
+/// moments must not keep each step's graph alive: they did, out of memory). The GPU's `adam.wgsl` is its twin.
+pub fn adam_update(param: &Tensor, grad: &Tensor, m: &Tensor, v: &Tensor, t: usize, lr: f64) -> CResult<[Tensor; 3]> {
+    let t = t as i32;
+    let (c1, c2) = (1.0 - BETA1.powi(t), 1.0 - BETA2.powi(t));
+    let m = ((m * BETA1)? + (grad * (1.0 - BETA1))?)?.detach();
+    let v = ((v * BETA2)? + (grad.sqr()? * (1.0 - BETA2))?)?.detach();
+    let update = ((&m / c1)? / ((&v / c2)?.sqrt()? + EPS)?)?;
+    Ok([(param - (update * lr)?)?.detach(), m, v])
+}
+
+/// The rows of `w` divided by their norms (at least 1e-8): the decoder after each step. The GPU's `normalize_rows`
+/// is its twin.
+pub fn normalize_rows(w: &Tensor) -> CResult<Tensor> {
     let norms = w.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-8, f64::MAX)?;
     w.broadcast_div(&norms)
 }
@@ -70,16 +83,12 @@ impl Stepper for CpuStepper {
         }
 
         let grads = loss.backward()?;
-        let t = batch.t as i32;
-        let (c1, c2) = (1.0 - BETA1.powi(t), 1.0 - BETA2.powi(t));
-        // Detached throughout: the moments must not keep each step's graph alive (they did: out of memory).
         for (i, p) in self.params.iter().enumerate() {
             let Some(g) = grads.get(p.as_tensor()) else { continue };
-            let g = g.detach();
-            self.m[i] = ((&self.m[i] * BETA1)? + (&g * (1.0 - BETA1))?)?.detach();
-            self.v[i] = ((&self.v[i] * BETA2)? + (g.sqr()? * (1.0 - BETA2))?)?.detach();
-            let update = ((&self.m[i] / c1)? / ((&self.v[i] / c2)?.sqrt()? + EPS)?)?;
-            p.set(&(p.as_detached_tensor() - (update * config.lr)?)?)?;
+            let [param, m, v] =
+                adam_update(&p.as_detached_tensor(), &g.detach(), &self.m[i], &self.v[i], batch.t, config.lr)?;
+            (self.m[i], self.v[i]) = (m, v);
+            p.set(&param)?;
         }
         w_dec.set(&normalize_rows(&w_dec.as_detached_tensor())?)?;
         Ok(StepOutcome { fvu: fvu.to_scalar::<f32>()? as f64, aux_loss, fired })

@@ -63,6 +63,29 @@ struct AdamParams {
     eps: f32,
     rows: u32,
     cols: u32,
+    one_minus_beta1: f32,
+    one_minus_beta2: f32,
+    pad: [u32; 2],
+}
+
+impl AdamParams {
+    /// Adam at step `t` (from 1) with rate `lr`; the row count and width are for `normalize_rows`.
+    fn at_step(t: usize, lr: f64, rows: usize, cols: usize) -> Self {
+        let t = t as i32;
+        Self {
+            lr: lr as f32,
+            c1: (1.0 - BETA1.powi(t)) as f32,
+            c2: (1.0 - BETA2.powi(t)) as f32,
+            beta1: BETA1 as f32,
+            beta2: BETA2 as f32,
+            eps: EPS as f32,
+            rows: rows as u32,
+            cols: cols as u32,
+            one_minus_beta1: (1.0 - BETA1) as f32,
+            one_minus_beta2: (1.0 - BETA2) as f32,
+            pad: [0; 2],
+        }
+    }
 }
 
 /// A matrix in GPU memory as a product reads it: its buffer, its shape as stored (row-major), and whether the
@@ -332,6 +355,41 @@ pub fn top_k_rows(
     Ok((bytemuck::cast_slice(&bytes[0]).to_vec(), fired.iter().map(|&f| f != 0).collect()))
 }
 
+/// One Adam update of a parameter on the GPU (`adam.wgsl`'s `adam`), at step `t` (from 1) with rate `lr`: the
+/// parameter and both moments after it. Its CPU twin is `cpu::adam_update`.
+pub fn adam_update(
+    gpu: &Gpu,
+    [param, grad, m, v]: [&[f32]; 4],
+    t: usize,
+    lr: f64,
+) -> Result<[Vec<f32>; 3], TrainError> {
+    let kernels = TrainKernels::new(gpu)?;
+    let params = AdamParams::at_step(t, lr, 0, 0);
+    let uniform = gpu.uniform_with("adam params", bytemuck::bytes_of(&params));
+    let buffers = [param, grad, m, v].map(|values| gpu.storage_with("adam operand", f32_bytes(values)));
+    let [p, g, mb, vb] = &buffers;
+    let d = dispatch(gpu, &kernels.adam, &[&uniform, p, g, mb, vb], groups_for(param.len()));
+    let mut encoder = gpu.device.create_command_encoder(&Default::default());
+    record(&mut encoder, &[d]);
+    let size = (param.len() * 4) as u64;
+    let bytes = submit_and_read(gpu, encoder, None, &[(p, size), (mb, size), (vb, size)])?;
+    Ok([0, 1, 2].map(|i| bytemuck::cast_slice(&bytes[i]).to_vec()))
+}
+
+/// `w` (`rows x cols`) with its rows divided by their norms on the GPU (`adam.wgsl`'s `normalize_rows`). Its CPU
+/// twin is `cpu::normalize_rows`.
+pub fn normalized_rows(gpu: &Gpu, w: &[f32], rows: usize, cols: usize) -> Result<Vec<f32>, TrainError> {
+    let kernels = TrainKernels::new(gpu)?;
+    let params = AdamParams::at_step(1, 0.0, rows, cols);
+    let uniform = gpu.uniform_with("normalize params", bytemuck::bytes_of(&params));
+    let buffer = gpu.storage_with("w", f32_bytes(w));
+    let d = dispatch(gpu, &kernels.normalize_rows, &[&uniform, &buffer], groups_for(rows));
+    let mut encoder = gpu.device.create_command_encoder(&Default::default());
+    record(&mut encoder, &[d]);
+    let bytes = submit_and_read(gpu, encoder, None, &[(&buffer, (w.len() * 4) as u64)])?;
+    Ok(bytemuck::cast_slice(&bytes[0]).to_vec())
+}
+
 pub(crate) struct GpuStepper<'g> {
     gpu: &'g Gpu,
     config: TrainConfig,
@@ -464,7 +522,6 @@ impl GpuStepper<'_> {
         }
         let aux_on = batch.n_dead > 0 && config.aux_weight > 0.0;
         let aux_k = if aux_on { config.aux_k.min(batch.n_dead) } else { 0 };
-        let t = batch.t as i32;
         let queue = &gpu.queue;
         queue.write_buffer(&self.x, 0, f32_bytes(batch.x));
         let dead: Vec<u32> = batch.dead.iter().map(|&d| d as u32).collect();
@@ -481,16 +538,7 @@ impl GpuStepper<'_> {
         queue.write_buffer(&self.step_params, 0, bytemuck::bytes_of(&step));
         let top_k = TopKParams { rows: rows as u32, width: width as u32, k: config.k as u32, aux_k: aux_k as u32 };
         queue.write_buffer(&self.top_k_params, 0, bytemuck::bytes_of(&top_k));
-        let adam = AdamParams {
-            lr: config.lr as f32,
-            c1: (1.0 - BETA1.powi(t)) as f32,
-            c2: (1.0 - BETA2.powi(t)) as f32,
-            beta1: BETA1 as f32,
-            beta2: BETA2 as f32,
-            eps: EPS as f32,
-            rows: width as u32,
-            cols: d as u32,
-        };
+        let adam = AdamParams::at_step(batch.t, config.lr, width, d);
         queue.write_buffer(&self.adam_params, 0, bytemuck::bytes_of(&adam));
         (variance, aux_on)
     }

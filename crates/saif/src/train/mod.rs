@@ -14,7 +14,7 @@
 //! - Adam by hand (so its moments go into checkpoints): an interrupted run resumes from its last checkpoint and
 //!   ends where an uninterrupted one would. Everything random comes from the seed.
 
-mod cpu;
+pub mod cpu;
 pub mod gpu;
 
 use std::path::{Path, PathBuf};
