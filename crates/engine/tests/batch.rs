@@ -15,7 +15,7 @@ fn requests_for(engine: &Engine) -> (Vec<Vec<u32>>, Vec<Hooks>, Vec<GenerateOpti
     let (hidden, layers) = (engine.config().hidden, engine.config().n_layers);
     let v: Vec<f32> = (0..hidden).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.6).collect();
     let unit: Vec<f32> = {
-        let raw: Vec<f32> = (0..hidden).map(|i| ((i * 5 % 9) as f32 - 4.0)).collect();
+        let raw: Vec<f32> = (0..hidden).map(|i| (i * 5 % 9) as f32 - 4.0).collect();
         let n = norm(&raw) as f32;
         raw.iter().map(|x| x / n).collect()
     };

@@ -20,7 +20,7 @@ fn settings() -> Vec<Sampling> {
 
 fn run(engine: &mut Engine, sampling: &Sampling) -> Generation {
     let prompt = [2u32, 30, 31, 32, 33];
-    let options = GenerateOptions { max_new_tokens: 12, sampling: sampling.clone(), stop_tokens: vec![] };
+    let options = GenerateOptions { max_new_tokens: 12, sampling: *sampling, stop_tokens: vec![] };
     block_on(generate(engine.model.as_mut(), &prompt, &options, &Hooks::none(), |_| true)).unwrap()
 }
 

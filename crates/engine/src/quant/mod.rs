@@ -267,7 +267,7 @@ mod tests {
             let deq = q.dequantize(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
             let qm = QuantMatrix::new("w", q).unwrap();
             for m in [1, FUSED_MAX_ROWS + 1, 7] {
-                let x: Vec<f32> = (0..m * k).map(|i| ((i * 104729 % 997) as f32 / 498.5 - 1.0)).collect();
+                let x: Vec<f32> = (0..m * k).map(|i| (i * 104729 % 997) as f32 / 498.5 - 1.0).collect();
                 let got = qm.matmul(&x).unwrap();
                 // Exact rows: each row bit for bit what it gives alone, and as close to the reference.
                 let exact = qm.matmul_exact_rows(&x).unwrap();
