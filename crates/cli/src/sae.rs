@@ -260,6 +260,8 @@ pub fn load_for(engine: &Engine, dir: &Path) -> Result<Sae> {
 /// As `load_for`, for the model with this fingerprint.
 pub fn load_for_model(model: &ModelFingerprint, dir: &Path) -> Result<Sae> {
     let sae = Sae::load_dir(dir).with_context(|| format!("cannot load the SAE in {}", dir.display()))?;
+    // A width that does not fit is refused first, --any-model or not: no flag makes such an SAE usable.
+    sae.check_fits(model.hidden, model.layers, 0)?;
     if !ANY_MODEL.load(Ordering::Relaxed) {
         sae.check_model(model)
             .with_context(|| format!("the SAE in {} (pass --any-model to use it anyway)", dir.display()))?;
