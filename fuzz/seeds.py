@@ -8,12 +8,12 @@ reads it: a little-endian u32 length, the config, then the weights.
 """
 import json, os, struct
 
-root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
+here = os.path.dirname(os.path.abspath(__file__))
 
 
-def write(target, name, data):
-    os.makedirs(os.path.join(root, target), exist_ok=True)
-    with open(os.path.join(root, target, name), "wb") as f:
+def write(target, name, data, under="corpus"):
+    os.makedirs(os.path.join(here, under, target), exist_ok=True)
+    with open(os.path.join(here, under, target, name), "wb") as f:
         f.write(data)
 
 
@@ -80,13 +80,8 @@ for name, query in links.items():
 
 # Inputs that once got past a check, kept as regression cases in fuzz/regressions/<target>/ (crashes the fuzzer
 # finds land there too, by scripts/fuzz.sh's -artifact_prefix). Each must give an error, never a panic.
-regressions = os.path.join(os.path.dirname(os.path.abspath(__file__)), "regressions")
-
-
 def regression(target, name, data):
-    os.makedirs(os.path.join(regressions, target), exist_ok=True)
-    with open(os.path.join(regressions, target, name), "wb") as f:
-        f.write(data)
+    write(target, name, data, under="regressions")
 
 
 def gguf_header_with_entry(key, value):

@@ -6,6 +6,9 @@
 use std::path::{Path, PathBuf};
 
 use saif_app::untrusted;
+#[path = "../crates/engine/tests/common/draws.rs"]
+mod draws;
+use draws::Draws;
 
 type Target = fn(&[u8]) -> Result<String, String>;
 
@@ -93,21 +96,6 @@ fn every_past_crash_is_an_error_naming_the_file() {
         }
     }
     assert!(replayed >= 6, "only {replayed} regression cases found under fuzz/regressions");
-}
-
-/// A deterministic stream of numbers (xorshift64*), so that a failure can be replayed from its seed.
-struct Draws(u64);
-
-impl Draws {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
 }
 
 /// One libFuzzer-like mutation: flip bits, write a boundary value, cut, or repeat a slice.

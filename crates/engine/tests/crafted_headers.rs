@@ -8,21 +8,9 @@ mod common;
 
 use common::*;
 use saif_engine::{Engine, EngineError, GgufFile, LoadOptions};
-
-/// A deterministic stream of numbers (xorshift64*), so that a failure can be replayed.
-struct Draws(u64);
-
-impl Draws {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
+#[path = "common/draws.rs"]
+mod draws;
+use draws::Draws;
 
 /// A version-3 GGUF header with no tensors and one metadata entry whose value is `value` (type byte included).
 fn header_with_entry(key: &str, value: &[u8]) -> Vec<u8> {
