@@ -31,7 +31,7 @@ fn reads_capture_the_asked_positions() {
 fn an_add_on_the_last_layer_equals_the_manual_computation() {
     let path = fixture_path("tiny-llama.gguf");
     let mut engine = load(&path);
-    let (hidden, last, eps) = (engine.config().hidden, engine.config().n_layers - 1, engine.config().rms_eps as f64);
+    let (hidden, last) = (engine.config().hidden, engine.config().n_layers - 1);
     let prompt = [10u32, 20, 30];
     engine.model.reset();
     let reads = Hooks::none().read(last, Positions::Last);
@@ -42,18 +42,10 @@ fn an_add_on_the_last_layer_equals_the_manual_computation() {
     let adds = Hooks::none().add(last, v.clone(), Scope::All);
     let steered = block_on(engine.model.forward(&prompt, Segment::Prompt, &adds, LogitsWanted::Last)).unwrap();
 
-    let bytes = std::fs::read(&path).unwrap();
-    let gguf = saif_engine::GgufFile::from_bytes(&bytes).unwrap();
-    let mut cursor = std::io::Cursor::new(&bytes);
-    let dev = candle_core::Device::Cpu;
-    let w_u =
-        gguf.tensor(&mut cursor, "token_embd.weight").unwrap().dequantize(&dev).unwrap().to_vec2::<f32>().unwrap();
-    let norm_w =
-        gguf.tensor(&mut cursor, "output_norm.weight").unwrap().dequantize(&dev).unwrap().to_vec1::<f32>().unwrap();
     let x: Vec<f64> = h.iter().zip(&v).map(|(&a, &b)| a as f64 + b as f64).collect();
-    let rms = (x.iter().map(|a| a * a).sum::<f64>() / hidden as f64 + eps).sqrt();
-    for (id, row) in w_u.iter().enumerate() {
-        let want: f64 = row.iter().zip(&x).zip(&norm_w).map(|((&w, &a), &g)| w as f64 * a / rms * g as f64).sum();
+    let unembed = Unembedding::of(&path);
+    assert_eq!(x.len(), hidden);
+    for (id, want) in unembed.logits(&x).into_iter().enumerate() {
         let got = steered.logits[id] as f64;
         assert!((got - want).abs() < 1e-3 * (1.0 + want.abs()), "logit {id}: {got} vs {want}");
     }
@@ -165,8 +157,7 @@ fn a_projection_on_the_last_layer_equals_the_manual_computation() {
     let path = fixture_path("tiny-llama.gguf");
     for backend in [Backend::Cpu, Backend::Wgpu] {
         let mut engine = load_on(&path, backend);
-        let (hidden, last, eps) =
-            (engine.config().hidden, engine.config().n_layers - 1, engine.config().rms_eps as f64);
+        let (hidden, last) = (engine.config().hidden, engine.config().n_layers - 1);
         let prompt = [10u32, 20, 30];
         engine.model.reset();
         let reads = Hooks::none().read(last, Positions::Last);
@@ -180,19 +171,9 @@ fn a_projection_on_the_last_layer_equals_the_manual_computation() {
         let hooks = Hooks::none().project(last, unit.clone(), c, Scope::All);
         let steered = block_on(engine.model.forward(&prompt, Segment::Prompt, &hooks, LogitsWanted::Last)).unwrap();
 
-        let bytes = std::fs::read(&path).unwrap();
-        let gguf = saif_engine::GgufFile::from_bytes(&bytes).unwrap();
-        let mut cursor = std::io::Cursor::new(&bytes);
-        let dev = candle_core::Device::Cpu;
-        let w_u =
-            gguf.tensor(&mut cursor, "token_embd.weight").unwrap().dequantize(&dev).unwrap().to_vec2::<f32>().unwrap();
-        let norm_w =
-            gguf.tensor(&mut cursor, "output_norm.weight").unwrap().dequantize(&dev).unwrap().to_vec1::<f32>().unwrap();
         let along: f64 = h.iter().zip(&unit).map(|(&a, &u)| a as f64 * u as f64).sum();
         let x: Vec<f64> = h.iter().zip(&unit).map(|(&a, &u)| a as f64 + (c as f64 - along) * u as f64).collect();
-        let rms = (x.iter().map(|a| a * a).sum::<f64>() / hidden as f64 + eps).sqrt();
-        for (id, row) in w_u.iter().enumerate() {
-            let want: f64 = row.iter().zip(&x).zip(&norm_w).map(|((&w, &a), &g)| w as f64 * a / rms * g as f64).sum();
+        for (id, want) in Unembedding::of(&path).logits(&x).into_iter().enumerate() {
             let got = steered.logits[id] as f64;
             assert!((got - want).abs() < 1e-3 * (1.0 + want.abs()), "{backend:?} logit {id}: {got} vs {want}");
         }
@@ -251,6 +232,97 @@ fn generated_and_prompt_scopes_touch_only_their_positions() {
             );
             assert!(differ(&g, &clean.1), "through the cache, the prompt's change reaches later tokens");
         }
+    }
+}
+
+/// The scopes against residuals computed by hand. A vector added to resid_post of the last layer changes nothing
+/// that later positions attend to, so every position's logits must be W_U rmsnorm(h_p + v) where the scope covers
+/// p and W_U rmsnorm(h_p) where it does not, h_p being the clean stream read at p. Prompt positions and fed
+/// generated tokens, every scope, both backends, computed in f64 from the file's own tensors.
+#[test]
+fn each_scope_steers_exactly_its_positions_by_hand_computed_residuals() {
+    let path = fixture_path("tiny-llama.gguf");
+    let unembed = Unembedding::of(&path);
+    let prompt = [10u32, 20, 30, 11];
+    let next = [40u32, 41, 42];
+    for backend in [Backend::Cpu, Backend::Wgpu] {
+        let mut engine = load_on(&path, backend);
+        let (hidden, last) = (engine.config().hidden, engine.config().n_layers - 1);
+        let v: Vec<f32> = (0..hidden).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.6).collect();
+        // Every position's logits, prompt then generated, with the clean stream read at each.
+        let run = |engine: &mut saif_engine::Engine, hooks: &Hooks| {
+            engine.model.reset();
+            let p = block_on(engine.model.forward(&prompt, Segment::Prompt, hooks, LogitsWanted::All)).unwrap();
+            let g = block_on(engine.model.forward(&next, Segment::Generated, hooks, LogitsWanted::All)).unwrap();
+            let logits = [p.all_logits.unwrap(), g.all_logits.unwrap()].concat();
+            let clean: Vec<Vec<f32>> = p.captures.into_iter().chain(g.captures).map(|c| c.values).collect();
+            (logits, clean)
+        };
+        for scope in [Scope::All, Scope::Prompt, Scope::Generated] {
+            let hooks = Hooks::none().read(last, Positions::All).add(last, v.clone(), scope);
+            let (logits, clean) = run(&mut engine, &hooks);
+            let vocab = logits.len() / (prompt.len() + next.len());
+            assert_eq!(clean.len(), prompt.len() + next.len());
+            // Written out rather than asked of `Scope::covers`, so that a wrong `covers` cannot move the expectation.
+            let covers = |p: usize| match scope {
+                Scope::All => true,
+                Scope::Prompt => p < prompt.len(),
+                Scope::Generated => p >= prompt.len(),
+            };
+            let mut moved = 0;
+            for (p, h) in clean.iter().enumerate() {
+                let covered = covers(p);
+                let x: Vec<f64> =
+                    h.iter().zip(&v).map(|(&a, &b)| a as f64 + if covered { b as f64 } else { 0.0 }).collect();
+                let want = unembed.logits(&x);
+                let got = &logits[p * vocab..(p + 1) * vocab];
+                for (id, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g as f64 - w).abs() < 1e-3 * (1.0 + w.abs()),
+                        "{backend:?} {scope:?} position {p} logit {id}: {g} vs {w} (covered: {covered})"
+                    );
+                }
+                let unsteered = unembed.logits(&h.iter().map(|&a| a as f64).collect::<Vec<_>>());
+                if covered && want.iter().zip(&unsteered).any(|(a, b)| (a - b).abs() > 0.1) {
+                    moved += 1;
+                }
+            }
+            assert_eq!(
+                moved,
+                (0..clean.len()).filter(|&p| covers(p)).count(),
+                "{backend:?} {scope:?}: the vector must move every covered position"
+            );
+        }
+    }
+}
+
+/// The model's unembedding, W_U rmsnorm(x), in f64 from the file's own tensors (tied embeddings, no softcap:
+/// the Llama fixture).
+struct Unembedding {
+    w_u: Vec<Vec<f32>>,
+    norm: Vec<f32>,
+    eps: f64,
+}
+
+impl Unembedding {
+    fn of(path: &std::path::Path) -> Self {
+        let bytes = std::fs::read(path).unwrap();
+        let gguf = saif_engine::GgufFile::from_bytes(&bytes).unwrap();
+        let mut cursor = std::io::Cursor::new(&bytes);
+        let dev = candle_core::Device::Cpu;
+        let mut tensor = |name: &str| gguf.tensor(&mut cursor, name).unwrap().dequantize(&dev).unwrap();
+        let w_u = tensor("token_embd.weight").to_vec2::<f32>().unwrap();
+        let norm = tensor("output_norm.weight").to_vec1::<f32>().unwrap();
+        let eps = load(path).config().rms_eps as f64;
+        Unembedding { w_u, norm, eps }
+    }
+
+    fn logits(&self, x: &[f64]) -> Vec<f64> {
+        let rms = (x.iter().map(|a| a * a).sum::<f64>() / x.len() as f64 + self.eps).sqrt();
+        self.w_u
+            .iter()
+            .map(|row| row.iter().zip(x).zip(&self.norm).map(|((&w, &a), &g)| w as f64 * a / rms * g as f64).sum())
+            .collect()
     }
 }
 

@@ -257,8 +257,9 @@ fn f32_bytes(values: &[f32]) -> &[u8] {
 
 /// Appends copies of `sources` (each with its size in bytes) into `readback` to `encoder`'s work, submits it all at
 /// once, and returns each source's bytes. `None` allocates a readback buffer for this call (the training step keeps
-/// its own).
-fn submit_and_read(
+/// its own). Async, so that the kernel checks below also run in a browser, which reads GPU memory back only once
+/// its event loop runs.
+async fn submit_and_read(
     gpu: &Gpu,
     mut encoder: wgpu::CommandEncoder,
     readback: Option<&wgpu::Buffer>,
@@ -279,7 +280,7 @@ fn submit_and_read(
         at += bytes;
     }
     gpu.queue.submit([encoder.finish()]);
-    let bytes = read_back(gpu, readback, total)?;
+    let bytes = gpu.read(readback, total).await?;
     let mut out = Vec::new();
     let mut at = 0;
     for (_, size) in sources {
@@ -289,19 +290,25 @@ fn submit_and_read(
     Ok(out)
 }
 
-#[cfg(not(target_arch = "wasm32"))]
-fn read_back(gpu: &Gpu, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>, TrainError> {
-    Ok(saif_engine::block_on(gpu.read(buffer, bytes))?)
-}
-
-/// A step cannot wait for the GPU in a browser (its readback completes only once the page's event loop runs).
-#[cfg(target_arch = "wasm32")]
-fn read_back(_gpu: &Gpu, _buffer: &wgpu::Buffer, _bytes: u64) -> Result<Vec<u8>, TrainError> {
-    Err(TrainError::Gpu("training on the GPU runs natively (saif train-sae), not in a browser".into()))
+/// `submit_and_read` for the training step, which waits for the GPU on this thread (natively only: a browser
+/// cannot block, and `GpuStepper::new` refuses there).
+fn submit_and_wait(
+    gpu: &Gpu,
+    encoder: wgpu::CommandEncoder,
+    readback: Option<&wgpu::Buffer>,
+    sources: &[(&wgpu::Buffer, u64)],
+) -> Result<Vec<Vec<u8>>, TrainError> {
+    #[cfg(not(target_arch = "wasm32"))]
+    return saif_engine::block_on(submit_and_read(gpu, encoder, readback, sources));
+    #[cfg(target_arch = "wasm32")]
+    {
+        let _ = (gpu, encoder, readback, sources);
+        Err(TrainError::Gpu("training on the GPU runs natively (saif train-sae), not in a browser".into()))
+    }
 }
 
 /// `a b` on the GPU with the product kernel `form`, for checks against a CPU reference.
-pub fn dense_product(
+pub async fn dense_product(
     gpu: &Gpu,
     form: Matmul,
     a: (&[f32], usize, usize, bool),
@@ -322,13 +329,13 @@ pub fn dense_product(
     let (d, _uniform) = kernels.product(gpu, "", a_op, b_op, &c);
     let mut encoder = gpu.device.create_command_encoder(&Default::default());
     record(&mut encoder, &[d]);
-    let bytes = submit_and_read(gpu, encoder, None, &[(&c, (m * n * 4) as u64)])?;
+    let bytes = submit_and_read(gpu, encoder, None, &[(&c, (m * n * 4) as u64)]).await?;
     Ok(bytemuck::cast_slice(&bytes[0]).to_vec())
 }
 
 /// The TopK selection of each row of `pre` (`rows x width`, after ReLU) and the AuxK selection among `dead`
 /// latents, on the GPU: returns the `2 rows x width` latents (TopK rows, then AuxK rows) and the fired flags.
-pub fn top_k_rows(
+pub async fn top_k_rows(
     gpu: &Gpu,
     pre: &[f32],
     rows: usize,
@@ -350,14 +357,14 @@ pub fn top_k_rows(
     let mut encoder = gpu.device.create_command_encoder(&Default::default());
     record(&mut encoder, &[d]);
     let sources = [(&lat, (2 * rows * width * 4) as u64), (&fired, (width * 4) as u64)];
-    let bytes = submit_and_read(gpu, encoder, None, &sources)?;
+    let bytes = submit_and_read(gpu, encoder, None, &sources).await?;
     let fired: &[u32] = bytemuck::cast_slice(&bytes[1]);
     Ok((bytemuck::cast_slice(&bytes[0]).to_vec(), fired.iter().map(|&f| f != 0).collect()))
 }
 
 /// One Adam update of a parameter on the GPU (`adam.wgsl`'s `adam`), at step `t` (from 1) with rate `lr`: the
 /// parameter and both moments after it. Its CPU twin is `cpu::adam_update`.
-pub fn adam_update(
+pub async fn adam_update(
     gpu: &Gpu,
     [param, grad, m, v]: [&[f32]; 4],
     t: usize,
@@ -372,13 +379,13 @@ pub fn adam_update(
     let mut encoder = gpu.device.create_command_encoder(&Default::default());
     record(&mut encoder, &[d]);
     let size = (param.len() * 4) as u64;
-    let bytes = submit_and_read(gpu, encoder, None, &[(p, size), (mb, size), (vb, size)])?;
+    let bytes = submit_and_read(gpu, encoder, None, &[(p, size), (mb, size), (vb, size)]).await?;
     Ok([0, 1, 2].map(|i| bytemuck::cast_slice(&bytes[i]).to_vec()))
 }
 
 /// `w` (`rows x cols`) with its rows divided by their norms on the GPU (`adam.wgsl`'s `normalize_rows`). Its CPU
 /// twin is `cpu::normalize_rows`.
-pub fn normalized_rows(gpu: &Gpu, w: &[f32], rows: usize, cols: usize) -> Result<Vec<f32>, TrainError> {
+pub async fn normalized_rows(gpu: &Gpu, w: &[f32], rows: usize, cols: usize) -> Result<Vec<f32>, TrainError> {
     let kernels = TrainKernels::new(gpu)?;
     let params = AdamParams::at_step(1, 0.0, rows, cols);
     let uniform = gpu.uniform_with("normalize params", bytemuck::bytes_of(&params));
@@ -386,7 +393,7 @@ pub fn normalized_rows(gpu: &Gpu, w: &[f32], rows: usize, cols: usize) -> Result
     let d = dispatch(gpu, &kernels.normalize_rows, &[&uniform, &buffer], groups_for(rows));
     let mut encoder = gpu.device.create_command_encoder(&Default::default());
     record(&mut encoder, &[d]);
-    let bytes = submit_and_read(gpu, encoder, None, &[(&buffer, (w.len() * 4) as u64)])?;
+    let bytes = submit_and_read(gpu, encoder, None, &[(&buffer, (w.len() * 4) as u64)]).await?;
     Ok(bytemuck::cast_slice(&bytes[0]).to_vec())
 }
 
@@ -577,7 +584,7 @@ impl Stepper for GpuStepper<'_> {
         encoder.clear_buffer(&self.fired, 0, None);
         record(&mut encoder, &self.dispatches);
         let sources = [(&self.stats_err, 8), (&self.stats_aux, 8), (&self.fired, (width * 4) as u64)];
-        let out = submit_and_read(gpu, encoder, Some(&self.step_readback), &sources)?;
+        let out = submit_and_wait(gpu, encoder, Some(&self.step_readback), &sources)?;
         let (err, aux): (&[f32], &[f32]) = (bytemuck::cast_slice(&out[0]), bytemuck::cast_slice(&out[1]));
         let fired: &[u32] = bytemuck::cast_slice(&out[2]);
         Ok(StepOutcome {
@@ -591,7 +598,7 @@ impl Stepper for GpuStepper<'_> {
         let refs: Vec<(&wgpu::Buffer, u64)> =
             self.params.iter().chain(&self.m).chain(&self.v).map(|b| (b, b.size())).collect();
         let encoder = self.gpu.device.create_command_encoder(&Default::default());
-        let bytes = submit_and_read(self.gpu, encoder, None, &refs)?;
+        let bytes = submit_and_wait(self.gpu, encoder, None, &refs)?;
         let lengths = [self.d * self.config.d_sae, self.config.d_sae, self.config.d_sae * self.d, self.d];
         let mut vectors =
             bytes.iter().enumerate().map(|(i, b)| bytemuck::cast_slice::<u8, f32>(b)[..lengths[i % 4]].to_vec());

@@ -1,6 +1,8 @@
 //! Training data with a known answer, and the training test both devices pass.
 #![allow(dead_code)]
 
+pub mod kernel_checks;
+
 use saif::train::{train_on, TrainConfig, TrainError};
 use saif_engine::gpu::Gpu;
 
