@@ -20,27 +20,41 @@ mkdir -p "$out"
 
 cargo build --quiet --release --bin saif
 
+# llama.cpp built with explicit instruction sets, the ones this CPU reports of AVX, AVX2, FMA, F16C, AVX-512 (F, BW,
+# VL, VNNI, BF16) and AVX-VNNI: GGML_NATIVE's -march=native also emits what a sandbox may not run (a Xeon reporting AMX
+# and AVX-512 FP16 died with "Illegal instruction"). The build folder is named after the sets, which the table names.
+flags=$(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2)
+has() { [[ " $flags " == *" $1 "* ]]; }
+isa=()
+cmake_isa=(-DGGML_NATIVE=OFF)
+for pair in avx:AVX avx2:AVX2 fma:FMA f16c:F16C avx512f:AVX512 avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16 avx_vnni:AVX_VNNI; do
+  if has "${pair%%:*}"; then isa+=("${pair%%:*}"); cmake_isa+=("-DGGML_${pair#*:}=ON"); else cmake_isa+=("-DGGML_${pair#*:}=OFF"); fi
+done
+has avx512f && isa+=(avx512bw avx512vl) # GGML_AVX512 enables F, BW, VL, DQ and CD together
+isa_name=$(IFS=+; echo "${isa[*]:-baseline}")
 llama_dir="$SAIF_CACHE/llama.cpp/$LLAMA_CPP_PYTHON"
-llama_bench="$llama_dir/build/bin/llama-bench"
+llama_build="$llama_dir/build-$isa_name"
+llama_bench="$llama_build/bin/llama-bench"
 if [ ! -x "$llama_bench" ]; then
-  echo "==> building llama.cpp from PyPI's llama-cpp-python $LLAMA_CPP_PYTHON source distribution (once)"
+  echo "==> building llama.cpp ($isa_name) from PyPI's llama-cpp-python $LLAMA_CPP_PYTHON source distribution (once)"
   command -v cmake >/dev/null || { [ "$(id -u)" = 0 ] && apt-get install -y -qq cmake >/dev/null; } ||
     { echo "bench: cmake is needed to build llama.cpp (apt-get install cmake)" >&2; exit 1; }
   mkdir -p "$llama_dir"
-  # The JSON API names the sdist; `pip download` would try to build it to read its metadata.
-  url=$(python3 - "$LLAMA_CPP_PYTHON" <<'EOF'
-import json, sys, urllib.parse, urllib.request
-api = f"https://pypi.org/pypi/llama-cpp-python/{sys.argv[1]}/json"
-data = json.load(urllib.request.urlopen(api))
-print(next(urllib.parse.urljoin(api, u["url"]) for u in data["urls"] if u["packagetype"] == "sdist"))
-EOF
-  ) || { echo "bench: PyPI unreachable; retry make bench" >&2; exit 1; }
-  curl -sfL "$url" -o "$llama_dir/sdist.tar.gz" || { echo "bench: download of $url failed; retry" >&2; exit 1; }
-  tar -xzf "$llama_dir/sdist.tar.gz" -C "$llama_dir"
-  src=$(ls -d "$llama_dir"/llama_cpp_python-*/vendor/llama.cpp)
-  cmake -S "$src" -B "$llama_dir/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DGGML_NATIVE=ON \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null
-  cmake --build "$llama_dir/build" --target llama-bench -j"$threads" >/dev/null
+  if [ ! -d "$llama_dir"/llama_cpp_python-"$LLAMA_CPP_PYTHON"/vendor/llama.cpp ]; then
+    # The way pip finds it: the package's page on the simple index (PEP 503; pip's own index-url if one is set),
+    # whose link to the sdist carries its sha256. (PyPI's JSON API is not always served by a registry mirror, and
+    # `pip download` would try to build the sdist to read its metadata.)
+    python3 scripts/fetch_sdist.py llama-cpp-python "$LLAMA_CPP_PYTHON" "$llama_dir/sdist.tar.gz" ||
+      { echo "bench: could not fetch llama-cpp-python $LLAMA_CPP_PYTHON from the package index; retry make bench" >&2; exit 1; }
+    tar -xzf "$llama_dir/sdist.tar.gz" -C "$llama_dir"
+  fi
+  src="$llama_dir/llama_cpp_python-$LLAMA_CPP_PYTHON/vendor/llama.cpp"
+  # The compiler's many warnings go to a log, shown if the build fails.
+  log="$llama_dir/build-$isa_name.log"
+  { cmake -S "$src" -B "$llama_build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF "${cmake_isa[@]}" \
+      -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF &&
+    cmake --build "$llama_build" --target llama-bench -j"$threads"; } >"$log" 2>&1 ||
+    { tail -n 30 "$log" >&2; echo "bench: building llama.cpp failed (log: $log)" >&2; exit 1; }
 fi
 
 printf '\n## Native (%s, %s threads)\n\n' "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)" "$threads"
@@ -52,9 +66,9 @@ for model in SmolLM2-135M-Instruct.Q4_1.gguf gemma-3-270m-q4_k_m.gguf; do
       >"$out/saif-$backend-$model.json" 2>/dev/null
   done
   "$llama_bench" -m "$path" -p 128 -n 64 -t "$threads" -r 5 -o json >"$out/llama-$model.json" 2>/dev/null
-  python3 - "$model" "$out" <<'EOF'
+  python3 - "$model" "$out" "$isa_name" <<'EOF'
 import json, sys
-model, out = sys.argv[1], sys.argv[2]
+model, out, isa = sys.argv[1], sys.argv[2], sys.argv[3]
 cpu = json.load(open(f"{out}/saif-cpu-{model}.json"))
 gpu = json.load(open(f"{out}/saif-wgpu-{model}.json"))
 llama = json.load(open(f"{out}/llama-{model}.json"))
@@ -67,7 +81,7 @@ def row(name, r):
     print(f"| {model} | {name} | {r['prefill_tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.1f} | {r['time_to_first_token_ms']:.0f} | {hooks} | {mem} | {disp} |")
 row("saif cpu", cpu)
 row(f"saif {gpu['backend']}", gpu)
-print(f"| {model} | llama.cpp {llama[0].get('build_commit', '')} cpu | {pp:.1f} | {tg:.1f} | | | | |")
+print(f"| {model} | llama.cpp {llama[0].get('build_commit', '')} cpu ({isa}) | {pp:.1f} | {tg:.1f} | | | | |")
 print(f"| {model} | ratio saif cpu / llama.cpp | {cpu['prefill_tokens_per_s'] / pp:.2f} | {cpu['decode_tokens_per_s'] / tg:.2f} | | | | |")
 print(f"| {model} | ratio saif wgpu / saif cpu | {gpu['prefill_tokens_per_s'] / cpu['prefill_tokens_per_s']:.2f} | {gpu['decode_tokens_per_s'] / cpu['decode_tokens_per_s']:.2f} | | | | |")
 EOF

@@ -379,6 +379,21 @@ impl CpuModel {
         logits: LogitsWanted,
         exact_rows: bool,
     ) -> Result<Vec<StepOutput>> {
+        // Natively, the whole pass runs on one of rayon's threads, so that each of its ~200 parallel matrix
+        // products per token forks and joins among the pool's threads instead of parking the caller and waking
+        // it again (SmolLM2's decoding on 2 cores: 30 tokens/s before, 36 after).
+        #[cfg(not(target_arch = "wasm32"))]
+        return rayon::scope(|_| self.forward_calls_here(calls, logits, exact_rows));
+        #[cfg(target_arch = "wasm32")]
+        self.forward_calls_here(calls, logits, exact_rows)
+    }
+
+    fn forward_calls_here(
+        &mut self,
+        calls: &[BatchCall],
+        logits: LogitsWanted,
+        exact_rows: bool,
+    ) -> Result<Vec<StepOutput>> {
         for (i, call) in calls.iter().enumerate() {
             if call.sequence >= MAX_SEQUENCES {
                 return Err(EngineError::InvalidRequest(format!(

@@ -11,7 +11,7 @@ pub fn block_shape(dtype: GgmlDType) -> (usize, usize) {
 }
 
 #[inline(always)]
-fn half(bytes: &[u8], at: usize) -> f32 {
+pub(crate) fn half(bytes: &[u8], at: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([bytes[at], bytes[at + 1]])).to_f32()
 }
 
@@ -137,6 +137,16 @@ pub fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) {
 ///
 /// Blocks and activations are taken as fixed-size arrays so the compiler drops bounds checks and vectorizes.
 pub fn dot_row(dtype: GgmlDType, bytes: &[u8], x: &[f32]) -> f32 {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    if let Some(dot) = super::avx2::dot_row(dtype, bytes, x) {
+        return dot;
+    }
+    portable_dot_row(dtype, bytes, x)
+}
+
+/// `dot_row` in portable Rust: what wasm (simd128 by the compiler) and CPUs without AVX2 run, and the twin the
+/// AVX2 kernels are tested against.
+pub fn portable_dot_row(dtype: GgmlDType, bytes: &[u8], x: &[f32]) -> f32 {
     let lanes = match dtype {
         GgmlDType::Q8_0 => fold_blocks::<34, 32>(bytes, x, |acc, b, x| {
             let mut q = [0f32; 32];
@@ -283,7 +293,7 @@ fn add_scaled(acc: &mut [f32; 8], scale: f32, v: &[f32; 8]) {
 
 /// Scale and minimum of sub-block `j` (0..8) of a Q4_K block: 6 bits each, packed into 12 bytes.
 #[inline(always)]
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
@@ -344,9 +354,13 @@ mod tests {
             // The fused dot product equals the dot product with the decoded values (computed in f64).
             let x: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
             let want: f64 = theirs.iter().zip(&x).map(|(&w, &v)| w as f64 * v as f64).sum();
-            let got = dot_row(dtype, &bytes, &x) as f64;
             let scale: f64 = theirs.iter().zip(&x).map(|(&w, &v)| (w as f64 * v as f64).abs()).sum();
-            assert!((got - want).abs() <= 1e-5 * (1.0 + scale), "{dtype:?} dot: {got} vs {want}");
+            for (form, got) in
+                [("dot_row", dot_row(dtype, &bytes, &x)), ("portable", portable_dot_row(dtype, &bytes, &x))]
+            {
+                let got = got as f64;
+                assert!((got - want).abs() <= 1e-5 * (1.0 + scale), "{dtype:?} {form}: {got} vs {want}");
+            }
         }
     }
 }

@@ -12,6 +12,8 @@ use rayon::prelude::*;
 use crate::error::{EngineError, Result, TensorContext};
 use crate::gguf::type_name;
 
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+mod avx2;
 pub mod blocks;
 
 pub use blocks::dequantize;

@@ -1,0 +1,224 @@
+//! `blocks::dot_row` written out in AVX2 and FMA for the block types of the offline models (Q8_0, Q4_1, Q5_0,
+//! Q4_K, Q6_K). The portable code vectorizes only to 128-bit lanes with scattered loads, and these dot products are
+//! most of a decoding step; here each block's integers are widened to eight f32 lanes at a time and multiplied
+//! in 256-bit registers. The arithmetic is `blocks::dot_row`'s (eight lanes, each block's integer sums scaled
+//! once), with fused multiply-adds, so the two agree up to rounding; `blocks`' tests compare them.
+//!
+//! Compiled where the target has AVX2 and FMA: natively the project builds for x86-64-v3 (`.cargo/config.toml`).
+
+use std::arch::x86_64::*;
+
+use candle_core::quantized::GgmlDType;
+
+use super::blocks::half;
+
+/// `blocks::dot_row` for the types written here; `None` for the others.
+pub fn dot_row(dtype: GgmlDType, bytes: &[u8], x: &[f32]) -> Option<f32> {
+    // SAFETY: this module is compiled only where the target enables AVX2 and FMA (see `quant/mod.rs`), and each
+    // kernel reads blocks and activations through `chunks_exact`, inside the slices.
+    unsafe {
+        Some(match dtype {
+            GgmlDType::Q8_0 => q8_0(bytes, x),
+            GgmlDType::Q4_1 => q4_1(bytes, x),
+            GgmlDType::Q5_0 => q5_0(bytes, x),
+            GgmlDType::Q4K => q4k(bytes, x),
+            GgmlDType::Q6K => q6k(bytes, x),
+            _ => return None,
+        })
+    }
+}
+
+/// The eight lanes summed in order, as `blocks::dot_row` sums its lanes.
+#[inline(always)]
+unsafe fn lanes_sum(acc: __m256) -> f32 {
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+    lanes.iter().sum()
+}
+
+/// The f16 at `b[at..at + 2]` in all eight lanes. Converted through `vmovd`, which zeroes the register's upper
+/// bits: `half()`'s `vpinsrw` merges into a register the compiler may share with the accumulator, which chained
+/// every block to the previous one (a third of the Q5_0 kernel's speed).
+#[inline(always)]
+unsafe fn scale(b: &[u8], at: usize) -> __m256 {
+    let bits = u16::from_le_bytes([b[at], b[at + 1]]) as i32;
+    _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
+}
+
+/// Eight activations from `x[at..at + 8]`.
+#[inline(always)]
+unsafe fn load8(x: &[f32], at: usize) -> __m256 {
+    debug_assert!(at + 8 <= x.len());
+    _mm256_loadu_ps(x.as_ptr().add(at))
+}
+
+/// Bytes 0..8 of `v` as eight f32, unsigned or signed.
+#[inline(always)]
+unsafe fn low8_u8(v: __m128i) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v))
+}
+
+#[inline(always)]
+unsafe fn low8_i8(v: __m128i) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v))
+}
+
+/// Bytes 8..16 of `v` as eight f32 (unsigned).
+#[inline(always)]
+unsafe fn high8_u8(v: __m128i) -> __m256 {
+    low8_u8(_mm_srli_si128::<8>(v))
+}
+
+/// Sum over 8-value chunks: lane l of `q[c] * x[at + 8c + l]` for c in 0..4, in the order `dot8` adds.
+#[inline(always)]
+unsafe fn dot32(q: [__m256; 4], x: &[f32], at: usize) -> __m256 {
+    let mut s = _mm256_mul_ps(q[0], load8(x, at));
+    s = _mm256_fmadd_ps(q[1], load8(x, at + 8), s);
+    s = _mm256_fmadd_ps(q[2], load8(x, at + 16), s);
+    _mm256_fmadd_ps(q[3], load8(x, at + 24), s)
+}
+
+/// Lane l of `x[at + 8c + l]` summed over c in 0..4 (`sum8`).
+#[inline(always)]
+unsafe fn sum32(x: &[f32], at: usize) -> __m256 {
+    let s = _mm256_add_ps(load8(x, at), load8(x, at + 8));
+    _mm256_add_ps(_mm256_add_ps(s, load8(x, at + 16)), load8(x, at + 24))
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q8_0(bytes: &[u8], x: &[f32]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    for (b, x) in bytes.chunks_exact(34).zip(x.chunks_exact(32)) {
+        let q = b.as_ptr().add(2);
+        let lo = _mm_loadu_si128(q as *const __m128i);
+        let hi = _mm_loadu_si128(q.add(16) as *const __m128i);
+        let v = [low8_i8(lo), low8_i8(_mm_srli_si128::<8>(lo)), low8_i8(hi), low8_i8(_mm_srli_si128::<8>(hi))];
+        acc = _mm256_fmadd_ps(scale(b, 0), dot32(v, x, 0), acc);
+    }
+    lanes_sum(acc)
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q4_1(bytes: &[u8], x: &[f32]) -> f32 {
+    let mask = _mm_set1_epi8(0x0f);
+    let mut acc = _mm256_setzero_ps();
+    for (b, x) in bytes.chunks_exact(20).zip(x.chunks_exact(32)) {
+        let qs = _mm_loadu_si128(b.as_ptr().add(4) as *const __m128i);
+        let lo = _mm_and_si128(qs, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), mask);
+        let v = [low8_u8(lo), high8_u8(lo), low8_u8(hi), high8_u8(hi)];
+        acc = _mm256_fmadd_ps(scale(b, 0), dot32(v, x, 0), acc);
+        acc = _mm256_fmadd_ps(scale(b, 2), sum32(x, 0), acc);
+    }
+    lanes_sum(acc)
+}
+
+/// Byte j of the result is 0xff where bit j of `bits` is set, 0 elsewhere: each byte of `bits` is copied to
+/// eight lanes, every lane's other seven bits are set, and only lanes whose own bit was set become all ones.
+#[inline(always)]
+unsafe fn bytes_from_bits(bits: u32) -> __m256i {
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(bits as i32),
+        _mm256_setr_epi64x(0, 0x0101_0101_0101_0101, 0x0202_0202_0202_0202, 0x0303_0303_0303_0303),
+    );
+    let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
+    _mm256_cmpeq_epi8(_mm256_or_si256(spread, others), _mm256_set1_epi64x(-1))
+}
+
+/// Four runs of eight signed bytes of `v` (bytes 0..8, 8..16, 16..24, 24..32) as f32.
+#[inline(always)]
+unsafe fn widen_i8(v: __m256i) -> [__m256; 4] {
+    let (a, b) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    [low8_i8(a), low8_i8(_mm_srli_si128::<8>(a)), low8_i8(b), low8_i8(_mm_srli_si128::<8>(b))]
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q5_0(bytes: &[u8], x: &[f32]) -> f32 {
+    let low4 = _mm256_set1_epi8(0x0f);
+    let minus_sixteen = _mm256_set1_epi8(-16);
+    let mut acc = _mm256_setzero_ps();
+    for (b, x) in bytes.chunks_exact(22).zip(x.chunks_exact(32)) {
+        // The 32 nibbles in value order (low nibbles, then high), then value j's fifth bit from bit j of qh:
+        // a nibble with its bit clear is nibble - 16, which as a signed byte is nibble | 0xf0.
+        let qs = _mm_loadu_si128(b.as_ptr().add(6) as *const __m128i);
+        let nibbles =
+            _mm256_and_si256(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(qs), _mm_srli_epi16::<4>(qs)), low4);
+        let clear = _mm256_andnot_si256(bytes_from_bits(u32::from_le_bytes([b[2], b[3], b[4], b[5]])), minus_sixteen);
+        let q = _mm256_or_si256(nibbles, clear);
+        acc = _mm256_fmadd_ps(scale(b, 0), dot32(widen_i8(q), x, 0), acc);
+    }
+    lanes_sum(acc)
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q4k(bytes: &[u8], x: &[f32]) -> f32 {
+    let mask = _mm256_set1_epi8(0x0f);
+    let mut acc = _mm256_setzero_ps();
+    for (b, x) in bytes.chunks_exact(144).zip(x.chunks_exact(256)) {
+        let (d, dmin) = (half(b, 0), half(b, 2));
+        let scales = &b[4..16];
+        for g in 0..4 {
+            let (sc1, m1) = super::blocks::scale_min_k4(2 * g, scales);
+            let (sc2, m2) = super::blocks::scale_min_k4(2 * g + 1, scales);
+            let qs = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * g) as *const __m256i);
+            let lo = _mm256_and_si256(qs, mask);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(qs), mask);
+            let widen = |v: __m256i| {
+                let (a, b) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+                [low8_u8(a), high8_u8(a), low8_u8(b), high8_u8(b)]
+            };
+            let at = 64 * g;
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * sc1 as f32), dot32(widen(lo), x, at), acc);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * sc2 as f32), dot32(widen(hi), x, at + 32), acc);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * m1 as f32), sum32(x, at), acc);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * m2 as f32), sum32(x, at + 32), acc);
+        }
+    }
+    lanes_sum(acc)
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q6k(bytes: &[u8], x: &[f32]) -> f32 {
+    let low4 = _mm256_set1_epi8(0x0f);
+    let bits45 = _mm256_set1_epi8(0x30);
+    let thirty_two = _mm256_set1_epi8(32);
+    let mut acc = _mm256_setzero_ps();
+    for (b, x) in bytes.chunks_exact(210).zip(x.chunks_exact(256)) {
+        let d = half(b, 208);
+        for h in 0..2 {
+            let ql0 = _mm256_loadu_si256(b.as_ptr().add(64 * h) as *const __m256i);
+            let ql1 = _mm256_loadu_si256(b.as_ptr().add(64 * h + 32) as *const __m256i);
+            let qh = _mm256_loadu_si256(b.as_ptr().add(128 + 32 * h) as *const __m256i);
+            let sc = &b[192 + 8 * h..200 + 8 * h];
+            // The four runs of 32 values (`blocks::dot_row`'s q[0..4]), as signed bytes.
+            let runs = [
+                _mm256_or_si256(_mm256_and_si256(ql0, low4), _mm256_and_si256(_mm256_slli_epi16::<4>(qh), bits45)),
+                _mm256_or_si256(_mm256_and_si256(ql1, low4), _mm256_and_si256(_mm256_slli_epi16::<2>(qh), bits45)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low4), _mm256_and_si256(qh, bits45)),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low4),
+                    _mm256_and_si256(_mm256_srli_epi16::<2>(qh), bits45),
+                ),
+            ]
+            .map(|q| _mm256_sub_epi8(q, thirty_two));
+            for (k, run) in runs.into_iter().enumerate() {
+                let at = 128 * h + 32 * k;
+                let (a, c) = (_mm256_castsi256_si128(run), _mm256_extracti128_si256::<1>(run));
+                // Two scales per run, one per 16 values (`dot8_halves`).
+                let first = _mm256_fmadd_ps(
+                    low8_i8(_mm_srli_si128::<8>(a)),
+                    load8(x, at + 8),
+                    _mm256_mul_ps(low8_i8(a), load8(x, at)),
+                );
+                let second = _mm256_fmadd_ps(
+                    low8_i8(_mm_srli_si128::<8>(c)),
+                    load8(x, at + 24),
+                    _mm256_mul_ps(low8_i8(c), load8(x, at + 16)),
+                );
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * (sc[2 * k] as i8) as f32), first, acc);
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * (sc[2 * k + 1] as i8) as f32), second, acc);
+            }
+        }
+    }
+    lanes_sum(acc)
+}
