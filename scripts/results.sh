@@ -39,7 +39,7 @@ stage=${1:-all}
 # coarser tuning and only the layer experiment: its generations are the slowest of the two.
 models=(
   "SmolLM2-135M-Instruct.Q4_1.gguf smollm2-135m 5,10,15,20,25,29 0.5,1,1.5,2,3 all"
-  "gemma-3-270m-q4_k_m.gguf gemma-3-270m 9,17 0.5,1,2 layer"
+  "gemma-3-270m-q4_k_m.gguf gemma-3-270m 5,9,13,17 0.5,1,2 layer"
 )
 instructions=(translate-fr translate-es translate-de summarize include-word uppercase)
 tuned=("${instructions[@]:1}")

@@ -5,9 +5,8 @@
 #   2. for each offline model, TopK SAEs on resid_post of layers spread over the depth (SmolLM2: 5, 10, 15, 20, 25,
 #      29; Gemma: 5, 9, 13, 17), from one pass of activations over 400,000 corpus tokens, seed 0, stored in f16.
 #      The deeper the layer, the harder plain sentences are to reconstruct: SmolLM2's layers 15 and 20 take k = 64,
-#      its layers 25 and 29 k = 64 and 8x the residual width (docs/benchmarks.md has each one's FVU). Gemma's
-#      shipped SAEs (layers 9 and 17) predate this recipe and the present corpus; its line below is the recipe
-#      they are to be retrained with;
+#      its layers 25 and 29 k = 64 and 8x the residual width; Gemma's layers 13 and 17 take 4096 latents, and
+#      its last layer 6 epochs (docs/benchmarks.md has each one's FVU);
 #   3. each SAE's lens.json (its latents' top logit-lens tokens, for the app) and public/saes/index.json;
 #   4. an evaluation of each on the corpus' held-out split (first 400 lines), on the held-out SAIF contents and on
 #      SAIF prompts made from them (crates/saif/tests/data).

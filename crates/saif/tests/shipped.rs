@@ -93,19 +93,13 @@ fn smollm2_saes_meet_the_quality_bar() {
     check_shipped("SmolLM2-135M-Instruct.Q4_1.gguf", 6, 12, &ALL_SETS, &misses);
 }
 
-/// What Gemma's shipped SAEs (layers 9 and 17, trained on the first corpus) meet today: the bar on their corpus'
-/// 120 held-out lines (on 6 of them, layer 17 reads FVU 0.252).
+/// Gemma's four SAEs (layers 5, 9, 13, 17), retrained on the corpus of plain sentences. The last layer's misses the
+/// FVU bar on plain sentences by a hair, as SmolLM2's layer 25 does: 0.254 on all 120 held-out contents
+/// (docs/benchmarks.md), 0.259 on the 12 this test reads, down from 0.42 for the SAE it replaces.
 #[test]
-fn gemma3_saes_meet_the_quality_bar_on_their_corpus() {
-    check_shipped("gemma-3-270m-q4_k_m.gguf", 2, 120, &["corpus"], &[]);
-}
-
-/// The bar the issue sets: four layers, and SAIF's kind of text too. Gemma's layer 17 SAE misses it on plain
-/// sentences (FVU 0.42 on the held-out contents); the retraining on the new corpus is not done yet.
-#[test]
-#[ignore = "Gemma's SAEs are not yet retrained on the new corpus (FVU 0.42 on the held-out contents)"]
 fn gemma3_saes_meet_the_quality_bar() {
-    check_shipped("gemma-3-270m-q4_k_m.gguf", 4, 6, &ALL_SETS, &[]);
+    let misses = [KnownMiss { layer: 17, set: "contents", fvu_at_most: 0.265 }];
+    check_shipped("gemma-3-270m-q4_k_m.gguf", 4, 12, &ALL_SETS, &misses);
 }
 
 /// Common French words (few of them English ones): a latent whose logit lens is made of these speaks French.
