@@ -221,3 +221,48 @@ unsafe fn q6k(bytes: &[u8], x: &[f32]) -> f32 {
     }
     lanes_sum(acc)
 }
+
+/// `quant::dot` in AVX2: sixteen lanes as two registers, each lane's products summed with fused multiply-adds in
+/// chunk order, then the lanes summed in order and the tail added. `dot4` below does exactly this for each of its
+/// rows, so that a row's result does not depend on whether it came in a group of four.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let [(lo, hi)] = unsafe { lanes16(a, [b]) };
+    finish(a, b, lo, hi)
+}
+
+/// `dot(a, b)` for four `b`s, reading `a` once.
+pub fn dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
+    let sums = unsafe { lanes16(a, b) };
+    [0, 1, 2, 3].map(|r| finish(a, b[r], sums[r].0, sums[r].1))
+}
+
+/// The sixteen lanes of each row's products over the whole chunks of `a` (lanes 0-7, then 8-15).
+#[target_feature(enable = "avx2,fma")]
+unsafe fn lanes16<const R: usize>(a: &[f32], b: [&[f32]; R]) -> [(__m256, __m256); R] {
+    let mut acc = [(_mm256_setzero_ps(), _mm256_setzero_ps()); R];
+    let chunks = a.len() / 16;
+    for c in 0..chunks {
+        let (a_lo, a_hi) = (load8(a, 16 * c), load8(a, 16 * c + 8));
+        for r in 0..R {
+            assert!(b[r].len() >= 16 * chunks);
+            acc[r].0 = _mm256_fmadd_ps(a_lo, load8(b[r], 16 * c), acc[r].0);
+            acc[r].1 = _mm256_fmadd_ps(a_hi, load8(b[r], 16 * c + 8), acc[r].1);
+        }
+    }
+    acc
+}
+
+/// The lanes summed in order, plus the products past the whole chunks.
+fn finish(a: &[f32], b: &[f32], lo: __m256, hi: __m256) -> f32 {
+    let mut lanes = [0f32; 16];
+    // SAFETY: two stores of eight floats into sixteen.
+    unsafe {
+        _mm256_storeu_ps(lanes.as_mut_ptr(), lo);
+        _mm256_storeu_ps(lanes.as_mut_ptr().add(8), hi);
+    }
+    let mut tail = 0f32;
+    for i in a.len() / 16 * 16..a.len() {
+        tail += a[i] * b[i];
+    }
+    lanes.iter().sum::<f32>() + tail
+}

@@ -208,8 +208,17 @@ fn band_product(x: &[f32], w: &[f32], m: usize, k: usize, count: usize, out: &mu
     }
 }
 
-/// f32 dot product with 16 independent partial sums, which the compiler turns into SIMD (AVX2, wasm simd128).
+/// f32 dot product with 16 independent partial sums: the AVX2 kernel where the target has it, else the portable
+/// code, which the compiler turns into SIMD (wasm simd128).
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    return avx2::dot(a, b);
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+    portable_dot(a, b)
+}
+
+/// `dot` in portable Rust.
+pub fn portable_dot(a: &[f32], b: &[f32]) -> f32 {
     const LANES: usize = 16;
     let mut acc = [0f32; LANES];
     let chunks = a.len() / LANES;
@@ -229,6 +238,14 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// `dot(a, b)` for four `b`s at once, each with exactly `dot`'s arithmetic (the same lanes in the same order), so
 /// that a row's result does not depend on whether it came in a group of four.
 pub fn dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    return avx2::dot4(a, b);
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+    portable_dot4(a, b)
+}
+
+/// `dot4` in portable Rust (the compiler left it scalar natively, hence the AVX2 kernel).
+pub fn portable_dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
     const LANES: usize = 16;
     let mut acc = [[0f32; LANES]; 4];
     let chunks = a.len() / LANES;
@@ -308,8 +325,12 @@ mod tests {
         let bs: Vec<Vec<f32>> =
             (0..4).map(|r| (0..101).map(|i| ((i * 13 + r * 7) % 19) as f32 * 0.11 - 1.0).collect()).collect();
         let four = dot4(&a, [&bs[0], &bs[1], &bs[2], &bs[3]]);
+        let portable = portable_dot4(&a, [&bs[0], &bs[1], &bs[2], &bs[3]]);
         for r in 0..4 {
             assert_eq!(four[r].to_bits(), dot(&a, &bs[r]).to_bits(), "row {r}");
+            assert_eq!(portable[r].to_bits(), portable_dot(&a, &bs[r]).to_bits(), "portable row {r}");
+            let exact: f64 = a.iter().zip(&bs[r]).map(|(&x, &y)| x as f64 * y as f64).sum();
+            assert!((four[r] as f64 - exact).abs() < 1e-4 && (portable[r] as f64 - exact).abs() < 1e-4, "row {r}");
         }
     }
 
