@@ -131,6 +131,13 @@ unsafe fn widen_i8(v: __m256i) -> [__m256; 4] {
     [low8_i8(a), low8_i8(_mm_srli_si128::<8>(a)), low8_i8(b), low8_i8(_mm_srli_si128::<8>(b))]
 }
 
+/// `widen_i8` for unsigned bytes.
+#[inline(always)]
+unsafe fn widen_u8(v: __m256i) -> [__m256; 4] {
+    let (a, b) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    [low8_u8(a), high8_u8(a), low8_u8(b), high8_u8(b)]
+}
+
 #[target_feature(enable = "avx2,fma")]
 unsafe fn q5_0(bytes: &[u8], x: &[f32]) -> f32 {
     let low4 = _mm256_set1_epi8(0x0f);
@@ -162,13 +169,9 @@ unsafe fn q4k(bytes: &[u8], x: &[f32]) -> f32 {
             let qs = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * g) as *const __m256i);
             let lo = _mm256_and_si256(qs, mask);
             let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(qs), mask);
-            let widen = |v: __m256i| {
-                let (a, b) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
-                [low8_u8(a), high8_u8(a), low8_u8(b), high8_u8(b)]
-            };
             let at = 64 * g;
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * sc1 as f32), dot32(widen(lo), x, at), acc);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * sc2 as f32), dot32(widen(hi), x, at + 32), acc);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * sc1 as f32), dot32(widen_u8(lo), x, at), acc);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * sc2 as f32), dot32(widen_u8(hi), x, at + 32), acc);
             acc = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * m1 as f32), sum32(x, at), acc);
             acc = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * m2 as f32), sum32(x, at + 32), acc);
         }
@@ -202,18 +205,10 @@ unsafe fn q6k(bytes: &[u8], x: &[f32]) -> f32 {
             .map(|q| _mm256_sub_epi8(q, thirty_two));
             for (k, run) in runs.into_iter().enumerate() {
                 let at = 128 * h + 32 * k;
-                let (a, c) = (_mm256_castsi256_si128(run), _mm256_extracti128_si256::<1>(run));
+                let q = widen_i8(run);
                 // Two scales per run, one per 16 values (`dot8_halves`).
-                let first = _mm256_fmadd_ps(
-                    low8_i8(_mm_srli_si128::<8>(a)),
-                    load8(x, at + 8),
-                    _mm256_mul_ps(low8_i8(a), load8(x, at)),
-                );
-                let second = _mm256_fmadd_ps(
-                    low8_i8(_mm_srli_si128::<8>(c)),
-                    load8(x, at + 24),
-                    _mm256_mul_ps(low8_i8(c), load8(x, at + 16)),
-                );
+                let first = _mm256_fmadd_ps(q[1], load8(x, at + 8), _mm256_mul_ps(q[0], load8(x, at)));
+                let second = _mm256_fmadd_ps(q[3], load8(x, at + 24), _mm256_mul_ps(q[2], load8(x, at + 16)));
                 acc = _mm256_fmadd_ps(_mm256_set1_ps(d * (sc[2 * k] as i8) as f32), first, acc);
                 acc = _mm256_fmadd_ps(_mm256_set1_ps(d * (sc[2 * k + 1] as i8) as f32), second, acc);
             }
@@ -241,10 +236,11 @@ pub fn dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
 unsafe fn lanes16<const R: usize>(a: &[f32], b: [&[f32]; R]) -> [(__m256, __m256); R] {
     let mut acc = [(_mm256_setzero_ps(), _mm256_setzero_ps()); R];
     let chunks = a.len() / 16;
+    // Once per call, not per chunk: every row holds at least `a`'s whole chunks.
+    assert!(b.iter().all(|row| row.len() >= 16 * chunks), "dot products of unequal lengths");
     for c in 0..chunks {
         let (a_lo, a_hi) = (load8(a, 16 * c), load8(a, 16 * c + 8));
         for r in 0..R {
-            assert!(b[r].len() >= 16 * chunks);
             acc[r].0 = _mm256_fmadd_ps(a_lo, load8(b[r], 16 * c), acc[r].0);
             acc[r].1 = _mm256_fmadd_ps(a_hi, load8(b[r], 16 * c + 8), acc[r].1);
         }
