@@ -313,7 +313,7 @@ impl Unembedding {
         let mut tensor = |name: &str| gguf.tensor(&mut cursor, name).unwrap().dequantize(&dev).unwrap();
         let w_u = tensor("token_embd.weight").to_vec2::<f32>().unwrap();
         let norm = tensor("output_norm.weight").to_vec1::<f32>().unwrap();
-        let eps = load(path).config().rms_eps as f64;
+        let eps = saif_engine::ModelConfig::from_gguf(&gguf).unwrap().rms_eps as f64;
         Unembedding { w_u, norm, eps }
     }
 
