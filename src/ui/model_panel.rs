@@ -42,6 +42,10 @@ fn load(state: AppState, client: WorkerClient, request: Request, files: Vec<web_
             Ok(Response::Loaded(summary)) => {
                 let default_layer = summary.sae.as_ref().map(|s| s.layer);
                 let key = summary.key.clone();
+                let previous = state.model.get_untracked().map(|m| m.key);
+                if previous.is_some_and(|p| p != key) {
+                    state.forget_other_models_latents();
+                }
                 state.model_loaded(summary);
                 // The link's SAE, where it is not the one loaded with the model.
                 match state.sae_choice.get_untracked() {

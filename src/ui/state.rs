@@ -222,6 +222,18 @@ impl AppState {
     }
 
     /// A new model: what belonged to the last one goes.
+    /// Another model replaces the loaded one: an SAE layer and latent ids chosen for the old model name other
+    /// things in the new one, so its default SAE is used and the steering set is emptied.
+    pub fn forget_other_models_latents(&self) {
+        self.sae_choice.set(None);
+        if !self.steering.get_untracked().latents.is_empty() {
+            self.steering.update(|s| s.latents.clear());
+            self.notices.update(|n| {
+                n.push("The steering set was emptied: its latents belonged to the previous model's SAE.".to_string())
+            });
+        }
+    }
+
     pub fn model_loaded(&self, summary: ModelSummary) {
         for note in summary.backend_note.iter().chain(&summary.sae_note) {
             self.notices.update(|n| n.push(note.clone()));

@@ -320,7 +320,11 @@ test("latents: every token coloured, search by token text, a latent's card, and 
   assert.equal(await page.locator("#latent-table").count(), 0);
   await page.selectOption("#model-select", "gemma-3-270m");
   await page.click("#load-button");
+  // The new model's own default SAE, not the layer picked for the old one, and none of the old latents steer.
   await page.locator("#latents-panel", { hasText: `saes/gemma-3-270m/layer_${gemmaLayers[gemmaLayers.length - 1]}` }).waitFor({ timeout: 240_000 });
+  await page.locator(".notice", { hasText: "The steering set was emptied" }).waitFor({ timeout: 30_000 });
+  assert.equal(await page.locator("#steering-list li.steered").count(), 0);
+  assert.equal(await page.locator("#sae-select").inputValue(), `layer:${gemmaLayers[gemmaLayers.length - 1]}`);
   assert.deepEqual(await page.locator("#sae-select option:not([disabled])").allTextContents(),
     [...gemmaLayers.map((l) => `shipped, layer ${l}`), ...["Gemma Scope 2, residual stream, layer 9, 16k latents (about 84 MB)",
       "Gemma Scope 2, residual stream, layer 17 (the last), 16k latents (about 84 MB)"]]);
