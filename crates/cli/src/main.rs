@@ -305,6 +305,18 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Judges the outputs stored in `saif eval --json` reports again with today's checkers, and rewrites the
+    /// reports' accuracies in place (after a checker changes; the outputs themselves do not).
+    Rejudge {
+        /// Reports written by `saif eval --json`.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The keyword of `include-word` reports (default: the built-in one).
+        #[arg(long)]
+        keyword: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Generates from a prompt twice from the same seed: as it is, and steered with SAE latents.
     Steer {
         #[command(flatten)]
@@ -784,6 +796,23 @@ fn run(cli: Cli) -> Result<()> {
             let value = method::table_cmd(&mut engine, &args)?;
             let rows: Vec<saif::sweep::SweepRow> = serde_json::from_value(value["rows"].clone())?;
             print(model.json, value, || method::markdown_table(&rows));
+        }
+        Command::Rejudge { files, keyword, json } => {
+            let keyword = keyword.unwrap_or_else(|| saif::data::default_keyword().to_string());
+            let judged = files.iter().map(|f| method::rejudge(f, &keyword)).collect::<Result<Vec<_>>>()?;
+            print(json, json!({ "judged": judged }), || {
+                judged
+                    .iter()
+                    .flat_map(|j| j["points"].as_array().cloned().unwrap_or_default())
+                    .map(|p| {
+                        format!(
+                            "{}: {} verdicts changed, loose {} -> {}",
+                            p["point"], p["changed"], p["loose_before"], p["loose"]
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
         }
         Command::Steer { model, choice, latent, mult, scope, prompt, chat, max_new_tokens, sampling } => {
             let mut engine = model.load()?;

@@ -358,7 +358,10 @@ pub fn sweep_cmd(engine: &mut Engine, args: &SweepArgs) -> Result<Value> {
     let stem = args.out.join(format!("sweep-{}-{}", instruction.id, args.param.name()));
     let title = format!("{} on {}: {}", instruction.id, engine.config().key, args.param.name());
     let files = [
-        (stem.with_extension("json"), serde_json::to_string_pretty(&json!({ "rows": rows, "seconds": seconds }))?),
+        (
+            stem.with_extension("json"),
+            serde_json::to_string_pretty(&json!({ "rows": rows, "seconds": seconds, "title": title }))?,
+        ),
         (stem.with_extension("csv"), saif::sweep::to_csv(&rows)),
         (stem.with_extension("svg"), saif::sweep::chart(&rows, &title)?),
     ];
@@ -391,7 +394,6 @@ pub fn table_cmd(engine: &mut Engine, args: &TableArgs) -> Result<Value> {
     let key = engine.config().key.clone();
     let started = Instant::now();
     let mut rows = Vec::new();
-    let mut samples = Vec::new();
     for id in &args.instructions {
         let instruction = data::instruction(id)?;
         let s = settings(engine, &instruction.id, None, None, None);
@@ -412,12 +414,9 @@ pub fn table_cmd(engine: &mut Engine, args: &TableArgs) -> Result<Value> {
                 block_on(saif::evaluate::evaluate(engine, instruction, &args.contents, stats, &options, bar()))?;
             let value = if method.steers() { options.alpha.to_string() } else { "-".into() };
             rows.push(saif::sweep::SweepRow::from_report(&report, saif::sweep::Param::Alpha, &value, &options));
-            samples.push(json!({
-                "instruction": instruction.id, "method": method.name(),
-                "samples": report.samples.iter().take(4).collect::<Vec<_>>(),
-            }));
         }
     }
+    let samples = table_excerpt(&rows);
     let seconds = started.elapsed().as_secs_f64();
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
     let stem = args.out.join(format!("table-{key}"));
@@ -428,6 +427,66 @@ pub fn table_cmd(engine: &mut Engine, args: &TableArgs) -> Result<Value> {
     std::fs::write(stem.with_extension("csv"), saif::sweep::to_csv(&rows))?;
     std::fs::write(stem.with_extension("md"), markdown_table(&rows))?;
     Ok(value)
+}
+
+/// Judges the answers stored in one file again (`saif rejudge`) and rewrites it: a report of `saif eval --json`,
+/// or a sweep's JSON (then its CSV and chart beside it too).
+pub fn rejudge(file: &Path, keyword: &str) -> Result<Value> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let mut value: Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", file.display()))?;
+    let context = || format!("cannot judge {} again", file.display());
+    let mut points = Vec::new();
+    let mut point = |name: String, changed: usize, before: f64, after: f64| {
+        points.push(json!({ "point": name, "changed": changed, "loose_before": before, "loose": after }));
+    };
+    if let Some(rows) = value.get("rows") {
+        let mut rows: Vec<saif::sweep::SweepRow> = serde_json::from_value(rows.clone()).with_context(context)?;
+        for r in &mut rows {
+            let before = r.loose;
+            let changed = r.judge_again(keyword).with_context(context)?;
+            point(
+                format!("{} {} {} = {}", file.display(), r.method.name(), r.param.name(), r.value),
+                changed,
+                before,
+                r.loose,
+            );
+        }
+        value["rows"] = serde_json::to_value(&rows)?;
+        std::fs::write(file.with_extension("csv"), saif::sweep::to_csv(&rows))?;
+        if let Some(title) = value.get("title").and_then(Value::as_str) {
+            std::fs::write(file.with_extension("svg"), saif::sweep::chart(&rows, title)?)?;
+        }
+        if value.get("samples").is_some() {
+            // A results table (`saif table`): its excerpt of answers and its markdown too.
+            value["samples"] = table_excerpt(&rows);
+            std::fs::write(file.with_extension("md"), markdown_table(&rows))?;
+        }
+    } else {
+        let mut report: saif::evaluate::EvalReport = serde_json::from_value(value.clone())
+            .with_context(|| format!("{} is neither a report of saif eval --json nor a sweep", file.display()))?;
+        let before = report.loose;
+        let changed = report.judge_again(keyword).with_context(context)?;
+        point(format!("{} {}", file.display(), report.method.name()), changed, before, report.loose);
+        // Keeps what the file carries beyond the report's fields.
+        if let (Some(old), Value::Object(mut new)) = (value.as_object(), serde_json::to_value(&report)?) {
+            for (k, v) in old {
+                new.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+            value = Value::Object(new);
+        }
+    }
+    // Written in the layout it was read in: one line (saif eval --json) or indented (sweeps, tables).
+    let written =
+        if text.trim_end().contains('\n') { serde_json::to_string_pretty(&value)? } else { value.to_string() };
+    std::fs::write(file, written + "\n").with_context(|| format!("cannot write {}", file.display()))?;
+    Ok(json!({ "file": file, "points": points }))
+}
+
+/// A results table's excerpt of answers: the first four of each row.
+fn table_excerpt(rows: &[saif::sweep::SweepRow]) -> Value {
+    rows.iter()
+        .map(|r| json!({ "instruction": r.instruction, "method": r.method.name(), "samples": &r.samples[..r.samples.len().min(4)] }))
+        .collect()
 }
 
 /// The rows as a markdown table: accuracies with their intervals, and fluency.

@@ -625,3 +625,69 @@ fn an_sae_recording_another_model_is_refused_unless_asked_or_stamped() {
     json_ok(&lens);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `saif rejudge` applies today's checkers to stored answers: a one-word loop that an older checker counted as
+/// French stops counting, real French still counts, and the accuracies, intervals, CSV and chart follow.
+#[test]
+fn rejudge_applies_todays_checkers_to_stored_answers() {
+    let dir = std::env::temp_dir().join(format!("saif-rejudge-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let samples = serde_json::json!([
+        { "content": "The cat sleeps on the sofa.", "output": "Translate Translate Translate Translate Translate Translate", "strict": true, "loose": true },
+        { "content": "The children walked to school.", "output": "Les enfants sont allés à l'école ensemble parce que le bus était en retard.", "strict": true, "loose": true },
+    ]);
+    let report = serde_json::json!({
+        "method": "diffmean", "instruction": "translate-fr", "layer": 17, "alpha": 4.0, "k": null, "n": 2,
+        "strict": 1.0, "loose": 1.0, "strict_ci": [0.34, 1.0], "loose_ci": [0.34, 1.0],
+        "fluency": { "perplexity": 3.0, "repetition": 0.9, "mean_tokens": 24.0 }, "steering_norm": 10.0,
+        "samples": samples, "seconds": 12.5,
+    });
+    let report_file = dir.join("eval.json");
+    std::fs::write(&report_file, report.to_string()).unwrap();
+    let mut row = report.clone();
+    for (k, v) in [("param", "alpha"), ("value", "4"), ("placement", "after")] {
+        row[k] = v.into();
+    }
+    row["k"] = 15.into();
+    row["perplexity"] = 3.0.into();
+    row["repetition"] = 0.9.into();
+    let sweep_file = dir.join("sweep-translate-fr-alpha.json");
+    let sweep = serde_json::json!({ "rows": [row], "seconds": 1.0, "title": "translate-fr: alpha" });
+    std::fs::write(&sweep_file, serde_json::to_string_pretty(&sweep).unwrap()).unwrap();
+
+    let out = json_ok(&["rejudge", report_file.to_str().unwrap(), sweep_file.to_str().unwrap(), "--json"]);
+    let points: Vec<&Value> =
+        out["judged"].as_array().unwrap().iter().flat_map(|j| j["points"].as_array().unwrap()).collect();
+    assert_eq!(points.len(), 2);
+    assert!(points.iter().all(|p| p["changed"] == 1 && p["loose_before"] == 1.0 && p["loose"] == 0.5), "{points:?}");
+
+    let judged: Value = serde_json::from_str(&std::fs::read_to_string(&report_file).unwrap()).unwrap();
+    assert_eq!(judged["samples"][0]["loose"], false);
+    assert_eq!(judged["samples"][1]["loose"], true);
+    assert_eq!((judged["strict"].as_f64(), judged["loose"].as_f64()), (Some(0.5), Some(0.5)));
+    // Wilson's 95% interval for 1 success in 2, computed here from its formula (p = 0.5, n = 2, z = 1.96).
+    let z2 = 1.96f64 * 1.96;
+    let centre = (0.5 + z2 / 4.0) / (1.0 + z2 / 2.0);
+    let half = 1.96 * (0.25 / 2.0 + z2 / 16.0).sqrt() / (1.0 + z2 / 2.0);
+    let ci = judged["loose_ci"].as_array().unwrap();
+    assert!(
+        (ci[0].as_f64().unwrap() - (centre - half)).abs() < 1e-3
+            && (ci[1].as_f64().unwrap() - (centre + half)).abs() < 1e-3,
+        "{ci:?}"
+    );
+    assert_eq!(judged["seconds"], 12.5, "fields beyond the report's are kept");
+    assert!(!std::fs::read_to_string(&report_file).unwrap().trim_end().contains('\n'), "kept on one line");
+
+    let csv = std::fs::read_to_string(dir.join("sweep-translate-fr-alpha.csv")).unwrap();
+    assert!(csv.lines().nth(1).unwrap().contains(",0.5000,"), "{csv}");
+    assert!(std::fs::read_to_string(dir.join("sweep-translate-fr-alpha.svg")).unwrap().contains("<svg"));
+
+    // A sweep written before sweeps kept their answers cannot be judged again, and says so.
+    let mut old = sweep.clone();
+    old["rows"][0]["samples"] = serde_json::json!([]);
+    std::fs::write(&sweep_file, old.to_string()).unwrap();
+    let out = saif(&["rejudge", sweep_file.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("written before sweeps kept their answers"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

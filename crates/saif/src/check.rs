@@ -100,14 +100,37 @@ const CANDIDATES: [(whatlang::Lang, &str); 8] = [
     (whatlang::Lang::Cat, "ca"),
 ];
 
-/// The language of `text` (ISO 639-1) among `CANDIDATES`, or `None` when it has too few letters to tell.
+/// The fewest different words a text must hold for its language to be named.
+const MIN_DISTINCT_WORDS: usize = 3;
+
+/// The language of `text` (ISO 639-1) among `CANDIDATES`, or `None` when it has too few letters or too few
+/// different words to tell.
+///
+/// The identifier reads the text's vocabulary (each word once, in order of first appearance), not the text: a
+/// steered model that loops on one word ("Translate Translate Translate…") or two would otherwise be judged by
+/// the letter statistics of that word alone, which `whatlang` readily takes for French. How often words repeat is
+/// what the fluency measure reports.
 pub fn language_of(text: &str) -> Option<&'static str> {
-    if text.chars().filter(|c| c.is_alphabetic()).count() < 8 {
+    let words = vocabulary(text);
+    if words.len() < MIN_DISTINCT_WORDS || words.iter().map(|w| w.chars().count()).sum::<usize>() < 8 {
         return None;
     }
     let detector = whatlang::Detector::with_allowlist(CANDIDATES.iter().map(|c| c.0).collect());
-    let lang = detector.detect_lang(text)?;
+    let lang = detector.detect_lang(&words.join(" "))?;
     CANDIDATES.iter().find(|c| c.0 == lang).map(|c| c.1)
+}
+
+/// The different words of `text`, lowercased and stripped of punctuation, in order of first appearance. A word is
+/// a run of letters and apostrophes (so "l'école" stays one word, as does "aujourd'hui").
+fn vocabulary(text: &str) -> Vec<String> {
+    let mut seen = Vec::<String>::new();
+    for word in text.split(|c: char| !c.is_alphabetic() && c != '\'' && c != '’') {
+        let word = word.trim_matches(|c: char| c == '\'' || c == '’').to_lowercase();
+        if !word.is_empty() && !seen.contains(&word) {
+            seen.push(word);
+        }
+    }
+    seen
 }
 
 /// Lowercase words of at least four letters that are not among the commonest English words.
@@ -162,6 +185,24 @@ mod tests {
         }
         assert_eq!(language_of("Oui."), None, "too short to tell");
         assert!(!lang("fr").passes(""));
+    }
+
+    /// Loops of one or two words, the way strongly steered models fail, name no language; a looping answer with a
+    /// real vocabulary is still judged by that vocabulary (its repetition shows in the fluency measure).
+    #[test]
+    fn repeating_one_word_is_no_language() {
+        let looping = "Translate Translate Translate Translate Translate Translate Translate Translate";
+        assert_eq!(language_of(looping), None);
+        assert!(!lang("fr").passes(looping));
+        assert_eq!(language_of("vous vous vous vous vous vous vous vous vous vous"), None);
+        assert_eq!(language_of("La liste\n\nLa liste\n\nLa liste\n\nLa liste"), None, "two words");
+        assert_eq!(vocabulary("Le chat, le Chat! L'école."), vec!["le", "chat", "l'école"]);
+        let framed_loop = "The French translation\nTranslate Translate Translate Translate Translate";
+        assert!(!lang("fr").judge(framed_loop).loose);
+        assert_eq!(
+            language_of("Le chat dort sur le canapé, le chat dort sur le canapé, le chat dort sur le canapé."),
+            Some("fr")
+        );
     }
 
     #[test]

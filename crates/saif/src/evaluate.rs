@@ -133,7 +133,7 @@ impl EvalOptions {
 }
 
 /// One judged output.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Sample {
     pub content: String,
     pub output: String,
@@ -278,7 +278,7 @@ where
         samples.push(Sample { content: content.clone(), output, strict: verdict.strict, loose: verdict.loose });
     }
     let n = samples.len();
-    let (strict, loose) = (samples.iter().filter(|s| s.strict).count(), samples.iter().filter(|s| s.loose).count());
+    let (strict, loose, strict_ci, loose_ci) = accuracies(&samples);
     let steers = options.method.steers();
     Ok(EvalReport {
         method: options.method,
@@ -287,15 +287,54 @@ where
         alpha: steers.then_some(options.alpha),
         k: options.method.needs_sae().then_some(latents.len()),
         n,
-        strict: strict as f64 / n as f64,
-        loose: loose as f64 / n as f64,
-        strict_ci: wilson(strict, n),
-        loose_ci: wilson(loose, n),
+        strict,
+        loose,
+        strict_ci,
+        loose_ci,
         fluency: fluency.finish(),
         steering_norm: steer.norm(),
         latents,
         samples,
     })
+}
+
+/// Judges stored outputs of `instruction` again with today's checkers (for `include-word`, on `keyword`) and
+/// returns how many samples changed verdict. Generation is deterministic, so this gives what a new run would,
+/// without generating again.
+pub fn judge_again(instruction: &str, samples: &mut [Sample], keyword: &str) -> Result<usize, EngineError> {
+    let instruction = data::instruction(instruction)?;
+    let mut changed = 0;
+    for sample in samples {
+        let verdict = Check::for_instruction(instruction, &sample.content, keyword).judge(&sample.output);
+        changed += usize::from(verdict.strict != sample.strict || verdict.loose != sample.loose);
+        (sample.strict, sample.loose) = (verdict.strict, verdict.loose);
+    }
+    Ok(changed)
+}
+
+/// Accuracies and their intervals from judged samples: (strict, loose, strict_ci, loose_ci).
+pub fn accuracies(samples: &[Sample]) -> (f64, f64, [f64; 2], [f64; 2]) {
+    let n = samples.len();
+    let (strict, loose) = (samples.iter().filter(|s| s.strict).count(), samples.iter().filter(|s| s.loose).count());
+    let share = |c: usize| if n == 0 { 0.0 } else { c as f64 / n as f64 };
+    (share(strict), share(loose), wilson(strict, n), wilson(loose, n))
+}
+
+impl EvalReport {
+    /// Judges the stored outputs again (`judge_again`) and sets the accuracies from the new verdicts. Returns how
+    /// many samples changed verdict.
+    pub fn judge_again(&mut self, keyword: &str) -> Result<usize, EngineError> {
+        if self.samples.len() != self.n || self.n == 0 {
+            return Err(EngineError::InvalidRequest(format!(
+                "the report holds {} samples for n = {}; only a report with every sample can be judged again",
+                self.samples.len(),
+                self.n
+            )));
+        }
+        let changed = judge_again(&self.instruction, &mut self.samples, keyword)?;
+        (self.strict, self.loose, self.strict_ci, self.loose_ci) = accuracies(&self.samples);
+        Ok(changed)
+    }
 }
 
 /// Gathers the statistics the method needs (a discovery, or difference-in-means) and evaluates.

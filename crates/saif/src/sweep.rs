@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{Instruction, Placement};
 use crate::discover::{diffmean, discover, Discovery};
-use crate::evaluate::{evaluate, EvalOptions, EvalReport, Method, Statistics};
+use crate::evaluate::{evaluate, EvalOptions, EvalReport, Method, Sample, Statistics};
 use crate::progress::Progress;
 use crate::sae::Sae;
 use crate::steer::DiffMean;
@@ -70,6 +70,10 @@ pub struct SweepRow {
     pub perplexity: f64,
     pub repetition: f64,
     pub steering_norm: f64,
+    /// Every answer with its verdicts, so that the point can be judged again (`saif rejudge`). Sweeps written
+    /// before they kept their answers have none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub samples: Vec<Sample>,
 }
 
 impl SweepRow {
@@ -91,7 +95,26 @@ impl SweepRow {
             perplexity: r.fluency.perplexity,
             repetition: r.fluency.repetition,
             steering_norm: r.steering_norm,
+            samples: r.samples.clone(),
         }
+    }
+
+    /// Judges the point's answers again with today's checkers (`evaluate::judge_again`) and sets its accuracies
+    /// from the new verdicts. Returns how many answers changed verdict.
+    pub fn judge_again(&mut self, keyword: &str) -> Result<usize, EngineError> {
+        if self.samples.len() != self.n || self.n == 0 {
+            return Err(EngineError::InvalidRequest(format!(
+                "the {} point {} = {} holds {} answers for n = {}: it was written before sweeps kept their answers; run it again",
+                self.method.name(),
+                self.param.name(),
+                self.value,
+                self.samples.len(),
+                self.n
+            )));
+        }
+        let changed = crate::evaluate::judge_again(&self.instruction, &mut self.samples, keyword)?;
+        (self.strict, self.loose, self.strict_ci, self.loose_ci) = crate::evaluate::accuracies(&self.samples);
+        Ok(changed)
     }
 }
 
