@@ -305,10 +305,11 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Judges the outputs stored in `saif eval --json` reports again with today's checkers, and rewrites the
-    /// reports' accuracies in place (after a checker changes; the outputs themselves do not).
+    /// Judges the answers stored in results files again with today's checkers and rewrites their accuracies in
+    /// place (after a checker changes; the answers themselves, greedy and seeded, would not).
     Rejudge {
-        /// Reports written by `saif eval --json`.
+        /// Reports of `saif eval --json`, and the JSON of `saif sweep` and `saif table` (their CSV, chart and
+        /// markdown beside them are rewritten too).
         #[arg(required = true)]
         files: Vec<PathBuf>,
         /// The keyword of `include-word` reports (default: the built-in one).

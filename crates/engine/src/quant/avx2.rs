@@ -217,6 +217,134 @@ unsafe fn q6k(bytes: &[u8], x: &[f32]) -> f32 {
     lanes_sum(acc)
 }
 
+/// `blocks::dequantize` for the types written here, value for value the same bits: the same products and sums in
+/// the same order (no fused multiply-adds), eight values at a time. `false` for the other types. Batched decoding
+/// decodes every weight row to f32 once per step (`Form::Rows`), which the compiler's own vectorization of the
+/// portable loops made a fifth of a step.
+pub fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> bool {
+    // SAFETY: compiled only where the target enables AVX2 (see `quant/mod.rs`); every block is read and written
+    // through `chunks_exact`, inside the slices.
+    unsafe {
+        match dtype {
+            GgmlDType::Q8_0 => dequantize_q8_0(bytes, out),
+            GgmlDType::Q4_1 => dequantize_q4_1(bytes, out),
+            GgmlDType::Q5_0 => dequantize_q5_0(bytes, out),
+            GgmlDType::Q4K => dequantize_q4k(bytes, out),
+            GgmlDType::Q6K => dequantize_q6k(bytes, out),
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// Stores eight values at `y[at..at + 8]`.
+#[inline(always)]
+unsafe fn store8(y: &mut [f32], at: usize, v: __m256) {
+    assert!(at + 8 <= y.len());
+    _mm256_storeu_ps(y.as_mut_ptr().add(at), v);
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn dequantize_q8_0(bytes: &[u8], out: &mut [f32]) {
+    for (b, y) in bytes.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
+        let d = scale(b, 0);
+        let q = b.as_ptr().add(2);
+        for (i, at) in [0, 8, 16, 24].into_iter().enumerate() {
+            let v = low8_i8(_mm_loadl_epi64(q.add(at) as *const __m128i));
+            store8(y, 8 * i, _mm256_mul_ps(v, d));
+        }
+    }
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn dequantize_q4_1(bytes: &[u8], out: &mut [f32]) {
+    let mask = _mm_set1_epi8(0x0f);
+    for (b, y) in bytes.chunks_exact(20).zip(out.chunks_exact_mut(32)) {
+        let (d, m) = (scale(b, 0), scale(b, 2));
+        let qs = _mm_loadu_si128(b.as_ptr().add(4) as *const __m128i);
+        let lo = _mm_and_si128(qs, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), mask);
+        for (i, v) in [low8_u8(lo), high8_u8(lo), low8_u8(hi), high8_u8(hi)].into_iter().enumerate() {
+            store8(y, 8 * i, _mm256_add_ps(_mm256_mul_ps(v, d), m));
+        }
+    }
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn dequantize_q5_0(bytes: &[u8], out: &mut [f32]) {
+    let low4 = _mm256_set1_epi8(0x0f);
+    let minus_sixteen = _mm256_set1_epi8(-16);
+    for (b, y) in bytes.chunks_exact(22).zip(out.chunks_exact_mut(32)) {
+        // As in `q5_0`: the nibbles in value order, and those whose fifth bit is clear made nibble - 16.
+        let qs = _mm_loadu_si128(b.as_ptr().add(6) as *const __m128i);
+        let nibbles =
+            _mm256_and_si256(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(qs), _mm_srli_epi16::<4>(qs)), low4);
+        let clear = _mm256_andnot_si256(bytes_from_bits(u32::from_le_bytes([b[2], b[3], b[4], b[5]])), minus_sixteen);
+        let d = scale(b, 0);
+        for (i, v) in widen_i8(_mm256_or_si256(nibbles, clear)).into_iter().enumerate() {
+            store8(y, 8 * i, _mm256_mul_ps(v, d));
+        }
+    }
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn dequantize_q4k(bytes: &[u8], out: &mut [f32]) {
+    let mask = _mm256_set1_epi8(0x0f);
+    for (b, y) in bytes.chunks_exact(144).zip(out.chunks_exact_mut(256)) {
+        let (d, dmin) = (half(b, 0), half(b, 2));
+        let scales = &b[4..16];
+        for g in 0..4 {
+            let (sc1, m1) = super::blocks::scale_min_k4(2 * g, scales);
+            let (sc2, m2) = super::blocks::scale_min_k4(2 * g + 1, scales);
+            let qs = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * g) as *const __m256i);
+            let halves = [
+                (_mm256_and_si256(qs, mask), d * sc1 as f32, dmin * m1 as f32),
+                (_mm256_and_si256(_mm256_srli_epi16::<4>(qs), mask), d * sc2 as f32, dmin * m2 as f32),
+            ];
+            for (h, (q, scale, min)) in halves.into_iter().enumerate() {
+                let (scale, min) = (_mm256_set1_ps(scale), _mm256_set1_ps(min));
+                for (i, v) in widen_u8(q).into_iter().enumerate() {
+                    store8(y, 64 * g + 32 * h + 8 * i, _mm256_sub_ps(_mm256_mul_ps(scale, v), min));
+                }
+            }
+        }
+    }
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn dequantize_q6k(bytes: &[u8], out: &mut [f32]) {
+    let low4 = _mm256_set1_epi8(0x0f);
+    let bits45 = _mm256_set1_epi8(0x30);
+    let thirty_two = _mm256_set1_epi8(32);
+    for (b, y) in bytes.chunks_exact(210).zip(out.chunks_exact_mut(256)) {
+        let d = half(b, 208);
+        for h in 0..2 {
+            let ql0 = _mm256_loadu_si256(b.as_ptr().add(64 * h) as *const __m256i);
+            let ql1 = _mm256_loadu_si256(b.as_ptr().add(64 * h + 32) as *const __m256i);
+            let qh = _mm256_loadu_si256(b.as_ptr().add(128 + 32 * h) as *const __m256i);
+            let sc = &b[192 + 8 * h..200 + 8 * h];
+            // The four runs of 32 values, as in `q6k`.
+            let runs = [
+                _mm256_or_si256(_mm256_and_si256(ql0, low4), _mm256_and_si256(_mm256_slli_epi16::<4>(qh), bits45)),
+                _mm256_or_si256(_mm256_and_si256(ql1, low4), _mm256_and_si256(_mm256_slli_epi16::<2>(qh), bits45)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low4), _mm256_and_si256(qh, bits45)),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low4),
+                    _mm256_and_si256(_mm256_srli_epi16::<2>(qh), bits45),
+                ),
+            ]
+            .map(|q| _mm256_sub_epi8(q, thirty_two));
+            for (k, run) in runs.into_iter().enumerate() {
+                // `d * scale` first, then times the value: the portable loop's order.
+                for (i, v) in widen_i8(run).into_iter().enumerate() {
+                    let scale = _mm256_set1_ps(d * (sc[2 * k + i / 2] as i8) as f32);
+                    store8(y, 128 * h + 32 * k + 8 * i, _mm256_mul_ps(scale, v));
+                }
+            }
+        }
+    }
+}
+
 /// `quant::dot` in AVX2: sixteen lanes as two registers, each lane's products summed with fused multiply-adds in
 /// chunk order, then the lanes summed in order and the tail added. `dot4` below does exactly this for each of its
 /// rows, so that a row's result does not depend on whether it came in a group of four.
@@ -248,17 +376,20 @@ unsafe fn lanes16<const R: usize>(a: &[f32], b: [&[f32]; R]) -> [(__m256, __m256
     acc
 }
 
-/// The lanes summed in order, plus the products past the whole chunks.
+/// The sixteen lanes summed as a tree (`quant::sum16`'s order: lane i plus lane i + 8, then i + 4, i + 2, i + 1),
+/// plus the products past the whole chunks. A tree is four dependent additions where an in-order sum is fifteen:
+/// with sixteen activation rows per weight row, the in-order sum was a tenth of a batched decoding step.
 fn finish(a: &[f32], b: &[f32], lo: __m256, hi: __m256) -> f32 {
-    let mut lanes = [0f32; 16];
-    // SAFETY: two stores of eight floats into sixteen.
-    unsafe {
-        _mm256_storeu_ps(lanes.as_mut_ptr(), lo);
-        _mm256_storeu_ps(lanes.as_mut_ptr().add(8), hi);
-    }
+    // SAFETY: register arithmetic only, on a target with AVX2 (see `quant/mod.rs`).
+    let sum = unsafe {
+        let eight = _mm256_add_ps(lo, hi);
+        let four = _mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps::<1>(eight));
+        let two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+        _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps::<1>(two, two)))
+    };
     let mut tail = 0f32;
     for i in a.len() / 16 * 16..a.len() {
         tail += a[i] * b[i];
     }
-    lanes.iter().sum::<f32>() + tail
+    sum + tail
 }

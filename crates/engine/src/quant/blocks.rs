@@ -17,6 +17,16 @@ pub(crate) fn half(bytes: &[u8], at: usize) -> f32 {
 
 /// Decodes whole blocks of `dtype` from `bytes` into `out` (`out.len()` values).
 pub fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    if super::avx2::dequantize(dtype, bytes, out) {
+        return;
+    }
+    portable_dequantize(dtype, bytes, out)
+}
+
+/// `dequantize` in portable Rust: what wasm and CPUs without AVX2 run, and the twin the AVX2 decoders must equal
+/// bit for bit.
+pub fn portable_dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) {
     let (values, size) = block_shape(dtype);
     debug_assert_eq!(bytes.len() / size * values, out.len());
     match dtype {
@@ -342,6 +352,12 @@ mod tests {
             let n = blocks * values;
             let mut ours = vec![0f32; n];
             dequantize(dtype, &bytes, &mut ours);
+            // The SIMD decoders and the portable twin agree bit for bit (batched decoding's rows depend on it).
+            let mut portable = vec![0f32; n];
+            portable_dequantize(dtype, &bytes, &mut portable);
+            for (i, (a, b)) in ours.iter().zip(&portable).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "{dtype:?} value {i}: {a} vs the portable {b}");
+            }
             let theirs = qtensor_from_ggml(dtype, &bytes, vec![n], &Device::Cpu)
                 .unwrap()
                 .dequantize(&Device::Cpu)

@@ -126,22 +126,25 @@ impl QuantMatrix {
                         }
                     }
                     Form::Rows => {
-                        let mut w = vec![0f32; k];
-                        for r in 0..count {
-                            dequantize(dtype, &rows[r * row_bytes..(r + 1) * row_bytes], &mut w);
-                            // Four activation rows per pass over the decoded row, then the rest one by one; each
-                            // row's sums are `dot`'s either way.
-                            let mut i = 0;
-                            while i + 4 <= m {
-                                let xs = [0, 1, 2, 3].map(|j| &x[(i + j) * k..(i + j + 1) * k]);
-                                for (j, v) in dot4(&w, xs).into_iter().enumerate() {
-                                    out[(i + j) * count + r] = v;
+                        // Four weight rows decoded at a time (they stay in the L1 cache), each activation row read
+                        // once against all four; the rows past a multiple of four one by one. `dot(x, w)` is
+                        // `dot(w, x)` bit for bit (the same products, summed in the same lanes), so every value is
+                        // `dot`'s of its own row and activation whatever the group sizes.
+                        let mut w = vec![0f32; 4 * k];
+                        let mut r = 0;
+                        while r < count {
+                            let group = if r + 4 <= count { 4 } else { 1 };
+                            dequantize(dtype, &rows[r * row_bytes..(r + group) * row_bytes], &mut w[..group * k]);
+                            for i in 0..m {
+                                let xi = &x[i * k..(i + 1) * k];
+                                if group == 4 {
+                                    let ws = [0, 1, 2, 3].map(|j| &w[j * k..(j + 1) * k]);
+                                    out[i * count + r..i * count + r + 4].copy_from_slice(&dot4(xi, ws));
+                                } else {
+                                    out[i * count + r] = dot(&w[..k], xi);
                                 }
-                                i += 4;
                             }
-                            for i in i..m {
-                                out[i * count + r] = dot(&w, &x[i * k..(i + 1) * k]);
-                            }
+                            r += group;
                         }
                     }
                     Form::Band => {
@@ -232,7 +235,18 @@ pub fn portable_dot(a: &[f32], b: &[f32]) -> f32 {
     for i in chunks * LANES..a.len() {
         tail += a[i] * b[i];
     }
-    acc.iter().sum::<f32>() + tail
+    sum16(acc) + tail
+}
+
+/// The sixteen lanes of a dot product summed as a tree: lane i plus lane i + 8, then plus i + 4, i + 2 and i + 1,
+/// the order the AVX2 kernels' register halvings give.
+fn sum16(mut lanes: [f32; 16]) -> f32 {
+    for width in [8, 4, 2, 1] {
+        for i in 0..width {
+            lanes[i] += lanes[i + width];
+        }
+    }
+    lanes[0]
 }
 
 /// `dot(a, b)` for four `b`s at once, each with exactly `dot`'s arithmetic (the same lanes in the same order), so
@@ -264,7 +278,7 @@ pub fn portable_dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
         for i in chunks * LANES..a.len() {
             tail += a[i] * b[i];
         }
-        out[r] = acc[r].iter().sum::<f32>() + tail;
+        out[r] = sum16(acc[r]) + tail;
     }
     out
 }
@@ -329,9 +343,27 @@ mod tests {
         for r in 0..4 {
             assert_eq!(four[r].to_bits(), dot(&a, &bs[r]).to_bits(), "row {r}");
             assert_eq!(portable[r].to_bits(), portable_dot(&a, &bs[r]).to_bits(), "portable row {r}");
+            // Either operand first: the exact-rows product dots activations against weights in groups.
+            assert_eq!(dot(&bs[r], &a).to_bits(), dot(&a, &bs[r]).to_bits(), "row {r} commuted");
+            assert_eq!(portable_dot(&bs[r], &a).to_bits(), portable_dot(&a, &bs[r]).to_bits(), "row {r} commuted");
             let exact: f64 = a.iter().zip(&bs[r]).map(|(&x, &y)| x as f64 * y as f64).sum();
             assert!((four[r] as f64 - exact).abs() < 1e-4 && (portable[r] as f64 - exact).abs() < 1e-4, "row {r}");
         }
+    }
+
+    #[test]
+    fn dot_sums_its_lanes_as_a_tree_on_every_path() {
+        // Products equal to b (a is all ones), so only the order of the lane sums matters. By hand, the tree
+        // (lane i + lane i + 8, then i + 4, i + 2, i + 1): 1e8 - 1e8 = 0 and seven 1 + 1 = 2, then 2, 4, 4, 4, then
+        // 6, 8, then 14. In lane order, each 1 added to 1e8 is lost to rounding and the sum is 7.
+        let mut b = [1f32; 16];
+        (b[0], b[8]) = (1e8, -1e8);
+        let a = [1f32; 16];
+        assert_eq!(sum16(b), 14.0);
+        assert_eq!(dot(&a, &b), 14.0);
+        assert_eq!(portable_dot(&a, &b), 14.0);
+        assert_eq!(dot4(&a, [&b; 4]), [14.0; 4]);
+        assert_eq!(portable_dot4(&a, [&b; 4]), [14.0; 4]);
     }
 
     #[test]
