@@ -138,20 +138,45 @@ unsafe fn widen_u8(v: __m256i) -> [__m256; 4] {
     [low8_u8(a), high8_u8(a), low8_u8(b), high8_u8(b)]
 }
 
+/// A Q5_0 block's 32 values as signed bytes: the nibbles in value order (low nibbles, then high), then value j's
+/// fifth bit from bit j of qh: a nibble with its bit clear is nibble - 16, which as a signed byte is nibble | 0xf0.
+#[inline(always)]
+unsafe fn q5_0_values(b: &[u8]) -> __m256i {
+    let qs = _mm_loadu_si128(b[6..22].as_ptr() as *const __m128i);
+    let nibbles = _mm256_and_si256(
+        _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(qs), _mm_srli_epi16::<4>(qs)),
+        _mm256_set1_epi8(0x0f),
+    );
+    let clear =
+        _mm256_andnot_si256(bytes_from_bits(u32::from_le_bytes([b[2], b[3], b[4], b[5]])), _mm256_set1_epi8(-16));
+    _mm256_or_si256(nibbles, clear)
+}
+
+/// The four runs of 32 values of half `h` of a Q6_K block (`blocks::dot_row`'s q[0..4]) as signed bytes: four
+/// low bits from `ql`, two high bits from `qh`, minus 32.
+#[inline(always)]
+unsafe fn q6k_runs(b: &[u8], h: usize) -> [__m256i; 4] {
+    let (low4, bits45) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
+    let ql0 = _mm256_loadu_si256(b[64 * h..64 * h + 32].as_ptr() as *const __m256i);
+    let ql1 = _mm256_loadu_si256(b[64 * h + 32..64 * h + 64].as_ptr() as *const __m256i);
+    let qh = _mm256_loadu_si256(b[128 + 32 * h..160 + 32 * h].as_ptr() as *const __m256i);
+    [
+        _mm256_or_si256(_mm256_and_si256(ql0, low4), _mm256_and_si256(_mm256_slli_epi16::<4>(qh), bits45)),
+        _mm256_or_si256(_mm256_and_si256(ql1, low4), _mm256_and_si256(_mm256_slli_epi16::<2>(qh), bits45)),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low4), _mm256_and_si256(qh, bits45)),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low4),
+            _mm256_and_si256(_mm256_srli_epi16::<2>(qh), bits45),
+        ),
+    ]
+    .map(|q| _mm256_sub_epi8(q, _mm256_set1_epi8(32)))
+}
+
 #[target_feature(enable = "avx2,fma")]
 unsafe fn q5_0(bytes: &[u8], x: &[f32]) -> f32 {
-    let low4 = _mm256_set1_epi8(0x0f);
-    let minus_sixteen = _mm256_set1_epi8(-16);
     let mut acc = _mm256_setzero_ps();
     for (b, x) in bytes.chunks_exact(22).zip(x.chunks_exact(32)) {
-        // The 32 nibbles in value order (low nibbles, then high), then value j's fifth bit from bit j of qh:
-        // a nibble with its bit clear is nibble - 16, which as a signed byte is nibble | 0xf0.
-        let qs = _mm_loadu_si128(b.as_ptr().add(6) as *const __m128i);
-        let nibbles =
-            _mm256_and_si256(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(qs), _mm_srli_epi16::<4>(qs)), low4);
-        let clear = _mm256_andnot_si256(bytes_from_bits(u32::from_le_bytes([b[2], b[3], b[4], b[5]])), minus_sixteen);
-        let q = _mm256_or_si256(nibbles, clear);
-        acc = _mm256_fmadd_ps(scale(b, 0), dot32(widen_i8(q), x, 0), acc);
+        acc = _mm256_fmadd_ps(scale(b, 0), dot32(widen_i8(q5_0_values(b)), x, 0), acc);
     }
     lanes_sum(acc)
 }
@@ -181,28 +206,12 @@ unsafe fn q4k(bytes: &[u8], x: &[f32]) -> f32 {
 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn q6k(bytes: &[u8], x: &[f32]) -> f32 {
-    let low4 = _mm256_set1_epi8(0x0f);
-    let bits45 = _mm256_set1_epi8(0x30);
-    let thirty_two = _mm256_set1_epi8(32);
     let mut acc = _mm256_setzero_ps();
     for (b, x) in bytes.chunks_exact(210).zip(x.chunks_exact(256)) {
         let d = half(b, 208);
         for h in 0..2 {
-            let ql0 = _mm256_loadu_si256(b.as_ptr().add(64 * h) as *const __m256i);
-            let ql1 = _mm256_loadu_si256(b.as_ptr().add(64 * h + 32) as *const __m256i);
-            let qh = _mm256_loadu_si256(b.as_ptr().add(128 + 32 * h) as *const __m256i);
             let sc = &b[192 + 8 * h..200 + 8 * h];
-            // The four runs of 32 values (`blocks::dot_row`'s q[0..4]), as signed bytes.
-            let runs = [
-                _mm256_or_si256(_mm256_and_si256(ql0, low4), _mm256_and_si256(_mm256_slli_epi16::<4>(qh), bits45)),
-                _mm256_or_si256(_mm256_and_si256(ql1, low4), _mm256_and_si256(_mm256_slli_epi16::<2>(qh), bits45)),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low4), _mm256_and_si256(qh, bits45)),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low4),
-                    _mm256_and_si256(_mm256_srli_epi16::<2>(qh), bits45),
-                ),
-            ]
-            .map(|q| _mm256_sub_epi8(q, thirty_two));
+            let runs = q6k_runs(b, h);
             for (k, run) in runs.into_iter().enumerate() {
                 let at = 128 * h + 32 * k;
                 let q = widen_i8(run);
@@ -272,16 +281,9 @@ unsafe fn dequantize_q4_1(bytes: &[u8], out: &mut [f32]) {
 
 #[target_feature(enable = "avx2")]
 unsafe fn dequantize_q5_0(bytes: &[u8], out: &mut [f32]) {
-    let low4 = _mm256_set1_epi8(0x0f);
-    let minus_sixteen = _mm256_set1_epi8(-16);
     for (b, y) in bytes.chunks_exact(22).zip(out.chunks_exact_mut(32)) {
-        // As in `q5_0`: the nibbles in value order, and those whose fifth bit is clear made nibble - 16.
-        let qs = _mm_loadu_si128(b.as_ptr().add(6) as *const __m128i);
-        let nibbles =
-            _mm256_and_si256(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(qs), _mm_srli_epi16::<4>(qs)), low4);
-        let clear = _mm256_andnot_si256(bytes_from_bits(u32::from_le_bytes([b[2], b[3], b[4], b[5]])), minus_sixteen);
         let d = scale(b, 0);
-        for (i, v) in widen_i8(_mm256_or_si256(nibbles, clear)).into_iter().enumerate() {
+        for (i, v) in widen_i8(q5_0_values(b)).into_iter().enumerate() {
             store8(y, 8 * i, _mm256_mul_ps(v, d));
         }
     }
@@ -313,27 +315,11 @@ unsafe fn dequantize_q4k(bytes: &[u8], out: &mut [f32]) {
 
 #[target_feature(enable = "avx2")]
 unsafe fn dequantize_q6k(bytes: &[u8], out: &mut [f32]) {
-    let low4 = _mm256_set1_epi8(0x0f);
-    let bits45 = _mm256_set1_epi8(0x30);
-    let thirty_two = _mm256_set1_epi8(32);
     for (b, y) in bytes.chunks_exact(210).zip(out.chunks_exact_mut(256)) {
         let d = half(b, 208);
         for h in 0..2 {
-            let ql0 = _mm256_loadu_si256(b.as_ptr().add(64 * h) as *const __m256i);
-            let ql1 = _mm256_loadu_si256(b.as_ptr().add(64 * h + 32) as *const __m256i);
-            let qh = _mm256_loadu_si256(b.as_ptr().add(128 + 32 * h) as *const __m256i);
             let sc = &b[192 + 8 * h..200 + 8 * h];
-            // The four runs of 32 values, as in `q6k`.
-            let runs = [
-                _mm256_or_si256(_mm256_and_si256(ql0, low4), _mm256_and_si256(_mm256_slli_epi16::<4>(qh), bits45)),
-                _mm256_or_si256(_mm256_and_si256(ql1, low4), _mm256_and_si256(_mm256_slli_epi16::<2>(qh), bits45)),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql0), low4), _mm256_and_si256(qh, bits45)),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), low4),
-                    _mm256_and_si256(_mm256_srli_epi16::<2>(qh), bits45),
-                ),
-            ]
-            .map(|q| _mm256_sub_epi8(q, thirty_two));
+            let runs = q6k_runs(b, h);
             for (k, run) in runs.into_iter().enumerate() {
                 // `d * scale` first, then times the value: the portable loop's order.
                 for (i, v) in widen_i8(run).into_iter().enumerate() {
