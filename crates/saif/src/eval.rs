@@ -45,16 +45,29 @@ pub async fn evaluate(
     sae: &Sae,
     layer: usize,
     lines: &[String],
-    mut progress: impl FnMut(usize, usize),
+    progress: impl FnMut(usize, usize),
 ) -> Result<SaeEval, EngineError> {
+    let mut evals = evaluate_layers(engine, &[(sae, layer)], lines, progress).await?;
+    Ok(evals.remove(0))
+}
+
+/// Evaluates several SAEs, each on its layer, over the same `lines`: one clean pass per text reads every layer, then
+/// each SAE gets its spliced and its zeroed pass. The same figures as `evaluate` on each, for a quarter less work
+/// on a model's whole set of SAEs.
+pub async fn evaluate_layers(
+    engine: &mut Engine,
+    saes: &[(&Sae, usize)],
+    lines: &[String],
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Vec<SaeEval>, EngineError> {
     let c = engine.config().clone();
-    sae.check_fits(c.hidden, c.n_layers, layer).map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
+    for &(sae, layer) in saes {
+        sae.check_fits(c.hidden, c.n_layers, layer).map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
+    }
     let (d, vocab) = (c.hidden, c.vocab_size);
-    let mut fired = vec![false; sae.info.d_sae];
-    let (mut sq_err, mut sum, mut sum_sq) = (0f64, vec![0f64; d], 0f64);
-    let (mut active, mut counted) = (0usize, 0usize);
-    let (mut ce_clean, mut ce_sae, mut ce_zero, mut ce_tokens) = (0f64, 0f64, 0f64, 0usize);
-    let mut texts = 0;
+    let mut tallies: Vec<Tally> = saes.iter().map(|(sae, _)| Tally::new(sae.info.d_sae, d)).collect();
+    let (mut ce_clean, mut ce_tokens, mut texts) = (0f64, 0usize, 0usize);
+    let reads = saes.iter().fold(Hooks::none(), |hooks, &(_, layer)| hooks.read(layer, Positions::All));
     for (i, line) in lines.iter().enumerate() {
         let ids = line_tokens(engine, line)?;
         if ids.len() < 3 {
@@ -62,57 +75,88 @@ pub async fn evaluate(
         }
         texts += 1;
         engine.model.reset();
-        let reads = Hooks::none().read(layer, Positions::All);
         let clean = engine.model.forward(&ids, Segment::Prompt, &reads, LogitsWanted::All).await?;
         let (loss, n) = cross_entropy(clean.all_logits.as_deref().expect("asked for"), &ids, vocab);
         ce_clean += loss;
         ce_tokens += n;
-        // Per position: the reconstruction minus the stream (splice) and minus the stream (zero).
-        let mut splice = vec![0f32; ids.len() * d];
-        let mut zero = vec![0f32; ids.len() * d];
-        for cap in &clean.captures {
-            if skipped_position(cap.position) {
-                continue;
+        for (&(sae, layer), tally) in saes.iter().zip(&mut tallies) {
+            // Per position: the reconstruction minus the stream (splice) and minus the stream (zero).
+            let mut splice = vec![0f32; ids.len() * d];
+            let mut zero = vec![0f32; ids.len() * d];
+            for cap in clean.captures.iter().filter(|cap| cap.layer == layer && !skipped_position(cap.position)) {
+                let latents = sae.encode_sparse(&cap.values);
+                tally.active += latents.len();
+                latents.iter().for_each(|&(j, _)| tally.fired[j as usize] = true);
+                let recon = sae.decode(&latents);
+                let p = cap.position;
+                for j in 0..d {
+                    let h = cap.values[j] as f64;
+                    tally.sq_err += (h - recon[j] as f64).powi(2);
+                    tally.sum[j] += h;
+                    tally.sum_sq += h * h;
+                    splice[p * d + j] = recon[j] - cap.values[j];
+                    zero[p * d + j] = -cap.values[j];
+                }
+                tally.counted += 1;
             }
-            let latents = sae.encode_sparse(&cap.values);
-            active += latents.len();
-            latents.iter().for_each(|&(j, _)| fired[j as usize] = true);
-            let recon = sae.decode(&latents);
-            let p = cap.position;
-            for j in 0..d {
-                let h = cap.values[j] as f64;
-                sq_err += (h - recon[j] as f64).powi(2);
-                sum[j] += h;
-                sum_sq += h * h;
-                splice[p * d + j] = recon[j] - cap.values[j];
-                zero[p * d + j] = -cap.values[j];
+            for (delta, total) in [(splice, &mut tally.ce_sae), (zero, &mut tally.ce_zero)] {
+                engine.model.reset();
+                let hooks = Hooks::none().add_rows(layer, 0, delta);
+                let out = engine.model.forward(&ids, Segment::Prompt, &hooks, LogitsWanted::All).await?;
+                *total += cross_entropy(out.all_logits.as_deref().expect("asked for"), &ids, vocab).0;
             }
-            counted += 1;
-        }
-        for (delta, total) in [(splice, &mut ce_sae), (zero, &mut ce_zero)] {
-            engine.model.reset();
-            let hooks = Hooks::none().add_rows(layer, 0, delta);
-            let out = engine.model.forward(&ids, Segment::Prompt, &hooks, LogitsWanted::All).await?;
-            *total += cross_entropy(out.all_logits.as_deref().expect("asked for"), &ids, vocab).0;
         }
         progress(i + 1, lines.len());
     }
-    if counted == 0 {
-        return Err(EngineError::InvalidRequest("no text long enough to evaluate the SAE on".into()));
+    let clean = ce_clean / ce_tokens.max(1) as f64;
+    saes.iter()
+        .zip(tallies)
+        .map(|(&(_, layer), t)| {
+            if t.counted == 0 {
+                return Err(EngineError::InvalidRequest("no text long enough to evaluate the SAE on".into()));
+            }
+            let n = t.counted as f64;
+            let variance = t.sum_sq - t.sum.iter().map(|s| s * s).sum::<f64>() / n;
+            let (spliced, zeroed) = (t.ce_sae / ce_tokens as f64, t.ce_zero / ce_tokens as f64);
+            Ok(SaeEval {
+                layer,
+                fvu: t.sq_err / variance,
+                l0: t.active as f64 / n,
+                dead_fraction: t.fired.iter().filter(|&&f| !f).count() as f64 / t.fired.len() as f64,
+                ce_loss_clean: clean,
+                ce_loss_sae: spliced,
+                ce_loss_zero: zeroed,
+                ce_recovered: (zeroed - spliced) / (zeroed - clean),
+                tokens: t.counted,
+                texts,
+            })
+        })
+        .collect()
+}
+
+/// One SAE's running sums over the texts.
+struct Tally {
+    fired: Vec<bool>,
+    sq_err: f64,
+    sum: Vec<f64>,
+    sum_sq: f64,
+    active: usize,
+    counted: usize,
+    ce_sae: f64,
+    ce_zero: f64,
+}
+
+impl Tally {
+    fn new(d_sae: usize, hidden: usize) -> Self {
+        Tally {
+            fired: vec![false; d_sae],
+            sq_err: 0.0,
+            sum: vec![0.0; hidden],
+            sum_sq: 0.0,
+            active: 0,
+            counted: 0,
+            ce_sae: 0.0,
+            ce_zero: 0.0,
+        }
     }
-    let n = counted as f64;
-    let variance = sum_sq - sum.iter().map(|s| s * s).sum::<f64>() / n;
-    let (clean, spliced, zeroed) = (ce_clean / ce_tokens as f64, ce_sae / ce_tokens as f64, ce_zero / ce_tokens as f64);
-    Ok(SaeEval {
-        layer,
-        fvu: sq_err / variance,
-        l0: active as f64 / n,
-        dead_fraction: fired.iter().filter(|&&f| !f).count() as f64 / fired.len() as f64,
-        ce_loss_clean: clean,
-        ce_loss_sae: spliced,
-        ce_loss_zero: zeroed,
-        ce_recovered: (zeroed - spliced) / (zeroed - clean),
-        tokens: counted,
-        texts,
-    })
 }

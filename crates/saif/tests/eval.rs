@@ -2,7 +2,7 @@
 //! exactly (latents relu(x) and relu(-x)) recovers all the loss with FVU 0 and L0 = d; an SAE that outputs zero
 //! recovers none, leaves all variance unexplained and has every latent dead.
 
-use saif::eval::evaluate;
+use saif::eval::{evaluate, evaluate_layers};
 use saif::{Activation, Sae, SaeInfo};
 use saif_engine::{block_on, Engine, LoadOptions};
 
@@ -75,4 +75,20 @@ fn a_wrong_sae_for_the_model_is_refused() {
     let mut engine = fixture();
     let err = block_on(evaluate(&mut engine, &sae(100, true), 1, &lines(), |_, _| {})).unwrap_err();
     assert!(err.to_string().contains("does not fit"), "{err}");
+}
+
+/// Several SAEs in one evaluation (one clean pass shared by all) give exactly what each gives alone.
+#[test]
+fn saes_evaluated_together_equal_each_evaluated_alone() {
+    let mut engine = fixture();
+    let d = engine.config().hidden;
+    let (exact, zero) = (sae(d, true), sae(d, false));
+    let saes = [(&exact, 0), (&zero, 1), (&exact, 1)];
+    let together = block_on(evaluate_layers(&mut engine, &saes, &lines(), |_, _| {})).unwrap();
+    assert_eq!(together.len(), 3);
+    for (&(sae, layer), joint) in saes.iter().zip(&together) {
+        let alone = block_on(evaluate(&mut engine, sae, layer, &lines(), |_, _| {})).unwrap();
+        assert_eq!(&alone, joint, "layer {layer}");
+    }
+    assert_ne!(together[0].ce_loss_zero, together[2].ce_loss_zero, "layers 0 and 1 were zeroed alike");
 }

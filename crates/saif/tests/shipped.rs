@@ -11,7 +11,7 @@
 
 use std::path::{Path, PathBuf};
 
-use saif::eval::evaluate;
+use saif::eval::evaluate_layers;
 use saif::lens::LogitLens;
 use saif::{defaults, Sae};
 use saif_engine::{block_on, Engine, LoadOptions};
@@ -66,13 +66,20 @@ fn check_shipped(file: &str, expected_layers: usize, lines: usize, kinds: &[&str
     let last = engine.config().n_layers - 1;
     assert_eq!(shipped.last().unwrap().0, last, "{key}: the last layer's SAE is shipped");
     let sets: Vec<_> = sets(lines).into_iter().filter(|(name, _)| kinds.contains(name)).collect();
-    for (layer, dir) in shipped {
-        let sae = Sae::load_dir(&dir).unwrap();
-        assert_eq!(sae.info.layer, Some(layer));
-        let size: u64 = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    let mut saes = Vec::new();
+    for (layer, dir) in &shipped {
+        let sae = Sae::load_dir(dir).unwrap();
+        assert_eq!(sae.info.layer, Some(*layer));
+        let size: u64 = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
         assert!(size < 12_000_000, "{}: {size} bytes is not a few MB", dir.display());
-        for (name, lines) in &sets {
-            let eval = block_on(evaluate(&mut engine, &sae, layer, lines, |_, _| {})).unwrap();
+        saes.push((sae, *layer));
+    }
+    let saes: Vec<(&Sae, usize)> = saes.iter().map(|(sae, layer)| (sae, *layer)).collect();
+    for (name, lines) in &sets {
+        // One clean pass per text serves every layer (the same figures as evaluating each SAE alone).
+        let evals = block_on(evaluate_layers(&mut engine, &saes, lines, |_, _| {})).unwrap();
+        for eval in evals {
+            let layer = eval.layer;
             eprintln!("{key} layer {layer} on {name}: {eval:?}");
             let what = format!("{key} layer {layer} on {name} ({} tokens)", eval.tokens);
             assert!(eval.ce_recovered >= 0.8, "{what}: loss recovered {}", eval.ce_recovered);
