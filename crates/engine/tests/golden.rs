@@ -32,9 +32,9 @@ const NEAR_TIE: f64 = 2e-3;
 enum Depth {
     /// Every prompt, and the 16 greedy tokens generated one at a time as `generate` does.
     Full,
-    /// For the GPU path, which the tests run on an emulated GPU (lavapipe: 20-100x slower than the engine's CPU
-    /// path, half a second to a second a token on the 2-core CI machines, where the full check took over 40
-    /// minutes): the greedy tokens are checked by teacher forcing, the reference's tokens fed after the prompt in
+    /// For the GPU path, which the tests run on an emulated GPU (lavapipe: tens to hundreds of times slower than
+    /// the engine's CPU path, half a second to a second a token on the 2-core CI machines, where the full check took
+    /// over 40 minutes): the greedy tokens are checked by teacher forcing, the reference's tokens fed after the prompt in
     /// one call, each position's argmax being the next reference token. Greedy decoding picks exactly those
     /// whenever the cached decode equals that call, which kv_cache.rs checks on the GPU (on the fixtures, whose
     /// 4-token sliding windows also stand in for the long references left to the CPU). The first prompt is still
