@@ -143,8 +143,7 @@ fn teacher_forced_argmax(engine: &mut Engine, prompt_logits: &[f32], want: &[u32
     if want.len() > 1 {
         let fed = &want[..want.len() - 1];
         let out = block_on(engine.model.forward(fed, Segment::Generated, &Hooks::none(), LogitsWanted::All)).unwrap();
-        let all = out.all_logits.unwrap();
-        got.extend(all.chunks(all.len() / fed.len()).map(argmax));
+        got.extend(out.all_logits.unwrap().chunks(engine.config().vocab_size).map(argmax));
     }
     got
 }

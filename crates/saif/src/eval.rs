@@ -108,13 +108,13 @@ pub async fn evaluate_layers(
         }
         progress(i + 1, lines.len());
     }
-    let clean = ce_clean / ce_tokens.max(1) as f64;
+    if texts == 0 {
+        return Err(EngineError::InvalidRequest("no text long enough to evaluate the SAE on".into()));
+    }
+    let clean = ce_clean / ce_tokens as f64;
     saes.iter()
         .zip(tallies)
         .map(|(&(_, layer), t)| {
-            if t.counted == 0 {
-                return Err(EngineError::InvalidRequest("no text long enough to evaluate the SAE on".into()));
-            }
             let n = t.counted as f64;
             let variance = t.sum_sq - t.sum.iter().map(|s| s * s).sum::<f64>() / n;
             let (spliced, zeroed) = (t.ce_sae / ce_tokens as f64, t.ce_zero / ce_tokens as f64);
@@ -135,6 +135,7 @@ pub async fn evaluate_layers(
 }
 
 /// One SAE's running sums over the texts.
+#[derive(Default)]
 struct Tally {
     fired: Vec<bool>,
     sq_err: f64,
@@ -148,15 +149,6 @@ struct Tally {
 
 impl Tally {
     fn new(d_sae: usize, hidden: usize) -> Self {
-        Tally {
-            fired: vec![false; d_sae],
-            sq_err: 0.0,
-            sum: vec![0.0; hidden],
-            sum_sq: 0.0,
-            active: 0,
-            counted: 0,
-            ce_sae: 0.0,
-            ce_zero: 0.0,
-        }
+        Tally { fired: vec![false; d_sae], sum: vec![0.0; hidden], ..Default::default() }
     }
 }

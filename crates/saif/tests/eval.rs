@@ -91,4 +91,9 @@ fn saes_evaluated_together_equal_each_evaluated_alone() {
         assert_eq!(&alone, joint, "layer {layer}");
     }
     assert_ne!(together[0].ce_loss_zero, together[2].ce_loss_zero, "layers 0 and 1 were zeroed alike");
+    // And the known answers, independent of either code path: the exact SAE recovers everything, the zero one nothing.
+    for exact in [&together[0], &together[2]] {
+        assert!(exact.fvu < 1e-10 && (exact.ce_recovered - 1.0).abs() < 1e-12, "{exact:?}");
+    }
+    assert_eq!((together[1].ce_recovered, together[1].dead_fraction), (0.0, 1.0));
 }
