@@ -17,7 +17,8 @@
 #   RESULTS_TABLE_LIMIT=120        held-out contents per cell of the table;
 #   RESULTS_TOKENS=32              new tokens per answer;
 #   RESULTS_TUNED=all              instructions tuned at the chosen layer besides translate-fr (none: they take
-#                                  translate-fr's settings);
+#                                  translate-fr's settings; a list such as summarize,uppercase: only those);
+#   RESULTS_GRID=skip              keep the stored translate-fr grid and only tune the other instructions;
 #   RESULTS_K=1,3,5,10,15,30,60    the numbers of latents of the k finding;
 #   RESULTS_FINDINGS=k,rank        only these findings (layer, k, placement, coefficient, rank).
 set -euo pipefail
@@ -43,7 +44,11 @@ models=(
 )
 instructions=(translate-fr translate-es translate-de summarize include-word uppercase)
 tuned=("${instructions[@]:1}")
-[ "${RESULTS_TUNED:-all}" = none ] && tuned=()
+case "${RESULTS_TUNED:-all}" in
+  all) ;;
+  none) tuned=() ;;
+  *) IFS=, read -r -a tuned <<<"$RESULTS_TUNED" ;;
+esac
 mkdir -p "$out"
 # The first $limit held-out contents, for `saif eval --contents`.
 heldout="$out/heldout-$limit.txt"
@@ -80,9 +85,11 @@ if [ "$stage" = all ] || [ "$stage" = tune ]; then
           --on discovery --limit "$tune_limit" --max-new-tokens "$tokens" --out "$folder"
       done
     }
-    for layer in $(tr , ' ' <<<"${RESULTS_LAYERS:-$layers}"); do
-      tune translate-fr "$layer"
-    done
+    if [ "${RESULTS_GRID:-}" != skip ]; then
+      for layer in $(tr , ' ' <<<"${RESULTS_LAYERS:-$layers}"); do
+        tune translate-fr "$layer"
+      done
+    fi
     [ -z "${RESULTS_LAYERS:-}" ] || continue
     layer=$(python3 scripts/results.py layer "$key")
     for instruction in "${tuned[@]}"; do
