@@ -89,6 +89,20 @@ pub fn SaifPanel() -> impl IntoView {
         methods: RwSignal::new(vec![Method::None, Method::Prompt, Method::Diffmean, Method::Random, Method::Saif]),
         max_new_tokens: RwSignal::new(24),
     };
+    // The k and strengths the sweeps recorded for this model and instruction (crates/saif/data/steering.json). They
+    // were tuned at one layer, so the fields take them only while the SAE of that layer is loaded.
+    let recorded = Memo::new(move |_| {
+        let key = state.model.with(|m| m.as_ref().map(|m| m.key.clone()))?;
+        saif::defaults::steering(&key, &form.instruction.get())
+    });
+    Effect::new(move |_| {
+        let layer = state.sae.with(|s| s.as_ref().map(|s| s.layer));
+        if let Some(d) = recorded.get().filter(|d| Some(d.layer) == layer) {
+            form.k.set(d.k);
+            form.alphas.set(d.alpha.to_string());
+            form.diffmean_alphas.set(d.diffmean_alpha.to_string());
+        }
+    });
     let discover = move |_| {
         state.error.set(None);
         state.work.set(None);
@@ -220,6 +234,13 @@ pub fn SaifPanel() -> impl IntoView {
                         </label>
                     }).collect_view()}
                 </div>
+                {move || recorded.get().map(|d| view! {
+                    <p class="hint" id="saif-recorded">{format!(
+                        "Recorded for this model and instruction (docs/results.md): layer {}, k = {}, SAIF α = {}, difference-in-means α = {}{}.",
+                        d.layer, d.k, d.alpha, d.diffmean_alpha,
+                        if state.sae.with(|s| s.as_ref().map(|s| s.layer)) == Some(d.layer) { "" } else { "; load that layer's SAE to use them" }
+                    )}</p>
+                })}
                 <div class="row">
                     <label>"α (SAIF, random) " <input type="text" class="narrow" id="saif-alphas" prop:value=move || form.alphas.get()
                         on:change=move |ev| form.alphas.set(event_target_value(&ev))/></label>

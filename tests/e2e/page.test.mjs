@@ -349,6 +349,10 @@ test("SAIF in the page: a small discovery, its latents applied as steering, and 
   await setNumber(page, "#saif-eval-contents", 2);
   await setNumber(page, "#saif-eval-tokens", 4);
   for (const m of ["diffmean", "random"]) await page.uncheck(`.saif-method[value="${m}"]`);
+  // The page starts on the recorded layer's SAE, so the strengths start at the ones recorded for translate-fr.
+  const fr = recorded["smollm2-135m"]["translate-fr"];
+  assert.equal(await page.inputValue("#saif-alphas"), String(fr.alpha));
+  assert.match(await page.locator("#saif-recorded").textContent(), new RegExp(`layer ${fr.layer}, k = ${fr.k}, SAIF α = ${fr.alpha},`));
   await page.fill("#saif-alphas", "1");
   await page.dispatchEvent("#saif-alphas", "change");
   await page.click("#saif-eval");
