@@ -72,3 +72,30 @@ pub fn find(model_key: &str, layer: Option<usize>) -> Option<(usize, PathBuf)> {
         None => all.into_iter().last(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every built-in instruction has an entry of its own for SmolLM2, read back unchanged, on a layer with a
+    /// shipped SAE: a typo in steering.json would otherwise only show as defaults that silently differ.
+    #[test]
+    fn every_instruction_has_recorded_settings_on_a_shipped_layer() {
+        let file: serde_json::Value = serde_json::from_str(include_str!("../data/steering.json")).unwrap();
+        let smollm2 = &file["models"]["smollm2-135m"];
+        let saes = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../public/saes/smollm2-135m");
+        for instruction in crate::data::instructions() {
+            let id = instruction.id.as_str();
+            let entry = smollm2.get(id).unwrap_or_else(|| panic!("{id} has no entry of its own"));
+            let recorded = steering("smollm2-135m", id).unwrap();
+            assert_eq!(&serde_json::to_value(recorded).unwrap(), entry, "{id}");
+            assert!(
+                saes.join(format!("layer_{}", recorded.layer)).is_dir(),
+                "{id}: no SAE at layer {}",
+                recorded.layer
+            );
+            assert!(recorded.alpha > 0.0 && recorded.diffmean_alpha > 0.0 && recorded.k >= 1, "{id}: {recorded:?}");
+        }
+        assert_eq!(steering("no-such-model", "translate-fr"), None);
+    }
+}
