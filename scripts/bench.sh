@@ -4,7 +4,9 @@
 #      llama.cpp on the same files: prefill of a 128-token prompt, 64 tokens decoded one at a time after it,
 #      median of 5 runs; llama-bench pp128 / tg64 with the same thread count, 5 repetitions;
 #   2. the app's benchmark page in headless Chromium, on WebGPU (SwiftShader without a GPU) and on the CPU
-#      (WebAssembly): a 32-token prompt, 16 decoded tokens, median of 3 runs.
+#      (WebAssembly): a 32-token prompt, 16 decoded tokens, median of 3 runs;
+#   3. time to first token in the page for a model already in the browser's cache (tests/e2e/ttft.mjs): from the
+#      visit to the model being ready, and from the click on Generate to the first token shown, median of 3 visits.
 # llama.cpp comes from a registry package: the source distribution of llama-cpp-python on PyPI vendors it. It is
 # built once into ~/.cache/saif/llama.cpp (a few minutes); nothing of it is committed.
 # Results land in target/bench/ as JSON and as tables on stdout, for docs/benchmarks.md.
@@ -99,6 +101,17 @@ print("|---|---|---|---|---|---|---|---|")
 for line in open(sys.argv[1]):
     r = json.loads(line)
     print("| " + " | ".join([r["model"]] + [r.get(k, "") for k in keys]) + " |")
+EOF
+
+printf '\n## Headless Chromium, time to first token for a model in the browser'"'"'s cache (median of 3 visits)\n\n'
+(cd tests/e2e && node ttft.mjs 3 cpu) >"$out/ttft.jsonl"
+python3 - "$out/ttft.jsonl" <<'EOF'
+import json, sys
+print("| model | backend | visit to ready (ms) | click on Generate to first token (ms) | the worker's own (ms) | visit to first token (ms) |")
+print("|---|---|---|---|---|---|")
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(f"| {r['model']} | {r['backend']} | {r['visit_to_ready_ms']} | {r['click_to_first_token_ms']} | {r['worker_first_token_ms']} | {r['visit_to_first_token_ms']} |")
 EOF
 echo
 echo "raw results in $out/"
