@@ -136,18 +136,22 @@ def report():
                 r = json.load(open(path))
                 lines.append(f"| {rank} | {eval_row(r)} | {', '.join(map(str, r.get('latents', [])))} |")
             lines.append("")
-        # The table: one `saif table` run for every model (docs/results/table-KEY.json), or one per instruction
-        # (docs/results/table/INSTRUCTION/table-KEY.json).
-        tables = [os.path.join(OUT, f"table-{key}.json")] + sorted(glob.glob(os.path.join(OUT, "table", "*", f"table-{key}.json")),
-                                                                  key=lambda p: INSTRUCTIONS.index(p.split(os.sep)[-2]) if p.split(os.sep)[-2] in INSTRUCTIONS else 99)
-        table_rows, seconds = [], 0.0
-        for path in tables:
-            if os.path.exists(path):
-                t = json.load(open(path))
-                table_rows += t["rows"]
-                seconds += t["seconds"]
-        if table_rows:
-            lines.append(f"### {key}: every method on every instruction ({table_rows[0]['n']} held-out contents; {seconds / 60:.0f} minutes on 2 cores)\n")
+        # The tables: the full one (one `saif table` run over every instruction, docs/results/table-KEY.json), and
+        # the smaller one run per instruction (docs/results/table/INSTRUCTION/table-KEY.json), each under its own
+        # heading: they differ in contents and discovery, so their rows are not pooled.
+        per_instruction = sorted(glob.glob(os.path.join(OUT, "table", "*", f"table-{key}.json")),
+                                 key=lambda p: INSTRUCTIONS.index(p.split(os.sep)[-2]) if p.split(os.sep)[-2] in INSTRUCTIONS else 99)
+        for title, tables in (("every method on every instruction", [os.path.join(OUT, f"table-{key}.json")]),
+                              ("every method on every instruction, run per instruction", per_instruction)):
+            table_rows, seconds = [], 0.0
+            for path in tables:
+                if os.path.exists(path):
+                    t = json.load(open(path))
+                    table_rows += t["rows"]
+                    seconds += t["seconds"]
+            if not table_rows:
+                continue
+            lines.append(f"### {key}: {title} ({table_rows[0]['n']} held-out contents; {seconds / 60:.0f} minutes on 2 cores)\n")
             lines.append("| instruction | method | layer | α | loose (95% CI) | strict (95% CI) | perplexity | repetition |")
             lines.append("|---|---|---|---|---|---|---|---|")
             for r in table_rows:
