@@ -95,9 +95,12 @@ pub fn SaifPanel() -> impl IntoView {
         let key = state.model.with(|m| m.as_ref().map(|m| m.key.clone()))?;
         saif::defaults::steering(&key, &form.instruction.get())
     });
-    Effect::new(move |_| {
+    let recorded_layer_loaded = Memo::new(move |_| {
         let layer = state.sae.with(|s| s.as_ref().map(|s| s.layer));
-        if let Some(d) = recorded.get().filter(|d| Some(d.layer) == layer) {
+        recorded.get().is_some_and(|d| Some(d.layer) == layer)
+    });
+    Effect::new(move |_| {
+        if let Some(d) = recorded.get().filter(|_| recorded_layer_loaded.get()) {
             form.k.set(d.k);
             form.alphas.set(d.alpha.to_string());
             form.diffmean_alphas.set(d.diffmean_alpha.to_string());
@@ -238,7 +241,7 @@ pub fn SaifPanel() -> impl IntoView {
                     <p class="hint" id="saif-recorded">{format!(
                         "Recorded for this model and instruction (docs/results.md): layer {}, k = {}, SAIF α = {}, difference-in-means α = {}{}.",
                         d.layer, d.k, d.alpha, d.diffmean_alpha,
-                        if state.sae.with(|s| s.as_ref().map(|s| s.layer)) == Some(d.layer) { "" } else { "; load that layer's SAE to use them" }
+                        if recorded_layer_loaded.get() { "" } else { "; load that layer's SAE to use them" }
                     )}</p>
                 })}
                 <div class="row">
