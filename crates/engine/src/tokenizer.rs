@@ -2,8 +2,9 @@
 //!
 //! Two kinds exist in the files this project reads:
 //! - `llama` (SentencePiece BPE; Gemma): a vocabulary with scores. SentencePiece merges the adjacent pair whose
-//!   merged piece has the highest score, which is BPE with merges ranked by that score; spaces become `▁`, and
-//!   characters outside the vocabulary fall back to byte tokens `<0xNN>`.
+//!   merged piece has the highest score (`sentencepiece`, a model of its own: as a `tokenizers` BPE it needs half a
+//!   million merges, slow to build); spaces become `▁`, and characters outside the vocabulary fall back to byte
+//!   tokens `<0xNN>`.
 //! - `gpt2` (byte-level BPE; SmolLM2, Llama 3): a vocabulary and an explicit merge list, with a pre-tokenizer that
 //!   `tokenizer.ggml.pre` names.
 //!
@@ -15,15 +16,21 @@ use tokenizers::decoders::byte_level::ByteLevel;
 use tokenizers::decoders::fuse::Fuse;
 use tokenizers::decoders::sequence::Sequence as DecoderSequence;
 use tokenizers::decoders::strip::Strip;
-use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::models::bpe::{BpeTrainer, Vocab, BPE};
 use tokenizers::normalizers::{Prepend, Replace};
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior};
+use tokenizers::{
+    AddedToken, DecoderWrapper, Model, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
+    SplitDelimiterBehavior, Token, TokenizerImpl,
+};
 
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
+
+mod sentencepiece;
+use sentencepiece::SentencePieceBpe;
 
 /// llama.cpp's token types (`tokenizer.ggml.token_type`).
 const TYPE_NORMAL: i64 = 1;
@@ -40,8 +47,11 @@ pub enum TokenizerKind {
     ByteLevelBpe,
 }
 
+/// The `tokenizers` pipeline (normalizer, pre-tokenizer, added tokens, decoder) around either kind's model.
+type Inner = TokenizerImpl<GgufModel, NormalizerWrapper, PreTokenizerWrapper, PostProcessorWrapper, DecoderWrapper>;
+
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    inner: Inner,
     kind: TokenizerKind,
     bos: Option<u32>,
     eos: Option<u32>,
@@ -71,10 +81,7 @@ impl Tokenizer {
                     EngineError::Tokenizer("a SentencePiece vocabulary needs tokenizer.ggml.scores".into())
                 })?;
                 let add_space_prefix = gguf.opt_bool("tokenizer.ggml.add_space_prefix").unwrap_or(true);
-                (
-                    TokenizerKind::SentencePiece,
-                    sentencepiece_bpe(&tokens, &scores, &types, unk.map(|u| tokens[u as usize]), add_space_prefix)?,
-                )
+                (TokenizerKind::SentencePiece, sentencepiece(&tokens, &scores, &types, unk, add_space_prefix)?)
             }
             "gpt2" => {
                 let merges = gguf.get_str_array("tokenizer.ggml.merges")?;
@@ -190,45 +197,19 @@ fn vocab_map(tokens: &[&str]) -> Vocab {
     vocab
 }
 
-/// SentencePiece BPE as a `tokenizers` BPE: every normal piece that splits into two vocabulary pieces becomes a
-/// merge, ranked by the merged piece's score (higher first), ties by the ids of the two halves.
-fn sentencepiece_bpe(
+/// SentencePiece BPE: the model of `sentencepiece`, with spaces as `▁` (and one before the text where the GGUF asks
+/// for it); decoding turns byte pieces back into characters.
+fn sentencepiece(
     tokens: &[&str],
     scores: &[f32],
     types: &[i64],
-    unk: Option<&str>,
+    unk: Option<u32>,
     add_space_prefix: bool,
-) -> Result<tokenizers::Tokenizer> {
+) -> Result<Inner> {
     if scores.len() != tokens.len() {
         return Err(EngineError::Tokenizer(format!("{} scores for {} tokens", scores.len(), tokens.len())));
     }
-    let vocab = vocab_map(tokens);
-    let mut ranked: Vec<(f32, u32, u32, usize)> = Vec::new();
-    for (i, piece) in tokens.iter().enumerate() {
-        if types[i] != TYPE_NORMAL {
-            continue;
-        }
-        for (split, _) in piece.char_indices().skip(1) {
-            let (left, right) = piece.split_at(split);
-            if let (Some(&l), Some(&r)) = (vocab.get(left), vocab.get(right)) {
-                ranked.push((scores[i], l, r, i));
-            }
-        }
-    }
-    ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-    let merges: Vec<(String, String)> = ranked
-        .into_iter()
-        .map(|(_, l, r, _)| (tokens[l as usize].to_string(), tokens[r as usize].to_string()))
-        .collect();
-
-    let byte_fallback = vocab.contains_key("<0x00>");
-    let mut builder = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(byte_fallback).fuse_unk(true);
-    if let Some(unk) = unk {
-        builder = builder.unk_token(unk.to_string());
-    }
-    let bpe = builder.build().map_err(tokenizer_error)?;
-
-    let mut tk = tokenizers::Tokenizer::new(bpe);
+    let mut tk = Inner::new(GgufModel::SentencePiece(SentencePieceBpe::new(tokens, scores, types, unk)));
     let replace = Replace::new(" ", "▁").map_err(tokenizer_error)?;
     let normalizer: NormalizerWrapper = if add_space_prefix {
         tokenizers::normalizers::Sequence::new(vec![Prepend::new("▁".into()).into(), replace.into()]).into()
@@ -273,7 +254,7 @@ fn pre_tokenizer_for(pre: &str) -> Result<PreTokenizerWrapper> {
 }
 
 /// Byte-level BPE with the GGUF's merge list ("left right" per entry).
-fn byte_level_bpe(tokens: &[&str], merges: &[&str], pre: &str) -> Result<tokenizers::Tokenizer> {
+fn byte_level_bpe(tokens: &[&str], merges: &[&str], pre: &str) -> Result<Inner> {
     let merges = merges
         .iter()
         .map(|m| {
@@ -283,8 +264,56 @@ fn byte_level_bpe(tokens: &[&str], merges: &[&str], pre: &str) -> Result<tokeniz
         })
         .collect::<Result<Vec<_>>>()?;
     let bpe = BPE::builder().vocab_and_merges(vocab_map(tokens), merges).build().map_err(tokenizer_error)?;
-    let mut tk = tokenizers::Tokenizer::new(bpe);
+    let mut tk = Inner::new(GgufModel::ByteLevel(bpe));
     tk.with_pre_tokenizer(Some(pre_tokenizer_for(pre)?));
     tk.with_decoder(Some(ByteLevel::default()));
     Ok(tk)
+}
+
+/// The model of either kind of GGUF tokenizer.
+enum GgufModel {
+    ByteLevel(BPE),
+    SentencePiece(SentencePieceBpe),
+}
+
+impl GgufModel {
+    fn model(&self) -> &dyn Model<Trainer = BpeTrainer> {
+        match self {
+            Self::ByteLevel(m) => m,
+            Self::SentencePiece(m) => m,
+        }
+    }
+}
+
+impl Model for GgufModel {
+    /// Never used: these models come from GGUF files, not from training.
+    type Trainer = BpeTrainer;
+
+    fn tokenize(&self, sequence: &str) -> tokenizers::Result<Vec<Token>> {
+        self.model().tokenize(sequence)
+    }
+
+    fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.model().token_to_id(token)
+    }
+
+    fn id_to_token(&self, id: u32) -> Option<String> {
+        self.model().id_to_token(id)
+    }
+
+    fn get_vocab(&self) -> std::collections::HashMap<String, u32> {
+        self.model().get_vocab()
+    }
+
+    fn get_vocab_size(&self) -> usize {
+        self.model().get_vocab_size()
+    }
+
+    fn save(&self, folder: &std::path::Path, prefix: Option<&str>) -> tokenizers::Result<Vec<std::path::PathBuf>> {
+        self.model().save(folder, prefix)
+    }
+
+    fn get_trainer(&self) -> BpeTrainer {
+        BpeTrainer::default()
+    }
 }
