@@ -298,8 +298,6 @@ pub struct ModelSummary {
     /// Where it runs ("wgpu: ..." or "cpu"), and why it is not on the GPU when WebGPU was wanted.
     pub backend: String,
     pub backend_note: Option<String>,
-    /// Why the model's shipped SAE is not there although the page ships one (the model still works).
-    pub sae_note: Option<String>,
     pub bos: Option<u32>,
     pub eos: Option<u32>,
     pub adds_bos: bool,
@@ -307,14 +305,19 @@ pub struct ModelSummary {
     /// Whether the bytes came from the browser's cache rather than the network.
     pub from_cache: bool,
     pub load_ms: f64,
+    /// How long each step of the load took, in ms, in order (reading the file, the header, the tokenizer, the
+    /// weights, the wait for the cached copy's checksum).
+    pub load_steps: Vec<(Stage, f64)>,
     /// Every metadata key with a one-line rendering of its value.
     pub metadata: Vec<(String, String)>,
     /// Count of tensors per quantization, e.g. ("Q4_K", 27).
     pub tensor_types: Vec<(String, usize)>,
-    /// The SAE the page found for this model, if any.
-    pub sae: Option<SaeSummary>,
     /// Every layer with a shipped SAE for this model, in order (the page offers them).
     pub shipped_layers: Vec<usize>,
+    /// The shipped SAE the page puts in use once the model is loaded: the layer whose SAE reproduces the recorded
+    /// SAIF results (crates/saif/data/steering.json), else the last. It is loaded after the model, not with it,
+    /// so that Generate does not wait for it.
+    pub default_sae_layer: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

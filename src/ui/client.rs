@@ -1,7 +1,8 @@
 //! The page's side of the worker protocol: spawns the engine's worker and turns each request into a future of its
 //! final response (`call`), with the responses streamed along the way handed to a callback. Replies are matched
 //! to their requests by id here, so a panel only awaits its own call. Calls that use the model count as busy
-//! (`AppState::busy`), derived from the calls in flight, not from a flag per request kind. If the worker dies (out
+//! (`AppState::busy`), and calls that put an SAE in use as loading one (`AppState::sae_loading`), both derived
+//! from the calls in flight. If the worker dies (out
 //! of memory, a crash), every call in flight fails with the reason, and the page can start a new worker.
 
 use std::collections::HashMap;
@@ -22,7 +23,8 @@ const WORKER_SCRIPT: &str = "./saif-worker_loader.js";
 struct Pending {
     on_stream: Box<dyn Fn(Response)>,
     done: oneshot::Sender<Response>,
-    busy: bool,
+    /// The count of calls in flight this one is among (`AppState::busy`, `AppState::sae_loading`).
+    counted: Option<RwSignal<u32>>,
 }
 
 #[derive(Clone, Copy)]
@@ -33,11 +35,13 @@ pub struct WorkerClient {
     state: AppState,
 }
 
-/// Whether a request occupies the model (the controls that need it wait); tokenizing and the cache do not.
+/// Whether a request occupies the model (the controls that need it wait); tokenizing and the cache do not, and
+/// neither does putting an SAE in use (the worker reads it while the model generates, and attaches it after).
 fn uses_model(request: &Request) -> bool {
     !matches!(
         request,
-        Request::Tokenize { .. }
+        Request::UseSae { .. }
+            | Request::Tokenize { .. }
             | Request::ListCache
             | Request::DeleteCached { .. }
             | Request::ClearCache
@@ -107,8 +111,8 @@ impl WorkerClient {
         let pending: Vec<Pending> =
             self.pending.try_update_value(|p| p.drain().map(|(_, v)| v).collect()).unwrap_or_default();
         for p in pending {
-            if p.busy {
-                self.state.busy.update(|b| *b = b.saturating_sub(1));
+            if let Some(count) = p.counted {
+                count.update(|n| *n = n.saturating_sub(1));
             }
             let _ = p.done.send(Response::Error { message: why.to_string(), gpu_lost: false });
         }
@@ -128,8 +132,8 @@ impl WorkerClient {
         }
         if body.is_final() {
             let Some(p) = self.pending.try_update_value(|p| p.remove(&id)).flatten() else { return };
-            if p.busy {
-                self.state.busy.update(|b| *b = b.saturating_sub(1));
+            if let Some(count) = p.counted {
+                count.update(|n| *n = n.saturating_sub(1));
             }
             let _ = p.done.send(body);
         } else {
@@ -152,15 +156,15 @@ impl WorkerClient {
         let id = self.next_id.get_value();
         self.next_id.set_value(id + 1);
         let (done, answer) = oneshot::channel();
-        let busy = uses_model(&request);
+        let counted = self.counted_among(&request);
         let sent = self.post(id, &request, &files);
         let state = self.state;
         if sent.is_ok() {
-            if busy {
-                self.state.busy.update(|b| *b += 1);
+            if let Some(count) = counted {
+                count.update(|n| *n += 1);
             }
             self.pending.update_value(|p| {
-                p.insert(id, Pending { on_stream: Box::new(on_stream), done, busy });
+                p.insert(id, Pending { on_stream: Box::new(on_stream), done, counted });
             });
         }
         async move {
@@ -175,6 +179,15 @@ impl WorkerClient {
                 Ok(response) => Ok(response),
                 Err(_) => Err("the engine went away before answering".to_string()),
             }
+        }
+    }
+
+    /// Which count of calls in flight `request` is among, if any.
+    fn counted_among(&self, request: &Request) -> Option<RwSignal<u32>> {
+        if matches!(request, Request::UseSae { .. }) {
+            Some(self.state.sae_loading)
+        } else {
+            uses_model(request).then_some(self.state.busy)
         }
     }
 

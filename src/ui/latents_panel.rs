@@ -22,7 +22,22 @@ pub fn use_sae(
     files: Vec<web_sys::File>,
     choice: Option<SaeChoice>,
 ) {
-    request_sae(state, client, source, files, choice, false)
+    request_sae(state, client, source, files, choice, Asked::ByVisitor)
+}
+
+/// Puts the model's default shipped SAE in use, once the model is loaded. The model works without it, so a failure
+/// is a notice, not an error.
+pub fn use_default_sae(state: AppState, client: WorkerClient, layer: usize) {
+    request_sae(state, client, SaeSource::Shipped { layer }, vec![], None, Asked::ByDefault)
+}
+
+/// Who asked for an SAE: the visitor (a failure is an error; one for another model is used if they say so), or
+/// the page itself, for a model just loaded (failures are notices).
+#[derive(Clone, Copy, PartialEq)]
+enum Asked {
+    ByVisitor,
+    ByDefault,
+    ByVisitorForAnyModel,
 }
 
 fn request_sae(
@@ -31,18 +46,25 @@ fn request_sae(
     source: SaeSource,
     files: Vec<web_sys::File>,
     choice: Option<SaeChoice>,
-    any_model: bool,
+    asked: Asked,
 ) {
-    state.error.set(None);
+    if asked != Asked::ByDefault {
+        state.error.set(None);
+    }
+    let any_model = asked == Asked::ByVisitorForAnyModel;
     let call = client.call(Request::UseSae { source: source.clone(), any_model }, files.clone(), |_| {});
+    let notice = move |text: String| state.notices.update(|n| n.push(text));
     leptos::task::spawn_local(async move {
         match call.await {
+            Ok(Response::SaeForAnotherModel { message }) if asked == Asked::ByDefault => notice(format!(
+                "The SAE shipped for this model was not loaded: {message}. Pick its layer under Latents to use it anyway."
+            )),
             Ok(Response::SaeForAnotherModel { message }) => {
                 let question =
                     format!("{message}.\n\nSteering and latents may mean nothing on this model. Use it anyway?");
                 let yes = web_sys::window().and_then(|w| w.confirm_with_message(&question).ok()).unwrap_or(false);
                 if yes {
-                    request_sae(state, client, source, files, choice, true);
+                    request_sae(state, client, source, files, choice, Asked::ByVisitorForAnyModel);
                 } else {
                     state.fail(format!("That SAE was not used: {message}."));
                 }
@@ -56,6 +78,9 @@ fn request_sae(
                 state.evaluation.set(None);
             }
             Ok(_) => {}
+            Err(e) if asked == Asked::ByDefault => {
+                notice(format!("The SAE shipped for this model could not be loaded ({e}); no latents."))
+            }
             Err(e) => state.fail(format!("That SAE cannot be used: {e}")),
         }
     });
@@ -83,6 +108,9 @@ pub fn LatentsPanel() -> impl IntoView {
             <section class="panel" id="latents-panel">
                 <h2>"SAE latents"</h2>
                 <SaeChooser/>
+                <Show when=move || state.loading_sae()>
+                    <p class="hint" id="sae-loading">"Loading the SAE… (the model can generate meanwhile)"</p>
+                </Show>
                 <Show when=move || state.sae.get().is_some()>
                     <p class="hint">{move || state.sae.get().map(|s| format!(
                         "{} latents, {}, on resid_post of layer {} ({}).", s.width, s.activation, s.layer, s.source
@@ -140,7 +168,7 @@ fn SaeChooser() -> impl IntoView {
     view! {
         <div class="row">
             <label for="sae-select">"SAE: "</label>
-            <select id="sae-select" on:change=on_choice prop:disabled=move || state.is_busy()>
+            <select id="sae-select" on:change=on_choice prop:disabled=move || state.is_busy() || state.loading_sae()>
                 <option value="" disabled=true selected=move || state.sae.get().is_none()>"none"</option>
                 {move || state.model.get().map(|m| m.shipped_layers).unwrap_or_default().into_iter().map(|l| {
                     let value = format!("layer:{l}");
@@ -162,7 +190,8 @@ fn SaeChooser() -> impl IntoView {
                     <input type="number" min="0" class="narrow" id="sae-files-layer" placeholder="from config"
                         prop:value=move || layer_text.get() on:change=move |ev| layer_text.set(event_target_value(&ev))/>
                 </label>
-                <input type="file" multiple=true id="sae-files" node_ref=files on:change=on_files prop:disabled=move || state.is_busy()/>
+                <input type="file" multiple=true id="sae-files" node_ref=files on:change=on_files
+                    prop:disabled=move || state.is_busy() || state.loading_sae()/>
             </div>
         </details>
     }

@@ -40,31 +40,37 @@ fn load(state: AppState, client: WorkerClient, request: Request, files: Vec<web_
         state.loading.set(None);
         match answer {
             Ok(Response::Loaded(summary)) => {
-                let default_layer = summary.sae.as_ref().map(|s| s.layer);
+                let default_layer = summary.default_sae_layer;
                 let key = summary.key.clone();
                 let previous = state.model.get_untracked().map(|m| m.key);
                 if previous.is_some_and(|p| p != key) {
                     state.forget_other_models_latents();
                 }
                 state.model_loaded(summary);
-                // The link's SAE, where it is not the one loaded with the model.
-                match state.sae_choice.get_untracked() {
-                    Some(SaeChoice::Layer(l)) if Some(l) != default_layer => {
+                // The SAE comes after the model, so that Generate does not wait for it: the link's SAE, or the
+                // model's default one.
+                let preset = match state.sae_choice.get_untracked() {
+                    Some(SaeChoice::Layer(l)) => {
                         let choice = Some(SaeChoice::Layer(l));
                         super::latents_panel::use_sae(state, client, SaeSource::Shipped { layer: l }, vec![], choice);
+                        return;
                     }
-                    Some(SaeChoice::Preset(id)) => match catalog::sae_preset(id).filter(|p| p.model_key == key) {
-                        Some(p) => {
-                            let source = SaeSource::Folder { url: p.url(), layer: p.layer, label: p.label.to_string() };
-                            super::latents_panel::use_sae(state, client, source, vec![], Some(SaeChoice::Preset(id)));
-                        }
-                        None => state.notices.update(|n| {
-                            n.push(format!(
-                                "The link's SAE preset {id} is not for this model; the shipped SAE is used."
-                            ))
-                        }),
-                    },
-                    _ => {}
+                    Some(SaeChoice::Preset(id)) => Some(id),
+                    None => None,
+                };
+                match preset.map(|id| (id, catalog::sae_preset(id).filter(|p| p.model_key == key))) {
+                    Some((id, Some(p))) => {
+                        let source = SaeSource::Folder { url: p.url(), layer: p.layer, label: p.label.to_string() };
+                        super::latents_panel::use_sae(state, client, source, vec![], Some(SaeChoice::Preset(id)));
+                        return;
+                    }
+                    Some((id, None)) => state.notices.update(|n| {
+                        n.push(format!("The link's SAE preset {id} is not for this model; the shipped SAE is used."))
+                    }),
+                    None => {}
+                }
+                if let Some(layer) = default_layer {
+                    super::latents_panel::use_default_sae(state, client, layer);
                 }
             }
             Ok(_) => {}
@@ -258,12 +264,18 @@ pub fn ModelCard() -> impl IntoView {
                     ("Vocabulary", format!("{} ({})", m.vocab_size, m.tokenizer)),
                     ("Context", format!("{} tokens", m.context_length)),
                     ("Runs on", m.backend.clone()),
-                    ("SAE", state.sae.get().map_or("none found for this model".to_string(), |s| format!(
-                        "layer {}, {} latents, {}", s.layer, s.width, s.activation
-                    ))),
+                    ("SAE", match state.sae.get() {
+                        Some(s) => format!("layer {}, {} latents, {}", s.layer, s.width, s.activation),
+                        None if state.loading_sae() => "loading…".to_string(),
+                        None if m.shipped_layers.is_empty() => "none found for this model".to_string(),
+                        None => "none in use".to_string(),
+                    }),
                     ("Prompted as", if m.instruction_tuned { "a chat (instruction-tuned)".to_string() } else { "plain text (pretrained)".to_string() }),
                     ("Tensors", types),
                     ("File", format!("{} ({source}), loaded in {:.1} s", human_bytes(m.file_bytes), m.load_ms / 1000.0)),
+                    ("Load steps", m.load_steps.iter()
+                        .map(|(stage, ms)| format!("{} {:.2} s", stage.label(), ms / 1000.0))
+                        .collect::<Vec<_>>().join(" · ")),
                 ];
                 view! {
                     <section class="panel" id="model-card">

@@ -100,6 +100,8 @@ pub struct AppState {
     pub engine_stopped: RwSignal<bool>,
     /// Calls in flight that hold the model.
     pub busy: RwSignal<u32>,
+    /// How many calls that put an SAE in use are in flight.
+    pub sae_loading: RwSignal<u32>,
     /// A load under way, with its progress once known.
     pub loading: RwSignal<Option<Option<Progress>>>,
     pub model: RwSignal<Option<ModelSummary>>,
@@ -160,6 +162,7 @@ impl AppState {
             worker_ready: RwSignal::new(false),
             engine_stopped: RwSignal::new(false),
             busy: RwSignal::new(0),
+            sae_loading: RwSignal::new(0),
             loading: RwSignal::new(None),
             model: RwSignal::new(None),
             sae: RwSignal::new(None),
@@ -195,6 +198,11 @@ impl AppState {
 
     pub fn fail(&self, message: String) {
         self.error.set(Some(message));
+    }
+
+    /// Whether an SAE is being put in use.
+    pub fn loading_sae(&self) -> bool {
+        self.sae_loading.get() > 0
     }
 
     /// Whether the model is busy (loading, or a call holds it): the controls that need it wait.
@@ -235,12 +243,12 @@ impl AppState {
     }
 
     pub fn model_loaded(&self, summary: ModelSummary) {
-        for note in summary.backend_note.iter().chain(&summary.sae_note) {
+        if let Some(note) = &summary.backend_note {
             self.notices.update(|n| n.push(note.clone()));
         }
         self.error.set(None);
         self.gpu_lost.set(false);
-        self.sae.set(summary.sae.clone());
+        self.sae.set(None);
         self.reading.set(None);
         self.search.set(None);
         self.discovery.set(None);

@@ -69,6 +69,8 @@ thread_local! {
     static STATE: RefCell<WorkerState> = RefCell::new(WorkerState::default());
     /// Set by a Stop request; long tasks check it between steps.
     static STOP: Cell<bool> = const { Cell::new(false) };
+    /// How many times a model was loaded (or forgotten): a request that waited for the model checks it.
+    static MODELS_LOADED: Cell<u64> = const { Cell::new(0) };
 }
 
 fn scope() -> DedicatedWorkerGlobalScope {
@@ -173,8 +175,10 @@ async fn handle(id: u32, request: Request, files: Vec<File>) -> Result<Response,
         Request::LoadUrl { url, name, backend, expected } => load_url(id, &url, &name, backend, &expected).await,
         Request::LoadFile { name, backend } => {
             let file = files.first().ok_or("no file came with the request")?;
+            let started = now_ms();
             let bytes = download::read_blob(id, file, Stage::ReadingFile).await?;
-            Ok(Response::Loaded(load(id, &name, bytes, false, backend).await?))
+            let read = vec![(Stage::ReadingFile, now_ms() - started)];
+            Ok(Response::Loaded(load(id, &name, bytes, false, backend, read).await?))
         }
         Request::Tokenize { text, add_bos, chat } => {
             let (tokenizer, template) = STATE.with(|s| s.borrow().tokenizer.clone()).ok_or("load a model first")?;
@@ -240,18 +244,27 @@ async fn handle(id: u32, request: Request, files: Vec<File>) -> Result<Response,
     }
 }
 
-/// Runs `task` with the model taken out of the state, and puts the model back whatever the task's outcome.
+/// Runs `task` with the model taken out of the state, and puts the model back whatever the task's outcome. While
+/// another task has the model, this one waits its turn (the shipped SAE is put in use while the visitor may
+/// already be generating); if another model is loaded meanwhile, it gives up.
 async fn with_engine<T>(
     task: impl for<'a> FnOnce(&'a mut Engine) -> LocalBoxFuture<'a, Result<T, Failure>>,
 ) -> Result<T, Failure> {
-    let mut engine = STATE.with(|s| s.borrow_mut().engine.take()).ok_or_else(|| {
-        let loaded = STATE.with(|s| s.borrow().tokenizer.is_some());
-        Failure::from(if loaded {
-            "the model is busy with another request; wait or stop it"
-        } else {
-            "load a model first"
-        })
-    })?;
+    let model = MODELS_LOADED.with(|n| n.get());
+    let mut engine = loop {
+        if MODELS_LOADED.with(|n| n.get()) != model {
+            return Err("another model was loaded meanwhile".into());
+        }
+        let (engine, loaded) = STATE.with(|s| {
+            let mut s = s.borrow_mut();
+            (s.engine.take(), s.tokenizer.is_some())
+        });
+        match engine {
+            Some(engine) => break engine,
+            None if !loaded => return Err("load a model first".into()),
+            None => gloo::timers::future::TimeoutFuture::new(10).await,
+        }
+    };
     let result = task(&mut engine).await;
     STATE.with(|s| s.borrow_mut().engine = Some(engine));
     result
@@ -277,7 +290,7 @@ fn working(id: u32) -> impl FnMut(saif::progress::Progress) -> std::pin::Pin<Box
             post(id, Response::Working { phase: p.phase, done: p.done, total: p.total });
         }
         Box::pin(async {
-            gloo::timers::future::TimeoutFuture::new(0).await;
+            yield_to_messages().await;
             !STOP.with(|s| s.get())
         })
     }
@@ -303,10 +316,32 @@ async fn load_url(
     backend: BackendChoice,
     expected: &Expected,
 ) -> Result<Response, Failure> {
-    let fetched = download::fetch(id, url, expected).await?;
-    match load(id, name, fetched.bytes, fetched.from_cache, backend).await {
+    let started = now_ms();
+    let (fetched, check) = download::fetch_then_check(id, url, expected).await?;
+    let from_cache = fetched.from_cache;
+    let read = vec![(if from_cache { Stage::ReadingCache } else { Stage::Downloading }, now_ms() - started)];
+    let mut loaded = load(id, name, fetched.bytes, from_cache, backend, read).await;
+    if let Some(check) = check {
+        post(id, Response::Progress(Progress { stage: Stage::CheckingCache, done: 0, total: None }));
+        let waited = now_ms();
+        let outcome = check.outcome().await;
+        if let Ok(summary) = &mut loaded {
+            summary.load_steps.push((Stage::CheckingCache, now_ms() - waited));
+        }
+        if let Err(damaged) = outcome {
+            // What was loaded came from a damaged copy: drop it, and load a fresh download instead.
+            forget_model();
+            drop(loaded);
+            damaged.tell(id);
+            let started = now_ms();
+            let fetched = download::download(id, url, expected).await?;
+            let read = vec![(Stage::Downloading, now_ms() - started)];
+            return Ok(Response::Loaded(load(id, name, fetched.bytes, false, backend, read).await?));
+        }
+    }
+    match loaded {
         Ok(summary) => Ok(Response::Loaded(summary)),
-        Err(failure) if fetched.from_cache && !failure.gpu_lost => {
+        Err(failure) if from_cache && !failure.gpu_lost => {
             // The cached copy passed its checksum but does not load: drop it so the next try downloads afresh.
             let _ = download::delete(url).await;
             Err(format!("{} (the cached copy was removed; loading again downloads it anew)", failure.message).into())
@@ -319,6 +354,7 @@ async fn load_url(
 /// `any_model` is not set (the page then asks the visitor).
 async fn use_sae(id: u32, source: SaeSource, any_model: bool, files: &[File]) -> Result<Response, Failure> {
     let facts = STATE.with(|s| s.borrow().model.clone()).ok_or("load a model first")?;
+    let model = MODELS_LOADED.with(|n| n.get());
     let (sae, lens, layer, label) = match source {
         SaeSource::Shipped { layer } => {
             if !facts.shipped.layers.contains(&layer) {
@@ -333,6 +369,11 @@ async fn use_sae(id: u32, source: SaeSource, any_model: bool, files: &[File]) ->
             (sae, lens, layer, label)
         }
     };
+    // A Generate sent meanwhile goes first: attaching runs the model on a sentence (a quarter second in wasm).
+    yield_to_messages().await;
+    if MODELS_LOADED.with(|n| n.get()) != model {
+        return Err("another model was loaded meanwhile".into());
+    }
     if sae.info.d_in != facts.hidden {
         return Err(format!(
             "this SAE does not fit the model: it reads vectors of {} values but {}'s residual stream has {}",
@@ -368,31 +409,47 @@ async fn gpu() -> Result<Rc<Gpu>, EngineError> {
     Ok(gpu)
 }
 
+/// Forgets the model and everything made for it; the WebGPU device stays open.
+fn forget_model() {
+    MODELS_LOADED.with(|n| n.set(n.get() + 1));
+    STATE.with(|s| {
+        let gpu = s.borrow_mut().gpu.take();
+        *s.borrow_mut() = WorkerState { gpu, ..WorkerState::default() };
+    });
+}
+
 async fn load(
     id: u32,
     name: &str,
     bytes: Vec<u8>,
     from_cache: bool,
     backend: BackendChoice,
+    mut load_steps: Vec<(Stage, f64)>,
 ) -> Result<ModelSummary, Failure> {
     let started = now_ms();
     // Drop the previous model first: two models at once may not fit in the tab's memory.
-    STATE.with(|s| {
-        let gpu = s.borrow_mut().gpu.take();
-        *s.borrow_mut() = WorkerState { gpu, ..WorkerState::default() };
-    });
+    forget_model();
     let options = LoadOptions { max_context: Some(BROWSER_CONTEXT) };
     let mut weights = Reporter::new(id, Stage::LoadingWeights);
-    let mut progress = |step: LoadStep| match step {
-        LoadStep::Header => post(id, Response::Progress(Progress { stage: Stage::Parsing, done: 0, total: None })),
-        LoadStep::Tokenizer => {
-            post(id, Response::Progress(Progress { stage: Stage::BuildingTokenizer, done: 0, total: None }))
+    // When each stage began, for `load_steps`.
+    let mut began: Vec<(Stage, f64)> = Vec::new();
+    let mut progress = |step: LoadStep| {
+        let stage = match step {
+            LoadStep::Header => Stage::Parsing,
+            LoadStep::Tokenizer => Stage::BuildingTokenizer,
+            LoadStep::Weights { .. } => Stage::LoadingWeights,
+        };
+        if began.last().map(|b| b.0) != Some(stage) {
+            began.push((stage, now_ms()));
         }
-        LoadStep::Weights { done, total } => weights.report(done as u64, Some(total as u64)),
+        match step {
+            LoadStep::Weights { done, total } => weights.report(done as u64, Some(total as u64)),
+            _ => post(id, Response::Progress(Progress { stage, done: 0, total: None })),
+        }
     };
     let cursor = || std::io::Cursor::new(bytes.as_slice());
     let on_cpu = |progress: &mut dyn FnMut(LoadStep)| Engine::load_cpu_with_progress(&mut cursor(), &options, progress);
-    let (mut engine, note) = match backend {
+    let (engine, note) = match backend {
         BackendChoice::Cpu => (on_cpu(&mut progress)?, None),
         BackendChoice::Webgpu => {
             let gpu = gpu().await?;
@@ -426,37 +483,14 @@ async fn load(
         },
     };
     drop(bytes);
+    let ends = began.iter().skip(1).map(|b| b.1).chain([now_ms()]);
+    load_steps.extend(began.iter().zip(ends).map(|(&(stage, start), end)| (stage, end - start)));
     let c = engine.config().clone();
     let shipped = saes::shipped_index(id, &c.key).await.unwrap_or_default();
-    // The model is usable without its SAE: a failure here becomes a notice, not an error. It starts on the layer
-    // whose SAE reproduces the recorded SAIF results (crates/saif/data/steering.json), else on the last one.
-    let (mut sae, mut sae_note) = (None, None);
+    // The SAE the page starts on (it asks for it once the model is in use): the layer whose SAE reproduces the
+    // recorded SAIF results, else the last one.
     let recorded = saif::defaults::steering(&c.key, "*").map(|d| d.layer).filter(|l| shipped.layers.contains(l));
-    if let Some(layer) = recorded.or(shipped.layers.last().copied()) {
-        match saes::shipped(id, &c.key, &shipped, layer).await {
-            Ok((s, lens, label)) => match saes::attach(&mut engine, s, Some(layer), lens, label, false).await {
-                Ok(loaded) => sae = Some(loaded),
-                Err(saes::NotAttached::OtherModel(why)) => {
-                    sae_note = Some(format!(
-                        "The SAE shipped for {} was not loaded: {why}. Pick its layer under Latents to use it anyway.",
-                        c.key
-                    ))
-                }
-                Err(saes::NotAttached::Failure(e)) => {
-                    sae_note = Some(format!(
-                        "The SAE shipped for {} does not fit this model ({}); no latents.",
-                        c.key, e.message
-                    ))
-                }
-            },
-            Err(failure) => {
-                sae_note = Some(format!(
-                    "The SAE shipped for this model could not be loaded ({}); no latents.",
-                    failure.message
-                ))
-            }
-        }
-    }
+    let default_sae_layer = recorded.or(shipped.layers.last().copied());
     let summary = ModelSummary {
         name: if c.name.is_empty() { name.to_string() } else { c.name.clone() },
         key: c.key.clone(),
@@ -473,28 +507,32 @@ async fn load(
         instruction_tuned: engine.instruction_tuned(),
         backend: engine.model.backend_name(),
         backend_note: note,
-        sae_note,
         bos: engine.tokenizer.bos(),
         eos: engine.tokenizer.eos(),
         adds_bos: engine.tokenizer.adds_bos(),
         file_bytes: engine.file_bytes,
         from_cache,
         load_ms: now_ms() - started,
+        load_steps,
         metadata: engine.metadata.clone(),
         tensor_types: engine.tensor_types.clone(),
-        sae: sae.as_ref().map(|s| s.summary.clone()),
         shipped_layers: shipped.layers.clone(),
+        default_sae_layer,
     };
     let lens = engine.model.readout().map(|r| Rc::new(LogitLens::from_readout(r)));
     STATE.with(|s| {
         let mut s = s.borrow_mut();
         s.tokenizer = Some((engine.tokenizer.clone(), engine.chat.clone()));
         s.model = Some(ModelFacts { key: c.key.clone(), hidden: c.hidden, shipped });
-        s.sae = sae.map(Rc::new);
         s.lens = lens;
         s.engine = Some(engine);
     });
     Ok(summary)
+}
+
+/// Lets the requests that arrived meanwhile in (a timer, so that the browser delivers messages first).
+async fn yield_to_messages() {
+    gloo::timers::future::TimeoutFuture::new(0).await
 }
 
 fn now_ms() -> f64 {

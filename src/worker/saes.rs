@@ -58,6 +58,7 @@ pub async fn shipped(
     let config = fetch(id, &format!("{folder}/config.json"), &index.expected(layer, "config.json")).await?.bytes;
     let params =
         fetch(id, &format!("{folder}/params.safetensors"), &index.expected(layer, "params.safetensors")).await?.bytes;
+    super::yield_to_messages().await;
     let sae = parse_or_forget(&folder, &params, &config)?;
     let lens = fetch(id, &format!("{folder}/lens.json"), &index.expected(layer, "lens.json"))
         .await

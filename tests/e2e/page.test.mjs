@@ -57,7 +57,9 @@ async function shot(page, name) {
 
 const ids = async (page) => JSON.parse(await page.locator("#token-ids").textContent());
 const attached = { state: "attached" };
-const loaded = (page, timeout = 120_000) => page.locator("#model-card").waitFor({ timeout });
+// The model is loaded, and the SAE the page puts in use after it is in use (or has failed, with a notice).
+const loaded = (page, timeout = 120_000) => page.waitForFunction(
+  () => document.querySelector("#model-card") && !document.querySelector("#sae-loading"), null, { timeout });
 
 async function setNumber(page, selector, value) {
   await page.fill(selector, String(value));
@@ -99,6 +101,10 @@ test("loads the offline default with progress, shows its metadata and tokenizes 
   await page.reload();
   await loaded(page);
   assert.match(await page.locator("#model-card").textContent(), /from the browser cache/);
+  // The card says where the load's time went: the cache read, the header, the tokenizer, the weights, and the wait
+  // for the checksum that ran beside them.
+  assert.match(await page.locator("#model-card tr", { hasText: "Load steps" }).textContent(),
+    /Reading from the browser cache [\d.]+ s · Reading the GGUF header [\d.]+ s · Building the tokenizer [\d.]+ s · Loading weights [\d.]+ s · Checking the cached copy [\d.]+ s/);
   // The cache panel lists it with its size and checksum, and can delete it.
   await page.click("#cache-panel summary");
   await page.locator("#cache-list tr", { hasText: "SmolLM2-135M-Instruct.Q4_1.gguf" }).waitFor({ timeout: 30_000 });

@@ -1,6 +1,7 @@
 // Time to first token in the page for a model already in the browser's cache, as a returning visitor meets it: the
 // visit (the page loads the model from the cache by itself), then a click on Generate until the first token shows.
-// `make bench` runs it after bench.mjs. Prints one JSON line per model and backend: medians over the timed visits.
+// `make bench` runs it after bench.mjs. Prints one JSON line per model and backend: medians over the timed visits,
+// and each visit's load steps as the model card states them.
 //   node ttft.mjs [visits] [backends, comma-separated]
 import { serve, launch } from "./serve.mjs";
 
@@ -36,7 +37,8 @@ try {
         const shown = Date.now();
         await page.click("#stop");
         const stats = await page.locator("#generation-stats").textContent({ timeout: 600_000 });
-        runs.push({ visit: ready - opened, click: shown - ready, worker: Number(/first token after (\d+) ms/.exec(stats)[1]) });
+        const steps = await page.locator("#model-card tr", { hasText: "Load steps" }).locator("td").textContent();
+        runs.push({ visit: ready - opened, click: shown - ready, worker: Number(/first token after (\d+) ms/.exec(stats)[1]), steps });
         await page.close();
       }
       console.log(JSON.stringify({
@@ -45,6 +47,8 @@ try {
         click_to_first_token_ms: median(runs.map((r) => r.click)),
         worker_first_token_ms: median(runs.map((r) => r.worker)),
         visit_to_first_token_ms: median(runs.map((r) => r.visit + r.click)),
+        // The worker's own account of the load, from the model card, for each visit.
+        load_steps: runs.map((r) => r.steps),
       }));
       await context.close();
     }
