@@ -53,7 +53,8 @@ try {
         const t = await page.evaluate(() => window.__ttft);
         await page.click("#stop");
         const stats = await page.locator("#generation-stats").textContent({ timeout: 600_000 });
-        const steps = await page.locator("#model-card tr", { hasText: "Load steps" }).locator("td").textContent();
+        const stepsRow = page.locator("#model-card tr", { hasText: "Load steps" });
+        const steps = (await stepsRow.count()) ? await stepsRow.locator("td").textContent() : "(not stated by this build)";
         runs.push({ visit: t.ready, click: t.shown - t.click, worker: Number(/first token after (\d+) ms/.exec(stats)[1]), steps });
         await page.close();
       }
