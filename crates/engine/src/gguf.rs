@@ -6,8 +6,9 @@
 use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
 
-use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
-use candle_core::Device;
+use candle_core::quantized::k_quants::{BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ6K, BlockQ8_0};
+use candle_core::quantized::{gguf_file, GgmlDType, QStorage, QTensor, QuantizedType};
+use half::{bf16, f16};
 
 use crate::error::{EngineError, ExpectedBytes, Result, TensorContext};
 
@@ -280,7 +281,16 @@ impl GgufFile {
         if !self.has_tensor(name) {
             return Err(EngineError::BadTensor { name: name.into(), why: "missing from the file".into() });
         }
-        self.content.tensor(reader, name, &Device::Cpu).context(&format!("reading tensor {name}"))
+        let info = &self.content.tensor_infos[name];
+        let dims = info.shape.dims().to_vec();
+        let elements: usize = dims.iter().product();
+        let bytes = elements / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();
+        reader.seek(SeekFrom::Start(self.content.tensor_data_offset + info.offset))?;
+        let blocks = read_blocks(reader, info.ggml_dtype, bytes).map_err(|e| match e {
+            EngineError::Io(e) => EngineError::Io(std::io::Error::new(e.kind(), format!("reading tensor {name}: {e}"))),
+            e => e,
+        })?;
+        QTensor::new(QStorage::Cpu(blocks), dims).context(&format!("reading tensor {name}"))
     }
 
     /// A one-line rendering of each metadata entry, long arrays summarised: what the app shows after loading.
@@ -371,4 +381,76 @@ fn header_error(e: candle_core::Error, file_size: u64) -> EngineError {
         return EngineError::InvalidRequest(format!("unsupported GGUF version ({text}); versions 1 to 3 are read"));
     }
     EngineError::Tensor { context: "reading the GGUF header".into(), source: e }
+}
+
+/// Reads `bytes` bytes of `dtype` blocks at the reader's position. candle's own reader reads them into a buffer and
+/// then copies that into the blocks; for Gemma's 178 MB embedding those two copies took 0.2-0.28 s natively. Here
+/// they are read once, into memory the allocator hands out zeroed.
+fn read_blocks<R: Read>(reader: &mut R, dtype: GgmlDType, bytes: usize) -> Result<Box<dyn QuantizedType>> {
+    fn read<T: Send + Sync + 'static, R: Read>(reader: &mut R, bytes: usize) -> Result<Box<dyn QuantizedType>>
+    where
+        Vec<T>: QuantizedType,
+    {
+        let count = bytes / std::mem::size_of::<T>();
+        let mut blocks = zeroed::<T>(count);
+        // SAFETY: the vector's `count` elements are initialised (zeroed) and span exactly these bytes.
+        let raw =
+            unsafe { std::slice::from_raw_parts_mut(blocks.as_mut_ptr() as *mut u8, count * std::mem::size_of::<T>()) };
+        reader.read_exact(raw)?;
+        Ok(Box::new(blocks))
+    }
+    match dtype {
+        GgmlDType::F32 => read::<f32, R>(reader, bytes),
+        GgmlDType::F16 => read::<f16, R>(reader, bytes),
+        GgmlDType::BF16 => read::<bf16, R>(reader, bytes),
+        GgmlDType::Q4_0 => read::<BlockQ4_0, R>(reader, bytes),
+        GgmlDType::Q4_1 => read::<BlockQ4_1, R>(reader, bytes),
+        GgmlDType::Q5_0 => read::<BlockQ5_0, R>(reader, bytes),
+        GgmlDType::Q8_0 => read::<BlockQ8_0, R>(reader, bytes),
+        GgmlDType::Q4K => read::<BlockQ4K, R>(reader, bytes),
+        GgmlDType::Q6K => read::<BlockQ6K, R>(reader, bytes),
+        other => Err(EngineError::UnsupportedTensorType { tensor: "a tensor".into(), dtype: type_name(other).into() }),
+    }
+}
+
+/// `count` values whose bytes are all zero, from the allocator's zeroed memory (which the system zeroes lazily).
+/// Only for plain data: floats, and GGML blocks of integers and f16 scales, for which all-zero bytes is a value.
+fn zeroed<T>(count: usize) -> Vec<T> {
+    let layout = std::alloc::Layout::array::<T>(count).expect("a tensor's size fits in memory");
+    if layout.size() == 0 {
+        return Vec::new();
+    }
+    // SAFETY: the layout is not empty; the allocation is checked; all-zero bytes are a valid T (see above), so all
+    // `count` elements are initialised, and the vector owns the allocation with the layout it was made with.
+    unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout) as *mut T;
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Vec::from_raw_parts(ptr, count, count)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every tensor of the fixture files, read once into its blocks, holds the bytes candle's own reader gives.
+    #[test]
+    fn tensors_read_as_candle_reads_them() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        for name in ["tiny-gemma3.gguf", "tiny-gemma2.gguf", "tiny-llama.gguf"] {
+            let bytes = std::fs::read(fixtures.join(name)).unwrap();
+            let mut reader = std::io::Cursor::new(bytes.as_slice());
+            let gguf = GgufFile::read(&mut reader).unwrap();
+            let tensors = gguf.tensors();
+            assert!(tensors.len() > 5, "{name}");
+            for t in tensors {
+                let ours = gguf.tensor(&mut reader, &t.name).unwrap();
+                let candle = gguf.content.tensor(&mut reader, &t.name, &candle_core::Device::Cpu).unwrap();
+                assert_eq!((ours.dtype(), ours.shape()), (candle.dtype(), candle.shape()), "{name}: {}", t.name);
+                assert_eq!(ours.data().unwrap(), candle.data().unwrap(), "{name}: {}", t.name);
+            }
+        }
+    }
 }
