@@ -238,6 +238,7 @@ impl GpuModel {
         let mut weights: Vec<GpuMatrix> = Vec::new();
         let mut vectors: Vec<wgpu::Buffer> = Vec::new();
 
+        progress(0, total_parts);
         let mut ld = Uploader { gpu: &gpu, gguf, reader };
         let types: Vec<_> = gguf.tensors().iter().map(|t| t.dtype).collect();
         let kernels = Kernels::new(&gpu, &types)?;

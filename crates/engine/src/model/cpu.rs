@@ -172,7 +172,7 @@ impl CpuModel {
         Self::load_with_progress(gguf, reader, options, |_, _| {})
     }
 
-    /// As `load`, calling `progress(done, total)` after each layer.
+    /// As `load`, calling `progress(done, total)` before the first tensor and after each layer.
     pub fn load_with_progress<R: Read + Seek>(
         gguf: &GgufFile,
         reader: &mut R,
@@ -182,6 +182,8 @@ impl CpuModel {
         let config = ModelConfig::from_gguf(gguf)?;
         let c = &config;
         let mut ld = Loader { gguf, reader };
+        let total = c.n_layers + 2;
+        progress(0, total);
 
         let table = Arc::new(ld.qtensor("token_embd.weight")?);
         let tdims = table.shape().dims().to_vec();
@@ -192,8 +194,6 @@ impl CpuModel {
             });
         }
         let embedding = Embedding(QuantMatrix::new("token_embd.weight", table.clone())?);
-
-        let total = c.n_layers + 2;
         progress(1, total);
         let mut layers = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
