@@ -74,29 +74,40 @@ def eval_row(report):
            f"{report['fluency']['perplexity']:.1f} | {report['fluency']['repetition']:.2f}"
 
 
+def tuning_sections(key):
+    """The tuning grid of translate-fr, and each layer at its best strength (models with a tune/KEY folder)."""
+    lines = []
+    first = tuned(key, layers(key)[0], "translate-fr", "saif")
+    n = first[0]["n"] if first else 0
+    lines.append(f"### {key}: tuning grid (translate-fr, {n} discovery contents): loose accuracy (perplexity, repetition)\n")
+    lines.append("| layer | " + " | ".join(f"saif α={r['value']}" for r in tuned(key, layers(key)[0], "translate-fr", "saif"))
+                 + " | " + " | ".join(f"diffmean α={r['value']}" for r in tuned(key, layers(key)[0], "translate-fr", "diffmean")) + " |")
+    n = len(tuned(key, layers(key)[0], "translate-fr", "saif")) + len(tuned(key, layers(key)[0], "translate-fr", "diffmean"))
+    lines.append("|---|" + "---|" * n)
+    for l in layers(key):
+        cells = [f"{100 * r['loose']:.0f}% ({r['perplexity']:.0f}, {r['repetition']:.2f})" for r in tuned(key, l, "translate-fr", "saif") + tuned(key, l, "translate-fr", "diffmean")]
+        lines.append(f"| {l} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"### {key}: each layer at its best strength (the rule above; translate-fr, {first[0]['n'] if first else 0} discovery contents)\n")
+    lines.append("| layer | method | α | loose (95% CI) | strict (95% CI) | perplexity | repetition |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for l in layers(key):
+        for method in ["saif", "diffmean"]:
+            r = best(tuned(key, l, "translate-fr", method))
+            if r:
+                lines.append(f"| {l} | {method} | {r['value']} | {pct(r['loose'], r['loose_ci'])} | {pct(r['strict'], r['strict_ci'])} | {r['perplexity']:.1f} | {r['repetition']:.2f} |")
+    lines.append("")
+    return lines
+
+
 def report():
     lines = []
-    for key in sorted(os.listdir(os.path.join(OUT, "tune"))) if os.path.isdir(os.path.join(OUT, "tune")) else []:
-        first = tuned(key, layers(key)[0], "translate-fr", "saif")
-        n = first[0]["n"] if first else 0
-        lines.append(f"### {key}: tuning grid (translate-fr, {n} discovery contents): loose accuracy (perplexity, repetition)\n")
-        lines.append("| layer | " + " | ".join(f"saif α={r['value']}" for r in tuned(key, layers(key)[0], "translate-fr", "saif"))
-                     + " | " + " | ".join(f"diffmean α={r['value']}" for r in tuned(key, layers(key)[0], "translate-fr", "diffmean")) + " |")
-        n = len(tuned(key, layers(key)[0], "translate-fr", "saif")) + len(tuned(key, layers(key)[0], "translate-fr", "diffmean"))
-        lines.append("|---|" + "---|" * n)
-        for l in layers(key):
-            cells = [f"{100 * r['loose']:.0f}% ({r['perplexity']:.0f}, {r['repetition']:.2f})" for r in tuned(key, l, "translate-fr", "saif") + tuned(key, l, "translate-fr", "diffmean")]
-            lines.append(f"| {l} | " + " | ".join(cells) + " |")
-        lines.append("")
-        lines.append(f"### {key}: each layer at its best strength (the rule above; translate-fr, {first[0]['n'] if first else 0} discovery contents)\n")
-        lines.append("| layer | method | α | loose (95% CI) | strict (95% CI) | perplexity | repetition |")
-        lines.append("|---|---|---|---|---|---|---|")
-        for l in layers(key):
-            for method in ["saif", "diffmean"]:
-                r = best(tuned(key, l, "translate-fr", method))
-                if r:
-                    lines.append(f"| {l} | {method} | {r['value']} | {pct(r['loose'], r['loose_ci'])} | {pct(r['strict'], r['strict_ci'])} | {r['perplexity']:.1f} | {r['repetition']:.2f} |")
-        lines.append("")
+    # Every model with a tuning grid or a full table (the pretrained Gemma has only the table).
+    keys = set(os.listdir(os.path.join(OUT, "tune"))) if os.path.isdir(os.path.join(OUT, "tune")) else set()
+    keys |= {os.path.basename(p)[len("table-"):-len(".json")] for p in glob.glob(os.path.join(OUT, "table-*.json"))}
+    for key in sorted(keys):
+        if os.path.isdir(os.path.join(OUT, "tune", key)):
+            lines += tuning_sections(key)
         findings = os.path.join(OUT, "findings", key)
         layer_files = sorted(glob.glob(os.path.join(findings, "layer-*-saif.json")), key=lambda p: int(p.split("layer-")[1].split("-")[0]))
         if layer_files:
