@@ -2,8 +2,8 @@
 //! final response (`call`), with the responses streamed along the way handed to a callback. Replies are matched
 //! to their requests by id here, so a panel only awaits its own call. Calls that use the model count as busy
 //! (`AppState::busy`), and calls that put an SAE in use as loading one (`AppState::sae_loading`), both derived
-//! from the calls in flight. If the worker dies (out
-//! of memory, a crash), every call in flight fails with the reason, and the page can start a new worker.
+//! from the calls in flight. If the worker dies (out of memory, a crash), every call in flight fails with the
+//! reason, and the page can start a new worker.
 
 use std::collections::HashMap;
 

@@ -49,28 +49,31 @@ fn load(state: AppState, client: WorkerClient, request: Request, files: Vec<web_
                 state.model_loaded(summary);
                 // The SAE comes after the model, so that Generate does not wait for it: the link's SAE, or the
                 // model's default one.
-                let preset = match state.sae_choice.get_untracked() {
+                let use_default = move || {
+                    if let Some(layer) = default_layer {
+                        super::latents_panel::use_default_sae(state, client, layer);
+                    }
+                };
+                match state.sae_choice.get_untracked() {
                     Some(SaeChoice::Layer(l)) => {
                         let choice = Some(SaeChoice::Layer(l));
                         super::latents_panel::use_sae(state, client, SaeSource::Shipped { layer: l }, vec![], choice);
-                        return;
                     }
-                    Some(SaeChoice::Preset(id)) => Some(id),
-                    None => None,
-                };
-                match preset.map(|id| (id, catalog::sae_preset(id).filter(|p| p.model_key == key))) {
-                    Some((id, Some(p))) => {
-                        let source = SaeSource::Folder { url: p.url(), layer: p.layer, label: p.label.to_string() };
-                        super::latents_panel::use_sae(state, client, source, vec![], Some(SaeChoice::Preset(id)));
-                        return;
-                    }
-                    Some((id, None)) => state.notices.update(|n| {
-                        n.push(format!("The link's SAE preset {id} is not for this model; the shipped SAE is used."))
-                    }),
-                    None => {}
-                }
-                if let Some(layer) = default_layer {
-                    super::latents_panel::use_default_sae(state, client, layer);
+                    Some(SaeChoice::Preset(id)) => match catalog::sae_preset(id).filter(|p| p.model_key == key) {
+                        Some(p) => {
+                            let source = SaeSource::Folder { url: p.url(), layer: p.layer, label: p.label.to_string() };
+                            super::latents_panel::use_sae(state, client, source, vec![], Some(SaeChoice::Preset(id)));
+                        }
+                        None => {
+                            state.notices.update(|n| {
+                                n.push(format!(
+                                    "The link's SAE preset {id} is not for this model; the shipped SAE is used."
+                                ))
+                            });
+                            use_default();
+                        }
+                    },
+                    None => use_default(),
                 }
             }
             Ok(_) => {}

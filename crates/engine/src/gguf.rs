@@ -392,7 +392,7 @@ fn read_blocks<R: Read>(reader: &mut R, dtype: GgmlDType, bytes: usize) -> Resul
         Vec<T>: QuantizedType,
     {
         let count = bytes / std::mem::size_of::<T>();
-        let mut blocks = zeroed::<T>(count);
+        let mut blocks = zeroed::<T>(count)?;
         // SAFETY: the vector's `count` elements are initialised (zeroed) and span exactly these bytes.
         let raw =
             unsafe { std::slice::from_raw_parts_mut(blocks.as_mut_ptr() as *mut u8, count * std::mem::size_of::<T>()) };
@@ -415,10 +415,11 @@ fn read_blocks<R: Read>(reader: &mut R, dtype: GgmlDType, bytes: usize) -> Resul
 
 /// `count` values whose bytes are all zero, from the allocator's zeroed memory (which the system zeroes lazily).
 /// Only for plain data: floats, and GGML blocks of integers and f16 scales, for which all-zero bytes is a value.
-fn zeroed<T>(count: usize) -> Vec<T> {
-    let layout = std::alloc::Layout::array::<T>(count).expect("a tensor's size fits in memory");
+fn zeroed<T>(count: usize) -> Result<Vec<T>> {
+    let layout = std::alloc::Layout::array::<T>(count)
+        .map_err(|_| EngineError::Io(std::io::Error::other(format!("{count} blocks do not fit in memory"))))?;
     if layout.size() == 0 {
-        return Vec::new();
+        return Ok(Vec::new());
     }
     // SAFETY: the layout is not empty; the allocation is checked; all-zero bytes are a valid T (see above), so all
     // `count` elements are initialised, and the vector owns the allocation with the layout it was made with.
@@ -427,7 +428,7 @@ fn zeroed<T>(count: usize) -> Vec<T> {
         if ptr.is_null() {
             std::alloc::handle_alloc_error(layout);
         }
-        Vec::from_raw_parts(ptr, count, count)
+        Ok(Vec::from_raw_parts(ptr, count, count))
     }
 }
 

@@ -81,13 +81,13 @@ impl SentencePieceBpe {
         self.ids.find(self.hasher.hash_one(piece), |&id| self.piece(id) == piece).copied()
     }
 
-    /// The merge of symbols `left` and `right`, where their concatenation is a normal piece.
-    fn merge(&self, left: u32, right: u32, pos: usize) -> Option<Merge> {
-        let (l, r) = (self.piece(left), self.piece(right));
-        let mut joined = String::with_capacity(l.len() + r.len());
-        joined.push_str(l);
-        joined.push_str(r);
-        let id = self.id(&joined)?;
+    /// The merge of symbols `left` and `right`, where their concatenation is a normal piece (`joined` is scratch
+    /// space, reused across a text's candidate pairs).
+    fn merge(&self, joined: &mut String, left: u32, right: u32, pos: usize) -> Option<Merge> {
+        joined.clear();
+        joined.push_str(self.piece(left));
+        joined.push_str(self.piece(right));
+        let id = self.id(joined)?;
         let score = self.merge_score[id as usize]?;
         Some(Merge { score, left, right, pos, id })
     }
@@ -180,8 +180,10 @@ impl Model for SentencePieceBpe {
 
     fn tokenize(&self, sequence: &str) -> tokenizers::Result<Vec<Token>> {
         let mut symbols = self.symbols(sequence);
-        let mut queue: BinaryHeap<Merge> =
-            (1..symbols.len()).filter_map(|i| self.merge(symbols[i - 1].id, symbols[i].id, i - 1)).collect();
+        let mut joined = String::new();
+        let mut queue: BinaryHeap<Merge> = (1..symbols.len())
+            .filter_map(|i| self.merge(&mut joined, symbols[i - 1].id, symbols[i].id, i - 1))
+            .collect();
         while let Some(top) = queue.pop() {
             let here = symbols[top.pos];
             // Skip merges that went stale: the symbol was merged away, or its neighbour changed.
@@ -196,11 +198,11 @@ impl Model for SentencePieceBpe {
             symbols[here.next as usize].len = 0;
             if right.next >= 0 {
                 symbols[right.next as usize].prev = top.pos as isize;
-                queue.extend(self.merge(top.id, symbols[right.next as usize].id, top.pos));
+                queue.extend(self.merge(&mut joined, top.id, symbols[right.next as usize].id, top.pos));
             }
             if here.prev >= 0 {
                 let prev = here.prev as usize;
-                queue.extend(self.merge(symbols[prev].id, top.id, prev));
+                queue.extend(self.merge(&mut joined, symbols[prev].id, top.id, prev));
             }
         }
         let mut offset = 0;
