@@ -7,7 +7,8 @@
 #      The deeper the layer, the harder plain sentences are to reconstruct: SmolLM2's layers 15 and 20 take k = 64,
 #      its layers 25 and 29 k = 64 and 8x the residual width; Gemma's layers 13 and 17 take 4096 latents, and
 #      its last layer 6 epochs (docs/benchmarks.md has each one's FVU);
-#   3. each SAE's lens.json (its latents' top logit-lens tokens, for the app) and public/saes/index.json;
+#   3. each SAE's lens.json (its latents' top logit-lens tokens, for the app), its residual norm recorded in its
+#      config (sae-stamp, so that the page attaches it without running the model) and public/saes/index.json;
 #   4. an evaluation of each on the corpus' held-out split (first 400 lines), on the held-out SAIF contents and on
 #      SAIF prompts made from them (crates/saif/tests/data).
 set -euo pipefail
@@ -44,6 +45,7 @@ for spec in "${specs[@]}"; do
     --seed 0 --corpus "$corpus/train.txt" --out "$out" --json
   for layer in ${layers//,/ }; do
     $saif sae-lens --model "$model" --sae "$out/layer_$layer" --json
+    $saif sae-stamp --model "$model" --sae "$out/layer_$layer" --json
     for set in "$corpus/heldout-400.txt" crates/saif/data/contents-heldout.txt crates/saif/tests/data/prompts.txt; do
       $saif sae-eval --model "$model" --sae "$out/layer_$layer" --contents "$set"
     done

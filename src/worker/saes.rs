@@ -4,7 +4,7 @@
 //! fit the model (its width, its layer) is refused with the reason.
 
 use saif::{Activation, Sae};
-use saif_engine::{Engine, Hooks, LogitsWanted, Positions, Segment};
+use saif_engine::Engine;
 use web_sys::File;
 
 use super::download::{fetch, read_blob};
@@ -144,7 +144,7 @@ impl<T: Into<Failure>> From<T> for NotAttached {
 }
 
 /// Checks that `sae` fits the loaded model at `layer` (and, unless `any_model`, that it records no other model),
-/// measures the residual stream there, and summarizes it.
+/// takes the residual stream's norm there (recorded or measured), and summarizes it.
 pub async fn attach(
     engine: &mut Engine,
     sae: Sae,
@@ -162,7 +162,11 @@ pub async fn attach(
     if !any_model {
         sae.check_model(&engine.fingerprint).map_err(|e| NotAttached::OtherModel(e.to_string()))?;
     }
-    let residual_norm = residual_norm(engine, layer).await?;
+    // A shipped SAE records the norm for its model and layer; any other is measured (one short forward pass).
+    let residual_norm = match saif::residual_norm::recorded(&sae.info, &engine.fingerprint, layer) {
+        Some(recorded) => recorded,
+        None => saif::residual_norm::measure(engine, layer).await?,
+    };
     let decoder_norm =
         (0..sae.info.d_sae).map(|j| saif::steer::norm(sae.decoder_row(j))).sum::<f64>() as f32 / sae.info.d_sae as f32;
     let activation = match sae.info.activation {
@@ -180,15 +184,4 @@ pub async fn attach(
         has_lens: lens.is_some(),
     };
     Ok(LoadedSae { sae, layer, lens, summary })
-}
-
-/// The mean norm of `resid_post[layer]` over a plain sentence's tokens (the first, an attention sink, left out).
-async fn residual_norm(engine: &mut Engine, layer: usize) -> Result<f32, Failure> {
-    let ids = engine.tokenizer.encode_prompt("The weather was mild, so we walked to the market and bought bread.")?;
-    engine.model.reset();
-    let hooks = Hooks::none().read(layer, Positions::All);
-    let out = engine.model.forward(&ids, Segment::Prompt, &hooks, LogitsWanted::Last).await?;
-    let norms: Vec<f64> =
-        out.captures.iter().filter(|c| c.position > 0).map(|c| saif::steer::norm(&c.values)).collect();
-    Ok((norms.iter().sum::<f64>() / norms.len().max(1) as f64) as f32)
 }

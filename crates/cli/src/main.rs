@@ -174,7 +174,7 @@ enum Command {
         top: usize,
     },
     /// Records the model's fingerprint in an SAE folder's config (for SAEs trained elsewhere): other models refuse
-    /// the SAE from then on, unless --any-model.
+    /// the SAE from then on, unless --any-model. Also records the residual norm at its layer (the page's scale).
     SaeStamp {
         #[command(flatten)]
         model: ModelArgs,
@@ -638,8 +638,8 @@ fn run(cli: Cli) -> Result<()> {
             print(model.json, value.clone(), || serde_json::to_string_pretty(&value).unwrap_or_default());
         }
         Command::SaeStamp { model, sae } => {
-            let engine = model.load()?;
-            let value = sae::stamp(&engine, &sae)?;
+            let mut engine = model.load()?;
+            let value = sae::stamp(&mut engine, &sae)?;
             print(model.json, value.clone(), || serde_json::to_string_pretty(&value).unwrap_or_default());
         }
         Command::SaeLatent { model, choice: SaeChoice { sae, layer }, latent, corpus, lines, top } => {

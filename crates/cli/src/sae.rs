@@ -11,7 +11,7 @@ use saif::corpus::{collect, read_lines};
 use saif::eval::{evaluate, SaeEval};
 use saif::lens::{top_firings, LogitLens};
 use saif::train::{train_on, TrainConfig};
-use saif::{defaults, Sae, StoreAs};
+use saif::{defaults, residual_norm, Sae, StoreAs};
 use saif_engine::gpu::Gpu;
 use saif_engine::{block_on, Engine, ModelFingerprint};
 use serde_json::{json, Value};
@@ -270,8 +270,9 @@ pub fn load_for_model(model: &ModelFingerprint, dir: &Path) -> Result<Sae> {
 }
 
 /// Records `engine`'s model in an SAE folder's config (`config.json` or SAELens' `cfg.json`), for SAEs trained
-/// elsewhere, so that other models refuse it from then on. Only the config is rewritten.
-pub fn stamp(engine: &Engine, dir: &Path) -> Result<Value> {
+/// elsewhere, so that other models refuse it from then on, and the residual norm at the SAE's layer, so that the
+/// page attaches it without running the model. Only the config is rewritten.
+pub fn stamp(engine: &mut Engine, dir: &Path) -> Result<Value> {
     let sae = Sae::load_dir(dir).with_context(|| format!("cannot load the SAE in {}", dir.display()))?;
     let config = engine.config();
     sae.check_fits(config.hidden, config.n_layers, sae.info.layer.unwrap_or(0))?;
@@ -282,9 +283,21 @@ pub fn stamp(engine: &Engine, dir: &Path) -> Result<Value> {
         Err(_) => json!({}),
     };
     value["model_fingerprint"] = json!(engine.fingerprint);
+    let residual_norm = match sae.info.layer {
+        Some(layer) => {
+            let mean = block_on(residual_norm::measure(engine, layer))?;
+            residual_norm::record(&mut value, &engine.fingerprint, layer, mean);
+            Some(mean)
+        }
+        None => None,
+    };
     std::fs::write(&path, serde_json::to_string_pretty(&value)? + "\n")
         .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(json!({ "config": path.display().to_string(), "model_fingerprint": engine.fingerprint }))
+    Ok(json!({
+        "config": path.display().to_string(),
+        "model_fingerprint": engine.fingerprint,
+        "residual_norm": residual_norm,
+    }))
 }
 
 pub fn resolve_sae(engine: &Engine, sae: Option<&Path>, layer: Option<usize>) -> Result<(Sae, usize, PathBuf)> {

@@ -622,6 +622,13 @@ fn an_sae_recording_another_model_is_refused_unless_asked_or_stamped() {
     // Stamping records the loaded model, after which it is accepted without the flag.
     let stamped = json_ok(&["sae-stamp", "--model", &smol, "--sae", sae, "--json"]);
     assert_eq!(stamped["model_fingerprint"]["instruction_tuned"], true);
+    // It records the residual norm at the SAE's layer: the shipped SAE's record, measured on the same model.
+    let norm = stamped["residual_norm"].as_f64().unwrap();
+    let shipped_norm = config["residual_norm"]["mean"].as_f64().unwrap();
+    assert!((norm - shipped_norm).abs() <= 1e-4 * shipped_norm, "stamped {norm}, shipped {shipped_norm}");
+    let restamped: Value = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(restamped["residual_norm"]["mean"], stamped["residual_norm"]);
+    assert_eq!(restamped["residual_norm"]["model_fingerprint"], stamped["model_fingerprint"]);
     json_ok(&lens);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -3,7 +3,8 @@
 //!
 //! SAEs: `sae` (formats, encoding, decoding), `corpus` (texts and the activations a model makes on them), `train`
 //! (TopK SAE training, on the CPU or natively on a GPU), `eval` (FVU, L0, dead latents, loss recovered), `lens`
-//! (what a latent means), `defaults` (the SAEs shipped for the offline models).
+//! (what a latent means), `residual_norm` (the residual stream's size at an SAE's layer, recorded in its config),
+//! `defaults` (the SAEs shipped for the offline models).
 //!
 //! The SAIF method, in the order an experiment runs: `data` (the built-in instructions and contents, and the
 //! prompts made from them) -> `discover` (the latents that encode an instruction) -> `steer` (SAE latents,
@@ -22,6 +23,7 @@ pub mod evaluate;
 pub mod lens;
 pub mod metrics;
 pub mod progress;
+pub mod residual_norm;
 pub mod sae;
 pub mod steer;
 pub mod sweep;

@@ -6,6 +6,8 @@
 //! - SAIF prompts made from them (tests/data/prompts.txt: contents with and without instructions, as the model is
 //!   prompted: a chat turn for SmolLM2, plain text for the pretrained Gemma).
 //!
+//! Each records the residual norm at its layer (what the page's sliders are scaled against), as measured here.
+//!
 //! And they are interpretable: some latent of SmolLM2's last-layer SAE promotes French words through the logit lens,
 //! far more than latents do on average.
 
@@ -13,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use saif::eval::evaluate_layers;
 use saif::lens::LogitLens;
-use saif::{defaults, Sae};
+use saif::{defaults, residual_norm, Sae};
 use saif_engine::{block_on, Engine, LoadOptions};
 
 fn model(file: &str) -> PathBuf {
@@ -70,6 +72,14 @@ fn check_shipped(file: &str, expected_layers: usize, lines: usize, kinds: &[&str
     for (layer, dir) in &shipped {
         let sae = Sae::load_dir(dir).unwrap();
         assert_eq!(sae.info.layer, Some(*layer));
+        // The residual norm the page uses without running the model is the one the model has there.
+        let recorded = residual_norm::recorded(&sae.info, &engine.fingerprint, *layer)
+            .unwrap_or_else(|| panic!("{}: no residual norm recorded for this model (saif sae-stamp)", dir.display()));
+        let measured = block_on(residual_norm::measure(&mut engine, *layer)).unwrap();
+        assert!(
+            (recorded - measured).abs() <= 1e-4 * measured,
+            "{key} layer {layer}: recorded residual norm {recorded}, measured {measured}"
+        );
         let size: u64 = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
         assert!(size < 12_000_000, "{}: {size} bytes is not a few MB", dir.display());
         saes.push((sae, *layer));
