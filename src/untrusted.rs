@@ -12,7 +12,8 @@ use saif_engine::{Engine, LoadOptions};
 
 /// A GGUF file loaded as the page loads one on the CPU: header, tokenizer, weights, and the model's description.
 pub fn gguf(bytes: &[u8]) -> Result<String, String> {
-    let engine = Engine::from_bytes_cpu(bytes, &LoadOptions { max_context: Some(64) }).map_err(|e| e.to_string())?;
+    let engine = Engine::from_bytes_cpu(bytes, &LoadOptions { max_context: Some(64), ..Default::default() })
+        .map_err(|e| e.to_string())?;
     let c = engine.config();
     // Tokenizing and detokenizing use the vocabulary the file gave; a short text covers the merges and byte tokens.
     let ids = engine.tokenizer.encode("Héllo, world 1").map_err(|e| e.to_string())?;

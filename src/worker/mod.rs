@@ -429,7 +429,7 @@ async fn load(
     let started = now_ms();
     // Drop the previous model first: two models at once may not fit in the tab's memory.
     forget_model();
-    let options = LoadOptions { max_context: Some(BROWSER_CONTEXT) };
+    let options = LoadOptions { max_context: Some(BROWSER_CONTEXT), ..Default::default() };
     let mut weights = Reporter::new(id, Stage::LoadingWeights);
     // When each stage began, for `load_steps`.
     let mut began: Vec<(Stage, f64)> = Vec::new();

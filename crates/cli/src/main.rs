@@ -417,6 +417,10 @@ struct ModelArgs {
     model: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     backend: Backend,
+    /// CPU: decode with the activations rounded to 8 bits and integer products, as llama.cpp does (faster, not
+    /// exact; docs/benchmarks.md measures the departure from the exact products).
+    #[arg(long)]
+    int8: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -481,8 +485,12 @@ impl ModelArgs {
             Backend::Cpu => None,
             Backend::Wgpu => Some(Rc::new(block_on(Gpu::new())?)),
         };
+        if self.int8 && gpu.is_some() {
+            bail!("--int8 is a CPU mode; the GPU path computes exact products");
+        }
+        let options = LoadOptions { int8_activations: self.int8, ..Default::default() };
         let loaded = match &gpu {
-            None => Engine::load_cpu(reader, &LoadOptions::default()),
+            None => Engine::load_cpu(reader, &options),
             Some(gpu) => block_on(Engine::load_wgpu(reader, &LoadOptions::default(), Some(gpu.clone()))),
         };
         Ok((loaded.with_context(|| format!("cannot load {}", path.display()))?, gpu))

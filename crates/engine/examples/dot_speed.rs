@@ -1,10 +1,11 @@
 //! How fast the CPU path's fused dot products read each block type, on one thread, against a plain streaming read
 //! of the same memory: `cargo run --release -p saif-engine --example dot_speed`. The weights (128 MB of blocks per
 //! type, far beyond the caches) come from memory as in a decoding step; the activations stay in the L1 cache.
-//! docs/benchmarks.md records its figures.
+//! `int8` is the opt-in mode with activations rounded to 8 bits. docs/benchmarks.md records its figures.
 
 use candle_core::quantized::GgmlDType;
 use saif_engine::quant::blocks::{dot_row, portable_dot_row};
+use saif_engine::quant::int8;
 
 fn best_of_three(mut run: impl FnMut() -> f32) -> (f64, f32) {
     let mut best = f64::MAX;
@@ -33,6 +34,13 @@ fn main() {
         {
             let (seconds, checksum) = best_of_three(|| bytes.chunks_exact(row_bytes).map(|r| dot(dtype, r, &x)).sum());
             println!("{dtype:?} {form}: {:.2} GB/s (checksum {checksum:.4e})", bytes.len() as f64 / seconds / 1e9);
+        }
+        if int8::supports(dtype) {
+            // The opt-in fast mode: activations rounded to 8 bits, integer products.
+            let q = int8::quantize(&x);
+            let (seconds, checksum) =
+                best_of_three(|| bytes.chunks_exact(row_bytes).map(|r| int8::dot_row(dtype, r, &q)).sum());
+            println!("{dtype:?} int8: {:.2} GB/s (checksum {checksum:.4e})", bytes.len() as f64 / seconds / 1e9);
         }
     }
 }

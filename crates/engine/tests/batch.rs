@@ -112,3 +112,27 @@ fn batched_generation_equals_generation_alone_on_smollm2() {
         assert_eq!(a.ids, b.ids, "SmolLM2 sequence {i}: generate's tokens");
     }
 }
+
+/// With the opt-in 8-bit activations too, each row of a batched product is rounded and multiplied alone, so a
+/// sequence gets in a batch exactly what it gets alone.
+#[test]
+fn batched_generation_equals_generation_alone_with_int8_activations() {
+    let reader = &mut std::io::BufReader::new(std::fs::File::open(model_path(SMOLLM)).unwrap());
+    let options = saif_engine::LoadOptions { max_context: Some(256), int8_activations: true };
+    let mut engine = Engine::load_cpu(reader, &options).unwrap();
+    let hidden = engine.config().hidden;
+    let texts = ["The cat sleeps.", "Write a haiku about rain.", "What is 2 + 2?"];
+    let prompts: Vec<Vec<u32>> =
+        texts.iter().map(|t| engine.tokenizer.encode_prompt(&engine.chat.render(t, None)).unwrap()).collect();
+    let v: Vec<f32> = (0..hidden).map(|i| if i % 2 == 0 { 0.5 } else { -0.5 }).collect();
+    let hooks = [Hooks::none(), Hooks::none().add(20, v, Scope::All).read(10, Positions::Last), Hooks::none()];
+    let options =
+        GenerateOptions { max_new_tokens: 8, sampling: Sampling::Greedy, stop_tokens: engine.chat_stop_tokens() };
+    let requests: Vec<SequenceRequest> =
+        (0..3).map(|i| SequenceRequest { prompt: &prompts[i], hooks: &hooks[i], options: &options }).collect();
+    let batched = block_on(generate_batch(engine.model.as_mut(), &requests, |_, _| async { true })).unwrap();
+    for (i, b) in batched.iter().enumerate() {
+        let alone = block_on(generate_batch(engine.model.as_mut(), &requests[i..i + 1], |_, _| async { true }));
+        same(&alone.unwrap()[0], b, &format!("SmolLM2 with 8-bit activations, sequence {i}"));
+    }
+}

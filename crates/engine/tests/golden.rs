@@ -5,6 +5,7 @@
 //! whose text is the reference's. The same criteria hold on the project's own further references
 //! (tests/reference). The GPU variants check the same things on the golden prompts, with the greedy tokens found
 //! by teacher forcing except on the first prompt (`Depth::Gpu` says why).
+//! The opt-in 8-bit activations are held to a measured departure instead (`int8_activations_depart_little_...`).
 
 mod common;
 
@@ -212,4 +213,65 @@ fn generation_stops_after_eos_and_keeps_it() {
         seen += 1;
     }
     assert!(seen >= 1, "the golden file has no early-ending answer to check");
+}
+
+/// The opt-in 8-bit activations (`LoadOptions::int8_activations`) round the activations of every decoding step,
+/// so they depart from the exact products; this measures by how much, on the golden prompts, and holds it there
+/// (docs/benchmarks.md records the figures). Prompts keep the exact products, so the departure is in the decoding
+/// steps: the reference's greedy tokens are fed one at a time to the exact and the 8-bit engine, whose logits are
+/// compared at every step, and the 8-bit engine's own greedy tokens are compared with the reference's.
+fn int8_departure(file: &str, golden: &str) -> (usize, usize, usize, usize, f64) {
+    let golden = read_json(&golden_path(golden));
+    let open = |int8_activations| {
+        let reader = &mut std::io::BufReader::new(std::fs::File::open(model_path(file)).unwrap());
+        let options = saif_engine::LoadOptions { max_context: Some(1024), int8_activations };
+        Engine::load_cpu(reader, &options).unwrap()
+    };
+    let (mut exact, mut fast) = (open(false), open(true));
+    let argmax = |logits: &[f32]| top_candidates(logits, Some(1))[0].0;
+    let (mut steps, mut same_top1, mut greedy_same, mut greedy_total, mut worst) = (0, 0, 0, 0, 0f64);
+    for p in golden["prompts"].as_array().unwrap() {
+        let input = ids(&p["input_ids"]);
+        let want = ids(&p["greedy16_ids"]);
+        for engine in [&mut exact, &mut fast] {
+            engine.model.reset();
+            block_on(engine.model.forward(&input, Segment::Prompt, &Hooks::none(), LogitsWanted::Last)).unwrap();
+        }
+        for &token in &want[..want.len() - 1] {
+            let step = |engine: &mut Engine| {
+                block_on(engine.model.forward(&[token], Segment::Generated, &Hooks::none(), LogitsWanted::Last))
+                    .unwrap()
+                    .logits
+            };
+            let (a, b) = (step(&mut exact), step(&mut fast));
+            worst = a.iter().zip(&b).fold(worst, |w, (x, y)| w.max((x - y).abs() as f64));
+            steps += 1;
+            same_top1 += usize::from(argmax(&a) == argmax(&b));
+        }
+        fast.model.reset();
+        let options =
+            GenerateOptions { max_new_tokens: 16, sampling: Sampling::Greedy, stop_tokens: fast.stop_tokens() };
+        let greedy = block_on(generate(fast.model.as_mut(), &input, &options, &Hooks::none(), |_| true)).unwrap().ids;
+        greedy_same += greedy.iter().zip(&want).take_while(|(a, b)| a == b).count();
+        greedy_total += want.len();
+    }
+    eprintln!(
+        "{file} with 8-bit activations: top-1 as the exact products' on {same_top1} of {steps} decoding steps, \
+         largest logit difference {worst:.3}; greedy tokens as the reference's up to the first difference: \
+         {greedy_same} of {greedy_total}"
+    );
+    (same_top1, steps, greedy_same, greedy_total, worst)
+}
+
+/// Measured (2026-12-03): SmolLM2 top-1 equal on 67 of 69 steps, logits within 1.15, greedy tokens equal on 60 of
+/// 74; Gemma 73 of 75, 0.79, 75 of 80. The bounds leave a little room; a kernel that scaled a block wrongly would
+/// move logits by far more.
+#[test]
+fn int8_activations_depart_little_from_the_reference() {
+    for (file, golden) in [(SMOLLM, "smollm2-135m-instruct-q4_1.json"), (GEMMA, "gemma-3-270m-q4_k_m.json")] {
+        let (same_top1, steps, greedy_same, greedy_total, worst) = int8_departure(file, golden);
+        assert!(same_top1 * 100 >= 95 * steps, "{file}: top-1 equal on {same_top1} of {steps} steps");
+        assert!(worst <= 1.5, "{file}: logits moved by {worst}");
+        assert!(greedy_same * 100 >= 75 * greedy_total, "{file}: {greedy_same} of {greedy_total} greedy tokens");
+    }
 }

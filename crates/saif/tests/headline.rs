@@ -19,8 +19,11 @@ fn saif_steers_smollm2_into_french() {
         .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/saif/models"));
     let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
     let file = std::fs::File::open(&path).expect("the offline SmolLM2: run `make setup`");
-    let mut engine =
-        Engine::load_cpu(&mut std::io::BufReader::new(file), &LoadOptions { max_context: Some(512) }).unwrap();
+    let mut engine = Engine::load_cpu(
+        &mut std::io::BufReader::new(file),
+        &LoadOptions { max_context: Some(512), ..Default::default() },
+    )
+    .unwrap();
     std::env::set_var("SAIF_SAES", Path::new(env!("CARGO_MANIFEST_DIR")).join("../../public/saes"));
     let key = engine.config().key.clone();
     let settings = defaults::steering(&key, "translate-fr").expect("settings recorded for SmolLM2's translate-fr");

@@ -19,7 +19,8 @@ fn smollm2() -> Engine {
     let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(path.exists(), "{} is missing: run `make setup`", path.display());
     let file = std::fs::File::open(path).unwrap();
-    Engine::load_cpu(&mut std::io::BufReader::new(file), &LoadOptions { max_context: Some(512) }).unwrap()
+    Engine::load_cpu(&mut std::io::BufReader::new(file), &LoadOptions { max_context: Some(512), ..Default::default() })
+        .unwrap()
 }
 
 const LAYER: usize = 20;

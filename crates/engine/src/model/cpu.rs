@@ -40,6 +40,9 @@ use crate::quant::QuantMatrix;
 pub struct LoadOptions {
     /// Cap on the context (tokens in the KV cache); `None` keeps the model's own.
     pub max_context: Option<usize>,
+    /// Decode with the activations rounded to 8 bits and integer products (`quant::int8`), as llama.cpp does:
+    /// faster, not exact (docs/benchmarks.md measures the departure). Off by default.
+    pub int8_activations: bool,
 }
 
 /// A weight matrix as the file stores it, applied to f32 activations (see `quant`).
@@ -122,6 +125,7 @@ pub struct CpuModel {
 struct Loader<'a, R> {
     gguf: &'a GgufFile,
     reader: &'a mut R,
+    int8_activations: bool,
 }
 
 impl<R: Read + Seek> Loader<'_, R> {
@@ -151,11 +155,11 @@ impl<R: Read + Seek> Loader<'_, R> {
 
     fn linear(&mut self, name: &str, rows: usize, cols: usize) -> Result<Linear> {
         let q = self.qtensor(name)?;
-        linear_from(name, Arc::new(q), rows, cols)
+        linear_from(name, Arc::new(q), rows, cols, self.int8_activations)
     }
 }
 
-fn linear_from(name: &str, q: Arc<QTensor>, rows: usize, cols: usize) -> Result<Linear> {
+fn linear_from(name: &str, q: Arc<QTensor>, rows: usize, cols: usize, int8_activations: bool) -> Result<Linear> {
     let dims = q.shape().dims().to_vec();
     if dims != [rows, cols] {
         return Err(EngineError::BadTensor {
@@ -163,7 +167,7 @@ fn linear_from(name: &str, q: Arc<QTensor>, rows: usize, cols: usize) -> Result<
             why: format!("expected shape [{rows}, {cols}], found {dims:?}"),
         });
     }
-    QuantMatrix::new(name, q).map(Linear)
+    Ok(Linear(QuantMatrix::new(name, q)?.with_int8_activations(int8_activations)))
 }
 
 impl CpuModel {
@@ -181,7 +185,7 @@ impl CpuModel {
     ) -> Result<Self> {
         let config = ModelConfig::from_gguf(gguf)?;
         let c = &config;
-        let mut ld = Loader { gguf, reader };
+        let mut ld = Loader { gguf, reader, int8_activations: options.int8_activations };
         let total = c.n_layers + 2;
         progress(0, total);
 
@@ -220,7 +224,7 @@ impl CpuModel {
         let lm_head = if gguf.has_tensor("output.weight") {
             ld.linear("output.weight", c.vocab_size, c.hidden)?
         } else {
-            linear_from("token_embd.weight (tied output)", table, c.vocab_size, c.hidden)?
+            linear_from("token_embd.weight (tied output)", table, c.vocab_size, c.hidden, options.int8_activations)?
         };
         let rope_factors = match ld.opt_vector("rope_freqs.weight", c.head_dim / 2)? {
             Some(t) => Some(t.to_vec1::<f32>().context("rope_freqs")?),

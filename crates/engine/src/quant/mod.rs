@@ -15,6 +15,9 @@ use crate::gguf::type_name;
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 mod avx2;
 pub mod blocks;
+pub mod int8;
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+mod int8_avx2;
 
 pub use blocks::dequantize;
 
@@ -24,6 +27,8 @@ pub struct QuantMatrix {
     tensor: Arc<QTensor>,
     rows: usize,
     cols: usize,
+    /// Whether decoding products round the activations to 8 bits (`int8`, opt-in, not exact).
+    int8_activations: bool,
 }
 
 /// The fewest rows of output one task computes: enough work to amortise scheduling.
@@ -48,7 +53,15 @@ impl QuantMatrix {
                 why: format!("rows of {cols} values do not split into {} blocks of {block}", type_name(tensor.dtype())),
             });
         }
-        Ok(Self { tensor, rows, cols })
+        Ok(Self { tensor, rows, cols, int8_activations: false })
+    }
+
+    /// Decoding products (one or two activation rows, and batched steps) with the activations rounded to 8 bits
+    /// and integer arithmetic, where `int8` covers the weight type: faster, not exact. Prompts keep the exact
+    /// product.
+    pub fn with_int8_activations(mut self, on: bool) -> Self {
+        self.int8_activations = on && int8::supports(self.dtype());
+        self
     }
 
     pub fn rows(&self) -> usize {
@@ -86,14 +99,24 @@ impl QuantMatrix {
     /// form: blocks decoded inside the dot products for one or two rows, a decoded band and `gemm` for more.
     pub fn matmul(&self, x: &[f32]) -> Result<Vec<f32>> {
         let m = x.len() / self.cols.max(1);
-        self.product(x, if m <= FUSED_MAX_ROWS { Form::Fused } else { Form::Band })
+        self.product(x, if m > FUSED_MAX_ROWS { Form::Band } else { self.decoding_form(Form::Fused) })
+    }
+
+    /// `exact` unless this matrix rounds decoding activations to 8 bits.
+    fn decoding_form(&self, exact: Form) -> Form {
+        if self.int8_activations {
+            Form::Int8
+        } else {
+            exact
+        }
     }
 
     /// As `matmul`, with each row's result independent of the other rows: every weight row is decoded once to
     /// f32 and dotted with each activation row (`dot`), so a sequence of a batched decoding step gets the same
     /// numbers in any batch. (`matmul`'s forms differ in the order of their sums, hence this third one.)
+    /// With 8-bit activations, each row is rounded and multiplied alone, so the same holds.
     pub fn matmul_exact_rows(&self, x: &[f32]) -> Result<Vec<f32>> {
-        self.product(x, Form::Rows)
+        self.product(x, self.decoding_form(Form::Rows))
     }
 
     fn product(&self, x: &[f32], form: Form) -> Result<Vec<f32>> {
@@ -108,6 +131,10 @@ impl QuantMatrix {
         // Each task covers a band of rows. Few activation rows (decoding): decode inside each dot product. Many
         // (a prompt): decode the band once into f32 and reuse it for every activation row.
         // A few bands per thread balance the load; more only add scheduling.
+        let rounded: Vec<int8::Q8Row> = match form {
+            Form::Int8 => x.chunks_exact(k).map(int8::quantize).collect(),
+            _ => Vec::new(),
+        };
         let per_band = ROWS_PER_TASK.max(n.div_ceil(4 * rayon::current_num_threads()));
         let bands: Vec<Vec<f32>> = (0..n.div_ceil(per_band))
             .into_par_iter()
@@ -147,6 +174,14 @@ impl QuantMatrix {
                             r += group;
                         }
                     }
+                    Form::Int8 => {
+                        for r in 0..count {
+                            let row = &rows[r * row_bytes..(r + 1) * row_bytes];
+                            for (i, xi) in rounded.iter().enumerate() {
+                                out[i * count + r] = int8::dot_row(dtype, row, xi);
+                            }
+                        }
+                    }
                     Form::Band => {
                         let mut w = vec![0f32; count * k];
                         dequantize(dtype, rows, &mut w);
@@ -168,7 +203,7 @@ impl QuantMatrix {
     }
 }
 
-/// How a product is computed (all exact up to the order of the f32 sums).
+/// How a product is computed (all but `Int8` exact up to the order of the f32 sums).
 #[derive(Clone, Copy)]
 enum Form {
     /// Blocks decoded inside each dot product: fastest for one or two activation rows.
@@ -177,6 +212,8 @@ enum Form {
     Rows,
     /// A band of weight rows decoded, then one `gemm` product: fastest for many rows.
     Band,
+    /// Activations rounded to 8 bits, integer products (`int8`): not exact, each row alone.
+    Int8,
 }
 
 /// `out[i][r] = sum_c x[i][c] * w[r][c]` for `x` of `m x k`, `w` of `count x k` and `out` of `m x count`, all

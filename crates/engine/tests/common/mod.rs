@@ -49,7 +49,7 @@ pub enum Backend {
 pub fn load_on(path: &std::path::Path, backend: Backend) -> Engine {
     let file = std::fs::File::open(path).unwrap();
     let reader = &mut std::io::BufReader::new(file);
-    let options = LoadOptions { max_context: Some(1024) };
+    let options = LoadOptions { max_context: Some(1024), ..Default::default() };
     let engine = match backend {
         Backend::Cpu => Engine::load_cpu(reader, &options),
         Backend::Wgpu => saif_engine::block_on(Engine::load_wgpu(reader, &options, None)),

@@ -1,0 +1,203 @@
+//! The opt-in fast products: activations rounded to 8 bits per block of 32 (ggml's `block_q8_1`: a scale and the
+//! scaled sum of the block), then multiplied with the weights' integers in integer arithmetic, as llama.cpp does.
+//! Not exact: the rounding moves each activation by up to half a step (1/254 of its block's largest value), so
+//! logits move too; docs/benchmarks.md states by how much against the golden references. The exact products
+//! (`QuantMatrix::matmul`) stay the default.
+//!
+//! Written for the weight types that dominate the offline models' decoding: Q8_0 and Q4_1 (SmolLM2), Q4_K and Q6_K
+//! (Gemma), each in portable Rust (the twin) and, where the target has it, AVX2 (`int8_avx2`).
+
+use candle_core::quantized::GgmlDType;
+
+use super::blocks::half;
+
+/// Activations per block.
+pub const BLOCK: usize = 32;
+
+/// A row of activations rounded to 8 bits: `x[32b + j] ~ scale[b] * values[32b + j]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Q8Row {
+    pub values: Vec<i8>,
+    pub scale: Vec<f32>,
+    /// `scale[b] * sum_j values[32b + j]`: what a weight block's offset (Q4_1's `m`) multiplies.
+    pub scaled_sum: Vec<f32>,
+}
+
+/// Whether the fast products cover `dtype` (the others keep the exact products).
+pub fn supports(dtype: GgmlDType) -> bool {
+    matches!(dtype, GgmlDType::Q8_0 | GgmlDType::Q4_1 | GgmlDType::Q4K | GgmlDType::Q6K)
+}
+
+/// Rounds `x` (a multiple of 32 values) block by block: scale = largest magnitude / 127, values rounded to the
+/// nearest integer, halves away from zero.
+pub fn quantize(x: &[f32]) -> Q8Row {
+    debug_assert_eq!(x.len() % BLOCK, 0);
+    let blocks = x.len() / BLOCK;
+    let mut row = Q8Row { values: vec![0; x.len()], scale: vec![0.0; blocks], scaled_sum: vec![0.0; blocks] };
+    for (b, (xb, qb)) in x.chunks_exact(BLOCK).zip(row.values.chunks_exact_mut(BLOCK)).enumerate() {
+        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let inverse = if d > 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, v) in qb.iter_mut().zip(xb) {
+            *q = (v * inverse).round() as i8;
+            sum += *q as i32;
+        }
+        row.scale[b] = d;
+        row.scaled_sum[b] = d * sum as f32;
+    }
+    row
+}
+
+/// `sum_c W[c] * x[c]` for one weight row's blocks and a rounded activation row.
+pub fn dot_row(dtype: GgmlDType, bytes: &[u8], x: &Q8Row) -> f32 {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    if let Some(dot) = super::int8_avx2::dot_row(dtype, bytes, x) {
+        return dot;
+    }
+    portable_dot_row(dtype, bytes, x)
+}
+
+/// `dot_row` in portable Rust: the wasm path and the twin the AVX2 kernels are tested against. Each 32-value
+/// block's integer products are summed exactly in i32, then scaled.
+pub fn portable_dot_row(dtype: GgmlDType, bytes: &[u8], x: &Q8Row) -> f32 {
+    let q = &x.values;
+    let mut acc = 0f32;
+    match dtype {
+        GgmlDType::Q8_0 => {
+            for (b, w) in bytes.chunks_exact(34).enumerate() {
+                let qx = &q[b * 32..b * 32 + 32];
+                let s: i32 = w[2..34].iter().zip(qx).map(|(&a, &c)| a as i8 as i32 * c as i32).sum();
+                acc += half(w, 0) * x.scale[b] * s as f32;
+            }
+        }
+        GgmlDType::Q4_1 => {
+            for (b, w) in bytes.chunks_exact(20).enumerate() {
+                let qx = &q[b * 32..b * 32 + 32];
+                let mut s = 0i32;
+                for j in 0..16 {
+                    s += (w[4 + j] & 0x0f) as i32 * qx[j] as i32 + (w[4 + j] >> 4) as i32 * qx[j + 16] as i32;
+                }
+                acc += half(w, 0) * x.scale[b] * s as f32 + half(w, 2) * x.scaled_sum[b];
+            }
+        }
+        GgmlDType::Q4K => {
+            // 256 values in 8 sub-blocks of 32: value = d * sc[i] * q - dmin * m[i], with 6-bit sc and m.
+            for (sb, w) in bytes.chunks_exact(144).enumerate() {
+                let (d, dmin) = (half(w, 0), half(w, 2));
+                let (sc, m) = k_scales(&w[4..16]);
+                let qs = &w[16..144];
+                for i in 0..8 {
+                    let b = sb * 8 + i;
+                    let qx = &q[b * 32..b * 32 + 32];
+                    // Sub-blocks 2p and 2p + 1 share 32 bytes: low nibbles, then high.
+                    let bytes32 = &qs[(i / 2) * 32..(i / 2) * 32 + 32];
+                    let shift = if i % 2 == 0 { 0 } else { 4 };
+                    let s: i32 = bytes32.iter().zip(qx).map(|(&v, &c)| ((v >> shift) & 0x0f) as i32 * c as i32).sum();
+                    acc += d * sc[i] as f32 * x.scale[b] * s as f32 - dmin * m[i] as f32 * x.scaled_sum[b];
+                }
+            }
+        }
+        GgmlDType::Q6K => {
+            // 256 values: ql (128 bytes, low 4 bits), qh (64 bytes, high 2 bits), 16 i8 scales, d; q in -32..31,
+            // value = d * scale[i] * q for sub-blocks of 16.
+            for (sb, w) in bytes.chunks_exact(210).enumerate() {
+                let (ql, qh, scales) = (&w[0..128], &w[128..192], &w[192..208]);
+                let d = half(w, 208);
+                let mut values = [0i8; 256];
+                for half_block in 0..2 {
+                    let (ql, qh) = (&ql[half_block * 64..], &qh[half_block * 32..]);
+                    let out = &mut values[half_block * 128..];
+                    for l in 0..32 {
+                        out[l] = ((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) as i8 - 32;
+                        out[l + 32] = ((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
+                        out[l + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
+                        out[l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
+                    }
+                }
+                for i in 0..8 {
+                    let b = sb * 8 + i;
+                    let qx = &q[b * 32..b * 32 + 32];
+                    let wv = &values[i * 32..i * 32 + 32];
+                    let s0: i32 = wv[..16].iter().zip(&qx[..16]).map(|(&a, &c)| a as i32 * c as i32).sum();
+                    let s1: i32 = wv[16..].iter().zip(&qx[16..]).map(|(&a, &c)| a as i32 * c as i32).sum();
+                    let s = scales[2 * i] as i8 as i32 * s0 + scales[2 * i + 1] as i8 as i32 * s1;
+                    acc += d * x.scale[b] * s as f32;
+                }
+            }
+        }
+        other => unreachable!("int8::dot_row on {other:?}: callers check `supports` first"),
+    }
+    acc
+}
+
+/// Q4_K's eight 6-bit scales and mins, packed in 12 bytes (ggml's `get_scale_min_k4`).
+pub(super) fn k_scales(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let (mut sc, mut m) = ([0u8; 8], [0u8; 8]);
+    for j in 0..8 {
+        if j < 4 {
+            sc[j] = s[j] & 63;
+            m[j] = s[j + 4] & 63;
+        } else {
+            sc[j] = (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4);
+            m[j] = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+        }
+    }
+    (sc, m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::blocks::dequantize;
+    use candle_core::quantized::QTensor;
+    use candle_core::{Device, Tensor};
+
+    #[test]
+    fn quantize_by_hand() {
+        // Largest magnitude 2.54: scale 0.02; 1.0 is 50 steps, -0.01 is half a step (away from zero: -1).
+        let mut x = vec![0f32; 32];
+        (x[0], x[1], x[2], x[3]) = (2.54, 1.0, -0.01, -2.54);
+        let q = quantize(&x);
+        assert!((q.scale[0] - 0.02).abs() < 1e-7);
+        assert_eq!(&q.values[..5], &[127, 50, -1, -127, 0]);
+        assert!((q.scaled_sum[0] - 0.02 * 49.0).abs() < 1e-6);
+        // An all-zero block has scale 0 and no NaN.
+        assert_eq!(quantize(&[0f32; 32]), Q8Row { values: vec![0; 32], scale: vec![0.0], scaled_sum: vec![0.0] });
+    }
+
+    /// Each type's integer product equals, up to f32 rounding, the f64 product of the decoded weights with the
+    /// rounded activations (`scale * value`): the same numbers, so only the order of the sums differs. And the
+    /// AVX2 kernels, where compiled, agree with the portable twin.
+    #[test]
+    fn integer_products_equal_the_decoded_products_of_the_rounded_activations() {
+        let (n, k) = (9, 512);
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1).collect();
+        let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+        let x: Vec<f32> = (0..k).map(|i| ((i * 104729 % 997) as f32 / 498.5 - 1.0) * (1.0 + (i % 7) as f32)).collect();
+        let q = quantize(&x);
+        let rounded: Vec<f64> = (0..k).map(|c| q.scale[c / 32] as f64 * q.values[c] as f64).collect();
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_1, GgmlDType::Q4K, GgmlDType::Q6K] {
+            assert!(supports(dtype));
+            let qt = QTensor::quantize(&wt, dtype).unwrap();
+            let raw = qt.data().unwrap();
+            let row_bytes = k / dtype.block_size() * dtype.type_size();
+            for r in 0..n {
+                let bytes = &raw[r * row_bytes..(r + 1) * row_bytes];
+                let mut deq = vec![0f32; k];
+                dequantize(dtype, bytes, &mut deq);
+                let want: f64 = deq.iter().zip(&rounded).map(|(&a, &b)| a as f64 * b).sum();
+                let magnitude: f64 = deq.iter().zip(&rounded).map(|(&a, &b)| (a as f64 * b).abs()).sum();
+                let portable = portable_dot_row(dtype, bytes, &q) as f64;
+                let fast = dot_row(dtype, bytes, &q) as f64;
+                for (form, got) in [("portable", portable), ("dot_row", fast)] {
+                    assert!(
+                        (got - want).abs() <= 1e-5 * magnitude,
+                        "{dtype:?} row {r} {form}: {got} vs {want} (terms' magnitude {magnitude})"
+                    );
+                }
+            }
+        }
+        assert!(!supports(GgmlDType::Q5_0));
+    }
+}

@@ -1,0 +1,153 @@
+//! `int8::dot_row` in AVX2 for Q8_0, Q4_1, Q4_K and Q6_K: 32 products of 8-bit integers per instruction pair
+//! (`maddubs`, then `madd` into eight i32 sums), scaled per block into eight f32 lanes. The same integers as the
+//! portable twin, summed in another order, so the two agree up to f32 rounding (`int8`'s tests).
+//!
+//! Compiled where the target has AVX2 and FMA (natively the project builds for x86-64-v3).
+
+use std::arch::x86_64::*;
+
+use candle_core::quantized::GgmlDType;
+
+use super::int8::{k_scales, Q8Row};
+
+/// `int8::dot_row` for the types written here; `None` for the others (the portable code runs).
+pub fn dot_row(dtype: GgmlDType, bytes: &[u8], x: &Q8Row) -> Option<f32> {
+    // SAFETY: compiled only where the target enables AVX2 and FMA (see `quant/mod.rs`); every load reads 16 or 32
+    // bytes inside a block of `bytes` or a 32-value block of `x.values`, whose lengths match (checked below).
+    unsafe {
+        match dtype {
+            GgmlDType::Q8_0 if bytes.len() / 34 * 32 <= x.values.len() => Some(q8_0(bytes, x)),
+            GgmlDType::Q4_1 if bytes.len() / 20 * 32 <= x.values.len() => Some(q4_1(bytes, x)),
+            GgmlDType::Q4K if bytes.len() / 144 * 256 <= x.values.len() => Some(q4k(bytes, x)),
+            GgmlDType::Q6K if bytes.len() / 210 * 256 <= x.values.len() => Some(q6k(bytes, x)),
+            _ => None,
+        }
+    }
+}
+
+/// The eight lanes' sum.
+#[inline(always)]
+unsafe fn lanes_sum(acc: __m256) -> f32 {
+    let mut lanes = [0f32; 8];
+    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+    lanes.iter().sum()
+}
+
+/// Eight i32 sums of four products each of unsigned `u` and signed `s` bytes, as f32.
+#[inline(always)]
+unsafe fn products_u8_i8(u: __m256i, s: __m256i) -> __m256 {
+    let pairs = _mm256_maddubs_epi16(u, s);
+    _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+}
+
+/// The same for two signed operands: `|a|` times `b` with `a`'s sign.
+#[inline(always)]
+unsafe fn products_i8_i8(a: __m256i, b: __m256i) -> __m256 {
+    products_u8_i8(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a))
+}
+
+/// The f16 at `b[at..at + 2]` as f32, converted by F16C (`half`'s conversion may check the CPU at run time).
+#[inline(always)]
+unsafe fn f16_at(b: &[u8], at: usize) -> f32 {
+    let bits = u16::from_le_bytes([b[at], b[at + 1]]) as i32;
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
+}
+
+#[inline(always)]
+unsafe fn load32(values: &[i8], at: usize) -> __m256i {
+    _mm256_loadu_si256(values.as_ptr().add(at) as *const __m256i)
+}
+
+unsafe fn q8_0(bytes: &[u8], x: &Q8Row) -> f32 {
+    let mut acc = [_mm256_setzero_ps(); 2];
+    for (b, w) in bytes.chunks_exact(34).enumerate() {
+        let qw = _mm256_loadu_si256(w.as_ptr().add(2) as *const __m256i);
+        let p = products_i8_i8(qw, load32(&x.values, b * 32));
+        acc[b % 2] = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(w, 0) * x.scale[b]), p, acc[b % 2]);
+    }
+    lanes_sum(_mm256_add_ps(acc[0], acc[1]))
+}
+
+unsafe fn q4_1(bytes: &[u8], x: &Q8Row) -> f32 {
+    // Two accumulators (even and odd blocks), so that consecutive blocks' multiply-adds do not wait on each other.
+    let mut acc = [_mm256_setzero_ps(); 2];
+    let mut offsets = [0f32; 2];
+    let nibble = _mm_set1_epi8(0x0f);
+    for (b, w) in bytes.chunks_exact(20).enumerate() {
+        let qs = _mm_loadu_si128(w.as_ptr().add(4) as *const __m128i);
+        let low = _mm_and_si128(qs, nibble);
+        let high = _mm_and_si128(_mm_srli_epi16::<4>(qs), nibble);
+        // Values 0..16 are the low nibbles, 16..32 the high ones.
+        let q4 = _mm256_set_m128i(high, low);
+        let p = products_u8_i8(q4, load32(&x.values, b * 32));
+        let scales = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([w[0], w[1], w[2], w[3]])));
+        let (d, m) = (_mm_cvtss_f32(scales), _mm_cvtss_f32(_mm_shuffle_ps::<1>(scales, scales)));
+        acc[b % 2] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.scale[b]), p, acc[b % 2]);
+        offsets[b % 2] += m * x.scaled_sum[b];
+    }
+    lanes_sum(_mm256_add_ps(acc[0], acc[1])) + (offsets[0] + offsets[1])
+}
+
+/// Q4_K: eight sub-blocks of 32 per 256 values, each with a 6-bit scale and minimum; sub-blocks 2j and 2j + 1 are
+/// the low and high nibbles of the same 32 bytes.
+unsafe fn q4k(bytes: &[u8], x: &Q8Row) -> f32 {
+    let mut acc = [_mm256_setzero_ps(); 2];
+    let mut offsets = 0f32;
+    let nibble = _mm256_set1_epi8(0x0f);
+    for (sb, w) in bytes.chunks_exact(144).enumerate() {
+        let (d, dmin) = (f16_at(w, 0), f16_at(w, 2));
+        let (sc, m) = k_scales(&w[4..16]);
+        for j in 0..4 {
+            let q = _mm256_loadu_si256(w.as_ptr().add(16 + 32 * j) as *const __m256i);
+            for (half, values) in
+                [(0, _mm256_and_si256(q, nibble)), (1, _mm256_and_si256(_mm256_srli_epi16::<4>(q), nibble))]
+            {
+                let i = 2 * j + half;
+                let b = sb * 8 + i;
+                let p = products_u8_i8(values, load32(&x.values, b * 32));
+                acc[half] = _mm256_fmadd_ps(_mm256_set1_ps(d * sc[i] as f32 * x.scale[b]), p, acc[half]);
+                offsets += dmin * m[i] as f32 * x.scaled_sum[b];
+            }
+        }
+    }
+    lanes_sum(_mm256_add_ps(acc[0], acc[1])) - offsets
+}
+
+/// Q6_K: 6-bit values (four low bits in `ql`, two high in `qh`) minus 32, with an 8-bit scale per 16 values.
+/// The values are multiplied unsigned (0..63) and 32 times the activations' sum is taken off, per 16.
+unsafe fn q6k(bytes: &[u8], x: &Q8Row) -> f32 {
+    let mut acc = [_mm256_setzero_ps(); 2];
+    let (low4, high2) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
+    let thirty_two = _mm256_set1_epi8(32);
+    for (sb, w) in bytes.chunks_exact(210).enumerate() {
+        let d = f16_at(w, 208);
+        for h in 0..2 {
+            let ql_a = _mm256_loadu_si256(w.as_ptr().add(h * 64) as *const __m256i);
+            let ql_b = _mm256_loadu_si256(w.as_ptr().add(h * 64 + 32) as *const __m256i);
+            let qh = _mm256_loadu_si256(w.as_ptr().add(128 + h * 32) as *const __m256i);
+            let values = [
+                _mm256_or_si256(_mm256_and_si256(ql_a, low4), _mm256_and_si256(_mm256_slli_epi16::<4>(qh), high2)),
+                _mm256_or_si256(_mm256_and_si256(ql_b, low4), _mm256_and_si256(_mm256_slli_epi16::<2>(qh), high2)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql_a), low4), _mm256_and_si256(qh, high2)),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql_b), low4),
+                    _mm256_and_si256(_mm256_srli_epi16::<2>(qh), high2),
+                ),
+            ];
+            for (t, v) in values.into_iter().enumerate() {
+                let i = 4 * h + t;
+                let b = sb * 8 + i;
+                let qx = load32(&x.values, b * 32);
+                // Pairs of products, less 32 times the activations: (u - 32) x summed in pairs, in 16-bit lanes.
+                let pairs = _mm256_sub_epi16(_mm256_maddubs_epi16(v, qx), _mm256_maddubs_epi16(thirty_two, qx));
+                let scales = _mm256_set_m128i(
+                    _mm_set1_epi16(w[192 + 2 * i + 1] as i8 as i16),
+                    _mm_set1_epi16(w[192 + 2 * i] as i8 as i16),
+                );
+                let p = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, scales));
+                acc[t % 2] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.scale[b]), p, acc[t % 2]);
+            }
+        }
+    }
+    lanes_sum(_mm256_add_ps(acc[0], acc[1]))
+}
