@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Speed of the engine on the offline models, everything measured in the same run on this machine:
-#   1. saif bench on the CPU and on wgpu (natively; Mesa's lavapipe where there is no GPU), side by side with
-#      llama.cpp on the same files: prefill of a 128-token prompt, 64 tokens decoded one at a time after it,
-#      median of 5 runs; llama-bench pp128 / tg64 with the same thread count, 5 repetitions;
+#   1. saif bench on the CPU (exact, and with --int8's 8-bit activations) and on wgpu (natively; Mesa's lavapipe
+#      where there is no GPU), side by side with llama.cpp on the same files: prefill of a 128-token prompt, 64
+#      tokens decoded one at a time after it, median of 5 runs; llama-bench pp128 / tg64 with the same thread
+#      count, 5 repetitions;
 #   2. the app's benchmark page in headless Chromium, on WebGPU (SwiftShader without a GPU) and on the CPU
 #      (WebAssembly): a 32-token prompt, 16 decoded tokens, median of 3 runs;
 #   3. time to first token in the page for a model already in the browser's cache (tests/e2e/ttft.mjs): from the
@@ -67,12 +68,15 @@ for model in SmolLM2-135M-Instruct.Q4_1.gguf gemma-3-270m-q4_k_m.gguf; do
     target/release/saif bench --backend "$backend" --model "$path" --prompt-tokens 128 --decode-tokens 64 --runs 5 --json \
       >"$out/saif-$backend-$model.json" 2>/dev/null
   done
+  target/release/saif bench --int8 --model "$path" --prompt-tokens 128 --decode-tokens 64 --runs 5 --json \
+    >"$out/saif-cpu-int8-$model.json" 2>/dev/null
   "$llama_bench" -m "$path" -p 128 -n 64 -t "$threads" -r 5 -o json >"$out/llama-$model.json" 2>/dev/null
   python3 - "$model" "$out" "$isa_name" <<'EOF'
 import json, sys
 model, out, isa = sys.argv[1], sys.argv[2], sys.argv[3]
 cpu = json.load(open(f"{out}/saif-cpu-{model}.json"))
 gpu = json.load(open(f"{out}/saif-wgpu-{model}.json"))
+int8 = json.load(open(f"{out}/saif-cpu-int8-{model}.json"))
 llama = json.load(open(f"{out}/llama-{model}.json"))
 pp = next(r["avg_ts"] for r in llama if r["n_prompt"] > 0 and r["n_gen"] == 0)
 tg = next(r["avg_ts"] for r in llama if r["n_gen"] > 0 and r["n_prompt"] == 0)
@@ -82,9 +86,11 @@ def row(name, r):
     disp = r.get("dispatches_per_token") or ""
     print(f"| {model} | {name} | {r['prefill_tokens_per_s']:.1f} | {r['decode_tokens_per_s']:.1f} | {r['time_to_first_token_ms']:.0f} | {hooks} | {mem} | {disp} |")
 row("saif cpu", cpu)
+row("saif cpu --int8 (8-bit activations, not exact)", int8)
 row(f"saif {gpu['backend']}", gpu)
 print(f"| {model} | llama.cpp {llama[0].get('build_commit', '')} cpu ({isa}) | {pp:.1f} | {tg:.1f} | | | | |")
 print(f"| {model} | ratio saif cpu / llama.cpp | {cpu['prefill_tokens_per_s'] / pp:.2f} | {cpu['decode_tokens_per_s'] / tg:.2f} | | | | |")
+print(f"| {model} | ratio saif cpu --int8 / llama.cpp | {int8['prefill_tokens_per_s'] / pp:.2f} | {int8['decode_tokens_per_s'] / tg:.2f} | | | | |")
 print(f"| {model} | ratio saif wgpu / saif cpu | {gpu['prefill_tokens_per_s'] / cpu['prefill_tokens_per_s']:.2f} | {gpu['decode_tokens_per_s'] / cpu['decode_tokens_per_s']:.2f} | | | | |")
 EOF
 done

@@ -263,15 +263,15 @@ fn int8_departure(file: &str, golden: &str) -> (usize, usize, usize, usize, f64)
     (same_top1, steps, greedy_same, greedy_total, worst)
 }
 
-/// Measured (2026-12-03): SmolLM2 top-1 equal on 67 of 69 steps, logits within 1.15, greedy tokens equal on 60 of
-/// 74; Gemma 73 of 75, 0.79, 75 of 80. The bounds leave a little room; a kernel that scaled a block wrongly would
-/// move logits by far more.
+/// Measured (2026-12-03): top-1 as the exact products' on every step (69 of 69 for SmolLM2, 75 of 75 for Gemma),
+/// logits within 1.09 and 0.71, every greedy token the reference's. The bounds leave a little room; a kernel that
+/// scaled a block wrongly would move logits by far more.
 #[test]
 fn int8_activations_depart_little_from_the_reference() {
     for (file, golden) in [(SMOLLM, "smollm2-135m-instruct-q4_1.json"), (GEMMA, "gemma-3-270m-q4_k_m.json")] {
         let (same_top1, steps, greedy_same, greedy_total, worst) = int8_departure(file, golden);
-        assert!(same_top1 * 100 >= 95 * steps, "{file}: top-1 equal on {same_top1} of {steps} steps");
+        assert!(same_top1 * 100 >= 97 * steps, "{file}: top-1 equal on {same_top1} of {steps} steps");
         assert!(worst <= 1.5, "{file}: logits moved by {worst}");
-        assert!(greedy_same * 100 >= 75 * greedy_total, "{file}: {greedy_same} of {greedy_total} greedy tokens");
+        assert!(greedy_same * 100 >= 90 * greedy_total, "{file}: {greedy_same} of {greedy_total} greedy tokens");
     }
 }

@@ -40,8 +40,9 @@ use crate::quant::QuantMatrix;
 pub struct LoadOptions {
     /// Cap on the context (tokens in the KV cache); `None` keeps the model's own.
     pub max_context: Option<usize>,
-    /// Decode with the activations rounded to 8 bits and integer products (`quant::int8`), as llama.cpp does:
-    /// faster, not exact (docs/benchmarks.md measures the departure). Off by default.
+    /// Decode one sequence with the activations rounded to 8 bits and integer products (`quant::int8`), as
+    /// llama.cpp does: faster, not exact (docs/benchmarks.md measures the departure). Prompts and batched steps
+    /// keep the exact products. Off by default.
     pub int8_activations: bool,
 }
 

@@ -4,8 +4,10 @@
 //! logits move too; docs/benchmarks.md states by how much against the golden references. The exact products
 //! (`QuantMatrix::matmul`) stay the default.
 //!
-//! Written for the weight types that dominate the offline models' decoding: Q8_0 and Q4_1 (SmolLM2), Q4_K and Q6_K
-//! (Gemma), each in portable Rust (the twin) and, where the target has it, AVX2 (`int8_avx2`).
+//! Written for the weight types of the offline models' layers: Q4_1 (SmolLM2), Q4_K and Q6_K (Gemma), each in
+//! portable Rust (the twin) and, where the target has it, AVX2 (`int8_avx2`). Q8_0 (both models' embedding, which
+//! is also their output matrix) is left exact: its f32 kernel already reads as fast as memory allows (16 GB/s
+//! against 15 in integers, `examples/dot_speed.rs`), and the rounding would gain nothing there.
 
 use candle_core::quantized::GgmlDType;
 
@@ -25,7 +27,7 @@ pub struct Q8Row {
 
 /// Whether the fast products cover `dtype` (the others keep the exact products).
 pub fn supports(dtype: GgmlDType) -> bool {
-    matches!(dtype, GgmlDType::Q8_0 | GgmlDType::Q4_1 | GgmlDType::Q4K | GgmlDType::Q6K)
+    matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q4K | GgmlDType::Q6K)
 }
 
 /// Rounds `x` (a multiple of 32 values) block by block: scale = largest magnitude / 127, values rounded to the
@@ -64,13 +66,6 @@ pub fn portable_dot_row(dtype: GgmlDType, bytes: &[u8], x: &Q8Row) -> f32 {
     let q = &x.values;
     let mut acc = 0f32;
     match dtype {
-        GgmlDType::Q8_0 => {
-            for (b, w) in bytes.chunks_exact(34).enumerate() {
-                let qx = &q[b * 32..b * 32 + 32];
-                let s: i32 = w[2..34].iter().zip(qx).map(|(&a, &c)| a as i8 as i32 * c as i32).sum();
-                acc += half(w, 0) * x.scale[b] * s as f32;
-            }
-        }
         GgmlDType::Q4_1 => {
             for (b, w) in bytes.chunks_exact(20).enumerate() {
                 let qx = &q[b * 32..b * 32 + 32];
@@ -177,7 +172,7 @@ mod tests {
         let x: Vec<f32> = (0..k).map(|i| ((i * 104729 % 997) as f32 / 498.5 - 1.0) * (1.0 + (i % 7) as f32)).collect();
         let q = quantize(&x);
         let rounded: Vec<f64> = (0..k).map(|c| q.scale[c / 32] as f64 * q.values[c] as f64).collect();
-        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_1, GgmlDType::Q4K, GgmlDType::Q6K] {
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q4K, GgmlDType::Q6K] {
             assert!(supports(dtype));
             let qt = QTensor::quantize(&wt, dtype).unwrap();
             let raw = qt.data().unwrap();
@@ -198,6 +193,6 @@ mod tests {
                 }
             }
         }
-        assert!(!supports(GgmlDType::Q5_0));
+        assert!(!supports(GgmlDType::Q5_0) && !supports(GgmlDType::Q8_0));
     }
 }

@@ -1,4 +1,4 @@
-//! `int8::dot_row` in AVX2 for Q8_0, Q4_1, Q4_K and Q6_K: 32 products of 8-bit integers per instruction pair
+//! `int8::dot_row` in AVX2 for Q4_1, Q4_K and Q6_K: 32 products of 8-bit integers per instruction pair
 //! (`maddubs`, then `madd` into eight i32 sums), scaled per block into eight f32 lanes. The same integers as the
 //! portable twin, summed in another order, so the two agree up to f32 rounding (`int8`'s tests).
 //!
@@ -16,7 +16,6 @@ pub fn dot_row(dtype: GgmlDType, bytes: &[u8], x: &Q8Row) -> Option<f32> {
     // bytes inside a block of `bytes` or a 32-value block of `x.values`, whose lengths match (checked below).
     unsafe {
         match dtype {
-            GgmlDType::Q8_0 if bytes.len() / 34 * 32 <= x.values.len() => Some(q8_0(bytes, x)),
             GgmlDType::Q4_1 if bytes.len() / 20 * 32 <= x.values.len() => Some(q4_1(bytes, x)),
             GgmlDType::Q4K if bytes.len() / 144 * 256 <= x.values.len() => Some(q4k(bytes, x)),
             GgmlDType::Q6K if bytes.len() / 210 * 256 <= x.values.len() => Some(q6k(bytes, x)),
@@ -40,12 +39,6 @@ unsafe fn products_u8_i8(u: __m256i, s: __m256i) -> __m256 {
     _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
 }
 
-/// The same for two signed operands: `|a|` times `b` with `a`'s sign.
-#[inline(always)]
-unsafe fn products_i8_i8(a: __m256i, b: __m256i) -> __m256 {
-    products_u8_i8(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a))
-}
-
 /// The f16 at `b[at..at + 2]` as f32, converted by F16C (`half`'s conversion may check the CPU at run time).
 #[inline(always)]
 unsafe fn f16_at(b: &[u8], at: usize) -> f32 {
@@ -56,16 +49,6 @@ unsafe fn f16_at(b: &[u8], at: usize) -> f32 {
 #[inline(always)]
 unsafe fn load32(values: &[i8], at: usize) -> __m256i {
     _mm256_loadu_si256(values.as_ptr().add(at) as *const __m256i)
-}
-
-unsafe fn q8_0(bytes: &[u8], x: &Q8Row) -> f32 {
-    let mut acc = [_mm256_setzero_ps(); 2];
-    for (b, w) in bytes.chunks_exact(34).enumerate() {
-        let qw = _mm256_loadu_si256(w.as_ptr().add(2) as *const __m256i);
-        let p = products_i8_i8(qw, load32(&x.values, b * 32));
-        acc[b % 2] = _mm256_fmadd_ps(_mm256_set1_ps(f16_at(w, 0) * x.scale[b]), p, acc[b % 2]);
-    }
-    lanes_sum(_mm256_add_ps(acc[0], acc[1]))
 }
 
 unsafe fn q4_1(bytes: &[u8], x: &Q8Row) -> f32 {

@@ -56,9 +56,9 @@ impl QuantMatrix {
         Ok(Self { tensor, rows, cols, int8_activations: false })
     }
 
-    /// Decoding products (one or two activation rows, and batched steps) with the activations rounded to 8 bits
-    /// and integer arithmetic, where `int8` covers the weight type: faster, not exact. Prompts keep the exact
-    /// product.
+    /// Decoding products (`matmul` of one or two activation rows) with the activations rounded to 8 bits and
+    /// integer arithmetic, where `int8` covers the weight type: faster, not exact. Prompts and batched steps keep
+    /// the exact products.
     pub fn with_int8_activations(mut self, on: bool) -> Self {
         self.int8_activations = on && int8::supports(self.dtype());
         self
@@ -99,24 +99,22 @@ impl QuantMatrix {
     /// form: blocks decoded inside the dot products for one or two rows, a decoded band and `gemm` for more.
     pub fn matmul(&self, x: &[f32]) -> Result<Vec<f32>> {
         let m = x.len() / self.cols.max(1);
-        self.product(x, if m > FUSED_MAX_ROWS { Form::Band } else { self.decoding_form(Form::Fused) })
-    }
-
-    /// `exact` unless this matrix rounds decoding activations to 8 bits.
-    fn decoding_form(&self, exact: Form) -> Form {
-        if self.int8_activations {
-            Form::Int8
-        } else {
-            exact
-        }
+        let form = match m {
+            _ if m > FUSED_MAX_ROWS => Form::Band,
+            _ if self.int8_activations => Form::Int8,
+            _ => Form::Fused,
+        };
+        self.product(x, form)
     }
 
     /// As `matmul`, with each row's result independent of the other rows: every weight row is decoded once to
     /// f32 and dotted with each activation row (`dot`), so a sequence of a batched decoding step gets the same
     /// numbers in any batch. (`matmul`'s forms differ in the order of their sums, hence this third one.)
-    /// With 8-bit activations, each row is rounded and multiplied alone, so the same holds.
+    /// Exact with 8-bit activations too: the integer kernels unpack a weight block again for every activation row,
+    /// which made batched steps slower than decoding each weight row once to f32 (SmolLM2 at batch 16: 112 tokens/s
+    /// against 156, docs/benchmarks.md).
     pub fn matmul_exact_rows(&self, x: &[f32]) -> Result<Vec<f32>> {
-        self.product(x, self.decoding_form(Form::Rows))
+        self.product(x, Form::Rows)
     }
 
     fn product(&self, x: &[f32], form: Form) -> Result<Vec<f32>> {
@@ -212,7 +210,7 @@ enum Form {
     Rows,
     /// A band of weight rows decoded, then one `gemm` product: fastest for many rows.
     Band,
-    /// Activations rounded to 8 bits, integer products (`int8`): not exact, each row alone.
+    /// Activations rounded to 8 bits, integer products (`int8`): not exact.
     Int8,
 }
 
