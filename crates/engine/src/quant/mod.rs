@@ -2,7 +2,7 @@
 //! dotted with the activations in f32, so the result is that of the float32 reference up to the
 //! order of summation. candle's own `QMatMul` first rounds the activations to 8 bits, which moves Gemma's logits by
 //! up to a quarter and flips greedy tokens; this is the engine's CPU product and the reference the GPU kernels
-//! must match.
+//! must match. The one departure is opt-in: `int8`, decoding with the activations rounded to 8 bits.
 
 use std::sync::Arc;
 
@@ -99,10 +99,12 @@ impl QuantMatrix {
     /// form: blocks decoded inside the dot products for one or two rows, a decoded band and `gemm` for more.
     pub fn matmul(&self, x: &[f32]) -> Result<Vec<f32>> {
         let m = x.len() / self.cols.max(1);
-        let form = match m {
-            _ if m > FUSED_MAX_ROWS => Form::Band,
-            _ if self.int8_activations => Form::Int8,
-            _ => Form::Fused,
+        let form = if m > FUSED_MAX_ROWS {
+            Form::Band
+        } else if self.int8_activations {
+            Form::Int8
+        } else {
+            Form::Fused
         };
         self.product(x, form)
     }
@@ -126,13 +128,14 @@ impl QuantMatrix {
         let raw = self.raw()?;
         let row_bytes = self.row_bytes();
         let dtype = self.dtype();
-        // Each task covers a band of rows. Few activation rows (decoding): decode inside each dot product. Many
-        // (a prompt): decode the band once into f32 and reuse it for every activation row.
-        // A few bands per thread balance the load; more only add scheduling.
+        // With 8-bit activations, each activation row is rounded once, before the bands share it.
         let rounded: Vec<int8::Q8Row> = match form {
             Form::Int8 => x.chunks_exact(k).map(int8::quantize).collect(),
             _ => Vec::new(),
         };
+        // Each task covers a band of rows. Few activation rows (decoding): decode inside each dot product. Many
+        // (a prompt): decode the band once into f32 and reuse it for every activation row.
+        // A few bands per thread balance the load; more only add scheduling.
         let per_band = ROWS_PER_TASK.max(n.div_ceil(4 * rayon::current_num_threads()));
         let bands: Vec<Vec<f32>> = (0..n.div_ceil(per_band))
             .into_par_iter()
