@@ -20,7 +20,9 @@
 #                                  translate-fr's settings; a list such as summarize,uppercase: only those);
 #   RESULTS_GRID=skip              keep the stored translate-fr grid and only tune the other instructions;
 #   RESULTS_K=1,3,5,10,15,30,60    the numbers of latents of the k finding;
-#   RESULTS_FINDINGS=k,rank        only these findings (layer, k, placement, coefficient, rank).
+#   RESULTS_FINDINGS=k,rank        only these findings (layer, k, placement, coefficient, rank);
+#   RESULTS_FINDINGS_INSTRUCTIONS=translate-es,uppercase
+#                                  the instructions of the k and placement findings (default translate-fr).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -33,6 +35,7 @@ tune_limit=${RESULTS_TUNE_LIMIT:-40}
 limit=${RESULTS_LIMIT:-120}
 table_limit=${RESULTS_TABLE_LIMIT:-120}
 ks=${RESULTS_K:-1,3,5,10,15,30,60}
+RESULTS_FINDINGS_INSTRUCTIONS=${RESULTS_FINDINGS_INSTRUCTIONS:-translate-fr}
 stage=${1:-all}
 
 # model file, SAE key, layers with a shipped SAE, the strengths tuned over, and whether the findings beyond the
@@ -118,10 +121,13 @@ if [ "$stage" = all ] || [ "$stage" = findings ]; then
     fi
     [ "$findings" = all ] || continue
     # k (SAIF and random latents of the same norm) and the placement, at the recorded settings.
-    part k && run sweep --model "$model" --instruction translate-fr --param k --values "$ks" --methods saif,random \
-      --limit "$limit" --max-new-tokens $tokens --out "$out/findings/$key"
-    part placement && run sweep --model "$model" --instruction translate-fr --param placement --values after,before \
-      --methods saif,diffmean --limit "$limit" --max-new-tokens $tokens --out "$out/findings/$key"
+    for instruction in ${RESULTS_FINDINGS_INSTRUCTIONS//,/ }; do
+      part k && run sweep --model "$model" --instruction "$instruction" --param k --values "$ks" \
+        --methods saif,random --limit "$limit" --max-new-tokens $tokens --out "$out/findings/$key"
+      part placement && run sweep --model "$model" --instruction "$instruction" --param placement \
+        --values after,before --methods saif,diffmean --limit "$limit" --max-new-tokens $tokens \
+        --out "$out/findings/$key"
+    done
     # The paper's coefficient (each latent's mean activation with the instruction) instead of its delta.
     part coefficient && run sweep --model "$model" --instruction translate-fr --param alpha \
       --values "${RESULTS_MEAN_ALPHAS:-0.25,0.5,1,2}" --methods saif --coefficient mean --limit "$limit" \
