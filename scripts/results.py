@@ -121,10 +121,11 @@ def report():
                     r = json.load(open(path.replace("-saif.json", f"-{method}.json")))
                     lines.append(f"| {layer} | {method} | {r['alpha']} | {eval_row(r)} |")
             lines.append("")
-        for param in ["k", "placement"]:
-            sweep = rows(os.path.join(findings, f"sweep-translate-fr-{param}.json"))
+        # The k and placement findings, on every instruction they were run for (translate-fr by default).
+        for instruction, param in [(i, p) for i in INSTRUCTIONS for p in ["k", "placement"]]:
+            sweep = rows(os.path.join(findings, f"sweep-{instruction}-{param}.json"))
             if sweep:
-                lines.append(f"### {key}: {param} (translate-fr, {sweep[0]['n']} held-out contents)\n")
+                lines.append(f"### {key}: {param} ({instruction}, {sweep[0]['n']} held-out contents)\n")
                 lines.append(f"| {param} | method | loose (95% CI) | strict (95% CI) | perplexity | repetition |")
                 lines.append("|---|---|---|---|---|---|")
                 for r in sweep:
