@@ -28,6 +28,7 @@ use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::kv_cache::KvCache;
 
+use super::activations;
 use super::{check_request, BatchCall, LanguageModel, LocalBoxFuture, LogitsWanted, Readout, StepOutput};
 use crate::config::{rope_cos_sin, Activation, ModelConfig, RopeLayout};
 use crate::error::{EngineError, Result, TensorContext};
@@ -353,11 +354,12 @@ impl CpuModel {
         let l = &self.layers[layer];
         let gate = l.gate.forward(m, exact_rows)?;
         let up = l.up.forward(m, exact_rows)?;
-        let act = match self.config.activation {
-            Activation::GeluTanh => gate.gelu(),
-            Activation::Silu => gate.silu(),
+        let mut values = gate.flatten_all().and_then(|g| g.to_vec1::<f32>()).context("activation")?;
+        match self.config.activation {
+            Activation::GeluTanh => activations::gelu_tanh(&mut values),
+            Activation::Silu => activations::silu(&mut values),
         }
-        .context("activation")?;
+        let act = Tensor::from_vec(values, gate.shape(), gate.device()).context("activation")?;
         l.down.forward(&(act * up).context("gating")?, exact_rows)
     }
 

@@ -5,6 +5,7 @@
 //! `ModelConfig`. Calls return futures because a GPU's results arrive asynchronously in the browser (nothing may
 //! block there); the CPU's futures are ready at once, and native callers wait with `block_on`.
 
+mod activations;
 pub mod cpu;
 
 use std::future::Future;
