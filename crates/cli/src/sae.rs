@@ -286,7 +286,7 @@ pub fn stamp(engine: &mut Engine, dir: &Path) -> Result<Value> {
     let residual_norm = match sae.info.layer {
         Some(layer) => {
             let mean = block_on(residual_norm::measure(engine, layer))?;
-            residual_norm::record(&mut value, &engine.fingerprint, layer, mean);
+            residual_norm::record(&mut value, layer, mean);
             Some(mean)
         }
         None => None,

@@ -90,24 +90,39 @@ fn batched_generation_equals_generation_alone() {
     }
 }
 
-/// On a real model too: four chat prompts of SmolLM2, greedy, one steered.
+/// Generates `texts` (chat turns) as one batch and each alone, `tokens` greedy tokens each, with `hooks[i]` on
+/// sequence i, and checks every sequence is the same both ways; returns the batch's generations and the prompts.
+fn check_smollm2_batch(
+    engine: &mut Engine,
+    texts: &[&str],
+    hooks: &[Hooks],
+    tokens: usize,
+) -> (Vec<Generation>, Vec<Vec<u32>>, GenerateOptions) {
+    let prompts: Vec<Vec<u32>> =
+        texts.iter().map(|t| engine.tokenizer.encode_prompt(&engine.chat.render(t, None)).unwrap()).collect();
+    let options =
+        GenerateOptions { max_new_tokens: tokens, sampling: Sampling::Greedy, stop_tokens: engine.chat_stop_tokens() };
+    let requests: Vec<SequenceRequest> = (0..texts.len())
+        .map(|i| SequenceRequest { prompt: &prompts[i], hooks: &hooks[i], options: &options })
+        .collect();
+    let batched = block_on(generate_batch(engine.model.as_mut(), &requests, |_, _| async { true })).unwrap();
+    for (i, b) in batched.iter().enumerate() {
+        let alone = block_on(generate_batch(engine.model.as_mut(), &requests[i..i + 1], |_, _| async { true }));
+        same(&alone.unwrap()[0], b, &format!("SmolLM2 sequence {i}"));
+    }
+    (batched, prompts, options)
+}
+
+/// On a real model too: four chat prompts of SmolLM2, greedy, one steered; also the same tokens as `generate`.
 #[test]
 fn batched_generation_equals_generation_alone_on_smollm2() {
     let mut engine = load(&model_path(SMOLLM));
     let hidden = engine.config().hidden;
     let texts = ["The cat sleeps.", "Write a haiku about rain.", "What is 2 + 2?", "Name three colours."];
-    let prompts: Vec<Vec<u32>> =
-        texts.iter().map(|t| engine.tokenizer.encode_prompt(&engine.chat.render(t, None)).unwrap()).collect();
     let v: Vec<f32> = (0..hidden).map(|i| if i % 2 == 0 { 0.5 } else { -0.5 }).collect();
     let hooks = [Hooks::none(), Hooks::none().add(20, v, Scope::All), Hooks::none(), Hooks::none()];
-    let options =
-        GenerateOptions { max_new_tokens: 12, sampling: Sampling::Greedy, stop_tokens: engine.chat_stop_tokens() };
-    let requests: Vec<SequenceRequest> =
-        (0..4).map(|i| SequenceRequest { prompt: &prompts[i], hooks: &hooks[i], options: &options }).collect();
-    let batched = block_on(generate_batch(engine.model.as_mut(), &requests, |_, _| async { true })).unwrap();
+    let (batched, prompts, options) = check_smollm2_batch(&mut engine, &texts, &hooks, 12);
     for (i, b) in batched.iter().enumerate() {
-        let alone = block_on(generate_batch(engine.model.as_mut(), &requests[i..i + 1], |_, _| async { true }));
-        same(&alone.unwrap()[0], b, &format!("SmolLM2 sequence {i}"));
         let a = block_on(generate(engine.model.as_mut(), &prompts[i], &options, &hooks[i], |_| true)).unwrap();
         assert_eq!(a.ids, b.ids, "SmolLM2 sequence {i}: generate's tokens");
     }
@@ -121,18 +136,7 @@ fn batched_generation_equals_generation_alone_with_int8_activations() {
     let options = saif_engine::LoadOptions { max_context: Some(256), int8_activations: true };
     let mut engine = Engine::load_cpu(reader, &options).unwrap();
     let hidden = engine.config().hidden;
-    let texts = ["The cat sleeps.", "Write a haiku about rain.", "What is 2 + 2?"];
-    let prompts: Vec<Vec<u32>> =
-        texts.iter().map(|t| engine.tokenizer.encode_prompt(&engine.chat.render(t, None)).unwrap()).collect();
     let v: Vec<f32> = (0..hidden).map(|i| if i % 2 == 0 { 0.5 } else { -0.5 }).collect();
     let hooks = [Hooks::none(), Hooks::none().add(20, v, Scope::All).read(10, Positions::Last), Hooks::none()];
-    let options =
-        GenerateOptions { max_new_tokens: 8, sampling: Sampling::Greedy, stop_tokens: engine.chat_stop_tokens() };
-    let requests: Vec<SequenceRequest> =
-        (0..3).map(|i| SequenceRequest { prompt: &prompts[i], hooks: &hooks[i], options: &options }).collect();
-    let batched = block_on(generate_batch(engine.model.as_mut(), &requests, |_, _| async { true })).unwrap();
-    for (i, b) in batched.iter().enumerate() {
-        let alone = block_on(generate_batch(engine.model.as_mut(), &requests[i..i + 1], |_, _| async { true }));
-        same(&alone.unwrap()[0], b, &format!("SmolLM2 with 8-bit activations, sequence {i}"));
-    }
+    check_smollm2_batch(&mut engine, &["The cat sleeps.", "Write a haiku about rain.", "What is 2 + 2?"], &hooks, 8);
 }

@@ -2,8 +2,9 @@
 //! latent's strength is a coefficient on its decoder row, and a useful push is a few residual norms).
 //!
 //! Measuring it runs the model on one sentence. `saif sae-stamp` records the figure in the SAE's config, with the
-//! model, the layer and the sentence, so that attaching a shipped SAE in the page runs nothing; an SAE without a
-//! record that fits (another model, another layer, an older sentence) is measured when it is attached.
+//! layer and the sentence, beside the model's fingerprint it records anyway, so that attaching a shipped SAE in the
+//! page runs nothing; an SAE without a record that fits (another model, another layer, an older sentence) is
+//! measured when it is attached.
 
 use saif_engine::{Engine, EngineError, Hooks, LogitsWanted, ModelFingerprint, Positions, Segment};
 use serde_json::{json, Value};
@@ -28,21 +29,19 @@ pub async fn measure(engine: &mut Engine, layer: usize) -> Result<f32, EngineErr
     Ok((norms.iter().sum::<f64>() / norms.len().max(1) as f64) as f32)
 }
 
-/// Writes the record of `mean`, measured on `model` at `layer`, into an SAE's config.
-pub fn record(config: &mut Value, model: &ModelFingerprint, layer: usize, mean: f32) {
-    config[KEY] = json!({ "mean": mean, "layer": layer, "text": TEXT, "model_fingerprint": model });
+/// Writes the record of `mean`, measured at `layer`, into an SAE's config. It holds for the model the config's
+/// `model_fingerprint` names, which the caller records beside it (`saif sae-stamp`).
+pub fn record(config: &mut Value, layer: usize, mean: f32) {
+    config[KEY] = json!({ "mean": mean, "layer": layer, "text": TEXT });
 }
 
-/// The norm an SAE's config records for `model` at `layer` on `TEXT`, if it records one; `None` otherwise,
-/// and for a record that is malformed or not a positive finite number.
+/// The norm an SAE's config records for `model` at `layer` on `TEXT`, if it records one and was stamped with
+/// `model`; `None` otherwise, and for a record that is malformed or not a positive finite number.
 pub fn recorded(info: &SaeInfo, model: &ModelFingerprint, layer: usize) -> Option<f32> {
     let entry = info.extra.get(KEY)?;
-    let fits = entry.get("layer").and_then(Value::as_u64) == Some(layer as u64)
-        && entry.get("text").and_then(Value::as_str) == Some(TEXT)
-        && entry
-            .get("model_fingerprint")
-            .and_then(|f| serde_json::from_value::<ModelFingerprint>(f.clone()).ok())
-            .is_some_and(|f| &f == model);
+    let fits = info.trained_on.as_ref() == Some(model)
+        && entry.get("layer").and_then(Value::as_u64) == Some(layer as u64)
+        && entry.get("text").and_then(Value::as_str) == Some(TEXT);
     let mean = entry.get("mean").and_then(Value::as_f64)? as f32;
     (fits && mean.is_finite() && mean > 0.0).then_some(mean)
 }
@@ -63,22 +62,19 @@ mod tests {
         }
     }
 
+    /// The SAE as `Sae::from_gemma_scope` reads this config: its fingerprint into `trained_on`.
     fn info(extra: Value) -> SaeInfo {
-        SaeInfo {
-            activation: Activation::Relu,
-            d_in: 4,
-            d_sae: 8,
-            layer: Some(2),
-            model: None,
-            trained_on: None,
-            extra,
-        }
+        let trained_on = extra.get("model_fingerprint").map(|f| serde_json::from_value(f.clone()).unwrap());
+        SaeInfo { activation: Activation::Relu, d_in: 4, d_sae: 8, layer: Some(2), model: None, trained_on, extra }
     }
 
     #[test]
     fn a_record_is_used_only_for_its_model_layer_and_sentence() {
         let mut config = json!({ "architecture": "relu" });
-        record(&mut config, &model(3), 2, 7.5);
+        record(&mut config, 2, 7.5);
+        // No model recorded: the figure is for no model in particular.
+        assert_eq!(recorded(&info(config.clone()), &model(3), 2), None);
+        config["model_fingerprint"] = json!(model(3));
         assert_eq!(recorded(&info(config.clone()), &model(3), 2), Some(7.5));
         // Another model, another layer: measured again.
         assert_eq!(recorded(&info(config.clone()), &model(4), 2), None);

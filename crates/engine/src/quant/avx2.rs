@@ -30,7 +30,7 @@ pub fn dot_row(dtype: GgmlDType, bytes: &[u8], x: &[f32]) -> Option<f32> {
 
 /// The eight lanes summed in order, as `blocks::dot_row` sums its lanes.
 #[inline(always)]
-unsafe fn lanes_sum(acc: __m256) -> f32 {
+pub(super) unsafe fn lanes_sum(acc: __m256) -> f32 {
     let mut lanes = [0f32; 8];
     _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
     lanes.iter().sum()
@@ -41,8 +41,14 @@ unsafe fn lanes_sum(acc: __m256) -> f32 {
 /// every block to the previous one (a third of the Q5_0 kernel's speed).
 #[inline(always)]
 unsafe fn scale(b: &[u8], at: usize) -> __m256 {
+    _mm256_broadcastss_ps(f16_lane0(b, at))
+}
+
+/// The f16 at `b[at..at + 2]`, converted by F16C into lane 0 (through `vmovd`, as `scale` explains).
+#[inline(always)]
+pub(super) unsafe fn f16_lane0(b: &[u8], at: usize) -> __m128 {
     let bits = u16::from_le_bytes([b[at], b[at + 1]]) as i32;
-    _mm256_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
+    _mm_cvtph_ps(_mm_cvtsi32_si128(bits))
 }
 
 /// Eight activations from `x[at..at + 8]`.
@@ -155,7 +161,7 @@ unsafe fn q5_0_values(b: &[u8]) -> __m256i {
 /// The four runs of 32 values of half `h` of a Q6_K block (`blocks::dot_row`'s q[0..4]) as signed bytes: four
 /// low bits from `ql`, two high bits from `qh`, minus 32.
 #[inline(always)]
-unsafe fn q6k_runs(b: &[u8], h: usize) -> [__m256i; 4] {
+pub(super) unsafe fn q6k_runs(b: &[u8], h: usize) -> [__m256i; 4] {
     let (low4, bits45) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
     let ql0 = _mm256_loadu_si256(b[64 * h..64 * h + 32].as_ptr() as *const __m256i);
     let ql1 = _mm256_loadu_si256(b[64 * h + 32..64 * h + 64].as_ptr() as *const __m256i);

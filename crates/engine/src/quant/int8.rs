@@ -11,7 +11,7 @@
 
 use candle_core::quantized::GgmlDType;
 
-use super::blocks::half;
+use super::blocks::{half, q6k_runs, scale_min_k4};
 
 /// Activations per block.
 pub const BLOCK: usize = 32;
@@ -80,65 +80,40 @@ pub fn portable_dot_row(dtype: GgmlDType, bytes: &[u8], x: &Q8Row) -> f32 {
             // 256 values in 8 sub-blocks of 32: value = d * sc[i] * q - dmin * m[i], with 6-bit sc and m.
             for (sb, w) in bytes.chunks_exact(144).enumerate() {
                 let (d, dmin) = (half(w, 0), half(w, 2));
-                let (sc, m) = k_scales(&w[4..16]);
                 let qs = &w[16..144];
                 for i in 0..8 {
                     let b = sb * 8 + i;
                     let qx = &q[b * 32..b * 32 + 32];
+                    let (sc, m) = scale_min_k4(i, &w[4..16]);
                     // Sub-blocks 2p and 2p + 1 share 32 bytes: low nibbles, then high.
                     let bytes32 = &qs[(i / 2) * 32..(i / 2) * 32 + 32];
                     let shift = if i % 2 == 0 { 0 } else { 4 };
                     let s: i32 = bytes32.iter().zip(qx).map(|(&v, &c)| ((v >> shift) & 0x0f) as i32 * c as i32).sum();
-                    acc += d * sc[i] as f32 * x.scale[b] * s as f32 - dmin * m[i] as f32 * x.scaled_sum[b];
+                    acc += d * sc as f32 * x.scale[b] * s as f32 - dmin * m as f32 * x.scaled_sum[b];
                 }
             }
         }
         GgmlDType::Q6K => {
-            // 256 values: ql (128 bytes, low 4 bits), qh (64 bytes, high 2 bits), 16 i8 scales, d; q in -32..31,
-            // value = d * scale[i] * q for sub-blocks of 16.
+            // 256 values in two halves of four runs of 32 (`blocks::q6k_runs`), q in -32..31, and an i8 scale per
+            // 16 values: value = d * scale * q.
             for (sb, w) in bytes.chunks_exact(210).enumerate() {
-                let (ql, qh, scales) = (&w[0..128], &w[128..192], &w[192..208]);
                 let d = half(w, 208);
-                let mut values = [0i8; 256];
-                for half_block in 0..2 {
-                    let (ql, qh) = (&ql[half_block * 64..], &qh[half_block * 32..]);
-                    let out = &mut values[half_block * 128..];
-                    for l in 0..32 {
-                        out[l] = ((ql[l] & 0x0f) | ((qh[l] & 3) << 4)) as i8 - 32;
-                        out[l + 32] = ((ql[l + 32] & 0x0f) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
-                        out[l + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
-                        out[l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
+                for h in 0..2 {
+                    for (t, wv) in q6k_runs(w, h).iter().enumerate() {
+                        let i = 4 * h + t;
+                        let b = sb * 8 + i;
+                        let qx = &q[b * 32..b * 32 + 32];
+                        let s0: i32 = wv[..16].iter().zip(&qx[..16]).map(|(&a, &c)| a as i32 * c as i32).sum();
+                        let s1: i32 = wv[16..].iter().zip(&qx[16..]).map(|(&a, &c)| a as i32 * c as i32).sum();
+                        let s = w[192 + 2 * i] as i8 as i32 * s0 + w[192 + 2 * i + 1] as i8 as i32 * s1;
+                        acc += d * x.scale[b] * s as f32;
                     }
-                }
-                for i in 0..8 {
-                    let b = sb * 8 + i;
-                    let qx = &q[b * 32..b * 32 + 32];
-                    let wv = &values[i * 32..i * 32 + 32];
-                    let s0: i32 = wv[..16].iter().zip(&qx[..16]).map(|(&a, &c)| a as i32 * c as i32).sum();
-                    let s1: i32 = wv[16..].iter().zip(&qx[16..]).map(|(&a, &c)| a as i32 * c as i32).sum();
-                    let s = scales[2 * i] as i8 as i32 * s0 + scales[2 * i + 1] as i8 as i32 * s1;
-                    acc += d * x.scale[b] * s as f32;
                 }
             }
         }
         other => unreachable!("int8::dot_row on {other:?}: callers check `supports` first"),
     }
     acc
-}
-
-/// Q4_K's eight 6-bit scales and mins, packed in 12 bytes (ggml's `get_scale_min_k4`).
-pub(super) fn k_scales(s: &[u8]) -> ([u8; 8], [u8; 8]) {
-    let (mut sc, mut m) = ([0u8; 8], [0u8; 8]);
-    for j in 0..8 {
-        if j < 4 {
-            sc[j] = s[j] & 63;
-            m[j] = s[j + 4] & 63;
-        } else {
-            sc[j] = (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4);
-            m[j] = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-        }
-    }
-    (sc, m)
 }
 
 #[cfg(test)]

@@ -8,7 +8,9 @@ use std::arch::x86_64::*;
 
 use candle_core::quantized::GgmlDType;
 
-use super::int8::{k_scales, Q8Row};
+use super::avx2::{f16_lane0, lanes_sum, q6k_runs};
+use super::blocks::scale_min_k4;
+use super::int8::Q8Row;
 
 /// `int8::dot_row` for the types written here; `None` for the others (the portable code runs).
 pub fn dot_row(dtype: GgmlDType, bytes: &[u8], x: &Q8Row) -> Option<f32> {
@@ -24,14 +26,6 @@ pub fn dot_row(dtype: GgmlDType, bytes: &[u8], x: &Q8Row) -> Option<f32> {
     }
 }
 
-/// The eight lanes' sum.
-#[inline(always)]
-unsafe fn lanes_sum(acc: __m256) -> f32 {
-    let mut lanes = [0f32; 8];
-    _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-    lanes.iter().sum()
-}
-
 /// Eight i32 sums of four products each of unsigned `u` and signed `s` bytes, as f32.
 #[inline(always)]
 unsafe fn products_u8_i8(u: __m256i, s: __m256i) -> __m256 {
@@ -42,8 +36,7 @@ unsafe fn products_u8_i8(u: __m256i, s: __m256i) -> __m256 {
 /// The f16 at `b[at..at + 2]` as f32, converted by F16C (`half`'s conversion may check the CPU at run time).
 #[inline(always)]
 unsafe fn f16_at(b: &[u8], at: usize) -> f32 {
-    let bits = u16::from_le_bytes([b[at], b[at + 1]]) as i32;
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits)))
+    _mm_cvtss_f32(f16_lane0(b, at))
 }
 
 #[inline(always)]
@@ -63,8 +56,7 @@ unsafe fn q4_1(bytes: &[u8], x: &Q8Row) -> f32 {
         // Values 0..16 are the low nibbles, 16..32 the high ones.
         let q4 = _mm256_set_m128i(high, low);
         let p = products_u8_i8(q4, load32(&x.values, b * 32));
-        let scales = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([w[0], w[1], w[2], w[3]])));
-        let (d, m) = (_mm_cvtss_f32(scales), _mm_cvtss_f32(_mm_shuffle_ps::<1>(scales, scales)));
+        let (d, m) = (f16_at(w, 0), f16_at(w, 2));
         acc[b % 2] = _mm256_fmadd_ps(_mm256_set1_ps(d * x.scale[b]), p, acc[b % 2]);
         offsets[b % 2] += m * x.scaled_sum[b];
     }
@@ -79,7 +71,6 @@ unsafe fn q4k(bytes: &[u8], x: &Q8Row) -> f32 {
     let nibble = _mm256_set1_epi8(0x0f);
     for (sb, w) in bytes.chunks_exact(144).enumerate() {
         let (d, dmin) = (f16_at(w, 0), f16_at(w, 2));
-        let (sc, m) = k_scales(&w[4..16]);
         for j in 0..4 {
             let q = _mm256_loadu_si256(w.as_ptr().add(16 + 32 * j) as *const __m256i);
             for (half, values) in
@@ -87,42 +78,30 @@ unsafe fn q4k(bytes: &[u8], x: &Q8Row) -> f32 {
             {
                 let i = 2 * j + half;
                 let b = sb * 8 + i;
+                let (sc, m) = scale_min_k4(i, &w[4..16]);
                 let p = products_u8_i8(values, load32(&x.values, b * 32));
-                acc[half] = _mm256_fmadd_ps(_mm256_set1_ps(d * sc[i] as f32 * x.scale[b]), p, acc[half]);
-                offsets += dmin * m[i] as f32 * x.scaled_sum[b];
+                acc[half] = _mm256_fmadd_ps(_mm256_set1_ps(d * sc as f32 * x.scale[b]), p, acc[half]);
+                offsets += dmin * m as f32 * x.scaled_sum[b];
             }
         }
     }
     lanes_sum(_mm256_add_ps(acc[0], acc[1])) - offsets
 }
 
-/// Q6_K: 6-bit values (four low bits in `ql`, two high in `qh`) minus 32, with an 8-bit scale per 16 values.
-/// The values are multiplied unsigned (0..63) and 32 times the activations' sum is taken off, per 16.
+/// Q6_K: 6-bit values (four low bits in `ql`, two high in `qh`) minus 32 (`avx2::q6k_runs`), with an 8-bit scale
+/// per 16 values. The signed values multiply as `maddubs` needs: their magnitudes, with their signs moved onto
+/// the activations.
 unsafe fn q6k(bytes: &[u8], x: &Q8Row) -> f32 {
     let mut acc = [_mm256_setzero_ps(); 2];
-    let (low4, high2) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
-    let thirty_two = _mm256_set1_epi8(32);
     for (sb, w) in bytes.chunks_exact(210).enumerate() {
         let d = f16_at(w, 208);
         for h in 0..2 {
-            let ql_a = _mm256_loadu_si256(w.as_ptr().add(h * 64) as *const __m256i);
-            let ql_b = _mm256_loadu_si256(w.as_ptr().add(h * 64 + 32) as *const __m256i);
-            let qh = _mm256_loadu_si256(w.as_ptr().add(128 + h * 32) as *const __m256i);
-            let values = [
-                _mm256_or_si256(_mm256_and_si256(ql_a, low4), _mm256_and_si256(_mm256_slli_epi16::<4>(qh), high2)),
-                _mm256_or_si256(_mm256_and_si256(ql_b, low4), _mm256_and_si256(_mm256_slli_epi16::<2>(qh), high2)),
-                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(ql_a), low4), _mm256_and_si256(qh, high2)),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql_b), low4),
-                    _mm256_and_si256(_mm256_srli_epi16::<2>(qh), high2),
-                ),
-            ];
-            for (t, v) in values.into_iter().enumerate() {
+            for (t, v) in q6k_runs(w, h).into_iter().enumerate() {
                 let i = 4 * h + t;
                 let b = sb * 8 + i;
                 let qx = load32(&x.values, b * 32);
-                // Pairs of products, less 32 times the activations: (u - 32) x summed in pairs, in 16-bit lanes.
-                let pairs = _mm256_sub_epi16(_mm256_maddubs_epi16(v, qx), _mm256_maddubs_epi16(thirty_two, qx));
+                // Products summed in pairs, in 16-bit lanes: lanes 0..8 hold the first 16 values, 8..16 the rest.
+                let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(v, v), _mm256_sign_epi8(qx, v));
                 let scales = _mm256_set_m128i(
                     _mm_set1_epi16(w[192 + 2 * i + 1] as i8 as i16),
                     _mm_set1_epi16(w[192 + 2 * i] as i8 as i16),
