@@ -7,6 +7,7 @@
 
 mod activations;
 pub mod cpu;
+mod kv_cache;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -14,6 +14,8 @@ use crate::gguf::type_name;
 
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 mod avx2;
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+mod avx512;
 pub mod blocks;
 pub mod int8;
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
@@ -98,15 +100,7 @@ impl QuantMatrix {
     /// `x` is `m x cols` (row-major); returns `m x rows`: `out[i][r] = sum_c x[i][c] * W[r][c]`. The fastest
     /// form: blocks decoded inside the dot products for one or two rows, a decoded band and `gemm` for more.
     pub fn matmul(&self, x: &[f32]) -> Result<Vec<f32>> {
-        let m = x.len() / self.cols.max(1);
-        let form = if m > FUSED_MAX_ROWS {
-            Form::Band
-        } else if self.int8_activations {
-            Form::Int8
-        } else {
-            Form::Fused
-        };
-        self.product(x, form)
+        Ok(products(&[(self, self.fastest_form(x))], x)?.pop().expect("one product"))
     }
 
     /// As `matmul`, with each row's result independent of the other rows: every weight row is decoded once to
@@ -116,92 +110,126 @@ impl QuantMatrix {
     /// which made batched steps slower than decoding each weight row once to f32 (SmolLM2 at batch 16: 112 tokens/s
     /// against 156, docs/benchmarks.md).
     pub fn matmul_exact_rows(&self, x: &[f32]) -> Result<Vec<f32>> {
-        self.product(x, Form::Rows)
+        Ok(products(&[(self, Form::Rows)], x)?.pop().expect("one product"))
     }
 
-    fn product(&self, x: &[f32], form: Form) -> Result<Vec<f32>> {
-        let (k, n) = (self.cols, self.rows);
-        if x.len() % k != 0 {
-            return Err(EngineError::InvalidRequest(format!("activations of {} values for rows of {k}", x.len())));
+    /// `matmul` (with `exact_rows`, `matmul_exact_rows`) of several matrices of the same width on the same
+    /// activations, in one parallel region: a layer's query, key and value, or its gate and up. One fork and join
+    /// where there were one per matrix, and each product's numbers unchanged.
+    pub fn matmul_each(matrices: &[&QuantMatrix], x: &[f32], exact_rows: bool) -> Result<Vec<Vec<f32>>> {
+        let jobs: Vec<(&QuantMatrix, Form)> =
+            matrices.iter().map(|&q| (q, if exact_rows { Form::Rows } else { q.fastest_form(x) })).collect();
+        products(&jobs, x)
+    }
+
+    /// `matmul`'s form for activations `x`.
+    fn fastest_form(&self, x: &[f32]) -> Form {
+        let m = x.len() / self.cols.max(1);
+        if m > FUSED_MAX_ROWS {
+            Form::Band
+        } else if self.int8_activations {
+            Form::Int8
+        } else {
+            Form::Fused
         }
-        let m = x.len() / k;
-        let raw = self.raw()?;
-        let row_bytes = self.row_bytes();
-        let dtype = self.dtype();
-        // With 8-bit activations, each activation row is rounded once, before the bands share it.
-        let rounded: Vec<int8::Q8Row> = match form {
-            Form::Int8 => x.chunks_exact(k).map(int8::quantize).collect(),
-            _ => Vec::new(),
-        };
-        // Each task covers a band of rows. Few activation rows (decoding): decode inside each dot product. Many
-        // (a prompt): decode the band once into f32 and reuse it for every activation row.
-        // A few bands per thread balance the load; more only add scheduling.
-        let per_band = ROWS_PER_TASK.max(n.div_ceil(4 * rayon::current_num_threads()));
-        let bands: Vec<Vec<f32>> = (0..n.div_ceil(per_band))
-            .into_par_iter()
-            .map(|band| {
-                let first = band * per_band;
-                let count = per_band.min(n - first);
-                let rows = &raw[first * row_bytes..(first + count) * row_bytes];
-                let mut out = vec![0f32; m * count];
-                match form {
-                    Form::Fused => {
-                        for r in 0..count {
-                            let row = &rows[r * row_bytes..(r + 1) * row_bytes];
-                            for i in 0..m {
-                                out[i * count + r] = blocks::dot_row(dtype, row, &x[i * k..(i + 1) * k]);
-                            }
-                        }
-                    }
-                    Form::Rows => {
-                        // Four weight rows decoded at a time (they stay in the L1 cache), each activation row read
-                        // once against all four; the rows past a multiple of four one by one. `dot(x, w)` is
-                        // `dot(w, x)` bit for bit (the same products, summed in the same lanes), so every value is
-                        // `dot`'s of its own row and activation whatever the group sizes.
-                        let mut w = vec![0f32; 4 * k];
-                        let mut r = 0;
-                        while r < count {
-                            let group = if r + 4 <= count { 4 } else { 1 };
-                            dequantize(dtype, &rows[r * row_bytes..(r + group) * row_bytes], &mut w[..group * k]);
-                            for i in 0..m {
-                                let xi = &x[i * k..(i + 1) * k];
-                                if group == 4 {
-                                    let ws = [0, 1, 2, 3].map(|j| &w[j * k..(j + 1) * k]);
-                                    out[i * count + r..i * count + r + 4].copy_from_slice(&dot4(xi, ws));
-                                } else {
-                                    out[i * count + r] = dot(&w[..k], xi);
-                                }
-                            }
-                            r += group;
-                        }
-                    }
-                    Form::Int8 => {
-                        for r in 0..count {
-                            let row = &rows[r * row_bytes..(r + 1) * row_bytes];
-                            for (i, xi) in rounded.iter().enumerate() {
-                                out[i * count + r] = int8::dot_row(dtype, row, xi);
-                            }
-                        }
-                    }
-                    Form::Band => {
-                        let mut w = vec![0f32; count * k];
-                        dequantize(dtype, rows, &mut w);
-                        band_product(x, &w, m, k, count, &mut out);
+    }
+
+    /// Rows `first..first + count` of the product (`rows`: their blocks) for the `m` activation rows of `x`
+    /// (`rounded`: the same rounded to 8 bits, for `Form::Int8`); `m x count`, row-major.
+    fn band(&self, rows: &[u8], x: &[f32], m: usize, rounded: &[int8::Q8Row], form: Form, count: usize) -> Vec<f32> {
+        let (k, row_bytes, dtype) = (self.cols, self.row_bytes(), self.dtype());
+        let mut out = vec![0f32; m * count];
+        match form {
+            Form::Fused => {
+                for r in 0..count {
+                    let row = &rows[r * row_bytes..(r + 1) * row_bytes];
+                    for i in 0..m {
+                        out[i * count + r] = blocks::dot_row(dtype, row, &x[i * k..(i + 1) * k]);
                     }
                 }
-                out
-            })
-            .collect();
-        let mut out = vec![0f32; m * n];
-        for (band, values) in bands.iter().enumerate() {
-            let first = band * per_band;
-            let count = values.len() / m;
-            for i in 0..m {
-                out[i * n + first..i * n + first + count].copy_from_slice(&values[i * count..(i + 1) * count]);
+            }
+            Form::Rows => {
+                // Four weight rows decoded at a time (they stay in the L1 cache), each activation row read
+                // once against all four; the rows past a multiple of four one by one. `dot(x, w)` is
+                // `dot(w, x)` bit for bit (the same products, summed in the same lanes), so every value is
+                // `dot`'s of its own row and activation whatever the group sizes.
+                let mut w = vec![0f32; 4 * k];
+                let mut r = 0;
+                while r < count {
+                    let group = if r + 4 <= count { 4 } else { 1 };
+                    dequantize(dtype, &rows[r * row_bytes..(r + group) * row_bytes], &mut w[..group * k]);
+                    if group == 4 {
+                        let ws = [0, 1, 2, 3].map(|j| &w[j * k..(j + 1) * k]);
+                        dot4_each(x, k, ws, |i, values| out[i * count + r..i * count + r + 4].copy_from_slice(&values));
+                    } else {
+                        for i in 0..m {
+                            out[i * count + r] = dot(&w[..k], &x[i * k..(i + 1) * k]);
+                        }
+                    }
+                    r += group;
+                }
+            }
+            Form::Int8 => {
+                for r in 0..count {
+                    let row = &rows[r * row_bytes..(r + 1) * row_bytes];
+                    for (i, xi) in rounded.iter().enumerate() {
+                        out[i * count + r] = int8::dot_row(dtype, row, xi);
+                    }
+                }
+            }
+            Form::Band => {
+                let mut w = vec![0f32; count * k];
+                dequantize(dtype, rows, &mut w);
+                band_product(x, &w, m, k, count, &mut out);
             }
         }
-        Ok(out)
+        out
     }
+}
+
+/// The products of `jobs` (matrices of the same width, each in its form) on the activations `x`, in one parallel
+/// region. Each task covers a band of one matrix's rows. Few activation rows (decoding): decode inside each dot
+/// product. Many (a prompt): decode the band once into f32 and reuse it for every activation row.
+fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
+    let Some(k) = jobs.first().map(|(q, _)| q.cols) else {
+        return Ok(Vec::new());
+    };
+    if x.len() % k != 0 || jobs.iter().any(|(q, _)| q.cols != k) {
+        return Err(EngineError::InvalidRequest(format!("activations of {} values for rows of {k}", x.len())));
+    }
+    let m = x.len() / k;
+    let raws = jobs.iter().map(|(q, _)| q.raw()).collect::<Result<Vec<_>>>()?;
+    // With 8-bit activations, each activation row is rounded once, before the bands share it.
+    let rounded: Vec<int8::Q8Row> = match jobs.iter().any(|(_, form)| matches!(form, Form::Int8)) {
+        true => x.chunks_exact(k).map(int8::quantize).collect(),
+        false => Vec::new(),
+    };
+    // A few bands per thread and matrix balance the load; more only add scheduling.
+    let per_band: Vec<usize> =
+        jobs.iter().map(|(q, _)| ROWS_PER_TASK.max(q.rows.div_ceil(4 * rayon::current_num_threads()))).collect();
+    let tasks: Vec<(usize, usize)> = (0..jobs.len())
+        .flat_map(|j| {
+            let per = per_band[j];
+            (0..jobs[j].0.rows.div_ceil(per)).map(move |band| (j, band * per))
+        })
+        .collect();
+    let count = |j: usize, first: usize| per_band[j].min(jobs[j].0.rows - first);
+    let bands: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&(j, first)| {
+            let (q, form) = jobs[j];
+            let rows = &raws[j][first * q.row_bytes()..(first + count(j, first)) * q.row_bytes()];
+            q.band(rows, x, m, &rounded, form, count(j, first))
+        })
+        .collect();
+    let mut outs: Vec<Vec<f32>> = jobs.iter().map(|(q, _)| vec![0f32; m * q.rows]).collect();
+    for (&(j, first), values) in tasks.iter().zip(&bands) {
+        let (n, count) = (jobs[j].0.rows, count(j, first));
+        for i in 0..m {
+            outs[j][i * n + first..i * n + first + count].copy_from_slice(&values[i * count..(i + 1) * count]);
+        }
+    }
+    Ok(outs)
 }
 
 /// How a product is computed (all but `Int8` exact up to the order of the f32 sums).
@@ -296,6 +324,31 @@ pub fn dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
     portable_dot4(a, b)
 }
 
+/// `put(i, dot4(x_i, w))` for every row `x_i` of `x` (rows of `k`): the exact-rows product's inner loop. With
+/// AVX-512 (detected at run time), six activation rows at a time, each value still `dot`'s bit for bit.
+fn dot4_each(x: &[f32], k: usize, w: [&[f32]; 4], mut put: impl FnMut(usize, [f32; 4])) {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    if avx512::available() {
+        let m = x.len() / k;
+        let mut values = [[0f32; 4]; avx512::ROWS];
+        for first in (0..m).step_by(avx512::ROWS) {
+            let n = avx512::ROWS.min(m - first);
+            let rows: [&[f32]; avx512::ROWS] = std::array::from_fn(|j| {
+                let i = first + j.min(n - 1);
+                &x[i * k..(i + 1) * k]
+            });
+            avx512::dot_block(&rows[..n], w, &mut values[..n]);
+            for (j, v) in values[..n].iter().enumerate() {
+                put(first + j, *v);
+            }
+        }
+        return;
+    }
+    for (i, xi) in x.chunks_exact(k).enumerate() {
+        put(i, dot4(xi, w));
+    }
+}
+
 /// `dot4` in portable Rust (the compiler left it scalar natively, hence the AVX2 kernel).
 pub fn portable_dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
     const LANES: usize = 16;
@@ -371,6 +424,30 @@ mod tests {
         }
     }
 
+    /// Several matrices in one parallel region give each product's numbers bit for bit, in every form: matrices
+    /// of different heights and types, one with 8-bit activations and one without.
+    #[test]
+    fn matmul_each_equals_the_products_one_by_one() {
+        let k = 256;
+        let matrix = |n: usize, dtype, int8| {
+            let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1).collect();
+            let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+            QuantMatrix::new("w", Arc::new(QTensor::quantize(&wt, dtype).unwrap())).unwrap().with_int8_activations(int8)
+        };
+        let ms =
+            [matrix(70, GgmlDType::Q4_1, true), matrix(300, GgmlDType::Q8_0, false), matrix(5, GgmlDType::Q4K, false)];
+        for m in [1, 2, 5] {
+            let x: Vec<f32> = (0..m * k).map(|i| (i * 104729 % 997) as f32 / 498.5 - 1.0).collect();
+            for exact_rows in [false, true] {
+                let each = QuantMatrix::matmul_each(&[&ms[0], &ms[1], &ms[2]], &x, exact_rows).unwrap();
+                for (q, got) in ms.iter().zip(&each) {
+                    let alone = if exact_rows { q.matmul_exact_rows(&x) } else { q.matmul(&x) }.unwrap();
+                    assert_eq!(got, &alone, "{:?}, {m} rows, exact rows {exact_rows}", q.dtype());
+                }
+            }
+        }
+    }
+
     #[test]
     fn dot4_is_dot_four_times_bit_for_bit() {
         let a: Vec<f32> = (0..101).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.37).collect();
@@ -387,6 +464,24 @@ mod tests {
             let exact: f64 = a.iter().zip(&bs[r]).map(|(&x, &y)| x as f64 * y as f64).sum();
             assert!((four[r] as f64 - exact).abs() < 1e-4 && (portable[r] as f64 - exact).abs() < 1e-4, "row {r}");
         }
+    }
+
+    /// The exact-rows inner loop (in blocks of six activation rows where the CPU has AVX-512) gives `dot4`'s
+    /// values bit for bit, for a row count that leaves a partial block and a length with a tail past the lanes.
+    #[test]
+    fn dot4_each_is_dot4_bit_for_bit() {
+        let (m, k) = (13, 101);
+        let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.37).collect();
+        let ws: Vec<Vec<f32>> =
+            (0..4).map(|r| (0..k).map(|i| ((i * 13 + r * 7) % 19) as f32 * 0.11 - 1.0).collect()).collect();
+        let w = [&ws[0][..], &ws[1], &ws[2], &ws[3]];
+        let mut seen = vec![false; m];
+        dot4_each(&x, k, w, |i, values| {
+            let want = dot4(&x[i * k..(i + 1) * k], w);
+            assert_eq!(values.map(f32::to_bits), want.map(f32::to_bits), "row {i}");
+            seen[i] = true;
+        });
+        assert!(seen.iter().all(|&s| s), "every row once");
     }
 
     #[test]
