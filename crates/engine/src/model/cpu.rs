@@ -16,7 +16,7 @@
 //! The hook point `resid_post[L]` is `h` after layer L.
 //!
 //! Several sequences can run in one call (`forward_batch`), each with its own KV cache and position: their rows
-//! share the matrix products, and attention and hooks run per sequence. Batched calls compute every row of every
+//! share the matrix products, attention runs per sequence (the sequences in parallel), and so do the hooks. Batched calls compute every row of every
 //! product independently of the other rows (`QuantMatrix::matmul_exact_rows`), so a sequence gets the same numbers
 //! in any batch; single-sequence calls (`forward`) take the fastest product form for their size, which sums in
 //! another order (the same tokens but at near-ties).
