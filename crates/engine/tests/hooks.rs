@@ -329,3 +329,30 @@ impl Unembedding {
 fn differ(a: &[f32], b: &[f32]) -> bool {
     a.iter().zip(b).any(|(x, y)| (x - y).abs() > 1e-4)
 }
+
+/// Reading a prompt alone (`read_prompt`, which on the CPU stops after the last hooked layer and computes no
+/// logits) captures exactly what a full forward pass captures, and leaves the model reset, on both backends.
+#[test]
+fn read_prompt_captures_what_a_full_pass_captures() {
+    for name in ["tiny-llama", "tiny-gemma3"] {
+        for backend in [Backend::Cpu, Backend::Wgpu] {
+            let mut engine = load_on(&fixture_path(&format!("{name}.gguf")), backend);
+            let prompt = [2u32, 40, 41, 42, 43];
+            for hooks in [
+                Hooks::none().read(0, Positions::All),
+                Hooks::none().read(1, Positions::Last).read(0, Positions::At(vec![1, 3])),
+                Hooks::none().read(engine.config().n_layers - 1, Positions::Last),
+            ] {
+                engine.model.reset();
+                let full =
+                    block_on(engine.model.forward(&prompt, Segment::Prompt, &hooks, LogitsWanted::Last)).unwrap();
+                block_on(engine.model.forward(&[50], Segment::Generated, &Hooks::none(), LogitsWanted::Last)).unwrap();
+                let read = block_on(engine.model.read_prompt(&prompt, &hooks)).unwrap();
+                let what = format!("{name} on {backend:?}");
+                assert!(!read.is_empty(), "{what}: something was read");
+                assert_eq!(read, full.captures, "{what}: the captures");
+                assert_eq!(engine.model.position(), 0, "{what}: the model is reset after the read");
+            }
+        }
+    }
+}

@@ -228,16 +228,16 @@ async fn read(
         (ReadAt::AfterInstruction, Some(_)) => Positions::At((prompt.after_instruction.min(n - 1)..n).collect()),
         _ => Positions::Last,
     };
-    engine.model.reset();
     let hooks = Hooks::none().read(layer, positions);
-    let out = engine.model.forward(&prompt.ids, Segment::Prompt, &hooks, LogitsWanted::Last).await?;
-    let last = out.captures.last().ok_or_else(|| EngineError::InvalidRequest("no activation was read".into()))?;
+    // Only the residual at `layer` is needed: the pass stops there, with no logits.
+    let captures = engine.model.read_prompt(&prompt.ids, &hooks).await?;
+    let last = captures.last().ok_or_else(|| EngineError::InvalidRequest("no activation was read".into()))?;
     let mut latents = Vec::new();
     if let Some(sae) = sae {
         let mut dense = vec![0f32; sae.info.d_sae];
-        for c in &out.captures {
+        for c in &captures {
             for (j, a) in sae.encode_sparse(&c.values) {
-                dense[j as usize] += a / out.captures.len() as f32;
+                dense[j as usize] += a / captures.len() as f32;
             }
         }
         latents = dense.iter().enumerate().filter(|(_, &a)| a != 0.0).map(|(j, &a)| (j as u32, a)).collect();

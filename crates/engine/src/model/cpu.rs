@@ -413,6 +413,17 @@ impl CpuModel {
         logits: LogitsWanted,
         exact_rows: bool,
     ) -> Result<Vec<StepOutput>> {
+        self.run_calls(calls, Some(logits), exact_rows)
+    }
+
+    /// `forward_calls`, or with `logits` `None` only the hooks' reads: the pass stops after the last layer a hook
+    /// touches, with no logits (`LanguageModel::read_prompt`).
+    fn run_calls(
+        &mut self,
+        calls: &[BatchCall],
+        logits: Option<LogitsWanted>,
+        exact_rows: bool,
+    ) -> Result<Vec<StepOutput>> {
         // Natively, the whole pass runs on one of rayon's threads, so that each of its ~200 parallel matrix
         // products per token forks and joins among the pool's threads instead of parking the caller and waking
         // it again (SmolLM2's decoding on 2 cores: 30 tokens/s before, 36 after).
@@ -425,7 +436,7 @@ impl CpuModel {
     fn forward_calls_here(
         &mut self,
         calls: &[BatchCall],
-        logits: LogitsWanted,
+        logits: Option<LogitsWanted>,
         exact_rows: bool,
     ) -> Result<Vec<StepOutput>> {
         for (i, call) in calls.iter().enumerate() {
@@ -448,7 +459,7 @@ impl CpuModel {
         if calls.is_empty() {
             return Ok(Vec::new());
         }
-        if calls.len() > 1 && logits == LogitsWanted::All {
+        if calls.len() > 1 && logits == Some(LogitsWanted::All) {
             return Err(EngineError::InvalidRequest("all-position logits are for one sequence at a time".into()));
         }
         let hidden = self.config.hidden;
@@ -458,7 +469,14 @@ impl CpuModel {
             h = (h * s as f64).context("embedding scale")?;
         }
         let mut captures: Vec<Vec<Capture>> = vec![Vec::new(); calls.len()];
-        for i in 0..self.config.n_layers {
+        // Reads only: the layers up to the last one a hook touches.
+        let layers = match logits {
+            Some(_) => self.config.n_layers,
+            None => {
+                (0..self.config.n_layers).rev().find(|&i| calls.iter().any(|c| c.hooks.touches(i))).map_or(0, |i| i + 1)
+            }
+        };
+        for i in 0..layers {
             let a = self.norm(&h, &self.layers[i].attn_norm)?;
             let mut o = self.attention(i, &a, calls, exact_rows)?;
             if let Some(w) = &self.layers[i].post_attn_norm {
@@ -493,6 +511,10 @@ impl CpuModel {
             self.sequences[call.sequence].position += call.tokens.len();
         }
 
+        let Some(logits) = logits else {
+            let output = |captures| StepOutput { logits: Vec::new(), all_logits: None, captures };
+            return Ok(captures.into_iter().map(output).collect());
+        };
         // The rows whose logits are wanted: every row of a single call, or the last row of each call.
         let rows = match logits {
             LogitsWanted::All => h,
@@ -620,6 +642,14 @@ impl LanguageModel for CpuModel {
         logits: LogitsWanted,
     ) -> LocalBoxFuture<'a, Result<StepOutput>> {
         Box::pin(std::future::ready(self.forward_sync(tokens, segment, hooks, logits)))
+    }
+
+    fn read_prompt<'a>(&'a mut self, tokens: &'a [u32], hooks: &'a Hooks) -> LocalBoxFuture<'a, Result<Vec<Capture>>> {
+        self.reset();
+        let call = BatchCall { sequence: 0, tokens, segment: Segment::Prompt, hooks };
+        let out = self.run_calls(&[call], None, false);
+        self.reset();
+        Box::pin(std::future::ready(out.map(|mut out| out.pop().expect("one output per call").captures)))
     }
 
     fn backend_name(&self) -> String {

@@ -112,6 +112,18 @@ pub trait LanguageModel {
         logits: LogitsWanted,
     ) -> LocalBoxFuture<'a, Result<StepOutput>>;
 
+    /// Runs `tokens` as a fresh prompt for what `hooks` read, and nothing else: no logits, and a backend may stop
+    /// after the last layer the hooks touch (the CPU does). The model is reset before and after, since its cache
+    /// is left incomplete. Discovery reads about 500 prompts this way, at one layer.
+    fn read_prompt<'a>(&'a mut self, tokens: &'a [u32], hooks: &'a Hooks) -> LocalBoxFuture<'a, Result<Vec<Capture>>> {
+        Box::pin(async move {
+            self.reset();
+            let out = self.forward(tokens, Segment::Prompt, hooks, LogitsWanted::Last).await;
+            self.reset();
+            Ok(out?.captures)
+        })
+    }
+
     /// The final norm and unembedding, where the backend keeps them on the CPU (both backends do).
     fn readout(&self) -> Option<Readout> {
         None
