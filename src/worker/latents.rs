@@ -4,7 +4,7 @@
 use std::rc::Rc;
 
 use saif::lens::LogitLens;
-use saif_engine::{Engine, Hooks, LogitsWanted, Positions, Segment};
+use saif_engine::{Engine, Hooks, Positions};
 
 use super::saes::LoadedSae;
 use super::{token_view, Failure, STATE};
@@ -28,10 +28,11 @@ pub async fn read(
     if ids.is_empty() {
         return Err("the prompt is empty".into());
     }
-    engine.model.reset();
     let hooks = Hooks::none().read(sae.layer, Positions::All);
-    let out = engine.model.forward(&ids, Segment::Prompt, &hooks, LogitsWanted::Last).await?;
-    let per_token: Vec<Vec<(u32, f32)>> = out.captures.iter().map(|c| sae.sae.encode_sparse(&c.values)).collect();
+    // Only the residual at the SAE's layer: the pass stops there, with no logits (Gemma's output matrix alone is
+    // 178 MB to read).
+    let captures = engine.model.read_prompt(&ids, &hooks).await?;
+    let per_token: Vec<Vec<(u32, f32)>> = captures.iter().map(|c| sae.sae.encode_sparse(&c.values)).collect();
     let last_latents: Vec<(u32, f32)> = per_token.last().cloned().unwrap_or_default().into_iter().take(top).collect();
     let tokens = ids.iter().map(|&id| token_view(&engine.tokenizer, id)).collect();
     let mut seen: Vec<u32> = per_token.iter().flatten().map(|l| l.0).collect();

@@ -6,7 +6,7 @@
 //! page runs nothing; an SAE without a record that fits (another model, another layer, an older sentence) is
 //! measured when it is attached.
 
-use saif_engine::{Engine, EngineError, Hooks, LogitsWanted, ModelFingerprint, Positions, Segment};
+use saif_engine::{Engine, EngineError, Hooks, ModelFingerprint, Positions};
 use serde_json::{json, Value};
 
 use crate::sae::SaeInfo;
@@ -22,10 +22,9 @@ const KEY: &str = "residual_norm";
 /// rest) left out.
 pub async fn measure(engine: &mut Engine, layer: usize) -> Result<f32, EngineError> {
     let ids = engine.tokenizer.encode_prompt(TEXT)?;
-    engine.model.reset();
     let hooks = Hooks::none().read(layer, Positions::All);
-    let out = engine.model.forward(&ids, Segment::Prompt, &hooks, LogitsWanted::Last).await?;
-    let norms: Vec<f64> = out.captures.iter().filter(|c| c.position > 0).map(|c| norm(&c.values)).collect();
+    let captures = engine.model.read_prompt(&ids, &hooks).await?;
+    let norms: Vec<f64> = captures.iter().filter(|c| c.position > 0).map(|c| norm(&c.values)).collect();
     Ok((norms.iter().sum::<f64>() / norms.len().max(1) as f64) as f32)
 }
 
