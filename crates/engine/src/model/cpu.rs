@@ -16,10 +16,11 @@
 //! The hook point `resid_post[L]` is `h` after layer L.
 //!
 //! Several sequences can run in one call (`forward_batch`), each with its own KV cache and position: their rows
-//! share the matrix products, attention runs per sequence (the sequences in parallel), and so do the hooks. Batched calls compute every row of every
-//! product independently of the other rows (`QuantMatrix::matmul_exact_rows`), so a sequence gets the same numbers
-//! in any batch; single-sequence calls (`forward`) take the fastest product form for their size, which sums in
-//! another order (the same tokens but at near-ties).
+//! share the matrix products, attention runs per sequence (the sequences in parallel), and so do the hooks.
+//! Batched calls compute every row of every product independently of the other rows
+//! (`QuantMatrix::matmul_exact_rows`), so a sequence gets the same numbers in any batch; single-sequence calls
+//! (`forward`) take the fastest product form for their size, which sums in another order (the same tokens but at
+//! near-ties).
 
 use std::io::{Read, Seek};
 use std::sync::Arc;
@@ -54,10 +55,8 @@ struct Linear(QuantMatrix);
 impl Linear {
     /// `x`: [n, cols] -> [n, rows]; with `exact_rows`, each row computed as it would be alone.
     fn forward(&self, x: &Tensor, exact_rows: bool) -> Result<Tensor> {
-        let n = x.dims2().context("matrix product input")?.0;
-        let values = x.flatten_all().and_then(|v| v.to_vec1::<f32>()).context("matrix product input")?;
-        let out = if exact_rows { self.0.matmul_exact_rows(&values)? } else { self.0.matmul(&values)? };
-        Tensor::from_vec(out, (n, self.0.rows()), &Device::Cpu).context("matrix product")
+        let [out] = Self::forward_each([self], x, exact_rows)?;
+        Ok(out)
     }
 
     /// `forward` of several matrices on the same input, in one parallel region (`QuantMatrix::matmul_each`).
@@ -65,11 +64,12 @@ impl Linear {
         let n = x.dims2().context("matrix product input")?.0;
         let values = x.flatten_all().and_then(|v| v.to_vec1::<f32>()).context("matrix product input")?;
         let outs = QuantMatrix::matmul_each(&linears.map(|l| &l.0), &values, exact_rows)?;
-        let mut tensors = Vec::with_capacity(N);
-        for (out, l) in outs.into_iter().zip(linears) {
-            tensors.push(Tensor::from_vec(out, (n, l.0.rows()), &Device::Cpu).context("matrix product")?);
-        }
-        Ok(tensors.try_into().map_err(|_| ()).expect("one output per matrix"))
+        let tensors = outs
+            .into_iter()
+            .zip(linears)
+            .map(|(out, l)| Tensor::from_vec(out, (n, l.0.rows()), &Device::Cpu).context("matrix product"))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(tensors.try_into().unwrap_or_else(|_| unreachable!("one product per matrix")))
     }
 }
 

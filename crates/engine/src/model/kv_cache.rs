@@ -39,17 +39,8 @@ impl Rows {
     fn append(&mut self, src: &Tensor) -> Result<Tensor> {
         const DIM: usize = 2;
         let n = src.dim(DIM)?;
-        let capacity = match &self.storage {
-            Some(s) if s.dims()[..DIM] == src.dims()[..DIM] && s.dims()[DIM + 1..] == src.dims()[DIM + 1..] => {
-                s.dim(DIM)?
-            }
-            // None yet, or another shape (cannot happen within one model): start afresh.
-            _ => {
-                self.storage = None;
-                self.len = 0;
-                0
-            }
-        };
+        // One layer's heads and head size never change, so only the rows grow (`slice_set` refuses another shape).
+        let capacity = self.storage.as_ref().map_or(Ok(0), |s| s.dim(DIM))?;
         if self.len + n > capacity {
             let mut shape = src.dims().to_vec();
             shape[DIM] = (self.len + n).next_multiple_of(CHUNK) - capacity;

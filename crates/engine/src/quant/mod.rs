@@ -150,7 +150,7 @@ impl QuantMatrix {
             }
             Form::Rows => {
                 // Four weight rows decoded at a time (they stay in the L1 cache), each activation row read
-                // once against all four; the rows past a multiple of four one by one. `dot(x, w)` is
+                // once against all four (`dot4_each`); the rows past a multiple of four one by one. `dot(x, w)` is
                 // `dot(w, x)` bit for bit (the same products, summed in the same lanes), so every value is
                 // `dot`'s of its own row and activation whatever the group sizes.
                 let mut w = vec![0f32; 4 * k];
