@@ -66,6 +66,14 @@ fn tiny_llama_matches_transformers_on_the_gpu() {
     check_fixture("tiny-llama", Backend::Wgpu);
 }
 
+/// The real-GPU form of the matrix products (16 threads per row), run on this machine's adapter whatever it is.
+#[test]
+fn tiny_models_match_transformers_with_cooperative_rows() {
+    for name in ["tiny-gemma3", "tiny-gemma2", "tiny-llama"] {
+        check_fixture(name, Backend::WgpuCooperative);
+    }
+}
+
 #[test]
 fn fixtures_use_every_supported_quantization() {
     for name in ["tiny-gemma3", "tiny-gemma2", "tiny-llama"] {

@@ -4,15 +4,23 @@
 mod gpu_cases;
 
 use saif_engine::block_on;
+use saif_engine::gpu::kernels::MatmulForm;
 use saif_engine::gpu::Gpu;
 
 fn gpu() -> Gpu {
     block_on(Gpu::new()).expect("a wgpu adapter (make setup installs Mesa's Vulkan drivers)")
 }
 
+/// The form CPU adapters get (a thread per row).
 #[test]
 fn matmul_matches_cpu_for_every_type() {
-    block_on(gpu_cases::matmul_matches_cpu_for_every_type(&gpu()));
+    block_on(gpu_cases::matmul_matches_cpu_for_every_type(&gpu().with_matmul_form(MatmulForm::PerRow)));
+}
+
+/// The form real GPUs get (16 threads share a row and add up through workgroup memory), on this adapter too.
+#[test]
+fn cooperative_matmul_matches_cpu_for_every_type() {
+    block_on(gpu_cases::matmul_matches_cpu_for_every_type(&gpu().with_matmul_form(MatmulForm::Cooperative)));
 }
 
 #[test]

@@ -91,13 +91,21 @@ fn truncated_files_are_errors_not_panics() {
 
 mod gpu_cases;
 
+use saif_engine::gpu::kernels::MatmulForm;
+
 async fn gpu() -> saif_engine::gpu::Gpu {
     saif_engine::gpu::Gpu::new().await.expect("WebGPU (Chromium runs with --enable-unsafe-webgpu)")
 }
 
 #[wasm_bindgen_test]
 async fn webgpu_matmul_matches_cpu_for_every_type() {
-    gpu_cases::matmul_matches_cpu_for_every_type(&gpu().await).await;
+    gpu_cases::matmul_matches_cpu_for_every_type(&gpu().await.with_matmul_form(MatmulForm::PerRow)).await;
+}
+
+/// The form real GPUs get (16 threads per row), on SwiftShader too.
+#[wasm_bindgen_test]
+async fn webgpu_cooperative_matmul_matches_cpu_for_every_type() {
+    gpu_cases::matmul_matches_cpu_for_every_type(&gpu().await.with_matmul_form(MatmulForm::Cooperative)).await;
 }
 
 #[wasm_bindgen_test]
@@ -140,10 +148,16 @@ async fn webgpu_token_selection_matches_the_cpu_sampler() {
     gpu_cases::token_selection_matches_the_cpu_sampler(&gpu().await).await;
 }
 
-/// The whole model on WebGPU: the fixtures' logits and greedy tokens equal transformers'.
+/// The whole model on WebGPU, in both forms of the matrix products: the fixtures' logits and greedy tokens equal
+/// transformers'.
 #[wasm_bindgen_test]
 async fn webgpu_fixture_models_match_transformers() {
-    let gpu = std::rc::Rc::new(gpu().await);
+    for form in [MatmulForm::PerRow, MatmulForm::Cooperative] {
+        check_fixtures_on_webgpu(std::rc::Rc::new(gpu().await.with_matmul_form(form))).await;
+    }
+}
+
+async fn check_fixtures_on_webgpu(gpu: std::rc::Rc<saif_engine::gpu::Gpu>) {
     for (bytes, reference) in [
         (&include_bytes!("fixtures/tiny-gemma3.gguf")[..], include_str!("fixtures/tiny-gemma3.json")),
         (&include_bytes!("fixtures/tiny-gemma2.gguf")[..], include_str!("fixtures/tiny-gemma2.json")),

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use wgpu::util::DeviceExt;
 
 use crate::error::{EngineError, Result};
+use crate::gpu::kernels::MatmulForm;
 
 /// A device and its queue, shared by everything the GPU backend creates.
 pub struct Gpu {
@@ -17,6 +18,9 @@ pub struct Gpu {
     pub queue: wgpu::Queue,
     pub info: wgpu::AdapterInfo,
     pub limits: wgpu::Limits,
+    /// How the matrix products share a row among threads: chosen from the adapter, changed with `with_matmul_form`
+    /// before any model or kernel is built on this device.
+    pub matmul_form: MatmulForm,
     /// Set by the device-lost callback and by uncaptured validation or out-of-memory errors.
     failure: Arc<Mutex<Option<String>>>,
     /// Bytes of every buffer created through this struct (buffers are only freed with their owner).
@@ -74,7 +78,20 @@ impl Gpu {
                 f.get_or_insert(format!("GPU error: {error}"));
             }
         }));
-        Ok(Self { device, queue, info, limits, failure, allocated: std::cell::Cell::new(0) })
+        let matmul_form = MatmulForm::for_adapter(&info);
+        let gpu = Self { device, queue, info, limits, matmul_form, failure, allocated: std::cell::Cell::new(0) };
+        // Natively, SAIF_GPU_MATMUL=per-row|cooperative overrides the adapter's form (to compare them on one GPU).
+        #[cfg(not(target_arch = "wasm32"))]
+        if let Ok(name) = std::env::var("SAIF_GPU_MATMUL") {
+            return Ok(gpu.with_matmul_form(MatmulForm::parse(&name)?));
+        }
+        Ok(gpu)
+    }
+
+    /// The same device with its matrix products in `form` (tests run both forms on every adapter).
+    pub fn with_matmul_form(mut self, form: MatmulForm) -> Self {
+        self.matmul_form = form;
+        self
     }
 
     /// A one-line description of the adapter, for reports ("NVIDIA H100 (Vulkan)").

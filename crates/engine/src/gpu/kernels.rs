@@ -248,15 +248,50 @@ impl Kernels {
     }
 }
 
-/// Threads sharing one row of a matrix product: a thread per row on adapters that are CPUs (lavapipe, SwiftShader:
-/// no exchange through workgroup memory, measured several times faster there), 16 on GPUs (more threads in flight
-/// per row, coalesced reads).
-pub fn matmul_lanes(gpu: &Gpu) -> u32 {
-    if gpu.runs_on_cpu() {
-        1
-    } else {
-        16
+/// How the matrix products (kernels/matmul.wgsl) share the work of one output row among threads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatmulForm {
+    /// One thread per row, no exchange through workgroup memory: for adapters that are CPU programs (lavapipe,
+    /// SwiftShader), where it measured several times faster.
+    PerRow,
+    /// 16 threads per row, each reading every 16th chunk (coalesced reads, more threads in flight), their partial
+    /// sums added through workgroup memory: for real GPUs.
+    Cooperative,
+}
+
+impl MatmulForm {
+    /// The form an adapter gets by default.
+    pub fn for_adapter(info: &wgpu::AdapterInfo) -> Self {
+        if info.device_type == wgpu::DeviceType::Cpu {
+            Self::PerRow
+        } else {
+            Self::Cooperative
+        }
     }
+
+    /// `per-row` or `cooperative`.
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "per-row" => Ok(Self::PerRow),
+            "cooperative" => Ok(Self::Cooperative),
+            _ => Err(EngineError::InvalidRequest(format!(
+                "unknown matrix-product form {name:?}: use per-row or cooperative"
+            ))),
+        }
+    }
+
+    /// Threads sharing one row (the shader's LANES).
+    pub fn lanes(self) -> u32 {
+        match self {
+            Self::PerRow => 1,
+            Self::Cooperative => 16,
+        }
+    }
+}
+
+/// Threads sharing one row of a matrix product on `gpu`.
+pub fn matmul_lanes(gpu: &Gpu) -> u32 {
+    gpu.matmul_form.lanes()
 }
 
 /// Output rows one workgroup of the matrix product covers.

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use saif_engine::gpu::kernels::MatmulForm;
 use saif_engine::{Engine, LoadOptions};
 
 /// The offline models (`make setup` puts them in ~/.cache/saif/models, or $SAIF_MODELS).
@@ -44,6 +45,9 @@ pub enum Backend {
     Cpu,
     /// wgpu on the machine's adapter: Mesa's lavapipe (Vulkan on the CPU) where there is no GPU.
     Wgpu,
+    /// wgpu with the real-GPU form of the matrix products (16 threads share a row), whatever the adapter: so the
+    /// form real GPUs get is run on lavapipe too.
+    WgpuCooperative,
 }
 
 pub fn load_on(path: &std::path::Path, backend: Backend) -> Engine {
@@ -53,6 +57,10 @@ pub fn load_on(path: &std::path::Path, backend: Backend) -> Engine {
     let engine = match backend {
         Backend::Cpu => Engine::load_cpu(reader, &options),
         Backend::Wgpu => saif_engine::block_on(Engine::load_wgpu(reader, &options, None)),
+        Backend::WgpuCooperative => saif_engine::block_on(async {
+            let gpu = saif_engine::gpu::Gpu::new().await?.with_matmul_form(MatmulForm::Cooperative);
+            Engine::load_wgpu(reader, &options, Some(std::rc::Rc::new(gpu))).await
+        }),
     };
     engine.unwrap_or_else(|e| panic!("loading {} on {backend:?}: {e}", path.display()))
 }

@@ -115,8 +115,9 @@ async fn gpu_matmul(
 pub async fn matmul_matches_cpu_for_every_type(gpu: &Gpu) {
     for dtype in saif_engine::gguf::SUPPORTED_TYPES {
         let k_quant = matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K);
-        // 37 and 70 rows: neither a multiple of a workgroup's rows; 96 columns: 3 chunks, fewer than the lanes.
-        for (rows, cols) in [(37, if k_quant { 256 } else { 96 }), (70, 512)] {
+        // 37, 70 and 19 rows: none a multiple of a workgroup's rows (64 a thread per row, 4 cooperative); 96
+        // columns: 3 chunks, fewer than the 16 lanes of the cooperative form; 1280: 40 chunks, so lanes get 2 or 3.
+        for (rows, cols) in [(37, if k_quant { 256 } else { 96 }), (70, 512), (19, 1280)] {
             let q = quantized(rows, cols, dtype, rows as u64 + cols as u64);
             let data = q.data().unwrap().to_vec();
             let m = GpuMatrix::upload(gpu, "w", dtype, rows, cols, &data).unwrap();
