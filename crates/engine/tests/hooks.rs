@@ -356,3 +356,64 @@ fn read_prompt_captures_what_a_full_pass_captures() {
         }
     }
 }
+
+/// Reading several prompts at once (`read_prompts`: on the CPU, one batched pass) captures for each prompt what
+/// `read_prompt` captures for it alone, and leaves every sequence it used reset, on both backends.
+#[test]
+fn read_prompts_captures_what_each_prompt_alone_captures() {
+    for name in ["tiny-llama", "tiny-gemma3"] {
+        for backend in [Backend::Cpu, Backend::Wgpu] {
+            let mut engine = load_on(&fixture_path(&format!("{name}.gguf")), backend);
+            let last = engine.config().n_layers - 1;
+            // Prompts of different lengths, with different hooks each (as discovery's positives and negatives).
+            let prompts: Vec<Vec<u32>> = vec![
+                vec![2, 40, 41, 42, 43, 44, 45],
+                vec![2, 7, 8, 9, 10, 11],
+                (0..40).map(|i| 2 + (i * 37) % 200).collect(),
+                vec![2, 60, 61, 62, 63, 64, 65, 66, 67],
+                vec![2, 70],
+            ];
+            let hooks = [
+                Hooks::none().read(last, Positions::Last),
+                Hooks::none().read(0, Positions::All),
+                Hooks::none().read(1, Positions::At(vec![3, 39])),
+                Hooks::none().read(last, Positions::At(vec![5, 6, 7, 8])),
+                Hooks::none().read(0, Positions::Last),
+            ];
+            let calls: Vec<(&[u32], &Hooks)> = prompts.iter().map(|p| &p[..]).zip(&hooks).collect();
+            let together = block_on(engine.model.read_prompts(&calls)).unwrap();
+            let what = format!("{name} on {backend:?}");
+            assert_eq!(together.len(), prompts.len(), "{what}: one list per prompt");
+            for (i, (prompt, hooks)) in calls.iter().enumerate() {
+                let alone = block_on(engine.model.read_prompt(prompt, hooks)).unwrap();
+                assert!(!alone.is_empty(), "{what}: prompt {i} read something");
+                assert_eq!(together[i], alone, "{what}: prompt {i}'s captures");
+            }
+            for sequence in 0..prompts.len() {
+                assert_eq!(engine.model.sequence_position(sequence), 0, "{what}: sequence {sequence} is reset");
+            }
+        }
+    }
+}
+
+/// The same on Gemma 3 270M, whose matrices are large enough for the prompt form's bands to reach the kernels
+/// whose sums depend on the shape (the fixtures' do not): prompts of discovery's length in batches of 2 and 5, a
+/// 3-token one among them (read alone), bit for bit what each gives alone.
+#[test]
+fn read_prompts_of_a_real_model_equal_each_read_alone() {
+    let mut engine = load_on(&model_path(GEMMA), Backend::Cpu);
+    let mut prompts: Vec<Vec<u32>> =
+        (0..4u32).map(|s| (0..30 + 3 * s).map(|i| 2 + (i * 37 + s * 101) % 5000).collect()).collect();
+    prompts.insert(2, vec![2, 600, 601]);
+    let hooks = [Hooks::none().read(5, Positions::Last), Hooks::none().read(2, Positions::All)];
+    for hooks in &hooks {
+        let calls: Vec<(&[u32], &Hooks)> = prompts.iter().map(|p| (&p[..], hooks)).collect();
+        for n in [2, 5] {
+            let together = block_on(engine.model.read_prompts(&calls[..n])).unwrap();
+            for (i, &(prompt, hooks)) in calls[..n].iter().enumerate() {
+                let alone = block_on(engine.model.read_prompt(prompt, hooks)).unwrap();
+                assert_eq!(together[i], alone, "prompt {i} of {n}");
+            }
+        }
+    }
+}

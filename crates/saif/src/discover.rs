@@ -18,7 +18,7 @@
 use std::future::Future;
 
 use saif_engine::{
-    generate, Engine, EngineError, GenerateOptions, Hooks, LogitsWanted, Positions, Sampling, Scope, Segment,
+    generate, Capture, Engine, EngineError, GenerateOptions, Hooks, LogitsWanted, Positions, Sampling, Scope, Segment,
 };
 use serde::{Deserialize, Serialize};
 
@@ -207,6 +207,9 @@ pub fn by_delta(stats: &[LatentStats], tau: f32) -> Vec<LatentStats> {
     kept
 }
 
+/// Discovery contents whose prompts (with and without the instruction) are read in one batch.
+const READ_CONTENTS: usize = 8;
+
 /// What one prompt's reading gives.
 struct Reading {
     /// The SAE activations (mean over the read positions), nonzero ones; empty without an SAE.
@@ -215,27 +218,43 @@ struct Reading {
     last: Vec<f32>,
 }
 
-/// Runs one prompt and reads `resid_post[layer]`.
-async fn read(
-    engine: &mut Engine,
-    sae: Option<&Sae>,
-    layer: usize,
-    prompt: &data::Prompt,
-    read_at: ReadAt,
-) -> Result<Reading, EngineError> {
+/// The hooks that read `resid_post[layer]` of `prompt`: at the last token, or with an SAE and
+/// `ReadAt::AfterInstruction` at every token after the instruction.
+fn read_hooks(sae: Option<&Sae>, layer: usize, prompt: &data::Prompt, read_at: ReadAt) -> Hooks {
     let n = prompt.ids.len();
     let positions = match (read_at, sae) {
         (ReadAt::AfterInstruction, Some(_)) => Positions::At((prompt.after_instruction.min(n - 1)..n).collect()),
         _ => Positions::Last,
     };
-    let hooks = Hooks::none().read(layer, positions);
-    // Only the residual at `layer` is needed: the pass stops there, with no logits.
-    let captures = engine.model.read_prompt(&prompt.ids, &hooks).await?;
+    Hooks::none().read(layer, positions)
+}
+
+/// Reads `resid_post[layer]` of each prompt (in one batch where the backend has batching). Only the residual at
+/// `layer` is needed: the pass stops there, with no logits.
+async fn read(
+    engine: &mut Engine,
+    sae: Option<&Sae>,
+    layer: usize,
+    prompts: &[data::Prompt],
+    read_at: ReadAt,
+) -> Result<Vec<Reading>, EngineError> {
+    let hooks: Vec<Hooks> = prompts.iter().map(|p| read_hooks(sae, layer, p, read_at)).collect();
+    let calls: Vec<(&[u32], &Hooks)> = prompts.iter().zip(&hooks).map(|(p, h)| (&p.ids[..], h)).collect();
+    let mut readings = Vec::with_capacity(prompts.len());
+    for captures in engine.model.read_prompts(&calls).await? {
+        readings.push(reading(sae, &captures)?);
+    }
+    Ok(readings)
+}
+
+/// One prompt's reading from its captures: the residual at the last prompt token, and the SAE's activations
+/// averaged over the read positions.
+fn reading(sae: Option<&Sae>, captures: &[Capture]) -> Result<Reading, EngineError> {
     let last = captures.last().ok_or_else(|| EngineError::InvalidRequest("no activation was read".into()))?;
     let mut latents = Vec::new();
     if let Some(sae) = sae {
         let mut dense = vec![0f32; sae.info.d_sae];
-        for c in &captures {
+        for c in captures {
             for (j, a) in sae.encode_sparse(&c.values) {
                 dense[j as usize] += a / captures.len() as f32;
             }
@@ -273,13 +292,22 @@ where
     let contents: Vec<&str> = data::discovery_contents().into_iter().take(options.contents.max(1)).collect();
     let mut contrast = Contrast { positives: Vec::new(), negatives: Vec::new() };
     let phase = "reading the prompts with and without the instruction";
-    for (i, content) in contents.iter().enumerate() {
-        report(progress, phase, i, contents.len()).await?;
-        let phrasing = instruction.phrasing_for(i, &options.keyword);
-        let with = data::prompt(engine, content, Some(&phrasing), options.placement, style)?;
-        let without = data::prompt(engine, content, None, options.placement, style)?;
-        contrast.positives.push(read(engine, sae, layer, &with, options.read_at).await?);
-        contrast.negatives.push(read(engine, sae, layer, &without, options.read_at).await?);
+    // A batch of contents at a time: each content's prompt with the instruction, then without.
+    for (b, batch) in contents.chunks(READ_CONTENTS).enumerate() {
+        let first = b * READ_CONTENTS;
+        report(progress, phase, first, contents.len()).await?;
+        let mut prompts = Vec::with_capacity(2 * batch.len());
+        for (i, content) in batch.iter().enumerate() {
+            let phrasing = instruction.phrasing_for(first + i, &options.keyword);
+            prompts.push(data::prompt(engine, content, Some(&phrasing), options.placement, style)?);
+            prompts.push(data::prompt(engine, content, None, options.placement, style)?);
+        }
+        let readings = read(engine, sae, layer, &prompts, options.read_at).await?;
+        let mut readings = readings.into_iter();
+        while let (Some(with), Some(without)) = (readings.next(), readings.next()) {
+            contrast.positives.push(with);
+            contrast.negatives.push(without);
+        }
     }
     report(progress, phase, contents.len(), contents.len()).await?;
     Ok(contrast)

@@ -109,6 +109,9 @@ impl Sequence {
 /// Sequences one batched call may hold.
 const MAX_SEQUENCES: usize = 64;
 
+/// Prompts `read_prompts` reads in one pass.
+const READ_BATCH: usize = 16;
+
 /// The token embedding, kept quantized: rows are dequantized on lookup (the 270M table is 671 MB in f32).
 struct Embedding(QuantMatrix);
 
@@ -652,7 +655,44 @@ impl LanguageModel for CpuModel {
         Box::pin(std::future::ready(out.map(|mut out| out.pop().expect("one output per call").captures)))
     }
 
+    fn read_prompts<'a>(
+        &'a mut self,
+        prompts: &'a [(&'a [u32], &'a Hooks)],
+    ) -> LocalBoxFuture<'a, Result<Vec<Vec<Capture>>>> {
+        Box::pin(std::future::ready(self.read_prompts_sync(prompts)))
+    }
+
     fn backend_name(&self) -> String {
         "cpu".into()
+    }
+}
+
+impl CpuModel {
+    /// `read_prompts`: the prompts as sequences of one pass, `READ_BATCH` at a time, each weight band decoded once
+    /// for all of them (discovery reads twice as fast). The products take the prompt form, as `read_prompt` does,
+    /// which gives a row the same numbers among any rows from five on (`quant::band_product`); shorter prompts
+    /// are read alone, so every prompt gets exactly what `read_prompt` gives it (tests/hooks.rs).
+    fn read_prompts_sync(&mut self, prompts: &[(&[u32], &Hooks)]) -> Result<Vec<Vec<Capture>>> {
+        let mut all: Vec<Option<Vec<Capture>>> = vec![None; prompts.len()];
+        let (long, short): (Vec<usize>, Vec<usize>) = (0..prompts.len()).partition(|&i| prompts[i].0.len() > 4);
+        let groups = long.chunks(READ_BATCH).map(<[usize]>::to_vec).chain(short.into_iter().map(|i| vec![i]));
+        for group in groups {
+            let calls: Vec<BatchCall> = group
+                .iter()
+                .enumerate()
+                .map(|(sequence, &i)| {
+                    let (tokens, hooks) = prompts[i];
+                    BatchCall { sequence, tokens, segment: Segment::Prompt, hooks }
+                })
+                .collect();
+            let reset = |model: &mut Self| (0..calls.len()).for_each(|s| model.reset_sequence(s));
+            reset(self);
+            let out = self.run_calls(&calls, None, false);
+            reset(self);
+            for (&i, output) in group.iter().zip(out?) {
+                all[i] = Some(output.captures);
+            }
+        }
+        Ok(all.into_iter().map(|c| c.expect("every prompt read")).collect())
     }
 }

@@ -124,6 +124,22 @@ pub trait LanguageModel {
         })
     }
 
+    /// `read_prompt` of several prompts, each with its own hooks: one list of captures per prompt, each equal to
+    /// what `read_prompt` gives that prompt alone. A backend with batching reads them together (the CPU does, as
+    /// sequences 0..n of one pass, which it resets before and after); the others read them one by one.
+    fn read_prompts<'a>(
+        &'a mut self,
+        prompts: &'a [(&'a [u32], &'a Hooks)],
+    ) -> LocalBoxFuture<'a, Result<Vec<Vec<Capture>>>> {
+        Box::pin(async move {
+            let mut all = Vec::with_capacity(prompts.len());
+            for &(tokens, hooks) in prompts {
+                all.push(self.read_prompt(tokens, hooks).await?);
+            }
+            Ok(all)
+        })
+    }
+
     /// The final norm and unembedding, where the backend keeps them on the CPU (both backends do).
     fn readout(&self) -> Option<Readout> {
         None

@@ -204,27 +204,28 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
         true => x.chunks_exact(k).map(int8::quantize).collect(),
         false => Vec::new(),
     };
-    // A few bands per thread and matrix balance the load; more only add scheduling.
-    let per_band: Vec<usize> =
-        jobs.iter().map(|(q, _)| ROWS_PER_TASK.max(q.rows.div_ceil(4 * rayon::current_num_threads()))).collect();
-    let tasks: Vec<(usize, usize)> = (0..jobs.len())
+    // A few bands per thread and matrix balance the load; more only add scheduling. The rows are shared out
+    // evenly, so that no band is shorter than `ROWS_PER_TASK` (in the prompt form, a short band with few
+    // activation rows would take gemm's small-product kernel, whose sums run in another order).
+    let tasks: Vec<(usize, usize, usize)> = (0..jobs.len())
         .flat_map(|j| {
-            let per = per_band[j];
-            (0..jobs[j].0.rows.div_ceil(per)).map(move |band| (j, band * per))
+            let rows = jobs[j].0.rows;
+            let per = ROWS_PER_TASK.max(rows.div_ceil(4 * rayon::current_num_threads()));
+            let bands = (rows / per).max(1);
+            (0..bands).map(move |b| (j, b * rows / bands, (b + 1) * rows / bands - b * rows / bands))
         })
         .collect();
-    let count = |j: usize, first: usize| per_band[j].min(jobs[j].0.rows - first);
     let bands: Vec<Vec<f32>> = tasks
         .par_iter()
-        .map(|&(j, first)| {
+        .map(|&(j, first, count)| {
             let (q, form) = jobs[j];
-            let rows = &raws[j][first * q.row_bytes()..(first + count(j, first)) * q.row_bytes()];
-            q.band(rows, x, m, &rounded, form, count(j, first))
+            let rows = &raws[j][first * q.row_bytes()..(first + count) * q.row_bytes()];
+            q.band(rows, x, m, &rounded, form, count)
         })
         .collect();
     let mut outs: Vec<Vec<f32>> = jobs.iter().map(|(q, _)| vec![0f32; m * q.rows]).collect();
-    for (&(j, first), values) in tasks.iter().zip(&bands) {
-        let (n, count) = (jobs[j].0.rows, count(j, first));
+    for (&(j, first, count), values) in tasks.iter().zip(&bands) {
+        let n = jobs[j].0.rows;
         for i in 0..m {
             outs[j][i * n + first..i * n + first + count].copy_from_slice(&values[i * count..(i + 1) * count]);
         }
@@ -245,35 +246,51 @@ enum Form {
     Int8,
 }
 
+/// The longest run of columns one `gemm` call sums (see `band_product`).
+const GEMM_DEPTH: usize = 512;
+
 /// `out[i][r] = sum_c x[i][c] * w[r][c]` for `x` of `m x k`, `w` of `count x k` and `out` of `m x count`, all
 /// row-major: a plain f32 matrix product, handed to the `gemm` crate (cache-blocked SIMD kernels; the parallelism
 /// is across bands, so none inside).
+///
+/// The columns are summed in equal runs of at most `GEMM_DEPTH`, one `gemm` call each, the later ones added to
+/// `out`. `gemm` splits a long sum into runs of its own, of a length that depends on the shape (512 for small
+/// products, cache-derived otherwise), so that a row's numbers changed with the number of rows beside it; with
+/// runs this short it never splits. With bands of at least `ROWS_PER_TASK` rows (`products`), gemm's horizontal
+/// kernel (products of at most 256 values) is not used either, so every row's value is the same in any batch of
+/// more than four rows: batched prompt reads (`LanguageModel::read_prompts`) rely on it (test
+/// `band_rows_do_not_depend_on_the_batch`).
 fn band_product(x: &[f32], w: &[f32], m: usize, k: usize, count: usize, out: &mut [f32]) {
     assert!(x.len() == m * k && w.len() == count * k && out.len() == m * count);
-    // SAFETY: the three buffers have the sizes asserted above, and the strides below stay inside them:
-    // dst (i, r) at i * count + r; lhs (i, c) at i * k + c; rhs (c, r) = w[r][c] at r * k + c.
-    unsafe {
-        gemm::gemm(
-            m,
-            count,
-            k,
-            out.as_mut_ptr(),
-            1,
-            count as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
+    let depth = k.div_ceil(k.div_ceil(GEMM_DEPTH).max(1)).max(1);
+    for (run, c0) in (0..k).step_by(depth).enumerate() {
+        let width = depth.min(k - c0);
+        // SAFETY: the three buffers have the sizes asserted above, and the strides below stay inside them:
+        // dst (i, r) at i * count + r; lhs (i, c) at i * k + c0 + c; rhs (c, r) = w[r][c0 + c] at r * k + c0 + c,
+        // for c < width <= k - c0.
+        unsafe {
+            gemm::gemm(
+                m,
+                count,
+                width,
+                out.as_mut_ptr(),
+                1,
+                count as isize,
+                run > 0,
+                x.as_ptr().add(c0),
+                1,
+                k as isize,
+                w.as_ptr().add(c0),
+                k as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
     }
 }
 
@@ -504,5 +521,24 @@ mod tests {
         let a: Vec<f32> = (0..37).map(|i| i as f32).collect();
         let b = vec![2.0f32; 37];
         assert_eq!(dot(&a, &b), (0..37).map(|i| 2.0 * i as f32).sum::<f32>());
+    }
+
+    /// The prompt form (`matmul` of more than two rows: a decoded band and `gemm`) gives each row the same
+    /// numbers whatever rows share the product, from five rows on. Before, a row of a 256-row matrix (64-row
+    /// bands: gemm's small-product path, which split the 640 columns 512 + 128) changed once 65 rows shared it,
+    /// and the last, shorter band of a 300-row matrix took gemm's horizontal kernel with five rows.
+    #[test]
+    fn band_rows_do_not_depend_on_the_batch() {
+        for (n, k) in [(256, 640), (640, 576), (300, 1536), (64, 2048)] {
+            let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1).collect();
+            let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+            let qm = QuantMatrix::new("w", Arc::new(QTensor::quantize(&wt, GgmlDType::Q8_0).unwrap())).unwrap();
+            let x: Vec<f32> = (0..150 * k).map(|i| (i * 104729 % 997) as f32 / 498.5 - 1.0).collect();
+            let all = qm.matmul(&x).unwrap();
+            for m in [5, 8, 35, 64, 65, 100] {
+                let part = qm.matmul(&x[..m * k]).unwrap();
+                assert_eq!(part, all[..m * n], "{n}x{k}: the first {m} rows alone and among 150");
+            }
+        }
     }
 }
