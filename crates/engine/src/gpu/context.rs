@@ -78,8 +78,18 @@ impl Gpu {
                 f.get_or_insert(format!("GPU error: {error}"));
             }
         }));
-        let matmul_form = MatmulForm::for_adapter(&info);
-        let gpu = Self { device, queue, info, limits, matmul_form, failure, allocated: std::cell::Cell::new(0) };
+        let gpu = Self {
+            device,
+            queue,
+            info,
+            limits,
+            matmul_form: MatmulForm::Cooperative,
+            failure,
+            allocated: std::cell::Cell::new(0),
+        };
+        // A thread per row on adapters that are CPU programs, rows shared by 16 threads on GPUs.
+        let form = if gpu.runs_on_cpu() { MatmulForm::PerRow } else { MatmulForm::Cooperative };
+        let gpu = gpu.with_matmul_form(form);
         // Natively, SAIF_GPU_MATMUL=per-row|cooperative overrides the adapter's form (to compare them on one GPU).
         #[cfg(not(target_arch = "wasm32"))]
         if let Ok(name) = std::env::var("SAIF_GPU_MATMUL") {

@@ -260,15 +260,6 @@ pub enum MatmulForm {
 }
 
 impl MatmulForm {
-    /// The form an adapter gets by default.
-    pub fn for_adapter(info: &wgpu::AdapterInfo) -> Self {
-        if info.device_type == wgpu::DeviceType::Cpu {
-            Self::PerRow
-        } else {
-            Self::Cooperative
-        }
-    }
-
     /// `per-row` or `cooperative`.
     pub fn parse(name: &str) -> Result<Self> {
         match name {

@@ -36,7 +36,7 @@ use crate::config::{rope_cos_sin, Activation, ModelConfig, RopeLayout};
 use crate::error::{EngineError, Result, TensorContext};
 use crate::gguf::GgufFile;
 use crate::hooks::{Capture, Hooks, Segment};
-use crate::quant::QuantMatrix;
+use crate::quant::{QuantMatrix, BATCH_INVARIANT_ROWS};
 
 /// Choices made when loading, not stored in the file.
 #[derive(Debug, Clone, Default)]
@@ -648,11 +648,8 @@ impl LanguageModel for CpuModel {
     }
 
     fn read_prompt<'a>(&'a mut self, tokens: &'a [u32], hooks: &'a Hooks) -> LocalBoxFuture<'a, Result<Vec<Capture>>> {
-        self.reset();
-        let call = BatchCall { sequence: 0, tokens, segment: Segment::Prompt, hooks };
-        let out = self.run_calls(&[call], None, false);
-        self.reset();
-        Box::pin(std::future::ready(out.map(|mut out| out.pop().expect("one output per call").captures)))
+        let out = self.read_prompts_sync(&[(tokens, hooks)]);
+        Box::pin(std::future::ready(out.map(|mut all| all.pop().expect("one list per prompt"))))
     }
 
     fn read_prompts<'a>(
@@ -668,13 +665,14 @@ impl LanguageModel for CpuModel {
 }
 
 impl CpuModel {
-    /// `read_prompts`: the prompts as sequences of one pass, `READ_BATCH` at a time, each weight band decoded once
-    /// for all of them (discovery reads twice as fast). The products take the prompt form, as `read_prompt` does,
-    /// which gives a row the same numbers among any rows from five on (`quant::band_product`); shorter prompts
-    /// are read alone, so every prompt gets exactly what `read_prompt` gives it (tests/hooks.rs).
+    /// `read_prompts` (and `read_prompt`, a list of one): the prompts as sequences of one pass, `READ_BATCH` at a
+    /// time, each weight band decoded once for all of them (discovery reads twice as fast). The products take the
+    /// prompt form, which gives a row the same numbers among any rows from `BATCH_INVARIANT_ROWS` on; shorter
+    /// prompts are read alone, so every prompt gets exactly what it gets alone (tests/hooks.rs).
     fn read_prompts_sync(&mut self, prompts: &[(&[u32], &Hooks)]) -> Result<Vec<Vec<Capture>>> {
         let mut all: Vec<Option<Vec<Capture>>> = vec![None; prompts.len()];
-        let (long, short): (Vec<usize>, Vec<usize>) = (0..prompts.len()).partition(|&i| prompts[i].0.len() > 4);
+        let (long, short): (Vec<usize>, Vec<usize>) =
+            (0..prompts.len()).partition(|&i| prompts[i].0.len() >= BATCH_INVARIANT_ROWS);
         let groups = long.chunks(READ_BATCH).map(<[usize]>::to_vec).chain(short.into_iter().map(|i| vec![i]));
         for group in groups {
             let calls: Vec<BatchCall> = group

@@ -39,6 +39,10 @@ const ROWS_PER_TASK: usize = 64;
 /// Up to this many activation rows, blocks are decoded inside each dot product rather than once per band.
 const FUSED_MAX_ROWS: usize = 2;
 
+/// From this many activation rows on, `matmul` gives each row the same numbers whatever rows share the product
+/// (`band_product`); with fewer, the fused form or `gemm`'s small kernels sum in another order.
+pub const BATCH_INVARIANT_ROWS: usize = 5;
+
 impl QuantMatrix {
     pub fn new(name: &str, tensor: Arc<QTensor>) -> Result<Self> {
         let dims = tensor.shape().dims().to_vec();
@@ -258,7 +262,7 @@ const GEMM_DEPTH: usize = 512;
 /// products, cache-derived otherwise), so that a row's numbers changed with the number of rows beside it; with
 /// runs this short it never splits. With bands of at least `ROWS_PER_TASK` rows (`products`), gemm's horizontal
 /// kernel (products of at most 256 values) is not used either, so every row's value is the same in any batch of
-/// more than four rows: batched prompt reads (`LanguageModel::read_prompts`) rely on it (test
+/// `BATCH_INVARIANT_ROWS` rows or more: batched prompt reads (`LanguageModel::read_prompts`) rely on it (test
 /// `band_rows_do_not_depend_on_the_batch`).
 fn band_product(x: &[f32], w: &[f32], m: usize, k: usize, count: usize, out: &mut [f32]) {
     assert!(x.len() == m * k && w.len() == count * k && out.len() == m * count);
@@ -535,7 +539,7 @@ mod tests {
             let qm = QuantMatrix::new("w", Arc::new(QTensor::quantize(&wt, GgmlDType::Q8_0).unwrap())).unwrap();
             let x: Vec<f32> = (0..150 * k).map(|i| (i * 104729 % 997) as f32 / 498.5 - 1.0).collect();
             let all = qm.matmul(&x).unwrap();
-            for m in [5, 8, 35, 64, 65, 100] {
+            for m in [BATCH_INVARIANT_ROWS, 8, 35, 64, 65, 100] {
                 let part = qm.matmul(&x[..m * k]).unwrap();
                 assert_eq!(part, all[..m * n], "{n}x{k}: the first {m} rows alone and among 150");
             }
