@@ -39,8 +39,15 @@ fn rms_norms_match_cpu() {
 }
 
 #[test]
-fn rope_matches_cpu_in_both_layouts() {
-    block_on(gpu_cases::rope_matches_cpu_in_both_layouts(&gpu()));
+fn head_preparation_matches_cpu() {
+    block_on(gpu_cases::head_preparation_matches_cpu(&gpu()));
+}
+
+/// Residual adds and gated MLPs in the products' epilogues, in both forms (the lanes reduce the up rows too).
+#[test]
+fn fused_products_match_cpu() {
+    block_on(gpu_cases::fused_products_match_cpu(&gpu().with_matmul_form(MatmulForm::PerRow)));
+    block_on(gpu_cases::fused_products_match_cpu(&gpu().with_matmul_form(MatmulForm::Cooperative)));
 }
 
 #[test]

@@ -124,8 +124,14 @@ async fn webgpu_rms_norms_match_cpu() {
 }
 
 #[wasm_bindgen_test]
-async fn webgpu_rope_matches_cpu_in_both_layouts() {
-    gpu_cases::rope_matches_cpu_in_both_layouts(&gpu().await).await;
+async fn webgpu_head_preparation_matches_cpu() {
+    gpu_cases::head_preparation_matches_cpu(&gpu().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn webgpu_fused_products_match_cpu() {
+    gpu_cases::fused_products_match_cpu(&gpu().await.with_matmul_form(MatmulForm::PerRow)).await;
+    gpu_cases::fused_products_match_cpu(&gpu().await.with_matmul_form(MatmulForm::Cooperative)).await;
 }
 
 #[wasm_bindgen_test]

@@ -1,7 +1,9 @@
 //! The WGSL kernels (one family per `.wgsl` file in `kernels/`), compiled into pipelines with explicit bind group
 //! layouts, and the uniform parameter blocks they read (`#[repr(C)]` twins of the WGSL structs).
 
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use bytemuck::{Pod, Zeroable};
 use candle_core::quantized::GgmlDType;
@@ -14,7 +16,7 @@ const QUANT: &str = include_str!("kernels/quant.wgsl");
 const MATMUL: &str = include_str!("kernels/matmul.wgsl");
 const EMBED: &str = include_str!("kernels/embed.wgsl");
 const RMSNORM: &str = include_str!("kernels/rmsnorm.wgsl");
-const ROPE: &str = include_str!("kernels/rope.wgsl");
+const HEADS: &str = include_str!("kernels/heads.wgsl");
 const ATTENTION: &str = include_str!("kernels/attention.wgsl");
 const ELEMENTWISE: &str = include_str!("kernels/elementwise.wgsl");
 const SELECT: &str = include_str!("kernels/select.wgsl");
@@ -162,16 +164,75 @@ fn with_decoder(source: &str, dtype: GgmlDType) -> Result<String> {
 
 use Slot::{Read as R, Uniform as U, Write as W};
 
-/// Every pipeline the model needs, built once per device (the quantized ones per type present in the file).
+/// What a matrix product does with each finished sum (matmul.wgsl's EPILOGUE), so that the step after it needs
+/// no dispatch of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Epilogue {
+    /// Y = W x.
+    Store,
+    /// Y += W x: a residual add.
+    Accumulate,
+    /// Y = act(W_gate x) * (W_up x), with W holding the gate's rows and then the up product's rows.
+    Glu(GluActivation),
+}
+
+/// The gate's activation in a gated MLP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum GluActivation {
+    /// Gemma's GeGLU (the tanh form of GELU).
+    Gelu,
+    /// Llama's SwiGLU.
+    Silu,
+}
+
+impl Epilogue {
+    /// The shader's EPILOGUE constant.
+    fn constant(self) -> f64 {
+        match self {
+            Self::Store => 0.0,
+            Self::Accumulate => 1.0,
+            Self::Glu(GluActivation::Gelu) => 2.0,
+            Self::Glu(GluActivation::Silu) => 3.0,
+        }
+    }
+
+    /// Rows of W per output row.
+    pub fn weight_rows_per_output(self) -> usize {
+        match self {
+            Self::Glu(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+/// One matrix product's two pipelines, sharing a bind group layout: one token per workgroup (decoding) and
+/// PREFILL_TILE tokens per workgroup (prompts).
+pub struct MatmulKernels {
+    one: Kernel,
+    tiled: Kernel,
+}
+
+impl MatmulKernels {
+    pub fn pick(&self, tiled: bool) -> &Kernel {
+        if tiled {
+            &self.tiled
+        } else {
+            &self.one
+        }
+    }
+}
+
+/// Every pipeline the model needs, built once per device. The matrix products, one pair per weight type and
+/// epilogue, are built on first use, so that a model only compiles the variants it dispatches.
 pub struct Kernels {
-    /// Per weight type: (one token per workgroup, PREFILL_TILE tokens per workgroup).
-    matmul: HashMap<GgmlDType, (Kernel, Kernel)>,
+    matmul: RefCell<HashMap<(GgmlDType, Epilogue), Rc<MatmulKernels>>>,
+    /// Threads sharing a row of a product on this device.
+    lanes: u32,
     embed: HashMap<GgmlDType, Kernel>,
     pub norm: Kernel,
     pub norm_add: Kernel,
-    pub norm_inplace: Kernel,
-    pub rope_inplace: Kernel,
-    pub rope_to: Kernel,
+    pub norm_add_norm: Kernel,
+    pub prepare_heads: Kernel,
     pub attention: Kernel,
     pub glu_gelu: Kernel,
     pub glu_silu: Kernel,
@@ -183,34 +244,27 @@ pub struct Kernels {
 }
 
 impl Kernels {
-    /// Builds the pipelines; `types` are the weight types the matrix products and the embedding will read.
+    /// Builds the pipelines; `types` are the weight types the embedding lookup may read.
     pub fn new(gpu: &Gpu, types: &[GgmlDType]) -> Result<Self> {
-        let mut matmul = HashMap::new();
         let mut embed = HashMap::new();
         for &t in types {
-            if matmul.contains_key(&t) {
+            if embed.contains_key(&t) {
                 continue;
             }
-            let source = with_decoder(MATMUL, t)?;
-            let slots = [(0, R), (1, R), (2, W), (3, U), (4, U)];
-            let lanes = matmul_lanes(gpu) as f64;
-            let one = build(gpu, &format!("matmul {t:?}"), &source, "main", &slots, &[("TILE", 1.0), ("LANES", lanes)]);
-            let name = format!("matmul {t:?} x{PREFILL_TILE}");
-            let tiles = [("TILE", PREFILL_TILE as f64), ("LANES", lanes)];
-            let tile = build_with_layout(gpu, &name, &source, "main", one.layout.clone(), &slots, &tiles);
-            matmul.insert(t, (one, tile));
             let source = with_decoder(EMBED, t)?;
+            let slots = [(0, R), (1, R), (2, W), (3, U), (4, U)];
             embed.insert(t, build(gpu, &format!("embed {t:?}"), &source, "main", &slots, &[]));
         }
         let norm_slots = [(0, R), (1, W), (2, R), (3, U), (4, U)];
-        let rope_to_slots = [(0, R), (1, W), (2, R), (3, R), (4, U), (5, U)];
+        // Buffers first, then the parameters, as every other kernel binds them.
+        let norm_twice_slots = [(0, R), (1, W), (2, R), (5, W), (6, R), (3, U), (4, U)];
+        let heads_slots = [(0, R), (1, W), (2, W), (3, W), (4, R), (5, R), (6, R), (7, U), (8, U)];
         let ew = [(0, R), (1, W), (2, U), (3, U)];
         let kernels = Self {
             norm: build(gpu, "norm", RMSNORM, "norm", &norm_slots, &[]),
             norm_add: build(gpu, "norm_add", RMSNORM, "norm_add", &norm_slots, &[]),
-            norm_inplace: build(gpu, "norm_inplace", RMSNORM, "norm_inplace", &[(1, W), (2, R), (3, U), (4, U)], &[]),
-            rope_inplace: build(gpu, "rope_inplace", ROPE, "rope_inplace", &rope_to_slots[1..], &[]),
-            rope_to: build(gpu, "rope_to", ROPE, "rope_to", &rope_to_slots, &[]),
+            norm_add_norm: build(gpu, "norm_add_norm", RMSNORM, "norm_add_norm", &norm_twice_slots, &[]),
+            prepare_heads: build(gpu, "prepare_heads", HEADS, "prepare_heads", &heads_slots, &[]),
             attention: build(
                 gpu,
                 "attention",
@@ -226,21 +280,35 @@ impl Kernels {
             softcap: build(gpu, "softcap", ELEMENTWISE, "softcap", &ew[1..], &[]),
             select: build(gpu, "select", SELECT, "main", &[(0, R), (1, W), (2, U)], &[]),
             set_projection: build(gpu, "set_projection", PROJECT, "set_projection", &ew, &[]),
-            matmul,
+            matmul: RefCell::new(HashMap::new()),
+            lanes: matmul_lanes(gpu),
             embed,
         };
         gpu.check()?;
         Ok(kernels)
     }
 
-    /// The matrix product for `dtype`: tiled for prompts, one token per workgroup otherwise.
-    pub fn matmul(&self, dtype: GgmlDType, tiled: bool) -> &Kernel {
-        let pair = &self.matmul[&dtype];
-        if tiled {
-            &pair.1
-        } else {
-            &pair.0
+    /// The matrix product of `dtype` weights with `epilogue`, built on first use.
+    pub fn matmul(&self, gpu: &Gpu, dtype: GgmlDType, epilogue: Epilogue) -> Result<Rc<MatmulKernels>> {
+        if let Some(built) = self.matmul.borrow().get(&(dtype, epilogue)) {
+            return Ok(built.clone());
         }
+        let source = with_decoder(MATMUL, dtype)?;
+        let slots = [(0, R), (1, R), (2, W), (3, U), (4, U)];
+        let lanes = self.lanes as f64;
+        let e = epilogue.constant();
+        let name = match epilogue {
+            Epilogue::Store => format!("matmul {dtype:?}"),
+            other => format!("matmul {dtype:?} {other:?}"),
+        };
+        let one = build(gpu, &name, &source, "main", &slots, &[("TILE", 1.0), ("LANES", lanes), ("EPILOGUE", e)]);
+        let tiles = [("TILE", PREFILL_TILE as f64), ("LANES", lanes), ("EPILOGUE", e)];
+        let name = format!("{name} x{PREFILL_TILE}");
+        let tiled = build_with_layout(gpu, &name, &source, "main", one.layout.clone(), &slots, &tiles);
+        gpu.check()?;
+        let built = Rc::new(MatmulKernels { one, tiled });
+        self.matmul.borrow_mut().insert((dtype, epilogue), built.clone());
+        Ok(built)
     }
 
     pub fn embed(&self, dtype: GgmlDType) -> &Kernel {
@@ -332,13 +400,17 @@ pub struct NormParams {
     pub eps: f32,
 }
 
+/// Twin of heads.wgsl's `Params`.
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable, Debug, Default)]
-pub struct RopeParams {
+pub struct HeadsParams {
     pub heads: u32,
+    pub kv_heads: u32,
     pub head_dim: u32,
     pub interleaved: u32,
-    pub pad: u32,
+    pub qk_norm: u32,
+    pub eps: f32,
+    pub pad: [u32; 2],
 }
 
 #[repr(C)]

@@ -2,17 +2,23 @@
 //! (pipelines, bind groups and parameter blocks are never recreated), recorded into one command encoder per
 //! forward call. Only the call's size (tokens, position) is written per call; decoding reads back one token id.
 //!
-//! Per layer (Gemma-only steps marked):
-//!   norm h -> a | q = a Wq; k = a Wk; V[pos] = a Wv | q_norm, k_norm (Gemma 3) | rope q; K[pos] = rope k |
-//!   attention -> attn | o = attn Wo | h += post_norm(o) (Gemma) or h += o | norm h -> a | g = a Wg; u = a Wu |
-//!   g = act(g) u | o = g Wd | h += post_norm(o) or h += o | hooks on h
+//! Steps that follow one another are fused where a kernel can take the next step in its epilogue. Per layer
+//! (Gemma-only steps marked):
+//!   norm h -> a | qkv = a [Wq; Wk; Wv] (one product per run of equal weight types) |
+//!   heads: q_norm/k_norm (Gemma 3), RoPE, q -> Q, k -> K[pos], v -> V[pos] | attention -> attn |
+//!   Llama: h += attn Wo                  Gemma: o = attn Wo; h += post_norm(o); a = norm(h)
+//!   Llama: a = norm h |
+//!   g = act(a Wg) * (a Wu) (one product over the stacked gate and up rows) |
+//!   Llama: h += g Wd                     Gemma: o = g Wd; h += post_norm(o) |
+//!   hooks on h
 //! then the final norm, the LM head (rows split over several buffers where needed), Gemma 2's softcap, and the
-//! token selection.
+//! token selection. SmolLM2 takes 8 dispatches a layer (15 before the fusion), Gemma 3 9 or 10 (17 before).
 
 use std::io::{Read, Seek};
 use std::rc::Rc;
 
 use bytemuck::Pod;
+use candle_core::quantized::QTensor;
 use candle_core::Device;
 
 use super::context::Gpu;
@@ -104,8 +110,9 @@ struct Scratch {
     tokens: wgpu::Buffer,
     h: wgpu::Buffer,
     a: wgpu::Buffer,
+    /// The fused q|k|v product's output, per token.
+    qkv: wgpu::Buffer,
     q: wgpu::Buffer,
-    k: wgpu::Buffer,
     attn: wgpu::Buffer,
     o: wgpu::Buffer,
     g: wgpu::Buffer,
@@ -158,6 +165,113 @@ struct HeadWeights {
     lm_head: Rc<GpuMatrix>,
 }
 
+/// The MLP's gate and up matrices: stacked by rows for one gated product, or apart where they cannot be.
+enum GateUp {
+    Stacked(GpuMatrix),
+    Apart(GpuMatrix, GpuMatrix),
+}
+
+/// Where a matrix product writes: input row t's outputs start at `(t + S.start if at_position) * stride + col`.
+#[derive(Clone, Copy)]
+struct Output {
+    stride: usize,
+    col: usize,
+    /// Rows at the call's positions (the KV cache), not from 0.
+    at_position: bool,
+    /// Only the last input row (the LM head while generating).
+    last_only: bool,
+}
+
+impl Output {
+    /// Output rows of `stride` values from column 0, one per input row.
+    fn rows(stride: usize) -> Self {
+        Self { stride, col: 0, at_position: false, last_only: false }
+    }
+}
+
+/// The dispatches of one matrix product `y = epilogue(m x)`, one per buffer of `m`'s rows. `label` prefixes the
+/// kernel's name in profiles.
+#[allow(clippy::too_many_arguments)]
+fn product_ops(
+    gpu: &Gpu,
+    kernels: &Kernels,
+    step: &wgpu::Buffer,
+    m: &GpuMatrix,
+    x: &wgpu::Buffer,
+    y: &wgpu::Buffer,
+    out: Output,
+    epilogue: Epilogue,
+    label: &str,
+) -> Result<Vec<Op>> {
+    let pair = kernels.matmul(gpu, m.dtype, epilogue)?;
+    let per_output = epilogue.weight_rows_per_output();
+    if per_output > 1 && m.parts.len() != 1 {
+        return Err(EngineError::Gpu(format!("{}: a gated product's rows must be in one buffer", m.name)));
+    }
+    let per_group = matmul_rows_per_group(gpu);
+    let ops = m
+        .parts
+        .iter()
+        .map(|part| {
+            let rows = (part.rows / per_output) as u32;
+            let (groups_x, _) = split_groups(rows.div_ceil(per_group));
+            let params = MatmulParams {
+                rows,
+                cols: m.cols as u32,
+                row_bytes: m.row_bytes as u32,
+                out_stride: out.stride as u32,
+                out_col: (out.col + part.first_row) as u32,
+                at_position: out.at_position as u32,
+                last_only: out.last_only as u32,
+                groups_x,
+            };
+            let params = uniform(gpu, &m.name, &params);
+            let one = pair.pick(false);
+            Op {
+                name: format!("{label}{}", one.name),
+                pipeline: one.pipeline().clone(),
+                tiled: Some(pair.pick(true).pipeline().clone()),
+                bind: one.bind(gpu, &[&part.buffer, x, y, &params, step]),
+                grid: Grid::Matmul { rows, per_group, last_only: out.last_only },
+                _params: Some(params),
+            }
+        })
+        .collect();
+    Ok(ops)
+}
+
+/// A matrix's blocks on the GPU.
+fn upload_matrix(gpu: &Gpu, name: &str, q: &QTensor) -> Result<GpuMatrix> {
+    let (rows, cols) = q.shape().dims2().context(name)?;
+    GpuMatrix::upload(gpu, name, q.dtype(), rows, cols, &q.data().context(name)?)
+}
+
+/// Matrices with the same columns stacked by rows (the first's rows, then the second's, ...), so that one
+/// product computes them all: one GPU matrix per run of neighbours of the same type, with the stack row where
+/// the run starts.
+fn upload_stacked(gpu: &Gpu, matrices: &[(&str, &QTensor)]) -> Result<Vec<(GpuMatrix, usize)>> {
+    let mut runs = Vec::new();
+    let mut first_row = 0;
+    let mut i = 0;
+    while i < matrices.len() {
+        let dtype = matrices[i].1.dtype();
+        let run: Vec<_> = matrices[i..].iter().take_while(|m| m.1.dtype() == dtype).collect();
+        let name = run.iter().map(|m| m.0).collect::<Vec<_>>().join(" + ");
+        let (mut rows, mut bytes) = (0, Vec::new());
+        let mut cols = 0;
+        for (part_name, q) in &run {
+            let (r, c) = q.shape().dims2().context(part_name)?;
+            rows += r;
+            cols = c;
+            bytes.extend_from_slice(&q.data().context(part_name)?);
+        }
+        runs.push((GpuMatrix::upload(gpu, &name, dtype, rows, cols, &bytes)?, first_row));
+        first_row += rows;
+        i += run.len();
+    }
+    Ok(runs)
+}
+
 /// Reads tensors from the file and uploads them, with shape checks that name the tensor.
 struct Uploader<'a, R> {
     gpu: &'a Gpu,
@@ -166,13 +280,8 @@ struct Uploader<'a, R> {
 }
 
 impl<R: Read + Seek> Uploader<'_, R> {
-    /// A weight matrix, raw blocks as stored.
-    fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<GpuMatrix> {
-        Ok(self.matrix_kept(name, rows, cols)?.0)
-    }
-
-    /// As `matrix`, also keeping the blocks on the CPU.
-    fn matrix_kept(&mut self, name: &str, rows: usize, cols: usize) -> Result<(GpuMatrix, QuantMatrix)> {
+    /// A weight matrix's blocks on the CPU, its shape checked.
+    fn tensor(&mut self, name: &str, rows: usize, cols: usize) -> Result<QTensor> {
         let q = self.gguf.tensor(self.reader, name)?;
         let dims = q.shape().dims().to_vec();
         if dims != [rows, cols] {
@@ -181,9 +290,18 @@ impl<R: Read + Seek> Uploader<'_, R> {
                 why: format!("expected [{rows}, {cols}], found {dims:?}"),
             });
         }
-        let data = q.data().context(name)?;
-        let gpu = GpuMatrix::upload(self.gpu, name, q.dtype(), rows, cols, &data)?;
-        drop(data);
+        Ok(q)
+    }
+
+    /// A weight matrix, raw blocks as stored.
+    fn matrix(&mut self, name: &str, rows: usize, cols: usize) -> Result<GpuMatrix> {
+        Ok(self.matrix_kept(name, rows, cols)?.0)
+    }
+
+    /// As `matrix`, also keeping the blocks on the CPU.
+    fn matrix_kept(&mut self, name: &str, rows: usize, cols: usize) -> Result<(GpuMatrix, QuantMatrix)> {
+        let q = self.tensor(name, rows, cols)?;
+        let gpu = upload_matrix(self.gpu, name, &q)?;
         Ok((gpu, QuantMatrix::new(name, std::sync::Arc::new(q))?))
     }
 
@@ -240,8 +358,9 @@ impl GpuModel {
 
         progress(0, total_parts);
         let mut ld = Uploader { gpu: &gpu, gguf, reader };
-        let types: Vec<_> = gguf.tensors().iter().map(|t| t.dtype).collect();
-        let kernels = Kernels::new(&gpu, &types)?;
+        let embedding_type: Vec<_> =
+            gguf.tensors().iter().filter(|t| t.name == "token_embd.weight").map(|t| t.dtype).collect();
+        let kernels = Kernels::new(&gpu, &embedding_type)?;
 
         let (embedding, embedding_cpu) = ld.matrix_kept("token_embd.weight", c.vocab_size, c.hidden)?;
         let embedding = Rc::new(embedding);
@@ -253,8 +372,8 @@ impl GpuModel {
             tokens: gpu.storage("tokens", t * 4),
             h: gpu.storage("h", t * c.hidden as u64 * f),
             a: gpu.storage("a", t * c.hidden as u64 * f),
+            qkv: gpu.storage("qkv", t * (c.q_dim() + 2 * c.kv_dim()) as u64 * f),
             q: gpu.storage("q", t * c.q_dim() as u64 * f),
-            k: gpu.storage("k", t * c.kv_dim() as u64 * f),
             attn: gpu.storage("attn", t * c.q_dim() as u64 * f),
             o: gpu.storage("o", t * c.hidden as u64 * f),
             g: gpu.storage("g", t * c.ffn_hidden as u64 * f),
@@ -302,44 +421,8 @@ impl GpuModel {
                 _params: params,
             }
         };
-        let matmul_ops = |m: &GpuMatrix,
-                          x: &wgpu::Buffer,
-                          y: &wgpu::Buffer,
-                          out_stride: usize,
-                          at_position: bool,
-                          last_only: bool|
-         -> Vec<Op> {
-            m.parts
-                .iter()
-                .map(|part| {
-                    let (groups_x, _) = split_groups((part.rows as u32).div_ceil(matmul_rows_per_group(&gpu)));
-                    let params = MatmulParams {
-                        rows: part.rows as u32,
-                        cols: m.cols as u32,
-                        row_bytes: m.row_bytes as u32,
-                        out_stride: out_stride as u32,
-                        out_col: part.first_row as u32,
-                        at_position: at_position as u32,
-                        last_only: last_only as u32,
-                        groups_x,
-                    };
-                    let params = uniform(&gpu, &m.name, &params);
-                    let one = k.matmul(m.dtype, false);
-                    let bind = one.bind(&gpu, &[&part.buffer, x, y, &params, &s.step]);
-                    Op {
-                        name: one.name.clone(),
-                        pipeline: one.pipeline().clone(),
-                        tiled: Some(k.matmul(m.dtype, true).pipeline().clone()),
-                        bind,
-                        grid: Grid::Matmul {
-                            rows: part.rows as u32,
-                            per_group: matmul_rows_per_group(&gpu),
-                            last_only,
-                        },
-                        _params: Some(params),
-                    }
-                })
-                .collect()
+        let product = |m: &GpuMatrix, x: &wgpu::Buffer, y: &wgpu::Buffer, out: Output, epilogue: Epilogue| {
+            product_ops(&gpu, k, &s.step, m, x, y, out, epilogue, "")
         };
         let norm_params = |width: usize, rows_per_token: usize, last_only: bool| {
             uniform(
@@ -385,140 +468,151 @@ impl GpuModel {
         let mut caches = Vec::with_capacity(c.n_layers);
         let mut layer_ops = Vec::with_capacity(c.n_layers);
         let gemma = c.architecture.has_post_norms();
+        let glu = match c.activation {
+            Activation::GeluTanh => GluActivation::Gelu,
+            Activation::Silu => GluActivation::Silu,
+        };
+        let qkv_width = c.q_dim() + 2 * c.kv_dim();
+        // Bound where a layer has no q and k norms (the kernel does not read it then).
+        let no_norms = gpu.storage("no q/k norms", 16);
         for i in 0..c.n_layers {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
             let cache = LayerCache {
                 k: gpu.storage("k cache", (max_context * c.kv_dim() * 4) as u64),
                 v: gpu.storage("v cache", (max_context * c.kv_dim() * 4) as u64),
             };
-            let wq = ld.matrix(&n("attn_q"), c.q_dim(), c.hidden)?;
-            let wk = ld.matrix(&n("attn_k"), c.kv_dim(), c.hidden)?;
-            let wv = ld.matrix(&n("attn_v"), c.kv_dim(), c.hidden)?;
+            let qkv = {
+                let q = ld.tensor(&n("attn_q"), c.q_dim(), c.hidden)?;
+                let k = ld.tensor(&n("attn_k"), c.kv_dim(), c.hidden)?;
+                let v = ld.tensor(&n("attn_v"), c.kv_dim(), c.hidden)?;
+                upload_stacked(&gpu, &[(&n("attn_q"), &q), (&n("attn_k"), &k), (&n("attn_v"), &v)])?
+            };
             let wo = ld.matrix(&n("attn_output"), c.hidden, c.q_dim())?;
-            let gate = ld.matrix(&n("ffn_gate"), c.ffn_hidden, c.hidden)?;
-            let up = ld.matrix(&n("ffn_up"), c.ffn_hidden, c.hidden)?;
+            let gate_up = {
+                let gate = ld.tensor(&n("ffn_gate"), c.ffn_hidden, c.hidden)?;
+                let up = ld.tensor(&n("ffn_up"), c.ffn_hidden, c.hidden)?;
+                let stacked = upload_stacked(&gpu, &[(&n("ffn_gate"), &gate), (&n("ffn_up"), &up)])?;
+                match <[_; 1]>::try_from(stacked) {
+                    Ok([(m, _)]) if m.parts.len() == 1 => GateUp::Stacked(m),
+                    // Different types, or too large for one buffer: two products and an activation step.
+                    _ => GateUp::Apart(
+                        upload_matrix(&gpu, &n("ffn_gate"), &gate)?,
+                        upload_matrix(&gpu, &n("ffn_up"), &up)?,
+                    ),
+                }
+            };
             let down = ld.matrix(&n("ffn_down"), c.hidden, c.ffn_hidden)?;
             let attn_norm = ld.vector(&n("attn_norm"), c.hidden)?;
             let ffn_norm = ld.vector(&n("ffn_norm"), c.hidden)?;
-
-            let mut ops = Vec::new();
-            ops.push(op(
-                &k.norm,
-                &[&s.h, &s.a, &attn_norm],
-                Some(norm_params(c.hidden, 1, false)),
-                Grid::Rows { per_token: 1, last_only: false },
-            ));
-            ops.extend(matmul_ops(&wq, &s.a, &s.q, c.q_dim(), false, false));
-            ops.extend(matmul_ops(&wk, &s.a, &s.k, c.kv_dim(), false, false));
-            ops.extend(matmul_ops(&wv, &s.a, &cache.v, c.kv_dim(), true, false));
-            if c.qk_norm {
-                let qn = ld.vector(&n("attn_q_norm"), c.head_dim)?;
-                let kn = ld.vector(&n("attn_k_norm"), c.head_dim)?;
-                ops.push(op(
-                    &k.norm_inplace,
-                    &[&s.q, &qn],
-                    Some(norm_params(c.head_dim, c.n_heads, false)),
-                    Grid::Rows { per_token: c.n_heads as u32, last_only: false },
-                ));
-                ops.push(op(
-                    &k.norm_inplace,
-                    &[&s.k, &kn],
-                    Some(norm_params(c.head_dim, c.n_kv_heads, false)),
-                    Grid::Rows { per_token: c.n_kv_heads as u32, last_only: false },
-                ));
-                vectors.extend([qn, kn]);
-            }
+            let post_attn = if gemma { Some(ld.vector(&n("post_attention_norm"), c.hidden)?) } else { None };
+            let post_ffn = if gemma { Some(ld.vector(&n("post_ffw_norm"), c.hidden)?) } else { None };
+            let qk_norms = if c.qk_norm {
+                let mut both = ld.values(&n("attn_q_norm"), c.head_dim)?;
+                both.extend(ld.values(&n("attn_k_norm"), c.head_dim)?);
+                Some(gpu.storage_with("q and k norms", bytemuck::cast_slice(&both)))
+            } else {
+                None
+            };
             let spec = c.layers[i];
             let (_, cos, sin) = rope_tables.iter().find(|r| r.0 == spec.rope_base).expect("a table per base");
-            let interleaved = (c.rope_layout == RopeLayout::Interleaved) as u32;
-            let rope_q = uniform(
-                &gpu,
-                "rope q",
-                &RopeParams { heads: c.n_heads as u32, head_dim: c.head_dim as u32, interleaved, pad: 0 },
-            );
+            let every_token = Grid::Rows { per_token: 1, last_only: false };
+
+            // Attention.
+            let mut ops =
+                vec![op(&k.norm, &[&s.h, &s.a, &attn_norm], Some(norm_params(c.hidden, 1, false)), every_token)];
+            for (m, first_row) in &qkv {
+                let out = Output { col: *first_row, ..Output::rows(qkv_width) };
+                ops.extend(product(m, &s.a, &s.qkv, out, Epilogue::Store)?);
+            }
+            let heads_params = HeadsParams {
+                heads: c.n_heads as u32,
+                kv_heads: c.n_kv_heads as u32,
+                head_dim: c.head_dim as u32,
+                interleaved: (c.rope_layout == RopeLayout::Interleaved) as u32,
+                qk_norm: c.qk_norm as u32,
+                eps: c.rms_eps,
+                pad: [0; 2],
+            };
             ops.push(op(
-                &k.rope_inplace,
-                &[&s.q, cos, sin],
-                Some(rope_q),
-                Grid::Threads { per_token: (c.q_dim() / 2) as u32 },
+                &k.prepare_heads,
+                &[&s.qkv, &s.q, &cache.k, &cache.v, qk_norms.as_ref().unwrap_or(&no_norms), cos, sin],
+                Some(uniform(&gpu, "heads", &heads_params)),
+                Grid::Rows { per_token: (c.n_heads + 2 * c.n_kv_heads) as u32, last_only: false },
             ));
-            let rope_k = uniform(
-                &gpu,
-                "rope k",
-                &RopeParams { heads: c.n_kv_heads as u32, head_dim: c.head_dim as u32, interleaved, pad: 0 },
-            );
-            ops.push(op(
-                &k.rope_to,
-                &[&s.k, &cache.k, cos, sin],
-                Some(rope_k),
-                Grid::Threads { per_token: (c.kv_dim() / 2) as u32 },
-            ));
-            let attn_params = uniform(
-                &gpu,
-                "attention",
-                &AttentionParams {
-                    heads: c.n_heads as u32,
-                    kv_heads: c.n_kv_heads as u32,
-                    head_dim: c.head_dim as u32,
-                    window: spec.window.unwrap_or(0) as u32,
-                    scale: c.attention_scale,
-                    softcap: c.attn_softcap.unwrap_or(0.0),
-                    pad: [0; 2],
-                },
-            );
+            let attn_params = AttentionParams {
+                heads: c.n_heads as u32,
+                kv_heads: c.n_kv_heads as u32,
+                head_dim: c.head_dim as u32,
+                window: spec.window.unwrap_or(0) as u32,
+                scale: c.attention_scale,
+                softcap: c.attn_softcap.unwrap_or(0.0),
+                pad: [0; 2],
+            };
             ops.push(op(
                 &k.attention,
                 &[&s.q, &cache.k, &cache.v, &s.attn],
-                Some(attn_params),
+                Some(uniform(&gpu, "attention", &attn_params)),
                 Grid::Attention { heads: c.n_heads as u32 },
             ));
-            ops.extend(matmul_ops(&wo, &s.attn, &s.o, c.hidden, false, false));
-            let residual = |ops: &mut Vec<Op>, norm: Option<&wgpu::Buffer>| match norm {
-                Some(w) => ops.push(op(
-                    &k.norm_add,
-                    &[&s.o, &s.h, w],
-                    Some(norm_params(c.hidden, 1, false)),
-                    Grid::Rows { per_token: 1, last_only: false },
-                )),
-                None => ops.push(op(
-                    &k.add,
-                    &[&s.o, &s.h],
-                    Some(ew_params(c.hidden, 0, 0.0)),
-                    Grid::Threads { per_token: c.hidden as u32 },
-                )),
-            };
-            let post_attn = if gemma { Some(ld.vector(&n("post_attention_norm"), c.hidden)?) } else { None };
-            residual(&mut ops, post_attn.as_ref());
-            ops.push(op(
-                &k.norm,
-                &[&s.h, &s.a, &ffn_norm],
-                Some(norm_params(c.hidden, 1, false)),
-                Grid::Rows { per_token: 1, last_only: false },
-            ));
-            ops.extend(matmul_ops(&gate, &s.a, &s.g, c.ffn_hidden, false, false));
-            ops.extend(matmul_ops(&up, &s.a, &s.u, c.ffn_hidden, false, false));
-            let glu = match c.activation {
-                Activation::GeluTanh => &k.glu_gelu,
-                Activation::Silu => &k.glu_silu,
-            };
-            ops.push(op(
-                glu,
-                &[&s.u, &s.g],
-                Some(ew_params(c.ffn_hidden, 0, 0.0)),
-                Grid::Threads { per_token: c.ffn_hidden as u32 },
-            ));
-            ops.extend(matmul_ops(&down, &s.g, &s.o, c.hidden, false, false));
-            let post_ffn = if gemma { Some(ld.vector(&n("post_ffw_norm"), c.hidden)?) } else { None };
-            residual(&mut ops, post_ffn.as_ref());
+            // The attention's output into the residual, and the MLP's input norm.
+            match &post_attn {
+                Some(post) => {
+                    ops.extend(product(&wo, &s.attn, &s.o, Output::rows(c.hidden), Epilogue::Store)?);
+                    ops.push(op(
+                        &k.norm_add_norm,
+                        &[&s.o, &s.h, post, &s.a, &ffn_norm],
+                        Some(norm_params(c.hidden, 1, false)),
+                        every_token,
+                    ));
+                }
+                None => {
+                    ops.extend(product(&wo, &s.attn, &s.h, Output::rows(c.hidden), Epilogue::Accumulate)?);
+                    ops.push(op(&k.norm, &[&s.h, &s.a, &ffn_norm], Some(norm_params(c.hidden, 1, false)), every_token));
+                }
+            }
+            // The MLP.
+            match &gate_up {
+                GateUp::Stacked(m) => {
+                    ops.extend(product(m, &s.a, &s.g, Output::rows(c.ffn_hidden), Epilogue::Glu(glu))?)
+                }
+                GateUp::Apart(gate, up) => {
+                    ops.extend(product(gate, &s.a, &s.g, Output::rows(c.ffn_hidden), Epilogue::Store)?);
+                    ops.extend(product(up, &s.a, &s.u, Output::rows(c.ffn_hidden), Epilogue::Store)?);
+                    let act = match glu {
+                        GluActivation::Gelu => &k.glu_gelu,
+                        GluActivation::Silu => &k.glu_silu,
+                    };
+                    ops.push(op(
+                        act,
+                        &[&s.u, &s.g],
+                        Some(ew_params(c.ffn_hidden, 0, 0.0)),
+                        Grid::Threads { per_token: c.ffn_hidden as u32 },
+                    ));
+                }
+            }
+            match &post_ffn {
+                Some(post) => {
+                    ops.extend(product(&down, &s.g, &s.o, Output::rows(c.hidden), Epilogue::Store)?);
+                    ops.push(op(&k.norm_add, &[&s.o, &s.h, post], Some(norm_params(c.hidden, 1, false)), every_token));
+                }
+                None => ops.extend(product(&down, &s.g, &s.h, Output::rows(c.hidden), Epilogue::Accumulate)?),
+            }
 
             vectors.extend([attn_norm, ffn_norm]);
             vectors.extend(post_attn);
             vectors.extend(post_ffn);
-            weights.extend([wq, wk, wv, wo, gate, up, down]);
+            vectors.extend(qk_norms);
+            weights.extend(qkv.into_iter().map(|(m, _)| m));
+            weights.extend([wo, down]);
+            match gate_up {
+                GateUp::Stacked(m) => weights.push(m),
+                GateUp::Apart(gate, up) => weights.extend([gate, up]),
+            }
             caches.push(cache);
             layer_ops.push(ops);
             progress(i + 2, total_parts);
         }
+        vectors.push(no_norms);
 
         let final_norm_values = ld.values("output_norm.weight", c.hidden)?;
         let final_norm = gpu.storage_with("output_norm.weight", bytemuck::cast_slice(&final_norm_values));
@@ -529,7 +623,7 @@ impl GpuModel {
             (embedding.clone(), embedding_cpu)
         };
         let readout = Readout { unembedding, final_norm: final_norm_values };
-        let head_last = Self::head_ops(&gpu, &kernels, &c, &scratch, &final_norm, &lm_head, &scratch.logits, true);
+        let head_last = Self::head_ops(&gpu, &kernels, &c, &scratch, &final_norm, &lm_head, &scratch.logits, true)?;
         let select_op = {
             let bind = kernels.select.bind(&gpu, &[&scratch.logits, &scratch.picked, &scratch.select_params]);
             Op {
@@ -580,7 +674,7 @@ impl GpuModel {
         lm_head: &GpuMatrix,
         logits: &wgpu::Buffer,
         last_only: bool,
-    ) -> Vec<Op> {
+    ) -> Result<Vec<Op>> {
         let mut ops = Vec::new();
         let params = uniform(
             gpu,
@@ -595,32 +689,8 @@ impl GpuModel {
             grid: Grid::Rows { per_token: 1, last_only },
             _params: Some(params),
         });
-        for part in &lm_head.parts {
-            let (groups_x, _) = split_groups((part.rows as u32).div_ceil(matmul_rows_per_group(gpu)));
-            let params = uniform(
-                gpu,
-                "lm head",
-                &MatmulParams {
-                    rows: part.rows as u32,
-                    cols: lm_head.cols as u32,
-                    row_bytes: lm_head.row_bytes as u32,
-                    out_stride: c.vocab_size as u32,
-                    out_col: part.first_row as u32,
-                    at_position: 0,
-                    last_only: last_only as u32,
-                    groups_x,
-                },
-            );
-            let one = k.matmul(lm_head.dtype, false);
-            ops.push(Op {
-                name: format!("lm head {}", one.name),
-                pipeline: one.pipeline().clone(),
-                tiled: Some(k.matmul(lm_head.dtype, true).pipeline().clone()),
-                bind: one.bind(gpu, &[&part.buffer, &s.a, logits, &params, &s.step]),
-                grid: Grid::Matmul { rows: part.rows as u32, per_group: matmul_rows_per_group(gpu), last_only },
-                _params: Some(params),
-            });
-        }
+        let out = Output { stride: c.vocab_size, col: 0, at_position: false, last_only };
+        ops.extend(product_ops(gpu, k, &s.step, lm_head, &s.a, logits, out, Epilogue::Store, "lm head ")?);
         if let Some(cap) = c.final_softcap {
             let rows = if last_only { 1 } else { 0 };
             let params = uniform(gpu, "softcap", &ElementwiseParams { width: c.vocab_size as u32, rows, cap, pad: 0 });
@@ -633,7 +703,7 @@ impl GpuModel {
                 _params: Some(params),
             });
         }
-        ops
+        Ok(ops)
     }
 
     pub fn gpu(&self) -> &Rc<Gpu> {
@@ -734,9 +804,9 @@ impl GpuModel {
     }
 
     /// Makes sure the all-positions head exists for calls of `tokens` tokens.
-    fn ensure_head_all(&mut self, tokens: usize) {
+    fn ensure_head_all(&mut self, tokens: usize) -> Result<()> {
         if self.head_all.as_ref().is_some_and(|h| h.0 >= tokens) {
-            return;
+            return Ok(());
         }
         let logits = self.gpu.storage("all logits", (tokens * self.config.vocab_size * 4) as u64);
         let ops = Self::head_ops(
@@ -748,8 +818,9 @@ impl GpuModel {
             &self.head.lm_head,
             &logits,
             false,
-        );
+        )?;
         self.head_all = Some((tokens, ops, logits));
+        Ok(())
     }
 
     /// Runs one call of at most MAX_TOKENS_PER_CALL tokens. `finish` says what the last call of a forward ends
@@ -789,7 +860,7 @@ impl GpuModel {
             gpu.queue.write_buffer(&self.scratch.select_params, 0, bytemuck::bytes_of(&params));
         }
         if matches!(finish, Finish::Logits(LogitsWanted::All)) {
-            self.ensure_head_all(n);
+            self.ensure_head_all(n)?;
         }
         // Steering vectors for this call's segment, written before the commands that read them.
         let mut steered = vec![false; self.config.n_layers];

@@ -80,36 +80,53 @@ async fn gpu_matmul(
     last_only: bool,
     start: usize,
 ) -> Vec<f32> {
+    gpu_product(gpu, kernels, m, x, tokens, last_only, start, Epilogue::Store, None).await
+}
+
+/// `epilogue(m x)` for `tokens` rows of `x`, into an output that starts as `y0` (zeros if `None`).
+#[allow(clippy::too_many_arguments)]
+async fn gpu_product(
+    gpu: &Gpu,
+    kernels: &Kernels,
+    m: &GpuMatrix,
+    x: &[f32],
+    tokens: usize,
+    last_only: bool,
+    start: usize,
+    epilogue: Epilogue,
+    y0: Option<&[f32]>,
+) -> Vec<f32> {
     let out_rows = if last_only { 1 } else { start + tokens };
-    let y = gpu.storage("y", (out_rows * m.rows * 4) as u64);
+    let width = m.rows / epilogue.weight_rows_per_output();
+    let y = match y0 {
+        Some(values) => floats(gpu, values),
+        None => gpu.storage("y", (out_rows * width * 4) as u64),
+    };
     let xb = floats(gpu, x);
     let s = step(gpu, tokens as u32, start as u32);
     let inputs = if last_only { 1 } else { tokens as u32 };
     let tiled = inputs > 1;
     let tile = if tiled { PREFILL_TILE } else { 1 };
+    let pair = kernels.matmul(gpu, m.dtype, epilogue).unwrap();
     for part in &m.parts {
-        let (gx, gy) = split_groups((part.rows as u32).div_ceil(matmul_rows_per_group(gpu)));
+        let rows = (part.rows / epilogue.weight_rows_per_output()) as u32;
+        let (gx, gy) = split_groups(rows.div_ceil(matmul_rows_per_group(gpu)));
         let p = uniform(
             gpu,
             &MatmulParams {
-                rows: part.rows as u32,
+                rows,
                 cols: m.cols as u32,
                 row_bytes: m.row_bytes as u32,
-                out_stride: m.rows as u32,
+                out_stride: width as u32,
                 out_col: part.first_row as u32,
                 at_position: (start > 0) as u32,
                 last_only: last_only as u32,
                 groups_x: gx,
             },
         );
-        dispatch(
-            gpu,
-            kernels.matmul(m.dtype, tiled),
-            &[&part.buffer, &xb, &y, &p, &s],
-            [gx, gy, inputs.div_ceil(tile)],
-        );
+        dispatch(gpu, pair.pick(tiled), &[&part.buffer, &xb, &y, &p, &s], [gx, gy, inputs.div_ceil(tile)]);
     }
-    read(gpu, &y, out_rows * m.rows).await
+    read(gpu, &y, out_rows * width).await
 }
 
 pub async fn matmul_matches_cpu_for_every_type(gpu: &Gpu) {
@@ -158,6 +175,43 @@ pub async fn split_matrices_give_the_same_products(gpu: &Gpu) {
     let a = gpu_embed(gpu, &kernels, &split, &tokens, 1.0).await;
     let b = gpu_embed(gpu, &kernels, &whole, &tokens, 1.0).await;
     assert_close(&a, &b, 0.0, "split lookup");
+}
+
+/// The products' epilogues against their CPU twins: a residual add (y + W x) and the gated MLP
+/// (act(W_gate x) * (W_up x)) over the gate's and the up product's rows stacked in one matrix.
+pub async fn fused_products_match_cpu(gpu: &Gpu) {
+    let kernels = Kernels::new(gpu, &[]).unwrap();
+    let dev = Device::Cpu;
+    for dtype in [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+        // 37 rows: not a multiple of a workgroup's rows; 1280 columns: 40 chunks, unequal shares for 16 lanes.
+        let (rows, cols) = (37, if matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K) { 256 } else { 1280 });
+        let gate = quantized(rows, cols, dtype, 51);
+        let up = quantized(rows, cols, dtype, 52);
+        let mut stacked = gate.data().unwrap().to_vec();
+        stacked.extend_from_slice(&up.data().unwrap());
+        let gate_up = GpuMatrix::upload(gpu, "gate + up", dtype, 2 * rows, cols, &stacked).unwrap();
+        let gate_gpu = GpuMatrix::upload(gpu, "gate", dtype, rows, cols, &gate.data().unwrap()).unwrap();
+        let gate = QuantMatrix::new("gate", std::sync::Arc::new(gate)).unwrap();
+        let up = QuantMatrix::new("up", std::sync::Arc::new(up)).unwrap();
+        for tokens in [1, 9] {
+            let x = noise(tokens * cols, 53 + tokens as u64);
+            let g = gate.matmul(&x).unwrap();
+            let u = up.matmul(&x).unwrap();
+            let gt = Tensor::from_vec(g.clone(), g.len(), &dev).unwrap();
+            for (act, activated) in
+                [(GluActivation::Gelu, gt.gelu().unwrap()), (GluActivation::Silu, gt.silu().unwrap())]
+            {
+                let want: Vec<f32> = activated.to_vec1::<f32>().unwrap().iter().zip(&u).map(|(a, b)| a * b).collect();
+                let got = gpu_product(gpu, &kernels, &gate_up, &x, tokens, false, 0, Epilogue::Glu(act), None).await;
+                assert_close(&got, &want, 1e-4, &format!("{act:?} product {dtype:?}, {tokens} tokens"));
+            }
+            let y0 = noise(tokens * rows, 54);
+            let want: Vec<f32> = y0.iter().zip(&g).map(|(a, b)| a + b).collect();
+            let got =
+                gpu_product(gpu, &kernels, &gate_gpu, &x, tokens, false, 0, Epilogue::Accumulate, Some(&y0)).await;
+            assert_close(&got, &want, 1e-4, &format!("accumulating product {dtype:?}, {tokens} tokens"));
+        }
+    }
 }
 
 async fn gpu_embed(gpu: &Gpu, kernels: &Kernels, m: &GpuMatrix, tokens: &[u32], scale: f32) -> Vec<f32> {
@@ -211,7 +265,7 @@ fn rms_norm_cpu(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
 
 pub async fn rms_norms_match_cpu(gpu: &Gpu) {
     let kernels = Kernels::new(gpu, &[]).unwrap();
-    let (width, tokens, heads) = (100, 5, 3); // width not a multiple of the 64 threads
+    let (width, tokens) = (100, 5); // width not a multiple of the 64 threads
     let eps = 1e-6;
     let x = noise(tokens * width, 1);
     let y0 = noise(tokens * width, 2);
@@ -239,33 +293,35 @@ pub async fn rms_norms_match_cpu(gpu: &Gpu) {
     want[(tokens - 1) * width..].copy_from_slice(&want_norm[(tokens - 1) * width..]);
     assert_close(&read(gpu, &y, tokens * width).await, &want, 1e-5, "norm of the last row");
 
-    // norm_inplace per head: rows of head_dim values, `heads` per token.
-    let head_dim = 20;
-    let q0 = noise(tokens * heads * head_dim, 4);
-    let wh = noise(head_dim, 5);
-    let q = floats(gpu, &q0);
-    let p = uniform(gpu, &NormParams { width: head_dim as u32, rows_per_token: heads as u32, last_only: 0, eps });
-    dispatch(gpu, &kernels.norm_inplace, &[&q, &floats(gpu, &wh), &p, &s], [(tokens * heads) as u32, 1, 1]);
-    let want: Vec<f32> = q0.chunks(head_dim).flat_map(|r| rms_norm_cpu(r, &wh, eps)).collect();
-    assert_close(&read(gpu, &q, tokens * heads * head_dim).await, &want, 1e-5, "per-head norm");
+    // norm_add_norm: Y += norm(X); A = norm2(Y).
+    let y = floats(gpu, &y0);
+    let a = gpu.storage("a", (tokens * width * 4) as u64);
+    let w2 = noise(width, 6);
+    dispatch(
+        gpu,
+        &kernels.norm_add_norm,
+        &[&floats(gpu, &x), &y, &floats(gpu, &w), &a, &floats(gpu, &w2), &p, &s],
+        [tokens as u32, 1, 1],
+    );
+    let sum: Vec<f32> = y0.iter().zip(&want_norm).map(|(a, b)| a + b).collect();
+    assert_close(&read(gpu, &y, tokens * width).await, &sum, 1e-5, "norm_add_norm's sum");
+    let want: Vec<f32> = sum.chunks(width).flat_map(|r| rms_norm_cpu(r, &w2, eps)).collect();
+    assert_close(&read(gpu, &a, tokens * width).await, &want, 1e-5, "norm_add_norm's second norm");
 }
 
-pub async fn rope_matches_cpu_in_both_layouts(gpu: &Gpu) {
-    let kernels = Kernels::new(gpu, &[]).unwrap();
-    let (heads, head_dim, tokens, start) = (3usize, 8usize, 4usize, 5usize);
-    let positions = start + tokens;
-    let half = head_dim / 2;
-    let (mut cos, mut sin) = (Vec::new(), Vec::new());
-    for p in 0..positions {
-        for i in 0..half {
-            let angle = p as f64 / 10_000f64.powf(2.0 * i as f64 / head_dim as f64);
-            cos.push(angle.cos() as f32);
-            sin.push(angle.sin() as f32);
-        }
-    }
-    let x = noise(tokens * heads * head_dim, 9);
+/// RoPE through candle (`rope` pairs i with i + d/2, `rope_i` 2i with 2i + 1) of `tokens` rows of `heads` heads.
+fn rope_cpu(
+    x: &[f32],
+    tokens: usize,
+    heads: usize,
+    hd: usize,
+    cos: &[f32],
+    sin: &[f32],
+    interleaved: bool,
+) -> Vec<f32> {
     let dev = Device::Cpu;
-    let xt = Tensor::from_vec(x.clone(), (tokens, heads, head_dim), &dev)
+    let half = hd / 2;
+    let xt = Tensor::from_vec(x.to_vec(), (tokens, heads, hd), &dev)
         .unwrap()
         .transpose(0, 1)
         .unwrap()
@@ -273,46 +329,92 @@ pub async fn rope_matches_cpu_in_both_layouts(gpu: &Gpu) {
         .unwrap()
         .unsqueeze(0)
         .unwrap();
-    let ct = Tensor::from_vec(cos[start * half..].to_vec(), (tokens, half), &dev).unwrap();
-    let st = Tensor::from_vec(sin[start * half..].to_vec(), (tokens, half), &dev).unwrap();
-    for interleaved in [false, true] {
-        let rope = if interleaved { candle_nn::rotary_emb::rope_i } else { candle_nn::rotary_emb::rope };
-        let want = rope(&xt, &ct, &st)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .transpose(0, 1)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let p = uniform(
-            gpu,
-            &RopeParams { heads: heads as u32, head_dim: head_dim as u32, interleaved: interleaved as u32, pad: 0 },
-        );
-        let s = step(gpu, tokens as u32, start as u32);
-        let groups = ((tokens * heads * half) as u32).div_ceil(64);
-        // In place (q).
-        let y = floats(gpu, &x);
-        dispatch(gpu, &kernels.rope_inplace, &[&y, &floats(gpu, &cos), &floats(gpu, &sin), &p, &s], [groups, 1, 1]);
-        assert_close(&read(gpu, &y, x.len()).await, &want, 1e-5, &format!("rope in place, interleaved {interleaved}"));
-        // Into the cache at the call's positions (k).
-        let cache = gpu.storage("cache", (positions * heads * head_dim * 4) as u64);
-        dispatch(
-            gpu,
-            &kernels.rope_to,
-            &[&floats(gpu, &x), &cache, &floats(gpu, &cos), &floats(gpu, &sin), &p, &s],
-            [groups, 1, 1],
-        );
-        let got = read(gpu, &cache, positions * heads * head_dim).await;
-        assert_close(
-            &got[start * heads * head_dim..],
-            &want,
-            1e-5,
-            &format!("rope into the cache, interleaved {interleaved}"),
-        );
-        assert!(got[..start * heads * head_dim].iter().all(|&v| v == 0.0), "rope wrote before the call's positions");
+    let ct = Tensor::from_vec(cos.to_vec(), (tokens, half), &dev).unwrap();
+    let st = Tensor::from_vec(sin.to_vec(), (tokens, half), &dev).unwrap();
+    let rope = if interleaved { candle_nn::rotary_emb::rope_i } else { candle_nn::rotary_emb::rope };
+    rope(&xt, &ct, &st)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .transpose(0, 1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+/// prepare_heads against the CPU steps it replaces: per-head norms (Gemma 3), RoPE in both layouts, q into its
+/// buffer, k and v into the caches at the call's positions.
+pub async fn head_preparation_matches_cpu(gpu: &Gpu) {
+    let kernels = Kernels::new(gpu, &[]).unwrap();
+    // 160 dimensions: 80 pairs, so some of the 64 threads take two; two q heads per kv head.
+    let (heads, kv_heads, hd, tokens, start) = (4usize, 2usize, 160usize, 3usize, 5usize);
+    let (positions, half, eps) = (start + tokens, hd / 2, 1e-6f32);
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    for p in 0..positions {
+        for i in 0..half {
+            let angle = p as f64 / 10_000f64.powf(2.0 * i as f64 / hd as f64);
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    let per_token = (heads + 2 * kv_heads) * hd;
+    let qkv: Vec<f32> = noise(tokens * per_token, 61).iter().map(|v| v * 3.0).collect();
+    let norms = noise(2 * hd, 62);
+    let part = |t: usize, from: usize, width: usize| qkv[t * per_token + from..t * per_token + from + width].to_vec();
+    for qk_norm in [false, true] {
+        let normed = |rows: Vec<f32>, weights: &[f32]| -> Vec<f32> {
+            if qk_norm {
+                rows.chunks(hd).flat_map(|r| rms_norm_cpu(r, weights, eps)).collect()
+            } else {
+                rows
+            }
+        };
+        let q: Vec<f32> = normed((0..tokens).flat_map(|t| part(t, 0, heads * hd)).collect(), &norms[..hd]);
+        let k: Vec<f32> = normed((0..tokens).flat_map(|t| part(t, heads * hd, kv_heads * hd)).collect(), &norms[hd..]);
+        let v: Vec<f32> = (0..tokens).flat_map(|t| part(t, (heads + kv_heads) * hd, kv_heads * hd)).collect();
+        for interleaved in [false, true] {
+            let (c, s_) = (&cos[start * half..], &sin[start * half..]);
+            let want_q = rope_cpu(&q, tokens, heads, hd, c, s_, interleaved);
+            let want_k = rope_cpu(&k, tokens, kv_heads, hd, c, s_, interleaved);
+            let params = HeadsParams {
+                heads: heads as u32,
+                kv_heads: kv_heads as u32,
+                head_dim: hd as u32,
+                interleaved: interleaved as u32,
+                qk_norm: qk_norm as u32,
+                eps,
+                pad: [0; 2],
+            };
+            let q_out = gpu.storage("q", (tokens * heads * hd * 4) as u64);
+            let k_cache = gpu.storage("k cache", (positions * kv_heads * hd * 4) as u64);
+            let v_cache = gpu.storage("v cache", (positions * kv_heads * hd * 4) as u64);
+            dispatch(
+                gpu,
+                &kernels.prepare_heads,
+                &[
+                    &floats(gpu, &qkv),
+                    &q_out,
+                    &k_cache,
+                    &v_cache,
+                    &floats(gpu, &norms),
+                    &floats(gpu, &cos),
+                    &floats(gpu, &sin),
+                    &uniform(gpu, &params),
+                    &step(gpu, tokens as u32, start as u32),
+                ],
+                [(tokens * (heads + 2 * kv_heads)) as u32, 1, 1],
+            );
+            let what = format!("qk norm {qk_norm}, interleaved {interleaved}");
+            assert_close(&read(gpu, &q_out, want_q.len()).await, &want_q, 1e-5, &format!("q, {what}"));
+            let before = start * kv_heads * hd;
+            let got_k = read(gpu, &k_cache, positions * kv_heads * hd).await;
+            assert_close(&got_k[before..], &want_k, 1e-5, &format!("k in the cache, {what}"));
+            let got_v = read(gpu, &v_cache, positions * kv_heads * hd).await;
+            assert_eq!(&got_v[before..], &v[..], "v in the cache, {what}");
+            assert!(got_k[..before].iter().chain(&got_v[..before]).all(|&x| x == 0.0), "wrote before the call, {what}");
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 // Element-wise steps over the rows of a call (tokens x width values). Entry points:
-//   glu_gelu    G = gelu_tanh(G) * U        (Gemma's GeGLU)
-//   glu_silu    G = silu(G) * U             (Llama's SwiGLU)
+//   glu_gelu    G = gelu_tanh(G) * U        (Gemma's GeGLU, where gate and up are not one product)
+//   glu_silu    G = silu(G) * U             (Llama's SwiGLU, likewise)
 //   add         Y += X                      (Llama's residual adds)
 //   add_vector  Y[t] += V for every row t   (a steering vector on the residual stream)
 //   softcap     Y = cap * tanh(Y / cap)     (Gemma 2's final logits)
@@ -22,20 +22,13 @@ fn count() -> u32 {
     return select(S.tokens, P.rows, P.rows > 0u) * P.width;
 }
 
-// tanh that stays finite where exp(2x) would overflow.
-fn safe_tanh(x: f32) -> f32 {
-    return tanh(clamp(x, -15.0, 15.0));
-}
-
 @compute @workgroup_size(64)
 fn glu_gelu(@builtin(global_invocation_id) id: vec3<u32>) {
     let i = id.x + id.y * 65535u * 64u;
     if (i >= count()) {
         return;
     }
-    let g = Y[i];
-    let gelu = 0.5 * g * (1.0 + safe_tanh(0.7978845608028654 * (g + 0.044715 * g * g * g)));
-    Y[i] = gelu * X[i];
+    Y[i] = gelu_tanh(Y[i]) * X[i];
 }
 
 @compute @workgroup_size(64)
@@ -44,8 +37,7 @@ fn glu_silu(@builtin(global_invocation_id) id: vec3<u32>) {
     if (i >= count()) {
         return;
     }
-    let g = Y[i];
-    Y[i] = g / (1.0 + exp(-g)) * X[i];
+    Y[i] = silu(Y[i]) * X[i];
 }
 
 @compute @workgroup_size(64)

@@ -5,9 +5,17 @@
 // A workgroup of 64 threads computes 64 / LANES output rows for TILE tokens; the LANES threads of a row split its
 // 32-value chunks and add up their partial sums at the end. LANES = 1 (a thread per row, no exchange) suits
 // CPU-based adapters such as lavapipe and SwiftShader; GPUs take 16 (gpu/kernels.rs picks).
+//
+// EPILOGUE says what happens to a finished sum, so that the step after a product needs no dispatch of its own:
+//   0  Y = sum                                   (store)
+//   1  Y += sum                                  (a residual add: the attention output and MLP down products)
+//   2  Y = gelu_tanh(sum_gate) * sum_up          (GeGLU: W holds the gate's rows, then the up product's rows)
+//   3  Y = silu(sum_gate) * sum_up               (SwiGLU, likewise)
+// In 2 and 3, P.rows counts output rows and W has twice as many; row r's up row is r + P.rows.
 
 override TILE: u32 = 1u;
 override LANES: u32 = 16u;
+override EPILOGUE: u32 = 0u;
 
 struct Params {
     rows: u32,        // rows of W in this buffer
@@ -27,6 +35,28 @@ struct Params {
 @group(0) @binding(4) var<uniform> S: Step;
 
 var<workgroup> partial: array<f32, 512>; // 64 threads x TILE (<= 8) tokens
+var<workgroup> partial_up: array<f32, 512>; // the same for the up rows of a GLU
+
+// The lanes' partial sums of row `li / LANES` added up, in lane 0's `acc` (every thread must call it).
+fn reduce_lanes(li: u32, lane: u32, acc: ptr<function, array<f32, 8>>, up: bool) {
+    for (var t = 0u; t < TILE; t++) {
+        if (up) {
+            partial_up[li * TILE + t] = (*acc)[t];
+        } else {
+            partial[li * TILE + t] = (*acc)[t];
+        }
+    }
+    workgroupBarrier();
+    if (lane == 0u) {
+        for (var t = 0u; t < TILE; t++) {
+            var s = 0.0;
+            for (var i = 1u; i < LANES; i++) {
+                s += select(partial[(li + i) * TILE + t], partial_up[(li + i) * TILE + t], up);
+            }
+            (*acc)[t] += s;
+        }
+    }
+}
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
@@ -37,38 +67,42 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let first_input = select(0u, S.tokens - 1u, P.last_only == 1u);
     let t0 = wg.z * TILE;
 
+    let glu = EPILOGUE >= 2u;
     var acc: array<f32, 8>;
+    var acc_up: array<f32, 8>;
     if (r < P.rows) {
         let row = r * P.row_bytes;
+        let up_row = (r + P.rows) * P.row_bytes;
         let chunks = P.cols / 32u;
         for (var c = lane; c < chunks; c += LANES) {
             for (var t = 0u; t < TILE; t++) {
                 if (t0 + t < inputs) {
-                    acc[t] += dot_chunk(row, c, ((first_input + t0 + t) * P.cols + 32u * c) / 4u);
+                    let x = ((first_input + t0 + t) * P.cols + 32u * c) / 4u;
+                    acc[t] += dot_chunk(row, c, x);
+                    if (glu) {
+                        acc_up[t] += dot_chunk(up_row, c, x);
+                    }
                 }
             }
         }
     }
     if (LANES > 1u) {
-        for (var t = 0u; t < TILE; t++) {
-            partial[li * TILE + t] = acc[t];
-        }
-        workgroupBarrier();
-        if (lane == 0u) {
-            for (var t = 0u; t < TILE; t++) {
-                var s = 0.0;
-                for (var i = 1u; i < LANES; i++) {
-                    s += partial[(li + i) * TILE + t];
-                }
-                acc[t] += s;
-            }
+        reduce_lanes(li, lane, &acc, false);
+        if (glu) {
+            reduce_lanes(li, lane, &acc_up, true);
         }
     }
     if (lane == 0u && r < P.rows) {
         for (var t = 0u; t < TILE; t++) {
             if (t0 + t < inputs) {
                 let out_row = t0 + t + select(0u, S.start, P.at_position == 1u);
-                Y[out_row * P.out_stride + P.out_col + r] = acc[t];
+                let i = out_row * P.out_stride + P.out_col + r;
+                switch EPILOGUE {
+                    case 1u: { Y[i] += acc[t]; }
+                    case 2u: { Y[i] = gelu_tanh(acc[t]) * acc_up[t]; }
+                    case 3u: { Y[i] = silu(acc[t]) * acc_up[t]; }
+                    default: { Y[i] = acc[t]; }
+                }
             }
         }
     }

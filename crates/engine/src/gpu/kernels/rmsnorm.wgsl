@@ -1,13 +1,15 @@
 // RMSNorm of rows: norm(x) = x / sqrt(mean(x^2) + eps) * w (GGUF stores Gemma's 1 + w already). One workgroup
 // per row. Entry points:
 //   norm         Y[row] = norm(X[row])          (input norms; the final norm, last row only)
-//   norm_inplace Y[row] = norm(Y[row])          (Gemma 3's per-head q and k norms)
 //   norm_add     Y[row] += norm(X[row])         (Gemma's post-attention and post-MLP norms into the residual)
+//   norm_add_norm  Y[row] += norm(X[row]); A[row] = norm2(Y[row])
+//                                               (Gemma's post-attention norm, its residual add and the MLP's input
+//                                               norm in one dispatch)
 // CPU twin: candle_nn::ops::rms_norm as model/cpu.rs uses it.
 
 struct Params {
     width: u32,          // values per row
-    rows_per_token: u32, // 1, or the number of heads for per-head norms
+    rows_per_token: u32, // rows per token (1: each token's row is one vector)
     last_only: u32,      // 1: only the last token's row(s)
     eps: f32,
 }
@@ -17,8 +19,8 @@ struct Params {
 @group(0) @binding(2) var<storage, read> WEIGHT: array<f32>;
 @group(0) @binding(3) var<uniform> P: Params;
 @group(0) @binding(4) var<uniform> S: Step;
-
-var<workgroup> sums: array<f32, 64>;
+@group(0) @binding(5) var<storage, read_write> A: array<f32>;   // norm_add_norm only
+@group(0) @binding(6) var<storage, read> WEIGHT2: array<f32>;   // norm_add_norm only
 
 // The row this workgroup normalizes, as an offset in values.
 fn row_base(wg: u32) -> u32 {
@@ -28,21 +30,11 @@ fn row_base(wg: u32) -> u32 {
 
 // 1 / sqrt(mean(x^2) + eps) of a row, given each thread's sum of squares over its share of the row.
 fn inverse_rms(partial_sum: f32, li: u32) -> f32 {
-    sums[li] = partial_sum;
-    workgroupBarrier();
-    for (var half = 32u; half > 0u; half >>= 1u) {
-        if (li < half) {
-            sums[li] += sums[li + half];
-        }
-        workgroupBarrier();
-    }
-    let r = inverseSqrt(sums[0] / f32(P.width) + P.eps);
-    workgroupBarrier();
-    return r;
+    return row_inverse_rms(partial_sum, li, P.width, P.eps);
 }
 
-// This thread's share of the sum of squares of the row at `base` of X (of Y: `squares_y`). Two functions, so
-// that an entry point binds only the buffers it touches (an in-place norm must not bind its buffer twice).
+// This thread's share of the sum of squares of the row at `base` of X (of Y: `squares_y`), over the values
+// li, li + 64, ... that the same thread writes.
 fn squares_x(base: u32, li: u32) -> f32 {
     var s = 0.0;
     for (var i = li; i < P.width; i += 64u) {
@@ -77,11 +69,17 @@ fn norm_add(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_inde
     }
 }
 
+
 @compute @workgroup_size(64)
-fn norm_inplace(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
+fn norm_add_norm(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let base = row_base(wg.x);
-    let r = inverse_rms(squares_y(base, li), li);
+    let r = inverse_rms(squares_x(base, li), li);
+    // Each thread reads back only the values it wrote itself, so no barrier is needed between the two halves.
     for (var i = li; i < P.width; i += 64u) {
-        Y[base + i] = Y[base + i] * r * WEIGHT[i];
+        Y[base + i] += X[base + i] * r * WEIGHT[i];
+    }
+    let r2 = inverse_rms(squares_y(base, li), li);
+    for (var i = li; i < P.width; i += 64u) {
+        A[base + i] = Y[base + i] * r2 * WEIGHT2[i];
     }
 }
