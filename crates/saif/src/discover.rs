@@ -207,8 +207,9 @@ pub fn by_delta(stats: &[LatentStats], tau: f32) -> Vec<LatentStats> {
     kept
 }
 
-/// Discovery contents whose prompts (with and without the instruction) are read in one batch.
-const READ_CONTENTS: usize = 8;
+/// Discovery contents whose prompts (with and without the instruction) are read in one batch: one pass of the
+/// CPU's batched reading.
+const READ_CONTENTS: usize = saif_engine::model::PROMPTS_PER_READ / 2;
 
 /// What one prompt's reading gives.
 struct Reading {

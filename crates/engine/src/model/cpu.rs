@@ -110,7 +110,7 @@ impl Sequence {
 const MAX_SEQUENCES: usize = 64;
 
 /// Prompts `read_prompts` reads in one pass.
-const READ_BATCH: usize = 16;
+const READ_BATCH: usize = super::PROMPTS_PER_READ;
 
 /// The token embedding, kept quantized: rows are dequantized on lookup (the 270M table is 671 MB in f32).
 struct Embedding(QuantMatrix);

@@ -17,6 +17,10 @@ use crate::error::{EngineError, Result};
 use crate::hooks::{Capture, Hooks, Segment};
 use crate::sampler::{pick, Sampling};
 
+/// Prompts a batching backend reads in one pass of `read_prompts` (the CPU's batch); callers that hand prompts
+/// over in groups (discovery, between its progress reports) make groups of this size.
+pub const PROMPTS_PER_READ: usize = 16;
+
 /// A boxed future that may hold references and need not be `Send` (wasm futures are not).
 pub type LocalBoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + 'a>>;
 
