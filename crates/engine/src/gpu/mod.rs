@@ -2,12 +2,15 @@
 //! quantized blocks directly, a KV cache in GPU memory, hooks on the residual stream, and token selection on the
 //! device. Runs in browsers (WebGPU) and natively (Vulkan, Metal, DX12; Mesa's lavapipe on a CPU).
 //!
-//! `context` opens the device, `kernels` compiles the `.wgsl` files, `weights` uploads matrices, `model` plans
-//! and records the forward pass.
+//! `context` opens the device, `kernels` compiles the `.wgsl` files, `weights` holds matrices in GPU buffers,
+//! `upload` reads a layer's weights from the GGUF onto the device, `plan` turns each part of the model into
+//! dispatches (a layer's plan is `Planner::layer`), and `model` loads, records and runs the forward pass.
 
 pub mod context;
 pub mod kernels;
 pub mod model;
+mod plan;
+mod upload;
 pub mod weights;
 
 pub use context::Gpu;

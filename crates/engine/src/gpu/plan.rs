@@ -1,0 +1,439 @@
+//! How a forward pass becomes dispatches: the buffers every call shares (`Scratch`), one prepared dispatch (`Op`),
+//! and the plans of the model's parts (the embedding, a layer, the head), built once at load by a `Planner` from
+//! the model's description (`ModelConfig`) and its weights on the GPU. `model.rs` records them per call.
+//!
+//! Steps that follow one another share a dispatch where a kernel can take the next step in its epilogue. A layer
+//! (Gemma-only steps marked):
+//!   norm h -> a | qkv = a [Wq; Wk; Wv] (one product per run of equal weight types) |
+//!   heads: q_norm/k_norm (Gemma 3), RoPE, q -> Q, k -> K[pos], v -> V[pos] | attention -> attn |
+//!   Llama: h += attn Wo; a = norm h      Gemma: o = attn Wo; h += post_norm(o); a = norm h (one dispatch) |
+//!   g = act(a Wg) * (a Wu) (one product over the stacked gate and up rows) |
+//!   Llama: h += g Wd                     Gemma: o = g Wd; h += post_norm(o)
+//! then the hooks on h. SmolLM2 takes 8 dispatches a layer, Gemma 3 9 or 10.
+
+use bytemuck::Pod;
+
+use super::context::Gpu;
+use super::kernels::*;
+use super::upload::{GateUp, LayerWeights};
+use super::weights::GpuMatrix;
+use crate::config::{Activation, ModelConfig, RopeLayout};
+use crate::error::{EngineError, Result};
+
+/// Tokens one command buffer processes; longer prompts go through in several calls.
+pub const MAX_TOKENS_PER_CALL: usize = 128;
+
+/// How many workgroups a dispatch needs, from the number of tokens in the call.
+#[derive(Clone, Copy)]
+pub(super) enum Grid {
+    /// A matrix product over `rows` output rows (`per_group` per workgroup); `last_only` uses only the last token.
+    Matmul { rows: u32, per_group: u32, last_only: bool },
+    /// One workgroup per row: `per_token` rows per token, or only the last token's when `last_only`.
+    Rows { per_token: u32, last_only: bool },
+    /// One thread per value: `per_token` values per token, 64 threads per workgroup.
+    Threads { per_token: u32 },
+    /// Attention: one workgroup per (head, token).
+    Attention { heads: u32 },
+    /// A single workgroup.
+    One,
+}
+
+impl Grid {
+    /// (workgroup counts, whether the matrix product takes its tiled variant)
+    fn size(self, tokens: u32) -> ([u32; 3], bool) {
+        match self {
+            Grid::Matmul { rows, per_group, last_only } => {
+                let inputs = if last_only { 1 } else { tokens };
+                let tiled = inputs > 1;
+                let tile = if tiled { PREFILL_TILE } else { 1 };
+                let (x, y) = split_groups(rows.div_ceil(per_group));
+                ([x, y, inputs.div_ceil(tile)], tiled)
+            }
+            Grid::Rows { per_token, last_only } => {
+                ([if last_only { per_token } else { per_token * tokens }, 1, 1], false)
+            }
+            Grid::Threads { per_token } => {
+                let (x, y) = split_groups((per_token * tokens).div_ceil(64));
+                ([x, y, 1], false)
+            }
+            Grid::Attention { heads } => ([heads, tokens, 1], false),
+            Grid::One => ([1, 1, 1], false),
+        }
+    }
+}
+
+/// One prepared dispatch.
+pub(super) struct Op {
+    /// The kernel's name, for profiles (native only).
+    #[cfg_attr(target_arch = "wasm32", allow(dead_code))]
+    pub name: String,
+    pipeline: wgpu::ComputePipeline,
+    /// The tiled variant of a matrix product.
+    tiled: Option<wgpu::ComputePipeline>,
+    bind: wgpu::BindGroup,
+    grid: Grid,
+    /// Kept alive for the bind group.
+    _params: Option<wgpu::Buffer>,
+}
+
+impl Op {
+    pub fn record(&self, pass: &mut wgpu::ComputePass, tokens: u32) {
+        let (size, tiled) = self.grid.size(tokens);
+        let pipeline = if tiled { self.tiled.as_ref().unwrap_or(&self.pipeline) } else { &self.pipeline };
+        pass.set_pipeline(pipeline);
+        pass.set_bind_group(0, &self.bind, &[]);
+        pass.dispatch_workgroups(size[0], size[1], size[2]);
+    }
+}
+
+/// Buffers every call reuses.
+pub(super) struct Scratch {
+    pub step: wgpu::Buffer,
+    pub tokens: wgpu::Buffer,
+    pub h: wgpu::Buffer,
+    pub a: wgpu::Buffer,
+    /// The fused q|k|v product's output, per token.
+    pub qkv: wgpu::Buffer,
+    pub q: wgpu::Buffer,
+    pub attn: wgpu::Buffer,
+    pub o: wgpu::Buffer,
+    pub g: wgpu::Buffer,
+    pub u: wgpu::Buffer,
+    pub logits: wgpu::Buffer,
+    pub picked: wgpu::Buffer,
+    pub select_params: wgpu::Buffer,
+    pub logits_read: wgpu::Buffer,
+    pub picked_read: wgpu::Buffer,
+    /// Bound where a layer has no q and k norms (the heads kernel does not read it then).
+    pub no_norms: wgpu::Buffer,
+}
+
+impl Scratch {
+    pub fn new(gpu: &Gpu, c: &ModelConfig) -> Self {
+        let t = MAX_TOKENS_PER_CALL as u64;
+        let f = 4u64;
+        Self {
+            step: gpu.uniform_with("step", bytemuck::bytes_of(&StepParams::default())),
+            tokens: gpu.storage("tokens", t * 4),
+            h: gpu.storage("h", t * c.hidden as u64 * f),
+            a: gpu.storage("a", t * c.hidden as u64 * f),
+            qkv: gpu.storage("qkv", t * (c.q_dim() + 2 * c.kv_dim()) as u64 * f),
+            q: gpu.storage("q", t * c.q_dim() as u64 * f),
+            attn: gpu.storage("attn", t * c.q_dim() as u64 * f),
+            o: gpu.storage("o", t * c.hidden as u64 * f),
+            g: gpu.storage("g", t * c.ffn_hidden as u64 * f),
+            u: gpu.storage("u", t * c.ffn_hidden as u64 * f),
+            logits: gpu.storage("logits", c.vocab_size as u64 * f),
+            picked: gpu.storage("picked", 4),
+            select_params: uniform(gpu, "select", &SelectParams::default()),
+            logits_read: gpu.readback("logits read", c.vocab_size as u64 * f),
+            picked_read: gpu.readback("picked read", 4),
+            no_norms: gpu.storage("no q/k norms", 16),
+        }
+    }
+}
+
+/// One layer's KV cache, allocated for the whole context.
+pub(super) struct LayerCache {
+    pub k: wgpu::Buffer,
+    pub v: wgpu::Buffer,
+}
+
+impl LayerCache {
+    pub fn new(gpu: &Gpu, c: &ModelConfig, context: usize) -> Self {
+        Self {
+            k: gpu.storage("k cache", (context * c.kv_dim() * 4) as u64),
+            v: gpu.storage("v cache", (context * c.kv_dim() * 4) as u64),
+        }
+    }
+}
+
+/// A layer's RoPE table (cos, sin for every position of the context), shared by the layers of one base.
+pub(super) struct RopeTable<'a> {
+    pub cos: &'a wgpu::Buffer,
+    pub sin: &'a wgpu::Buffer,
+}
+
+/// Where a matrix product writes: input row t's outputs start at `(t + S.start if at_position) * stride + col`.
+#[derive(Clone, Copy)]
+pub(super) struct Output {
+    stride: usize,
+    col: usize,
+    /// Rows at the call's positions (the KV cache), not from 0.
+    at_position: bool,
+    /// Only the last input row (the LM head while generating).
+    last_only: bool,
+}
+
+impl Output {
+    /// Output rows of `stride` values from column 0, one per input row.
+    fn rows(stride: usize) -> Self {
+        Self { stride, col: 0, at_position: false, last_only: false }
+    }
+}
+
+pub(super) fn uniform<T: Pod>(gpu: &Gpu, label: &str, value: &T) -> wgpu::Buffer {
+    gpu.uniform_with(label, bytemuck::bytes_of(value))
+}
+
+/// Builds the plans of one model on one device.
+pub(super) struct Planner<'a> {
+    pub gpu: &'a Gpu,
+    pub kernels: &'a Kernels,
+    pub config: &'a ModelConfig,
+    pub scratch: &'a Scratch,
+}
+
+impl Planner<'_> {
+    /// A dispatch of `kernel` over `buffers`, then its parameters (if any) and the per-call step block.
+    pub fn op(&self, kernel: &Kernel, buffers: &[&wgpu::Buffer], params: Option<wgpu::Buffer>, grid: Grid) -> Op {
+        let mut all: Vec<&wgpu::Buffer> = buffers.to_vec();
+        all.extend(&params);
+        all.push(&self.scratch.step);
+        Op {
+            name: kernel.name.clone(),
+            pipeline: kernel.pipeline().clone(),
+            tiled: None,
+            bind: kernel.bind(self.gpu, &all),
+            grid,
+            _params: params,
+        }
+    }
+
+    /// The dispatches of one matrix product `y = epilogue(m x)`, one per buffer of `m`'s rows. `label` prefixes
+    /// the kernel's name in profiles.
+    pub fn product(
+        &self,
+        m: &GpuMatrix,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        out: Output,
+        epilogue: Epilogue,
+        label: &str,
+    ) -> Result<Vec<Op>> {
+        let gpu = self.gpu;
+        let pair = self.kernels.matmul(gpu, m.dtype, epilogue)?;
+        let per_output = epilogue.weight_rows_per_output();
+        if per_output > 1 && m.parts.len() != 1 {
+            return Err(EngineError::Gpu(format!("{}: a gated product's rows must be in one buffer", m.name)));
+        }
+        let per_group = matmul_rows_per_group(gpu);
+        let ops = m
+            .parts
+            .iter()
+            .map(|part| {
+                let rows = (part.rows / per_output) as u32;
+                let (groups_x, _) = split_groups(rows.div_ceil(per_group));
+                let params = MatmulParams {
+                    rows,
+                    cols: m.cols as u32,
+                    row_bytes: m.row_bytes as u32,
+                    out_stride: out.stride as u32,
+                    out_col: (out.col + part.first_row) as u32,
+                    at_position: out.at_position as u32,
+                    last_only: out.last_only as u32,
+                    groups_x,
+                };
+                let params = uniform(gpu, &m.name, &params);
+                let one = pair.pick(false);
+                Op {
+                    name: format!("{label}{}", one.name),
+                    pipeline: one.pipeline().clone(),
+                    tiled: Some(pair.pick(true).pipeline().clone()),
+                    bind: one.bind(gpu, &[&part.buffer, x, y, &params, &self.scratch.step]),
+                    grid: Grid::Matmul { rows, per_group, last_only: out.last_only },
+                    _params: Some(params),
+                }
+            })
+            .collect();
+        Ok(ops)
+    }
+
+    fn norm_params(&self, last_only: bool) -> wgpu::Buffer {
+        let c = self.config;
+        let params =
+            NormParams { width: c.hidden as u32, rows_per_token: 1, last_only: last_only as u32, eps: c.rms_eps };
+        uniform(self.gpu, "norm", &params)
+    }
+
+    fn elementwise_params(&self, width: usize, rows: usize, cap: f32) -> wgpu::Buffer {
+        uniform(self.gpu, "elementwise", &ElementwiseParams { width: width as u32, rows: rows as u32, cap, pad: 0 })
+    }
+
+    /// The token embedding into h, one dispatch per buffer of the table's rows.
+    pub fn embedding(&self, table: &GpuMatrix) -> Vec<Op> {
+        let (c, s) = (self.config, self.scratch);
+        let parts = table.parts.iter().map(|part| {
+            let params = EmbedParams {
+                rows: part.rows as u32,
+                first_row: part.first_row as u32,
+                cols: c.hidden as u32,
+                row_bytes: table.row_bytes as u32,
+                scale: c.embedding_scale.unwrap_or(1.0),
+                pad: [0; 3],
+            };
+            let kernel = self.kernels.embed(table.dtype);
+            let grid = Grid::Threads { per_token: c.hidden as u32 };
+            self.op(kernel, &[&part.buffer, &s.tokens, &s.h], Some(uniform(self.gpu, "embed", &params)), grid)
+        });
+        parts.collect()
+    }
+
+    /// Layer `i`: its dispatches in order, reading and writing the residual stream h.
+    pub fn layer(&self, i: usize, w: &LayerWeights, cache: &LayerCache, rope: RopeTable) -> Result<Vec<Op>> {
+        let (c, s, k) = (self.config, self.scratch, self.kernels);
+        let every_token = Grid::Rows { per_token: 1, last_only: false };
+        let hidden_rows = Output::rows(c.hidden);
+        let mut ops = Vec::new();
+
+        // Attention.
+        ops.push(self.op(&k.norm, &[&s.h, &s.a, &w.attn_norm], Some(self.norm_params(false)), every_token));
+        for (m, first_row) in &w.qkv {
+            let out = Output { col: *first_row, ..Output::rows(c.q_dim() + 2 * c.kv_dim()) };
+            ops.extend(self.product(m, &s.a, &s.qkv, out, Epilogue::Store, "")?);
+        }
+        let heads = HeadsParams {
+            heads: c.n_heads as u32,
+            kv_heads: c.n_kv_heads as u32,
+            head_dim: c.head_dim as u32,
+            interleaved: (c.rope_layout == RopeLayout::Interleaved) as u32,
+            qk_norm: c.qk_norm as u32,
+            eps: c.rms_eps,
+            pad: [0; 2],
+        };
+        let qk_norms = w.qk_norms.as_ref().unwrap_or(&s.no_norms);
+        ops.push(self.op(
+            &k.prepare_heads,
+            &[&s.qkv, &s.q, &cache.k, &cache.v, qk_norms, rope.cos, rope.sin],
+            Some(uniform(self.gpu, "heads", &heads)),
+            Grid::Rows { per_token: (c.n_heads + 2 * c.n_kv_heads) as u32, last_only: false },
+        ));
+        let attention = AttentionParams {
+            heads: c.n_heads as u32,
+            kv_heads: c.n_kv_heads as u32,
+            head_dim: c.head_dim as u32,
+            window: c.layers[i].window.unwrap_or(0) as u32,
+            scale: c.attention_scale,
+            softcap: c.attn_softcap.unwrap_or(0.0),
+            pad: [0; 2],
+        };
+        ops.push(self.op(
+            &k.attention,
+            &[&s.q, &cache.k, &cache.v, &s.attn],
+            Some(uniform(self.gpu, "attention", &attention)),
+            Grid::Attention { heads: c.n_heads as u32 },
+        ));
+
+        // The attention's output into the residual, and the MLP's input norm.
+        match &w.post_attention_norm {
+            Some(post) => {
+                ops.extend(self.product(&w.output, &s.attn, &s.o, hidden_rows, Epilogue::Store, "")?);
+                let buffers = [&s.o, &s.h, post, &s.a, &w.ffn_norm];
+                ops.push(self.op(&k.norm_add_norm, &buffers, Some(self.norm_params(false)), every_token));
+            }
+            None => {
+                ops.extend(self.product(&w.output, &s.attn, &s.h, hidden_rows, Epilogue::Accumulate, "")?);
+                ops.push(self.op(&k.norm, &[&s.h, &s.a, &w.ffn_norm], Some(self.norm_params(false)), every_token));
+            }
+        }
+
+        // The MLP.
+        let ffn_rows = Output::rows(c.ffn_hidden);
+        let activation = match c.activation {
+            Activation::GeluTanh => GluActivation::Gelu,
+            Activation::Silu => GluActivation::Silu,
+        };
+        match &w.gate_up {
+            GateUp::Stacked(m) => ops.extend(self.product(m, &s.a, &s.g, ffn_rows, Epilogue::Glu(activation), "")?),
+            GateUp::Apart(gate, up) => {
+                ops.extend(self.product(gate, &s.a, &s.g, ffn_rows, Epilogue::Store, "")?);
+                ops.extend(self.product(up, &s.a, &s.u, ffn_rows, Epilogue::Store, "")?);
+                let kernel = match activation {
+                    GluActivation::Gelu => &k.glu_gelu,
+                    GluActivation::Silu => &k.glu_silu,
+                };
+                let params = self.elementwise_params(c.ffn_hidden, 0, 0.0);
+                ops.push(self.op(
+                    kernel,
+                    &[&s.u, &s.g],
+                    Some(params),
+                    Grid::Threads { per_token: c.ffn_hidden as u32 },
+                ));
+            }
+        }
+        match &w.post_ffn_norm {
+            Some(post) => {
+                ops.extend(self.product(&w.down, &s.g, &s.o, hidden_rows, Epilogue::Store, "")?);
+                ops.push(self.op(&k.norm_add, &[&s.o, &s.h, post], Some(self.norm_params(false)), every_token));
+            }
+            None => ops.extend(self.product(&w.down, &s.g, &s.h, hidden_rows, Epilogue::Accumulate, "")?),
+        }
+        Ok(ops)
+    }
+
+    /// The final norm, the LM head (one product per buffer of its rows) and Gemma 2's softcap, writing logits of
+    /// the last token (`last_only`) or of every token into `logits`.
+    pub fn head(
+        &self,
+        final_norm: &wgpu::Buffer,
+        lm_head: &GpuMatrix,
+        logits: &wgpu::Buffer,
+        last_only: bool,
+    ) -> Result<Vec<Op>> {
+        let (c, s) = (self.config, self.scratch);
+        let norm_grid = Grid::Rows { per_token: 1, last_only };
+        let mut norm =
+            self.op(&self.kernels.norm, &[&s.h, &s.a, final_norm], Some(self.norm_params(last_only)), norm_grid);
+        norm.name = "final norm".into();
+        let mut ops = vec![norm];
+        let out = Output { stride: c.vocab_size, col: 0, at_position: false, last_only };
+        ops.extend(self.product(lm_head, &s.a, logits, out, Epilogue::Store, "lm head ")?);
+        if let Some(cap) = c.final_softcap {
+            let params = self.elementwise_params(c.vocab_size, if last_only { 1 } else { 0 }, cap);
+            let grid = Grid::Threads { per_token: c.vocab_size as u32 };
+            ops.push(self.op(&self.kernels.softcap, &[logits], Some(params), grid));
+        }
+        Ok(ops)
+    }
+
+    /// The token selection from the last logits (reads `select_params`, written per call).
+    pub fn selection(&self) -> Op {
+        let s = self.scratch;
+        let kernel = &self.kernels.select;
+        // The select kernel reads no step block: it binds only the logits, the result and its parameters.
+        Op {
+            name: kernel.name.clone(),
+            pipeline: kernel.pipeline().clone(),
+            tiled: None,
+            bind: kernel.bind(self.gpu, &[&s.logits, &s.picked, &s.select_params]),
+            grid: Grid::One,
+            _params: None,
+        }
+    }
+
+    /// Adds a steering vector (in `vector`) to every row of h.
+    pub fn steering(&self, vector: &wgpu::Buffer) -> Op {
+        let params = self.elementwise_params(self.config.hidden, 0, 0.0);
+        let grid = Grid::Threads { per_token: self.config.hidden as u32 };
+        let mut op = self.op(&self.kernels.add_vector, &[vector, &self.scratch.h], Some(params), grid);
+        op.name = "steering add".into();
+        op
+    }
+
+    /// Sets every row's projection onto a direction (`unit`) to the value in `params`, written per call.
+    pub fn projection(&self, unit: &wgpu::Buffer, params: &wgpu::Buffer) -> Op {
+        let grid = Grid::Rows { per_token: 1, last_only: false };
+        let mut op = self.op(&self.kernels.set_projection, &[unit, &self.scratch.h, params], None, grid);
+        op.name = "set projection".into();
+        op
+    }
+
+    /// Adds per-position rows (in `rows`, one per token of the call) to h.
+    pub fn row_addition(&self, rows: &wgpu::Buffer) -> Op {
+        let params = self.elementwise_params(self.config.hidden, 0, 0.0);
+        let grid = Grid::Threads { per_token: self.config.hidden as u32 };
+        let mut op = self.op(&self.kernels.add, &[rows, &self.scratch.h], Some(params), grid);
+        op.name = "row add".into();
+        op
+    }
+}
