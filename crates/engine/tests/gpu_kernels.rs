@@ -56,6 +56,11 @@ fn attention_matches_cpu() {
 }
 
 #[test]
+fn step_attention_matches_prepare_then_attend() {
+    block_on(gpu_cases::step_attention_matches_prepare_then_attend(&gpu()));
+}
+
+#[test]
 fn elementwise_steps_match_cpu() {
     block_on(gpu_cases::elementwise_steps_match_cpu(&gpu()));
 }

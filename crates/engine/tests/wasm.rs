@@ -140,6 +140,11 @@ async fn webgpu_attention_matches_cpu() {
 }
 
 #[wasm_bindgen_test]
+async fn webgpu_step_attention_matches_prepare_then_attend() {
+    gpu_cases::step_attention_matches_prepare_then_attend(&gpu().await).await;
+}
+
+#[wasm_bindgen_test]
 async fn webgpu_elementwise_steps_match_cpu() {
     gpu_cases::elementwise_steps_match_cpu(&gpu().await).await;
 }

@@ -16,7 +16,6 @@ const QUANT: &str = include_str!("kernels/quant.wgsl");
 const MATMUL: &str = include_str!("kernels/matmul.wgsl");
 const EMBED: &str = include_str!("kernels/embed.wgsl");
 const RMSNORM: &str = include_str!("kernels/rmsnorm.wgsl");
-const HEADS: &str = include_str!("kernels/heads.wgsl");
 const ATTENTION: &str = include_str!("kernels/attention.wgsl");
 const ELEMENTWISE: &str = include_str!("kernels/elementwise.wgsl");
 const SELECT: &str = include_str!("kernels/select.wgsl");
@@ -234,6 +233,8 @@ pub struct Kernels {
     pub norm_add_norm: Kernel,
     pub prepare_heads: Kernel,
     pub attention: Kernel,
+    /// prepare_heads and attention in one dispatch, for one-token steps.
+    pub attend_step: Kernel,
     pub glu_gelu: Kernel,
     pub glu_silu: Kernel,
     pub add: Kernel,
@@ -258,21 +259,19 @@ impl Kernels {
         let norm_slots = [(0, R), (1, W), (2, R), (3, U), (4, U)];
         // Buffers first, then the parameters, as every other kernel binds them.
         let norm_twice_slots = [(0, R), (1, W), (2, R), (5, W), (6, R), (3, U), (4, U)];
+        // attention.wgsl's bindings: q|k|v 0, Q 1, the caches 2 and 3, q/k norms 4, cos 5, sin 6, HeadsParams 7,
+        // Step 8, the output 9, AttentionParams 10.
         let heads_slots = [(0, R), (1, W), (2, W), (3, W), (4, R), (5, R), (6, R), (7, U), (8, U)];
+        let attention_slots = [(1, W), (2, W), (3, W), (9, W), (10, U), (8, U)];
+        let step_slots = [(0, R), (2, W), (3, W), (9, W), (4, R), (5, R), (6, R), (7, U), (10, U), (8, U)];
         let ew = [(0, R), (1, W), (2, U), (3, U)];
         let kernels = Self {
             norm: build(gpu, "norm", RMSNORM, "norm", &norm_slots, &[]),
             norm_add: build(gpu, "norm_add", RMSNORM, "norm_add", &norm_slots, &[]),
             norm_add_norm: build(gpu, "norm_add_norm", RMSNORM, "norm_add_norm", &norm_twice_slots, &[]),
-            prepare_heads: build(gpu, "prepare_heads", HEADS, "prepare_heads", &heads_slots, &[]),
-            attention: build(
-                gpu,
-                "attention",
-                ATTENTION,
-                "main",
-                &[(0, R), (1, R), (2, R), (3, W), (4, U), (5, U)],
-                &[],
-            ),
+            prepare_heads: build(gpu, "prepare_heads", ATTENTION, "prepare_heads", &heads_slots, &[]),
+            attention: build(gpu, "attention", ATTENTION, "attend", &attention_slots, &[]),
+            attend_step: build(gpu, "attend_step", ATTENTION, "attend_step", &step_slots, &[]),
             glu_gelu: build(gpu, "glu_gelu", ELEMENTWISE, "glu_gelu", &ew, &[]),
             glu_silu: build(gpu, "glu_silu", ELEMENTWISE, "glu_silu", &ew, &[]),
             add: build(gpu, "add", ELEMENTWISE, "add", &ew, &[]),
@@ -391,16 +390,17 @@ pub struct EmbedParams {
     pub pad: [u32; 3],
 }
 
+/// Twin of rmsnorm.wgsl's `Params`.
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable, Debug, Default)]
 pub struct NormParams {
     pub width: u32,
-    pub rows_per_token: u32,
     pub last_only: u32,
     pub eps: f32,
+    pub pad: u32,
 }
 
-/// Twin of heads.wgsl's `Params`.
+/// Twin of attention.wgsl's `HeadsParams`.
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable, Debug, Default)]
 pub struct HeadsParams {
@@ -413,6 +413,7 @@ pub struct HeadsParams {
     pub pad: [u32; 2],
 }
 
+/// Twin of attention.wgsl's `AttentionParams`.
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable, Debug, Default)]
 pub struct AttentionParams {

@@ -199,7 +199,7 @@ impl GpuModel {
             .chain(self.layer_ops.iter().flatten())
             .chain(&self.head_last)
             .chain([&self.select_op]);
-        for op in ops {
+        for op in ops.filter(|op| op.runs_for(t as u32)) {
             wait().map_err(|e| EngineError::GpuLost(e.to_string()))?;
             let start = Instant::now();
             let mut encoder = gpu.device.create_command_encoder(&Default::default());
@@ -530,8 +530,8 @@ impl LanguageModel for GpuModel {
     }
 
     fn stats(&self) -> BackendStats {
-        let per_token =
-            self.embed_ops.len() + self.layer_ops.iter().map(|l| l.len()).sum::<usize>() + self.head_last.len() + 1; // token selection
+        let ops = self.embed_ops.iter().chain(self.layer_ops.iter().flatten()).chain(&self.head_last);
+        let per_token = ops.filter(|op| op.runs_for(1)).count() + 1; // token selection
         BackendStats { gpu_memory_bytes: Some(self.memory), dispatches_per_token: Some(per_token) }
     }
 

@@ -5,11 +5,12 @@
 //! Steps that follow one another share a dispatch where a kernel can take the next step in its epilogue. A layer
 //! (Gemma-only steps marked):
 //!   norm h -> a | qkv = a [Wq; Wk; Wv] (one product per run of equal weight types) |
-//!   heads: q_norm/k_norm (Gemma 3), RoPE, q -> Q, k -> K[pos], v -> V[pos] | attention -> attn |
+//!   heads: q_norm/k_norm (Gemma 3), RoPE, q -> Q, k -> K[pos], v -> V[pos] | attention -> attn
+//!     (one dispatch, attend_step, when the call has one token) |
 //!   Llama: h += attn Wo; a = norm h      Gemma: o = attn Wo; h += post_norm(o); a = norm h (one dispatch) |
 //!   g = act(a Wg) * (a Wu) (one product over the stacked gate and up rows) |
 //!   Llama: h += g Wd                     Gemma: o = g Wd; h += post_norm(o)
-//! then the hooks on h. SmolLM2 takes 8 dispatches a layer, Gemma 3 9 or 10.
+//! then the hooks on h. While decoding, SmolLM2 takes 7 dispatches a layer, Gemma 3 8 or 9.
 
 use bytemuck::Pod;
 
@@ -62,6 +63,14 @@ impl Grid {
     }
 }
 
+/// Which calls a dispatch belongs to: some steps have a fused form for one-token calls (decoding).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Calls {
+    All,
+    OneToken,
+    SeveralTokens,
+}
+
 /// One prepared dispatch.
 pub(super) struct Op {
     /// The kernel's name, for profiles (native only).
@@ -72,12 +81,31 @@ pub(super) struct Op {
     tiled: Option<wgpu::ComputePipeline>,
     bind: wgpu::BindGroup,
     grid: Grid,
+    calls: Calls,
     /// Kept alive for the bind group.
     _params: Option<wgpu::Buffer>,
 }
 
 impl Op {
+    /// Whether a call of `tokens` tokens runs this dispatch.
+    pub fn runs_for(&self, tokens: u32) -> bool {
+        match self.calls {
+            Calls::All => true,
+            Calls::OneToken => tokens == 1,
+            Calls::SeveralTokens => tokens > 1,
+        }
+    }
+
+    /// The same dispatch, for `calls` only.
+    fn only_for(self, calls: Calls) -> Self {
+        Self { calls, ..self }
+    }
+
+    /// Records the dispatch into `pass` if a call of `tokens` tokens runs it.
     pub fn record(&self, pass: &mut wgpu::ComputePass, tokens: u32) {
+        if !self.runs_for(tokens) {
+            return;
+        }
         let (size, tiled) = self.grid.size(tokens);
         let pipeline = if tiled { self.tiled.as_ref().unwrap_or(&self.pipeline) } else { &self.pipeline };
         pass.set_pipeline(pipeline);
@@ -196,6 +224,7 @@ impl Planner<'_> {
             tiled: None,
             bind: kernel.bind(self.gpu, &all),
             grid,
+            calls: Calls::All,
             _params: params,
         }
     }
@@ -242,6 +271,7 @@ impl Planner<'_> {
                     tiled: Some(pair.pick(true).pipeline().clone()),
                     bind: one.bind(gpu, &[&part.buffer, x, y, &params, &self.scratch.step]),
                     grid: Grid::Matmul { rows, per_group, last_only: out.last_only },
+                    calls: Calls::All,
                     _params: Some(params),
                 }
             })
@@ -251,8 +281,7 @@ impl Planner<'_> {
 
     fn norm_params(&self, last_only: bool) -> wgpu::Buffer {
         let c = self.config;
-        let params =
-            NormParams { width: c.hidden as u32, rows_per_token: 1, last_only: last_only as u32, eps: c.rms_eps };
+        let params = NormParams { width: c.hidden as u32, last_only: last_only as u32, eps: c.rms_eps, pad: 0 };
         uniform(self.gpu, "norm", &params)
     }
 
@@ -302,12 +331,13 @@ impl Planner<'_> {
             pad: [0; 2],
         };
         let qk_norms = w.qk_norms.as_ref().unwrap_or(&s.no_norms);
-        ops.push(self.op(
+        let heads = uniform(self.gpu, "heads", &heads);
+        let prepare = self.op(
             &k.prepare_heads,
             &[&s.qkv, &s.q, &cache.k, &cache.v, qk_norms, rope.cos, rope.sin],
-            Some(uniform(self.gpu, "heads", &heads)),
+            Some(heads.clone()),
             Grid::Rows { per_token: (c.n_heads + 2 * c.n_kv_heads) as u32, last_only: false },
-        ));
+        );
         let attention = AttentionParams {
             heads: c.n_heads as u32,
             kv_heads: c.n_kv_heads as u32,
@@ -317,12 +347,25 @@ impl Planner<'_> {
             softcap: c.attn_softcap.unwrap_or(0.0),
             pad: [0; 2],
         };
-        ops.push(self.op(
+        let attention = uniform(self.gpu, "attention", &attention);
+        let attend = self.op(
             &k.attention,
             &[&s.q, &cache.k, &cache.v, &s.attn],
-            Some(uniform(self.gpu, "attention", &attention)),
+            Some(attention.clone()),
             Grid::Attention { heads: c.n_heads as u32 },
-        ));
+        );
+        // A one-token call prepares its heads inside the attention.
+        let step = self.op(
+            &k.attend_step,
+            &[&s.qkv, &cache.k, &cache.v, &s.attn, qk_norms, rope.cos, rope.sin, &heads],
+            Some(attention),
+            Grid::Attention { heads: c.n_heads as u32 },
+        );
+        ops.extend([
+            prepare.only_for(Calls::SeveralTokens),
+            attend.only_for(Calls::SeveralTokens),
+            step.only_for(Calls::OneToken),
+        ]);
 
         // The attention's output into the residual, and the MLP's input norm.
         match &w.post_attention_norm {
@@ -407,6 +450,7 @@ impl Planner<'_> {
             tiled: None,
             bind: kernel.bind(self.gpu, &[&s.logits, &s.picked, &s.select_params]),
             grid: Grid::One,
+            calls: Calls::All,
             _params: None,
         }
     }

@@ -275,7 +275,7 @@ pub async fn rms_norms_match_cpu(gpu: &Gpu) {
 
     // norm: Y = norm(X)
     let y = floats(gpu, &y0);
-    let p = uniform(gpu, &NormParams { width: width as u32, rows_per_token: 1, last_only: 0, eps });
+    let p = uniform(gpu, &NormParams { width: width as u32, last_only: 0, eps, pad: 0 });
     dispatch(gpu, &kernels.norm, &[&floats(gpu, &x), &y, &floats(gpu, &w), &p, &s], [tokens as u32, 1, 1]);
     assert_close(&read(gpu, &y, tokens * width).await, &want_norm, 1e-5, "norm");
 
@@ -287,7 +287,7 @@ pub async fn rms_norms_match_cpu(gpu: &Gpu) {
 
     // last_only: only the last token's row changes.
     let y = floats(gpu, &y0);
-    let p_last = uniform(gpu, &NormParams { width: width as u32, rows_per_token: 1, last_only: 1, eps });
+    let p_last = uniform(gpu, &NormParams { width: width as u32, last_only: 1, eps, pad: 0 });
     dispatch(gpu, &kernels.norm, &[&floats(gpu, &x), &y, &floats(gpu, &w), &p_last, &s], [1, 1, 1]);
     let mut want = y0.clone();
     want[(tokens - 1) * width..].copy_from_slice(&want_norm[(tokens - 1) * width..]);
@@ -503,6 +503,125 @@ pub async fn attention_matches_cpu(gpu: &Gpu) {
             1e-4,
             &format!("attention, window {window}, softcap {softcap}"),
         );
+    }
+}
+
+/// attend_step (one-token steps) against prepare_heads then attention, bit for bit in the output and both caches,
+/// and against the CPU steps: per-head norms, RoPE in both layouts, key positions at and past a chunk of 64,
+/// windows and softcaps.
+pub async fn step_attention_matches_prepare_then_attend(gpu: &Gpu) {
+    let kernels = Kernels::new(gpu, &[]).unwrap();
+    // 160 dimensions: 80 pairs, so some of the 64 threads take two; two q heads per kv head.
+    let (heads, kv_heads, hd, eps) = (4usize, 2usize, 160usize, 1e-6f32);
+    let (half, positions, kv_width) = (hd / 2, 72usize, kv_heads * hd);
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    for p in 0..positions {
+        for i in 0..half {
+            let angle = p as f64 / 10_000f64.powf(2.0 * i as f64 / hd as f64);
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    let qkv: Vec<f32> = noise((heads + 2 * kv_heads) * hd, 71).iter().map(|v| v * 3.0).collect();
+    let norms = noise(2 * hd, 72);
+    let old_k: Vec<f32> = noise(positions * kv_width, 73);
+    let old_v: Vec<f32> = noise(positions * kv_width, 74);
+    let scale = 1.0 / (hd as f32).sqrt();
+    // (position, qk norm, interleaved, window, softcap)
+    let cases = [
+        (0usize, false, false, 0usize, 0f32),
+        (63, true, false, 0, 0.0),
+        (64, false, true, 0, 2.0),
+        (70, true, true, 50, 0.0),
+        (70, false, false, 5, 1.5),
+    ];
+    for (start, qk_norm, interleaved, window, softcap) in cases {
+        let what = format!(
+            "position {start}, qk norm {qk_norm}, interleaved {interleaved}, window {window}, softcap {softcap}"
+        );
+        let heads_params = uniform(
+            gpu,
+            &HeadsParams {
+                heads: heads as u32,
+                kv_heads: kv_heads as u32,
+                head_dim: hd as u32,
+                interleaved: interleaved as u32,
+                qk_norm: qk_norm as u32,
+                eps,
+                pad: [0; 2],
+            },
+        );
+        let attention_params = uniform(
+            gpu,
+            &AttentionParams {
+                heads: heads as u32,
+                kv_heads: kv_heads as u32,
+                head_dim: hd as u32,
+                window: window as u32,
+                scale,
+                softcap,
+                pad: [0; 2],
+            },
+        );
+        // The caches hold earlier positions, and stale values in the step's own row, which the step must overwrite
+        // and never read.
+        let (k0, v0) = (old_k.clone(), old_v.clone());
+        let (qkv_buf, norms_buf, cos_buf, sin_buf) =
+            (floats(gpu, &qkv), floats(gpu, &norms), floats(gpu, &cos), floats(gpu, &sin));
+        let s = step(gpu, 1, start as u32);
+        let out_len = heads * hd;
+
+        let (k_apart, v_apart) = (floats(gpu, &k0), floats(gpu, &v0));
+        let q_buf = gpu.storage("q", (out_len * 4) as u64);
+        let o_apart = gpu.storage("o", (out_len * 4) as u64);
+        let prepare = [&qkv_buf, &q_buf, &k_apart, &v_apart, &norms_buf, &cos_buf, &sin_buf, &heads_params, &s];
+        dispatch(gpu, &kernels.prepare_heads, &prepare, [(heads + 2 * kv_heads) as u32, 1, 1]);
+        let attend = [&q_buf, &k_apart, &v_apart, &o_apart, &attention_params, &s];
+        dispatch(gpu, &kernels.attention, &attend, [heads as u32, 1, 1]);
+
+        let (k_fused, v_fused) = (floats(gpu, &k0), floats(gpu, &v0));
+        let o_fused = gpu.storage("o", (out_len * 4) as u64);
+        let fused = [
+            &qkv_buf,
+            &k_fused,
+            &v_fused,
+            &o_fused,
+            &norms_buf,
+            &cos_buf,
+            &sin_buf,
+            &heads_params,
+            &attention_params,
+            &s,
+        ];
+        dispatch(gpu, &kernels.attend_step, &fused, [heads as u32, 1, 1]);
+
+        let got = read(gpu, &o_fused, out_len).await;
+        assert_eq!(got, read(gpu, &o_apart, out_len).await, "output, {what}");
+        let got_k = read(gpu, &k_fused, positions * kv_width).await;
+        assert_eq!(got_k, read(gpu, &k_apart, positions * kv_width).await, "k cache, {what}");
+        let got_v = read(gpu, &v_fused, positions * kv_width).await;
+        assert_eq!(got_v, read(gpu, &v_apart, positions * kv_width).await, "v cache, {what}");
+
+        // The CPU steps: norms, RoPE, the new row into the caches, attention.
+        let normed = |rows: &[f32], weights: &[f32]| -> Vec<f32> {
+            if qk_norm {
+                rows.chunks(hd).flat_map(|r| rms_norm_cpu(r, weights, eps)).collect()
+            } else {
+                rows.to_vec()
+            }
+        };
+        let (c, s_) = (&cos[start * half..(start + 1) * half], &sin[start * half..(start + 1) * half]);
+        let q = rope_cpu(&normed(&qkv[..heads * hd], &norms[..hd]), 1, heads, hd, c, s_, interleaved);
+        let new_k =
+            rope_cpu(&normed(&qkv[heads * hd..out_len + kv_width], &norms[hd..]), 1, kv_heads, hd, c, s_, interleaved);
+        let mut k = k0.clone();
+        let mut v = v0.clone();
+        k[start * kv_width..(start + 1) * kv_width].copy_from_slice(&new_k);
+        v[start * kv_width..(start + 1) * kv_width].copy_from_slice(&qkv[out_len + kv_width..]);
+        assert_close(&got_k, &k, 1e-5, &format!("k cache against the CPU, {what}"));
+        assert_eq!(got_v, v, "v cache against the CPU, {what}");
+        let want = attention_cpu(&q, &k, &v, heads, kv_heads, hd, start, 1, window, scale, softcap);
+        assert_close(&got, &want, 1e-4, &format!("output against the CPU, {what}"));
     }
 }
 

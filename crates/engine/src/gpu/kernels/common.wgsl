@@ -25,20 +25,26 @@ fn silu(g: f32) -> f32 {
     return g / (1.0 + exp(-g));
 }
 
-var<workgroup> rms_sums: array<f32, 64>;
+var<workgroup> sum_lanes: array<f32, 64>;
+
+// The sum of one value per thread over a workgroup of 64 threads, as a tree (lane li adds lane li + half), so
+// every kernel that sums a row adds in the same order. Every thread of the workgroup must call it; all get the sum.
+fn workgroup_sum(v: f32, li: u32) -> f32 {
+    sum_lanes[li] = v;
+    workgroupBarrier();
+    for (var half = 32u; half > 0u; half >>= 1u) {
+        if (li < half) {
+            sum_lanes[li] += sum_lanes[li + half];
+        }
+        workgroupBarrier();
+    }
+    let total = sum_lanes[0];
+    workgroupBarrier();
+    return total;
+}
 
 // 1 / sqrt(mean(x^2) + eps) of a row of `width` values, in a workgroup of 64 threads that each pass their share
 // of the sum of squares (values li, li + 64, ...). Every thread of the workgroup must call it.
 fn row_inverse_rms(partial_sum: f32, li: u32, width: u32, eps: f32) -> f32 {
-    rms_sums[li] = partial_sum;
-    workgroupBarrier();
-    for (var half = 32u; half > 0u; half >>= 1u) {
-        if (li < half) {
-            rms_sums[li] += rms_sums[li + half];
-        }
-        workgroupBarrier();
-    }
-    let r = inverseSqrt(rms_sums[0] / f32(width) + eps);
-    workgroupBarrier();
-    return r;
+    return inverseSqrt(workgroup_sum(partial_sum, li) / f32(width) + eps);
 }

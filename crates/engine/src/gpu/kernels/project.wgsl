@@ -15,8 +15,6 @@ struct Params {
 @group(0) @binding(2) var<uniform> P: Params;
 @group(0) @binding(3) var<uniform> S: Step;
 
-var<workgroup> sums: array<f32, 64>;
-
 @compute @workgroup_size(64)
 fn set_projection(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let base = wg.x * P.width;
@@ -24,15 +22,7 @@ fn set_projection(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocatio
     for (var i = li; i < P.width; i += 64u) {
         s += Y[base + i] * U[i];
     }
-    sums[li] = s;
-    workgroupBarrier();
-    for (var half = 32u; half > 0u; half >>= 1u) {
-        if (li < half) {
-            sums[li] += sums[li + half];
-        }
-        workgroupBarrier();
-    }
-    let shift = P.value - sums[0];
+    let shift = P.value - workgroup_sum(s, li);
     for (var i = li; i < P.width; i += 64u) {
         Y[base + i] += shift * U[i];
     }

@@ -9,9 +9,9 @@
 
 struct Params {
     width: u32,          // values per row
-    rows_per_token: u32, // rows per token (1: each token's row is one vector)
-    last_only: u32,      // 1: only the last token's row(s)
+    last_only: u32,      // 1: only the last token's row
     eps: f32,
+    pad: u32,
 }
 
 @group(0) @binding(0) var<storage, read> X: array<f32>;
@@ -24,7 +24,7 @@ struct Params {
 
 // The row this workgroup normalizes, as an offset in values.
 fn row_base(wg: u32) -> u32 {
-    let first = select(0u, (S.tokens - 1u) * P.rows_per_token, P.last_only == 1u);
+    let first = select(0u, S.tokens - 1u, P.last_only == 1u);
     return (first + wg) * P.width;
 }
 
