@@ -74,6 +74,14 @@ fn tiny_models_match_transformers_with_cooperative_rows() {
     }
 }
 
+/// The matrix products' lanes added by subgroup shuffles, as GPUs with subgroups get them.
+#[test]
+fn tiny_models_match_transformers_with_subgroup_rows() {
+    for name in ["tiny-gemma3", "tiny-gemma2", "tiny-llama"] {
+        check_fixture(name, Backend::WgpuSubgroup);
+    }
+}
+
 #[test]
 fn fixtures_use_every_supported_quantization() {
     for name in ["tiny-gemma3", "tiny-gemma2", "tiny-llama"] {

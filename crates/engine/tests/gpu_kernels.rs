@@ -23,6 +23,18 @@ fn cooperative_matmul_matches_cpu_for_every_type() {
     block_on(gpu_cases::matmul_matches_cpu_for_every_type(&gpu().with_matmul_form(MatmulForm::Cooperative)));
 }
 
+/// The lanes' sums through subgroup shuffles, as GPUs with subgroups get them (lavapipe's subgroups hold 8).
+fn subgroup_gpu() -> Gpu {
+    let gpu = gpu();
+    assert!(gpu.subgroup_size.is_some(), "{} offers no subgroups", gpu.describe());
+    gpu.with_matmul_form(MatmulForm::Subgroup)
+}
+
+#[test]
+fn subgroup_matmul_matches_cpu_for_every_type() {
+    block_on(gpu_cases::matmul_matches_cpu_for_every_type(&subgroup_gpu()));
+}
+
 #[test]
 fn split_matrices_give_the_same_products() {
     block_on(gpu_cases::split_matrices_give_the_same_products(&gpu()));
@@ -48,6 +60,7 @@ fn head_preparation_matches_cpu() {
 fn fused_products_match_cpu() {
     block_on(gpu_cases::fused_products_match_cpu(&gpu().with_matmul_form(MatmulForm::PerRow)));
     block_on(gpu_cases::fused_products_match_cpu(&gpu().with_matmul_form(MatmulForm::Cooperative)));
+    block_on(gpu_cases::fused_products_match_cpu(&subgroup_gpu()));
 }
 
 #[test]

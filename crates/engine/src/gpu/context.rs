@@ -21,6 +21,9 @@ pub struct Gpu {
     /// How the matrix products share a row among threads: chosen from the adapter, changed with `with_matmul_form`
     /// before any model or kernel is built on this device.
     pub matmul_form: MatmulForm,
+    /// The smallest subgroup the device runs, where it has subgroups (the device is asked for them whenever the
+    /// adapter offers them).
+    pub subgroup_size: Option<u32>,
     /// Set by the device-lost callback and by uncaptured validation or out-of-memory errors.
     failure: Arc<Mutex<Option<String>>>,
     /// Bytes of every buffer created through this struct (buffers are only freed with their owner).
@@ -54,10 +57,16 @@ impl Gpu {
             }
         }
         let limits = adapter.limits();
+        let features = adapter.features() & wgpu::Features::SUBGROUP;
+        // A backend that does not say how small its subgroups get is taken at WebGPU's smallest, 4.
+        let subgroup_size = features
+            .contains(wgpu::Features::SUBGROUP)
+            .then_some(limits.min_subgroup_size.max(4))
+            .filter(|s| s.is_power_of_two());
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("saif"),
-                required_features: wgpu::Features::empty(),
+                required_features: features,
                 required_limits: limits.clone(),
                 experimental_features: Default::default(),
                 memory_hints: wgpu::MemoryHints::Performance,
@@ -84,23 +93,38 @@ impl Gpu {
             info,
             limits,
             matmul_form: MatmulForm::Cooperative,
+            subgroup_size,
             failure,
             allocated: std::cell::Cell::new(0),
         };
-        // A thread per row on adapters that are CPU programs, rows shared by 16 threads on GPUs.
-        let form = if gpu.runs_on_cpu() { MatmulForm::PerRow } else { MatmulForm::Cooperative };
+        // A thread per row on adapters that are CPU programs; on GPUs, rows shared by 16 threads (or by one
+        // subgroup's worth) that add up their sums through subgroup shuffles where the device has them.
+        let form = match (gpu.runs_on_cpu(), gpu.subgroup_size) {
+            (true, _) => MatmulForm::PerRow,
+            (false, Some(_)) => MatmulForm::Subgroup,
+            (false, None) => MatmulForm::Cooperative,
+        };
         let gpu = gpu.with_matmul_form(form);
-        // Natively, SAIF_GPU_MATMUL=per-row|cooperative overrides the adapter's form (to compare them on one GPU).
+        // Natively, SAIF_GPU_MATMUL=per-row|cooperative|subgroup overrides the adapter's form (to compare them on
+        // one GPU).
         #[cfg(not(target_arch = "wasm32"))]
         if let Ok(name) = std::env::var("SAIF_GPU_MATMUL") {
-            return Ok(gpu.with_matmul_form(MatmulForm::parse(&name)?));
+            let form = MatmulForm::parse(&name)?;
+            if form == MatmulForm::Subgroup && gpu.subgroup_size.is_none() {
+                return Err(EngineError::InvalidRequest(format!("{} has no subgroups", gpu.describe())));
+            }
+            return Ok(gpu.with_matmul_form(form));
         }
         Ok(gpu)
     }
 
-    /// The same device with its matrix products in `form` (tests run both forms on every adapter).
+    /// The same device with its matrix products in `form` (tests run every form on every adapter). `Subgroup` on
+    /// a device without subgroups gives `Cooperative`.
     pub fn with_matmul_form(mut self, form: MatmulForm) -> Self {
-        self.matmul_form = form;
+        self.matmul_form = match form {
+            MatmulForm::Subgroup if self.subgroup_size.is_none() => MatmulForm::Cooperative,
+            other => other,
+        };
         self
     }
 

@@ -14,6 +14,8 @@ use crate::error::{EngineError, Result};
 const COMMON: &str = include_str!("kernels/common.wgsl");
 const QUANT: &str = include_str!("kernels/quant.wgsl");
 const MATMUL: &str = include_str!("kernels/matmul.wgsl");
+const MATMUL_LANES: &str = include_str!("kernels/matmul_lanes.wgsl");
+const MATMUL_LANES_SUBGROUP: &str = include_str!("kernels/matmul_lanes_subgroup.wgsl");
 const EMBED: &str = include_str!("kernels/embed.wgsl");
 const RMSNORM: &str = include_str!("kernels/rmsnorm.wgsl");
 const ATTENTION: &str = include_str!("kernels/attention.wgsl");
@@ -225,7 +227,8 @@ impl MatmulKernels {
 /// epilogue, are built on first use, so that a model only compiles the variants it dispatches.
 pub struct Kernels {
     matmul: RefCell<HashMap<(GgmlDType, Epilogue), Rc<MatmulKernels>>>,
-    /// Threads sharing a row of a product on this device.
+    /// How the products share a row among threads on this device, and how many threads do.
+    form: MatmulForm,
     lanes: u32,
     embed: HashMap<GgmlDType, Kernel>,
     pub norm: Kernel,
@@ -280,6 +283,7 @@ impl Kernels {
             select: build(gpu, "select", SELECT, "main", &[(0, R), (1, W), (2, U)], &[]),
             set_projection: build(gpu, "set_projection", PROJECT, "set_projection", &ew, &[]),
             matmul: RefCell::new(HashMap::new()),
+            form: gpu.matmul_form,
             lanes: matmul_lanes(gpu),
             embed,
         };
@@ -293,6 +297,10 @@ impl Kernels {
             return Ok(built.clone());
         }
         let source = with_decoder(MATMUL, dtype)?;
+        // Natively only: wgpu 27's WebGPU backend does not pass the browser's subgroups feature through, so a page's
+        // device never has them.
+        let lanes_sum = if self.form == MatmulForm::Subgroup { MATMUL_LANES_SUBGROUP } else { MATMUL_LANES };
+        let source = format!("{source}\n{lanes_sum}");
         let slots = [(0, R), (1, R), (2, W), (3, U), (4, U)];
         let lanes = self.lanes as f64;
         let e = epilogue.constant();
@@ -324,32 +332,32 @@ pub enum MatmulForm {
     /// 16 threads per row, each reading every 16th chunk (coalesced reads, more threads in flight), their partial
     /// sums added through workgroup memory: for real GPUs.
     Cooperative,
+    /// The cooperative form with the partial sums added by subgroup shuffles instead, for devices with subgroups;
+    /// as many threads per row as the smallest subgroup holds, at most 16.
+    Subgroup,
 }
 
 impl MatmulForm {
-    /// `per-row` or `cooperative`.
+    /// `per-row`, `cooperative` or `subgroup`.
     pub fn parse(name: &str) -> Result<Self> {
         match name {
             "per-row" => Ok(Self::PerRow),
             "cooperative" => Ok(Self::Cooperative),
+            "subgroup" => Ok(Self::Subgroup),
             _ => Err(EngineError::InvalidRequest(format!(
-                "unknown matrix-product form {name:?}: use per-row or cooperative"
+                "unknown matrix-product form {name:?}: use per-row, cooperative or subgroup"
             ))),
-        }
-    }
-
-    /// Threads sharing one row (the shader's LANES).
-    pub fn lanes(self) -> u32 {
-        match self {
-            Self::PerRow => 1,
-            Self::Cooperative => 16,
         }
     }
 }
 
-/// Threads sharing one row of a matrix product on `gpu`.
+/// Threads sharing one row of a matrix product on `gpu` (the shader's LANES).
 pub fn matmul_lanes(gpu: &Gpu) -> u32 {
-    gpu.matmul_form.lanes()
+    match gpu.matmul_form {
+        MatmulForm::PerRow => 1,
+        MatmulForm::Cooperative => 16,
+        MatmulForm::Subgroup => gpu.subgroup_size.unwrap_or(16).min(16),
+    }
 }
 
 /// Output rows one workgroup of the matrix product covers.

@@ -48,6 +48,8 @@ pub enum Backend {
     /// wgpu with the real-GPU form of the matrix products (16 threads share a row), whatever the adapter: so the
     /// form real GPUs get is run on lavapipe too.
     WgpuCooperative,
+    /// wgpu with the matrix products' lanes added by subgroup shuffles (lavapipe has subgroups of 8).
+    WgpuSubgroup,
 }
 
 pub fn load_on(path: &std::path::Path, backend: Backend) -> Engine {
@@ -59,6 +61,12 @@ pub fn load_on(path: &std::path::Path, backend: Backend) -> Engine {
         Backend::Wgpu => saif_engine::block_on(Engine::load_wgpu(reader, &options, None)),
         Backend::WgpuCooperative => saif_engine::block_on(async {
             let gpu = saif_engine::gpu::Gpu::new().await?.with_matmul_form(MatmulForm::Cooperative);
+            Engine::load_wgpu(reader, &options, Some(std::rc::Rc::new(gpu))).await
+        }),
+        Backend::WgpuSubgroup => saif_engine::block_on(async {
+            let gpu = saif_engine::gpu::Gpu::new().await?;
+            assert!(gpu.subgroup_size.is_some(), "{} offers no subgroups", gpu.describe());
+            let gpu = gpu.with_matmul_form(MatmulForm::Subgroup);
             Engine::load_wgpu(reader, &options, Some(std::rc::Rc::new(gpu))).await
         }),
     };

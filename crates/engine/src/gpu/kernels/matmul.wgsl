@@ -4,7 +4,9 @@
 //
 // A workgroup of 64 threads computes 64 / LANES output rows for TILE tokens; the LANES threads of a row split its
 // 32-value chunks and add up their partial sums at the end. LANES = 1 (a thread per row, no exchange) suits
-// CPU-based adapters such as lavapipe and SwiftShader; GPUs take 16 (gpu/kernels.rs picks).
+// CPU-based adapters such as lavapipe and SwiftShader; GPUs take 16 (gpu/kernels.rs picks). The lanes' sums are
+// added by `reduce_lanes`, through workgroup memory (matmul_lanes.wgsl) or, where the device has subgroups, through
+// subgroup shuffles (matmul_lanes_subgroup.wgsl); gpu/kernels.rs appends one of them.
 //
 // EPILOGUE says what happens to a finished sum, so that the step after a product needs no dispatch of its own:
 //   0  Y = sum                                   (store)
@@ -33,30 +35,6 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> Y: array<f32>;
 @group(0) @binding(3) var<uniform> P: Params;
 @group(0) @binding(4) var<uniform> S: Step;
-
-var<workgroup> partial: array<f32, 512>; // 64 threads x TILE (<= 8) tokens
-var<workgroup> partial_up: array<f32, 512>; // the same for the up rows of a GLU
-
-// The lanes' partial sums of row `li / LANES` added up, in lane 0's `acc` (every thread must call it).
-fn reduce_lanes(li: u32, lane: u32, acc: ptr<function, array<f32, 8>>, up: bool) {
-    for (var t = 0u; t < TILE; t++) {
-        if (up) {
-            partial_up[li * TILE + t] = (*acc)[t];
-        } else {
-            partial[li * TILE + t] = (*acc)[t];
-        }
-    }
-    workgroupBarrier();
-    if (lane == 0u) {
-        for (var t = 0u; t < TILE; t++) {
-            var s = 0.0;
-            for (var i = 1u; i < LANES; i++) {
-                s += select(partial[(li + i) * TILE + t], partial_up[(li + i) * TILE + t], up);
-            }
-            (*acc)[t] += s;
-        }
-    }
-}
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
