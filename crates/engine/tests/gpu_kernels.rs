@@ -74,6 +74,17 @@ fn step_attention_matches_prepare_then_attend() {
 }
 
 #[test]
+fn normalized_products_equal_norm_then_product() {
+    use candle_core::quantized::GgmlDType;
+    use gpu_cases::{normalized_products_equal_norm_then_product as check, NORMALIZED_TYPES};
+    // Every type in the form lavapipe runs; the two GPU forms (their lanes split a row) on one block type and one
+    // K-quant.
+    block_on(check(&gpu().with_matmul_form(MatmulForm::PerRow), &NORMALIZED_TYPES));
+    block_on(check(&subgroup_gpu(), &[GgmlDType::Q4_1, GgmlDType::Q6K]));
+    block_on(check(&gpu().with_matmul_form(MatmulForm::Cooperative), &[GgmlDType::Q4_1, GgmlDType::Q6K]));
+}
+
+#[test]
 fn elementwise_steps_match_cpu() {
     block_on(gpu_cases::elementwise_steps_match_cpu(&gpu()));
 }

@@ -91,6 +91,7 @@ fn truncated_files_are_errors_not_panics() {
 
 mod gpu_cases;
 
+use candle_core::quantized::GgmlDType;
 use saif_engine::gpu::kernels::MatmulForm;
 
 async fn gpu() -> saif_engine::gpu::Gpu {
@@ -132,6 +133,14 @@ async fn webgpu_head_preparation_matches_cpu() {
 async fn webgpu_fused_products_match_cpu() {
     gpu_cases::fused_products_match_cpu(&gpu().await.with_matmul_form(MatmulForm::PerRow)).await;
     gpu_cases::fused_products_match_cpu(&gpu().await.with_matmul_form(MatmulForm::Cooperative)).await;
+}
+
+#[wasm_bindgen_test]
+async fn webgpu_normalized_products_equal_norm_then_product() {
+    // One type per form: SwiftShader compiles each pipeline slowly (every type runs natively).
+    let gpu_form = gpu().await.with_matmul_form(MatmulForm::Cooperative);
+    gpu_cases::normalized_products_equal_norm_then_product(&gpu().await, &[GgmlDType::Q4_1]).await;
+    gpu_cases::normalized_products_equal_norm_then_product(&gpu_form, &[GgmlDType::Q6K]).await;
 }
 
 #[wasm_bindgen_test]

@@ -14,6 +14,8 @@ use crate::error::{EngineError, Result};
 const COMMON: &str = include_str!("kernels/common.wgsl");
 const QUANT: &str = include_str!("kernels/quant.wgsl");
 const MATMUL: &str = include_str!("kernels/matmul.wgsl");
+const MATMUL_INPUT: &str = include_str!("kernels/matmul_input.wgsl");
+const MATMUL_INPUT_NORM: &str = include_str!("kernels/matmul_input_norm.wgsl");
 const MATMUL_LANES: &str = include_str!("kernels/matmul_lanes.wgsl");
 const MATMUL_LANES_SUBGROUP: &str = include_str!("kernels/matmul_lanes_subgroup.wgsl");
 const EMBED: &str = include_str!("kernels/embed.wgsl");
@@ -155,7 +157,7 @@ fn with_decoder(source: &str, dtype: GgmlDType) -> Result<String> {
     let t = type_suffix(dtype)?;
     // quant.wgsl's dot products read `X4`; a kernel that only decodes values (the embedding) gets a private
     // stand-in so the module compiles.
-    let stand_in = if source.contains("var<storage, read> X4") { "" } else { "var<private> X4: array<vec4<f32>, 8>;" };
+    let stand_in = if source.contains(" X4: ") { "" } else { "var<private> X4: array<vec4<f32>, 8>;" };
     Ok(format!(
         "{QUANT}\n{source}\n{stand_in}\n\
          fn dot_chunk(row: u32, c: u32, x: u32) -> f32 {{ return dot_{t}(row, c, x); }}\n\
@@ -206,6 +208,9 @@ impl Epilogue {
     }
 }
 
+/// The widest input row a product can normalize itself (matmul_input_norm.wgsl's workgroup array).
+pub const MAX_NORMALIZED_COLS: usize = 2304;
+
 /// One matrix product's two pipelines, sharing a bind group layout: one token per workgroup (decoding) and
 /// PREFILL_TILE tokens per workgroup (prompts).
 pub struct MatmulKernels {
@@ -227,6 +232,7 @@ impl MatmulKernels {
 /// epilogue, are built on first use, so that a model only compiles the variants it dispatches.
 pub struct Kernels {
     matmul: RefCell<HashMap<(GgmlDType, Epilogue), Rc<MatmulKernels>>>,
+    normalized_matmul: RefCell<HashMap<(GgmlDType, Epilogue, usize), Rc<Kernel>>>,
     /// How the products share a row among threads on this device, and how many threads do.
     form: MatmulForm,
     lanes: u32,
@@ -283,6 +289,7 @@ impl Kernels {
             select: build(gpu, "select", SELECT, "main", &[(0, R), (1, W), (2, U)], &[]),
             set_projection: build(gpu, "set_projection", PROJECT, "set_projection", &ew, &[]),
             matmul: RefCell::new(HashMap::new()),
+            normalized_matmul: RefCell::new(HashMap::new()),
             form: gpu.matmul_form,
             lanes: matmul_lanes(gpu),
             embed,
@@ -296,20 +303,11 @@ impl Kernels {
         if let Some(built) = self.matmul.borrow().get(&(dtype, epilogue)) {
             return Ok(built.clone());
         }
-        let source = with_decoder(MATMUL, dtype)?;
-        // Natively only: wgpu 27's WebGPU backend does not pass the browser's subgroups feature through, so a page's
-        // device never has them.
-        let lanes_sum = if self.form == MatmulForm::Subgroup { MATMUL_LANES_SUBGROUP } else { MATMUL_LANES };
-        let source = format!("{source}\n{lanes_sum}");
+        let source = self.matmul_source(dtype, MATMUL_INPUT)?;
         let slots = [(0, R), (1, R), (2, W), (3, U), (4, U)];
-        let lanes = self.lanes as f64;
-        let e = epilogue.constant();
-        let name = match epilogue {
-            Epilogue::Store => format!("matmul {dtype:?}"),
-            other => format!("matmul {dtype:?} {other:?}"),
-        };
-        let one = build(gpu, &name, &source, "main", &slots, &[("TILE", 1.0), ("LANES", lanes), ("EPILOGUE", e)]);
-        let tiles = [("TILE", PREFILL_TILE as f64), ("LANES", lanes), ("EPILOGUE", e)];
+        let name = matmul_name(dtype, epilogue, "");
+        let one = build(gpu, &name, &source, "main", &slots, &self.matmul_constants(1, epilogue));
+        let tiles = self.matmul_constants(PREFILL_TILE, epilogue);
         let name = format!("{name} x{PREFILL_TILE}");
         let tiled = build_with_layout(gpu, &name, &source, "main", one.layout.clone(), &slots, &tiles);
         gpu.check()?;
@@ -318,8 +316,55 @@ impl Kernels {
         Ok(built)
     }
 
+    /// The matrix product of the RMSNorm of its `cols`-wide input (at most MAX_NORMALIZED_COLS), one token per
+    /// workgroup (decoding), built on first use. It binds the norm's weights after the output, and reads the norm's
+    /// epsilon from `MatmulParams::eps`.
+    pub fn normalized_matmul(
+        &self,
+        gpu: &Gpu,
+        dtype: GgmlDType,
+        epilogue: Epilogue,
+        cols: usize,
+    ) -> Result<Rc<Kernel>> {
+        if cols > MAX_NORMALIZED_COLS || cols % 32 != 0 {
+            return Err(EngineError::Gpu(format!("a product cannot normalize rows of {cols} values")));
+        }
+        if let Some(built) = self.normalized_matmul.borrow().get(&(dtype, epilogue, cols)) {
+            return Ok(built.clone());
+        }
+        let source = self.matmul_source(dtype, MATMUL_INPUT_NORM)?;
+        let slots = [(0, R), (1, R), (2, W), (5, R), (3, U), (4, U)];
+        let name = matmul_name(dtype, epilogue, "norm + ");
+        let [tile, lanes, e] = self.matmul_constants(1, epilogue);
+        let constants = [tile, lanes, e, ("INPUT_VEC4S", (cols / 4) as f64)];
+        let built = Rc::new(build(gpu, &name, &source, "main", &slots, &constants));
+        gpu.check()?;
+        self.normalized_matmul.borrow_mut().insert((dtype, epilogue, cols), built.clone());
+        Ok(built)
+    }
+
+    /// matmul.wgsl with the decoder of `dtype`, the activations' snippet `input`, and this device's lane sums.
+    fn matmul_source(&self, dtype: GgmlDType, input: &str) -> Result<String> {
+        // Natively only: wgpu 27's WebGPU backend does not pass the browser's subgroups feature through, so a page's
+        // device never has them.
+        let lanes_sum = if self.form == MatmulForm::Subgroup { MATMUL_LANES_SUBGROUP } else { MATMUL_LANES };
+        with_decoder(&format!("{MATMUL}\n{input}\n{lanes_sum}"), dtype)
+    }
+
+    fn matmul_constants(&self, tile: u32, epilogue: Epilogue) -> [(&'static str, f64); 3] {
+        [("TILE", tile as f64), ("LANES", self.lanes as f64), ("EPILOGUE", epilogue.constant())]
+    }
+
     pub fn embed(&self, dtype: GgmlDType) -> &Kernel {
         &self.embed[&dtype]
+    }
+}
+
+/// A product's name in profiles: "matmul Q4_1", "norm + matmul Q8_0 Glu(Silu)".
+fn matmul_name(dtype: GgmlDType, epilogue: Epilogue, prefix: &str) -> String {
+    match epilogue {
+        Epilogue::Store => format!("{prefix}matmul {dtype:?}"),
+        other => format!("{prefix}matmul {dtype:?} {other:?}"),
     }
 }
 
@@ -385,6 +430,9 @@ pub struct MatmulParams {
     pub at_position: u32,
     pub last_only: u32,
     pub groups_x: u32,
+    /// The input norm's epsilon, for `Kernels::normalized_matmul`.
+    pub eps: f32,
+    pub pad: [u32; 3],
 }
 
 #[repr(C)]

@@ -2,15 +2,17 @@
 //! and the plans of the model's parts (the embedding, a layer, the head), built once at load by a `Planner` from
 //! the model's description (`ModelConfig`) and its weights on the GPU. `model.rs` records them per call.
 //!
-//! Steps that follow one another share a dispatch where a kernel can take the next step in its epilogue. A layer
-//! (Gemma-only steps marked):
-//!   norm h -> a | qkv = a [Wq; Wk; Wv] (one product per run of equal weight types) |
+//! Steps that follow one another share a dispatch where a kernel can take the next step in its prologue or
+//! epilogue. A layer (Gemma-only steps marked; [1] marks what a one-token call, a decoding step, fuses further):
+//!   a = norm h | qkv = a [Wq; Wk; Wv] (one product per run of equal weight types)
+//!     [1: the products take the norm themselves] |
 //!   heads: q_norm/k_norm (Gemma 3), RoPE, q -> Q, k -> K[pos], v -> V[pos] | attention -> attn
-//!     (one dispatch, attend_step, when the call has one token) |
+//!     [1: one dispatch, attend_step] |
 //!   Llama: h += attn Wo; a = norm h      Gemma: o = attn Wo; h += post_norm(o); a = norm h (one dispatch) |
-//!   g = act(a Wg) * (a Wu) (one product over the stacked gate and up rows) |
+//!   g = act(a Wg) * (a Wu) (one product over the stacked gate and up rows) [1, Llama: the product takes the norm] |
 //!   Llama: h += g Wd                     Gemma: o = g Wd; h += post_norm(o)
-//! then the hooks on h. While decoding, SmolLM2 takes 7 dispatches a layer, Gemma 3 8 or 9.
+//! then the hooks on h. The head's final norm goes into the LM head the same way. While decoding, SmolLM2 takes 5
+//! dispatches a layer, Gemma 3 7 or 8.
 
 use bytemuck::Pod;
 
@@ -61,6 +63,16 @@ impl Grid {
             Grid::One => ([1, 1, 1], false),
         }
     }
+}
+
+/// What a matrix product reads.
+#[derive(Clone, Copy)]
+pub(super) enum Input<'a> {
+    /// Rows of a buffer as they are.
+    Plain(&'a wgpu::Buffer),
+    /// The RMSNorm with `weights` of the rows of `x`: `normed`, written by the dispatch `Planner::input_norm`
+    /// returns, for calls of several tokens; taken inside the product in one-token calls.
+    Normalized { x: &'a wgpu::Buffer, weights: &'a wgpu::Buffer, normed: &'a wgpu::Buffer },
 }
 
 /// Which calls a dispatch belongs to: some steps have a fused form for one-token calls (decoding).
@@ -230,22 +242,79 @@ impl Planner<'_> {
     }
 
     /// The dispatches of one matrix product `y = epilogue(m x)`, one per buffer of `m`'s rows. `label` prefixes
-    /// the kernel's name in profiles.
+    /// the kernel's name in profiles. A normalized input gives two sets: the product of the norm's output for
+    /// calls of several tokens, and, for one-token calls, products that take the norm themselves (see
+    /// `input_norm`), where the row fits.
     pub fn product(
         &self,
         m: &GpuMatrix,
+        input: Input,
+        y: &wgpu::Buffer,
+        out: Output,
+        epilogue: Epilogue,
+        label: &str,
+    ) -> Result<Vec<Op>> {
+        match input {
+            Input::Plain(x) => self.product_of(m, x, None, y, out, epilogue, label),
+            Input::Normalized { x, weights, normed } => {
+                let plain = self.product_of(m, normed, None, y, out, epilogue, label)?;
+                if !self.fuses_norms(m.cols) {
+                    return Ok(plain);
+                }
+                let fused = self.product_of(m, x, Some(weights), y, out, epilogue, label)?;
+                let plain = plain.into_iter().map(|op| op.only_for(Calls::SeveralTokens));
+                Ok(plain.chain(fused.into_iter().map(|op| op.only_for(Calls::OneToken))).collect())
+            }
+        }
+    }
+
+    /// The RMSNorm of h (the last row only with `last_only`) with `weights` into `normed`, for products that read
+    /// `Input::Normalized`; one-token calls skip it where those products take the norm themselves.
+    pub fn input_norm(&self, weights: &wgpu::Buffer, normed: &wgpu::Buffer, last_only: bool) -> Op {
+        let s = self.scratch;
+        let grid = Grid::Rows { per_token: 1, last_only };
+        let op = self.op(&self.kernels.norm, &[&s.h, normed, weights], Some(self.norm_params(last_only)), grid);
+        if self.fuses_norms(self.config.hidden) {
+            op.only_for(Calls::SeveralTokens)
+        } else {
+            op
+        }
+    }
+
+    /// Whether one-token calls take the input norms inside products of `cols`-wide inputs.
+    fn fuses_norms(&self, cols: usize) -> bool {
+        cols == self.config.hidden && cols <= MAX_NORMALIZED_COLS
+    }
+
+    /// The product's dispatches reading `x`, normalized on the way in with `norm_weights` when given.
+    #[allow(clippy::too_many_arguments)]
+    fn product_of(
+        &self,
+        m: &GpuMatrix,
         x: &wgpu::Buffer,
+        norm_weights: Option<&wgpu::Buffer>,
         y: &wgpu::Buffer,
         out: Output,
         epilogue: Epilogue,
         label: &str,
     ) -> Result<Vec<Op>> {
         let gpu = self.gpu;
-        let pair = self.kernels.matmul(gpu, m.dtype, epilogue)?;
         let per_output = epilogue.weight_rows_per_output();
         if per_output > 1 && m.parts.len() != 1 {
             return Err(EngineError::Gpu(format!("{}: a gated product's rows must be in one buffer", m.name)));
         }
+        // The kernel for one token per workgroup, and the tiled pipeline for several where there is one.
+        let (pair, normalized);
+        let (one, tiled): (&Kernel, _) = match norm_weights {
+            None => {
+                pair = self.kernels.matmul(gpu, m.dtype, epilogue)?;
+                (pair.pick(false), Some(pair.pick(true).pipeline().clone()))
+            }
+            Some(_) => {
+                normalized = self.kernels.normalized_matmul(gpu, m.dtype, epilogue, m.cols)?;
+                (&normalized, None)
+            }
+        };
         let per_group = matmul_rows_per_group(gpu);
         let ops = m
             .parts
@@ -262,14 +331,18 @@ impl Planner<'_> {
                     at_position: out.at_position as u32,
                     last_only: out.last_only as u32,
                     groups_x,
+                    eps: self.config.rms_eps,
+                    pad: [0; 3],
                 };
                 let params = uniform(gpu, &m.name, &params);
-                let one = pair.pick(false);
+                let mut buffers = vec![&part.buffer, x, y];
+                buffers.extend(norm_weights);
+                buffers.extend([&params, &self.scratch.step]);
                 Op {
                     name: format!("{label}{}", one.name),
                     pipeline: one.pipeline().clone(),
-                    tiled: Some(pair.pick(true).pipeline().clone()),
-                    bind: one.bind(gpu, &[&part.buffer, x, y, &params, &self.scratch.step]),
+                    tiled: tiled.clone(),
+                    bind: one.bind(gpu, &buffers),
                     grid: Grid::Matmul { rows, per_group, last_only: out.last_only },
                     calls: Calls::All,
                     _params: Some(params),
@@ -316,11 +389,72 @@ impl Planner<'_> {
         let mut ops = Vec::new();
 
         // Attention.
-        ops.push(self.op(&k.norm, &[&s.h, &s.a, &w.attn_norm], Some(self.norm_params(false)), every_token));
+        ops.push(self.input_norm(&w.attn_norm, &s.a, false));
+        let attention_input = Input::Normalized { x: &s.h, weights: &w.attn_norm, normed: &s.a };
         for (m, first_row) in &w.qkv {
             let out = Output { col: *first_row, ..Output::rows(c.q_dim() + 2 * c.kv_dim()) };
-            ops.extend(self.product(m, &s.a, &s.qkv, out, Epilogue::Store, "")?);
+            ops.extend(self.product(m, attention_input, &s.qkv, out, Epilogue::Store, "")?);
         }
+        ops.extend(self.attention(i, w, cache, rope));
+
+        // The attention's output into the residual, and the MLP's input norm.
+        let attention_output = Input::Plain(&s.attn);
+        let mlp_input = match &w.post_attention_norm {
+            Some(post) => {
+                ops.extend(self.product(&w.output, attention_output, &s.o, hidden_rows, Epilogue::Store, "")?);
+                let buffers = [&s.o, &s.h, post, &s.a, &w.ffn_norm];
+                ops.push(self.op(&k.norm_add_norm, &buffers, Some(self.norm_params(false)), every_token));
+                Input::Plain(&s.a)
+            }
+            None => {
+                ops.extend(self.product(&w.output, attention_output, &s.h, hidden_rows, Epilogue::Accumulate, "")?);
+                ops.push(self.input_norm(&w.ffn_norm, &s.a, false));
+                Input::Normalized { x: &s.h, weights: &w.ffn_norm, normed: &s.a }
+            }
+        };
+
+        // The MLP.
+        let ffn_rows = Output::rows(c.ffn_hidden);
+        let activation = match c.activation {
+            Activation::GeluTanh => GluActivation::Gelu,
+            Activation::Silu => GluActivation::Silu,
+        };
+        match &w.gate_up {
+            GateUp::Stacked(m) => {
+                ops.extend(self.product(m, mlp_input, &s.g, ffn_rows, Epilogue::Glu(activation), "")?)
+            }
+            GateUp::Apart(gate, up) => {
+                ops.extend(self.product(gate, mlp_input, &s.g, ffn_rows, Epilogue::Store, "")?);
+                ops.extend(self.product(up, mlp_input, &s.u, ffn_rows, Epilogue::Store, "")?);
+                let kernel = match activation {
+                    GluActivation::Gelu => &k.glu_gelu,
+                    GluActivation::Silu => &k.glu_silu,
+                };
+                let params = self.elementwise_params(c.ffn_hidden, 0, 0.0);
+                ops.push(self.op(
+                    kernel,
+                    &[&s.u, &s.g],
+                    Some(params),
+                    Grid::Threads { per_token: c.ffn_hidden as u32 },
+                ));
+            }
+        }
+        match &w.post_ffn_norm {
+            Some(post) => {
+                ops.extend(self.product(&w.down, Input::Plain(&s.g), &s.o, hidden_rows, Epilogue::Store, "")?);
+                ops.push(self.op(&k.norm_add, &[&s.o, &s.h, post], Some(self.norm_params(false)), every_token));
+            }
+            None => {
+                ops.extend(self.product(&w.down, Input::Plain(&s.g), &s.h, hidden_rows, Epilogue::Accumulate, "")?)
+            }
+        }
+        Ok(ops)
+    }
+
+    /// Layer `i`'s attention from the q|k|v rows to its output `attn`: the heads' preparation then the attention,
+    /// or, in one-token calls, both in one dispatch.
+    fn attention(&self, i: usize, w: &LayerWeights, cache: &LayerCache, rope: RopeTable) -> [Op; 3] {
+        let (c, s, k) = (self.config, self.scratch, self.kernels);
         let heads = HeadsParams {
             heads: c.n_heads as u32,
             kv_heads: c.n_kv_heads as u32,
@@ -354,64 +488,13 @@ impl Planner<'_> {
             Some(attention.clone()),
             Grid::Attention { heads: c.n_heads as u32 },
         );
-        // A one-token call prepares its heads inside the attention.
         let step = self.op(
             &k.attend_step,
             &[&s.qkv, &cache.k, &cache.v, &s.attn, qk_norms, rope.cos, rope.sin, &heads],
             Some(attention),
             Grid::Attention { heads: c.n_heads as u32 },
         );
-        ops.extend([
-            prepare.only_for(Calls::SeveralTokens),
-            attend.only_for(Calls::SeveralTokens),
-            step.only_for(Calls::OneToken),
-        ]);
-
-        // The attention's output into the residual, and the MLP's input norm.
-        match &w.post_attention_norm {
-            Some(post) => {
-                ops.extend(self.product(&w.output, &s.attn, &s.o, hidden_rows, Epilogue::Store, "")?);
-                let buffers = [&s.o, &s.h, post, &s.a, &w.ffn_norm];
-                ops.push(self.op(&k.norm_add_norm, &buffers, Some(self.norm_params(false)), every_token));
-            }
-            None => {
-                ops.extend(self.product(&w.output, &s.attn, &s.h, hidden_rows, Epilogue::Accumulate, "")?);
-                ops.push(self.op(&k.norm, &[&s.h, &s.a, &w.ffn_norm], Some(self.norm_params(false)), every_token));
-            }
-        }
-
-        // The MLP.
-        let ffn_rows = Output::rows(c.ffn_hidden);
-        let activation = match c.activation {
-            Activation::GeluTanh => GluActivation::Gelu,
-            Activation::Silu => GluActivation::Silu,
-        };
-        match &w.gate_up {
-            GateUp::Stacked(m) => ops.extend(self.product(m, &s.a, &s.g, ffn_rows, Epilogue::Glu(activation), "")?),
-            GateUp::Apart(gate, up) => {
-                ops.extend(self.product(gate, &s.a, &s.g, ffn_rows, Epilogue::Store, "")?);
-                ops.extend(self.product(up, &s.a, &s.u, ffn_rows, Epilogue::Store, "")?);
-                let kernel = match activation {
-                    GluActivation::Gelu => &k.glu_gelu,
-                    GluActivation::Silu => &k.glu_silu,
-                };
-                let params = self.elementwise_params(c.ffn_hidden, 0, 0.0);
-                ops.push(self.op(
-                    kernel,
-                    &[&s.u, &s.g],
-                    Some(params),
-                    Grid::Threads { per_token: c.ffn_hidden as u32 },
-                ));
-            }
-        }
-        match &w.post_ffn_norm {
-            Some(post) => {
-                ops.extend(self.product(&w.down, &s.g, &s.o, hidden_rows, Epilogue::Store, "")?);
-                ops.push(self.op(&k.norm_add, &[&s.o, &s.h, post], Some(self.norm_params(false)), every_token));
-            }
-            None => ops.extend(self.product(&w.down, &s.g, &s.h, hidden_rows, Epilogue::Accumulate, "")?),
-        }
-        Ok(ops)
+        [prepare.only_for(Calls::SeveralTokens), attend.only_for(Calls::SeveralTokens), step.only_for(Calls::OneToken)]
     }
 
     /// The final norm, the LM head (one product per buffer of its rows) and Gemma 2's softcap, writing logits of
@@ -424,13 +507,12 @@ impl Planner<'_> {
         last_only: bool,
     ) -> Result<Vec<Op>> {
         let (c, s) = (self.config, self.scratch);
-        let norm_grid = Grid::Rows { per_token: 1, last_only };
-        let mut norm =
-            self.op(&self.kernels.norm, &[&s.h, &s.a, final_norm], Some(self.norm_params(last_only)), norm_grid);
+        let mut norm = self.input_norm(final_norm, &s.a, last_only);
         norm.name = "final norm".into();
         let mut ops = vec![norm];
         let out = Output { stride: c.vocab_size, col: 0, at_position: false, last_only };
-        ops.extend(self.product(lm_head, &s.a, logits, out, Epilogue::Store, "lm head ")?);
+        let input = Input::Normalized { x: &s.h, weights: final_norm, normed: &s.a };
+        ops.extend(self.product(lm_head, input, logits, out, Epilogue::Store, "lm head ")?);
         if let Some(cap) = c.final_softcap {
             let params = self.elementwise_params(c.vocab_size, if last_only { 1 } else { 0 }, cap);
             let grid = Grid::Threads { per_token: c.vocab_size as u32 };

@@ -96,6 +96,23 @@ async fn gpu_product(
     epilogue: Epilogue,
     y0: Option<&[f32]>,
 ) -> Vec<f32> {
+    gpu_product_of(gpu, kernels, m, x, tokens, last_only, start, epilogue, y0, None).await
+}
+
+/// As `gpu_product`, with `norm` (weights, epsilon) the product that normalizes its input rows itself.
+#[allow(clippy::too_many_arguments)]
+async fn gpu_product_of(
+    gpu: &Gpu,
+    kernels: &Kernels,
+    m: &GpuMatrix,
+    x: &[f32],
+    tokens: usize,
+    last_only: bool,
+    start: usize,
+    epilogue: Epilogue,
+    y0: Option<&[f32]>,
+    norm: Option<(&[f32], f32)>,
+) -> Vec<f32> {
     let out_rows = if last_only { 1 } else { start + tokens };
     let width = m.rows / epilogue.weight_rows_per_output();
     let y = match y0 {
@@ -105,9 +122,21 @@ async fn gpu_product(
     let xb = floats(gpu, x);
     let s = step(gpu, tokens as u32, start as u32);
     let inputs = if last_only { 1 } else { tokens as u32 };
-    let tiled = inputs > 1;
+    // The normalizing product takes one token per workgroup.
+    let tiled = inputs > 1 && norm.is_none();
     let tile = if tiled { PREFILL_TILE } else { 1 };
-    let pair = kernels.matmul(gpu, m.dtype, epilogue).unwrap();
+    let (pair, normalized);
+    let kernel: &Kernel = match norm {
+        None => {
+            pair = kernels.matmul(gpu, m.dtype, epilogue).unwrap();
+            pair.pick(tiled)
+        }
+        Some(_) => {
+            normalized = kernels.normalized_matmul(gpu, m.dtype, epilogue, m.cols).unwrap();
+            &normalized
+        }
+    };
+    let norm_weights = norm.map(|(w, _)| floats(gpu, w));
     for part in &m.parts {
         let rows = (part.rows / epilogue.weight_rows_per_output()) as u32;
         let (gx, gy) = split_groups(rows.div_ceil(matmul_rows_per_group(gpu)));
@@ -122,9 +151,14 @@ async fn gpu_product(
                 at_position: (start > 0) as u32,
                 last_only: last_only as u32,
                 groups_x: gx,
+                eps: norm.map_or(0.0, |n| n.1),
+                pad: [0; 3],
             },
         );
-        dispatch(gpu, pair.pick(tiled), &[&part.buffer, &xb, &y, &p, &s], [gx, gy, inputs.div_ceil(tile)]);
+        let mut buffers = vec![&part.buffer, &xb, &y];
+        buffers.extend(&norm_weights);
+        buffers.extend([&p, &s]);
+        dispatch(gpu, kernel, &buffers, [gx, gy, inputs.div_ceil(tile)]);
     }
     read(gpu, &y, out_rows * width).await
 }
@@ -210,6 +244,68 @@ pub async fn fused_products_match_cpu(gpu: &Gpu) {
             let got =
                 gpu_product(gpu, &kernels, &gate_gpu, &x, tokens, false, 0, Epilogue::Accumulate, Some(&y0)).await;
             assert_close(&got, &want, 1e-4, &format!("accumulating product {dtype:?}, {tokens} tokens"));
+        }
+    }
+}
+
+/// Weight types for the normalized products' test: a plain one, two block types and two K-quants.
+pub const NORMALIZED_TYPES: [GgmlDType; 5] =
+    [GgmlDType::F32, GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K];
+
+/// Products that take the RMSNorm of their input themselves (one-token decoding steps) against the norm's
+/// dispatch followed by the plain product, bit for bit, for every epilogue and for the last row only (the LM head);
+/// and against the CPU's norm and product.
+pub async fn normalized_products_equal_norm_then_product(gpu: &Gpu, types: &[GgmlDType]) {
+    let kernels = Kernels::new(gpu, &[]).unwrap();
+    let eps = 1e-6f32;
+    for &dtype in types {
+        // 37 rows: not a multiple of a workgroup's rows; 576 columns as SmolLM2's residual (18 chunks, unequal
+        // shares for 16 lanes), 512 for the K-quants' 256-value blocks.
+        let (rows, cols) = (37, if matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K) { 512 } else { 576 });
+        let gate = quantized(rows, cols, dtype, 81);
+        let up = quantized(rows, cols, dtype, 82);
+        let mut stacked = gate.data().unwrap().to_vec();
+        stacked.extend_from_slice(&up.data().unwrap());
+        let gate_up = GpuMatrix::upload(gpu, "gate + up", dtype, 2 * rows, cols, &stacked).unwrap();
+        let gate_gpu = GpuMatrix::upload(gpu, "gate", dtype, rows, cols, &gate.data().unwrap()).unwrap();
+        let gate_cpu = QuantMatrix::new("gate", std::sync::Arc::new(gate)).unwrap();
+        let weights = noise(cols, 83);
+        for tokens in [1usize, 3] {
+            // Scaled up so that the norm matters.
+            let x: Vec<f32> = noise(tokens * cols, 84 + tokens as u64).iter().map(|v| v * 7.0).collect();
+            // The norm's dispatch, as a several-token call runs it.
+            let normed_buffer = gpu.storage("normed", (tokens * cols * 4) as u64);
+            let p = uniform(gpu, &NormParams { width: cols as u32, last_only: 0, eps, pad: 0 });
+            let buffers = [&floats(gpu, &x), &normed_buffer, &floats(gpu, &weights), &p, &step(gpu, tokens as u32, 0)];
+            dispatch(gpu, &kernels.norm, &buffers, [tokens as u32, 1, 1]);
+            let normed = read(gpu, &normed_buffer, tokens * cols).await;
+            let y0 = noise(tokens * rows, 85);
+            let epilogues = [
+                (Epilogue::Store, &gate_gpu, None),
+                (Epilogue::Accumulate, &gate_gpu, Some(&y0[..])),
+                (Epilogue::Glu(GluActivation::Gelu), &gate_up, None),
+                (Epilogue::Glu(GluActivation::Silu), &gate_up, None),
+            ];
+            for (epilogue, m, y0) in epilogues {
+                for last_only in [false, true] {
+                    if last_only && epilogue != Epilogue::Store {
+                        continue;
+                    }
+                    let what = format!("{epilogue:?} {dtype:?}, {tokens} tokens, last only {last_only}");
+                    let y0 = if last_only { None } else { y0 };
+                    let want = gpu_product_of(gpu, &kernels, m, &normed, tokens, last_only, 0, epilogue, y0, None);
+                    let want = want.await;
+                    let norm = Some((&weights[..], eps));
+                    let got = gpu_product_of(gpu, &kernels, m, &x, tokens, last_only, 0, epilogue, y0, norm).await;
+                    assert_eq!(got, want, "{what}");
+                }
+            }
+            // Against the CPU: the norm and the product.
+            let normed_cpu: Vec<f32> = x.chunks(cols).flat_map(|r| rms_norm_cpu(r, &weights, eps)).collect();
+            let want = gate_cpu.matmul(&normed_cpu).unwrap();
+            let norm = Some((&weights[..], eps));
+            let got = gpu_product_of(gpu, &kernels, &gate_gpu, &x, tokens, false, 0, Epilogue::Store, None, norm).await;
+            assert_close(&got, &want, 1e-4, &format!("against the CPU, {dtype:?}, {tokens} tokens"));
         }
     }
 }

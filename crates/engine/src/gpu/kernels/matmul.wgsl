@@ -14,6 +14,10 @@
 //   2  Y = gelu_tanh(sum_gate) * sum_up          (GeGLU: W holds the gate's rows, then the up product's rows)
 //   3  Y = silu(sum_gate) * sum_up               (SwiGLU, likewise)
 // In 2 and 3, P.rows counts output rows and W has twice as many; row r's up row is r + P.rows.
+//
+// The activations `X4` and `input_row` come from one of two snippets gpu/kernels.rs appends: matmul_input.wgsl
+// reads X as it is; matmul_input_norm.wgsl (one token per workgroup) first takes the RMSNorm that precedes the
+// product, writing the normalized row into workgroup memory, so that a decoding step needs no norm dispatch.
 
 override TILE: u32 = 1u;
 override LANES: u32 = 16u;
@@ -28,10 +32,13 @@ struct Params {
     at_position: u32, // 1: output row = start + t (writing the KV cache); 0: output row = t
     last_only: u32,   // 1: only the last input row (the LM head while generating)
     groups_x: u32,    // workgroups along x (the row groups may exceed one dispatch dimension)
+    eps: f32,         // matmul_input_norm.wgsl: the norm's epsilon
+    pad0: u32,
+    pad1: u32,
+    pad2: u32,
 }
 
 @group(0) @binding(0) var<storage, read> W: array<u32>;
-@group(0) @binding(1) var<storage, read> X4: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> Y: array<f32>;
 @group(0) @binding(3) var<uniform> P: Params;
 @group(0) @binding(4) var<uniform> S: Step;
@@ -46,6 +53,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let t0 = wg.z * TILE;
 
     let glu = EPILOGUE >= 2u;
+    // Where this workgroup's first input row starts in X4 (every thread takes part: it may normalize the row).
+    let x_first = input_row(first_input + t0, li);
     var acc: array<f32, 8>;
     var acc_up: array<f32, 8>;
     if (r < P.rows) {
@@ -55,7 +64,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         for (var c = lane; c < chunks; c += LANES) {
             for (var t = 0u; t < TILE; t++) {
                 if (t0 + t < inputs) {
-                    let x = ((first_input + t0 + t) * P.cols + 32u * c) / 4u;
+                    let x = x_first + (t * P.cols + 32u * c) / 4u;
                     acc[t] += dot_chunk(row, c, x);
                     if (glu) {
                         acc_up[t] += dot_chunk(up_row, c, x);
