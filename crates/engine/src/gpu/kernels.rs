@@ -326,7 +326,7 @@ impl Kernels {
         epilogue: Epilogue,
         cols: usize,
     ) -> Result<Rc<Kernel>> {
-        if cols > MAX_NORMALIZED_COLS || cols % 32 != 0 {
+        if cols > MAX_NORMALIZED_COLS || !cols.is_multiple_of(32) {
             return Err(EngineError::Gpu(format!("a product cannot normalize rows of {cols} values")));
         }
         if let Some(built) = self.normalized_matmul.borrow().get(&(dtype, epilogue, cols)) {
