@@ -1,8 +1,9 @@
 // The matrix products' lane sums through workgroup memory (appended to matmul.wgsl when the device has no
 // subgroups, or its matrix products are told not to use them).
 
-var<workgroup> partial: array<f32, 512>; // 64 threads x TILE (<= 8) tokens
-var<workgroup> partial_up: array<f32, 512>; // the same for the up rows of a GLU
+// 64 threads x TILE tokens, sized by TILE: WebGPU zero-fills workgroup memory for every workgroup.
+var<workgroup> partial: array<f32, 64u * TILE>;
+var<workgroup> partial_up: array<f32, 64u * TILE>; // the same for the up rows of a GLU
 
 // The lanes' partial sums of row `li / LANES` added up, in lane 0's `acc` (every thread must call it).
 fn reduce_lanes(li: u32, lane: u32, acc: ptr<function, array<f32, 8>>, up: bool) {
