@@ -17,6 +17,12 @@ wasm_route_rustup() {
 # compiler by RUSTC_BOOTSTRAP) and links with LLVM's wasm-ld.
 use_wasm_toolchain() {
   if wasm_route_rustup; then return 0; fi
+  use_debian_wasm_toolchain
+}
+
+# Debian's rustc-web with the std source, whatever rustup has: the worker's threaded build needs std built again
+# with atomics (scripts/worker-threads.sh), which rustup's prebuilt wasm32 std is not.
+use_debian_wasm_toolchain() {
   export PATH="/usr/bin:$PATH"
   export RUSTC=/usr/bin/rustc RUSTC_BOOTSTRAP=1
   export CARGO_UNSTABLE_BUILD_STD=std,panic_abort

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the project needs on a fresh machine, and only what is missing:
 #   1. Debian packages: Chromium + ChromeDriver (browser tests), Mesa's Vulkan drivers (native wgpu on the CPU),
-#      and, when rustup cannot add the wasm32 target, Debian's rustc-web route (see docs/toolchain.md).
+#      and Debian's rustc-web with the std source (the wasm32 toolchain when rustup cannot add the target, and
+#      the worker's threaded build in any case; see scripts/env.sh).
 #   2. Cargo tools, into ~/.cache/saif/tools: trunk and wasm-bindgen-cli (the exact version in Cargo.lock), and
 #      cargo-fuzz.
 #   3. Node packages for the end-to-end browser test (playwright-core drives the system Chromium).
@@ -33,8 +34,10 @@ if ! wasm_route_rustup; then
     say "trying rustup target add wasm32-unknown-unknown (falls back to Debian's rustc-web if it cannot download)"
     timeout 45 rustup target add wasm32-unknown-unknown >/dev/null 2>&1 || true
   fi
-  wasm_route_rustup || packages+=(rustc-web cargo-web rust-web-src lld-16)
 fi
+# Debian's rustc-web either way: the worker's threaded build compiles std again with atomics, from its source
+# (scripts/worker-threads.sh).
+packages+=(rustc-web cargo-web rust-web-src lld-16)
 
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

@@ -18,6 +18,8 @@ use crate::protocol::{Envelope, Request, Response};
 
 /// The loader trunk writes for the worker binary (`data-loader-shim` in index.html).
 const WORKER_SCRIPT: &str = "./saif-worker_loader.js";
+/// The threaded build's loader, a module worker (scripts/worker-threads.sh), for cross-origin isolated pages.
+const THREADED_WORKER_SCRIPT: &str = "./saif-worker-threads_loader.js";
 
 /// A call waiting for its final response.
 struct Pending {
@@ -32,7 +34,25 @@ pub struct WorkerClient {
     worker: StoredValue<Option<Worker>, LocalStorage>,
     next_id: StoredValue<u32>,
     pending: StoredValue<HashMap<u32, Pending>, LocalStorage>,
+    /// Whether the running worker is the threaded build (a failure before it is ready falls back to the plain one).
+    threaded: StoredValue<bool>,
     state: AppState,
+}
+
+/// Whether the page may share memory with its workers (served with COOP and COEP), which threads need.
+fn cross_origin_isolated() -> bool {
+    js_sys::Reflect::get(&js_sys::global(), &"crossOriginIsolated".into()).is_ok_and(|v| v.as_bool() == Some(true))
+}
+
+/// Starts the engine's worker: the threaded build where the page is cross-origin isolated, else the plain one.
+fn spawn_worker(threaded: bool) -> Result<Worker, JsValue> {
+    if threaded {
+        let options = web_sys::WorkerOptions::new();
+        options.set_type(web_sys::WorkerType::Module);
+        Worker::new_with_options(THREADED_WORKER_SCRIPT, &options)
+    } else {
+        Worker::new(WORKER_SCRIPT)
+    }
 }
 
 /// Whether a request occupies the model (the controls that need it wait); tokenizing and the cache do not, and
@@ -59,6 +79,7 @@ impl WorkerClient {
             worker: StoredValue::new_local(None),
             next_id: StoredValue::new(1),
             pending: StoredValue::new_local(HashMap::new()),
+            threaded: StoredValue::new(false),
             state,
         };
         client.restart();
@@ -67,12 +88,17 @@ impl WorkerClient {
 
     /// Starts a fresh worker (dropping the old one, and with it any model it held).
     pub fn restart(&self) {
+        self.start(cross_origin_isolated());
+    }
+
+    fn start(&self, threaded: bool) {
         if let Some(old) = self.worker.get_value() {
             old.terminate();
         }
         self.fail_all("the engine was restarted");
         self.state.worker_ready.set(false);
-        match Worker::new(WORKER_SCRIPT) {
+        self.threaded.set_value(threaded);
+        match spawn_worker(threaded) {
             Ok(worker) => {
                 let client = *self;
                 let onmessage = Closure::<dyn FnMut(MessageEvent)>::new(move |event: MessageEvent| {
@@ -83,6 +109,17 @@ impl WorkerClient {
                 });
                 let onerror = Closure::<dyn FnMut(ErrorEvent)>::new(move |event: ErrorEvent| {
                     event.prevent_default();
+                    // A threaded worker that never got ready (a browser without module workers or shared
+                    // memory in workers): the plain one instead, on one thread.
+                    if client.threaded.get_value() && !client.state.worker_ready.get_untracked() {
+                        let text = format!(
+                            "The engine's threaded build could not start ({}); it runs on one thread.",
+                            event.message()
+                        );
+                        client.state.notices.update(|n| n.push(text));
+                        client.start(false);
+                        return;
+                    }
                     let why = format!(
                         "The engine stopped ({}). It may have run out of memory; restart it to go on.",
                         event.message()
@@ -123,6 +160,7 @@ impl WorkerClient {
             match body {
                 Response::Ready => self.state.worker_ready.set(true),
                 Response::Error { message, .. } => self.state.fail(message),
+                Response::Notice { text } => self.state.notices.update(|n| n.push(text)),
                 _ => {}
             }
             return;

@@ -14,6 +14,7 @@ mod experiments;
 mod generation;
 mod latents;
 mod saes;
+mod threads;
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -139,6 +140,20 @@ impl Reporter {
 /// Entry point of the worker binary.
 pub fn start() {
     console_error_panic_hook::set_once();
+    #[cfg(feature = "threads")]
+    wasm_bindgen_futures::spawn_local(async {
+        let note = threads::start_pool().await;
+        listen();
+        if let Some(text) = note {
+            post(0, Response::Notice { text });
+        }
+    });
+    #[cfg(not(feature = "threads"))]
+    listen();
+}
+
+/// Takes requests from the page, and tells it so.
+fn listen() {
     let onmessage = Closure::<dyn FnMut(MessageEvent)>::new(|event: MessageEvent| {
         let data = event.data();
         let request = Reflect::get(&data, &"request".into()).unwrap_or(JsValue::UNDEFINED);
@@ -505,7 +520,10 @@ async fn load(
         context_length: c.context_length,
         tokenizer: format!("{:?}", engine.tokenizer.kind()),
         instruction_tuned: engine.instruction_tuned(),
-        backend: engine.model.backend_name(),
+        backend: match engine.model.backend_name() {
+            cpu if cpu == "cpu" => format!("cpu ({})", threads::describe()),
+            other => other,
+        },
         backend_note: note,
         bos: engine.tokenizer.bos(),
         eos: engine.tokenizer.eos(),

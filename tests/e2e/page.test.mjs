@@ -227,12 +227,19 @@ test("a real GGUF generates on WebGPU in the browser, the tokens of the referenc
   await context.close();
 });
 
-test("the CPU backend in the browser gives the same tokens, and sampling with a seed repeats", async () => {
+/** What the model card should say of the CPU path on a cross-origin isolated page: a thread per core, at most 8. */
+async function threadsExpected(page) {
+  const n = Math.min(8, await page.evaluate(() => navigator.hardwareConcurrency));
+  return n === 1 ? "WebAssembly, one thread" : `WebAssembly, ${n} threads`;
+}
+
+test("the CPU backend in the browser gives the same tokens on its threads, and sampling with a seed repeats", async () => {
   const context = await browser.newContext();
   const p = smolGolden.prompts[0];
   const { page, problems } = await openPage(context, "?chat=0&backend=cpu&text=" + encodeURIComponent(p.prompt));
   await loaded(page);
-  assert.match(await page.locator("#model-card").textContent(), /Runs on\s*cpu/);
+  assert.equal(await page.evaluate(() => crossOriginIsolated), true, "the test server sends COOP and COEP");
+  assert.match(await page.locator("#model-card").textContent(), new RegExp(`Runs on\\s*cpu \\(${await threadsExpected(page)}\\)`));
   await setNumber(page, "#max-new-tokens", 16);
   assert.deepEqual((await generate(page)).default, p.greedy16_ids);
   await page.uncheck("#greedy");
@@ -243,6 +250,26 @@ test("the CPU backend in the browser gives the same tokens, and sampling with a 
   assert.match(page.url(), /greedy=0/);
   assert.deepEqual(problems, []);
   await context.close();
+});
+
+test("a page that is not cross-origin isolated runs the CPU path on one thread, with the same tokens", async () => {
+  const plain = await serve({ isolated: false });
+  const context = await browser.newContext();
+  const p = smolGolden.prompts[0];
+  const page = await context.newPage();
+  const problems = [];
+  page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
+  await page.goto(plain.base + "?chat=0&backend=cpu&text=" + encodeURIComponent(p.prompt));
+  await loaded(page);
+  assert.equal(await page.evaluate(() => crossOriginIsolated), false);
+  assert.match(await page.locator("#model-card").textContent(),
+    /Runs on\s*cpu \(WebAssembly, one thread \(the page is not cross-origin isolated\)\)/);
+  await setNumber(page, "#max-new-tokens", 16);
+  assert.deepEqual((await generate(page)).default, p.greedy16_ids);
+  await shot(page, "06-cpu-one-thread");
+  assert.deepEqual(problems, []);
+  await context.close();
+  plain.server.close();
 });
 
 /** What `saif steer` generates natively for the same steering (the page's default and steered tokens must match). */

@@ -1,5 +1,6 @@
 // The static server and browser the end-to-end tests share: dist/ served on a free port with the headers a static
-// host should send (COOP/COEP are not needed yet; the page works without cross-origin isolation), and the
+// host should send (COOP and COEP, which make the page cross-origin isolated so that the engine's worker may
+// share memory with its threads; `isolated: false` leaves them out, as a host that cannot send them), and the
 // system's Chromium with WebGPU on SwiftShader, driven by playwright-core.
 import http from "node:http";
 import fs from "node:fs";
@@ -12,8 +13,11 @@ export const root = path.resolve(here, "../..");
 export const dist = path.join(root, "dist");
 const types = { ".html": "text/html", ".js": "text/javascript", ".wasm": "application/wasm", ".css": "text/css", ".json": "application/json" };
 
-/** Serves dist/ on 127.0.0.1; returns { server, base }. */
-export async function serve() {
+/** The headers that make a page cross-origin isolated (README: what a static host must send for threads). */
+export const isolation = { "cross-origin-opener-policy": "same-origin", "cross-origin-embedder-policy": "require-corp" };
+
+/** Serves dist/ on 127.0.0.1, cross-origin isolated unless `isolated` is false; returns { server, base }. */
+export async function serve({ isolated = true } = {}) {
   if (!fs.existsSync(path.join(dist, "index.html"))) throw new Error("dist/ is missing: run `make build` first");
   const server = http.createServer((req, res) => {
     const url = new URL(req.url, "http://x");
@@ -27,7 +31,7 @@ export async function serve() {
     const stat = fs.statSync(file);
     const modified = stat.mtime.toUTCString();
     if (req.headers["if-modified-since"] === modified) {
-      res.writeHead(304, { "last-modified": modified });
+      res.writeHead(304, { "last-modified": modified, ...(isolated ? isolation : {}) });
       return res.end();
     }
     res.writeHead(200, {
@@ -35,6 +39,7 @@ export async function serve() {
       "content-length": stat.size,
       "last-modified": modified,
       "cache-control": "no-cache",
+      ...(isolated ? isolation : {}),
     });
     fs.createReadStream(file).pipe(res);
   });

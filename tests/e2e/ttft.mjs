@@ -4,13 +4,14 @@
 // `make bench` runs it after bench.mjs. Prints one JSON line per model and backend: medians over the timed visits,
 // and each visit's load steps as the model card states them.
 //   node ttft.mjs [visits] [backends, comma-separated]      (TTFT_MODELS=gemma-3-270m: only that model)
+// The page is cross-origin isolated (the CPU path on threads) unless TTFT_ISOLATED=0.
 import { serve, launch } from "./serve.mjs";
 
 const [visits = "3", backends = "cpu"] = process.argv.slice(2);
 const prompt = "Write two sentences about the sea.";
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 
-const { server, base } = await serve();
+const { server, base } = await serve({ isolated: process.env.TTFT_ISOLATED !== "0" });
 const browser = await launch();
 try {
   for (const model of (process.env.TTFT_MODELS ?? "smollm2-135m-instruct,gemma-3-270m").split(",")) {

@@ -427,12 +427,13 @@ impl CpuModel {
         logits: Option<LogitsWanted>,
         exact_rows: bool,
     ) -> Result<Vec<StepOutput>> {
-        // Natively, the whole pass runs on one of rayon's threads, so that each of its ~200 parallel matrix
-        // products per token forks and joins among the pool's threads instead of parking the caller and waking
-        // it again (SmolLM2's decoding on 2 cores: 30 tokens/s before, 36 after).
-        #[cfg(not(target_arch = "wasm32"))]
+        // Natively and in the browser's threaded build, the whole pass runs on one of rayon's threads, so that
+        // each of its ~200 parallel matrix products per token forks and joins among the pool's threads instead of
+        // parking the caller and waking it again (SmolLM2's decoding on 2 cores: 30 tokens/s before, 36 after).
+        // The plain wasm build has no threads: the pass runs here.
+        #[cfg(any(not(target_arch = "wasm32"), target_feature = "atomics"))]
         return rayon::scope(|_| self.forward_calls_here(calls, logits, exact_rows));
-        #[cfg(target_arch = "wasm32")]
+        #[cfg(all(target_arch = "wasm32", not(target_feature = "atomics")))]
         self.forward_calls_here(calls, logits, exact_rows)
     }
 
