@@ -142,13 +142,10 @@ pub fn start() {
     console_error_panic_hook::set_once();
     #[cfg(feature = "threads")]
     wasm_bindgen_futures::spawn_local(async {
-        let note = threads::start_pool().await;
-        listen();
-        if let Some(text) = note {
+        if let Some(text) = threads::start_pool().await {
             post(0, Response::Notice { text });
         }
     });
-    #[cfg(not(feature = "threads"))]
     listen();
 }
 
@@ -186,6 +183,10 @@ fn listen() {
 
 /// Dispatches one request; returns its final response.
 async fn handle(id: u32, request: Request, files: Vec<File>) -> Result<Response, Failure> {
+    // A load reads its bytes while the CPU threads start, and waits for them after (`load`).
+    if !matches!(request, Request::LoadUrl { .. } | Request::LoadFile { .. }) {
+        threads::ready().await;
+    }
     match request {
         Request::LoadUrl { url, name, backend, expected } => load_url(id, &url, &name, backend, &expected).await,
         Request::LoadFile { name, backend } => {
@@ -441,6 +442,7 @@ async fn load(
     backend: BackendChoice,
     mut load_steps: Vec<(Stage, f64)>,
 ) -> Result<ModelSummary, Failure> {
+    threads::ready().await;
     let started = now_ms();
     // Drop the previous model first: two models at once may not fit in the tab's memory.
     forget_model();

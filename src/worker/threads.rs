@@ -3,14 +3,26 @@
 //! Workers that share the worker's memory (wasm-bindgen-rayon), so the engine's parallel products and attention
 //! use every core, as natively. Shared memory needs a cross-origin isolated page (the COOP and COEP headers), so
 //! the page starts the threaded build only where `crossOriginIsolated` is true (`ui::client`).
+//!
+//! The pool starts while the worker already takes requests (a visit's first request reads the model from the
+//! cache meanwhile); anything that computes waits for it first (`ready`), since rayon would otherwise build a
+//! one-thread pool on its first use and keep it.
+
+#[cfg(feature = "threads")]
+use std::cell::Cell;
 
 /// At most this many pool threads, whatever the browser reports: each is a Web Worker with its own stack, and the
 /// small models gain little beyond it.
 #[cfg(feature = "threads")]
 const MAX_THREADS: usize = 8;
 
-/// Starts the pool before the worker takes requests (rayon would otherwise build a one-thread pool on first use).
-/// Returns a note for the page when the pool could not start; the engine then runs on this thread.
+#[cfg(feature = "threads")]
+thread_local! {
+    /// Whether the pool has started (or failed to, and the engine runs on this thread).
+    static POOL_SETTLED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Starts the pool, one thread per core the browser reports. Returns a note for the page when it could not start.
 #[cfg(feature = "threads")]
 pub async fn start_pool() -> Option<String> {
     let reported = js_sys::Reflect::get(&js_sys::global(), &"navigator".into())
@@ -19,9 +31,16 @@ pub async fn start_pool() -> Option<String> {
         .and_then(|c| c.as_f64())
         .unwrap_or(1.0) as usize;
     let threads = reported.clamp(1, MAX_THREADS);
-    match wasm_bindgen_futures::JsFuture::from(wasm_bindgen_rayon::init_thread_pool(threads)).await {
-        Ok(_) => None,
-        Err(e) => Some(format!("the engine's CPU threads could not start ({e:?}); it runs on one thread")),
+    let started = wasm_bindgen_futures::JsFuture::from(wasm_bindgen_rayon::init_thread_pool(threads)).await;
+    POOL_SETTLED.with(|s| s.set(true));
+    started.err().map(|e| format!("the engine's CPU threads could not start ({e:?}); it runs on one thread"))
+}
+
+/// Waits until the pool has started (at once in the plain build).
+pub async fn ready() {
+    #[cfg(feature = "threads")]
+    while !POOL_SETTLED.with(|s| s.get()) {
+        gloo::timers::future::TimeoutFuture::new(2).await;
     }
 }
 

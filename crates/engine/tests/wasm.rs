@@ -87,6 +87,30 @@ fn truncated_files_are_errors_not_panics() {
     assert!(err.to_string().contains("truncated"), "{err}");
 }
 
+/// The CPU path's dot products in WebAssembly SIMD (quant/simd128.rs) equal the portable code bit for bit, on
+/// quantized rows of every type (those without a simd128 kernel take the portable code in both).
+#[wasm_bindgen_test]
+fn simd128_dot_products_equal_the_portable_ones() {
+    use candle_core::quantized::QTensor;
+    use candle_core::{Device, Tensor};
+    use saif_engine::quant::blocks::{dot_row, portable_dot_row};
+    assert!(cfg!(target_feature = "simd128"), "the wasm builds enable simd128 (.cargo/config.toml)");
+    let (rows, cols) = (8, 512);
+    for dtype in saif_engine::gguf::SUPPORTED_TYPES {
+        let w = Tensor::from_vec(gpu_cases::noise(rows * cols, 7), (rows, cols), &Device::Cpu).unwrap();
+        let bytes = QTensor::quantize(&w, dtype).unwrap().data().unwrap().into_owned();
+        let row_bytes = bytes.len() / rows;
+        for r in 0..rows {
+            // Activations of every size, with some exact zeros and negative zeros among them.
+            let mut x = gpu_cases::noise(cols, 100 + r as u64);
+            x.iter_mut().step_by(17).for_each(|v| *v = if r % 2 == 0 { 0.0 } else { -0.0 });
+            let row = &bytes[r * row_bytes..(r + 1) * row_bytes];
+            let (got, want) = (dot_row(dtype, row, &x), portable_dot_row(dtype, row, &x));
+            assert_eq!(got.to_bits(), want.to_bits(), "{dtype:?} row {r}: {got} vs the portable {want}");
+        }
+    }
+}
+
 // --- WebGPU (SwiftShader in headless Chromium) ---------------------------------------------------------------
 
 mod gpu_cases;

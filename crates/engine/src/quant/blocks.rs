@@ -151,11 +151,15 @@ pub fn dot_row(dtype: GgmlDType, bytes: &[u8], x: &[f32]) -> f32 {
     if let Some(dot) = super::avx2::dot_row(dtype, bytes, x) {
         return dot;
     }
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    if let Some(dot) = super::simd128::dot_row(dtype, bytes, x) {
+        return dot;
+    }
     portable_dot_row(dtype, bytes, x)
 }
 
-/// `dot_row` in portable Rust: what wasm (simd128 by the compiler) and CPUs without AVX2 run, and the twin the
-/// AVX2 kernels are tested against.
+/// `dot_row` in portable Rust: what CPUs without AVX2 run (and wasm, for the types `simd128` does not cover), and
+/// the twin the AVX2 and simd128 kernels are tested against.
 pub fn portable_dot_row(dtype: GgmlDType, bytes: &[u8], x: &[f32]) -> f32 {
     let lanes = match dtype {
         GgmlDType::Q8_0 => fold_blocks::<34, 32>(bytes, x, |acc, b, x| {

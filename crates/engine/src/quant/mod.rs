@@ -20,6 +20,8 @@ pub mod blocks;
 pub mod int8;
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 mod int8_avx2;
+#[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+mod simd128;
 
 pub use blocks::dequantize;
 
