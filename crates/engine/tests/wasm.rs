@@ -87,13 +87,14 @@ fn truncated_files_are_errors_not_panics() {
     assert!(err.to_string().contains("truncated"), "{err}");
 }
 
-/// The CPU path's dot products in WebAssembly SIMD (quant/simd128.rs) equal the portable code bit for bit, on
-/// quantized rows of every type (those without a simd128 kernel take the portable code in both).
+/// The CPU path's block kernels in WebAssembly SIMD (quant/simd128.rs) equal the portable code bit for bit: the
+/// fused dot products and the decoders, on quantized rows of every type (those without a simd128 kernel take the
+/// portable code in both).
 #[wasm_bindgen_test]
-fn simd128_dot_products_equal_the_portable_ones() {
+fn simd128_kernels_equal_the_portable_ones() {
     use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
-    use saif_engine::quant::blocks::{dot_row, portable_dot_row};
+    use saif_engine::quant::blocks::{dequantize, dot_row, portable_dequantize, portable_dot_row};
     assert!(cfg!(target_feature = "simd128"), "the wasm builds enable simd128 (.cargo/config.toml)");
     let (rows, cols) = (8, 512);
     for dtype in saif_engine::gguf::SUPPORTED_TYPES {
@@ -101,12 +102,18 @@ fn simd128_dot_products_equal_the_portable_ones() {
         let bytes = QTensor::quantize(&w, dtype).unwrap().data().unwrap().into_owned();
         let row_bytes = bytes.len() / rows;
         for r in 0..rows {
-            // Activations of every size, with some exact zeros and negative zeros among them.
+            // Activations with some exact zeros and negative zeros among them.
             let mut x = gpu_cases::noise(cols, 100 + r as u64);
             x.iter_mut().step_by(17).for_each(|v| *v = if r % 2 == 0 { 0.0 } else { -0.0 });
             let row = &bytes[r * row_bytes..(r + 1) * row_bytes];
             let (got, want) = (dot_row(dtype, row, &x), portable_dot_row(dtype, row, &x));
             assert_eq!(got.to_bits(), want.to_bits(), "{dtype:?} row {r}: {got} vs the portable {want}");
+        }
+        let (mut got, mut want) = (vec![0f32; rows * cols], vec![0f32; rows * cols]);
+        dequantize(dtype, &bytes, &mut got);
+        portable_dequantize(dtype, &bytes, &mut want);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.to_bits(), w.to_bits(), "{dtype:?} value {i}: {g} vs the portable {w}");
         }
     }
 }

@@ -21,11 +21,15 @@ pub fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) {
     if super::avx2::dequantize(dtype, bytes, out) {
         return;
     }
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    if super::simd128::dequantize(dtype, bytes, out) {
+        return;
+    }
     portable_dequantize(dtype, bytes, out)
 }
 
-/// `dequantize` in portable Rust: what wasm and CPUs without AVX2 run, and the twin the AVX2 decoders must equal
-/// bit for bit.
+/// `dequantize` in portable Rust: what CPUs without AVX2 run (and wasm, for the types `simd128` does not cover),
+/// and the twin the AVX2 and simd128 decoders must equal bit for bit.
 pub fn portable_dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) {
     let (values, size) = block_shape(dtype);
     debug_assert_eq!(bytes.len() / size * values, out.len());

@@ -1,12 +1,14 @@
-//! `blocks::dot_row` written out in WebAssembly SIMD (simd128) for the block types of the offline models (Q8_0,
-//! Q4_1, Q4_K, Q6_K): what the browser's CPU path spends most of a decoding step in. The portable code is left
-//! nearly scalar by the compiler (natively, built without AVX2, it decodes SmolLM2 at 15 tokens/s on one thread
-//! against the AVX2 kernels' 76); here each block's integers are unpacked sixteen bytes at a time and widened to
-//! f32 four at a time.
+//! The CPU path's block kernels written out in WebAssembly SIMD (simd128): `blocks::dot_row` (a decoding step's
+//! products) and `blocks::dequantize` (a batched step's and a prompt's weight rows) for the block types of the
+//! offline models (Q8_0, Q4_1, Q4_K, Q6_K). The compiler leaves the portable `dot_row` nearly scalar (natively,
+//! built without AVX2, it decodes SmolLM2 at 15 tokens/s on one thread against the AVX2 kernels' 76); here each
+//! block's integers are unpacked sixteen bytes at a time and widened to f32 four at a time. (The f32 dot products
+//! `dot` and `dot4` stay portable: in wasm the compiler vectorizes them, and a version written here measured 2-4x
+//! slower.)
 //!
-//! `blocks::dot_row`'s eight lanes are two f32x4 registers (lanes 0-3 and 4-7), and the arithmetic is its own:
-//! the same multiplications and additions in the same order (simd128 has no fused multiply-add), so the result
-//! equals `portable_dot_row` bit for bit (tests/wasm.rs).
+//! Each kernel keeps its portable twin's lanes (`dot_row`'s eight are two f32x4 registers) and its arithmetic:
+//! the same multiplications and additions in the same order (simd128 has no fused multiply-add), so the results
+//! equal the portable code's bit for bit (tests/wasm.rs).
 //!
 //! Compiled where the target has simd128: the project's wasm builds enable it (`.cargo/config.toml`,
 //! scripts/worker-threads.sh), and every browser with WebGPU or wasm threads has it.
@@ -64,12 +66,32 @@ impl Lanes {
     }
 }
 
+/// `blocks::dequantize` for the types written here; `false` for the others.
+pub fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> bool {
+    match dtype {
+        GgmlDType::Q8_0 => dequantize_q8_0(bytes, out),
+        GgmlDType::Q4_1 => dequantize_q4_1(bytes, out),
+        GgmlDType::Q4K => dequantize_q4k(bytes, out),
+        GgmlDType::Q6K => dequantize_q6k(bytes, out),
+        _ => return false,
+    }
+    true
+}
+
 /// Values `at..at + 4` of `x`.
 #[inline(always)]
-fn load4(x: &[f32; 32], at: usize) -> v128 {
-    assert!(at + 4 <= 32);
-    // SAFETY: the four values lie inside `x` (asserted; `at` is a constant after inlining, so the check folds).
+fn load4(x: &[f32], at: usize) -> v128 {
+    assert!(at + 4 <= x.len());
+    // SAFETY: the four values lie inside `x` (asserted; with fixed-size blocks the check folds away).
     unsafe { v128_load(x.as_ptr().add(at) as *const v128) }
+}
+
+/// Stores four values at `y[at..at + 4]`.
+#[inline(always)]
+fn store4(y: &mut [f32], at: usize, v: v128) {
+    assert!(at + 4 <= y.len());
+    // SAFETY: the four values lie inside `y` (asserted).
+    unsafe { v128_store(y.as_mut_ptr().add(at) as *mut v128, v) }
 }
 
 /// Sixteen bytes from `b[at..at + 16]`.
@@ -220,4 +242,82 @@ fn q6k(bytes: &[u8], x: &[f32]) -> f32 {
             }
         }
     })
+}
+
+/// Stores the sixteen values of `q` (four f32x4) at `y[at..at + 16]`, each multiplied by `d` and, with `add`,
+/// plus `add` (`q * d + m` as `blocks::portable_dequantize` computes it).
+#[inline(always)]
+fn store16(y: &mut [f32], at: usize, q: [v128; 4], d: f32, add: Option<f32>) {
+    let d = f32x4_splat(d);
+    for (i, q) in q.into_iter().enumerate() {
+        let v = f32x4_mul(q, d);
+        store4(y, at + 4 * i, add.map_or(v, |m| f32x4_add(v, f32x4_splat(m))));
+    }
+}
+
+fn dequantize_q8_0(bytes: &[u8], out: &mut [f32]) {
+    for (b, y) in bytes.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
+        let d = half(b, 0);
+        store16(y, 0, widen_i8(load16(b, 2)), d, None);
+        store16(y, 16, widen_i8(load16(b, 18)), d, None);
+    }
+}
+
+fn dequantize_q4_1(bytes: &[u8], out: &mut [f32]) {
+    for (b, y) in bytes.chunks_exact(20).zip(out.chunks_exact_mut(32)) {
+        let (d, m) = (half(b, 0), half(b, 2));
+        let qs = load16(b, 4);
+        store16(y, 0, widen_u8(v128_and(qs, u8x16_splat(0x0f))), d, Some(m));
+        store16(y, 16, widen_u8(u8x16_shr(qs, 4)), d, Some(m));
+    }
+}
+
+fn dequantize_q4k(bytes: &[u8], out: &mut [f32]) {
+    let mask = u8x16_splat(0x0f);
+    for (b, y) in bytes.chunks_exact(144).zip(out.chunks_exact_mut(256)) {
+        let (d, dmin) = (half(b, 0), half(b, 2));
+        let scales = &b[4..16];
+        for g in 0..4 {
+            let (sc1, m1) = scale_min_k4(2 * g, scales);
+            let (sc2, m2) = scale_min_k4(2 * g + 1, scales);
+            let (d1, min1) = (f32x4_splat(d * sc1 as f32), f32x4_splat(dmin * m1 as f32));
+            let (d2, min2) = (f32x4_splat(d * sc2 as f32), f32x4_splat(dmin * m2 as f32));
+            for part in 0..2 {
+                let q = load16(b, 16 + 32 * g + 16 * part);
+                let (low, high) = (widen_u8(v128_and(q, mask)), widen_u8(u8x16_shr(q, 4)));
+                for i in 0..4 {
+                    let at = 64 * g + 16 * part + 4 * i;
+                    store4(y, at, f32x4_sub(f32x4_mul(d1, low[i]), min1));
+                    store4(y, at + 32, f32x4_sub(f32x4_mul(d2, high[i]), min2));
+                }
+            }
+        }
+    }
+}
+
+fn dequantize_q6k(bytes: &[u8], out: &mut [f32]) {
+    let (mask, two_bits, offset) = (u8x16_splat(0x0f), u8x16_splat(3), i8x16_splat(32));
+    for (b, y) in bytes.chunks_exact(210).zip(out.chunks_exact_mut(256)) {
+        let d = half(b, 208);
+        for h in 0..2 {
+            let sc = &b[192 + 8 * h..200 + 8 * h];
+            for (j, halves) in [0, 16].into_iter().enumerate() {
+                let ql_a = load16(b, 64 * h + halves);
+                let ql_b = load16(b, 64 * h + 32 + halves);
+                let qh = load16(b, 128 + 32 * h + halves);
+                let high = |shift: u32| u8x16_shl(v128_and(u8x16_shr(qh, shift), two_bits), 4);
+                let runs = [
+                    i8x16_sub(v128_or(v128_and(ql_a, mask), high(0)), offset),
+                    i8x16_sub(v128_or(v128_and(ql_b, mask), high(2)), offset),
+                    i8x16_sub(v128_or(u8x16_shr(ql_a, 4), high(4)), offset),
+                    i8x16_sub(v128_or(u8x16_shr(ql_b, 4), high(6)), offset),
+                ];
+                // Values l + 32k of the half, l in 16j..16j + 16, take scale `sc[j + 2k]` (`is = l / 16`).
+                for (k, run) in runs.into_iter().enumerate() {
+                    let scale = d * (sc[j + 2 * k] as i8) as f32;
+                    store16(y, 128 * h + 32 * k + halves, widen_i8(run), scale, None);
+                }
+            }
+        }
+    }
 }
