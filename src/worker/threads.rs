@@ -50,8 +50,10 @@ pub fn describe() -> String {
     let threads = rayon::current_num_threads();
     #[cfg(not(feature = "threads"))]
     let threads = 1;
+    let isolated = js_sys::Reflect::get(&js_sys::global(), &"crossOriginIsolated".into())
+        .is_ok_and(|v| v.as_bool() == Some(true));
     match threads {
-        1 if cfg!(feature = "threads") => "WebAssembly, one thread".into(),
+        1 if isolated => "WebAssembly, one thread".into(),
         1 => "WebAssembly, one thread (the page is not cross-origin isolated)".into(),
         n => format!("WebAssembly, {n} threads"),
     }

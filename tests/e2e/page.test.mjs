@@ -272,6 +272,26 @@ test("a page that is not cross-origin isolated runs the CPU path on one thread, 
   plain.server.close();
 });
 
+test("a threaded engine that cannot start gives way to the one-thread engine, with a notice", async () => {
+  const broken = await serve({ missing: ["saif-worker-threads_bg.wasm"] });
+  const context = await browser.newContext();
+  const p = smolGolden.prompts[0];
+  const page = await context.newPage();
+  const problems = [];
+  page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
+  await page.goto(broken.base + "?chat=0&backend=cpu&text=" + encodeURIComponent(p.prompt));
+  await loaded(page);
+  assert.equal(await page.evaluate(() => crossOriginIsolated), true);
+  assert.match(await page.locator("#model-card").textContent(), /Runs on\s*cpu \(WebAssembly, one thread\)/);
+  assert.match(await page.locator("body").textContent(), /threaded build could not start/);
+  await setNumber(page, "#max-new-tokens", 16);
+  assert.deepEqual((await generate(page)).default, p.greedy16_ids);
+  await shot(page, "06-cpu-threads-fallback");
+  assert.deepEqual(problems, []);
+  await context.close();
+  broken.server.close();
+});
+
 /** What `saif steer` generates natively for the same steering (the page's default and steered tokens must match). */
 function saifSteer(latents, layer, prompt, tokens) {
   const out = execFileSync(path.join(root, "target/release/saif"), ["steer", "--model", path.join(models, "SmolLM2-135M-Instruct.Q4_1.gguf"),

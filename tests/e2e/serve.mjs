@@ -16,13 +16,15 @@ const types = { ".html": "text/html", ".js": "text/javascript", ".wasm": "applic
 /** The headers that make a page cross-origin isolated (README: what a static host must send for threads). */
 export const isolation = { "cross-origin-opener-policy": "same-origin", "cross-origin-embedder-policy": "require-corp" };
 
-/** Serves dist/ on 127.0.0.1, cross-origin isolated unless `isolated` is false; returns { server, base }. */
-export async function serve({ isolated = true } = {}) {
+/** Serves dist/ on 127.0.0.1, cross-origin isolated unless `isolated` is false, answering 404 for the files named
+ * in `missing` (a host that lost one); returns { server, base }. */
+export async function serve({ isolated = true, missing = [] } = {}) {
   if (!fs.existsSync(path.join(dist, "index.html"))) throw new Error("dist/ is missing: run `make build` first");
   const server = http.createServer((req, res) => {
     const url = new URL(req.url, "http://x");
     const file = path.join(dist, decodeURIComponent(url.pathname === "/" ? "/index.html" : url.pathname));
-    if (!file.startsWith(dist) || !fs.existsSync(file) || fs.statSync(file).isDirectory()) {
+    if (!file.startsWith(dist) || !fs.existsSync(file) || fs.statSync(file).isDirectory() ||
+        missing.includes(path.basename(file))) {
       res.writeHead(404, { "content-type": "text/plain" });
       return res.end("not found");
     }
