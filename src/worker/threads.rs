@@ -36,11 +36,25 @@ pub async fn start_pool() -> Option<String> {
     started.err().map(|e| format!("the engine's CPU threads could not start ({e:?}); it runs on one thread"))
 }
 
-/// Waits until the pool has started (at once in the plain build).
+/// The longest wait for the pool: its workers tell when they are ready, and one that fails to start (a blocked
+/// `blob:` worker) never does; the engine then goes on with rayon's one-thread fallback rather than never answer.
+#[cfg(feature = "threads")]
+const POOL_WAIT_MS: f64 = 30_000.0;
+
+/// Waits until the pool has started, at most `POOL_WAIT_MS` (at once in the plain build).
 pub async fn ready() {
     #[cfg(feature = "threads")]
-    while !POOL_SETTLED.with(|s| s.get()) {
-        gloo::timers::future::TimeoutFuture::new(2).await;
+    {
+        let since = js_sys::Date::now();
+        while !POOL_SETTLED.with(|s| s.get()) {
+            if js_sys::Date::now() - since > POOL_WAIT_MS {
+                POOL_SETTLED.with(|s| s.set(true));
+                let text = "the engine's CPU threads did not start within 30 s; it runs on one thread".to_string();
+                super::post(0, crate::protocol::Response::Notice { text });
+                break;
+            }
+            gloo::timers::future::TimeoutFuture::new(2).await;
+        }
     }
 }
 
@@ -50,8 +64,8 @@ pub fn describe() -> String {
     let threads = rayon::current_num_threads();
     #[cfg(not(feature = "threads"))]
     let threads = 1;
-    let isolated = js_sys::Reflect::get(&js_sys::global(), &"crossOriginIsolated".into())
-        .is_ok_and(|v| v.as_bool() == Some(true));
+    let isolated =
+        js_sys::Reflect::get(&js_sys::global(), &"crossOriginIsolated".into()).is_ok_and(|v| v.as_bool() == Some(true));
     match threads {
         1 if isolated => "WebAssembly, one thread".into(),
         1 => "WebAssembly, one thread (the page is not cross-origin isolated)".into(),
