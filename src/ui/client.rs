@@ -15,6 +15,7 @@ use web_sys::{ErrorEvent, File, MessageEvent, Worker};
 
 use super::state::AppState;
 use crate::protocol::{Envelope, Request, Response};
+use crate::worker::threads::cross_origin_isolated;
 
 /// The loader trunk writes for the worker binary (`data-loader-shim` in index.html).
 const WORKER_SCRIPT: &str = "./saif-worker_loader.js";
@@ -37,11 +38,6 @@ pub struct WorkerClient {
     /// Whether the running worker is the threaded build (a failure before it is ready falls back to the plain one).
     threaded: StoredValue<bool>,
     state: AppState,
-}
-
-/// Whether the page may share memory with its workers (served with COOP and COEP), which threads need.
-fn cross_origin_isolated() -> bool {
-    js_sys::Reflect::get(&js_sys::global(), &"crossOriginIsolated".into()).is_ok_and(|v| v.as_bool() == Some(true))
 }
 
 /// Starts the engine's worker: the threaded build where the page is cross-origin isolated, else the plain one.

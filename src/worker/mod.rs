@@ -14,7 +14,7 @@ mod experiments;
 mod generation;
 mod latents;
 mod saes;
-mod threads;
+pub mod threads;
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;

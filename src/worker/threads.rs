@@ -58,16 +58,19 @@ pub async fn ready() {
     }
 }
 
+/// Whether this global (the page, or the worker) may share memory with workers: served with COOP and COEP.
+pub fn cross_origin_isolated() -> bool {
+    js_sys::Reflect::get(&js_sys::global(), &"crossOriginIsolated".into()).is_ok_and(|v| v.as_bool() == Some(true))
+}
+
 /// How the CPU path runs here, for the model card: "WebAssembly, 2 threads".
 pub fn describe() -> String {
     #[cfg(feature = "threads")]
     let threads = rayon::current_num_threads();
     #[cfg(not(feature = "threads"))]
     let threads = 1;
-    let isolated =
-        js_sys::Reflect::get(&js_sys::global(), &"crossOriginIsolated".into()).is_ok_and(|v| v.as_bool() == Some(true));
     match threads {
-        1 if isolated => "WebAssembly, one thread".into(),
+        1 if cross_origin_isolated() => "WebAssembly, one thread".into(),
         1 => "WebAssembly, one thread (the page is not cross-origin isolated)".into(),
         n => format!("WebAssembly, {n} threads"),
     }

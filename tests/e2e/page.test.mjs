@@ -35,8 +35,9 @@ after(async () => {
   server?.close();
 });
 
-/** A page that fails the test on any uncaught error or Rust panic in the page or its worker. */
-async function openPage(context, query) {
+/** A page (of `at`, the tests' server unless given) that fails the test on any uncaught error or Rust panic in the
+ * page or its worker. */
+async function openPage(context, query, at = base) {
   const page = await context.newPage();
   const problems = [];
   page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
@@ -46,7 +47,7 @@ async function openPage(context, query) {
   page.on("worker", (w) => w.on("console", (m) => {
     if (m.type() === "error" && /panicked|RuntimeError|unreachable/.test(m.text())) problems.push(`worker: ${m.text()}`);
   }));
-  await page.goto(base + (query ?? ""));
+  await page.goto(at + (query ?? ""));
   return { page, problems };
 }
 
@@ -252,44 +253,40 @@ test("the CPU backend in the browser gives the same tokens on its threads, and s
   await context.close();
 });
 
-test("a page that is not cross-origin isolated runs the CPU path on one thread, with the same tokens", async () => {
-  const plain = await serve({ isolated: false });
+/** Opens SmolLM2 on the CPU from `host` (a `serve()`), checks the page's isolation and the model card's "Runs on",
+ * and that 16 greedy tokens are the reference's; returns the page's text, and closes the host. */
+async function oneThreadGeneration(host, { isolated, runsOn, name }) {
   const context = await browser.newContext();
   const p = smolGolden.prompts[0];
-  const page = await context.newPage();
-  const problems = [];
-  page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
-  await page.goto(plain.base + "?chat=0&backend=cpu&text=" + encodeURIComponent(p.prompt));
+  const { page, problems } = await openPage(context, "?chat=0&backend=cpu&text=" + encodeURIComponent(p.prompt), host.base);
   await loaded(page);
-  assert.equal(await page.evaluate(() => crossOriginIsolated), false);
-  assert.match(await page.locator("#model-card").textContent(),
-    /Runs on\s*cpu \(WebAssembly, one thread \(the page is not cross-origin isolated\)\)/);
+  assert.equal(await page.evaluate(() => crossOriginIsolated), isolated);
+  assert.match(await page.locator("#model-card").textContent(), runsOn);
   await setNumber(page, "#max-new-tokens", 16);
   assert.deepEqual((await generate(page)).default, p.greedy16_ids);
-  await shot(page, "06-cpu-one-thread");
+  await shot(page, name);
+  const text = await page.locator("body").textContent();
   assert.deepEqual(problems, []);
   await context.close();
-  plain.server.close();
+  host.server.close();
+  return text;
+}
+
+test("a page that is not cross-origin isolated runs the CPU path on one thread, with the same tokens", async () => {
+  await oneThreadGeneration(await serve({ isolated: false }), {
+    isolated: false,
+    runsOn: /Runs on\s*cpu \(WebAssembly, one thread \(the page is not cross-origin isolated\)\)/,
+    name: "06-cpu-one-thread",
+  });
 });
 
 test("a threaded engine that cannot start gives way to the one-thread engine, with a notice", async () => {
-  const broken = await serve({ missing: ["saif-worker-threads_bg.wasm"] });
-  const context = await browser.newContext();
-  const p = smolGolden.prompts[0];
-  const page = await context.newPage();
-  const problems = [];
-  page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
-  await page.goto(broken.base + "?chat=0&backend=cpu&text=" + encodeURIComponent(p.prompt));
-  await loaded(page);
-  assert.equal(await page.evaluate(() => crossOriginIsolated), true);
-  assert.match(await page.locator("#model-card").textContent(), /Runs on\s*cpu \(WebAssembly, one thread\)/);
-  assert.match(await page.locator("body").textContent(), /threaded build could not start/);
-  await setNumber(page, "#max-new-tokens", 16);
-  assert.deepEqual((await generate(page)).default, p.greedy16_ids);
-  await shot(page, "06-cpu-threads-fallback");
-  assert.deepEqual(problems, []);
-  await context.close();
-  broken.server.close();
+  const text = await oneThreadGeneration(await serve({ missing: ["saif-worker-threads_bg.wasm"] }), {
+    isolated: true,
+    runsOn: /Runs on\s*cpu \(WebAssembly, one thread\)/,
+    name: "06-cpu-threads-fallback",
+  });
+  assert.match(text, /threaded build could not start/);
 });
 
 /** What `saif steer` generates natively for the same steering (the page's default and steered tokens must match). */

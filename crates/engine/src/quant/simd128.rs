@@ -160,6 +160,30 @@ fn dot8_halves(q: [v128; 8], x: &[f32; 32]) -> (Lanes, Lanes) {
     (pair(0), pair(4))
 }
 
+/// The low and the high four bits of each of the sixteen bytes of `v`.
+#[inline(always)]
+fn nibbles(v: v128) -> (v128, v128) {
+    (v128_and(v, u8x16_splat(0x0f)), u8x16_shr(v, 4))
+}
+
+/// Sixteen values of each of the four runs of 32 of half `h` of a Q6_K block (values l + 32k of the half, run k,
+/// for l in `at..at + 16`, `at` 0 or 16), as signed bytes: four low bits from `ql` and two high bits from `qh`,
+/// minus 32, as `blocks::dot_row` and `blocks::dequantize` unpack them.
+#[inline(always)]
+fn q6k_runs(b: &[u8], h: usize, at: usize) -> [v128; 4] {
+    let (low_a, high_a) = nibbles(load16(b, 64 * h + at));
+    let (low_b, high_b) = nibbles(load16(b, 64 * h + 32 + at));
+    let qh = load16(b, 128 + 32 * h + at);
+    let top = |shift: u32| u8x16_shl(v128_and(u8x16_shr(qh, shift), u8x16_splat(3)), 4);
+    let offset = i8x16_splat(32);
+    [
+        i8x16_sub(v128_or(low_a, top(0)), offset),
+        i8x16_sub(v128_or(low_b, top(2)), offset),
+        i8x16_sub(v128_or(high_a, top(4)), offset),
+        i8x16_sub(v128_or(high_b, top(6)), offset),
+    ]
+}
+
 /// Two runs of sixteen values as the eight f32x4 of thirty-two.
 #[inline(always)]
 fn join(a: [v128; 4], b: [v128; 4]) -> [v128; 8] {
@@ -187,8 +211,8 @@ fn q8_0(bytes: &[u8], x: &[f32]) -> f32 {
 
 fn q4_1(bytes: &[u8], x: &[f32]) -> f32 {
     fold_blocks::<20, 32>(bytes, x, |acc, b, x| {
-        let qs = load16(b, 4);
-        let q = join(widen_u8(v128_and(qs, u8x16_splat(0x0f))), widen_u8(u8x16_shr(qs, 4)));
+        let (low, high) = nibbles(load16(b, 4));
+        let q = join(widen_u8(low), widen_u8(high));
         acc.add_scaled(half(b, 0), dot8(q, x));
         acc.add_scaled(half(b, 2), sum8(x));
     })
@@ -198,13 +222,12 @@ fn q4k(bytes: &[u8], x: &[f32]) -> f32 {
     fold_blocks::<144, 256>(bytes, x, |acc, b, x| {
         let (d, dmin) = (half(b, 0), half(b, 2));
         let scales = &b[4..16];
-        let mask = u8x16_splat(0x0f);
         for g in 0..4 {
             let (sc1, m1) = scale_min_k4(2 * g, scales);
             let (sc2, m2) = scale_min_k4(2 * g + 1, scales);
-            let (a, c) = (load16(b, 16 + 32 * g), load16(b, 32 + 32 * g));
-            let low = join(widen_u8(v128_and(a, mask)), widen_u8(v128_and(c, mask)));
-            let high = join(widen_u8(u8x16_shr(a, 4)), widen_u8(u8x16_shr(c, 4)));
+            let ((low_a, high_a), (low_c, high_c)) = (nibbles(load16(b, 16 + 32 * g)), nibbles(load16(b, 32 + 32 * g)));
+            let low = join(widen_u8(low_a), widen_u8(low_c));
+            let high = join(widen_u8(high_a), widen_u8(high_c));
             let x1: &[f32; 32] = x[64 * g..64 * g + 32].try_into().unwrap();
             let x2: &[f32; 32] = x[64 * g + 32..64 * g + 64].try_into().unwrap();
             acc.add_scaled(d * sc1 as f32, dot8(low, x1));
@@ -218,25 +241,12 @@ fn q4k(bytes: &[u8], x: &[f32]) -> f32 {
 fn q6k(bytes: &[u8], x: &[f32]) -> f32 {
     fold_blocks::<210, 256>(bytes, x, |acc, b, x| {
         let d = half(b, 208);
-        let (mask, two_bits, offset) = (u8x16_splat(0x0f), u8x16_splat(3), i8x16_splat(32));
         for h in 0..2 {
             let sc = &b[192 + 8 * h..200 + 8 * h];
-            // Run k of the half (values l + 32k, l in 0..32) as two vectors of sixteen bytes (l in 0..16, 16..32):
-            // four low bits from `ql` and two high bits from `qh`, minus 32, as `blocks::dot_row` unpacks them.
-            let mut runs = [[i8x16_splat(0); 2]; 4];
-            for (j, halves) in [0, 16].into_iter().enumerate() {
-                let ql_a = load16(b, 64 * h + halves);
-                let ql_b = load16(b, 64 * h + 32 + halves);
-                let qh = load16(b, 128 + 32 * h + halves);
-                let high = |shift: u32| u8x16_shl(v128_and(u8x16_shr(qh, shift), two_bits), 4);
-                runs[0][j] = i8x16_sub(v128_or(v128_and(ql_a, mask), high(0)), offset);
-                runs[1][j] = i8x16_sub(v128_or(v128_and(ql_b, mask), high(2)), offset);
-                runs[2][j] = i8x16_sub(v128_or(u8x16_shr(ql_a, 4), high(4)), offset);
-                runs[3][j] = i8x16_sub(v128_or(u8x16_shr(ql_b, 4), high(6)), offset);
-            }
-            for (k, run) in runs.iter().enumerate() {
+            let (first16, last16) = (q6k_runs(b, h, 0), q6k_runs(b, h, 16));
+            for k in 0..4 {
                 let xs: &[f32; 32] = x[128 * h + 32 * k..128 * h + 32 * k + 32].try_into().unwrap();
-                let (first, second) = dot8_halves(join(widen_i8(run[0]), widen_i8(run[1])), xs);
+                let (first, second) = dot8_halves(join(widen_i8(first16[k]), widen_i8(last16[k])), xs);
                 acc.add_scaled(d * (sc[2 * k] as i8) as f32, first);
                 acc.add_scaled(d * (sc[2 * k + 1] as i8) as f32, second);
             }
@@ -266,14 +276,13 @@ fn dequantize_q8_0(bytes: &[u8], out: &mut [f32]) {
 fn dequantize_q4_1(bytes: &[u8], out: &mut [f32]) {
     for (b, y) in bytes.chunks_exact(20).zip(out.chunks_exact_mut(32)) {
         let (d, m) = (half(b, 0), half(b, 2));
-        let qs = load16(b, 4);
-        store16(y, 0, widen_u8(v128_and(qs, u8x16_splat(0x0f))), d, Some(m));
-        store16(y, 16, widen_u8(u8x16_shr(qs, 4)), d, Some(m));
+        let (low, high) = nibbles(load16(b, 4));
+        store16(y, 0, widen_u8(low), d, Some(m));
+        store16(y, 16, widen_u8(high), d, Some(m));
     }
 }
 
 fn dequantize_q4k(bytes: &[u8], out: &mut [f32]) {
-    let mask = u8x16_splat(0x0f);
     for (b, y) in bytes.chunks_exact(144).zip(out.chunks_exact_mut(256)) {
         let (d, dmin) = (half(b, 0), half(b, 2));
         let scales = &b[4..16];
@@ -283,8 +292,8 @@ fn dequantize_q4k(bytes: &[u8], out: &mut [f32]) {
             let (d1, min1) = (f32x4_splat(d * sc1 as f32), f32x4_splat(dmin * m1 as f32));
             let (d2, min2) = (f32x4_splat(d * sc2 as f32), f32x4_splat(dmin * m2 as f32));
             for part in 0..2 {
-                let q = load16(b, 16 + 32 * g + 16 * part);
-                let (low, high) = (widen_u8(v128_and(q, mask)), widen_u8(u8x16_shr(q, 4)));
+                let (low, high) = nibbles(load16(b, 16 + 32 * g + 16 * part));
+                let (low, high) = (widen_u8(low), widen_u8(high));
                 for i in 0..4 {
                     let at = 64 * g + 16 * part + 4 * i;
                     store4(y, at, f32x4_sub(f32x4_mul(d1, low[i]), min1));
@@ -296,26 +305,15 @@ fn dequantize_q4k(bytes: &[u8], out: &mut [f32]) {
 }
 
 fn dequantize_q6k(bytes: &[u8], out: &mut [f32]) {
-    let (mask, two_bits, offset) = (u8x16_splat(0x0f), u8x16_splat(3), i8x16_splat(32));
     for (b, y) in bytes.chunks_exact(210).zip(out.chunks_exact_mut(256)) {
         let d = half(b, 208);
         for h in 0..2 {
             let sc = &b[192 + 8 * h..200 + 8 * h];
-            for (j, halves) in [0, 16].into_iter().enumerate() {
-                let ql_a = load16(b, 64 * h + halves);
-                let ql_b = load16(b, 64 * h + 32 + halves);
-                let qh = load16(b, 128 + 32 * h + halves);
-                let high = |shift: u32| u8x16_shl(v128_and(u8x16_shr(qh, shift), two_bits), 4);
-                let runs = [
-                    i8x16_sub(v128_or(v128_and(ql_a, mask), high(0)), offset),
-                    i8x16_sub(v128_or(v128_and(ql_b, mask), high(2)), offset),
-                    i8x16_sub(v128_or(u8x16_shr(ql_a, 4), high(4)), offset),
-                    i8x16_sub(v128_or(u8x16_shr(ql_b, 4), high(6)), offset),
-                ];
+            for (j, at) in [0, 16].into_iter().enumerate() {
                 // Values l + 32k of the half, l in 16j..16j + 16, take scale `sc[j + 2k]` (`is = l / 16`).
-                for (k, run) in runs.into_iter().enumerate() {
+                for (k, run) in q6k_runs(b, h, at).into_iter().enumerate() {
                     let scale = d * (sc[j + 2 * k] as i8) as f32;
-                    store16(y, 128 * h + 32 * k + halves, widen_i8(run), scale, None);
+                    store16(y, 128 * h + 32 * k + at, widen_i8(run), scale, None);
                 }
             }
         }
