@@ -141,8 +141,9 @@ impl QuantMatrix {
     }
 
     /// Rows `first..first + count` of the product (`rows`: their blocks) for the `m` activation rows of `x`
-    /// (`rounded`: the same rounded to 8 bits, for `Form::Int8`); `m x count`, row-major.
-    fn band(&self, rows: &[u8], x: &[f32], m: usize, rounded: &[int8::Q8Row], form: Form, count: usize) -> Vec<f32> {
+    /// (`other`: the same rounded to 8 bits for `Form::Int8`, or transposed for `Form::Band`); `m x count`,
+    /// row-major.
+    fn band(&self, rows: &[u8], x: &[f32], m: usize, other: &Prepared, form: Form, count: usize) -> Vec<f32> {
         let (k, row_bytes, dtype) = (self.cols, self.row_bytes(), self.dtype());
         let mut out = vec![0f32; m * count];
         match form {
@@ -178,7 +179,7 @@ impl QuantMatrix {
             Form::Int8 => {
                 for r in 0..count {
                     let row = &rows[r * row_bytes..(r + 1) * row_bytes];
-                    for (i, xi) in rounded.iter().enumerate() {
+                    for (i, xi) in other.rounded.iter().enumerate() {
                         out[i * count + r] = int8::dot_row(dtype, row, xi);
                     }
                 }
@@ -186,7 +187,13 @@ impl QuantMatrix {
             Form::Band => {
                 let mut w = vec![0f32; count * k];
                 dequantize(dtype, rows, &mut w);
-                band_product(x, &w, m, k, count, &mut out);
+                let mut out_t = vec![0f32; count * m];
+                band_product(&other.transposed, &w, m, k, count, &mut out_t);
+                for (r, column) in out_t.chunks_exact(m).enumerate() {
+                    for (i, &v) in column.iter().enumerate() {
+                        out[i * count + r] = v;
+                    }
+                }
             }
         }
         out
@@ -205,10 +212,17 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
     }
     let m = x.len() / k;
     let raws = jobs.iter().map(|(q, _)| q.raw()).collect::<Result<Vec<_>>>()?;
-    // With 8-bit activations, each activation row is rounded once, before the bands share it.
-    let rounded: Vec<int8::Q8Row> = match jobs.iter().any(|(_, form)| matches!(form, Form::Int8)) {
-        true => x.chunks_exact(k).map(int8::quantize).collect(),
-        false => Vec::new(),
+    // What the bands share, made once: the activation rows rounded to 8 bits, or transposed for gemm.
+    let uses = |wanted: fn(&Form) -> bool| jobs.iter().any(|(_, form)| wanted(form));
+    let prepared = Prepared {
+        rounded: match uses(|form| matches!(form, Form::Int8)) {
+            true => x.chunks_exact(k).map(int8::quantize).collect(),
+            false => Vec::new(),
+        },
+        transposed: match uses(|form| matches!(form, Form::Band)) {
+            true => transpose(x, m, k),
+            false => Vec::new(),
+        },
     };
     // A few bands per thread and matrix balance the load; more only add scheduling. The rows are shared out
     // evenly, so that no band is shorter than `ROWS_PER_TASK` (in the prompt form, a short band with few
@@ -226,7 +240,7 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
         .map(|&(j, first, count)| {
             let (q, form) = jobs[j];
             let rows = &raws[j][first * q.row_bytes()..(first + count) * q.row_bytes()];
-            q.band(rows, x, m, &rounded, form, count)
+            q.band(rows, x, m, &prepared, form, count)
         })
         .collect();
     let mut outs: Vec<Vec<f32>> = jobs.iter().map(|(q, _)| vec![0f32; m * q.rows]).collect();
@@ -237,6 +251,25 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
         }
     }
     Ok(outs)
+}
+
+/// The activations as some forms read them, made once per product and shared by its bands.
+struct Prepared {
+    /// Each row rounded to 8 bits (`Form::Int8`).
+    rounded: Vec<int8::Q8Row>,
+    /// `k x m` (`Form::Band`, see `band_product`).
+    transposed: Vec<f32>,
+}
+
+/// `x` (`m x k`, row-major) as `k x m`.
+fn transpose(x: &[f32], m: usize, k: usize) -> Vec<f32> {
+    let mut t = vec![0f32; m * k];
+    for (i, row) in x.chunks_exact(k).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            t[c * m + i] = v;
+        }
+    }
+    t
 }
 
 /// How a product is computed (all but `Int8` exact up to the order of the f32 sums).
@@ -255,37 +288,40 @@ enum Form {
 /// The longest run of columns one `gemm` call sums (see `band_product`).
 const GEMM_DEPTH: usize = 512;
 
-/// `out[i][r] = sum_c x[i][c] * w[r][c]` for `x` of `m x k`, `w` of `count x k` and `out` of `m x count`, all
-/// row-major: a plain f32 matrix product, handed to the `gemm` crate (cache-blocked SIMD kernels; the parallelism
-/// is across bands, so none inside).
+/// `out_t[r][i] = sum_c x[i][c] * w[r][c]` for `x_t` of `k x m` (`x` transposed), `w` of `count x k` and `out_t`
+/// of `count x m`, all row-major: a plain f32 matrix product, handed to the `gemm` crate (cache-blocked SIMD
+/// kernels; the parallelism is across bands, so none inside). The activations and the result are transposed
+/// because gemm's kernels run down columns: laid out so, it reads the weights in place and copies the activations
+/// (its packing) as whole vectors, where with row-major operands it gathered a transposed copy of each band's
+/// weights value by value (a fifth of a Gemma prompt's time in `perf`).
 ///
 /// The columns are summed in equal runs of at most `GEMM_DEPTH`, one `gemm` call each, the later ones added to
-/// `out`. `gemm` splits a long sum into runs of its own, of a length that depends on the shape (512 for small
+/// `out_t`. `gemm` splits a long sum into runs of its own, of a length that depends on the shape (512 for small
 /// products, cache-derived otherwise), so that a row's numbers changed with the number of rows beside it; with
 /// runs this short it never splits. With bands of at least `ROWS_PER_TASK` rows (`products`), gemm's horizontal
 /// kernel (products of at most 256 values) is not used either, so every row's value is the same in any batch of
 /// `BATCH_INVARIANT_ROWS` rows or more: batched prompt reads (`LanguageModel::read_prompts`) rely on it (test
 /// `band_rows_do_not_depend_on_the_batch`).
-fn band_product(x: &[f32], w: &[f32], m: usize, k: usize, count: usize, out: &mut [f32]) {
-    assert!(x.len() == m * k && w.len() == count * k && out.len() == m * count);
+fn band_product(x_t: &[f32], w: &[f32], m: usize, k: usize, count: usize, out_t: &mut [f32]) {
+    assert!(x_t.len() == m * k && w.len() == count * k && out_t.len() == m * count);
     let depth = k.div_ceil(k.div_ceil(GEMM_DEPTH).max(1)).max(1);
     for (run, c0) in (0..k).step_by(depth).enumerate() {
         let width = depth.min(k - c0);
         // SAFETY: the three buffers have the sizes asserted above, and the strides below stay inside them:
-        // dst (i, r) at i * count + r; lhs (i, c) at i * k + c0 + c; rhs (c, r) = w[r][c0 + c] at r * k + c0 + c,
-        // for c < width <= k - c0.
+        // dst (i, r) = out_t[r][i] at r * m + i; lhs (i, c) = x_t[c0 + c][i] at (c0 + c) * m + i; rhs (c, r) =
+        // w[r][c0 + c] at r * k + c0 + c, for c < width <= k - c0.
         unsafe {
             gemm::gemm(
                 m,
                 count,
                 width,
-                out.as_mut_ptr(),
+                out_t.as_mut_ptr(),
+                m as isize,
                 1,
-                count as isize,
                 run > 0,
-                x.as_ptr().add(c0),
+                x_t.as_ptr().add(c0 * m),
+                m as isize,
                 1,
-                k as isize,
                 w.as_ptr().add(c0),
                 k as isize,
                 1,
