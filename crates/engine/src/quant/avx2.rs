@@ -118,8 +118,9 @@ unsafe fn q4_1(bytes: &[u8], x: &[f32]) -> f32 {
     lanes_sum(acc)
 }
 
-/// Lane l of each 32-value block's `sum32`, eight values a block: what Q4_1's offsets multiply. They are the same
-/// for every weight row, so a product takes them once per activation row and hands them to `q4_1_with_sums`.
+/// Lane l of each 32-value block's `sum32`, eight values a block: what the offsets of Q4_1 and Q4_K multiply. They
+/// are the same for every weight row, so a product takes them once per activation row and hands them to
+/// `dot_row_with_sums`.
 pub fn block_sums(x: &[f32]) -> Vec<f32> {
     let mut sums = vec![0f32; x.len() / 32 * 8];
     // SAFETY: compiled only where the target enables AVX2 (see `dot_row`); the stores stay inside `sums`, which
@@ -132,12 +133,25 @@ pub fn block_sums(x: &[f32]) -> Vec<f32> {
     sums
 }
 
-/// `dot_row` for Q4_1, bit for bit, with the activations' `block_sums` given: four loads and three additions
-/// fewer per block, in the kernel that is most of SmolLM2's decoding.
-pub fn q4_1_with_sums(bytes: &[u8], x: &[f32], sums: &[f32]) -> f32 {
+/// `dot_row` for Q4_1 and Q4_K, bit for bit, with the activations' `block_sums` given: four loads and three
+/// additions fewer per 32 values, in the kernels that are most of SmolLM2's decoding. `None` for other types.
+pub fn dot_row_with_sums(dtype: GgmlDType, bytes: &[u8], x: &[f32], sums: &[f32]) -> Option<f32> {
     assert!(sums.len() >= x.len() / 32 * 8, "block sums for every block");
     // SAFETY: as `dot_row`; the sums are read eight at a block, inside `sums` (asserted).
-    unsafe { q4_1_summed(bytes, x, sums) }
+    unsafe {
+        match dtype {
+            GgmlDType::Q4_1 => Some(q4_1_summed(bytes, x, sums)),
+            GgmlDType::Q4K => Some(q4k_summed(bytes, x, sums)),
+            _ => None,
+        }
+    }
+}
+
+/// The eight block sums of block `block`.
+#[inline(always)]
+unsafe fn sums8(sums: &[f32], block: usize) -> __m256 {
+    debug_assert!(8 * block + 8 <= sums.len());
+    _mm256_loadu_ps(sums.as_ptr().add(8 * block))
 }
 
 #[target_feature(enable = "avx2,fma")]
@@ -150,7 +164,30 @@ unsafe fn q4_1_summed(bytes: &[u8], x: &[f32], sums: &[f32]) -> f32 {
         let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), mask);
         let v = [low8_u8(lo), high8_u8(lo), low8_u8(hi), high8_u8(hi)];
         acc = _mm256_fmadd_ps(scale(b, 0), dot32(v, x, 0), acc);
-        acc = _mm256_fmadd_ps(scale(b, 2), _mm256_loadu_ps(sums.as_ptr().add(8 * i)), acc);
+        acc = _mm256_fmadd_ps(scale(b, 2), sums8(sums, i), acc);
+    }
+    lanes_sum(acc)
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn q4k_summed(bytes: &[u8], x: &[f32], sums: &[f32]) -> f32 {
+    let mask = _mm256_set1_epi8(0x0f);
+    let mut acc = _mm256_setzero_ps();
+    for (i, (b, x)) in bytes.chunks_exact(144).zip(x.chunks_exact(256)).enumerate() {
+        let (d, dmin) = (half(b, 0), half(b, 2));
+        let scales = &b[4..16];
+        for g in 0..4 {
+            let (sc1, m1) = super::blocks::scale_min_k4(2 * g, scales);
+            let (sc2, m2) = super::blocks::scale_min_k4(2 * g + 1, scales);
+            let qs = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * g) as *const __m256i);
+            let lo = _mm256_and_si256(qs, mask);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(qs), mask);
+            let at = 64 * g;
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * sc1 as f32), dot32(widen_u8(lo), x, at), acc);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * sc2 as f32), dot32(widen_u8(hi), x, at + 32), acc);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * m1 as f32), sums8(sums, 8 * i + 2 * g), acc);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * m2 as f32), sums8(sums, 8 * i + 2 * g + 1), acc);
+        }
     }
     lanes_sum(acc)
 }

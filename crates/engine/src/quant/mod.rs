@@ -264,9 +264,10 @@ struct Prepared {
     block_sums: Vec<Vec<f32>>,
 }
 
-/// Whether `dot_row_with` reuses an activation row's block sums for `dtype`: Q4_1 in AVX2.
+/// Whether `dot_row_with` reuses an activation row's block sums for `dtype`: Q4_1 and Q4_K in AVX2.
 fn takes_block_sums(dtype: GgmlDType) -> bool {
-    cfg!(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")) && dtype == GgmlDType::Q4_1
+    cfg!(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))
+        && matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q4K)
 }
 
 /// An activation row's block sums, for `dot_row_with`.
@@ -280,8 +281,8 @@ fn block_sums(x: &[f32]) -> Vec<f32> {
 /// `blocks::dot_row`, bit for bit, taking the activations' block sums where they were made.
 fn dot_row_with(dtype: GgmlDType, row: &[u8], x: &[f32], sums: Option<&[f32]>) -> f32 {
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
-    if let (Some(sums), GgmlDType::Q4_1) = (sums, dtype) {
-        return avx2::q4_1_with_sums(row, x, sums);
+    if let Some(dot) = sums.and_then(|sums| avx2::dot_row_with_sums(dtype, row, x, sums)) {
+        return dot;
     }
     let _ = sums;
     blocks::dot_row(dtype, row, x)
@@ -630,7 +631,7 @@ mod tests {
     }
 
     /// Decoding's products (one or two activation rows) are `blocks::dot_row` bit for bit, also where the
-    /// activations' block sums are taken once per product (Q4_1 in AVX2).
+    /// activations' block sums are taken once per product (Q4_1 and Q4_K in AVX2).
     #[test]
     fn decoding_products_are_dot_row_bit_for_bit() {
         let (n, k) = (70, 768);
