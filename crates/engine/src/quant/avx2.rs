@@ -163,8 +163,10 @@ unsafe fn q4_1_summed(bytes: &[u8], x: &[f32], sums: &[f32]) -> f32 {
         let lo = _mm_and_si128(qs, mask);
         let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), mask);
         let v = [low8_u8(lo), high8_u8(lo), low8_u8(hi), high8_u8(hi)];
-        acc = _mm256_fmadd_ps(scale(b, 0), dot32(v, x, 0), acc);
-        acc = _mm256_fmadd_ps(scale(b, 2), sums8(sums, i), acc);
+        // The scale and the offset converted together: lanes 0 and 1 (each as `scale` converts it).
+        let pair = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+        acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(pair), dot32(v, x, 0), acc);
+        acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(pair)), sums8(sums, i), acc);
     }
     lanes_sum(acc)
 }
