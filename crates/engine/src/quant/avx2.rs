@@ -105,15 +105,24 @@ unsafe fn q8_0(bytes: &[u8], x: &[f32]) -> f32 {
 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn q4_1(bytes: &[u8], x: &[f32]) -> f32 {
+    q4_1_with(bytes, x, |_, x, at| sum32(x, at))
+}
+
+/// Q4_1's kernel, with lane l of block `block`'s activation sum (`sum32`) from `sums(block, x, at)`: computed
+/// from the activations, or read from `block_sums`.
+#[inline(always)]
+unsafe fn q4_1_with(bytes: &[u8], x: &[f32], sums: impl Fn(usize, &[f32], usize) -> __m256) -> f32 {
     let mask = _mm_set1_epi8(0x0f);
     let mut acc = _mm256_setzero_ps();
-    for (b, x) in bytes.chunks_exact(20).zip(x.chunks_exact(32)) {
+    for (i, (b, x)) in bytes.chunks_exact(20).zip(x.chunks_exact(32)).enumerate() {
         let qs = _mm_loadu_si128(b.as_ptr().add(4) as *const __m128i);
         let lo = _mm_and_si128(qs, mask);
         let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), mask);
         let v = [low8_u8(lo), high8_u8(lo), low8_u8(hi), high8_u8(hi)];
-        acc = _mm256_fmadd_ps(scale(b, 0), dot32(v, x, 0), acc);
-        acc = _mm256_fmadd_ps(scale(b, 2), sum32(x, 0), acc);
+        // The scale and the offset converted together: lanes 0 and 1 (each as `scale` converts it).
+        let pair = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+        acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(pair), dot32(v, x, 0), acc);
+        acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(pair)), sums(i, x, 0), acc);
     }
     lanes_sum(acc)
 }
@@ -156,42 +165,12 @@ unsafe fn sums8(sums: &[f32], block: usize) -> __m256 {
 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn q4_1_summed(bytes: &[u8], x: &[f32], sums: &[f32]) -> f32 {
-    let mask = _mm_set1_epi8(0x0f);
-    let mut acc = _mm256_setzero_ps();
-    for (i, (b, x)) in bytes.chunks_exact(20).zip(x.chunks_exact(32)).enumerate() {
-        let qs = _mm_loadu_si128(b.as_ptr().add(4) as *const __m128i);
-        let lo = _mm_and_si128(qs, mask);
-        let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), mask);
-        let v = [low8_u8(lo), high8_u8(lo), low8_u8(hi), high8_u8(hi)];
-        // The scale and the offset converted together: lanes 0 and 1 (each as `scale` converts it).
-        let pair = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([b[0], b[1], b[2], b[3]])));
-        acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(pair), dot32(v, x, 0), acc);
-        acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(pair)), sums8(sums, i), acc);
-    }
-    lanes_sum(acc)
+    q4_1_with(bytes, x, |block, _, _| sums8(sums, block))
 }
 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn q4k_summed(bytes: &[u8], x: &[f32], sums: &[f32]) -> f32 {
-    let mask = _mm256_set1_epi8(0x0f);
-    let mut acc = _mm256_setzero_ps();
-    for (i, (b, x)) in bytes.chunks_exact(144).zip(x.chunks_exact(256)).enumerate() {
-        let (d, dmin) = (half(b, 0), half(b, 2));
-        let scales = &b[4..16];
-        for g in 0..4 {
-            let (sc1, m1) = super::blocks::scale_min_k4(2 * g, scales);
-            let (sc2, m2) = super::blocks::scale_min_k4(2 * g + 1, scales);
-            let qs = _mm256_loadu_si256(b.as_ptr().add(16 + 32 * g) as *const __m256i);
-            let lo = _mm256_and_si256(qs, mask);
-            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(qs), mask);
-            let at = 64 * g;
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * sc1 as f32), dot32(widen_u8(lo), x, at), acc);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * sc2 as f32), dot32(widen_u8(hi), x, at + 32), acc);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * m1 as f32), sums8(sums, 8 * i + 2 * g), acc);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * m2 as f32), sums8(sums, 8 * i + 2 * g + 1), acc);
-        }
-    }
-    lanes_sum(acc)
+    q4k_with(bytes, x, |block, _, _| sums8(sums, block))
 }
 
 /// Byte j of the result is 0xff where bit j of `bits` is set, 0 elsewhere: each byte of `bits` is copied to
@@ -265,9 +244,15 @@ unsafe fn q5_0(bytes: &[u8], x: &[f32]) -> f32 {
 
 #[target_feature(enable = "avx2,fma")]
 unsafe fn q4k(bytes: &[u8], x: &[f32]) -> f32 {
+    q4k_with(bytes, x, |_, x, at| sum32(x, at))
+}
+
+/// Q4_K's kernel, with the activation sums of its 32-value blocks from `sums` as in `q4_1_with`.
+#[inline(always)]
+unsafe fn q4k_with(bytes: &[u8], x: &[f32], sums: impl Fn(usize, &[f32], usize) -> __m256) -> f32 {
     let mask = _mm256_set1_epi8(0x0f);
     let mut acc = _mm256_setzero_ps();
-    for (b, x) in bytes.chunks_exact(144).zip(x.chunks_exact(256)) {
+    for (i, (b, x)) in bytes.chunks_exact(144).zip(x.chunks_exact(256)).enumerate() {
         let (d, dmin) = (half(b, 0), half(b, 2));
         let scales = &b[4..16];
         for g in 0..4 {
@@ -279,8 +264,8 @@ unsafe fn q4k(bytes: &[u8], x: &[f32]) -> f32 {
             let at = 64 * g;
             acc = _mm256_fmadd_ps(_mm256_set1_ps(d * sc1 as f32), dot32(widen_u8(lo), x, at), acc);
             acc = _mm256_fmadd_ps(_mm256_set1_ps(d * sc2 as f32), dot32(widen_u8(hi), x, at + 32), acc);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * m1 as f32), sum32(x, at), acc);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * m2 as f32), sum32(x, at + 32), acc);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * m1 as f32), sums(8 * i + 2 * g, x, at), acc);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * m2 as f32), sums(8 * i + 2 * g + 1, x, at + 32), acc);
         }
     }
     lanes_sum(acc)

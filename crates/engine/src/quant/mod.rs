@@ -4,6 +4,7 @@
 //! up to a quarter and flips greedy tokens; this is the engine's CPU product and the reference the GPU kernels
 //! must match. The one departure is opt-in: `int8`, decoding with the activations rounded to 8 bits.
 
+use std::cell::RefCell;
 use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QTensor};
@@ -141,9 +142,8 @@ impl QuantMatrix {
     }
 
     /// Rows `first..first + count` of the product (`rows`: their blocks) for the `m` activation rows of `x`
-    /// (`other`: the same rounded to 8 bits for `Form::Int8`, or transposed for `Form::Band`); `m x count`,
-    /// row-major.
-    fn band(&self, rows: &[u8], x: &[f32], m: usize, other: &Prepared, form: Form, count: usize) -> Vec<f32> {
+    /// (`prepared`: the same as the form reads them); `m x count`, row-major.
+    fn band(&self, rows: &[u8], x: &[f32], m: usize, prepared: &Prepared, form: Form, count: usize) -> Vec<f32> {
         let (k, row_bytes, dtype) = (self.cols, self.row_bytes(), self.dtype());
         let mut out = vec![0f32; m * count];
         match form {
@@ -151,7 +151,7 @@ impl QuantMatrix {
                 for r in 0..count {
                     let row = &rows[r * row_bytes..(r + 1) * row_bytes];
                     for i in 0..m {
-                        let sums = other.block_sums.get(i).map(Vec::as_slice);
+                        let sums = prepared.block_sums.get(i).map(Vec::as_slice);
                         out[i * count + r] = dot_row_with(dtype, row, &x[i * k..(i + 1) * k], sums);
                     }
                 }
@@ -180,7 +180,7 @@ impl QuantMatrix {
             Form::Int8 => {
                 for r in 0..count {
                     let row = &rows[r * row_bytes..(r + 1) * row_bytes];
-                    for (i, xi) in other.rounded.iter().enumerate() {
+                    for (i, xi) in prepared.rounded.iter().enumerate() {
                         out[i * count + r] = int8::dot_row(dtype, row, xi);
                     }
                 }
@@ -188,7 +188,7 @@ impl QuantMatrix {
             Form::Band => {
                 with_band_scratch(count * k, count * m, |w, out_t| {
                     dequantize(dtype, rows, w);
-                    band_product(&other.transposed, w, m, k, count, out_t);
+                    band_product(&prepared.transposed, w, m, k, count, out_t);
                     transpose_into(out_t, count, m, &mut out);
                 });
             }
@@ -209,7 +209,8 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
     }
     let m = x.len() / k;
     let raws = jobs.iter().map(|(q, _)| q.raw()).collect::<Result<Vec<_>>>()?;
-    // What the bands share, made once: the activation rows rounded to 8 bits, or transposed for gemm.
+    // What the bands share, made once: the activation rows rounded to 8 bits, transposed for gemm, or their
+    // block sums.
     let uses = |wanted: fn(&Form) -> bool| jobs.iter().any(|(_, form)| wanted(form));
     let prepared = Prepared {
         rounded: match uses(|form| matches!(form, Form::Int8)) {
@@ -295,7 +296,7 @@ const KEPT_SCRATCH: usize = 1 << 20;
 thread_local! {
     /// Each thread's decoded band and transposed result, kept between prompt products: allocating them afresh
     /// took a tenth of a Gemma prompt, in zeroing and in the kernel's page faults.
-    static BAND_SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    static BAND_SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// Runs `f` on scratch slices of `w_len` and `out_len` values, whose contents are stale: `f` overwrites them.
