@@ -393,10 +393,10 @@ impl CpuModel {
         let spec = c.layers[layer];
         let position = sequence.position;
         let l = &self.layers[layer];
-        let values = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).context("attention input");
-        let (mut q, mut k, v) = (values(&q)?, values(&k)?, values(&v)?);
+        let as_vec = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).context("attention input");
+        let (mut q, mut k, v) = (as_vec(&q)?, as_vec(&k)?, as_vec(&v)?);
         if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
-            let (qn, kn) = (values(qn)?, values(kn)?);
+            let (qn, kn) = (as_vec(qn)?, as_vec(kn)?);
             q.chunks_exact_mut(hd).for_each(|head| rms_norm_in_place(head, &qn, c.rms_eps));
             k.chunks_exact_mut(hd).for_each(|head| rms_norm_in_place(head, &kn, c.rms_eps));
         }
