@@ -113,7 +113,8 @@ unsafe fn q4_1(bytes: &[u8], x: &[f32]) -> f32 {
 #[inline(always)]
 unsafe fn q4_1_with(bytes: &[u8], x: &[f32], sums: impl Fn(usize, &[f32], usize) -> __m256) -> f32 {
     let mask = _mm_set1_epi8(0x0f);
-    let mut acc = _mm256_setzero_ps();
+    // The offsets' terms apart from the scaled products: one multiply-add per block on each chain, not two on one.
+    let (mut acc, mut offsets) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     for (i, (b, x)) in bytes.chunks_exact(20).zip(x.chunks_exact(32)).enumerate() {
         let qs = _mm_loadu_si128(b.as_ptr().add(4) as *const __m128i);
         let lo = _mm_and_si128(qs, mask);
@@ -122,9 +123,9 @@ unsafe fn q4_1_with(bytes: &[u8], x: &[f32], sums: impl Fn(usize, &[f32], usize)
         // The scale and the offset converted together: lanes 0 and 1 (each as `scale` converts it).
         let pair = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([b[0], b[1], b[2], b[3]])));
         acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(pair), dot32(v, x, 0), acc);
-        acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(pair)), sums(i, x, 0), acc);
+        offsets = _mm256_fmadd_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(pair)), sums(i, x, 0), offsets);
     }
-    lanes_sum(acc)
+    lanes_sum(_mm256_add_ps(acc, offsets))
 }
 
 /// Lane l of each 32-value block's `sum32`, eight values a block: what the offsets of Q4_1 and Q4_K multiply. They
@@ -202,7 +203,7 @@ unsafe fn widen_u8(v: __m256i) -> [__m256; 4] {
 /// A Q5_0 block's 32 values as signed bytes: the nibbles in value order (low nibbles, then high), then value j's
 /// fifth bit from bit j of qh: a nibble with its bit clear is nibble - 16, which as a signed byte is nibble | 0xf0.
 #[inline(always)]
-unsafe fn q5_0_values(b: &[u8]) -> __m256i {
+pub(super) unsafe fn q5_0_values(b: &[u8]) -> __m256i {
     let qs = _mm_loadu_si128(b[6..22].as_ptr() as *const __m128i);
     let nibbles = _mm256_and_si256(
         _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(qs), _mm_srli_epi16::<4>(qs)),
@@ -251,7 +252,8 @@ unsafe fn q4k(bytes: &[u8], x: &[f32]) -> f32 {
 #[inline(always)]
 unsafe fn q4k_with(bytes: &[u8], x: &[f32], sums: impl Fn(usize, &[f32], usize) -> __m256) -> f32 {
     let mask = _mm256_set1_epi8(0x0f);
-    let mut acc = _mm256_setzero_ps();
+    // As in `q4_1_with`, the minimums' terms on a chain of their own.
+    let (mut acc, mut offsets) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     for (i, (b, x)) in bytes.chunks_exact(144).zip(x.chunks_exact(256)).enumerate() {
         let (d, dmin) = (half(b, 0), half(b, 2));
         let scales = &b[4..16];
@@ -264,11 +266,11 @@ unsafe fn q4k_with(bytes: &[u8], x: &[f32], sums: impl Fn(usize, &[f32], usize) 
             let at = 64 * g;
             acc = _mm256_fmadd_ps(_mm256_set1_ps(d * sc1 as f32), dot32(widen_u8(lo), x, at), acc);
             acc = _mm256_fmadd_ps(_mm256_set1_ps(d * sc2 as f32), dot32(widen_u8(hi), x, at + 32), acc);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * m1 as f32), sums(8 * i + 2 * g, x, at), acc);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * m2 as f32), sums(8 * i + 2 * g + 1, x, at + 32), acc);
+            offsets = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * m1 as f32), sums(8 * i + 2 * g, x, at), offsets);
+            offsets = _mm256_fmadd_ps(_mm256_set1_ps(-dmin * m2 as f32), sums(8 * i + 2 * g + 1, x, at + 32), offsets);
         }
     }
-    lanes_sum(acc)
+    lanes_sum(_mm256_add_ps(acc, offsets))
 }
 
 #[target_feature(enable = "avx2,fma")]

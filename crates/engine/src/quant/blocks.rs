@@ -152,7 +152,8 @@ pub fn portable_dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) {
 /// Blocks and activations are taken as fixed-size arrays so the compiler drops bounds checks and vectorizes.
 pub fn dot_row(dtype: GgmlDType, bytes: &[u8], x: &[f32]) -> f32 {
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
-    if let Some(dot) = super::avx2::dot_row(dtype, bytes, x) {
+    if let Some(dot) = super::avx512_blocks::dot_row(dtype, bytes, x).or_else(|| super::avx2::dot_row(dtype, bytes, x))
+    {
         return dot;
     }
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
@@ -397,9 +398,19 @@ mod tests {
             let x: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
             let want: f64 = theirs.iter().zip(&x).map(|(&w, &v)| w as f64 * v as f64).sum();
             let scale: f64 = theirs.iter().zip(&x).map(|(&w, &v)| (w as f64 * v as f64).abs()).sum();
-            for (form, got) in
-                [("dot_row", dot_row(dtype, &bytes, &x)), ("portable", portable_dot_row(dtype, &bytes, &x))]
-            {
+            let mut forms =
+                vec![("dot_row", dot_row(dtype, &bytes, &x)), ("portable", portable_dot_row(dtype, &bytes, &x))];
+            // Every SIMD kernel this CPU runs for the type, whichever one `dot_row` picks.
+            #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+            forms.extend(
+                [
+                    ("avx2", super::super::avx2::dot_row(dtype, &bytes, &x)),
+                    ("avx512", super::super::avx512_blocks::dot_row(dtype, &bytes, &x)),
+                ]
+                .into_iter()
+                .filter_map(|(form, got)| Some((form, got?))),
+            );
+            for (form, got) in forms {
                 let got = got as f64;
                 assert!((got - want).abs() <= 1e-5 * (1.0 + scale), "{dtype:?} {form}: {got} vs {want}");
             }
