@@ -4,7 +4,7 @@
 //!
 //! `dot_speed` on one thread, the two kernels in the same binary alternated, GB/s of blocks: 7.79-8.28 against
 //! 5.55-7.45 for AVX2 in six pairs. The same kernels for Q8_0, Q4_1 and Q4_K were tried and not kept: they were no
-//! faster than AVX2 (docs/benchmarks.md, 2026-12-04, "AVX-512 decoding kernels").
+//! faster than AVX2 (docs/benchmarks.md, the section "2026-12-04 (night): decoding kernels").
 //!
 //! The arithmetic is `blocks::dot_row`'s (each block's integer sums scaled once) in sixteen lanes, so it agrees
 //! with the portable twin and the AVX2 kernel up to the order of the f32 sums (`blocks`' tests compare all three).
