@@ -448,3 +448,39 @@ pub(super) fn finish(a: &[f32], b: &[f32], lo: __m256, hi: __m256) -> f32 {
     }
     sum + tail
 }
+
+/// Writes the 8 x 8 block at `x` (rows `x_stride` values apart) transposed at `t` (rows `t_stride` apart): eight
+/// loads, the standard 24 shuffles, eight stores, where the scalar loop moved one value at a time.
+///
+/// # Safety
+/// `x` must be valid for reads of 8 values at each of its 8 rows, `t` for writes of 8 values at each of its 8 rows.
+#[inline(always)]
+pub(super) unsafe fn transpose8x8(x: *const f32, x_stride: usize, t: *mut f32, t_stride: usize) {
+    let r = [0, 1, 2, 3, 4, 5, 6, 7].map(|i| _mm256_loadu_ps(x.add(i * x_stride)));
+    // Rows a..h: pairs of rows interleaved (a0 b0 a1 b1 | a4 b4 a5 b5, ...).
+    let a = [
+        _mm256_unpacklo_ps(r[0], r[1]),
+        _mm256_unpackhi_ps(r[0], r[1]),
+        _mm256_unpacklo_ps(r[2], r[3]),
+        _mm256_unpackhi_ps(r[2], r[3]),
+        _mm256_unpacklo_ps(r[4], r[5]),
+        _mm256_unpackhi_ps(r[4], r[5]),
+        _mm256_unpacklo_ps(r[6], r[7]),
+        _mm256_unpackhi_ps(r[6], r[7]),
+    ];
+    // Quarter columns: a0 b0 c0 d0 | a4 b4 c4 d4, ...
+    let b = [
+        _mm256_shuffle_ps::<0x44>(a[0], a[2]),
+        _mm256_shuffle_ps::<0xEE>(a[0], a[2]),
+        _mm256_shuffle_ps::<0x44>(a[1], a[3]),
+        _mm256_shuffle_ps::<0xEE>(a[1], a[3]),
+        _mm256_shuffle_ps::<0x44>(a[4], a[6]),
+        _mm256_shuffle_ps::<0xEE>(a[4], a[6]),
+        _mm256_shuffle_ps::<0x44>(a[5], a[7]),
+        _mm256_shuffle_ps::<0xEE>(a[5], a[7]),
+    ];
+    for j in 0..4 {
+        _mm256_storeu_ps(t.add(j * t_stride), _mm256_permute2f128_ps::<0x20>(b[j], b[j + 4]));
+        _mm256_storeu_ps(t.add((j + 4) * t_stride), _mm256_permute2f128_ps::<0x31>(b[j], b[j + 4]));
+    }
+}
