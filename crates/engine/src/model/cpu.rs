@@ -298,7 +298,7 @@ impl CpuModel {
         let [q, k, v] = Linear::forward_each([&l.wq, &l.wk, &l.wv], a, exact_rows)?;
         let end = calls.iter().map(|c| self.sequences[c.sequence].position + c.tokens.len()).max().unwrap_or(0);
         let (base, head_dim) = (self.config.layers[layer].rope_base, self.config.head_dim);
-        self.rope.cover(base, head_dim, self.rope_factors.as_deref(), end);
+        self.rope.cover(base, head_dim, self.rope_factors.as_deref(), end, self.max_context);
         // Each call's rows and its sequence, taken out of `self` for the time of the step so that the sequences'
         // attention (a fifth of a batched step on SmolLM2) runs in parallel, each task writing its own cache.
         let mut sequences = std::mem::take(&mut self.sequences);
@@ -785,8 +785,8 @@ struct RopeTables {
 }
 
 impl RopeTables {
-    /// Makes sure the tables of `base` cover positions `0..end`.
-    fn cover(&mut self, base: f32, head_dim: usize, factors: Option<&[f32]>, end: usize) {
+    /// Makes sure the tables of `base` cover positions `0..end` (growing them no further than `max_context`).
+    fn cover(&mut self, base: f32, head_dim: usize, factors: Option<&[f32]>, end: usize, max_context: usize) {
         let at = match self.bases.iter().position(|b| b.0 == base) {
             Some(at) => at,
             None => {
@@ -799,7 +799,7 @@ impl RopeTables {
         if end <= have {
             return;
         }
-        let (more_cos, more_sin) = rope_cos_sin(head_dim, base, factors, have..end.max(2 * have));
+        let (more_cos, more_sin) = rope_cos_sin(head_dim, base, factors, have..end.max((2 * have).min(max_context)));
         cos.extend(more_cos);
         sin.extend(more_sin);
     }

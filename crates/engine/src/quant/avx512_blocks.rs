@@ -3,8 +3,8 @@
 //! registers of sixteen lanes where AVX2 takes four of eight: two widenings and two multiply-adds a block, not four.
 //!
 //! `dot_speed` on one thread, the two kernels in the same binary alternated, GB/s of blocks: 7.79-8.28 against
-//! 5.55-7.45 for AVX2 in six pairs. The same kernels for Q8_0, Q4_1 and Q4_K were tried and not kept: they were no
-//! faster than AVX2 (docs/benchmarks.md, the section "2026-12-04 (night): decoding kernels").
+//! 5.55-7.45 for AVX2 in six pairs. The same kernels for Q8_0, Q4_1 and Q4_K were tried and not kept: they were
+//! not clearly faster than AVX2 (docs/benchmarks.md, the section "2026-12-04 (night): decoding kernels").
 //!
 //! The arithmetic is `blocks::dot_row`'s (each block's integer sums scaled once) in sixteen lanes, so it agrees
 //! with the portable twin and the AVX2 kernel up to the order of the f32 sums (`blocks`' tests compare all three).
