@@ -411,6 +411,8 @@ impl CpuModel {
         for head in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
             rotate(head, cos, sin, c.rope_layout);
         }
+        // The queries scaled once for all heads (the tensor path scales them before the product too).
+        q.iter_mut().for_each(|x| *x *= c.attention_scale);
         let row = |x: Vec<f32>| Tensor::from_vec(x, (1, nkv, 1, hd), &Device::Cpu).context("kv row");
         let (keys, values) = sequence.caches[layer].append(&row(k)?, &row(v)?).context("kv cache")?;
 
@@ -422,9 +424,8 @@ impl CpuModel {
         cache_rows(&keys, |keys| {
             cache_rows(&values, |values| {
                 for (h, (qh, oh)) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)).enumerate() {
-                    let qh: Vec<f32> = qh.iter().map(|x| x * c.attention_scale).collect();
                     for (w, j) in weights.iter_mut().zip(first..len) {
-                        let score = quant::dot(&qh, keys.row(h / group, j));
+                        let score = quant::dot(qh, keys.row(h / group, j));
                         *w = match c.attn_softcap {
                             Some(cap) => (score / cap).tanh() * cap,
                             None => score,

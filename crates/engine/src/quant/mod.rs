@@ -153,7 +153,7 @@ impl QuantMatrix {
                     let row = &rows[r * row_bytes..(r + 1) * row_bytes];
                     for i in 0..m {
                         let sums = prepared.block_sums.get(i).map(Vec::as_slice);
-                        out.row(i)[r] = dot_row_with(dtype, row, &x[i * k..(i + 1) * k], sums);
+                        out.write(i, r, &[dot_row_with(dtype, row, &x[i * k..(i + 1) * k], sums)]);
                     }
                 }
             }
@@ -169,10 +169,10 @@ impl QuantMatrix {
                     dequantize(dtype, &rows[r * row_bytes..(r + group) * row_bytes], &mut w[..group * k]);
                     if group == 4 {
                         let ws = [0, 1, 2, 3].map(|j| &w[j * k..(j + 1) * k]);
-                        dot4_each(x, k, ws, |i, values| out.row(i)[r..r + 4].copy_from_slice(&values));
+                        dot4_each(x, k, ws, |i, values| out.write(i, r, &values));
                     } else {
                         for i in 0..m {
-                            out.row(i)[r] = dot(&w[..k], &x[i * k..(i + 1) * k]);
+                            out.write(i, r, &[dot(&w[..k], &x[i * k..(i + 1) * k])]);
                         }
                     }
                     r += group;
@@ -182,7 +182,7 @@ impl QuantMatrix {
                 for r in 0..count {
                     let row = &rows[r * row_bytes..(r + 1) * row_bytes];
                     for (i, xi) in prepared.rounded.iter().enumerate() {
-                        out.row(i)[r] = int8::dot_row(dtype, row, xi);
+                        out.write(i, r, &[int8::dot_row(dtype, row, xi)]);
                     }
                 }
             }
@@ -282,11 +282,14 @@ impl Columns {
         Self { start, n, first, count, m }
     }
 
-    /// Row `i`'s columns.
-    fn row(&mut self, i: usize) -> &mut [f32] {
-        assert!(i < self.m);
-        // SAFETY: inside the room `new` was given, in this band's own columns.
-        unsafe { std::slice::from_raw_parts_mut(self.start.add(i * self.n + self.first), self.count) }
+    /// Writes `values` into row `i` from the band's column `r` on. Through a pointer, not a slice: the output is
+    /// not initialized until every band has written it, and no reference is made to memory before it is.
+    fn write(&mut self, i: usize, r: usize, values: &[f32]) {
+        assert!(i < self.m && r + values.len() <= self.count);
+        // SAFETY: inside the room `new` was given, in this band's own columns (asserted above).
+        unsafe {
+            std::ptr::copy_nonoverlapping(values.as_ptr(), self.start.add(i * self.n + self.first + r), values.len())
+        }
     }
 
     /// The band's values from `t`, their transpose (`count x m`, row-major; see `band_product`).
