@@ -128,8 +128,8 @@ fn batched_generation_equals_generation_alone_on_smollm2() {
     }
 }
 
-/// With the opt-in 8-bit activations (which round single-sequence decoding steps), batched steps keep the exact
-/// products, so a sequence still gets in a batch exactly what it gets alone.
+/// With the opt-in 8-bit activations, which round the activations of decoding steps (batched ones in
+/// `quant::int8_rows`), a sequence still gets in a batch exactly what it gets alone.
 #[test]
 fn batched_generation_equals_generation_alone_with_int8_activations() {
     let reader = &mut std::io::BufReader::new(std::fs::File::open(model_path(SMOLLM)).unwrap());

@@ -36,16 +36,17 @@ use crate::config::{rope_cos_sin, Activation, ModelConfig, RopeLayout};
 use crate::error::{EngineError, Result, TensorContext};
 use crate::gguf::GgufFile;
 use crate::hooks::{Capture, Hooks, Segment};
-use crate::quant::{self, QuantMatrix, BATCH_INVARIANT_ROWS};
+use crate::quant::{self, QuantMatrix, RowForm, BATCH_INVARIANT_ROWS};
 
 /// Choices made when loading, not stored in the file.
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
     /// Cap on the context (tokens in the KV cache); `None` keeps the model's own.
     pub max_context: Option<usize>,
-    /// Decode one sequence with the activations rounded to 8 bits and integer products (`quant::int8`), as
-    /// llama.cpp does: faster, not exact (docs/benchmarks.md measures the departure). Prompts and batched steps
-    /// keep the exact products. Off by default.
+    /// Decode with the activations rounded to 8 bits and integer products, as llama.cpp does: faster, not exact
+    /// (docs/benchmarks.md measures the departure). One sequence's steps: `quant::int8`; batched steps:
+    /// `quant::int8_rows`, each sequence still with the same numbers in any batch. Prompts keep the exact products.
+    /// Off by default.
     pub int8_activations: bool,
 }
 
@@ -53,17 +54,17 @@ pub struct LoadOptions {
 struct Linear(QuantMatrix);
 
 impl Linear {
-    /// `x`: [n, cols] -> [n, rows]; with `exact_rows`, each row computed as it would be alone.
-    fn forward(&self, x: &Tensor, exact_rows: bool) -> Result<Tensor> {
-        let [out] = Self::forward_each([self], x, exact_rows)?;
+    /// `x`: [n, cols] -> [n, rows], each row computed as `row_form` says.
+    fn forward(&self, x: &Tensor, row_form: RowForm) -> Result<Tensor> {
+        let [out] = Self::forward_each([self], x, row_form)?;
         Ok(out)
     }
 
     /// `forward` of several matrices on the same input, in one parallel region (`QuantMatrix::matmul_each`).
-    fn forward_each<const N: usize>(linears: [&Linear; N], x: &Tensor, exact_rows: bool) -> Result<[Tensor; N]> {
+    fn forward_each<const N: usize>(linears: [&Linear; N], x: &Tensor, row_form: RowForm) -> Result<[Tensor; N]> {
         let n = x.dims2().context("matrix product input")?.0;
         let values = x.flatten_all().and_then(|v| v.to_vec1::<f32>()).context("matrix product input")?;
-        let outs = QuantMatrix::matmul_each(&linears.map(|l| &l.0), &values, exact_rows)?;
+        let outs = QuantMatrix::matmul_each(&linears.map(|l| &l.0), &values, row_form)?;
         let tensors = outs
             .into_iter()
             .zip(linears)
@@ -293,9 +294,9 @@ impl CpuModel {
 
     /// The attention block of `layer` over the rows of every call (`a`: the calls' rows, one after the other):
     /// the projections on all rows at once, attention per sequence against its own cache.
-    fn attention(&mut self, layer: usize, a: &Tensor, calls: &[BatchCall], exact_rows: bool) -> Result<Tensor> {
+    fn attention(&mut self, layer: usize, a: &Tensor, calls: &[BatchCall], row_form: RowForm) -> Result<Tensor> {
         let l = &self.layers[layer];
-        let [q, k, v] = Linear::forward_each([&l.wq, &l.wk, &l.wv], a, exact_rows)?;
+        let [q, k, v] = Linear::forward_each([&l.wq, &l.wk, &l.wv], a, row_form)?;
         let end = calls.iter().map(|c| self.sequences[c.sequence].position + c.tokens.len()).max().unwrap_or(0);
         let (base, head_dim) = (self.config.layers[layer].rope_base, self.config.head_dim);
         self.rope.cover(base, head_dim, self.rope_factors.as_deref(), end, self.max_context);
@@ -323,7 +324,7 @@ impl CpuModel {
         self.sequences = sequences;
         let mut outs = outs?;
         let out = if outs.len() == 1 { outs.pop().expect("one") } else { Tensor::cat(&outs, 0).context("rows")? };
-        self.layers[layer].wo.forward(&out, exact_rows)
+        self.layers[layer].wo.forward(&out, row_form)
     }
 
     /// Attention of one sequence's `n` new rows (queries, keys, values: [n, heads * hd]) at `layer`, appending
@@ -443,16 +444,16 @@ impl CpuModel {
         Tensor::from_vec(out, (1, nh * hd), &Device::Cpu).context("merge heads")
     }
 
-    fn mlp(&self, layer: usize, m: &Tensor, exact_rows: bool) -> Result<Tensor> {
+    fn mlp(&self, layer: usize, m: &Tensor, row_form: RowForm) -> Result<Tensor> {
         let l = &self.layers[layer];
-        let [gate, up] = Linear::forward_each([&l.gate, &l.up], m, exact_rows)?;
+        let [gate, up] = Linear::forward_each([&l.gate, &l.up], m, row_form)?;
         let mut values = gate.flatten_all().and_then(|g| g.to_vec1::<f32>()).context("activation")?;
         match self.config.activation {
             Activation::GeluTanh => activations::gelu_tanh(&mut values),
             Activation::Silu => activations::silu(&mut values),
         }
         let act = Tensor::from_vec(values, gate.shape(), gate.device()).context("activation")?;
-        l.down.forward(&(act * up).context("gating")?, exact_rows)
+        l.down.forward(&(act * up).context("gating")?, row_form)
     }
 
     fn norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
@@ -468,19 +469,19 @@ impl CpuModel {
         logits: LogitsWanted,
     ) -> Result<StepOutput> {
         let call = BatchCall { sequence: 0, tokens, segment, hooks };
-        Ok(self.forward_calls(&[call], logits, false)?.pop().expect("one output per call"))
+        Ok(self.forward_calls(&[call], logits, RowForm::Fastest)?.pop().expect("one output per call"))
     }
 
     /// One forward call for each of `calls` (distinct sequences), synchronously (see
-    /// `LanguageModel::forward_batch`). `LogitsWanted::All` is for a single call. With `exact_rows` every row of
-    /// every product is computed independently of the others (batched calls); without, in the fastest form.
+    /// `LanguageModel::forward_batch`). `LogitsWanted::All` is for a single call. `row_form`: every row of every
+    /// product computed independently of the others (batched calls), or in the fastest form.
     pub fn forward_calls(
         &mut self,
         calls: &[BatchCall],
         logits: LogitsWanted,
-        exact_rows: bool,
+        row_form: RowForm,
     ) -> Result<Vec<StepOutput>> {
-        self.run_calls(calls, Some(logits), exact_rows)
+        self.run_calls(calls, Some(logits), row_form)
     }
 
     /// `forward_calls`, or with `logits` `None` only the hooks' reads: the pass stops after the last layer a hook
@@ -489,23 +490,23 @@ impl CpuModel {
         &mut self,
         calls: &[BatchCall],
         logits: Option<LogitsWanted>,
-        exact_rows: bool,
+        row_form: RowForm,
     ) -> Result<Vec<StepOutput>> {
         // Natively and in the browser's threaded build, the whole pass runs on one of rayon's threads, so that
         // each of its ~200 parallel matrix products per token forks and joins among the pool's threads instead of
         // parking the caller and waking it again (SmolLM2's decoding on 2 cores: 30 tokens/s before, 36 after).
         // The plain wasm build has no threads: the pass runs here.
         #[cfg(any(not(target_arch = "wasm32"), target_feature = "atomics"))]
-        return rayon::scope(|_| self.forward_calls_here(calls, logits, exact_rows));
+        return rayon::scope(|_| self.forward_calls_here(calls, logits, row_form));
         #[cfg(all(target_arch = "wasm32", not(target_feature = "atomics")))]
-        self.forward_calls_here(calls, logits, exact_rows)
+        self.forward_calls_here(calls, logits, row_form)
     }
 
     fn forward_calls_here(
         &mut self,
         calls: &[BatchCall],
         logits: Option<LogitsWanted>,
-        exact_rows: bool,
+        row_form: RowForm,
     ) -> Result<Vec<StepOutput>> {
         for (i, call) in calls.iter().enumerate() {
             if call.sequence >= MAX_SEQUENCES {
@@ -546,13 +547,13 @@ impl CpuModel {
         };
         for i in 0..layers {
             let a = self.norm(&h, &self.layers[i].attn_norm)?;
-            let mut o = self.attention(i, &a, calls, exact_rows)?;
+            let mut o = self.attention(i, &a, calls, row_form)?;
             if let Some(w) = &self.layers[i].post_attn_norm {
                 o = self.norm(&o, w)?;
             }
             h = (h + o).context("residual")?;
             let m = self.norm(&h, &self.layers[i].ffn_norm)?;
-            let mut m = self.mlp(i, &m, exact_rows)?;
+            let mut m = self.mlp(i, &m, row_form)?;
             if let Some(w) = &self.layers[i].post_ffn_norm {
                 m = self.norm(&m, w)?;
             }
@@ -601,7 +602,7 @@ impl CpuModel {
             }
         };
         let normed = self.norm(&rows, &self.final_norm)?;
-        let mut out = self.lm_head.forward(&normed, exact_rows)?;
+        let mut out = self.lm_head.forward(&normed, row_form)?;
         if let Some(cap) = self.config.final_softcap {
             out = ((out / cap as f64).and_then(|x| x.tanh()).and_then(|x| x * cap as f64)).context("final softcap")?;
         }
@@ -699,7 +700,13 @@ impl LanguageModel for CpuModel {
     }
 
     fn forward_batch<'a>(&'a mut self, calls: &'a [BatchCall<'a>]) -> LocalBoxFuture<'a, Result<Vec<StepOutput>>> {
-        Box::pin(std::future::ready(self.forward_calls(calls, LogitsWanted::Last, true)))
+        // A decoding step of every sequence (one token each) may round its activations where the model was loaded so
+        // (`int8_rows`); prompts keep the exact products.
+        let row_form = match calls.iter().all(|c| c.tokens.len() == 1) {
+            true => RowForm::IndependentSteps,
+            false => RowForm::Independent,
+        };
+        Box::pin(std::future::ready(self.forward_calls(calls, LogitsWanted::Last, row_form)))
     }
 
     fn forward<'a>(
@@ -750,7 +757,7 @@ impl CpuModel {
                 .collect();
             let reset = |model: &mut Self| (0..calls.len()).for_each(|s| model.reset_sequence(s));
             reset(self);
-            let out = self.run_calls(&calls, None, false);
+            let out = self.run_calls(&calls, None, RowForm::Fastest);
             reset(self);
             for (&i, output) in group.iter().zip(out?) {
                 all[i] = Some(output.captures);

@@ -2,13 +2,16 @@
 //! (`maddubs`, then `madd` into eight i32 sums), scaled per block into eight f32 lanes. The same integers as the
 //! portable twin, summed in another order, so the two agree up to f32 rounding (`int8`'s tests).
 //!
+//! Also `int8_rows`' unpacking of weight rows to bytes (`unpack_bytes`), which a batched step does once per
+//! weight row: byte by byte, it took three times as long as the integer products themselves.
+//!
 //! Compiled where the target has AVX2 and FMA (natively the project builds for x86-64-v3).
 
 use std::arch::x86_64::*;
 
 use candle_core::quantized::GgmlDType;
 
-use super::avx2::{f16_lane0, lanes_sum, q6k_runs};
+use super::avx2::{f16_lane0, lanes_sum, q5_0_values, q6k_runs};
 use super::blocks::scale_min_k4;
 use super::int8::Q8Row;
 
@@ -112,4 +115,62 @@ unsafe fn q6k(bytes: &[u8], x: &Q8Row) -> f32 {
         }
     }
     lanes_sum(_mm256_add_ps(acc[0], acc[1]))
+}
+
+/// `int8_rows::portable_unpack_bytes`, byte for byte, for the types `int8_rows::layout` covers (false otherwise).
+pub fn unpack_bytes(dtype: GgmlDType, row: &[u8], out: &mut [u8]) -> bool {
+    let size = dtype.type_size();
+    if !matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q4K | GgmlDType::Q5_0 | GgmlDType::Q8_0 | GgmlDType::Q6K) {
+        return false;
+    }
+    assert!(row.len().is_multiple_of(size) && out.len() == row.len() / size * dtype.block_size());
+    let blocks = row.chunks_exact(size).zip(out.chunks_exact_mut(dtype.block_size()));
+    // SAFETY: compiled only where the target enables AVX2; each load reads inside a block (`size` bytes) and each
+    // store writes inside its block's values (`block_size` bytes), both checked above.
+    unsafe {
+        let store = |out: &mut [u8], at: usize, v: __m256i| {
+            assert!(at + 32 <= out.len());
+            _mm256_storeu_si256(out.as_mut_ptr().add(at) as *mut __m256i, v)
+        };
+        let nibble = _mm256_set1_epi8(0x0f);
+        match dtype {
+            GgmlDType::Q4_1 => {
+                for (w, out) in blocks {
+                    let qs = _mm_loadu_si128(w[4..20].as_ptr() as *const __m128i);
+                    let both = _mm256_set_m128i(_mm_srli_epi16::<4>(qs), qs);
+                    store(out, 0, _mm256_and_si256(both, nibble));
+                }
+            }
+            GgmlDType::Q4K => {
+                for (w, out) in blocks {
+                    for p in 0..4 {
+                        let qs = _mm256_loadu_si256(w[16 + 32 * p..48 + 32 * p].as_ptr() as *const __m256i);
+                        store(out, 64 * p, _mm256_and_si256(qs, nibble));
+                        store(out, 64 * p + 32, _mm256_and_si256(_mm256_srli_epi16::<4>(qs), nibble));
+                    }
+                }
+            }
+            GgmlDType::Q5_0 => {
+                for (w, out) in blocks {
+                    store(out, 0, _mm256_add_epi8(q5_0_values(w), _mm256_set1_epi8(16)));
+                }
+            }
+            GgmlDType::Q8_0 => {
+                for (w, out) in blocks {
+                    let q = _mm256_loadu_si256(w[2..34].as_ptr() as *const __m256i);
+                    store(out, 0, _mm256_xor_si256(q, _mm256_set1_epi8(-128)));
+                }
+            }
+            _ => {
+                for (w, out) in blocks {
+                    for h in 0..2 {
+                        for (t, run) in q6k_runs(w, h).into_iter().enumerate() {
+                            store(out, 128 * h + 32 * t, _mm256_add_epi8(run, _mm256_set1_epi8(32)));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    true
 }

@@ -23,6 +23,9 @@ pub mod blocks;
 pub mod int8;
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 mod int8_avx2;
+pub mod int8_rows;
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+mod int8_vnni;
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 mod simd128;
 
@@ -36,6 +39,18 @@ pub struct QuantMatrix {
     cols: usize,
     /// Whether decoding products round the activations to 8 bits (`int8`, opt-in, not exact).
     int8_activations: bool,
+}
+
+/// How the rows of a product may be computed (`QuantMatrix::matmul_each`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowForm {
+    /// In the fastest form for their number (`matmul`): a row's numbers may depend on the rows beside it.
+    Fastest,
+    /// Each row exactly as it would be alone (`Form::Rows`): a batch's prompts.
+    Independent,
+    /// Each row as it would be alone, one decoding step of its sequence (`matmul_exact_rows`): with the
+    /// activations rounded to 8 bits where the matrix was told to round them.
+    IndependentSteps,
 }
 
 /// The fewest rows of output one task computes: enough work to amortise scheduling.
@@ -67,11 +82,11 @@ impl QuantMatrix {
         Ok(Self { tensor, rows, cols, int8_activations: false })
     }
 
-    /// Decoding products (`matmul` of one or two activation rows) with the activations rounded to 8 bits and
-    /// integer arithmetic, where `int8` covers the weight type: faster, not exact. Prompts and batched steps keep
-    /// the exact products.
+    /// Decoding products with the activations rounded to 8 bits and integer arithmetic: faster, not exact. Single
+    /// sequences' steps (`matmul` of one or two activation rows) where `int8` covers the weight type, batched steps
+    /// (`matmul_exact_rows`) where `int8_rows` does. Prompts keep the exact products.
     pub fn with_int8_activations(mut self, on: bool) -> Self {
-        self.int8_activations = on && int8::supports(self.dtype());
+        self.int8_activations = on;
         self
     }
 
@@ -112,23 +127,25 @@ impl QuantMatrix {
         Ok(products(&[(self, self.fastest_form(x))], x)?.pop().expect("one product"))
     }
 
-    /// As `matmul`, with each row's result independent of the other rows: every weight row is decoded once to
-    /// f32 and dotted with each activation row (`dot`), so a sequence of a batched decoding step gets the same
-    /// numbers in any batch. (`matmul`'s forms differ in the order of their sums, hence this third one.)
-    /// Exact with 8-bit activations too: the integer kernels unpack a weight block again for every activation row,
-    /// which made batched steps slower than decoding each weight row once to f32 (SmolLM2 at batch 16: 112 tokens/s
-    /// against 156, docs/benchmarks.md).
+    /// As `matmul`, with each row's result independent of the other rows, so a sequence of a batched decoding step
+    /// gets the same numbers in any batch. (`matmul`'s forms differ in the order of their sums, hence this one.)
+    /// Exact: every weight row is decoded once to f32 and dotted with each activation row (`dot`). With 8-bit
+    /// activations, where `int8_rows` covers the type: each weight row unpacked once to bytes and multiplied with
+    /// sixteen activation rows at a time in integers.
     pub fn matmul_exact_rows(&self, x: &[f32]) -> Result<Vec<f32>> {
-        Ok(products(&[(self, Form::Rows)], x)?.pop().expect("one product"))
+        Ok(products(&[(self, self.rows_form())], x)?.pop().expect("one product"))
     }
 
-    /// `matmul` (with `exact_rows`, `matmul_exact_rows`) of several matrices of the same width on the same
+    /// `matmul` or `matmul_exact_rows`, as `row_form` says, of several matrices of the same width on the same
     /// activations, in one parallel region: a layer's query, key and value, or its gate and up. One fork and join
     /// where there were one per matrix, and each product's numbers unchanged.
-    pub fn matmul_each(matrices: &[&QuantMatrix], x: &[f32], exact_rows: bool) -> Result<Vec<Vec<f32>>> {
-        let jobs: Vec<(&QuantMatrix, Form)> =
-            matrices.iter().map(|&q| (q, if exact_rows { Form::Rows } else { q.fastest_form(x) })).collect();
-        products(&jobs, x)
+    pub fn matmul_each(matrices: &[&QuantMatrix], x: &[f32], row_form: RowForm) -> Result<Vec<Vec<f32>>> {
+        let form = |q: &QuantMatrix| match row_form {
+            RowForm::Fastest => q.fastest_form(x),
+            RowForm::Independent => Form::Rows,
+            RowForm::IndependentSteps => q.rows_form(),
+        };
+        products(&matrices.iter().map(|&q| (q, form(q))).collect::<Vec<_>>(), x)
     }
 
     /// `matmul`'s form for activations `x`.
@@ -136,10 +153,18 @@ impl QuantMatrix {
         let m = x.len() / self.cols.max(1);
         if m > FUSED_MAX_ROWS {
             Form::Band
-        } else if self.int8_activations {
+        } else if self.int8_activations && int8::supports(self.dtype()) {
             Form::Int8
         } else {
             Form::Fused
+        }
+    }
+
+    /// `matmul_exact_rows`' form.
+    fn rows_form(&self) -> Form {
+        match self.int8_activations && int8_rows::layout(self.dtype()).is_some() {
+            true => Form::Int8Rows,
+            false => Form::Rows,
         }
     }
 
@@ -186,6 +211,11 @@ impl QuantMatrix {
                     }
                 }
             }
+            Form::Int8Rows => {
+                let len = int8_rows::layout(dtype).expect("the form of the types `int8_rows` covers").len;
+                let lanes = if len == 16 { &prepared.lanes16 } else { &prepared.lanes32 };
+                int8_rows::band(dtype, rows, k, lanes, |i, r, values| out.write(i, r, values));
+            }
             Form::Band => {
                 with_band_scratch(count * k, count * m, |w, out_t| {
                     dequantize(dtype, rows, w);
@@ -213,10 +243,12 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
     // block sums.
     let uses = |wanted: fn(&Form) -> bool| jobs.iter().any(|(_, form)| wanted(form));
     let prepared = Prepared {
-        rounded: match uses(|form| matches!(form, Form::Int8)) {
+        rounded: match uses(|form| matches!(form, Form::Int8 | Form::Int8Rows)) {
             true => x.chunks_exact(k).map(int8::quantize).collect(),
             false => Vec::new(),
         },
+        lanes16: Vec::new(),
+        lanes32: Vec::new(),
         transposed: match uses(|form| matches!(form, Form::Band)) {
             true => transpose(x, m, k),
             false => Vec::new(),
@@ -226,6 +258,17 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
             false => Vec::new(),
         },
     };
+    let lanes_of = |len| {
+        let wanted = jobs.iter().any(|(q, form)| {
+            matches!(form, Form::Int8Rows) && int8_rows::layout(q.dtype()).is_some_and(|l| l.len == len)
+        });
+        if wanted {
+            int8_rows::lanes(&prepared.rounded, len)
+        } else {
+            Vec::new()
+        }
+    };
+    let prepared = Prepared { lanes16: lanes_of(16), lanes32: lanes_of(32), ..prepared };
     // A few bands per thread and matrix balance the load; more only add scheduling. The rows are shared out
     // evenly, so that no band is shorter than `ROWS_PER_TASK` (in the prompt form, a short band with few
     // activation rows would take gemm's small-product kernel, whose sums run in another order).
@@ -303,8 +346,11 @@ impl Columns {
 
 /// The activations as some forms read them, made once per product and shared by its bands.
 struct Prepared {
-    /// Each row rounded to 8 bits (`Form::Int8`).
+    /// Each row rounded to 8 bits (`Form::Int8`, `Form::Int8Rows`).
     rounded: Vec<int8::Q8Row>,
+    /// The rounded rows in sets of sixteen lanes, in blocks of 16 and of 32 values (`Form::Int8Rows`).
+    lanes16: Vec<int8_rows::Lanes>,
+    lanes32: Vec<int8_rows::Lanes>,
     /// `k x m` (`Form::Band`, see `band_product`).
     transposed: Vec<f32>,
     /// Each row's block sums (`Form::Fused` on the types `takes_block_sums` names).
@@ -399,7 +445,7 @@ unsafe fn transpose_raw(x: &[f32], rows: usize, cols: usize, t: *mut f32, stride
     }
 }
 
-/// How a product is computed (all but `Int8` exact up to the order of the f32 sums).
+/// How a product is computed (all but `Int8` and `Int8Rows` exact up to the order of the f32 sums).
 #[derive(Clone, Copy)]
 enum Form {
     /// Blocks decoded inside each dot product: fastest for one or two activation rows.
@@ -410,6 +456,8 @@ enum Form {
     Band,
     /// Activations rounded to 8 bits, integer products (`int8`): not exact.
     Int8,
+    /// `Rows` with the activations rounded to 8 bits (`int8_rows`): not exact.
+    Int8Rows,
 }
 
 /// The longest run of columns one `gemm` call sums (see `band_product`).
@@ -624,12 +672,22 @@ mod tests {
             [matrix(70, GgmlDType::Q4_1, true), matrix(300, GgmlDType::Q8_0, false), matrix(5, GgmlDType::Q4K, false)];
         for m in [1, 2, 5] {
             let x: Vec<f32> = (0..m * k).map(|i| (i * 104729 % 997) as f32 / 498.5 - 1.0).collect();
-            for exact_rows in [false, true] {
-                let each = QuantMatrix::matmul_each(&[&ms[0], &ms[1], &ms[2]], &x, exact_rows).unwrap();
+            for row_form in [RowForm::Fastest, RowForm::IndependentSteps] {
+                let each = QuantMatrix::matmul_each(&[&ms[0], &ms[1], &ms[2]], &x, row_form).unwrap();
                 for (q, got) in ms.iter().zip(&each) {
-                    let alone = if exact_rows { q.matmul_exact_rows(&x) } else { q.matmul(&x) }.unwrap();
-                    assert_eq!(got, &alone, "{:?}, {m} rows, exact rows {exact_rows}", q.dtype());
+                    let alone = match row_form {
+                        RowForm::Fastest => q.matmul(&x),
+                        _ => q.matmul_exact_rows(&x),
+                    };
+                    assert_eq!(got, &alone.unwrap(), "{:?}, {m} rows, {row_form:?}", q.dtype());
                 }
+            }
+            // Independent rows without rounding: each row the exact rows' product, bit for bit, in 8-bit matrices
+            // too.
+            let each = QuantMatrix::matmul_each(&[&ms[0], &ms[1], &ms[2]], &x, RowForm::Independent).unwrap();
+            for (q, got) in ms.iter().zip(&each) {
+                let exact = q.clone().with_int8_activations(false).matmul_exact_rows(&x).unwrap();
+                assert_eq!(got, &exact, "{:?}, {m} rows, independent", q.dtype());
             }
         }
     }

@@ -1,0 +1,409 @@
+//! Batched decoding steps with 8-bit activations (`--int8`, opt-in, not exact): each weight row is unpacked once to
+//! bytes and multiplied with up to sixteen activation rows at a time in integer arithmetic. With AVX-512 VNNI
+//! (`int8_vnni`, detected at run time) one instruction sums four byte products into each of sixteen lanes, one
+//! lane per activation row: four times the multiply-adds of an f32 instruction. A batched step at batch 16 is
+//! bound by multiply-adds, not by reading the weights, so this is where 8-bit activations pay; the exact batched
+//! product (`Form::Rows`) runs near the f32 peak of the machine and cannot reach five times a single sequence's
+//! decoding (docs/benchmarks.md).
+//!
+//! A weight value is `scale * (byte - bias) + offset` per block of `len` values (`Layout`), and an activation
+//! `dx * q` with q an 8-bit integer per block of 32 (`int8::quantize`, as single-sequence decoding rounds them).
+//! The value of one (weight row, activation row) pair is, block after block:
+//!
+//! ```text
+//! isum = sum_j byte[j] * q[j] - bias * sum_j q[j]        (exact, in i32)
+//! acc  = fma(isum as f32, scale * dx, acc)
+//! acc  = fma(offset, dx * sum_j q[j], acc)               (types with an offset: Q4_1, Q4_K)
+//! ```
+//!
+//! The same operations whatever the other rows, so a sequence gets the same numbers in any batch. The portable
+//! twin (`portable_rows`) does them in the same order with the same roundings (`f32::mul_add` is the fused
+//! multiply-add), so it equals the VNNI kernel bit for bit and the results do not depend on the CPU.
+
+use candle_core::quantized::GgmlDType;
+
+use super::blocks::{half, q6k_runs, scale_min_k4};
+use super::int8::Q8Row;
+
+/// Activation rows per set of lanes (one 512-bit register of i32 or f32).
+pub const LANES: usize = 16;
+
+/// Weight rows the kernel multiplies at a time (their sums stay in registers).
+const ROWS: usize = 4;
+
+/// How a weight type's values are written as unsigned bytes: `scale * (byte - bias) + offset`, per block of `len`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Layout {
+    pub len: usize,
+    pub bias: i32,
+    pub offset: bool,
+}
+
+/// The layout of `dtype`, for the types of the offline models' weights; `None` for the others (the exact batched
+/// product runs).
+pub fn layout(dtype: GgmlDType) -> Option<Layout> {
+    let (len, bias, offset) = match dtype {
+        GgmlDType::Q4_1 | GgmlDType::Q4K => (32, 0, true),
+        GgmlDType::Q5_0 => (32, 16, false),
+        GgmlDType::Q8_0 => (32, 128, false),
+        // Q6_K scales every 16 values.
+        GgmlDType::Q6K => (16, 32, false),
+        _ => return None,
+    };
+    Some(Layout { len, bias, offset })
+}
+
+/// Weight rows unpacked to bytes, `k` values each: row r's values at `bytes[r * k..]`, its blocks' scales and
+/// offsets at `scale[r * blocks..]` and `offset[r * blocks..]`.
+pub struct Unpacked {
+    pub k: usize,
+    pub blocks: usize,
+    pub bytes: Vec<u8>,
+    pub scale: Vec<f32>,
+    pub offset: Vec<f32>,
+}
+
+impl Unpacked {
+    fn new(rows: usize, k: usize, layout: Layout) -> Self {
+        let blocks = k / layout.len;
+        Self { k, blocks, bytes: vec![0; rows * k], scale: vec![0.0; rows * blocks], offset: vec![0.0; rows * blocks] }
+    }
+
+    /// Unpacks the weight row `row` (its GGUF blocks) into slot `r`.
+    fn unpack(&mut self, dtype: GgmlDType, r: usize, row: &[u8]) {
+        let (k, nb) = (self.k, self.blocks);
+        unpack_bytes(dtype, row, &mut self.bytes[r * k..(r + 1) * k]);
+        unpack_scales(dtype, row, &mut self.scale[r * nb..(r + 1) * nb], &mut self.offset[r * nb..(r + 1) * nb]);
+    }
+}
+
+/// Each block's scale and offset (`Layout`) of a weight row.
+fn unpack_scales(dtype: GgmlDType, row: &[u8], scale: &mut [f32], offset: &mut [f32]) {
+    match dtype {
+        GgmlDType::Q4_1 => {
+            for (b, w) in row.chunks_exact(20).enumerate() {
+                (scale[b], offset[b]) = (half(w, 0), half(w, 2));
+            }
+        }
+        GgmlDType::Q4K => {
+            // Eight sub-blocks of 32: value = d * sc * q - dmin * m.
+            for (sb, w) in row.chunks_exact(144).enumerate() {
+                let (d, dmin) = (half(w, 0), half(w, 2));
+                for i in 0..8 {
+                    let (sc, m) = scale_min_k4(i, &w[4..16]);
+                    (scale[8 * sb + i], offset[8 * sb + i]) = (d * sc as f32, -(dmin * m as f32));
+                }
+            }
+        }
+        GgmlDType::Q5_0 | GgmlDType::Q8_0 => {
+            for (b, w) in row.chunks_exact(dtype.type_size()).enumerate() {
+                scale[b] = half(w, 0);
+            }
+        }
+        GgmlDType::Q6K => {
+            // An i8 scale per 16 values.
+            for (sb, w) in row.chunks_exact(210).enumerate() {
+                let d = half(w, 208);
+                for i in 0..16 {
+                    scale[16 * sb + i] = d * w[192 + i] as i8 as f32;
+                }
+            }
+        }
+        other => unreachable!("int8_rows on {other:?}: callers check `layout` first"),
+    }
+}
+
+/// A weight row's values as `Layout`'s unsigned bytes, in AVX2 where compiled (`int8_avx2::unpack_bytes`, which
+/// must equal the portable twin).
+fn unpack_bytes(dtype: GgmlDType, row: &[u8], out: &mut [u8]) {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    if super::int8_avx2::unpack_bytes(dtype, row, out) {
+        return;
+    }
+    portable_unpack_bytes(dtype, row, out)
+}
+
+/// `unpack_bytes` in portable Rust.
+pub fn portable_unpack_bytes(dtype: GgmlDType, row: &[u8], out: &mut [u8]) {
+    let blocks = row.chunks_exact(dtype.type_size()).zip(out.chunks_exact_mut(dtype.block_size()));
+    match dtype {
+        GgmlDType::Q4_1 => {
+            for (w, out) in blocks {
+                for j in 0..16 {
+                    (out[j], out[j + 16]) = (w[4 + j] & 0x0f, w[4 + j] >> 4);
+                }
+            }
+        }
+        GgmlDType::Q4K => {
+            // Sub-blocks 2p and 2p + 1 are the low and high nibbles of the same 32 bytes.
+            for (w, out) in blocks {
+                for (p, qs) in w[16..144].chunks_exact(32).enumerate() {
+                    for j in 0..32 {
+                        (out[64 * p + j], out[64 * p + 32 + j]) = (qs[j] & 0x0f, qs[j] >> 4);
+                    }
+                }
+            }
+        }
+        GgmlDType::Q5_0 => {
+            for (w, out) in blocks {
+                let qh = u32::from_le_bytes([w[2], w[3], w[4], w[5]]);
+                for j in 0..16 {
+                    out[j] = (w[6 + j] & 0x0f) | ((((qh >> j) << 4) & 0x10) as u8);
+                    out[j + 16] = (w[6 + j] >> 4) | (((qh >> (j + 12)) & 0x10) as u8);
+                }
+            }
+        }
+        GgmlDType::Q8_0 => {
+            for (w, out) in blocks {
+                for j in 0..32 {
+                    out[j] = w[2 + j] ^ 0x80; // q + 128 as a byte
+                }
+            }
+        }
+        GgmlDType::Q6K => {
+            // Two halves of four runs of 32 (`blocks::q6k_runs`).
+            for (w, out) in blocks {
+                for h in 0..2 {
+                    for (t, run) in q6k_runs(w, h).iter().enumerate() {
+                        for j in 0..32 {
+                            out[128 * h + 32 * t + j] = (run[j] + 32) as u8;
+                        }
+                    }
+                }
+            }
+        }
+        other => unreachable!("int8_rows on {other:?}: callers check `layout` first"),
+    }
+}
+
+/// Up to `LANES` activation rows rounded to 8 bits, laid out for the kernel, per block of `len` values: lane i of
+/// `values[b * len / 4 + g]` holds activation row i's four bytes `4g..4g + 4` of block b (an i32, little-endian),
+/// and `scale`, `scaled_sum` and `sums` its scale, `scale * sum` and integer sum over the block. Unused lanes
+/// are zeros.
+pub struct Lanes {
+    pub rows: usize,
+    pub len: usize,
+    pub values: Vec<[i32; LANES]>,
+    pub scale: Vec<[f32; LANES]>,
+    pub scaled_sum: Vec<[f32; LANES]>,
+    pub sums: Vec<[i32; LANES]>,
+}
+
+impl Lanes {
+    /// `rounded` (at most `LANES` rows of the same length) in blocks of `len` (32, or 16).
+    pub fn new(rounded: &[Q8Row], len: usize) -> Self {
+        assert!(rounded.len() <= LANES && (len == 16 || len == 32));
+        let k = rounded.first().map_or(0, |x| x.values.len());
+        let blocks = k / len;
+        let mut lanes = Lanes {
+            rows: rounded.len(),
+            len,
+            values: vec![[0; LANES]; k / 4],
+            scale: vec![[0.0; LANES]; blocks],
+            scaled_sum: vec![[0.0; LANES]; blocks],
+            sums: vec![[0; LANES]; blocks],
+        };
+        for (i, x) in rounded.iter().enumerate() {
+            assert_eq!(x.values.len(), k);
+            for (g, four) in x.values.chunks_exact(4).enumerate() {
+                lanes.values[g][i] = i32::from_le_bytes([four[0] as u8, four[1] as u8, four[2] as u8, four[3] as u8]);
+            }
+            for b in 0..blocks {
+                let sum: i32 = x.values[b * len..(b + 1) * len].iter().map(|&q| q as i32).sum();
+                let dx = x.scale[b * len / 32];
+                (lanes.scale[b][i], lanes.sums[b][i]) = (dx, sum);
+                // For blocks of 32, the same value as `Q8Row::scaled_sum`.
+                lanes.scaled_sum[b][i] = dx * sum as f32;
+            }
+        }
+        lanes
+    }
+}
+
+/// `out[r][i]` = the product of weight row `first + r` of `w` (for r < out.len()) and lane i of `x`, portably: the
+/// twin of the VNNI kernel, which must equal it bit for bit.
+pub fn portable_rows(w: &Unpacked, first: usize, x: &Lanes, layout: Layout, out: &mut [[f32; LANES]]) {
+    let (k, nb, len) = (w.k, w.blocks, layout.len);
+    for (r, out) in out.iter_mut().enumerate() {
+        let (bytes, row) = (&w.bytes[(first + r) * k..(first + r + 1) * k], first + r);
+        for (i, out) in out.iter_mut().enumerate() {
+            let mut acc = 0f32;
+            for b in 0..nb {
+                let mut isum = -layout.bias * x.sums[b][i];
+                for g in 0..len / 4 {
+                    let four = x.values[b * len / 4 + g][i].to_le_bytes();
+                    for t in 0..4 {
+                        isum += bytes[b * len + 4 * g + t] as i32 * four[t] as i8 as i32;
+                    }
+                }
+                acc = (isum as f32).mul_add(w.scale[row * nb + b] * x.scale[b][i], acc);
+                if layout.offset {
+                    acc = w.offset[row * nb + b].mul_add(x.scaled_sum[b][i], acc);
+                }
+            }
+            *out = acc;
+        }
+    }
+}
+
+/// `out[r][i]` as `portable_rows`, by the fastest kernel this CPU has.
+fn rows_product(w: &Unpacked, first: usize, x: &Lanes, layout: Layout, out: &mut [[f32; LANES]]) {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    if super::int8_vnni::rows(w, first, x, layout, out) {
+        return;
+    }
+    portable_rows(w, first, x, layout, out)
+}
+
+/// How many weight rows ahead of the ones being multiplied `band` asks the CPU to fetch from memory.
+const AHEAD: usize = 4 * ROWS;
+
+/// Asks the CPU to bring `bytes` into its caches, where it can be asked (x86-64); nothing elsewhere.
+fn prefetch(bytes: Option<&[u8]>) {
+    #[cfg(target_arch = "x86_64")]
+    for line in bytes.unwrap_or_default().chunks(64) {
+        // SAFETY: a prefetch reads nothing the program sees and cannot fault; the address is inside `bytes`.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr().cast()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bytes;
+}
+
+/// Weight rows whose results are gathered before they are written out (`band`): 32 KB for sixteen lanes.
+const RUN: usize = 512;
+
+/// The product of the weight rows `rows` (GGUF blocks of `dtype`, `k` values a row) with the activation rows of
+/// `chunks` (`LANES` at a time, in order): `put(i, r, values)` for activation row i and weight rows `r..r +
+/// values.len()`.
+pub fn band(dtype: GgmlDType, rows: &[u8], k: usize, chunks: &[Lanes], mut put: impl FnMut(usize, usize, &[f32])) {
+    let layout = layout(dtype).expect("the batched 8-bit form runs only on the types `layout` covers");
+    let row_bytes = k / dtype.block_size() * dtype.type_size();
+    let count = rows.len() / row_bytes;
+    let mut w = Unpacked::new(ROWS, k, layout);
+    let mut out = [[0f32; LANES]; ROWS];
+    // The run's results, activation row by activation row, so that each is written out as one slice.
+    let mut gathered = vec![[0f32; RUN]; chunks.iter().map(|x| x.rows).sum()];
+    for run in (0..count).step_by(RUN) {
+        let length = RUN.min(count - run);
+        for r0 in (run..run + length).step_by(ROWS) {
+            let n = ROWS.min(run + length - r0);
+            prefetch(rows.get((r0 + AHEAD) * row_bytes..(r0 + AHEAD + ROWS) * row_bytes));
+            for r in 0..n {
+                w.unpack(dtype, r, &rows[(r0 + r) * row_bytes..(r0 + r + 1) * row_bytes]);
+            }
+            let mut first_lane = 0;
+            for x in chunks {
+                rows_product(&w, 0, x, layout, &mut out[..n]);
+                for (r, values) in out[..n].iter().enumerate() {
+                    for (i, &v) in values[..x.rows].iter().enumerate() {
+                        gathered[first_lane + i][r0 - run + r] = v;
+                    }
+                }
+                first_lane += x.rows;
+            }
+        }
+        for (i, values) in gathered.iter().enumerate() {
+            put(i, run, &values[..length]);
+        }
+    }
+}
+
+/// `x`'s rows (rounded) in sets of `LANES`, for blocks of `len`.
+pub fn lanes(rounded: &[Q8Row], len: usize) -> Vec<Lanes> {
+    rounded.chunks(LANES).map(|chunk| Lanes::new(chunk, len)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::{blocks::dequantize, int8};
+    use candle_core::quantized::QTensor;
+    use candle_core::{Device, Tensor};
+
+    const TYPES: [GgmlDType; 5] = [GgmlDType::Q4_1, GgmlDType::Q4K, GgmlDType::Q5_0, GgmlDType::Q8_0, GgmlDType::Q6K];
+
+    /// Unpacking gives back candle's decoded weights: `scale * (byte - bias) + offset` is each value, to f32
+    /// rounding; and the bytes this CPU unpacks are the portable twin's.
+    #[test]
+    fn unpacked_rows_are_the_decoded_weights() {
+        let (n, k) = (3, 512);
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1).collect();
+        let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+        for dtype in TYPES {
+            let l = layout(dtype).unwrap();
+            let raw = QTensor::quantize(&wt, dtype).unwrap().data().unwrap().to_vec();
+            let row_bytes = raw.len() / n;
+            let mut un = Unpacked::new(n, k, l);
+            let mut deq = vec![0f32; k];
+            for r in 0..n {
+                un.unpack(dtype, r, &raw[r * row_bytes..(r + 1) * row_bytes]);
+                let mut portable = vec![0u8; k];
+                portable_unpack_bytes(dtype, &raw[r * row_bytes..(r + 1) * row_bytes], &mut portable);
+                assert_eq!(un.bytes[r * k..(r + 1) * k], portable, "{dtype:?} row {r}: the bytes and the twin's");
+                dequantize(dtype, &raw[r * row_bytes..(r + 1) * row_bytes], &mut deq);
+                for c in 0..k {
+                    let b = r * un.blocks + c / l.len;
+                    let v = un.scale[b] * (un.bytes[r * k + c] as i32 - l.bias) as f32 + un.offset[b];
+                    assert!((v - deq[c]).abs() <= 1e-6 * (1.0 + deq[c].abs()), "{dtype:?} [{r},{c}]: {v} vs {deq:?}");
+                }
+            }
+        }
+    }
+
+    /// The batched product of every type: each value is, up to f32 rounding, the f64 product of the decoded
+    /// weights with the rounded activations; each activation row's values are the same bit for bit among 1, 3,
+    /// 16 or 19 rows (two sets of lanes); and the kernel this CPU runs equals the portable twin bit for bit.
+    #[test]
+    fn batched_integer_products_equal_the_decoded_products_in_any_batch() {
+        let (n, k) = (7, 512);
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1).collect();
+        let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+        let m = 19;
+        let x: Vec<f32> =
+            (0..m * k).map(|i| ((i * 104729 % 997) as f32 / 498.5 - 1.0) * (1.0 + (i % 7) as f32)).collect();
+        let rounded: Vec<Q8Row> = x.chunks_exact(k).map(int8::quantize).collect();
+        for dtype in TYPES {
+            let l = layout(dtype).unwrap();
+            let raw = QTensor::quantize(&wt, dtype).unwrap().data().unwrap().to_vec();
+            let row_bytes = raw.len() / n;
+            let product = |rows: &[Q8Row]| {
+                let mut out = vec![0f32; rows.len() * n];
+                band(dtype, &raw, k, &lanes(rows, l.len), |i, r, v| {
+                    out[i * n + r..i * n + r + v.len()].copy_from_slice(v)
+                });
+                out
+            };
+            let all = product(&rounded);
+            for i in 0..m {
+                let rx: Vec<f64> =
+                    (0..k).map(|c| rounded[i].scale[c / 32] as f64 * rounded[i].values[c] as f64).collect();
+                let mut deq = vec![0f32; k];
+                for r in 0..n {
+                    dequantize(dtype, &raw[r * row_bytes..(r + 1) * row_bytes], &mut deq);
+                    let want: f64 = deq.iter().zip(&rx).map(|(&a, &b)| a as f64 * b).sum();
+                    let magnitude: f64 = deq.iter().zip(&rx).map(|(&a, &b)| (a as f64 * b).abs()).sum();
+                    let got = all[i * n + r] as f64;
+                    assert!((got - want).abs() <= 1e-5 * magnitude, "{dtype:?} [{i},{r}]: {got} vs {want}");
+                }
+                assert_eq!(product(&rounded[i..i + 1]), all[i * n..(i + 1) * n], "{dtype:?}: row {i} alone");
+            }
+            assert_eq!(product(&rounded[5..8]), all[5 * n..8 * n], "{dtype:?}: rows 5..8 together");
+            let mut un = Unpacked::new(n, k, l);
+            for r in 0..n {
+                un.unpack(dtype, r, &raw[r * row_bytes..(r + 1) * row_bytes]);
+            }
+            for x in lanes(&rounded, l.len) {
+                for first in [0, n - ROWS] {
+                    let (mut fast, mut twin) = ([[0f32; LANES]; ROWS], [[0f32; LANES]; ROWS]);
+                    rows_product(&un, first, &x, l, &mut fast);
+                    portable_rows(&un, first, &x, l, &mut twin);
+                    for r in 0..ROWS {
+                        for i in 0..x.rows {
+                            assert_eq!(fast[r][i].to_bits(), twin[r][i].to_bits(), "{dtype:?} [{i},{r}]");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

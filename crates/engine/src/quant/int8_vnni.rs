@@ -1,0 +1,82 @@
+//! `int8_rows::portable_rows` with AVX-512 VNNI, where the CPU has it (detected at run time: natively the project
+//! builds for x86-64-v3, which stops at AVX2). Lane i of every register is activation row i. Per block, the
+//! activations' `len / 4` registers of bytes are loaded once for `ROWS` weight rows; each weight row's four bytes
+//! at a time are broadcast to every lane, and `vpdpbusd` adds their four products with each lane's four
+//! activation bytes into that lane's i32 sum. Then each lane's sum is scaled into its f32 sum with the same
+//! operations as the twin, in the same order (`int8_rows`' module comment), so the two agree bit for bit.
+
+use std::arch::x86_64::*;
+
+use super::int8_rows::{Lanes, Layout, Unpacked, LANES};
+
+/// Whether this CPU runs the kernel.
+pub fn available() -> bool {
+    std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vnni")
+}
+
+/// `int8_rows::portable_rows`, bit for bit, where the CPU has AVX-512 VNNI (false otherwise: nothing written).
+pub fn rows(w: &Unpacked, first: usize, x: &Lanes, layout: Layout, out: &mut [[f32; LANES]]) -> bool {
+    if !available() {
+        return false;
+    }
+    assert!(
+        (first + out.len()) * w.k <= w.bytes.len()
+            && (first + out.len()) * w.blocks <= w.scale.len().min(w.offset.len())
+            && x.len == layout.len
+            && w.blocks * layout.len == w.k
+            && x.values.len() * 4 >= w.k
+            && x.scale.len().min(x.scaled_sum.len()).min(x.sums.len()) >= w.blocks
+    );
+    // SAFETY: the CPU has AVX-512 F and VNNI (checked above); the reads stay inside the sizes asserted above.
+    unsafe {
+        match (layout.len, out.len()) {
+            (32, 4) => block::<8, 4>(w, first, x, layout, out),
+            (32, n) => (0..n).for_each(|r| block::<8, 1>(w, first + r, x, layout, &mut out[r..r + 1])),
+            (16, 4) => block::<4, 4>(w, first, x, layout, out),
+            (16, n) => (0..n).for_each(|r| block::<4, 1>(w, first + r, x, layout, &mut out[r..r + 1])),
+            _ => unreachable!("blocks of 16 or 32 values"),
+        }
+    }
+    true
+}
+
+/// `R` weight rows from `first`, blocks of `4 * G` values.
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn block<const G: usize, const R: usize>(
+    w: &Unpacked,
+    first: usize,
+    x: &Lanes,
+    layout: Layout,
+    out: &mut [[f32; LANES]],
+) {
+    let (k, nb) = (w.k, w.blocks);
+    let minus_bias = _mm512_set1_epi32(-layout.bias);
+    let mut acc = [_mm512_setzero_ps(); R];
+    for b in 0..nb {
+        let xs: [__m512i; G] = std::array::from_fn(|g| _mm512_loadu_si512(x.values[b * G + g].as_ptr().cast()));
+        let start = _mm512_mullo_epi32(minus_bias, _mm512_loadu_si512(x.sums[b].as_ptr().cast()));
+        let dx = _mm512_loadu_ps(x.scale[b].as_ptr());
+        let scaled_sum = _mm512_loadu_ps(x.scaled_sum[b].as_ptr());
+        // The rows' sums interleaved, so that the dependent `vpdpbusd`s of a row (one per four bytes of a block) do not wait on each other
+        // one by one (integer sums: any order gives the same values).
+        let rows: [*const u8; R] = std::array::from_fn(|r| w.bytes.as_ptr().add((first + r) * k + b * 4 * G));
+        let mut isum = [start; R];
+        for (g, xg) in xs.iter().enumerate() {
+            for r in 0..R {
+                let four = _mm512_set1_epi32(std::ptr::read_unaligned(rows[r].add(4 * g).cast::<i32>()));
+                isum[r] = _mm512_dpbusd_epi32(isum[r], four, *xg);
+            }
+        }
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let at = (first + r) * nb + b;
+            let scale = _mm512_mul_ps(_mm512_set1_ps(*w.scale.get_unchecked(at)), dx);
+            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), scale, *acc);
+            if layout.offset {
+                *acc = _mm512_fmadd_ps(_mm512_set1_ps(*w.offset.get_unchecked(at)), scaled_sum, *acc);
+            }
+        }
+    }
+    for (out, acc) in out.iter_mut().zip(acc) {
+        _mm512_storeu_ps(out.as_mut_ptr(), acc);
+    }
+}
