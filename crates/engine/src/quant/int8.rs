@@ -33,8 +33,18 @@ pub fn supports(dtype: GgmlDType) -> bool {
 }
 
 /// Rounds `x` (a multiple of 32 values) block by block: scale = largest magnitude / 127, values rounded to the
-/// nearest integer, halves away from zero.
+/// nearest integer, halves away from zero. In AVX2 where compiled (`int8_avx2::quantize`, equal bit for bit): a
+/// batched step rounds each product's sixteen activation rows before its parallel region, and value by value
+/// that was a tenth of a SmolLM2 step.
 pub fn quantize(x: &[f32]) -> Q8Row {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    return super::int8_avx2::quantize(x);
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+    portable_quantize(x)
+}
+
+/// `quantize` in portable Rust.
+pub fn portable_quantize(x: &[f32]) -> Q8Row {
     debug_assert_eq!(x.len() % BLOCK, 0);
     let blocks = x.len() / BLOCK;
     let mut row = Q8Row { values: vec![0; x.len()], scale: vec![0.0; blocks], scaled_sum: vec![0.0; blocks] };
@@ -136,6 +146,28 @@ mod tests {
         assert!((q.scaled_sum[0] - 0.02 * 49.0).abs() < 1e-6);
         // An all-zero block has scale 0 and no NaN.
         assert_eq!(quantize(&[0f32; 32]), Q8Row { values: vec![0; 32], scale: vec![0.0], scaled_sum: vec![0.0] });
+        assert_eq!(portable_quantize(&x), q);
+    }
+
+    /// `quantize` as compiled (AVX2 natively) is the portable twin bit for bit: on values whose scaled form lands
+    /// exactly on halves (where rounding away from zero and to even differ), just beside them, and on random rows.
+    #[test]
+    fn quantize_equals_the_portable_twin() {
+        let mut rows: Vec<Vec<f32>> = Vec::new();
+        // Largest magnitude 127: the scale is 1, so j + 0.5 is a half and rounds away from zero.
+        let halves: Vec<f32> = (0..64).map(|j| if j % 32 == 0 { 127.0 } else { (j as f32 - 40.0) + 0.5 }).collect();
+        let beside: Vec<f32> =
+            halves.iter().map(|&v| if v == 127.0 { v } else { f32::from_bits(v.to_bits() - 1) }).collect();
+        rows.extend([halves, beside]);
+        rows.push((0..96).map(|i| ((i * 104729 % 997) as f32 / 498.5 - 1.0) * (1.0 + (i % 7) as f32)).collect());
+        rows.push((0..64).map(|i| if i < 32 { 0.0 } else { -1e-30 * i as f32 }).collect());
+        for x in rows {
+            let (got, want) = (quantize(&x), portable_quantize(&x));
+            assert_eq!(got.values, want.values, "{x:?}");
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got.scale), bits(&want.scale));
+            assert_eq!(bits(&got.scaled_sum), bits(&want.scaled_sum));
+        }
     }
 
     /// Each type's integer product equals, up to f32 rounding, the f64 product of the decoded weights with the

@@ -13,7 +13,7 @@ use candle_core::quantized::GgmlDType;
 
 use super::avx2::{f16_lane0, lanes_sum, q5_0_values, q6k_runs};
 use super::blocks::scale_min_k4;
-use super::int8::Q8Row;
+use super::int8::{Q8Row, BLOCK};
 
 /// `int8::dot_row` for the types written here; `None` for the others (the portable code runs).
 pub fn dot_row(dtype: GgmlDType, bytes: &[u8], x: &Q8Row) -> Option<f32> {
@@ -173,4 +173,58 @@ pub fn unpack_bytes(dtype: GgmlDType, row: &[u8], out: &mut [u8]) -> bool {
         }
     }
     true
+}
+
+/// `int8::portable_quantize`, bit for bit: the same largest magnitude (a maximum, in any order), the same scale and
+/// inverse (scalar), the same products, and halves rounded away from zero: `t = trunc(y)`, then one more step away
+/// from zero where `|y - t| >= 0.5` (`y - t` is exact for |y| < 2^23, and |y| <= 127 here).
+pub fn quantize(x: &[f32]) -> Q8Row {
+    assert_eq!(x.len() % BLOCK, 0);
+    let blocks = x.len() / BLOCK;
+    let mut row = Q8Row { values: vec![0; x.len()], scale: vec![0.0; blocks], scaled_sum: vec![0.0; blocks] };
+    // SAFETY: compiled only where the target enables AVX2; each block reads 32 values of `x` and writes 32 bytes of
+    // `values` at the same offset, inside both (their lengths are equal multiples of 32).
+    unsafe {
+        let sign = _mm256_set1_ps(-0.0);
+        for b in 0..blocks {
+            let v: [__m256; 4] = std::array::from_fn(|j| _mm256_loadu_ps(x.as_ptr().add(BLOCK * b + 8 * j)));
+            let magnitudes = v.map(|v| _mm256_andnot_ps(sign, v));
+            let m =
+                _mm256_max_ps(_mm256_max_ps(magnitudes[0], magnitudes[1]), _mm256_max_ps(magnitudes[2], magnitudes[3]));
+            let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m)));
+            let d = amax / 127.0;
+            let inverse = _mm256_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+            let q = v.map(|v| {
+                let y = _mm256_mul_ps(v, inverse);
+                let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
+                let half_or_more =
+                    _mm256_cmp_ps::<_CMP_GE_OQ>(_mm256_andnot_ps(sign, _mm256_sub_ps(y, t)), _mm256_set1_ps(0.5));
+                let away = _mm256_or_ps(_mm256_and_ps(y, sign), _mm256_set1_ps(1.0));
+                _mm256_cvttps_epi32(_mm256_add_ps(t, _mm256_and_ps(half_or_more, away)))
+            });
+            // Four rows of eight i32 to 32 bytes in order: packs work within 128-bit halves, hence the permute.
+            let words = _mm256_packs_epi32(q[0], q[1]);
+            let words2 = _mm256_packs_epi32(q[2], q[3]);
+            let bytes = _mm256_permutevar8x32_epi32(
+                _mm256_packs_epi16(words, words2),
+                _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7),
+            );
+            _mm256_storeu_si256(row.values.as_mut_ptr().add(BLOCK * b) as *mut __m256i, bytes);
+            let sums = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            let sum = lanes_sum_i32(sums);
+            row.scale[b] = d;
+            row.scaled_sum[b] = d * sum as f32;
+        }
+    }
+    row
+}
+
+/// The sum of eight i32 lanes.
+#[inline(always)]
+unsafe fn lanes_sum_i32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+    _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s)))
 }
