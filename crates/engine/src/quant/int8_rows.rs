@@ -184,6 +184,8 @@ pub struct Lanes {
     pub rows: usize,
     pub len: usize,
     pub values: Vec<[i32; LANES]>,
+    /// `values` with 128 added to each byte (as unsigned bytes), for `Q8Terms`' kernel.
+    pub offset_values: Vec<[i32; LANES]>,
     pub scale: Vec<[f32; LANES]>,
     pub scaled_sum: Vec<[f32; LANES]>,
     pub sums: Vec<[i32; LANES]>,
@@ -199,6 +201,7 @@ impl Lanes {
             rows: rounded.len(),
             len,
             values: vec![[0; LANES]; k / 4],
+            offset_values: Vec::new(),
             scale: vec![[0.0; LANES]; blocks],
             scaled_sum: vec![[0.0; LANES]; blocks],
             sums: vec![[0; LANES]; blocks],
@@ -216,6 +219,7 @@ impl Lanes {
                 lanes.scaled_sum[b][i] = dx * sum as f32;
             }
         }
+        lanes.offset_values = lanes.values.iter().map(|v| v.map(|four| four ^ 0x8080_8080_u32 as i32)).collect();
         lanes
     }
 }
@@ -272,28 +276,93 @@ fn prefetch(bytes: Option<&[u8]>) {
 /// Weight rows whose results are gathered before they are written out (`band`): 32 KB for sixteen lanes.
 const RUN: usize = 512;
 
+/// A Q8_0 matrix's terms per block for the product straight from its blocks (`int8_vnni::q8_0_rows`): the scale
+/// as f32, and minus 128 times the sum of the block's values. Q8_0's values are signed bytes already, so the kernel
+/// multiplies them where they lie, with the activations offset by 128 (`Lanes::offset_values`); the sums take the
+/// offset back out. Made once per matrix (8 bytes per 34-byte block), at its first batched step that rounds:
+/// unpacking Gemma's 178 MB output matrix at every step took as long as its integer products.
+pub struct Q8Terms {
+    pub scale: Vec<f32>,
+    pub minus_128_sum: Vec<i32>,
+}
+
+/// Whether `band` reads Q8_0 blocks in place when given their `Q8Terms` (where the CPU has AVX-512 VNNI).
+pub fn reads_q8_0_in_place() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    return super::int8_vnni::available();
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+    false
+}
+
+impl Q8Terms {
+    /// The terms of every block of `raw` (Q8_0 blocks).
+    pub fn new(raw: &[u8]) -> Self {
+        let blocks = raw.chunks_exact(34);
+        let scale = blocks.clone().map(|w| half(w, 0)).collect();
+        let minus_128_sum = blocks.map(|w| -128 * w[2..34].iter().map(|&q| q as i8 as i32).sum::<i32>()).collect();
+        Self { scale, minus_128_sum }
+    }
+}
+
 /// The product of the weight rows `rows` (GGUF blocks of `dtype`, `k` values a row) with the activation rows of
 /// `chunks` (`LANES` at a time, in order): `put(i, r, values)` for activation row i and weight rows `r..r +
-/// values.len()`.
-pub fn band(dtype: GgmlDType, rows: &[u8], k: usize, chunks: &[Lanes], mut put: impl FnMut(usize, usize, &[f32])) {
+/// values.len()`. `q8`: for Q8_0, its `Q8Terms` for these rows' blocks, so that the kernel reads the blocks where
+/// they lie (where the CPU has VNNI) instead of unpacking them.
+pub fn band(
+    dtype: GgmlDType,
+    rows: &[u8],
+    k: usize,
+    chunks: &[Lanes],
+    q8: Option<(&[f32], &[i32])>,
+    put: impl FnMut(usize, usize, &[f32]),
+) {
     let layout = layout(dtype).expect("the batched 8-bit form runs only on the types `layout` covers");
     let row_bytes = k / dtype.block_size() * dtype.type_size();
-    let count = rows.len() / row_bytes;
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    if let (GgmlDType::Q8_0, Some((scale, sums)), true) = (dtype, q8, reads_q8_0_in_place()) {
+        let nb = k / 32;
+        assert!(scale.len() * row_bytes == rows.len() * nb && sums.len() == scale.len());
+        return gather(rows, row_bytes, chunks, put, |r0, x, out| {
+            let n = out.len();
+            let (blocks, at) = (&rows[r0 * row_bytes..(r0 + n) * row_bytes], r0 * nb..(r0 + n) * nb);
+            super::int8_vnni::q8_0_rows(blocks, &scale[at.clone()], &sums[at], x, out);
+        });
+    }
+    let _ = q8;
     let mut w = Unpacked::new(ROWS, k, layout);
+    let mut unpacked = usize::MAX;
+    gather(rows, row_bytes, chunks, put, |r0, x, out| {
+        if unpacked != r0 {
+            for r in 0..out.len() {
+                w.unpack(dtype, r, &rows[(r0 + r) * row_bytes..(r0 + r + 1) * row_bytes]);
+            }
+            unpacked = r0;
+        }
+        rows_product(&w, 0, x, layout, out)
+    });
+}
+
+/// `band`'s loop: `product(r0, x, out)` gives weight rows `r0..r0 + out.len()` (at most `ROWS`) against the lanes
+/// `x`, each set of lanes in turn; the values are gathered `RUN` weight rows at a time and `put` activation row by
+/// activation row. The rows `AHEAD` are asked for from memory meanwhile.
+fn gather(
+    rows: &[u8],
+    row_bytes: usize,
+    chunks: &[Lanes],
+    mut put: impl FnMut(usize, usize, &[f32]),
+    mut product: impl FnMut(usize, &Lanes, &mut [[f32; LANES]]),
+) {
+    let count = rows.len() / row_bytes;
     let mut out = [[0f32; LANES]; ROWS];
-    // The run's results, activation row by activation row, so that each is written out as one slice.
     let mut gathered = vec![[0f32; RUN]; chunks.iter().map(|x| x.rows).sum()];
     for run in (0..count).step_by(RUN) {
         let length = RUN.min(count - run);
         for r0 in (run..run + length).step_by(ROWS) {
             let n = ROWS.min(run + length - r0);
             prefetch(rows.get((r0 + AHEAD) * row_bytes..(r0 + AHEAD + ROWS) * row_bytes));
-            for r in 0..n {
-                w.unpack(dtype, r, &rows[(r0 + r) * row_bytes..(r0 + r + 1) * row_bytes]);
-            }
             let mut first_lane = 0;
             for x in chunks {
-                rows_product(&w, 0, x, layout, &mut out[..n]);
+                product(r0, x, &mut out[..n]);
                 for (r, values) in out[..n].iter().enumerate() {
                     for (i, &v) in values[..x.rows].iter().enumerate() {
                         gathered[first_lane + i][r0 - run + r] = v;
@@ -352,7 +421,8 @@ mod tests {
 
     /// The batched product of every type: each value is, up to f32 rounding, the f64 product of the decoded
     /// weights with the rounded activations; each activation row's values are the same bit for bit among 1, 3,
-    /// 16 or 19 rows (two sets of lanes); and the kernel this CPU runs equals the portable twin bit for bit.
+    /// 16 or 19 rows (two sets of lanes); and the kernel this CPU runs equals the portable twin bit for bit, Q8_0
+    /// read from its blocks too.
     #[test]
     fn batched_integer_products_equal_the_decoded_products_in_any_batch() {
         let (n, k) = (7, 512);
@@ -366,14 +436,19 @@ mod tests {
             let l = layout(dtype).unwrap();
             let raw = QTensor::quantize(&wt, dtype).unwrap().data().unwrap().to_vec();
             let row_bytes = raw.len() / n;
-            let product = |rows: &[Q8Row]| {
+            let terms = Q8Terms::new(&raw);
+            let q8 = (dtype == GgmlDType::Q8_0).then_some((&terms.scale[..], &terms.minus_128_sum[..]));
+            let product_with = |rows: &[Q8Row], q8| {
                 let mut out = vec![0f32; rows.len() * n];
-                band(dtype, &raw, k, &lanes(rows, l.len), |i, r, v| {
+                band(dtype, &raw, k, &lanes(rows, l.len), q8, |i, r, v| {
                     out[i * n + r..i * n + r + v.len()].copy_from_slice(v)
                 });
                 out
             };
+            let product = |rows: &[Q8Row]| product_with(rows, q8);
             let all = product(&rounded);
+            // Q8_0 straight from its blocks (where the CPU has VNNI) is the unpacked product bit for bit.
+            assert_eq!(all, product_with(&rounded, None), "{dtype:?}: with and without Q8Terms");
             for i in 0..m {
                 let rx: Vec<f64> =
                     (0..k).map(|c| rounded[i].scale[c / 32] as f64 * rounded[i].values[c] as f64).collect();

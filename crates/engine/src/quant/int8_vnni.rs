@@ -80,3 +80,63 @@ unsafe fn block<const G: usize, const R: usize>(
         _mm512_storeu_ps(out.as_mut_ptr(), acc);
     }
 }
+
+/// `int8_rows::portable_rows` for Q8_0 read straight from its `blocks` (`out.len()` rows of 34-byte blocks, whose
+/// `Q8Terms` are `scale` and `minus_128_sum`), bit for bit: each block's values are broadcast from where they lie as
+/// the signed operand, against the activations offset by 128 as the unsigned one; the integer sum then equals the
+/// twin's, and the f32 operations are the same. Call only where `available()`.
+pub fn q8_0_rows(blocks: &[u8], scale: &[f32], minus_128_sum: &[i32], x: &Lanes, out: &mut [[f32; LANES]]) {
+    let nb = scale.len() / out.len().max(1);
+    assert!(
+        available()
+            && blocks.len() == out.len() * nb * 34
+            && minus_128_sum.len() == scale.len()
+            && scale.len() == out.len() * nb
+            && x.len == 32
+            && x.offset_values.len() >= nb * 8
+            && x.scale.len() >= nb
+    );
+    // SAFETY: the CPU has AVX-512 F and VNNI, and the reads stay inside the sizes asserted above.
+    unsafe {
+        match out.len() {
+            4 => q8_0_block::<4>(blocks, scale, minus_128_sum, nb, x, out),
+            n => (0..n).for_each(|r| {
+                let (b, t) = (r * nb * 34..(r + 1) * nb * 34, r * nb..(r + 1) * nb);
+                q8_0_block::<1>(&blocks[b], &scale[t.clone()], &minus_128_sum[t], nb, x, &mut out[r..r + 1])
+            }),
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn q8_0_block<const R: usize>(
+    blocks: &[u8],
+    scale: &[f32],
+    minus_128_sum: &[i32],
+    nb: usize,
+    x: &Lanes,
+    out: &mut [[f32; LANES]],
+) {
+    let mut acc = [_mm512_setzero_ps(); R];
+    for b in 0..nb {
+        let xs: [__m512i; 8] = std::array::from_fn(|g| _mm512_loadu_si512(x.offset_values[b * 8 + g].as_ptr().cast()));
+        let dx = _mm512_loadu_ps(x.scale[b].as_ptr());
+        // Each row's block values start after its 2-byte scale.
+        let rows: [*const u8; R] = std::array::from_fn(|r| blocks.as_ptr().add((r * nb + b) * 34 + 2));
+        let mut isum: [__m512i; R] =
+            std::array::from_fn(|r| _mm512_set1_epi32(*minus_128_sum.get_unchecked(r * nb + b)));
+        for (g, xg) in xs.iter().enumerate() {
+            for r in 0..R {
+                let four = _mm512_set1_epi32(std::ptr::read_unaligned(rows[r].add(4 * g).cast::<i32>()));
+                isum[r] = _mm512_dpbusd_epi32(isum[r], *xg, four);
+            }
+        }
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let scale = _mm512_mul_ps(_mm512_set1_ps(*scale.get_unchecked(r * nb + b)), dx);
+            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), scale, *acc);
+        }
+    }
+    for (out, acc) in out.iter_mut().zip(acc) {
+        _mm512_storeu_ps(out.as_mut_ptr(), acc);
+    }
+}

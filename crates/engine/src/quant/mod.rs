@@ -5,7 +5,7 @@
 //! must match. The one departure is opt-in: `int8`, decoding with the activations rounded to 8 bits.
 
 use std::cell::RefCell;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use rayon::prelude::*;
@@ -39,6 +39,9 @@ pub struct QuantMatrix {
     cols: usize,
     /// Whether decoding products round the activations to 8 bits (`int8`, opt-in, not exact).
     int8_activations: bool,
+    /// For a Q8_0 matrix whose batched steps round: its blocks' terms, made at the first such step
+    /// (`int8_rows::Q8Terms`). Shared by clones.
+    q8_terms: Arc<OnceLock<int8_rows::Q8Terms>>,
 }
 
 /// How the rows of a product may be computed (`QuantMatrix::matmul_each`).
@@ -79,7 +82,7 @@ impl QuantMatrix {
                 why: format!("rows of {cols} values do not split into {} blocks of {block}", type_name(tensor.dtype())),
             });
         }
-        Ok(Self { tensor, rows, cols, int8_activations: false })
+        Ok(Self { tensor, rows, cols, int8_activations: false, q8_terms: Arc::default() })
     }
 
     /// Decoding products with the activations rounded to 8 bits and integer arithmetic: faster, not exact. Single
@@ -214,7 +217,10 @@ impl QuantMatrix {
             Form::Int8Rows => {
                 let len = int8_rows::layout(dtype).expect("the form of the types `int8_rows` covers").len;
                 let lanes = if len == 16 { &prepared.lanes16 } else { &prepared.lanes32 };
-                int8_rows::band(dtype, rows, k, lanes, |i, r, values| out.write(i, r, values));
+                let nb = k / 32;
+                let blocks = out.first * nb..(out.first + count) * nb;
+                let q8 = self.q8_terms.get().map(|t| (&t.scale[blocks.clone()], &t.minus_128_sum[blocks]));
+                int8_rows::band(dtype, rows, k, lanes, q8, |i, r, values| out.write(i, r, values));
             }
             Form::Band => {
                 with_band_scratch(count * k, count * m, |w, out_t| {
@@ -269,6 +275,11 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
         }
     };
     let prepared = Prepared { lanes16: lanes_of(16), lanes32: lanes_of(32), ..prepared };
+    for ((q, form), raw) in jobs.iter().zip(&raws) {
+        if matches!(form, Form::Int8Rows) && q.dtype() == GgmlDType::Q8_0 && int8_rows::reads_q8_0_in_place() {
+            q.q8_terms.get_or_init(|| int8_rows::Q8Terms::new(raw));
+        }
+    }
     // A few bands per thread and matrix balance the load; more only add scheduling. The rows are shared out
     // evenly, so that no band is shorter than `ROWS_PER_TASK` (in the prompt form, a short band with few
     // activation rows would take gemm's small-product kernel, whose sums run in another order).
