@@ -63,14 +63,20 @@ impl Linear {
     /// `forward` of several matrices on the same input, in one parallel region (`QuantMatrix::matmul_each`).
     fn forward_each<const N: usize>(linears: [&Linear; N], x: &Tensor, row_form: RowForm) -> Result<[Tensor; N]> {
         let n = x.dims2().context("matrix product input")?.0;
-        let values = x.flatten_all().and_then(|v| v.to_vec1::<f32>()).context("matrix product input")?;
-        let outs = QuantMatrix::matmul_each(&linears.map(|l| &l.0), &values, row_form)?;
+        let outs = Self::values_each(linears, x, row_form)?;
         let tensors = outs
             .into_iter()
             .zip(linears)
             .map(|(out, l)| Tensor::from_vec(out, (n, l.0.rows()), &Device::Cpu).context("matrix product"))
             .collect::<Result<Vec<_>>>()?;
         Ok(tensors.try_into().unwrap_or_else(|_| unreachable!("one product per matrix")))
+    }
+
+    /// `forward_each`'s products as plain rows of values ([n * rows] each).
+    fn values_each<const N: usize>(linears: [&Linear; N], x: &Tensor, row_form: RowForm) -> Result<[Vec<f32>; N]> {
+        let values = x.flatten_all().and_then(|v| v.to_vec1::<f32>()).context("matrix product input")?;
+        let outs = QuantMatrix::matmul_each(&linears.map(|l| &l.0), &values, row_form)?;
+        Ok(outs.try_into().unwrap_or_else(|_| unreachable!("one product per matrix")))
     }
 }
 
@@ -295,11 +301,14 @@ impl CpuModel {
     /// The attention block of `layer` over the rows of every call (`a`: the calls' rows, one after the other):
     /// the projections on all rows at once, attention per sequence against its own cache.
     fn attention(&mut self, layer: usize, a: &Tensor, calls: &[BatchCall], row_form: RowForm) -> Result<Tensor> {
-        let l = &self.layers[layer];
-        let [q, k, v] = Linear::forward_each([&l.wq, &l.wk, &l.wv], a, row_form)?;
         let end = calls.iter().map(|c| self.sequences[c.sequence].position + c.tokens.len()).max().unwrap_or(0);
         let (base, head_dim) = (self.config.layers[layer].rope_base, self.config.head_dim);
         self.rope.cover(base, head_dim, self.rope_factors.as_deref(), end, self.max_context);
+        if calls.iter().all(|c| c.tokens.len() == 1) {
+            return self.attention_steps(layer, a, calls, row_form);
+        }
+        let l = &self.layers[layer];
+        let [q, k, v] = Linear::forward_each([&l.wq, &l.wk, &l.wv], a, row_form)?;
         // Each call's rows and its sequence, taken out of `self` for the time of the step so that the sequences'
         // attention (a fifth of a batched step on SmolLM2) runs in parallel, each task writing its own cache.
         let mut sequences = std::mem::take(&mut self.sequences);
@@ -327,15 +336,62 @@ impl CpuModel {
         self.layers[layer].wo.forward(&out, row_form)
     }
 
+    /// `attention` for a decoding step of each call's sequence (one new row each), on plain rows of values: the
+    /// queries, keys and values come from the products as they are, each sequence's attention (in parallel) writes
+    /// its own row of the output, and the only tensors are the layer's input and output. Per sequence and layer,
+    /// the tensor operations around each step's little arithmetic took longer than the arithmetic itself.
+    fn attention_steps(&mut self, layer: usize, a: &Tensor, calls: &[BatchCall], row_form: RowForm) -> Result<Tensor> {
+        let (c, l) = (&self.config, &self.layers[layer]);
+        let [q, k, v] = Linear::values_each([&l.wq, &l.wk, &l.wv], a, row_form)?;
+        let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
+        let as_vec = |t: &Tensor| t.to_vec1::<f32>().context("q and k norms");
+        let qk_norms = match (&l.q_norm, &l.k_norm) {
+            (Some(qn), Some(kn)) => Some((as_vec(qn)?, as_vec(kn)?)),
+            _ => None,
+        };
+        let mut sequences = std::mem::take(&mut self.sequences);
+        let mut by_index: Vec<Option<&mut Sequence>> = sequences.iter_mut().map(Some).collect();
+        let tasks: Vec<&mut Sequence> = calls
+            .iter()
+            .map(|call| by_index[call.sequence].take().expect("distinct sequences, checked by forward_calls"))
+            .collect();
+        let mut out = vec![0f32; calls.len() * q_dim];
+        let this = &*self;
+        let norms = qk_norms.as_ref().map(|(qn, kn)| (&qn[..], &kn[..]));
+        let attend = |(i, (o, sequence)): (usize, (&mut [f32], &mut Sequence))| {
+            let rows = |x: &[f32], d: usize| x[i * d..(i + 1) * d].to_vec();
+            this.attend_one(layer, rows(&q, q_dim), rows(&k, kv_dim), rows(&v, kv_dim), norms, sequence, o)
+        };
+        let done: Result<()> = if tasks.len() == 1 {
+            out.chunks_exact_mut(q_dim).zip(tasks).enumerate().try_for_each(attend)
+        } else {
+            out.par_chunks_exact_mut(q_dim).zip(tasks).enumerate().try_for_each(attend)
+        };
+        self.sequences = sequences;
+        done?;
+        let out = Tensor::from_vec(out, (calls.len(), q_dim), &Device::Cpu).context("merge heads")?;
+        self.layers[layer].wo.forward(&out, row_form)
+    }
+
     /// Attention of one sequence's `n` new rows (queries, keys, values: [n, heads * hd]) at `layer`, appending
     /// the keys and values to the sequence's cache. Returns [n, heads * hd].
     fn attend(&self, layer: usize, q: Tensor, k: Tensor, v: Tensor, sequence: &mut Sequence) -> Result<Tensor> {
         let c = &self.config;
         let (n, _) = q.dims2().context("attention input")?;
-        if n == 1 {
-            return self.attend_one(layer, q, k, v, sequence);
-        }
         let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
+        if n == 1 {
+            // A decoding row among prompts: the numbers it gets when the batch is all decoding steps.
+            let l = &self.layers[layer];
+            let as_vec = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).context("attention input");
+            let norms = match (&l.q_norm, &l.k_norm) {
+                (Some(qn), Some(kn)) => Some((as_vec(qn)?, as_vec(kn)?)),
+                _ => None,
+            };
+            let norms = norms.as_ref().map(|(qn, kn)| (&qn[..], &kn[..]));
+            let mut out = vec![0f32; nh * hd];
+            self.attend_one(layer, as_vec(&q)?, as_vec(&k)?, as_vec(&v)?, norms, sequence, &mut out)?;
+            return Tensor::from_vec(out, (1, nh * hd), &Device::Cpu).context("merge heads");
+        }
         let group = nh / nkv;
         let spec = c.layers[layer];
         let start = sequence.position;
@@ -393,20 +449,27 @@ impl CpuModel {
     /// `attend` for one new row (a decoding step) in plain loops over the cache's storage: the tensor path's
     /// steps and arithmetic, up to the order of the sums in the two products, without its dozen tensor operations
     /// and their allocations, which took a fifth of a batched step on SmolLM2. Batched and single-sequence steps
-    /// both come here, so a sequence gets the same numbers in either.
-    fn attend_one(&self, layer: usize, q: Tensor, k: Tensor, v: Tensor, sequence: &mut Sequence) -> Result<Tensor> {
+    /// both come here, so a sequence gets the same numbers in either. `q`, `k`, `v`: the row's queries, keys and
+    /// values; `qk_norms`: Gemma 3's query and key norm weights; the result goes to `out` (heads * hd).
+    #[allow(clippy::too_many_arguments)]
+    fn attend_one(
+        &self,
+        layer: usize,
+        mut q: Vec<f32>,
+        mut k: Vec<f32>,
+        v: Vec<f32>,
+        qk_norms: Option<(&[f32], &[f32])>,
+        sequence: &mut Sequence,
+        out: &mut [f32],
+    ) -> Result<()> {
         let c = &self.config;
         let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
         let group = nh / nkv;
         let spec = c.layers[layer];
         let position = sequence.position;
-        let l = &self.layers[layer];
-        let as_vec = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).context("attention input");
-        let (mut q, mut k, v) = (as_vec(&q)?, as_vec(&k)?, as_vec(&v)?);
-        if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
-            let (qn, kn) = (as_vec(qn)?, as_vec(kn)?);
-            q.chunks_exact_mut(hd).for_each(|head| rms_norm_in_place(head, &qn, c.rms_eps));
-            k.chunks_exact_mut(hd).for_each(|head| rms_norm_in_place(head, &kn, c.rms_eps));
+        if let Some((qn, kn)) = qk_norms {
+            q.chunks_exact_mut(hd).for_each(|head| rms_norm_in_place(head, qn, c.rms_eps));
+            k.chunks_exact_mut(hd).for_each(|head| rms_norm_in_place(head, kn, c.rms_eps));
         }
         let (cos, sin) = self.rope.get(spec.rope_base, hd / 2, position..position + 1);
         for head in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
@@ -420,7 +483,7 @@ impl CpuModel {
         // The keys this query sees: all of the cache, or the last `window`.
         let len = position + 1;
         let first = spec.window.map_or(0, |w| len.saturating_sub(w));
-        let mut out = vec![0f32; nh * hd];
+        assert_eq!(out.len(), nh * hd);
         let mut weights = vec![0f32; len - first];
         cache_rows(&keys, |keys| {
             cache_rows(&values, |values| {
@@ -441,7 +504,7 @@ impl CpuModel {
                 }
             })
         })??;
-        Tensor::from_vec(out, (1, nh * hd), &Device::Cpu).context("merge heads")
+        Ok(())
     }
 
     fn mlp(&self, layer: usize, m: &Tensor, row_form: RowForm) -> Result<Tensor> {
