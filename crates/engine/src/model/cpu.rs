@@ -17,10 +17,11 @@
 //!
 //! Several sequences can run in one call (`forward_batch`), each with its own KV cache and position: their rows
 //! share the matrix products, attention runs per sequence (the sequences in parallel), and so do the hooks.
-//! Batched calls compute every row of every product independently of the other rows
-//! (`QuantMatrix::matmul_exact_rows`), so a sequence gets the same numbers in any batch; single-sequence calls
-//! (`forward`) take the fastest product form for their size, which sums in another order (the same tokens but at
-//! near-ties).
+//! Batched calls compute every row of every product independently of the other rows (decoding steps in
+//! `QuantMatrix::matmul_exact_rows`, long prompts in the prompt form, which is row-independent from
+//! `BATCH_INVARIANT_ROWS` rows on), so a sequence gets the same numbers in any batch; single-sequence decoding
+//! steps (`forward`) take the fastest product form for their size, which sums in another order (the same tokens
+//! but at near-ties).
 
 use std::io::{Read, Seek};
 use std::sync::Arc;
@@ -763,11 +764,17 @@ impl LanguageModel for CpuModel {
     }
 
     fn forward_batch<'a>(&'a mut self, calls: &'a [BatchCall<'a>]) -> LocalBoxFuture<'a, Result<Vec<StepOutput>>> {
-        // A decoding step of every sequence (one token each) may round its activations where the model was loaded so
-        // (`int8_rows`); prompts keep the exact products.
-        let row_form = match calls.iter().all(|c| c.tokens.len() == 1) {
-            true => RowForm::IndependentSteps,
-            false => RowForm::Independent,
+        // Every row gets the numbers it gets in any other batch. A decoding step of every sequence (one token each)
+        // may round its activations where the model was loaded so (`int8_rows`). Prompts of at least
+        // `BATCH_INVARIANT_ROWS` tokens take the prompt form (a decoded band and gemm), which gives a row the same
+        // numbers among any rows from that many on: several times faster than the rows form for a prompt, and what
+        // `forward` computes for the same prompt alone. Other mixes take the exact rows form.
+        let row_form = if calls.iter().all(|c| c.tokens.len() == 1) {
+            RowForm::IndependentSteps
+        } else if calls.iter().all(|c| c.tokens.len() >= BATCH_INVARIANT_ROWS) {
+            RowForm::Fastest
+        } else {
+            RowForm::Independent
         };
         Box::pin(std::future::ready(self.forward_calls(calls, LogitsWanted::Last, row_form)))
     }
