@@ -79,6 +79,13 @@ impl Linear {
         let outs = QuantMatrix::matmul_each(&linears.map(|l| &l.0), &values, row_form)?;
         Ok(outs.try_into().unwrap_or_else(|_| unreachable!("one product per matrix")))
     }
+
+    /// `forward` of plain rows of values (`x`: [n * cols]), without a tensor around the input.
+    fn forward_values(&self, x: &[f32], row_form: RowForm) -> Result<Tensor> {
+        let out = QuantMatrix::matmul_each(&[&self.0], x, row_form)?.pop().expect("one product");
+        let n = out.len() / self.0.rows();
+        Tensor::from_vec(out, (n, self.0.rows()), &Device::Cpu).context("matrix product")
+    }
 }
 
 struct Layer {
@@ -370,8 +377,7 @@ impl CpuModel {
         };
         self.sequences = sequences;
         done?;
-        let out = Tensor::from_vec(out, (calls.len(), q_dim), &Device::Cpu).context("merge heads")?;
-        self.layers[layer].wo.forward(&out, row_form)
+        self.layers[layer].wo.forward_values(&out, row_form)
     }
 
     /// Attention of one sequence's `n` new rows (queries, keys, values: [n, heads * hd]) at `layer`, appending
@@ -510,14 +516,15 @@ impl CpuModel {
 
     fn mlp(&self, layer: usize, m: &Tensor, row_form: RowForm) -> Result<Tensor> {
         let l = &self.layers[layer];
-        let [gate, up] = Linear::forward_each([&l.gate, &l.up], m, row_form)?;
-        let mut values = gate.flatten_all().and_then(|g| g.to_vec1::<f32>()).context("activation")?;
+        // On plain rows of values: the copies in and out of tensors around the activation and the gating took a
+        // fifth of the MLP's time in a batched step.
+        let [mut gated, up] = Linear::values_each([&l.gate, &l.up], m, row_form)?;
         match self.config.activation {
-            Activation::GeluTanh => activations::gelu_tanh(&mut values),
-            Activation::Silu => activations::silu(&mut values),
+            Activation::GeluTanh => activations::gelu_tanh(&mut gated),
+            Activation::Silu => activations::silu(&mut gated),
         }
-        let act = Tensor::from_vec(values, gate.shape(), gate.device()).context("activation")?;
-        l.down.forward(&(act * up).context("gating")?, row_form)
+        gated.iter_mut().zip(&up).for_each(|(g, u)| *g *= u);
+        l.down.forward_values(&gated, row_form)
     }
 
     fn norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
