@@ -107,17 +107,25 @@ pub fn keep_threshold(logits: &[f32], temperature: f32, top_k: Option<usize>, to
     threshold
 }
 
-/// The index of the highest value; the first among equals; NaN never wins.
+/// The index of the highest value; the first among equals; NaN never wins; 0 when no value is above negative
+/// infinity. In two passes the compiler vectorizes: the highest value, kept lane by lane with the comparison of
+/// the one-pass loop (`v > best`, false for NaN), then the first index that holds it. The one-pass loop, a branch
+/// per value, took about a millisecond per batched step over Gemma's 262,144 logits per sequence.
 pub fn argmax(values: &[f32]) -> u32 {
-    let mut best = 0;
-    let mut best_value = f32::NEG_INFINITY;
-    for (i, &v) in values.iter().enumerate() {
-        if v > best_value {
-            best = i;
-            best_value = v;
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (best, &v) in lanes.iter_mut().zip(chunk) {
+            *best = if v > *best { v } else { *best };
         }
     }
-    best as u32
+    let highest = lanes.iter().chain(tail).fold(f32::NEG_INFINITY, |best, &v| if v > best { v } else { best });
+    if highest == f32::NEG_INFINITY {
+        return 0;
+    }
+    values.iter().position(|&v| v == highest).expect("the highest value is one of them") as u32
 }
 
 /// (id, logit) of the `k` highest logits (all when `k` is `None`), highest first, lower id first among equals.
@@ -148,6 +156,47 @@ mod tests {
         assert_eq!(argmax(&[1.0, 3.0, 3.0, -1.0]), 1);
         assert_eq!(argmax(&[f32::NAN, 0.5, 0.2]), 1);
         assert_eq!(pick(&[0.0, 2.0, 1.0], &Sampling::Greedy, 9), 1);
+    }
+
+    /// The two-pass `argmax` is the one-pass loop's index on rows long enough for its lanes: ties (the first
+    /// wins, wherever the lanes put them), NaN, infinities, signed zeros, and a maximum in the tail.
+    #[test]
+    fn argmax_is_the_one_pass_loop() {
+        let one_pass = |values: &[f32]| {
+            let (mut best, mut best_value) = (0, f32::NEG_INFINITY);
+            for (i, &v) in values.iter().enumerate() {
+                if v > best_value {
+                    (best, best_value) = (i, v);
+                }
+            }
+            best as u32
+        };
+        let mut rows: Vec<Vec<f32>> = (0..40)
+            .map(|r: u64| {
+                (0..(37 + 13 * r as usize)).map(|i| ((i as u64 * 7919 + r * 31) % 23) as f32 - 11.0).collect()
+            })
+            .collect();
+        rows.push(vec![f32::NAN; 40]);
+        rows.push(vec![f32::NEG_INFINITY; 40]);
+        rows.push(
+            (0..40)
+                .map(|i| {
+                    if i == 3 {
+                        f32::NAN
+                    } else if i == 20 {
+                        f32::INFINITY
+                    } else {
+                        1.0
+                    }
+                })
+                .collect(),
+        );
+        rows.push((0..40).map(|i| if i % 2 == 0 { -0.0 } else { 0.0 }).collect());
+        rows.push((0..35).map(|i| if i == 34 { 5.0 } else { i as f32 * 0.1 }).collect());
+        rows.push((0..35).map(|i| if i == 0 { f32::NAN } else { f32::NEG_INFINITY }).collect());
+        for row in &rows {
+            assert_eq!(argmax(row), one_pass(row), "{row:?}");
+        }
     }
 
     #[test]
