@@ -417,8 +417,8 @@ struct ModelArgs {
     model: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Backend::Cpu)]
     backend: Backend,
-    /// CPU: decode with the activations rounded to 8 bits and integer products, as llama.cpp does (faster, not
-    /// exact; docs/benchmarks.md measures the departure from the exact products).
+    /// CPU: round the activations to 8 bits and multiply in integers, as llama.cpp does, in prompts and decoding
+    /// (faster, not exact; docs/benchmarks.md measures the departure from the exact products).
     #[arg(long)]
     int8: bool,
     /// Print one JSON object instead of text.

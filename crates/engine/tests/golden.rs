@@ -271,19 +271,18 @@ impl Departure {
             (self.steps, self.same_top1, self.greedy_same, self.greedy_total);
         assert!(same_top1 * 100 >= 95 * steps, "{what}: top-1 equal on {same_top1} of {steps} steps");
         let (p90, largest) = (percentile(&self.worst, 0.9), self.worst.last().copied().unwrap_or(0.0));
-        assert!(p90 <= 1.2, "{what}: logits moved by {p90} or more on a tenth of the steps");
+        assert!(p90 <= 1.5, "{what}: logits moved by {p90} or more on a tenth of the steps");
         assert!(largest <= 2.5, "{what}: logits moved by {largest} at one step");
-        assert!(greedy_same * 100 >= 75 * greedy_total, "{what}: {greedy_same} of {greedy_total} greedy tokens");
+        assert!(greedy_same * 100 >= 70 * greedy_total, "{what}: {greedy_same} of {greedy_total} greedy tokens");
     }
 }
 
-/// The opt-in 8-bit activations (`LoadOptions::int8_activations`) round the activations of every decoding step,
-/// so they depart from the exact products; this measures by how much, on the golden prompts, and holds it there
-/// (docs/benchmarks.md records the figures). Prompts keep the exact products, so the departure is in the decoding
-/// steps: the reference's greedy tokens are fed one at a time to the exact and the 8-bit engine, whose logits are
-/// compared at every step, and the 8-bit engine's own greedy tokens are compared with the reference's. Twice: one
-/// sequence at a time (`quant::int8`), and all the prompts as one batch (`quant::int8_rows`, which also rounds the
-/// output matrix's activations).
+/// The opt-in 8-bit activations (`LoadOptions::int8_activations`) round the activations of the prompts and of every
+/// decoding step, so they depart from the exact products; this measures by how much, on the golden prompts, and
+/// holds it there (docs/benchmarks.md records the figures): the reference's greedy tokens are fed one at a time to
+/// the exact and the 8-bit engine, whose logits are compared at every step, and the 8-bit engine's own greedy
+/// tokens are compared with the reference's. Twice: one sequence at a time (decoding steps in `quant::int8`), and
+/// all the prompts as one batch (`quant::int8_rows`, which also rounds the output matrix's activations).
 fn int8_departure(file: &str, golden: &str) -> (Departure, Departure) {
     let golden = read_json(&golden_path(golden));
     let open = |int8_activations| {
@@ -348,15 +347,17 @@ fn int8_departure(file: &str, golden: &str) -> (Departure, Departure) {
     (alone, batched)
 }
 
-/// Measured (2026-12-03), over the session's builds: top-1 as the exact products' on 68-69 of SmolLM2's 69 steps
-/// and 73-75 of Gemma's 75, greedy tokens as the reference's on 63-74 of 74 and 69-80 of 80. Each step's largest
-/// logit difference: SmolLM2 median 0.54, 90th percentile 0.83; Gemma 0.32 and 0.48. The largest of all steps
-/// was 0.71-1.20 until the prompt form's sums were cut into fixed runs (rounding-level changes to the exact
-/// prompt, which both engines share); then one SmolLM2 step reached 1.99 while the next largest stayed at 1.10:
-/// one activation on the edge of an 8-bit step. So the bound is on the 90th percentile, which a kernel that
-/// scaled a block wrongly would move at most steps, with a looser one on the single largest. Counting greedy
-/// tokens up to the first difference is brittle in the same way: one flip at a near-tie costs the rest of that
-/// prompt. Hence the looser bound on it.
+/// Measured (2026-12-04), with the prompts rounded too (as llama.cpp computes them), one sequence at a time / as one
+/// batch: top-1 as the exact products' on 68 / 67 of SmolLM2's 69 steps and 74 / 72 of Gemma's 75; greedy tokens
+/// as the reference's on 63 / 57 of 74 and 75 / 64 of 80. Each step's largest logit difference, median and 90th
+/// percentile: SmolLM2 0.71 and 1.05 / 0.76 and 1.19, Gemma 0.48 and 0.63 / 0.61 and 0.87; the largest of all steps
+/// 1.82 (SmolLM2, alone). Before the prompts were rounded (2026-12-03): SmolLM2 0.54 and 0.83, Gemma 0.32 and 0.48,
+/// and every greedy token the reference's but for near-ties. The bounds leave room for rounding-level changes to
+/// either engine (another CPU's exact prompt products, say) and still sit far below a real fault: the batched
+/// kernel reading the wrong block's activation scale moved SmolLM2's logits by 34 at the median step and kept no
+/// top-1. One activation on the edge of an 8-bit step can move one step's logits alone, hence the looser bound on
+/// the single largest; and one flip at a near-tie costs the rest of a prompt's greedy tokens, hence the looser
+/// bound on those.
 #[test]
 fn int8_activations_depart_little_from_the_reference() {
     for (file, golden) in [(SMOLLM, "smollm2-135m-instruct-q4_1.json"), (GEMMA, "gemma-3-270m-q4_k_m.json")] {

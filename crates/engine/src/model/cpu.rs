@@ -44,10 +44,9 @@ use crate::quant::{self, QuantMatrix, RowForm, BATCH_INVARIANT_ROWS};
 pub struct LoadOptions {
     /// Cap on the context (tokens in the KV cache); `None` keeps the model's own.
     pub max_context: Option<usize>,
-    /// Decode with the activations rounded to 8 bits and integer products, as llama.cpp does: faster, not exact
-    /// (docs/benchmarks.md measures the departure). One sequence's steps: `quant::int8`; batched steps:
-    /// `quant::int8_rows`, each sequence still with the same numbers in any batch. Prompts keep the exact products.
-    /// Off by default.
+    /// Round the activations to 8 bits and multiply in integers, as llama.cpp does: faster, not exact
+    /// (docs/benchmarks.md measures the departure). One sequence's decoding steps: `quant::int8`; prompts and
+    /// batched steps: `quant::int8_rows`, each sequence still with the same numbers in any batch. Off by default.
     pub int8_activations: bool,
 }
 
@@ -679,7 +678,8 @@ impl CpuModel {
         if let Some(cap) = self.config.final_softcap {
             let n = flat.len();
             let out = Tensor::from_vec(flat, n, &Device::Cpu).context("logits")?;
-            let out = (out / cap as f64).and_then(|x| x.tanh()).and_then(|x| x * cap as f64).context("final softcap")?;
+            let out =
+                (out / cap as f64).and_then(|x| x.tanh()).and_then(|x| x * cap as f64).context("final softcap")?;
             flat = out.to_dtype(DType::F32).and_then(|x| x.to_vec1::<f32>()).context("logits")?;
         }
         let vocab = self.lm_head.0.rows();
@@ -782,9 +782,10 @@ impl LanguageModel for CpuModel {
     fn forward_batch<'a>(&'a mut self, calls: &'a [BatchCall<'a>]) -> LocalBoxFuture<'a, Result<Vec<StepOutput>>> {
         // Every row gets the numbers it gets in any other batch. A decoding step of every sequence (one token each)
         // may round its activations where the model was loaded so (`int8_rows`). Prompts of at least
-        // `BATCH_INVARIANT_ROWS` tokens take the prompt form (a decoded band and gemm), which gives a row the same
-        // numbers among any rows from that many on: several times faster than the rows form for a prompt, and what
-        // `forward` computes for the same prompt alone. Other mixes take the exact rows form.
+        // `BATCH_INVARIANT_ROWS` tokens take the prompt form (a decoded band and gemm, or `int8_rows` where the
+        // model rounds), which gives a row the same numbers among any rows from that many on: several times faster
+        // than the rows form for a prompt, and what `forward` computes for the same prompt alone. Other mixes take
+        // the exact rows form.
         let row_form = if calls.iter().all(|c| c.tokens.len() == 1) {
             RowForm::IndependentSteps
         } else if calls.iter().all(|c| c.tokens.len() >= BATCH_INVARIANT_ROWS) {

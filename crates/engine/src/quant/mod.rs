@@ -85,9 +85,9 @@ impl QuantMatrix {
         Ok(Self { tensor, rows, cols, int8_activations: false, q8_terms: Arc::default() })
     }
 
-    /// Decoding products with the activations rounded to 8 bits and integer arithmetic: faster, not exact. Single
-    /// sequences' steps (`matmul` of one or two activation rows) where `int8` covers the weight type, batched steps
-    /// (`matmul_exact_rows`) where `int8_rows` does. Prompts keep the exact products.
+    /// Products with the activations rounded to 8 bits and integer arithmetic, as llama.cpp computes them: faster,
+    /// not exact. Single sequences' decoding steps (`matmul` of one or two activation rows) where `int8` covers the
+    /// weight type; prompts (`matmul` of more rows) and batched steps (`matmul_exact_rows`) where `int8_rows` does.
     pub fn with_int8_activations(mut self, on: bool) -> Self {
         self.int8_activations = on;
         self
@@ -155,7 +155,8 @@ impl QuantMatrix {
     fn fastest_form(&self, x: &[f32]) -> Form {
         let m = x.len() / self.cols.max(1);
         if m > FUSED_MAX_ROWS {
-            Form::Band
+            // Prompts: in 8-bit integers where asked (as llama.cpp computes them), else a decoded band and gemm.
+            self.rows_form_if(Form::Band)
         } else if self.int8_activations && int8::supports(self.dtype()) {
             Form::Int8
         } else {
@@ -165,9 +166,14 @@ impl QuantMatrix {
 
     /// `matmul_exact_rows`' form.
     fn rows_form(&self) -> Form {
+        self.rows_form_if(Form::Rows)
+    }
+
+    /// `Form::Int8Rows` where this matrix rounds its activations and `int8_rows` covers its type, else `exact`.
+    fn rows_form_if(&self, exact: Form) -> Form {
         match self.int8_activations && int8_rows::layout(self.dtype()).is_some() {
             true => Form::Int8Rows,
-            false => Form::Rows,
+            false => exact,
         }
     }
 
