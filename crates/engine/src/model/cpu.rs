@@ -386,7 +386,7 @@ impl CpuModel {
         let (n, _) = q.dims2().context("attention input")?;
         let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
         if n == 1 {
-            // A decoding row among prompts: the numbers it gets when the batch is all decoding steps.
+            // A decoding row among prompts: the same attention arithmetic as in `attention_steps`.
             let l = &self.layers[layer];
             let as_vec = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).context("attention input");
             let norms = match (&l.q_norm, &l.k_norm) {

@@ -3,8 +3,8 @@
 //! AVX-512 VNNI (`int8_vnni`, detected at run time) one instruction sums four byte products into each of sixteen
 //! lanes, one lane per activation row: four times the multiply-adds of an f32 instruction. A batched step at batch
 //! 16, like a prompt, is bound by multiply-adds, not by reading the weights, so this is where 8-bit activations
-//! pay; the exact batched product (`Form::Rows`) runs near the f32 peak of the machine and cannot reach five
-//! times a single sequence's decoding (docs/benchmarks.md).
+//! pay; the exact batched product (`Form::Rows`) is bound by f32 multiply-adds, and five times a single
+//! sequence's decoding would take nearly all of the machine's f32 peak (docs/benchmarks.md).
 //!
 //! A weight value is `scale * (byte - bias) + offset` per block of `len` values (`Layout`), and an activation
 //! `dx * q` with q an 8-bit integer per block of 32 (`int8::quantize`, as single-sequence decoding rounds them).

@@ -2,7 +2,7 @@
 //! dotted with the activations in f32, so the result is that of the float32 reference up to the
 //! order of summation. candle's own `QMatMul` first rounds the activations to 8 bits, which moves Gemma's logits by
 //! up to a quarter and flips greedy tokens; this is the engine's CPU product and the reference the GPU kernels
-//! must match. The one departure is opt-in: `int8`, decoding with the activations rounded to 8 bits.
+//! must match. The one departure is opt-in: `int8` and `int8_rows`, with the activations rounded to 8 bits.
 
 use std::cell::RefCell;
 use std::sync::{Arc, OnceLock};
@@ -39,7 +39,7 @@ pub struct QuantMatrix {
     cols: usize,
     /// Whether decoding products round the activations to 8 bits (`int8`, opt-in, not exact).
     int8_activations: bool,
-    /// For a Q8_0 matrix whose batched steps round: its blocks' terms, made at the first such step
+    /// For a Q8_0 matrix multiplied in `Form::Int8Rows`: its blocks' terms, made at the first such product
     /// (`int8_rows::Q8Terms`). Shared by clones.
     q8_terms: Arc<OnceLock<int8_rows::Q8Terms>>,
 }
@@ -49,7 +49,8 @@ pub struct QuantMatrix {
 pub enum RowForm {
     /// In the fastest form for their number (`matmul`): a row's numbers may depend on the rows beside it.
     Fastest,
-    /// Each row exactly as it would be alone (`Form::Rows`): a batch's prompts.
+    /// Each row exactly as it would be alone (`Form::Rows`): a batch with prompts shorter than
+    /// `BATCH_INVARIANT_ROWS`, or prompts and decoding steps together.
     Independent,
     /// Each row as it would be alone, one decoding step of its sequence (`matmul_exact_rows`): with the
     /// activations rounded to 8 bits where the matrix was told to round them.
@@ -223,9 +224,11 @@ impl QuantMatrix {
             Form::Int8Rows => {
                 let len = int8_rows::layout(dtype).expect("the form of the types `int8_rows` covers").len;
                 let lanes = if len == 16 { &prepared.lanes16 } else { &prepared.lanes32 };
-                let nb = k / 32;
-                let blocks = out.first * nb..(out.first + count) * nb;
-                let q8 = self.q8_terms.get().map(|t| (&t.scale[blocks.clone()], &t.minus_128_sum[blocks]));
+                // Q8_0's terms (set for Q8_0 matrices only), for this band's blocks of 32.
+                let q8 = self.q8_terms.get().map(|t| {
+                    let blocks = out.first * k / 32..(out.first + count) * k / 32;
+                    (&t.scale[blocks.clone()], &t.minus_128_sum[blocks])
+                });
                 int8_rows::band(dtype, rows, k, lanes, q8, |i, r, values| out.write(i, r, values));
             }
             Form::Band => {
