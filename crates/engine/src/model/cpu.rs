@@ -351,11 +351,7 @@ impl CpuModel {
         let (c, l) = (&self.config, &self.layers[layer]);
         let [q, k, v] = Linear::values_each([&l.wq, &l.wk, &l.wv], a, row_form)?;
         let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
-        let as_vec = |t: &Tensor| t.to_vec1::<f32>().context("q and k norms");
-        let qk_norms = match (&l.q_norm, &l.k_norm) {
-            (Some(qn), Some(kn)) => Some((as_vec(qn)?, as_vec(kn)?)),
-            _ => None,
-        };
+        let qk_norms = self.qk_norm_values(layer)?;
         let mut sequences = std::mem::take(&mut self.sequences);
         let mut by_index: Vec<Option<&mut Sequence>> = sequences.iter_mut().map(Some).collect();
         let tasks: Vec<&mut Sequence> = calls
@@ -387,12 +383,8 @@ impl CpuModel {
         let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
         if n == 1 {
             // A decoding row among prompts: the same attention arithmetic as in `attention_steps`.
-            let l = &self.layers[layer];
             let as_vec = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).context("attention input");
-            let norms = match (&l.q_norm, &l.k_norm) {
-                (Some(qn), Some(kn)) => Some((as_vec(qn)?, as_vec(kn)?)),
-                _ => None,
-            };
+            let norms = self.qk_norm_values(layer)?;
             let norms = norms.as_ref().map(|(qn, kn)| (&qn[..], &kn[..]));
             let mut out = vec![0f32; nh * hd];
             self.attend_one(layer, as_vec(&q)?, as_vec(&k)?, as_vec(&v)?, norms, sequence, &mut out)?;
@@ -450,6 +442,17 @@ impl CpuModel {
             .and_then(|o| o.contiguous())
             .and_then(|o| o.reshape((n, nh * hd)))
             .context("merge heads")
+    }
+
+    /// Gemma 3's query and key norm weights at `layer` as values, the form `attend_one` takes; `None` for models
+    /// without them. Copied once per layer and step, not per sequence.
+    fn qk_norm_values(&self, layer: usize) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
+        let l = &self.layers[layer];
+        let as_vec = |t: &Tensor| t.to_vec1::<f32>().context("q and k norms");
+        Ok(match (&l.q_norm, &l.k_norm) {
+            (Some(qn), Some(kn)) => Some((as_vec(qn)?, as_vec(kn)?)),
+            _ => None,
+        })
     }
 
     /// `attend` for one new row (a decoding step) in plain loops over the cache's storage: the tensor path's

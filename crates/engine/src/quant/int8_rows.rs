@@ -29,7 +29,7 @@ use super::int8::Q8Row;
 pub const LANES: usize = 16;
 
 /// Weight rows the kernel multiplies at a time (their sums stay in registers).
-const ROWS: usize = 4;
+pub const ROWS: usize = 4;
 
 /// How a weight type's values are written as unsigned bytes: `scale * (byte - bias) + offset`, per block of `len`.
 #[derive(Clone, Copy, Debug, PartialEq)]

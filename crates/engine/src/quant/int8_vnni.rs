@@ -7,7 +7,7 @@
 
 use std::arch::x86_64::*;
 
-use super::int8_rows::{Lanes, Layout, Unpacked, LANES};
+use super::int8_rows::{Lanes, Layout, Unpacked, LANES, ROWS};
 
 /// Whether this CPU runs the kernel.
 pub fn available() -> bool {
@@ -30,9 +30,9 @@ pub fn rows(w: &Unpacked, first: usize, x: &Lanes, layout: Layout, out: &mut [[f
     // SAFETY: the CPU has AVX-512 F and VNNI (checked above); the reads stay inside the sizes asserted above.
     unsafe {
         match (layout.len, out.len()) {
-            (32, 4) => block::<8, 4>(w, first, x, layout, out),
+            (32, ROWS) => block::<8, ROWS>(w, first, x, layout, out),
             (32, n) => (0..n).for_each(|r| block::<8, 1>(w, first + r, x, layout, &mut out[r..r + 1])),
-            (16, 4) => block::<4, 4>(w, first, x, layout, out),
+            (16, ROWS) => block::<4, ROWS>(w, first, x, layout, out),
             (16, n) => (0..n).for_each(|r| block::<4, 1>(w, first + r, x, layout, &mut out[r..r + 1])),
             _ => unreachable!("blocks of 16 or 32 values"),
         }
@@ -99,7 +99,7 @@ pub fn q8_0_rows(blocks: &[u8], scale: &[f32], minus_128_sum: &[i32], x: &Lanes,
     // SAFETY: the CPU has AVX-512 F and VNNI, and the reads stay inside the sizes asserted above.
     unsafe {
         match out.len() {
-            4 => q8_0_block::<4>(blocks, scale, minus_128_sum, nb, x, out),
+            ROWS => q8_0_block::<ROWS>(blocks, scale, minus_128_sum, nb, x, out),
             n => (0..n).for_each(|r| {
                 let (b, t) = (r * nb * 34..(r + 1) * nb * 34, r * nb..(r + 1) * nb);
                 q8_0_block::<1>(&blocks[b], &scale[t.clone()], &minus_128_sum[t], nb, x, &mut out[r..r + 1])

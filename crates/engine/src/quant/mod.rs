@@ -257,13 +257,22 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
     // What the bands share, made once: the activation rows rounded to 8 bits, transposed for gemm, or their
     // block sums.
     let uses = |wanted: fn(&Form) -> bool| jobs.iter().any(|(_, form)| wanted(form));
+    let rounded: Vec<int8::Q8Row> = match uses(|form| matches!(form, Form::Int8 | Form::Int8Rows)) {
+        true => x.chunks_exact(k).map(int8::quantize).collect(),
+        false => Vec::new(),
+    };
+    // The rounded rows in lanes, for the block lengths the `Int8Rows` jobs' types use.
+    let lanes_of = |len| match jobs
+        .iter()
+        .any(|(q, form)| matches!(form, Form::Int8Rows) && int8_rows::layout(q.dtype()).is_some_and(|l| l.len == len))
+    {
+        true => int8_rows::lanes(&rounded, len),
+        false => Vec::new(),
+    };
     let prepared = Prepared {
-        rounded: match uses(|form| matches!(form, Form::Int8 | Form::Int8Rows)) {
-            true => x.chunks_exact(k).map(int8::quantize).collect(),
-            false => Vec::new(),
-        },
-        lanes16: Vec::new(),
-        lanes32: Vec::new(),
+        lanes16: lanes_of(16),
+        lanes32: lanes_of(32),
+        rounded,
         transposed: match uses(|form| matches!(form, Form::Band)) {
             true => transpose(x, m, k),
             false => Vec::new(),
@@ -273,17 +282,6 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
             false => Vec::new(),
         },
     };
-    let lanes_of = |len| {
-        let wanted = jobs.iter().any(|(q, form)| {
-            matches!(form, Form::Int8Rows) && int8_rows::layout(q.dtype()).is_some_and(|l| l.len == len)
-        });
-        if wanted {
-            int8_rows::lanes(&prepared.rounded, len)
-        } else {
-            Vec::new()
-        }
-    };
-    let prepared = Prepared { lanes16: lanes_of(16), lanes32: lanes_of(32), ..prepared };
     for ((q, form), raw) in jobs.iter().zip(&raws) {
         if matches!(form, Form::Int8Rows) && q.dtype() == GgmlDType::Q8_0 && int8_rows::reads_q8_0_in_place() {
             q.q8_terms.get_or_init(|| int8_rows::Q8Terms::new(raw));
