@@ -267,7 +267,7 @@ fn prefetch(bytes: Option<&[u8]>) {
     #[cfg(target_arch = "x86_64")]
     for line in bytes.unwrap_or_default().chunks(64) {
         // SAFETY: a prefetch reads nothing the program sees and cannot fault; the address is inside `bytes`.
-        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr().cast()) };
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(line.as_ptr().cast()) };
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = bytes;
@@ -366,9 +366,19 @@ fn gather(
             let mut first_lane = 0;
             for x in chunks {
                 product(r0, x, &mut out[..n]);
-                for (r, values) in out[..n].iter().enumerate() {
-                    for (i, &v) in values[..x.rows].iter().enumerate() {
-                        gathered[(first_lane + i) * stride + r0 - run + r] = v;
+                // Lane i's values of the `n` weight rows are contiguous in `gathered`: one slice per lane, and
+                // for a whole group of rows a fixed-size copy the compiler writes without a check per value.
+                let at = |i: usize| (first_lane + i) * stride + r0 - run;
+                if n == ROWS {
+                    for i in 0..x.rows {
+                        let lane: &mut [f32; ROWS] = (&mut gathered[at(i)..at(i) + ROWS]).try_into().expect("ROWS");
+                        *lane = std::array::from_fn(|r| out[r][i]);
+                    }
+                } else {
+                    for i in 0..x.rows {
+                        for (r, v) in gathered[at(i)..at(i) + n].iter_mut().enumerate() {
+                            *v = out[r][i];
+                        }
                     }
                 }
                 first_lane += x.rows;
