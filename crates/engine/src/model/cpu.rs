@@ -505,11 +505,7 @@ impl CpuModel {
                         };
                     }
                     softmax_in_place(&mut weights);
-                    for (&w, j) in weights.iter().zip(first..len) {
-                        for (o, &x) in oh.iter_mut().zip(values.row(h / group, j)) {
-                            *o += w * x;
-                        }
-                    }
+                    weighted_sum(oh, &weights, |j| values.row(h / group, first + j));
                 }
             })
         })??;
@@ -927,6 +923,29 @@ fn cache_rows<R>(cache: &Tensor, f: impl FnOnce(CacheRows) -> R) -> Result<R> {
     Ok(f(CacheRows { data, offset: layout.start_offset(), head_stride: stride[1], row_stride: stride[2], head_dim }))
 }
 
+/// `out[d] += weights[j] * value(j)[d]` for every j in order, value by value as the plain loop adds them, with
+/// `out` held in registers 64 values at a time across all the rows, where the plain loop loaded and stored `out`
+/// once per row (a batched SmolLM2 step's attention, apart from its products: 3.80-3.83 ms before, 3.55-3.70 after).
+fn weighted_sum<'a>(out: &mut [f32], weights: &[f32], value: impl Fn(usize) -> &'a [f32]) {
+    const CHUNK: usize = 64;
+    let whole = out.len() / CHUNK * CHUNK;
+    for (c, chunk) in out[..whole].chunks_exact_mut(CHUNK).enumerate() {
+        let mut acc: [f32; CHUNK] = chunk.try_into().expect("a chunk of CHUNK values");
+        for (j, &w) in weights.iter().enumerate() {
+            let v: &[f32; CHUNK] = value(j)[c * CHUNK..(c + 1) * CHUNK].try_into().expect("CHUNK values");
+            for d in 0..CHUNK {
+                acc[d] += w * v[d];
+            }
+        }
+        chunk.copy_from_slice(&acc);
+    }
+    for (j, &w) in weights.iter().enumerate() {
+        for (o, &x) in out[whole..].iter_mut().zip(&value(j)[whole..]) {
+            *o += w * x;
+        }
+    }
+}
+
 /// candle's `rms_norm` of one row: `x / sqrt(mean(x^2) + eps) * weights`.
 fn rms_norm_in_place(x: &mut [f32], weights: &[f32], eps: f32) {
     let sum2: f32 = x.iter().map(|v| v * v).sum();
@@ -961,5 +980,33 @@ fn softmax_in_place(x: &mut [f32]) {
     }
     for v in x.iter_mut() {
         *v /= sum;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::weighted_sum;
+
+    /// `weighted_sum` adds as the plain loop does, bit for bit: rows of 64 and 256 values (whole chunks) and of 80
+    /// (a chunk and a tail), onto an output that does not start at zero.
+    #[test]
+    fn weighted_sum_is_the_plain_loop_bit_for_bit() {
+        for width in [64, 80, 256] {
+            let rows: Vec<Vec<f32>> = (0..37)
+                .map(|j| (0..width).map(|d| ((j * 7919 + d * 104729) % 1999) as f32 / 999.5 - 1.0).collect())
+                .collect();
+            let weights: Vec<f32> = (0..rows.len()).map(|j| ((j * 31 % 17) as f32 + 0.1) / 9.3).collect();
+            let start: Vec<f32> = (0..width).map(|d| d as f32 * 0.37 - 3.0).collect();
+            let mut want = start.clone();
+            for (&w, row) in weights.iter().zip(&rows) {
+                for (o, &x) in want.iter_mut().zip(row) {
+                    *o += w * x;
+                }
+            }
+            let mut got = start.clone();
+            weighted_sum(&mut got, &weights, |j| &rows[j]);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "width {width}");
+        }
     }
 }
