@@ -4,7 +4,7 @@
 //! logits move too; docs/benchmarks.md states by how much against the golden references. The exact products
 //! (`QuantMatrix::matmul`) stay the default.
 //!
-//! Written for the weight types of the offline models' layers: Q4_1 (SmolLM2), Q4_K and Q6_K (Gemma), each in
+//! Written for the weight types of the offline models' layers: Q4_1 (SmolLM2), Q5_0, Q4_K and Q6_K (Gemma), each in
 //! portable Rust (the twin) and, where the target has it, AVX2 (`int8_avx2`). Q8_0 (both models' embedding, which
 //! is also their output matrix) is left exact in a single sequence's steps: its f32 kernel already reads as fast as
 //! memory allows (16 GB/s against 15 in integers, `examples/dot_speed.rs`), and the rounding would gain nothing
@@ -29,7 +29,7 @@ pub struct Q8Row {
 
 /// Whether the fast products cover `dtype` (the others keep the exact products).
 pub fn supports(dtype: GgmlDType) -> bool {
-    matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q4K | GgmlDType::Q6K)
+    matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q4K | GgmlDType::Q6K)
 }
 
 /// Rounds `x` (a multiple of 32 values) block by block: scale = largest magnitude / 127, values rounded to the
@@ -86,6 +86,20 @@ pub fn portable_dot_row(dtype: GgmlDType, bytes: &[u8], x: &Q8Row) -> f32 {
                     s += (w[4 + j] & 0x0f) as i32 * qx[j] as i32 + (w[4 + j] >> 4) as i32 * qx[j + 16] as i32;
                 }
                 acc += half(w, 0) * x.scale[b] * s as f32 + half(w, 2) * x.scaled_sum[b];
+            }
+        }
+        GgmlDType::Q5_0 => {
+            // value = d * (q - 16), q's four low bits from the nibbles, its fifth from bit j of qh.
+            for (b, w) in bytes.chunks_exact(22).enumerate() {
+                let qx = &q[b * 32..b * 32 + 32];
+                let qh = u32::from_le_bytes([w[2], w[3], w[4], w[5]]);
+                let mut s = 0i32;
+                for j in 0..16 {
+                    let low = ((w[6 + j] & 0x0f) as u32 | ((qh >> j) << 4) & 0x10) as i32 - 16;
+                    let high = ((w[6 + j] >> 4) as u32 | (qh >> (j + 12)) & 0x10) as i32 - 16;
+                    s += low * qx[j] as i32 + high * qx[j + 16] as i32;
+                }
+                acc += half(w, 0) * x.scale[b] * s as f32;
             }
         }
         GgmlDType::Q4K => {
@@ -177,7 +191,8 @@ mod tests {
     #[test]
     fn integer_products_equal_the_decoded_products_of_the_rounded_activations() {
         let n = 9;
-        for (dtype, k) in [(GgmlDType::Q4_1, 544), (GgmlDType::Q4K, 512), (GgmlDType::Q6K, 512)] {
+        for (dtype, k) in [(GgmlDType::Q4_1, 544), (GgmlDType::Q5_0, 544), (GgmlDType::Q4K, 512), (GgmlDType::Q6K, 512)]
+        {
             assert!(supports(dtype));
             let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1).collect();
             let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
@@ -204,6 +219,6 @@ mod tests {
                 }
             }
         }
-        assert!(!supports(GgmlDType::Q5_0) && !supports(GgmlDType::Q8_0));
+        assert!(!supports(GgmlDType::Q8_0));
     }
 }

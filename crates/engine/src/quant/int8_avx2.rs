@@ -1,4 +1,4 @@
-//! `int8::dot_row` in AVX2 for Q4_1, Q4_K and Q6_K: 32 products of 8-bit integers per instruction pair
+//! `int8::dot_row` in AVX2 for Q4_1, Q5_0, Q4_K and Q6_K: 32 products of 8-bit integers per instruction pair
 //! (`maddubs`, then `madd` into eight i32 sums), scaled per block into eight f32 lanes. The same integers as the
 //! portable twin, summed in another order, so the two agree up to f32 rounding (`int8`'s tests).
 //!
@@ -22,6 +22,7 @@ pub fn dot_row(dtype: GgmlDType, bytes: &[u8], x: &Q8Row) -> Option<f32> {
     unsafe {
         match dtype {
             GgmlDType::Q4_1 if bytes.len() / 20 * 32 <= x.values.len() => Some(q4_1(bytes, x)),
+            GgmlDType::Q5_0 if bytes.len() / 22 * 32 <= x.values.len() => Some(q5_0(bytes, x)),
             GgmlDType::Q4K if bytes.len() / 144 * 256 <= x.values.len() => Some(q4k(bytes, x)),
             GgmlDType::Q6K if bytes.len() / 210 * 256 <= x.values.len() => Some(q6k(bytes, x)),
             _ => None,
@@ -81,6 +82,35 @@ unsafe fn q4_1_block(w: &[u8], x: &Q8Row, b: usize, acc: &mut __m256, offsets: &
     let scale = _mm_mul_ss(dm, _mm_set_ss(x.scale[b]));
     *acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(scale), p, *acc);
     *offsets = _mm_fmadd_ss(_mm_movehdup_ps(dm), _mm_set_ss(x.scaled_sum[b]), *offsets);
+}
+
+/// Q5_0: 5-bit values minus 16 as signed bytes (`avx2::q5_0_values`), multiplied as `maddubs` needs: their
+/// magnitudes, with their signs moved onto the activations (as Q6_K's). Blocks in pairs, as Q4_1's.
+unsafe fn q5_0(bytes: &[u8], x: &Q8Row) -> f32 {
+    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut pairs = bytes.chunks_exact(44);
+    let mut b = 0;
+    for w in &mut pairs {
+        q5_0_block(&w[..22], x, b, &mut acc0);
+        q5_0_block(&w[22..], x, b + 1, &mut acc1);
+        b += 2;
+    }
+    if !pairs.remainder().is_empty() {
+        q5_0_block(pairs.remainder(), x, b, &mut acc0);
+    }
+    lanes_sum(_mm256_add_ps(acc0, acc1))
+}
+
+/// One Q5_0 block `b` (its 22 bytes `w`): its scaled products into `acc`.
+#[inline(always)]
+unsafe fn q5_0_block(w: &[u8], x: &Q8Row, b: usize, acc: &mut __m256) {
+    let v = q5_0_values(w);
+    let qx = load32(&x.values, b * 32);
+    let p = products_u8_i8(_mm256_sign_epi8(v, v), _mm256_sign_epi8(qx, v));
+    // The scale from a 32-bit load that zeroes the register (lane 0; lane 1 holds qh's first bits, unused).
+    let d = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([w[0], w[1], w[2], w[3]])));
+    let scale = _mm_mul_ss(d, _mm_set_ss(x.scale[b]));
+    *acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(scale), p, *acc);
 }
 
 /// Q4_K: eight sub-blocks of 32 per 256 values, each with a 6-bit scale and minimum; sub-blocks 2j and 2j + 1 are
