@@ -4,8 +4,8 @@
 //! logits move too; docs/benchmarks.md states by how much against the golden references. The exact products
 //! (`QuantMatrix::matmul`) stay the default.
 //!
-//! Written for the weight types of the offline models' layers: Q4_1 (SmolLM2), Q5_0, Q4_K and Q6_K (Gemma), each in
-//! portable Rust (the twin) and, where the target has it, AVX2 (`int8_avx2`). Q8_0 (both models' embedding, which
+//! Written for the weight types of the offline models' layers: Q4_1 (SmolLM2), Q5_0, Q4_K and Q6_K (Gemma), each
+//! in portable Rust (the twin) and, where the target has it, AVX2 (`int8_avx2`). Q8_0 (both models' embedding, which
 //! is also their output matrix) is left exact in a single sequence's steps: its f32 kernel already reads as fast as
 //! memory allows (16 GB/s against 15 in integers, `examples/dot_speed.rs`), and the rounding would gain nothing
 //! there. Batched steps, which are bound by multiply-adds rather than by memory, round for every type of the
@@ -186,8 +186,8 @@ mod tests {
 
     /// Each type's integer product equals, up to f32 rounding, the f64 product of the decoded weights with the
     /// rounded activations (`scale * value`): the same numbers, so only the order of the sums differs. And the
-    /// AVX2 kernels, where compiled, agree with the portable twin. Q4_1's rows have an odd number of blocks, which
-    /// its kernel takes in pairs and then one.
+    /// AVX2 kernels, where compiled, agree with the portable twin. Q4_1's and Q5_0's rows have an odd number of
+    /// blocks, which their kernels take in pairs and then one.
     #[test]
     fn integer_products_equal_the_decoded_products_of_the_rounded_activations() {
         let n = 9;

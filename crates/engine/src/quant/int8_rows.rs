@@ -262,7 +262,8 @@ fn rows_product(w: &Unpacked, first: usize, x: &Lanes, layout: Layout, out: &mut
 /// How many weight rows ahead of the ones being multiplied `band` asks the CPU to fetch from memory.
 const AHEAD: usize = 4 * ROWS;
 
-/// Asks the CPU to bring `bytes` into its caches, where it can be asked (x86-64); nothing elsewhere.
+/// Asks the CPU to bring `bytes` into its L2 cache, where it can be asked (x86-64); nothing elsewhere. Asked into L1,
+/// four weight rows' lines at once stalled the core: Gemma's 16-row output product took 21 ms against 15.
 fn prefetch(bytes: Option<&[u8]>) {
     #[cfg(target_arch = "x86_64")]
     for line in bytes.unwrap_or_default().chunks(64) {
