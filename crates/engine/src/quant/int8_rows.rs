@@ -77,8 +77,18 @@ impl Unpacked {
     }
 }
 
-/// Each block's scale and offset (`Layout`) of a weight row.
+/// Each block's scale and offset (`Layout`) of a weight row, in AVX2 where compiled for the types with a scale in
+/// every 32-value block (`int8_avx2::unpack_scales`, equal to the portable twin).
 fn unpack_scales(dtype: GgmlDType, row: &[u8], scale: &mut [f32], offset: &mut [f32]) {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    if super::int8_avx2::unpack_scales(dtype, row, scale, offset) {
+        return;
+    }
+    portable_unpack_scales(dtype, row, scale, offset)
+}
+
+/// `unpack_scales` in portable Rust.
+pub fn portable_unpack_scales(dtype: GgmlDType, row: &[u8], scale: &mut [f32], offset: &mut [f32]) {
     match dtype {
         GgmlDType::Q4_1 => {
             for (b, w) in row.chunks_exact(20).enumerate() {
@@ -409,10 +419,17 @@ mod tests {
     /// rounding; and the bytes this CPU unpacks are the portable twin's.
     #[test]
     fn unpacked_rows_are_the_decoded_weights() {
-        let (n, k) = (3, 512);
+        // 512 values a row: 16 blocks of 32 for the vectorized scales' groups of four; 544 (17, one left over)
+        // where the type allows it.
+        for (n, k) in [(3, 512), (3, 544)] {
+            unpacked_rows_of_width(n, k);
+        }
+    }
+
+    fn unpacked_rows_of_width(n: usize, k: usize) {
         let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1).collect();
         let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
-        for dtype in TYPES {
+        for dtype in TYPES.into_iter().filter(|t| k % t.block_size() == 0) {
             let l = layout(dtype).unwrap();
             let raw = QTensor::quantize(&wt, dtype).unwrap().data().unwrap().to_vec();
             let row_bytes = raw.len() / n;
@@ -423,6 +440,12 @@ mod tests {
                 let mut portable = vec![0u8; k];
                 portable_unpack_bytes(dtype, &raw[r * row_bytes..(r + 1) * row_bytes], &mut portable);
                 assert_eq!(un.bytes[r * k..(r + 1) * k], portable, "{dtype:?} row {r}: the bytes and the twin's");
+                let (mut scale, mut offset) = (vec![0f32; un.blocks], vec![0f32; un.blocks]);
+                portable_unpack_scales(dtype, &raw[r * row_bytes..(r + 1) * row_bytes], &mut scale, &mut offset);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                let at = r * un.blocks..(r + 1) * un.blocks;
+                assert_eq!(bits(&un.scale[at.clone()]), bits(&scale), "{dtype:?} row {r}: the scales and the twin's");
+                assert_eq!(bits(&un.offset[at]), bits(&offset), "{dtype:?} row {r}: the offsets and the twin's");
                 dequantize(dtype, &raw[r * row_bytes..(r + 1) * row_bytes], &mut deq);
                 for c in 0..k {
                     let b = r * un.blocks + c / l.len;
