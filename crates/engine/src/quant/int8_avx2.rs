@@ -177,7 +177,7 @@ pub fn unpack_scales(dtype: GgmlDType, row: &[u8], scale: &mut [f32], offset: &m
         _ => return false,
     };
     let blocks = row.len() / size;
-    assert!(row.len() % size == 0 && scale.len() >= blocks && (!with_offset || offset.len() >= blocks));
+    assert!(row.len().is_multiple_of(size) && scale.len() >= blocks && (!with_offset || offset.len() >= blocks));
     // One 32-bit load per block (element by element, with a check each, the compiler assembled it byte by byte).
     let word = |b: usize| i32::from_le_bytes(row[b * size..b * size + 4].try_into().expect("four bytes"));
     let whole = blocks / 4 * 4;
