@@ -971,8 +971,8 @@ fn rotate(head: &mut [f32], cos: &[f32], sin: &[f32], layout: RopeLayout) {
 }
 
 /// candle's `softmax_last_dim` of one row, with `activations::exp` (within a few ulp of the C library's `expf`, which
-/// was a call per score; vectorized here, the sum then taken in order). Below e^-87.3 the weights stay at about
-/// 1e-38 instead of reaching 0, which no output can show next to the largest weight's 1.
+/// was a call per score; vectorized here, the sum then taken in order). Scores more than 87.3 below the largest get
+/// e^-87.3 (about 1e-38) instead of less, which the sum, at least 1, cannot show.
 fn softmax_in_place(x: &mut [f32]) {
     let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     for v in x.iter_mut() {

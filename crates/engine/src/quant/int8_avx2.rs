@@ -3,7 +3,7 @@
 //! portable twin, summed in another order, so the two agree up to f32 rounding (`int8`'s tests).
 //!
 //! Also `int8_rows`' unpacking of weight rows to bytes (`unpack_bytes`) and scales (`unpack_scales`), which a
-//! batched step does once per weight row: byte by byte, it took three times as long as the integer products themselves.
+//! batched step does once per weight row: byte by byte, it took three times as long as the integer products.
 //!
 //! Compiled where the target has AVX2 and FMA (natively the project builds for x86-64-v3).
 
@@ -181,7 +181,8 @@ pub fn unpack_scales(dtype: GgmlDType, row: &[u8], scale: &mut [f32], offset: &m
     // One 32-bit load per block (element by element, with a check each, the compiler assembled it byte by byte).
     let word = |b: usize| i32::from_le_bytes(row[b * size..b * size + 4].try_into().expect("four bytes"));
     let whole = blocks / 4 * 4;
-    // SAFETY: compiled only where the target enables AVX2 and F16C; each store writes four values at `b..b + 4`,
+    // SAFETY: compiled only where the target enables AVX2 (and F16C, as x86-64-v3 does); each store writes four
+    // values at `b..b + 4`,
     // inside `scale` and `offset` (`b + 4 <= whole <= blocks`, asserted above).
     unsafe {
         let split = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
