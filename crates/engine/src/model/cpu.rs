@@ -445,7 +445,7 @@ impl CpuModel {
     }
 
     /// Gemma 3's query and key norm weights at `layer` as values, the form `attend_one` takes; `None` for models
-    /// without them. Copied once per layer and step, not per sequence.
+    /// without them. `attention_steps` copies them once per layer and step, not per sequence.
     fn qk_norm_values(&self, layer: usize) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
         let l = &self.layers[layer];
         let as_vec = |t: &Tensor| t.to_vec1::<f32>().context("q and k norms");

@@ -51,6 +51,13 @@ pub(super) unsafe fn f16_lane0(b: &[u8], at: usize) -> __m128 {
     _mm_cvtph_ps(_mm_cvtsi32_si128(bits))
 }
 
+/// The two f16s at `b[at..at + 4]` (a block's scale and its minimum, or its scale and what follows) converted by F16C
+/// into lanes 0 and 1 from one 32-bit load: one conversion for both, and a load that zeroes the register.
+#[inline(always)]
+pub(super) unsafe fn f16_pair(b: &[u8], at: usize) -> __m128 {
+    _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes(b[at..at + 4].try_into().expect("four bytes"))))
+}
+
 /// Eight activations from `x[at..at + 8]`.
 #[inline(always)]
 unsafe fn load8(x: &[f32], at: usize) -> __m256 {
@@ -121,7 +128,7 @@ unsafe fn q4_1_with(bytes: &[u8], x: &[f32], sums: impl Fn(usize, &[f32], usize)
         let hi = _mm_and_si128(_mm_srli_epi16::<4>(qs), mask);
         let v = [low8_u8(lo), high8_u8(lo), low8_u8(hi), high8_u8(hi)];
         // The scale and the offset converted together: lanes 0 and 1 (each as `scale` converts it).
-        let pair = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+        let pair = f16_pair(b, 0);
         acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(pair), dot32(v, x, 0), acc);
         offsets = _mm256_fmadd_ps(_mm256_broadcastss_ps(_mm_movehdup_ps(pair)), sums(i, x, 0), offsets);
     }

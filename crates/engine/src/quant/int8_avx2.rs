@@ -11,7 +11,7 @@ use std::arch::x86_64::*;
 
 use candle_core::quantized::GgmlDType;
 
-use super::avx2::{f16_lane0, lanes_sum, q5_0_values, q6k_runs};
+use super::avx2::{f16_lane0, f16_pair, lanes_sum, q5_0_values, q6k_runs};
 use super::blocks::scale_min_k4;
 use super::int8::{Q8Row, BLOCK};
 
@@ -76,9 +76,9 @@ unsafe fn q4_1_block(w: &[u8], x: &Q8Row, b: usize, acc: &mut __m256, offsets: &
     let high = _mm_and_si128(_mm_srli_epi16::<4>(qs), nibble);
     // Values 0..16 are the low nibbles, 16..32 the high ones.
     let p = products_u8_i8(_mm256_set_m128i(high, low), load32(&x.values, b * 32));
-    // The scale and the offset converted together from one 32-bit load (lanes 0 and 1): a load that zeroes the
-    // register, where a 16-bit one became a `vpinsrw` merging into whatever register the compiler chose.
-    let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([w[0], w[1], w[2], w[3]])));
+    // The scale and the offset converted together (lanes 0 and 1), where a 16-bit load each became a `vpinsrw`
+    // merging into whatever register the compiler chose.
+    let dm = f16_pair(w, 0);
     let scale = _mm_mul_ss(dm, _mm_set_ss(x.scale[b]));
     *acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(scale), p, *acc);
     *offsets = _mm_fmadd_ss(_mm_movehdup_ps(dm), _mm_set_ss(x.scaled_sum[b]), *offsets);
@@ -107,8 +107,8 @@ unsafe fn q5_0_block(w: &[u8], x: &Q8Row, b: usize, acc: &mut __m256) {
     let v = q5_0_values(w);
     let qx = load32(&x.values, b * 32);
     let p = products_u8_i8(_mm256_sign_epi8(v, v), _mm256_sign_epi8(qx, v));
-    // The scale from a 32-bit load that zeroes the register (lane 0; lane 1 holds qh's first bits, unused).
-    let d = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from_le_bytes([w[0], w[1], w[2], w[3]])));
+    // The scale in lane 0 (lane 1 holds qh's first bits, unused).
+    let d = f16_pair(w, 0);
     let scale = _mm_mul_ss(d, _mm_set_ss(x.scale[b]));
     *acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(scale), p, *acc);
 }
@@ -196,7 +196,7 @@ pub fn unpack_scales(dtype: GgmlDType, row: &[u8], scale: &mut [f32], offset: &m
             }
         }
         for b in whole..blocks {
-            let pair = _mm_cvtph_ps(_mm_cvtsi32_si128(word(b)));
+            let pair = f16_pair(row, b * size);
             scale[b] = _mm_cvtss_f32(pair);
             if with_offset {
                 offset[b] = _mm_cvtss_f32(_mm_movehdup_ps(pair));
