@@ -318,7 +318,7 @@ impl Q8Terms {
 /// The product of the weight rows `rows` (GGUF blocks of `dtype`, `k` values a row) with the activation rows of
 /// `chunks` (`LANES` at a time, in order): `put(i, r, values)` for activation row i and weight rows `r..r +
 /// values.len()`. `q8`: for Q8_0, its `Q8Terms` for these rows' blocks, so that the kernel reads the blocks where
-/// they lie (where the CPU has VNNI) instead of unpacking them.
+/// they lie (where the CPU has VNNI) instead of unpacking them. Q4_1 is read where it lies too, there.
 pub fn band(
     dtype: GgmlDType,
     rows: &[u8],
@@ -340,6 +340,13 @@ pub fn band(
         });
     }
     let _ = q8;
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    if dtype == GgmlDType::Q4_1 && super::int8_vnni::available() {
+        let nb = k / 32;
+        return gather(rows, row_bytes, chunks, put, |r0, x, out| {
+            super::int8_vnni::q4_1_rows(&rows[r0 * row_bytes..(r0 + out.len()) * row_bytes], nb, x, out)
+        });
+    }
     let mut w = Unpacked::new(ROWS, k, layout);
     let mut unpacked = usize::MAX;
     gather(rows, row_bytes, chunks, put, |r0, x, out| {
@@ -458,8 +465,8 @@ mod tests {
 
     /// The batched product of every type: each value is, up to f32 rounding, the f64 product of the decoded
     /// weights with the rounded activations; each activation row's values are the same bit for bit among 1, 3,
-    /// 16 or 19 rows (two sets of lanes); and the kernel this CPU runs equals the portable twin bit for bit, Q8_0
-    /// read from its blocks too.
+    /// 16 or 19 rows (two sets of lanes); and the kernels this CPU runs equal the portable twin bit for bit, Q4_1
+    /// and Q8_0 read from their blocks too.
     #[test]
     fn batched_integer_products_equal_the_decoded_products_in_any_batch() {
         let (n, k) = (7, 512);
@@ -503,6 +510,18 @@ mod tests {
             let mut un = Unpacked::new(n, k, l);
             for r in 0..n {
                 un.unpack(dtype, r, &raw[r * row_bytes..(r + 1) * row_bytes]);
+            }
+            // Whatever kernel `band` took (Q4_1 and Q8_0 read in place where the CPU has VNNI), the portable twin's
+            // values bit for bit, in the sets of four rows and the three left over.
+            for (set, x) in lanes(&rounded, l.len).iter().enumerate() {
+                let mut twin = vec![[0f32; LANES]; n];
+                portable_rows(&un, 0, x, l, &mut twin);
+                for (r, twin) in twin.iter().enumerate() {
+                    for i in 0..x.rows {
+                        let got = all[(LANES * set + i) * n + r];
+                        assert_eq!(got.to_bits(), twin[i].to_bits(), "{dtype:?} [{i},{r}]: band and the twin");
+                    }
+                }
             }
             for x in lanes(&rounded, l.len) {
                 for first in [0, n - ROWS] {
