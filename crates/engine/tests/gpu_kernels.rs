@@ -85,6 +85,15 @@ fn normalized_products_equal_norm_then_product() {
 }
 
 #[test]
+fn add_norm_products_equal_norm_add_then_product() {
+    use candle_core::quantized::GgmlDType;
+    use gpu_cases::{add_norm_products_equal_norm_add_then_product as check, NORMALIZED_TYPES};
+    block_on(check(&gpu().with_matmul_form(MatmulForm::PerRow), &NORMALIZED_TYPES));
+    block_on(check(&subgroup_gpu(), &[GgmlDType::Q5_0, GgmlDType::Q8_0]));
+    block_on(check(&gpu().with_matmul_form(MatmulForm::Cooperative), &[GgmlDType::Q5_0, GgmlDType::Q8_0]));
+}
+
+#[test]
 fn elementwise_steps_match_cpu() {
     block_on(gpu_cases::elementwise_steps_match_cpu(&gpu()));
 }

@@ -175,6 +175,11 @@ async fn webgpu_normalized_products_equal_norm_then_product() {
 }
 
 #[wasm_bindgen_test]
+async fn webgpu_add_norm_products_equal_norm_add_then_product() {
+    gpu_cases::add_norm_products_equal_norm_add_then_product(&gpu().await, &[GgmlDType::Q5_0]).await;
+}
+
+#[wasm_bindgen_test]
 async fn webgpu_attention_matches_cpu() {
     gpu_cases::attention_matches_cpu(&gpu().await).await;
 }

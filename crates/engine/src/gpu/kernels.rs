@@ -16,6 +16,7 @@ const QUANT: &str = include_str!("kernels/quant.wgsl");
 const MATMUL: &str = include_str!("kernels/matmul.wgsl");
 const MATMUL_INPUT: &str = include_str!("kernels/matmul_input.wgsl");
 const MATMUL_INPUT_NORM: &str = include_str!("kernels/matmul_input_norm.wgsl");
+const MATMUL_INPUT_ADD_NORM: &str = include_str!("kernels/matmul_input_add_norm.wgsl");
 const MATMUL_LANES: &str = include_str!("kernels/matmul_lanes.wgsl");
 const MATMUL_LANES_SUBGROUP: &str = include_str!("kernels/matmul_lanes_subgroup.wgsl");
 const EMBED: &str = include_str!("kernels/embed.wgsl");
@@ -208,6 +209,19 @@ impl Epilogue {
     }
 }
 
+/// What a normalizing product takes before its norm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NormalizedInput {
+    /// Its input rows as they are (matmul_input_norm.wgsl).
+    Norm,
+    /// Its input rows plus another output, normalized by its own norm, as Gemma's post-norms add into the
+    /// residual stream (matmul_input_add_norm.wgsl).
+    AddNorm,
+}
+
+/// A normalizing product's weight type, epilogue, row width and input.
+type NormalizedKey = (GgmlDType, Epilogue, usize, NormalizedInput);
+
 /// The widest input row a product can normalize itself (matmul_input_norm.wgsl's workgroup array).
 pub const MAX_NORMALIZED_COLS: usize = 2304;
 
@@ -232,7 +246,7 @@ impl MatmulKernels {
 /// epilogue, are built on first use, so that a model only compiles the variants it dispatches.
 pub struct Kernels {
     matmul: RefCell<HashMap<(GgmlDType, Epilogue), Rc<MatmulKernels>>>,
-    normalized_matmul: RefCell<HashMap<(GgmlDType, Epilogue, usize), Rc<Kernel>>>,
+    normalized_matmul: RefCell<HashMap<NormalizedKey, Rc<Kernel>>>,
     /// How the products share a row among threads on this device, and how many threads do.
     form: MatmulForm,
     lanes: u32,
@@ -317,29 +331,39 @@ impl Kernels {
     }
 
     /// The matrix product of the RMSNorm of its `cols`-wide input (at most MAX_NORMALIZED_COLS), one token per
-    /// workgroup (decoding), built on first use. It binds the norm's weights after the output, and reads the norm's
-    /// epsilon from `MatmulParams::eps`.
+    /// workgroup (decoding), built on first use. It binds the norm's weights after the output (then, for
+    /// `NormalizedInput::AddNorm`, the output to add, its norm's weights and where the sum goes), and reads the
+    /// norm's epsilon from `MatmulParams::eps`.
     pub fn normalized_matmul(
         &self,
         gpu: &Gpu,
         dtype: GgmlDType,
         epilogue: Epilogue,
         cols: usize,
+        input: NormalizedInput,
     ) -> Result<Rc<Kernel>> {
         if cols > MAX_NORMALIZED_COLS || !cols.is_multiple_of(32) {
             return Err(EngineError::Gpu(format!("a product cannot normalize rows of {cols} values")));
         }
-        if let Some(built) = self.normalized_matmul.borrow().get(&(dtype, epilogue, cols)) {
+        let key = (dtype, epilogue, cols, input);
+        if let Some(built) = self.normalized_matmul.borrow().get(&key) {
             return Ok(built.clone());
         }
-        let source = self.matmul_source(dtype, MATMUL_INPUT_NORM)?;
-        let slots = [(0, R), (1, R), (2, W), (5, R), (3, U), (4, U)];
-        let name = matmul_name(dtype, epilogue, "norm + ");
+        let (snippet, prefix) = match input {
+            NormalizedInput::Norm => (MATMUL_INPUT_NORM, "norm + "),
+            NormalizedInput::AddNorm => (MATMUL_INPUT_ADD_NORM, "add, norm + "),
+        };
+        let source = self.matmul_source(dtype, snippet)?;
+        let slots: &[(u32, Slot)] = match input {
+            NormalizedInput::Norm => &[(0, R), (1, R), (2, W), (5, R), (3, U), (4, U)],
+            NormalizedInput::AddNorm => &[(0, R), (1, R), (2, W), (5, R), (6, R), (7, R), (8, W), (3, U), (4, U)],
+        };
+        let name = matmul_name(dtype, epilogue, prefix);
         let [tile, lanes, e] = self.matmul_constants(1, epilogue);
         let constants = [tile, lanes, e, ("INPUT_VEC4S", (cols / 4) as f64)];
-        let built = Rc::new(build(gpu, &name, &source, "main", &slots, &constants));
+        let built = Rc::new(build(gpu, &name, &source, "main", slots, &constants));
         gpu.check()?;
-        self.normalized_matmul.borrow_mut().insert((dtype, epilogue, cols), built.clone());
+        self.normalized_matmul.borrow_mut().insert(key, built.clone());
         Ok(built)
     }
 
@@ -432,7 +456,11 @@ pub struct MatmulParams {
     pub groups_x: u32,
     /// The input norm's epsilon, for `Kernels::normalized_matmul`.
     pub eps: f32,
-    pub pad: [u32; 3],
+    /// `NormalizedInput::AddNorm` only: 1 to add the post-normalized output first.
+    pub add: u32,
+    /// `NormalizedInput::AddNorm` only: 1 for the product whose row group 0 writes the sum.
+    pub write_sum: u32,
+    pub pad: u32,
 }
 
 #[repr(C)]

@@ -8,7 +8,7 @@ use std::rc::Rc;
 
 use super::context::Gpu;
 use super::kernels::*;
-use super::plan::{uniform, LayerCache, Op, Planner, RopeTable, Scratch};
+use super::plan::{uniform, CallShape, LayerCache, Op, Planner, RopeTable, Scratch};
 use super::upload::{LayerWeights, Uploader};
 use super::weights::GpuMatrix;
 use crate::config::{rope_cos_sin, ModelConfig};
@@ -33,6 +33,9 @@ pub struct GpuModel {
     scratch: Scratch,
     embed_ops: Vec<Op>,
     layer_ops: Vec<Vec<Op>>,
+    /// Per layer: whether one-token calls may leave its last residual add to the next product
+    /// (`Planner::folds_post_norms`).
+    folds: Vec<bool>,
     /// Final norm over the last token, LM head, softcap.
     head_last: Vec<Op>,
     select_op: Op,
@@ -126,7 +129,8 @@ impl GpuModel {
             let weights = ld.layer(i, c)?;
             let cache = LayerCache::new(&gpu, c, max_context);
             let (_, cos, sin) = rope_tables.iter().find(|r| r.0 == c.layers[i].rope_base).expect("a table per base");
-            layer_ops.push(plan.layer(i, &weights, &cache, RopeTable { cos, sin })?);
+            let pending = pending_post_norm(&plan, layers.last());
+            layer_ops.push(plan.layer(i, &weights, pending, &cache, RopeTable { cos, sin })?);
             caches.push(cache);
             layers.push(weights);
             progress(i + 2, total_parts);
@@ -141,7 +145,9 @@ impl GpuModel {
             (embedding.clone(), embedding_cpu)
         };
         let readout = Readout { unembedding, final_norm: final_norm_values };
-        let head_last = plan.head(&final_norm, &lm_head, &scratch.logits, true)?;
+        let pending = pending_post_norm(&plan, layers.last());
+        let head_last = plan.head(&final_norm, &lm_head, &scratch.logits, true, pending)?;
+        let folds = layers.iter().map(|w| plan.folds_post_norms(w)).collect();
         let select_op = plan.selection();
         progress(total_parts, total_parts);
         gpu.check()?;
@@ -150,6 +156,7 @@ impl GpuModel {
             kernels,
             embed_ops,
             layer_ops,
+            folds,
             head_last,
             select_op,
             _caches: caches,
@@ -193,17 +200,11 @@ impl GpuModel {
         gpu.queue.write_buffer(&self.scratch.tokens, 0, bytemuck::cast_slice(&tokens[..t]));
         let wait = || gpu.device.poll(wgpu::PollType::wait_indefinitely()).map(|_| ());
         let mut totals: Vec<(String, f64, usize)> = Vec::new();
-        let ops = self
-            .embed_ops
-            .iter()
-            .chain(self.layer_ops.iter().flatten())
-            .chain(&self.head_last)
-            .chain([&self.select_op]);
-        for op in ops.filter(|op| op.runs_for(t as u32)) {
+        for (op, call) in self.ops_of_a_call(t as u32) {
             wait().map_err(|e| EngineError::GpuLost(e.to_string()))?;
             let start = Instant::now();
             let mut encoder = gpu.device.create_command_encoder(&Default::default());
-            op.record(&mut encoder.begin_compute_pass(&Default::default()), t as u32);
+            op.record(&mut encoder.begin_compute_pass(&Default::default()), call);
             gpu.queue.submit([encoder.finish()]);
             wait().map_err(|e| EngineError::GpuLost(e.to_string()))?;
             let ms = start.elapsed().as_secs_f64() * 1000.0;
@@ -218,6 +219,28 @@ impl GpuModel {
         gpu.check()?;
         totals.sort_by(|a, b| b.1.total_cmp(&a.1));
         Ok(totals)
+    }
+
+    /// The shape of each layer's part of a call of `tokens` tokens, and of the head's: one-token calls that end in
+    /// the head leave a layer's last residual add to the next product where the layer folds its post-norms and no
+    /// hook (`hooked`, per layer) reads or changes h after it.
+    fn call_shapes(&self, tokens: u32, hooked: &[bool], head: bool) -> (Vec<CallShape>, CallShape) {
+        let n = self.folds.len();
+        let leaves = |i: usize| tokens == 1 && self.folds[i] && !hooked[i] && (i + 1 < n || head);
+        let layers =
+            (0..n).map(|i| CallShape { tokens, pending: i > 0 && leaves(i - 1), leaves_pending: leaves(i) }).collect();
+        (layers, CallShape { tokens, pending: n > 0 && leaves(n - 1), leaves_pending: false })
+    }
+
+    /// The dispatches a call of `tokens` tokens without hooks runs, through the token selection, with each one's
+    /// call shape.
+    fn ops_of_a_call(&self, tokens: u32) -> Vec<(&Op, CallShape)> {
+        let (layers, head) = self.call_shapes(tokens, &vec![false; self.folds.len()], true);
+        let plain = CallShape::plain(tokens);
+        let embed = self.embed_ops.iter().map(|op| (op, plain));
+        let layer_ops = self.layer_ops.iter().zip(layers).flat_map(|(ops, call)| ops.iter().map(move |op| (op, call)));
+        let head_ops = self.head_last.iter().chain([&self.select_op]).map(|op| (op, head));
+        embed.chain(layer_ops).chain(head_ops).filter(|(op, call)| op.runs_for(*call)).collect()
     }
 
     fn check_request(&self, tokens: &[u32], hooks: &Hooks) -> Result<()> {
@@ -254,7 +277,7 @@ impl GpuModel {
             return Ok(());
         }
         let logits = self.gpu.storage("all logits", (tokens * self.config.vocab_size * 4) as u64);
-        let ops = self.planner().head(&self.head.final_norm, &self.head.lm_head, &logits, false)?;
+        let ops = self.planner().head(&self.head.final_norm, &self.head.lm_head, &logits, false, None)?;
         self.head_all = Some((tokens, ops, logits));
         Ok(())
     }
@@ -335,15 +358,21 @@ impl GpuModel {
 
         let mut encoder = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("forward") });
         let t = n as u32;
+        let hooked: Vec<bool> = (0..self.config.n_layers)
+            .map(|l| steered[l] || row_ops[l].is_some() || projected[l] || captures.iter().any(|c| c.0 == l))
+            .collect();
+        let ends_in_head = matches!(finish, Finish::Pick(..) | Finish::Logits(LogitsWanted::Last));
+        let (layer_calls, head_call) = self.call_shapes(t, &hooked, ends_in_head);
+        let plain = CallShape::plain(t);
         // Passes forget the encoder's borrow so that captures can end one, copy, and begin the next.
         let mut pass = Some(encoder.begin_compute_pass(&Default::default()).forget_lifetime());
         for op in &self.embed_ops {
-            op.record(pass.as_mut().unwrap(), t);
+            op.record(pass.as_mut().unwrap(), plain);
         }
         let mut next_capture = 0;
         for layer in 0..self.config.n_layers {
             for op in &self.layer_ops[layer] {
-                op.record(pass.as_mut().unwrap(), t);
+                op.record(pass.as_mut().unwrap(), layer_calls[layer]);
             }
             // Reads see the stream before this layer's steering vector.
             if captures[next_capture..].iter().any(|c| c.0 == layer) {
@@ -364,31 +393,31 @@ impl GpuModel {
             }
             if steered[layer] {
                 let (_, op) = self.steering[layer].as_ref().expect("made above");
-                op.record(pass.as_mut().unwrap(), t);
+                op.record(pass.as_mut().unwrap(), plain);
             }
             if let Some((_, op)) = &row_ops[layer] {
-                op.record(pass.as_mut().unwrap(), t);
+                op.record(pass.as_mut().unwrap(), plain);
             }
             if projected[layer] {
                 let (_, _, op) = self.projecting[layer].as_ref().expect("made above");
-                op.record(pass.as_mut().unwrap(), t);
+                op.record(pass.as_mut().unwrap(), plain);
             }
         }
         match finish {
             Finish::Layers => {}
             Finish::Logits(LogitsWanted::Last) | Finish::Pick(..) => {
                 for op in &self.head_last {
-                    op.record(pass.as_mut().unwrap(), t);
+                    op.record(pass.as_mut().unwrap(), head_call);
                 }
             }
             Finish::Logits(LogitsWanted::All) => {
                 for op in &self.head_all.as_ref().expect("ensured above").1 {
-                    op.record(pass.as_mut().unwrap(), t);
+                    op.record(pass.as_mut().unwrap(), plain);
                 }
             }
         }
         if let Finish::Pick(..) = finish {
-            self.select_op.record(pass.as_mut().unwrap(), t);
+            self.select_op.record(pass.as_mut().unwrap(), plain);
         }
         drop(pass);
         let vocab = self.config.vocab_size;
@@ -530,8 +559,7 @@ impl LanguageModel for GpuModel {
     }
 
     fn stats(&self) -> BackendStats {
-        let ops = self.embed_ops.iter().chain(self.layer_ops.iter().flatten()).chain(&self.head_last);
-        let per_token = ops.filter(|op| op.runs_for(1)).count() + 1; // token selection
+        let per_token = self.ops_of_a_call(1).len();
         BackendStats { gpu_memory_bytes: Some(self.memory), dispatches_per_token: Some(per_token) }
     }
 
@@ -565,4 +593,10 @@ impl LanguageModel for GpuModel {
             Ok(Picked { token: out.token.expect("a token was picked"), captures: out.captures, logits: None })
         })
     }
+}
+
+/// The post-MLP norm's weights of the layer before (`previous`) where one-token calls may leave its residual add
+/// to the next product.
+fn pending_post_norm<'a>(plan: &Planner, previous: Option<&'a LayerWeights>) -> Option<&'a wgpu::Buffer> {
+    previous.filter(|w| plan.folds_post_norms(w)).and_then(|w| w.post_ffn_norm.as_ref())
 }

@@ -9,10 +9,14 @@
 //!   heads: q_norm/k_norm (Gemma 3), RoPE, q -> Q, k -> K[pos], v -> V[pos] | attention -> attn
 //!     [1: one dispatch, attend_step] |
 //!   Llama: h += attn Wo; a = norm h      Gemma: o = attn Wo; h += post_norm(o); a = norm h (one dispatch) |
+//!     [1, Gemma: the gate|up products take the add and the norm] |
 //!   g = act(a Wg) * (a Wu) (one product over the stacked gate and up rows) [1, Llama: the product takes the norm] |
 //!   Llama: h += g Wd                     Gemma: o = g Wd; h += post_norm(o)
-//! then the hooks on h. The head's final norm goes into the LM head the same way. While decoding, SmolLM2 takes 5
-//! dispatches a layer, Gemma 3 7 or 8.
+//!     [1, Gemma, no hook after the layer: the next layer's q|k|v products, or the LM head, take the add]
+//! then the hooks on h. The head's final norm goes into the LM head the same way. A Gemma product that takes a
+//! residual add cannot write the sum where the other workgroups read h, so one-token calls keep h in two buffers:
+//! the q|k|v products write it to `Scratch::h_sum`, the gate|up products back to `h`. While decoding, SmolLM2 takes
+//! 5 dispatches a layer, Gemma 3 5 or 6 (its q|k|v weights are of one or two types).
 
 use bytemuck::Pod;
 
@@ -75,12 +79,57 @@ pub(super) enum Input<'a> {
     Normalized { x: &'a wgpu::Buffer, weights: &'a wgpu::Buffer, normed: &'a wgpu::Buffer },
 }
 
+/// The input of a product that takes Gemma's residual add and the next norm itself (matmul_input_add_norm.wgsl):
+/// `norm(x + post_norm(added))` with the norm's `weights`, or `norm(x)` without `added`; the sum goes to `sum`.
+#[derive(Clone, Copy)]
+pub(super) struct AddNormInput<'a> {
+    pub x: &'a wgpu::Buffer,
+    pub weights: &'a wgpu::Buffer,
+    /// The output to add and its post-norm's weights.
+    pub added: Option<(&'a wgpu::Buffer, &'a wgpu::Buffer)>,
+    pub sum: &'a wgpu::Buffer,
+}
+
+/// What a product's dispatch does with its input before the product.
+#[derive(Clone, Copy)]
+enum Prologue<'a> {
+    None,
+    /// The RMSNorm with these weights.
+    Norm(&'a wgpu::Buffer),
+    /// `AddNormInput`, and whether the first dispatch writes the sum.
+    AddNorm(AddNormInput<'a>, bool),
+}
+
 /// Which calls a dispatch belongs to: some steps have a fused form for one-token calls (decoding).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) enum Calls {
     All,
     OneToken,
     SeveralTokens,
+    /// One-token calls in which the layer before left its last residual add pending (`CallShape::pending`).
+    OneTokenPending,
+    /// One-token calls in which it did not.
+    OneTokenSettled,
+    /// Calls that do not leave this layer's last residual add to the next product.
+    UnlessLeftPending,
+}
+
+/// What the recorder knows of a call where a step has several forms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct CallShape {
+    pub tokens: u32,
+    /// Gemma's residual add after the layer before (h += post_ffn_norm(o)) waits in `Scratch::o` for the first
+    /// product of this layer, or of the head, to take it: a one-token call with no hook after that layer.
+    pub pending: bool,
+    /// This layer leaves its own last residual add pending so.
+    pub leaves_pending: bool,
+}
+
+impl CallShape {
+    /// A call of `tokens` tokens with nothing pending.
+    pub fn plain(tokens: u32) -> Self {
+        Self { tokens, pending: false, leaves_pending: false }
+    }
 }
 
 /// One prepared dispatch.
@@ -99,12 +148,16 @@ pub(super) struct Op {
 }
 
 impl Op {
-    /// Whether a call of `tokens` tokens runs this dispatch.
-    pub fn runs_for(&self, tokens: u32) -> bool {
+    /// Whether a call of this shape runs this dispatch.
+    pub fn runs_for(&self, call: CallShape) -> bool {
+        let one = call.tokens == 1;
         match self.calls {
             Calls::All => true,
-            Calls::OneToken => tokens == 1,
-            Calls::SeveralTokens => tokens > 1,
+            Calls::OneToken => one,
+            Calls::SeveralTokens => !one,
+            Calls::OneTokenPending => one && call.pending,
+            Calls::OneTokenSettled => one && !call.pending,
+            Calls::UnlessLeftPending => !call.leaves_pending,
         }
     }
 
@@ -113,12 +166,12 @@ impl Op {
         Self { calls, ..self }
     }
 
-    /// Records the dispatch into `pass` if a call of `tokens` tokens runs it.
-    pub fn record(&self, pass: &mut wgpu::ComputePass, tokens: u32) {
-        if !self.runs_for(tokens) {
+    /// Records the dispatch into `pass` if a call of this shape runs it.
+    pub fn record(&self, pass: &mut wgpu::ComputePass, call: CallShape) {
+        if !self.runs_for(call) {
             return;
         }
-        let (size, tiled) = self.grid.size(tokens);
+        let (size, tiled) = self.grid.size(call.tokens);
         let pipeline = if tiled { self.tiled.as_ref().unwrap_or(&self.pipeline) } else { &self.pipeline };
         pass.set_pipeline(pipeline);
         pass.set_bind_group(0, &self.bind, &[]);
@@ -131,6 +184,10 @@ pub(super) struct Scratch {
     pub step: wgpu::Buffer,
     pub tokens: wgpu::Buffer,
     pub h: wgpu::Buffer,
+    /// The residual stream's second buffer in one-token calls of models whose post-norms fold into the products
+    /// (`Planner::folds_post_norms`): a layer's q|k|v product writes h there, and its gate|up product writes it
+    /// back into `h`.
+    pub h_sum: wgpu::Buffer,
     pub a: wgpu::Buffer,
     /// The fused q|k|v product's output, per token.
     pub qkv: wgpu::Buffer,
@@ -156,6 +213,7 @@ impl Scratch {
             step: gpu.uniform_with("step", bytemuck::bytes_of(&StepParams::default())),
             tokens: gpu.storage("tokens", t * 4),
             h: gpu.storage("h", t * c.hidden as u64 * f),
+            h_sum: gpu.storage("h sum", c.hidden as u64 * f),
             a: gpu.storage("a", t * c.hidden as u64 * f),
             qkv: gpu.storage("qkv", t * (c.q_dim() + 2 * c.kv_dim()) as u64 * f),
             q: gpu.storage("q", t * c.q_dim() as u64 * f),
@@ -255,13 +313,13 @@ impl Planner<'_> {
         label: &str,
     ) -> Result<Vec<Op>> {
         match input {
-            Input::Plain(x) => self.product_of(m, x, None, y, out, epilogue, label),
+            Input::Plain(x) => self.product_of(m, x, Prologue::None, y, out, epilogue, label),
             Input::Normalized { x, weights, normed } => {
-                let plain = self.product_of(m, normed, None, y, out, epilogue, label)?;
+                let plain = self.product_of(m, normed, Prologue::None, y, out, epilogue, label)?;
                 if !self.fuses_norms(m.cols) {
                     return Ok(plain);
                 }
-                let fused = self.product_of(m, x, Some(weights), y, out, epilogue, label)?;
+                let fused = self.product_of(m, x, Prologue::Norm(weights), y, out, epilogue, label)?;
                 let plain = plain.into_iter().map(|op| op.only_for(Calls::SeveralTokens));
                 Ok(plain.chain(fused.into_iter().map(|op| op.only_for(Calls::OneToken))).collect())
             }
@@ -286,13 +344,72 @@ impl Planner<'_> {
         cols == self.config.hidden && cols <= MAX_NORMALIZED_COLS
     }
 
-    /// The product's dispatches reading `x`, normalized on the way in with `norm_weights` when given.
+    /// The dispatches of the product `y = epilogue(m norm(x + post_norm(added)))` for one-token calls
+    /// (`AddNormInput`): `calls` says which, and with `write_sum` its first dispatch writes the sum.
+    #[allow(clippy::too_many_arguments)]
+    fn add_norm_product(
+        &self,
+        m: &GpuMatrix,
+        input: AddNormInput,
+        write_sum: bool,
+        y: &wgpu::Buffer,
+        out: Output,
+        epilogue: Epilogue,
+        calls: Calls,
+        label: &str,
+    ) -> Result<Vec<Op>> {
+        let ops = self.product_of(m, input.x, Prologue::AddNorm(input, write_sum), y, out, epilogue, label)?;
+        Ok(ops.into_iter().map(|op| op.only_for(calls)).collect())
+    }
+
+    /// Whether one-token calls fold layer `w`'s post-norms and residual adds into the products that follow them:
+    /// the layer has Gemma's two post-norms and its products can normalize rows of its width.
+    pub fn folds_post_norms(&self, w: &LayerWeights) -> bool {
+        w.post_attention_norm.is_some() && w.post_ffn_norm.is_some() && self.fuses_norms(self.config.hidden)
+    }
+
+    /// The product of a normalized input: for calls of several tokens, of the norm's output `normed`; for one-token
+    /// calls, one product per form in `one_token` (which calls run it, and the output to add with its post-norm's
+    /// weights, if any) that takes the add and the norm itself (`AddNormInput`, `x` to `sum`).
+    #[allow(clippy::too_many_arguments)]
+    fn folding_product(
+        &self,
+        m: &GpuMatrix,
+        (x, weights, normed, sum): (&wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer),
+        one_token: &[(Calls, Option<(&wgpu::Buffer, &wgpu::Buffer)>)],
+        write_sum: bool,
+        y: &wgpu::Buffer,
+        out: Output,
+        epilogue: Epilogue,
+        label: &str,
+    ) -> Result<Vec<Op>> {
+        let plain = self.product_of(m, normed, Prologue::None, y, out, epilogue, label)?;
+        let mut ops: Vec<Op> = plain.into_iter().map(|op| op.only_for(Calls::SeveralTokens)).collect();
+        for &(calls, added) in one_token {
+            let input = AddNormInput { x, weights, added, sum };
+            ops.extend(self.add_norm_product(m, input, write_sum, y, out, epilogue, calls, label)?);
+        }
+        Ok(ops)
+    }
+
+    /// The one-token forms of the first product after a layer that may leave its last residual add pending
+    /// (`pending`: its output and post-norm's weights): with the add, and without it where nothing is pending.
+    fn pending_forms<'b>(
+        pending: Option<(&'b wgpu::Buffer, &'b wgpu::Buffer)>,
+    ) -> Vec<(Calls, Option<(&'b wgpu::Buffer, &'b wgpu::Buffer)>)> {
+        match pending {
+            Some(added) => vec![(Calls::OneTokenSettled, None), (Calls::OneTokenPending, Some(added))],
+            None => vec![(Calls::OneToken, None)],
+        }
+    }
+
+    /// The product's dispatches reading `x`, with `prologue` on the way in.
     #[allow(clippy::too_many_arguments)]
     fn product_of(
         &self,
         m: &GpuMatrix,
         x: &wgpu::Buffer,
-        norm_weights: Option<&wgpu::Buffer>,
+        prologue: Prologue,
         y: &wgpu::Buffer,
         out: Output,
         epilogue: Epilogue,
@@ -305,13 +422,17 @@ impl Planner<'_> {
         }
         // The kernel for one token per workgroup, and the tiled pipeline for several where there is one.
         let (pair, normalized);
-        let (one, tiled): (&Kernel, _) = match norm_weights {
-            None => {
+        let (one, tiled): (&Kernel, _) = match prologue {
+            Prologue::None => {
                 pair = self.kernels.matmul(gpu, m.dtype, epilogue)?;
                 (pair.pick(false), Some(pair.pick(true).pipeline().clone()))
             }
-            Some(_) => {
-                normalized = self.kernels.normalized_matmul(gpu, m.dtype, epilogue, m.cols)?;
+            Prologue::Norm(_) | Prologue::AddNorm(..) => {
+                let input = match prologue {
+                    Prologue::AddNorm(..) => NormalizedInput::AddNorm,
+                    _ => NormalizedInput::Norm,
+                };
+                normalized = self.kernels.normalized_matmul(gpu, m.dtype, epilogue, m.cols, input)?;
                 (&normalized, None)
             }
         };
@@ -319,7 +440,8 @@ impl Planner<'_> {
         let ops = m
             .parts
             .iter()
-            .map(|part| {
+            .enumerate()
+            .map(|(index, part)| {
                 let rows = (part.rows / per_output) as u32;
                 let (groups_x, _) = split_groups(rows.div_ceil(per_group));
                 let params = MatmulParams {
@@ -332,11 +454,22 @@ impl Planner<'_> {
                     last_only: out.last_only as u32,
                     groups_x,
                     eps: self.config.rms_eps,
-                    pad: [0; 3],
+                    add: matches!(prologue, Prologue::AddNorm(AddNormInput { added: Some(_), .. }, _)) as u32,
+                    write_sum: matches!(prologue, Prologue::AddNorm(_, true) if index == 0) as u32,
+                    pad: 0,
                 };
                 let params = uniform(gpu, &m.name, &params);
                 let mut buffers = vec![&part.buffer, x, y];
-                buffers.extend(norm_weights);
+                match prologue {
+                    Prologue::None => {}
+                    Prologue::Norm(weights) => buffers.push(weights),
+                    Prologue::AddNorm(input, _) => {
+                        // Without an output to add, the norm's weights and the sum's buffer stand in for the
+                        // unread bindings (any buffer that the dispatch does not write).
+                        let (added, post) = input.added.unwrap_or((input.weights, input.weights));
+                        buffers.extend([input.weights, added, post, input.sum]);
+                    }
+                }
                 buffers.extend([&params, &self.scratch.step]);
                 Op {
                     name: format!("{label}{}", one.name),
@@ -381,29 +514,48 @@ impl Planner<'_> {
         parts.collect()
     }
 
-    /// Layer `i`: its dispatches in order, reading and writing the residual stream h.
-    pub fn layer(&self, i: usize, w: &LayerWeights, cache: &LayerCache, rope: RopeTable) -> Result<Vec<Op>> {
+    /// Layer `i`: its dispatches in order, reading and writing the residual stream h. `pending`: the post-MLP
+    /// norm's weights of the layer before, where one-token calls may leave its residual add to this layer's
+    /// q|k|v product (`folds_post_norms`).
+    pub fn layer(
+        &self,
+        i: usize,
+        w: &LayerWeights,
+        pending: Option<&wgpu::Buffer>,
+        cache: &LayerCache,
+        rope: RopeTable,
+    ) -> Result<Vec<Op>> {
         let (c, s, k) = (self.config, self.scratch, self.kernels);
         let every_token = Grid::Rows { per_token: 1, last_only: false };
         let hidden_rows = Output::rows(c.hidden);
+        let folds = self.folds_post_norms(w);
         let mut ops = Vec::new();
 
-        // Attention.
+        // Attention. Where the post-norms fold, one-token calls take the pending residual add (if any) and the norm
+        // inside the q|k|v products, the first of which writes h to `h_sum`.
         ops.push(self.input_norm(&w.attn_norm, &s.a, false));
         let attention_input = Input::Normalized { x: &s.h, weights: &w.attn_norm, normed: &s.a };
-        for (m, first_row) in &w.qkv {
+        for (n, (m, first_row)) in w.qkv.iter().enumerate() {
             let out = Output { col: *first_row, ..Output::rows(c.q_dim() + 2 * c.kv_dim()) };
-            ops.extend(self.product(m, attention_input, &s.qkv, out, Epilogue::Store, "")?);
+            if folds {
+                let buffers = (&s.h, &w.attn_norm, &s.a, &s.h_sum);
+                let forms = Self::pending_forms(pending.map(|post| (&s.o, post)));
+                ops.extend(self.folding_product(m, buffers, &forms, n == 0, &s.qkv, out, Epilogue::Store, "")?);
+            } else {
+                ops.extend(self.product(m, attention_input, &s.qkv, out, Epilogue::Store, "")?);
+            }
         }
         ops.extend(self.attention(i, w, cache, rope));
 
-        // The attention's output into the residual, and the MLP's input norm.
+        // The attention's output into the residual, and the MLP's input norm: where the post-norms fold, one-token
+        // calls leave both to the gate|up products, which read h from `h_sum` and write the sum back to `h`.
         let attention_output = Input::Plain(&s.attn);
         let mlp_input = match &w.post_attention_norm {
             Some(post) => {
                 ops.extend(self.product(&w.output, attention_output, &s.o, hidden_rows, Epilogue::Store, "")?);
                 let buffers = [&s.o, &s.h, post, &s.a, &w.ffn_norm];
-                ops.push(self.op(&k.norm_add_norm, &buffers, Some(self.norm_params(false)), every_token));
+                let op = self.op(&k.norm_add_norm, &buffers, Some(self.norm_params(false)), every_token);
+                ops.push(if folds { op.only_for(Calls::SeveralTokens) } else { op });
                 Input::Plain(&s.a)
             }
             None => {
@@ -419,13 +571,20 @@ impl Planner<'_> {
             Activation::GeluTanh => GluActivation::Gelu,
             Activation::Silu => GluActivation::Silu,
         };
-        match &w.gate_up {
-            GateUp::Stacked(m) => {
-                ops.extend(self.product(m, mlp_input, &s.g, ffn_rows, Epilogue::Glu(activation), "")?)
+        // `mlp(m, y, epilogue, write_sum)`: the product of the MLP's input with `m`.
+        let mlp = |m: &GpuMatrix, y: &wgpu::Buffer, epilogue: Epilogue, write_sum: bool| match (folds, w) {
+            (true, LayerWeights { post_attention_norm: Some(post), .. }) => {
+                let buffers = (&s.h_sum, &w.ffn_norm, &s.a, &s.h);
+                let forms = [(Calls::OneToken, Some((&s.o, post)))];
+                self.folding_product(m, buffers, &forms, write_sum, y, ffn_rows, epilogue, "")
             }
+            _ => self.product(m, mlp_input, y, ffn_rows, epilogue, ""),
+        };
+        match &w.gate_up {
+            GateUp::Stacked(m) => ops.extend(mlp(m, &s.g, Epilogue::Glu(activation), true)?),
             GateUp::Apart(gate, up) => {
-                ops.extend(self.product(gate, mlp_input, &s.g, ffn_rows, Epilogue::Store, "")?);
-                ops.extend(self.product(up, mlp_input, &s.u, ffn_rows, Epilogue::Store, "")?);
+                ops.extend(mlp(gate, &s.g, Epilogue::Store, true)?);
+                ops.extend(mlp(up, &s.u, Epilogue::Store, false)?);
                 let kernel = match activation {
                     GluActivation::Gelu => &k.glu_gelu,
                     GluActivation::Silu => &k.glu_silu,
@@ -441,8 +600,10 @@ impl Planner<'_> {
         }
         match &w.post_ffn_norm {
             Some(post) => {
+                // Where the post-norms fold, one-token calls may leave this residual add to the next product.
                 ops.extend(self.product(&w.down, Input::Plain(&s.g), &s.o, hidden_rows, Epilogue::Store, "")?);
-                ops.push(self.op(&k.norm_add, &[&s.o, &s.h, post], Some(self.norm_params(false)), every_token));
+                let op = self.op(&k.norm_add, &[&s.o, &s.h, post], Some(self.norm_params(false)), every_token);
+                ops.push(if folds { op.only_for(Calls::UnlessLeftPending) } else { op });
             }
             None => {
                 ops.extend(self.product(&w.down, Input::Plain(&s.g), &s.h, hidden_rows, Epilogue::Accumulate, "")?)
@@ -498,21 +659,41 @@ impl Planner<'_> {
     }
 
     /// The final norm, the LM head (one product per buffer of its rows) and Gemma 2's softcap, writing logits of
-    /// the last token (`last_only`) or of every token into `logits`.
+    /// the last token (`last_only`) or of every token into `logits`. `pending`: the last layer's post-MLP norm's
+    /// weights, where one-token calls may leave its residual add to the LM head (`folds_post_norms`).
     pub fn head(
         &self,
         final_norm: &wgpu::Buffer,
         lm_head: &GpuMatrix,
         logits: &wgpu::Buffer,
         last_only: bool,
+        pending: Option<&wgpu::Buffer>,
     ) -> Result<Vec<Op>> {
         let (c, s) = (self.config, self.scratch);
         let mut norm = self.input_norm(final_norm, &s.a, last_only);
         norm.name = "final norm".into();
         let mut ops = vec![norm];
         let out = Output { stride: c.vocab_size, col: 0, at_position: false, last_only };
-        let input = Input::Normalized { x: &s.h, weights: final_norm, normed: &s.a };
-        ops.extend(self.product(lm_head, input, logits, out, Epilogue::Store, "lm head ")?);
+        match pending {
+            Some(post) if last_only => {
+                let buffers = (&s.h, final_norm, &s.a, &s.h_sum);
+                let forms = Self::pending_forms(Some((&s.o, post)));
+                ops.extend(self.folding_product(
+                    lm_head,
+                    buffers,
+                    &forms,
+                    false,
+                    logits,
+                    out,
+                    Epilogue::Store,
+                    "lm head ",
+                )?)
+            }
+            _ => {
+                let input = Input::Normalized { x: &s.h, weights: final_norm, normed: &s.a };
+                ops.extend(self.product(lm_head, input, logits, out, Epilogue::Store, "lm head ")?);
+            }
+        }
         if let Some(cap) = c.final_softcap {
             let params = self.elementwise_params(c.vocab_size, if last_only { 1 } else { 0 }, cap);
             let grid = Grid::Threads { per_token: c.vocab_size as u32 };

@@ -132,7 +132,7 @@ async fn gpu_product_of(
             pair.pick(tiled)
         }
         Some(_) => {
-            normalized = kernels.normalized_matmul(gpu, m.dtype, epilogue, m.cols).unwrap();
+            normalized = kernels.normalized_matmul(gpu, m.dtype, epilogue, m.cols, NormalizedInput::Norm).unwrap();
             &normalized
         }
     };
@@ -152,7 +152,9 @@ async fn gpu_product_of(
                 last_only: last_only as u32,
                 groups_x: gx,
                 eps: norm.map_or(0.0, |n| n.1),
-                pad: [0; 3],
+                add: 0,
+                write_sum: 0,
+                pad: 0,
             },
         );
         let mut buffers = vec![&part.buffer, &xb, &y];
@@ -306,6 +308,114 @@ pub async fn normalized_products_equal_norm_then_product(gpu: &Gpu, types: &[Ggm
             let norm = Some((&weights[..], eps));
             let got = gpu_product_of(gpu, &kernels, &gate_gpu, &x, tokens, false, 0, Epilogue::Store, None, norm).await;
             assert_close(&got, &want, 1e-4, &format!("against the CPU, {dtype:?}, {tokens} tokens"));
+        }
+    }
+}
+
+/// The one-token product whose input is `norm(h + post_norm(o))` (`o` and `post` given) or `norm(h)`
+/// (matmul_input_add_norm.wgsl), into an output that starts as `y0`: the product and the sum it writes.
+#[allow(clippy::too_many_arguments)]
+async fn gpu_add_norm_product(
+    gpu: &Gpu,
+    kernels: &Kernels,
+    m: &GpuMatrix,
+    h: &[f32],
+    added: Option<(&[f32], &[f32])>,
+    (weights, eps): (&[f32], f32),
+    epilogue: Epilogue,
+    y0: Option<&[f32]>,
+) -> (Vec<f32>, Vec<f32>) {
+    let width = m.rows / epilogue.weight_rows_per_output();
+    let y = match y0 {
+        Some(values) => floats(gpu, values),
+        None => gpu.storage("y", (width * 4) as u64),
+    };
+    let sum = gpu.storage("sum", (m.cols * 4) as u64);
+    let s = step(gpu, 1, 0);
+    let kernel = kernels.normalized_matmul(gpu, m.dtype, epilogue, m.cols, NormalizedInput::AddNorm).unwrap();
+    let (hb, wb) = (floats(gpu, h), floats(gpu, weights));
+    let (ob, pb) = match added {
+        Some((o, post)) => (floats(gpu, o), floats(gpu, post)),
+        None => (floats(gpu, weights), floats(gpu, weights)),
+    };
+    for (index, part) in m.parts.iter().enumerate() {
+        let rows = (part.rows / epilogue.weight_rows_per_output()) as u32;
+        let (gx, gy) = split_groups(rows.div_ceil(matmul_rows_per_group(gpu)));
+        let p = uniform(
+            gpu,
+            &MatmulParams {
+                rows,
+                cols: m.cols as u32,
+                row_bytes: m.row_bytes as u32,
+                out_stride: width as u32,
+                out_col: part.first_row as u32,
+                at_position: 0,
+                last_only: 0,
+                groups_x: gx,
+                eps,
+                add: added.is_some() as u32,
+                write_sum: (index == 0) as u32,
+                pad: 0,
+            },
+        );
+        dispatch(gpu, &kernel, &[&part.buffer, &hb, &y, &wb, &ob, &pb, &sum, &p, &s], [gx, gy, 1]);
+    }
+    (read(gpu, &y, width).await, read(gpu, &sum, m.cols).await)
+}
+
+/// The products that take Gemma's residual add and the next norm themselves (one-token calls) equal, bit for
+/// bit, the dispatches they replace: norm_add_norm (the sum and its norm), then the product of the norm's output;
+/// and without an output to add, the norm's dispatch then the product, with the sum h itself.
+pub async fn add_norm_products_equal_norm_add_then_product(gpu: &Gpu, types: &[GgmlDType]) {
+    let kernels = Kernels::new(gpu, &[]).unwrap();
+    let eps = 1e-6f32;
+    for &dtype in types {
+        // 37 rows, not a multiple of a workgroup's; 640 columns as Gemma 3 270M's residual (20 chunks), 512 for the
+        // K-quants' 256-value blocks.
+        let (rows, cols) = (37, if matches!(dtype, GgmlDType::Q4K | GgmlDType::Q6K) { 512 } else { 640 });
+        let gate = quantized(rows, cols, dtype, 91);
+        let mut stacked = gate.data().unwrap().to_vec();
+        stacked.extend_from_slice(&quantized(rows, cols, dtype, 92).data().unwrap());
+        let gate_up = GpuMatrix::upload(gpu, "gate + up", dtype, 2 * rows, cols, &stacked).unwrap();
+        let gate = GpuMatrix::upload(gpu, "gate", dtype, rows, cols, &gate.data().unwrap()).unwrap();
+        // Scaled so that both norms matter.
+        let h: Vec<f32> = noise(cols, 93).iter().map(|v| v * 5.0).collect();
+        let o: Vec<f32> = noise(cols, 94).iter().map(|v| v * 30.0).collect();
+        let (post, weights) = (noise(cols, 95), noise(cols, 96));
+        let s = step(gpu, 1, 0);
+        let p = uniform(gpu, &NormParams { width: cols as u32, last_only: 0, eps, pad: 0 });
+
+        // The dispatches a call of several tokens runs: norm_add_norm, and the norm alone.
+        let (sum_buffer, normed_buffer) = (floats(gpu, &h), gpu.storage("normed", (cols * 4) as u64));
+        let buffers =
+            [&floats(gpu, &o), &sum_buffer, &floats(gpu, &post), &normed_buffer, &floats(gpu, &weights), &p, &s];
+        dispatch(gpu, &kernels.norm_add_norm, &buffers, [1, 1, 1]);
+        let (sum, normed_sum) = (read(gpu, &sum_buffer, cols).await, read(gpu, &normed_buffer, cols).await);
+        let normed_buffer = gpu.storage("normed", (cols * 4) as u64);
+        let buffers = [&floats(gpu, &h), &normed_buffer, &floats(gpu, &weights), &p, &s];
+        dispatch(gpu, &kernels.norm, &buffers, [1, 1, 1]);
+        let normed_h = read(gpu, &normed_buffer, cols).await;
+        // The sum is h plus something that is not small: the add is not lost.
+        assert!(sum.iter().zip(&h).any(|(a, b)| (a - b).abs() > 0.1), "{dtype:?}: the sum moved h");
+
+        let y0 = noise(rows, 97);
+        let epilogues = [
+            (Epilogue::Store, &gate, None),
+            (Epilogue::Accumulate, &gate, Some(&y0[..])),
+            (Epilogue::Glu(GluActivation::Gelu), &gate_up, None),
+            (Epilogue::Glu(GluActivation::Silu), &gate_up, None),
+        ];
+        for (epilogue, m, y0) in epilogues {
+            for add in [true, false] {
+                let what = format!("{epilogue:?} {dtype:?}, with the add {add}");
+                let (want_sum, normed) = if add { (&sum, &normed_sum) } else { (&h, &normed_h) };
+                let want = gpu_product_of(gpu, &kernels, m, normed, 1, false, 0, epilogue, y0, None).await;
+                let added = add.then_some((&o[..], &post[..]));
+                let (got, got_sum) =
+                    gpu_add_norm_product(gpu, &kernels, m, &h, added, (&weights, eps), epilogue, y0).await;
+                assert_eq!(&got_sum, want_sum, "{what}: the sum");
+                assert_eq!(got, want, "{what}: the product");
+            }
         }
     }
 }

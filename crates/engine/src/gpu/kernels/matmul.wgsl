@@ -15,9 +15,10 @@
 //   3  Y = silu(sum_gate) * sum_up               (SwiGLU, likewise)
 // In 2 and 3, P.rows counts output rows and W has twice as many; row r's up row is r + P.rows.
 //
-// The activations `X4` and `input_row` come from one of two snippets gpu/kernels.rs appends: matmul_input.wgsl
+// The activations `X4` and `input_row` come from one of three snippets gpu/kernels.rs appends: matmul_input.wgsl
 // reads X as it is; matmul_input_norm.wgsl (one token per workgroup) first takes the RMSNorm that precedes the
-// product, writing the normalized row into workgroup memory, so that a decoding step needs no norm dispatch.
+// product, writing the normalized row into workgroup memory, so that a decoding step needs no norm dispatch;
+// matmul_input_add_norm.wgsl (likewise) first takes Gemma's residual add of a post-normalized output too.
 
 override TILE: u32 = 1u;
 override LANES: u32 = 16u;
@@ -32,10 +33,10 @@ struct Params {
     at_position: u32, // 1: output row = start + t (writing the KV cache); 0: output row = t
     last_only: u32,   // 1: only the last input row (the LM head while generating)
     groups_x: u32,    // workgroups along x (the row groups may exceed one dispatch dimension)
-    eps: f32,         // matmul_input_norm.wgsl: the norm's epsilon
+    eps: f32,         // matmul_input_norm.wgsl and matmul_input_add_norm.wgsl: the norm's epsilon
+    add: u32,         // matmul_input_add_norm.wgsl: 1: add the normalized output first
+    write_sum: u32,   // matmul_input_add_norm.wgsl: 1: row group 0 writes the sum
     pad0: u32,
-    pad1: u32,
-    pad2: u32,
 }
 
 @group(0) @binding(0) var<storage, read> W: array<u32>;
@@ -54,7 +55,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
 
     let glu = EPILOGUE >= 2u;
     // Where this workgroup's first input row starts in X4 (every thread takes part: it may normalize the row).
-    let x_first = input_row(first_input + t0, li);
+    let x_first = input_row(first_input + t0, li, wg.x + wg.y == 0u);
     var acc: array<f32, 8>;
     var acc_up: array<f32, 8>;
     if (r < P.rows) {

@@ -12,7 +12,7 @@ override INPUT_VEC4S: u32 = 576u; // P.cols / 4, at most gpu/kernels.rs's MAX_NO
 var<workgroup> X4: array<vec4<f32>, INPUT_VEC4S>;
 
 // Normalizes input row `row` of X into X4 and returns its first vec4 there, 0. Every thread must call it.
-fn input_row(row: u32, li: u32) -> u32 {
+fn input_row(row: u32, li: u32, first_group: bool) -> u32 {
     let base = row * P.cols;
     var squares = 0.0;
     for (var i = li; i < P.cols; i += 64u) {

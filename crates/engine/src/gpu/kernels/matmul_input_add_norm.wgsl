@@ -1,0 +1,51 @@
+// The matrix products' activations after a residual add and the norm that follows it (appended to matmul.wgsl,
+// with TILE 1): Gemma's post-norms, folded into the next product, so that a decoding step needs no norm_add or
+// norm_add_norm dispatch. Each workgroup takes, value for value as rmsnorm.wgsl's norm_add then norm do,
+//   h  = X + post_norm(ADDED)      (P.add == 1; else h = X)
+//   X4 = norm(h)
+// and the workgroup of row group 0 of a product with P.write_sum == 1 stores h in H_OUT, the residual stream's
+// other buffer: every other workgroup still reads X, so none may write the sum where it reads.
+
+@group(0) @binding(1) var<storage, read> X: array<f32>;            // [tokens][cols]: the residual stream
+@group(0) @binding(5) var<storage, read> NORM: array<f32>;         // the norm's weights
+@group(0) @binding(6) var<storage, read> ADDED: array<f32>;        // [tokens][cols]: the output to add, normalized
+@group(0) @binding(7) var<storage, read> POST: array<f32>;         // its norm's weights
+@group(0) @binding(8) var<storage, read_write> H_OUT: array<f32>;  // [tokens][cols]: the sum, written once
+
+override INPUT_VEC4S: u32 = 160u; // P.cols / 4, at most gpu/kernels.rs's MAX_NORMALIZED_COLS / 4
+
+var<workgroup> X4: array<vec4<f32>, INPUT_VEC4S>;
+
+// Adds and normalizes input row `row` into X4 and returns its first vec4 there, 0; `first_group`: this is row
+// group 0's workgroup. Every thread must call it.
+fn input_row(row: u32, li: u32, first_group: bool) -> u32 {
+    let base = row * P.cols;
+    var post = 0.0;
+    if (P.add == 1u) {
+        var squares = 0.0;
+        for (var i = li; i < P.cols; i += 64u) {
+            squares += ADDED[base + i] * ADDED[base + i];
+        }
+        post = row_inverse_rms(squares, li, P.cols, P.eps);
+    }
+    // Each thread keeps the values it sums, and scales only those below: no barrier between the two.
+    let writes = P.write_sum == 1u && first_group;
+    var squares = 0.0;
+    for (var i = li; i < P.cols; i += 64u) {
+        var h = X[base + i];
+        if (P.add == 1u) {
+            h += ADDED[base + i] * post * POST[i];
+        }
+        X4[i / 4u][i % 4u] = h;
+        squares += h * h;
+        if (writes) {
+            H_OUT[base + i] = h;
+        }
+    }
+    let r = row_inverse_rms(squares, li, P.cols, P.eps);
+    for (var i = li; i < P.cols; i += 64u) {
+        X4[i / 4u][i % 4u] = X4[i / 4u][i % 4u] * r * NORM[i];
+    }
+    workgroupBarrier();
+    return 0u;
+}
