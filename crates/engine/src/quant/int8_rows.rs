@@ -387,6 +387,12 @@ fn gather(
                 // Lane i's values of the `n` weight rows are contiguous in `gathered`: one slice per lane, and
                 // for a whole group of rows a fixed-size copy the compiler writes without a check per value.
                 let at = |i: usize| (first_lane + i) * stride + r0 - run;
+                #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+                if n == ROWS && x.rows == LANES && super::int8_vnni::available() {
+                    super::int8_vnni::write_lanes(&out, &mut gathered[at(0)..], stride);
+                    first_lane += x.rows;
+                    continue;
+                }
                 if n == ROWS {
                     for i in 0..x.rows {
                         let lane: &mut [f32; ROWS] = (&mut gathered[at(i)..at(i) + ROWS]).try_into().expect("ROWS");

@@ -203,3 +203,35 @@ unsafe fn q4_1_block<const R: usize>(blocks: &[u8], nb: usize, x: &Lanes, out: &
         _mm512_storeu_ps(out.as_mut_ptr(), acc);
     }
 }
+
+/// Writes each lane's `ROWS` values, `out[0][i], .., out[ROWS - 1][i]`, to `dst[i * stride..]` for the sixteen
+/// lanes i: a 4 x 16 transpose in eight shuffles and sixteen 128-bit stores, where lane by lane the values took
+/// four scalar loads each. Call only where `available()`.
+pub fn write_lanes(out: &[[f32; LANES]; ROWS], dst: &mut [f32], stride: usize) {
+    assert!(available() && stride >= ROWS && dst.len() >= (LANES - 1) * stride + ROWS);
+    // SAFETY: the CPU has AVX-512 F; each store writes `ROWS` values at `i * stride`, inside `dst` (asserted).
+    unsafe { transposed_lanes(out, dst, stride) }
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn transposed_lanes(out: &[[f32; LANES]; ROWS], dst: &mut [f32], stride: usize) {
+    let r = out.map(|row| _mm512_loadu_ps(row.as_ptr()));
+    // Per 128-bit quarter k: rows 0 and 1 interleaved, lanes 4k, 4k + 1 (low) and 4k + 2, 4k + 3 (high); the same
+    // for rows 2 and 3.
+    let (a_lo, a_hi) = (_mm512_unpacklo_ps(r[0], r[1]), _mm512_unpackhi_ps(r[0], r[1]));
+    let (b_lo, b_hi) = (_mm512_unpacklo_ps(r[2], r[3]), _mm512_unpackhi_ps(r[2], r[3]));
+    let pairs = |a: __m512, b: __m512, high: bool| {
+        let (a, b) = (_mm512_castps_pd(a), _mm512_castps_pd(b));
+        _mm512_castpd_ps(if high { _mm512_unpackhi_pd(a, b) } else { _mm512_unpacklo_pd(a, b) })
+    };
+    // Quarter k of `lanes[j]` holds lane 4k + j's four values.
+    let lanes = [pairs(a_lo, b_lo, false), pairs(a_lo, b_lo, true), pairs(a_hi, b_hi, false), pairs(a_hi, b_hi, true)];
+    let base = dst.as_mut_ptr();
+    let at = |i: usize| base.add(i * stride);
+    for (j, v) in lanes.into_iter().enumerate() {
+        _mm_storeu_ps(at(j), _mm512_extractf32x4_ps::<0>(v));
+        _mm_storeu_ps(at(4 + j), _mm512_extractf32x4_ps::<1>(v));
+        _mm_storeu_ps(at(8 + j), _mm512_extractf32x4_ps::<2>(v));
+        _mm_storeu_ps(at(12 + j), _mm512_extractf32x4_ps::<3>(v));
+    }
+}
