@@ -217,7 +217,10 @@ pub fn parse_model(value: &str) -> Result<ModelChoice, String> {
         "http" => local,
         _ => false,
     };
-    if allowed && url.username().is_empty() && url.password().is_none() {
+    // The parser percent-encodes what the link left raw (a 2-byte character becomes 6 bytes), so the bound must
+    // hold for the URL as it is kept and written back, not only as it came.
+    let bounded = url.as_str().len() <= MAX_URL;
+    if allowed && bounded && url.username().is_empty() && url.password().is_none() {
         Ok(ModelChoice::Url(url.to_string()))
     } else {
         Err(refuse())
@@ -374,5 +377,12 @@ mod tests {
         ] {
             assert!(parse_model(bad).is_err(), "{bad} was accepted");
         }
+        // Within the bound as written, beyond it once the parser percent-encodes each 2-byte character (the fuzzer's
+        // find, fuzz/regressions/link/url-over-the-bound-once-percent-encoded); exactly at the bound is kept.
+        let path = |len: usize, c: &str| format!("https://example.org/{}", c.repeat(len));
+        let encoded = path((MAX_URL - 20) / 2, "ζ");
+        assert!(encoded.len() <= MAX_URL && parse_model(&encoded).is_err(), "{} bytes were kept", encoded.len());
+        let at_the_bound = path(MAX_URL - 20, "a");
+        assert_eq!(parse_model(&at_the_bound), Ok(ModelChoice::Url(at_the_bound.clone())));
     }
 }
