@@ -17,7 +17,8 @@ override INPUT_VEC4S: u32 = 160u; // P.cols / 4, at most gpu/kernels.rs's MAX_NO
 var<workgroup> X4: array<vec4<f32>, INPUT_VEC4S>;
 
 // Adds and normalizes input row `row` into X4 and returns its first vec4 there, 0; `first_group`: this is row
-// group 0's workgroup. Every thread must call it.
+// group 0's workgroup. Every thread must call it. Threads write whole vec4s of X4, and sum the squares of the
+// values li, li + 64, ... as rmsnorm.wgsl does, reading them back after a barrier.
 fn input_row(row: u32, li: u32, first_group: bool) -> u32 {
     let base = row * P.cols;
     var post = 0.0;
@@ -28,23 +29,32 @@ fn input_row(row: u32, li: u32, first_group: bool) -> u32 {
         }
         post = row_inverse_rms(squares, li, P.cols, P.eps);
     }
-    // Each thread keeps the values it sums, and scales only those below: no barrier between the two.
     let writes = P.write_sum == 1u && first_group;
-    var squares = 0.0;
-    for (var i = li; i < P.cols; i += 64u) {
-        var h = X[base + i];
+    for (var v = li; v < P.cols / 4u; v += 64u) {
+        let i = 4u * v;
+        var h = vec4<f32>(X[base + i], X[base + i + 1u], X[base + i + 2u], X[base + i + 3u]);
         if (P.add == 1u) {
-            h += ADDED[base + i] * post * POST[i];
+            let added = vec4<f32>(ADDED[base + i], ADDED[base + i + 1u], ADDED[base + i + 2u], ADDED[base + i + 3u]);
+            h += added * post * vec4<f32>(POST[i], POST[i + 1u], POST[i + 2u], POST[i + 3u]);
         }
-        X4[i / 4u][i % 4u] = h;
-        squares += h * h;
+        X4[v] = h;
         if (writes) {
-            H_OUT[base + i] = h;
+            H_OUT[base + i] = h.x;
+            H_OUT[base + i + 1u] = h.y;
+            H_OUT[base + i + 2u] = h.z;
+            H_OUT[base + i + 3u] = h.w;
         }
     }
-    let r = row_inverse_rms(squares, li, P.cols, P.eps);
+    workgroupBarrier();
+    var squares = 0.0;
     for (var i = li; i < P.cols; i += 64u) {
-        X4[i / 4u][i % 4u] = X4[i / 4u][i % 4u] * r * NORM[i];
+        let h = X4[i / 4u][i % 4u];
+        squares += h * h;
+    }
+    let r = row_inverse_rms(squares, li, P.cols, P.eps);
+    for (var v = li; v < P.cols / 4u; v += 64u) {
+        let i = 4u * v;
+        X4[v] = X4[v] * r * vec4<f32>(NORM[i], NORM[i + 1u], NORM[i + 2u], NORM[i + 3u]);
     }
     workgroupBarrier();
     return 0u;
