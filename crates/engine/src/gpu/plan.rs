@@ -79,11 +79,11 @@ pub(super) enum Input<'a> {
     Normalized { x: &'a wgpu::Buffer, weights: &'a wgpu::Buffer, normed: &'a wgpu::Buffer },
 }
 
-/// The input of a product that takes Gemma's residual add and the next norm itself (matmul_input_add_norm.wgsl):
-/// `norm(x + post_norm(added))` with the norm's `weights`, or `norm(x)` without `added`; the sum goes to `sum`.
+/// What a product that takes Gemma's residual add and the next norm itself (matmul_input_add_norm.wgsl) reads
+/// besides its input rows x: `norm(x + post_norm(added))` with the norm's `weights`, or `norm(x)` without `added`;
+/// the sum goes to `sum`.
 #[derive(Clone, Copy)]
 pub(super) struct AddNormInput<'a> {
-    pub x: &'a wgpu::Buffer,
     pub weights: &'a wgpu::Buffer,
     /// The output to add and its post-norm's weights.
     pub added: Option<(&'a wgpu::Buffer, &'a wgpu::Buffer)>,
@@ -344,24 +344,6 @@ impl Planner<'_> {
         cols == self.config.hidden && cols <= MAX_NORMALIZED_COLS
     }
 
-    /// The dispatches of the product `y = epilogue(m norm(x + post_norm(added)))` for one-token calls
-    /// (`AddNormInput`): `calls` says which, and with `write_sum` its first dispatch writes the sum.
-    #[allow(clippy::too_many_arguments)]
-    fn add_norm_product(
-        &self,
-        m: &GpuMatrix,
-        input: AddNormInput,
-        write_sum: bool,
-        y: &wgpu::Buffer,
-        out: Output,
-        epilogue: Epilogue,
-        calls: Calls,
-        label: &str,
-    ) -> Result<Vec<Op>> {
-        let ops = self.product_of(m, input.x, Prologue::AddNorm(input, write_sum), y, out, epilogue, label)?;
-        Ok(ops.into_iter().map(|op| op.only_for(calls)).collect())
-    }
-
     /// Whether one-token calls fold layer `w`'s post-norms and residual adds into the products that follow them:
     /// the layer has Gemma's two post-norms and its products can normalize rows of its width.
     pub fn folds_post_norms(&self, w: &LayerWeights) -> bool {
@@ -386,8 +368,9 @@ impl Planner<'_> {
         let plain = self.product_of(m, normed, Prologue::None, y, out, epilogue, label)?;
         let mut ops: Vec<Op> = plain.into_iter().map(|op| op.only_for(Calls::SeveralTokens)).collect();
         for &(calls, added) in one_token {
-            let input = AddNormInput { x, weights, added, sum };
-            ops.extend(self.add_norm_product(m, input, write_sum, y, out, epilogue, calls, label)?);
+            let prologue = Prologue::AddNorm(AddNormInput { weights, added, sum }, write_sum);
+            let folded = self.product_of(m, x, prologue, y, out, epilogue, label)?;
+            ops.extend(folded.into_iter().map(|op| op.only_for(calls)));
         }
         Ok(ops)
     }

@@ -182,8 +182,7 @@ pub fn unpack_scales(dtype: GgmlDType, row: &[u8], scale: &mut [f32], offset: &m
     let word = |b: usize| i32::from_le_bytes(row[b * size..b * size + 4].try_into().expect("four bytes"));
     let whole = blocks / 4 * 4;
     // SAFETY: compiled only where the target enables AVX2 (and F16C, as x86-64-v3 does); each store writes four
-    // values at `b..b + 4`,
-    // inside `scale` and `offset` (`b + 4 <= whole <= blocks`, asserted above).
+    // values at `b..b + 4`, inside `scale` and `offset` (`b + 4 <= whole <= blocks`, asserted above).
     unsafe {
         let split = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
         for b in (0..whole).step_by(4) {

@@ -192,7 +192,9 @@ unsafe fn q4_1_block<const R: usize>(blocks: &[u8], nb: usize, x: &Lanes, out: &
         }
         for (r, acc) in acc.iter_mut().enumerate() {
             let isum = _mm512_add_epi32(low[r], _mm512_srai_epi32::<4>(high[r]));
-            // The block's scale and minimum, its first two f16s, converted together.
+            // The block's scale and minimum, its first two f16s, converted together: `avx2::f16_pair`'s conversion,
+            // read through the row's pointer, as the checked slice it takes cost this kernel 7% (99 GMAC/s
+            // against 107 in `batch_speed`).
             let pair = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(rows[r].sub(4).cast::<i32>())));
             let scale = _mm512_mul_ps(_mm512_broadcastss_ps(pair), dx);
             *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, *acc);

@@ -99,6 +99,50 @@ async fn gpu_product(
     gpu_product_of(gpu, kernels, m, x, tokens, last_only, start, epilogue, y0, None).await
 }
 
+/// How a test dispatches a matrix product over every part of `m`.
+struct PartsCall<'a> {
+    kernel: &'a Kernel,
+    epilogue: Epilogue,
+    start: usize,
+    last_only: bool,
+    eps: f32,
+    /// `MatmulParams::add`, and whether part 0 writes the sum (matmul_input_add_norm.wgsl).
+    add_norm: Option<bool>,
+    /// Workgroups along z.
+    tiles: u32,
+}
+
+/// Dispatches `call.kernel` over every part of `m`, each bound to its blocks, then `buffers` (the input, the output
+/// and what the kernel reads after them), its `MatmulParams` and the step block `s`.
+fn dispatch_parts(gpu: &Gpu, m: &GpuMatrix, call: PartsCall, buffers: &[&wgpu::Buffer], s: &wgpu::Buffer) {
+    let per_output = call.epilogue.weight_rows_per_output();
+    for (index, part) in m.parts.iter().enumerate() {
+        let rows = (part.rows / per_output) as u32;
+        let (gx, gy) = split_groups(rows.div_ceil(matmul_rows_per_group(gpu)));
+        let p = uniform(
+            gpu,
+            &MatmulParams {
+                rows,
+                cols: m.cols as u32,
+                row_bytes: m.row_bytes as u32,
+                out_stride: (m.rows / per_output) as u32,
+                out_col: part.first_row as u32,
+                at_position: (call.start > 0) as u32,
+                last_only: call.last_only as u32,
+                groups_x: gx,
+                eps: call.eps,
+                add: (call.add_norm == Some(true)) as u32,
+                write_sum: (call.add_norm.is_some() && index == 0) as u32,
+                pad: 0,
+            },
+        );
+        let mut all = vec![&part.buffer];
+        all.extend(buffers);
+        all.extend([&p, s]);
+        dispatch(gpu, call.kernel, &all, [gx, gy, call.tiles]);
+    }
+}
+
 /// As `gpu_product`, with `norm` (weights, epsilon) the product that normalizes its input rows itself.
 #[allow(clippy::too_many_arguments)]
 async fn gpu_product_of(
@@ -137,31 +181,12 @@ async fn gpu_product_of(
         }
     };
     let norm_weights = norm.map(|(w, _)| floats(gpu, w));
-    for part in &m.parts {
-        let rows = (part.rows / epilogue.weight_rows_per_output()) as u32;
-        let (gx, gy) = split_groups(rows.div_ceil(matmul_rows_per_group(gpu)));
-        let p = uniform(
-            gpu,
-            &MatmulParams {
-                rows,
-                cols: m.cols as u32,
-                row_bytes: m.row_bytes as u32,
-                out_stride: width as u32,
-                out_col: part.first_row as u32,
-                at_position: (start > 0) as u32,
-                last_only: last_only as u32,
-                groups_x: gx,
-                eps: norm.map_or(0.0, |n| n.1),
-                add: 0,
-                write_sum: 0,
-                pad: 0,
-            },
-        );
-        let mut buffers = vec![&part.buffer, &xb, &y];
-        buffers.extend(&norm_weights);
-        buffers.extend([&p, &s]);
-        dispatch(gpu, kernel, &buffers, [gx, gy, inputs.div_ceil(tile)]);
-    }
+    let mut buffers = vec![&xb, &y];
+    buffers.extend(&norm_weights);
+    let eps = norm.map_or(0.0, |n| n.1);
+    let tiles = inputs.div_ceil(tile);
+    let call = PartsCall { kernel, epilogue, start, last_only, eps, add_norm: None, tiles };
+    dispatch_parts(gpu, m, call, &buffers, &s);
     read(gpu, &y, out_rows * width).await
 }
 
@@ -338,34 +363,23 @@ async fn gpu_add_norm_product(
         Some((o, post)) => (floats(gpu, o), floats(gpu, post)),
         None => (floats(gpu, weights), floats(gpu, weights)),
     };
-    for (index, part) in m.parts.iter().enumerate() {
-        let rows = (part.rows / epilogue.weight_rows_per_output()) as u32;
-        let (gx, gy) = split_groups(rows.div_ceil(matmul_rows_per_group(gpu)));
-        let p = uniform(
-            gpu,
-            &MatmulParams {
-                rows,
-                cols: m.cols as u32,
-                row_bytes: m.row_bytes as u32,
-                out_stride: width as u32,
-                out_col: part.first_row as u32,
-                at_position: 0,
-                last_only: 0,
-                groups_x: gx,
-                eps,
-                add: added.is_some() as u32,
-                write_sum: (index == 0) as u32,
-                pad: 0,
-            },
-        );
-        dispatch(gpu, &kernel, &[&part.buffer, &hb, &y, &wb, &ob, &pb, &sum, &p, &s], [gx, gy, 1]);
-    }
+    let call = PartsCall {
+        kernel: &kernel,
+        epilogue,
+        start: 0,
+        last_only: false,
+        eps,
+        add_norm: Some(added.is_some()),
+        tiles: 1,
+    };
+    dispatch_parts(gpu, m, call, &[&hb, &y, &wb, &ob, &pb, &sum], &s);
     (read(gpu, &y, width).await, read(gpu, &sum, m.cols).await)
 }
 
 /// The products that take Gemma's residual add and the next norm themselves (one-token calls) equal, bit for
 /// bit, the dispatches they replace: norm_add_norm (the sum and its norm), then the product of the norm's output;
-/// and without an output to add, the norm's dispatch then the product, with the sum h itself.
+/// and without an output to add, the norm's dispatch then the product, with the sum h itself. And the sum and the
+/// product against the CPU's norms and product.
 pub async fn add_norm_products_equal_norm_add_then_product(gpu: &Gpu, types: &[GgmlDType]) {
     let kernels = Kernels::new(gpu, &[]).unwrap();
     let eps = 1e-6f32;
@@ -377,7 +391,9 @@ pub async fn add_norm_products_equal_norm_add_then_product(gpu: &Gpu, types: &[G
         let mut stacked = gate.data().unwrap().to_vec();
         stacked.extend_from_slice(&quantized(rows, cols, dtype, 92).data().unwrap());
         let gate_up = GpuMatrix::upload(gpu, "gate + up", dtype, 2 * rows, cols, &stacked).unwrap();
-        let gate = GpuMatrix::upload(gpu, "gate", dtype, rows, cols, &gate.data().unwrap()).unwrap();
+        let gate_gpu = GpuMatrix::upload(gpu, "gate", dtype, rows, cols, &gate.data().unwrap()).unwrap();
+        let gate_cpu = QuantMatrix::new("gate", std::sync::Arc::new(gate)).unwrap();
+        let gate = &gate_gpu;
         // Scaled so that both norms matter.
         let h: Vec<f32> = noise(cols, 93).iter().map(|v| v * 5.0).collect();
         let o: Vec<f32> = noise(cols, 94).iter().map(|v| v * 30.0).collect();
@@ -400,8 +416,8 @@ pub async fn add_norm_products_equal_norm_add_then_product(gpu: &Gpu, types: &[G
 
         let y0 = noise(rows, 97);
         let epilogues = [
-            (Epilogue::Store, &gate, None),
-            (Epilogue::Accumulate, &gate, Some(&y0[..])),
+            (Epilogue::Store, gate, None),
+            (Epilogue::Accumulate, gate, Some(&y0[..])),
             (Epilogue::Glu(GluActivation::Gelu), &gate_up, None),
             (Epilogue::Glu(GluActivation::Silu), &gate_up, None),
         ];
@@ -417,6 +433,14 @@ pub async fn add_norm_products_equal_norm_add_then_product(gpu: &Gpu, types: &[G
                 assert_eq!(got, want, "{what}: the product");
             }
         }
+        // Against the CPU: the sum, its norm and the product.
+        let added = (&o[..], &post[..]);
+        let (got, got_sum) =
+            gpu_add_norm_product(gpu, &kernels, gate, &h, Some(added), (&weights, eps), Epilogue::Store, None).await;
+        let sum_cpu: Vec<f32> = h.iter().zip(rms_norm_cpu(&o, &post, eps)).map(|(a, b)| a + b).collect();
+        assert_close(&got_sum, &sum_cpu, 1e-5, &format!("the sum against the CPU, {dtype:?}"));
+        let want = gate_cpu.matmul(&rms_norm_cpu(&sum_cpu, &weights, eps)).unwrap();
+        assert_close(&got, &want, 1e-4, &format!("the product against the CPU, {dtype:?}"));
     }
 }
 
