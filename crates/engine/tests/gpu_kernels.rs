@@ -94,6 +94,24 @@ fn add_norm_products_equal_norm_add_then_product() {
 }
 
 #[test]
+fn embed_norm_products_equal_embed_then_norm_product() {
+    use candle_core::quantized::GgmlDType;
+    use gpu_cases::embed_norm_products_equal_embed_then_norm_product as check;
+    // Every table type against a block-type product and a K-quant product, in the form lavapipe runs; the two GPU
+    // forms on one product type.
+    block_on(check(&gpu().with_matmul_form(MatmulForm::PerRow), &[GgmlDType::Q4_1, GgmlDType::Q6K]));
+    block_on(check(&subgroup_gpu(), &[GgmlDType::Q8_0]));
+    block_on(check(&gpu().with_matmul_form(MatmulForm::Cooperative), &[GgmlDType::Q8_0]));
+}
+
+#[test]
+fn largest_products_pick_as_argmax() {
+    block_on(gpu_cases::largest_products_pick_as_argmax(&gpu().with_matmul_form(MatmulForm::PerRow)));
+    block_on(gpu_cases::largest_products_pick_as_argmax(&subgroup_gpu()));
+    block_on(gpu_cases::largest_products_pick_as_argmax(&gpu().with_matmul_form(MatmulForm::Cooperative)));
+}
+
+#[test]
 fn elementwise_steps_match_cpu() {
     block_on(gpu_cases::elementwise_steps_match_cpu(&gpu()));
 }

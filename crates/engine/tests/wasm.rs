@@ -180,6 +180,16 @@ async fn webgpu_add_norm_products_equal_norm_add_then_product() {
 }
 
 #[wasm_bindgen_test]
+async fn webgpu_largest_products_pick_as_argmax() {
+    gpu_cases::largest_products_pick_as_argmax(&gpu().await).await;
+}
+
+#[wasm_bindgen_test]
+async fn webgpu_embed_norm_products_equal_embed_then_norm_product() {
+    gpu_cases::embed_norm_products_equal_embed_then_norm_product(&gpu().await, &[GgmlDType::Q4_1]).await;
+}
+
+#[wasm_bindgen_test]
 async fn webgpu_attention_matches_cpu() {
     gpu_cases::attention_matches_cpu(&gpu().await).await;
 }

@@ -17,6 +17,8 @@ const MATMUL: &str = include_str!("kernels/matmul.wgsl");
 const MATMUL_INPUT: &str = include_str!("kernels/matmul_input.wgsl");
 const MATMUL_INPUT_NORM: &str = include_str!("kernels/matmul_input_norm.wgsl");
 const MATMUL_INPUT_ADD_NORM: &str = include_str!("kernels/matmul_input_add_norm.wgsl");
+const MATMUL_INPUT_EMBED_NORM: &str = include_str!("kernels/matmul_input_embed_norm.wgsl");
+const MATMUL_LARGEST: &str = include_str!("kernels/matmul_largest.wgsl");
 const MATMUL_LANES: &str = include_str!("kernels/matmul_lanes.wgsl");
 const MATMUL_LANES_SUBGROUP: &str = include_str!("kernels/matmul_lanes_subgroup.wgsl");
 const EMBED: &str = include_str!("kernels/embed.wgsl");
@@ -166,6 +168,35 @@ fn with_decoder(source: &str, dtype: GgmlDType) -> Result<String> {
     ))
 }
 
+/// quant.wgsl's decoders reading an embedding table `E` instead of the weights `W`, every function renamed with a
+/// `table_` prefix, and `table_value` bound to `dtype`'s values: for a product that looks its input up in a table
+/// of another type than its weights (matmul_input_embed_norm.wgsl).
+fn table_decoder(dtype: GgmlDType) -> Result<String> {
+    let t = type_suffix(dtype)?;
+    let names = QUANT.lines().filter_map(|line| line.strip_prefix("fn ")?.split('(').next());
+    let mut source = QUANT.replace("W[", "E[");
+    for name in names {
+        source = renamed_calls(&source, name, &format!("table_{name}"));
+    }
+    Ok(format!("{source}\nfn table_value(row: u32, i: u32) -> f32 {{ return table_value_{t}(row, i); }}\n"))
+}
+
+/// `source` with every `name(` that is not the tail of a longer identifier written `new(`.
+fn renamed_calls(source: &str, name: &str, new: &str) -> String {
+    let pattern = format!("{name}(");
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(at) = rest.find(&pattern) {
+        let tail_of_longer = rest[..at].chars().next_back().is_some_and(|c| c.is_alphanumeric() || c == '_');
+        out.push_str(&rest[..at]);
+        out.push_str(if tail_of_longer { name } else { new });
+        out.push('(');
+        rest = &rest[at + pattern.len()..];
+    }
+    out.push_str(rest);
+    out
+}
+
 use Slot::{Read as R, Uniform as U, Write as W};
 
 /// What a matrix product does with each finished sum (matmul.wgsl's EPILOGUE), so that the step after it needs
@@ -178,6 +209,8 @@ pub enum Epilogue {
     Accumulate,
     /// Y = act(W_gate x) * (W_up x), with W holding the gate's rows and then the up product's rows.
     Glu(GluActivation),
+    /// Y = W x, and each workgroup's largest sum with its row (matmul_largest.wgsl): an LM head picking greedily.
+    StoreKeepingLargest,
 }
 
 /// The gate's activation in a gated MLP.
@@ -193,11 +226,22 @@ impl Epilogue {
     /// The shader's EPILOGUE constant.
     fn constant(self) -> f64 {
         match self {
-            Self::Store => 0.0,
+            Self::Store | Self::StoreKeepingLargest => 0.0,
             Self::Accumulate => 1.0,
             Self::Glu(GluActivation::Gelu) => 2.0,
             Self::Glu(GluActivation::Silu) => 3.0,
         }
+    }
+
+    /// The bindings of the product's kernel: `slots` (the weights, the input, the output, what the input reads),
+    /// then, for `StoreKeepingLargest`, the largest sums' slots, then the parameters and the step block.
+    fn slots(self, slots: &[(u32, Slot)]) -> Vec<(u32, Slot)> {
+        let mut all = slots.to_vec();
+        if self == Self::StoreKeepingLargest {
+            all.push((9, W));
+        }
+        all.extend([(3, U), (4, U)]);
+        all
     }
 
     /// Rows of W per output row.
@@ -217,6 +261,8 @@ pub enum NormalizedInput {
     /// Its input rows plus another output, normalized by its own norm, as Gemma's post-norms add into the
     /// residual stream (matmul_input_add_norm.wgsl).
     AddNorm,
+    /// The rows of an embedding table of this type that the call's tokens pick (matmul_input_embed_norm.wgsl).
+    EmbedNorm(GgmlDType),
 }
 
 /// A normalizing product's weight type, epilogue, row width and input.
@@ -317,8 +363,8 @@ impl Kernels {
         if let Some(built) = self.matmul.borrow().get(&(dtype, epilogue)) {
             return Ok(built.clone());
         }
-        let source = self.matmul_source(dtype, MATMUL_INPUT)?;
-        let slots = [(0, R), (1, R), (2, W), (3, U), (4, U)];
+        let source = self.matmul_source(dtype, MATMUL_INPUT, epilogue)?;
+        let slots = epilogue.slots(&[(0, R), (1, R), (2, W)]);
         let name = matmul_name(dtype, epilogue, "");
         let one = build(gpu, &name, &source, "main", &slots, &self.matmul_constants(1, epilogue));
         let tiles = self.matmul_constants(PREFILL_TILE, epilogue);
@@ -333,7 +379,8 @@ impl Kernels {
     /// The matrix product of the RMSNorm of its `cols`-wide input (at most MAX_NORMALIZED_COLS), one token per
     /// workgroup (decoding), built on first use. It binds the norm's weights after the output (then, for
     /// `NormalizedInput::AddNorm`, the output to add, its norm's weights and where the sum goes), and reads the
-    /// norm's epsilon from `MatmulParams::eps`.
+    /// norm's epsilon from `MatmulParams::eps`. `NormalizedInput::EmbedNorm` binds no input rows: the weights,
+    /// the output, the norm's weights, the embedding table, the token ids and where h goes.
     pub fn normalized_matmul(
         &self,
         gpu: &Gpu,
@@ -349,30 +396,43 @@ impl Kernels {
         if let Some(built) = self.normalized_matmul.borrow().get(&key) {
             return Ok(built.clone());
         }
-        let (snippet, prefix) = match input {
-            NormalizedInput::Norm => (MATMUL_INPUT_NORM, "norm + "),
-            NormalizedInput::AddNorm => (MATMUL_INPUT_ADD_NORM, "add, norm + "),
+        let snippet = match input {
+            NormalizedInput::Norm => MATMUL_INPUT_NORM.to_string(),
+            NormalizedInput::AddNorm => MATMUL_INPUT_ADD_NORM.to_string(),
+            NormalizedInput::EmbedNorm(table) => format!("{MATMUL_INPUT_EMBED_NORM}\n{}", table_decoder(table)?),
         };
-        let source = self.matmul_source(dtype, snippet)?;
-        let slots: &[(u32, Slot)] = match input {
-            NormalizedInput::Norm => &[(0, R), (1, R), (2, W), (5, R), (3, U), (4, U)],
-            NormalizedInput::AddNorm => &[(0, R), (1, R), (2, W), (5, R), (6, R), (7, R), (8, W), (3, U), (4, U)],
+        let prefix = match input {
+            NormalizedInput::Norm => "norm + ",
+            NormalizedInput::AddNorm => "add, norm + ",
+            NormalizedInput::EmbedNorm(_) => "embed, norm + ",
         };
+        let source = self.matmul_source(dtype, &snippet, epilogue)?;
+        let slots = epilogue.slots(match input {
+            NormalizedInput::Norm => &[(0, R), (1, R), (2, W), (5, R)],
+            NormalizedInput::AddNorm => &[(0, R), (1, R), (2, W), (5, R), (6, R), (7, R), (8, W)],
+            NormalizedInput::EmbedNorm(_) => &[(0, R), (2, W), (5, R), (6, R), (7, R), (8, W)],
+        });
         let name = matmul_name(dtype, epilogue, prefix);
         let [tile, lanes, e] = self.matmul_constants(1, epilogue);
         let constants = [tile, lanes, e, ("INPUT_VEC4S", (cols / 4) as f64)];
-        let built = Rc::new(build(gpu, &name, &source, "main", slots, &constants));
+        let built = Rc::new(build(gpu, &name, &source, "main", &slots, &constants));
         gpu.check()?;
         self.normalized_matmul.borrow_mut().insert(key, built.clone());
         Ok(built)
     }
 
-    /// matmul.wgsl with the decoder of `dtype`, the activations' snippet `input`, and this device's lane sums.
-    fn matmul_source(&self, dtype: GgmlDType, input: &str) -> Result<String> {
+    /// matmul.wgsl with the decoder of `dtype`, the activations' snippet `input`, this device's lane sums and
+    /// what each workgroup finishes with for `epilogue`.
+    fn matmul_source(&self, dtype: GgmlDType, input: &str, epilogue: Epilogue) -> Result<String> {
         // Natively only: wgpu 27's WebGPU backend does not pass the browser's subgroups feature through, so a page's
         // device never has them.
         let lanes_sum = if self.form == MatmulForm::Subgroup { MATMUL_LANES_SUBGROUP } else { MATMUL_LANES };
-        with_decoder(&format!("{MATMUL}\n{input}\n{lanes_sum}"), dtype)
+        // Every product but a greedy LM head finishes with nothing.
+        let finish = match epilogue {
+            Epilogue::StoreKeepingLargest => MATMUL_LARGEST,
+            _ => "fn finish_group(group: u32, li: u32, holds_row: bool, value: f32, r: u32) {}",
+        };
+        with_decoder(&format!("{MATMUL}\n{input}\n{lanes_sum}\n{finish}"), dtype)
     }
 
     fn matmul_constants(&self, tile: u32, epilogue: Epilogue) -> [(&'static str, f64); 3] {
@@ -458,9 +518,14 @@ pub struct MatmulParams {
     pub eps: f32,
     /// `NormalizedInput::AddNorm` only: 1 to add the post-normalized output first.
     pub add: u32,
-    /// `NormalizedInput::AddNorm` only: 1 for the product whose row group 0 writes the sum.
+    /// `NormalizedInput::AddNorm` and `EmbedNorm` only: 1 for the product whose row group 0 writes h.
     pub write_sum: u32,
-    pub pad: u32,
+    /// `NormalizedInput::EmbedNorm` only: the embedding table's bytes per row and scale.
+    pub table_row_bytes: u32,
+    pub table_scale: f32,
+    /// `Epilogue::StoreKeepingLargest` only: the slot of this buffer's first row group.
+    pub first_group: u32,
+    pub pad: [u32; 2],
 }
 
 #[repr(C)]

@@ -39,6 +39,9 @@ pub struct GpuModel {
     /// Final norm over the last token, LM head, softcap.
     head_last: Vec<Op>,
     select_op: Op,
+    /// The head for greedy picks where the LM head keeps each workgroup's largest logit (no softcap), in place of
+    /// `head_last` and the select dispatch.
+    greedy_head: Option<GreedyHead>,
     /// What the plans bind, kept alive with them: each layer's KV cache and weights, the embedding (when the
     /// LM head is a matrix of its own) and the RoPE tables.
     _caches: Vec<LayerCache>,
@@ -60,6 +63,16 @@ pub struct GpuModel {
     max_context: usize,
     /// GPU memory allocated while loading.
     memory: u64,
+}
+
+/// A head whose LM head keeps each workgroup's largest logit (matmul_largest.wgsl), from which the CPU picks the
+/// token greedily (`pick_largest`).
+struct GreedyHead {
+    ops: Vec<Op>,
+    /// `slots` pairs (largest logit's bits, its row), and their readback.
+    largest: wgpu::Buffer,
+    largest_read: wgpu::Buffer,
+    slots: usize,
 }
 
 /// What the all-positions LM head needs.
@@ -123,19 +136,24 @@ impl GpuModel {
             ));
         }
 
-        let embed_ops = plan.embedding(&embedding);
         let (mut caches, mut layers, mut layer_ops) = (Vec::new(), Vec::new(), Vec::new());
+        let mut folds_embedding = false;
         for i in 0..c.n_layers {
             let weights = ld.layer(i, c)?;
             let cache = LayerCache::new(&gpu, c, max_context);
             let (_, cos, sin) = rope_tables.iter().find(|r| r.0 == c.layers[i].rope_base).expect("a table per base");
             let pending = pending_post_norm(&plan, layers.last());
-            layer_ops.push(plan.layer(i, &weights, pending, &cache, RopeTable { cos, sin })?);
+            if i == 0 {
+                folds_embedding = plan.folds_embedding(&embedding, &weights);
+            }
+            let table = (i == 0 && folds_embedding).then_some(&*embedding);
+            layer_ops.push(plan.layer(i, &weights, pending, table, &cache, RopeTable { cos, sin })?);
             caches.push(cache);
             layers.push(weights);
             progress(i + 2, total_parts);
         }
 
+        let embed_ops = plan.embedding(&embedding, folds_embedding);
         let final_norm_values = ld.values("output_norm.weight", c.hidden)?;
         let final_norm = gpu.storage_with("output_norm.weight", bytemuck::cast_slice(&final_norm_values));
         let (lm_head, unembedding) = if gguf.has_tensor("output.weight") {
@@ -146,7 +164,17 @@ impl GpuModel {
         };
         let readout = Readout { unembedding, final_norm: final_norm_values };
         let pending = pending_post_norm(&plan, layers.last());
-        let head_last = plan.head(&final_norm, &lm_head, &scratch.logits, true, pending)?;
+        let head_last = plan.head(&final_norm, &lm_head, &scratch.logits, true, pending, None)?;
+        let greedy_head = match c.final_softcap {
+            Some(_) => None,
+            None => {
+                let slots = plan.largest_slots(&lm_head);
+                let largest = gpu.storage("largest logits", (slots * 8) as u64);
+                let ops = plan.head(&final_norm, &lm_head, &scratch.logits, true, pending, Some(&largest))?;
+                let largest_read = gpu.readback("largest logits read", (slots * 8) as u64);
+                Some(GreedyHead { ops, largest, largest_read, slots })
+            }
+        };
         let folds = layers.iter().map(|w| plan.folds_post_norms(w)).collect();
         let select_op = plan.selection();
         progress(total_parts, total_parts);
@@ -159,6 +187,7 @@ impl GpuModel {
             folds,
             head_last,
             select_op,
+            greedy_head,
             _caches: caches,
             _layers: layers,
             _embedding: Rc::try_unwrap(embedding).ok(),
@@ -232,14 +261,18 @@ impl GpuModel {
         (layers, CallShape { tokens, pending: n > 0 && leaves(n - 1), leaves_pending: false })
     }
 
-    /// The dispatches a call of `tokens` tokens without hooks runs, through the token selection, with each one's
-    /// call shape.
+    /// The dispatches a call of `tokens` tokens without hooks runs, through a greedy token selection, with each
+    /// one's call shape.
     fn ops_of_a_call(&self, tokens: u32) -> Vec<(&Op, CallShape)> {
         let (layers, head) = self.call_shapes(tokens, &vec![false; self.folds.len()], true);
         let plain = CallShape::plain(tokens);
         let embed = self.embed_ops.iter().map(|op| (op, plain));
         let layer_ops = self.layer_ops.iter().zip(layers).flat_map(|(ops, call)| ops.iter().map(move |op| (op, call)));
-        let head_ops = self.head_last.iter().chain([&self.select_op]).map(|op| (op, head));
+        let head_ops: Vec<&Op> = match &self.greedy_head {
+            Some(greedy) => greedy.ops.iter().collect(),
+            None => self.head_last.iter().chain([&self.select_op]).collect(),
+        };
+        let head_ops = head_ops.into_iter().map(|op| (op, head));
         embed.chain(layer_ops).chain(head_ops).filter(|(op, call)| op.runs_for(*call)).collect()
     }
 
@@ -277,7 +310,7 @@ impl GpuModel {
             return Ok(());
         }
         let logits = self.gpu.storage("all logits", (tokens * self.config.vocab_size * 4) as u64);
-        let ops = self.planner().head(&self.head.final_norm, &self.head.lm_head, &logits, false, None)?;
+        let ops = self.planner().head(&self.head.final_norm, &self.head.lm_head, &logits, false, None, None)?;
         self.head_all = Some((tokens, ops, logits));
         Ok(())
     }
@@ -362,6 +395,11 @@ impl GpuModel {
             .map(|l| steered[l] || row_ops[l].is_some() || projected[l] || captures.iter().any(|c| c.0 == l))
             .collect();
         let ends_in_head = matches!(finish, Finish::Pick(..) | Finish::Logits(LogitsWanted::Last));
+        // A greedy pick ends in the LM head that keeps its largest logits, where there is one.
+        let greedy = match finish {
+            Finish::Pick(Sampling::Greedy, _) => self.greedy_head.as_ref(),
+            _ => None,
+        };
         let (layer_calls, head_call) = self.call_shapes(t, &hooked, ends_in_head);
         let plain = CallShape::plain(t);
         // Passes forget the encoder's borrow so that captures can end one, copy, and begin the next.
@@ -406,7 +444,8 @@ impl GpuModel {
         match finish {
             Finish::Layers => {}
             Finish::Logits(LogitsWanted::Last) | Finish::Pick(..) => {
-                for op in &self.head_last {
+                let head = greedy.map_or(&self.head_last, |g| &g.ops);
+                for op in head {
                     op.record(pass.as_mut().unwrap(), head_call);
                 }
             }
@@ -416,7 +455,7 @@ impl GpuModel {
                 }
             }
         }
-        if let Finish::Pick(..) = finish {
+        if matches!(finish, Finish::Pick(..)) && greedy.is_none() {
             self.select_op.record(pass.as_mut().unwrap(), plain);
         }
         drop(pass);
@@ -439,7 +478,10 @@ impl GpuModel {
                 Some(read)
             }
             Finish::Pick(..) => {
-                encoder.copy_buffer_to_buffer(&self.scratch.picked, 0, &self.scratch.picked_read, 0, 4);
+                match greedy {
+                    Some(g) => encoder.copy_buffer_to_buffer(&g.largest, 0, &g.largest_read, 0, (g.slots * 8) as u64),
+                    None => encoder.copy_buffer_to_buffer(&self.scratch.picked, 0, &self.scratch.picked_read, 0, 4),
+                }
                 None
             }
             Finish::Layers => None,
@@ -469,10 +511,18 @@ impl GpuModel {
                 out.logits = Some(all[(n - 1) * vocab..].to_vec());
                 out.all_logits = Some(all);
             }
-            Finish::Pick(..) => {
-                let bytes = gpu.read(&self.scratch.picked_read, 4).await?;
-                out.token = Some(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]));
-            }
+            Finish::Pick(..) => match greedy {
+                Some(g) => {
+                    let bytes = gpu.read(&g.largest_read, (g.slots * 8) as u64).await?;
+                    let words: Vec<u32> =
+                        bytes.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect();
+                    out.token = Some(pick_largest(&words));
+                }
+                None => {
+                    let bytes = gpu.read(&self.scratch.picked_read, 4).await?;
+                    out.token = Some(u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]));
+                }
+            },
             Finish::Layers => gpu.check()?,
         }
         Ok(out)
@@ -592,6 +642,26 @@ impl LanguageModel for GpuModel {
             let out = self.run(tokens, segment, hooks, Finish::Pick(sampling, step)).await?;
             Ok(Picked { token: out.token.expect("a token was picked"), captures: out.captures, logits: None })
         })
+    }
+}
+
+/// The greedy pick from an LM head's largest logits per workgroup (`pairs`: a logit's order-preserving key, then
+/// its row; see matmul_largest.wgsl): the largest, the first row among equals, 0 where none is above -inf, as
+/// `sampler::argmax` picks from the whole row.
+pub fn pick_largest(pairs: &[u32]) -> u32 {
+    /// The key of -inf; NaN's is 0.
+    const MINUS_INFINITY: u32 = !0xff80_0000;
+    let mut best = (0, u32::MAX);
+    for pair in pairs.chunks_exact(2) {
+        let (key, row) = (pair[0], pair[1]);
+        if key > best.0 || (key == best.0 && row < best.1) {
+            best = (key, row);
+        }
+    }
+    if best.0 <= MINUS_INFINITY {
+        0
+    } else {
+        best.1
     }
 }
 

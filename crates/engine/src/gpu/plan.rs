@@ -5,7 +5,8 @@
 //! Steps that follow one another share a dispatch where a kernel can take the next step in its prologue or
 //! epilogue. A layer (Gemma-only steps marked; [1] marks what a one-token call, a decoding step, fuses further):
 //!   a = norm h | qkv = a [Wq; Wk; Wv] (one product per run of equal weight types)
-//!     [1: the products take the norm themselves] |
+//!     [1: the products take the norm themselves; the first layer's also look the token's embedding up where
+//!      the table is in one buffer and the layer does not fold Gemma's post-norms (SmolLM2)] |
 //!   heads: q_norm/k_norm (Gemma 3), RoPE, q -> Q, k -> K[pos], v -> V[pos] | attention -> attn
 //!     [1: one dispatch, attend_step] |
 //!   Llama: h += attn Wo; a = norm h      Gemma: o = attn Wo; h += post_norm(o); a = norm h (one dispatch) |
@@ -98,6 +99,13 @@ enum Prologue<'a> {
     Norm(&'a wgpu::Buffer),
     /// `AddNormInput`, and whether the first dispatch writes the sum.
     AddNorm(AddNormInput<'a>, bool),
+    /// The RMSNorm with these weights of the call's tokens' rows of the embedding `table`, and whether the first
+    /// dispatch writes them into h.
+    EmbedNorm {
+        weights: &'a wgpu::Buffer,
+        table: &'a GpuMatrix,
+        writes_h: bool,
+    },
 }
 
 /// Which calls a dispatch belongs to: some steps have a fused form for one-token calls (decoding).
@@ -254,19 +262,21 @@ pub(super) struct RopeTable<'a> {
 
 /// Where a matrix product writes: input row t's outputs start at `(t + S.start if at_position) * stride + col`.
 #[derive(Clone, Copy)]
-pub(super) struct Output {
+pub(super) struct Output<'a> {
     stride: usize,
     col: usize,
     /// Rows at the call's positions (the KV cache), not from 0.
     at_position: bool,
     /// Only the last input row (the LM head while generating).
     last_only: bool,
+    /// Where an `Epilogue::StoreKeepingLargest` product keeps each workgroup's largest sum (`largest_slots` pairs).
+    largest: Option<&'a wgpu::Buffer>,
 }
 
-impl Output {
+impl Output<'_> {
     /// Output rows of `stride` values from column 0, one per input row.
     fn rows(stride: usize) -> Self {
-        Self { stride, col: 0, at_position: false, last_only: false }
+        Self { stride, col: 0, at_position: false, last_only: false, largest: None }
     }
 }
 
@@ -350,6 +360,36 @@ impl Planner<'_> {
         w.post_attention_norm.is_some() && w.post_ffn_norm.is_some() && self.fuses_norms(self.config.hidden)
     }
 
+    /// Whether one-token calls look the token's row of the embedding `table` up inside the first layer's q|k|v
+    /// products (`first`: that layer's weights), leaving the embedding dispatch to calls of several tokens: where
+    /// those products take their input norm themselves and the table is in one buffer. Not where the first layer
+    /// folds Gemma's post-norms: its products take matmul_input_add_norm.wgsl's input instead.
+    pub fn folds_embedding(&self, table: &GpuMatrix, first: &LayerWeights) -> bool {
+        table.parts.len() == 1 && !self.folds_post_norms(first) && self.fuses_norms(self.config.hidden)
+    }
+
+    /// The first layer's product `m` of its normalized input (norm `weights`): for calls of several tokens, of the
+    /// norm's output; for one-token calls, a product that looks the token's row up in `table` and normalizes it
+    /// itself, the first of the layer's products (`writes_h`) also storing the row in h.
+    #[allow(clippy::too_many_arguments)]
+    fn embedding_product(
+        &self,
+        m: &GpuMatrix,
+        table: &GpuMatrix,
+        weights: &wgpu::Buffer,
+        writes_h: bool,
+        y: &wgpu::Buffer,
+        out: Output,
+        epilogue: Epilogue,
+    ) -> Result<Vec<Op>> {
+        let s = self.scratch;
+        let plain = self.product_of(m, &s.a, Prologue::None, y, out, epilogue, "")?;
+        let prologue = Prologue::EmbedNorm { weights, table, writes_h };
+        let looked_up = self.product_of(m, &s.h, prologue, y, out, epilogue, "")?;
+        let plain = plain.into_iter().map(|op| op.only_for(Calls::SeveralTokens));
+        Ok(plain.chain(looked_up.into_iter().map(|op| op.only_for(Calls::OneToken))).collect())
+    }
+
     /// The product of a normalized input: for calls of several tokens, of the norm's output `normed`; for one-token
     /// calls, one product per form in `one_token` (which calls run it, and the output to add with its post-norm's
     /// weights, if any) that takes the add and the norm itself (`AddNormInput`, `x` to `sum`).
@@ -410,9 +450,10 @@ impl Planner<'_> {
                 pair = self.kernels.matmul(gpu, m.dtype, epilogue)?;
                 (pair.pick(false), Some(pair.pick(true).pipeline().clone()))
             }
-            Prologue::Norm(_) | Prologue::AddNorm(..) => {
+            Prologue::Norm(_) | Prologue::AddNorm(..) | Prologue::EmbedNorm { .. } => {
                 let input = match prologue {
                     Prologue::AddNorm(..) => NormalizedInput::AddNorm,
+                    Prologue::EmbedNorm { table, .. } => NormalizedInput::EmbedNorm(table.dtype),
                     _ => NormalizedInput::Norm,
                 };
                 normalized = self.kernels.normalized_matmul(gpu, m.dtype, epilogue, m.cols, input)?;
@@ -420,6 +461,23 @@ impl Planner<'_> {
             }
         };
         let per_group = matmul_rows_per_group(gpu);
+        // Each buffer's first row group's slot among the largest sums of an LM head picking greedily.
+        let first_groups: Vec<u32> = m
+            .parts
+            .iter()
+            .scan(0, |groups, part| {
+                let first = *groups;
+                *groups += ((part.rows / per_output) as u32).div_ceil(per_group);
+                Some(first)
+            })
+            .collect();
+        let largest = match (epilogue, out.largest) {
+            (Epilogue::StoreKeepingLargest, Some(buffer)) => Some(buffer),
+            (Epilogue::StoreKeepingLargest, None) => {
+                return Err(EngineError::Gpu(format!("{}: no buffer for the largest sums", m.name)))
+            }
+            _ => None,
+        };
         let ops = m
             .parts
             .iter()
@@ -438,14 +496,28 @@ impl Planner<'_> {
                     groups_x,
                     eps: self.config.rms_eps,
                     add: matches!(prologue, Prologue::AddNorm(AddNormInput { added: Some(_), .. }, _)) as u32,
-                    write_sum: matches!(prologue, Prologue::AddNorm(_, true) if index == 0) as u32,
-                    pad: 0,
+                    write_sum: matches!(
+                        prologue,
+                        Prologue::AddNorm(_, true) | Prologue::EmbedNorm { writes_h: true, .. } if index == 0
+                    ) as u32,
+                    table_row_bytes: match prologue {
+                        Prologue::EmbedNorm { table, .. } => table.row_bytes as u32,
+                        _ => 0,
+                    },
+                    table_scale: self.config.embedding_scale.unwrap_or(1.0),
+                    first_group: first_groups[index],
+                    pad: [0; 2],
                 };
                 let params = uniform(gpu, &m.name, &params);
                 let mut buffers = vec![&part.buffer, x, y];
                 match prologue {
                     Prologue::None => {}
                     Prologue::Norm(weights) => buffers.push(weights),
+                    Prologue::EmbedNorm { weights, table, .. } => {
+                        // No input rows: the product looks them up in the table's one buffer.
+                        buffers = vec![&part.buffer, y, weights, &table.parts[0].buffer, &self.scratch.tokens];
+                        buffers.push(&self.scratch.h);
+                    }
                     Prologue::AddNorm(input, _) => {
                         // Without an output to add, the norm's weights and the sum's buffer stand in for the
                         // unread bindings (any buffer that the dispatch does not write).
@@ -453,6 +525,7 @@ impl Planner<'_> {
                         buffers.extend([input.weights, added, post, input.sum]);
                     }
                 }
+                buffers.extend(largest);
                 buffers.extend([&params, &self.scratch.step]);
                 Op {
                     name: format!("{label}{}", one.name),
@@ -478,8 +551,9 @@ impl Planner<'_> {
         uniform(self.gpu, "elementwise", &ElementwiseParams { width: width as u32, rows: rows as u32, cap, pad: 0 })
     }
 
-    /// The token embedding into h, one dispatch per buffer of the table's rows.
-    pub fn embedding(&self, table: &GpuMatrix) -> Vec<Op> {
+    /// The token embedding into h, one dispatch per buffer of the table's rows; only for calls of several tokens
+    /// where the first layer's products look the embedding up themselves (`folded`, `folds_embedding`).
+    pub fn embedding(&self, table: &GpuMatrix, folded: bool) -> Vec<Op> {
         let (c, s) = (self.config, self.scratch);
         let parts = table.parts.iter().map(|part| {
             let params = EmbedParams {
@@ -492,19 +566,27 @@ impl Planner<'_> {
             };
             let kernel = self.kernels.embed(table.dtype);
             let grid = Grid::Threads { per_token: c.hidden as u32 };
-            self.op(kernel, &[&part.buffer, &s.tokens, &s.h], Some(uniform(self.gpu, "embed", &params)), grid)
+            let op = self.op(kernel, &[&part.buffer, &s.tokens, &s.h], Some(uniform(self.gpu, "embed", &params)), grid);
+            if folded {
+                op.only_for(Calls::SeveralTokens)
+            } else {
+                op
+            }
         });
         parts.collect()
     }
 
     /// Layer `i`: its dispatches in order, reading and writing the residual stream h. `pending`: the post-MLP
     /// norm's weights of the layer before, where one-token calls may leave its residual add to this layer's
-    /// q|k|v product (`folds_post_norms`).
+    /// q|k|v product (`folds_post_norms`). `table`: the embedding, for the first layer where one-token calls look
+    /// the token up in its q|k|v products (`folds_embedding`).
+    #[allow(clippy::too_many_arguments)]
     pub fn layer(
         &self,
         i: usize,
         w: &LayerWeights,
         pending: Option<&wgpu::Buffer>,
+        table: Option<&GpuMatrix>,
         cache: &LayerCache,
         rope: RopeTable,
     ) -> Result<Vec<Op>> {
@@ -520,7 +602,9 @@ impl Planner<'_> {
         let attention_input = Input::Normalized { x: &s.h, weights: &w.attn_norm, normed: &s.a };
         for (n, (m, first_row)) in w.qkv.iter().enumerate() {
             let out = Output { col: *first_row, ..Output::rows(c.q_dim() + 2 * c.kv_dim()) };
-            if folds {
+            if let Some(table) = table {
+                ops.extend(self.embedding_product(m, table, &w.attn_norm, n == 0, &s.qkv, out, Epilogue::Store)?);
+            } else if folds {
                 let buffers = (&s.h, &w.attn_norm, &s.a, &s.h_sum);
                 let forms = Self::pending_forms(pending.map(|post| (&s.o, post)));
                 ops.extend(self.folding_product(m, buffers, &forms, n == 0, &s.qkv, out, Epilogue::Store, "")?);
@@ -643,7 +727,9 @@ impl Planner<'_> {
 
     /// The final norm, the LM head (one product per buffer of its rows) and Gemma 2's softcap, writing logits of
     /// the last token (`last_only`) or of every token into `logits`. `pending`: the last layer's post-MLP norm's
-    /// weights, where one-token calls may leave its residual add to the LM head (`folds_post_norms`).
+    /// weights, where one-token calls may leave its residual add to the LM head (`folds_post_norms`). `largest`:
+    /// where the LM head keeps each workgroup's largest logit for a greedy pick (`largest_slots` pairs), for a head
+    /// without a softcap, of the last token only.
     pub fn head(
         &self,
         final_norm: &wgpu::Buffer,
@@ -651,30 +737,26 @@ impl Planner<'_> {
         logits: &wgpu::Buffer,
         last_only: bool,
         pending: Option<&wgpu::Buffer>,
+        largest: Option<&wgpu::Buffer>,
     ) -> Result<Vec<Op>> {
         let (c, s) = (self.config, self.scratch);
+        if largest.is_some() && (c.final_softcap.is_some() || !last_only) {
+            return Err(EngineError::Gpu("only a last-token head without a softcap keeps its largest logits".into()));
+        }
         let mut norm = self.input_norm(final_norm, &s.a, last_only);
         norm.name = "final norm".into();
         let mut ops = vec![norm];
-        let out = Output { stride: c.vocab_size, col: 0, at_position: false, last_only };
+        let out = Output { stride: c.vocab_size, col: 0, at_position: false, last_only, largest };
+        let epilogue = if largest.is_some() { Epilogue::StoreKeepingLargest } else { Epilogue::Store };
         match pending {
             Some(post) if last_only => {
                 let buffers = (&s.h, final_norm, &s.a, &s.h_sum);
                 let forms = Self::pending_forms(Some((&s.o, post)));
-                ops.extend(self.folding_product(
-                    lm_head,
-                    buffers,
-                    &forms,
-                    false,
-                    logits,
-                    out,
-                    Epilogue::Store,
-                    "lm head ",
-                )?)
+                ops.extend(self.folding_product(lm_head, buffers, &forms, false, logits, out, epilogue, "lm head ")?)
             }
             _ => {
                 let input = Input::Normalized { x: &s.h, weights: final_norm, normed: &s.a };
-                ops.extend(self.product(lm_head, input, logits, out, Epilogue::Store, "lm head ")?);
+                ops.extend(self.product(lm_head, input, logits, out, epilogue, "lm head ")?);
             }
         }
         if let Some(cap) = c.final_softcap {
@@ -683,6 +765,13 @@ impl Planner<'_> {
             ops.push(self.op(&self.kernels.softcap, &[logits], Some(params), grid));
         }
         Ok(ops)
+    }
+
+    /// The slots of the largest logits of a greedy LM head (`head`'s `largest`): one per row group of each of its
+    /// buffers.
+    pub fn largest_slots(&self, lm_head: &GpuMatrix) -> usize {
+        let per_group = matmul_rows_per_group(self.gpu) as usize;
+        lm_head.parts.iter().map(|part| part.rows.div_ceil(per_group)).sum()
     }
 
     /// The token selection from the last logits (reads `select_params`, written per call).

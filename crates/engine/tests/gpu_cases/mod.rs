@@ -106,8 +106,12 @@ struct PartsCall<'a> {
     start: usize,
     last_only: bool,
     eps: f32,
-    /// `MatmulParams::add`, and whether part 0 writes the sum (matmul_input_add_norm.wgsl).
-    add_norm: Option<bool>,
+    /// `MatmulParams::add` (matmul_input_add_norm.wgsl).
+    add: bool,
+    /// Whether part 0 writes h (`MatmulParams::write_sum`).
+    write_sum: bool,
+    /// The embedding table's bytes per row and scale (matmul_input_embed_norm.wgsl).
+    table: (u32, f32),
     /// Workgroups along z.
     tiles: u32,
 }
@@ -116,6 +120,7 @@ struct PartsCall<'a> {
 /// and what the kernel reads after them), its `MatmulParams` and the step block `s`.
 fn dispatch_parts(gpu: &Gpu, m: &GpuMatrix, call: PartsCall, buffers: &[&wgpu::Buffer], s: &wgpu::Buffer) {
     let per_output = call.epilogue.weight_rows_per_output();
+    let mut first_group = 0;
     for (index, part) in m.parts.iter().enumerate() {
         let rows = (part.rows / per_output) as u32;
         let (gx, gy) = split_groups(rows.div_ceil(matmul_rows_per_group(gpu)));
@@ -131,11 +136,15 @@ fn dispatch_parts(gpu: &Gpu, m: &GpuMatrix, call: PartsCall, buffers: &[&wgpu::B
                 last_only: call.last_only as u32,
                 groups_x: gx,
                 eps: call.eps,
-                add: (call.add_norm == Some(true)) as u32,
-                write_sum: (call.add_norm.is_some() && index == 0) as u32,
-                pad: 0,
+                add: call.add as u32,
+                write_sum: (call.write_sum && index == 0) as u32,
+                table_row_bytes: call.table.0,
+                table_scale: call.table.1,
+                first_group,
+                pad: [0; 2],
             },
         );
+        first_group += rows.div_ceil(matmul_rows_per_group(gpu));
         let mut all = vec![&part.buffer];
         all.extend(buffers);
         all.extend([&p, s]);
@@ -185,7 +194,8 @@ async fn gpu_product_of(
     buffers.extend(&norm_weights);
     let eps = norm.map_or(0.0, |n| n.1);
     let tiles = inputs.div_ceil(tile);
-    let call = PartsCall { kernel, epilogue, start, last_only, eps, add_norm: None, tiles };
+    let (add, write_sum, table) = (false, false, (0, 1.0));
+    let call = PartsCall { kernel, epilogue, start, last_only, eps, add, write_sum, table, tiles };
     dispatch_parts(gpu, m, call, &buffers, &s);
     read(gpu, &y, out_rows * width).await
 }
@@ -369,7 +379,9 @@ async fn gpu_add_norm_product(
         start: 0,
         last_only: false,
         eps,
-        add_norm: Some(added.is_some()),
+        add: added.is_some(),
+        write_sum: true,
+        table: (0, 1.0),
         tiles: 1,
     };
     dispatch_parts(gpu, m, call, &[&hb, &y, &wb, &ob, &pb, &sum], &s);
@@ -441,6 +453,188 @@ pub async fn add_norm_products_equal_norm_add_then_product(gpu: &Gpu, types: &[G
         assert_close(&got_sum, &sum_cpu, 1e-5, &format!("the sum against the CPU, {dtype:?}"));
         let want = gate_cpu.matmul(&rms_norm_cpu(&sum_cpu, &weights, eps)).unwrap();
         assert_close(&got, &want, 1e-4, &format!("the product against the CPU, {dtype:?}"));
+    }
+}
+
+/// The product of `m` with the RMSNorm (`weights`, `eps`) of `table`'s row `token` times `scale`, looked up by the
+/// product itself (matmul_input_embed_norm.wgsl), and h after it (starting as `h0`; part 0 writes the row there
+/// with `writes_h`).
+#[allow(clippy::too_many_arguments)]
+async fn gpu_embed_norm_product(
+    gpu: &Gpu,
+    kernels: &Kernels,
+    m: &GpuMatrix,
+    table: &GpuMatrix,
+    token: u32,
+    scale: f32,
+    (weights, eps): (&[f32], f32),
+    writes_h: bool,
+    h0: &[f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let y = gpu.storage("y", (m.rows * 4) as u64);
+    let h = floats(gpu, h0);
+    let s = step(gpu, 1, 0);
+    let input = NormalizedInput::EmbedNorm(table.dtype);
+    let kernel = kernels.normalized_matmul(gpu, m.dtype, Epilogue::Store, m.cols, input).unwrap();
+    let (wb, tokens) = (floats(gpu, weights), gpu.storage_with("tokens", bytemuck::bytes_of(&token)));
+    let call = PartsCall {
+        kernel: &kernel,
+        epilogue: Epilogue::Store,
+        start: 0,
+        last_only: false,
+        eps,
+        add: false,
+        write_sum: writes_h,
+        table: (table.row_bytes as u32, scale),
+        tiles: 1,
+    };
+    dispatch_parts(gpu, m, call, &[&y, &wb, &table.parts[0].buffer, &tokens, &h], &s);
+    (read(gpu, &y, m.rows).await, read(gpu, &h, m.cols).await)
+}
+
+/// The first layer's products that look the token's embedding up themselves (one-token calls) equal, bit for bit,
+/// the dispatches they replace: the embedding lookup, then the product that takes the norm itself; h holds the
+/// row afterwards exactly where the product is told to write it. And the product against the CPU's. Every table
+/// type with each product type in `types`.
+pub async fn embed_norm_products_equal_embed_then_norm_product(gpu: &Gpu, types: &[GgmlDType]) {
+    let eps = 1e-5f32;
+    // The last row and a middle one, of a table of 41; Gemma's scale and none.
+    let (table_rows, token_scales) = (41, [(40u32, 25.3f32), (17, 1.0)]);
+    for &dtype in types {
+        // 37 rows, not a multiple of a workgroup's; 576 columns as SmolLM2's residual, 512 for the K-quants.
+        let k_quant = |t: GgmlDType| matches!(t, GgmlDType::Q4K | GgmlDType::Q6K);
+        for table_type in saif_engine::gguf::SUPPORTED_TYPES {
+            let cols = if k_quant(dtype) || k_quant(table_type) { 512 } else { 576 };
+            let q = quantized(37, cols, dtype, 61);
+            let m = GpuMatrix::upload(gpu, "m", dtype, 37, cols, &q.data().unwrap()).unwrap();
+            let m_cpu = QuantMatrix::new("m", std::sync::Arc::new(q)).unwrap();
+            let t = quantized(table_rows, cols, table_type, 62);
+            let table = GpuMatrix::upload(gpu, "table", table_type, table_rows, cols, &t.data().unwrap()).unwrap();
+            let table_cpu = QuantMatrix::new("table", std::sync::Arc::new(t)).unwrap();
+            let kernels = Kernels::new(gpu, &[table_type]).unwrap();
+            let weights = noise(cols, 63);
+            let h0 = noise(cols, 64);
+            for (token, scale) in token_scales {
+                let what = format!("{dtype:?} product, {table_type:?} table, token {token}");
+                let row = gpu_embed(gpu, &kernels, &table, &[token], scale).await;
+                let want =
+                    gpu_product_of(gpu, &kernels, &m, &row, 1, false, 0, Epilogue::Store, None, Some((&weights, eps)))
+                        .await;
+                for writes_h in [true, false] {
+                    let (got, h) =
+                        gpu_embed_norm_product(gpu, &kernels, &m, &table, token, scale, (&weights, eps), writes_h, &h0)
+                            .await;
+                    assert_eq!(got, want, "{what}: the product");
+                    assert_eq!(&h, if writes_h { &row } else { &h0 }, "{what}: h, written {writes_h}");
+                }
+                let mut row_cpu = vec![0f32; cols];
+                table_cpu.dequantize_rows(token as usize, &mut row_cpu).unwrap();
+                let row_cpu: Vec<f32> = row_cpu.iter().map(|v| v * scale).collect();
+                let want_cpu = m_cpu.matmul(&rms_norm_cpu(&row_cpu, &weights, eps)).unwrap();
+                let (got, _) =
+                    gpu_embed_norm_product(gpu, &kernels, &m, &table, token, scale, (&weights, eps), true, &h0).await;
+                assert_close(&got, &want_cpu, 1e-4, &format!("{what}: against the CPU"));
+            }
+        }
+    }
+}
+
+/// `m x` for one input row `x` by a product that keeps each workgroup's largest sum (matmul_largest.wgsl), taking
+/// the RMSNorm (`norm`: weights, epsilon) itself where given: the logits, and the token `pick_largest` picks from
+/// the largest sums.
+async fn gpu_greedy_head(
+    gpu: &Gpu,
+    kernels: &Kernels,
+    m: &GpuMatrix,
+    x: &[f32],
+    norm: Option<(&[f32], f32)>,
+) -> (Vec<f32>, u32) {
+    let epilogue = Epilogue::StoreKeepingLargest;
+    let slots: usize = m.parts.iter().map(|p| p.rows.div_ceil(matmul_rows_per_group(gpu) as usize)).sum();
+    let (y, largest) = (gpu.storage("y", (m.rows * 4) as u64), gpu.storage("largest", (slots * 8) as u64));
+    let (xb, s) = (floats(gpu, x), step(gpu, 1, 0));
+    let (pair, normalized);
+    let kernel: &Kernel = match norm {
+        None => {
+            pair = kernels.matmul(gpu, m.dtype, epilogue).unwrap();
+            pair.pick(false)
+        }
+        Some(_) => {
+            normalized = kernels.normalized_matmul(gpu, m.dtype, epilogue, m.cols, NormalizedInput::Norm).unwrap();
+            &normalized
+        }
+    };
+    let norm_weights = norm.map(|(w, _)| floats(gpu, w));
+    let mut buffers = vec![&xb, &y];
+    buffers.extend(&norm_weights);
+    buffers.push(&largest);
+    let eps = norm.map_or(0.0, |n| n.1);
+    let call = PartsCall {
+        kernel,
+        epilogue,
+        start: 0,
+        last_only: false,
+        eps,
+        add: false,
+        write_sum: false,
+        table: (0, 1.0),
+        tiles: 1,
+    };
+    dispatch_parts(gpu, m, call, &buffers, &s);
+    let staging = gpu.readback("test read", (slots * 8) as u64);
+    let mut encoder = gpu.device.create_command_encoder(&Default::default());
+    encoder.copy_buffer_to_buffer(&largest, 0, &staging, 0, (slots * 8) as u64);
+    gpu.queue.submit([encoder.finish()]);
+    let bytes = gpu.read(&staging, (slots * 8) as u64).await.unwrap();
+    let pairs: Vec<u32> = bytes.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect();
+    (read(gpu, &y, m.rows).await, saif_engine::gpu::model::pick_largest(&pairs))
+}
+
+/// An LM head that keeps each workgroup's largest logit for a greedy pick writes the plain product's logits, bit for
+/// bit, and `pick_largest` picks `sampler::argmax` of them: the maximum tied between rows of one workgroup and of
+/// two, a NaN logit before it, rows over three buffers, every logit negative, and every logit -inf (argmax's 0).
+/// With and without the norm taken inside the product.
+pub async fn largest_products_pick_as_argmax(gpu: &Gpu) {
+    let kernels = Kernels::new(gpu, &[]).unwrap();
+    let (rows, cols, eps) = (150, 64, 1e-5f32);
+    let x: Vec<f32> = noise(cols, 71).iter().map(|v| v.abs() + 0.1).collect();
+    let norm = noise(cols, 72).iter().map(|v| v.abs() + 0.1).collect::<Vec<f32>>();
+    let mut weights = noise(rows * cols, 73);
+    // Rows 9, 11 and 140 (one workgroup of 64 rows, and another; several of 4) are one large row.
+    let top: Vec<f32> = noise(cols, 74).iter().map(|v| v.abs() * 4.0).collect();
+    for r in [9, 11, 140] {
+        weights[r * cols..(r + 1) * cols].copy_from_slice(&top);
+    }
+    weights[2 * cols] = f32::NAN;
+    // Every logit negative (the keys of negative numbers run the other way), the largest at rows 77 and 120 (for
+    // any positive input); and every logit -inf.
+    let mut negative: Vec<f32> = weights.iter().map(|w| -w.abs() - 1.0).collect();
+    let small: Vec<f32> = top.iter().map(|v| -v * 0.001).collect();
+    for r in [77, 120] {
+        negative[r * cols..(r + 1) * cols].copy_from_slice(&small);
+    }
+    let all_minus_infinity = vec![f32::NEG_INFINITY; rows * cols];
+    for (values, want) in [(&weights, 9), (&negative, 77), (&all_minus_infinity, 0)] {
+        let bytes: &[u8] = bytemuck::cast_slice(values);
+        // Three buffers of at most 60 rows.
+        let m =
+            GpuMatrix::upload_with_limit(gpu, "head", GgmlDType::F32, rows, cols, bytes, 60 * cols * 4 + 4).unwrap();
+        assert_eq!(m.parts.len(), 3);
+        for taken_norm in [None, Some((&norm[..], eps))] {
+            let what = format!("want {want}, norm inside {}", taken_norm.is_some());
+            let plain = match taken_norm {
+                None => gpu_matmul(gpu, &kernels, &m, &x, 1, false, 0).await,
+                Some(n) => gpu_product_of(gpu, &kernels, &m, &x, 1, false, 0, Epilogue::Store, None, Some(n)).await,
+            };
+            let (logits, token) = gpu_greedy_head(gpu, &kernels, &m, &x, taken_norm).await;
+            assert_eq!(
+                logits.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                plain.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{what}: the logits"
+            );
+            assert_eq!(token, saif_engine::sampler::argmax(&logits), "{what}: argmax");
+            assert_eq!(token, want, "{what}");
+        }
     }
 }
 

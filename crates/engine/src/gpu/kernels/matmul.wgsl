@@ -15,10 +15,14 @@
 //   3  Y = silu(sum_gate) * sum_up               (SwiGLU, likewise)
 // In 2 and 3, P.rows counts output rows and W has twice as many; row r's up row is r + P.rows.
 //
-// The activations `X4` and `input_row` come from one of three snippets gpu/kernels.rs appends: matmul_input.wgsl
+// The activations `X4` and `input_row` come from one of four snippets gpu/kernels.rs appends: matmul_input.wgsl
 // reads X as it is; matmul_input_norm.wgsl (one token per workgroup) first takes the RMSNorm that precedes the
 // product, writing the normalized row into workgroup memory, so that a decoding step needs no norm dispatch;
-// matmul_input_add_norm.wgsl (likewise) first takes Gemma's residual add of a post-normalized output too.
+// matmul_input_add_norm.wgsl (likewise) first takes Gemma's residual add of a post-normalized output too;
+// matmul_input_embed_norm.wgsl (likewise) looks the token's embedding up itself, for the first layer.
+//
+// Every workgroup ends in `finish_group`: nothing, or for an LM head picking greedily (matmul_largest.wgsl), the
+// workgroup's largest sum and its row, so that the token needs no select dispatch.
 
 override TILE: u32 = 1u;
 override LANES: u32 = 16u;
@@ -35,8 +39,12 @@ struct Params {
     groups_x: u32,    // workgroups along x (the row groups may exceed one dispatch dimension)
     eps: f32,         // matmul_input_norm.wgsl and matmul_input_add_norm.wgsl: the norm's epsilon
     add: u32,         // matmul_input_add_norm.wgsl: 1: add the normalized output first
-    write_sum: u32,   // matmul_input_add_norm.wgsl: 1: row group 0 writes the sum
+    write_sum: u32,   // matmul_input_add_norm.wgsl and matmul_input_embed_norm.wgsl: 1: row group 0 writes h
+    table_row_bytes: u32, // matmul_input_embed_norm.wgsl: bytes per row of the embedding table
+    table_scale: f32,     // matmul_input_embed_norm.wgsl: the embedding's scale (embed.wgsl's P.scale)
+    first_group: u32,     // matmul_largest.wgsl: the slot of this buffer's first row group
     pad0: u32,
+    pad1: u32,
 }
 
 @group(0) @binding(0) var<storage, read> W: array<u32>;
@@ -94,4 +102,5 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             }
         }
     }
+    finish_group(wg.x + wg.y * P.groups_x, li, lane == 0u && r < P.rows, acc[0], r);
 }
