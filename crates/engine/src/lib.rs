@@ -18,6 +18,7 @@ pub mod hooks;
 pub mod model;
 pub mod quant;
 pub mod sampler;
+mod team;
 pub mod tokenizer;
 
 mod engine;

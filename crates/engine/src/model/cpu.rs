@@ -24,11 +24,10 @@
 //! but at near-ties).
 
 use std::io::{Read, Seek};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
-use rayon::prelude::*;
 
 use super::activations;
 use super::kv_cache::KvCache;
@@ -38,6 +37,7 @@ use crate::error::{EngineError, Result, TensorContext};
 use crate::gguf::GgufFile;
 use crate::hooks::{Capture, Hooks, Segment};
 use crate::quant::{self, QuantMatrix, RowForm, BATCH_INVARIANT_ROWS};
+use crate::team;
 
 /// Choices made when loading, not stored in the file.
 #[derive(Debug, Clone, Default)]
@@ -335,7 +335,8 @@ impl CpuModel {
         let outs: Result<Vec<Tensor>> = if tasks.len() == 1 {
             tasks.into_iter().map(attend).collect()
         } else {
-            tasks.into_par_iter().map(attend).collect()
+            let tasks: Vec<Mutex<Option<_>>> = tasks.into_iter().map(|task| Mutex::new(Some(task))).collect();
+            team::map(tasks.len(), |i| attend(take_task(&tasks[i]))).into_iter().collect()
         };
         self.sequences = sequences;
         let mut outs = outs?;
@@ -368,7 +369,9 @@ impl CpuModel {
         let done: Result<()> = if tasks.len() == 1 {
             out.chunks_exact_mut(q_dim).zip(tasks).enumerate().try_for_each(attend)
         } else {
-            out.par_chunks_exact_mut(q_dim).zip(tasks).enumerate().try_for_each(attend)
+            let tasks: Vec<Mutex<Option<_>>> =
+                out.chunks_exact_mut(q_dim).zip(tasks).map(|task| Mutex::new(Some(task))).collect();
+            team::map(tasks.len(), |i| attend((i, take_task(&tasks[i])))).into_iter().collect()
         };
         self.sequences = sequences;
         done?;
@@ -566,7 +569,7 @@ impl CpuModel {
         // parking the caller and waking it again (SmolLM2's decoding on 2 cores: 30 tokens/s before, 36 after).
         // The plain wasm build has no threads: the pass runs here.
         #[cfg(any(not(target_arch = "wasm32"), target_feature = "atomics"))]
-        return rayon::scope(|_| self.forward_calls_here(calls, logits, row_form));
+        return rayon::scope(|scope| team::with_team(scope, || self.forward_calls_here(calls, logits, row_form)));
         #[cfg(all(target_arch = "wasm32", not(target_feature = "atomics")))]
         self.forward_calls_here(calls, logits, row_form)
     }
@@ -690,10 +693,7 @@ impl CpuModel {
             LogitsWanted::Last if calls.len() == 1 => {
                 vec![StepOutput { logits: flat, all_logits: None, captures: captures.pop().unwrap_or_default() }]
             }
-            LogitsWanted::Last => flat
-                .par_chunks_exact(vocab)
-                .map(<[f32]>::to_vec)
-                .collect::<Vec<_>>()
+            LogitsWanted::Last => team::map(calls.len(), |i| flat[i * vocab..(i + 1) * vocab].to_vec())
                 .into_iter()
                 .zip(captures)
                 .map(|(logits, captures)| StepOutput { logits, all_logits: None, captures })
@@ -1029,4 +1029,9 @@ mod tests {
             assert_eq!(bits(&got), bits(&want), "width {width}");
         }
     }
+}
+
+/// A parallel task's item, taken by the one task that runs it (`team::map` hands out indices, not items).
+fn take_task<T>(slot: &Mutex<Option<T>>) -> T {
+    slot.lock().unwrap_or_else(|e| e.into_inner()).take().expect("each task runs once")
 }

@@ -8,7 +8,6 @@ use std::cell::RefCell;
 use std::sync::{Arc, OnceLock};
 
 use candle_core::quantized::{GgmlDType, QTensor};
-use rayon::prelude::*;
 
 use crate::error::{EngineError, Result, TensorContext};
 use crate::gguf::type_name;
@@ -303,7 +302,8 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
     // value is written once: the bands of a matrix cover its rows.
     let mut outs: Vec<Vec<f32>> = jobs.iter().map(|(q, _)| Vec::with_capacity(m * q.rows)).collect();
     let starts: Vec<SendPtr> = outs.iter_mut().map(|out| SendPtr(out.as_mut_ptr())).collect();
-    tasks.par_iter().for_each(|&(j, first, count)| {
+    crate::team::for_each(tasks.len(), |task| {
+        let (j, first, count) = tasks[task];
         let (q, form) = jobs[j];
         let rows = &raws[j][first * q.row_bytes()..(first + count) * q.row_bytes()];
         // SAFETY: `outs[j]` has room for `m x q.rows` values; this task alone writes columns `first..first +
