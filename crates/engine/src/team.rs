@@ -105,7 +105,7 @@ pub fn for_each(count: usize, run: impl Fn(usize) + Sync) {
                 resume_unwind(panic);
             }
         }
-        _ => (0..count).into_par_iter().for_each(|i| run(i)),
+        _ => (0..count).into_par_iter().for_each(&run),
     }
 }
 

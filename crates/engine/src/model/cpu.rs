@@ -984,6 +984,11 @@ fn softmax_in_place(x: &mut [f32]) {
     }
 }
 
+/// A parallel task's item, taken by the one task that runs it (`team::map` hands out indices, not items).
+fn take_task<T>(slot: &Mutex<Option<T>>) -> T {
+    slot.lock().unwrap_or_else(|e| e.into_inner()).take().expect("each task runs once")
+}
+
 #[cfg(test)]
 mod tests {
     use super::{softmax_in_place, weighted_sum};
@@ -1029,9 +1034,4 @@ mod tests {
             assert_eq!(bits(&got), bits(&want), "width {width}");
         }
     }
-}
-
-/// A parallel task's item, taken by the one task that runs it (`team::map` hands out indices, not items).
-fn take_task<T>(slot: &Mutex<Option<T>>) -> T {
-    slot.lock().unwrap_or_else(|e| e.into_inner()).take().expect("each task runs once")
 }
