@@ -272,17 +272,6 @@ fn rows_product(w: &Unpacked, first: usize, x: &Lanes, layout: Layout, out: &mut
 /// How many weight rows ahead of the ones being multiplied `band` asks the CPU to fetch from memory.
 const AHEAD: usize = 4 * ROWS;
 
-/// Asks the CPU to bring `bytes` into its L2 cache, where it can be asked (x86-64); nothing elsewhere. Asked into L1,
-/// four weight rows' lines at once stalled the core: Gemma's 16-row output product took 21 ms against 15.
-fn prefetch(bytes: Option<&[u8]>) {
-    #[cfg(target_arch = "x86_64")]
-    for line in bytes.unwrap_or_default().chunks(64) {
-        // SAFETY: a prefetch reads nothing the program sees and cannot fault; the address is inside `bytes`.
-        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(line.as_ptr().cast()) };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = bytes;
-}
 
 /// Weight rows whose results are gathered before they are written out (`band`): 32 KB for sixteen lanes.
 const RUN: usize = 512;
@@ -380,7 +369,7 @@ fn gather(
         let length = RUN.min(count - run);
         for r0 in (run..run + length).step_by(ROWS) {
             let n = ROWS.min(run + length - r0);
-            prefetch(rows.get((r0 + AHEAD) * row_bytes..(r0 + AHEAD + ROWS) * row_bytes));
+            super::prefetch(rows.get((r0 + AHEAD) * row_bytes..(r0 + AHEAD + ROWS) * row_bytes));
             let mut first_lane = 0;
             for x in chunks {
                 product(r0, x, &mut out[..n]);

@@ -246,24 +246,28 @@ impl QuantMatrix {
 /// How far ahead of the row being multiplied a decoding step's products ask for the weights.
 const PREFETCH_AHEAD_BYTES: usize = 2048;
 
-/// Asks the CPU to bring the row that comes about `PREFETCH_AHEAD_BYTES` after row `r` of `rows` into the cache
-/// (x86-64 only). A decoding step reads each weight row once, in order; on a Xeon of this kind the hardware
-/// prefetcher fell behind: the Q8_0 integer kernel read 5.8 GB/s of rows where a plain stream reads 14, and 10.5
-/// with the rows 1.5-3 KB ahead prefetched (docs/benchmarks.md).
+/// Asks the CPU to bring the row that comes about `PREFETCH_AHEAD_BYTES` after row `r` of `rows` into its cache.
+/// A decoding step reads each weight row once, in order; on a Xeon of this kind the hardware prefetcher fell
+/// behind: the Q8_0 integer kernel read 5.8 GB/s of rows where a plain stream reads 14, and 10.5 with the rows
+/// 1.5-3 KB ahead prefetched (docs/benchmarks.md). Into L1 or L2 measured the same.
 #[inline(always)]
 fn prefetch_row_ahead(rows: &[u8], r: usize, row_bytes: usize) {
+    let ahead = r + PREFETCH_AHEAD_BYTES.div_ceil(row_bytes);
+    prefetch(rows.get(ahead * row_bytes..(ahead + 1) * row_bytes));
+}
+
+/// Asks the CPU to bring `bytes` into its L2 cache, where it can be asked (x86-64); nothing elsewhere. Asked into L1,
+/// four weight rows' lines at once stalled the core in a batched step: Gemma's 16-row output product took 21 ms
+/// against 15 (`int8_rows`).
+#[inline(always)]
+fn prefetch(bytes: Option<&[u8]>) {
     #[cfg(target_arch = "x86_64")]
-    {
-        let ahead = r + PREFETCH_AHEAD_BYTES.div_ceil(row_bytes);
-        if let Some(row) = rows.get(ahead * row_bytes..(ahead + 1) * row_bytes) {
-            for line in row.chunks(64) {
-                // SAFETY: a prefetch only hints the cache; the address is inside `rows`.
-                unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(line.as_ptr().cast()) };
-            }
-        }
+    for line in bytes.unwrap_or_default().chunks(64) {
+        // SAFETY: a prefetch reads nothing the program sees and cannot fault; the address is inside `bytes`.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(line.as_ptr().cast()) };
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (rows, r, row_bytes);
+    let _ = bytes;
 }
 
 /// The products of `jobs` (matrices of the same width, each in its form) on the activations `x`, in one parallel
