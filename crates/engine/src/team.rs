@@ -12,6 +12,9 @@
 //! parallel loops to them, or to rayon outside a team. Tasks are claimed one at a time from a single atomic word
 //! that holds the job's generation, its task count and the next task, so a helper can never run a task of a job
 //! that has ended.
+// The plain wasm build has no threads: its passes run without a team, and `for_each` falls back to rayon's
+// sequential shim.
+#![cfg_attr(all(target_arch = "wasm32", not(target_feature = "atomics")), allow(dead_code))]
 
 use std::cell::Cell;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
