@@ -1,6 +1,7 @@
 //! The transformer on the GPU: the same steps as `model::cpu`, as plans of kernel dispatches built once at load
 //! (`plan.rs`: pipelines, bind groups and parameter blocks are never recreated), recorded into one command encoder
-//! per forward call. Only the call's size (tokens, position) is written per call; decoding reads back one token id.
+//! per forward call. Only the call's size (tokens, position) is written per call; decoding reads back one token id
+//! (random sampling, select.wgsl) or one largest logit per workgroup of the LM head (greedy, `pick_largest`).
 //! Hooks sit between layers: reads copy h out, steering vectors and projections are dispatches of their own.
 
 use std::io::{Read, Seek};

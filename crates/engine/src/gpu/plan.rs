@@ -515,8 +515,8 @@ impl Planner<'_> {
                     Prologue::Norm(weights) => buffers.push(weights),
                     Prologue::EmbedNorm { weights, table, .. } => {
                         // No input rows: the product looks them up in the table's one buffer.
-                        buffers = vec![&part.buffer, y, weights, &table.parts[0].buffer, &self.scratch.tokens];
-                        buffers.push(&self.scratch.h);
+                        let (table, tokens, h) = (&table.parts[0].buffer, &self.scratch.tokens, &self.scratch.h);
+                        buffers = vec![&part.buffer, y, weights, table, tokens, h];
                     }
                     Prologue::AddNorm(input, _) => {
                         // Without an output to add, the norm's weights and the sum's buffer stand in for the

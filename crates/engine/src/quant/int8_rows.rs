@@ -272,7 +272,6 @@ fn rows_product(w: &Unpacked, first: usize, x: &Lanes, layout: Layout, out: &mut
 /// How many weight rows ahead of the ones being multiplied `band` asks the CPU to fetch from memory.
 const AHEAD: usize = 4 * ROWS;
 
-
 /// Weight rows whose results are gathered before they are written out (`band`): 32 KB for sixteen lanes.
 const RUN: usize = 512;
 

@@ -1,5 +1,6 @@
 // Picking the next token on the GPU, so that decoding reads back one token id instead of the logits. One
-// workgroup scans the vocabulary. Greedy: the first maximum. Random: keep the tokens at least as likely as the
+// workgroup scans the vocabulary. Greedy: the first maximum (where the LM head has no softcap, a greedy pick skips
+// this kernel: the LM head keeps each workgroup's largest logit itself, matmul_largest.wgsl). Random: keep the tokens at least as likely as the
 // k-th (top-k) and then those whose mass first reaches p (top-p), both thresholds found by bisection on the
 // logits' order-preserving integer keys, and take the kept token with the largest l / T + Gumbel noise, the noise
 // hashed from (seed, step, token). CPU twin, draw for draw: crates/engine/src/sampler.rs (`pick`).
