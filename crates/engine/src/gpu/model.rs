@@ -70,7 +70,7 @@ pub struct GpuModel {
 /// token greedily (`pick_largest`).
 struct GreedyHead {
     ops: Vec<Op>,
-    /// `slots` pairs (largest logit's bits, its row), and their readback.
+    /// `slots` pairs (the largest logit's order-preserving key, its row), and their readback.
     largest: wgpu::Buffer,
     largest_read: wgpu::Buffer,
     slots: usize,

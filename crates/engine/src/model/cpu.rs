@@ -566,8 +566,9 @@ impl CpuModel {
     ) -> Result<Vec<StepOutput>> {
         // Natively and in the browser's threaded build, the whole pass runs on one of rayon's threads, so that
         // each of its ~200 parallel matrix products per token forks and joins among the pool's threads instead of
-        // parking the caller and waking it again (SmolLM2's decoding on 2 cores: 30 tokens/s before, 36 after).
-        // The plain wasm build has no threads: the pass runs here.
+        // parking the caller and waking it again (SmolLM2's decoding on 2 cores: 30 tokens/s before, 36 after),
+        // and the pool's other threads spin through the pass as its team (`team.rs`), so that no product waits
+        // for a sleeping thread to wake. The plain wasm build has no threads: the pass runs here.
         #[cfg(any(not(target_arch = "wasm32"), target_feature = "atomics"))]
         return rayon::scope(|scope| team::with_team(scope, || self.forward_calls_here(calls, logits, row_form)));
         #[cfg(all(target_arch = "wasm32", not(target_feature = "atomics")))]
