@@ -18,6 +18,7 @@ const MATMUL_INPUT: &str = include_str!("kernels/matmul_input.wgsl");
 const MATMUL_INPUT_NORM: &str = include_str!("kernels/matmul_input_norm.wgsl");
 const MATMUL_INPUT_ADD_NORM: &str = include_str!("kernels/matmul_input_add_norm.wgsl");
 const MATMUL_INPUT_EMBED_NORM: &str = include_str!("kernels/matmul_input_embed_norm.wgsl");
+const MATMUL_INPUT_NORMALIZE: &str = include_str!("kernels/matmul_input_normalize.wgsl");
 const MATMUL_LARGEST: &str = include_str!("kernels/matmul_largest.wgsl");
 const MATMUL_LANES: &str = include_str!("kernels/matmul_lanes.wgsl");
 const MATMUL_LANES_SUBGROUP: &str = include_str!("kernels/matmul_lanes_subgroup.wgsl");
@@ -398,8 +399,10 @@ impl Kernels {
         }
         let snippet = match input {
             NormalizedInput::Norm => MATMUL_INPUT_NORM.to_string(),
-            NormalizedInput::AddNorm => MATMUL_INPUT_ADD_NORM.to_string(),
-            NormalizedInput::EmbedNorm(table) => format!("{MATMUL_INPUT_EMBED_NORM}\n{}", table_decoder(table)?),
+            NormalizedInput::AddNorm => format!("{MATMUL_INPUT_ADD_NORM}\n{MATMUL_INPUT_NORMALIZE}"),
+            NormalizedInput::EmbedNorm(table) => {
+                format!("{MATMUL_INPUT_EMBED_NORM}\n{MATMUL_INPUT_NORMALIZE}\n{}", table_decoder(table)?)
+            }
         };
         let prefix = match input {
             NormalizedInput::Norm => "norm + ",

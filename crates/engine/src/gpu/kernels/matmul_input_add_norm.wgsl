@@ -17,8 +17,8 @@ override INPUT_VEC4S: u32 = 160u; // P.cols / 4, at most gpu/kernels.rs's MAX_NO
 var<workgroup> X4: array<vec4<f32>, INPUT_VEC4S>;
 
 // Adds and normalizes input row `row` into X4 and returns its first vec4 there, 0; `first_group`: this is row
-// group 0's workgroup. Every thread must call it. Threads write whole vec4s of X4, and sum the squares of the
-// values li, li + 64, ... as rmsnorm.wgsl does, reading them back after a barrier.
+// group 0's workgroup. Every thread must call it. Threads write whole vec4s of X4, which
+// matmul_input_normalize.wgsl's `normalize_input` then normalizes.
 fn input_row(row: u32, li: u32, first_group: bool) -> u32 {
     let base = row * P.cols;
     var post = 0.0;
@@ -45,17 +45,6 @@ fn input_row(row: u32, li: u32, first_group: bool) -> u32 {
             H_OUT[base + i + 3u] = h.w;
         }
     }
-    workgroupBarrier();
-    var squares = 0.0;
-    for (var i = li; i < P.cols; i += 64u) {
-        let h = X4[i / 4u][i % 4u];
-        squares += h * h;
-    }
-    let r = row_inverse_rms(squares, li, P.cols, P.eps);
-    for (var v = li; v < P.cols / 4u; v += 64u) {
-        let i = 4u * v;
-        X4[v] = X4[v] * r * vec4<f32>(NORM[i], NORM[i + 1u], NORM[i + 2u], NORM[i + 3u]);
-    }
-    workgroupBarrier();
+    normalize_input(li);
     return 0u;
 }
