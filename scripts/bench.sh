@@ -4,9 +4,11 @@
 #      where there is no GPU), side by side with llama.cpp on the same files: prefill of a 128-token prompt, 64
 #      tokens decoded one at a time after it, median of 5 runs; llama-bench pp128 / tg64 with the same thread
 #      count, 5 repetitions;
-#   2. the app's benchmark page in headless Chromium, on WebGPU (SwiftShader without a GPU) and on the CPU
+#   2. batched decoding on the CPU: 16 sequences at once against one alone, timed by the same saif bench call
+#      (exact and --int8; 32-token prompts, 64 tokens decoded, median of 3 runs);
+#   3. the app's benchmark page in headless Chromium, on WebGPU (SwiftShader without a GPU) and on the CPU
 #      (WebAssembly): a 32-token prompt, 16 decoded tokens, median of 3 runs;
-#   3. time to first token in the page for a model already in the browser's cache (tests/e2e/ttft.mjs): from the
+#   4. time to first token in the page for a model already in the browser's cache (tests/e2e/ttft.mjs): from the
 #      visit to the model being ready, and from the click on Generate to the first token shown, median of 3 visits.
 # llama.cpp comes from a registry package: the source distribution of llama-cpp-python on PyPI vendors it. It is
 # built once into ~/.cache/saif/llama.cpp (a few minutes); nothing of it is committed.
@@ -93,6 +95,25 @@ print(f"| {model} | ratio saif cpu / llama.cpp | {cpu['prefill_tokens_per_s'] / 
 print(f"| {model} | ratio saif cpu --int8 / llama.cpp | {int8['prefill_tokens_per_s'] / pp:.2f} | {int8['decode_tokens_per_s'] / tg:.2f} | | | | |")
 print(f"| {model} | ratio saif wgpu / saif cpu | {gpu['prefill_tokens_per_s'] / cpu['prefill_tokens_per_s']:.2f} | {gpu['decode_tokens_per_s'] / cpu['decode_tokens_per_s']:.2f} | | | | |")
 EOF
+done
+
+# Batched decoding, for evaluations and sweeps: 16 sequences decoding together against one sequence alone, both
+# timed by the same saif bench call (a 32-token prompt each, 64 tokens decoded, median of 3 runs).
+printf '\n## Batched decoding on the CPU (16 sequences, 32-token prompts, 64 tokens decoded, median of 3)\n\n'
+printf '| model | products | one sequence (tokens/s) | 16 sequences (tokens/s, all together) | ratio |\n|---|---|---|---|---|\n'
+for model in SmolLM2-135M-Instruct.Q4_1.gguf gemma-3-270m-q4_k_m.gguf; do
+  for mode in exact int8; do
+    flag=(); [ "$mode" = int8 ] && flag=(--int8)
+    target/release/saif bench "${flag[@]}" --batch 16 --model "$SAIF_MODELS/$model" --prompt-tokens 32 \
+      --decode-tokens 64 --runs 3 --no-hooks --json >"$out/saif-cpu-batch16-$mode-$model.json" 2>/dev/null
+    python3 - "$out/saif-cpu-batch16-$mode-$model.json" "$model" "$mode" <<'EOF'
+import json, sys
+r, model, mode = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3]
+one, batched = r["decode_tokens_per_s"], r["batched_decode_tokens_per_s"]
+name = "exact" if mode == "exact" else "--int8 (8-bit activations)"
+print(f"| {model} | {name} | {one:.1f} | {batched:.1f} | {batched / one:.2f}x |")
+EOF
+  done
 done
 
 printf '\n## Headless Chromium, the app'"'"'s benchmark page (32-token prompt, 16 decoded tokens, median of 3)\n\n'
