@@ -500,12 +500,20 @@ impl CpuModel {
         cache_rows(&keys, |keys| {
             cache_rows(&values, |values| {
                 for (h, (qh, oh)) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)).enumerate() {
-                    for (w, j) in weights.iter_mut().zip(first..len) {
-                        let score = quant::dot(qh, keys.row(h / group, j));
-                        *w = match c.attn_softcap {
-                            Some(cap) => (score / cap).tanh() * cap,
-                            None => score,
-                        };
+                    // Four keys at a time: `dot4` is `dot` four times bit for bit, reading the query once and
+                    // summing each key's lanes without a call of its own.
+                    let key = |j: usize| keys.row(h / group, j);
+                    let mut scores = weights.chunks_exact_mut(4);
+                    for (t, four) in (&mut scores).enumerate() {
+                        let j = first + 4 * t;
+                        four.copy_from_slice(&quant::dot4(qh, [key(j), key(j + 1), key(j + 2), key(j + 3)]));
+                    }
+                    let done = len - first - scores.into_remainder().len();
+                    for (w, j) in weights[done..].iter_mut().zip(first + done..len) {
+                        *w = quant::dot(qh, key(j));
+                    }
+                    if let Some(cap) = c.attn_softcap {
+                        weights.iter_mut().for_each(|w| *w = (*w / cap).tanh() * cap);
                     }
                     softmax_in_place(&mut weights);
                     weighted_sum(oh, &weights, |j| values.row(h / group, first + j));
@@ -520,11 +528,24 @@ impl CpuModel {
         // On plain rows of values: the copies in and out of tensors around the activation and the gating took a
         // fifth of the MLP's time in a batched step.
         let [mut gated, up] = Linear::values_each([&l.gate, &l.up], m, row_form)?;
-        match self.config.activation {
-            Activation::GeluTanh => activations::gelu_tanh(&mut gated),
-            Activation::Silu => activations::silu(&mut gated),
+        let activation = self.config.activation;
+        let gate = |gated: &mut [f32], up: &[f32]| {
+            match activation {
+                Activation::GeluTanh => activations::gelu_tanh(gated),
+                Activation::Silu => activations::silu(gated),
+            }
+            gated.iter_mut().zip(up).for_each(|(g, u)| *g *= u);
+        };
+        // A batched step's rows are gated on the pass's threads (value by value, so in any split the same
+        // numbers): on one thread, SmolLM2's 16 rows of 1,536 took 2% of the step.
+        let ff = l.up.0.rows();
+        let rows = up.len() / ff;
+        if rows >= 4 {
+            let tasks: Vec<Mutex<Option<&mut [f32]>>> = gated.chunks_exact_mut(ff).map(|g| Mutex::new(Some(g))).collect();
+            team::for_each(rows, |i| gate(take_task(&tasks[i]), &up[i * ff..(i + 1) * ff]));
+        } else {
+            gate(&mut gated, &up);
         }
-        gated.iter_mut().zip(&up).for_each(|(g, u)| *g *= u);
         l.down.forward_values(&gated, row_form)
     }
 

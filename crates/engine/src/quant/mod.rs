@@ -285,7 +285,9 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
     // What the bands share, made once: the activation rows rounded to 8 bits, transposed for gemm, or their
     // block sums.
     let uses = |wanted: fn(&Form) -> bool| jobs.iter().any(|(_, form)| wanted(form));
+    // A batched step's rows are rounded on the pass's threads (each row alone, so the same in any split).
     let rounded: Vec<int8::Q8Row> = match uses(|form| matches!(form, Form::Int8 | Form::Int8Rows)) {
+        true if m >= 4 => crate::team::map(m, |i| int8::quantize(&x[i * k..(i + 1) * k])),
         true => x.chunks_exact(k).map(int8::quantize).collect(),
         false => Vec::new(),
     };
