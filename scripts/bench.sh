@@ -2,8 +2,8 @@
 # Speed of the engine on the offline models, everything measured in the same run on this machine:
 #   1. saif bench on the CPU (exact, and with --int8's 8-bit activations) and on wgpu (natively; Mesa's lavapipe
 #      where there is no GPU), side by side with llama.cpp on the same files: prefill of a 128-token prompt, 64
-#      tokens decoded one at a time after it, median of 5 runs; llama-bench pp128 / tg64 with the same thread
-#      count, 5 repetitions;
+#      tokens decoded one at a time after it; llama-bench pp128 / tg64 with the same thread count; the CPU engines
+#      in three alternated rounds of 3 runs each, the median of the rounds (wgpu: median of 5 runs);
 #   2. batched decoding on the CPU: 16 sequences at once against one alone, timed by the same saif bench call
 #      (exact and --int8; 32-token prompts, 64 tokens decoded, median of 3 runs);
 #   3. the app's benchmark page in headless Chromium, on WebGPU (SwiftShader without a GPU) and on the CPU
@@ -64,24 +64,42 @@ fi
 
 printf '\n## Native (%s, %s threads)\n\n' "$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)" "$threads"
 printf '| model | engine | prefill 128 (tokens/s) | decode 64 (tokens/s) | time to first token (ms) | hooks overhead | GPU memory (MB) | dispatches/token |\n|---|---|---|---|---|---|---|---|\n'
+# The CPU engines in alternated rounds (saif exact, saif --int8, llama.cpp; 3 runs each a round), each figure the
+# median of its rounds: this kind of machine drifts by a quarter within minutes, so an engine timed minutes after
+# another measured the hour as much as the engine. Each round's decoding speeds are listed under the table.
+rounds=3
+: >"$out/rounds.md"
 for model in SmolLM2-135M-Instruct.Q4_1.gguf gemma-3-270m-q4_k_m.gguf; do
   path="$SAIF_MODELS/$model"
-  for backend in cpu wgpu; do
-    target/release/saif bench --backend "$backend" --model "$path" --prompt-tokens 128 --decode-tokens 64 --runs 5 --json \
-      >"$out/saif-$backend-$model.json" 2>/dev/null
+  target/release/saif bench --backend wgpu --model "$path" --prompt-tokens 128 --decode-tokens 64 --runs 5 --json \
+    >"$out/saif-wgpu-$model.json" 2>/dev/null
+  for round in $(seq "$rounds"); do
+    target/release/saif bench --model "$path" --prompt-tokens 128 --decode-tokens 64 --runs 3 --json \
+      >"$out/saif-cpu-$model-$round.json" 2>/dev/null
+    target/release/saif bench --int8 --model "$path" --prompt-tokens 128 --decode-tokens 64 --runs 3 --json \
+      >"$out/saif-cpu-int8-$model-$round.json" 2>/dev/null
+    "$llama_bench" -m "$path" -p 128 -n 64 -t "$threads" -r 3 -o json >"$out/llama-$model-$round.json" 2>/dev/null
   done
-  target/release/saif bench --int8 --model "$path" --prompt-tokens 128 --decode-tokens 64 --runs 5 --json \
-    >"$out/saif-cpu-int8-$model.json" 2>/dev/null
-  "$llama_bench" -m "$path" -p 128 -n 64 -t "$threads" -r 5 -o json >"$out/llama-$model.json" 2>/dev/null
-  python3 - "$model" "$out" "$isa_name" <<'EOF'
-import json, sys
-model, out, isa = sys.argv[1], sys.argv[2], sys.argv[3]
-cpu = json.load(open(f"{out}/saif-cpu-{model}.json"))
+  python3 - "$model" "$out" "$isa_name" "$rounds" 3>>"$out/rounds.md" <<'EOF'
+import json, os, statistics, sys
+model, out, isa, rounds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+def median_of(name):
+    """The rounds' saif bench results, each number the median over the rounds."""
+    runs = [json.load(open(f"{out}/{name}-{model}-{r}.json")) for r in range(1, rounds + 1)]
+    merged = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            merged[key] = statistics.median(run[key] for run in runs)
+    merged["rounds"] = [run["decode_tokens_per_s"] for run in runs]
+    return merged
+cpu, int8 = median_of("saif-cpu"), median_of("saif-cpu-int8")
 gpu = json.load(open(f"{out}/saif-wgpu-{model}.json"))
-int8 = json.load(open(f"{out}/saif-cpu-int8-{model}.json"))
-llama = json.load(open(f"{out}/llama-{model}.json"))
-pp = next(r["avg_ts"] for r in llama if r["n_prompt"] > 0 and r["n_gen"] == 0)
-tg = next(r["avg_ts"] for r in llama if r["n_gen"] > 0 and r["n_prompt"] == 0)
+llama_rounds = [json.load(open(f"{out}/llama-{model}-{r}.json")) for r in range(1, rounds + 1)]
+def llama_speeds(prompt):
+    """Each round's llama-bench speed for the prompt (pp128) or the decoding (tg64)."""
+    return [next(x["avg_ts"] for x in run if (x["n_prompt"] > 0) == prompt and (x["n_gen"] > 0) != prompt)
+            for run in llama_rounds]
+pp, tg = statistics.median(llama_speeds(True)), statistics.median(llama_speeds(False))
 def row(name, r):
     hooks = f"{r['hooks_overhead_percent']:+.1f}%" if r.get("hooks_overhead_percent") is not None else ""
     mem = f"{r['gpu_memory_bytes'] / 1e6:.0f}" if r.get("gpu_memory_bytes") else ""
@@ -90,12 +108,19 @@ def row(name, r):
 row("saif cpu", cpu)
 row("saif cpu --int8 (8-bit activations, not exact)", int8)
 row(f"saif {gpu['backend']}", gpu)
-print(f"| {model} | llama.cpp {llama[0].get('build_commit', '')} cpu ({isa}) | {pp:.1f} | {tg:.1f} | | | | |")
+print(f"| {model} | llama.cpp {llama_rounds[0][0].get('build_commit', '')} cpu ({isa}) | {pp:.1f} | {tg:.1f} | | | | |")
 print(f"| {model} | ratio saif cpu / llama.cpp | {cpu['prefill_tokens_per_s'] / pp:.2f} | {cpu['decode_tokens_per_s'] / tg:.2f} | | | | |")
 print(f"| {model} | ratio saif cpu --int8 / llama.cpp | {int8['prefill_tokens_per_s'] / pp:.2f} | {int8['decode_tokens_per_s'] / tg:.2f} | | | | |")
 print(f"| {model} | ratio saif wgpu / saif cpu | {gpu['prefill_tokens_per_s'] / cpu['prefill_tokens_per_s']:.2f} | {gpu['decode_tokens_per_s'] / cpu['decode_tokens_per_s']:.2f} | | | | |")
+# Each round's decoding speeds, for the list under the table (file descriptor 3).
+each = lambda values: ", ".join(f"{v:.1f}" for v in values)
+with os.fdopen(3, "w") as rounds_file:
+    print(f"- {model}, decoding by round (tokens/s): saif cpu {each(cpu['rounds'])}; --int8 {each(int8['rounds'])}; "
+          f"llama.cpp {each(llama_speeds(False))}", file=rounds_file)
 EOF
 done
+printf '\n'
+cat "$out/rounds.md"
 
 # Batched decoding, for evaluations and sweeps: 16 sequences decoding together against one sequence alone, both
 # timed by the same saif bench call (a 32-token prompt each, 64 tokens decoded, median of 3 runs).
