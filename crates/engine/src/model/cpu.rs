@@ -541,7 +541,8 @@ impl CpuModel {
         let ff = l.up.0.rows();
         let rows = up.len() / ff;
         if rows >= 4 {
-            let tasks: Vec<Mutex<Option<&mut [f32]>>> = gated.chunks_exact_mut(ff).map(|g| Mutex::new(Some(g))).collect();
+            let tasks: Vec<Mutex<Option<&mut [f32]>>> =
+                gated.chunks_exact_mut(ff).map(|g| Mutex::new(Some(g))).collect();
             team::for_each(rows, |i| gate(take_task(&tasks[i]), &up[i * ff..(i + 1) * ff]));
         } else {
             gate(&mut gated, &up);
