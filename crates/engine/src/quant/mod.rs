@@ -22,6 +22,7 @@ pub mod blocks;
 pub mod int8;
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 mod int8_avx2;
+pub mod int8_lanes;
 pub mod int8_rows;
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 mod int8_vnni;
@@ -41,6 +42,9 @@ pub struct QuantMatrix {
     /// For a Q8_0 matrix multiplied in `Form::Int8Rows`: its blocks' terms, made at the first such product
     /// (`int8_rows::Q8Terms`). Shared by clones.
     q8_terms: Arc<OnceLock<int8_rows::Q8Terms>>,
+    /// For a Q4_1 matrix that rounds its activations, where the CPU runs `int8_lanes`' kernel: its rows repacked
+    /// for single sequences' decoding steps, made when told to round. As large as the matrix; shared by clones.
+    q4_1_lanes: Option<Arc<int8_lanes::Q4_1Lanes>>,
 }
 
 /// How the rows of a product may be computed (`QuantMatrix::matmul_each`).
@@ -82,7 +86,7 @@ impl QuantMatrix {
                 why: format!("rows of {cols} values do not split into {} blocks of {block}", type_name(tensor.dtype())),
             });
         }
-        Ok(Self { tensor, rows, cols, int8_activations: false, q8_terms: Arc::default() })
+        Ok(Self { tensor, rows, cols, int8_activations: false, q8_terms: Arc::default(), q4_1_lanes: None })
     }
 
     /// Products with the activations rounded to 8 bits and integer arithmetic, as llama.cpp computes them: faster,
@@ -90,6 +94,11 @@ impl QuantMatrix {
     /// weight type; prompts (`matmul` of more rows) and batched steps (`matmul_exact_rows`) where `int8_rows` does.
     pub fn with_int8_activations(mut self, on: bool) -> Self {
         self.int8_activations = on;
+        let repack = on && self.dtype() == GgmlDType::Q4_1 && int8_lanes::available();
+        self.q4_1_lanes = match (repack, self.raw()) {
+            (true, Ok(raw)) => Some(Arc::new(int8_lanes::Q4_1Lanes::new(&raw, self.rows, self.cols))),
+            _ => None,
+        };
         self
     }
 
@@ -214,7 +223,23 @@ impl QuantMatrix {
                 }
             }
             Form::Int8 => {
-                for r in 0..count {
+                // The band's whole groups of sixteen rows repacked (Q4_1 where the CPU has VNNI), the others one
+                // by one.
+                let mut grouped = 0..0;
+                if let Some(lanes) = &self.q4_1_lanes {
+                    const LANES: usize = int8_lanes::LANES;
+                    let groups = out.first.div_ceil(LANES)..((out.first + count) / LANES).min(lanes.groups());
+                    let mut values = [0f32; LANES];
+                    for g in groups.clone() {
+                        for (i, xi) in prepared.rounded.iter().enumerate() {
+                            lanes.group(g, xi, &mut values);
+                            out.write(i, g * LANES - out.first, &values);
+                        }
+                    }
+                    grouped =
+                        groups.start * LANES - out.first..(groups.end * LANES).max(groups.start * LANES) - out.first;
+                }
+                for r in (0..count).filter(|r| !grouped.contains(r)) {
                     prefetch_row_ahead(rows, r, row_bytes);
                     let row = &rows[r * row_bytes..(r + 1) * row_bytes];
                     for (i, xi) in prepared.rounded.iter().enumerate() {
@@ -325,7 +350,11 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
             let rows = jobs[j].0.rows;
             let per = ROWS_PER_TASK.max(rows.div_ceil(4 * rayon::current_num_threads()));
             let bands = (rows / per).max(1);
-            (0..bands).map(move |b| (j, b * rows / bands, (b + 1) * rows / bands - b * rows / bands))
+            // Bands of whole groups where a single sequence's step reads the rows in groups (`int8_lanes`).
+            let step =
+                if jobs[j].0.q4_1_lanes.is_some() && matches!(jobs[j].1, Form::Int8) { int8_lanes::LANES } else { 1 };
+            let start = move |b: usize| if b == bands { rows } else { b * rows / bands / step * step };
+            (0..bands).map(move |b| (j, start(b), start(b + 1) - start(b)))
         })
         .collect();
     // Each band writes its columns of its matrix's output rows in place: no band result to allocate, zero and
