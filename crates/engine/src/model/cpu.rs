@@ -201,7 +201,7 @@ fn linear_from(name: &str, q: Arc<QTensor>, rows: usize, cols: usize, int8_activ
             why: format!("expected shape [{rows}, {cols}], found {dims:?}"),
         });
     }
-    Ok(Linear(QuantMatrix::new(name, q)?.with_int8_activations(int8_activations)))
+    Ok(Linear(QuantMatrix::new(name, q)?.with_int8_activations(int8_activations).for_decoding()?))
 }
 
 impl CpuModel {

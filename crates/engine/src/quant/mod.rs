@@ -22,10 +22,10 @@ pub mod blocks;
 pub mod int8;
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 mod int8_avx2;
-pub mod int8_lanes;
 pub mod int8_rows;
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 mod int8_vnni;
+pub mod q4_1_lanes;
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 mod simd128;
 
@@ -42,9 +42,9 @@ pub struct QuantMatrix {
     /// For a Q8_0 matrix multiplied in `Form::Int8Rows`: its blocks' terms, made at the first such product
     /// (`int8_rows::Q8Terms`). Shared by clones.
     q8_terms: Arc<OnceLock<int8_rows::Q8Terms>>,
-    /// For a Q4_1 matrix that rounds its activations, where the CPU runs `int8_lanes`' kernel: its rows repacked
-    /// for single sequences' decoding steps, made when told to round. As large as the matrix; shared by clones.
-    q4_1_lanes: Option<Arc<int8_lanes::Q4_1Lanes>>,
+    /// For a Q4_1 matrix where the CPU runs `q4_1_lanes`' kernels: its rows repacked for single sequences'
+    /// decoding steps (`for_decoding`). As large as the matrix; shared by clones.
+    q4_1_lanes: Option<Arc<q4_1_lanes::Q4_1Lanes>>,
 }
 
 /// How the rows of a product may be computed (`QuantMatrix::matmul_each`).
@@ -94,12 +94,28 @@ impl QuantMatrix {
     /// weight type; prompts (`matmul` of more rows) and batched steps (`matmul_exact_rows`) where `int8_rows` does.
     pub fn with_int8_activations(mut self, on: bool) -> Self {
         self.int8_activations = on;
-        let repack = on && self.dtype() == GgmlDType::Q4_1 && int8_lanes::available();
-        self.q4_1_lanes = match (repack, self.raw()) {
-            (true, Ok(raw)) => Some(Arc::new(int8_lanes::Q4_1Lanes::new(&raw, self.rows, self.cols))),
-            _ => None,
-        };
         self
+    }
+
+    /// Repacks the rows as single sequences' decoding steps read them fastest, where the CPU has kernels for that
+    /// (Q4_1 with AVX-512, `q4_1_lanes`): a copy of the matrix, made once, for weights read at every token.
+    pub fn for_decoding(mut self) -> Result<Self> {
+        if self.dtype() == GgmlDType::Q4_1 && q4_1_lanes::available() {
+            let lanes = q4_1_lanes::Q4_1Lanes::new(&self.raw()?, self.rows, self.cols);
+            self.q4_1_lanes = Some(Arc::new(lanes));
+        }
+        Ok(self)
+    }
+
+    /// The repacked rows where `form` reads them (`for_decoding`): the exact products, and the 8-bit ones where the
+    /// CPU has VNNI.
+    fn lanes_for(&self, form: Form) -> Option<&q4_1_lanes::Q4_1Lanes> {
+        let reads = match form {
+            Form::Fused => true,
+            Form::Int8 => q4_1_lanes::int8_available(),
+            _ => false,
+        };
+        self.q4_1_lanes.as_deref().filter(|_| reads)
     }
 
     pub fn rows(&self) -> usize {
@@ -192,7 +208,10 @@ impl QuantMatrix {
         let (k, row_bytes, dtype, count) = (self.cols, self.row_bytes(), self.dtype(), out.count);
         match form {
             Form::Fused => {
-                for r in 0..count {
+                let grouped = self.each_group(out, form, |lanes, g, i, values| {
+                    lanes.exact_group(g, &x[i * k..(i + 1) * k], &prepared.totals[i], values)
+                });
+                for r in (0..count).filter(|r| !grouped.contains(r)) {
                     prefetch_row_ahead(rows, r, row_bytes);
                     let row = &rows[r * row_bytes..(r + 1) * row_bytes];
                     for i in 0..m {
@@ -223,22 +242,8 @@ impl QuantMatrix {
                 }
             }
             Form::Int8 => {
-                // The band's whole groups of sixteen rows repacked (Q4_1 where the CPU has VNNI), the others one
-                // by one.
-                let mut grouped = 0..0;
-                if let Some(lanes) = &self.q4_1_lanes {
-                    const LANES: usize = int8_lanes::LANES;
-                    let groups = out.first.div_ceil(LANES)..((out.first + count) / LANES).min(lanes.groups());
-                    let mut values = [0f32; LANES];
-                    for g in groups.clone() {
-                        for (i, xi) in prepared.rounded.iter().enumerate() {
-                            lanes.group(g, xi, &mut values);
-                            out.write(i, g * LANES - out.first, &values);
-                        }
-                    }
-                    grouped =
-                        groups.start * LANES - out.first..(groups.end * LANES).max(groups.start * LANES) - out.first;
-                }
+                let grouped =
+                    self.each_group(out, form, |lanes, g, i, values| lanes.int8_group(g, &prepared.rounded[i], values));
                 for r in (0..count).filter(|r| !grouped.contains(r)) {
                     prefetch_row_ahead(rows, r, row_bytes);
                     let row = &rows[r * row_bytes..(r + 1) * row_bytes];
@@ -265,6 +270,30 @@ impl QuantMatrix {
                 });
             }
         }
+    }
+
+    /// The band's whole groups of sixteen rows where `form` reads them repacked (`lanes_for`): `group(lanes, g, i,
+    /// values)` for each group g and activation row i, written out. Returns the band's rows it wrote (the others
+    /// are left to the one-row kernels).
+    fn each_group(
+        &self,
+        out: &mut Columns,
+        form: Form,
+        group: impl Fn(&q4_1_lanes::Q4_1Lanes, usize, usize, &mut [f32; q4_1_lanes::LANES]),
+    ) -> std::ops::Range<usize> {
+        const LANES: usize = q4_1_lanes::LANES;
+        let Some(lanes) = self.lanes_for(form) else {
+            return 0..0;
+        };
+        let groups = out.first.div_ceil(LANES)..((out.first + out.count) / LANES).min(lanes.groups());
+        let mut values = [0f32; LANES];
+        for g in groups.clone() {
+            for i in 0..out.m {
+                group(lanes, g, i, &mut values);
+                out.write(i, g * LANES - out.first, &values);
+            }
+        }
+        groups.start * LANES - out.first..(groups.end * LANES).max(groups.start * LANES) - out.first
     }
 }
 
@@ -336,6 +365,10 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
             true => x.chunks_exact(k).map(block_sums).collect(),
             false => Vec::new(),
         },
+        totals: match jobs.iter().any(|(q, form)| matches!(form, Form::Fused) && q.lanes_for(*form).is_some()) {
+            true => x.chunks_exact(k).map(q4_1_lanes::block_totals).collect(),
+            false => Vec::new(),
+        },
     };
     for ((q, form), raw) in jobs.iter().zip(&raws) {
         if matches!(form, Form::Int8Rows) && q.dtype() == GgmlDType::Q8_0 && int8_rows::reads_q8_0_in_place() {
@@ -350,9 +383,8 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
             let rows = jobs[j].0.rows;
             let per = ROWS_PER_TASK.max(rows.div_ceil(4 * rayon::current_num_threads()));
             let bands = (rows / per).max(1);
-            // Bands of whole groups where a single sequence's step reads the rows in groups (`int8_lanes`).
-            let step =
-                if jobs[j].0.q4_1_lanes.is_some() && matches!(jobs[j].1, Form::Int8) { int8_lanes::LANES } else { 1 };
+            // Bands of whole groups where a single sequence's step reads the rows in groups (`q4_1_lanes`).
+            let step = if jobs[j].0.lanes_for(jobs[j].1).is_some() { q4_1_lanes::LANES } else { 1 };
             let start = move |b: usize| if b == bands { rows } else { b * rows / bands / step * step };
             (0..bands).map(move |b| (j, start(b), start(b + 1) - start(b)))
         })
@@ -433,6 +465,8 @@ struct Prepared {
     transposed: Vec<f32>,
     /// Each row's block sums (`Form::Fused` on the types `takes_block_sums` names).
     block_sums: Vec<Vec<f32>>,
+    /// Each row's block totals (`Form::Fused` on repacked rows, `q4_1_lanes::block_totals`).
+    totals: Vec<Vec<f32>>,
 }
 
 /// Whether `dot_row_with` reuses an activation row's block sums for `dtype`: Q4_1 and Q4_K in AVX2.
@@ -829,7 +863,10 @@ mod tests {
     }
 
     /// Decoding's products (one or two activation rows) are `blocks::dot_row` bit for bit, also where the
-    /// activations' block sums are taken once per product (Q4_1 and Q4_K in AVX2).
+    /// activations' block sums are taken once per product (Q4_1 and Q4_K in AVX2). Q4_1 repacked for decoding
+    /// (`for_decoding`, where the CPU has AVX-512): the rows of whole groups of sixteen are `q4_1_lanes`' portable
+    /// twin's bit for bit, exactly and with 8-bit activations (where they are the batched step's), and the 6 rows
+    /// past the last group `dot_row`'s.
     #[test]
     fn decoding_products_are_dot_row_bit_for_bit() {
         let (n, k) = (70, 768);
@@ -837,17 +874,36 @@ mod tests {
         let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
         let x: Vec<f32> = (0..2 * k).map(|i| (i * 104729 % 997) as f32 / 498.5 - 1.0).collect();
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4K] {
-            let qm = QuantMatrix::new("w", Arc::new(QTensor::quantize(&wt, dtype).unwrap())).unwrap();
-            let raw = qm.raw().unwrap();
-            for m in [1, 2] {
+            let plain = QuantMatrix::new("w", Arc::new(QTensor::quantize(&wt, dtype).unwrap())).unwrap();
+            let repacked = plain.clone().for_decoding().unwrap();
+            assert_eq!(repacked.q4_1_lanes.is_some(), dtype == GgmlDType::Q4_1 && q4_1_lanes::available());
+            let raw = plain.raw().unwrap();
+            for (qm, m) in [(&plain, 1), (&plain, 2), (&repacked, 1), (&repacked, 2)] {
                 let got = qm.matmul(&x[..m * k]).unwrap();
                 for i in 0..m {
+                    let xi = &x[i * k..(i + 1) * k];
+                    let mut want: Vec<f32> = (0..n)
+                        .map(|r| blocks::dot_row(dtype, &raw[r * qm.row_bytes()..(r + 1) * qm.row_bytes()], xi))
+                        .collect();
+                    if let Some(lanes) = &qm.q4_1_lanes {
+                        for g in 0..lanes.groups() {
+                            let values: &mut [f32; 16] = (&mut want[16 * g..16 * g + 16]).try_into().unwrap();
+                            lanes.portable_exact_group(g, xi, &q4_1_lanes::block_totals(xi), values);
+                        }
+                    }
                     for r in 0..n {
-                        let row = &raw[r * qm.row_bytes()..(r + 1) * qm.row_bytes()];
-                        let want = blocks::dot_row(dtype, row, &x[i * k..(i + 1) * k]);
-                        assert_eq!(got[i * n + r].to_bits(), want.to_bits(), "{dtype:?} m={m} row {i} col {r}");
+                        let (got, want) = (got[i * n + r], want[r]);
+                        assert_eq!(got.to_bits(), want.to_bits(), "{dtype:?} m={m} row {i} col {r}: {got} vs {want}");
                     }
                 }
+            }
+            // With 8-bit activations: a single sequence's step is the batched step's, row for row, where the rows
+            // are repacked and the CPU has VNNI.
+            if dtype == GgmlDType::Q4_1 && q4_1_lanes::int8_available() {
+                let int8 = repacked.with_int8_activations(true);
+                let (alone, batched) = (int8.matmul(&x[..k]).unwrap(), int8.matmul_exact_rows(&x[..k]).unwrap());
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&alone[..64]), bits(&batched[..64]));
             }
         }
     }
