@@ -345,36 +345,65 @@ impl CpuModel {
     }
 
     /// `attention` for a decoding step of each call's sequence (one new row each), on plain rows of values: the
-    /// queries, keys and values come from the products as they are, each sequence's attention (in parallel) writes
-    /// its own row of the output, and the only tensors are the layer's input and output. Per sequence and layer,
-    /// the tensor operations around each step's little arithmetic took longer than the arithmetic itself.
+    /// queries, keys and values come from the products as they are, and the only tensors are the layer's input and
+    /// output. Per sequence and layer, the tensor operations around each step's little arithmetic took longer than
+    /// the arithmetic itself. First each sequence's new row goes into its cache (`step_row`, the sequences in
+    /// parallel), then every head of every sequence attends on the pass's threads (`attend_head`), each writing its
+    /// own part of the output: one sequence's heads, on one thread, left the others idle for a tenth of a SmolLM2
+    /// step.
     fn attention_steps(&mut self, layer: usize, a: &Tensor, calls: &[BatchCall], row_form: RowForm) -> Result<Tensor> {
         let (c, l) = (&self.config, &self.layers[layer]);
         let [q, k, v] = Linear::values_each([&l.wq, &l.wk, &l.wv], a, row_form)?;
-        let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
+        let (q_dim, kv_dim, hd) = (c.q_dim(), c.kv_dim(), c.head_dim);
         let qk_norms = self.qk_norm_values(layer)?;
+        let norms = qk_norms.as_ref().map(|(qn, kn)| (&qn[..], &kn[..]));
         let mut sequences = std::mem::take(&mut self.sequences);
         let mut by_index: Vec<Option<&mut Sequence>> = sequences.iter_mut().map(Some).collect();
         let tasks: Vec<&mut Sequence> = calls
             .iter()
             .map(|call| by_index[call.sequence].take().expect("distinct sequences, checked by forward_calls"))
             .collect();
-        let mut out = vec![0f32; calls.len() * q_dim];
         let this = &*self;
-        let norms = qk_norms.as_ref().map(|(qn, kn)| (&qn[..], &kn[..]));
-        let attend = |(i, (o, sequence)): (usize, (&mut [f32], &mut Sequence))| {
+        let step = |(i, sequence): (usize, &mut Sequence)| {
             let rows = |x: &[f32], d: usize| x[i * d..(i + 1) * d].to_vec();
-            this.attend_one(layer, rows(&q, q_dim), rows(&k, kv_dim), rows(&v, kv_dim), norms, sequence, o)
+            this.step_row(layer, rows(&q, q_dim), rows(&k, kv_dim), rows(&v, kv_dim), norms, sequence)
         };
-        let done: Result<()> = if tasks.len() == 1 {
-            out.chunks_exact_mut(q_dim).zip(tasks).enumerate().try_for_each(attend)
+        let stepped: Result<Vec<Step>> = if tasks.len() == 1 {
+            tasks.into_iter().enumerate().map(step).collect()
         } else {
-            let tasks: Vec<Mutex<Option<_>>> =
-                out.chunks_exact_mut(q_dim).zip(tasks).map(|task| Mutex::new(Some(task))).collect();
-            team::map(tasks.len(), |i| attend((i, take_task(&tasks[i])))).into_iter().collect()
+            let tasks: Vec<Mutex<Option<_>>> = tasks.into_iter().map(|task| Mutex::new(Some(task))).collect();
+            team::map(tasks.len(), |i| step((i, take_task(&tasks[i])))).into_iter().collect()
         };
         self.sequences = sequences;
-        done?;
+        let stepped = stepped?;
+        // One sequence's heads each on a task of their own; several sequences' a task per sequence (as many tasks
+        // as heads, each with its own scores to allocate, were slower there). Each task takes its part of the output.
+        let heads_per_task = if calls.len() == 1 { 1 } else { c.n_heads };
+        let mut out = vec![0f32; calls.len() * q_dim];
+        let parts: Vec<Mutex<Option<&mut [f32]>>> =
+            out.chunks_exact_mut(heads_per_task * hd).map(|o| Mutex::new(Some(o))).collect();
+        let n_heads = c.n_heads;
+        // The caches' storage, read in place: held for the heads' time (nothing writes a cache until then).
+        let guards: Vec<_> =
+            stepped.iter().map(|s| [s.keys.storage_and_layout(), s.values.storage_and_layout()]).collect();
+        let views = guards
+            .iter()
+            .zip(&stepped)
+            .map(|([keys, values], s)| Ok([cache_rows(keys, &s.keys)?, cache_rows(values, &s.values)?]))
+            .collect::<Result<Vec<_>>>()?;
+        let attend = |task: usize| {
+            let first = task * heads_per_task;
+            let (i, first_head) = (first / n_heads, first % n_heads);
+            let [keys, values] = &views[i];
+            let out = take_task(&parts[task]);
+            for (h, oh) in (first_head..).zip(out.chunks_exact_mut(hd)) {
+                let qh = &stepped[i].queries[h * hd..(h + 1) * hd];
+                self.attend_head(layer, h, qh, keys, values, stepped[i].len, oh);
+            }
+        };
+        team::for_each(parts.len(), attend);
+        drop((parts, views));
+        drop(guards);
         self.layers[layer].wo.forward_values(&out, row_form)
     }
 
@@ -389,8 +418,13 @@ impl CpuModel {
             let as_vec = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).context("attention input");
             let norms = self.qk_norm_values(layer)?;
             let norms = norms.as_ref().map(|(qn, kn)| (&qn[..], &kn[..]));
+            let step = self.step_row(layer, as_vec(&q)?, as_vec(&k)?, as_vec(&v)?, norms, sequence)?;
+            let (keys, values) = (step.keys.storage_and_layout(), step.values.storage_and_layout());
+            let (keys, values) = (cache_rows(&keys, &step.keys)?, cache_rows(&values, &step.values)?);
             let mut out = vec![0f32; nh * hd];
-            self.attend_one(layer, as_vec(&q)?, as_vec(&k)?, as_vec(&v)?, norms, sequence, &mut out)?;
+            for (h, (qh, oh)) in step.queries.chunks_exact(hd).zip(out.chunks_exact_mut(hd)).enumerate() {
+                self.attend_head(layer, h, qh, &keys, &values, step.len, oh);
+            }
             return Tensor::from_vec(out, (1, nh * hd), &Device::Cpu).context("merge heads");
         }
         let group = nh / nkv;
@@ -458,13 +492,14 @@ impl CpuModel {
         })
     }
 
-    /// `attend` for one new row (a decoding step) in plain loops over the cache's storage: the tensor path's
-    /// steps and arithmetic, up to the order of the sums in the two products, without its dozen tensor operations
-    /// and their allocations, which took a fifth of a batched step on SmolLM2. Batched and single-sequence steps
-    /// both come here, so a sequence gets the same numbers in either. `q`, `k`, `v`: the row's queries, keys and
-    /// values; `qk_norms`: Gemma 3's query and key norm weights; the result goes to `out` (heads * hd).
+    /// A decoding step's new row of one sequence at `layer` (`q`, `k`, `v`: its queries, keys and values;
+    /// `qk_norms`: Gemma 3's query and key norm weights): the norms, RoPE and the queries' scale applied, the keys and
+    /// values appended to the sequence's cache. The attention itself is `attend_head`'s, per head: together they
+    /// are the tensor path's steps and arithmetic (`attend`), up to the order of the sums in the two products,
+    /// without its dozen tensor operations and their allocations, which took a fifth of a batched step on
+    /// SmolLM2. Batched and single-sequence steps both come here, so a sequence gets the same numbers in either.
     #[allow(clippy::too_many_arguments)]
-    fn attend_one(
+    fn step_row(
         &self,
         layer: usize,
         mut q: Vec<f32>,
@@ -472,18 +507,15 @@ impl CpuModel {
         v: Vec<f32>,
         qk_norms: Option<(&[f32], &[f32])>,
         sequence: &mut Sequence,
-        out: &mut [f32],
-    ) -> Result<()> {
+    ) -> Result<Step> {
         let c = &self.config;
-        let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
-        let group = nh / nkv;
-        let spec = c.layers[layer];
+        let (nkv, hd) = (c.n_kv_heads, c.head_dim);
         let position = sequence.position;
         if let Some((qn, kn)) = qk_norms {
             q.chunks_exact_mut(hd).for_each(|head| rms_norm_in_place(head, qn, c.rms_eps));
             k.chunks_exact_mut(hd).for_each(|head| rms_norm_in_place(head, kn, c.rms_eps));
         }
-        let (cos, sin) = self.rope.get(spec.rope_base, hd / 2, position..position + 1);
+        let (cos, sin) = self.rope.get(c.layers[layer].rope_base, hd / 2, position..position + 1);
         for head in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
             rotate(head, cos, sin, c.rope_layout);
         }
@@ -491,36 +523,44 @@ impl CpuModel {
         q.iter_mut().for_each(|x| *x *= c.attention_scale);
         let row = |x: Vec<f32>| Tensor::from_vec(x, (1, nkv, 1, hd), &Device::Cpu).context("kv row");
         let (keys, values) = sequence.caches[layer].append(&row(k)?, &row(v)?).context("kv cache")?;
+        Ok(Step { queries: q, keys, values, len: position + 1 })
+    }
 
-        // The keys this query sees: all of the cache, or the last `window`.
-        let len = position + 1;
-        let first = spec.window.map_or(0, |w| len.saturating_sub(w));
-        assert_eq!(out.len(), nh * hd);
+    /// Query head `h`'s attention at `layer` (`qh`: its rotated, scaled queries) over the first `len` rows of its
+    /// sequence's cache (`keys`, `values`), or the last `window` of them, into `out` (head_dim values).
+    #[allow(clippy::too_many_arguments)]
+    fn attend_head(
+        &self,
+        layer: usize,
+        h: usize,
+        qh: &[f32],
+        keys: &CacheRows,
+        values: &CacheRows,
+        len: usize,
+        out: &mut [f32],
+    ) {
+        let c = &self.config;
+        let kv_head = h / (c.n_heads / c.n_kv_heads);
+        let first = c.layers[layer].window.map_or(0, |w| len.saturating_sub(w));
         let mut weights = vec![0f32; len - first];
-        cache_rows(&keys, |keys| {
-            cache_rows(&values, |values| {
-                for (h, (qh, oh)) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)).enumerate() {
-                    // Four keys at a time: `dot4` is `dot` four times bit for bit, reading the query once and
-                    // summing each key's lanes without a call of its own.
-                    let key = |j: usize| keys.row(h / group, j);
-                    let mut scores = weights.chunks_exact_mut(4);
-                    for (t, four) in (&mut scores).enumerate() {
-                        let j = first + 4 * t;
-                        four.copy_from_slice(&quant::dot4(qh, [key(j), key(j + 1), key(j + 2), key(j + 3)]));
-                    }
-                    let done = len - first - scores.into_remainder().len();
-                    for (w, j) in weights[done..].iter_mut().zip(first + done..len) {
-                        *w = quant::dot(qh, key(j));
-                    }
-                    if let Some(cap) = c.attn_softcap {
-                        weights.iter_mut().for_each(|w| *w = (*w / cap).tanh() * cap);
-                    }
-                    softmax_in_place(&mut weights);
-                    weighted_sum(oh, &weights, |j| values.row(h / group, first + j));
-                }
-            })
-        })??;
-        Ok(())
+        // Four keys at a time: `dot4` is `dot` four times bit for bit, reading the query once and summing each key's
+        // lanes without a call of its own.
+        let key = |j: usize| keys.row(kv_head, j);
+        let mut scores = weights.chunks_exact_mut(4);
+        for (t, four) in (&mut scores).enumerate() {
+            let j = first + 4 * t;
+            four.copy_from_slice(&quant::dot4(qh, [key(j), key(j + 1), key(j + 2), key(j + 3)]));
+        }
+        let done = len - first - scores.into_remainder().len();
+        for (w, j) in weights[done..].iter_mut().zip(first + done..len) {
+            *w = quant::dot(qh, key(j));
+        }
+        if let Some(cap) = c.attn_softcap {
+            weights.iter_mut().for_each(|w| *w = (*w / cap).tanh() * cap);
+        }
+        softmax_in_place(&mut weights);
+        out.fill(0.0);
+        weighted_sum(out, &weights, |j| values.row(kv_head, first + j));
     }
 
     fn mlp(&self, layer: usize, m: &Tensor, row_form: RowForm) -> Result<Tensor> {
@@ -876,6 +916,15 @@ impl CpuModel {
     }
 }
 
+/// A sequence's decoding step at one layer, its new row in the cache (`CpuModel::step_row`): the row's rotated,
+/// scaled queries, the cache's keys and values so far (views of its storage), and how many rows they hold.
+struct Step {
+    queries: Vec<f32>,
+    keys: Tensor,
+    values: Tensor,
+    len: usize,
+}
+
 /// A cache's rows ([1, heads, rows, head_dim], a view of its storage) as slices, read in place.
 struct CacheRows<'a> {
     data: &'a [f32],
@@ -929,12 +978,15 @@ impl RopeTables {
     }
 }
 
-/// Runs `f` on the rows of `cache` (a CPU f32 tensor of [1, heads, rows, head_dim] with unit stride along the
-/// last dimension, as `KvCache::append` returns).
-fn cache_rows<R>(cache: &Tensor, f: impl FnOnce(CacheRows) -> R) -> Result<R> {
-    let (storage, layout) = cache.storage_and_layout();
+/// The rows of `cache` (a CPU f32 tensor of [1, heads, rows, head_dim] with unit stride along the last dimension,
+/// as `KvCache::append` returns) in its storage, read in place through `guarded` (its `storage_and_layout()`).
+fn cache_rows<'a>(
+    guarded: &'a (std::sync::RwLockReadGuard<'a, candle_core::Storage>, &'a candle_core::Layout),
+    cache: &Tensor,
+) -> Result<CacheRows<'a>> {
+    let (storage, layout) = guarded;
     let unexpected = |what: String| Err(candle_core::Error::Msg(what)).context("kv cache");
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
+    let candle_core::Storage::Cpu(cpu) = &**storage else {
         return unexpected("the CPU model's cache is not in CPU memory".into());
     };
     let data = cpu.as_slice::<f32>().context("kv cache")?;
@@ -943,7 +995,7 @@ fn cache_rows<R>(cache: &Tensor, f: impl FnOnce(CacheRows) -> R) -> Result<R> {
         return unexpected(format!("strides {stride:?}"));
     }
     let head_dim = cache.dim(3).context("kv cache")?;
-    Ok(f(CacheRows { data, offset: layout.start_offset(), head_stride: stride[1], row_stride: stride[2], head_dim }))
+    Ok(CacheRows { data, offset: layout.start_offset(), head_stride: stride[1], row_stride: stride[2], head_dim })
 }
 
 /// `out[d] += weights[j] * value(j)[d]` for every j in order, value by value as the plain loop adds them, with
