@@ -26,6 +26,7 @@ pub mod int8_rows;
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 mod int8_vnni;
 pub mod q4_1_lanes;
+pub mod q8_0_lanes;
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
 mod simd128;
 
@@ -42,9 +43,25 @@ pub struct QuantMatrix {
     /// For a Q8_0 matrix multiplied in `Form::Int8Rows`: its blocks' terms, made at the first such product
     /// (`int8_rows::Q8Terms`). Shared by clones.
     q8_terms: Arc<OnceLock<int8_rows::Q8Terms>>,
-    /// For a Q4_1 matrix where the CPU runs `q4_1_lanes`' kernels: its rows repacked for single sequences'
-    /// decoding steps (`for_decoding`). As large as the matrix; shared by clones.
-    q4_1_lanes: Option<Arc<q4_1_lanes::Q4_1Lanes>>,
+    /// Where the CPU has kernels for it: the rows repacked for single sequences' decoding steps (`for_decoding`).
+    /// As large as the matrix; shared by clones.
+    lanes: Option<Arc<DecodingLanes>>,
+}
+
+/// A matrix's rows in groups of sixteen, for the kernels with a weight row in each lane (`q4_1_lanes`,
+/// `q8_0_lanes`).
+enum DecodingLanes {
+    Q4_1(q4_1_lanes::Q4_1Lanes),
+    Q8_0(q8_0_lanes::Q8_0Lanes),
+}
+
+impl DecodingLanes {
+    fn groups(&self) -> usize {
+        match self {
+            Self::Q4_1(lanes) => lanes.groups(),
+            Self::Q8_0(lanes) => lanes.groups(),
+        }
+    }
 }
 
 /// How the rows of a product may be computed (`QuantMatrix::matmul_each`).
@@ -86,7 +103,7 @@ impl QuantMatrix {
                 why: format!("rows of {cols} values do not split into {} blocks of {block}", type_name(tensor.dtype())),
             });
         }
-        Ok(Self { tensor, rows, cols, int8_activations: false, q8_terms: Arc::default(), q4_1_lanes: None })
+        Ok(Self { tensor, rows, cols, int8_activations: false, q8_terms: Arc::default(), lanes: None })
     }
 
     /// Products with the activations rounded to 8 bits and integer arithmetic, as llama.cpp computes them: faster,
@@ -98,24 +115,31 @@ impl QuantMatrix {
     }
 
     /// Repacks the rows as single sequences' decoding steps read them fastest, where the CPU has kernels for that
-    /// (Q4_1 with AVX-512, `q4_1_lanes`): a copy of the matrix, made once, for weights read at every token.
+    /// (Q4_1 and Q8_0 with AVX-512, `q4_1_lanes` and `q8_0_lanes`): a copy of the matrix, made once, for weights
+    /// read at every token.
     pub fn for_decoding(mut self) -> Result<Self> {
-        if self.dtype() == GgmlDType::Q4_1 && q4_1_lanes::available() {
-            let lanes = q4_1_lanes::Q4_1Lanes::new(&self.raw()?, self.rows, self.cols);
-            self.q4_1_lanes = Some(Arc::new(lanes));
+        if !q4_1_lanes::available() {
+            return Ok(self);
         }
+        let (raw, rows, cols) = (self.raw()?, self.rows, self.cols);
+        let lanes = match self.dtype() {
+            GgmlDType::Q4_1 => Some(DecodingLanes::Q4_1(q4_1_lanes::Q4_1Lanes::new(&raw, rows, cols))),
+            GgmlDType::Q8_0 => Some(DecodingLanes::Q8_0(q8_0_lanes::Q8_0Lanes::new(&raw, rows, cols))),
+            _ => None,
+        };
+        drop(raw);
+        self.lanes = lanes.map(Arc::new);
         Ok(self)
     }
 
-    /// The repacked rows where `form` reads them (`for_decoding`): the exact products, and the 8-bit ones where the
-    /// CPU has VNNI.
-    fn lanes_for(&self, form: Form) -> Option<&q4_1_lanes::Q4_1Lanes> {
-        let reads = match form {
-            Form::Fused => true,
-            Form::Int8 => q4_1_lanes::int8_available(),
+    /// The repacked rows where `form` reads them (`for_decoding`): the exact products, and the 8-bit ones of Q4_1
+    /// where the CPU has VNNI.
+    fn lanes_for(&self, form: Form) -> Option<&DecodingLanes> {
+        self.lanes.as_deref().filter(|lanes| match (form, lanes) {
+            (Form::Fused, _) => true,
+            (Form::Int8, DecodingLanes::Q4_1(_)) => q4_1_lanes::int8_available(),
             _ => false,
-        };
-        self.q4_1_lanes.as_deref().filter(|_| reads)
+        })
     }
 
     pub fn rows(&self) -> usize {
@@ -208,8 +232,11 @@ impl QuantMatrix {
         let (k, row_bytes, dtype, count) = (self.cols, self.row_bytes(), self.dtype(), out.count);
         match form {
             Form::Fused => {
-                let grouped = self.each_group(out, form, |lanes, g, i, values| {
-                    lanes.exact_group(g, &x[i * k..(i + 1) * k], &prepared.totals[i], values)
+                let grouped = self.each_group(out, form, |lanes, g, i, values| match lanes {
+                    DecodingLanes::Q4_1(lanes) => {
+                        lanes.exact_group(g, &x[i * k..(i + 1) * k], &prepared.totals[i], values)
+                    }
+                    DecodingLanes::Q8_0(lanes) => lanes.exact_group(g, &x[i * k..(i + 1) * k], values),
                 });
                 for r in (0..count).filter(|r| !grouped.contains(r)) {
                     prefetch_row_ahead(rows, r, row_bytes);
@@ -242,8 +269,10 @@ impl QuantMatrix {
                 }
             }
             Form::Int8 => {
-                let grouped =
-                    self.each_group(out, form, |lanes, g, i, values| lanes.int8_group(g, &prepared.rounded[i], values));
+                let grouped = self.each_group(out, form, |lanes, g, i, values| match lanes {
+                    DecodingLanes::Q4_1(lanes) => lanes.int8_group(g, &prepared.rounded[i], values),
+                    DecodingLanes::Q8_0(_) => unreachable!("Q8_0's decoding steps are exact (`lanes_for`)"),
+                });
                 for r in (0..count).filter(|r| !grouped.contains(r)) {
                     prefetch_row_ahead(rows, r, row_bytes);
                     let row = &rows[r * row_bytes..(r + 1) * row_bytes];
@@ -279,7 +308,7 @@ impl QuantMatrix {
         &self,
         out: &mut Columns,
         form: Form,
-        group: impl Fn(&q4_1_lanes::Q4_1Lanes, usize, usize, &mut [f32; q4_1_lanes::LANES]),
+        group: impl Fn(&DecodingLanes, usize, usize, &mut [f32; q4_1_lanes::LANES]),
     ) -> std::ops::Range<usize> {
         const LANES: usize = q4_1_lanes::LANES;
         let Some(lanes) = self.lanes_for(form) else {
@@ -365,7 +394,10 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
             true => x.chunks_exact(k).map(block_sums).collect(),
             false => Vec::new(),
         },
-        totals: match jobs.iter().any(|(q, form)| matches!(form, Form::Fused) && q.lanes_for(*form).is_some()) {
+        totals: match jobs
+            .iter()
+            .any(|(q, form)| matches!(form, Form::Fused) && matches!(q.lanes_for(*form), Some(DecodingLanes::Q4_1(_))))
+        {
             true => x.chunks_exact(k).map(q4_1_lanes::block_totals).collect(),
             false => Vec::new(),
         },
@@ -864,7 +896,7 @@ mod tests {
 
     /// Decoding's products (one or two activation rows) are `blocks::dot_row` bit for bit, also where the
     /// activations' block sums are taken once per product (Q4_1 and Q4_K in AVX2). Q4_1 repacked for decoding
-    /// (`for_decoding`, where the CPU has AVX-512): the rows of whole groups of sixteen are `q4_1_lanes`' portable
+    /// (`for_decoding`, where the CPU has AVX-512), and Q8_0 too: the rows of whole groups of sixteen are the lanes' portable
     /// twin's bit for bit, exactly and with 8-bit activations (where they are the batched step's), and the 6 rows
     /// past the last group `dot_row`'s.
     #[test]
@@ -876,7 +908,7 @@ mod tests {
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4K] {
             let plain = QuantMatrix::new("w", Arc::new(QTensor::quantize(&wt, dtype).unwrap())).unwrap();
             let repacked = plain.clone().for_decoding().unwrap();
-            assert_eq!(repacked.q4_1_lanes.is_some(), dtype == GgmlDType::Q4_1 && q4_1_lanes::available());
+            assert_eq!(repacked.lanes.is_some(), dtype != GgmlDType::Q4K && q4_1_lanes::available());
             let raw = plain.raw().unwrap();
             for (qm, m) in [(&plain, 1), (&plain, 2), (&repacked, 1), (&repacked, 2)] {
                 let got = qm.matmul(&x[..m * k]).unwrap();
@@ -885,10 +917,14 @@ mod tests {
                     let mut want: Vec<f32> = (0..n)
                         .map(|r| blocks::dot_row(dtype, &raw[r * qm.row_bytes()..(r + 1) * qm.row_bytes()], xi))
                         .collect();
-                    if let Some(lanes) = &qm.q4_1_lanes {
-                        for g in 0..lanes.groups() {
-                            let values: &mut [f32; 16] = (&mut want[16 * g..16 * g + 16]).try_into().unwrap();
-                            lanes.portable_exact_group(g, xi, &q4_1_lanes::block_totals(xi), values);
+                    for g in 0..qm.lanes.as_ref().map_or(0, |lanes| lanes.groups()) {
+                        let values: &mut [f32; 16] = (&mut want[16 * g..16 * g + 16]).try_into().unwrap();
+                        match qm.lanes.as_deref() {
+                            Some(DecodingLanes::Q4_1(lanes)) => {
+                                lanes.portable_exact_group(g, xi, &q4_1_lanes::block_totals(xi), values)
+                            }
+                            Some(DecodingLanes::Q8_0(lanes)) => lanes.portable_exact_group(g, xi, values),
+                            None => unreachable!(),
                         }
                     }
                     for r in 0..n {
