@@ -146,11 +146,11 @@ scripts/app.sh build >/dev/null 2>&1
 (cd tests/e2e && node bench.mjs 32 16 3) >"$out/browser.jsonl"
 python3 - "$out/browser.jsonl" <<'EOF'
 import json, sys
-keys = ["Backend", "Prefill", "Decode", "Time to first token", "Decode with steering and an SAE read", "GPU memory held",
+keys = ["runsOn", "Prefill", "Decode", "Time to first token", "Decode with steering and an SAE read", "GPU memory held",
         "Dispatches per token"]
-print("| model | backend | prefill | decode | time to first token | with hooks | GPU memory | dispatches/token |")
+print("| model | runs on | prefill | decode | time to first token | with hooks | GPU memory | dispatches/token |")
 print("|---|---|---|---|---|---|---|---|")
-for line in open(sys.argv[1]):
+for line in sorted(open(sys.argv[1]), key=lambda line: json.loads(line)["model"], reverse=True):
     r = json.loads(line)
     print("| " + " | ".join([r["model"]] + [r.get(k, "") for k in keys]) + " |")
 EOF

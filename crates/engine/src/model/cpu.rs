@@ -481,7 +481,7 @@ impl CpuModel {
             .context("merge heads")
     }
 
-    /// Gemma 3's query and key norm weights at `layer` as values, the form `attend_one` takes; `None` for models
+    /// Gemma 3's query and key norm weights at `layer` as values, the form `step_row` takes; `None` for models
     /// without them. `attention_steps` copies them once per layer and step, not per sequence.
     fn qk_norm_values(&self, layer: usize) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
         let l = &self.layers[layer];

@@ -5,11 +5,13 @@
 //! (`QuantMatrix::matmul`) stay the default.
 //!
 //! Written for the weight types of the offline models' layers: Q4_1 (SmolLM2), Q5_0, Q4_K and Q6_K (Gemma), each
-//! in portable Rust (the twin) and, where the target has it, AVX2 (`int8_avx2`). Q8_0 (both models' embedding, which
-//! is also their output matrix) is left exact in a single sequence's steps: its f32 kernel already reads as fast as
-//! memory allows (16 GB/s against 15 in integers, `examples/dot_speed.rs`), and the rounding would gain nothing
-//! there. Batched steps, which are bound by multiply-adds rather than by memory, round for every type of the
-//! offline models, Q8_0 included (`int8_rows`).
+//! in portable Rust (the twin) and, where the target has it, AVX2 (`int8_avx2`); where the CPU has AVX-512 VNNI,
+//! Q4_1 runs on rows repacked in lanes instead (`q4_1_lanes`). Q8_0 (both models' embedding, which is also their
+//! output matrix) is left exact in a single sequence's steps: on one machine its f32 kernel read as fast as memory
+//! allowed (16 GB/s against 15 in integers, `examples/dot_speed.rs`), and with AVX-512 its rows are repacked too
+//! (`q8_0_lanes`); an integer kernel for them has not been measured against that one. Batched steps, which are bound
+//! by multiply-adds rather than by memory, round for every type of the offline models, Q8_0 included
+//! (`int8_rows`).
 
 use candle_core::quantized::GgmlDType;
 
