@@ -132,12 +132,12 @@ impl QuantMatrix {
         Ok(self)
     }
 
-    /// The repacked rows where `form` reads them (`for_decoding`): the exact products, and the 8-bit ones of Q4_1
-    /// where the CPU has VNNI.
+    /// The repacked rows where `form` reads them (`for_decoding`): a single sequence's exact products, and the 8-bit
+    /// ones of Q4_1 where the CPU has VNNI, batched and prompts' too.
     fn lanes_for(&self, form: Form) -> Option<&DecodingLanes> {
         self.lanes.as_deref().filter(|lanes| match (form, lanes) {
             (Form::Fused, _) => true,
-            (Form::Int8, DecodingLanes::Q4_1(_)) => q4_1_lanes::int8_available(),
+            (Form::Int8 | Form::Int8Rows, DecodingLanes::Q4_1(_)) => q4_1_lanes::int8_available(),
             _ => false,
         })
     }
@@ -232,11 +232,16 @@ impl QuantMatrix {
         let (k, row_bytes, dtype, count) = (self.cols, self.row_bytes(), self.dtype(), out.count);
         match form {
             Form::Fused => {
-                let grouped = self.each_group(out, form, |lanes, g, i, values| match lanes {
-                    DecodingLanes::Q4_1(lanes) => {
-                        lanes.exact_group(g, &x[i * k..(i + 1) * k], &prepared.totals[i], values)
+                let grouped = self.each_group(out, form, |lanes, g, put| {
+                    let mut values = [0f32; q4_1_lanes::LANES];
+                    for i in 0..m {
+                        let xi = &x[i * k..(i + 1) * k];
+                        match lanes {
+                            DecodingLanes::Q4_1(lanes) => lanes.exact_group(g, xi, &prepared.totals[i], &mut values),
+                            DecodingLanes::Q8_0(lanes) => lanes.exact_group(g, xi, &mut values),
+                        }
+                        put(i, &values);
                     }
-                    DecodingLanes::Q8_0(lanes) => lanes.exact_group(g, &x[i * k..(i + 1) * k], values),
                 });
                 for r in (0..count).filter(|r| !grouped.contains(r)) {
                     prefetch_row_ahead(rows, r, row_bytes);
@@ -269,8 +274,8 @@ impl QuantMatrix {
                 }
             }
             Form::Int8 => {
-                let grouped = self.each_group(out, form, |lanes, g, i, values| match lanes {
-                    DecodingLanes::Q4_1(lanes) => lanes.int8_group(g, &prepared.rounded[i], values),
+                let grouped = self.each_group(out, form, |lanes, g, put| match lanes {
+                    DecodingLanes::Q4_1(lanes) => lanes.int8_group_each(g, &prepared.rounded, put),
                     DecodingLanes::Q8_0(_) => unreachable!("Q8_0's decoding steps are exact (`lanes_for`)"),
                 });
                 for r in (0..count).filter(|r| !grouped.contains(r)) {
@@ -282,6 +287,15 @@ impl QuantMatrix {
                 }
             }
             Form::Int8Rows => {
+                let grouped = self.each_group(out, form, |lanes, g, put| match lanes {
+                    DecodingLanes::Q4_1(lanes) => lanes.int8_group_each(g, &prepared.rounded, put),
+                    DecodingLanes::Q8_0(_) => unreachable!("Q8_0's batched steps read its blocks (`lanes_for`)"),
+                });
+                // The rows outside whole groups, or all of them, in `int8_rows`.
+                let parts = match grouped.is_empty() {
+                    true => [0..count, count..count],
+                    false => [0..grouped.start, grouped.end..count],
+                };
                 let len = int8_rows::layout(dtype).expect("the form of the types `int8_rows` covers").len;
                 let lanes = if len == 16 { &prepared.lanes16 } else { &prepared.lanes32 };
                 // Q8_0's terms (set for Q8_0 matrices only), for this band's blocks of 32.
@@ -289,7 +303,11 @@ impl QuantMatrix {
                     let blocks = out.first * k / 32..(out.first + count) * k / 32;
                     (&t.scale[blocks.clone()], &t.minus_128_sum[blocks])
                 });
-                int8_rows::band(dtype, rows, k, lanes, q8, |i, r, values| out.write(i, r, values));
+                for part in parts.into_iter().filter(|part| !part.is_empty()) {
+                    let (first, part_rows) = (part.start, &rows[part.start * row_bytes..part.end * row_bytes]);
+                    let q8 = q8.filter(|_| part == (0..count));
+                    int8_rows::band(dtype, part_rows, k, lanes, q8, |i, r, values| out.write(i, first + r, values));
+                }
             }
             Form::Band => {
                 with_band_scratch(count * k, count * m, |w, out_t| {
@@ -301,26 +319,23 @@ impl QuantMatrix {
         }
     }
 
-    /// The band's whole groups of sixteen rows where `form` reads them repacked (`lanes_for`): `group(lanes, g, i,
-    /// values)` for each group g and activation row i, written out. Returns the band's rows it wrote (the others
-    /// are left to the one-row kernels).
+    /// The band's whole groups of sixteen rows where `form` reads them repacked (`lanes_for`): `group(lanes, g,
+    /// put)` for each group g, which puts each activation row's values. Returns the band's rows it wrote (the others
+    /// are left to the form's other kernels).
     fn each_group(
         &self,
         out: &mut Columns,
         form: Form,
-        group: impl Fn(&DecodingLanes, usize, usize, &mut [f32; q4_1_lanes::LANES]),
+        group: impl Fn(&DecodingLanes, usize, &mut dyn FnMut(usize, &[f32; q4_1_lanes::LANES])),
     ) -> std::ops::Range<usize> {
         const LANES: usize = q4_1_lanes::LANES;
         let Some(lanes) = self.lanes_for(form) else {
             return 0..0;
         };
         let groups = out.first.div_ceil(LANES)..((out.first + out.count) / LANES).min(lanes.groups());
-        let mut values = [0f32; LANES];
         for g in groups.clone() {
-            for i in 0..out.m {
-                group(lanes, g, i, &mut values);
-                out.write(i, g * LANES - out.first, &values);
-            }
+            let at = g * LANES - out.first;
+            group(lanes, g, &mut |i, values| out.write(i, at, values));
         }
         groups.start * LANES - out.first..(groups.end * LANES).max(groups.start * LANES) - out.first
     }
@@ -375,10 +390,11 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
         false => Vec::new(),
     };
     // The rounded rows in lanes, for the block lengths the `Int8Rows` jobs' types use.
-    let lanes_of = |len| match jobs
-        .iter()
-        .any(|(q, form)| matches!(form, Form::Int8Rows) && int8_rows::layout(q.dtype()).is_some_and(|l| l.len == len))
-    {
+    let lanes_of = |len| match jobs.iter().any(|(q, form)| {
+        matches!(form, Form::Int8Rows)
+            && int8_rows::layout(q.dtype()).is_some_and(|l| l.len == len)
+            && (q.lanes_for(*form).is_none() || q.rows % q4_1_lanes::LANES != 0)
+    }) {
         true => int8_rows::lanes(&rounded, len),
         false => Vec::new(),
     };
@@ -895,10 +911,10 @@ mod tests {
     }
 
     /// Decoding's products (one or two activation rows) are `blocks::dot_row` bit for bit, also where the
-    /// activations' block sums are taken once per product (Q4_1 and Q4_K in AVX2). Q4_1 repacked for decoding
-    /// (`for_decoding`, where the CPU has AVX-512), and Q8_0 too: the rows of whole groups of sixteen are the lanes' portable
-    /// twin's bit for bit, exactly and with 8-bit activations (where they are the batched step's), and the 6 rows
-    /// past the last group `dot_row`'s.
+    /// activations' block sums are taken once per product (Q4_1 and Q4_K in AVX2). Q4_1 and Q8_0 repacked for
+    /// decoding (`for_decoding`, where the CPU has AVX-512): the rows of whole groups of sixteen are the lanes'
+    /// portable twin's bit for bit, exactly and with 8-bit activations (where they are the batched step's, which
+    /// reads them too), and the 6 rows past the last group `dot_row`'s.
     #[test]
     fn decoding_products_are_dot_row_bit_for_bit() {
         let (n, k) = (70, 768);
@@ -940,6 +956,10 @@ mod tests {
                 let (alone, batched) = (int8.matmul(&x[..k]).unwrap(), int8.matmul_exact_rows(&x[..k]).unwrap());
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&alone[..64]), bits(&batched[..64]));
+                // Batched steps on the repacked rows (the 6 past the last group in `int8_rows`) are the file's
+                // blocks' batched products.
+                let from_blocks = plain.clone().with_int8_activations(true).matmul_exact_rows(&x).unwrap();
+                assert_eq!(bits(&int8.matmul_exact_rows(&x).unwrap()), bits(&from_blocks));
             }
         }
     }
