@@ -25,6 +25,7 @@ mod int8_avx2;
 pub mod int8_rows;
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 mod int8_vnni;
+pub mod lanes;
 pub mod q4_1_lanes;
 pub mod q8_0_lanes;
 #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
@@ -118,7 +119,7 @@ impl QuantMatrix {
     /// (Q4_1 and Q8_0 with AVX-512, `q4_1_lanes` and `q8_0_lanes`): a copy of the matrix, made once, for weights
     /// read at every token.
     pub fn for_decoding(mut self) -> Result<Self> {
-        if !q4_1_lanes::available() {
+        if !lanes::available() {
             return Ok(self);
         }
         let (raw, rows, cols) = (self.raw()?, self.rows, self.cols);
@@ -233,7 +234,7 @@ impl QuantMatrix {
         match form {
             Form::Fused => {
                 let grouped = self.each_group(out, form, |lanes, g, put| {
-                    let mut values = [0f32; q4_1_lanes::LANES];
+                    let mut values = [0f32; lanes::LANES];
                     for i in 0..m {
                         let xi = &x[i * k..(i + 1) * k];
                         match lanes {
@@ -326,9 +327,9 @@ impl QuantMatrix {
         &self,
         out: &mut Columns,
         form: Form,
-        group: impl Fn(&DecodingLanes, usize, &mut dyn FnMut(usize, &[f32; q4_1_lanes::LANES])),
+        group: impl Fn(&DecodingLanes, usize, &mut dyn FnMut(usize, &[f32; lanes::LANES])),
     ) -> std::ops::Range<usize> {
-        const LANES: usize = q4_1_lanes::LANES;
+        const LANES: usize = lanes::LANES;
         let Some(lanes) = self.lanes_for(form) else {
             return 0..0;
         };
@@ -393,7 +394,7 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
     let lanes_of = |len| match jobs.iter().any(|(q, form)| {
         matches!(form, Form::Int8Rows)
             && int8_rows::layout(q.dtype()).is_some_and(|l| l.len == len)
-            && (q.lanes_for(*form).is_none() || q.rows % q4_1_lanes::LANES != 0)
+            && (q.lanes_for(*form).is_none() || q.rows % lanes::LANES != 0)
     }) {
         true => int8_rows::lanes(&rounded, len),
         false => Vec::new(),
@@ -432,7 +433,7 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
             let per = ROWS_PER_TASK.max(rows.div_ceil(4 * rayon::current_num_threads()));
             let bands = (rows / per).max(1);
             // Bands of whole groups where a single sequence's step reads the rows in groups (`q4_1_lanes`).
-            let step = if jobs[j].0.lanes_for(jobs[j].1).is_some() { q4_1_lanes::LANES } else { 1 };
+            let step = if jobs[j].0.lanes_for(jobs[j].1).is_some() { lanes::LANES } else { 1 };
             let start = move |b: usize| if b == bands { rows } else { b * rows / bands / step * step };
             (0..bands).map(move |b| (j, start(b), start(b + 1) - start(b)))
         })
@@ -924,7 +925,7 @@ mod tests {
         for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4K] {
             let plain = QuantMatrix::new("w", Arc::new(QTensor::quantize(&wt, dtype).unwrap())).unwrap();
             let repacked = plain.clone().for_decoding().unwrap();
-            assert_eq!(repacked.lanes.is_some(), dtype != GgmlDType::Q4K && q4_1_lanes::available());
+            assert_eq!(repacked.lanes.is_some(), dtype != GgmlDType::Q4K && lanes::available());
             let raw = plain.raw().unwrap();
             for (qm, m) in [(&plain, 1), (&plain, 2), (&repacked, 1), (&repacked, 2)] {
                 let got = qm.matmul(&x[..m * k]).unwrap();

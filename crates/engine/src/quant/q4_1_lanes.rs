@@ -22,9 +22,8 @@
 //!   another order than `blocks::dot_row`'s (`exact_group` says which).
 
 use super::int8::Q8Row;
-
-/// Weight rows per group (one 512-bit register of f32 or i32).
-pub const LANES: usize = 16;
+use super::lanes::RowGroups;
+pub use super::lanes::{available, LANES};
 
 /// Bytes of one block of sixteen rows: four registers of nibbles, then sixteen f16 scales and sixteen f16
 /// minimums.
@@ -36,43 +35,24 @@ const BLOCK_BYTES: usize = 4 * 64 + 2 * 32;
 /// nibbles values 16..32: bytes `4j..4j + 4` hold values `4j..4j + 4` and `16 + 4j..`. Per group and block, register
 /// j holds those four bytes of each of the sixteen rows, lane after lane; then the rows' scales, then their
 /// minimums. The same bytes as the file, in another order: the repacked matrix is as large as the original.
-pub struct Q4_1Lanes {
-    groups: usize,
-    blocks: usize,
-    data: Vec<u8>,
-}
+pub struct Q4_1Lanes(RowGroups);
 
 impl Q4_1Lanes {
     /// The first `rows / 16 * 16` rows of `raw` (Q4_1 blocks, `k` values a row) repacked; rows past the last whole
     /// group are left to the one-row kernels.
     pub fn new(raw: &[u8], rows: usize, k: usize) -> Self {
-        let (groups, blocks) = (rows / LANES, k / 32);
-        let row_bytes = blocks * 20;
-        assert!(raw.len() >= rows * row_bytes && k.is_multiple_of(32));
-        let mut data = vec![0u8; groups * blocks * BLOCK_BYTES];
-        for (g, group) in data.chunks_exact_mut(blocks * BLOCK_BYTES).enumerate() {
-            for (b, out) in group.chunks_exact_mut(BLOCK_BYTES).enumerate() {
-                for lane in 0..LANES {
-                    let at = (g * LANES + lane) * row_bytes + b * 20;
-                    let block = &raw[at..at + 20];
-                    for j in 0..4 {
-                        out[64 * j + 4 * lane..64 * j + 4 * lane + 4].copy_from_slice(&block[4 + 4 * j..8 + 4 * j]);
-                    }
-                    out[256 + 2 * lane..258 + 2 * lane].copy_from_slice(&block[0..2]);
-                    out[288 + 2 * lane..290 + 2 * lane].copy_from_slice(&block[2..4]);
-                }
+        Self(RowGroups::new(raw, rows, k, 20, BLOCK_BYTES, |lane, block, out| {
+            for j in 0..4 {
+                out[64 * j + 4 * lane..64 * j + 4 * lane + 4].copy_from_slice(&block[4 + 4 * j..8 + 4 * j]);
             }
-        }
-        Self { groups, blocks, data }
+            out[256 + 2 * lane..258 + 2 * lane].copy_from_slice(&block[0..2]);
+            out[288 + 2 * lane..290 + 2 * lane].copy_from_slice(&block[2..4]);
+        }))
     }
 
     /// Whole groups of sixteen rows.
     pub fn groups(&self) -> usize {
-        self.groups
-    }
-
-    fn group_bytes(&self, g: usize) -> &[u8] {
-        &self.data[g * self.blocks * BLOCK_BYTES..(g + 1) * self.blocks * BLOCK_BYTES]
+        self.0.groups()
     }
 
     /// Rows `16 g..16 g + 16` of the product with the rounded activations `x` into `out`: the VNNI kernel where
@@ -85,26 +65,28 @@ impl Q4_1Lanes {
     /// four rows at a time, the group's nibbles loaded and masked once for the four (a batched step's, or a
     /// prompt's); each row's sums and operations its own, so every row's values are `int8_group`'s for it alone.
     pub fn int8_group_each(&self, g: usize, xs: &[Q8Row], mut put: impl FnMut(usize, &[f32; LANES])) {
-        assert!(g < self.groups);
+        assert!(g < self.0.groups());
         for x in xs {
-            assert!(x.values.len() >= 32 * self.blocks && x.scale.len().min(x.scaled_sum.len()) >= self.blocks);
+            assert!(x.values.len() >= 32 * self.0.blocks() && x.scale.len().min(x.scaled_sum.len()) >= self.0.blocks());
         }
         let mut values = [[0f32; LANES]; 4];
         #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
         if int8_available() {
-            let data = self.group_bytes(g).as_ptr();
+            let data = self.0.group(g).as_ptr();
             let mut fours = xs.chunks_exact(4);
             for (c, four) in (&mut fours).enumerate() {
                 // SAFETY: the CPU has AVX-512 F, VNNI and F16C; the kernel reads the group's `blocks` blocks and as
                 // many blocks of each row of `four` (asserted above), and writes the values of its rows.
-                unsafe { avx512::int8_group::<4>(data, self.blocks, std::array::from_fn(|r| &four[r]), &mut values) };
+                unsafe {
+                    avx512::int8_group::<4>(data, self.0.blocks(), std::array::from_fn(|r| &four[r]), &mut values)
+                };
                 values.iter().enumerate().for_each(|(r, v)| put(4 * c + r, v));
             }
             let done = xs.len() - fours.remainder().len();
             for (i, x) in (done..).zip(fours.remainder()) {
                 let one: &mut [[f32; LANES]; 1] = (&mut values[..1]).try_into().expect("one row");
                 // SAFETY: as above, for one row.
-                unsafe { avx512::int8_group::<1>(data, self.blocks, [x], one) };
+                unsafe { avx512::int8_group::<1>(data, self.0.blocks(), [x], one) };
                 put(i, &one[0]);
             }
             return;
@@ -118,7 +100,7 @@ impl Q4_1Lanes {
     /// `int8_group` in portable Rust: each lane's integer sum per block, then `int8_rows`' two fused multiply-adds.
     pub fn portable_int8_group(&self, g: usize, x: &Q8Row, out: &mut [f32; LANES]) {
         *out = [0.0; LANES];
-        for (b, block) in self.group_bytes(g).chunks_exact(BLOCK_BYTES).enumerate() {
+        for (b, block) in self.0.group(g).chunks_exact(BLOCK_BYTES).enumerate() {
             let q = &x.values[32 * b..32 * b + 32];
             for (lane, acc) in out.iter_mut().enumerate() {
                 let mut isum = 0i32;
@@ -147,12 +129,12 @@ impl Q4_1Lanes {
     /// acc = fma(m, totals[b], acc)
     /// ```
     pub fn exact_group(&self, g: usize, x: &[f32], totals: &[f32], out: &mut [f32; LANES]) {
-        assert!(g < self.groups && x.len() >= 32 * self.blocks && totals.len() >= self.blocks);
+        assert!(g < self.0.groups() && x.len() >= 32 * self.0.blocks() && totals.len() >= self.0.blocks());
         #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
         if available() {
             // SAFETY: the CPU has AVX-512 F and F16C; the kernel reads the group's `blocks` blocks and as many
             // blocks of `x` and `totals` (asserted above), and writes the 16 values of `out`.
-            return unsafe { avx512::exact_group(self.group_bytes(g).as_ptr(), self.blocks, x, totals, out) };
+            return unsafe { avx512::exact_group(self.0.group(g).as_ptr(), self.0.blocks(), x, totals, out) };
         }
         self.portable_exact_group(g, x, totals, out)
     }
@@ -160,7 +142,7 @@ impl Q4_1Lanes {
     /// `exact_group` in portable Rust.
     pub fn portable_exact_group(&self, g: usize, x: &[f32], totals: &[f32], out: &mut [f32; LANES]) {
         *out = [0.0; LANES];
-        for (b, block) in self.group_bytes(g).chunks_exact(BLOCK_BYTES).enumerate() {
+        for (b, block) in self.0.group(g).chunks_exact(BLOCK_BYTES).enumerate() {
             let xb = &x[32 * b..32 * b + 32];
             for (lane, acc) in out.iter_mut().enumerate() {
                 let mut p = [0f32; 8];
@@ -190,15 +172,6 @@ pub fn block_totals(x: &[f32]) -> Vec<f32> {
     x.chunks_exact(32).map(|b| b.iter().fold(0f32, |sum, v| sum + v)).collect()
 }
 
-/// Whether this CPU runs the exact kernel (AVX-512 F and F16C): matrices are repacked only then, since elsewhere
-/// the one-row kernels are faster than the portable twins.
-pub fn available() -> bool {
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
-    return std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("f16c");
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
-    false
-}
-
 /// Whether this CPU also runs the 8-bit kernel (AVX-512 VNNI).
 pub fn int8_available() -> bool {
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
@@ -212,18 +185,7 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{Q8Row, BLOCK_BYTES, LANES};
-
-    /// How far ahead of the block being multiplied the kernels ask for the group's bytes.
-    const AHEAD: usize = 2048;
-
-    /// Asks for the bytes `AHEAD` past `block`. Past the group's end these may not be the program's: a prefetch
-    /// reads nothing the program sees and cannot fault.
-    #[inline(always)]
-    unsafe fn prefetch_ahead(block: *const u8) {
-        for line in (0..BLOCK_BYTES).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T1>(block.wrapping_add(AHEAD + line).cast());
-        }
-    }
+    use crate::quant::lanes::prefetch_ahead;
 
     /// `Q4_1Lanes::int8_group` of the group at `data` for the `R` activation rows `xs`: the low nibbles as they are
     /// and the high ones as 16 times their value (multiplied where they lie, then the sum divided by 16, as
@@ -240,7 +202,7 @@ mod avx512 {
         let mut acc = [_mm512_setzero_ps(); R];
         for b in 0..blocks {
             let block = data.add(b * BLOCK_BYTES);
-            prefetch_ahead(block);
+            prefetch_ahead(block, BLOCK_BYTES);
             let w: [__m512i; 4] = std::array::from_fn(|j| _mm512_loadu_si512(block.add(64 * j).cast()));
             let low_w: [__m512i; 4] = std::array::from_fn(|j| _mm512_and_si512(w[j], nibble));
             let high_w: [__m512i; 4] = std::array::from_fn(|j| _mm512_andnot_si512(nibble, w[j]));
@@ -274,7 +236,7 @@ mod avx512 {
         let mut acc = _mm512_setzero_ps();
         for b in 0..blocks {
             let block = data.add(b * BLOCK_BYTES);
-            prefetch_ahead(block);
+            prefetch_ahead(block, BLOCK_BYTES);
             let xb = x.as_ptr().add(32 * b);
             let value = |w: __m512i, shift: u32| {
                 _mm512_permutexvar_ps(_mm512_srl_epi32(w, _mm_cvtsi32_si128(shift as i32)), table)
@@ -318,18 +280,28 @@ mod tests {
     use crate::quant::int8::quantize;
     use crate::quant::QuantMatrix;
 
+    /// An `n x k` Q4_1 matrix of weights spread over -0.1..0.1, rounding its activations.
+    fn int8_matrix(n: usize, k: usize) -> QuantMatrix {
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1).collect();
+        let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+        QuantMatrix::new("w", Arc::new(QTensor::quantize(&wt, GgmlDType::Q4_1).unwrap()))
+            .unwrap()
+            .with_int8_activations(true)
+    }
+
+    /// Activations of both signs and magnitudes up to 7.
+    fn activations(len: usize) -> Vec<f32> {
+        (0..len).map(|i| ((i * 104729 % 997) as f32 / 498.5 - 1.0) * (1.0 + (i % 7) as f32)).collect()
+    }
+
     /// The repacked rows' products, in the kernel the CPU runs and in the portable twin, are the batched 8-bit
     /// product's (`matmul_exact_rows`, itself tested against its own twin) bit for bit, row by row: 40 rows, two
     /// whole groups and 8 rows left out of the repacking.
     #[test]
     fn each_int8_lane_is_the_batched_products_row_bit_for_bit() {
         let (n, k) = (40, 544);
-        let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1).collect();
-        let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
-        let q = QuantMatrix::new("w", Arc::new(QTensor::quantize(&wt, GgmlDType::Q4_1).unwrap()))
-            .unwrap()
-            .with_int8_activations(true);
-        let x: Vec<f32> = (0..k).map(|i| ((i * 104729 % 997) as f32 / 498.5 - 1.0) * (1.0 + (i % 7) as f32)).collect();
+        let q = int8_matrix(n, k);
+        let x = activations(k);
         let batched = q.matmul_exact_rows(&x).unwrap();
         let lanes = Q4_1Lanes::new(&q.raw().unwrap(), n, k);
         assert_eq!(lanes.groups(), 2);
@@ -351,14 +323,9 @@ mod tests {
     #[test]
     fn int8_rows_at_once_are_the_batched_products() {
         let (n, k) = (32, 544);
-        let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1).collect();
-        let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
-        let q = QuantMatrix::new("w", Arc::new(QTensor::quantize(&wt, GgmlDType::Q4_1).unwrap()))
-            .unwrap()
-            .with_int8_activations(true);
+        let q = int8_matrix(n, k);
         let m = 7;
-        let x: Vec<f32> =
-            (0..m * k).map(|i| ((i * 104729 % 997) as f32 / 498.5 - 1.0) * (1.0 + (i % 7) as f32)).collect();
+        let x = activations(m * k);
         let batched = q.matmul_exact_rows(&x).unwrap();
         let lanes = Q4_1Lanes::new(&q.raw().unwrap(), n, k);
         let rounded: Vec<_> = x.chunks_exact(k).map(quantize).collect();
@@ -391,7 +358,7 @@ mod tests {
         let q = QTensor::quantize(&wt, GgmlDType::Q4_1).unwrap();
         let raw = q.data().unwrap();
         let lanes = Q4_1Lanes::new(&raw, n, k);
-        let x: Vec<f32> = (0..k).map(|i| ((i * 104729 % 997) as f32 / 498.5 - 1.0) * (1.0 + (i % 7) as f32)).collect();
+        let x = activations(k);
         let totals = block_totals(&x);
         let row_bytes = k / 32 * 20;
         for g in 0..lanes.groups() {

@@ -8,50 +8,30 @@
 //! Both offline models' output matrix is Q8_0 (their embedding, tied); with `--int8`, Q8_0 stays exact in a single
 //! sequence's steps (`int8`'s module comment), so this kernel serves both modes.
 
-/// Weight rows per group (one 512-bit register of f32).
-pub const LANES: usize = 16;
+use super::lanes::{RowGroups, LANES};
 
 /// Bytes of one block of sixteen rows: the 32 values of each row, value by value (sixteen bytes each), then
 /// sixteen f16 scales. As many bytes as the sixteen rows' blocks in the file.
 const BLOCK_BYTES: usize = 32 * LANES + 2 * LANES;
 
 /// A Q8_0 matrix's rows in groups of sixteen, block by block as the kernel reads them.
-pub struct Q8_0Lanes {
-    groups: usize,
-    blocks: usize,
-    data: Vec<u8>,
-}
+pub struct Q8_0Lanes(RowGroups);
 
 impl Q8_0Lanes {
     /// The first `rows / 16 * 16` rows of `raw` (Q8_0 blocks: an f16 scale and 32 signed bytes; `k` values a row)
     /// repacked; rows past the last whole group are left to the one-row kernels.
     pub fn new(raw: &[u8], rows: usize, k: usize) -> Self {
-        let (groups, blocks) = (rows / LANES, k / 32);
-        let row_bytes = blocks * 34;
-        assert!(raw.len() >= rows * row_bytes && k.is_multiple_of(32));
-        let mut data = vec![0u8; groups * blocks * BLOCK_BYTES];
-        for (g, group) in data.chunks_exact_mut(blocks * BLOCK_BYTES).enumerate() {
-            for (b, out) in group.chunks_exact_mut(BLOCK_BYTES).enumerate() {
-                for lane in 0..LANES {
-                    let at = (g * LANES + lane) * row_bytes + b * 34;
-                    let block = &raw[at..at + 34];
-                    for (c, &value) in block[2..].iter().enumerate() {
-                        out[LANES * c + lane] = value;
-                    }
-                    out[32 * LANES + 2 * lane..32 * LANES + 2 * lane + 2].copy_from_slice(&block[..2]);
-                }
+        Self(RowGroups::new(raw, rows, k, 34, BLOCK_BYTES, |lane, block, out| {
+            for (c, &value) in block[2..].iter().enumerate() {
+                out[LANES * c + lane] = value;
             }
-        }
-        Self { groups, blocks, data }
+            out[32 * LANES + 2 * lane..32 * LANES + 2 * lane + 2].copy_from_slice(&block[..2]);
+        }))
     }
 
     /// Whole groups of sixteen rows.
     pub fn groups(&self) -> usize {
-        self.groups
-    }
-
-    fn group_bytes(&self, g: usize) -> &[u8] {
-        &self.data[g * self.blocks * BLOCK_BYTES..(g + 1) * self.blocks * BLOCK_BYTES]
+        self.0.groups()
     }
 
     /// Rows `16 g..16 g + 16` of the exact product with `x` into `out`, in the AVX-512 kernel where the CPU has it,
@@ -62,12 +42,12 @@ impl Q8_0Lanes {
     /// acc = fma(d, (p0 + p1) + (p2 + p3), acc)
     /// ```
     pub fn exact_group(&self, g: usize, x: &[f32], out: &mut [f32; LANES]) {
-        assert!(g < self.groups && x.len() >= 32 * self.blocks);
+        assert!(g < self.0.groups() && x.len() >= 32 * self.0.blocks());
         #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
-        if super::q4_1_lanes::available() {
+        if super::lanes::available() {
             // SAFETY: the CPU has AVX-512 F and F16C; the kernel reads the group's `blocks` blocks and as many
             // blocks of `x` (asserted above), and writes the 16 values of `out`.
-            return unsafe { avx512::exact_group(self.group_bytes(g).as_ptr(), self.blocks, x, out) };
+            return unsafe { avx512::exact_group(self.0.group(g).as_ptr(), self.0.blocks(), x, out) };
         }
         self.portable_exact_group(g, x, out)
     }
@@ -75,7 +55,7 @@ impl Q8_0Lanes {
     /// `exact_group` in portable Rust.
     pub fn portable_exact_group(&self, g: usize, x: &[f32], out: &mut [f32; LANES]) {
         *out = [0.0; LANES];
-        for (b, block) in self.group_bytes(g).chunks_exact(BLOCK_BYTES).enumerate() {
+        for (b, block) in self.0.group(g).chunks_exact(BLOCK_BYTES).enumerate() {
             let xb = &x[32 * b..32 * b + 32];
             for (lane, acc) in out.iter_mut().enumerate() {
                 let mut p = [0f32; 4];
@@ -94,20 +74,14 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{BLOCK_BYTES, LANES};
-
-    /// How far ahead of the block being multiplied the kernel asks for the group's bytes.
-    const AHEAD: usize = 2048;
+    use crate::quant::lanes::prefetch_ahead;
 
     #[target_feature(enable = "avx512f,f16c")]
     pub unsafe fn exact_group(data: *const u8, blocks: usize, x: &[f32], out: &mut [f32; LANES]) {
         let mut acc = _mm512_setzero_ps();
         for b in 0..blocks {
             let block = data.add(b * BLOCK_BYTES);
-            // Past the group's end this asks for bytes that may not be the program's: a prefetch reads nothing the
-            // program sees and cannot fault.
-            for line in (0..BLOCK_BYTES).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T1>(block.wrapping_add(AHEAD + line).cast());
-            }
+            prefetch_ahead(block, BLOCK_BYTES);
             let xb = x.as_ptr().add(32 * b);
             let mut p = [_mm512_setzero_ps(); 4];
             for c in 0..32 {
