@@ -21,7 +21,9 @@ fn main() {
         let w = Tensor::from_vec(w, (rows, cols), &Device::Cpu).expect("weights");
         let q = QuantMatrix::new("w", Arc::new(QTensor::quantize(&w, dtype).expect("quantized")))
             .expect("matrix")
-            .with_int8_activations(int8);
+            .with_int8_activations(int8)
+            .for_decoding()
+            .expect("repacked");
         for m in [1, 16] {
             let x: Vec<f32> = (0..m * cols).map(|i| (i * 104729 % 997) as f32 / 498.5 - 1.0).collect();
             let reps = (20_000_000 / (m * rows * cols)).max(3);

@@ -234,6 +234,40 @@ impl Lanes {
     }
 }
 
+/// Up to `LANES` activation rows rounded to 8 bits, laid out as an AMX tile reads them (`q4_1_lanes::int8_tiles`):
+/// row i's `k` values at `values[i * k..]`, its blocks' scales and `scale * sum` at `scale[i * blocks..]` and
+/// `scaled_sum[i * blocks..]`. The rows up to `LANES` are zeros.
+pub struct TileRows {
+    pub rows: usize,
+    pub k: usize,
+    pub values: Vec<i8>,
+    pub scale: Vec<f32>,
+    pub scaled_sum: Vec<f32>,
+}
+
+impl TileRows {
+    /// `rounded` (at most `LANES` rows of the same length, a multiple of 32).
+    pub fn new(rounded: &[Q8Row]) -> Self {
+        assert!(rounded.len() <= LANES);
+        let k = rounded.first().map_or(0, |x| x.values.len());
+        let blocks = k / 32;
+        let mut rows = TileRows {
+            rows: rounded.len(),
+            k,
+            values: vec![0; LANES * k],
+            scale: vec![0.0; LANES * blocks],
+            scaled_sum: vec![0.0; LANES * blocks],
+        };
+        for (i, x) in rounded.iter().enumerate() {
+            assert_eq!(x.values.len(), k);
+            rows.values[i * k..(i + 1) * k].copy_from_slice(&x.values);
+            rows.scale[i * blocks..(i + 1) * blocks].copy_from_slice(&x.scale[..blocks]);
+            rows.scaled_sum[i * blocks..(i + 1) * blocks].copy_from_slice(&x.scaled_sum[..blocks]);
+        }
+        rows
+    }
+}
+
 /// `out[r][i]` = the product of weight row `first + r` of `w` (for r < out.len()) and lane i of `x`, portably: the
 /// twin of the VNNI kernel, which must equal it bit for bit.
 pub fn portable_rows(w: &Unpacked, first: usize, x: &Lanes, layout: Layout, out: &mut [[f32; LANES]]) {
@@ -285,6 +319,14 @@ pub struct Q8Terms {
     pub minus_128_sum: Vec<i32>,
 }
 
+/// Whether `band` multiplies on AMX tiles where asked (`int8_amx::available`).
+pub fn tiles_available() -> bool {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    return super::int8_amx::available();
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+    false
+}
+
 /// Whether `band` reads Q8_0 blocks in place when given their `Q8Terms` (where the CPU has AVX-512 VNNI).
 pub fn reads_q8_0_in_place() -> bool {
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
@@ -306,78 +348,121 @@ impl Q8Terms {
 /// The product of the weight rows `rows` (GGUF blocks of `dtype`, `k` values a row) with the activation rows of
 /// `chunks` (`LANES` at a time, in order): `put(i, r, values)` for activation row i and weight rows `r..r +
 /// values.len()`. `q8`: for Q8_0, its `Q8Terms` for these rows' blocks, so that the kernel reads the blocks where
-/// they lie (where the CPU has VNNI) instead of unpacking them. Q4_1 is read where it lies too, there.
+/// they lie (where the CPU has VNNI) instead of unpacking them. Q4_1 is read where it lies too, there. `tiles`:
+/// sixteen weight rows at a time on AMX tiles where the CPU has them (`int8_amx`), the same values bit for bit.
 pub fn band(
     dtype: GgmlDType,
     rows: &[u8],
     k: usize,
     chunks: &[Lanes],
     q8: Option<(&[f32], &[i32])>,
+    tiles: bool,
     put: impl FnMut(usize, usize, &[f32]),
 ) {
     let layout = layout(dtype).expect("the batched 8-bit form runs only on the types `layout` covers");
     let row_bytes = k / dtype.block_size() * dtype.type_size();
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    let tiles = tiles && super::int8_amx::available();
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+    let tiles = {
+        let _ = tiles;
+        false
+    };
+    let step = if tiles { TILE_ROWS } else { ROWS };
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
     if let (GgmlDType::Q8_0, Some((scale, sums)), true) = (dtype, q8, reads_q8_0_in_place()) {
         let nb = k / 32;
         assert!(scale.len() * row_bytes == rows.len() * nb && sums.len() == scale.len());
-        return gather(rows, row_bytes, chunks, put, |r0, x, out| {
+        return gather(rows, row_bytes, chunks, step, put, |r0, x, out| {
             let n = out.len();
             let (blocks, at) = (&rows[r0 * row_bytes..(r0 + n) * row_bytes], r0 * nb..(r0 + n) * nb);
-            super::int8_vnni::q8_0_rows(blocks, &scale[at.clone()], &sums[at], x, out);
+            match (tiles, <&mut [[f32; LANES]; TILE_ROWS]>::try_from(&mut *out)) {
+                (true, Ok(out)) => super::int8_amx::q8_0_rows(blocks, &scale[at], x, out),
+                _ => super::int8_vnni::q8_0_rows(blocks, &scale[at.clone()], &sums[at], x, out),
+            }
         });
     }
     let _ = q8;
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
-    if dtype == GgmlDType::Q4_1 && super::int8_vnni::available() {
+    if dtype == GgmlDType::Q4_1 && super::int8_vnni::available() && !tiles {
         let nb = k / 32;
-        return gather(rows, row_bytes, chunks, put, |r0, x, out| {
+        return gather(rows, row_bytes, chunks, step, put, |r0, x, out| {
             super::int8_vnni::q4_1_rows(&rows[r0 * row_bytes..(r0 + out.len()) * row_bytes], nb, x, out)
         });
     }
-    let mut w = Unpacked::new(ROWS, k, layout);
-    let mut unpacked = usize::MAX;
-    gather(rows, row_bytes, chunks, put, |r0, x, out| {
-        if unpacked != r0 {
-            for r in 0..out.len() {
-                w.unpack(dtype, r, &rows[(r0 + r) * row_bytes..(r0 + r + 1) * row_bytes]);
+    // Two sets of unpacked rows, the next group's unpacked before this one's product: a tile read right after the
+    // stores that wrote it waited for them (a third of the tiles' time on Q4_1 in `perf`).
+    let count = rows.len() / row_bytes;
+    let mut sets = [Unpacked::new(step, k, layout), Unpacked::new(step, k, layout)];
+    let mut holds = [usize::MAX; 2];
+    let unpack = |sets: &mut [Unpacked; 2], holds: &mut [usize; 2], set: usize, r0: usize, n: usize| {
+        if holds[set] != r0 {
+            for r in 0..n {
+                sets[set].unpack(dtype, r, &rows[(r0 + r) * row_bytes..(r0 + r + 1) * row_bytes]);
             }
-            unpacked = r0;
+            holds[set] = r0;
         }
-        rows_product(&w, 0, x, layout, out)
+    };
+    gather(rows, row_bytes, chunks, step, put, |r0, x, out| {
+        let set = r0 / step % 2;
+        unpack(&mut sets, &mut holds, set, r0, out.len());
+        if tiles && r0 + 2 * step <= count {
+            unpack(&mut sets, &mut holds, 1 - set, r0 + step, step);
+        }
+        let w = &sets[set];
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+        if let (true, Ok(out)) = (tiles, <&mut [[f32; LANES]; TILE_ROWS]>::try_from(&mut *out)) {
+            return super::int8_amx::rows(w, 0, x, layout, out);
+        }
+        for (r, out) in (0..out.len()).step_by(ROWS).zip(out.chunks_mut(ROWS)) {
+            rows_product(w, r, x, layout, out)
+        }
     });
 }
 
-/// `band`'s loop: `product(r0, x, out)` gives weight rows `r0..r0 + out.len()` (at most `ROWS`) against the lanes
-/// `x`, each set of lanes in turn; the values are gathered `RUN` weight rows at a time and `put` activation row by
-/// activation row. The rows `AHEAD` are asked for from memory meanwhile.
+/// Weight rows per call of the tiles' kernel (`int8_amx`).
+const TILE_ROWS: usize = 16;
+
+/// `band`'s loop: `product(r0, x, out)` gives weight rows `r0..r0 + out.len()` (at most `step`: `ROWS`, or
+/// `TILE_ROWS` on tiles) against the lanes `x`, each set of lanes in turn; the values are gathered `RUN` weight rows
+/// at a time and `put` activation row by activation row. The rows `AHEAD` are asked for from memory meanwhile.
 fn gather(
     rows: &[u8],
     row_bytes: usize,
     chunks: &[Lanes],
+    step: usize,
     mut put: impl FnMut(usize, usize, &[f32]),
     mut product: impl FnMut(usize, &Lanes, &mut [[f32; LANES]]),
 ) {
     let count = rows.len() / row_bytes;
-    let mut out = [[0f32; LANES]; ROWS];
+    let mut out = [[0f32; LANES]; TILE_ROWS];
     // Activation row i's values at `gathered[i * stride..]`: no longer than the band (a decoding step's bands are
     // often under a hundred rows, and zeroing 32 KB per band was 38 MB per SmolLM2 step).
     let stride = RUN.min(count);
     let mut gathered = vec![0f32; chunks.iter().map(|x| x.rows).sum::<usize>() * stride];
     for run in (0..count).step_by(RUN) {
         let length = RUN.min(count - run);
-        for r0 in (run..run + length).step_by(ROWS) {
-            let n = ROWS.min(run + length - r0);
-            super::prefetch(rows.get((r0 + AHEAD) * row_bytes..(r0 + AHEAD + ROWS) * row_bytes));
+        for r0 in (run..run + length).step_by(step) {
+            let n = step.min(run + length - r0);
+            super::prefetch(rows.get((r0 + AHEAD) * row_bytes..(r0 + AHEAD + n) * row_bytes));
             let mut first_lane = 0;
             for x in chunks {
                 product(r0, x, &mut out[..n]);
                 // Lane i's values of the `n` weight rows are contiguous in `gathered`: one slice per lane, and
-                // for a whole group of rows a fixed-size copy the compiler writes without a check per value.
+                // for whole groups of `ROWS` rows a fixed-size copy the compiler writes without a check per value.
                 let at = |i: usize| (first_lane + i) * stride + r0 - run;
                 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
-                if n == ROWS && x.rows == LANES && super::int8_vnni::available() {
-                    super::int8_vnni::write_lanes(&out, &mut gathered[at(0)..], stride);
+                if x.rows == LANES && super::int8_vnni::available() {
+                    let whole = n / ROWS * ROWS;
+                    for (q, four) in out[..whole].chunks_exact(ROWS).enumerate() {
+                        let four: &[[f32; LANES]; ROWS] = four.try_into().expect("ROWS");
+                        super::int8_vnni::write_lanes(four, &mut gathered[at(0) + ROWS * q..], stride);
+                    }
+                    for i in 0..x.rows {
+                        for (r, v) in gathered[at(i) + whole..at(i) + n].iter_mut().enumerate() {
+                            *v = out[whole + r][i];
+                        }
+                    }
                     first_lane += x.rows;
                     continue;
                 }
@@ -460,10 +545,11 @@ mod tests {
     /// The batched product of every type: each value is, up to f32 rounding, the f64 product of the decoded
     /// weights with the rounded activations; each activation row's values are the same bit for bit among 1, 3,
     /// 16 or 19 rows (two sets of lanes); and the kernels this CPU runs equal the portable twin bit for bit, Q4_1
-    /// and Q8_0 read from their blocks too.
+    /// and Q8_0 read from their blocks too, and on AMX tiles where the CPU has them (21 weight rows: a tile of
+    /// sixteen, then a set of four and one row).
     #[test]
     fn batched_integer_products_equal_the_decoded_products_in_any_batch() {
-        let (n, k) = (7, 512);
+        let (n, k) = (21, 512);
         let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1).collect();
         let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
         let m = 19;
@@ -476,17 +562,24 @@ mod tests {
             let row_bytes = raw.len() / n;
             let terms = Q8Terms::new(&raw);
             let q8 = (dtype == GgmlDType::Q8_0).then_some((&terms.scale[..], &terms.minus_128_sum[..]));
-            let product_with = |rows: &[Q8Row], q8| {
+            let product_with = |rows: &[Q8Row], q8, tiles| {
                 let mut out = vec![0f32; rows.len() * n];
-                band(dtype, &raw, k, &lanes(rows, l.len), q8, |i, r, v| {
+                band(dtype, &raw, k, &lanes(rows, l.len), q8, tiles, |i, r, v| {
                     out[i * n + r..i * n + r + v.len()].copy_from_slice(v)
                 });
                 out
             };
-            let product = |rows: &[Q8Row]| product_with(rows, q8);
+            let product = |rows: &[Q8Row]| product_with(rows, q8, false);
             let all = product(&rounded);
-            // Q8_0 straight from its blocks (where the CPU has VNNI) is the unpacked product bit for bit.
-            assert_eq!(all, product_with(&rounded, None), "{dtype:?}: with and without Q8Terms");
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            // Q8_0 straight from its blocks (where the CPU has VNNI) is the unpacked product bit for bit, and so
+            // are the tiles' products.
+            assert_eq!(bits(&all), bits(&product_with(&rounded, None, false)), "{dtype:?}: with and without Q8Terms");
+            for q8 in [q8, None] {
+                let tiles = product_with(&rounded, q8, true);
+                assert_eq!(bits(&all), bits(&tiles), "{dtype:?}: on tiles (Q8Terms: {})", q8.is_some());
+            }
+            eprintln!("{dtype:?}: AMX tiles {}", if tiles_available() { "compared" } else { "not on this CPU" });
             for i in 0..m {
                 let rx: Vec<f64> =
                     (0..k).map(|c| rounded[i].scale[c / 32] as f64 * rounded[i].values[c] as f64).collect();

@@ -21,6 +21,8 @@ mod avx512_blocks;
 pub mod blocks;
 pub mod int8;
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+mod int8_amx;
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 mod int8_avx2;
 pub mod int8_rows;
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
@@ -139,6 +141,7 @@ impl QuantMatrix {
         self.lanes.as_deref().filter(|lanes| match (form, lanes) {
             (Form::Fused, _) => true,
             (Form::Int8 | Form::Int8Rows, DecodingLanes::Q4_1(_)) => q4_1_lanes::int8_available(),
+            (Form::Int8Tiles, DecodingLanes::Q4_1(_)) => q4_1_lanes::tiles_available(),
             _ => false,
         })
     }
@@ -287,11 +290,24 @@ impl QuantMatrix {
                     }
                 }
             }
-            Form::Int8Rows => {
-                let grouped = self.each_group(out, form, |lanes, g, put| match lanes {
-                    DecodingLanes::Q4_1(lanes) => lanes.int8_group_each(g, &prepared.rounded, put),
-                    DecodingLanes::Q8_0(_) => unreachable!("Q8_0's batched steps read its blocks (`lanes_for`)"),
-                });
+            Form::Int8Rows | Form::Int8Tiles => {
+                let grouped = match self.lanes_for(form) {
+                    // On tiles, the band's groups in one run of the kernel per sixteen activation rows.
+                    Some(DecodingLanes::Q4_1(lanes)) if form == Form::Int8Tiles => {
+                        const LANES: usize = lanes::LANES;
+                        let (groups, first) = (self.band_groups(out, lanes.groups()), out.first);
+                        for (c, rows) in prepared.tile_rows.iter().enumerate() {
+                            lanes.int8_tiles(groups.clone(), rows, |i, g, values| {
+                                out.write(LANES * c + i, g * LANES - first, values)
+                            });
+                        }
+                        groups.start * LANES - first..groups.end * LANES - first
+                    }
+                    _ => self.each_group(out, form, |lanes, g, put| match lanes {
+                        DecodingLanes::Q4_1(lanes) => lanes.int8_group_each(g, &prepared.rounded, put),
+                        DecodingLanes::Q8_0(_) => unreachable!("Q8_0's batched steps read its blocks (`lanes_for`)"),
+                    }),
+                };
                 // The rows outside whole groups, or all of them, in `int8_rows`.
                 let parts = match grouped.is_empty() {
                     true => [0..count, count..count],
@@ -307,7 +323,10 @@ impl QuantMatrix {
                 for part in parts.into_iter().filter(|part| !part.is_empty()) {
                     let (first, part_rows) = (part.start, &rows[part.start * row_bytes..part.end * row_bytes]);
                     let q8 = q8.filter(|_| part == (0..count));
-                    int8_rows::band(dtype, part_rows, k, lanes, q8, |i, r, values| out.write(i, first + r, values));
+                    let tiles = form == Form::Int8Tiles;
+                    int8_rows::band(dtype, part_rows, k, lanes, q8, tiles, |i, r, values| {
+                        out.write(i, first + r, values)
+                    });
                 }
             }
             Form::Band => {
@@ -318,6 +337,12 @@ impl QuantMatrix {
                 });
             }
         }
+    }
+
+    /// The whole groups of sixteen rows in the band `out` (of a matrix with `groups` whole groups).
+    fn band_groups(&self, out: &Columns, groups: usize) -> std::ops::Range<usize> {
+        const LANES: usize = lanes::LANES;
+        out.first.div_ceil(LANES)..((out.first + out.count) / LANES).min(groups).max(out.first.div_ceil(LANES))
     }
 
     /// The band's whole groups of sixteen rows where `form` reads them repacked (`lanes_for`): `group(lanes, g,
@@ -333,12 +358,12 @@ impl QuantMatrix {
         let Some(lanes) = self.lanes_for(form) else {
             return 0..0;
         };
-        let groups = out.first.div_ceil(LANES)..((out.first + out.count) / LANES).min(lanes.groups());
+        let groups = self.band_groups(out, lanes.groups());
         for g in groups.clone() {
             let at = g * LANES - out.first;
             group(lanes, g, &mut |i, values| out.write(i, at, values));
         }
-        groups.start * LANES - out.first..(groups.end * LANES).max(groups.start * LANES) - out.first
+        groups.start * LANES - out.first..groups.end * LANES - out.first
     }
 }
 
@@ -380,19 +405,24 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
         return Err(EngineError::InvalidRequest(format!("activations of {} values for rows of {k}", x.len())));
     }
     let m = x.len() / k;
+    let tiles = m >= TILE_MIN_ROWS && int8_rows::tiles_available();
+    let jobs: Vec<(&QuantMatrix, Form)> = jobs
+        .iter()
+        .map(|&(q, form)| (q, if form == Form::Int8Rows && tiles { Form::Int8Tiles } else { form }))
+        .collect();
     let raws = jobs.iter().map(|(q, _)| q.raw()).collect::<Result<Vec<_>>>()?;
     // What the bands share, made once: the activation rows rounded to 8 bits, transposed for gemm, or their
     // block sums.
     let uses = |wanted: fn(&Form) -> bool| jobs.iter().any(|(_, form)| wanted(form));
     // A batched step's rows are rounded on the pass's threads (each row alone, so the same in any split).
-    let rounded: Vec<int8::Q8Row> = match uses(|form| matches!(form, Form::Int8 | Form::Int8Rows)) {
+    let rounded: Vec<int8::Q8Row> = match uses(|form| matches!(form, Form::Int8 | Form::Int8Rows | Form::Int8Tiles)) {
         true if m >= 4 => crate::team::map(m, |i| int8::quantize(&x[i * k..(i + 1) * k])),
         true => x.chunks_exact(k).map(int8::quantize).collect(),
         false => Vec::new(),
     };
     // The rounded rows in lanes, for the block lengths the `Int8Rows` jobs' types use.
     let lanes_of = |len| match jobs.iter().any(|(q, form)| {
-        matches!(form, Form::Int8Rows)
+        matches!(form, Form::Int8Rows | Form::Int8Tiles)
             && int8_rows::layout(q.dtype()).is_some_and(|l| l.len == len)
             && (q.lanes_for(*form).is_none() || q.rows % lanes::LANES != 0)
     }) {
@@ -400,6 +430,10 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
         false => Vec::new(),
     };
     let prepared = Prepared {
+        tile_rows: match jobs.iter().any(|(q, form)| *form == Form::Int8Tiles && q.lanes_for(*form).is_some()) {
+            true => rounded.chunks(lanes::LANES).map(int8_rows::TileRows::new).collect(),
+            false => Vec::new(),
+        },
         lanes16: lanes_of(16),
         lanes32: lanes_of(32),
         rounded,
@@ -420,7 +454,10 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
         },
     };
     for ((q, form), raw) in jobs.iter().zip(&raws) {
-        if matches!(form, Form::Int8Rows) && q.dtype() == GgmlDType::Q8_0 && int8_rows::reads_q8_0_in_place() {
+        if matches!(form, Form::Int8Rows | Form::Int8Tiles)
+            && q.dtype() == GgmlDType::Q8_0
+            && int8_rows::reads_q8_0_in_place()
+        {
             q.q8_terms.get_or_init(|| int8_rows::Q8Terms::new(raw));
         }
     }
@@ -432,8 +469,9 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
             let rows = jobs[j].0.rows;
             let per = ROWS_PER_TASK.max(rows.div_ceil(4 * rayon::current_num_threads()));
             let bands = (rows / per).max(1);
-            // Bands of whole groups where a single sequence's step reads the rows in groups (`q4_1_lanes`).
-            let step = if jobs[j].0.lanes_for(jobs[j].1).is_some() { lanes::LANES } else { 1 };
+            // Bands of whole groups where the rows are read in groups of sixteen (`q4_1_lanes`, `int8_amx`).
+            let grouped = jobs[j].0.lanes_for(jobs[j].1).is_some() || jobs[j].1 == Form::Int8Tiles;
+            let step = if grouped { lanes::LANES } else { 1 };
             let start = move |b: usize| if b == bands { rows } else { b * rows / bands / step * step };
             (0..bands).map(move |b| (j, start(b), start(b + 1) - start(b)))
         })
@@ -507,6 +545,8 @@ impl Columns {
 struct Prepared {
     /// Each row rounded to 8 bits (`Form::Int8`, `Form::Int8Rows`).
     rounded: Vec<int8::Q8Row>,
+    /// The rounded rows sixteen at a time as AMX tiles read them (`Form::Int8Tiles` on repacked rows).
+    tile_rows: Vec<int8_rows::TileRows>,
     /// The rounded rows in sets of sixteen lanes, in blocks of 16 and of 32 values (`Form::Int8Rows`).
     lanes16: Vec<int8_rows::Lanes>,
     lanes32: Vec<int8_rows::Lanes>,
@@ -606,8 +646,8 @@ unsafe fn transpose_raw(x: &[f32], rows: usize, cols: usize, t: *mut f32, stride
     }
 }
 
-/// How a product is computed (all but `Int8` and `Int8Rows` exact up to the order of the f32 sums).
-#[derive(Clone, Copy)]
+/// How a product is computed (all but `Int8`, `Int8Rows` and `Int8Tiles` exact up to the order of the f32 sums).
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Form {
     /// Blocks decoded inside each dot product: fastest for one or two activation rows.
     Fused,
@@ -619,7 +659,14 @@ enum Form {
     Int8,
     /// `Rows` with the activations rounded to 8 bits (`int8_rows`): not exact.
     Int8Rows,
+    /// `Int8Rows` on AMX tiles (`int8_amx`), the same values: for products of at least `TILE_MIN_ROWS` activation
+    /// rows, where the CPU has the tiles.
+    Int8Tiles,
 }
+
+/// From this many activation rows on, `Form::Int8Rows` takes the tiles where the CPU has them: below, the scaling
+/// of a tile's sums for a few activation rows costs more than the repacked rows' kernel (`q4_1_lanes`).
+const TILE_MIN_ROWS: usize = 8;
 
 /// The longest run of columns one `gemm` call sums (see `band_product`).
 const GEMM_DEPTH: usize = 512;
@@ -721,7 +768,7 @@ pub fn dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
 
 /// `put(i, dot4(x_i, w))` for every row `x_i` of `x` (rows of `k`): the exact-rows product's inner loop. With
 /// AVX-512 (detected at run time), six activation rows at a time, each value still `dot`'s bit for bit.
-fn dot4_each(x: &[f32], k: usize, w: [&[f32]; 4], mut put: impl FnMut(usize, [f32; 4])) {
+pub fn dot4_each(x: &[f32], k: usize, w: [&[f32]; 4], mut put: impl FnMut(usize, [f32; 4])) {
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
     if avx512::available() {
         let m = x.len() / k;
@@ -851,6 +898,32 @@ mod tests {
                 assert_eq!(got, &exact, "{:?}, {m} rows, independent", q.dtype());
             }
         }
+    }
+
+    /// With 8-bit activations, a batched step of 19 rows (on AMX tiles where the CPU has them, `TILE_MIN_ROWS`)
+    /// gives each row the values it gets alone (the repacked rows' kernel, or `int8_rows`'), bit for bit: Q4_1
+    /// repacked for decoding (two groups of sixteen and eight rows outside them), Q8_0 and Q4_K from their blocks.
+    #[test]
+    fn int8_rows_of_a_large_batch_are_each_row_alone() {
+        let (n, k, m) = (40, 512, 19);
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1).collect();
+        let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+        let x: Vec<f32> =
+            (0..m * k).map(|i| ((i * 104729 % 997) as f32 / 498.5 - 1.0) * (1.0 + (i % 7) as f32)).collect();
+        for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4K] {
+            let q = QuantMatrix::new("w", Arc::new(QTensor::quantize(&wt, dtype).unwrap()))
+                .unwrap()
+                .with_int8_activations(true)
+                .for_decoding()
+                .unwrap();
+            let all = q.matmul_exact_rows(&x).unwrap();
+            for i in 0..m {
+                let alone = q.matmul_exact_rows(&x[i * k..(i + 1) * k]).unwrap();
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&all[i * n..(i + 1) * n]), bits(&alone), "{dtype:?}: row {i}");
+            }
+        }
+        eprintln!("AMX tiles: {}", if int8_rows::tiles_available() { "used" } else { "not on this CPU" });
     }
 
     #[test]

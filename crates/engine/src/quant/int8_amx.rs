@@ -1,0 +1,257 @@
+//! `int8_rows::portable_rows` on AMX tiles, where the CPU has AMX-INT8 and the kernel lets the program use it
+//! (detected at run time; Linux asks for the tile registers once per process). Sixteen weight rows at a time: one
+//! `tdpbusd` (`tdpbssd` for Q8_0's signed bytes) multiplies a block of sixteen weight rows (a tile of their bytes)
+//! with a block of sixteen activation rows (a tile of `Lanes::values`, whose layout is the one AMX wants) into a
+//! tile of 16 x 16 integer sums: 8,192 multiply-adds where `vpdpbusd` does 64. The sums are then scaled into each
+//! weight row's f32 sums with the VNNI kernel's operations in its order (`int8_vnni::block`): integer sums are
+//! the same in any order, so the two agree bit for bit, and so do the portable twin's.
+//!
+//! The scaling is now most of the work (some seven instructions per weight row and block, for sixteen activation
+//! rows), so the tiles pay where a product has many activation rows: batched steps and prompts (`Form::Int8Tiles`
+//! from `TILE_MIN_ROWS` rows). `SAIF_AMX=0` turns them off, for comparisons.
+
+use std::arch::asm;
+use std::arch::x86_64::*;
+use std::sync::OnceLock;
+
+use super::int8_rows::{Lanes, Layout, Unpacked, LANES};
+
+/// Weight rows per call: the rows of a tile.
+pub const ROWS: usize = 16;
+
+/// Whether this CPU and its kernel run the tiles (AMX-TILE and AMX-INT8, with the tile registers granted), and
+/// AVX-512 VNNI for the scaling and the rows outside whole tiles. Asked once.
+pub fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        std::env::var("SAIF_AMX").map_or(true, |v| v != "0")
+            && super::int8_vnni::available()
+            && has_amx_int8()
+            && tiles_granted()
+    })
+}
+
+/// CPUID leaf 7: AMX-TILE (EDX bit 24) and AMX-INT8 (bit 25).
+fn has_amx_int8() -> bool {
+    // CPUID leaf 7 exists on every CPU with AVX-512 (checked before).
+    let edx = __cpuid_count(7, 0).edx;
+    edx & (1 << 24) != 0 && edx & (1 << 25) != 0
+}
+
+/// Asks Linux for the tile data registers (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`): without it the
+/// first tile instruction is killed. Elsewhere: no tiles.
+fn tiles_granted() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        const SYS_ARCH_PRCTL: usize = 158;
+        const ARCH_REQ_XCOMP_PERM: usize = 0x1023;
+        const XFEATURE_XTILEDATA: usize = 18;
+        let result: isize;
+        // SAFETY: the system call reads its two integer arguments and changes only which registers this process
+        // may use; `syscall` clobbers rcx and r11.
+        unsafe {
+            asm!(
+                "syscall",
+                inlateout("rax") SYS_ARCH_PRCTL as isize => result,
+                in("rdi") ARCH_REQ_XCOMP_PERM,
+                in("rsi") XFEATURE_XTILEDATA,
+                lateout("rcx") _,
+                lateout("r11") _,
+                options(nostack),
+            )
+        };
+        result == 0
+    }
+    #[cfg(not(target_os = "linux"))]
+    false
+}
+
+/// A tile configuration (palette 1): tile 0 the 16 x 16 sums, tile 1 sixteen weight rows of a block (`len`
+/// bytes each), tile 2 the block of the sixteen activation rows (`len / 4` rows of sixteen four-byte groups); tiles
+/// 3-5 the same, for the other blocks.
+#[repr(C, align(64))]
+struct TileConfig([u8; 64]);
+
+impl TileConfig {
+    fn new(len: usize) -> Self {
+        let mut config = [0u8; 64];
+        config[0] = 1;
+        let mut set = |tile: usize, rows: usize, bytes: usize| {
+            config[16 + 2 * tile..18 + 2 * tile].copy_from_slice(&(bytes as u16).to_le_bytes());
+            config[48 + tile] = rows as u8;
+        };
+        for set_of_three in [0, 3] {
+            set(set_of_three, ROWS, 4 * LANES);
+            set(set_of_three + 1, ROWS, len);
+            set(set_of_three + 2, len / 4, 4 * LANES);
+        }
+        Self(config)
+    }
+}
+
+thread_local! {
+    /// The block length of the tile configuration this thread has loaded; 0 before the first.
+    static CONFIGURED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Loads the tile configuration for blocks of `len` values on this thread, unless it is loaded already: once per
+/// thread, not per call (loading it and releasing the tiles at every call of sixteen rows took a third of the
+/// kernel's time in `perf`). Nothing else in the program uses the tiles, so they are never released.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn configure(len: usize) {
+    if CONFIGURED.get() != len {
+        let config = TileConfig::new(len);
+        asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly));
+        CONFIGURED.set(len);
+    }
+}
+
+/// Where a kernel call finds its sixteen weight rows: each row's bytes and, per block, its scale and offset.
+struct Weights {
+    /// Row 0's first block; row r's block b at `bytes + r * row_stride + b * block_stride`.
+    bytes: *const u8,
+    row_stride: usize,
+    block_stride: usize,
+    /// Row r's block b's scale at `scale[r * blocks + b]`; its offset likewise, for types with one.
+    scale: *const f32,
+    offset: Option<*const f32>,
+    /// `Layout::bias`; the bytes are signed (Q8_0 in place, bias 0) where `signed`.
+    bias: i32,
+    signed: bool,
+}
+
+/// `int8_rows::portable_rows` for the sixteen rows of `w` from `first` (unpacked to bytes), bit for bit. Call only
+/// where `available()`.
+pub fn rows(w: &Unpacked, first: usize, x: &Lanes, layout: Layout, out: &mut [[f32; LANES]; ROWS]) {
+    assert!(
+        available()
+            && (first + ROWS) * w.k <= w.bytes.len()
+            && (first + ROWS) * w.blocks <= w.scale.len().min(w.offset.len())
+            && x.len == layout.len
+            && w.blocks * layout.len == w.k
+            && x.values.len() * 4 >= w.k
+            && x.scale.len().min(x.scaled_sum.len()).min(x.sums.len()) >= w.blocks
+    );
+    let weights = Weights {
+        // SAFETY (of the offsets): inside the sizes asserted above.
+        bytes: unsafe { w.bytes.as_ptr().add(first * w.k) },
+        row_stride: w.k,
+        block_stride: layout.len,
+        scale: unsafe { w.scale.as_ptr().add(first * w.blocks) },
+        offset: layout.offset.then(|| unsafe { w.offset.as_ptr().add(first * w.blocks) }),
+        bias: layout.bias,
+        signed: false,
+    };
+    // SAFETY: the CPU has AMX-INT8 with the tiles granted and AVX-512 (`available`); the kernel reads `w.blocks`
+    // blocks of each of the sixteen rows and of `x`, inside the sizes asserted above.
+    unsafe { product(&weights, w.blocks, layout.len, x, out) }
+}
+
+/// `int8_rows::portable_rows` for sixteen Q8_0 rows read where they lie (`blocks`: sixteen rows of `nb` 34-byte
+/// blocks; `scale`: their blocks' scales, row after row), bit for bit: the signed bytes multiply the activations
+/// as they are (`tdpbssd`), which gives the integer sum `int8_vnni::q8_0_rows` gets with its offset and its
+/// `Q8Terms`, and the same f32 operations follow. Call only where `available()`.
+pub fn q8_0_rows(blocks: &[u8], scale: &[f32], x: &Lanes, out: &mut [[f32; LANES]; ROWS]) {
+    let nb = scale.len() / ROWS;
+    assert!(
+        available()
+            && blocks.len() == ROWS * nb * 34
+            && scale.len() == ROWS * nb
+            && x.len == 32
+            && x.values.len() >= nb * 8
+            && x.scale.len() >= nb
+    );
+    let weights = Weights {
+        // SAFETY (of the offset): the values start after each block's 2-byte scale, inside `blocks`.
+        bytes: unsafe { blocks.as_ptr().add(2) },
+        row_stride: nb * 34,
+        block_stride: 34,
+        scale: scale.as_ptr(),
+        offset: None,
+        bias: 0,
+        signed: true,
+    };
+    // SAFETY: as in `rows`, inside the sizes asserted above.
+    unsafe { product(&weights, nb, 32, x, out) }
+}
+
+/// The kernel: per block, the sixteen rows' tile of bytes times the activations' tile, the sums stored, then
+/// scaled into each row's lanes as `int8_vnni::block` does:
+///
+/// ```text
+/// isum = sums - bias * x.sums[b]
+/// acc  = fma(isum as f32, scale * dx, acc)
+/// acc  = fma(offset, x.scaled_sum[b], acc)      (types with an offset)
+/// ```
+///
+/// The blocks alternate between two sets of tiles (0-2 and 3-5) and two stores of sums, so that the next block's
+/// tile product runs while this block's sums are scaled: one set, the product waited for the previous block's
+/// store to read its tile (76 G multiply-adds a second against 126 for the VNNI kernel, `batch_speed`).
+#[target_feature(enable = "avx512f")]
+unsafe fn product(w: &Weights, blocks: usize, len: usize, x: &Lanes, out: &mut [[f32; LANES]; ROWS]) {
+    configure(len);
+    // Written by the tile stores before they are read (not zeroed: see `q4_1_lanes::int8_tiles`).
+    let mut sums = std::mem::MaybeUninit::<[Sums; 2]>::uninit();
+    let sums: [*mut [i32; LANES]; 2] = std::array::from_fn(|i| sums.as_mut_ptr().cast::<Sums>().add(i).cast());
+    let mut acc = [_mm512_setzero_ps(); ROWS];
+    let minus_bias = _mm512_set1_epi32(-w.bias);
+    let activations = x.values.as_ptr().cast::<u8>();
+    // Block b's product into set b % 2.
+    let multiply = |b: usize| {
+        let (a, xb) = (w.bytes.add(b * w.block_stride), activations.add(b * len * LANES));
+        let (a_stride, x_stride) = (w.row_stride, 4 * LANES);
+        match (b % 2, w.signed) {
+            (0, false) => asm!(
+                "tilezero tmm0", "tileloadd tmm1, [{a} + {s} * 1]", "tileloadd tmm2, [{x} + {t} * 1]",
+                "tdpbusd tmm0, tmm1, tmm2",
+                a = in(reg) a, s = in(reg) a_stride, x = in(reg) xb, t = in(reg) x_stride, options(nostack, readonly),
+            ),
+            (0, true) => asm!(
+                "tilezero tmm0", "tileloadd tmm1, [{a} + {s} * 1]", "tileloadd tmm2, [{x} + {t} * 1]",
+                "tdpbssd tmm0, tmm1, tmm2",
+                a = in(reg) a, s = in(reg) a_stride, x = in(reg) xb, t = in(reg) x_stride, options(nostack, readonly),
+            ),
+            (_, false) => asm!(
+                "tilezero tmm3", "tileloadd tmm4, [{a} + {s} * 1]", "tileloadd tmm5, [{x} + {t} * 1]",
+                "tdpbusd tmm3, tmm4, tmm5",
+                a = in(reg) a, s = in(reg) a_stride, x = in(reg) xb, t = in(reg) x_stride, options(nostack, readonly),
+            ),
+            (_, true) => asm!(
+                "tilezero tmm3", "tileloadd tmm4, [{a} + {s} * 1]", "tileloadd tmm5, [{x} + {t} * 1]",
+                "tdpbssd tmm3, tmm4, tmm5",
+                a = in(reg) a, s = in(reg) a_stride, x = in(reg) xb, t = in(reg) x_stride, options(nostack, readonly),
+            ),
+        }
+    };
+    if blocks > 0 {
+        multiply(0);
+    }
+    for b in 0..blocks {
+        if b + 1 < blocks {
+            multiply(b + 1);
+        }
+        let store = sums[b % 2];
+        match b % 2 {
+            0 => asm!("tilestored [{s} + {t} * 1], tmm0", s = in(reg) store, t = in(reg) 4 * LANES, options(nostack)),
+            _ => asm!("tilestored [{s} + {t} * 1], tmm3", s = in(reg) store, t = in(reg) 4 * LANES, options(nostack)),
+        }
+        let start = _mm512_mullo_epi32(minus_bias, _mm512_loadu_si512(x.sums[b].as_ptr().cast()));
+        let dx = _mm512_loadu_ps(x.scale[b].as_ptr());
+        let scaled_sum = _mm512_loadu_ps(x.scaled_sum[b].as_ptr());
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let isum = _mm512_add_epi32(start, _mm512_loadu_si512(store.add(r).cast()));
+            let scale = _mm512_mul_ps(_mm512_set1_ps(*w.scale.add(r * blocks + b)), dx);
+            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, *acc);
+            if let Some(offset) = w.offset {
+                *acc = _mm512_fmadd_ps(_mm512_set1_ps(*offset.add(r * blocks + b)), scaled_sum, *acc);
+            }
+        }
+    }
+    for (out, acc) in out.iter_mut().zip(acc) {
+        _mm512_storeu_ps(out.as_mut_ptr(), acc);
+    }
+}
+
+/// A tile of sums as stored: row r, weight row r's sums for the sixteen activation rows.
+#[repr(C, align(64))]
+struct Sums([[i32; LANES]; ROWS]);
