@@ -31,6 +31,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::activations;
 use super::kv_cache::KvCache;
+use super::value_sums;
 use super::{check_request, BatchCall, LanguageModel, LocalBoxFuture, LogitsWanted, Readout, StepOutput};
 use crate::config::{rope_cos_sin, Activation, ModelConfig, RopeLayout};
 use crate::error::{EngineError, Result, TensorContext};
@@ -382,7 +383,7 @@ impl CpuModel {
         let mut out = vec![0f32; calls.len() * q_dim];
         let parts: Vec<Mutex<Option<&mut [f32]>>> =
             out.chunks_exact_mut(heads_per_task * hd).map(|o| Mutex::new(Some(o))).collect();
-        let n_heads = c.n_heads;
+        let (n_heads, group) = (c.n_heads, c.n_heads / c.n_kv_heads);
         // The caches' storage, read in place: held for the heads' time (nothing writes a cache until then).
         let guards: Vec<_> =
             stepped.iter().map(|s| [s.keys.storage_and_layout(), s.values.storage_and_layout()]).collect();
@@ -395,10 +396,14 @@ impl CpuModel {
             let first = task * heads_per_task;
             let (i, first_head) = (first / n_heads, first % n_heads);
             let [keys, values] = &views[i];
-            let out = take_task(&parts[task]);
-            for (h, oh) in (first_head..).zip(out.chunks_exact_mut(hd)) {
-                let qh = &stepped[i].queries[h * hd..(h + 1) * hd];
-                self.attend_head(layer, h, qh, keys, values, stepped[i].len, oh);
+            // The task's heads by key-value head: the heads that share one are attended together.
+            let (mut rest, mut h) = (take_task(&parts[task]), first_head);
+            while !rest.is_empty() {
+                let end = ((h / group + 1) * group).min(h + rest.len() / hd);
+                let (out, tail) = rest.split_at_mut((end - h) * hd);
+                let queries = &stepped[i].queries[h * hd..end * hd];
+                self.attend_heads(layer, h..end, queries, keys, values, stepped[i].len, out);
+                (rest, h) = (tail, end);
             }
         };
         team::for_each(parts.len(), attend);
@@ -539,28 +544,53 @@ impl CpuModel {
         len: usize,
         out: &mut [f32],
     ) {
+        self.attend_heads(layer, h..h + 1, qh, keys, values, len, out)
+    }
+
+    /// `attend_head` for the query heads `heads`, which share one key-value head (`queries`, `out`: theirs, head
+    /// after head): each head's numbers as alone, bit for bit, with each key and value row read once for all.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_heads(
+        &self,
+        layer: usize,
+        heads: std::ops::Range<usize>,
+        queries: &[f32],
+        keys: &CacheRows,
+        values: &CacheRows,
+        len: usize,
+        out: &mut [f32],
+    ) {
         let c = &self.config;
-        let kv_head = h / (c.n_heads / c.n_kv_heads);
+        let kv_head = heads.start / (c.n_heads / c.n_kv_heads);
+        debug_assert_eq!((heads.end - 1) / (c.n_heads / c.n_kv_heads), kv_head, "heads of one key-value head");
+        let (hd, n) = (c.head_dim, heads.len());
         let first = c.layers[layer].window.map_or(0, |w| len.saturating_sub(w));
-        let mut weights = vec![0f32; len - first];
-        // Four keys at a time: `dot4` is `dot` four times bit for bit, reading the query once and summing each key's
-        // lanes without a call of its own.
+        let rows = len - first;
+        let mut weights = vec![0f32; n * rows];
+        // Four keys at a time against every head (`dot4_each`: each score `dot`'s bit for bit, the keys read once;
+        // `dot4` for one head).
         let key = |j: usize| keys.row(kv_head, j);
-        let mut scores = weights.chunks_exact_mut(4);
-        for (t, four) in (&mut scores).enumerate() {
-            let j = first + 4 * t;
-            four.copy_from_slice(&quant::dot4(qh, [key(j), key(j + 1), key(j + 2), key(j + 3)]));
+        let whole = rows / 4 * 4;
+        for t in (0..whole).step_by(4) {
+            let j = first + t;
+            let mut put = |i: usize, four: [f32; 4]| weights[i * rows + t..i * rows + t + 4].copy_from_slice(&four);
+            let four_keys = [key(j), key(j + 1), key(j + 2), key(j + 3)];
+            match n {
+                1 => put(0, quant::dot4(queries, four_keys)),
+                _ => quant::dot4_each(queries, hd, four_keys, put),
+            }
         }
-        let done = len - first - scores.into_remainder().len();
-        for (w, j) in weights[done..].iter_mut().zip(first + done..len) {
-            *w = quant::dot(qh, key(j));
+        for (qh, weights) in queries.chunks_exact(hd).zip(weights.chunks_exact_mut(rows.max(1))) {
+            for (w, j) in weights[whole..].iter_mut().zip(first + whole..len) {
+                *w = quant::dot(qh, key(j));
+            }
+            if let Some(cap) = c.attn_softcap {
+                weights.iter_mut().for_each(|w| *w = (*w / cap).tanh() * cap);
+            }
+            softmax_in_place(weights);
         }
-        if let Some(cap) = c.attn_softcap {
-            weights.iter_mut().for_each(|w| *w = (*w / cap).tanh() * cap);
-        }
-        softmax_in_place(&mut weights);
         out.fill(0.0);
-        weighted_sum(out, &weights, |j| values.row(kv_head, first + j));
+        value_sums::weighted_sums(out, hd, &weights, |j| values.row(kv_head, first + j));
     }
 
     fn mlp(&self, layer: usize, m: &Tensor, row_form: RowForm) -> Result<Tensor> {
@@ -998,29 +1028,6 @@ fn cache_rows<'a>(
     Ok(CacheRows { data, offset: layout.start_offset(), head_stride: stride[1], row_stride: stride[2], head_dim })
 }
 
-/// `out[d] += weights[j] * value(j)[d]` for every j in order, value by value as the plain loop adds them, with
-/// `out` held in registers 64 values at a time across all the rows, where the plain loop loaded and stored `out`
-/// once per row (a batched SmolLM2 step's attention, apart from its products: 3.80-3.83 ms before, 3.55-3.70 after).
-fn weighted_sum<'a>(out: &mut [f32], weights: &[f32], value: impl Fn(usize) -> &'a [f32]) {
-    const CHUNK: usize = 64;
-    let whole = out.len() / CHUNK * CHUNK;
-    for (c, chunk) in out[..whole].chunks_exact_mut(CHUNK).enumerate() {
-        let mut acc: [f32; CHUNK] = chunk.try_into().expect("a chunk of CHUNK values");
-        for (j, &w) in weights.iter().enumerate() {
-            let v: &[f32; CHUNK] = value(j)[c * CHUNK..(c + 1) * CHUNK].try_into().expect("CHUNK values");
-            for d in 0..CHUNK {
-                acc[d] += w * v[d];
-            }
-        }
-        chunk.copy_from_slice(&acc);
-    }
-    for (j, &w) in weights.iter().enumerate() {
-        for (o, &x) in out[whole..].iter_mut().zip(&value(j)[whole..]) {
-            *o += w * x;
-        }
-    }
-}
-
 /// candle's `rms_norm` of one row: `x / sqrt(mean(x^2) + eps) * weights`.
 fn rms_norm_in_place(x: &mut [f32], weights: &[f32], eps: f32) {
     let sum2: f32 = x.iter().map(|v| v * v).sum();
@@ -1066,7 +1073,7 @@ fn take_task<T>(slot: &Mutex<Option<T>>) -> T {
 
 #[cfg(test)]
 mod tests {
-    use super::{softmax_in_place, weighted_sum};
+    use super::softmax_in_place;
 
     /// The softmax against the f64 formula on scores spread from far below the largest (weights that underflow)
     /// to ties: weights above 1e-6 within 2e-7 of their size, smaller ones within 1e-5 of theirs plus 1e-30. (With
@@ -1084,29 +1091,6 @@ mod tests {
             let want = e / total;
             let bound = if want > 1e-6 { 2e-7 * want } else { 1e-5 * want + 1e-30 };
             assert!((g as f64 - want).abs() <= bound, "weight {i}: {g} against {want}");
-        }
-    }
-
-    /// `weighted_sum` adds as the plain loop does, bit for bit: rows of 64 and 256 values (whole chunks) and of 80
-    /// (a chunk and a tail), onto an output that does not start at zero.
-    #[test]
-    fn weighted_sum_is_the_plain_loop_bit_for_bit() {
-        for width in [64, 80, 256] {
-            let rows: Vec<Vec<f32>> = (0..37)
-                .map(|j| (0..width).map(|d| ((j * 7919 + d * 104729) % 1999) as f32 / 999.5 - 1.0).collect())
-                .collect();
-            let weights: Vec<f32> = (0..rows.len()).map(|j| ((j * 31 % 17) as f32 + 0.1) / 9.3).collect();
-            let start: Vec<f32> = (0..width).map(|d| d as f32 * 0.37 - 3.0).collect();
-            let mut want = start.clone();
-            for (&w, row) in weights.iter().zip(&rows) {
-                for (o, &x) in want.iter_mut().zip(row) {
-                    *o += w * x;
-                }
-            }
-            let mut got = start.clone();
-            weighted_sum(&mut got, &weights, |j| &rows[j]);
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&got), bits(&want), "width {width}");
         }
     }
 }
