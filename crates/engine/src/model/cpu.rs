@@ -567,23 +567,15 @@ impl CpuModel {
         let first = c.layers[layer].window.map_or(0, |w| len.saturating_sub(w));
         let rows = len - first;
         let mut weights = vec![0f32; n * rows];
-        // Four keys at a time against every head (`dot4_each`: each score `dot`'s bit for bit, the keys read once;
-        // `dot4` for one head).
-        let key = |j: usize| keys.row(kv_head, j);
-        let whole = rows / 4 * 4;
-        for t in (0..whole).step_by(4) {
-            let j = first + t;
-            let mut put = |i: usize, four: [f32; 4]| weights[i * rows + t..i * rows + t + 4].copy_from_slice(&four);
-            let four_keys = [key(j), key(j + 1), key(j + 2), key(j + 3)];
-            match n {
-                1 => put(0, quant::dot4(queries, four_keys)),
-                _ => quant::dot4_each(queries, hd, four_keys, put),
-            }
-        }
-        for (qh, weights) in queries.chunks_exact(hd).zip(weights.chunks_exact_mut(rows.max(1))) {
-            for (w, j) in weights[whole..].iter_mut().zip(first + whole..len) {
-                *w = quant::dot(qh, key(j));
-            }
+        // Every head against every key, each score `dot`'s bit for bit, each key read once for all the heads.
+        quant::dots_each(
+            queries,
+            hd,
+            first..len,
+            |j| keys.row(kv_head, j),
+            |i, j, v| weights[i * rows + j - first] = v,
+        );
+        for weights in weights.chunks_exact_mut(rows.max(1)) {
             if let Some(cap) = c.attn_softcap {
                 weights.iter_mut().for_each(|w| *w = (*w / cap).tanh() * cap);
             }

@@ -791,6 +791,72 @@ pub fn dot4_each(x: &[f32], k: usize, w: [&[f32]; 4], mut put: impl FnMut(usize,
     }
 }
 
+/// `put(i, j, dot(x_i, key(j)))` for every row `x_i` of `x` (rows of `k` values) and every j in `keys`, each value
+/// `dot`'s bit for bit: a decoding step's attention scores, the query heads that share a key-value head against
+/// its keys. With AVX-512 (detected at run time) and rows of a multiple of sixteen values, sixteen pairs at a time
+/// (one query and 16 keys, two and 8, or four and 4), their lanes summed together (`avx512::dots16`); else four keys
+/// at a time (`dot4`).
+pub fn dots_each<'a>(
+    x: &[f32],
+    k: usize,
+    keys: std::ops::Range<usize>,
+    key: impl Fn(usize) -> &'a [f32],
+    mut put: impl FnMut(usize, usize, f32),
+) {
+    let m = x.len() / k.max(1);
+    let row = |i: usize| &x[i * k..(i + 1) * k];
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    if avx512::available() && k.is_multiple_of(16) && k > 0 {
+        for first in (0..m).step_by(4) {
+            let n = 4.min(m - first);
+            // Groups of three take a fourth row again, whose values are dropped.
+            let rows: [&[f32]; 4] = std::array::from_fn(|i| row(first + i.min(n - 1)));
+            let per = match n {
+                1 => 16,
+                2 => 8,
+                _ => 4,
+            };
+            let whole = keys.start + keys.len() / per * per;
+            for j in (keys.start..whole).step_by(per) {
+                match n {
+                    1 => {
+                        let [sums] = avx512::dots16::<1, 16>([rows[0]], std::array::from_fn(|t| key(j + t)));
+                        sums.iter().enumerate().for_each(|(t, &v)| put(first, j + t, v));
+                    }
+                    2 => {
+                        let sums = avx512::dots16::<2, 8>([rows[0], rows[1]], std::array::from_fn(|t| key(j + t)));
+                        for (i, sums) in sums.iter().enumerate() {
+                            sums.iter().enumerate().for_each(|(t, &v)| put(first + i, j + t, v));
+                        }
+                    }
+                    _ => {
+                        let sums = avx512::dots16::<4, 4>(rows, std::array::from_fn(|t| key(j + t)));
+                        for (i, sums) in sums.iter().enumerate().take(n) {
+                            sums.iter().enumerate().for_each(|(t, &v)| put(first + i, j + t, v));
+                        }
+                    }
+                }
+            }
+            for j in whole..keys.end {
+                for i in first..first + n {
+                    put(i, j, dot(row(i), key(j)));
+                }
+            }
+        }
+        return;
+    }
+    let whole = keys.start + keys.len() / 4 * 4;
+    for i in 0..m {
+        for j in (keys.start..whole).step_by(4) {
+            let four = dot4(row(i), [key(j), key(j + 1), key(j + 2), key(j + 3)]);
+            four.iter().enumerate().for_each(|(t, &v)| put(i, j + t, v));
+        }
+        for j in whole..keys.end {
+            put(i, j, dot(row(i), key(j)));
+        }
+    }
+}
+
 /// `dot4` in portable Rust (the compiler left it scalar natively, hence the AVX2 kernel).
 pub fn portable_dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
     const LANES: usize = 16;
@@ -924,6 +990,40 @@ mod tests {
             }
         }
         eprintln!("AMX tiles: {}", if int8_rows::tiles_available() { "used" } else { "not on this CPU" });
+    }
+
+    /// `dots_each` gives every (row, key) pair `dot`'s value bit for bit: 1 to 6 rows (sixteen pairs at a time in
+    /// each shape where the CPU has AVX-512, and the rows of a fifth or sixth set), keys from an offset with a
+    /// remainder; rows of 64 and 256 values, and of 72 (the four-key form).
+    #[test]
+    fn dots_each_is_dot_for_every_pair() {
+        for k in [64, 72, 256] {
+            let keys: Vec<Vec<f32>> = (0..41)
+                .map(|j| (0..k).map(|d| ((j * 7919 + d * 104729) % 1999) as f32 / 999.5 - 1.0).collect())
+                .collect();
+            for m in 1..=6 {
+                let x: Vec<f32> = (0..m * k).map(|i| ((i * 31 % 113) as f32 - 56.0) * 0.0137).collect();
+                let mut seen = vec![vec![false; keys.len()]; m];
+                dots_each(
+                    &x,
+                    k,
+                    3..keys.len(),
+                    |j| &keys[j],
+                    |i, j, v| {
+                        assert_eq!(
+                            v.to_bits(),
+                            dot(&x[i * k..(i + 1) * k], &keys[j]).to_bits(),
+                            "k {k}, {m} rows: {i}, {j}"
+                        );
+                        seen[i][j] = true;
+                    },
+                );
+                assert!(
+                    seen.iter().all(|row| row[3..].iter().all(|&s| s) && !row[0]),
+                    "k {k}, {m} rows: each pair once"
+                );
+            }
+        }
     }
 
     #[test]
