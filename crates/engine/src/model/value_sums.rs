@@ -71,6 +71,9 @@ mod avx512 {
     /// Heads per pass: their 64-value runs fill 16 of the 32 registers.
     pub const HEADS: usize = 4;
 
+    /// How many value rows ahead of the one being added the kernel asks for from memory.
+    const AHEAD: usize = 8;
+
     /// `weighted_sums` for `H` heads, `width` a multiple of `CHUNK`.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn sums<'a, const H: usize>(
@@ -86,6 +89,9 @@ mod avx512 {
             let mut acc: [[__m512; 4]; H] =
                 std::array::from_fn(|h| std::array::from_fn(|q| _mm512_loadu_ps(outs.as_ptr().add(at(h, q)))));
             for j in 0..rows {
+                if j + AHEAD < rows {
+                    crate::quant::prefetch_values(&value(j + AHEAD)[c * CHUNK..(c + 1) * CHUNK]);
+                }
                 let row = &value(j)[c * CHUNK..(c + 1) * CHUNK];
                 let v: [__m512; 4] = std::array::from_fn(|q| _mm512_loadu_ps(row.as_ptr().add(16 * q)));
                 for (h, acc) in acc.iter_mut().enumerate() {

@@ -394,6 +394,16 @@ fn prefetch(bytes: Option<&[u8]>) {
     let _ = bytes;
 }
 
+/// `prefetch` for rows of f32 values: the cache rows that decoding attention reads next (`dots_each`,
+/// `model::value_sums`).
+#[inline(always)]
+pub fn prefetch_values(values: &[f32]) {
+    prefetch(Some(bytemuck::cast_slice(values)))
+}
+
+/// How many key rows ahead of the ones being scored `dots_each` asks for from memory.
+const KEYS_AHEAD: usize = 8;
+
 /// The products of `jobs` (matrices of the same width, each in its form) on the activations `x`, in one parallel
 /// region. Each task covers a band of one matrix's rows. Few activation rows (decoding): decode inside each dot
 /// product. Many (a prompt): decode the band once into f32 and reuse it for every activation row.
@@ -818,6 +828,7 @@ pub fn dots_each<'a>(
             };
             let whole = keys.start + keys.len() / per * per;
             for j in (keys.start..whole).step_by(per) {
+                (j + KEYS_AHEAD..(j + KEYS_AHEAD + per).min(keys.end)).for_each(|j| prefetch_values(key(j)));
                 match n {
                     1 => {
                         let [sums] = avx512::dots16::<1, 16>([rows[0]], std::array::from_fn(|t| key(j + t)));
