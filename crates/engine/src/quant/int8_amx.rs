@@ -14,7 +14,8 @@ use std::arch::asm;
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
-use super::int8_rows::{Lanes, Layout, Unpacked, LANES};
+use super::int8_rows::{Lanes, Layout, TileRows, Unpacked, LANES};
+use super::{q4_1_lanes, q8_0_lanes};
 
 /// Weight rows per call: the rows of a tile.
 pub const ROWS: usize = 16;
@@ -26,6 +27,10 @@ pub fn available() -> bool {
     *AVAILABLE.get_or_init(|| {
         std::env::var("SAIF_AMX").map_or(true, |v| v != "0")
             && super::int8_vnni::available()
+            // Every CPU with AMX has these; `lanes_tiles` reorders Q8_0's bytes with `vpermb`.
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512vbmi")
+            && std::is_x86_feature_detected!("f16c")
             && has_amx_int8()
             && tiles_granted()
     })
@@ -255,3 +260,169 @@ unsafe fn product(w: &Weights, blocks: usize, len: usize, x: &Lanes, out: &mut [
 /// A tile of sums as stored: row r, weight row r's sums for the sixteen activation rows.
 #[repr(C, align(64))]
 struct Sums([[i32; LANES]; ROWS]);
+
+/// `lanes_tiles` for the groups `groups` of `rows` (Q4_1's repacked rows, or Q8_0's where `Q8_0`) and the activation
+/// rows of `x`: `put(i, g, values)` for each of `x`'s rows i and each group g. Call only where `available()`.
+pub fn lanes_products<const Q8_0: bool>(
+    rows: &super::lanes::RowGroups,
+    groups: std::ops::Range<usize>,
+    x: &TileRows,
+    mut put: impl FnMut(usize, usize, &[f32; LANES]),
+) {
+    assert!(available() && groups.end <= rows.groups() && x.k == 32 * rows.blocks());
+    assert!(x.values.len() >= LANES * x.k && x.scale.len().min(x.scaled_sum.len()) >= LANES * rows.blocks());
+    let mut values: Vec<[[f32; LANES]; ROWS]> = Vec::with_capacity(groups.len());
+    let data = rows.group(groups.start.min(rows.groups().saturating_sub(1))).as_ptr();
+    // SAFETY: the CPU has what the kernel runs (`available`); the kernel reads the groups' blocks, which follow each
+    // other from `data`, and the sixteen rows of `x` (asserted above), and writes every value of the `groups.len()`
+    // groups, for which `values` has room (not zeroed first: zeroing the kernel's buffers was 8% of a batched
+    // step).
+    unsafe {
+        lanes_tiles::<Q8_0>(data, groups.len(), rows.blocks(), x, values.as_mut_ptr());
+        values.set_len(groups.len());
+    }
+    for (g, values) in groups.zip(&values) {
+        values[..x.rows].iter().enumerate().for_each(|(i, v)| put(i, g, v));
+    }
+}
+
+/// Where byte `4n + t` of a tile row of Q8_0 weights comes from in a register of the repacked block (`q8_0_lanes`:
+/// value by value, the sixteen rows' bytes side by side): value t of row n, at `16t + n`.
+const Q8_0_TO_TILE: [u8; 64] = {
+    let mut index = [0u8; 64];
+    let mut i = 0;
+    while i < 64 {
+        index[i] = (16 * (i % 4) + i / 4) as u8;
+        i += 1;
+    }
+    index
+};
+
+/// The products of sixteen activation rows (`x`, as a tile reads them) with the `groups` groups of repacked rows
+/// from `data` (Q4_1's `q4_1_lanes` layout, or Q8_0's `q8_0_lanes` where `Q8_0`), into `out[0..groups]`: row i of
+/// `out[g]`, activation row i's values for the group's sixteen weight rows. Each value is bit for bit that of
+/// `int8_rows`' kernels, and so of `q4_1_lanes::Q4_1Lanes::int8_group` for Q4_1.
+///
+/// Per block, the sixteen weight rows' bytes are laid out as AMX wants its second operand (row j of the tile: four
+/// values of each weight row side by side): Q4_1's repacked block holds them so in its nibbles (low nibbles of its
+/// register j for values `4j..4j + 4`, high ones for `16 + 4j..`), Q8_0's is reordered by one `vpermb` per
+/// register. `tdpbssd` multiplies them with the activation rows' tile into 16 x 16 integer sums, one row per
+/// activation row and one lane per weight row, which are scaled as `int8_rows` scales its sums:
+///
+/// ```text
+/// acc = fma(isum as f32, d * dx, acc)
+/// acc = fma(m, dx * sum(q), acc)            (Q4_1: its minimum m)
+/// ```
+///
+/// The blocks alternate between two sets of tiles (0-2, 3-5), so that the next block's product runs while this one's
+/// sums are scaled, and each block's weights are laid out two blocks before their tile is loaded (loaded right after
+/// the stores, the tile waited for them). The groups' blocks follow each other in memory, and the kernel runs
+/// through them as one sequence: the first block waits, and group by group that was a third of the kernel's time.
+///
+/// # Safety
+/// Call only where `available()`; `data` holds `groups` groups of `blocks` blocks, `x` sixteen rows of `32 *
+/// blocks` values, and `out` has room for `groups` groups.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,f16c")]
+unsafe fn lanes_tiles<const Q8_0: bool>(
+    data: *const u8,
+    groups: usize,
+    blocks: usize,
+    x: &TileRows,
+    out: *mut [[f32; LANES]; ROWS],
+) {
+    configure(32);
+    let block_bytes = if Q8_0 { q8_0_lanes::BLOCK_BYTES } else { q4_1_lanes::BLOCK_BYTES };
+    let nibble = _mm512_set1_epi8(0x0f);
+    let to_tile = _mm512_loadu_si512(Q8_0_TO_TILE.as_ptr().cast());
+    // Written before they are read: the weights by `lay_out`, the sums by the tile store.
+    let mut weights = std::mem::MaybeUninit::<[Tile<512>; 3]>::uninit();
+    let weights: [*mut u8; 3] = std::array::from_fn(|i| weights.as_mut_ptr().cast::<u8>().add(512 * i));
+    let mut sums = std::mem::MaybeUninit::<[Tile<1024>; 2]>::uninit();
+    let sums: [*mut u8; 2] = std::array::from_fn(|i| sums.as_mut_ptr().cast::<u8>().add(1024 * i));
+    let mut acc = [_mm512_setzero_ps(); LANES];
+    let activations = x.values.as_ptr();
+    // Block t of the sequence (block t % blocks of group t / blocks): its weights into `weights[t % 3]`.
+    let lay_out = |t: usize| {
+        let (block, weights) = (data.add(t * block_bytes), weights[t % 3]);
+        super::lanes::prefetch_ahead(block, block_bytes);
+        if Q8_0 {
+            for j in 0..8 {
+                let w = _mm512_loadu_si512(block.add(64 * j).cast());
+                _mm512_storeu_si512(weights.add(64 * j).cast(), _mm512_permutexvar_epi8(to_tile, w));
+            }
+        } else {
+            for j in 0..4 {
+                let w = _mm512_loadu_si512(block.add(64 * j).cast());
+                _mm512_storeu_si512(weights.add(64 * j).cast(), _mm512_and_si512(w, nibble));
+                // Shifted in 32-bit lanes: the bits that cross into the byte below are masked off.
+                let high = _mm512_and_si512(_mm512_srli_epi32::<4>(w), nibble);
+                _mm512_storeu_si512(weights.add(256 + 64 * j).cast(), high);
+            }
+        }
+    };
+    // Block t's product into set t % 2 (Q4_1's nibbles, 0-15, are signed bytes as well).
+    let multiply = |t: usize| {
+        let (a, stride, w) = (activations.add(32 * (t % blocks)), x.k, weights[t % 3]);
+        if t.is_multiple_of(2) {
+            asm!(
+                "tilezero tmm0", "tileloadd tmm1, [{a} + {s} * 1]", "tileloadd tmm2, [{w} + {t} * 1]",
+                "tdpbssd tmm0, tmm1, tmm2",
+                a = in(reg) a, s = in(reg) stride, w = in(reg) w, t = in(reg) 64usize, options(nostack, readonly),
+            );
+        } else {
+            asm!(
+                "tilezero tmm3", "tileloadd tmm4, [{a} + {s} * 1]", "tileloadd tmm5, [{w} + {t} * 1]",
+                "tdpbssd tmm3, tmm4, tmm5",
+                a = in(reg) a, s = in(reg) stride, w = in(reg) w, t = in(reg) 64usize, options(nostack, readonly),
+            );
+        }
+    };
+    let all = groups * blocks;
+    (0..all.min(2)).for_each(lay_out);
+    if all > 0 {
+        multiply(0);
+    }
+    for t in 0..all {
+        if t + 2 < all {
+            lay_out(t + 2);
+        }
+        if t + 1 < all {
+            multiply(t + 1);
+        }
+        let store = sums[t % 2];
+        match t % 2 {
+            0 => asm!("tilestored [{s} + {t} * 1], tmm0", s = in(reg) store, t = in(reg) 64usize, options(nostack)),
+            _ => asm!("tilestored [{s} + {t} * 1], tmm3", s = in(reg) store, t = in(reg) 64usize, options(nostack)),
+        }
+        let block = data.add(t * block_bytes);
+        let half = |at: usize| _mm512_cvtph_ps(_mm256_loadu_si256(block.add(at).cast()));
+        let b = t % blocks;
+        if Q8_0 {
+            let d = half(512);
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let isum = _mm512_loadu_si512(store.add(64 * i).cast());
+                let scale = _mm512_mul_ps(d, _mm512_set1_ps(*x.scale.get_unchecked(i * blocks + b)));
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, *acc);
+            }
+        } else {
+            let (d, m) = (half(256), half(288));
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let isum = _mm512_loadu_si512(store.add(64 * i).cast());
+                let scale = _mm512_mul_ps(d, _mm512_set1_ps(*x.scale.get_unchecked(i * blocks + b)));
+                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, *acc);
+                *acc = _mm512_fmadd_ps(m, _mm512_set1_ps(*x.scaled_sum.get_unchecked(i * blocks + b)), *acc);
+            }
+        }
+        if b + 1 == blocks {
+            let out = out.add(t / blocks).cast::<f32>();
+            for (i, acc) in acc.iter_mut().enumerate() {
+                _mm512_storeu_ps(out.add(LANES * i), *acc);
+                *acc = _mm512_setzero_ps();
+            }
+        }
+    }
+}
+
+/// A tile's bytes, aligned as the tile loads and stores like them.
+#[repr(C, align(64))]
+struct Tile<const N: usize>([u8; N]);

@@ -65,6 +65,19 @@ impl DecodingLanes {
             Self::Q8_0(lanes) => lanes.groups(),
         }
     }
+
+    /// The 8-bit products of the groups `groups` on AMX tiles (`int8_amx::lanes_tiles`).
+    fn int8_tiles(
+        &self,
+        groups: std::ops::Range<usize>,
+        x: &int8_rows::TileRows,
+        put: impl FnMut(usize, usize, &[f32; lanes::LANES]),
+    ) {
+        match self {
+            Self::Q4_1(lanes) => lanes.int8_tiles(groups, x, put),
+            Self::Q8_0(lanes) => lanes.int8_tiles(groups, x, put),
+        }
+    }
 }
 
 /// How the rows of a product may be computed (`QuantMatrix::matmul_each`).
@@ -141,7 +154,7 @@ impl QuantMatrix {
         self.lanes.as_deref().filter(|lanes| match (form, lanes) {
             (Form::Fused, _) => true,
             (Form::Int8 | Form::Int8Rows, DecodingLanes::Q4_1(_)) => q4_1_lanes::int8_available(),
-            (Form::Int8Tiles, DecodingLanes::Q4_1(_)) => q4_1_lanes::tiles_available(),
+            (Form::Int8Tiles, _) => int8_rows::tiles_available(),
             _ => false,
         })
     }
@@ -293,7 +306,7 @@ impl QuantMatrix {
             Form::Int8Rows | Form::Int8Tiles => {
                 let grouped = match self.lanes_for(form) {
                     // On tiles, the band's groups in one run of the kernel per sixteen activation rows.
-                    Some(DecodingLanes::Q4_1(lanes)) if form == Form::Int8Tiles => {
+                    Some(lanes) if form == Form::Int8Tiles => {
                         const LANES: usize = lanes::LANES;
                         let (groups, first) = (self.band_groups(out, lanes.groups()), out.first);
                         for (c, rows) in prepared.tile_rows.iter().enumerate() {

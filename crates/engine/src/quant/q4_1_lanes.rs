@@ -28,7 +28,7 @@ pub use super::lanes::{available, LANES};
 
 /// Bytes of one block of sixteen rows: four registers of nibbles, then sixteen f16 scales and sixteen f16
 /// minimums.
-const BLOCK_BYTES: usize = 4 * 64 + 2 * 32;
+pub(super) const BLOCK_BYTES: usize = 4 * 64 + 2 * 32;
 
 /// A Q4_1 matrix's rows in groups of sixteen, block by block as the kernel reads them.
 ///
@@ -106,27 +106,9 @@ impl Q4_1Lanes {
         &self,
         groups: std::ops::Range<usize>,
         x: &TileRows,
-        mut put: impl FnMut(usize, usize, &[f32; LANES]),
+        put: impl FnMut(usize, usize, &[f32; LANES]),
     ) {
-        assert!(groups.end <= self.0.groups() && x.k == 32 * self.0.blocks() && tiles_available());
-        assert!(x.values.len() >= LANES * x.k && x.scale.len().min(x.scaled_sum.len()) >= LANES * self.0.blocks());
-        #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
-        {
-            let mut values: Vec<[[f32; LANES]; LANES]> = Vec::with_capacity(groups.len());
-            let data = self.0.group(groups.start.min(self.0.groups().saturating_sub(1))).as_ptr();
-            // SAFETY: the CPU has AMX-INT8 with the tiles granted, AVX-512 F and F16C (`tiles_available`); the
-            // kernel reads the groups' blocks (which follow each other from `data`) and the sixteen rows of `x`
-            // (asserted above), and writes every value of the `groups.len()` groups, for which `values` has room.
-            unsafe {
-                avx512::int8_tiles(data, groups.len(), self.0.blocks(), x, values.as_mut_ptr());
-                values.set_len(groups.len());
-            }
-            for (g, values) in groups.zip(&values) {
-                values[..x.rows].iter().enumerate().for_each(|(i, v)| put(i, g, v));
-            }
-        }
-        #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
-        let _ = &mut put;
+        super::int8_amx::lanes_products::<false>(&self.0, groups, x, put)
     }
 
     /// `int8_group` in portable Rust: each lane's integer sum per block, then `int8_rows`' two fused multiply-adds.
@@ -221,9 +203,7 @@ pub fn int8_available() -> bool {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use std::arch::asm;
-
-    use super::{Q8Row, TileRows, BLOCK_BYTES, LANES};
+    use super::{Q8Row, BLOCK_BYTES, LANES};
     use crate::quant::lanes::prefetch_ahead;
 
     /// `Q4_1Lanes::int8_group` of the group at `data` for the `R` activation rows `xs`: the low nibbles as they are
@@ -266,103 +246,6 @@ mod avx512 {
             _mm512_storeu_ps(out.as_mut_ptr(), acc);
         }
     }
-
-    /// `Q4_1Lanes::int8_tiles` of the `groups` groups from `data` into `out[0..groups]`. Per block, the sixteen weight rows' nibbles are unpacked to
-    /// a tile of bytes as AMX wants its second operand (row j of the tile: four values of each weight row side by
-    /// side, which is how the repacked block holds them: low nibbles of its register j for values `4j..4j + 4`,
-    /// high ones for `16 + 4j..`), multiplied with the activation rows' tile (`tdpbsud`: signed activations,
-    /// unsigned weights) into 16 x 16 integer sums, one row per activation row and one lane per weight row, then
-    /// scaled as `int8_group` does. The blocks alternate between two sets of tiles (0-2, 3-5), so that the next
-    /// block's product runs while this one's sums are scaled (`int8_amx::product`). The groups' blocks follow each
-    /// other in memory, and the kernel runs through them as one sequence: the first block's tile waits for the
-    /// stores that unpacked it (a third of the kernel's time when it was called group by group).
-    #[target_feature(enable = "avx512f,f16c")]
-    pub unsafe fn int8_tiles(
-        data: *const u8,
-        groups: usize,
-        blocks: usize,
-        x: &TileRows,
-        out: *mut [[f32; LANES]; LANES],
-    ) {
-        crate::quant::int8_amx::configure(32);
-        let nibble = _mm512_set1_epi8(0x0f);
-        // Written before they are read: the weights by `unpack`, the sums by the tile store.
-        let mut weights = std::mem::MaybeUninit::<[Tile<512>; 3]>::uninit();
-        let weights: [*mut u8; 3] = std::array::from_fn(|i| weights.as_mut_ptr().cast::<u8>().add(512 * i));
-        let mut sums = std::mem::MaybeUninit::<[Tile<1024>; 2]>::uninit();
-        let sums: [*mut u8; 2] = std::array::from_fn(|i| sums.as_mut_ptr().cast::<u8>().add(1024 * i));
-        let mut acc = [_mm512_setzero_ps(); LANES];
-        let activations = x.values.as_ptr();
-        // Block b's weights unpacked into `weights[b % 3]`, two blocks before their tile is loaded: loaded right
-        // after the stores, the tile waited for them.
-        let unpack = |b: usize| {
-            let (block, weights) = (data.add(b * BLOCK_BYTES), weights[b % 3]);
-            prefetch_ahead(block, BLOCK_BYTES);
-            for j in 0..4 {
-                let w = _mm512_loadu_si512(block.add(64 * j).cast());
-                _mm512_storeu_si512(weights.add(64 * j).cast(), _mm512_and_si512(w, nibble));
-                // Shifted in 32-bit lanes: the bits that cross into the byte below are masked off.
-                _mm512_storeu_si512(
-                    weights.add(256 + 64 * j).cast(),
-                    _mm512_and_si512(_mm512_srli_epi32::<4>(w), nibble),
-                );
-            }
-        };
-        // Block t of the sequence: block t % blocks of group t / blocks, against that block of the activations.
-        let multiply = |b: usize| {
-            let (a, stride, weights) = (activations.add(32 * (b % blocks)), x.k, weights[b % 3]);
-            if b.is_multiple_of(2) {
-                asm!(
-                    "tilezero tmm0", "tileloadd tmm1, [{a} + {s} * 1]", "tileloadd tmm2, [{w} + {t} * 1]",
-                    "tdpbsud tmm0, tmm1, tmm2",
-                    a = in(reg) a, s = in(reg) stride, w = in(reg) weights, t = in(reg) 64usize, options(nostack, readonly),
-                );
-            } else {
-                asm!(
-                    "tilezero tmm3", "tileloadd tmm4, [{a} + {s} * 1]", "tileloadd tmm5, [{w} + {t} * 1]",
-                    "tdpbsud tmm3, tmm4, tmm5",
-                    a = in(reg) a, s = in(reg) stride, w = in(reg) weights, t = in(reg) 64usize, options(nostack, readonly),
-                );
-            }
-        };
-        let all = groups * blocks;
-        (0..all.min(2)).for_each(unpack);
-        if all > 0 {
-            multiply(0);
-        }
-        for t in 0..all {
-            if t + 2 < all {
-                unpack(t + 2);
-            }
-            if t + 1 < all {
-                multiply(t + 1);
-            }
-            let store = sums[t % 2];
-            match t % 2 {
-                0 => asm!("tilestored [{s} + {t} * 1], tmm0", s = in(reg) store, t = in(reg) 64usize, options(nostack)),
-                _ => asm!("tilestored [{s} + {t} * 1], tmm3", s = in(reg) store, t = in(reg) 64usize, options(nostack)),
-            }
-            let (d, m) = scale_and_minimum(data.add(t * BLOCK_BYTES));
-            let b = t % blocks;
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let isum = _mm512_loadu_si512(store.add(64 * i).cast());
-                let scale = _mm512_mul_ps(d, _mm512_set1_ps(*x.scale.get_unchecked(i * blocks + b)));
-                *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, *acc);
-                *acc = _mm512_fmadd_ps(m, _mm512_set1_ps(*x.scaled_sum.get_unchecked(i * blocks + b)), *acc);
-            }
-            if b + 1 == blocks {
-                let out = out.add(t / blocks).cast::<f32>();
-                for (i, acc) in acc.iter_mut().enumerate() {
-                    _mm512_storeu_ps(out.add(LANES * i), *acc);
-                    *acc = _mm512_setzero_ps();
-                }
-            }
-        }
-    }
-
-    /// A tile's bytes, aligned as the tile loads and stores like them.
-    #[repr(C, align(64))]
-    struct Tile<const N: usize>([u8; N]);
 
     /// `Q4_1Lanes::exact_group` of the group at `data`: nibble `i` of each lane's four bytes (shifted down to the
     /// lane's low bits) made f32 by `vpermps` from the table 0..16, which reads only those four bits.

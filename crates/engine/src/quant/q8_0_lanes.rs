@@ -12,7 +12,7 @@ use super::lanes::{RowGroups, LANES};
 
 /// Bytes of one block of sixteen rows: the 32 values of each row, value by value (sixteen bytes each), then
 /// sixteen f16 scales. As many bytes as the sixteen rows' blocks in the file.
-const BLOCK_BYTES: usize = 32 * LANES + 2 * LANES;
+pub(super) const BLOCK_BYTES: usize = 32 * LANES + 2 * LANES;
 
 /// A Q8_0 matrix's rows in groups of sixteen, block by block as the kernel reads them.
 pub struct Q8_0Lanes(RowGroups);
@@ -50,6 +50,19 @@ impl Q8_0Lanes {
             return unsafe { avx512::exact_group(self.0.group(g).as_ptr(), self.0.blocks(), x, out) };
         }
         self.portable_exact_group(g, x, out)
+    }
+
+    /// Rows `16 g..16 g + 16` of the product with 8-bit activations, for the groups `groups` and each activation
+    /// row of `x` (up to sixteen, as a tile reads them) on AMX tiles, `put(i, g, values)` for row i and group g: bit
+    /// for bit the values of `int8_rows`' kernels (the batched steps' with fewer rows). Call only where
+    /// `q4_1_lanes::tiles_available()`.
+    pub fn int8_tiles(
+        &self,
+        groups: std::ops::Range<usize>,
+        x: &super::int8_rows::TileRows,
+        put: impl FnMut(usize, usize, &[f32; LANES]),
+    ) {
+        super::int8_amx::lanes_products::<true>(&self.0, groups, x, put)
     }
 
     /// `exact_group` in portable Rust.
