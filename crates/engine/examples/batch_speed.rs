@@ -1,8 +1,9 @@
-//! How fast the exact-rows product (a batched decoding step's) multiplies, against one activation row:
+//! How fast the exact-rows product (a batched decoding step's) multiplies, for 1, 4, 8 and 16 activation rows:
 //! `cargo run --release -p saif-engine --example batch_speed [THREADS] [int8]` (default 1 thread, exact products;
-//! `int8`: with 8-bit activations). Matrices of the offline models'
-//! shapes and types (SmolLM2's up projection, Gemma's down projection, SmolLM2's output matrix), random weights;
-//! best of five, in GMAC/s (billions of multiply-adds per second). docs/benchmarks.md records its figures.
+//! `int8`: with 8-bit activations, on AMX tiles from 8 rows where the CPU has them, unless `SAIF_AMX=0`). Matrices
+//! of the offline models' shapes and types (SmolLM2's up projection, Gemma's down projection, SmolLM2's output
+//! matrix), random weights, repacked for decoding as the engine loads them; best of five, in GMAC/s (billions of
+//! multiply-adds per second). docs/benchmarks.md records its figures.
 
 use std::sync::Arc;
 
@@ -24,7 +25,7 @@ fn main() {
             .with_int8_activations(int8)
             .for_decoding()
             .expect("repacked");
-        for m in [1, 16] {
+        for m in [1, 4, 8, 16] {
             let x: Vec<f32> = (0..m * cols).map(|i| (i * 104729 % 997) as f32 / 498.5 - 1.0).collect();
             let reps = (20_000_000 / (m * rows * cols)).max(3);
             let mut best = f64::MAX;

@@ -1,14 +1,17 @@
-//! `int8_rows::portable_rows` on AMX tiles, where the CPU has AMX-INT8 and the kernel lets the program use it
-//! (detected at run time; Linux asks for the tile registers once per process). Sixteen weight rows at a time: one
-//! `tdpbusd` (`tdpbssd` for Q8_0's signed bytes) multiplies a block of sixteen weight rows (a tile of their bytes)
-//! with a block of sixteen activation rows (a tile of `Lanes::values`, whose layout is the one AMX wants) into a
-//! tile of 16 x 16 integer sums: 8,192 multiply-adds where `vpdpbusd` does 64. The sums are then scaled into each
-//! weight row's f32 sums with the VNNI kernel's operations in its order (`int8_vnni::block`): integer sums are
-//! the same in any order, so the two agree bit for bit, and so do the portable twin's.
+//! The 8-bit products of batched steps and prompts (`--int8`) on AMX tiles, where the CPU has AMX-INT8 and the
+//! kernel lets the program use it (detected at run time; Linux is asked for the tile registers once per process).
+//! One tile instruction multiplies a block of sixteen weight rows with the same block of sixteen activation rows
+//! into a tile of 16 x 16 integer sums: 8,192 multiply-adds, where a `vpdpbusd` does 64. Two forms:
+//! - `rows` and `q8_0_rows`: `int8_rows::band`'s weight rows (unpacked to bytes, or Q8_0's blocks where they lie)
+//!   times a tile of `Lanes::values` (whose layout is the one AMX wants), one row of sums per weight row;
+//! - `lanes_products`: the rows repacked for decoding (`q4_1_lanes`, `q8_0_lanes`) laid out as a tile block by
+//!   block, times a tile of the activation rows (`int8_rows::TileRows`), one row of sums per activation row.
 //!
-//! The scaling is now most of the work (some seven instructions per weight row and block, for sixteen activation
-//! rows), so the tiles pay where a product has many activation rows: batched steps and prompts (`Form::Int8Tiles`
-//! from `TILE_MIN_ROWS` rows). `SAIF_AMX=0` turns them off, for comparisons.
+//! Each tile's sums are then scaled into f32 with `int8_rows`' operations in its order: integer sums are the same in
+//! any order, so every value is bit for bit that of the VNNI kernels and of the portable twin, and a sequence gets
+//! the same numbers in a batch of any size. The scaling is now most of the work (some five to seven instructions per
+//! block of sixteen weight rows and one activation row), so the tiles serve products of many activation rows
+//! (`Form::Int8Tiles`, from `TILE_MIN_ROWS` rows). `SAIF_AMX=0` turns them off, for comparisons.
 
 use std::arch::asm;
 use std::arch::x86_64::*;
@@ -100,8 +103,8 @@ thread_local! {
 }
 
 /// Loads the tile configuration for blocks of `len` values on this thread, unless it is loaded already: once per
-/// thread, not per call (loading it and releasing the tiles at every call of sixteen rows took a third of the
-/// kernel's time in `perf`). Nothing else in the program uses the tiles, so they are never released.
+/// thread and length, not at every call of sixteen rows. Nothing else in the program uses the tiles, so they are
+/// never released.
 #[target_feature(enable = "avx512f")]
 pub unsafe fn configure(len: usize) {
     if CONFIGURED.get() != len {
@@ -190,12 +193,11 @@ pub fn q8_0_rows(blocks: &[u8], scale: &[f32], x: &Lanes, out: &mut [[f32; LANES
 /// ```
 ///
 /// The blocks alternate between two sets of tiles (0-2 and 3-5) and two stores of sums, so that the next block's
-/// tile product runs while this block's sums are scaled: one set, the product waited for the previous block's
-/// store to read its tile (76 G multiply-adds a second against 126 for the VNNI kernel, `batch_speed`).
+/// tile product can run while this block's sums are scaled.
 #[target_feature(enable = "avx512f")]
 unsafe fn product(w: &Weights, blocks: usize, len: usize, x: &Lanes, out: &mut [[f32; LANES]; ROWS]) {
     configure(len);
-    // Written by the tile stores before they are read (not zeroed: see `q4_1_lanes::int8_tiles`).
+    // Written by the tile stores before they are read (not zeroed: see `lanes_products`).
     let mut sums = std::mem::MaybeUninit::<[Sums; 2]>::uninit();
     let sums: [*mut [i32; LANES]; 2] = std::array::from_fn(|i| sums.as_mut_ptr().cast::<Sums>().add(i).cast());
     let mut acc = [_mm512_setzero_ps(); ROWS];

@@ -234,9 +234,9 @@ impl Lanes {
     }
 }
 
-/// Up to `LANES` activation rows rounded to 8 bits, laid out as an AMX tile reads them (`q4_1_lanes::int8_tiles`):
+/// Up to `LANES` activation rows rounded to 8 bits, laid out as an AMX tile reads them (`int8_amx::lanes_tiles`):
 /// row i's `k` values at `values[i * k..]`, its blocks' scales and `scale * sum` at `scale[i * blocks..]` and
-/// `scaled_sum[i * blocks..]`. The rows up to `LANES` are zeros.
+/// `scaled_sum[i * blocks..]`. The rows past `rows`, up to `LANES`, are zeros.
 pub struct TileRows {
     pub rows: usize,
     pub k: usize,
@@ -390,8 +390,8 @@ pub fn band(
             super::int8_vnni::q4_1_rows(&rows[r0 * row_bytes..(r0 + out.len()) * row_bytes], nb, x, out)
         });
     }
-    // Two sets of unpacked rows, the next group's unpacked before this one's product: a tile read right after the
-    // stores that wrote it waited for them (a third of the tiles' time on Q4_1 in `perf`).
+    // On tiles, two sets of unpacked rows, the next group's unpacked before this one's product, so that a tile is
+    // not loaded right after the stores that wrote it (`int8_amx::lanes_tiles` measured that wait).
     let count = rows.len() / row_bytes;
     let mut sets = [Unpacked::new(step, k, layout), Unpacked::new(step, k, layout)];
     let mut holds = [usize::MAX; 2];

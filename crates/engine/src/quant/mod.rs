@@ -415,6 +415,7 @@ pub fn prefetch_values(values: &[f32]) {
 }
 
 /// How many key rows ahead of the ones being scored `dots_each` asks for from memory.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 const KEYS_AHEAD: usize = 8;
 
 /// The products of `jobs` (matrices of the same width, each in its form) on the activations `x`, in one parallel
@@ -566,7 +567,7 @@ impl Columns {
 
 /// The activations as some forms read them, made once per product and shared by its bands.
 struct Prepared {
-    /// Each row rounded to 8 bits (`Form::Int8`, `Form::Int8Rows`).
+    /// Each row rounded to 8 bits (`Form::Int8`, `Form::Int8Rows`, `Form::Int8Tiles`).
     rounded: Vec<int8::Q8Row>,
     /// The rounded rows sixteen at a time as AMX tiles read them (`Form::Int8Tiles` on repacked rows).
     tile_rows: Vec<int8_rows::TileRows>,
@@ -687,8 +688,11 @@ enum Form {
     Int8Tiles,
 }
 
-/// From this many activation rows on, `Form::Int8Rows` takes the tiles where the CPU has them: below, the scaling
-/// of a tile's sums for a few activation rows costs more than the repacked rows' kernel (`q4_1_lanes`).
+/// From this many activation rows on, `Form::Int8Rows` takes the tiles where the CPU has them: a tile's sums are
+/// scaled for sixteen activation rows whatever their number. At 8 rows (`batch_speed 1 int8`, AMX on and off, two
+/// runs each) the tiles ran Q8_0 at 101.8-102.9 G multiply-adds a second against 51.0-54.2 and Q4_K at 41.4-45.7
+/// against 17.0-31.5, and Q4_1 about even (78.9-96.6 against 74.5-109.9); at 16 rows, 154-184 against 95-127 for
+/// Q4_1.
 const TILE_MIN_ROWS: usize = 8;
 
 /// The longest run of columns one `gemm` call sums (see `band_product`).
@@ -791,7 +795,7 @@ pub fn dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
 
 /// `put(i, dot4(x_i, w))` for every row `x_i` of `x` (rows of `k`): the exact-rows product's inner loop. With
 /// AVX-512 (detected at run time), six activation rows at a time, each value still `dot`'s bit for bit.
-pub fn dot4_each(x: &[f32], k: usize, w: [&[f32]; 4], mut put: impl FnMut(usize, [f32; 4])) {
+fn dot4_each(x: &[f32], k: usize, w: [&[f32]; 4], mut put: impl FnMut(usize, [f32; 4])) {
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
     if avx512::available() {
         let m = x.len() / k;
@@ -991,8 +995,8 @@ mod tests {
     }
 
     /// With 8-bit activations, a batched step of 19 rows (on AMX tiles where the CPU has them, `TILE_MIN_ROWS`)
-    /// gives each row the values it gets alone (the repacked rows' kernel, or `int8_rows`'), bit for bit: Q4_1
-    /// repacked for decoding (two groups of sixteen and eight rows outside them), Q8_0 and Q4_K from their blocks.
+    /// gives each row the values it gets alone (the repacked rows' kernels, or `int8_rows`'), bit for bit: Q4_1 and
+    /// Q8_0 repacked for decoding (two groups of sixteen and eight rows outside them), Q4_K from its blocks.
     #[test]
     fn int8_rows_of_a_large_batch_are_each_row_alone() {
         let (n, k, m) = (40, 512, 19);

@@ -108,7 +108,13 @@ impl Q4_1Lanes {
         x: &TileRows,
         put: impl FnMut(usize, usize, &[f32; LANES]),
     ) {
-        super::int8_amx::lanes_products::<false>(&self.0, groups, x, put)
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+        super::int8_amx::lanes_products::<false>(&self.0, groups, x, put);
+        #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+        {
+            let _ = (groups, x, put);
+            unreachable!("AMX tiles are x86-64's only (`tiles_available`)")
+        }
     }
 
     /// `int8_group` in portable Rust: each lane's integer sum per block, then `int8_rows`' two fused multiply-adds.

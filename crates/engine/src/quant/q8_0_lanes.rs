@@ -55,14 +55,20 @@ impl Q8_0Lanes {
     /// Rows `16 g..16 g + 16` of the product with 8-bit activations, for the groups `groups` and each activation
     /// row of `x` (up to sixteen, as a tile reads them) on AMX tiles, `put(i, g, values)` for row i and group g: bit
     /// for bit the values of `int8_rows`' kernels (the batched steps' with fewer rows). Call only where
-    /// `q4_1_lanes::tiles_available()`.
+    /// `int8_rows::tiles_available()`.
     pub fn int8_tiles(
         &self,
         groups: std::ops::Range<usize>,
         x: &super::int8_rows::TileRows,
         put: impl FnMut(usize, usize, &[f32; LANES]),
     ) {
-        super::int8_amx::lanes_products::<true>(&self.0, groups, x, put)
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+        super::int8_amx::lanes_products::<true>(&self.0, groups, x, put);
+        #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+        {
+            let _ = (groups, x, put);
+            unreachable!("AMX tiles are x86-64's only (`tiles_available`)")
+        }
     }
 
     /// `exact_group` in portable Rust.
