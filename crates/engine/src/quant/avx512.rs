@@ -99,7 +99,8 @@ unsafe fn pairs16<const Q: usize, const K: usize>(queries: [&[f32]; Q], keys: [&
 /// The lanes of sixteen sums, each summed as `avx2::finish` sums them (lane i plus lane i + 8, then i + 4, i + 2,
 /// i + 1; then plus the empty tail's 0), all sixteen at once: at each level, two registers' halves are brought
 /// side by side and added, the same additions of the same values, so every sum is bit for bit the one-by-one
-/// tree's, in 45 instructions where sixteen trees took some 130. Sum p comes out at lane 4 (p % 4) + p / 4.
+/// tree's, in 46 instructions, where sixteen of `finish`'s trees take about eight each. Sum p comes out at lane
+/// 4 (p % 4) + p / 4.
 #[target_feature(enable = "avx512f")]
 unsafe fn tree16(a: [__m512; 16]) -> __m512 {
     // Lane i + lane i + 8: register k holds sums 2k (lanes 0-7) and 2k + 1 (lanes 8-15).
