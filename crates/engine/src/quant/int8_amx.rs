@@ -128,25 +128,24 @@ struct Weights {
     signed: bool,
 }
 
-/// `int8_rows::portable_rows` for the sixteen rows of `w` from `first` (unpacked to bytes), bit for bit. Call only
-/// where `available()`.
-pub fn rows(w: &Unpacked, first: usize, x: &Lanes, layout: Layout, out: &mut [[f32; LANES]; ROWS]) {
+/// `int8_rows::portable_rows` for the first sixteen rows of `w` (unpacked to bytes), bit for bit. Call only where
+/// `available()`.
+pub fn rows(w: &Unpacked, x: &Lanes, layout: Layout, out: &mut [[f32; LANES]; ROWS]) {
     assert!(
         available()
-            && (first + ROWS) * w.k <= w.bytes.len()
-            && (first + ROWS) * w.blocks <= w.scale.len().min(w.offset.len())
+            && ROWS * w.k <= w.bytes.len()
+            && ROWS * w.blocks <= w.scale.len().min(w.offset.len())
             && x.len == layout.len
             && w.blocks * layout.len == w.k
             && x.values.len() * 4 >= w.k
             && x.scale.len().min(x.scaled_sum.len()).min(x.sums.len()) >= w.blocks
     );
     let weights = Weights {
-        // SAFETY (of the offsets): inside the sizes asserted above.
-        bytes: unsafe { w.bytes.as_ptr().add(first * w.k) },
+        bytes: w.bytes.as_ptr(),
         row_stride: w.k,
         block_stride: layout.len,
-        scale: unsafe { w.scale.as_ptr().add(first * w.blocks) },
-        offset: layout.offset.then(|| unsafe { w.offset.as_ptr().add(first * w.blocks) }),
+        scale: w.scale.as_ptr(),
+        offset: layout.offset.then_some(w.offset.as_ptr()),
         bias: layout.bias,
         signed: false,
     };

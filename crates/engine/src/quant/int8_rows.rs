@@ -390,32 +390,21 @@ pub fn band(
             super::int8_vnni::q4_1_rows(&rows[r0 * row_bytes..(r0 + out.len()) * row_bytes], nb, x, out)
         });
     }
-    // On tiles, two sets of unpacked rows, the next group's unpacked before this one's product, so that a tile is
-    // not loaded right after the stores that wrote it (`int8_amx::lanes_tiles` measured that wait).
-    let count = rows.len() / row_bytes;
-    let mut sets = [Unpacked::new(step, k, layout), Unpacked::new(step, k, layout)];
-    let mut holds = [usize::MAX; 2];
-    let unpack = |sets: &mut [Unpacked; 2], holds: &mut [usize; 2], set: usize, r0: usize, n: usize| {
-        if holds[set] != r0 {
-            for r in 0..n {
-                sets[set].unpack(dtype, r, &rows[(r0 + r) * row_bytes..(r0 + r + 1) * row_bytes]);
-            }
-            holds[set] = r0;
-        }
-    };
+    let mut w = Unpacked::new(step, k, layout);
+    let mut unpacked = usize::MAX;
     gather(rows, row_bytes, chunks, step, put, |r0, x, out| {
-        let set = r0 / step % 2;
-        unpack(&mut sets, &mut holds, set, r0, out.len());
-        if tiles && r0 + 2 * step <= count {
-            unpack(&mut sets, &mut holds, 1 - set, r0 + step, step);
+        if unpacked != r0 {
+            for r in 0..out.len() {
+                w.unpack(dtype, r, &rows[(r0 + r) * row_bytes..(r0 + r + 1) * row_bytes]);
+            }
+            unpacked = r0;
         }
-        let w = &sets[set];
         #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
         if let (true, Ok(out)) = (tiles, <&mut [[f32; LANES]; TILE_ROWS]>::try_from(&mut *out)) {
-            return super::int8_amx::rows(w, 0, x, layout, out);
+            return super::int8_amx::rows(&w, x, layout, out);
         }
         for (r, out) in (0..out.len()).step_by(ROWS).zip(out.chunks_mut(ROWS)) {
-            rows_product(w, r, x, layout, out)
+            rows_product(&w, r, x, layout, out)
         }
     });
 }

@@ -66,16 +66,24 @@ impl DecodingLanes {
         }
     }
 
-    /// The 8-bit products of the groups `groups` on AMX tiles (`int8_amx::lanes_tiles`).
+    /// The 8-bit products of the groups `groups` with the activation rows of `x` on AMX tiles
+    /// (`int8_amx::lanes_products`), `put(i, g, values)` for row i and group g: bit for bit `int8_rows`' values (for
+    /// Q4_1, `Q4_1Lanes::int8_group`'s). Only where `int8_rows::tiles_available()`.
     fn int8_tiles(
         &self,
         groups: std::ops::Range<usize>,
         x: &int8_rows::TileRows,
         put: impl FnMut(usize, usize, &[f32; lanes::LANES]),
     ) {
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
         match self {
-            Self::Q4_1(lanes) => lanes.int8_tiles(groups, x, put),
-            Self::Q8_0(lanes) => lanes.int8_tiles(groups, x, put),
+            Self::Q4_1(lanes) => int8_amx::lanes_products::<false>(&lanes.0, groups, x, put),
+            Self::Q8_0(lanes) => int8_amx::lanes_products::<true>(&lanes.0, groups, x, put),
+        }
+        #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+        {
+            let _ = (groups, x, put);
+            unreachable!("AMX tiles are x86-64's only (`int8_rows::tiles_available`)")
         }
     }
 }

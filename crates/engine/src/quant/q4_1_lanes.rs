@@ -22,7 +22,6 @@
 //!   another order than `blocks::dot_row`'s (`exact_group` says which).
 
 use super::int8::Q8Row;
-use super::int8_rows::TileRows;
 use super::lanes::RowGroups;
 pub use super::lanes::{available, LANES};
 
@@ -36,7 +35,7 @@ pub(super) const BLOCK_BYTES: usize = 4 * 64 + 2 * 32;
 /// nibbles values 16..32: bytes `4j..4j + 4` hold values `4j..4j + 4` and `16 + 4j..`. Per group and block, register
 /// j holds those four bytes of each of the sixteen rows, lane after lane; then the rows' scales, then their
 /// minimums. The same bytes as the file, in another order: the repacked matrix is as large as the original.
-pub struct Q4_1Lanes(RowGroups);
+pub struct Q4_1Lanes(pub(super) RowGroups);
 
 impl Q4_1Lanes {
     /// The first `rows / 16 * 16` rows of `raw` (Q4_1 blocks, `k` values a row) repacked; rows past the last whole
@@ -95,25 +94,6 @@ impl Q4_1Lanes {
         for (i, x) in xs.iter().enumerate() {
             self.portable_int8_group(g, x, &mut values[0]);
             put(i, &values[0]);
-        }
-    }
-
-    /// `int8_group` of the groups `groups` for each activation row of `x` (up to sixteen, as a tile reads them) on
-    /// AMX tiles, `put(i, g, values)` for row i and group g: bit for bit `int8_group`'s values for the row alone
-    /// (each lane's integer sums are the same in any order, and the f32 operations follow in the same order). Call
-    /// only where `tiles_available()`.
-    pub fn int8_tiles(
-        &self,
-        groups: std::ops::Range<usize>,
-        x: &TileRows,
-        put: impl FnMut(usize, usize, &[f32; LANES]),
-    ) {
-        #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
-        super::int8_amx::lanes_products::<false>(&self.0, groups, x, put);
-        #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
-        {
-            let _ = (groups, x, put);
-            unreachable!("AMX tiles are x86-64's only (`tiles_available`)")
         }
     }
 
@@ -190,11 +170,6 @@ fn scale_and_minimum(block: &[u8], lane: usize) -> (f32, f32) {
 /// The sum of each block of 32 values of `x`, in order: what a Q4_1 block's minimum multiplies in `exact_group`.
 pub fn block_totals(x: &[f32]) -> Vec<f32> {
     x.chunks_exact(32).map(|b| b.iter().fold(0f32, |sum, v| sum + v)).collect()
-}
-
-/// Whether this CPU runs `int8_tiles` (AMX-INT8, `int8_rows::tiles_available`).
-pub fn tiles_available() -> bool {
-    available() && super::int8_rows::tiles_available()
 }
 
 /// Whether this CPU also runs the 8-bit kernel (AVX-512 VNNI).
@@ -370,13 +345,16 @@ mod tests {
         }
     }
 
-    /// On AMX tiles, sixteen activation rows at a time through several groups in one run, each row's values are
-    /// `int8_group`'s for the row alone, bit for bit: 19 rows (a tile of sixteen and one of three), three groups run
-    /// together and the last two on their own. Where the CPU has no tiles, this says so and checks nothing.
+    /// On AMX tiles (`int8_amx::lanes_products`), sixteen activation rows at a time through several groups in one
+    /// run, each row's values are `int8_group`'s for the row alone, bit for bit: 19 rows (a tile of sixteen and one
+    /// of three), three groups run together and the last two on their own. Where the CPU has no tiles, this says so
+    /// and checks nothing.
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
     #[test]
     fn int8_tiles_are_each_rows_int8_group() {
-        if !tiles_available() {
-            eprintln!("no AMX tiles on this CPU: int8_tiles not compared");
+        use crate::quant::int8_rows::TileRows;
+        if !crate::quant::int8_rows::tiles_available() {
+            eprintln!("no AMX tiles on this CPU: lanes_products not compared");
             return;
         }
         let (n, k, m) = (48, 544, 19);
@@ -386,12 +364,22 @@ mod tests {
         for groups in [0..3, 1..3] {
             let mut seen = vec![[false; 3]; m];
             for (c, rows) in rounded.chunks(LANES).enumerate() {
-                lanes.int8_tiles(groups.clone(), &TileRows::new(rows), |i, g, values| {
-                    let mut alone = [0f32; LANES];
-                    lanes.int8_group(g, &rounded[LANES * c + i], &mut alone);
-                    assert_eq!(values.map(f32::to_bits), alone.map(f32::to_bits), "row {} group {g}", LANES * c + i);
-                    seen[LANES * c + i][g] = true;
-                });
+                crate::quant::int8_amx::lanes_products::<false>(
+                    &lanes.0,
+                    groups.clone(),
+                    &TileRows::new(rows),
+                    |i, g, values| {
+                        let mut alone = [0f32; LANES];
+                        lanes.int8_group(g, &rounded[LANES * c + i], &mut alone);
+                        assert_eq!(
+                            values.map(f32::to_bits),
+                            alone.map(f32::to_bits),
+                            "row {} group {g}",
+                            LANES * c + i
+                        );
+                        seen[LANES * c + i][g] = true;
+                    },
+                );
             }
             assert!(seen.iter().all(|row| groups.clone().all(|g| row[g])), "every row and group of {groups:?}");
         }

@@ -15,7 +15,7 @@ use super::lanes::{RowGroups, LANES};
 pub(super) const BLOCK_BYTES: usize = 32 * LANES + 2 * LANES;
 
 /// A Q8_0 matrix's rows in groups of sixteen, block by block as the kernel reads them.
-pub struct Q8_0Lanes(RowGroups);
+pub struct Q8_0Lanes(pub(super) RowGroups);
 
 impl Q8_0Lanes {
     /// The first `rows / 16 * 16` rows of `raw` (Q8_0 blocks: an f16 scale and 32 signed bytes; `k` values a row)
@@ -50,25 +50,6 @@ impl Q8_0Lanes {
             return unsafe { avx512::exact_group(self.0.group(g).as_ptr(), self.0.blocks(), x, out) };
         }
         self.portable_exact_group(g, x, out)
-    }
-
-    /// Rows `16 g..16 g + 16` of the product with 8-bit activations, for the groups `groups` and each activation
-    /// row of `x` (up to sixteen, as a tile reads them) on AMX tiles, `put(i, g, values)` for row i and group g: bit
-    /// for bit the values of `int8_rows`' kernels (the batched steps' with fewer rows). Call only where
-    /// `int8_rows::tiles_available()`.
-    pub fn int8_tiles(
-        &self,
-        groups: std::ops::Range<usize>,
-        x: &super::int8_rows::TileRows,
-        put: impl FnMut(usize, usize, &[f32; LANES]),
-    ) {
-        #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
-        super::int8_amx::lanes_products::<true>(&self.0, groups, x, put);
-        #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
-        {
-            let _ = (groups, x, put);
-            unreachable!("AMX tiles are x86-64's only (`tiles_available`)")
-        }
     }
 
     /// `exact_group` in portable Rust.
