@@ -129,11 +129,12 @@ fn batched_generation_equals_generation_alone_on_smollm2() {
 }
 
 /// With the opt-in 8-bit activations, which round the activations of decoding steps (batched ones in
-/// `quant::int8_rows`), a sequence still gets in a batch exactly what it gets alone.
+/// `quant::int8_rows`), and the opt-in f16 cache, whose rows the attention kernels widen as they load them, a
+/// sequence still gets in a batch exactly what it gets alone.
 #[test]
-fn batched_generation_equals_generation_alone_with_int8_activations() {
+fn batched_generation_equals_generation_alone_with_int8_activations_and_an_f16_cache() {
     let reader = &mut std::io::BufReader::new(std::fs::File::open(model_path(SMOLLM)).unwrap());
-    let options = saif_engine::LoadOptions { max_context: Some(256), int8_activations: true };
+    let options = saif_engine::LoadOptions { max_context: Some(256), int8_activations: true, f16_cache: true };
     let mut engine = Engine::load_cpu(reader, &options).unwrap();
     let hidden = engine.config().hidden;
     let v: Vec<f32> = (0..hidden).map(|i| if i % 2 == 0 { 0.5 } else { -0.5 }).collect();

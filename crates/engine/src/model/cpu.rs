@@ -49,6 +49,11 @@ pub struct LoadOptions {
     /// (docs/benchmarks.md measures the departure). One sequence's decoding steps: `quant::int8`; prompts and
     /// batched steps: `quant::int8_rows`, each sequence still with the same numbers in any batch. Off by default.
     pub int8_activations: bool,
+    /// Keep the keys and values in f16, as llama.cpp does by default: half the bytes for attention to read (a
+    /// batched step's attention reads more bytes than its products once sequences hold a hundred tokens), each key
+    /// and value rounded once; the arithmetic stays f32. Not exact (docs/benchmarks.md measures the departure). Off
+    /// by default; the CPU path only.
+    pub f16_cache: bool,
 }
 
 /// A weight matrix as the file stores it, applied to f32 activations (see `quant`).
@@ -111,8 +116,9 @@ struct Sequence {
 }
 
 impl Sequence {
-    fn new(n_layers: usize) -> Self {
-        Self { caches: (0..n_layers).map(|_| KvCache::default()).collect(), position: 0 }
+    /// An empty sequence whose caches hold their rows in `dtype`.
+    fn new(n_layers: usize, dtype: DType) -> Self {
+        Self { caches: (0..n_layers).map(|_| KvCache::new(dtype)).collect(), position: 0 }
     }
 
     fn reset(&mut self) {
@@ -154,6 +160,8 @@ pub struct CpuModel {
     /// Sequence 0 is the one `forward` runs; batched calls use more, created on first use.
     sequences: Vec<Sequence>,
     max_context: usize,
+    /// F32, or F16 where loaded with `LoadOptions::f16_cache`.
+    cache_dtype: DType,
 }
 
 /// Reads tensors from the file with shape checks that name the tensor.
@@ -267,9 +275,21 @@ impl CpuModel {
         };
         progress(total, total);
         let max_context = options.max_context.map_or(c.context_length, |m| m.min(c.context_length)).max(1);
-        let sequences = vec![Sequence::new(c.n_layers)];
+        let cache_dtype = if options.f16_cache { DType::F16 } else { DType::F32 };
+        let sequences = vec![Sequence::new(c.n_layers, cache_dtype)];
         let rope = RopeTables::default();
-        Ok(Self { config, embedding, layers, final_norm, lm_head, rope_factors, rope, sequences, max_context })
+        Ok(Self {
+            config,
+            embedding,
+            layers,
+            final_norm,
+            lm_head,
+            rope_factors,
+            rope,
+            sequences,
+            max_context,
+            cache_dtype,
+        })
     }
 
     /// cos and sin of the RoPE angles for positions `start..start + n` ([n, head_dim / 2] each), from the tables
@@ -462,6 +482,9 @@ impl CpuModel {
         let q = rope(&q, &cos, &sin).context("rope q")?;
         let k = rope(&k, &cos, &sin).context("rope k")?;
         let (k_all, v_all) = sequence.caches[layer].append(&k, &v).context("kv cache")?;
+        // An f16 cache's rows as f32 for the products (a copy; an f32 cache's are read in place).
+        let as_f32 = |t: Tensor| if t.dtype() == DType::F32 { Ok(t) } else { t.to_dtype(DType::F32) };
+        let (k_all, v_all) = (as_f32(k_all).context("kv cache")?, as_f32(v_all).context("kv cache")?);
 
         // The `group` query heads of one key head attend together: [1, nkv, group * n, hd].
         let q = (q * scale).context("scale")?.reshape((1, nkv, group * n, hd)).context("group heads")?;
@@ -539,8 +562,8 @@ impl CpuModel {
         layer: usize,
         h: usize,
         qh: &[f32],
-        keys: &CacheRows,
-        values: &CacheRows,
+        keys: &CacheView,
+        values: &CacheView,
         len: usize,
         out: &mut [f32],
     ) {
@@ -555,14 +578,39 @@ impl CpuModel {
         layer: usize,
         heads: std::ops::Range<usize>,
         queries: &[f32],
-        keys: &CacheRows,
-        values: &CacheRows,
+        keys: &CacheView,
+        values: &CacheView,
         len: usize,
         out: &mut [f32],
     ) {
         let c = &self.config;
         let kv_head = heads.start / (c.n_heads / c.n_kv_heads);
         debug_assert_eq!((heads.end - 1) / (c.n_heads / c.n_kv_heads), kv_head, "heads of one key-value head");
+        match (keys, values) {
+            (CacheView::F32(keys), CacheView::F32(values)) => {
+                self.attend_heads_in(layer, heads, kv_head, queries, keys, values, len, out)
+            }
+            (CacheView::F16(keys), CacheView::F16(values)) => {
+                self.attend_heads_in(layer, heads, kv_head, queries, keys, values, len, out)
+            }
+            _ => unreachable!("a cache's keys and values are of one type (`KvCache`)"),
+        }
+    }
+
+    /// `attend_heads` on a cache of f32 or f16 values (an f16 cache's values widened as the kernels load them).
+    #[allow(clippy::too_many_arguments)]
+    fn attend_heads_in<V: quant::CacheValue>(
+        &self,
+        layer: usize,
+        heads: std::ops::Range<usize>,
+        kv_head: usize,
+        queries: &[f32],
+        keys: &CacheRows<V>,
+        values: &CacheRows<V>,
+        len: usize,
+        out: &mut [f32],
+    ) {
+        let c = &self.config;
         let (hd, n) = (c.head_dim, heads.len());
         let first = c.layers[layer].window.map_or(0, |w| len.saturating_sub(w));
         let rows = len - first;
@@ -677,7 +725,7 @@ impl CpuModel {
                 return Err(EngineError::InvalidRequest(format!("sequence {} twice in one batch", call.sequence)));
             }
             while self.sequences.len() <= call.sequence {
-                self.sequences.push(Sequence::new(self.config.n_layers));
+                self.sequences.push(Sequence::new(self.config.n_layers, self.cache_dtype));
             }
             let position = self.sequences[call.sequence].position;
             check_request(&self.config, position, self.max_context, call.tokens, call.hooks)?;
@@ -947,17 +995,23 @@ struct Step {
     len: usize,
 }
 
-/// A cache's rows ([1, heads, rows, head_dim], a view of its storage) as slices, read in place.
-struct CacheRows<'a> {
-    data: &'a [f32],
+/// A cache's rows ([1, heads, rows, head_dim], a view of its storage) in their type, read in place.
+enum CacheView<'a> {
+    F32(CacheRows<'a, f32>),
+    F16(CacheRows<'a, half::f16>),
+}
+
+/// A cache's rows of values of type `V`, read in place.
+struct CacheRows<'a, V> {
+    data: &'a [V],
     offset: usize,
     head_stride: usize,
     row_stride: usize,
     head_dim: usize,
 }
 
-impl CacheRows<'_> {
-    fn row(&self, head: usize, row: usize) -> &[f32] {
+impl<V> CacheRows<'_, V> {
+    fn row(&self, head: usize, row: usize) -> &[V] {
         let at = self.offset + head * self.head_stride + row * self.row_stride;
         &self.data[at..at + self.head_dim]
     }
@@ -1000,24 +1054,33 @@ impl RopeTables {
     }
 }
 
-/// The rows of `cache` (a CPU f32 tensor of [1, heads, rows, head_dim] with unit stride along the last dimension,
+/// The rows of `cache` (a CPU f32 or f16 tensor of [1, heads, rows, head_dim] with unit stride along the last dimension,
 /// as `KvCache::append` returns) in its storage, read in place through `guarded` (its `storage_and_layout()`).
 fn cache_rows<'a>(
     guarded: &'a (std::sync::RwLockReadGuard<'a, candle_core::Storage>, &'a candle_core::Layout),
     cache: &Tensor,
-) -> Result<CacheRows<'a>> {
+) -> Result<CacheView<'a>> {
     let (storage, layout) = guarded;
     let unexpected = |what: String| Err(candle_core::Error::Msg(what)).context("kv cache");
     let candle_core::Storage::Cpu(cpu) = &**storage else {
         return unexpected("the CPU model's cache is not in CPU memory".into());
     };
-    let data = cpu.as_slice::<f32>().context("kv cache")?;
     let stride = layout.stride();
     if stride.len() != 4 || stride[3] != 1 {
         return unexpected(format!("strides {stride:?}"));
     }
     let head_dim = cache.dim(3).context("kv cache")?;
-    Ok(CacheRows { data, offset: layout.start_offset(), head_stride: stride[1], row_stride: stride[2], head_dim })
+    let (offset, head_stride, row_stride) = (layout.start_offset(), stride[1], stride[2]);
+    Ok(match cache.dtype() {
+        DType::F16 => {
+            let data = cpu.as_slice::<half::f16>().context("kv cache")?;
+            CacheView::F16(CacheRows { data, offset, head_stride, row_stride, head_dim })
+        }
+        _ => {
+            let data = cpu.as_slice::<f32>().context("kv cache")?;
+            CacheView::F32(CacheRows { data, offset, head_stride, row_stride, head_dim })
+        }
+    })
 }
 
 /// candle's `rms_norm` of one row: `x / sqrt(mean(x^2) + eps) * weights`.

@@ -7,18 +7,23 @@
 //! it was read once per head, and with AVX-512 (detected at run time) sixteen values per instruction where the
 //! build's AVX2 does eight.
 
+use crate::quant::CacheValue;
+
 /// Values per run of `out` held in registers across all the rows.
 const CHUNK: usize = 64;
 
 /// `out[d] += weights[j] * value(j)[d]` for every j in order, value by value as the plain loop adds them, with
 /// `out` held in registers 64 values at a time across all the rows, where the plain loop loaded and stored `out`
 /// once per row (a batched SmolLM2 step's attention, apart from its products: 3.80-3.83 ms before, 3.55-3.70 after).
-pub fn weighted_sum<'a>(out: &mut [f32], weights: &[f32], value: impl Fn(usize) -> &'a [f32]) {
+pub fn weighted_sum<'a, V: CacheValue>(out: &mut [f32], weights: &[f32], value: impl Fn(usize) -> &'a [V]) {
     let whole = out.len() / CHUNK * CHUNK;
+    // f16 rows widened here (f32 rows are read as they are).
+    let mut scratch = Vec::new();
     for (c, chunk) in out[..whole].chunks_exact_mut(CHUNK).enumerate() {
         let mut acc: [f32; CHUNK] = chunk.try_into().expect("a chunk of CHUNK values");
         for (j, &w) in weights.iter().enumerate() {
-            let v: &[f32; CHUNK] = value(j)[c * CHUNK..(c + 1) * CHUNK].try_into().expect("CHUNK values");
+            let row = V::as_f32(&value(j)[c * CHUNK..(c + 1) * CHUNK], &mut scratch);
+            let v: &[f32; CHUNK] = row.try_into().expect("CHUNK values");
             for d in 0..CHUNK {
                 acc[d] += w * v[d];
             }
@@ -26,7 +31,7 @@ pub fn weighted_sum<'a>(out: &mut [f32], weights: &[f32], value: impl Fn(usize) 
         chunk.copy_from_slice(&acc);
     }
     for (j, &w) in weights.iter().enumerate() {
-        for (o, &x) in out[whole..].iter_mut().zip(&value(j)[whole..]) {
+        for (o, &x) in out[whole..].iter_mut().zip(V::as_f32(&value(j)[whole..], &mut scratch)) {
             *o += w * x;
         }
     }
@@ -34,8 +39,14 @@ pub fn weighted_sum<'a>(out: &mut [f32], weights: &[f32], value: impl Fn(usize) 
 
 /// `weighted_sum` for several heads over the same value rows: head h's weights are `weights[h * rows..(h + 1) *
 /// rows]` and its output `outs[h * width..(h + 1) * width]`, each bit for bit `weighted_sum`'s. With AVX-512, up to
-/// four heads at a time share each row's loads.
-pub fn weighted_sums<'a>(outs: &mut [f32], width: usize, weights: &[f32], value: impl Fn(usize) -> &'a [f32]) {
+/// four heads at a time share each row's loads. The rows may be f16 (an f16 cache): the sums are then
+/// `weighted_sum`'s of the rows widened to f32.
+pub fn weighted_sums<'a, V: CacheValue>(
+    outs: &mut [f32],
+    width: usize,
+    weights: &[f32],
+    value: impl Fn(usize) -> &'a [V],
+) {
     let heads = outs.len() / width.max(1);
     let rows = weights.len() / heads.max(1);
     assert!(heads * width == outs.len() && heads * rows == weights.len());
@@ -48,10 +59,10 @@ pub fn weighted_sums<'a>(outs: &mut [f32], width: usize, weights: &[f32], value:
             // SAFETY: the CPU has AVX-512 F (checked above); the kernel checks the lengths it reads and writes.
             unsafe {
                 match n {
-                    4 => avx512::sums::<4>(outs, width, weights, &value),
-                    3 => avx512::sums::<3>(outs, width, weights, &value),
-                    2 => avx512::sums::<2>(outs, width, weights, &value),
-                    _ => avx512::sums::<1>(outs, width, weights, &value),
+                    4 => avx512::sums::<4, V>(outs, width, weights, &value),
+                    3 => avx512::sums::<3, V>(outs, width, weights, &value),
+                    2 => avx512::sums::<2, V>(outs, width, weights, &value),
+                    _ => avx512::sums::<1, V>(outs, width, weights, &value),
                 }
             }
         }
@@ -67,6 +78,7 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::CHUNK;
+    use crate::quant::CacheValue;
 
     /// Heads per pass: their 64-value runs fill 16 of the 32 registers.
     pub const HEADS: usize = 4;
@@ -76,11 +88,11 @@ mod avx512 {
 
     /// `weighted_sums` for `H` heads, `width` a multiple of `CHUNK`.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn sums<'a, const H: usize>(
+    pub unsafe fn sums<'a, const H: usize, V: CacheValue>(
         outs: &mut [f32],
         width: usize,
         weights: &[f32],
-        value: &impl Fn(usize) -> &'a [f32],
+        value: &impl Fn(usize) -> &'a [V],
     ) {
         let rows = weights.len() / H;
         assert!(outs.len() == H * width && weights.len() == H * rows && width.is_multiple_of(CHUNK));
@@ -90,10 +102,10 @@ mod avx512 {
                 std::array::from_fn(|h| std::array::from_fn(|q| _mm512_loadu_ps(outs.as_ptr().add(at(h, q)))));
             for j in 0..rows {
                 if j + AHEAD < rows {
-                    crate::quant::prefetch_values(&value(j + AHEAD)[c * CHUNK..(c + 1) * CHUNK]);
+                    V::prefetch(&value(j + AHEAD)[c * CHUNK..(c + 1) * CHUNK]);
                 }
                 let row = &value(j)[c * CHUNK..(c + 1) * CHUNK];
-                let v: [__m512; 4] = std::array::from_fn(|q| _mm512_loadu_ps(row.as_ptr().add(16 * q)));
+                let v: [__m512; 4] = std::array::from_fn(|q| V::load16(row, 16 * q));
                 for (h, acc) in acc.iter_mut().enumerate() {
                     let w = _mm512_set1_ps(*weights.get_unchecked(h * rows + j));
                     for q in 0..4 {
@@ -161,6 +173,31 @@ mod tests {
                         "width {width}, head {h} of {heads}"
                     );
                 }
+            }
+        }
+    }
+
+    /// f16 rows (an f16 cache) give each head `weighted_sum`'s values of the rows widened to f32, bit for bit: with
+    /// AVX-512 the kernel widens sixteen at a time as it loads, elsewhere `weighted_sum` widens row by row.
+    #[test]
+    fn f16_rows_sum_as_the_widened_rows() {
+        for width in [64, 80, 256] {
+            let halves: Vec<Vec<half::f16>> =
+                rows(width).iter().map(|row| row.iter().map(|&x| half::f16::from_f32(x * 7.0)).collect()).collect();
+            let widened: Vec<Vec<f32>> = halves.iter().map(|row| row.iter().map(|h| h.to_f32()).collect()).collect();
+            for heads in [1, 3, 5] {
+                let weights: Vec<f32> =
+                    (0..heads * halves.len()).map(|i| ((i * 31 % 17) as f32 + 0.1) / (9.3 + (i / 37) as f32)).collect();
+                let start: Vec<f32> = (0..heads * width).map(|d| d as f32 * 0.37 - 3.0).collect();
+                let mut got = start.clone();
+                weighted_sums(&mut got, width, &weights, |j| &halves[j]);
+                let mut want = start.clone();
+                weighted_sums(&mut want, width, &weights, |j| &widened[j]);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "width {width}, {heads} heads");
+                let mut alone = start[..width].to_vec();
+                weighted_sum(&mut alone, &weights[..halves.len()], |j| &halves[j]);
+                assert_eq!(bits(&alone), bits(&want[..width]), "width {width}, weighted_sum of f16 rows");
             }
         }
     }

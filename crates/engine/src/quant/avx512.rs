@@ -8,6 +8,7 @@
 use std::arch::x86_64::*;
 
 use super::avx2::finish;
+use super::CacheValue;
 
 /// Activation rows per block: 6 x 4 sums, 4 weight chunks and 1 activation chunk fill 29 of the 32 registers.
 pub const ROWS: usize = 6;
@@ -66,11 +67,12 @@ unsafe fn finish_block<const X: usize>(acc: [[__m512; 4]; X], x: &[&[f32]], w: [
 }
 
 /// `dot(queries[i], keys[j])` for every pair (`Q x K` = 16 pairs) of rows whose length is a multiple of 16, bit for
-/// bit. Call only where `available()`.
-pub fn dots16<const Q: usize, const K: usize>(queries: [&[f32]; Q], keys: [&[f32]; K]) -> [[f32; K]; Q] {
+/// bit (f16 keys: of the keys widened to f32). Call only where `available()`.
+pub fn dots16<const Q: usize, const K: usize, V: CacheValue>(queries: [&[f32]; Q], keys: [&[V]; K]) -> [[f32; K]; Q] {
     assert!(available() && Q * K == 16);
     let len = queries[0].len();
-    assert!(len.is_multiple_of(16) && queries.iter().chain(&keys).all(|row| row.len() == len), "rows of one length");
+    let lengths = queries.iter().map(|row| row.len()).chain(keys.iter().map(|row| row.len()));
+    assert!(len.is_multiple_of(16) && lengths.into_iter().all(|l| l == len), "rows of one length");
     // SAFETY: the CPU has AVX-512 F (asserted); the kernel reads `len` values of each row (asserted above).
     let sums = unsafe { pairs16(queries, keys) };
     // Pair 4u + t's value is at lane 4t + u (`tree16`).
@@ -79,13 +81,13 @@ pub fn dots16<const Q: usize, const K: usize>(queries: [&[f32]; Q], keys: [&[f32
 
 /// Each pair's sixteen lanes over the rows (as `block`), then every pair's lanes summed by `tree16`.
 #[target_feature(enable = "avx512f")]
-unsafe fn pairs16<const Q: usize, const K: usize>(queries: [&[f32]; Q], keys: [&[f32]; K]) -> [f32; 16] {
+unsafe fn pairs16<const Q: usize, const K: usize, V: CacheValue>(queries: [&[f32]; Q], keys: [&[V]; K]) -> [f32; 16] {
     let mut acc = [_mm512_setzero_ps(); 16];
     for c in 0..queries[0].len() / 16 {
         // The queries' chunks held, each key's loaded in turn: 16 sums and at most 4 + 1 chunks in registers.
         let qc = queries.map(|row| _mm512_loadu_ps(row.as_ptr().add(16 * c)));
         for (j, key) in keys.iter().enumerate() {
-            let kc = _mm512_loadu_ps(key.as_ptr().add(16 * c));
+            let kc = V::load16(key, 16 * c);
             for (i, qc) in qc.iter().enumerate() {
                 acc[i * K + j] = _mm512_fmadd_ps(*qc, kc, acc[i * K + j]);
             }

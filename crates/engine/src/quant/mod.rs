@@ -19,6 +19,7 @@ mod avx512;
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 mod avx512_blocks;
 pub mod blocks;
+mod cache_value;
 pub mod int8;
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 mod int8_amx;
@@ -34,6 +35,7 @@ pub mod q8_0_lanes;
 mod simd128;
 
 pub use blocks::dequantize;
+pub use cache_value::CacheValue;
 
 /// A `rows x cols` matrix in a GGUF quantization; row r holds output r's weights.
 #[derive(Clone)]
@@ -830,16 +832,17 @@ fn dot4_each(x: &[f32], k: usize, w: [&[f32]; 4], mut put: impl FnMut(usize, [f3
 /// `dot`'s bit for bit: a decoding step's attention scores, the query heads that share a key-value head against
 /// its keys. With AVX-512 (detected at run time) and rows of a multiple of sixteen values, sixteen pairs at a time
 /// (one query and 16 keys, two and 8, or four and 4), their lanes summed together (`avx512::dots16`); else four keys
-/// at a time (`dot4`).
-pub fn dots_each<'a>(
+/// at a time (`dot4`). The keys may be f16 (an f16 cache): each value is then `dot`'s of the key widened to f32.
+pub fn dots_each<'a, V: CacheValue>(
     x: &[f32],
     k: usize,
     keys: std::ops::Range<usize>,
-    key: impl Fn(usize) -> &'a [f32],
+    key: impl Fn(usize) -> &'a [V],
     mut put: impl FnMut(usize, usize, f32),
 ) {
     let m = x.len() / k.max(1);
     let row = |i: usize| &x[i * k..(i + 1) * k];
+    let mut scratch = Vec::new();
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
     if avx512::available() && k.is_multiple_of(16) && k > 0 {
         for first in (0..m).step_by(4) {
@@ -853,20 +856,20 @@ pub fn dots_each<'a>(
             };
             let whole = keys.start + keys.len() / per * per;
             for j in (keys.start..whole).step_by(per) {
-                (j + KEYS_AHEAD..(j + KEYS_AHEAD + per).min(keys.end)).for_each(|j| prefetch_values(key(j)));
+                (j + KEYS_AHEAD..(j + KEYS_AHEAD + per).min(keys.end)).for_each(|j| V::prefetch(key(j)));
                 match n {
                     1 => {
-                        let [sums] = avx512::dots16::<1, 16>([rows[0]], std::array::from_fn(|t| key(j + t)));
+                        let [sums] = avx512::dots16::<1, 16, V>([rows[0]], std::array::from_fn(|t| key(j + t)));
                         sums.iter().enumerate().for_each(|(t, &v)| put(first, j + t, v));
                     }
                     2 => {
-                        let sums = avx512::dots16::<2, 8>([rows[0], rows[1]], std::array::from_fn(|t| key(j + t)));
+                        let sums = avx512::dots16::<2, 8, V>([rows[0], rows[1]], std::array::from_fn(|t| key(j + t)));
                         for (i, sums) in sums.iter().enumerate() {
                             sums.iter().enumerate().for_each(|(t, &v)| put(first + i, j + t, v));
                         }
                     }
                     _ => {
-                        let sums = avx512::dots16::<4, 4>(rows, std::array::from_fn(|t| key(j + t)));
+                        let sums = avx512::dots16::<4, 4, V>(rows, std::array::from_fn(|t| key(j + t)));
                         for (i, sums) in sums.iter().enumerate().take(n) {
                             sums.iter().enumerate().for_each(|(t, &v)| put(first + i, j + t, v));
                         }
@@ -874,21 +877,25 @@ pub fn dots_each<'a>(
                 }
             }
             for j in whole..keys.end {
+                let key = V::as_f32(key(j), &mut scratch);
                 for i in first..first + n {
-                    put(i, j, dot(row(i), key(j)));
+                    put(i, j, dot(row(i), key));
                 }
             }
         }
         return;
     }
     let whole = keys.start + keys.len() / 4 * 4;
+    let mut four_keys: [Vec<f32>; 4] = Default::default();
     for i in 0..m {
         for j in (keys.start..whole).step_by(4) {
-            let four = dot4(row(i), [key(j), key(j + 1), key(j + 2), key(j + 3)]);
+            let [a, b, c, d] = &mut four_keys;
+            let keys = [(a, j), (b, j + 1), (c, j + 2), (d, j + 3)].map(|(s, j)| V::as_f32(key(j), s));
+            let four = dot4(row(i), keys);
             four.iter().enumerate().for_each(|(t, &v)| put(i, j + t, v));
         }
         for j in whole..keys.end {
-            put(i, j, dot(row(i), key(j)));
+            put(i, j, dot(row(i), V::as_f32(key(j), &mut scratch)));
         }
     }
 }
@@ -1058,6 +1065,39 @@ mod tests {
                     seen.iter().all(|row| row[3..].iter().all(|&s| s) && !row[0]),
                     "k {k}, {m} rows: each pair once"
                 );
+            }
+        }
+    }
+
+    /// With f16 keys (an f16 cache), every pair's value is `dot`'s of the key widened to f32, bit for bit, in each
+    /// of `dots_each`'s shapes.
+    #[test]
+    fn dots_each_of_f16_keys_is_dot_of_the_widened_keys() {
+        for k in [64, 72] {
+            let halves: Vec<Vec<half::f16>> = (0..37)
+                .map(|j| {
+                    (0..k).map(|d| half::f16::from_f32(((j * 7919 + d * 104729) % 1999) as f32 / 99.5 - 10.0)).collect()
+                })
+                .collect();
+            let widened: Vec<Vec<f32>> = halves.iter().map(|row| row.iter().map(|h| h.to_f32()).collect()).collect();
+            for m in 1..=5 {
+                let x: Vec<f32> = (0..m * k).map(|i| ((i * 31 % 113) as f32 - 56.0) * 0.0137).collect();
+                let mut count = 0;
+                dots_each(
+                    &x,
+                    k,
+                    1..halves.len(),
+                    |j| &halves[j],
+                    |i, j, v| {
+                        assert_eq!(
+                            v.to_bits(),
+                            dot(&x[i * k..(i + 1) * k], &widened[j]).to_bits(),
+                            "k {k}, {m} rows: {i}, {j}"
+                        );
+                        count += 1;
+                    },
+                );
+                assert_eq!(count, m * (halves.len() - 1), "k {k}, {m} rows: each pair once");
             }
         }
     }
