@@ -60,15 +60,9 @@ pub struct LoadOptions {
 struct Linear(QuantMatrix);
 
 impl Linear {
-    /// `x`: [n, cols] -> [n, rows], each row computed as `row_form` says.
-    fn forward(&self, x: &Tensor, row_form: RowForm) -> Result<Tensor> {
-        let [out] = Self::forward_each([self], x, row_form)?;
-        Ok(out)
-    }
-
-    /// `forward` of several matrices on the same input, in one parallel region (`QuantMatrix::matmul_each`).
-    fn forward_each<const N: usize>(linears: [&Linear; N], x: &Tensor, row_form: RowForm) -> Result<[Tensor; N]> {
-        let n = x.dims2().context("matrix product input")?.0;
+    /// `values_each`'s products as tensors ([n, rows] each), for the prompts' attention.
+    fn forward_each<const N: usize>(linears: [&Linear; N], x: &[f32], row_form: RowForm) -> Result<[Tensor; N]> {
+        let n = x.len() / linears[0].0.cols();
         let outs = Self::values_each(linears, x, row_form)?;
         let tensors = outs
             .into_iter()
@@ -78,35 +72,36 @@ impl Linear {
         Ok(tensors.try_into().unwrap_or_else(|_| unreachable!("one product per matrix")))
     }
 
-    /// `forward_each`'s products as plain rows of values ([n * rows] each).
-    fn values_each<const N: usize>(linears: [&Linear; N], x: &Tensor, row_form: RowForm) -> Result<[Vec<f32>; N]> {
-        let values = x.flatten_all().and_then(|v| v.to_vec1::<f32>()).context("matrix product input")?;
-        let outs = QuantMatrix::matmul_each(&linears.map(|l| &l.0), &values, row_form)?;
+    /// The products of several matrices with the same rows of values (`x`: [n * cols]; each product [n * rows]),
+    /// in one parallel region (`QuantMatrix::matmul_each`), each row computed as `row_form` says.
+    fn values_each<const N: usize>(linears: [&Linear; N], x: &[f32], row_form: RowForm) -> Result<[Vec<f32>; N]> {
+        let outs = QuantMatrix::matmul_each(&linears.map(|l| &l.0), x, row_form)?;
         Ok(outs.try_into().unwrap_or_else(|_| unreachable!("one product per matrix")))
     }
 
-    /// `forward` of plain rows of values (`x`: [n * cols]), without a tensor around the input.
-    fn forward_values(&self, x: &[f32], row_form: RowForm) -> Result<Tensor> {
-        let out = QuantMatrix::matmul_each(&[&self.0], x, row_form)?.pop().expect("one product");
-        let n = out.len() / self.0.rows();
-        Tensor::from_vec(out, (n, self.0.rows()), &Device::Cpu).context("matrix product")
+    /// `values_each` of one matrix.
+    fn values(&self, x: &[f32], row_form: RowForm) -> Result<Vec<f32>> {
+        let [out] = Self::values_each([self], x, row_form)?;
+        Ok(out)
     }
 }
 
+/// One layer's weights. The norms' weights are plain values (`norm_rows`), but for Gemma 3's query and key norms,
+/// which the prompts' attention applies to tensors.
 struct Layer {
-    attn_norm: Tensor,
+    attn_norm: Vec<f32>,
     wq: Linear,
     wk: Linear,
     wv: Linear,
     wo: Linear,
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
-    post_attn_norm: Option<Tensor>,
-    ffn_norm: Tensor,
+    post_attn_norm: Option<Vec<f32>>,
+    ffn_norm: Vec<f32>,
     gate: Linear,
     up: Linear,
     down: Linear,
-    post_ffn_norm: Option<Tensor>,
+    post_ffn_norm: Option<Vec<f32>>,
 }
 
 /// One sequence's state: its keys and values per layer, and how many tokens it holds.
@@ -133,17 +128,21 @@ const MAX_SEQUENCES: usize = 64;
 /// Prompts `read_prompts` reads in one pass.
 const READ_BATCH: usize = super::PROMPTS_PER_READ;
 
+/// Rows per task of `CpuModel::norm_rows`, which splits from twice that many rows on.
+const NORM_ROWS_PER_TASK: usize = 4;
+
 /// The token embedding, kept quantized: rows are dequantized on lookup (the 270M table is 671 MB in f32).
 struct Embedding(QuantMatrix);
 
 impl Embedding {
-    fn lookup(&self, tokens: &[u32]) -> Result<Tensor> {
+    /// The tokens' rows, one after the other.
+    fn lookup(&self, tokens: &[u32]) -> Result<Vec<f32>> {
         let hidden = self.0.cols();
         let mut rows = vec![0f32; tokens.len() * hidden];
         for (row, &t) in rows.chunks_mut(hidden).zip(tokens) {
             self.0.dequantize_rows(t as usize, row)?;
         }
-        Tensor::from_vec(rows, (tokens.len(), hidden), &Device::Cpu).context("embedding rows")
+        Ok(rows)
     }
 }
 
@@ -151,7 +150,7 @@ pub struct CpuModel {
     config: ModelConfig,
     embedding: Embedding,
     layers: Vec<Layer>,
-    final_norm: Tensor,
+    final_norm: Vec<f32>,
     lm_head: Linear,
     /// RoPE frequency divisors (Llama 3's `rope_freqs.weight`), one per pair of dimensions.
     rope_factors: Option<Vec<f32>>,
@@ -186,6 +185,11 @@ impl<R: Read + Seek> Loader<'_, R> {
             });
         }
         Ok(t)
+    }
+
+    /// `vector` as plain values.
+    fn values(&mut self, name: &str, len: usize) -> Result<Vec<f32>> {
+        self.vector(name, len)?.to_vec1::<f32>().context(name)
     }
 
     fn opt_vector(&mut self, name: &str, len: usize) -> Result<Option<Tensor>> {
@@ -247,23 +251,23 @@ impl CpuModel {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
             let gemma = c.architecture.has_post_norms();
             layers.push(Layer {
-                attn_norm: ld.vector(&n("attn_norm"), c.hidden)?,
+                attn_norm: ld.values(&n("attn_norm"), c.hidden)?,
                 wq: ld.linear(&n("attn_q"), c.q_dim(), c.hidden)?,
                 wk: ld.linear(&n("attn_k"), c.kv_dim(), c.hidden)?,
                 wv: ld.linear(&n("attn_v"), c.kv_dim(), c.hidden)?,
                 wo: ld.linear(&n("attn_output"), c.hidden, c.q_dim())?,
                 q_norm: if c.qk_norm { Some(ld.vector(&n("attn_q_norm"), c.head_dim)?) } else { None },
                 k_norm: if c.qk_norm { Some(ld.vector(&n("attn_k_norm"), c.head_dim)?) } else { None },
-                post_attn_norm: if gemma { Some(ld.vector(&n("post_attention_norm"), c.hidden)?) } else { None },
-                ffn_norm: ld.vector(&n("ffn_norm"), c.hidden)?,
+                post_attn_norm: if gemma { Some(ld.values(&n("post_attention_norm"), c.hidden)?) } else { None },
+                ffn_norm: ld.values(&n("ffn_norm"), c.hidden)?,
                 gate: ld.linear(&n("ffn_gate"), c.ffn_hidden, c.hidden)?,
                 up: ld.linear(&n("ffn_up"), c.ffn_hidden, c.hidden)?,
                 down: ld.linear(&n("ffn_down"), c.hidden, c.ffn_hidden)?,
-                post_ffn_norm: if gemma { Some(ld.vector(&n("post_ffw_norm"), c.hidden)?) } else { None },
+                post_ffn_norm: if gemma { Some(ld.values(&n("post_ffw_norm"), c.hidden)?) } else { None },
             });
             progress(i + 2, total);
         }
-        let final_norm = ld.vector("output_norm.weight", c.hidden)?;
+        let final_norm = ld.values("output_norm.weight", c.hidden)?;
         let lm_head = if gguf.has_tensor("output.weight") {
             ld.linear("output.weight", c.vocab_size, c.hidden)?
         } else {
@@ -328,7 +332,7 @@ impl CpuModel {
 
     /// The attention block of `layer` over the rows of every call (`a`: the calls' rows, one after the other):
     /// the projections on all rows at once, attention per sequence against its own cache.
-    fn attention(&mut self, layer: usize, a: &Tensor, calls: &[BatchCall], row_form: RowForm) -> Result<Tensor> {
+    fn attention(&mut self, layer: usize, a: &[f32], calls: &[BatchCall], row_form: RowForm) -> Result<Vec<f32>> {
         let end = calls.iter().map(|c| self.sequences[c.sequence].position + c.tokens.len()).max().unwrap_or(0);
         let (base, head_dim) = (self.config.layers[layer].rope_base, self.config.head_dim);
         self.rope.cover(base, head_dim, self.rope_factors.as_deref(), end, self.max_context);
@@ -362,7 +366,8 @@ impl CpuModel {
         self.sequences = sequences;
         let mut outs = outs?;
         let out = if outs.len() == 1 { outs.pop().expect("one") } else { Tensor::cat(&outs, 0).context("rows")? };
-        self.layers[layer].wo.forward(&out, row_form)
+        let out = out.flatten_all().and_then(|o| o.to_vec1::<f32>()).context("attention output")?;
+        self.layers[layer].wo.values(&out, row_form)
     }
 
     /// `attention` for a decoding step of each call's sequence (one new row each), on plain rows of values: the
@@ -372,7 +377,7 @@ impl CpuModel {
     /// parallel), then every head of every sequence attends on the pass's threads (`attend_head`), each writing its
     /// own part of the output: one sequence's heads, on one thread, left the others idle for a tenth of a SmolLM2
     /// step.
-    fn attention_steps(&mut self, layer: usize, a: &Tensor, calls: &[BatchCall], row_form: RowForm) -> Result<Tensor> {
+    fn attention_steps(&mut self, layer: usize, a: &[f32], calls: &[BatchCall], row_form: RowForm) -> Result<Vec<f32>> {
         let (c, l) = (&self.config, &self.layers[layer]);
         let [q, k, v] = Linear::values_each([&l.wq, &l.wk, &l.wv], a, row_form)?;
         let (q_dim, kv_dim, hd) = (c.q_dim(), c.kv_dim(), c.head_dim);
@@ -429,7 +434,7 @@ impl CpuModel {
         team::for_each(parts.len(), attend);
         drop((parts, views));
         drop(guards);
-        self.layers[layer].wo.forward_values(&out, row_form)
+        self.layers[layer].wo.values(&out, row_form)
     }
 
     /// Attention of one sequence's `n` new rows (queries, keys, values: [n, heads * hd]) at `layer`, appending
@@ -633,7 +638,7 @@ impl CpuModel {
         value_sums::weighted_sums(out, hd, &weights, |j| values.row(kv_head, first + j));
     }
 
-    fn mlp(&self, layer: usize, m: &Tensor, row_form: RowForm) -> Result<Tensor> {
+    fn mlp(&self, layer: usize, m: &[f32], row_form: RowForm) -> Result<Vec<f32>> {
         let l = &self.layers[layer];
         // On plain rows of values: the copies in and out of tensors around the activation and the gating took a
         // fifth of the MLP's time in a batched step.
@@ -657,11 +662,25 @@ impl CpuModel {
         } else {
             gate(&mut gated, &up);
         }
-        l.down.forward_values(&gated, row_form)
+        l.down.values(&gated, row_form)
     }
 
-    fn norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        candle_nn::ops::rms_norm(x, w, self.config.rms_eps).context("rms norm")
+    /// RMSNorm of each row of `x` with weights `w`, candle's arithmetic (`rms_norm_in_place`). Rows are
+    /// normalized on the pass's threads: a batched step's norms on one thread took 3-4% of the step (candle's own
+    /// `rms_norm` splits rows among rayon's threads, but in a pass they are the team's, spinning).
+    fn norm_rows(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
+        let (hidden, eps) = (w.len(), self.config.rms_eps);
+        let mut out = x.to_vec();
+        if out.len() >= NORM_ROWS_PER_TASK * 2 * hidden {
+            let tasks: Vec<Mutex<Option<&mut [f32]>>> =
+                out.chunks_mut(NORM_ROWS_PER_TASK * hidden).map(|rows| Mutex::new(Some(rows))).collect();
+            team::for_each(tasks.len(), |i| {
+                take_task(&tasks[i]).chunks_exact_mut(hidden).for_each(|row| rms_norm_in_place(row, w, eps))
+            });
+        } else {
+            out.chunks_exact_mut(hidden).for_each(|row| rms_norm_in_place(row, w, eps));
+        }
+        out
     }
 
     /// The forward pass of sequence 0, synchronously (see `LanguageModel::forward`).
@@ -738,9 +757,12 @@ impl CpuModel {
         }
         let hidden = self.config.hidden;
         let all_tokens: Vec<u32> = calls.iter().flat_map(|c| c.tokens.iter().copied()).collect();
+        // The residual stream as plain rows of values, one call's rows after the other: the tensor operations
+        // around each norm, add and product (allocations and copies, on one thread) took a tenth of a batched step.
         let mut h = self.embedding.lookup(&all_tokens)?;
         if let Some(s) = self.config.embedding_scale {
-            h = (h * s as f64).context("embedding scale")?;
+            // candle's `h * s`: an affine map, `x * s + 0`.
+            h.iter_mut().for_each(|x| *x = *x * s + 0.0);
         }
         let mut captures: Vec<Vec<Capture>> = vec![Vec::new(); calls.len()];
         // Reads only: the layers up to the last one a hook touches.
@@ -750,35 +772,34 @@ impl CpuModel {
                 (0..self.config.n_layers).rev().find(|&i| calls.iter().any(|c| c.hooks.touches(i))).map_or(0, |i| i + 1)
             }
         };
+        let add = |h: &mut [f32], o: &[f32]| h.iter_mut().zip(o).for_each(|(h, o)| *h += o);
         for i in 0..layers {
-            let a = self.norm(&h, &self.layers[i].attn_norm)?;
+            let a = self.norm_rows(&h, &self.layers[i].attn_norm);
             let mut o = self.attention(i, &a, calls, row_form)?;
             if let Some(w) = &self.layers[i].post_attn_norm {
-                o = self.norm(&o, w)?;
+                o = self.norm_rows(&o, w);
             }
-            h = (h + o).context("residual")?;
-            let m = self.norm(&h, &self.layers[i].ffn_norm)?;
+            add(&mut h, &o);
+            let m = self.norm_rows(&h, &self.layers[i].ffn_norm);
             let mut m = self.mlp(i, &m, row_form)?;
             if let Some(w) = &self.layers[i].post_ffn_norm {
-                m = self.norm(&m, w)?;
+                m = self.norm_rows(&m, w);
             }
-            h = (h + m).context("residual")?;
+            add(&mut h, &m);
 
             if calls.iter().any(|c| c.hooks.touches(i)) {
-                let mut parts = Vec::with_capacity(calls.len());
                 let mut row = 0;
                 for (c, call) in calls.iter().enumerate() {
                     let n = call.tokens.len();
-                    let part = h.narrow(0, row, n).context("a sequence's rows")?;
-                    let start = self.sequences[call.sequence].position;
-                    parts.push(apply_hooks(part, call, i, start, hidden, &mut captures[c])?);
+                    let rows = &mut h[row * hidden..(row + n) * hidden];
+                    if call.hooks.touches(i) {
+                        let part = Tensor::from_slice(rows, (n, hidden), &Device::Cpu).context("a sequence's rows")?;
+                        let start = self.sequences[call.sequence].position;
+                        let part = apply_hooks(part, call, i, start, hidden, &mut captures[c])?;
+                        rows.copy_from_slice(&part.flatten_all().and_then(|p| p.to_vec1::<f32>()).context("hooks")?);
+                    }
                     row += n;
                 }
-                h = if parts.len() == 1 {
-                    parts.pop().expect("one")
-                } else {
-                    Tensor::cat(&parts, 0).context("rows")?
-                };
             }
         }
         for call in calls {
@@ -793,20 +814,16 @@ impl CpuModel {
         let rows = match logits {
             LogitsWanted::All => h,
             LogitsWanted::Last => {
-                let mut last = Vec::with_capacity(calls.len());
+                let mut last = Vec::with_capacity(calls.len() * hidden);
                 let mut end = 0;
                 for call in calls {
                     end += call.tokens.len();
-                    last.push(h.narrow(0, end - 1, 1).context("last row")?);
+                    last.extend_from_slice(&h[(end - 1) * hidden..end * hidden]);
                 }
-                if last.len() == 1 {
-                    last.pop().expect("one")
-                } else {
-                    Tensor::cat(&last, 0).context("last rows")?
-                }
+                last
             }
         };
-        let normed = self.norm(&rows, &self.final_norm)?;
+        let normed = self.norm_rows(&rows, &self.final_norm);
         // The logits as the product's own rows of values: Gemma's 262,144 logits per sequence were copied twice
         // more on their way out, 34 MB per batched step of 16.
         let [mut flat] = Linear::values_each([&self.lm_head], &normed, row_form)?;
@@ -897,8 +914,7 @@ impl LanguageModel for CpuModel {
     }
 
     fn readout(&self) -> Option<Readout> {
-        let final_norm = self.final_norm.to_vec1::<f32>().ok()?;
-        Some(Readout { unembedding: self.lm_head.0.clone(), final_norm })
+        Some(Readout { unembedding: self.lm_head.0.clone(), final_norm: self.final_norm.clone() })
     }
 
     fn reset_sequence(&mut self, sequence: usize) {
