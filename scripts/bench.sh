@@ -5,7 +5,7 @@
 #      tokens decoded one at a time after it; llama-bench pp128 / tg64 with the same thread count; the CPU engines
 #      in three alternated rounds of 3 runs each, the median of the rounds (wgpu: median of 5 runs);
 #   2. batched decoding on the CPU: 16 sequences at once against one alone, timed by the same saif bench call
-#      (exact and --int8; 32-token prompts, 64 tokens decoded, median of 3 runs);
+#      (exact, --int8, and --int8 with --f16-cache; 32-token prompts, 64 tokens decoded, median of 3 runs);
 #   3. the app's benchmark page in headless Chromium, on WebGPU (SwiftShader without a GPU) and on the CPU
 #      (WebAssembly): a 32-token prompt, 16 decoded tokens, median of 3 runs;
 #   4. time to first token in the page for a model already in the browser's cache (tests/e2e/ttft.mjs): from the
@@ -127,15 +127,16 @@ cat "$out/rounds.md"
 printf '\n## Batched decoding on the CPU (16 sequences, 32-token prompts, 64 tokens decoded, median of 3)\n\n'
 printf '| model | products | one sequence (tokens/s) | 16 sequences (tokens/s, all together) | ratio |\n|---|---|---|---|---|\n'
 for model in SmolLM2-135M-Instruct.Q4_1.gguf gemma-3-270m-q4_k_m.gguf; do
-  for mode in exact int8; do
-    flag=(); [ "$mode" = int8 ] && flag=(--int8)
+  for mode in exact int8 int8-f16; do
+    flag=(); [ "$mode" = int8 ] && flag=(--int8); [ "$mode" = int8-f16 ] && flag=(--int8 --f16-cache)
     target/release/saif bench "${flag[@]}" --batch 16 --model "$SAIF_MODELS/$model" --prompt-tokens 32 \
       --decode-tokens 64 --runs 3 --no-hooks --json >"$out/saif-cpu-batch16-$mode-$model.json" 2>/dev/null
     python3 - "$out/saif-cpu-batch16-$mode-$model.json" "$model" "$mode" <<'EOF'
 import json, sys
 r, model, mode = json.load(open(sys.argv[1])), sys.argv[2], sys.argv[3]
 one, batched = r["decode_tokens_per_s"], r["batched_decode_tokens_per_s"]
-name = "exact" if mode == "exact" else "--int8 (8-bit activations)"
+name = {"exact": "exact", "int8": "--int8 (8-bit activations)",
+        "int8-f16": "--int8 --f16-cache (and an f16 KV cache, as llama.cpp's)"}[mode]
 print(f"| {model} | {name} | {one:.1f} | {batched:.1f} | {batched / one:.2f}x |")
 EOF
   done
