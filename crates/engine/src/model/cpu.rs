@@ -758,7 +758,8 @@ impl CpuModel {
         let hidden = self.config.hidden;
         let all_tokens: Vec<u32> = calls.iter().flat_map(|c| c.tokens.iter().copied()).collect();
         // The residual stream as plain rows of values, one call's rows after the other: the tensor operations
-        // around each norm, add and product (allocations and copies, on one thread) took a tenth of a batched step.
+        // around each norm, add and product (allocations and copies) ran on one thread while the others spun,
+        // 6.3% of a SmolLM2 --int8 batched step's samples against 4.4% without them.
         let mut h = self.embedding.lookup(&all_tokens)?;
         if let Some(s) = self.config.embedding_scale {
             // candle's `h * s`: an affine map, `x * s + 0`.

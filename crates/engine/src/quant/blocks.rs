@@ -18,7 +18,7 @@ pub(crate) fn half(bytes: &[u8], at: usize) -> f32 {
 /// Decodes whole blocks of `dtype` from `bytes` into `out` (`out.len()` values).
 pub fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) {
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
-    if super::avx2::dequantize(dtype, bytes, out) {
+    if super::avx512_blocks::dequantize(dtype, bytes, out) || super::avx2::dequantize(dtype, bytes, out) {
         return;
     }
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
@@ -384,6 +384,18 @@ mod tests {
             portable_dequantize(dtype, &bytes, &mut portable);
             for (i, (a, b)) in ours.iter().zip(&portable).enumerate() {
                 assert_eq!(a.to_bits(), b.to_bits(), "{dtype:?} value {i}: {a} vs the portable {b}");
+            }
+            // Each SIMD decoder this CPU runs, whichever one `dequantize` picks.
+            #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+            for (form, decoder) in [
+                ("avx2", super::super::avx2::dequantize as fn(GgmlDType, &[u8], &mut [f32]) -> bool),
+                ("avx512", super::super::avx512_blocks::dequantize),
+            ] {
+                let mut simd = vec![f32::NAN; n];
+                if decoder(dtype, &bytes, &mut simd) {
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&simd), bits(&portable), "{dtype:?}: the {form} decoder and the portable one");
+                }
             }
             let theirs = qtensor_from_ggml(dtype, &bytes, vec![n], &Device::Cpu)
                 .unwrap()

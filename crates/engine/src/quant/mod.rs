@@ -288,6 +288,9 @@ impl QuantMatrix {
                 let mut r = 0;
                 while r < count {
                     let group = if r + 4 <= count { 4 } else { 1 };
+                    // The group after next asked for from memory: decoding a group waited on its bytes (a fifth of
+                    // an exact batched step on SmolLM2, as long with AVX-512 as with AVX2).
+                    prefetch(rows.get((r + 8) * row_bytes..(r + 12) * row_bytes));
                     dequantize(dtype, &rows[r * row_bytes..(r + group) * row_bytes], &mut w[..group * k]);
                     if group == 4 {
                         let ws = [0, 1, 2, 3].map(|j| &w[j * k..(j + 1) * k]);
