@@ -1040,69 +1040,41 @@ mod tests {
 
     /// `dots_each` gives every (row, key) pair `dot`'s value bit for bit: 1 to 6 rows (sixteen pairs at a time in
     /// each shape where the CPU has AVX-512, and the rows of a fifth or sixth set), keys from an offset with a
-    /// remainder; rows of 64 and 256 values, and of 72 (the four-key form).
+    /// remainder; rows of 64 and 256 values, and of 72 (the four-key form). With f16 keys (an f16 cache), each
+    /// value is `dot`'s of the key widened to f32.
     #[test]
     fn dots_each_is_dot_for_every_pair() {
         for k in [64, 72, 256] {
             let keys: Vec<Vec<f32>> = (0..41)
                 .map(|j| (0..k).map(|d| ((j * 7919 + d * 104729) % 1999) as f32 / 999.5 - 1.0).collect())
                 .collect();
+            let halves: Vec<Vec<half::f16>> =
+                keys.iter().map(|row| row.iter().map(|&v| half::f16::from_f32(v * 10.0)).collect()).collect();
+            let widened: Vec<Vec<f32>> = halves.iter().map(|row| row.iter().map(|h| h.to_f32()).collect()).collect();
             for m in 1..=6 {
                 let x: Vec<f32> = (0..m * k).map(|i| ((i * 31 % 113) as f32 - 56.0) * 0.0137).collect();
-                let mut seen = vec![vec![false; keys.len()]; m];
-                dots_each(
-                    &x,
-                    k,
-                    3..keys.len(),
-                    |j| &keys[j],
-                    |i, j, v| {
-                        assert_eq!(
-                            v.to_bits(),
-                            dot(&x[i * k..(i + 1) * k], &keys[j]).to_bits(),
-                            "k {k}, {m} rows: {i}, {j}"
-                        );
-                        seen[i][j] = true;
-                    },
-                );
-                assert!(
-                    seen.iter().all(|row| row[3..].iter().all(|&s| s) && !row[0]),
-                    "k {k}, {m} rows: each pair once"
-                );
+                check_dots_each(&x, k, &keys, &keys, &format!("k {k}, {m} rows"));
+                check_dots_each(&x, k, &halves, &widened, &format!("k {k}, {m} rows, f16 keys"));
             }
         }
     }
 
-    /// With f16 keys (an f16 cache), every pair's value is `dot`'s of the key widened to f32, bit for bit, in each
-    /// of `dots_each`'s shapes.
-    #[test]
-    fn dots_each_of_f16_keys_is_dot_of_the_widened_keys() {
-        for k in [64, 72] {
-            let halves: Vec<Vec<half::f16>> = (0..37)
-                .map(|j| {
-                    (0..k).map(|d| half::f16::from_f32(((j * 7919 + d * 104729) % 1999) as f32 / 99.5 - 10.0)).collect()
-                })
-                .collect();
-            let widened: Vec<Vec<f32>> = halves.iter().map(|row| row.iter().map(|h| h.to_f32()).collect()).collect();
-            for m in 1..=5 {
-                let x: Vec<f32> = (0..m * k).map(|i| ((i * 31 % 113) as f32 - 56.0) * 0.0137).collect();
-                let mut count = 0;
-                dots_each(
-                    &x,
-                    k,
-                    1..halves.len(),
-                    |j| &halves[j],
-                    |i, j, v| {
-                        assert_eq!(
-                            v.to_bits(),
-                            dot(&x[i * k..(i + 1) * k], &widened[j]).to_bits(),
-                            "k {k}, {m} rows: {i}, {j}"
-                        );
-                        count += 1;
-                    },
-                );
-                assert_eq!(count, m * (halves.len() - 1), "k {k}, {m} rows: each pair once");
-            }
-        }
+    /// `dots_each(x, k, 3..keys.len(), ..)` against `dot` with `reference` (the keys as f32): each pair's value bit
+    /// for bit, each pair once, none before the range.
+    fn check_dots_each<V: CacheValue>(x: &[f32], k: usize, keys: &[Vec<V>], reference: &[Vec<f32>], what: &str) {
+        let m = x.len() / k;
+        let mut seen = vec![vec![0; keys.len()]; m];
+        dots_each(
+            x,
+            k,
+            3..keys.len(),
+            |j| &keys[j],
+            |i, j, v| {
+                assert_eq!(v.to_bits(), dot(&x[i * k..(i + 1) * k], &reference[j]).to_bits(), "{what}: {i}, {j}");
+                seen[i][j] += 1;
+            },
+        );
+        assert!(seen.iter().all(|row| row[3..].iter().all(|&s| s == 1) && row[..3].iter().all(|&s| s == 0)), "{what}");
     }
 
     #[test]
