@@ -421,8 +421,8 @@ struct ModelArgs {
     /// (faster, not exact; docs/benchmarks.md measures the departure from the exact products).
     #[arg(long)]
     int8: bool,
-    /// CPU: keep the KV cache in f16, as llama.cpp does (half the bytes for attention to read; not exact,
-    /// docs/benchmarks.md measures the departure).
+    /// Keep the KV cache in f16, as llama.cpp does (half the bytes for attention to read; not exact,
+    /// docs/benchmarks.md measures the departure). On wgpu, with `shader-f16` where the adapter has it.
     #[arg(long)]
     f16_cache: bool,
     /// Print one JSON object instead of text.
@@ -492,13 +492,10 @@ impl ModelArgs {
         if self.int8 && gpu.is_some() {
             bail!("--int8 is a CPU mode; the GPU path computes exact products");
         }
-        if self.f16_cache && gpu.is_some() {
-            bail!("--f16-cache is a CPU mode; the GPU path keeps its cache in f32");
-        }
         let options = LoadOptions { int8_activations: self.int8, f16_cache: self.f16_cache, ..Default::default() };
         let loaded = match &gpu {
             None => Engine::load_cpu(reader, &options),
-            Some(gpu) => block_on(Engine::load_wgpu(reader, &LoadOptions::default(), Some(gpu.clone()))),
+            Some(gpu) => block_on(Engine::load_wgpu(reader, &options, Some(gpu.clone()))),
         };
         Ok((loaded.with_context(|| format!("cannot load {}", path.display()))?, gpu))
     }

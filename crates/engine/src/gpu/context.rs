@@ -3,7 +3,8 @@
 //! Limits: WebGPU's defaults cap a storage binding at 128 MiB, below the 178 MB embedding table of Gemma 3 270M;
 //! the device is asked for whatever the adapter offers, and larger matrices are split (`weights`). No optional
 //! feature is required (`shader-f16` is absent on SwiftShader and on Linux Chrome with NVIDIA): f16 values are
-//! unpacked from u32 words in the shaders.
+//! unpacked from u32 words in the shaders. `shader-f16` and subgroups are asked for where the adapter offers them,
+//! and used by the f16 KV cache and the matrix products' lane sums.
 
 use std::sync::{Arc, Mutex};
 
@@ -24,6 +25,9 @@ pub struct Gpu {
     /// The smallest subgroup the device runs, where it has subgroups (the device is asked for them whenever the
     /// adapter offers them).
     pub subgroup_size: Option<u32>,
+    /// Whether shaders may declare f16 values (`shader-f16`, asked for whenever the adapter offers it); the f16 KV
+    /// cache stores them as such, or packs two to a u32 word without it (`kernels::CacheForm`).
+    pub shader_f16: bool,
     /// Set by the device-lost callback and by uncaptured validation or out-of-memory errors.
     failure: Arc<Mutex<Option<String>>>,
     /// Bytes of every buffer created through this struct (buffers are only freed with their owner).
@@ -57,7 +61,7 @@ impl Gpu {
             }
         }
         let limits = adapter.limits();
-        let features = adapter.features() & wgpu::Features::SUBGROUP;
+        let features = adapter.features() & (wgpu::Features::SUBGROUP | wgpu::Features::SHADER_F16);
         // A backend that does not say how small its subgroups get is taken at WebGPU's smallest, 4.
         let subgroup_size = features
             .contains(wgpu::Features::SUBGROUP)
@@ -94,6 +98,7 @@ impl Gpu {
             limits,
             matmul_form: MatmulForm::Cooperative,
             subgroup_size,
+            shader_f16: features.contains(wgpu::Features::SHADER_F16),
             failure,
             allocated: std::cell::Cell::new(0),
         };
@@ -105,6 +110,13 @@ impl Gpu {
             (false, None) => MatmulForm::Cooperative,
         };
         let gpu = gpu.with_matmul_form(form);
+        // Natively, SAIF_GPU_SHADER_F16=0 keeps the shaders off f16 values (to compare the f16 cache's two forms on
+        // one GPU).
+        #[cfg(not(target_arch = "wasm32"))]
+        let gpu = match std::env::var("SAIF_GPU_SHADER_F16") {
+            Ok(v) if v == "0" => gpu.without_shader_f16(),
+            _ => gpu,
+        };
         // Natively, SAIF_GPU_MATMUL=per-row|cooperative|subgroup overrides the adapter's form (to compare them on
         // one GPU).
         #[cfg(not(target_arch = "wasm32"))]
@@ -125,6 +137,13 @@ impl Gpu {
             MatmulForm::Subgroup if self.subgroup_size.is_none() => MatmulForm::Cooperative,
             other => other,
         };
+        self
+    }
+
+    /// The same device with its shaders kept off f16 values (tests run both forms of the f16 cache on an adapter
+    /// that has them). The device keeps the feature; only what is built from here on leaves it unused.
+    pub fn without_shader_f16(mut self) -> Self {
+        self.shader_f16 = false;
         self
     }
 

@@ -25,6 +25,9 @@ const MATMUL_LANES_SUBGROUP: &str = include_str!("kernels/matmul_lanes_subgroup.
 const EMBED: &str = include_str!("kernels/embed.wgsl");
 const RMSNORM: &str = include_str!("kernels/rmsnorm.wgsl");
 const ATTENTION: &str = include_str!("kernels/attention.wgsl");
+const KV_CACHE_F32: &str = include_str!("kernels/kv_cache_f32.wgsl");
+const KV_CACHE_F16: &str = include_str!("kernels/kv_cache_f16.wgsl");
+const KV_CACHE_F16_PACKED: &str = include_str!("kernels/kv_cache_f16_packed.wgsl");
 const ELEMENTWISE: &str = include_str!("kernels/elementwise.wgsl");
 const SELECT: &str = include_str!("kernels/select.wgsl");
 const PROJECT: &str = include_str!("kernels/project.wgsl");
@@ -120,9 +123,12 @@ fn build_with_layout(
     slots: &[(u32, Slot)],
     constants: &[(&str, f64)],
 ) -> Kernel {
+    // WGSL wants its `enable` directives before any declaration, so they go above common.wgsl.
+    let (enables, body): (Vec<&str>, Vec<&str>) = source.lines().partition(|l| l.starts_with("enable "));
+    let (enables, body) = (enables.join("\n"), body.join("\n"));
     let module = gpu.device.create_shader_module(wgpu::ShaderModuleDescriptor {
         label: Some(name),
-        source: wgpu::ShaderSource::Wgsl(format!("{COMMON}\n{source}").into()),
+        source: wgpu::ShaderSource::Wgsl(format!("{enables}\n{COMMON}\n{body}").into()),
     });
     let pipeline_layout = gpu.device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
         label: Some(name),
@@ -297,6 +303,8 @@ pub struct Kernels {
     /// How the products share a row among threads on this device, and how many threads do.
     form: MatmulForm,
     lanes: u32,
+    /// How the attention kernels hold the KV cache.
+    pub cache: CacheForm,
     embed: HashMap<GgmlDType, Kernel>,
     pub norm: Kernel,
     pub norm_add: Kernel,
@@ -315,8 +323,16 @@ pub struct Kernels {
 }
 
 impl Kernels {
-    /// Builds the pipelines; `types` are the weight types the embedding lookup may read.
+    /// Builds the pipelines for an f32 KV cache; `types` are the weight types the embedding lookup may read.
     pub fn new(gpu: &Gpu, types: &[GgmlDType]) -> Result<Self> {
+        Self::with_cache(gpu, types, CacheForm::F32)
+    }
+
+    /// Builds the pipelines, with attention over a KV cache of form `cache`.
+    pub fn with_cache(gpu: &Gpu, types: &[GgmlDType], cache: CacheForm) -> Result<Self> {
+        if cache == CacheForm::F16 && !gpu.shader_f16 {
+            return Err(EngineError::Gpu(format!("{} cannot hold f16 values in shaders", gpu.describe())));
+        }
         let mut embed = HashMap::new();
         for &t in types {
             if embed.contains_key(&t) {
@@ -335,13 +351,14 @@ impl Kernels {
         let attention_slots = [(1, W), (2, W), (3, W), (9, W), (10, U), (8, U)];
         let step_slots = [(0, R), (2, W), (3, W), (9, W), (4, R), (5, R), (6, R), (7, U), (10, U), (8, U)];
         let ew = [(0, R), (1, W), (2, U), (3, U)];
+        let attention = format!("{}\n{ATTENTION}", cache.source());
         let kernels = Self {
             norm: build(gpu, "norm", RMSNORM, "norm", &norm_slots, &[]),
             norm_add: build(gpu, "norm_add", RMSNORM, "norm_add", &norm_slots, &[]),
             norm_add_norm: build(gpu, "norm_add_norm", RMSNORM, "norm_add_norm", &norm_twice_slots, &[]),
-            prepare_heads: build(gpu, "prepare_heads", ATTENTION, "prepare_heads", &heads_slots, &[]),
-            attention: build(gpu, "attention", ATTENTION, "attend", &attention_slots, &[]),
-            attend_step: build(gpu, "attend_step", ATTENTION, "attend_step", &step_slots, &[]),
+            prepare_heads: build(gpu, "prepare_heads", &attention, "prepare_heads", &heads_slots, &[]),
+            attention: build(gpu, "attention", &attention, "attend", &attention_slots, &[]),
+            attend_step: build(gpu, "attend_step", &attention, "attend_step", &step_slots, &[]),
             glu_gelu: build(gpu, "glu_gelu", ELEMENTWISE, "glu_gelu", &ew, &[]),
             glu_silu: build(gpu, "glu_silu", ELEMENTWISE, "glu_silu", &ew, &[]),
             add: build(gpu, "add", ELEMENTWISE, "add", &ew, &[]),
@@ -353,6 +370,7 @@ impl Kernels {
             normalized_matmul: RefCell::new(HashMap::new()),
             form: gpu.matmul_form,
             lanes: matmul_lanes(gpu),
+            cache,
             embed,
         };
         gpu.check()?;
@@ -479,6 +497,45 @@ impl MatmulForm {
             _ => Err(EngineError::InvalidRequest(format!(
                 "unknown matrix-product form {name:?}: use per-row, cooperative or subgroup"
             ))),
+        }
+    }
+}
+
+/// How the KV cache holds its keys and values on the device: the file of kernels/kv_cache_*.wgsl that attention.wgsl
+/// is built with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheForm {
+    /// f32, the default, whose numbers the golden tests hold.
+    F32,
+    /// f16 (`LoadOptions::f16_cache`) on a device with `shader-f16`: half the memory and half the bytes attention
+    /// reads, each value rounded once on its way in.
+    F16,
+    /// f16 packed two to a u32 word, for devices without `shader-f16`: the same bytes and values as `F16`.
+    PackedF16,
+}
+
+impl CacheForm {
+    /// The form a model loaded with (`f16`) or without an f16 cache gets on `gpu`.
+    pub fn on(gpu: &Gpu, f16: bool) -> Self {
+        match (f16, gpu.shader_f16) {
+            (false, _) => Self::F32,
+            (true, true) => Self::F16,
+            (true, false) => Self::PackedF16,
+        }
+    }
+
+    pub fn bytes_per_value(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::PackedF16 => 2,
+        }
+    }
+
+    fn source(self) -> &'static str {
+        match self {
+            Self::F32 => KV_CACHE_F32,
+            Self::F16 => KV_CACHE_F16,
+            Self::PackedF16 => KV_CACHE_F16_PACKED,
         }
     }
 }

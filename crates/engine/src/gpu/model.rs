@@ -111,7 +111,7 @@ impl GpuModel {
         let mut ld = Uploader { gpu: &gpu, gguf, reader };
         let embedding_type: Vec<_> =
             gguf.tensors().iter().filter(|t| t.name == "token_embd.weight").map(|t| t.dtype).collect();
-        let kernels = Kernels::new(&gpu, &embedding_type)?;
+        let kernels = Kernels::with_cache(&gpu, &embedding_type, CacheForm::on(&gpu, options.f16_cache))?;
         let (embedding, embedding_cpu) = ld.matrix_kept("token_embd.weight", c.vocab_size, c.hidden)?;
         let embedding = Rc::new(embedding);
         progress(1, total_parts);
@@ -141,7 +141,7 @@ impl GpuModel {
         let mut folds_embedding = false;
         for i in 0..c.n_layers {
             let weights = ld.layer(i, c)?;
-            let cache = LayerCache::new(&gpu, c, max_context);
+            let cache = LayerCache::new(&gpu, c, max_context, kernels.cache);
             let (_, cos, sin) = rope_tables.iter().find(|r| r.0 == c.layers[i].rope_base).expect("a table per base");
             let pending = pending_post_norm(&plan, layers.last());
             if i == 0 {
@@ -601,7 +601,11 @@ impl LanguageModel for GpuModel {
     }
 
     fn backend_name(&self) -> String {
-        format!("wgpu: {}", self.gpu.describe())
+        match self.kernels.cache {
+            CacheForm::F32 => format!("wgpu: {}", self.gpu.describe()),
+            CacheForm::F16 => format!("wgpu: {}, f16 cache", self.gpu.describe()),
+            CacheForm::PackedF16 => format!("wgpu: {}, f16 cache packed in u32 words", self.gpu.describe()),
+        }
     }
 
     #[cfg(not(target_arch = "wasm32"))]

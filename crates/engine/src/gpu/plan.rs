@@ -246,11 +246,9 @@ pub(super) struct LayerCache {
 }
 
 impl LayerCache {
-    pub fn new(gpu: &Gpu, c: &ModelConfig, context: usize) -> Self {
-        Self {
-            k: gpu.storage("k cache", (context * c.kv_dim() * 4) as u64),
-            v: gpu.storage("v cache", (context * c.kv_dim() * 4) as u64),
-        }
+    pub fn new(gpu: &Gpu, c: &ModelConfig, context: usize, form: CacheForm) -> Self {
+        let bytes = (context * c.kv_dim() * form.bytes_per_value()) as u64;
+        Self { k: gpu.storage("k cache", bytes), v: gpu.storage("v cache", bytes) }
     }
 }
 

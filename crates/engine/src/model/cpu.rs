@@ -52,7 +52,7 @@ pub struct LoadOptions {
     /// Keep the keys and values in f16, as llama.cpp does by default: half the bytes for attention to read (a
     /// batched step's attention reads more bytes than its products once sequences hold a hundred tokens), each key
     /// and value rounded once; the arithmetic stays f32. Not exact (docs/benchmarks.md measures the departure). Off
-    /// by default; the CPU path only.
+    /// by default. On the GPU, stored as f16 with `shader-f16`, else packed two to a word (`gpu::kernels::CacheForm`).
     pub f16_cache: bool,
 }
 

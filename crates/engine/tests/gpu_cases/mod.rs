@@ -65,6 +65,59 @@ async fn read(gpu: &Gpu, buffer: &wgpu::Buffer, count: usize) -> Vec<f32> {
     gpu.read_f32(&staging, count).await.unwrap()
 }
 
+/// The forms of the KV cache `gpu` can hold: f32, f16 packed two to a word, and f16 where it has `shader-f16`.
+fn cache_forms(gpu: &Gpu) -> Vec<CacheForm> {
+    let mut forms = vec![CacheForm::F32, CacheForm::PackedF16];
+    if gpu.shader_f16 {
+        forms.push(CacheForm::F16);
+    }
+    forms
+}
+
+/// `x` as a cache of `form` keeps it: rounded to the nearest f16 (ties to even) for the f16 forms.
+fn as_cached(x: f32, form: CacheForm) -> f32 {
+    match form {
+        CacheForm::F32 => x,
+        CacheForm::F16 | CacheForm::PackedF16 => half::f16::from_f32(x).to_f32(),
+    }
+}
+
+/// A cache buffer of `form` holding `values` (both f16 forms hold f16's bytes).
+fn cache_buffer(gpu: &Gpu, values: &[f32], form: CacheForm) -> wgpu::Buffer {
+    match form {
+        CacheForm::F32 => floats(gpu, values),
+        CacheForm::F16 | CacheForm::PackedF16 => {
+            let halves: Vec<half::f16> = values.iter().map(|&x| half::f16::from_f32(x)).collect();
+            gpu.storage_with("test cache", bytemuck::cast_slice(&halves))
+        }
+    }
+}
+
+/// The first `count` values of a cache buffer of `form`, widened to f32.
+async fn read_cache(gpu: &Gpu, buffer: &wgpu::Buffer, count: usize, form: CacheForm) -> Vec<f32> {
+    if form == CacheForm::F32 {
+        return read(gpu, buffer, count).await;
+    }
+    let bytes = (count * 2) as u64;
+    let staging = gpu.readback("test read", bytes);
+    let mut encoder = gpu.device.create_command_encoder(&Default::default());
+    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, bytes);
+    gpu.queue.submit([encoder.finish()]);
+    let raw = gpu.read(&staging, bytes).await.unwrap();
+    raw.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect()
+}
+
+/// `assert_close` for values a cache of `form` holds: each GPU value is what the cache makes of a value within the
+/// tolerance of the CPU's (for f16, one of the f16 values that bracket that interval, as rounding either end gives).
+fn assert_close_as_cached(got: &[f32], want: &[f32], tolerance: f32, form: CacheForm, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let e = tolerance * (1.0 + w.abs());
+        let (low, high) = (as_cached(w - e, form), as_cached(w + e, form));
+        assert!(low <= g && g <= high, "{what}: value {i}: GPU {g} vs CPU {w} ({form:?} cache)");
+    }
+}
+
 fn quantized(rows: usize, cols: usize, dtype: GgmlDType, seed: u64) -> QTensor {
     let w = Tensor::from_vec(noise(rows * cols, seed), (rows, cols), &Device::Cpu).unwrap();
     QTensor::quantize(&w, dtype).unwrap()
@@ -770,8 +823,15 @@ fn rope_cpu(
 
 /// prepare_heads against the CPU steps it replaces: per-head norms (Gemma 3), RoPE in both layouts, q into its
 /// buffer, k and v into the caches at the call's positions.
+/// prepare_heads against the CPU's norms and RoPE, with the cache in each form the device can hold.
 pub async fn head_preparation_matches_cpu(gpu: &Gpu) {
-    let kernels = Kernels::new(gpu, &[]).unwrap();
+    for form in cache_forms(gpu) {
+        head_preparation_matches_cpu_with(gpu, form).await;
+    }
+}
+
+async fn head_preparation_matches_cpu_with(gpu: &Gpu, form: CacheForm) {
+    let kernels = Kernels::with_cache(gpu, &[], form).unwrap();
     // 160 dimensions: 80 pairs, so some of the 64 threads take two; two q heads per kv head.
     let (heads, kv_heads, hd, tokens, start) = (4usize, 2usize, 160usize, 3usize, 5usize);
     let (positions, half, eps) = (start + tokens, hd / 2, 1e-6f32);
@@ -812,8 +872,8 @@ pub async fn head_preparation_matches_cpu(gpu: &Gpu) {
                 pad: [0; 2],
             };
             let q_out = gpu.storage("q", (tokens * heads * hd * 4) as u64);
-            let k_cache = gpu.storage("k cache", (positions * kv_heads * hd * 4) as u64);
-            let v_cache = gpu.storage("v cache", (positions * kv_heads * hd * 4) as u64);
+            let cache_bytes = (positions * kv_heads * hd * form.bytes_per_value()) as u64;
+            let (k_cache, v_cache) = (gpu.storage("k cache", cache_bytes), gpu.storage("v cache", cache_bytes));
             dispatch(
                 gpu,
                 &kernels.prepare_heads,
@@ -830,13 +890,14 @@ pub async fn head_preparation_matches_cpu(gpu: &Gpu) {
                 ],
                 [(tokens * (heads + 2 * kv_heads)) as u32, 1, 1],
             );
-            let what = format!("qk norm {qk_norm}, interleaved {interleaved}");
+            let what = format!("qk norm {qk_norm}, interleaved {interleaved}, {form:?} cache");
             assert_close(&read(gpu, &q_out, want_q.len()).await, &want_q, 1e-5, &format!("q, {what}"));
             let before = start * kv_heads * hd;
-            let got_k = read(gpu, &k_cache, positions * kv_heads * hd).await;
-            assert_close(&got_k[before..], &want_k, 1e-5, &format!("k in the cache, {what}"));
-            let got_v = read(gpu, &v_cache, positions * kv_heads * hd).await;
-            assert_eq!(&got_v[before..], &v[..], "v in the cache, {what}");
+            let got_k = read_cache(gpu, &k_cache, positions * kv_heads * hd, form).await;
+            assert_close_as_cached(&got_k[before..], &want_k, 1e-5, form, &format!("k in the cache, {what}"));
+            let got_v = read_cache(gpu, &v_cache, positions * kv_heads * hd, form).await;
+            let want_v: Vec<f32> = v.iter().map(|&x| as_cached(x, form)).collect();
+            assert_eq!(&got_v[before..], &want_v[..], "v in the cache, {what}");
             assert!(got_k[..before].iter().chain(&got_v[..before]).all(|&x| x == 0.0), "wrote before the call, {what}");
         }
     }
@@ -889,15 +950,23 @@ fn attention_cpu(
     out
 }
 
+/// attend against attention computed plainly, over a cache in each form the device can hold (the CPU reads the
+/// values the cache holds).
 pub async fn attention_matches_cpu(gpu: &Gpu) {
-    let kernels = Kernels::new(gpu, &[]).unwrap();
+    for form in cache_forms(gpu) {
+        attention_matches_cpu_with(gpu, form).await;
+    }
+}
+
+async fn attention_matches_cpu_with(gpu: &Gpu, form: CacheForm) {
+    let kernels = Kernels::with_cache(gpu, &[], form).unwrap();
     // 72 dimensions (not a multiple of 64), 2 query heads per key head, positions past 64 keys (two chunks of the
     // online softmax), with and without a window, with and without a softcap.
     let (heads, kv_heads, hd, start, tokens) = (4usize, 2usize, 72usize, 70usize, 3usize);
     let positions = start + tokens;
     let q = noise(tokens * heads * hd, 21);
-    let k: Vec<f32> = noise(positions * kv_heads * hd, 22).iter().map(|x| x * 3.0).collect();
-    let v = noise(positions * kv_heads * hd, 23);
+    let k: Vec<f32> = noise(positions * kv_heads * hd, 22).iter().map(|x| as_cached(x * 3.0, form)).collect();
+    let v: Vec<f32> = noise(positions * kv_heads * hd, 23).iter().map(|&x| as_cached(x, form)).collect();
     let scale = 1.0 / (hd as f32).sqrt();
     for (window, softcap) in [(0usize, 0f32), (50, 0.0), (0, 2.0), (5, 1.5)] {
         let want = attention_cpu(&q, &k, &v, heads, kv_heads, hd, start, tokens, window, scale, softcap);
@@ -918,23 +987,29 @@ pub async fn attention_matches_cpu(gpu: &Gpu) {
         dispatch(
             gpu,
             &kernels.attention,
-            &[&floats(gpu, &q), &floats(gpu, &k), &floats(gpu, &v), &o, &p, &s],
+            &[&floats(gpu, &q), &cache_buffer(gpu, &k, form), &cache_buffer(gpu, &v, form), &o, &p, &s],
             [heads as u32, tokens as u32, 1],
         );
         assert_close(
             &read(gpu, &o, want.len()).await,
             &want,
             1e-4,
-            &format!("attention, window {window}, softcap {softcap}"),
+            &format!("attention, window {window}, softcap {softcap}, {form:?} cache"),
         );
     }
 }
 
 /// attend_step (one-token steps) against prepare_heads then attention, bit for bit in the output and both caches,
 /// and against the CPU steps: per-head norms, RoPE in both layouts, key positions at and past a chunk of 64,
-/// windows and softcaps.
+/// windows and softcaps; with the cache in each form the device can hold.
 pub async fn step_attention_matches_prepare_then_attend(gpu: &Gpu) {
-    let kernels = Kernels::new(gpu, &[]).unwrap();
+    for form in cache_forms(gpu) {
+        step_attention_matches_prepare_then_attend_with(gpu, form).await;
+    }
+}
+
+async fn step_attention_matches_prepare_then_attend_with(gpu: &Gpu, form: CacheForm) {
+    let kernels = Kernels::with_cache(gpu, &[], form).unwrap();
     // 160 dimensions: 80 pairs, so some of the 64 threads take two; two q heads per kv head.
     let (heads, kv_heads, hd, eps) = (4usize, 2usize, 160usize, 1e-6f32);
     let (half, positions, kv_width) = (hd / 2, 72usize, kv_heads * hd);
@@ -961,7 +1036,8 @@ pub async fn step_attention_matches_prepare_then_attend(gpu: &Gpu) {
     ];
     for (start, qk_norm, interleaved, window, softcap) in cases {
         let what = format!(
-            "position {start}, qk norm {qk_norm}, interleaved {interleaved}, window {window}, softcap {softcap}"
+            "position {start}, qk norm {qk_norm}, interleaved {interleaved}, window {window}, softcap {softcap}, \
+             {form:?} cache"
         );
         let heads_params = uniform(
             gpu,
@@ -995,7 +1071,7 @@ pub async fn step_attention_matches_prepare_then_attend(gpu: &Gpu) {
         let s = step(gpu, 1, start as u32);
         let out_len = heads * hd;
 
-        let (k_apart, v_apart) = (floats(gpu, &k0), floats(gpu, &v0));
+        let (k_apart, v_apart) = (cache_buffer(gpu, &k0, form), cache_buffer(gpu, &v0, form));
         let q_buf = gpu.storage("q", (out_len * 4) as u64);
         let o_apart = gpu.storage("o", (out_len * 4) as u64);
         let prepare = [&qkv_buf, &q_buf, &k_apart, &v_apart, &norms_buf, &cos_buf, &sin_buf, &heads_params, &s];
@@ -1003,7 +1079,7 @@ pub async fn step_attention_matches_prepare_then_attend(gpu: &Gpu) {
         let attend = [&q_buf, &k_apart, &v_apart, &o_apart, &attention_params, &s];
         dispatch(gpu, &kernels.attention, &attend, [heads as u32, 1, 1]);
 
-        let (k_fused, v_fused) = (floats(gpu, &k0), floats(gpu, &v0));
+        let (k_fused, v_fused) = (cache_buffer(gpu, &k0, form), cache_buffer(gpu, &v0, form));
         let o_fused = gpu.storage("o", (out_len * 4) as u64);
         let fused = [
             &qkv_buf,
@@ -1021,10 +1097,10 @@ pub async fn step_attention_matches_prepare_then_attend(gpu: &Gpu) {
 
         let got = read(gpu, &o_fused, out_len).await;
         assert_eq!(got, read(gpu, &o_apart, out_len).await, "output, {what}");
-        let got_k = read(gpu, &k_fused, positions * kv_width).await;
-        assert_eq!(got_k, read(gpu, &k_apart, positions * kv_width).await, "k cache, {what}");
-        let got_v = read(gpu, &v_fused, positions * kv_width).await;
-        assert_eq!(got_v, read(gpu, &v_apart, positions * kv_width).await, "v cache, {what}");
+        let got_k = read_cache(gpu, &k_fused, positions * kv_width, form).await;
+        assert_eq!(got_k, read_cache(gpu, &k_apart, positions * kv_width, form).await, "k cache, {what}");
+        let got_v = read_cache(gpu, &v_fused, positions * kv_width, form).await;
+        assert_eq!(got_v, read_cache(gpu, &v_apart, positions * kv_width, form).await, "v cache, {what}");
 
         // The CPU steps: norms, RoPE, the new row into the caches, attention.
         let normed = |rows: &[f32], weights: &[f32]| -> Vec<f32> {
@@ -1042,9 +1118,11 @@ pub async fn step_attention_matches_prepare_then_attend(gpu: &Gpu) {
         let mut v = v0.clone();
         k[start * kv_width..(start + 1) * kv_width].copy_from_slice(&new_k);
         v[start * kv_width..(start + 1) * kv_width].copy_from_slice(&qkv[out_len + kv_width..]);
-        assert_close(&got_k, &k, 1e-5, &format!("k cache against the CPU, {what}"));
+        assert_close_as_cached(&got_k, &k, 1e-5, form, &format!("k cache against the CPU, {what}"));
+        let v: Vec<f32> = v.iter().map(|&x| as_cached(x, form)).collect();
         assert_eq!(got_v, v, "v cache against the CPU, {what}");
-        let want = attention_cpu(&q, &k, &v, heads, kv_heads, hd, start, 1, window, scale, softcap);
+        // Attention over what the caches hold (the step's own key included, as the cache rounded it).
+        let want = attention_cpu(&q, &got_k, &v, heads, kv_heads, hd, start, 1, window, scale, softcap);
         assert_close(&got, &want, 1e-4, &format!("output against the CPU, {what}"));
     }
 }

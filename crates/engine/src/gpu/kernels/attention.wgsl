@@ -12,6 +12,10 @@
 // Attention uses grouped key/value heads, sliding windows and Gemma 2's softcap. Keys are taken 64 at a time with
 // an online softmax (running maximum and sum, rescaled as larger scores arrive), so any context length fits in
 // fixed workgroup memory. A query at position p sees keys j with p - window < j <= p (window 0: all j <= p).
+// The caches KC and VC are declared by the file gpu/kernels.rs prepends, one per form of the cache: f32
+// (kv_cache_f32.wgsl), f16 (kv_cache_f16.wgsl, with `shader-f16`) or f16 packed two to a word
+// (kv_cache_f16_packed.wgsl). Attention reads and writes them only through that file's functions, and writes a
+// row's values two at a time, so that a packed word is written whole by one thread.
 // RoPE's cos and sin come from a table the CPU computes once per base (GPU sin/cos lose precision on the large
 // angles of late positions). Layouts: `halves` pairs dimension i with i + d/2 (Gemma), `interleaved` pairs 2i
 // with 2i + 1 (Llama as llama.cpp stores it).
@@ -42,8 +46,7 @@ struct AttentionParams {
 
 @group(0) @binding(0) var<storage, read> QKV: array<f32>;        // [tokens][(heads + 2 kv_heads) * head_dim]
 @group(0) @binding(1) var<storage, read_write> Q: array<f32>;    // [tokens][heads * head_dim]
-@group(0) @binding(2) var<storage, read_write> KC: array<f32>;   // [position][kv_heads * head_dim]
-@group(0) @binding(3) var<storage, read_write> VC: array<f32>;   // [position][kv_heads * head_dim]
+// Bindings 2 and 3: the key and value caches KC and VC, [position][kv_heads * head_dim] (kv_cache_*.wgsl).
 @group(0) @binding(4) var<storage, read> NORMS: array<f32>;      // q's norm weights, then k's (head_dim each)
 @group(0) @binding(5) var<storage, read> COS: array<f32>;        // [position][head_dim / 2]
 @group(0) @binding(6) var<storage, read> SIN: array<f32>;
@@ -109,8 +112,8 @@ fn prepare_heads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
     let kv_width = H.kv_heads * d;
     if (head >= H.heads + H.kv_heads) {
         let dst = (S.start + t) * kv_width + (head - H.heads - H.kv_heads) * d;
-        for (var i = li; i < d; i += 64u) {
-            VC[dst + i] = QKV[src + i];
+        for (var i = li; i < d / 2u; i += 64u) {
+            store_value_pair(dst + 2u * i, QKV[src + 2u * i], QKV[src + 2u * i + 1u]);
         }
         return;
     }
@@ -124,9 +127,16 @@ fn prepare_heads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
             Q[dst + pair.a] = pair.x;
             Q[dst + pair.b] = pair.y;
         } else {
-            let dst = (S.start + t) * kv_width + (head - H.heads) * d;
-            KC[dst + pair.a] = pair.x;
-            KC[dst + pair.b] = pair.y;
+            k_new[pair.a] = pair.x;
+            k_new[pair.b] = pair.y;
+        }
+    }
+    // A key head's pairs (i, i + d/2 in the `halves` layout) are not the cache's pairs of neighbours: gathered first.
+    if (!is_q) {
+        workgroupBarrier();
+        let dst = (S.start + t) * kv_width + (head - H.heads) * d;
+        for (var i = li; i < d / 2u; i += 64u) {
+            store_key_pair(dst + 2u * i, k_new[2u * i], k_new[2u * i + 1u]);
         }
     }
 }
@@ -136,7 +146,8 @@ fn prepare_heads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
 var<workgroup> q: array<f32, 256>;      // the query head, times the scale
 var<workgroup> p: array<f32, 64>;       // a chunk's softmax weights
 var<workgroup> red: array<f32, 64>;
-var<workgroup> k_new: array<f32, 256>;  // attend_step: the step's own key and value, as written to the caches
+var<workgroup> k_new: array<f32, 256>;  // attend_step: the step's own key and value, as the caches keep them
+                                        // (prepare_heads: a key head before it is stored)
 var<workgroup> v_new: array<f32, 256>;
 
 fn reduce_max(v: f32, li: u32) -> f32 {
@@ -178,7 +189,7 @@ fn attend_head(head: u32, t: u32, position: u32, fresh: bool, li: u32) {
             } else {
                 let k_base = j * kv_width + kv_head * hd;
                 for (var d = 0u; d < hd; d++) {
-                    s += q[d] * KC[k_base + d];
+                    s += q[d] * cached_key(k_base + d);
                 }
             }
             if (A.softcap > 0.0) {
@@ -206,7 +217,7 @@ fn attend_head(head: u32, t: u32, position: u32, fresh: bool, li: u32) {
             if (d < hd) {
                 var s = acc[n] * rescale;
                 for (var i = 0u; i < cached; i++) {
-                    s += p[i] * VC[(chunk + i) * kv_width + kv_head * hd + d];
+                    s += p[i] * cached_value((chunk + i) * kv_width + kv_head * hd + d);
                 }
                 if (holds_fresh) {
                     s += p[keys - 1u] * v_new[d];
@@ -261,19 +272,18 @@ fn attend_step(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_i
         q[qp.a] = qp.x * A.scale;
         q[qp.b] = qp.y * A.scale;
         let kp = rotated_pair(k_src, d, k_rms, position, i);
-        k_new[kp.a] = kp.x;
-        k_new[kp.b] = kp.y;
-        if (writes_cache) {
-            KC[kv_dst + kp.a] = kp.x;
-            KC[kv_dst + kp.b] = kp.y;
-        }
+        k_new[kp.a] = as_cached(kp.x);
+        k_new[kp.b] = as_cached(kp.y);
     }
     for (var i = li; i < d; i += 64u) {
-        v_new[i] = QKV[v_src + i];
-        if (writes_cache) {
-            VC[kv_dst + i] = QKV[v_src + i];
-        }
+        v_new[i] = as_cached(QKV[v_src + i]);
     }
     workgroupBarrier();
+    if (writes_cache) {
+        for (var i = li; i < d / 2u; i += 64u) {
+            store_key_pair(kv_dst + 2u * i, k_new[2u * i], k_new[2u * i + 1u]);
+            store_value_pair(kv_dst + 2u * i, v_new[2u * i], v_new[2u * i + 1u]);
+        }
+    }
     attend_head(head, 0u, position, true, li);
 }
