@@ -74,6 +74,11 @@ fn step_attention_matches_prepare_then_attend() {
 }
 
 #[test]
+fn attention_gives_each_sequence_what_it_gets_alone() {
+    block_on(gpu_cases::attention_gives_each_sequence_what_it_gets_alone(&gpu()));
+}
+
+#[test]
 fn normalized_products_equal_norm_then_product() {
     use candle_core::quantized::GgmlDType;
     use gpu_cases::{normalized_products_equal_norm_then_product as check, NORMALIZED_TYPES};

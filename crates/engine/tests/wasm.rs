@@ -200,6 +200,11 @@ async fn webgpu_step_attention_matches_prepare_then_attend() {
 }
 
 #[wasm_bindgen_test]
+async fn webgpu_attention_gives_each_sequence_what_it_gets_alone() {
+    gpu_cases::attention_gives_each_sequence_what_it_gets_alone(&gpu().await).await;
+}
+
+#[wasm_bindgen_test]
 async fn webgpu_elementwise_steps_match_cpu() {
     gpu_cases::elementwise_steps_match_cpu(&gpu().await).await;
 }

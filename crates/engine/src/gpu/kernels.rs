@@ -346,10 +346,10 @@ impl Kernels {
         // Buffers first, then the parameters, as every other kernel binds them.
         let norm_twice_slots = [(0, R), (1, W), (2, R), (5, W), (6, R), (3, U), (4, U)];
         // attention.wgsl's bindings: q|k|v 0, Q 1, the caches 2 and 3, q/k norms 4, cos 5, sin 6, HeadsParams 7,
-        // Step 8, the output 9, AttentionParams 10.
-        let heads_slots = [(0, R), (1, W), (2, W), (3, W), (4, R), (5, R), (6, R), (7, U), (8, U)];
-        let attention_slots = [(1, W), (2, W), (3, W), (9, W), (10, U), (8, U)];
-        let step_slots = [(0, R), (2, W), (3, W), (9, W), (4, R), (5, R), (6, R), (7, U), (10, U), (8, U)];
+        // Step 8, the output 9, AttentionParams 10, the call's token rows 11.
+        let heads_slots = [(0, R), (1, W), (2, W), (3, W), (4, R), (5, R), (6, R), (11, R), (7, U), (8, U)];
+        let attention_slots = [(1, W), (2, W), (3, W), (9, W), (11, R), (10, U), (8, U)];
+        let step_slots = [(0, R), (2, W), (3, W), (9, W), (4, R), (5, R), (6, R), (11, R), (7, U), (10, U), (8, U)];
         let ew = [(0, R), (1, W), (2, U), (3, U)];
         let attention = format!("{}\n{ATTENTION}", cache.source());
         let kernels = Self {
@@ -552,6 +552,22 @@ pub fn matmul_lanes(gpu: &Gpu) -> u32 {
 /// Output rows one workgroup of the matrix product covers.
 pub fn matmul_rows_per_group(gpu: &Gpu) -> u32 {
     64 / matmul_lanes(gpu)
+}
+
+/// Where one token of a call stands (attention.wgsl's `TokenRow`): its position, and the KV cache row that holds its
+/// sequence's position 0.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable, Debug, Default, PartialEq)]
+pub struct TokenRow {
+    pub first: u32,
+    pub position: u32,
+}
+
+impl TokenRow {
+    /// The rows of `tokens` consecutive tokens of the sequence whose cache starts at row `first`, from `start`.
+    pub fn of_call(first: u32, start: u32, tokens: u32) -> Vec<Self> {
+        (0..tokens).map(|t| Self { first, position: start + t }).collect()
+    }
 }
 
 /// The per-call uniform every kernel reads: tokens in the call and the position of the first.

@@ -228,6 +228,8 @@ impl GpuModel {
         let step = StepParams { tokens: t as u32, start: self.position as u32, pad: [0; 2] };
         gpu.queue.write_buffer(&self.scratch.step, 0, bytemuck::bytes_of(&step));
         gpu.queue.write_buffer(&self.scratch.tokens, 0, bytemuck::cast_slice(&tokens[..t]));
+        let rows = TokenRow::of_call(0, self.position as u32, t as u32);
+        gpu.queue.write_buffer(&self.scratch.token_rows, 0, bytemuck::cast_slice(&rows));
         let wait = || gpu.device.poll(wgpu::PollType::wait_indefinitely()).map(|_| ());
         let mut totals: Vec<(String, f64, usize)> = Vec::new();
         for (op, call) in self.ops_of_a_call(t as u32) {
@@ -336,6 +338,8 @@ impl GpuModel {
             bytemuck::bytes_of(&StepParams { tokens: n as u32, start: start as u32, pad: [0; 2] }),
         );
         gpu.queue.write_buffer(&self.scratch.tokens, 0, bytemuck::cast_slice(tokens));
+        let rows = TokenRow::of_call(0, start as u32, n as u32);
+        gpu.queue.write_buffer(&self.scratch.token_rows, 0, bytemuck::cast_slice(&rows));
         if let Finish::Pick(sampling, step) = finish {
             let params = match sampling {
                 Sampling::Greedy => SelectParams { vocab: self.config.vocab_size as u32, ..Default::default() },

@@ -191,6 +191,8 @@ impl Op {
 pub(super) struct Scratch {
     pub step: wgpu::Buffer,
     pub tokens: wgpu::Buffer,
+    /// Where each token of the call stands in the KV cache (`TokenRow`s), which attention reads.
+    pub token_rows: wgpu::Buffer,
     pub h: wgpu::Buffer,
     /// The residual stream's second buffer in one-token calls of models whose post-norms fold into the products
     /// (`Planner::folds_post_norms`): a layer's q|k|v product writes h there, and its gate|up product writes it
@@ -220,6 +222,7 @@ impl Scratch {
         Self {
             step: gpu.uniform_with("step", bytemuck::bytes_of(&StepParams::default())),
             tokens: gpu.storage("tokens", t * 4),
+            token_rows: gpu.storage("token rows", t * std::mem::size_of::<TokenRow>() as u64),
             h: gpu.storage("h", t * c.hidden as u64 * f),
             h_sum: gpu.storage("h sum", c.hidden as u64 * f),
             a: gpu.storage("a", t * c.hidden as u64 * f),
@@ -694,7 +697,7 @@ impl Planner<'_> {
         let heads = uniform(self.gpu, "heads", &heads);
         let prepare = self.op(
             &k.prepare_heads,
-            &[&s.qkv, &s.q, &cache.k, &cache.v, qk_norms, rope.cos, rope.sin],
+            &[&s.qkv, &s.q, &cache.k, &cache.v, qk_norms, rope.cos, rope.sin, &s.token_rows],
             Some(heads.clone()),
             Grid::Rows { per_token: (c.n_heads + 2 * c.n_kv_heads) as u32, last_only: false },
         );
@@ -710,13 +713,13 @@ impl Planner<'_> {
         let attention = uniform(self.gpu, "attention", &attention);
         let attend = self.op(
             &k.attention,
-            &[&s.q, &cache.k, &cache.v, &s.attn],
+            &[&s.q, &cache.k, &cache.v, &s.attn, &s.token_rows],
             Some(attention.clone()),
             Grid::Attention { heads: c.n_heads as u32 },
         );
         let step = self.op(
             &k.attend_step,
-            &[&s.qkv, &cache.k, &cache.v, &s.attn, qk_norms, rope.cos, rope.sin, &heads],
+            &[&s.qkv, &cache.k, &cache.v, &s.attn, qk_norms, rope.cos, rope.sin, &s.token_rows, &heads],
             Some(attention),
             Grid::Attention { heads: c.n_heads as u32 },
         );

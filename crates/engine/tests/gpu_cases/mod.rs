@@ -65,6 +65,15 @@ async fn read(gpu: &Gpu, buffer: &wgpu::Buffer, count: usize) -> Vec<f32> {
     gpu.read_f32(&staging, count).await.unwrap()
 }
 
+/// The rows of `tokens` consecutive tokens of one sequence from position `start`, its cache from row `first`.
+fn token_rows(gpu: &Gpu, first: u32, start: u32, tokens: u32) -> wgpu::Buffer {
+    rows_of(gpu, &TokenRow::of_call(first, start, tokens))
+}
+
+fn rows_of(gpu: &Gpu, rows: &[TokenRow]) -> wgpu::Buffer {
+    gpu.storage_with("token rows", bytemuck::cast_slice(rows))
+}
+
 /// The forms of the KV cache `gpu` can hold: f32, f16 packed two to a word, and f16 where it has `shader-f16`.
 fn cache_forms(gpu: &Gpu) -> Vec<CacheForm> {
     let mut forms = vec![CacheForm::F32, CacheForm::PackedF16];
@@ -885,6 +894,7 @@ async fn head_preparation_matches_cpu_with(gpu: &Gpu, form: CacheForm) {
                     &floats(gpu, &norms),
                     &floats(gpu, &cos),
                     &floats(gpu, &sin),
+                    &token_rows(gpu, 0, start as u32, tokens as u32),
                     &uniform(gpu, &params),
                     &step(gpu, tokens as u32, start as u32),
                 ],
@@ -987,7 +997,15 @@ async fn attention_matches_cpu_with(gpu: &Gpu, form: CacheForm) {
         dispatch(
             gpu,
             &kernels.attention,
-            &[&floats(gpu, &q), &cache_buffer(gpu, &k, form), &cache_buffer(gpu, &v, form), &o, &p, &s],
+            &[
+                &floats(gpu, &q),
+                &cache_buffer(gpu, &k, form),
+                &cache_buffer(gpu, &v, form),
+                &o,
+                &token_rows(gpu, 0, start as u32, tokens as u32),
+                &p,
+                &s,
+            ],
             [heads as u32, tokens as u32, 1],
         );
         assert_close(
@@ -1074,9 +1092,10 @@ async fn step_attention_matches_prepare_then_attend_with(gpu: &Gpu, form: CacheF
         let (k_apart, v_apart) = (cache_buffer(gpu, &k0, form), cache_buffer(gpu, &v0, form));
         let q_buf = gpu.storage("q", (out_len * 4) as u64);
         let o_apart = gpu.storage("o", (out_len * 4) as u64);
-        let prepare = [&qkv_buf, &q_buf, &k_apart, &v_apart, &norms_buf, &cos_buf, &sin_buf, &heads_params, &s];
+        let rows = token_rows(gpu, 0, start as u32, 1);
+        let prepare = [&qkv_buf, &q_buf, &k_apart, &v_apart, &norms_buf, &cos_buf, &sin_buf, &rows, &heads_params, &s];
         dispatch(gpu, &kernels.prepare_heads, &prepare, [(heads + 2 * kv_heads) as u32, 1, 1]);
-        let attend = [&q_buf, &k_apart, &v_apart, &o_apart, &attention_params, &s];
+        let attend = [&q_buf, &k_apart, &v_apart, &o_apart, &rows, &attention_params, &s];
         dispatch(gpu, &kernels.attention, &attend, [heads as u32, 1, 1]);
 
         let (k_fused, v_fused) = (cache_buffer(gpu, &k0, form), cache_buffer(gpu, &v0, form));
@@ -1089,6 +1108,7 @@ async fn step_attention_matches_prepare_then_attend_with(gpu: &Gpu, form: CacheF
             &norms_buf,
             &cos_buf,
             &sin_buf,
+            &rows,
             &heads_params,
             &attention_params,
             &s,
@@ -1124,6 +1144,111 @@ async fn step_attention_matches_prepare_then_attend_with(gpu: &Gpu, form: CacheF
         // Attention over what the caches hold (the step's own key included, as the cache rounded it).
         let want = attention_cpu(&q, &got_k, &v, heads, kv_heads, hd, start, 1, window, scale, softcap);
         assert_close(&got, &want, 1e-4, &format!("output against the CPU, {what}"));
+    }
+}
+
+/// Two sequences in one call, each token with its own position and its own rows of the caches (`TokenRow`), as
+/// batched decoding will run them: prepare_heads then attend give each token, bit for bit, the output and the
+/// cache rows it gets alone, and attend_step, on the second sequence's rows, what prepare_heads then attend give
+/// it. The rows past each sequence's end hold stale values, which must be neither read nor kept.
+pub async fn attention_gives_each_sequence_what_it_gets_alone(gpu: &Gpu) {
+    for form in cache_forms(gpu) {
+        let kernels = Kernels::with_cache(gpu, &[], form).unwrap();
+        // 160 dimensions (some threads take two pairs), two q heads per kv head; sequence 0 attends past a chunk of
+        // 64 keys, sequence 1 within one.
+        let (heads, kv_heads, hd, context) = (4usize, 2usize, 160usize, 80usize);
+        let (half, kv_width, per_token) = (hd / 2, kv_heads * hd, (heads + 2 * kv_heads) * hd);
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for p in 0..context {
+            for i in 0..half {
+                let angle = p as f64 / 10_000f64.powf(2.0 * i as f64 / hd as f64);
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        let (cos, sin) = (floats(gpu, &cos), floats(gpu, &sin));
+        let norms = floats(gpu, &noise(2 * hd, 81));
+        let heads_params = uniform(
+            gpu,
+            &HeadsParams {
+                heads: heads as u32,
+                kv_heads: kv_heads as u32,
+                head_dim: hd as u32,
+                interleaved: 0,
+                qk_norm: 1,
+                eps: 1e-6,
+                pad: [0; 2],
+            },
+        );
+        let attention_params = uniform(
+            gpu,
+            &AttentionParams {
+                heads: heads as u32,
+                kv_heads: kv_heads as u32,
+                head_dim: hd as u32,
+                window: 0,
+                scale: 1.0 / (hd as f32).sqrt(),
+                softcap: 0.0,
+                pad: [0; 2],
+            },
+        );
+        let positions = [70usize, 40];
+        let qkv: Vec<f32> = noise(2 * per_token, 82).iter().map(|v| v * 3.0).collect();
+        let (old_k, old_v) = (noise(2 * context * kv_width, 83), noise(2 * context * kv_width, 84));
+        // prepare_heads then attend over `tokens` tokens of q|k|v standing at `rows`; the output and both caches.
+        let run = |qkv: &[f32], k: &[f32], v: &[f32], rows: &[TokenRow], fused: bool| {
+            let tokens = rows.len();
+            let (qkv, k, v) = (floats(gpu, qkv), cache_buffer(gpu, k, form), cache_buffer(gpu, v, form));
+            let (q, o) = (
+                gpu.storage("q", (tokens * heads * hd * 4) as u64),
+                gpu.storage("o", (tokens * heads * hd * 4) as u64),
+            );
+            let (rows, s) = (rows_of(gpu, rows), step(gpu, tokens as u32, 0));
+            if fused {
+                let buffers = [&qkv, &k, &v, &o, &norms, &cos, &sin, &rows, &heads_params, &attention_params, &s];
+                dispatch(gpu, &kernels.attend_step, &buffers, [heads as u32, 1, 1]);
+            } else {
+                let prepare = [&qkv, &q, &k, &v, &norms, &cos, &sin, &rows, &heads_params, &s];
+                dispatch(gpu, &kernels.prepare_heads, &prepare, [(tokens * (heads + 2 * kv_heads)) as u32, 1, 1]);
+                let attend = [&q, &k, &v, &o, &rows, &attention_params, &s];
+                dispatch(gpu, &kernels.attention, &attend, [heads as u32, tokens as u32, 1]);
+            }
+            (o, k, v)
+        };
+        let both = [
+            TokenRow { first: 0, position: positions[0] as u32 },
+            TokenRow { first: context as u32, position: positions[1] as u32 },
+        ];
+        let (o, k, v) = run(&qkv, &old_k, &old_v, &both, false);
+        let (got_o, got_k, got_v) = (
+            read(gpu, &o, 2 * heads * hd).await,
+            read_cache(gpu, &k, 2 * context * kv_width, form).await,
+            read_cache(gpu, &v, 2 * context * kv_width, form).await,
+        );
+        for (seq, &position) in positions.iter().enumerate() {
+            let what = format!("sequence {seq} at position {position}, {form:?} cache");
+            let cache = seq * context * kv_width..(seq + 1) * context * kv_width;
+            let (own_k, own_v) = (&old_k[cache.clone()], &old_v[cache.clone()]);
+            let alone = [TokenRow { first: 0, position: position as u32 }];
+            let (o, k, v) = run(&qkv[seq * per_token..(seq + 1) * per_token], own_k, own_v, &alone, false);
+            let out = seq * heads * hd..(seq + 1) * heads * hd;
+            assert_eq!(got_o[out.clone()], read(gpu, &o, heads * hd).await, "output, {what}");
+            let (k, v) = (
+                read_cache(gpu, &k, context * kv_width, form).await,
+                read_cache(gpu, &v, context * kv_width, form).await,
+            );
+            assert_eq!(got_k[cache.clone()], k, "k cache, {what}");
+            assert_eq!(got_v[cache.clone()], v, "v cache, {what}");
+            if seq == 1 {
+                // The one-token kernel on the second sequence's rows of the shared caches.
+                let (o, k, v) = run(&qkv[per_token..], &old_k, &old_v, &both[1..], true);
+                assert_eq!(got_o[out], read(gpu, &o, heads * hd).await, "attend_step's output, {what}");
+                let k = read_cache(gpu, &k, 2 * context * kv_width, form).await;
+                assert_eq!(got_k[cache.clone()], k[cache.clone()], "attend_step's k cache, {what}");
+                let v = read_cache(gpu, &v, 2 * context * kv_width, form).await;
+                assert_eq!(got_v[cache.clone()], v[cache], "attend_step's v cache, {what}");
+            }
+        }
     }
 }
 

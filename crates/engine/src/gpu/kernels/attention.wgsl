@@ -1,8 +1,8 @@
 // Attention, from the fused q|k|v product's output to the heads' outputs. Entry points:
 //   prepare_heads  one workgroup per (token, head) of the q|k|v output:
 //                    q head  Gemma 3's per-head norm (when `qk_norm`), then RoPE, into Q[t]
-//                    k head  the same with k's norm weights, into the key cache at position start + t
-//                    v head  copied into the value cache at position start + t
+//                    k head  the same with k's norm weights, into the key cache at token t's row
+//                    v head  copied into the value cache at token t's row
 //   attend         one workgroup per (query token, head): causal attention of Q over the caches
 //   attend_step    one-token steps only, one workgroup per head: prepare_heads and attend in one dispatch. Every
 //                  workgroup prepares its own q head and its kv head's new k and v in workgroup memory, and takes
@@ -12,6 +12,9 @@
 // Attention uses grouped key/value heads, sliding windows and Gemma 2's softcap. Keys are taken 64 at a time with
 // an online softmax (running maximum and sum, rescaled as larger scores arrive), so any context length fits in
 // fixed workgroup memory. A query at position p sees keys j with p - window < j <= p (window 0: all j <= p).
+// Where each token of a call stands comes from ROWS: its position, and the cache row that holds its sequence's
+// position 0 (0 for the model's one sequence; each sequence of a batch has rows of its own). Position p of that
+// sequence is cache row first + p.
 // The caches KC and VC are declared by the file gpu/kernels.rs prepends, one per form of the cache: f32
 // (kv_cache_f32.wgsl), f16 (kv_cache_f16.wgsl, with `shader-f16`) or f16 packed two to a word
 // (kv_cache_f16_packed.wgsl). Attention reads and writes them only through that file's functions, and writes a
@@ -54,6 +57,12 @@ struct AttentionParams {
 @group(0) @binding(8) var<uniform> S: Step;
 @group(0) @binding(9) var<storage, read_write> O: array<f32>;    // [tokens][heads * head_dim]
 @group(0) @binding(10) var<uniform> A: AttentionParams;
+@group(0) @binding(11) var<storage, read> ROWS: array<TokenRow>; // one per token of the call
+
+struct TokenRow {
+    first: u32,     // the cache row of the token's sequence's position 0
+    position: u32,  // the token's position in its sequence
+}
 
 // --- Preparing the heads -------------------------------------------------------------------------------------
 
@@ -110,8 +119,9 @@ fn prepare_heads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
     let d = H.head_dim;
     let src = (t * per_token + head) * d;
     let kv_width = H.kv_heads * d;
+    let row = ROWS[t];
     if (head >= H.heads + H.kv_heads) {
-        let dst = (S.start + t) * kv_width + (head - H.heads - H.kv_heads) * d;
+        let dst = (row.first + row.position) * kv_width + (head - H.heads - H.kv_heads) * d;
         for (var i = li; i < d / 2u; i += 64u) {
             store_value_pair(dst + 2u * i, QKV[src + 2u * i], QKV[src + 2u * i + 1u]);
         }
@@ -121,7 +131,7 @@ fn prepare_heads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
     let r = head_inverse_rms(src, li);
     let weights = select(d, 0u, is_q);
     for (var i = li; i < d / 2u; i += 64u) {
-        let pair = rotated_pair(src, weights, r, S.start + t, i);
+        let pair = rotated_pair(src, weights, r, row.position, i);
         if (is_q) {
             let dst = (t * H.heads + head) * d;
             Q[dst + pair.a] = pair.x;
@@ -134,7 +144,7 @@ fn prepare_heads(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation
     // A key head's pairs (i, i + d/2 in the `halves` layout) are not the cache's pairs of neighbours: gathered first.
     if (!is_q) {
         workgroupBarrier();
-        let dst = (S.start + t) * kv_width + (head - H.heads) * d;
+        let dst = (row.first + row.position) * kv_width + (head - H.heads) * d;
         for (var i = li; i < d / 2u; i += 64u) {
             store_key_pair(dst + 2u * i, k_new[2u * i], k_new[2u * i + 1u]);
         }
@@ -164,20 +174,21 @@ fn reduce_max(v: f32, li: u32) -> f32 {
     return r;
 }
 
-// The attention of query head `head` of token t, at `position`, already in `q`, over the cached keys and values.
-// With `fresh`, the key and value at `position` come from k_new and v_new instead of the caches.
-fn attend_head(head: u32, t: u32, position: u32, fresh: bool, li: u32) {
+// The attention of query head `head` of token t, standing at `row`, already in `q`, over its sequence's cached
+// keys and values. With `fresh`, the key and value at its position come from k_new and v_new instead of the caches.
+fn attend_head(head: u32, t: u32, row: TokenRow, fresh: bool, li: u32) {
     let hd = A.head_dim;
     let kv_head = head / (A.heads / A.kv_heads);
     let kv_width = A.kv_heads * hd;
-    var first = 0u;
+    let position = row.position;
+    var oldest = 0u;
     if (A.window > 0u && position + 1u > A.window) {
-        first = position + 1u - A.window;
+        oldest = position + 1u - A.window;
     }
     var running_max = -3.0e38;
     var running_sum = 0.0;
     var acc: array<f32, 4>; // this thread's dimensions li, li + 64, li + 128, li + 192
-    for (var chunk = first; chunk <= position; chunk += 64u) {
+    for (var chunk = oldest; chunk <= position; chunk += 64u) {
         let j = chunk + li;
         var score = -3.0e38;
         if (j <= position) {
@@ -187,7 +198,7 @@ fn attend_head(head: u32, t: u32, position: u32, fresh: bool, li: u32) {
                     s += q[d] * k_new[d];
                 }
             } else {
-                let k_base = j * kv_width + kv_head * hd;
+                let k_base = (row.first + j) * kv_width + kv_head * hd;
                 for (var d = 0u; d < hd; d++) {
                     s += q[d] * cached_key(k_base + d);
                 }
@@ -217,7 +228,7 @@ fn attend_head(head: u32, t: u32, position: u32, fresh: bool, li: u32) {
             if (d < hd) {
                 var s = acc[n] * rescale;
                 for (var i = 0u; i < cached; i++) {
-                    s += p[i] * cached_value((chunk + i) * kv_width + kv_head * hd + d);
+                    s += p[i] * cached_value((row.first + chunk + i) * kv_width + kv_head * hd + d);
                 }
                 if (holds_fresh) {
                     s += p[keys - 1u] * v_new[d];
@@ -246,13 +257,14 @@ fn attend(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index)
         q[d] = Q[q_base + d] * A.scale;
     }
     workgroupBarrier();
-    attend_head(head, t, S.start + t, false, li);
+    attend_head(head, t, ROWS[t], false, li);
 }
 
 @compute @workgroup_size(64)
 fn attend_step(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) li: u32) {
     let head = wg.x;
-    let position = S.start;
+    let row = ROWS[0];
+    let position = row.position;
     let d = H.head_dim;
     let group = H.heads / H.kv_heads;
     let kv_head = head / group;
@@ -263,7 +275,7 @@ fn attend_step(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_i
     // The last q head of the group writes: on an adapter that runs workgroups in order (lavapipe), a workgroup that
     // wrongly read the new row from the cache would read it before it is written, and the tests would see it.
     let writes_cache = head % group == group - 1u;
-    let kv_dst = position * H.kv_heads * d + kv_head * d;
+    let kv_dst = (row.first + position) * H.kv_heads * d + kv_head * d;
 
     let q_rms = head_inverse_rms(q_src, li);
     let k_rms = head_inverse_rms(k_src, li);
@@ -285,5 +297,5 @@ fn attend_step(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_i
             store_value_pair(kv_dst + 2u * i, v_new[2u * i], v_new[2u * i + 1u]);
         }
     }
-    attend_head(head, 0u, position, true, li);
+    attend_head(head, 0u, row, true, li);
 }
