@@ -146,3 +146,14 @@ fn bad_requests_are_refused() {
     };
     assert!(block_on(generate(engine.model.as_mut(), &[5, 6], &bad_sampling, &none, |_| { true })).is_err());
 }
+
+/// A CPU-only option asked of the GPU is refused by name, not ignored.
+#[test]
+fn the_gpu_refuses_8_bit_activations() {
+    let reader = &mut std::io::BufReader::new(std::fs::File::open(fixture_path("tiny-llama.gguf")).unwrap());
+    let options = LoadOptions { int8_activations: true, ..Default::default() };
+    match block_on(Engine::load_wgpu(reader, &options, None)) {
+        Err(e) => assert!(e.to_string().contains("8-bit activations are a CPU mode"), "{e}"),
+        Ok(_) => panic!("loaded with 8-bit activations on the GPU"),
+    }
+}

@@ -98,6 +98,11 @@ impl GpuModel {
         let config = ModelConfig::from_gguf(gguf)?;
         let c = &config;
         let allocated_before = gpu.allocated();
+        if options.int8_activations {
+            return Err(EngineError::InvalidRequest(
+                "8-bit activations are a CPU mode; the GPU path computes exact products".into(),
+            ));
+        }
         if c.head_dim > 256 || c.head_dim % 2 != 0 {
             return Err(EngineError::Gpu(format!(
                 "head size {} is not supported on the GPU (at most 256)",

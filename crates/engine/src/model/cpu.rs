@@ -47,7 +47,8 @@ pub struct LoadOptions {
     pub max_context: Option<usize>,
     /// Round the activations to 8 bits and multiply in integers, as llama.cpp does: faster, not exact
     /// (docs/benchmarks.md measures the departure). One sequence's decoding steps: `quant::int8`; prompts and
-    /// batched steps: `quant::int8_rows`, each sequence still with the same numbers in any batch. Off by default.
+    /// batched steps: `quant::int8_rows`, each sequence still with the same numbers in any batch. Off by default;
+    /// the CPU path only (the GPU loader refuses it).
     pub int8_activations: bool,
     /// Keep the keys and values in f16, as llama.cpp does by default: half the bytes for attention to read (a
     /// batched step's attention reads more bytes than its products once sequences hold a hundred tokens), each key
