@@ -88,7 +88,7 @@ enum Command {
         /// Also time each GPU kernel of a prompt's forward and of one decode step (wgpu only).
         #[arg(long)]
         profile: bool,
-        /// Also decode this many sequences at once (batched decoding, CPU), and report their total tokens/s.
+        /// Also decode this many sequences at once (batched decoding), and report their total tokens/s.
         #[arg(long, default_value_t = 1)]
         batch: usize,
     },

@@ -119,7 +119,11 @@ pub async fn generate_batch<F: Future<Output = bool>>(
     mut on_token: impl FnMut(usize, u32) -> F,
 ) -> Result<Vec<Generation>> {
     let capacity = model.batch_capacity();
-    if capacity < 2 {
+    // A request longer than every sequence of a batch may hold runs alone, as all do then (sequence 0 holds the
+    // whole context; the GPU gives the others less).
+    let batch_context = (0..capacity).map(|s| model.sequence_context(s)).min().unwrap_or(0);
+    let fits = requests.iter().all(|r| r.prompt.len() + r.options.max_new_tokens.saturating_sub(1) <= batch_context);
+    if capacity < 2 || !fits {
         let mut out = Vec::with_capacity(requests.len());
         for (i, r) in requests.iter().enumerate() {
             out.push(generate_async(model, r.prompt, r.options, r.hooks, |t| on_token(i, t)).await?);

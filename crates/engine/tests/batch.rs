@@ -1,14 +1,15 @@
 //! Batched generation gives every sequence exactly what generating it alone gives: the same tokens, the same
 //! prompt logits and the same captures, bit for bit, with steering, projections and reads active and with
 //! different sampling per sequence, and the same tokens as `generate` (whose products sum in another order). On the
-//! CPU (which batches) and on wgpu (which runs the sequences one after the other).
+//! CPU and on wgpu, which batches decoding steps whose hooks only add (on GPUs, and on lavapipe when told) and runs
+//! the others one after the other.
 
 mod common;
 
 use common::*;
 use saif_engine::{
-    block_on, generate, generate_batch, Engine, GenerateOptions, Generation, Hooks, Positions, Sampling, Scope,
-    SequenceRequest,
+    block_on, generate, generate_batch, BatchCall, Engine, GenerateOptions, Generation, Hooks, Positions, Sampling,
+    Scope, Segment, SequenceRequest,
 };
 
 fn requests_for(engine: &Engine) -> (Vec<Vec<u32>>, Vec<Hooks>, Vec<GenerateOptions>) {
@@ -61,7 +62,7 @@ fn same(a: &Generation, b: &Generation, what: &str) {
 #[test]
 fn batched_generation_equals_generation_alone() {
     for name in ["tiny-llama", "tiny-gemma3", "tiny-gemma2"] {
-        for backend in [Backend::Cpu, Backend::Wgpu] {
+        for backend in [Backend::Cpu, Backend::Wgpu, Backend::WgpuBatched] {
             let mut engine = load_on(&fixture_path(&format!("{name}.gguf")), backend);
             let (prompts, hooks, mut options) = requests_for(&engine);
             // A stop token sequence 2 reaches midway (its third greedy token alone).
@@ -140,4 +141,64 @@ fn batched_generation_equals_generation_alone_with_int8_activations_and_an_f16_c
     let v: Vec<f32> = (0..hidden).map(|i| if i % 2 == 0 { 0.5 } else { -0.5 }).collect();
     let hooks = [Hooks::none(), Hooks::none().add(20, v, Scope::All).read(10, Positions::Last), Hooks::none()];
     check_smollm2_batch(&mut engine, &["The cat sleeps.", "Write a haiku about rain.", "What is 2 + 2?"], &hooks, 8);
+}
+
+/// On the GPU, decoding steps whose hooks only add to the residual stream (steering vectors, per-position rows)
+/// run as one call of a token per sequence (`BackendStats::batched_steps` counts them), each token attending over
+/// its own sequence's cache rows: every sequence gets the tokens and prompt logits it gets alone, and a step's
+/// logits are bit for bit those of the sequence's one-token call alone.
+#[test]
+fn steps_that_only_add_run_as_one_call_on_the_gpu() {
+    for name in ["tiny-llama", "tiny-gemma3", "tiny-gemma2"] {
+        let mut engine = load_on(&fixture_path(&format!("{name}.gguf")), Backend::WgpuBatched);
+        let (prompts, _, options) = requests_for(&engine);
+        let (hidden, layers) = (engine.config().hidden, engine.config().n_layers);
+        let v: Vec<f32> = (0..hidden).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.6).collect();
+        let rows: Vec<f32> = (0..6 * hidden).map(|i| ((i * 3 % 13) as f32 - 6.0) * 0.3).collect();
+        let hooks = vec![
+            Hooks::none(),
+            Hooks::none().add(1, v.clone(), Scope::All),
+            Hooks::none().add(0, v.clone(), Scope::Generated).add_rows(1, 3, rows),
+            Hooks::none(),
+            Hooks::none().add(layers - 1, v, Scope::Prompt),
+        ];
+        let requests: Vec<SequenceRequest> = (0..prompts.len())
+            .map(|i| SequenceRequest { prompt: &prompts[i], hooks: &hooks[i], options: &options[i] })
+            .collect();
+        let steps_before = engine.model.stats().batched_steps.unwrap();
+        let batched = block_on(generate_batch(engine.model.as_mut(), &requests, |_, _| async { true })).unwrap();
+        // Every step but those with one sequence left: the longest request decodes 9 tokens, the second 7.
+        let steps = engine.model.stats().batched_steps.unwrap() - steps_before;
+        assert_eq!(steps, 6, "{name}: steps run as one call");
+        for (i, b) in batched.iter().enumerate() {
+            let alone = block_on(generate_batch(engine.model.as_mut(), &requests[i..i + 1], |_, _| async { true }));
+            same(&alone.unwrap()[0], b, &format!("{name} on the GPU, sequence {i}"));
+        }
+
+        // One step of sequences 0 to 2 as one call, against each sequence's one-token call alone.
+        let step_logits = |engine: &mut Engine, together: bool| -> Vec<Vec<f32>> {
+            let model = engine.model.as_mut();
+            for s in 0..3 {
+                model.reset_sequence(s);
+                let call = [BatchCall { sequence: s, tokens: &prompts[s], segment: Segment::Prompt, hooks: &hooks[s] }];
+                block_on(model.forward_batch(&call)).unwrap();
+            }
+            let tokens = [[5u32], [6], [7]];
+            let calls: Vec<BatchCall> = (0..3)
+                .map(|s| BatchCall { sequence: s, tokens: &tokens[s], segment: Segment::Generated, hooks: &hooks[s] })
+                .collect();
+            if together {
+                block_on(model.forward_batch(&calls)).unwrap().into_iter().map(|o| o.logits).collect()
+            } else {
+                calls
+                    .iter()
+                    .map(|c| block_on(model.forward_batch(std::slice::from_ref(c))).unwrap()[0].logits.clone())
+                    .collect()
+            }
+        };
+        let (together, alone) = (step_logits(&mut engine, true), step_logits(&mut engine, false));
+        for s in 0..3 {
+            assert_eq!(together[s], alone[s], "{name}: sequence {s}'s step logits in one call and alone");
+        }
+    }
 }

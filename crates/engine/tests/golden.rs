@@ -158,7 +158,7 @@ fn check_model(file: &str, golden: &str, reference: &str, backend: Backend) {
     let mut engine = load_on(&model_path(file), backend);
     let depth = match backend {
         Backend::Cpu => Depth::Full,
-        Backend::Wgpu | Backend::WgpuCooperative | Backend::WgpuSubgroup => Depth::Gpu,
+        Backend::Wgpu | Backend::WgpuCooperative | Backend::WgpuSubgroup | Backend::WgpuBatched => Depth::Gpu,
     };
     check_tokenizer(&engine, &golden);
     check_prompts(&mut engine, &golden, depth);

@@ -28,6 +28,11 @@ pub struct Gpu {
     /// Whether shaders may declare f16 values (`shader-f16`, asked for whenever the adapter offers it); the f16 KV
     /// cache stores them as such, or packs two to a u32 word without it (`kernels::CacheForm`).
     pub shader_f16: bool,
+    /// Whether models on this device run the decoding steps of several sequences as one call (`GpuModel`'s
+    /// batches): on GPUs, where a call's products read each weight once for all its tokens. Not on adapters that
+    /// are CPU programs (lavapipe, SwiftShader): there the products' several-token form decodes every weight once
+    /// per token anyway, and a step of 2 or 4 sequences took as long as 5 or 6 single steps (docs/benchmarks.md).
+    pub batches_steps: bool,
     /// Set by the device-lost callback and by uncaptured validation or out-of-memory errors.
     failure: Arc<Mutex<Option<String>>>,
     /// Bytes of every buffer created through this struct (buffers are only freed with their owner).
@@ -91,6 +96,7 @@ impl Gpu {
                 f.get_or_insert(format!("GPU error: {error}"));
             }
         }));
+        let on_cpu = info.device_type == wgpu::DeviceType::Cpu;
         let gpu = Self {
             device,
             queue,
@@ -99,6 +105,7 @@ impl Gpu {
             matmul_form: MatmulForm::Cooperative,
             subgroup_size,
             shader_f16: features.contains(wgpu::Features::SHADER_F16),
+            batches_steps: !on_cpu,
             failure,
             allocated: std::cell::Cell::new(0),
         };
@@ -111,10 +118,16 @@ impl Gpu {
         };
         let gpu = gpu.with_matmul_form(form);
         // Natively, SAIF_GPU_SHADER_F16=0 keeps the shaders off f16 values (to compare the f16 cache's two forms on
-        // one GPU).
+        // one GPU), and SAIF_GPU_BATCH=0|1 says whether decoding steps of several sequences run as one call.
         #[cfg(not(target_arch = "wasm32"))]
         let gpu = match std::env::var("SAIF_GPU_SHADER_F16") {
             Ok(v) if v == "0" => gpu.without_shader_f16(),
+            _ => gpu,
+        };
+        #[cfg(not(target_arch = "wasm32"))]
+        let gpu = match std::env::var("SAIF_GPU_BATCH").as_deref() {
+            Ok("0") => gpu.with_batched_steps(false),
+            Ok("1") => gpu.with_batched_steps(true),
             _ => gpu,
         };
         // Natively, SAIF_GPU_MATMUL=per-row|cooperative|subgroup overrides the adapter's form (to compare them on
@@ -144,6 +157,13 @@ impl Gpu {
     /// that has them). The device keeps the feature; only what is built from here on leaves it unused.
     pub fn without_shader_f16(mut self) -> Self {
         self.shader_f16 = false;
+        self
+    }
+
+    /// The same device with models running several sequences' decoding steps as one call, or not (tests run the
+    /// batches on lavapipe). Set before a model is loaded.
+    pub fn with_batched_steps(mut self, batches: bool) -> Self {
+        self.batches_steps = batches;
         self
     }
 

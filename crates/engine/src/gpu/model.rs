@@ -18,7 +18,7 @@ use crate::gguf::GgufFile;
 use crate::hooks::{Capture, Hooks, Segment};
 use crate::model::cpu::LoadOptions;
 use crate::model::{
-    check_request, BackendStats, LanguageModel, LocalBoxFuture, LogitsWanted, Picked, Readout, StepOutput,
+    check_request, BackendStats, BatchCall, LanguageModel, LocalBoxFuture, LogitsWanted, Picked, Readout, StepOutput,
 };
 use crate::sampler::Sampling;
 
@@ -26,6 +26,13 @@ pub use super::plan::MAX_TOKENS_PER_CALL;
 
 /// Context the KV cache is allocated for when the caller sets none (GPU memory is allocated up front).
 pub const DEFAULT_GPU_CONTEXT: usize = 4096;
+
+/// Batched decoding: the most sequences one call holds, the tokens each sequence but the first may hold (sequence 0
+/// keeps the whole context), and the GPU memory their caches may take, which lowers the first where the model's
+/// cache rows are large. The caches grow to hold a batch's sequences when it comes.
+const MAX_BATCH: usize = 16;
+const BATCH_CONTEXT: usize = 1024;
+const BATCH_CACHE_BYTES: usize = 256 << 20;
 
 pub struct GpuModel {
     gpu: Rc<Gpu>,
@@ -43,12 +50,14 @@ pub struct GpuModel {
     /// The head for greedy picks where the LM head keeps each workgroup's largest logit (no softcap), in place of
     /// `head_last` and the select dispatch.
     greedy_head: Option<GreedyHead>,
-    /// What the plans bind, kept alive with them: each layer's KV cache and weights, the embedding (when the
-    /// LM head is a matrix of its own) and the RoPE tables.
-    _caches: Vec<LayerCache>,
-    _layers: Vec<LayerWeights>,
-    _embedding: Option<GpuMatrix>,
-    _rope_tables: Vec<wgpu::Buffer>,
+    /// What the plans bind, kept with them (the layers' plans are made again when the caches grow for a batch):
+    /// each layer's KV cache and weights, the embedding, whether layer 0's product looks it up, and the RoPE
+    /// tables (cos, sin) per base.
+    caches: Vec<LayerCache>,
+    layers: Vec<LayerWeights>,
+    embedding: Rc<GpuMatrix>,
+    folds_embedding: bool,
+    rope_tables: Vec<(f32, wgpu::Buffer, wgpu::Buffer)>,
     /// The LM head and its norm, to build the all-positions variant on demand.
     head: HeadWeights,
     /// The unembedding's blocks and the final norm, kept on the CPU for the logit lens.
@@ -60,8 +69,14 @@ pub struct GpuModel {
     /// Per layer: the projection's direction and parameter buffers and its `set_projection` dispatch, created on
     /// first use.
     projecting: Vec<Option<(wgpu::Buffer, wgpu::Buffer, Op)>>,
-    position: usize,
+    /// Tokens in each sequence's cache (sequence 0's first; the others' once a batch has run).
+    positions: Vec<usize>,
     max_context: usize,
+    /// Sequences a batch may hold, and the tokens each but sequence 0 may hold (`MAX_BATCH`, `BATCH_CONTEXT`).
+    capacity: usize,
+    batch_context: usize,
+    /// Steps `step_batch` ran (`BackendStats::batched_steps`).
+    batched_steps: usize,
     /// GPU memory allocated while loading.
     memory: u64,
 }
@@ -147,15 +162,13 @@ impl GpuModel {
         for i in 0..c.n_layers {
             let weights = ld.layer(i, c)?;
             let cache = LayerCache::new(&gpu, c, max_context, kernels.cache);
-            let (_, cos, sin) = rope_tables.iter().find(|r| r.0 == c.layers[i].rope_base).expect("a table per base");
-            let pending = pending_post_norm(&plan, layers.last());
             if i == 0 {
                 folds_embedding = plan.folds_embedding(&embedding, &weights);
             }
-            let table = (i == 0 && folds_embedding).then_some(&*embedding);
-            layer_ops.push(plan.layer(i, &weights, pending, table, &cache, RopeTable { cos, sin })?);
-            caches.push(cache);
             layers.push(weights);
+            let (table, rope) = (folds_embedding.then_some(&*embedding), rope_table(&rope_tables, c, i));
+            layer_ops.push(layer_plan(&plan, &layers, i, table, &cache, rope)?);
+            caches.push(cache);
             progress(i + 2, total_parts);
         }
 
@@ -186,6 +199,12 @@ impl GpuModel {
         progress(total_parts, total_parts);
         gpu.check()?;
         let n_layers = c.n_layers;
+        let batch_context = BATCH_CONTEXT.min(max_context);
+        let sequence_bytes = 2 * n_layers * batch_context * c.kv_dim() * kernels.cache.bytes_per_value();
+        let capacity = match gpu.batches_steps {
+            true => (1 + BATCH_CACHE_BYTES / sequence_bytes.max(1)).min(MAX_BATCH),
+            false => 1,
+        };
         Ok(Self {
             kernels,
             embed_ops,
@@ -194,18 +213,22 @@ impl GpuModel {
             head_last,
             select_op,
             greedy_head,
-            _caches: caches,
-            _layers: layers,
-            _embedding: Rc::try_unwrap(embedding).ok(),
-            _rope_tables: rope_tables.into_iter().flat_map(|r| [r.1, r.2]).collect(),
+            caches,
+            layers,
+            embedding,
+            folds_embedding,
+            rope_tables,
             head: HeadWeights { final_norm, lm_head },
             readout,
             head_all: None,
             steering: (0..n_layers).map(|_| None).collect(),
             projecting: (0..n_layers).map(|_| None).collect(),
             scratch,
-            position: 0,
+            positions: vec![0],
             max_context,
+            capacity,
+            batch_context,
+            batched_steps: 0,
             memory: gpu.allocated() - allocated_before,
             config,
             gpu,
@@ -227,13 +250,13 @@ impl GpuModel {
     #[cfg(not(target_arch = "wasm32"))]
     pub fn profile_call(&mut self, tokens: &[u32]) -> Result<Vec<(String, f64, usize)>> {
         use std::time::Instant;
-        self.check_request(tokens, &Hooks::none())?;
+        self.check_request(0, tokens, &Hooks::none())?;
         let t = tokens.len().min(MAX_TOKENS_PER_CALL);
         let gpu = self.gpu.clone();
-        let step = StepParams { tokens: t as u32, start: self.position as u32, pad: [0; 2] };
+        let step = StepParams { tokens: t as u32, start: self.positions[0] as u32, pad: [0; 2] };
         gpu.queue.write_buffer(&self.scratch.step, 0, bytemuck::bytes_of(&step));
         gpu.queue.write_buffer(&self.scratch.tokens, 0, bytemuck::cast_slice(&tokens[..t]));
-        let rows = TokenRow::of_call(0, self.position as u32, t as u32);
+        let rows = TokenRow::of_call(0, self.positions[0] as u32, t as u32);
         gpu.queue.write_buffer(&self.scratch.token_rows, 0, bytemuck::cast_slice(&rows));
         let wait = || gpu.device.poll(wgpu::PollType::wait_indefinitely()).map(|_| ());
         let mut totals: Vec<(String, f64, usize)> = Vec::new();
@@ -284,9 +307,50 @@ impl GpuModel {
         embed.chain(layer_ops).chain(head_ops).filter(|(op, call)| op.runs_for(*call)).collect()
     }
 
-    fn check_request(&self, tokens: &[u32], hooks: &Hooks) -> Result<()> {
+    fn check_request(&self, sequence: usize, tokens: &[u32], hooks: &Hooks) -> Result<()> {
         self.gpu.check()?;
-        check_request(&self.config, self.position, self.max_context, tokens, hooks)
+        let position = self.positions.get(sequence).copied().unwrap_or(0);
+        check_request(&self.config, position, self.sequence_context(sequence), tokens, hooks)
+    }
+
+    /// The cache row of sequence `sequence`'s position 0: sequence 0's rows first, then `batch_context` rows for
+    /// each other sequence.
+    fn first_row(&self, sequence: usize) -> usize {
+        match sequence {
+            0 => 0,
+            s => self.max_context + (s - 1) * self.batch_context,
+        }
+    }
+
+    /// Makes the caches hold `sequences` sequences (the rows they hold kept), and the layers' plans bind them. A
+    /// model that never batches keeps sequence 0's rows alone; a batch pays for the growth once.
+    fn ensure_batch_caches(&mut self, sequences: usize) -> Result<()> {
+        let held = self.positions.len();
+        if sequences <= held {
+            return Ok(());
+        }
+        let rows = self.first_row(sequences);
+        let (gpu, c, form) = (self.gpu.clone(), &self.config, self.kernels.cache);
+        let caches: Vec<LayerCache> = (0..c.n_layers).map(|_| LayerCache::new(&gpu, c, rows, form)).collect();
+        let mut encoder = gpu.device.create_command_encoder(&Default::default());
+        let row_bytes = c.kv_dim() * form.bytes_per_value();
+        let kept = (self.first_row(held) * row_bytes) as u64;
+        for (old, new) in self.caches.iter().zip(&caches) {
+            encoder.copy_buffer_to_buffer(&old.k, 0, &new.k, 0, kept);
+            encoder.copy_buffer_to_buffer(&old.v, 0, &new.v, 0, kept);
+        }
+        gpu.queue.submit([encoder.finish()]);
+        let plan = self.planner();
+        let table = self.folds_embedding.then_some(&*self.embedding);
+        let layer_ops = (0..c.n_layers)
+            .map(|i| layer_plan(&plan, &self.layers, i, table, &caches[i], rope_table(&self.rope_tables, c, i)))
+            .collect::<Result<Vec<_>>>()?;
+        gpu.check()?;
+        self.memory += (rows - self.first_row(held)) as u64 * (2 * c.n_layers * row_bytes) as u64;
+        self.layer_ops = layer_ops;
+        self.caches = caches;
+        self.positions.resize(sequences, 0);
+        Ok(())
     }
 
     /// The add_vector dispatch of layer `layer`'s steering buffer, created on first use.
@@ -312,6 +376,123 @@ impl GpuModel {
         self.projecting[layer].as_ref().expect("just created")
     }
 
+    /// `forward_batch`: a call alone runs as `forward` does, in its own sequence's cache rows; one-token calls of
+    /// several sequences whose hooks only add vectors run as one call of a token per sequence (`step_batch`);
+    /// other mixes (reads, projections, prompts) run one call after the other.
+    async fn forward_calls(&mut self, calls: &[BatchCall<'_>]) -> Result<Vec<StepOutput>> {
+        for (i, c) in calls.iter().enumerate() {
+            if c.sequence >= self.capacity {
+                return Err(EngineError::InvalidRequest(format!(
+                    "sequence {} is beyond the {} sequences a batch holds on the GPU",
+                    c.sequence, self.capacity
+                )));
+            }
+            if calls[..i].iter().any(|d| d.sequence == c.sequence) {
+                return Err(EngineError::InvalidRequest(format!("sequence {} is twice in one batch", c.sequence)));
+            }
+        }
+        self.ensure_batch_caches(calls.iter().map(|c| c.sequence + 1).max().unwrap_or(1))?;
+        if calls.len() > 1 && calls.iter().all(|c| c.tokens.len() == 1 && self.only_adds(c)) {
+            return self.step_batch(calls).await;
+        }
+        let mut outputs = Vec::with_capacity(calls.len());
+        for c in calls {
+            let out = self.run(c.sequence, c.tokens, c.segment, c.hooks, Finish::Logits(LogitsWanted::Last)).await?;
+            let logits = out.logits.expect("logits were asked for");
+            outputs.push(StepOutput { logits, all_logits: None, captures: out.captures });
+        }
+        Ok(outputs)
+    }
+
+    /// Whether a one-token call's hooks do nothing but add to the residual stream (no reads, no projections).
+    fn only_adds(&self, call: &BatchCall) -> bool {
+        let position = self.positions.get(call.sequence).copied().unwrap_or(0);
+        (0..self.config.n_layers).all(|layer| {
+            call.hooks.projection(layer, call.segment).is_none()
+                && call.hooks.read_offsets(layer, position, 1).is_empty()
+        })
+    }
+
+    /// One-token calls of distinct sequences as one call of their tokens: the products read each weight once for
+    /// all of them, attention reads each token's own cache rows (`TokenRow`), and each sequence's steering vector
+    /// and per-position row are added to its own row, in the order a call alone adds them. The head computes every
+    /// row's logits (`head_all`), which are read back.
+    async fn step_batch(&mut self, calls: &[BatchCall<'_>]) -> Result<Vec<StepOutput>> {
+        for c in calls {
+            self.check_request(c.sequence, c.tokens, c.hooks)?;
+        }
+        let (n, hidden, vocab) = (calls.len(), self.config.hidden, self.config.vocab_size);
+        let gpu = self.gpu.clone();
+        let step = StepParams { tokens: n as u32, start: 0, pad: [0; 2] };
+        gpu.queue.write_buffer(&self.scratch.step, 0, bytemuck::bytes_of(&step));
+        let tokens: Vec<u32> = calls.iter().map(|c| c.tokens[0]).collect();
+        gpu.queue.write_buffer(&self.scratch.tokens, 0, bytemuck::cast_slice(&tokens));
+        let rows: Vec<TokenRow> = calls
+            .iter()
+            .map(|c| TokenRow { first: self.first_row(c.sequence) as u32, position: self.positions[c.sequence] as u32 })
+            .collect();
+        gpu.queue.write_buffer(&self.scratch.token_rows, 0, bytemuck::cast_slice(&rows));
+        self.ensure_head_all(n)?;
+        // Per layer: the sequences' steering vectors as rows of one addition, then their per-position rows as
+        // another (zeros for the sequences without).
+        let mut additions: Vec<Vec<(wgpu::Buffer, Op)>> = Vec::with_capacity(self.config.n_layers);
+        for layer in 0..self.config.n_layers {
+            let vectors: Vec<Option<Vec<f32>>> = calls.iter().map(|c| c.hooks.added_vector(layer, c.segment)).collect();
+            let at_positions: Vec<Option<Vec<f32>>> =
+                calls.iter().map(|c| c.hooks.added_rows(layer, self.positions[c.sequence], 1, hidden)).collect();
+            let mut ops = Vec::new();
+            for kind in [vectors, at_positions] {
+                if kind.iter().any(Option::is_some) {
+                    let mut values = vec![0f32; n * hidden];
+                    for (row, added) in values.chunks_exact_mut(hidden).zip(&kind) {
+                        if let Some(added) = added {
+                            row.copy_from_slice(added);
+                        }
+                    }
+                    let buffer = gpu.storage_with("batch additions", bytemuck::cast_slice(&values));
+                    let op = self.planner().row_addition(&buffer);
+                    ops.push((buffer, op));
+                }
+            }
+            additions.push(ops);
+        }
+        let hooked: Vec<bool> = additions.iter().map(|a| !a.is_empty()).collect();
+        let (layer_calls, _) = self.call_shapes(n as u32, &hooked, false);
+        let plain = CallShape::plain(n as u32);
+        let (_, head_ops, logits) = self.head_all.as_ref().expect("ensured above");
+        let mut encoder = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("batch") });
+        {
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            for op in &self.embed_ops {
+                op.record(&mut pass, plain);
+            }
+            for layer in 0..self.config.n_layers {
+                for op in &self.layer_ops[layer] {
+                    op.record(&mut pass, layer_calls[layer]);
+                }
+                for (_, op) in &additions[layer] {
+                    op.record(&mut pass, plain);
+                }
+            }
+            for op in head_ops {
+                op.record(&mut pass, plain);
+            }
+        }
+        let bytes = (n * vocab * 4) as u64;
+        let read = gpu.readback("batch logits read", bytes);
+        encoder.copy_buffer_to_buffer(logits, 0, &read, 0, bytes);
+        gpu.queue.submit([encoder.finish()]);
+        for c in calls {
+            self.positions[c.sequence] += 1;
+        }
+        self.batched_steps += 1;
+        let all = gpu.read_f32(&read, n * vocab).await?;
+        Ok(all
+            .chunks_exact(vocab)
+            .map(|l| StepOutput { logits: l.to_vec(), all_logits: None, captures: Vec::new() })
+            .collect())
+    }
+
     /// Makes sure the all-positions head exists for calls of `tokens` tokens.
     fn ensure_head_all(&mut self, tokens: usize) -> Result<()> {
         if self.head_all.as_ref().is_some_and(|h| h.0 >= tokens) {
@@ -327,6 +508,7 @@ impl GpuModel {
     /// with; earlier calls of a long prompt end after the layers.
     async fn run_call(
         &mut self,
+        sequence: usize,
         tokens: &[u32],
         segment: Segment,
         hooks: &Hooks,
@@ -334,7 +516,7 @@ impl GpuModel {
         finish: Finish,
     ) -> Result<CallOutput> {
         let n = tokens.len();
-        let start = self.position;
+        let start = self.positions[sequence];
         let hidden = self.config.hidden;
         let gpu = self.gpu.clone();
         gpu.queue.write_buffer(
@@ -343,7 +525,7 @@ impl GpuModel {
             bytemuck::bytes_of(&StepParams { tokens: n as u32, start: start as u32, pad: [0; 2] }),
         );
         gpu.queue.write_buffer(&self.scratch.tokens, 0, bytemuck::cast_slice(tokens));
-        let rows = TokenRow::of_call(0, start as u32, n as u32);
+        let rows = TokenRow::of_call(self.first_row(sequence) as u32, start as u32, n as u32);
         gpu.queue.write_buffer(&self.scratch.token_rows, 0, bytemuck::cast_slice(&rows));
         if let Finish::Pick(sampling, step) = finish {
             let params = match sampling {
@@ -497,7 +679,7 @@ impl GpuModel {
             Finish::Layers => None,
         };
         gpu.queue.submit([encoder.finish()]);
-        self.position += n;
+        self.positions[sequence] += n;
 
         let mut out = CallOutput::default();
         if let Some(read) = &capture_read {
@@ -538,12 +720,19 @@ impl GpuModel {
         Ok(out)
     }
 
-    /// A forward over any number of tokens, in calls of at most MAX_TOKENS_PER_CALL.
-    async fn run(&mut self, tokens: &[u32], segment: Segment, hooks: &Hooks, finish: Finish) -> Result<CallOutput> {
-        self.check_request(tokens, hooks)?;
+    /// A forward of sequence `sequence` over any number of tokens, in calls of at most MAX_TOKENS_PER_CALL.
+    async fn run(
+        &mut self,
+        sequence: usize,
+        tokens: &[u32],
+        segment: Segment,
+        hooks: &Hooks,
+        finish: Finish,
+    ) -> Result<CallOutput> {
+        self.check_request(sequence, tokens, hooks)?;
         // What the read hooks want over the whole forward, as (layer, absolute position): `Last` means the last
         // token of the forward, not of each internal call.
-        let start = self.position;
+        let start = self.positions[sequence];
         let mut reads = Vec::new();
         for layer in 0..self.config.n_layers {
             reads.extend(hooks.read_offsets(layer, start, tokens.len()).into_iter().map(|o| (layer, start + o)));
@@ -555,7 +744,7 @@ impl GpuModel {
         for (i, chunk) in chunks.iter().enumerate() {
             let last = i + 1 == chunks.len();
             let this_finish = if last || keep_all { finish } else { Finish::Layers };
-            let out = self.run_call(chunk, segment, hooks, &reads, this_finish).await?;
+            let out = self.run_call(sequence, chunk, segment, hooks, &reads, this_finish).await?;
             total.captures.extend(out.captures);
             if let Some(all) = out.all_logits {
                 all_logits.extend(all);
@@ -594,7 +783,7 @@ impl LanguageModel for GpuModel {
     }
 
     fn position(&self) -> usize {
-        self.position
+        self.positions[0]
     }
 
     fn max_context(&self) -> usize {
@@ -602,7 +791,33 @@ impl LanguageModel for GpuModel {
     }
 
     fn reset(&mut self) {
-        self.position = 0;
+        self.positions[0] = 0;
+    }
+
+    fn batch_capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn sequence_context(&self, sequence: usize) -> usize {
+        if sequence == 0 {
+            self.max_context
+        } else {
+            self.batch_context
+        }
+    }
+
+    fn reset_sequence(&mut self, sequence: usize) {
+        if let Some(p) = self.positions.get_mut(sequence) {
+            *p = 0;
+        }
+    }
+
+    fn sequence_position(&self, sequence: usize) -> usize {
+        self.positions.get(sequence).copied().unwrap_or(0)
+    }
+
+    fn forward_batch<'a>(&'a mut self, calls: &'a [BatchCall<'a>]) -> LocalBoxFuture<'a, Result<Vec<StepOutput>>> {
+        Box::pin(self.forward_calls(calls))
     }
 
     fn readout(&self) -> Option<Readout> {
@@ -624,7 +839,11 @@ impl LanguageModel for GpuModel {
 
     fn stats(&self) -> BackendStats {
         let per_token = self.ops_of_a_call(1).len();
-        BackendStats { gpu_memory_bytes: Some(self.memory), dispatches_per_token: Some(per_token) }
+        BackendStats {
+            gpu_memory_bytes: Some(self.memory),
+            dispatches_per_token: Some(per_token),
+            batched_steps: Some(self.batched_steps),
+        }
     }
 
     fn forward<'a>(
@@ -635,7 +854,7 @@ impl LanguageModel for GpuModel {
         logits: LogitsWanted,
     ) -> LocalBoxFuture<'a, Result<StepOutput>> {
         Box::pin(async move {
-            let out = self.run(tokens, segment, hooks, Finish::Logits(logits)).await?;
+            let out = self.run(0, tokens, segment, hooks, Finish::Logits(logits)).await?;
             Ok(StepOutput {
                 logits: out.logits.expect("logits were asked for"),
                 all_logits: out.all_logits,
@@ -653,7 +872,7 @@ impl LanguageModel for GpuModel {
         step: u32,
     ) -> LocalBoxFuture<'a, Result<Picked>> {
         Box::pin(async move {
-            let out = self.run(tokens, segment, hooks, Finish::Pick(sampling, step)).await?;
+            let out = self.run(0, tokens, segment, hooks, Finish::Pick(sampling, step)).await?;
             Ok(Picked { token: out.token.expect("a token was picked"), captures: out.captures, logits: None })
         })
     }
@@ -683,4 +902,25 @@ pub fn pick_largest(pairs: &[u32]) -> u32 {
 /// to the next product.
 fn pending_post_norm<'a>(plan: &Planner, previous: Option<&'a LayerWeights>) -> Option<&'a wgpu::Buffer> {
     previous.filter(|w| plan.folds_post_norms(w)).and_then(|w| w.post_ffn_norm.as_ref())
+}
+
+/// Layer i's plan over `cache`. `layers` holds layers 0 to i at least: the one before says whether one-token
+/// calls leave its last residual add pending. `embedding`: the table layer 0's product looks tokens up in, where it
+/// does.
+fn layer_plan(
+    plan: &Planner,
+    layers: &[LayerWeights],
+    i: usize,
+    embedding: Option<&GpuMatrix>,
+    cache: &LayerCache,
+    rope: RopeTable,
+) -> Result<Vec<Op>> {
+    let pending = pending_post_norm(plan, i.checked_sub(1).map(|p| &layers[p]));
+    plan.layer(i, &layers[i], pending, embedding.filter(|_| i == 0), cache, rope)
+}
+
+/// The RoPE table of layer i's base.
+fn rope_table<'a>(tables: &'a [(f32, wgpu::Buffer, wgpu::Buffer)], c: &ModelConfig, i: usize) -> RopeTable<'a> {
+    let (_, cos, sin) = tables.iter().find(|r| r.0 == c.layers[i].rope_base).expect("a table per base");
+    RopeTable { cos, sin }
 }

@@ -52,6 +52,9 @@ pub struct BackendStats {
     pub gpu_memory_bytes: Option<u64>,
     /// Compute dispatches recorded per decoded token.
     pub dispatches_per_token: Option<usize>,
+    /// Batched decoding steps that ran as one call for all their sequences, since loading (a GPU runs steps whose
+    /// hooks read or project one sequence at a time).
+    pub batched_steps: Option<usize>,
 }
 
 /// What turns a residual vector into logits: the final norm's weights and the unembedding (the LM head, or the
@@ -153,6 +156,11 @@ pub trait LanguageModel {
     /// How many sequences a batched call may hold (1: the backend runs one sequence at a time).
     fn batch_capacity(&self) -> usize {
         1
+    }
+
+    /// Tokens sequence `sequence`'s cache holds (the GPU gives the sequences of a batch less than sequence 0).
+    fn sequence_context(&self, _sequence: usize) -> usize {
+        self.max_context()
     }
 
     /// Empties sequence `sequence`'s cache (`reset` empties sequence 0's).

@@ -50,6 +50,9 @@ pub enum Backend {
     WgpuCooperative,
     /// wgpu with the matrix products' lanes added by subgroup shuffles (lavapipe has subgroups of 8).
     WgpuSubgroup,
+    /// wgpu with decoding steps of several sequences run as one call, as GPUs run them (lavapipe, a CPU program,
+    /// runs them one at a time unless told).
+    WgpuBatched,
 }
 
 pub fn load_on(path: &std::path::Path, backend: Backend) -> Engine {
@@ -61,6 +64,10 @@ pub fn load_on(path: &std::path::Path, backend: Backend) -> Engine {
         Backend::Wgpu => saif_engine::block_on(Engine::load_wgpu(reader, &options, None)),
         Backend::WgpuCooperative => saif_engine::block_on(async {
             let gpu = saif_engine::gpu::Gpu::new().await?.with_matmul_form(MatmulForm::Cooperative);
+            Engine::load_wgpu(reader, &options, Some(std::rc::Rc::new(gpu))).await
+        }),
+        Backend::WgpuBatched => saif_engine::block_on(async {
+            let gpu = saif_engine::gpu::Gpu::new().await?.with_batched_steps(true);
             Engine::load_wgpu(reader, &options, Some(std::rc::Rc::new(gpu))).await
         }),
         Backend::WgpuSubgroup => saif_engine::block_on(async {
