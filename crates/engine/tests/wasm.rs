@@ -5,7 +5,8 @@
 #![cfg(target_arch = "wasm32")]
 
 use saif_engine::{
-    generate, Engine, GenerateOptions, GgufFile, Hooks, LoadOptions, LogitsWanted, Sampling, Segment, Tokenizer,
+    generate, generate_batch, Engine, GenerateOptions, GgufFile, Hooks, LoadOptions, LogitsWanted, Sampling, Scope,
+    Segment, SequenceRequest, Tokenizer,
 };
 use wasm_bindgen_test::*;
 
@@ -251,5 +252,28 @@ async fn check_fixtures_on_webgpu(gpu: std::rc::Rc<saif_engine::gpu::Gpu>) {
             let g = generate(engine.model.as_mut(), &input, &options, &Hooks::none(), |_| true).await.unwrap();
             assert_eq!(g.ids, ids(&case["greedy8_ids"]));
         }
+    }
+}
+
+/// Batched decoding on WebGPU, told to batch on SwiftShader: three sequences of tiny-llama, two of them steered,
+/// each get in one batch the greedy tokens they get alone, and the steps ran as one call.
+#[wasm_bindgen_test]
+async fn webgpu_batched_steps_give_each_sequence_what_it_gets_alone() {
+    let gpu = std::rc::Rc::new(gpu().await.with_batched_steps(true));
+    let bytes = &include_bytes!("fixtures/tiny-llama.gguf")[..];
+    let mut engine =
+        Engine::load_wgpu(&mut std::io::Cursor::new(bytes), &LoadOptions::default(), Some(gpu)).await.unwrap();
+    let hidden = engine.config().hidden;
+    let v: Vec<f32> = (0..hidden).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.6).collect();
+    let prompts = [vec![2u32, 40, 41, 42], vec![2, 50], vec![2, 60, 61, 62, 63, 64]];
+    let hooks = [Hooks::none(), Hooks::none().add(1, v.clone(), Scope::All), Hooks::none().add(0, v, Scope::Generated)];
+    let options = GenerateOptions { max_new_tokens: 6, sampling: Sampling::Greedy, stop_tokens: vec![] };
+    let requests: Vec<SequenceRequest> =
+        (0..3).map(|i| SequenceRequest { prompt: &prompts[i], hooks: &hooks[i], options: &options }).collect();
+    let batched = generate_batch(engine.model.as_mut(), &requests, |_, _| async { true }).await.unwrap();
+    assert_eq!(engine.model.stats().batched_steps, Some(5), "steps run as one call");
+    for (i, b) in batched.iter().enumerate() {
+        let alone = generate(engine.model.as_mut(), &prompts[i], &options, &hooks[i], |_| true).await.unwrap();
+        assert_eq!(alone.ids, b.ids, "sequence {i}");
     }
 }
