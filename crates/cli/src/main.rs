@@ -578,6 +578,14 @@ fn run(cli: Cli) -> Result<()> {
             let mut engine = model.load()?;
             let settings = BenchSettings { prompt_tokens, decode_tokens, runs, with_hooks: !no_hooks, batch };
             let mut report = bench::run(&mut engine, &path, &settings)?;
+            let capacity = engine.model.batch_capacity();
+            if batch > capacity {
+                eprintln!(
+                    "note: {batch} sequences at once were not timed: {} runs at most {capacity} at once (wgpu on an \
+                     adapter that is a CPU program runs one; SAIF_GPU_BATCH=1 makes it batch)",
+                    engine.model.backend_name()
+                );
+            }
             if profile {
                 report.profile = Some(bench::profile(&mut engine, prompt_tokens)?);
             }

@@ -77,7 +77,7 @@ pub struct GpuModel {
     batch_context: usize,
     /// Steps `step_batch` ran (`BackendStats::batched_steps`).
     batched_steps: usize,
-    /// GPU memory allocated while loading.
+    /// GPU memory the model holds: what loading allocated, and the caches' growth for batches.
     memory: u64,
 }
 

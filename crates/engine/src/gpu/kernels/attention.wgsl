@@ -49,7 +49,7 @@ struct AttentionParams {
 
 @group(0) @binding(0) var<storage, read> QKV: array<f32>;        // [tokens][(heads + 2 kv_heads) * head_dim]
 @group(0) @binding(1) var<storage, read_write> Q: array<f32>;    // [tokens][heads * head_dim]
-// Bindings 2 and 3: the key and value caches KC and VC, [position][kv_heads * head_dim] (kv_cache_*.wgsl).
+// Bindings 2 and 3: the key and value caches KC and VC, [cache row][kv_heads * head_dim] (kv_cache_*.wgsl).
 @group(0) @binding(4) var<storage, read> NORMS: array<f32>;      // q's norm weights, then k's (head_dim each)
 @group(0) @binding(5) var<storage, read> COS: array<f32>;        // [position][head_dim / 2]
 @group(0) @binding(6) var<storage, read> SIN: array<f32>;

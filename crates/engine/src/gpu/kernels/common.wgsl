@@ -3,7 +3,8 @@
 
 struct Step {
     tokens: u32,      // tokens in this call
-    start: u32,       // position of the first of them
+    start: u32,       // position of the first of them (attention reads each token's own from its TokenRow;
+                      // a call of several sequences' tokens sets 0)
     pad0: u32,
     pad1: u32,
 }
