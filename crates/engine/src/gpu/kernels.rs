@@ -162,7 +162,7 @@ fn type_suffix(dtype: GgmlDType) -> Result<&'static str> {
     })
 }
 
-/// `source` after quant.wgsl, with `dot_chunk` and `value_at` bound to `dtype`'s functions.
+/// `source` after quant.wgsl, with `decode_chunk`, `dot_decoded` and `value_at` bound to `dtype`'s functions.
 fn with_decoder(source: &str, dtype: GgmlDType) -> Result<String> {
     let t = type_suffix(dtype)?;
     // quant.wgsl's dot products read `X4`; a kernel that only decodes values (the embedding) gets a private
@@ -170,7 +170,8 @@ fn with_decoder(source: &str, dtype: GgmlDType) -> Result<String> {
     let stand_in = if source.contains(" X4: ") { "" } else { "var<private> X4: array<vec4<f32>, 8>;" };
     Ok(format!(
         "{QUANT}\n{source}\n{stand_in}\n\
-         fn dot_chunk(row: u32, c: u32, x: u32) -> f32 {{ return dot_{t}(row, c, x); }}\n\
+         fn decode_chunk(row: u32, c: u32) -> Chunk {{ return decode_{t}(row, c); }}\n\
+         fn dot_decoded(w: Chunk, x: u32) -> f32 {{ return dot_decoded_{t}(w, x); }}\n\
          fn value_at(row: u32, i: u32) -> f32 {{ return value_{t}(row, i); }}\n"
     ))
 }
@@ -181,7 +182,7 @@ fn with_decoder(source: &str, dtype: GgmlDType) -> Result<String> {
 fn table_decoder(dtype: GgmlDType) -> Result<String> {
     let t = type_suffix(dtype)?;
     let names = QUANT.lines().filter_map(|line| line.strip_prefix("fn ")?.split('(').next());
-    let mut source = QUANT.replace("W[", "E[");
+    let mut source = QUANT.replace("W[", "E[").replace("Chunk", "TableChunk");
     for name in names {
         source = renamed_calls(&source, name, &format!("table_{name}"));
     }

@@ -71,12 +71,19 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let up_row = (r + P.rows) * P.row_bytes;
         let chunks = P.cols / 32u;
         for (var c = lane; c < chunks; c += LANES) {
+            // Each chunk of weights is decoded once for all the tile's tokens: each token's sum is what a tile of one
+            // gives it.
+            let w = decode_chunk(row, c);
             for (var t = 0u; t < TILE; t++) {
                 if (t0 + t < inputs) {
-                    let x = x_first + (t * P.cols + 32u * c) / 4u;
-                    acc[t] += dot_chunk(row, c, x);
-                    if (glu) {
-                        acc_up[t] += dot_chunk(up_row, c, x);
+                    acc[t] += dot_decoded(w, x_first + (t * P.cols + 32u * c) / 4u);
+                }
+            }
+            if (glu) {
+                let u = decode_chunk(up_row, c);
+                for (var t = 0u; t < TILE; t++) {
+                    if (t0 + t < inputs) {
+                        acc_up[t] += dot_decoded(u, x_first + (t * P.cols + 32u * c) / 4u);
                     }
                 }
             }

@@ -1,11 +1,21 @@
 // GGUF blocks read inside shaders: the raw bytes of a weight matrix sit in `W` (u32 words, as the file stores them).
-// Two functions per type, the twins of crates/engine/src/quant/blocks.rs:
-//   dot_<type>(row, c, x)  the dot product of the row's values 32c .. 32c + 31 with X4[x .. x + 8] (8 vec4s of
-//                          activations), decoding inside the product (blocks::dot_row);
-//   value_<type>(row, i)   the row's value i alone (blocks::dequantize), for the embedding lookup.
+// Three functions per type, the twins of crates/engine/src/quant/blocks.rs:
+//   decode_<type>(row, c)       the row's values 32c .. 32c + 31 as the dot product takes them (a `Chunk`);
+//   dot_decoded_<type>(w, x)    the dot product of a decoded chunk with X4[x .. x + 8] (8 vec4s of activations),
+//                               in the order blocks::dot_row sums; a product of several tokens decodes a chunk once
+//                               and takes it to each token, with the same numbers as one token's product;
+//   value_<type>(row, i)        the row's value i alone (blocks::dequantize), for the embedding lookup.
 // `row` is the byte offset of a row's first block. Every field of every block starts at an even byte offset.
 // The including kernel declares `W` and, for the dot products, `X4: array<vec4<f32>>`; gpu/kernels.rs appends
-// `dot_chunk` and `value_at`, bound to the matrix's type.
+// `decode_chunk`, `dot_decoded` and `value_at`, bound to the matrix's type.
+
+// 32 values as a type's dot product takes them (before its scales), and up to three scales.
+struct Chunk {
+    q: array<vec4<f32>, 8>,
+    a: f32,
+    b: f32,
+    c: f32,
+}
 
 fn byte_at(off: u32) -> u32 {
     return (W[off >> 2u] >> ((off & 3u) * 8u)) & 0xffu;
@@ -45,29 +55,44 @@ fn sum4(v: vec4<f32>) -> f32 {
 
 // --- F32, F16, BF16: plain numbers -------------------------------------------------------------------------
 
-fn dot_f32(row: u32, c: u32, x: u32) -> f32 {
-    let base = (row >> 2u) + 32u * c;
+// F32, F16 and BF16 chunks hold their values; their dot product is a plain sum.
+fn dot_plain(w: Chunk, x: u32) -> f32 {
     var s = 0.0;
-    for (var w = 0u; w < 8u; w++) {
-        let v = vec4<f32>(bitcast<f32>(W[base + 4u * w]), bitcast<f32>(W[base + 4u * w + 1u]),
-                          bitcast<f32>(W[base + 4u * w + 2u]), bitcast<f32>(W[base + 4u * w + 3u]));
-        s += dot(v, X4[x + w]);
+    for (var i = 0u; i < 8u; i++) {
+        s += dot(w.q[i], X4[x + i]);
     }
     return s;
+}
+
+fn decode_f32(row: u32, c: u32) -> Chunk {
+    let base = (row >> 2u) + 32u * c;
+    var w: Chunk;
+    for (var i = 0u; i < 8u; i++) {
+        w.q[i] = vec4<f32>(bitcast<f32>(W[base + 4u * i]), bitcast<f32>(W[base + 4u * i + 1u]),
+                           bitcast<f32>(W[base + 4u * i + 2u]), bitcast<f32>(W[base + 4u * i + 3u]));
+    }
+    return w;
+}
+
+fn dot_decoded_f32(w: Chunk, x: u32) -> f32 {
+    return dot_plain(w, x);
 }
 
 fn value_f32(row: u32, i: u32) -> f32 {
     return bitcast<f32>(W[(row >> 2u) + i]);
 }
 
-fn dot_f16(row: u32, c: u32, x: u32) -> f32 {
+fn decode_f16(row: u32, c: u32) -> Chunk {
     let base = row + 64u * c;
-    var s = 0.0;
-    for (var w = 0u; w < 8u; w++) {
-        let v = vec4<f32>(unpack2x16float(word_at(base + 8u * w)), unpack2x16float(word_at(base + 8u * w + 4u)));
-        s += dot(v, X4[x + w]);
+    var w: Chunk;
+    for (var i = 0u; i < 8u; i++) {
+        w.q[i] = vec4<f32>(unpack2x16float(word_at(base + 8u * i)), unpack2x16float(word_at(base + 8u * i + 4u)));
     }
-    return s;
+    return w;
+}
+
+fn dot_decoded_f16(w: Chunk, x: u32) -> f32 {
+    return dot_plain(w, x);
 }
 
 fn value_f16(row: u32, i: u32) -> f32 {
@@ -78,14 +103,17 @@ fn bf16_pair(w: u32) -> vec2<f32> {
     return vec2<f32>(bitcast<f32>(w << 16u), bitcast<f32>(w & 0xffff0000u));
 }
 
-fn dot_bf16(row: u32, c: u32, x: u32) -> f32 {
+fn decode_bf16(row: u32, c: u32) -> Chunk {
     let base = row + 64u * c;
-    var s = 0.0;
-    for (var w = 0u; w < 8u; w++) {
-        let v = vec4<f32>(bf16_pair(word_at(base + 8u * w)), bf16_pair(word_at(base + 8u * w + 4u)));
-        s += dot(v, X4[x + w]);
+    var w: Chunk;
+    for (var i = 0u; i < 8u; i++) {
+        w.q[i] = vec4<f32>(bf16_pair(word_at(base + 8u * i)), bf16_pair(word_at(base + 8u * i + 4u)));
     }
-    return s;
+    return w;
+}
+
+fn dot_decoded_bf16(w: Chunk, x: u32) -> f32 {
+    return dot_plain(w, x);
 }
 
 fn value_bf16(row: u32, i: u32) -> f32 {
@@ -96,14 +124,29 @@ fn value_bf16(row: u32, i: u32) -> f32 {
 // --- block_q4_0 (18 bytes, 32 values): d (f16), 16 bytes of nibbles -------------------------------------------
 // Value j = (low nibble of byte j - 8) d; value j + 16 = (high nibble of byte j - 8) d.
 
-fn dot_q4_0(row: u32, c: u32, x: u32) -> f32 {
+fn decode_q4_0(row: u32, c: u32) -> Chunk {
     let b = row + 18u * c;
-    var s = 0.0;
-    for (var w = 0u; w < 4u; w++) {
-        let q = word_at(b + 2u + 4u * w);
-        s += dot(nibbles_lo(q) - 8.0, X4[x + w]) + dot(nibbles_hi(q) - 8.0, X4[x + 4u + w]);
+    var w: Chunk;
+    for (var i = 0u; i < 4u; i++) {
+        let q = word_at(b + 2u + 4u * i);
+        w.q[i] = nibbles_lo(q) - 8.0;
+        w.q[4u + i] = nibbles_hi(q) - 8.0;
     }
-    return s * half_at(b);
+    w.a = half_at(b);
+    return w;
+}
+
+// Q4_0 and Q5_0: values j and j + 16 summed in pairs, then scaled.
+fn dot_halves_scaled(w: Chunk, x: u32) -> f32 {
+    var s = 0.0;
+    for (var i = 0u; i < 4u; i++) {
+        s += dot(w.q[i], X4[x + i]) + dot(w.q[4u + i], X4[x + 4u + i]);
+    }
+    return s * w.a;
+}
+
+fn dot_decoded_q4_0(w: Chunk, x: u32) -> f32 {
+    return dot_halves_scaled(w, x);
 }
 
 fn value_q4_0(row: u32, i: u32) -> f32 {
@@ -115,18 +158,29 @@ fn value_q4_0(row: u32, i: u32) -> f32 {
 
 // --- block_q4_1 (20 bytes): d, m (f16), 16 bytes of nibbles; value = nibble d + m ------------------------------
 
-fn dot_q4_1(row: u32, c: u32, x: u32) -> f32 {
+fn decode_q4_1(row: u32, c: u32) -> Chunk {
     let b = row + 20u * c;
+    var w: Chunk;
+    for (var i = 0u; i < 4u; i++) {
+        let q = word_at(b + 4u + 4u * i);
+        w.q[i] = nibbles_lo(q);
+        w.q[4u + i] = nibbles_hi(q);
+    }
+    w.a = half_at(b);
+    w.b = half_at(b + 2u);
+    return w;
+}
+
+fn dot_decoded_q4_1(w: Chunk, x: u32) -> f32 {
     var s = 0.0;
     var sx = 0.0;
-    for (var w = 0u; w < 4u; w++) {
-        let q = word_at(b + 4u + 4u * w);
-        let x0 = X4[x + w];
-        let x1 = X4[x + 4u + w];
-        s += dot(nibbles_lo(q), x0) + dot(nibbles_hi(q), x1);
+    for (var i = 0u; i < 4u; i++) {
+        let x0 = X4[x + i];
+        let x1 = X4[x + 4u + i];
+        s += dot(w.q[i], x0) + dot(w.q[4u + i], x1);
         sx += sum4(x0 + x1);
     }
-    return s * half_at(b) + sx * half_at(b + 2u);
+    return s * w.a + sx * w.b;
 }
 
 fn value_q4_1(row: u32, i: u32) -> f32 {
@@ -139,17 +193,21 @@ fn value_q4_1(row: u32, i: u32) -> f32 {
 // --- block_q5_0 (22 bytes): d (f16), 32 fifth bits (u32), 16 bytes of low nibbles; value = (q - 16) d ----------
 // Value j takes bit j of the fifth bits, value j + 16 bit j + 16.
 
-fn dot_q5_0(row: u32, c: u32, x: u32) -> f32 {
+fn decode_q5_0(row: u32, c: u32) -> Chunk {
     let b = row + 22u * c;
     let qh = word_at(b + 2u);
-    var s = 0.0;
-    for (var w = 0u; w < 4u; w++) {
-        let q = word_at(b + 6u + 4u * w);
-        let lo = nibbles_lo(q) + 16.0 * bits4(qh, 4u * w) - 16.0;
-        let hi = nibbles_hi(q) + 16.0 * bits4(qh, 16u + 4u * w) - 16.0;
-        s += dot(lo, X4[x + w]) + dot(hi, X4[x + 4u + w]);
+    var w: Chunk;
+    for (var i = 0u; i < 4u; i++) {
+        let q = word_at(b + 6u + 4u * i);
+        w.q[i] = nibbles_lo(q) + 16.0 * bits4(qh, 4u * i) - 16.0;
+        w.q[4u + i] = nibbles_hi(q) + 16.0 * bits4(qh, 16u + 4u * i) - 16.0;
     }
-    return s * half_at(b);
+    w.a = half_at(b);
+    return w;
+}
+
+fn dot_decoded_q5_0(w: Chunk, x: u32) -> f32 {
+    return dot_halves_scaled(w, x);
 }
 
 fn value_q5_0(row: u32, i: u32) -> f32 {
@@ -162,13 +220,18 @@ fn value_q5_0(row: u32, i: u32) -> f32 {
 
 // --- block_q8_0 (34 bytes): d (f16), 32 signed bytes; value = q d ---------------------------------------------
 
-fn dot_q8_0(row: u32, c: u32, x: u32) -> f32 {
+fn decode_q8_0(row: u32, c: u32) -> Chunk {
     let b = row + 34u * c;
-    var s = 0.0;
-    for (var w = 0u; w < 8u; w++) {
-        s += dot(vec4<f32>(unpack4xI8(word_at(b + 2u + 4u * w))), X4[x + w]);
+    var w: Chunk;
+    for (var i = 0u; i < 8u; i++) {
+        w.q[i] = vec4<f32>(unpack4xI8(word_at(b + 2u + 4u * i)));
     }
-    return s * half_at(b);
+    w.a = half_at(b);
+    return w;
+}
+
+fn dot_decoded_q8_0(w: Chunk, x: u32) -> f32 {
+    return dot_plain(w, x) * w.a;
 }
 
 fn value_q8_0(row: u32, i: u32) -> f32 {
@@ -191,21 +254,30 @@ fn scale_min_k4(s: u32, j: u32) -> vec2<f32> {
     return vec2<f32>(f32(sc), f32(mn));
 }
 
-fn dot_q4_k(row: u32, c: u32, x: u32) -> f32 {
+fn decode_q4_k(row: u32, c: u32) -> Chunk {
     let b = row + 144u * (c / 8u);
     let j = c % 8u;
     let sm = scale_min_k4(b + 4u, j);
     let qs = b + 16u + 32u * (j / 2u);
     let shift = 4u * (j % 2u);
+    var w: Chunk;
+    for (var i = 0u; i < 8u; i++) {
+        w.q[i] = vec4<f32>(unpack4xU8((word_at(qs + 4u * i) >> shift) & 0x0f0f0f0fu));
+    }
+    w.a = half_at(b) * sm.x;
+    w.b = half_at(b + 2u) * sm.y;
+    return w;
+}
+
+fn dot_decoded_q4_k(w: Chunk, x: u32) -> f32 {
     var s = 0.0;
     var sx = 0.0;
-    for (var w = 0u; w < 8u; w++) {
-        let q = vec4<f32>(unpack4xU8((word_at(qs + 4u * w) >> shift) & 0x0f0f0f0fu));
-        let xv = X4[x + w];
-        s += dot(q, xv);
+    for (var i = 0u; i < 8u; i++) {
+        let xv = X4[x + i];
+        s += dot(w.q[i], xv);
         sx += sum4(xv);
     }
-    return half_at(b) * sm.x * s - half_at(b + 2u) * sm.y * sx;
+    return w.a * s - w.b * sx;
 }
 
 fn value_q4_k(row: u32, i: u32) -> f32 {
@@ -225,27 +297,37 @@ fn signed_byte(off: u32) -> f32 {
     return f32(extractBits(bitcast<i32>(byte_at(off)), 0u, 8u));
 }
 
-fn dot_q6_k(row: u32, c: u32, x: u32) -> f32 {
+fn decode_q6_k(row: u32, c: u32) -> Chunk {
     let b = row + 210u * (c / 8u);
     let h = (c % 8u) / 4u;
     let k = c % 4u;
     let ql = b + 64u * h + 32u * (k % 2u);
     let qh = b + 128u + 32u * h;
     let sc = b + 192u + 8u * h + 2u * k;
+    var w: Chunk;
+    for (var i = 0u; i < 8u; i++) {
+        let lo = (word_at(ql + 4u * i) >> (4u * (k / 2u))) & 0x0f0f0f0fu;
+        let hi = (word_at(qh + 4u * i) >> (2u * k)) & 0x03030303u;
+        w.q[i] = vec4<f32>(unpack4xU8(lo | (hi << 4u))) - 32.0;
+    }
+    w.a = half_at(b + 208u);
+    w.b = signed_byte(sc);
+    w.c = signed_byte(sc + 1u);
+    return w;
+}
+
+fn dot_decoded_q6_k(w: Chunk, x: u32) -> f32 {
     var s0 = 0.0;
     var s1 = 0.0;
-    for (var w = 0u; w < 8u; w++) {
-        let lo = (word_at(ql + 4u * w) >> (4u * (k / 2u))) & 0x0f0f0f0fu;
-        let hi = (word_at(qh + 4u * w) >> (2u * k)) & 0x03030303u;
-        let q = vec4<f32>(unpack4xU8(lo | (hi << 4u))) - 32.0;
-        let p = dot(q, X4[x + w]);
-        if (w < 4u) {
+    for (var i = 0u; i < 8u; i++) {
+        let p = dot(w.q[i], X4[x + i]);
+        if (i < 4u) {
             s0 += p;
         } else {
             s1 += p;
         }
     }
-    return half_at(b + 208u) * (signed_byte(sc) * s0 + signed_byte(sc + 1u) * s1);
+    return w.a * (w.b * s0 + w.c * s1);
 }
 
 fn value_q6_k(row: u32, i: u32) -> f32 {
