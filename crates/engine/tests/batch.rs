@@ -155,7 +155,7 @@ fn steps_that_only_add_run_as_one_call_on_the_gpu() {
         let (hidden, layers) = (engine.config().hidden, engine.config().n_layers);
         let v: Vec<f32> = (0..hidden).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.6).collect();
         let rows: Vec<f32> = (0..6 * hidden).map(|i| ((i * 3 % 13) as f32 - 6.0) * 0.3).collect();
-        let hooks = vec![
+        let hooks = [
             Hooks::none(),
             Hooks::none().add(1, v.clone(), Scope::All),
             Hooks::none().add(0, v.clone(), Scope::Generated).add_rows(1, 3, rows),

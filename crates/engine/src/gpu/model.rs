@@ -62,19 +62,20 @@ pub struct GpuModel {
     head: HeadWeights,
     /// The unembedding's blocks and the final norm, kept on the CPU for the logit lens.
     readout: Readout,
-    /// The all-positions head for calls of up to `.0` tokens, with its logits buffer.
-    head_all: Option<(usize, Vec<Op>, wgpu::Buffer)>,
+    /// The head over every token of a call, made on demand (`ensure_head_all`).
+    head_all: Option<HeadAll>,
     /// Per layer: the steering vector buffer and its `add_vector` dispatch, created on first use.
     steering: Vec<Option<(wgpu::Buffer, Op)>>,
+    /// Per layer: a batch's steering vectors and per-position rows, one row per sequence (`batch_addition_op`).
+    batch_additions: Vec<[Option<(wgpu::Buffer, Op)>; 2]>,
     /// Per layer: the projection's direction and parameter buffers and its `set_projection` dispatch, created on
     /// first use.
     projecting: Vec<Option<(wgpu::Buffer, wgpu::Buffer, Op)>>,
     /// Tokens in each sequence's cache (sequence 0's first; the others' once a batch has run).
     positions: Vec<usize>,
     max_context: usize,
-    /// Sequences a batch may hold, and the tokens each but sequence 0 may hold (`MAX_BATCH`, `BATCH_CONTEXT`).
+    /// Sequences a batch may hold (`MAX_BATCH`, `BATCH_CACHE_BYTES`).
     capacity: usize,
-    batch_context: usize,
     /// Steps `step_batch` ran (`BackendStats::batched_steps`).
     batched_steps: usize,
     /// GPU memory the model holds: what loading allocated, and the caches' growth for batches.
@@ -89,6 +90,15 @@ struct GreedyHead {
     largest: wgpu::Buffer,
     largest_read: wgpu::Buffer,
     slots: usize,
+}
+
+/// The head over every token of calls of up to `tokens` tokens (all-positions logits, and a batch's rows): its
+/// dispatches, the logits and their readback.
+struct HeadAll {
+    tokens: usize,
+    ops: Vec<Op>,
+    logits: wgpu::Buffer,
+    read: wgpu::Buffer,
 }
 
 /// What the all-positions LM head needs.
@@ -199,8 +209,7 @@ impl GpuModel {
         progress(total_parts, total_parts);
         gpu.check()?;
         let n_layers = c.n_layers;
-        let batch_context = BATCH_CONTEXT.min(max_context);
-        let sequence_bytes = 2 * n_layers * batch_context * c.kv_dim() * kernels.cache.bytes_per_value();
+        let sequence_bytes = 2 * n_layers * batch_context(max_context) * c.kv_dim() * kernels.cache.bytes_per_value();
         let capacity = match gpu.batches_steps {
             true => (1 + BATCH_CACHE_BYTES / sequence_bytes.max(1)).min(MAX_BATCH),
             false => 1,
@@ -222,12 +231,12 @@ impl GpuModel {
             readout,
             head_all: None,
             steering: (0..n_layers).map(|_| None).collect(),
+            batch_additions: (0..n_layers).map(|_| [None, None]).collect(),
             projecting: (0..n_layers).map(|_| None).collect(),
             scratch,
             positions: vec![0],
             max_context,
             capacity,
-            batch_context,
             batched_steps: 0,
             memory: gpu.allocated() - allocated_before,
             config,
@@ -318,7 +327,7 @@ impl GpuModel {
     fn first_row(&self, sequence: usize) -> usize {
         match sequence {
             0 => 0,
-            s => self.max_context + (s - 1) * self.batch_context,
+            s => self.max_context + (s - 1) * batch_context(self.max_context),
         }
     }
 
@@ -434,32 +443,30 @@ impl GpuModel {
         gpu.queue.write_buffer(&self.scratch.token_rows, 0, bytemuck::cast_slice(&rows));
         self.ensure_head_all(n)?;
         // Per layer: the sequences' steering vectors as rows of one addition, then their per-position rows as
-        // another (zeros for the sequences without).
-        let mut additions: Vec<Vec<(wgpu::Buffer, Op)>> = Vec::with_capacity(self.config.n_layers);
-        for layer in 0..self.config.n_layers {
+        // another (zeros for the sequences without), written before the commands that read them.
+        let mut used = vec![[false; 2]; self.config.n_layers];
+        for (layer, used) in used.iter_mut().enumerate() {
             let vectors: Vec<Option<Vec<f32>>> = calls.iter().map(|c| c.hooks.added_vector(layer, c.segment)).collect();
             let at_positions: Vec<Option<Vec<f32>>> =
                 calls.iter().map(|c| c.hooks.added_rows(layer, self.positions[c.sequence], 1, hidden)).collect();
-            let mut ops = Vec::new();
-            for kind in [vectors, at_positions] {
-                if kind.iter().any(Option::is_some) {
+            for (kind, rows) in [vectors, at_positions].into_iter().enumerate() {
+                if rows.iter().any(Option::is_some) {
                     let mut values = vec![0f32; n * hidden];
-                    for (row, added) in values.chunks_exact_mut(hidden).zip(&kind) {
+                    for (row, added) in values.chunks_exact_mut(hidden).zip(&rows) {
                         if let Some(added) = added {
                             row.copy_from_slice(added);
                         }
                     }
-                    let buffer = gpu.storage_with("batch additions", bytemuck::cast_slice(&values));
-                    let op = self.planner().row_addition(&buffer);
-                    ops.push((buffer, op));
+                    let (buffer, _) = self.batch_addition_op(layer, kind);
+                    gpu.queue.write_buffer(buffer, 0, bytemuck::cast_slice(&values));
+                    used[kind] = true;
                 }
             }
-            additions.push(ops);
         }
-        let hooked: Vec<bool> = additions.iter().map(|a| !a.is_empty()).collect();
+        let hooked: Vec<bool> = used.iter().map(|u| u[0] || u[1]).collect();
         let (layer_calls, _) = self.call_shapes(n as u32, &hooked, false);
         let plain = CallShape::plain(n as u32);
-        let (_, head_ops, logits) = self.head_all.as_ref().expect("ensured above");
+        let head = self.head_all.as_ref().expect("ensured above");
         let mut encoder = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("batch") });
         {
             let mut pass = encoder.begin_compute_pass(&Default::default());
@@ -470,37 +477,50 @@ impl GpuModel {
                 for op in &self.layer_ops[layer] {
                     op.record(&mut pass, layer_calls[layer]);
                 }
-                for (_, op) in &additions[layer] {
-                    op.record(&mut pass, plain);
+                for (kind, op) in self.batch_additions[layer].iter().enumerate() {
+                    if let (true, Some((_, op))) = (used[layer][kind], op) {
+                        op.record(&mut pass, plain);
+                    }
                 }
             }
-            for op in head_ops {
+            for op in &head.ops {
                 op.record(&mut pass, plain);
             }
         }
-        let bytes = (n * vocab * 4) as u64;
-        let read = gpu.readback("batch logits read", bytes);
-        encoder.copy_buffer_to_buffer(logits, 0, &read, 0, bytes);
+        encoder.copy_buffer_to_buffer(&head.logits, 0, &head.read, 0, (n * vocab * 4) as u64);
         gpu.queue.submit([encoder.finish()]);
         for c in calls {
             self.positions[c.sequence] += 1;
         }
         self.batched_steps += 1;
-        let all = gpu.read_f32(&read, n * vocab).await?;
+        let all = gpu.read_f32(&self.head_all.as_ref().expect("ensured above").read, n * vocab).await?;
         Ok(all
             .chunks_exact(vocab)
             .map(|l| StepOutput { logits: l.to_vec(), all_logits: None, captures: Vec::new() })
             .collect())
     }
 
+    /// Layer `layer`'s addition of a row per sequence of a batch (`kind` 0: the steering vectors, 1: the
+    /// per-position rows), its buffer of `capacity` rows and its dispatch made on first use.
+    fn batch_addition_op(&mut self, layer: usize, kind: usize) -> &(wgpu::Buffer, Op) {
+        if self.batch_additions[layer][kind].is_none() {
+            let buffer = self.gpu.storage("batch additions", (self.capacity * self.config.hidden * 4) as u64);
+            let op = self.planner().row_addition(&buffer);
+            self.batch_additions[layer][kind] = Some((buffer, op));
+        }
+        self.batch_additions[layer][kind].as_ref().expect("just created")
+    }
+
     /// Makes sure the all-positions head exists for calls of `tokens` tokens.
     fn ensure_head_all(&mut self, tokens: usize) -> Result<()> {
-        if self.head_all.as_ref().is_some_and(|h| h.0 >= tokens) {
+        if self.head_all.as_ref().is_some_and(|h| h.tokens >= tokens) {
             return Ok(());
         }
-        let logits = self.gpu.storage("all logits", (tokens * self.config.vocab_size * 4) as u64);
+        let bytes = (tokens * self.config.vocab_size * 4) as u64;
+        let logits = self.gpu.storage("all logits", bytes);
         let ops = self.planner().head(&self.head.final_norm, &self.head.lm_head, &logits, false, None, None)?;
-        self.head_all = Some((tokens, ops, logits));
+        let read = self.gpu.readback("all logits read", bytes);
+        self.head_all = Some(HeadAll { tokens, ops, logits, read });
         Ok(())
     }
 
@@ -642,7 +662,7 @@ impl GpuModel {
                 }
             }
             Finish::Logits(LogitsWanted::All) => {
-                for op in &self.head_all.as_ref().expect("ensured above").1 {
+                for op in &self.head_all.as_ref().expect("ensured above").ops {
                     op.record(pass.as_mut().unwrap(), plain);
                 }
             }
@@ -652,7 +672,7 @@ impl GpuModel {
         }
         drop(pass);
         let vocab = self.config.vocab_size;
-        let all_read = match finish {
+        match finish {
             Finish::Logits(LogitsWanted::Last) => {
                 encoder.copy_buffer_to_buffer(
                     &self.scratch.logits,
@@ -661,23 +681,17 @@ impl GpuModel {
                     0,
                     (vocab * 4) as u64,
                 );
-                None
             }
             Finish::Logits(LogitsWanted::All) => {
-                let bytes = (n * vocab * 4) as u64;
-                let read = gpu.readback("all logits read", bytes);
-                encoder.copy_buffer_to_buffer(&self.head_all.as_ref().expect("ensured").2, 0, &read, 0, bytes);
-                Some(read)
+                let head = self.head_all.as_ref().expect("ensured");
+                encoder.copy_buffer_to_buffer(&head.logits, 0, &head.read, 0, (n * vocab * 4) as u64);
             }
-            Finish::Pick(..) => {
-                match greedy {
-                    Some(g) => encoder.copy_buffer_to_buffer(&g.largest, 0, &g.largest_read, 0, (g.slots * 8) as u64),
-                    None => encoder.copy_buffer_to_buffer(&self.scratch.picked, 0, &self.scratch.picked_read, 0, 4),
-                }
-                None
-            }
-            Finish::Layers => None,
-        };
+            Finish::Pick(..) => match greedy {
+                Some(g) => encoder.copy_buffer_to_buffer(&g.largest, 0, &g.largest_read, 0, (g.slots * 8) as u64),
+                None => encoder.copy_buffer_to_buffer(&self.scratch.picked, 0, &self.scratch.picked_read, 0, 4),
+            },
+            Finish::Layers => {}
+        }
         gpu.queue.submit([encoder.finish()]);
         self.positions[sequence] += n;
 
@@ -699,7 +713,7 @@ impl GpuModel {
                 out.logits = Some(gpu.read_f32(&self.scratch.logits_read, vocab).await?)
             }
             Finish::Logits(LogitsWanted::All) => {
-                let all = gpu.read_f32(all_read.as_ref().expect("made above"), n * vocab).await?;
+                let all = gpu.read_f32(&self.head_all.as_ref().expect("ensured").read, n * vocab).await?;
                 out.logits = Some(all[(n - 1) * vocab..].to_vec());
                 out.all_logits = Some(all);
             }
@@ -802,7 +816,7 @@ impl LanguageModel for GpuModel {
         if sequence == 0 {
             self.max_context
         } else {
-            self.batch_context
+            batch_context(self.max_context)
         }
     }
 
@@ -902,6 +916,11 @@ pub fn pick_largest(pairs: &[u32]) -> u32 {
 /// to the next product.
 fn pending_post_norm<'a>(plan: &Planner, previous: Option<&'a LayerWeights>) -> Option<&'a wgpu::Buffer> {
     previous.filter(|w| plan.folds_post_norms(w)).and_then(|w| w.post_ffn_norm.as_ref())
+}
+
+/// Tokens each sequence of a batch but sequence 0 holds, for a model whose sequence 0 holds `max_context`.
+fn batch_context(max_context: usize) -> usize {
+    BATCH_CONTEXT.min(max_context)
 }
 
 /// Layer i's plan over `cache`. `layers` holds layers 0 to i at least: the one before says whether one-token

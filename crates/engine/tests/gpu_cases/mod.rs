@@ -844,14 +844,7 @@ async fn head_preparation_matches_cpu_with(gpu: &Gpu, form: CacheForm) {
     // 160 dimensions: 80 pairs, so some of the 64 threads take two; two q heads per kv head.
     let (heads, kv_heads, hd, tokens, start) = (4usize, 2usize, 160usize, 3usize, 5usize);
     let (positions, half, eps) = (start + tokens, hd / 2, 1e-6f32);
-    let (mut cos, mut sin) = (Vec::new(), Vec::new());
-    for p in 0..positions {
-        for i in 0..half {
-            let angle = p as f64 / 10_000f64.powf(2.0 * i as f64 / hd as f64);
-            cos.push(angle.cos() as f32);
-            sin.push(angle.sin() as f32);
-        }
-    }
+    let (cos, sin) = rope_tables(positions, hd);
     let per_token = (heads + 2 * kv_heads) * hd;
     let qkv: Vec<f32> = noise(tokens * per_token, 61).iter().map(|v| v * 3.0).collect();
     let norms = noise(2 * hd, 62);
@@ -871,15 +864,7 @@ async fn head_preparation_matches_cpu_with(gpu: &Gpu, form: CacheForm) {
             let (c, s_) = (&cos[start * half..], &sin[start * half..]);
             let want_q = rope_cpu(&q, tokens, heads, hd, c, s_, interleaved);
             let want_k = rope_cpu(&k, tokens, kv_heads, hd, c, s_, interleaved);
-            let params = HeadsParams {
-                heads: heads as u32,
-                kv_heads: kv_heads as u32,
-                head_dim: hd as u32,
-                interleaved: interleaved as u32,
-                qk_norm: qk_norm as u32,
-                eps,
-                pad: [0; 2],
-            };
+            let params = heads_params(heads, kv_heads, hd, interleaved, qk_norm, eps);
             let q_out = gpu.storage("q", (tokens * heads * hd * 4) as u64);
             let cache_bytes = (positions * kv_heads * hd * form.bytes_per_value()) as u64;
             let (k_cache, v_cache) = (gpu.storage("k cache", cache_bytes), gpu.storage("v cache", cache_bytes));
@@ -910,6 +895,46 @@ async fn head_preparation_matches_cpu_with(gpu: &Gpu, form: CacheForm) {
             assert_eq!(&got_v[before..], &want_v[..], "v in the cache, {what}");
             assert!(got_k[..before].iter().chain(&got_v[..before]).all(|&x| x == 0.0), "wrote before the call, {what}");
         }
+    }
+}
+
+/// RoPE's cos and sin for `positions` positions of heads of `hd` values (base 10,000), computed in f64 as the
+/// model's tables are: [position][hd / 2] each.
+fn rope_tables(positions: usize, hd: usize) -> (Vec<f32>, Vec<f32>) {
+    let angles: Vec<f64> = (0..positions)
+        .flat_map(|p| (0..hd / 2).map(move |i| p as f64 / 10_000f64.powf(2.0 * i as f64 / hd as f64)))
+        .collect();
+    (angles.iter().map(|a| a.cos() as f32).collect(), angles.iter().map(|a| a.sin() as f32).collect())
+}
+
+fn heads_params(heads: usize, kv_heads: usize, hd: usize, interleaved: bool, qk_norm: bool, eps: f32) -> HeadsParams {
+    HeadsParams {
+        heads: heads as u32,
+        kv_heads: kv_heads as u32,
+        head_dim: hd as u32,
+        interleaved: interleaved as u32,
+        qk_norm: qk_norm as u32,
+        eps,
+        pad: [0; 2],
+    }
+}
+
+fn attention_params(
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    window: usize,
+    scale: f32,
+    softcap: f32,
+) -> AttentionParams {
+    AttentionParams {
+        heads: heads as u32,
+        kv_heads: kv_heads as u32,
+        head_dim: hd as u32,
+        window: window as u32,
+        scale,
+        softcap,
+        pad: [0; 2],
     }
 }
 
@@ -980,18 +1005,7 @@ async fn attention_matches_cpu_with(gpu: &Gpu, form: CacheForm) {
     let scale = 1.0 / (hd as f32).sqrt();
     for (window, softcap) in [(0usize, 0f32), (50, 0.0), (0, 2.0), (5, 1.5)] {
         let want = attention_cpu(&q, &k, &v, heads, kv_heads, hd, start, tokens, window, scale, softcap);
-        let p = uniform(
-            gpu,
-            &AttentionParams {
-                heads: heads as u32,
-                kv_heads: kv_heads as u32,
-                head_dim: hd as u32,
-                window: window as u32,
-                scale,
-                softcap,
-                pad: [0; 2],
-            },
-        );
+        let p = uniform(gpu, &attention_params(heads, kv_heads, hd, window, scale, softcap));
         let o = gpu.storage("o", (tokens * heads * hd * 4) as u64);
         let s = step(gpu, tokens as u32, start as u32);
         dispatch(
@@ -1031,14 +1045,7 @@ async fn step_attention_matches_prepare_then_attend_with(gpu: &Gpu, form: CacheF
     // 160 dimensions: 80 pairs, so some of the 64 threads take two; two q heads per kv head.
     let (heads, kv_heads, hd, eps) = (4usize, 2usize, 160usize, 1e-6f32);
     let (half, positions, kv_width) = (hd / 2, 72usize, kv_heads * hd);
-    let (mut cos, mut sin) = (Vec::new(), Vec::new());
-    for p in 0..positions {
-        for i in 0..half {
-            let angle = p as f64 / 10_000f64.powf(2.0 * i as f64 / hd as f64);
-            cos.push(angle.cos() as f32);
-            sin.push(angle.sin() as f32);
-        }
-    }
+    let (cos, sin) = rope_tables(positions, hd);
     let qkv: Vec<f32> = noise((heads + 2 * kv_heads) * hd, 71).iter().map(|v| v * 3.0).collect();
     let norms = noise(2 * hd, 72);
     let old_k: Vec<f32> = noise(positions * kv_width, 73);
@@ -1057,30 +1064,8 @@ async fn step_attention_matches_prepare_then_attend_with(gpu: &Gpu, form: CacheF
             "position {start}, qk norm {qk_norm}, interleaved {interleaved}, window {window}, softcap {softcap}, \
              {form:?} cache"
         );
-        let heads_params = uniform(
-            gpu,
-            &HeadsParams {
-                heads: heads as u32,
-                kv_heads: kv_heads as u32,
-                head_dim: hd as u32,
-                interleaved: interleaved as u32,
-                qk_norm: qk_norm as u32,
-                eps,
-                pad: [0; 2],
-            },
-        );
-        let attention_params = uniform(
-            gpu,
-            &AttentionParams {
-                heads: heads as u32,
-                kv_heads: kv_heads as u32,
-                head_dim: hd as u32,
-                window: window as u32,
-                scale,
-                softcap,
-                pad: [0; 2],
-            },
-        );
+        let heads_params = uniform(gpu, &heads_params(heads, kv_heads, hd, interleaved, qk_norm, eps));
+        let attention_params = uniform(gpu, &attention_params(heads, kv_heads, hd, window, scale, softcap));
         // The caches hold earlier positions, and stale values in the step's own row, which the step must overwrite
         // and never read.
         let (k0, v0) = (old_k.clone(), old_v.clone());
@@ -1157,41 +1142,12 @@ pub async fn attention_gives_each_sequence_what_it_gets_alone(gpu: &Gpu) {
         // 160 dimensions (some threads take two pairs), two q heads per kv head; sequence 0 attends past a chunk of
         // 64 keys, sequence 1 within one.
         let (heads, kv_heads, hd, context) = (4usize, 2usize, 160usize, 80usize);
-        let (half, kv_width, per_token) = (hd / 2, kv_heads * hd, (heads + 2 * kv_heads) * hd);
-        let (mut cos, mut sin) = (Vec::new(), Vec::new());
-        for p in 0..context {
-            for i in 0..half {
-                let angle = p as f64 / 10_000f64.powf(2.0 * i as f64 / hd as f64);
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
-            }
-        }
+        let (kv_width, per_token) = (kv_heads * hd, (heads + 2 * kv_heads) * hd);
+        let (cos, sin) = rope_tables(context, hd);
         let (cos, sin) = (floats(gpu, &cos), floats(gpu, &sin));
         let norms = floats(gpu, &noise(2 * hd, 81));
-        let heads_params = uniform(
-            gpu,
-            &HeadsParams {
-                heads: heads as u32,
-                kv_heads: kv_heads as u32,
-                head_dim: hd as u32,
-                interleaved: 0,
-                qk_norm: 1,
-                eps: 1e-6,
-                pad: [0; 2],
-            },
-        );
-        let attention_params = uniform(
-            gpu,
-            &AttentionParams {
-                heads: heads as u32,
-                kv_heads: kv_heads as u32,
-                head_dim: hd as u32,
-                window: 0,
-                scale: 1.0 / (hd as f32).sqrt(),
-                softcap: 0.0,
-                pad: [0; 2],
-            },
-        );
+        let heads_params = uniform(gpu, &heads_params(heads, kv_heads, hd, false, true, 1e-6));
+        let attention_params = uniform(gpu, &attention_params(heads, kv_heads, hd, 0, 1.0 / (hd as f32).sqrt(), 0.0));
         let positions = [70usize, 40];
         let qkv: Vec<f32> = noise(2 * per_token, 82).iter().map(|v| v * 3.0).collect();
         let (old_k, old_v) = (noise(2 * context * kv_width, 83), noise(2 * context * kv_width, 84));
