@@ -263,28 +263,28 @@ unsafe fn product(w: &Weights, blocks: usize, len: usize, x: &Lanes, out: &mut [
 struct Sums([[i32; LANES]; ROWS]);
 
 /// `lanes_tiles` for the groups `groups` of `rows` (Q4_1's repacked rows, or Q8_0's where `Q8_0`) and the activation
-/// rows of `x`: `put(i, g, values)` for each of `x`'s rows i and each group g. Call only where `available()`.
-pub fn lanes_products<const Q8_0: bool>(
+/// rows of `x`, written where they go: activation row i's sixteen values of the run's g-th group at `out + i * stride
+/// + 16 * g`, for the `x.rows` rows (the kernel stores them there itself: through a buffer and a copy, the stores of
+/// the copy took 6% of a batched SmolLM2 step). Call only where `available()`.
+///
+/// # Safety
+/// `out` has room for `x.rows` rows `stride` values apart, each of `16 * groups.len()` values, which nothing else
+/// reads or writes while this runs.
+pub unsafe fn lanes_products<const Q8_0: bool>(
     rows: &super::lanes::RowGroups,
     groups: std::ops::Range<usize>,
     x: &TileRows,
-    mut put: impl FnMut(usize, usize, &[f32; LANES]),
+    out: *mut f32,
+    stride: usize,
 ) {
-    assert!(available() && groups.end <= rows.groups() && x.k == 32 * rows.blocks());
+    assert!(available() && groups.end <= rows.groups() && x.k == 32 * rows.blocks() && x.rows <= ROWS);
     assert!(x.values.len() >= LANES * x.k && x.scale.len().min(x.scaled_sum.len()) >= LANES * rows.blocks());
-    let mut values: Vec<[[f32; LANES]; ROWS]> = Vec::with_capacity(groups.len());
+    assert!(x.rows <= 1 || stride >= LANES * groups.len());
     let data = rows.group(groups.start.min(rows.groups().saturating_sub(1))).as_ptr();
     // SAFETY: the CPU has what the kernel runs (`available`); the kernel reads the groups' blocks, which follow each
-    // other from `data`, and the sixteen rows of `x` (asserted above), and writes every value of the `groups.len()`
-    // groups, for which `values` has room (not zeroed first: zeroing the kernel's buffers was 8% of a batched
-    // step).
-    unsafe {
-        lanes_tiles::<Q8_0>(data, groups.len(), rows.blocks(), x, values.as_mut_ptr());
-        values.set_len(groups.len());
-    }
-    for (g, values) in groups.zip(&values) {
-        values[..x.rows].iter().enumerate().for_each(|(i, v)| put(i, g, v));
-    }
+    // other from `data`, and the sixteen rows of `x` (asserted above), and writes the `x.rows` rows of `out` the
+    // caller gave room for.
+    lanes_tiles::<Q8_0>(data, groups.len(), rows.blocks(), x, out, stride);
 }
 
 /// Where byte `4n + t` of a tile row of Q8_0 weights comes from in a register of the repacked block (`q8_0_lanes`:
@@ -300,9 +300,9 @@ const Q8_0_TO_TILE: [u8; 64] = {
 };
 
 /// The products of sixteen activation rows (`x`, as a tile reads them) with the `groups` groups of repacked rows
-/// from `data` (Q4_1's `q4_1_lanes` layout, or Q8_0's `q8_0_lanes` where `Q8_0`), into `out[0..groups]`: row i of
-/// `out[g]`, activation row i's values for the group's sixteen weight rows. Each value is bit for bit that of
-/// `int8_rows`' kernels, and so of `q4_1_lanes::Q4_1Lanes::int8_group` for Q4_1.
+/// from `data` (Q4_1's `q4_1_lanes` layout, or Q8_0's `q8_0_lanes` where `Q8_0`), into `out`: activation row i's
+/// values for group g's sixteen weight rows at `out + i * stride + 16 * g`, for the `x.rows` rows. Each value is
+/// bit for bit that of `int8_rows`' kernels, and so of `q4_1_lanes::Q4_1Lanes::int8_group` for Q4_1.
 ///
 /// Per block, the sixteen weight rows' bytes are laid out as AMX wants its second operand (row j of the tile: four
 /// values of each weight row side by side): Q4_1's repacked block holds them so in its nibbles (low nibbles of its
@@ -322,14 +322,15 @@ const Q8_0_TO_TILE: [u8; 64] = {
 ///
 /// # Safety
 /// Call only where `available()`; `data` holds `groups` groups of `blocks` blocks, `x` sixteen rows of `32 *
-/// blocks` values, and `out` has room for `groups` groups.
+/// blocks` values, and `out` has room for `x.rows` rows `stride` values apart, of `16 * groups` values each.
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,f16c")]
 unsafe fn lanes_tiles<const Q8_0: bool>(
     data: *const u8,
     groups: usize,
     blocks: usize,
     x: &TileRows,
-    out: *mut [[f32; LANES]; ROWS],
+    out: *mut f32,
+    stride: usize,
 ) {
     configure(32);
     let block_bytes = if Q8_0 { q8_0_lanes::BLOCK_BYTES } else { q4_1_lanes::BLOCK_BYTES };
@@ -338,8 +339,8 @@ unsafe fn lanes_tiles<const Q8_0: bool>(
     // Written before they are read: the weights by `lay_out`, the sums by the tile store.
     let mut weights = std::mem::MaybeUninit::<[Tile<512>; 3]>::uninit();
     let weights: [*mut u8; 3] = std::array::from_fn(|i| weights.as_mut_ptr().cast::<u8>().add(512 * i));
-    let mut sums = std::mem::MaybeUninit::<[Tile<1024>; 2]>::uninit();
-    let sums: [*mut u8; 2] = std::array::from_fn(|i| sums.as_mut_ptr().cast::<u8>().add(1024 * i));
+    let mut sums = std::mem::MaybeUninit::<[Tile<1024>; 3]>::uninit();
+    let sums: [*mut u8; 3] = std::array::from_fn(|i| sums.as_mut_ptr().cast::<u8>().add(1024 * i));
     let mut acc = [_mm512_setzero_ps(); LANES];
     let activations = x.values.as_ptr();
     // Block t of the sequence (block t % blocks of group t / blocks): its weights into `weights[t % 3]`.
@@ -363,18 +364,18 @@ unsafe fn lanes_tiles<const Q8_0: bool>(
     };
     // Block t's product into set t % 2 (Q4_1's nibbles, 0-15, are signed bytes as well).
     let multiply = |t: usize| {
-        let (a, stride, w) = (activations.add(32 * (t % blocks)), x.k, weights[t % 3]);
+        let (a, row_bytes, w) = (activations.add(32 * (t % blocks)), x.k, weights[t % 3]);
         if t.is_multiple_of(2) {
             asm!(
                 "tilezero tmm0", "tileloadd tmm1, [{a} + {s} * 1]", "tileloadd tmm2, [{w} + {t} * 1]",
                 "tdpbssd tmm0, tmm1, tmm2",
-                a = in(reg) a, s = in(reg) stride, w = in(reg) w, t = in(reg) 64usize, options(nostack, readonly),
+                a = in(reg) a, s = in(reg) row_bytes, w = in(reg) w, t = in(reg) 64usize, options(nostack, readonly),
             );
         } else {
             asm!(
                 "tilezero tmm3", "tileloadd tmm4, [{a} + {s} * 1]", "tileloadd tmm5, [{w} + {t} * 1]",
                 "tdpbssd tmm3, tmm4, tmm5",
-                a = in(reg) a, s = in(reg) stride, w = in(reg) w, t = in(reg) 64usize, options(nostack, readonly),
+                a = in(reg) a, s = in(reg) row_bytes, w = in(reg) w, t = in(reg) 64usize, options(nostack, readonly),
             );
         }
     };
@@ -383,18 +384,24 @@ unsafe fn lanes_tiles<const Q8_0: bool>(
     if all > 0 {
         multiply(0);
     }
-    for t in 0..all {
-        if t + 2 < all {
-            lay_out(t + 2);
+    // Block t's sums are stored after block t + 1's product is issued, and scaled one block later: scaled right
+    // after their store, they waited for it.
+    for t in 0..all + 1 {
+        if t < all {
+            if t + 2 < all {
+                lay_out(t + 2);
+            }
+            if t + 1 < all {
+                multiply(t + 1);
+            }
+            let store = sums[t % 3];
+            match t % 2 {
+                0 => asm!("tilestored [{s} + {t} * 1], tmm0", s = in(reg) store, t = in(reg) 64usize, options(nostack)),
+                _ => asm!("tilestored [{s} + {t} * 1], tmm3", s = in(reg) store, t = in(reg) 64usize, options(nostack)),
+            }
         }
-        if t + 1 < all {
-            multiply(t + 1);
-        }
-        let store = sums[t % 2];
-        match t % 2 {
-            0 => asm!("tilestored [{s} + {t} * 1], tmm0", s = in(reg) store, t = in(reg) 64usize, options(nostack)),
-            _ => asm!("tilestored [{s} + {t} * 1], tmm3", s = in(reg) store, t = in(reg) 64usize, options(nostack)),
-        }
+        let Some(t) = t.checked_sub(1) else { continue };
+        let store = sums[t % 3];
         let block = data.add(t * block_bytes);
         let half = |at: usize| _mm512_cvtph_ps(_mm256_loadu_si256(block.add(at).cast()));
         let b = t % blocks;
@@ -415,9 +422,11 @@ unsafe fn lanes_tiles<const Q8_0: bool>(
             }
         }
         if b + 1 == blocks {
-            let out = out.add(t / blocks).cast::<f32>();
+            let out = out.add(LANES * (t / blocks));
             for (i, acc) in acc.iter_mut().enumerate() {
-                _mm512_storeu_ps(out.add(LANES * i), *acc);
+                if i < x.rows {
+                    _mm512_storeu_ps(out.add(stride * i), *acc);
+                }
                 *acc = _mm512_setzero_ps();
             }
         }

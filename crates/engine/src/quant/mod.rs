@@ -69,22 +69,22 @@ impl DecodingLanes {
     }
 
     /// The 8-bit products of the groups `groups` with the activation rows of `x` on AMX tiles
-    /// (`int8_amx::lanes_products`), `put(i, g, values)` for row i and group g: bit for bit `int8_rows`' values (for
-    /// Q4_1, `Q4_1Lanes::int8_group`'s). Only where `int8_rows::tiles_available()`.
-    fn int8_tiles(
-        &self,
-        groups: std::ops::Range<usize>,
-        x: &int8_rows::TileRows,
-        put: impl FnMut(usize, usize, &[f32; lanes::LANES]),
-    ) {
+    /// (`int8_amx::lanes_products`), bit for bit `int8_rows`' values (for Q4_1, `Q4_1Lanes::int8_group`'s): row i's
+    /// values of the groups at `out + i * stride`, one group after another. Only where
+    /// `int8_rows::tiles_available()`.
+    ///
+    /// # Safety
+    /// As `int8_amx::lanes_products`: `out` has room for `x.rows` rows `stride` values apart, each of `16 *
+    /// groups.len()` values, which nothing else touches meanwhile.
+    unsafe fn int8_tiles(&self, groups: std::ops::Range<usize>, x: &int8_rows::TileRows, out: *mut f32, stride: usize) {
         #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
         match self {
-            Self::Q4_1(lanes) => int8_amx::lanes_products::<false>(&lanes.0, groups, x, put),
-            Self::Q8_0(lanes) => int8_amx::lanes_products::<true>(&lanes.0, groups, x, put),
+            Self::Q4_1(lanes) => int8_amx::lanes_products::<false>(&lanes.0, groups, x, out, stride),
+            Self::Q8_0(lanes) => int8_amx::lanes_products::<true>(&lanes.0, groups, x, out, stride),
         }
         #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
         {
-            let _ = (groups, x, put);
+            let _ = (groups, x, out, stride);
             unreachable!("AMX tiles are x86-64's only (`int8_rows::tiles_available`)")
         }
     }
@@ -323,9 +323,11 @@ impl QuantMatrix {
                         const LANES: usize = lanes::LANES;
                         let (groups, first) = (self.band_groups(out, lanes.groups()), out.first);
                         for (c, rows) in prepared.tile_rows.iter().enumerate() {
-                            lanes.int8_tiles(groups.clone(), rows, |i, g, values| {
-                                out.write(LANES * c + i, g * LANES - first, values)
-                            });
+                            let at = groups.start * LANES - first;
+                            let (start, stride) = out.block(LANES * c, rows.rows, at, groups.len() * LANES);
+                            // SAFETY: `block` gave room for the tile's rows of the groups' values, in this band's
+                            // columns.
+                            unsafe { lanes.int8_tiles(groups.clone(), rows, start, stride) };
                         }
                         groups.start * LANES - first..groups.end * LANES - first
                     }
@@ -567,6 +569,14 @@ impl Columns {
         unsafe {
             std::ptr::copy_nonoverlapping(values.as_ptr(), self.start.add(i * self.n + self.first + r), values.len())
         }
+    }
+
+    /// Where rows `i..i + rows` get their values from the band's column `r` on, for a kernel that stores `len`
+    /// values of each itself: row `i + j`'s at the pointer plus `j` times the returned stride.
+    fn block(&mut self, i: usize, rows: usize, r: usize, len: usize) -> (*mut f32, usize) {
+        assert!(i + rows <= self.m && r + len <= self.count);
+        // SAFETY: row i's column r is inside the room `new` was given (asserted above).
+        (unsafe { self.start.add(i * self.n + self.first + r) }, self.n)
     }
 
     /// The band's values from `t`, their transpose (`count x m`, row-major; see `band_product`).

@@ -364,22 +364,30 @@ mod tests {
         for groups in [0..3, 1..3] {
             let mut seen = vec![[false; 3]; m];
             for (c, rows) in rounded.chunks(LANES).enumerate() {
-                crate::quant::int8_amx::lanes_products::<false>(
-                    &lanes.0,
-                    groups.clone(),
-                    &TileRows::new(rows),
-                    |i, g, values| {
+                // Three sentinels after each row's values, which the kernel must leave as they are.
+                let (width, sentinel) = (LANES * groups.len(), f32::from_bits(0x7fc0_1234));
+                let stride = width + 3;
+                let mut out = vec![sentinel; rows.len() * stride];
+                // SAFETY: `out` has `rows.len()` rows `stride` values apart, of `width` values each.
+                unsafe {
+                    crate::quant::int8_amx::lanes_products::<false>(
+                        &lanes.0,
+                        groups.clone(),
+                        &TileRows::new(rows),
+                        out.as_mut_ptr(),
+                        stride,
+                    )
+                };
+                for (i, row) in out.chunks_exact(stride).enumerate() {
+                    assert!(row[width..].iter().all(|v| v.to_bits() == sentinel.to_bits()), "row {i} past its values");
+                    for (g, values) in groups.clone().zip(row[..width].chunks_exact(LANES)) {
                         let mut alone = [0f32; LANES];
                         lanes.int8_group(g, &rounded[LANES * c + i], &mut alone);
-                        assert_eq!(
-                            values.map(f32::to_bits),
-                            alone.map(f32::to_bits),
-                            "row {} group {g}",
-                            LANES * c + i
-                        );
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(values), bits(&alone), "row {} group {g}", LANES * c + i);
                         seen[LANES * c + i][g] = true;
-                    },
-                );
+                    }
+                }
             }
             assert!(seen.iter().all(|row| groups.clone().all(|g| row[g])), "every row and group of {groups:?}");
         }
