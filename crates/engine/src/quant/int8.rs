@@ -35,22 +35,39 @@ pub fn supports(dtype: GgmlDType) -> bool {
 }
 
 /// Rounds `x` (a multiple of 32 values) block by block: scale = largest magnitude / 127, values rounded to the
-/// nearest integer, halves away from zero. In AVX2 where compiled (`int8_avx2::quantize`, equal bit for bit): a
-/// batched step rounds each product's sixteen activation rows before its parallel region, and value by value
-/// that was a tenth of a SmolLM2 step.
+/// nearest integer, halves away from zero (`quantize_into`).
 pub fn quantize(x: &[f32]) -> Q8Row {
+    let blocks = x.len() / BLOCK;
+    let mut row = Q8Row { values: vec![0; x.len()], scale: vec![0.0; blocks], scaled_sum: vec![0.0; blocks] };
+    quantize_into(x, &mut row.values, &mut row.scale, &mut row.scaled_sum);
+    row
+}
+
+/// `quantize` into the given room (`values` as long as `x`, `scale` and `scaled_sum` a value per block): in AVX2
+/// where compiled (`int8_avx2::quantize_into`, equal bit for bit), so that a batched step can round its activation
+/// rows straight into the layout its products read (`int8_rows::TileRows::round`). Value by value, rounding
+/// was a tenth of a SmolLM2 step.
+pub fn quantize_into(x: &[f32], values: &mut [i8], scale: &mut [f32], scaled_sum: &mut [f32]) {
+    assert!(x.len().is_multiple_of(BLOCK) && values.len() == x.len());
+    assert!(scale.len() == x.len() / BLOCK && scaled_sum.len() == scale.len());
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
-    return super::int8_avx2::quantize(x);
+    return super::int8_avx2::quantize_into(x, values, scale, scaled_sum);
     #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
-    portable_quantize(x)
+    portable_quantize_into(x, values, scale, scaled_sum)
 }
 
 /// `quantize` in portable Rust.
 pub fn portable_quantize(x: &[f32]) -> Q8Row {
-    debug_assert_eq!(x.len() % BLOCK, 0);
     let blocks = x.len() / BLOCK;
     let mut row = Q8Row { values: vec![0; x.len()], scale: vec![0.0; blocks], scaled_sum: vec![0.0; blocks] };
-    for (b, (xb, qb)) in x.chunks_exact(BLOCK).zip(row.values.chunks_exact_mut(BLOCK)).enumerate() {
+    portable_quantize_into(x, &mut row.values, &mut row.scale, &mut row.scaled_sum);
+    row
+}
+
+/// `quantize_into` in portable Rust: the twin the AVX2 kernel is tested against, and the wasm path.
+pub fn portable_quantize_into(x: &[f32], values: &mut [i8], scale: &mut [f32], scaled_sum: &mut [f32]) {
+    debug_assert_eq!(x.len() % BLOCK, 0);
+    for (b, (xb, qb)) in x.chunks_exact(BLOCK).zip(values.chunks_exact_mut(BLOCK)).enumerate() {
         let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
         let inverse = if d > 0.0 { 1.0 / d } else { 0.0 };
@@ -59,10 +76,9 @@ pub fn portable_quantize(x: &[f32]) -> Q8Row {
             *q = (v * inverse).round() as i8;
             sum += *q as i32;
         }
-        row.scale[b] = d;
-        row.scaled_sum[b] = d * sum as f32;
+        scale[b] = d;
+        scaled_sum[b] = d * sum as f32;
     }
-    row
 }
 
 /// `sum_c W[c] * x[c]` for one weight row's blocks and a rounded activation row.
@@ -166,7 +182,8 @@ mod tests {
     }
 
     /// `quantize` as compiled (AVX2 natively) is the portable twin bit for bit: on values whose scaled form lands
-    /// exactly on halves (where rounding away from zero and to even differ), just beside them, and on random rows.
+    /// exactly on halves (where rounding away from zero and to even differ), just beside them, on random rows, and
+    /// on a row long enough for the kernel's runs of blocks and its eight scales per division.
     #[test]
     fn quantize_equals_the_portable_twin() {
         let mut rows: Vec<Vec<f32>> = Vec::new();
@@ -177,6 +194,19 @@ mod tests {
         rows.extend([halves, beside]);
         rows.push((0..96).map(|i| ((i * 104729 % 997) as f32 / 498.5 - 1.0) * (1.0 + (i % 7) as f32)).collect());
         rows.push((0..64).map(|i| if i < 32 { 0.0 } else { -1e-30 * i as f32 }).collect());
+        // 75 blocks: a run of 64 (eight scales per division) and one of 11 (one eight and three alone), with
+        // blocks of zeros, of tiny values and of halves among them.
+        rows.push(
+            (0..75 * 32)
+                .map(|i| match (i / 32) % 5 {
+                    0 => 0.0,
+                    1 => -1e-30 * (i % 32) as f32,
+                    2 if i % 32 == 0 => 127.0,
+                    2 => (i % 32) as f32 - 16.5,
+                    _ => ((i * 104729 % 997) as f32 / 498.5 - 1.0) * (1.0 + (i % 13) as f32),
+                })
+                .collect(),
+        );
         for x in rows {
             let (got, want) = (quantize(&x), portable_quantize(&x));
             assert_eq!(got.values, want.values, "{x:?}");

@@ -453,8 +453,15 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
     // What the bands share, made once: the activation rows rounded to 8 bits, transposed for gemm, or their
     // block sums.
     let uses = |wanted: fn(&Form) -> bool| jobs.iter().any(|(_, form)| wanted(form));
-    // A batched step's rows are rounded on the pass's threads (each row alone, so the same in any split).
-    let rounded: Vec<int8::Q8Row> = match uses(|form| matches!(form, Form::Int8 | Form::Int8Rows | Form::Int8Tiles)) {
+    // The rows rounded one by one, for the forms that read them so (on AMX tiles, only the rows outside whole
+    // groups of sixteen do). A batched step's rows are rounded on the pass's threads (each row alone, so the same
+    // in any split).
+    let reads_rounded = |(q, form): &(&QuantMatrix, Form)| match form {
+        Form::Int8 | Form::Int8Rows => true,
+        Form::Int8Tiles => q.lanes_for(*form).is_none() || q.rows % lanes::LANES != 0,
+        _ => false,
+    };
+    let rounded: Vec<int8::Q8Row> = match jobs.iter().any(reads_rounded) {
         true if m >= 4 => crate::team::map(m, |i| int8::quantize(&x[i * k..(i + 1) * k])),
         true => x.chunks_exact(k).map(int8::quantize).collect(),
         false => Vec::new(),
@@ -470,7 +477,7 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
     };
     let prepared = Prepared {
         tile_rows: match jobs.iter().any(|(q, form)| *form == Form::Int8Tiles && q.lanes_for(*form).is_some()) {
-            true => rounded.chunks(lanes::LANES).map(int8_rows::TileRows::new).collect(),
+            true => x.chunks(lanes::LANES * k).map(|rows| int8_rows::TileRows::round(rows, k)).collect(),
             false => Vec::new(),
         },
         lanes16: lanes_of(16),

@@ -360,20 +360,22 @@ mod tests {
         let (n, k, m) = (48, 544, 19);
         let q = int8_matrix(n, k);
         let lanes = Q4_1Lanes::new(&q.raw().unwrap(), n, k);
-        let rounded: Vec<_> = activations(m * k).chunks_exact(k).map(quantize).collect();
+        let x = activations(m * k);
+        let rounded: Vec<_> = x.chunks_exact(k).map(quantize).collect();
         for groups in [0..3, 1..3] {
             let mut seen = vec![[false; 3]; m];
-            for (c, rows) in rounded.chunks(LANES).enumerate() {
+            for (c, rows) in x.chunks(LANES * k).enumerate() {
                 // Three sentinels after each row's values, which the kernel must leave as they are.
                 let (width, sentinel) = (LANES * groups.len(), f32::from_bits(0x7fc0_1234));
                 let stride = width + 3;
-                let mut out = vec![sentinel; rows.len() * stride];
-                // SAFETY: `out` has `rows.len()` rows `stride` values apart, of `width` values each.
+                let tile = TileRows::round(rows, k);
+                let mut out = vec![sentinel; tile.rows * stride];
+                // SAFETY: `out` has `tile.rows` rows `stride` values apart, of `width` values each.
                 unsafe {
                     crate::quant::int8_amx::lanes_products::<false>(
                         &lanes.0,
                         groups.clone(),
-                        &TileRows::new(rows),
+                        &tile,
                         out.as_mut_ptr(),
                         stride,
                     )
