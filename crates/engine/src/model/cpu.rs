@@ -30,7 +30,7 @@ use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
 
 use super::activations;
-use super::kv_cache::KvCache;
+use super::kv_cache::{CacheRows, CacheView, KvCache};
 use super::value_sums;
 use super::{check_request, BatchCall, LanguageModel, LocalBoxFuture, LogitsWanted, Readout, StepOutput};
 use crate::config::{rope_cos_sin, Activation, ModelConfig, RopeLayout};
@@ -393,7 +393,7 @@ impl CpuModel {
         let this = &*self;
         let step = |(i, sequence): (usize, &mut Sequence)| {
             let rows = |x: &[f32], d: usize| x[i * d..(i + 1) * d].to_vec();
-            this.step_row(layer, rows(&q, q_dim), rows(&k, kv_dim), rows(&v, kv_dim), norms, sequence)
+            this.step_row(layer, rows(&q, q_dim), rows(&k, kv_dim), &v[i * kv_dim..(i + 1) * kv_dim], norms, sequence)
         };
         let stepped: Result<Vec<Step>> = if tasks.len() == 1 {
             tasks.into_iter().enumerate().map(step).collect()
@@ -410,14 +410,14 @@ impl CpuModel {
         let parts: Vec<Mutex<Option<&mut [f32]>>> =
             out.chunks_exact_mut(heads_per_task * hd).map(|o| Mutex::new(Some(o))).collect();
         let (n_heads, group) = (c.n_heads, c.n_heads / c.n_kv_heads);
-        // The caches' storage, read in place: held for the heads' time (nothing writes a cache until then).
-        let guards: Vec<_> =
-            stepped.iter().map(|s| [s.keys.storage_and_layout(), s.values.storage_and_layout()]).collect();
-        let views = guards
+        // The caches' rows, read in place.
+        let views: Vec<[CacheView; 2]> = calls
             .iter()
-            .zip(&stepped)
-            .map(|([keys, values], s)| Ok([cache_rows(keys, &s.keys)?, cache_rows(values, &s.values)?]))
-            .collect::<Result<Vec<_>>>()?;
+            .map(|call| {
+                let cache = &self.sequences[call.sequence].caches[layer];
+                [cache.keys(), cache.values()]
+            })
+            .collect();
         let attend = |task: usize| {
             let first = task * heads_per_task;
             let (i, first_head) = (first / n_heads, first % n_heads);
@@ -434,7 +434,6 @@ impl CpuModel {
         };
         team::for_each(parts.len(), attend);
         drop((parts, views));
-        drop(guards);
         self.layers[layer].wo.values(&out, row_form)
     }
 
@@ -449,9 +448,9 @@ impl CpuModel {
             let as_vec = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).context("attention input");
             let norms = self.qk_norm_values(layer)?;
             let norms = norms.as_ref().map(|(qn, kn)| (&qn[..], &kn[..]));
-            let step = self.step_row(layer, as_vec(&q)?, as_vec(&k)?, as_vec(&v)?, norms, sequence)?;
-            let (keys, values) = (step.keys.storage_and_layout(), step.values.storage_and_layout());
-            let (keys, values) = (cache_rows(&keys, &step.keys)?, cache_rows(&values, &step.values)?);
+            let step = self.step_row(layer, as_vec(&q)?, as_vec(&k)?, &as_vec(&v)?, norms, sequence)?;
+            let cache = &sequence.caches[layer];
+            let (keys, values) = (cache.keys(), cache.values());
             let mut out = vec![0f32; nh * hd];
             for (h, (qh, oh)) in step.queries.chunks_exact(hd).zip(out.chunks_exact_mut(hd)).enumerate() {
                 self.attend_head(layer, h, qh, &keys, &values, step.len, oh);
@@ -487,15 +486,12 @@ impl CpuModel {
         };
         let q = rope(&q, &cos, &sin).context("rope q")?;
         let k = rope(&k, &cos, &sin).context("rope k")?;
+        // Every row so far, as f32 (an f16 cache's widened).
         let (k_all, v_all) = sequence.caches[layer].append(&k, &v).context("kv cache")?;
-        // An f16 cache's rows as f32 for the products (a copy; an f32 cache's are read in place).
-        let as_f32 = |t: Tensor| if t.dtype() == DType::F32 { Ok(t) } else { t.to_dtype(DType::F32) };
-        let (k_all, v_all) = (as_f32(k_all).context("kv cache")?, as_f32(v_all).context("kv cache")?);
 
         // The `group` query heads of one key head attend together: [1, nkv, group * n, hd].
         let q = (q * scale).context("scale")?.reshape((1, nkv, group * n, hd)).context("group heads")?;
-        // The cache's keys and values are read in place: candle's product takes a transposed or row-strided
-        // right-hand side as it is, and copying the whole cache every step cost a tenth of a long decoding.
+        // candle's product takes the transposed keys as they are.
         let mut scores = q.matmul(&k_all.t().context("k^T")?).context("q k^T")?;
         if let Some(cap) = softcap {
             scores = ((scores / cap as f64).context("softcap")?.tanh().context("softcap")? * cap as f64)
@@ -538,7 +534,7 @@ impl CpuModel {
         layer: usize,
         mut q: Vec<f32>,
         mut k: Vec<f32>,
-        v: Vec<f32>,
+        v: &[f32],
         qk_norms: Option<(&[f32], &[f32])>,
         sequence: &mut Sequence,
     ) -> Result<Step> {
@@ -555,9 +551,8 @@ impl CpuModel {
         }
         // The queries scaled once for all heads (the tensor path scales them before the product too).
         q.iter_mut().for_each(|x| *x *= c.attention_scale);
-        let row = |x: Vec<f32>| Tensor::from_vec(x, (1, nkv, 1, hd), &Device::Cpu).context("kv row");
-        let (keys, values) = sequence.caches[layer].append(&row(k)?, &row(v)?).context("kv cache")?;
-        Ok(Step { queries: q, keys, values, len: position + 1 })
+        sequence.caches[layer].append_row(&k, v, nkv);
+        Ok(Step { queries: q, len: position + 1 })
     }
 
     /// Query head `h`'s attention at `layer` (`qh`: its rotated, scaled queries) over the first `len` rows of its
@@ -1005,34 +1000,10 @@ impl CpuModel {
 }
 
 /// A sequence's decoding step at one layer, its new row in the cache (`CpuModel::step_row`): the row's rotated,
-/// scaled queries, the cache's keys and values so far (views of its storage), and how many rows they hold.
+/// scaled queries, and how many rows the cache holds.
 struct Step {
     queries: Vec<f32>,
-    keys: Tensor,
-    values: Tensor,
     len: usize,
-}
-
-/// A cache's rows ([1, heads, rows, head_dim], a view of its storage) in their type, read in place.
-enum CacheView<'a> {
-    F32(CacheRows<'a, f32>),
-    F16(CacheRows<'a, half::f16>),
-}
-
-/// A cache's rows of values of type `V`, read in place.
-struct CacheRows<'a, V> {
-    data: &'a [V],
-    offset: usize,
-    head_stride: usize,
-    row_stride: usize,
-    head_dim: usize,
-}
-
-impl<V> CacheRows<'_, V> {
-    fn row(&self, head: usize, row: usize) -> &[V] {
-        let at = self.offset + head * self.head_stride + row * self.row_stride;
-        &self.data[at..at + self.head_dim]
-    }
 }
 
 /// RoPE's cos and sin for positions `0..len` ([len, head_dim / 2] each, row-major), one pair of tables per base,
@@ -1070,35 +1041,6 @@ impl RopeTables {
         let range = positions.start * half..positions.end * half;
         (&cos[range.clone()], &sin[range])
     }
-}
-
-/// The rows of `cache` (a CPU f32 or f16 tensor of [1, heads, rows, head_dim] with unit stride along the last dimension,
-/// as `KvCache::append` returns) in its storage, read in place through `guarded` (its `storage_and_layout()`).
-fn cache_rows<'a>(
-    guarded: &'a (std::sync::RwLockReadGuard<'a, candle_core::Storage>, &'a candle_core::Layout),
-    cache: &Tensor,
-) -> Result<CacheView<'a>> {
-    let (storage, layout) = guarded;
-    let unexpected = |what: String| Err(candle_core::Error::Msg(what)).context("kv cache");
-    let candle_core::Storage::Cpu(cpu) = &**storage else {
-        return unexpected("the CPU model's cache is not in CPU memory".into());
-    };
-    let stride = layout.stride();
-    if stride.len() != 4 || stride[3] != 1 {
-        return unexpected(format!("strides {stride:?}"));
-    }
-    let head_dim = cache.dim(3).context("kv cache")?;
-    let (offset, head_stride, row_stride) = (layout.start_offset(), stride[1], stride[2]);
-    Ok(match cache.dtype() {
-        DType::F16 => {
-            let data = cpu.as_slice::<half::f16>().context("kv cache")?;
-            CacheView::F16(CacheRows { data, offset, head_stride, row_stride, head_dim })
-        }
-        _ => {
-            let data = cpu.as_slice::<f32>().context("kv cache")?;
-            CacheView::F32(CacheRows { data, offset, head_stride, row_stride, head_dim })
-        }
-    })
 }
 
 /// candle's `rms_norm` of one row: `x / sqrt(mean(x^2) + eps) * weights`.

@@ -1,17 +1,22 @@
-//! One sequence's keys and values at one layer, in storage kept from one generation to the next. candle's
-//! `KvCache` drops its storage on `reset`, so each batch of an evaluation allocated and zeroed its sixteen
-//! sequences' caches again (about 190 MB for SmolLM2 at 256 tokens), page faults included; here a reset only
-//! forgets the rows, and the storage grows in chunks as candle's does.
+//! One sequence's keys and values at one layer, in storage kept from one generation to the next: a reset only
+//! forgets the rows (candle's `KvCache` dropped its storage, so each batch of an evaluation allocated and zeroed its
+//! sixteen sequences' caches again, page faults included), and the storage grows in chunks of rows.
+//!
+//! The rows are plain values, head after head (`[heads, capacity, head_dim]`), which decoding's attention reads in
+//! place (`CacheView`) and a decoding step appends to directly (`append_row`). Held in candle tensors, each step's
+//! row went through two tensors, a write lock and a copy per layer and sequence, and the readers through a read
+//! lock each: in a batched SmolLM2 step, a sequence's new row took about as long as its attention.
 //!
 //! The rows are held in f32, or in f16 where the model was loaded so (`LoadOptions::f16_cache`, as llama.cpp keeps
 //! its cache by default): half the bytes for attention to read, each key and value rounded once on its way in.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
+use half::f16;
 
 /// Rows the storage grows by.
 const CHUNK: usize = 256;
 
-/// Keys and values of shape [1, heads, rows, head_dim], rows along dimension 2.
+/// A layer's keys and values of one sequence.
 pub struct KvCache {
     keys: Rows,
     values: Rows,
@@ -29,10 +34,30 @@ impl KvCache {
         Self { keys: Rows::new(dtype), values: Rows::new(dtype) }
     }
 
-    /// Appends `k` and `v` ([1, heads, n, head_dim], any float type: converted to the cache's); returns every row
-    /// held so far, keys then values (views of the storage, not copies).
+    /// Appends one decoding step's key and value rows (`k`, `v`: `heads` rows of `head_dim` values, head after
+    /// head), rounded to the cache's type.
+    pub fn append_row(&mut self, k: &[f32], v: &[f32], heads: usize) {
+        let head_dim = k.len() / heads.max(1);
+        assert_eq!(v.len(), k.len(), "a key and a value per head");
+        self.keys.append(heads, head_dim, 1, |h, _, d| k[h * head_dim + d]);
+        self.values.append(heads, head_dim, 1, |h, _, d| v[h * head_dim + d]);
+    }
+
+    /// Appends `k` and `v` ([1, heads, n, head_dim], any float type: rounded to the cache's); returns every row
+    /// held so far, keys then values, as f32 tensors of [1, heads, rows, head_dim] (copies: a prompt's products
+    /// read them).
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok((self.keys.append(k)?, self.values.append(v)?))
+        Ok((self.keys.append_tensor(k)?, self.values.append_tensor(v)?))
+    }
+
+    /// The keys held so far, read in place.
+    pub fn keys(&self) -> CacheView<'_> {
+        self.keys.view()
+    }
+
+    /// The values held so far, read in place.
+    pub fn values(&self) -> CacheView<'_> {
+        self.values.view()
     }
 
     /// Forgets the rows and keeps the storage.
@@ -42,43 +67,146 @@ impl KvCache {
     }
 }
 
+/// A cache's rows in their type, read in place.
+pub enum CacheView<'a> {
+    F32(CacheRows<'a, f32>),
+    F16(CacheRows<'a, f16>),
+}
+
+/// A cache's rows of values of type `V`, read in place.
+pub struct CacheRows<'a, V> {
+    data: &'a [V],
+    head_stride: usize,
+    head_dim: usize,
+}
+
+impl<V> CacheRows<'_, V> {
+    /// Row `row` of head `head` (`head_dim` values).
+    pub fn row(&self, head: usize, row: usize) -> &[V] {
+        let at = head * self.head_stride + row * self.head_dim;
+        &self.data[at..at + self.head_dim]
+    }
+}
+
+/// The rows' storage, in the cache's type.
+enum Values {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
+/// Keys or values: `len` rows of each of `heads` heads, head h's row r at `(h * capacity + r) * head_dim`.
 struct Rows {
-    storage: Option<Tensor>,
+    values: Values,
+    heads: usize,
+    head_dim: usize,
+    capacity: usize,
     len: usize,
-    dtype: DType,
 }
 
 impl Rows {
     fn new(dtype: DType) -> Self {
-        Self { storage: None, len: 0, dtype }
+        let values = match dtype {
+            DType::F16 => Values::F16(Vec::new()),
+            _ => Values::F32(Vec::new()),
+        };
+        Self { values, heads: 0, head_dim: 0, capacity: 0, len: 0 }
     }
 
-    fn append(&mut self, src: &Tensor) -> Result<Tensor> {
-        let src = &src.to_dtype(self.dtype)?;
-        const DIM: usize = 2;
-        let n = src.dim(DIM)?;
-        // One layer's heads and head size never change, so only the rows grow (`slice_set` refuses another shape).
-        let capacity = self.storage.as_ref().map_or(Ok(0), |s| s.dim(DIM))?;
-        if self.len + n > capacity {
-            let mut shape = src.dims().to_vec();
-            shape[DIM] = (self.len + n).next_multiple_of(CHUNK) - capacity;
-            let more = Tensor::zeros(shape, self.dtype, src.device())?;
-            self.storage = Some(match self.storage.take() {
-                Some(old) => Tensor::cat(&[&old, &more], DIM)?,
-                None => more,
-            });
+    /// Appends `n` rows of each of `heads` heads, value d of head h's row r being `value(h, r, d)`. One layer's
+    /// heads and head size never change; only the rows grow.
+    fn append(&mut self, heads: usize, head_dim: usize, n: usize, value: impl Fn(usize, usize, usize) -> f32) {
+        if self.capacity == 0 {
+            (self.heads, self.head_dim) = (heads, head_dim);
         }
-        let storage = self.storage.as_ref().expect("allocated above");
-        storage.slice_set(&src.contiguous()?, DIM, self.len)?;
+        assert_eq!((heads, head_dim), (self.heads, self.head_dim), "a layer's cache keeps its shape");
+        if self.len + n > self.capacity {
+            self.grow((self.len + n).next_multiple_of(CHUNK));
+        }
+        let (capacity, len) = (self.capacity, self.len);
+        let at = |h: usize, r: usize| (h * capacity + len + r) * head_dim;
+        match &mut self.values {
+            Values::F32(data) => write_rows(data, heads, head_dim, n, at, &value, |x| x),
+            Values::F16(data) => write_rows(data, heads, head_dim, n, at, &value, f16::from_f32),
+        }
         self.len += n;
-        storage.narrow(DIM, 0, self.len)
+    }
+
+    /// `append` of the rows of `src` ([1, heads, n, head_dim]); returns every row held so far as an f32 tensor.
+    fn append_tensor(&mut self, src: &Tensor) -> Result<Tensor> {
+        let (_, heads, n, head_dim) = src.dims4()?;
+        let src = src.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        self.append(heads, head_dim, n, |h, r, d| src[(h * n + r) * head_dim + d]);
+        let all: Vec<f32> = match &self.values {
+            Values::F32(data) => self.each_head(data).flat_map(|rows| rows.iter().copied()).collect(),
+            Values::F16(data) => self.each_head(data).flat_map(|rows| rows.iter().map(|x| x.to_f32())).collect(),
+        };
+        Tensor::from_vec(all, (1, heads, self.len, head_dim), &Device::Cpu)
+    }
+
+    /// Each head's rows held so far, in `data` (this cache's storage).
+    fn each_head<'a, V>(&self, data: &'a [V]) -> impl Iterator<Item = &'a [V]> {
+        let (stride, used) = (self.capacity * self.head_dim, self.len * self.head_dim);
+        (0..self.heads).map(move |h| &data[h * stride..h * stride + used])
+    }
+
+    /// Room for `capacity` rows of each head: a new storage, each head's rows copied to their new place.
+    fn grow(&mut self, capacity: usize) {
+        let (heads, head_dim, old, len) = (self.heads, self.head_dim, self.capacity, self.len);
+        fn regrown<V: Copy + Default>(
+            data: &[V],
+            heads: usize,
+            head_dim: usize,
+            old: usize,
+            new: usize,
+            len: usize,
+        ) -> Vec<V> {
+            let mut grown = vec![V::default(); heads * new * head_dim];
+            for h in 0..heads {
+                let rows = &data[h * old * head_dim..(h * old + len) * head_dim];
+                grown[h * new * head_dim..(h * new + len) * head_dim].copy_from_slice(rows);
+            }
+            grown
+        }
+        self.values = match &self.values {
+            Values::F32(data) => Values::F32(regrown(data, heads, head_dim, old, capacity, len)),
+            Values::F16(data) => Values::F16(regrown(data, heads, head_dim, old, capacity, len)),
+        };
+        self.capacity = capacity;
+    }
+
+    fn view(&self) -> CacheView<'_> {
+        let (head_stride, head_dim) = (self.capacity * self.head_dim, self.head_dim);
+        match &self.values {
+            Values::F32(data) => CacheView::F32(CacheRows { data, head_stride, head_dim }),
+            Values::F16(data) => CacheView::F16(CacheRows { data, head_stride, head_dim }),
+        }
+    }
+}
+
+/// Writes `n` rows of each of `heads` heads into `data`, row r of head h from `at(h, r)`, value d being
+/// `convert(value(h, r, d))`.
+fn write_rows<V>(
+    data: &mut [V],
+    heads: usize,
+    head_dim: usize,
+    n: usize,
+    at: impl Fn(usize, usize) -> usize,
+    value: &impl Fn(usize, usize, usize) -> f32,
+    convert: impl Fn(f32) -> V,
+) {
+    for h in 0..heads {
+        for r in 0..n {
+            let start = at(h, r);
+            for (d, out) in data[start..start + head_dim].iter_mut().enumerate() {
+                *out = convert(value(h, r, d));
+            }
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
 
     fn rows(values: std::ops::Range<usize>, heads: usize) -> Tensor {
         let n = values.len();
@@ -86,41 +214,59 @@ mod tests {
         Tensor::from_vec(data, (1, heads, n, 1), &Device::Cpu).unwrap()
     }
 
-    /// Appending in pieces across a growth gives the rows in order; a reset keeps the storage and starts over.
+    /// Every row a view reads, head after head.
+    fn read(view: CacheView, heads: usize, len: usize) -> Vec<f32> {
+        let CacheView::F32(rows) = view else { panic!("an f32 cache") };
+        let mut all = Vec::new();
+        for h in 0..heads {
+            (0..len).for_each(|r| all.extend_from_slice(rows.row(h, r)));
+        }
+        all
+    }
+
+    /// Appending in pieces across a growth, prompts' rows and decoding steps' rows alike, gives the rows in order;
+    /// a reset keeps the storage and starts over.
     #[test]
     fn appends_across_growth_and_resets_without_reallocating() {
         let mut cache = KvCache::default();
         let (k, _) = cache.append(&rows(0..200, 2), &rows(0..200, 2)).unwrap();
         assert_eq!(k.dims(), &[1, 2, 200, 1]);
-        let (k, v) = cache.append(&rows(200..300, 2), &rows(200..300, 2)).unwrap();
-        assert_eq!(k.dims(), &[1, 2, 300, 1]);
-        assert_eq!(cache.keys.storage.as_ref().unwrap().dim(2).unwrap(), 2 * CHUNK);
-        for t in [&k, &v] {
-            let got = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            let want: Vec<f32> = (0..2).flat_map(|h| (0..300).map(move |i| (i + 1000 * h) as f32)).collect();
-            assert_eq!(got, want);
+        for i in 200..250 {
+            let row = [i as f32, (i + 1000) as f32];
+            cache.append_row(&row, &row, 2);
         }
+        let (k, v) = cache.append(&rows(250..300, 2), &rows(250..300, 2)).unwrap();
+        assert_eq!(k.dims(), &[1, 2, 300, 1]);
+        assert_eq!(cache.keys.capacity, 2 * CHUNK);
+        let want: Vec<f32> = (0..2).flat_map(|h| (0..300).map(move |i| (i + 1000 * h) as f32)).collect();
+        for t in [&k, &v] {
+            assert_eq!(t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+        }
+        assert_eq!(read(cache.keys(), 2, 300), want);
+        assert_eq!(read(cache.values(), 2, 300), want);
         cache.reset();
-        let (again, _) = cache.append(&rows(7..8, 2), &rows(7..8, 2)).unwrap();
-        assert_eq!(again.flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![7.0, 1007.0]);
-        // The view taken before the reset sees the new first row: the same storage, written in place.
-        let old_view = k.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!((old_view[0], old_view[300]), (7.0, 1007.0), "the storage was kept");
-        assert_eq!(cache.keys.storage.as_ref().unwrap().dim(2).unwrap(), 2 * CHUNK);
+        cache.append_row(&[7.0, 1007.0], &[7.0, 1007.0], 2);
+        assert_eq!(read(cache.keys(), 2, 1), vec![7.0, 1007.0]);
+        assert_eq!(cache.keys.capacity, 2 * CHUNK, "the storage was kept");
     }
 
     /// An f16 cache holds each appended value rounded to f16 once (to nearest, as `half` rounds): 2049 is halfway
-    /// between f16's neighbours 2048 and 2050 and goes to the even one, 1/3 to its nearest f16.
+    /// between f16's neighbours 2048 and 2050 and goes to the even one, 1/3 to its nearest f16. A prompt reads the
+    /// rows back widened to f32.
     #[test]
     fn an_f16_cache_rounds_each_value_once() {
         let mut cache = KvCache::new(DType::F16);
         let row = |x: [f32; 3]| Tensor::from_vec(x.to_vec(), (1, 1, 1, 3), &Device::Cpu).unwrap();
         cache.append(&row([2049.0, 1.0 / 3.0, -0.5]), &row([1.0, 2.0, 3.0])).unwrap();
-        let (k, v) = cache.append(&row([2051.0, 0.1, 7.0]), &row([4.0, 5.0, 6.0])).unwrap();
-        assert_eq!((k.dtype(), v.dtype()), (DType::F16, DType::F16));
-        let got = k.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        cache.append_row(&[2051.0, 0.1, 7.0], &[4.0, 5.0, 6.0], 1);
         let f16 = |x: f32| half::f16::from_f32(x).to_f32();
-        assert_eq!(got, vec![2048.0, f16(1.0 / 3.0), -0.5, 2052.0, f16(0.1), 7.0]);
+        let want = [2048.0, f16(1.0 / 3.0), -0.5, 2052.0, f16(0.1), 7.0, 1.5, 1.0];
+        let CacheView::F16(keys) = cache.keys() else { panic!("an f16 cache") };
+        let held: Vec<f32> = (0..2).flat_map(|r| keys.row(0, r).iter().map(|x| x.to_f32())).collect();
+        assert_eq!(held, want[..6]);
+        let (k, v) = cache.append(&row([1.5, 1.0, 1.0]), &row([7.0, 8.0, 9.0])).unwrap();
+        assert_eq!((k.dtype(), v.dtype()), (DType::F32, DType::F32));
+        assert_eq!(k.flatten_all().unwrap().to_vec1::<f32>().unwrap()[..8], want[..]);
         assert_eq!(f16(1.0 / 3.0), 0.333_251_95, "1/3's nearest f16");
     }
 }
