@@ -429,10 +429,6 @@ pub fn prefetch_values(values: &[f32]) {
     prefetch(Some(bytemuck::cast_slice(values)))
 }
 
-/// How many key rows ahead of the ones being scored `dots_each` asks for from memory.
-#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
-const KEYS_AHEAD: usize = 8;
-
 /// The products of `jobs` (matrices of the same width, each in its form) on the activations `x`, in one parallel
 /// region. Each task covers a band of one matrix's rows. Few activation rows (decoding): decode inside each dot
 /// product. Many (a prompt): decode the band once into f32 and reuse it for every activation row.
@@ -850,9 +846,10 @@ fn dot4_each(x: &[f32], k: usize, w: [&[f32]; 4], mut put: impl FnMut(usize, [f3
 
 /// `put(i, j, dot(x_i, key(j)))` for every row `x_i` of `x` (rows of `k` values) and every j in `keys`, each value
 /// `dot`'s bit for bit: a decoding step's attention scores, the query heads that share a key-value head against
-/// its keys. With AVX-512 (detected at run time) and rows of a multiple of sixteen values, sixteen pairs at a time
-/// (one query and 16 keys, two and 8, or four and 4), their lanes summed together (`avx512::dots16`); else four keys
-/// at a time (`dot4`). The keys may be f16 (an f16 cache): each value is then `dot`'s of the key widened to f32.
+/// its keys. With AVX-512 (detected at run time) and rows of a multiple of sixteen values, up to four rows against
+/// as many keys as make at most sixteen pairs (one row and 16 keys, two and 8, three and 5, four and 4), their
+/// lanes summed together (`avx512::dots`); else four keys at a time (`dot4`). The keys may be f16 (an f16 cache):
+/// each value is then `dot`'s of the key widened to f32.
 pub fn dots_each<'a, V: CacheValue>(
     x: &[f32],
     k: usize,
@@ -867,39 +864,18 @@ pub fn dots_each<'a, V: CacheValue>(
     if avx512::available() && k.is_multiple_of(16) && k > 0 {
         for first in (0..m).step_by(4) {
             let n = 4.min(m - first);
-            // Groups of three take a fourth row again, whose values are dropped.
-            let rows: [&[f32]; 4] = std::array::from_fn(|i| row(first + i.min(n - 1)));
-            let per = match n {
-                1 => 16,
-                2 => 8,
-                _ => 4,
+            let mut put = |i: usize, j: usize, v: f32| put(first + i, j, v);
+            // The keys past the last whole set, each alone.
+            let whole = match n {
+                1 => avx512::dots::<1, 16, V>([row(first)], keys.clone(), &key, &mut put),
+                2 => avx512::dots::<2, 8, V>(std::array::from_fn(|i| row(first + i)), keys.clone(), &key, &mut put),
+                3 => avx512::dots::<3, 5, V>(std::array::from_fn(|i| row(first + i)), keys.clone(), &key, &mut put),
+                _ => avx512::dots::<4, 4, V>(std::array::from_fn(|i| row(first + i)), keys.clone(), &key, &mut put),
             };
-            let whole = keys.start + keys.len() / per * per;
-            for j in (keys.start..whole).step_by(per) {
-                (j + KEYS_AHEAD..(j + KEYS_AHEAD + per).min(keys.end)).for_each(|j| V::prefetch(key(j)));
-                match n {
-                    1 => {
-                        let [sums] = avx512::dots16::<1, 16, V>([rows[0]], std::array::from_fn(|t| key(j + t)));
-                        sums.iter().enumerate().for_each(|(t, &v)| put(first, j + t, v));
-                    }
-                    2 => {
-                        let sums = avx512::dots16::<2, 8, V>([rows[0], rows[1]], std::array::from_fn(|t| key(j + t)));
-                        for (i, sums) in sums.iter().enumerate() {
-                            sums.iter().enumerate().for_each(|(t, &v)| put(first + i, j + t, v));
-                        }
-                    }
-                    _ => {
-                        let sums = avx512::dots16::<4, 4, V>(rows, std::array::from_fn(|t| key(j + t)));
-                        for (i, sums) in sums.iter().enumerate().take(n) {
-                            sums.iter().enumerate().for_each(|(t, &v)| put(first + i, j + t, v));
-                        }
-                    }
-                }
-            }
             for j in whole..keys.end {
                 let key = V::as_f32(key(j), &mut scratch);
-                for i in first..first + n {
-                    put(i, j, dot(row(i), key));
+                for i in 0..n {
+                    put(i, j, dot(row(first + i), key));
                 }
             }
         }
