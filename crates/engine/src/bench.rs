@@ -135,8 +135,8 @@ async fn batched_run(
             .enumerate()
             .map(|(s, t)| BatchCall { sequence: s, tokens: t, segment: Segment::Generated, hooks: &none })
             .collect();
-        let out = model.forward_batch(&calls).await?;
-        next = out.iter().map(|o| [pick(&o.logits, &Sampling::Greedy, 1)]).collect();
+        let picks = vec![(Sampling::Greedy, 1); batch];
+        next = model.forward_batch_pick(&calls, &picks).await?.iter().map(|p| [p.token]).collect();
     }
     Ok((now() - t0) / 1000.0)
 }

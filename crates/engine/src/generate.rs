@@ -176,13 +176,13 @@ pub async fn generate_batch<F: Future<Output = bool>>(
                     hooks: requests[group[s]].hooks,
                 })
                 .collect();
-            let steps = model.forward_batch(&calls).await?;
+            let picks: Vec<(Sampling, u32)> =
+                live.iter().map(|&s| (requests[group[s]].options.sampling, gens[s].ids.len() as u32)).collect();
+            let steps = model.forward_batch_pick(&calls, &picks).await?;
             for (&slot, step) in live.iter().zip(steps) {
                 let i = group[slot];
-                let r = &requests[i];
                 gens[slot].captures.extend(step.captures);
-                let token = pick(&step.logits, &r.options.sampling, gens[slot].ids.len() as u32);
-                running[slot] = accept(&mut gens[slot], token, r.options, on_token(i, token).await);
+                running[slot] = accept(&mut gens[slot], step.token, requests[i].options, on_token(i, step.token).await);
             }
         }
         for (slot, g) in gens.into_iter().enumerate() {

@@ -32,12 +32,13 @@ use candle_core::{DType, Device, Tensor};
 use super::activations;
 use super::kv_cache::{CacheRows, CacheView, KvCache};
 use super::value_sums;
-use super::{check_request, BatchCall, LanguageModel, LocalBoxFuture, LogitsWanted, Readout, StepOutput};
+use super::{check_request, BatchCall, LanguageModel, LocalBoxFuture, LogitsWanted, Picked, Readout, StepOutput};
 use crate::config::{rope_cos_sin, Activation, ModelConfig, RopeLayout};
 use crate::error::{EngineError, Result, TensorContext};
 use crate::gguf::GgufFile;
 use crate::hooks::{Capture, Hooks, Segment};
 use crate::quant::{self, QuantMatrix, RowForm, BATCH_INVARIANT_ROWS};
+use crate::sampler::{pick, Sampling};
 use crate::team;
 
 /// Choices made when loading, not stored in the file.
@@ -374,10 +375,10 @@ impl CpuModel {
     /// `attention` for a decoding step of each call's sequence (one new row each), on plain rows of values: the
     /// queries, keys and values come from the products as they are, and the only tensors are the layer's input and
     /// output. Per sequence and layer, the tensor operations around each step's little arithmetic took longer than
-    /// the arithmetic itself. First each sequence's new row goes into its cache (`step_row`, the sequences in
-    /// parallel), then every head of every sequence attends on the pass's threads (`attend_head`), each writing its
-    /// own part of the output: one sequence's heads, on one thread, left the others idle for a tenth of a SmolLM2
-    /// step.
+    /// the arithmetic itself. Each sequence's new row goes into its cache (`step_row`), then its heads attend
+    /// (`attend_heads_of`), on the pass's threads, each task writing its own part of the output: a single sequence's
+    /// heads each on a task (on one thread, they left the others idle for a tenth of a SmolLM2 step), several
+    /// sequences a task each.
     fn attention_steps(&mut self, layer: usize, a: &[f32], calls: &[BatchCall], row_form: RowForm) -> Result<Vec<f32>> {
         let (c, l) = (&self.config, &self.layers[layer]);
         let [q, k, v] = Linear::values_each([&l.wq, &l.wk, &l.wv], a, row_form)?;
@@ -386,55 +387,69 @@ impl CpuModel {
         let norms = qk_norms.as_ref().map(|(qn, kn)| (&qn[..], &kn[..]));
         let mut sequences = std::mem::take(&mut self.sequences);
         let mut by_index: Vec<Option<&mut Sequence>> = sequences.iter_mut().map(Some).collect();
-        let tasks: Vec<&mut Sequence> = calls
+        let mut tasks: Vec<&mut Sequence> = calls
             .iter()
             .map(|call| by_index[call.sequence].take().expect("distinct sequences, checked by forward_calls"))
             .collect();
         let this = &*self;
-        let step = |(i, sequence): (usize, &mut Sequence)| {
+        let step = |i: usize, sequence: &mut Sequence| {
             let rows = |x: &[f32], d: usize| x[i * d..(i + 1) * d].to_vec();
             this.step_row(layer, rows(&q, q_dim), rows(&k, kv_dim), &v[i * kv_dim..(i + 1) * kv_dim], norms, sequence)
         };
-        let stepped: Result<Vec<Step>> = if tasks.len() == 1 {
-            tasks.into_iter().enumerate().map(step).collect()
-        } else {
-            let tasks: Vec<Mutex<Option<_>>> = tasks.into_iter().map(|task| Mutex::new(Some(task))).collect();
-            team::map(tasks.len(), |i| step((i, take_task(&tasks[i])))).into_iter().collect()
-        };
-        self.sequences = sequences;
-        let stepped = stepped?;
-        // One sequence's heads each on a task of their own; several sequences' a task per sequence (as many tasks
-        // as heads, each with its own scores to allocate, were slower there). Each task takes its part of the output.
-        let heads_per_task = if calls.len() == 1 { 1 } else { c.n_heads };
         let mut out = vec![0f32; calls.len() * q_dim];
-        let parts: Vec<Mutex<Option<&mut [f32]>>> =
-            out.chunks_exact_mut(heads_per_task * hd).map(|o| Mutex::new(Some(o))).collect();
-        let (n_heads, group) = (c.n_heads, c.n_heads / c.n_kv_heads);
-        // The caches' rows, read in place.
-        let views: Vec<[CacheView; 2]> = calls
-            .iter()
-            .map(|call| {
-                let cache = &self.sequences[call.sequence].caches[layer];
-                [cache.keys(), cache.values()]
-            })
-            .collect();
-        let attend = |task: usize| {
-            let first = task * heads_per_task;
-            let (i, first_head) = (first / n_heads, first % n_heads);
-            let [keys, values] = &views[i];
-            // The task's heads by key-value head: the heads that share one are attended together.
-            let (mut rest, mut h) = (take_task(&parts[task]), first_head);
-            while !rest.is_empty() {
-                let end = ((h / group + 1) * group).min(h + rest.len() / hd);
-                let (out, tail) = rest.split_at_mut((end - h) * hd);
-                let queries = &stepped[i].queries[h * hd..end * hd];
-                self.attend_heads(layer, h..end, queries, keys, values, stepped[i].len, out);
-                (rest, h) = (tail, end);
+        let attended = match tasks.as_mut_slice() {
+            // One sequence: its step, then each of its heads on a task of its own.
+            [sequence] => step(0, sequence).map(|stepped| {
+                let cache = &sequence.caches[layer];
+                let parts: Vec<Mutex<Option<&mut [f32]>>> =
+                    out.chunks_exact_mut(hd).map(|o| Mutex::new(Some(o))).collect();
+                team::for_each(parts.len(), |h| {
+                    let queries = &stepped.queries[h * hd..(h + 1) * hd];
+                    this.attend_heads_of(layer, h..h + 1, queries, cache, stepped.len, take_task(&parts[h]))
+                });
+            }),
+            // Several: a task per sequence, its step and then all its heads, in one round of tasks (as many tasks
+            // as heads, each with its own scores to allocate, were slower).
+            _ => {
+                let tasks: Vec<Mutex<Option<_>>> =
+                    tasks.into_iter().zip(out.chunks_exact_mut(q_dim)).map(|task| Mutex::new(Some(task))).collect();
+                team::map(tasks.len(), |i| {
+                    let (sequence, out) = take_task(&tasks[i]);
+                    let stepped = step(i, sequence)?;
+                    let heads = 0..c.n_heads;
+                    this.attend_heads_of(layer, heads, &stepped.queries, &sequence.caches[layer], stepped.len, out);
+                    Ok(())
+                })
+                .into_iter()
+                .collect::<Result<()>>()
             }
         };
-        team::for_each(parts.len(), attend);
-        drop((parts, views));
+        self.sequences = sequences;
+        attended?;
         self.layers[layer].wo.values(&out, row_form)
+    }
+
+    /// The query heads `heads` of a sequence's decoding step at `layer` (`queries`: theirs, rotated and scaled) over
+    /// the first `len` rows of its cache, into `out` (theirs, head after head): the heads that share a key-value head
+    /// attended together (`attend_heads`).
+    fn attend_heads_of(
+        &self,
+        layer: usize,
+        heads: std::ops::Range<usize>,
+        queries: &[f32],
+        cache: &KvCache,
+        len: usize,
+        out: &mut [f32],
+    ) {
+        let (hd, group) = (self.config.head_dim, self.config.n_heads / self.config.n_kv_heads);
+        let (keys, values) = (cache.keys(), cache.values());
+        let mut h = heads.start;
+        while h < heads.end {
+            let end = ((h / group + 1) * group).min(heads.end);
+            let at = (h - heads.start) * hd..(end - heads.start) * hd;
+            self.attend_heads(layer, h..end, &queries[at.clone()], &keys, &values, len, &mut out[at]);
+            h = end;
+        }
     }
 
     /// Attention of one sequence's `n` new rows (queries, keys, values: [n, heads * hd]) at `layer`, appending
@@ -449,12 +464,8 @@ impl CpuModel {
             let norms = self.qk_norm_values(layer)?;
             let norms = norms.as_ref().map(|(qn, kn)| (&qn[..], &kn[..]));
             let step = self.step_row(layer, as_vec(&q)?, as_vec(&k)?, &as_vec(&v)?, norms, sequence)?;
-            let cache = &sequence.caches[layer];
-            let (keys, values) = (cache.keys(), cache.values());
             let mut out = vec![0f32; nh * hd];
-            for (h, (qh, oh)) in step.queries.chunks_exact(hd).zip(out.chunks_exact_mut(hd)).enumerate() {
-                self.attend_head(layer, h, qh, &keys, &values, step.len, oh);
-            }
+            self.attend_heads_of(layer, 0..nh, &step.queries, &sequence.caches[layer], step.len, &mut out);
             return Tensor::from_vec(out, (1, nh * hd), &Device::Cpu).context("merge heads");
         }
         let group = nh / nkv;
@@ -524,7 +535,7 @@ impl CpuModel {
 
     /// A decoding step's new row of one sequence at `layer` (`q`, `k`, `v`: its queries, keys and values;
     /// `qk_norms`: Gemma 3's query and key norm weights): the norms, RoPE and the queries' scale applied, the keys and
-    /// values appended to the sequence's cache. The attention itself is `attend_head`'s, per head: together they
+    /// values appended to the sequence's cache. The attention itself is `attend_heads`': together they
     /// are the tensor path's steps and arithmetic (`attend`), up to the order of the sums in the two products,
     /// without its dozen tensor operations and their allocations, which took a fifth of a batched step on
     /// SmolLM2. Batched and single-sequence steps both come here, so a sequence gets the same numbers in either.
@@ -555,24 +566,10 @@ impl CpuModel {
         Ok(Step { queries: q, len: position + 1 })
     }
 
-    /// Query head `h`'s attention at `layer` (`qh`: its rotated, scaled queries) over the first `len` rows of its
-    /// sequence's cache (`keys`, `values`), or the last `window` of them, into `out` (head_dim values).
-    #[allow(clippy::too_many_arguments)]
-    fn attend_head(
-        &self,
-        layer: usize,
-        h: usize,
-        qh: &[f32],
-        keys: &CacheView,
-        values: &CacheView,
-        len: usize,
-        out: &mut [f32],
-    ) {
-        self.attend_heads(layer, h..h + 1, qh, keys, values, len, out)
-    }
-
-    /// `attend_head` for the query heads `heads`, which share one key-value head (`queries`, `out`: theirs, head
-    /// after head): each head's numbers as alone, bit for bit, with each key and value row read once for all.
+    /// Attention at `layer` of the query heads `heads`, which share one key-value head (`queries`: theirs, rotated
+    /// and scaled, head after head), over the first `len` rows of their sequence's cache (`keys`, `values`), or the
+    /// last `window` of them, into `out` (head_dim values per head): each head's numbers as alone, bit for bit, with
+    /// each key and value row read once for all.
     #[allow(clippy::too_many_arguments)]
     fn attend_heads(
         &self,
@@ -700,26 +697,75 @@ impl CpuModel {
         logits: LogitsWanted,
         row_form: RowForm,
     ) -> Result<Vec<StepOutput>> {
-        self.run_calls(calls, Some(logits), row_form)
+        let vocab = self.lm_head.0.rows();
+        self.run_calls(calls, Some(logits), row_form, |out| {
+            let (mut captures, (flat, wanted)) = (out.captures, out.logits.expect("logits asked for"));
+            match wanted {
+                LogitsWanted::All => {
+                    let last = flat[flat.len() - vocab..].to_vec();
+                    vec![StepOutput {
+                        logits: last,
+                        all_logits: Some(flat),
+                        captures: captures.pop().unwrap_or_default(),
+                    }]
+                }
+                LogitsWanted::Last if captures.len() == 1 => {
+                    vec![StepOutput { logits: flat, all_logits: None, captures: captures.pop().unwrap_or_default() }]
+                }
+                LogitsWanted::Last => team::map(captures.len(), |i| flat[i * vocab..(i + 1) * vocab].to_vec())
+                    .into_iter()
+                    .zip(captures)
+                    .map(|(logits, captures)| StepOutput { logits, all_logits: None, captures })
+                    .collect(),
+            }
+        })
     }
 
-    /// `forward_calls`, or with `logits` `None` only the hooks' reads: the pass stops after the last layer a hook
-    /// touches, with no logits (`LanguageModel::read_prompt`).
-    fn run_calls(
+    /// `forward_calls` for the last token of each call, then each call's next token picked from its logits
+    /// (`picks[i]`: call i's sampling and generation step) on the pass's threads, the logits kept here (see
+    /// `LanguageModel::forward_batch_pick`).
+    pub fn forward_calls_picking(
+        &mut self,
+        calls: &[BatchCall],
+        picks: &[(Sampling, u32)],
+        row_form: RowForm,
+    ) -> Result<Vec<Picked>> {
+        if picks.len() != calls.len() {
+            return Err(EngineError::InvalidRequest(format!("{} picks for {} calls", picks.len(), calls.len())));
+        }
+        let vocab = self.lm_head.0.rows();
+        self.run_calls(calls, Some(LogitsWanted::Last), row_form, |out| {
+            let (flat, _) = out.logits.expect("logits asked for");
+            let pick_one = |i: usize| pick(&flat[i * vocab..(i + 1) * vocab], &picks[i].0, picks[i].1);
+            let tokens = if calls.len() > 1 { team::map(calls.len(), pick_one) } else { vec![pick_one(0)] };
+            tokens
+                .into_iter()
+                .zip(out.captures)
+                .map(|(token, captures)| Picked { token, captures, logits: None })
+                .collect()
+        })
+    }
+
+    /// A pass over `calls` (`logits` `None`: only the hooks' reads, the pass stopping after the last layer a hook
+    /// touches, with no logits; `LanguageModel::read_prompt`), then `finish` on what it gives, on the pass's
+    /// threads.
+    fn run_calls<R: Send>(
         &mut self,
         calls: &[BatchCall],
         logits: Option<LogitsWanted>,
         row_form: RowForm,
-    ) -> Result<Vec<StepOutput>> {
+        finish: impl FnOnce(PassOutput) -> R + Send,
+    ) -> Result<R> {
         // Natively and in the browser's threaded build, the whole pass runs on one of rayon's threads, so that
         // each of its ~200 parallel matrix products per token forks and joins among the pool's threads instead of
         // parking the caller and waking it again (SmolLM2's decoding on 2 cores: 30 tokens/s before, 36 after),
         // and the pool's other threads spin through the pass as its team (`team.rs`), so that no product waits
         // for a sleeping thread to wake. The plain wasm build has no threads: the pass runs here.
+        let pass = || self.forward_calls_here(calls, logits, row_form).map(finish);
         #[cfg(any(not(target_arch = "wasm32"), target_feature = "atomics"))]
-        return rayon::scope(|scope| team::with_team(scope, || self.forward_calls_here(calls, logits, row_form)));
+        return rayon::scope(|scope| team::with_team(scope, pass));
         #[cfg(all(target_arch = "wasm32", not(target_feature = "atomics")))]
-        self.forward_calls_here(calls, logits, row_form)
+        pass()
     }
 
     fn forward_calls_here(
@@ -727,7 +773,7 @@ impl CpuModel {
         calls: &[BatchCall],
         logits: Option<LogitsWanted>,
         row_form: RowForm,
-    ) -> Result<Vec<StepOutput>> {
+    ) -> Result<PassOutput> {
         for (i, call) in calls.iter().enumerate() {
             if call.sequence >= MAX_SEQUENCES {
                 return Err(EngineError::InvalidRequest(format!(
@@ -746,7 +792,7 @@ impl CpuModel {
             check_request(&self.config, position, self.max_context, call.tokens, call.hooks)?;
         }
         if calls.is_empty() {
-            return Ok(Vec::new());
+            return Ok(PassOutput { logits: None, captures: Vec::new() });
         }
         if calls.len() > 1 && logits == Some(LogitsWanted::All) {
             return Err(EngineError::InvalidRequest("all-position logits are for one sequence at a time".into()));
@@ -804,8 +850,7 @@ impl CpuModel {
         }
 
         let Some(logits) = logits else {
-            let output = |captures| StepOutput { logits: Vec::new(), all_logits: None, captures };
-            return Ok(captures.into_iter().map(output).collect());
+            return Ok(PassOutput { logits: None, captures });
         };
         // The rows whose logits are wanted: every row of a single call, or the last row of each call.
         let rows = match logits {
@@ -831,22 +876,31 @@ impl CpuModel {
                 (out / cap as f64).and_then(|x| x.tanh()).and_then(|x| x * cap as f64).context("final softcap")?;
             flat = out.to_dtype(DType::F32).and_then(|x| x.to_vec1::<f32>()).context("logits")?;
         }
-        let vocab = self.lm_head.0.rows();
-        Ok(match logits {
-            LogitsWanted::All => {
-                let last = flat[flat.len() - vocab..].to_vec();
-                vec![StepOutput { logits: last, all_logits: Some(flat), captures: captures.pop().unwrap_or_default() }]
-            }
-            LogitsWanted::Last if calls.len() == 1 => {
-                vec![StepOutput { logits: flat, all_logits: None, captures: captures.pop().unwrap_or_default() }]
-            }
-            LogitsWanted::Last => team::map(calls.len(), |i| flat[i * vocab..(i + 1) * vocab].to_vec())
-                .into_iter()
-                .zip(captures)
-                .map(|(logits, captures)| StepOutput { logits, all_logits: None, captures })
-                .collect(),
-        })
+        Ok(PassOutput { logits: Some((flat, logits)), captures })
     }
+}
+
+/// How a batch's rows are computed. Every row gets the numbers it gets in any other batch. A decoding step of every
+/// sequence (one token each) may round its activations where the model was loaded so (`int8_rows`). Prompts of at
+/// least `BATCH_INVARIANT_ROWS` tokens take the prompt form (a decoded band and gemm, or `int8_rows` where the
+/// model rounds), which gives a row the same numbers among any rows from that many on: several times faster than
+/// the rows form for a prompt, and what `forward` computes for the same prompt alone. Other mixes take the exact
+/// rows form.
+fn batch_row_form(calls: &[BatchCall]) -> RowForm {
+    if calls.iter().all(|c| c.tokens.len() == 1) {
+        RowForm::IndependentSteps
+    } else if calls.iter().all(|c| c.tokens.len() >= BATCH_INVARIANT_ROWS) {
+        RowForm::Fastest
+    } else {
+        RowForm::Independent
+    }
+}
+
+/// What a pass gives after its layers: the logits (every position of a single call's, or the last position's of
+/// each call, row after row) where they were asked for, and each call's captures.
+struct PassOutput {
+    logits: Option<(Vec<f32>, LogitsWanted)>,
+    captures: Vec<Vec<Capture>>,
 }
 
 /// The hooks of one call on its rows `h` ([n, hidden], positions `start..start + n`) at `layer`: reads into
@@ -925,20 +979,15 @@ impl LanguageModel for CpuModel {
     }
 
     fn forward_batch<'a>(&'a mut self, calls: &'a [BatchCall<'a>]) -> LocalBoxFuture<'a, Result<Vec<StepOutput>>> {
-        // Every row gets the numbers it gets in any other batch. A decoding step of every sequence (one token each)
-        // may round its activations where the model was loaded so (`int8_rows`). Prompts of at least
-        // `BATCH_INVARIANT_ROWS` tokens take the prompt form (a decoded band and gemm, or `int8_rows` where the
-        // model rounds), which gives a row the same numbers among any rows from that many on: several times faster
-        // than the rows form for a prompt, and what `forward` computes for the same prompt alone. Other mixes take
-        // the exact rows form.
-        let row_form = if calls.iter().all(|c| c.tokens.len() == 1) {
-            RowForm::IndependentSteps
-        } else if calls.iter().all(|c| c.tokens.len() >= BATCH_INVARIANT_ROWS) {
-            RowForm::Fastest
-        } else {
-            RowForm::Independent
-        };
-        Box::pin(std::future::ready(self.forward_calls(calls, LogitsWanted::Last, row_form)))
+        Box::pin(std::future::ready(self.forward_calls(calls, LogitsWanted::Last, batch_row_form(calls))))
+    }
+
+    fn forward_batch_pick<'a>(
+        &'a mut self,
+        calls: &'a [BatchCall<'a>],
+        picks: &'a [(Sampling, u32)],
+    ) -> LocalBoxFuture<'a, Result<Vec<Picked>>> {
+        Box::pin(std::future::ready(self.forward_calls_picking(calls, picks, batch_row_form(calls))))
     }
 
     fn forward<'a>(
@@ -989,10 +1038,10 @@ impl CpuModel {
                 .collect();
             let reset = |model: &mut Self| (0..calls.len()).for_each(|s| model.reset_sequence(s));
             reset(self);
-            let out = self.run_calls(&calls, None, RowForm::Fastest);
+            let out = self.run_calls(&calls, None, RowForm::Fastest, |out| out.captures);
             reset(self);
-            for (&i, output) in group.iter().zip(out?) {
-                all[i] = Some(output.captures);
+            for (&i, captures) in group.iter().zip(out?) {
+                all[i] = Some(captures);
             }
         }
         Ok(all.into_iter().map(|c| c.expect("every prompt read")).collect())
