@@ -8,8 +8,8 @@ mod common;
 
 use common::*;
 use saif_engine::{
-    block_on, generate, generate_batch, BatchCall, Engine, GenerateOptions, Generation, Hooks, Positions, Sampling,
-    Scope, Segment, SequenceRequest,
+    block_on, generate, generate_batch, pick, BatchCall, Engine, GenerateOptions, Generation, Hooks, Positions,
+    Sampling, Scope, Segment, SequenceRequest,
 };
 
 fn requests_for(engine: &Engine) -> (Vec<Vec<u32>>, Vec<Hooks>, Vec<GenerateOptions>) {
@@ -201,4 +201,42 @@ fn steps_that_only_add_run_as_one_call_on_the_gpu() {
             assert_eq!(together[s], alone[s], "{name}: sequence {s}'s step logits in one call and alone");
         }
     }
+}
+
+/// `forward_batch_pick` gives each sequence the token `pick` takes from the logits `forward_batch` gives it (the CPU
+/// picks on its pass's threads), with greedy and sampled picks at different steps side by side, and an empty batch
+/// gives nothing on either.
+#[test]
+fn batched_picks_are_the_picks_of_the_batched_logits() {
+    let mut engine = load_on(&fixture_path("tiny-llama.gguf"), Backend::Cpu);
+    let (prompts, hooks, _) = requests_for(&engine);
+    let picks = [
+        (Sampling::Greedy, 0),
+        (Sampling::Random { temperature: 0.8, top_k: Some(40), top_p: Some(0.9), seed: 3 }, 4),
+        (Sampling::Random { temperature: 1.3, top_k: None, top_p: None, seed: 5 }, 1),
+        (Sampling::Greedy, 7),
+    ];
+    let tokens = [[5u32], [6], [7], [8]];
+    // Sequences 0 to 3 after their prompts, then one step of the four together.
+    let step = |engine: &mut Engine| {
+        let model = engine.model.as_mut();
+        for s in 0..4 {
+            model.reset_sequence(s);
+            let call = [BatchCall { sequence: s, tokens: &prompts[s], segment: Segment::Prompt, hooks: &hooks[s] }];
+            block_on(model.forward_batch(&call)).unwrap();
+        }
+        (0..4)
+            .map(|s| BatchCall { sequence: s, tokens: &tokens[s], segment: Segment::Generated, hooks: &hooks[s] })
+            .collect::<Vec<_>>()
+    };
+    let calls = step(&mut engine);
+    let outputs = block_on(engine.model.forward_batch(&calls)).unwrap();
+    let calls = step(&mut engine);
+    let picked = block_on(engine.model.forward_batch_pick(&calls, &picks)).unwrap();
+    for (s, ((out, got), (sampling, at))) in outputs.iter().zip(&picked).zip(&picks).enumerate() {
+        assert_eq!(got.token, pick(&out.logits, sampling, *at), "sequence {s}'s token");
+        assert_eq!(got.captures, out.captures, "sequence {s}'s captures");
+    }
+    assert!(block_on(engine.model.forward_batch(&[])).unwrap().is_empty());
+    assert!(block_on(engine.model.forward_batch_pick(&[], &[])).unwrap().is_empty());
 }

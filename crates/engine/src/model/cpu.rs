@@ -699,7 +699,8 @@ impl CpuModel {
     ) -> Result<Vec<StepOutput>> {
         let vocab = self.lm_head.0.rows();
         self.run_calls(calls, Some(logits), row_form, |out| {
-            let (mut captures, (flat, wanted)) = (out.captures, out.logits.expect("logits asked for"));
+            // No logits where there were no calls.
+            let (mut captures, Some((flat, wanted))) = (out.captures, out.logits) else { return Vec::new() };
             match wanted {
                 LogitsWanted::All => {
                     let last = flat[flat.len() - vocab..].to_vec();
@@ -735,7 +736,8 @@ impl CpuModel {
         }
         let vocab = self.lm_head.0.rows();
         self.run_calls(calls, Some(LogitsWanted::Last), row_form, |out| {
-            let (flat, _) = out.logits.expect("logits asked for");
+            // No logits where there were no calls.
+            let Some((flat, _)) = out.logits else { return Vec::new() };
             let pick_one = |i: usize| pick(&flat[i * vocab..(i + 1) * vocab], &picks[i].0, picks[i].1);
             let tokens = if calls.len() > 1 { team::map(calls.len(), pick_one) } else { vec![pick_one(0)] };
             tokens

@@ -264,8 +264,8 @@ struct Sums([[i32; LANES]; ROWS]);
 
 /// `lanes_tiles` for the groups `groups` of `rows` (Q4_1's repacked rows, or Q8_0's where `Q8_0`) and the activation
 /// rows of `x`, written where they go: activation row i's sixteen values of the run's g-th group at `out + i * stride
-/// + 16 * g`, for the `x.rows` rows (the kernel stores them there itself: through a buffer and a copy, the stores of
-/// the copy took 6% of a batched SmolLM2 step). Call only where `available()`.
+/// + 16 * g`, for the `x.rows` rows. The kernel stores them there itself, instead of into a buffer copied over
+/// afterwards. Call only where `available()`.
 ///
 /// # Safety
 /// `out` has room for `x.rows` rows `stride` values apart, each of `16 * groups.len()` values, which nothing else

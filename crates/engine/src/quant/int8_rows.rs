@@ -250,7 +250,8 @@ pub struct TileRows {
 impl TileRows {
     /// The rows of `x` (at most `LANES` rows of `k` values, `k` a multiple of 32) rounded as `int8::quantize` rounds
     /// them, straight into the tile's layout. Rounded into rows of their own (three allocations each) and then
-    /// copied here, they took 13% of a batched SmolLM2 step's time on its products' way in; 10% so.
+    /// copied here, the rounding and the products' other preparations took 13% of the products' time in a batched
+    /// SmolLM2 step (timed in a scratch build); 10% so.
     pub fn round(x: &[f32], k: usize) -> Self {
         assert!(k > 0 && k.is_multiple_of(32) && x.len().is_multiple_of(k) && x.len() / k <= LANES);
         let (rows, blocks) = (x.len() / k, k / 32);
