@@ -5,7 +5,7 @@
 //! The rows are plain values, head after head (`[heads, capacity, head_dim]`), which decoding's attention reads in
 //! place (`CacheView`) and a decoding step appends to directly (`append_row`). Held in candle tensors, each step's
 //! row went through two tensors, a write lock and a copy per layer and sequence, and the readers through a read
-//! lock each: in a batched SmolLM2 step, a sequence's new row took about as long as its attention.
+//! lock each: in a batched SmolLM2 step, the sequences' new rows took half as long as their attention.
 //!
 //! The rows are held in f32, or in f16 where the model was loaded so (`LoadOptions::f16_cache`, as llama.cpp keeps
 //! its cache by default): half the bytes for attention to read, each key and value rounded once on its way in.
