@@ -521,8 +521,28 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
     // Each band writes its columns of its matrix's output rows in place: no band result to allocate, zero and
     // copy again (the copies were 2-4% of a Gemma prompt). The outputs are allocated without zeroing, and every
     // value is written once: the bands of a matrix cover its rows.
-    let mut outs: Vec<Vec<f32>> = jobs.iter().map(|(q, _)| Vec::with_capacity(m * q.rows)).collect();
-    let starts: Vec<SendPtr> = outs.iter_mut().map(|out| SendPtr(out.as_mut_ptr())).collect();
+    //
+    // The values of an output of up to `ALIGNED_OUTPUT_VALUES` are written from its first 64-byte boundary on, and
+    // moved to its start once every band has written: the bands' columns start at multiples of sixteen values, so
+    // from a boundary no two threads write the same cache line. From the allocation's start (16-byte aligned), the
+    // line at each band's edge went back and forth between the cores for every row (SmolLM2's batched `--int8`
+    // steps, the move included: a few percent faster in alternated runs, docs/benchmarks.md). Larger outputs (the
+    // logits) have few edges for their size, and moving them would cost more than it saves.
+    let mut outs: Vec<Vec<f32>> = jobs.iter().map(|(q, _)| Vec::with_capacity(m * q.rows + LINE_VALUES)).collect();
+    let skips: Vec<usize> = outs
+        .iter()
+        .zip(&jobs)
+        .map(|(out, (q, _))| match m * q.rows <= ALIGNED_OUTPUT_VALUES {
+            true => out.as_ptr().align_offset(64).min(LINE_VALUES),
+            false => 0,
+        })
+        .collect();
+    let starts: Vec<SendPtr> = outs
+        .iter_mut()
+        .zip(&skips)
+        // SAFETY: `skip` is at most `LINE_VALUES`, inside the room allocated beyond the `m x q.rows` values.
+        .map(|(out, &skip)| SendPtr(unsafe { out.as_mut_ptr().add(skip) }))
+        .collect();
     crate::team::for_each(tasks.len(), |task| {
         let (j, first, count) = tasks[task];
         let (q, form) = jobs[j];
@@ -532,12 +552,28 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
         let mut columns = unsafe { Columns::new(starts[j].0, q.rows, first, count, m) };
         q.band(rows, x, m, &prepared, form, &mut columns);
     });
-    for (out, (q, _)) in outs.iter_mut().zip(jobs) {
-        // SAFETY: every one of the `m x q.rows` values was written above (the bands partition the rows).
-        unsafe { out.set_len(m * q.rows) };
+    for ((out, (q, _)), &skip) in outs.iter_mut().zip(jobs).zip(&skips) {
+        let len = m * q.rows;
+        // SAFETY: the `skip` values before them are initialized here, and every one of the `len` values after them
+        // was written above (the bands partition the rows).
+        unsafe {
+            std::ptr::write_bytes(out.as_mut_ptr(), 0, skip);
+            out.set_len(skip + len);
+        }
+        if skip > 0 {
+            out.copy_within(skip.., 0);
+            out.truncate(len);
+        }
     }
     Ok(outs)
 }
+
+/// Values per 64-byte cache line.
+const LINE_VALUES: usize = 16;
+
+/// The largest product output whose bands are laid on cache lines (`products`): a batched step's largest layer
+/// output (16 rows of SmolLM2's 1,536 or Gemma 3's 2,048) and below, not the logits.
+const ALIGNED_OUTPUT_VALUES: usize = 1 << 15;
 
 /// A pointer the bands share across rayon's threads; each writes only its own columns (`Columns`).
 #[derive(Clone, Copy)]
