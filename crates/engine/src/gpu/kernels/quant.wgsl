@@ -82,13 +82,24 @@ fn value_f32(row: u32, i: u32) -> f32 {
     return bitcast<f32>(W[(row >> 2u) + i]);
 }
 
-fn decode_f16(row: u32, c: u32) -> Chunk {
+// Chunk c of a row of 16-bit values, two to a word: f16, or bf16 where `bf16` (a constant at every call, so the
+// branch folds away).
+fn decode_halves(row: u32, c: u32, bf16: bool) -> Chunk {
     let base = row + 64u * c;
     var w: Chunk;
     for (var i = 0u; i < 8u; i++) {
-        w.q[i] = vec4<f32>(unpack2x16float(word_at(base + 8u * i)), unpack2x16float(word_at(base + 8u * i + 4u)));
+        let words = vec2<u32>(word_at(base + 8u * i), word_at(base + 8u * i + 4u));
+        if bf16 {
+            w.q[i] = vec4<f32>(bf16_pair(words.x), bf16_pair(words.y));
+        } else {
+            w.q[i] = vec4<f32>(unpack2x16float(words.x), unpack2x16float(words.y));
+        }
     }
     return w;
+}
+
+fn decode_f16(row: u32, c: u32) -> Chunk {
+    return decode_halves(row, c, false);
 }
 
 fn dot_decoded_f16(w: Chunk, x: u32) -> f32 {
@@ -104,12 +115,7 @@ fn bf16_pair(w: u32) -> vec2<f32> {
 }
 
 fn decode_bf16(row: u32, c: u32) -> Chunk {
-    let base = row + 64u * c;
-    var w: Chunk;
-    for (var i = 0u; i < 8u; i++) {
-        w.q[i] = vec4<f32>(bf16_pair(word_at(base + 8u * i)), bf16_pair(word_at(base + 8u * i + 4u)));
-    }
-    return w;
+    return decode_halves(row, c, true);
 }
 
 fn dot_decoded_bf16(w: Chunk, x: u32) -> f32 {
