@@ -266,13 +266,22 @@ impl TileRows {
         let scales = tile.scale.chunks_exact_mut(blocks).zip(tile.scaled_sum.chunks_exact_mut(blocks));
         let rooms: Vec<_> = values.zip(scales).take(rows).collect();
         // On the pass's threads where there are several rows (each row alone, so the same in any split): the rows
-        // come from a product whose bands each thread wrote part of.
+        // come from a product whose bands each thread wrote part of. A few rows per task, two tasks per thread: a
+        // row of 576 values rounds in about 0.15 us (`examples/q_speed.rs`), and on 2 cores each task of a job
+        // costs about 0.1 us to hand out (a job of 16 empty tasks took 1.6 us); with a task per row, a batched
+        // SmolLM2 step was 4-23% slower (docs/benchmarks.md).
         if rows >= 4 {
-            let rooms: Vec<Mutex<Option<_>>> = rooms.into_iter().map(|room| Mutex::new(Some(room))).collect();
-            crate::team::for_each(rows, |i| {
-                let room = rooms[i].lock().unwrap_or_else(|e| e.into_inner()).take();
-                let (values, (scale, scaled_sum)) = room.expect("each row rounded once");
-                int8::quantize_into(&x[i * k..(i + 1) * k], values, scale, scaled_sum);
+            let per_task = rows.div_ceil(2 * rayon::current_num_threads());
+            let mut rooms = rooms.into_iter();
+            let tasks: Vec<Mutex<Option<Vec<_>>>> = (0..rows.div_ceil(per_task))
+                .map(|_| Mutex::new(Some(rooms.by_ref().take(per_task).collect())))
+                .collect();
+            crate::team::for_each(tasks.len(), |t| {
+                let task = tasks[t].lock().unwrap_or_else(|e| e.into_inner()).take();
+                for (r, (values, (scale, scaled_sum))) in task.expect("each task run once").into_iter().enumerate() {
+                    let i = t * per_task + r;
+                    int8::quantize_into(&x[i * k..(i + 1) * k], values, scale, scaled_sum);
+                }
             });
         } else {
             for (x, (values, (scale, scaled_sum))) in x.chunks_exact(k).zip(rooms) {

@@ -346,9 +346,9 @@ mod tests {
     }
 
     /// On AMX tiles (`int8_amx::lanes_products`), sixteen activation rows at a time through several groups in one
-    /// run, each row's values are `int8_group`'s for the row alone, bit for bit: 19 rows (a tile of sixteen and one
-    /// of three), three groups run together and the last two on their own. Where the CPU has no tiles, this says so
-    /// and checks nothing.
+    /// run, each row's values are `int8_group`'s for the row alone, bit for bit: 26 rows (a tile of sixteen and one
+    /// of ten, both rounded in tasks of several rows, the second's last task shorter), three groups run together
+    /// and the last two on their own. Where the CPU has no tiles, this says so and checks nothing.
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
     #[test]
     fn int8_tiles_are_each_rows_int8_group() {
@@ -357,7 +357,7 @@ mod tests {
             eprintln!("no AMX tiles on this CPU: lanes_products not compared");
             return;
         }
-        let (n, k, m) = (48, 544, 19);
+        let (n, k, m) = (48, 544, 26);
         let q = int8_matrix(n, k);
         let lanes = Q4_1Lanes::new(&q.raw().unwrap(), n, k);
         let x = activations(m * k);
