@@ -614,13 +614,7 @@ impl CpuModel {
         let rows = len - first;
         let mut weights = vec![0f32; n * rows];
         // Every head against every key, each score `dot`'s bit for bit, each key read once for all the heads.
-        quant::dots_each(
-            queries,
-            hd,
-            first..len,
-            |j| keys.row(kv_head, j),
-            |i, j, v| weights[i * rows + j - first] = v,
-        );
+        quant::dots_rows(queries, hd, first..len, |j| keys.row(kv_head, j), &mut weights);
         for weights in weights.chunks_exact_mut(rows.max(1)) {
             if let Some(cap) = c.attn_softcap {
                 weights.iter_mut().for_each(|w| *w = (*w / cap).tanh() * cap);

@@ -66,46 +66,54 @@ unsafe fn finish_block<const X: usize>(acc: [[__m512; 4]; X], x: &[&[f32]], w: [
     }
 }
 
-/// `put(i, j, dot(queries[i], key(j)))` for the `Q` queries and the keys of `keys` in whole sets of `K` (`Q x K` at
-/// most 16 pairs), bit for bit (f16 keys: of the keys widened to f32); returns where the whole sets end. The rows'
-/// lengths are a multiple of 16. Call only where `available()`.
+/// `dot(queries[i], key(j))` for the `Q` queries and the keys of `keys` in whole sets of `K` (`Q x K` at most 16
+/// pairs), bit for bit (f16 keys: of the keys widened to f32), into `out` at `rows.start + i` and column `j -
+/// keys.start` (rows of `keys.len()` values); returns where the whole sets end. The rows' lengths are a multiple of
+/// 16. Call only where `available()`.
 pub fn dots<'a, const Q: usize, const K: usize, V: CacheValue>(
     queries: [&[f32]; Q],
     keys: std::ops::Range<usize>,
     key: &impl Fn(usize) -> &'a [V],
-    put: &mut impl FnMut(usize, usize, f32),
+    out: &mut [f32],
+    rows: std::ops::Range<usize>,
 ) -> usize {
-    assert!(available() && Q * K <= 16 && Q > 0);
+    assert!(available() && Q * K <= 16 && Q > 0 && rows.len() == Q);
     let len = queries[0].len();
     assert!(len.is_multiple_of(16) && queries.iter().all(|row| row.len() == len), "rows of one length");
+    assert!(out.len() >= rows.end * keys.len(), "room for the scores");
     // SAFETY: the CPU has AVX-512 F (asserted); the kernel reads `len` values of each query (asserted above) and of
-    // each key (asserted in it).
-    unsafe { dots_in_sets::<Q, K, V>(queries, keys, key, put) }
+    // each key (asserted in it), and writes inside rows `rows` of `out` (asserted above).
+    unsafe { dots_in_sets::<Q, K, V>(queries, keys, key, out, rows.start) }
 }
 
-/// `dots`'s sets, one after another in one function with the kernel (`pairs16`) inlined. Called set by set, with
-/// three queries (SmolLM2's heads per key-value head) taking a set of four whose fourth was dropped, the scores
-/// took 8.1% of a batched SmolLM2 `--int8` step's samples in `perf record`, and 6.5% so.
+/// `dots`'s sets, one after another in one function with the kernel (`pairs16`) inlined, each set's scores stored
+/// by query with one masked store. Called set by set, with three queries (SmolLM2's heads per key-value head)
+/// taking a set of four whose fourth was dropped, the scores took 8.1% of a batched SmolLM2 `--int8` step's samples
+/// in `perf record`, and 6.5% so. Their values were then taken out of the register one by one: 3 queries against
+/// 96 keys held in the L1 cache took 1.32-1.45 us so, and 1.00-1.01 us with the stores (a scratch benchmark,
+/// alternated, docs/benchmarks.md).
 #[target_feature(enable = "avx512f")]
 unsafe fn dots_in_sets<'a, const Q: usize, const K: usize, V: CacheValue>(
     queries: [&[f32]; Q],
     keys: std::ops::Range<usize>,
     key: &impl Fn(usize) -> &'a [V],
-    put: &mut impl FnMut(usize, usize, f32),
+    out: &mut [f32],
+    first_row: usize,
 ) -> usize {
     let len = queries[0].len();
-    let whole = keys.start + keys.len() / K * K;
+    let width = keys.len();
+    let whole = keys.start + width / K * K;
     for j in (keys.start..whole).step_by(K) {
         (j + KEYS_AHEAD..(j + KEYS_AHEAD + K).min(keys.end)).for_each(|j| V::prefetch(key(j)));
         let set: [&[V]; K] = std::array::from_fn(|t| key(j + t));
         assert!(set.iter().all(|row| row.len() == len), "keys as long as the queries");
         let sums = pairs16(queries, set);
         for i in 0..Q {
-            for t in 0..K {
-                // Pair p's value is at lane 4 (p % 4) + p / 4 (`tree16`).
-                let p = i * K + t;
-                put(i, j + t, sums[4 * (p % 4) + p / 4]);
-            }
+            // Query i's scores are lanes iK..iK + K (`pairs16`), stored from where lane iK lands on column j (the
+            // masked lanes are neither read nor written).
+            let at = (first_row + i) * width + (j - keys.start);
+            let lanes = (((1u32 << K) - 1) << (i * K)) as u16;
+            _mm512_mask_storeu_ps(out.as_mut_ptr().add(at).wrapping_sub(i * K), lanes, sums);
         }
     }
     whole
@@ -114,11 +122,23 @@ unsafe fn dots_in_sets<'a, const Q: usize, const K: usize, V: CacheValue>(
 /// How many keys ahead of the set being summed `dots` asks for from memory.
 const KEYS_AHEAD: usize = 8;
 
-/// Each pair's sixteen lanes over the rows (as `block`), then every pair's lanes summed by `tree16` (the sums past
-/// `Q x K` are zeros).
+/// `tree16`'s input for each lane of its output: it sums input p into lane 4 (p % 4) + p / 4, and that map is its
+/// own inverse.
+const PLACED: [usize; 16] = {
+    let mut placed = [0; 16];
+    let mut p = 0;
+    while p < 16 {
+        placed[p] = 4 * (p % 4) + p / 4;
+        p += 1;
+    }
+    placed
+};
+
+/// Each pair's sixteen lanes over the rows (as `block`), then every pair's lanes summed by `tree16`: query i and
+/// key t's sum in lane iK + t (the lanes past `Q x K` are zeros).
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn pairs16<const Q: usize, const K: usize, V: CacheValue>(queries: [&[f32]; Q], keys: [&[V]; K]) -> [f32; 16] {
+unsafe fn pairs16<const Q: usize, const K: usize, V: CacheValue>(queries: [&[f32]; Q], keys: [&[V]; K]) -> __m512 {
     let mut acc = [_mm512_setzero_ps(); 16];
     for c in 0..queries[0].len() / 16 {
         // The queries' chunks held, each key's loaded in turn: at most 16 sums and 4 + 1 chunks in registers.
@@ -126,13 +146,12 @@ unsafe fn pairs16<const Q: usize, const K: usize, V: CacheValue>(queries: [&[f32
         for (j, key) in keys.iter().enumerate() {
             let kc = V::load16(key, 16 * c);
             for (i, qc) in qc.iter().enumerate() {
-                acc[i * K + j] = _mm512_fmadd_ps(*qc, kc, acc[i * K + j]);
+                let p = PLACED[i * K + j];
+                acc[p] = _mm512_fmadd_ps(*qc, kc, acc[p]);
             }
         }
     }
-    let mut out = [0f32; 16];
-    _mm512_storeu_ps(out.as_mut_ptr(), tree16(acc));
-    out
+    tree16(acc)
 }
 
 /// The lanes of sixteen sums, each summed as `avx2::finish` sums them (lane i plus lane i + 8, then i + 4, i + 2,

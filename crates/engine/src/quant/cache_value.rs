@@ -1,5 +1,5 @@
 //! The value types a KV cache holds, f32 or f16 (`LoadOptions::f16_cache`), as decoding attention's kernels read
-//! them (`dots_each`, `model::value_sums`). An f16 value is widened to f32 as it is loaded, so every sum is the one
+//! them (`dots_rows`, `model::value_sums`). An f16 value is widened to f32 as it is loaded, so every sum is the one
 //! the f32 kernels make of the widened values, bit for bit: the f16 cache departs from the f32 one only by the
 //! rounding of each key and value on its way into the cache. Widening in the kernels, not into a buffer first,
 //! keeps the loads from memory overlapped with the arithmetic: converting 64 rows at a time into an f32 scratch

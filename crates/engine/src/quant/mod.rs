@@ -422,7 +422,7 @@ fn prefetch(bytes: Option<&[u8]>) {
     let _ = bytes;
 }
 
-/// `prefetch` for rows of f32 values: the cache rows that decoding attention reads next (`dots_each`,
+/// `prefetch` for rows of f32 values: the cache rows that decoding attention reads next (`dots_rows`,
 /// `model::value_sums`).
 #[inline(always)]
 pub fn prefetch_values(values: &[f32]) {
@@ -880,54 +880,57 @@ fn dot4_each(x: &[f32], k: usize, w: [&[f32]; 4], mut put: impl FnMut(usize, [f3
     }
 }
 
-/// `put(i, j, dot(x_i, key(j)))` for every row `x_i` of `x` (rows of `k` values) and every j in `keys`, each value
-/// `dot`'s bit for bit: a decoding step's attention scores, the query heads that share a key-value head against
-/// its keys. With AVX-512 (detected at run time) and rows of a multiple of sixteen values, up to four rows against
-/// as many keys as make at most sixteen pairs (one row and 16 keys, two and 8, three and 5, four and 4), their
-/// lanes summed together (`avx512::dots`); else four keys at a time (`dot4`). The keys may be f16 (an f16 cache):
-/// each value is then `dot`'s of the key widened to f32.
-pub fn dots_each<'a, V: CacheValue>(
+/// `dot(x_i, key(j))` for every row `x_i` of `x` (rows of `k` values) and every j in `keys`, each value `dot`'s bit
+/// for bit, into `out` (row i's at `i * keys.len() + j - keys.start`): a decoding step's attention scores, the query
+/// heads that share a key-value head against its keys. With AVX-512 (detected at run time) and rows of a multiple
+/// of sixteen values, up to four rows against as many keys as make at most sixteen pairs (one row and 16 keys, two
+/// and 8, three and 5, four and 4), their lanes summed together (`avx512::dots`); else four keys at a time
+/// (`dot4`). The keys may be f16 (an f16 cache): each value is then `dot`'s of the key widened to f32.
+pub fn dots_rows<'a, V: CacheValue>(
     x: &[f32],
     k: usize,
     keys: std::ops::Range<usize>,
     key: impl Fn(usize) -> &'a [V],
-    mut put: impl FnMut(usize, usize, f32),
+    out: &mut [f32],
 ) {
     let m = x.len() / k.max(1);
+    let width = keys.len();
+    assert!(out.len() >= m * width, "room for every score");
     let row = |i: usize| &x[i * k..(i + 1) * k];
     let mut scratch = Vec::new();
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
     if avx512::available() && k.is_multiple_of(16) && k > 0 {
         for first in (0..m).step_by(4) {
             let n = 4.min(m - first);
-            let mut put = |i: usize, j: usize, v: f32| put(first + i, j, v);
+            let (rows, set) = (first..first + n, keys.clone());
             // The keys past the last whole set, each alone.
             let whole = match n {
-                1 => avx512::dots::<1, 16, V>([row(first)], keys.clone(), &key, &mut put),
-                2 => avx512::dots::<2, 8, V>(std::array::from_fn(|i| row(first + i)), keys.clone(), &key, &mut put),
-                3 => avx512::dots::<3, 5, V>(std::array::from_fn(|i| row(first + i)), keys.clone(), &key, &mut put),
-                _ => avx512::dots::<4, 4, V>(std::array::from_fn(|i| row(first + i)), keys.clone(), &key, &mut put),
+                1 => avx512::dots::<1, 16, V>([row(first)], set, &key, out, rows),
+                2 => avx512::dots::<2, 8, V>(std::array::from_fn(|i| row(first + i)), set, &key, out, rows),
+                3 => avx512::dots::<3, 5, V>(std::array::from_fn(|i| row(first + i)), set, &key, out, rows),
+                _ => avx512::dots::<4, 4, V>(std::array::from_fn(|i| row(first + i)), set, &key, out, rows),
             };
             for j in whole..keys.end {
                 let key = V::as_f32(key(j), &mut scratch);
-                for i in 0..n {
-                    put(i, j, dot(row(first + i), key));
+                for i in first..first + n {
+                    out[i * width + j - keys.start] = dot(row(i), key);
                 }
             }
         }
         return;
     }
-    let whole = keys.start + keys.len() / 4 * 4;
+    let whole = keys.start + width / 4 * 4;
     let mut four_keys: [Vec<f32>; 4] = Default::default();
     for i in 0..m {
+        let out = &mut out[i * width..(i + 1) * width];
         for j in (keys.start..whole).step_by(4) {
             let [a, b, c, d] = &mut four_keys;
-            let keys = [(a, j), (b, j + 1), (c, j + 2), (d, j + 3)].map(|(s, j)| V::as_f32(key(j), s));
-            let four = dot4(row(i), keys);
-            four.iter().enumerate().for_each(|(t, &v)| put(i, j + t, v));
+            let keys4 = [(a, j), (b, j + 1), (c, j + 2), (d, j + 3)].map(|(s, j)| V::as_f32(key(j), s));
+            let at = j - keys.start;
+            out[at..at + 4].copy_from_slice(&dot4(row(i), keys4));
         }
         for j in whole..keys.end {
-            put(i, j, dot(row(i), V::as_f32(key(j), &mut scratch)));
+            out[j - keys.start] = dot(row(i), V::as_f32(key(j), &mut scratch));
         }
     }
 }
@@ -1067,12 +1070,12 @@ mod tests {
         eprintln!("AMX tiles: {}", if int8_rows::tiles_available() { "used" } else { "not on this CPU" });
     }
 
-    /// `dots_each` gives every (row, key) pair `dot`'s value bit for bit: 1 to 6 rows (sixteen pairs at a time in
+    /// `dots_rows` gives every (row, key) pair `dot`'s value bit for bit: 1 to 6 rows (sixteen pairs at a time in
     /// each shape where the CPU has AVX-512, and the rows of a fifth or sixth set), keys from an offset with a
     /// remainder; rows of 64 and 256 values, and of 72 (the four-key form). With f16 keys (an f16 cache), each
     /// value is `dot`'s of the key widened to f32.
     #[test]
-    fn dots_each_is_dot_for_every_pair() {
+    fn dots_rows_is_dot_for_every_pair() {
         for k in [64, 72, 256] {
             let keys: Vec<Vec<f32>> = (0..41)
                 .map(|j| (0..k).map(|d| ((j * 7919 + d * 104729) % 1999) as f32 / 999.5 - 1.0).collect())
@@ -1082,28 +1085,26 @@ mod tests {
             let widened: Vec<Vec<f32>> = halves.iter().map(|row| row.iter().map(|h| h.to_f32()).collect()).collect();
             for m in 1..=6 {
                 let x: Vec<f32> = (0..m * k).map(|i| ((i * 31 % 113) as f32 - 56.0) * 0.0137).collect();
-                check_dots_each(&x, k, &keys, &keys, &format!("k {k}, {m} rows"));
-                check_dots_each(&x, k, &halves, &widened, &format!("k {k}, {m} rows, f16 keys"));
+                check_dots_rows(&x, k, &keys, &keys, &format!("k {k}, {m} rows"));
+                check_dots_rows(&x, k, &halves, &widened, &format!("k {k}, {m} rows, f16 keys"));
             }
         }
     }
 
-    /// `dots_each(x, k, 3..keys.len(), ..)` against `dot` with `reference` (the keys as f32): each pair's value bit
-    /// for bit, each pair once, none before the range.
-    fn check_dots_each<V: CacheValue>(x: &[f32], k: usize, keys: &[Vec<V>], reference: &[Vec<f32>], what: &str) {
-        let m = x.len() / k;
-        let mut seen = vec![vec![0; keys.len()]; m];
-        dots_each(
-            x,
-            k,
-            3..keys.len(),
-            |j| &keys[j],
-            |i, j, v| {
-                assert_eq!(v.to_bits(), dot(&x[i * k..(i + 1) * k], &reference[j]).to_bits(), "{what}: {i}, {j}");
-                seen[i][j] += 1;
-            },
-        );
-        assert!(seen.iter().all(|row| row[3..].iter().all(|&s| s == 1) && row[..3].iter().all(|&s| s == 0)), "{what}");
+    /// `dots_rows(x, k, 3..keys.len(), ..)` against `dot` with `reference` (the keys as f32): each pair's value bit
+    /// for bit in its place, and nothing written past the rows (sentinels).
+    fn check_dots_rows<V: CacheValue>(x: &[f32], k: usize, keys: &[Vec<V>], reference: &[Vec<f32>], what: &str) {
+        let (m, width) = (x.len() / k, keys.len() - 3);
+        let sentinel = f32::from_bits(0x7fc0_1234);
+        let mut out = vec![sentinel; m * width + 5];
+        dots_rows(x, k, 3..keys.len(), |j| &keys[j], &mut out);
+        for i in 0..m {
+            for j in 3..keys.len() {
+                let want = dot(&x[i * k..(i + 1) * k], &reference[j]);
+                assert_eq!(out[i * width + j - 3].to_bits(), want.to_bits(), "{what}: {i}, {j}");
+            }
+        }
+        assert!(out[m * width..].iter().all(|v| v.to_bits() == sentinel.to_bits()), "{what}: past the rows");
     }
 
     #[test]
