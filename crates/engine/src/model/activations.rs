@@ -1,7 +1,7 @@
 //! The MLP's activations on the CPU, written so the compiler vectorizes them: candle's `gelu` and `silu` call the
 //! C library's `tanhf` and `expf` once per value, which took a tenth of Gemma's prompt processing. Both are written
 //! here with one exponential of our own (range reduction to `2^n * e^r`, then a polynomial), and the tests hold
-//! them to the f64 formulas. The attention's softmax on the CPU (`cpu::softmax_in_place`) uses the same `exp`.
+//! them to the f64 formulas. The attention's softmax on the CPU (`cpu::softmax_rows`) uses the same `exp`.
 
 /// `e^x` for f32, within a few ulp of the exact value over the range the activations use; inputs below -87.3 or
 /// above 88.3 are clamped there (their results underflow to about 1e-38 or stay below f32's largest value).

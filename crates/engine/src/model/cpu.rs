@@ -615,12 +615,10 @@ impl CpuModel {
         let mut weights = vec![0f32; n * rows];
         // Every head against every key, each score `dot`'s bit for bit, each key read once for all the heads.
         quant::dots_rows(queries, hd, first..len, |j| keys.row(kv_head, j), &mut weights);
-        for weights in weights.chunks_exact_mut(rows.max(1)) {
-            if let Some(cap) = c.attn_softcap {
-                weights.iter_mut().for_each(|w| *w = (*w / cap).tanh() * cap);
-            }
-            softmax_in_place(weights);
+        if let Some(cap) = c.attn_softcap {
+            weights.iter_mut().for_each(|w| *w = (*w / cap).tanh() * cap);
         }
+        softmax_rows(&mut weights, rows);
         out.fill(0.0);
         value_sums::weighted_sums(out, hd, &weights, |j| values.row(kv_head, first + j));
     }
@@ -661,11 +659,9 @@ impl CpuModel {
         if out.len() >= NORM_ROWS_PER_TASK * 2 * hidden {
             let tasks: Vec<Mutex<Option<&mut [f32]>>> =
                 out.chunks_mut(NORM_ROWS_PER_TASK * hidden).map(|rows| Mutex::new(Some(rows))).collect();
-            team::for_each(tasks.len(), |i| {
-                take_task(&tasks[i]).chunks_exact_mut(hidden).for_each(|row| rms_norm_in_place(row, w, eps))
-            });
+            team::for_each(tasks.len(), |i| rms_norm_rows(take_task(&tasks[i]), w, eps));
         } else {
-            out.chunks_exact_mut(hidden).for_each(|row| rms_norm_in_place(row, w, eps));
+            rms_norm_rows(&mut out, w, eps);
         }
         out
     }
@@ -1091,10 +1087,38 @@ impl RopeTables {
 /// candle's `rms_norm` of one row: `x / sqrt(mean(x^2) + eps) * weights`.
 fn rms_norm_in_place(x: &mut [f32], weights: &[f32], eps: f32) {
     let sum2: f32 = x.iter().map(|v| v * v).sum();
+    scale_by_rms(x, weights, sum2, eps);
+}
+
+/// The end of `rms_norm_in_place`, from the row's sum of squares.
+fn scale_by_rms(x: &mut [f32], weights: &[f32], sum2: f32, eps: f32) {
     let m = (sum2 / x.len() as f32 + eps).sqrt();
     for (v, w) in x.iter_mut().zip(weights) {
         *v = *v / m * w;
     }
+}
+
+/// `rms_norm_in_place` of each row of `rows` (rows of `weights.len()` values), four rows' sums of squares side by
+/// side. Each row's sum is still one chain of additions in the row's order (the same numbers bit for bit), and
+/// four chains overlap where one waited on each addition: on one thread, a batched SmolLM2 step's norms of 16 rows
+/// of 576 were a chain of 576 dependent additions per row.
+fn rms_norm_rows(rows: &mut [f32], weights: &[f32], eps: f32) {
+    let n = weights.len();
+    let mut fours = rows.chunks_exact_mut(4 * n);
+    for four in &mut fours {
+        // `Iterator::sum`'s start (a square is never -0.0, so either zero gives the same sums).
+        let mut sums = [-0.0f32; 4];
+        for i in 0..n {
+            for (r, sum) in sums.iter_mut().enumerate() {
+                let v = four[r * n + i];
+                *sum += v * v;
+            }
+        }
+        for (row, sum) in four.chunks_exact_mut(n).zip(sums) {
+            scale_by_rms(row, weights, sum, eps);
+        }
+    }
+    fours.into_remainder().chunks_exact_mut(n.max(1)).for_each(|row| rms_norm_in_place(row, weights, eps));
 }
 
 /// RoPE of one head at one position (`cos`, `sin`: head_dim / 2 values), as candle's `rope` (halves) and
@@ -1112,17 +1136,46 @@ fn rotate(head: &mut [f32], cos: &[f32], sin: &[f32], layout: RopeLayout) {
     }
 }
 
-/// candle's `softmax_last_dim` of one row, with `activations::exp` (within a few ulp of the C library's `expf`, which
-/// was a call per score; vectorized here, the sum then taken in order). Scores more than 87.3 below the largest get
-/// e^-87.3 (about 1e-38) instead of less, which the sum, at least 1, cannot show.
-fn softmax_in_place(x: &mut [f32]) {
-    let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    for v in x.iter_mut() {
-        *v = activations::exp(*v - max);
+/// candle's `softmax_last_dim` of each row of `x` (rows of `len` values), with `activations::exp` (within a few ulp
+/// of the C library's `expf`, which was a call per score; vectorized here, the sum then taken in order). Scores more
+/// than 87.3 below the largest get e^-87.3 (about 1e-38) instead of less, which the sum, at least 1, cannot show.
+/// Up to four rows side by side: the heads that share a key-value head (SmolLM2's 3, Gemma 3's 4). Each row's
+/// maximum and sum are still one chain in the row's order (the same numbers bit for bit), and the rows' chains
+/// overlap.
+fn softmax_rows(x: &mut [f32], len: usize) {
+    for group in x.chunks_mut(4 * len.max(1)) {
+        let mut rows = group.chunks_exact_mut(len.max(1));
+        match (rows.next(), rows.next(), rows.next(), rows.next()) {
+            (Some(a), Some(b), Some(c), Some(d)) => softmax_side_by_side([a, b, c, d]),
+            (Some(a), Some(b), Some(c), None) => softmax_side_by_side([a, b, c]),
+            (Some(a), Some(b), None, _) => softmax_side_by_side([a, b]),
+            (Some(a), None, ..) => softmax_side_by_side([a]),
+            _ => {}
+        }
     }
-    let sum = x.iter().fold(0f32, |sum, v| sum + v);
-    for v in x.iter_mut() {
-        *v /= sum;
+}
+
+/// `softmax_rows`' arithmetic on `N` rows of one length at once.
+fn softmax_side_by_side<const N: usize>(mut rows: [&mut [f32]; N]) {
+    let len = rows[0].len();
+    assert!(rows.iter().all(|row| row.len() == len), "rows of one length");
+    let mut max = [f32::NEG_INFINITY; N];
+    for i in 0..len {
+        for (m, row) in max.iter_mut().zip(&rows) {
+            *m = m.max(row[i]);
+        }
+    }
+    for (row, m) in rows.iter_mut().zip(max) {
+        row.iter_mut().for_each(|v| *v = activations::exp(*v - m));
+    }
+    let mut sum = [0f32; N];
+    for i in 0..len {
+        for (s, row) in sum.iter_mut().zip(&rows) {
+            *s += row[i];
+        }
+    }
+    for (row, s) in rows.iter_mut().zip(sum) {
+        row.iter_mut().for_each(|v| *v /= s);
     }
 }
 
@@ -1133,7 +1186,50 @@ fn take_task<T>(slot: &Mutex<Option<T>>) -> T {
 
 #[cfg(test)]
 mod tests {
-    use super::softmax_in_place;
+    use super::{activations, rms_norm_in_place, rms_norm_rows, softmax_rows};
+
+    /// Rows of scores or activations, spread in sign and size.
+    fn rows(n: usize, len: usize) -> Vec<f32> {
+        (0..n * len).map(|i| ((i * 7919 % 613) as f32 - 300.0) * 0.037 * (1 + i % 5) as f32).collect()
+    }
+
+    /// `softmax_rows` gives each row the plain one-row loop's weights bit for bit (its maximum, then each
+    /// exponential, then the sum in order, then each division): 1 to 9 rows, so groups of four and every smaller
+    /// group, of 1, 5 and 64 values.
+    #[test]
+    fn softmax_rows_are_each_rows_softmax_bit_for_bit() {
+        for len in [1, 5, 64] {
+            for n in 1..=9 {
+                let mut got = rows(n, len);
+                let mut want = got.clone();
+                for row in want.chunks_exact_mut(len) {
+                    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+                    row.iter_mut().for_each(|v| *v = activations::exp(*v - max));
+                    let sum = row.iter().fold(0f32, |sum, v| sum + v);
+                    row.iter_mut().for_each(|v| *v /= sum);
+                }
+                softmax_rows(&mut got, len);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{n} rows of {len}");
+            }
+        }
+    }
+
+    /// `rms_norm_rows` gives each row `rms_norm_in_place`'s values bit for bit: 1 to 9 rows of 576 and of 3.
+    #[test]
+    fn norm_rows_are_each_rows_norm_bit_for_bit() {
+        for len in [3, 576] {
+            let weights: Vec<f32> = (0..len).map(|i| 0.5 + (i % 7) as f32 * 0.1).collect();
+            for n in 1..=9 {
+                let mut got = rows(n, len);
+                let mut want = got.clone();
+                want.chunks_exact_mut(len).for_each(|row| rms_norm_in_place(row, &weights, 1e-5));
+                rms_norm_rows(&mut got, &weights, 1e-5);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{n} rows of {len}");
+            }
+        }
+    }
 
     /// The softmax against the f64 formula on scores spread from far below the largest (weights that underflow)
     /// to ties: weights above 1e-6 within 2e-7 of their size, smaller ones within 1e-5 of theirs plus 1e-30. (With
@@ -1146,7 +1242,7 @@ mod tests {
         let exps: Vec<f64> = scores.iter().map(|&v| (v as f64 - max).exp()).collect();
         let total: f64 = exps.iter().sum();
         let mut got = scores.clone();
-        softmax_in_place(&mut got);
+        softmax_rows(&mut got, scores.len());
         for (i, (&g, e)) in got.iter().zip(&exps).enumerate() {
             let want = e / total;
             let bound = if want > 1e-6 { 2e-7 * want } else { 1e-5 * want + 1e-30 };
