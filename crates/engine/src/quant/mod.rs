@@ -1126,21 +1126,23 @@ mod tests {
     }
 
     /// The exact-rows inner loop (in blocks of six activation rows where the CPU has AVX-512) gives `dot4`'s
-    /// values bit for bit, for a row count that leaves a partial block and a length with a tail past the lanes.
+    /// values bit for bit, for a row count that leaves a partial block, and lengths with a tail past the lanes
+    /// (each sum finished alone) and without one (sixteen sums finished at a time).
     #[test]
     fn dot4_each_is_dot4_bit_for_bit() {
-        let (m, k) = (13, 101);
-        let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.37).collect();
-        let ws: Vec<Vec<f32>> =
-            (0..4).map(|r| (0..k).map(|i| ((i * 13 + r * 7) % 19) as f32 * 0.11 - 1.0).collect()).collect();
-        let w = [&ws[0][..], &ws[1], &ws[2], &ws[3]];
-        let mut seen = vec![false; m];
-        dot4_each(&x, k, w, |i, values| {
-            let want = dot4(&x[i * k..(i + 1) * k], w);
-            assert_eq!(values.map(f32::to_bits), want.map(f32::to_bits), "row {i}");
-            seen[i] = true;
-        });
-        assert!(seen.iter().all(|&s| s), "every row once");
+        for (m, k) in [(13, 101), (17, 64)] {
+            let x: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.37).collect();
+            let ws: Vec<Vec<f32>> =
+                (0..4).map(|r| (0..k).map(|i| ((i * 13 + r * 7) % 19) as f32 * 0.11 - 1.0).collect()).collect();
+            let w = [&ws[0][..], &ws[1], &ws[2], &ws[3]];
+            let mut seen = vec![false; m];
+            dot4_each(&x, k, w, |i, values| {
+                let want = dot4(&x[i * k..(i + 1) * k], w);
+                assert_eq!(values.map(f32::to_bits), want.map(f32::to_bits), "row {i} of {k}");
+                seen[i] = true;
+            });
+            assert!(seen.iter().all(|&s| s), "every row once");
+        }
     }
 
     #[test]
