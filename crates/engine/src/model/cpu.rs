@@ -1100,8 +1100,8 @@ fn scale_by_rms(x: &mut [f32], weights: &[f32], sum2: f32, eps: f32) {
 
 /// `rms_norm_in_place` of each row of `rows` (rows of `weights.len()` values), four rows' sums of squares side by
 /// side. Each row's sum is still one chain of additions in the row's order (the same numbers bit for bit), and
-/// four chains overlap where one waited on each addition: on one thread, a batched SmolLM2 step's norms of 16 rows
-/// of 576 were a chain of 576 dependent additions per row.
+/// four chains overlap where one left the adder waiting on each addition (576 of them per SmolLM2 row): a batched
+/// SmolLM2 step's norms took 22.3-27.0 ms per 64 steps so, against 30.6-34.2 row by row (docs/benchmarks.md).
 fn rms_norm_rows(rows: &mut [f32], weights: &[f32], eps: f32) {
     let n = weights.len();
     let mut fours = rows.chunks_exact_mut(4 * n);

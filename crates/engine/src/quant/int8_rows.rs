@@ -268,8 +268,8 @@ impl TileRows {
         // On the pass's threads where there are several rows (each row alone, so the same in any split): the rows
         // come from a product whose bands each thread wrote part of. A few rows per task, two tasks per thread: a
         // row of 576 values rounds in about 0.15 us (`examples/q_speed.rs`), and on 2 cores each task of a job
-        // costs about 0.1 us to hand out (a job of 16 empty tasks took 1.6 us); with a task per row, a batched
-        // SmolLM2 step was 4-23% slower (docs/benchmarks.md).
+        // costs about 0.1 us to hand out (a job of 16 empty tasks took 1.4-2.0 us). In tasks of several rows, a
+        // batched SmolLM2 step ran 4-23% faster than with a task per row, in alternated runs (docs/benchmarks.md).
         if rows >= 4 {
             let per_task = rows.div_ceil(2 * rayon::current_num_threads());
             let mut rooms = rooms.into_iter();
