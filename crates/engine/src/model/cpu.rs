@@ -1186,7 +1186,7 @@ fn take_task<T>(slot: &Mutex<Option<T>>) -> T {
 
 #[cfg(test)]
 mod tests {
-    use super::{activations, rms_norm_in_place, rms_norm_rows, softmax_rows};
+    use super::{activations, rms_norm_rows, softmax_rows};
 
     /// Rows of scores or activations, spread in sign and size.
     fn rows(n: usize, len: usize) -> Vec<f32> {
@@ -1215,7 +1215,8 @@ mod tests {
         }
     }
 
-    /// `rms_norm_rows` gives each row `rms_norm_in_place`'s values bit for bit: 1 to 9 rows of 576 and of 3.
+    /// `rms_norm_rows` gives each row the plain one-row loop's values bit for bit (its sum of squares in order,
+    /// then `x / sqrt(mean + eps) * w`): 1 to 9 rows of 576 and of 3, so groups of four and the rows left over.
     #[test]
     fn norm_rows_are_each_rows_norm_bit_for_bit() {
         for len in [3, 576] {
@@ -1223,7 +1224,12 @@ mod tests {
             for n in 1..=9 {
                 let mut got = rows(n, len);
                 let mut want = got.clone();
-                want.chunks_exact_mut(len).for_each(|row| rms_norm_in_place(row, &weights, 1e-5));
+                for row in want.chunks_exact_mut(len) {
+                    let mut sum2 = 0f32;
+                    row.iter().for_each(|v| sum2 += v * v);
+                    let m = (sum2 / len as f32 + 1e-5).sqrt();
+                    row.iter_mut().zip(&weights).for_each(|(v, w)| *v = *v / m * w);
+                }
                 rms_norm_rows(&mut got, &weights, 1e-5);
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&got), bits(&want), "{n} rows of {len}");
