@@ -1,8 +1,9 @@
 //! The inference engine behind SAIF in the browser: GGUF models (Gemma 3, Gemma 2, Llama) with a KV cache,
 //! residual-stream hooks for SAEs and steering, and sampling. It has no UI and runs natively and in wasm.
 //!
-//! Reading order, bottom up: `gguf` (the file) -> `config` (the model's shape) -> `tokenizer` and `chat` (text to
-//! ids) -> `model` (the forward pass, per backend) with `hooks` -> `sampler` and `generate` (tokens out).
+//! Reading order, bottom up: `gguf` (the file) -> `config` (the model's shape) -> `tensors` (its weights by name)
+//! -> `tokenizer` and `chat` (text to ids) -> `model` (the forward pass, per backend) with `hooks` -> `sampler` and
+//! `generate` (tokens out).
 //! `Engine` bundles a loaded model with its tokenizer for the command-line tool and the app.
 
 pub mod bench;
@@ -19,6 +20,7 @@ pub mod model;
 pub mod quant;
 pub mod sampler;
 mod team;
+pub mod tensors;
 pub mod tokenizer;
 
 mod engine;

@@ -122,6 +122,33 @@ pub fn map<T: Send>(count: usize, make: impl Fn(usize) -> T + Sync) -> Vec<T> {
         .collect()
 }
 
+/// `run(i, part)` for each of `parts` (the i-th), in parallel as `for_each`, each part moved into the one task
+/// that runs it: a block of an output's rows, or a sequence with its rows of the output.
+pub fn for_each_part<T: Send>(parts: impl IntoIterator<Item = T>, run: impl Fn(usize, T) + Sync) {
+    let parts = Parts::new(parts);
+    for_each(parts.0.len(), |i| run(i, parts.take(i)));
+}
+
+/// `make(i, part)` for each of `parts`, in parallel as `for_each_part`, in order.
+pub fn map_parts<T: Send, R: Send>(parts: impl IntoIterator<Item = T>, make: impl Fn(usize, T) -> R + Sync) -> Vec<R> {
+    let parts = Parts::new(parts);
+    map(parts.0.len(), |i| make(i, parts.take(i)))
+}
+
+/// Parts that tasks take by index, each once. The lock is never contended: the task of index i is the only one
+/// that takes part i.
+struct Parts<T>(Vec<Mutex<Option<T>>>);
+
+impl<T> Parts<T> {
+    fn new(parts: impl IntoIterator<Item = T>) -> Self {
+        Self(parts.into_iter().map(|p| Mutex::new(Some(p))).collect())
+    }
+
+    fn take(&self, i: usize) -> T {
+        self.0[i].lock().unwrap_or_else(|e| e.into_inner()).take().expect("each task runs once")
+    }
+}
+
 impl Team {
     /// Posts `count` tasks, works on them with the helpers, and returns when all are done.
     fn run(&self, count: usize, run: Tasks) {
@@ -198,6 +225,14 @@ mod tests {
                 });
                 assert!(runs.iter().all(|r| r.load(Ordering::Relaxed) == 1), "{n} tasks");
                 assert_eq!(map(n, |i| i * i), (0..n).map(|i| i * i).collect::<Vec<_>>());
+                // Each part reaches the task of its index: each task writes its index into its own part.
+                let mut parts = vec![usize::MAX; n];
+                for_each_part(parts.iter_mut(), |i, part| *part = i);
+                assert_eq!(parts, (0..n).collect::<Vec<_>>());
+                assert_eq!(
+                    map_parts((0..n).map(|i| 3 * i), |i, part| (i, part)),
+                    (0..n).map(|i| (i, 3 * i)).collect::<Vec<_>>()
+                );
             }
         };
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();

@@ -157,3 +157,61 @@ fn the_gpu_refuses_8_bit_activations() {
         Ok(_) => panic!("loaded with 8-bit activations on the GPU"),
     }
 }
+
+/// The fixture `name` written again by candle, its tensors first passed through `change`.
+fn rewritten(name: &str, change: impl FnOnce(&mut Vec<(String, QTensor)>)) -> Vec<u8> {
+    let mut file = std::fs::File::open(fixture_path(name)).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    let mut tensors: Vec<(String, QTensor)> =
+        names.into_iter().map(|n| (n.clone(), content.tensor(&mut file, n, &Device::Cpu).unwrap())).collect();
+    change(&mut tensors);
+    let metadata: Vec<(&str, &gguf_file::Value)> = content.metadata.iter().map(|(k, v)| (&k[..], v)).collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (&n[..], t)).collect();
+    let mut out = std::io::Cursor::new(Vec::new());
+    gguf_file::write(&mut out, &metadata, &tensors).unwrap();
+    out.into_inner()
+}
+
+/// Both backends read the model's tensors through one description (`saif_engine::tensors`): a tensor of the wrong
+/// shape, or one the architecture needs and the file lacks, is refused by name on each.
+#[test]
+fn tensors_of_the_wrong_shape_or_missing_are_named_on_both_backends() {
+    let fixture = "tiny-gemma3.gguf";
+    let transposed = rewritten(fixture, |tensors| {
+        let (_, t) = tensors.iter_mut().find(|(n, _)| n == "blk.1.attn_k.weight").unwrap();
+        let (rows, cols) = t.shape().dims2().unwrap();
+        assert_ne!(rows, cols, "a transposed square matrix would keep its shape");
+        *t = QTensor::quantize(
+            &Tensor::zeros((cols, rows), candle_core::DType::F32, &Device::Cpu).unwrap(),
+            GgmlDType::F32,
+        )
+        .unwrap();
+    });
+    let without_norm = rewritten(fixture, |tensors| tensors.retain(|(n, _)| n != "blk.0.post_ffw_norm.weight"));
+    let intact = rewritten(fixture, |_| {});
+    let load_gpu = |bytes: &[u8]| {
+        let options = LoadOptions { max_context: Some(64), ..Default::default() };
+        block_on(Engine::load_wgpu(&mut std::io::Cursor::new(bytes), &options, None))
+    };
+    let loaders: [(&str, &dyn Fn(&[u8]) -> Result<Engine, EngineError>); 2] =
+        [("cpu", &load_bytes), ("wgpu", &load_gpu)];
+    for (backend, load) in loaders {
+        assert!(load(&intact).is_ok(), "{backend}: the fixture written again loads");
+        for (bytes, tensor, why) in [
+            (&transposed, "blk.1.attn_k.weight", "expected shape"),
+            (&without_norm, "blk.0.post_ffw_norm.weight", "missing from the file"),
+        ] {
+            match load(bytes) {
+                Err(e @ EngineError::BadTensor { .. }) => {
+                    let msg = e.to_string();
+                    assert!(msg.contains(tensor) && msg.contains(why), "{backend}: {msg}");
+                }
+                other => {
+                    panic!("{backend}: expected BadTensor for {tensor}, got {:?}", other.err().map(|e| e.to_string()))
+                }
+            }
+        }
+    }
+}

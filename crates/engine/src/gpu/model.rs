@@ -10,7 +10,7 @@ use std::rc::Rc;
 use super::context::Gpu;
 use super::kernels::*;
 use super::plan::{uniform, CallShape, LayerCache, Op, Planner, RopeTable, Scratch};
-use super::upload::{LayerWeights, Uploader};
+use super::upload::{self, LayerWeights};
 use super::weights::GpuMatrix;
 use crate::config::{rope_cos_sin, ModelConfig};
 use crate::error::{EngineError, Result};
@@ -21,6 +21,7 @@ use crate::model::{
     check_request, BackendStats, BatchCall, LanguageModel, LocalBoxFuture, LogitsWanted, Picked, Readout, StepOutput,
 };
 use crate::sampler::Sampling;
+use crate::tensors::TensorReader;
 
 pub use super::plan::MAX_TOKENS_PER_CALL;
 
@@ -138,22 +139,18 @@ impl GpuModel {
         let total_parts = c.n_layers + 2;
 
         progress(0, total_parts);
-        let mut ld = Uploader { gpu: &gpu, gguf, reader };
+        let mut ld = TensorReader { gguf, reader };
         let embedding_type: Vec<_> =
             gguf.tensors().iter().filter(|t| t.name == "token_embd.weight").map(|t| t.dtype).collect();
         let kernels = Kernels::with_cache(&gpu, &embedding_type, CacheForm::on(&gpu, options.f16_cache))?;
-        let (embedding, embedding_cpu) = ld.matrix_kept("token_embd.weight", c.vocab_size, c.hidden)?;
+        let (embedding, embedding_cpu) = upload::matrix_kept(&gpu, ld.embedding(c)?)?;
         let embedding = Rc::new(embedding);
         progress(1, total_parts);
         let scratch = Scratch::new(&gpu, c);
         let plan = Planner { gpu: &gpu, kernels: &kernels, config: c, scratch: &scratch };
 
         // RoPE tables per distinct base, for every position of the context (computed in f64 like the CPU path).
-        let rope_factors = if gguf.has_tensor("rope_freqs.weight") {
-            Some(ld.values("rope_freqs.weight", c.head_dim / 2)?)
-        } else {
-            None
-        };
+        let rope_factors = ld.rope_factors(c)?;
         let mut rope_tables: Vec<(f32, wgpu::Buffer, wgpu::Buffer)> = Vec::new();
         for layer in &c.layers {
             if rope_tables.iter().any(|r| r.0 == layer.rope_base) {
@@ -170,7 +167,7 @@ impl GpuModel {
         let (mut caches, mut layers, mut layer_ops) = (Vec::new(), Vec::new(), Vec::new());
         let mut folds_embedding = false;
         for i in 0..c.n_layers {
-            let weights = ld.layer(i, c)?;
+            let weights = upload::layer(&gpu, ld.layer(c, i)?)?;
             let cache = LayerCache::new(&gpu, c, max_context, kernels.cache);
             if i == 0 {
                 folds_embedding = plan.folds_embedding(&embedding, &weights);
@@ -183,13 +180,14 @@ impl GpuModel {
         }
 
         let embed_ops = plan.embedding(&embedding, folds_embedding);
-        let final_norm_values = ld.values("output_norm.weight", c.hidden)?;
+        let final_norm_values = ld.final_norm(c)?;
         let final_norm = gpu.storage_with("output_norm.weight", bytemuck::cast_slice(&final_norm_values));
-        let (lm_head, unembedding) = if gguf.has_tensor("output.weight") {
-            let (m, cpu) = ld.matrix_kept("output.weight", c.vocab_size, c.hidden)?;
-            (Rc::new(m), cpu)
-        } else {
-            (embedding.clone(), embedding_cpu)
+        let (lm_head, unembedding) = match ld.output(c)? {
+            Some(output) => {
+                let (m, cpu) = upload::matrix_kept(&gpu, output)?;
+                (Rc::new(m), cpu)
+            }
+            None => (embedding.clone(), embedding_cpu),
         };
         let readout = Readout { unembedding, final_norm: final_norm_values };
         let pending = pending_post_norm(&plan, layers.last());

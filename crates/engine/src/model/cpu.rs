@@ -24,7 +24,7 @@
 //! but at near-ties).
 
 use std::io::{Read, Seek};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor};
@@ -40,6 +40,7 @@ use crate::hooks::{Capture, Hooks, Segment};
 use crate::quant::{self, QuantMatrix, RowForm, BATCH_INVARIANT_ROWS};
 use crate::sampler::{pick, Sampling};
 use crate::team;
+use crate::tensors::{FileMatrix, LayerTensors, TensorReader};
 
 /// Choices made when loading, not stored in the file.
 #[derive(Debug, Clone, Default)]
@@ -88,23 +89,8 @@ impl Linear {
     }
 }
 
-/// One layer's weights. The norms' weights are plain values (`norm_rows`), but for Gemma 3's query and key norms,
-/// which the prompts' attention applies to tensors.
-struct Layer {
-    attn_norm: Vec<f32>,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
-    wo: Linear,
-    q_norm: Option<Tensor>,
-    k_norm: Option<Tensor>,
-    post_attn_norm: Option<Vec<f32>>,
-    ffn_norm: Vec<f32>,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
-    post_ffn_norm: Option<Vec<f32>>,
-}
+/// One layer's weights: the matrices wrapped for the products, the norms' weights as plain values (`norm_rows`).
+type Layer = LayerTensors<Linear, Vec<f32>>;
 
 /// One sequence's state: its keys and values per layer, and how many tokens it holds.
 struct Sequence {
@@ -165,58 +151,16 @@ pub struct CpuModel {
     cache_dtype: DType,
 }
 
-/// Reads tensors from the file with shape checks that name the tensor.
-struct Loader<'a, R> {
-    gguf: &'a GgufFile,
-    reader: &'a mut R,
-    int8_activations: bool,
-}
-
-impl<R: Read + Seek> Loader<'_, R> {
-    fn qtensor(&mut self, name: &str) -> Result<QTensor> {
-        self.gguf.tensor(self.reader, name)
+impl Linear {
+    /// A matrix from the file, ready for the products (`int8_activations`: `LoadOptions::int8_activations`).
+    fn new(m: FileMatrix, int8_activations: bool) -> Result<Self> {
+        Self::shared(&m.name, Arc::new(m.tensor), int8_activations)
     }
 
-    fn vector(&mut self, name: &str, len: usize) -> Result<Tensor> {
-        let t = self.qtensor(name)?.dequantize(&Device::Cpu).context(name)?;
-        let t = t.flatten_all().context(name)?;
-        if t.elem_count() != len {
-            return Err(EngineError::BadTensor {
-                name: name.into(),
-                why: format!("expected {len} values, found {}", t.elem_count()),
-            });
-        }
-        Ok(t)
+    /// `new` of a matrix that something else also holds (the embedding table, where the LM head is tied to it).
+    fn shared(name: &str, q: Arc<QTensor>, int8_activations: bool) -> Result<Self> {
+        Ok(Linear(QuantMatrix::new(name, q)?.with_int8_activations(int8_activations).for_decoding()?))
     }
-
-    /// `vector` as plain values.
-    fn values(&mut self, name: &str, len: usize) -> Result<Vec<f32>> {
-        self.vector(name, len)?.to_vec1::<f32>().context(name)
-    }
-
-    fn opt_vector(&mut self, name: &str, len: usize) -> Result<Option<Tensor>> {
-        if self.gguf.has_tensor(name) {
-            self.vector(name, len).map(Some)
-        } else {
-            Ok(None)
-        }
-    }
-
-    fn linear(&mut self, name: &str, rows: usize, cols: usize) -> Result<Linear> {
-        let q = self.qtensor(name)?;
-        linear_from(name, Arc::new(q), rows, cols, self.int8_activations)
-    }
-}
-
-fn linear_from(name: &str, q: Arc<QTensor>, rows: usize, cols: usize, int8_activations: bool) -> Result<Linear> {
-    let dims = q.shape().dims().to_vec();
-    if dims != [rows, cols] {
-        return Err(EngineError::BadTensor {
-            name: name.into(),
-            why: format!("expected shape [{rows}, {cols}], found {dims:?}"),
-        });
-    }
-    Ok(Linear(QuantMatrix::new(name, q)?.with_int8_activations(int8_activations).for_decoding()?))
 }
 
 impl CpuModel {
@@ -234,51 +178,26 @@ impl CpuModel {
     ) -> Result<Self> {
         let config = ModelConfig::from_gguf(gguf)?;
         let c = &config;
-        let mut ld = Loader { gguf, reader, int8_activations: options.int8_activations };
+        let mut ld = TensorReader { gguf, reader };
+        let int8 = options.int8_activations;
         let total = c.n_layers + 2;
         progress(0, total);
 
-        let table = Arc::new(ld.qtensor("token_embd.weight")?);
-        let tdims = table.shape().dims().to_vec();
-        if tdims != [c.vocab_size, c.hidden] {
-            return Err(EngineError::BadTensor {
-                name: "token_embd.weight".into(),
-                why: format!("expected shape [{}, {}], found {tdims:?}", c.vocab_size, c.hidden),
-            });
-        }
-        let embedding = Embedding(QuantMatrix::new("token_embd.weight", table.clone())?);
+        let table = ld.embedding(c)?;
+        let (table_name, table) = (table.name, Arc::new(table.tensor));
+        let embedding = Embedding(QuantMatrix::new(&table_name, table.clone())?);
         progress(1, total);
         let mut layers = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
-            let n = |s: &str| format!("blk.{i}.{s}.weight");
-            let gemma = c.architecture.has_post_norms();
-            layers.push(Layer {
-                attn_norm: ld.values(&n("attn_norm"), c.hidden)?,
-                wq: ld.linear(&n("attn_q"), c.q_dim(), c.hidden)?,
-                wk: ld.linear(&n("attn_k"), c.kv_dim(), c.hidden)?,
-                wv: ld.linear(&n("attn_v"), c.kv_dim(), c.hidden)?,
-                wo: ld.linear(&n("attn_output"), c.hidden, c.q_dim())?,
-                q_norm: if c.qk_norm { Some(ld.vector(&n("attn_q_norm"), c.head_dim)?) } else { None },
-                k_norm: if c.qk_norm { Some(ld.vector(&n("attn_k_norm"), c.head_dim)?) } else { None },
-                post_attn_norm: if gemma { Some(ld.values(&n("post_attention_norm"), c.hidden)?) } else { None },
-                ffn_norm: ld.values(&n("ffn_norm"), c.hidden)?,
-                gate: ld.linear(&n("ffn_gate"), c.ffn_hidden, c.hidden)?,
-                up: ld.linear(&n("ffn_up"), c.ffn_hidden, c.hidden)?,
-                down: ld.linear(&n("ffn_down"), c.hidden, c.ffn_hidden)?,
-                post_ffn_norm: if gemma { Some(ld.values(&n("post_ffw_norm"), c.hidden)?) } else { None },
-            });
+            layers.push(ld.layer(c, i)?.map(|m| Linear::new(m, int8), Ok)?);
             progress(i + 2, total);
         }
-        let final_norm = ld.values("output_norm.weight", c.hidden)?;
-        let lm_head = if gguf.has_tensor("output.weight") {
-            ld.linear("output.weight", c.vocab_size, c.hidden)?
-        } else {
-            linear_from("token_embd.weight (tied output)", table, c.vocab_size, c.hidden, options.int8_activations)?
+        let final_norm = ld.final_norm(c)?;
+        let lm_head = match ld.output(c)? {
+            Some(output) => Linear::new(output, int8)?,
+            None => Linear::shared(&format!("{table_name} (tied output)"), table, int8)?,
         };
-        let rope_factors = match ld.opt_vector("rope_freqs.weight", c.head_dim / 2)? {
-            Some(t) => Some(t.to_vec1::<f32>().context("rope_freqs")?),
-            None => None,
-        };
+        let rope_factors = ld.rope_factors(c)?;
         progress(total, total);
         let max_context = options.max_context.map_or(c.context_length, |m| m.min(c.context_length)).max(1);
         let cache_dtype = if options.f16_cache { DType::F16 } else { DType::F32 };
@@ -342,7 +261,7 @@ impl CpuModel {
             return self.attention_steps(layer, a, calls, row_form);
         }
         let l = &self.layers[layer];
-        let [q, k, v] = Linear::forward_each([&l.wq, &l.wk, &l.wv], a, row_form)?;
+        let [q, k, v] = Linear::forward_each([&l.attn_q, &l.attn_k, &l.attn_v], a, row_form)?;
         // Each call's rows and its sequence, taken out of `self` for the time of the step so that the sequences'
         // attention (a fifth of a batched step on SmolLM2) runs in parallel, each task writing its own cache.
         let mut sequences = std::mem::take(&mut self.sequences);
@@ -362,14 +281,13 @@ impl CpuModel {
         let outs: Result<Vec<Tensor>> = if tasks.len() == 1 {
             tasks.into_iter().map(attend).collect()
         } else {
-            let tasks: Vec<Mutex<Option<_>>> = tasks.into_iter().map(|task| Mutex::new(Some(task))).collect();
-            team::map(tasks.len(), |i| attend(take_task(&tasks[i]))).into_iter().collect()
+            team::map_parts(tasks, |_, task| attend(task)).into_iter().collect()
         };
         self.sequences = sequences;
         let mut outs = outs?;
         let out = if outs.len() == 1 { outs.pop().expect("one") } else { Tensor::cat(&outs, 0).context("rows")? };
         let out = out.flatten_all().and_then(|o| o.to_vec1::<f32>()).context("attention output")?;
-        self.layers[layer].wo.values(&out, row_form)
+        self.layers[layer].attn_output.values(&out, row_form)
     }
 
     /// `attention` for a decoding step of each call's sequence (one new row each), on plain rows of values: the
@@ -381,10 +299,9 @@ impl CpuModel {
     /// sequences a task each.
     fn attention_steps(&mut self, layer: usize, a: &[f32], calls: &[BatchCall], row_form: RowForm) -> Result<Vec<f32>> {
         let (c, l) = (&self.config, &self.layers[layer]);
-        let [q, k, v] = Linear::values_each([&l.wq, &l.wk, &l.wv], a, row_form)?;
+        let [q, k, v] = Linear::values_each([&l.attn_q, &l.attn_k, &l.attn_v], a, row_form)?;
         let (q_dim, kv_dim, hd) = (c.q_dim(), c.kv_dim(), c.head_dim);
-        let qk_norms = self.qk_norm_values(layer)?;
-        let norms = qk_norms.as_ref().map(|(qn, kn)| (&qn[..], &kn[..]));
+        let norms = qk_norms(l);
         let mut sequences = std::mem::take(&mut self.sequences);
         let mut by_index: Vec<Option<&mut Sequence>> = sequences.iter_mut().map(Some).collect();
         let mut tasks: Vec<&mut Sequence> = calls
@@ -401,32 +318,25 @@ impl CpuModel {
             // One sequence: its step, then each of its heads on a task of its own.
             [sequence] => step(0, sequence).map(|stepped| {
                 let cache = &sequence.caches[layer];
-                let parts: Vec<Mutex<Option<&mut [f32]>>> =
-                    out.chunks_exact_mut(hd).map(|o| Mutex::new(Some(o))).collect();
-                team::for_each(parts.len(), |h| {
+                team::for_each_part(out.chunks_exact_mut(hd), |h, out| {
                     let queries = &stepped.queries[h * hd..(h + 1) * hd];
-                    this.attend_heads_of(layer, h..h + 1, queries, cache, stepped.len, take_task(&parts[h]))
+                    this.attend_heads_of(layer, h..h + 1, queries, cache, stepped.len, out)
                 });
             }),
             // Several: a task per sequence, its step and then all its heads, in one round of tasks (as many tasks
             // as heads, each with its own scores to allocate, were slower).
-            _ => {
-                let tasks: Vec<Mutex<Option<_>>> =
-                    tasks.into_iter().zip(out.chunks_exact_mut(q_dim)).map(|task| Mutex::new(Some(task))).collect();
-                team::map(tasks.len(), |i| {
-                    let (sequence, out) = take_task(&tasks[i]);
-                    let stepped = step(i, sequence)?;
-                    let heads = 0..c.n_heads;
-                    this.attend_heads_of(layer, heads, &stepped.queries, &sequence.caches[layer], stepped.len, out);
-                    Ok(())
-                })
-                .into_iter()
-                .collect::<Result<()>>()
-            }
+            _ => team::map_parts(tasks.into_iter().zip(out.chunks_exact_mut(q_dim)), |i, (sequence, out)| {
+                let stepped = step(i, sequence)?;
+                let heads = 0..c.n_heads;
+                this.attend_heads_of(layer, heads, &stepped.queries, &sequence.caches[layer], stepped.len, out);
+                Ok(())
+            })
+            .into_iter()
+            .collect::<Result<()>>(),
         };
         self.sequences = sequences;
         attended?;
-        self.layers[layer].wo.values(&out, row_form)
+        self.layers[layer].attn_output.values(&out, row_form)
     }
 
     /// The query heads `heads` of a sequence's decoding step at `layer` (`queries`: theirs, rotated and scaled) over
@@ -461,8 +371,7 @@ impl CpuModel {
         if n == 1 {
             // A decoding row among prompts: the same attention arithmetic as in `attention_steps`.
             let as_vec = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).context("attention input");
-            let norms = self.qk_norm_values(layer)?;
-            let norms = norms.as_ref().map(|(qn, kn)| (&qn[..], &kn[..]));
+            let norms = qk_norms(&self.layers[layer]);
             let step = self.step_row(layer, as_vec(&q)?, as_vec(&k)?, &as_vec(&v)?, norms, sequence)?;
             let mut out = vec![0f32; nh * hd];
             self.attend_heads_of(layer, 0..nh, &step.queries, &sequence.caches[layer], step.len, &mut out);
@@ -474,7 +383,6 @@ impl CpuModel {
         let (cos, sin) = self.rope_tables(spec.rope_base, start, n)?;
         let mask = self.attention_mask(start, n, spec.window, group)?;
         let (scale, softcap, eps, layout) = (c.attention_scale as f64, c.attn_softcap, c.rms_eps, c.rope_layout);
-        let l = &self.layers[layer];
 
         // [n, heads * hd] -> [1, heads, n, hd]
         let heads = |x: Tensor, h: usize| -> Result<Tensor> {
@@ -487,9 +395,10 @@ impl CpuModel {
         let mut q = heads(q, nh)?;
         let mut k = heads(k, nkv)?;
         let v = heads(v, nkv)?;
-        if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
-            q = candle_nn::ops::rms_norm(&q, qn, eps).context("q norm")?;
-            k = candle_nn::ops::rms_norm(&k, kn, eps).context("k norm")?;
+        if let Some((qn, kn)) = qk_norms(&self.layers[layer]) {
+            let weights = |w: &[f32]| Tensor::from_slice(w, hd, &Device::Cpu).context("q and k norms");
+            q = candle_nn::ops::rms_norm(&q, &weights(qn)?, eps).context("q norm")?;
+            k = candle_nn::ops::rms_norm(&k, &weights(kn)?, eps).context("k norm")?;
         }
         let rope = match layout {
             RopeLayout::Halves => candle_nn::rotary_emb::rope,
@@ -520,17 +429,6 @@ impl CpuModel {
             .and_then(|o| o.contiguous())
             .and_then(|o| o.reshape((n, nh * hd)))
             .context("merge heads")
-    }
-
-    /// Gemma 3's query and key norm weights at `layer` as values, the form `step_row` takes; `None` for models
-    /// without them. `attention_steps` copies them once per layer and step, not per sequence.
-    fn qk_norm_values(&self, layer: usize) -> Result<Option<(Vec<f32>, Vec<f32>)>> {
-        let l = &self.layers[layer];
-        let as_vec = |t: &Tensor| t.to_vec1::<f32>().context("q and k norms");
-        Ok(match (&l.q_norm, &l.k_norm) {
-            (Some(qn), Some(kn)) => Some((as_vec(qn)?, as_vec(kn)?)),
-            _ => None,
-        })
     }
 
     /// A decoding step's new row of one sequence at `layer` (`q`, `k`, `v`: its queries, keys and values;
@@ -627,7 +525,7 @@ impl CpuModel {
         let l = &self.layers[layer];
         // On plain rows of values: the copies in and out of tensors around the activation and the gating took a
         // fifth of the MLP's time in a batched step.
-        let [mut gated, up] = Linear::values_each([&l.gate, &l.up], m, row_form)?;
+        let [mut gated, up] = Linear::values_each([&l.ffn_gate, &l.ffn_up], m, row_form)?;
         let activation = self.config.activation;
         let gate = |gated: &mut [f32], up: &[f32]| {
             match activation {
@@ -638,16 +536,14 @@ impl CpuModel {
         };
         // A batched step's rows are gated on the pass's threads (value by value, so in any split the same
         // numbers): on one thread, SmolLM2's 16 rows of 1,536 took 2% of the step.
-        let ff = l.up.0.rows();
+        let ff = l.ffn_up.0.rows();
         let rows = up.len() / ff;
         if rows >= 4 {
-            let tasks: Vec<Mutex<Option<&mut [f32]>>> =
-                gated.chunks_exact_mut(ff).map(|g| Mutex::new(Some(g))).collect();
-            team::for_each(rows, |i| gate(take_task(&tasks[i]), &up[i * ff..(i + 1) * ff]));
+            team::for_each_part(gated.chunks_exact_mut(ff), |i, row| gate(row, &up[i * ff..(i + 1) * ff]));
         } else {
             gate(&mut gated, &up);
         }
-        l.down.values(&gated, row_form)
+        l.ffn_down.values(&gated, row_form)
     }
 
     /// RMSNorm of each row of `x` with weights `w`, candle's arithmetic (`rms_norm_in_place`). Rows are
@@ -657,9 +553,7 @@ impl CpuModel {
         let (hidden, eps) = (w.len(), self.config.rms_eps);
         let mut out = x.to_vec();
         if out.len() >= NORM_ROWS_PER_TASK * 2 * hidden {
-            let tasks: Vec<Mutex<Option<&mut [f32]>>> =
-                out.chunks_mut(NORM_ROWS_PER_TASK * hidden).map(|rows| Mutex::new(Some(rows))).collect();
-            team::for_each(tasks.len(), |i| rms_norm_rows(take_task(&tasks[i]), w, eps));
+            team::for_each_part(out.chunks_mut(NORM_ROWS_PER_TASK * hidden), |_, rows| rms_norm_rows(rows, w, eps));
         } else {
             rms_norm_rows(&mut out, w, eps);
         }
@@ -811,7 +705,7 @@ impl CpuModel {
         for i in 0..layers {
             let a = self.norm_rows(&h, &self.layers[i].attn_norm);
             let mut o = self.attention(i, &a, calls, row_form)?;
-            if let Some(w) = &self.layers[i].post_attn_norm {
+            if let Some(w) = &self.layers[i].post_attention_norm {
                 o = self.norm_rows(&o, w);
             }
             add(&mut h, &o);
@@ -1179,9 +1073,9 @@ fn softmax_side_by_side<const N: usize>(mut rows: [&mut [f32]; N]) {
     }
 }
 
-/// A parallel task's item, taken by the one task that runs it (`team::map` hands out indices, not items).
-fn take_task<T>(slot: &Mutex<Option<T>>) -> T {
-    slot.lock().unwrap_or_else(|e| e.into_inner()).take().expect("each task runs once")
+/// Gemma 3's query and key norm weights of layer `l`, the form `step_row` takes; `None` for models without them.
+fn qk_norms(l: &Layer) -> Option<(&[f32], &[f32])> {
+    l.qk_norms.as_ref().map(|(q, k)| (&q[..], &k[..]))
 }
 
 #[cfg(test)]

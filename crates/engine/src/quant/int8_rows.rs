@@ -20,8 +20,6 @@
 //! twin (`portable_rows`) does them in the same order with the same roundings (`f32::mul_add` is the fused
 //! multiply-add), so it equals the VNNI kernel bit for bit and the results do not depend on the CPU.
 
-use std::sync::Mutex;
-
 use candle_core::quantized::GgmlDType;
 
 use super::blocks::{half, q6k_runs, scale_min_k4};
@@ -273,12 +271,10 @@ impl TileRows {
         if rows >= 4 {
             let per_task = rows.div_ceil(2 * rayon::current_num_threads());
             let mut rooms = rooms.into_iter();
-            let tasks: Vec<Mutex<Option<Vec<_>>>> = (0..rows.div_ceil(per_task))
-                .map(|_| Mutex::new(Some(rooms.by_ref().take(per_task).collect())))
-                .collect();
-            crate::team::for_each(tasks.len(), |t| {
-                let task = tasks[t].lock().unwrap_or_else(|e| e.into_inner()).take();
-                for (r, (values, (scale, scaled_sum))) in task.expect("each task run once").into_iter().enumerate() {
+            let tasks: Vec<Vec<_>> =
+                (0..rows.div_ceil(per_task)).map(|_| rooms.by_ref().take(per_task).collect()).collect();
+            crate::team::for_each_part(tasks, |t, task| {
+                for (r, (values, (scale, scaled_sum))) in task.into_iter().enumerate() {
                     let i = t * per_task + r;
                     int8::quantize_into(&x[i * k..(i + 1) * k], values, scale, scaled_sum);
                 }
