@@ -523,7 +523,8 @@ impl GpuModel {
     }
 
     /// Runs one call of at most MAX_TOKENS_PER_CALL tokens. `finish` says what the last call of a forward ends
-    /// with; earlier calls of a long prompt end after the layers.
+    /// with; earlier calls of a long prompt end after the layers. Three steps: the inputs and the hooks' values
+    /// written (`write_inputs`), the commands recorded and submitted (`record`), the outputs read (`read_outputs`).
     async fn run_call(
         &mut self,
         sequence: usize,
@@ -533,6 +534,24 @@ impl GpuModel {
         reads: &[(usize, usize)],
         finish: Finish,
     ) -> Result<CallOutput> {
+        let start = self.positions[sequence];
+        let call = self.write_inputs(sequence, tokens, segment, hooks, reads, finish)?;
+        self.record(&call, tokens.len(), finish);
+        self.positions[sequence] += tokens.len();
+        self.read_outputs(call, start, tokens.len(), finish).await
+    }
+
+    /// Writes a call's inputs (its tokens, their rows and positions, the pick's settings) and the values of the
+    /// hooks it runs between the layers: what `record` records and `read_outputs` reads.
+    fn write_inputs(
+        &mut self,
+        sequence: usize,
+        tokens: &[u32],
+        segment: Segment,
+        hooks: &Hooks,
+        reads: &[(usize, usize)],
+        finish: Finish,
+    ) -> Result<CallHooks> {
         let n = tokens.len();
         let start = self.positions[sequence];
         let hidden = self.config.hidden;
@@ -593,23 +612,35 @@ impl GpuModel {
                 Some((buffer, op))
             })
             .collect();
-        // Captures: (layer, offset in this call) in layer order, copied out of h after their layer.
         let captures: Vec<(usize, usize)> =
             reads.iter().filter(|r| r.1 >= start && r.1 < start + n).map(|&(layer, p)| (layer, p - start)).collect();
         let capture_read =
             (!captures.is_empty()).then(|| gpu.readback("captures", (captures.len() * hidden * 4) as u64));
+        Ok(CallHooks { steered, projected, row_ops, captures, capture_read })
+    }
 
+    /// The LM head a call that ends in `finish` records: a greedy pick ends in the one that keeps its largest
+    /// logits, where there is one.
+    fn greedy_head(&self, finish: Finish) -> Option<&GreedyHead> {
+        match finish {
+            Finish::Pick(Sampling::Greedy, _) => self.greedy_head.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// Records a call of `n` tokens in one command buffer and submits it: the embedding, each layer's dispatches
+    /// and then its hooks (`call`: captures copied out of h, then the steering, the per-position additions and the
+    /// projection), and the head and the copies of what `finish` reads.
+    fn record(&self, call: &CallHooks, n: usize, finish: Finish) {
+        let (gpu, hidden) = (&self.gpu, self.config.hidden);
+        let CallHooks { steered, projected, row_ops, captures, capture_read } = call;
         let mut encoder = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("forward") });
         let t = n as u32;
         let hooked: Vec<bool> = (0..self.config.n_layers)
             .map(|l| steered[l] || row_ops[l].is_some() || projected[l] || captures.iter().any(|c| c.0 == l))
             .collect();
         let ends_in_head = matches!(finish, Finish::Pick(..) | Finish::Logits(LogitsWanted::Last));
-        // A greedy pick ends in the LM head that keeps its largest logits, where there is one.
-        let greedy = match finish {
-            Finish::Pick(Sampling::Greedy, _) => self.greedy_head.as_ref(),
-            _ => None,
-        };
+        let greedy = self.greedy_head(finish);
         let (layer_calls, head_call) = self.call_shapes(t, &hooked, ends_in_head);
         let plain = CallShape::plain(t);
         // Passes forget the encoder's borrow so that captures can end one, copy, and begin the next.
@@ -640,14 +671,14 @@ impl GpuModel {
                 pass = Some(encoder.begin_compute_pass(&Default::default()).forget_lifetime());
             }
             if steered[layer] {
-                let (_, op) = self.steering[layer].as_ref().expect("made above");
+                let (_, op) = self.steering[layer].as_ref().expect("made by write_inputs");
                 op.record(pass.as_mut().unwrap(), plain);
             }
             if let Some((_, op)) = &row_ops[layer] {
                 op.record(pass.as_mut().unwrap(), plain);
             }
             if projected[layer] {
-                let (_, _, op) = self.projecting[layer].as_ref().expect("made above");
+                let (_, _, op) = self.projecting[layer].as_ref().expect("made by write_inputs");
                 op.record(pass.as_mut().unwrap(), plain);
             }
         }
@@ -660,7 +691,7 @@ impl GpuModel {
                 }
             }
             Finish::Logits(LogitsWanted::All) => {
-                for op in &self.head_all.as_ref().expect("ensured above").ops {
+                for op in &self.head_all.as_ref().expect("ensured by write_inputs").ops {
                     op.record(pass.as_mut().unwrap(), plain);
                 }
             }
@@ -681,7 +712,7 @@ impl GpuModel {
                 );
             }
             Finish::Logits(LogitsWanted::All) => {
-                let head = self.head_all.as_ref().expect("ensured");
+                let head = self.head_all.as_ref().expect("ensured by write_inputs");
                 encoder.copy_buffer_to_buffer(&head.logits, 0, &head.read, 0, (n * vocab * 4) as u64);
             }
             Finish::Pick(..) => match greedy {
@@ -691,8 +722,14 @@ impl GpuModel {
             Finish::Layers => {}
         }
         gpu.queue.submit([encoder.finish()]);
-        self.positions[sequence] += n;
+    }
 
+    /// Reads what a call of `n` tokens from position `start` gives back once its commands ran: the captures
+    /// (`call`) and what `finish` asked for.
+    async fn read_outputs(&self, call: CallHooks, start: usize, n: usize, finish: Finish) -> Result<CallOutput> {
+        let (gpu, hidden, vocab) = (&self.gpu, self.config.hidden, self.config.vocab_size);
+        let greedy = self.greedy_head(finish);
+        let CallHooks { captures, capture_read, .. } = call;
         let mut out = CallOutput::default();
         if let Some(read) = &capture_read {
             let values = gpu.read_f32(read, captures.len() * hidden).await?;
@@ -779,6 +816,18 @@ enum Finish {
     Layers,
     Logits(LogitsWanted),
     Pick(Sampling, u32),
+}
+
+/// The hooks one call runs between the layers, their values written (`GpuModel::write_inputs`): per layer, whether
+/// its steering vector is added, its per-position additions (a buffer and a dispatch made for the call), whether
+/// its projection is set; and the captures, (layer, offset in the call) in layer order, copied out of h after their
+/// layer into `capture_read`.
+struct CallHooks {
+    steered: Vec<bool>,
+    projected: Vec<bool>,
+    row_ops: Vec<Option<(wgpu::Buffer, Op)>>,
+    captures: Vec<(usize, usize)>,
+    capture_read: Option<wgpu::Buffer>,
 }
 
 #[derive(Default)]
