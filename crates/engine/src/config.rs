@@ -136,6 +136,28 @@ impl ModelConfig {
                 .ok_or_else(|| EngineError::BadTensor { name: "token_embd.weight".into(), why: "missing".into() })?,
         };
         let context_length = gguf.get_usize(&key("context_length"))?;
+        // The sizes everything else is built from: a zero would make empty layers (and divide by zero), and RoPE
+        // turns a head's values in pairs.
+        let sizes = [
+            ("embedding_length", hidden),
+            ("block_count", n_layers),
+            ("attention.key_length", head_dim),
+            ("feed_forward_length", ffn_hidden),
+            ("context_length", context_length),
+        ];
+        for (name, value) in sizes {
+            if value == 0 {
+                return Err(EngineError::MissingMetadata { key: key(name), why: "is 0".into() });
+            }
+        }
+        if vocab_size == 0 {
+            let why = "the vocabulary is empty".into();
+            return Err(EngineError::MissingMetadata { key: "tokenizer.ggml.tokens".into(), why });
+        }
+        if head_dim % 2 != 0 {
+            let why = format!("a head of {head_dim} values: RoPE rotates them in pairs");
+            return Err(EngineError::MissingMetadata { key: key("attention.key_length"), why });
+        }
         let rms_eps = gguf.opt_f32(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-6);
         let name = gguf.get_str("general.name").unwrap_or(p).to_string();
         let model_key = match (gguf.get_str("general.basename"), gguf.get_str("general.size_label")) {

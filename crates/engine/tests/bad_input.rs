@@ -160,13 +160,23 @@ fn the_gpu_refuses_8_bit_activations() {
 
 /// The fixture `name` written again by candle, its tensors first passed through `change`.
 fn rewritten(name: &str, change: impl FnOnce(&mut Vec<(String, QTensor)>)) -> Vec<u8> {
+    rewritten_with(name, |_| {}, change)
+}
+
+/// `rewritten`, its metadata first passed through `metadata`.
+fn rewritten_with(
+    name: &str,
+    metadata: impl FnOnce(&mut std::collections::HashMap<String, gguf_file::Value>),
+    change: impl FnOnce(&mut Vec<(String, QTensor)>),
+) -> Vec<u8> {
     let mut file = std::fs::File::open(fixture_path(name)).unwrap();
-    let content = gguf_file::Content::read(&mut file).unwrap();
+    let mut content = gguf_file::Content::read(&mut file).unwrap();
     let mut names: Vec<&String> = content.tensor_infos.keys().collect();
     names.sort();
     let mut tensors: Vec<(String, QTensor)> =
         names.into_iter().map(|n| (n.clone(), content.tensor(&mut file, n, &Device::Cpu).unwrap())).collect();
     change(&mut tensors);
+    metadata(&mut content.metadata);
     let metadata: Vec<(&str, &gguf_file::Value)> = content.metadata.iter().map(|(k, v)| (&k[..], v)).collect();
     let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (&n[..], t)).collect();
     let mut out = std::io::Cursor::new(Vec::new());
@@ -212,6 +222,37 @@ fn tensors_of_the_wrong_shape_or_missing_are_named_on_both_backends() {
                     panic!("{backend}: expected BadTensor for {tensor}, got {:?}", other.err().map(|e| e.to_string()))
                 }
             }
+        }
+    }
+}
+
+/// Sizes that would build empty layers, or heads RoPE cannot turn, are refused by their metadata key before any
+/// tensor is read.
+#[test]
+fn zero_sizes_and_odd_heads_are_refused_by_key() {
+    let odd_heads = [("llama.attention.key_length", 7), ("llama.attention.value_length", 7)];
+    for (set, key, why) in [
+        (&[("llama.embedding_length", 0)][..], "llama.embedding_length", "is 0"),
+        (&[("llama.block_count", 0)], "llama.block_count", "is 0"),
+        (&[("llama.feed_forward_length", 0)], "llama.feed_forward_length", "is 0"),
+        (&[("llama.context_length", 0)], "llama.context_length", "is 0"),
+        (&odd_heads, "llama.attention.key_length", "in pairs"),
+    ] {
+        let bytes = rewritten_with(
+            "tiny-llama.gguf",
+            |metadata| {
+                for &(k, v) in set {
+                    metadata.insert(k.into(), gguf_file::Value::U32(v));
+                }
+            },
+            |_| {},
+        );
+        match load_bytes(&bytes) {
+            Err(e @ EngineError::MissingMetadata { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains(key) && msg.contains(why), "{key}: {msg}");
+            }
+            other => panic!("{set:?}: expected MissingMetadata, got {:?}", other.err().map(|e| e.to_string())),
         }
     }
 }
