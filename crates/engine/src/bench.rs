@@ -156,12 +156,21 @@ pub async fn run(engine: &mut Engine, settings: &BenchSettings, now: &dyn Fn() -
     // One untimed run compiles pipelines and warms caches.
     one_run(engine, &prompt, decode_tokens.min(2), &none, now).await?;
     let (mut prefill, mut decode, mut ttft) = (Vec::new(), Vec::new(), Vec::new());
+    // Where batches are timed too, each run of one sequence is followed by a run of the batch, so that the ratio of
+    // the two medians compares runs taken seconds apart, not minutes: on a shared machine whose speed drifts, the
+    // ratio printed swung from 3.9x to 5.2x between calls when all single runs came first (docs/benchmarks.md).
+    let batching = batch > 1 && decode_tokens > 0 && engine.model.batch_capacity() >= batch;
+    let mut batched_speeds = Vec::new();
     for _ in 0..runs {
         let (first, rest) = one_run(engine, &prompt, decode_tokens, &none, now).await?;
         prefill.push(prompt_tokens as f64 / first);
         ttft.push(first * 1000.0);
         if decode_tokens > 0 {
             decode.push(decode_tokens as f64 / rest);
+        }
+        if batching {
+            let seconds = batched_run(engine, &prompt, decode_tokens, batch, now).await?;
+            batched_speeds.push((batch * decode_tokens) as f64 / seconds);
         }
     }
     let decode_median = median(&decode);
@@ -180,16 +189,7 @@ pub async fn run(engine: &mut Engine, settings: &BenchSettings, now: &dyn Fn() -
     } else {
         (None, None)
     };
-    let batched = if batch > 1 && decode_tokens > 0 && engine.model.batch_capacity() >= batch {
-        let mut speeds = Vec::new();
-        for _ in 0..runs {
-            let seconds = batched_run(engine, &prompt, decode_tokens, batch, now).await?;
-            speeds.push((batch * decode_tokens) as f64 / seconds);
-        }
-        Some(median(&speeds))
-    } else {
-        None
-    };
+    let batched = batching.then(|| median(&batched_speeds));
     let stats = engine.model.stats();
     Ok(BenchResult {
         backend: engine.model.backend_name(),
