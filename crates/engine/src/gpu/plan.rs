@@ -577,10 +577,10 @@ impl Planner<'_> {
         parts.collect()
     }
 
-    /// Layer `i`: its dispatches in order, reading and writing the residual stream h. `pending`: the post-MLP
-    /// norm's weights of the layer before, where one-token calls may leave its residual add to this layer's
-    /// q|k|v product (`folds_post_norms`). `table`: the embedding, for the first layer where one-token calls look
-    /// the token up in its q|k|v products (`folds_embedding`).
+    /// Layer `i`: its dispatches in order, reading and writing the residual stream h: the attention half, then the
+    /// MLP half. `pending`: the post-MLP norm's weights of the layer before, where one-token calls may leave its
+    /// residual add to this layer's q|k|v product (`folds_post_norms`). `table`: the embedding, for the first layer
+    /// where one-token calls look the token up in its q|k|v products (`folds_embedding`).
     #[allow(clippy::too_many_arguments)]
     pub fn layer(
         &self,
@@ -591,14 +591,30 @@ impl Planner<'_> {
         cache: &LayerCache,
         rope: RopeTable,
     ) -> Result<Vec<Op>> {
+        let (mut ops, mlp_input) = self.attention_half(i, w, pending, table, cache, rope)?;
+        ops.extend(self.mlp_half(w, mlp_input)?);
+        Ok(ops)
+    }
+
+    /// Layer `i`'s attention half: the input norm, the q|k|v products, the attention, its output product and its
+    /// residual add, and the MLP's input norm; returns the dispatches and what the MLP's products read.
+    fn attention_half<'w>(
+        &'w self,
+        i: usize,
+        w: &'w LayerWeights,
+        pending: Option<&wgpu::Buffer>,
+        table: Option<&GpuMatrix>,
+        cache: &LayerCache,
+        rope: RopeTable,
+    ) -> Result<(Vec<Op>, Input<'w>)> {
         let (c, s, k) = (self.config, self.scratch, self.kernels);
         let every_token = Grid::Rows { per_token: 1, last_only: false };
         let hidden_rows = Output::rows(c.hidden);
         let folds = self.folds_post_norms(w);
         let mut ops = Vec::new();
 
-        // Attention. Where the post-norms fold, one-token calls take the pending residual add (if any) and the norm
-        // inside the q|k|v products, the first of which writes h to `h_sum`.
+        // Where the post-norms fold, one-token calls take the pending residual add (if any) and the norm inside the
+        // q|k|v products, the first of which writes h to `h_sum`.
         ops.push(self.input_norm(&w.attn_norm, &s.a, false));
         let attention_input = Input::Normalized { x: &s.h, weights: &w.attn_norm, normed: &s.a };
         for (n, (m, first_row)) in w.qkv.iter().enumerate() {
@@ -632,8 +648,17 @@ impl Planner<'_> {
                 Input::Normalized { x: &s.h, weights: &w.ffn_norm, normed: &s.a }
             }
         };
+        Ok((ops, mlp_input))
+    }
 
-        // The MLP.
+    /// A layer's MLP half, from its input (`mlp_input`, as `attention_half` leaves it): the gated gate|up product,
+    /// the down product and its residual add (after Gemma's post-norm).
+    fn mlp_half<'s>(&'s self, w: &'s LayerWeights, mlp_input: Input<'s>) -> Result<Vec<Op>> {
+        let (c, s, k) = (self.config, self.scratch, self.kernels);
+        let every_token = Grid::Rows { per_token: 1, last_only: false };
+        let hidden_rows = Output::rows(c.hidden);
+        let folds = self.folds_post_norms(w);
+        let mut ops = Vec::new();
         let ffn_rows = Output::rows(c.ffn_hidden);
         let activation = match c.activation {
             Activation::GeluTanh => GluActivation::Gelu,
