@@ -53,7 +53,7 @@ pub(super) fn layer(gpu: &Gpu, t: LayerTensors<FileMatrix, Vec<f32>>) -> Result<
     })
 }
 
-/// A matrix's blocks on the GPU as stored, and on the CPU (the readout's unembedding, the embedding's lookups).
+/// A matrix's blocks on the GPU as stored, and on the CPU: the unembedding the logit lens reads (`Readout`).
 pub(super) fn matrix_kept(gpu: &Gpu, m: FileMatrix) -> Result<(GpuMatrix, QuantMatrix)> {
     let on_gpu = matrix(gpu, &m)?;
     Ok((on_gpu, QuantMatrix::new(&m.name, Arc::new(m.tensor))?))
