@@ -111,7 +111,8 @@ impl ModelConfig {
         let n_kv_heads = gguf.opt_usize(&key("attention.head_count_kv"))?.unwrap_or(n_heads);
         let head_dim = match gguf.opt_usize(&key("attention.key_length"))? {
             Some(d) => d,
-            None => hidden / n_heads,
+            // No heads is refused below.
+            None => hidden.checked_div(n_heads).unwrap_or(0),
         };
         if let Some(v) = gguf.opt_usize(&key("attention.value_length"))? {
             if v != head_dim {

@@ -256,3 +256,22 @@ fn zero_sizes_and_odd_heads_are_refused_by_key() {
         }
     }
 }
+
+/// No query heads, with the head size left to be computed from them (no key length in the file), is refused by
+/// key, not divided by.
+#[test]
+fn no_heads_and_no_key_length_are_refused_by_key() {
+    let bytes = rewritten_with(
+        "tiny-llama.gguf",
+        |metadata| {
+            metadata.remove("llama.attention.key_length");
+            metadata.remove("llama.attention.value_length");
+            metadata.insert("llama.attention.head_count".into(), gguf_file::Value::U32(0));
+        },
+        |_| {},
+    );
+    match load_bytes(&bytes) {
+        Err(e @ EngineError::MissingMetadata { .. }) => assert!(e.to_string().contains("head_count"), "{e}"),
+        other => panic!("expected MissingMetadata, got {:?}", other.err().map(|e| e.to_string())),
+    }
+}
