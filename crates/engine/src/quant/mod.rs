@@ -506,43 +506,25 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
     // A few bands per thread and matrix balance the load; more only add scheduling. The rows are shared out
     // evenly, so that no band is shorter than `ROWS_PER_TASK` (in the prompt form, a short band with few
     // activation rows would take gemm's small-product kernel, whose sums run in another order).
+    let threads = rayon::current_num_threads();
     let tasks: Vec<(usize, usize, usize)> = (0..jobs.len())
         .flat_map(|j| {
             let rows = jobs[j].0.rows;
-            let per = ROWS_PER_TASK.max(rows.div_ceil(4 * rayon::current_num_threads()));
+            let per = ROWS_PER_TASK.max(rows.div_ceil(4 * threads));
             let bands = (rows / per).max(1);
             // Bands of whole groups where the rows are read in groups of sixteen (`q4_1_lanes`, `int8_amx`).
             let grouped = jobs[j].0.lanes_for(jobs[j].1).is_some() || jobs[j].1 == Form::Int8Tiles;
             let step = if grouped { lanes::LANES } else { 1 };
             let start = move |b: usize| if b == bands { rows } else { b * rows / bands / step * step };
-            (0..bands).map(move |b| (j, start(b), start(b + 1) - start(b)))
+            apart(bands, threads).map(move |b| (j, start(b), start(b + 1) - start(b)))
         })
         .collect();
     // Each band writes its columns of its matrix's output rows in place: no band result to allocate, zero and
     // copy again (the copies were 2-4% of a Gemma prompt). The outputs are allocated without zeroing, and every
-    // value is written once: the bands of a matrix cover its rows.
-    //
-    // The values of an output of up to `ALIGNED_OUTPUT_VALUES` are written from its first 64-byte boundary on, and
-    // moved to its start once every band has written: the bands' columns start at multiples of sixteen values, so
-    // from a boundary no two threads write the same cache line. From the allocation's start (16-byte aligned), the
-    // line at each band's edge went back and forth between the cores for every row (SmolLM2's batched `--int8`
-    // steps, the move included: a few percent faster in alternated runs, docs/benchmarks.md). Larger outputs (the
-    // logits) have few edges for their size, and moving them would cost more than it saves.
-    let mut outs: Vec<Vec<f32>> = jobs.iter().map(|(q, _)| Vec::with_capacity(m * q.rows + LINE_VALUES)).collect();
-    let skips: Vec<usize> = outs
-        .iter()
-        .zip(&jobs)
-        .map(|(out, (q, _))| match m * q.rows <= ALIGNED_OUTPUT_VALUES {
-            true => out.as_ptr().align_offset(64).min(LINE_VALUES),
-            false => 0,
-        })
-        .collect();
-    let starts: Vec<SendPtr> = outs
-        .iter_mut()
-        .zip(&skips)
-        // SAFETY: `skip` is at most `LINE_VALUES`, inside the room allocated beyond the `m x q.rows` values.
-        .map(|(out, &skip)| SendPtr(unsafe { out.as_mut_ptr().add(skip) }))
-        .collect();
+    // value is written once: the bands of a matrix cover its rows. Two bands side by side share the cache line at
+    // their edge in every output row; `apart` keeps them from running at the same time.
+    let mut outs: Vec<Vec<f32>> = jobs.iter().map(|(q, _)| Vec::with_capacity(m * q.rows)).collect();
+    let starts: Vec<SendPtr> = outs.iter_mut().map(|out| SendPtr(out.as_mut_ptr())).collect();
     crate::team::for_each(tasks.len(), |task| {
         let (j, first, count) = tasks[task];
         let (q, form) = jobs[j];
@@ -552,28 +534,23 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
         let mut columns = unsafe { Columns::new(starts[j].0, q.rows, first, count, m) };
         q.band(rows, x, m, &prepared, form, &mut columns);
     });
-    for ((out, (q, _)), &skip) in outs.iter_mut().zip(jobs).zip(&skips) {
-        let len = m * q.rows;
-        // SAFETY: the `skip` values before them are initialized here, and every one of the `len` values after them
-        // was written above (the bands partition the rows).
-        unsafe {
-            std::ptr::write_bytes(out.as_mut_ptr(), 0, skip);
-            out.set_len(skip + len);
-        }
-        if skip > 0 {
-            out.copy_within(skip.., 0);
-            out.truncate(len);
-        }
+    for (out, (q, _)) in outs.iter_mut().zip(jobs) {
+        // SAFETY: every one of the values was written above (the bands partition the rows).
+        unsafe { out.set_len(m * q.rows) };
     }
     Ok(outs)
 }
 
-/// Values per 64-byte cache line.
-const LINE_VALUES: usize = 16;
-
-/// The largest product output whose bands are laid on cache lines (`products`): a batched step's largest layer
-/// output (16 rows of SmolLM2's 1,536 or Gemma 3's 2,048) and below, not the logits.
-const ALIGNED_OUTPUT_VALUES: usize = 1 << 15;
+/// The order in which a matrix's `bands` are handed to `threads` threads: 0, s, 2s, ... then 1, s + 1, ... (s =
+/// `bands / threads`, rounded down, so that each round has a band for every thread), so that the bands that run at
+/// the same time lie apart. Side by side, two bands
+/// running together passed the cache line at their edge back and forth between the cores for every output row;
+/// written from a 64-byte boundary and moved to the output's start afterwards instead, a batched SmolLM2 `--int8`
+/// step took about 2% longer than in this order without the move (alternated runs, docs/benchmarks.md).
+fn apart(bands: usize, threads: usize) -> impl Iterator<Item = usize> {
+    let stride = (bands / threads.max(1)).max(1);
+    (0..stride).flat_map(move |first| (first..bands).step_by(stride))
+}
 
 /// A pointer the bands share across rayon's threads; each writes only its own columns (`Columns`).
 #[derive(Clone, Copy)]
@@ -964,6 +941,34 @@ pub fn portable_dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
 mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
+
+    /// `apart` hands out every band once, and the bands handed out one after another to the threads lie apart.
+    #[test]
+    fn bands_are_handed_out_once_each_and_apart() {
+        assert_eq!(apart(8, 2).collect::<Vec<_>>(), [0, 4, 1, 5, 2, 6, 3, 7]);
+        assert_eq!(apart(3, 2).collect::<Vec<_>>(), [0, 1, 2]);
+        assert_eq!(apart(9, 2).collect::<Vec<_>>(), [0, 4, 8, 1, 5, 2, 6, 3, 7]);
+        for bands in 1..40 {
+            for threads in 1..9 {
+                let order: Vec<usize> = apart(bands, threads).collect();
+                let mut sorted = order.clone();
+                sorted.sort_unstable();
+                assert_eq!(sorted, (0..bands).collect::<Vec<_>>(), "{bands} bands, {threads} threads");
+                // With the four bands per thread `products` makes where the rows allow, no two of any `threads`
+                // handed out in a row are side by side.
+                if bands >= 4 * threads {
+                    for window in order.windows(threads) {
+                        for (i, a) in window.iter().enumerate() {
+                            assert!(
+                                window[i + 1..].iter().all(|b| a.abs_diff(*b) != 1),
+                                "{order:?}, {threads} threads"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     /// Quantizes a random matrix with candle, then checks the product against dequantize-then-multiply in f64,
     /// for one activation row (decoding inside the dot product) and several (decoding the band first).
