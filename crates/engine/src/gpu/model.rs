@@ -525,33 +525,18 @@ impl GpuModel {
     /// Runs one call of at most MAX_TOKENS_PER_CALL tokens. `finish` says what the last call of a forward ends
     /// with; earlier calls of a long prompt end after the layers. Three steps: the inputs and the hooks' values
     /// written (`write_inputs`), the commands recorded and submitted (`record`), the outputs read (`read_outputs`).
-    async fn run_call(
-        &mut self,
-        sequence: usize,
-        tokens: &[u32],
-        segment: Segment,
-        hooks: &Hooks,
-        reads: &[(usize, usize)],
-        finish: Finish,
-    ) -> Result<CallOutput> {
-        let start = self.positions[sequence];
-        let call = self.write_inputs(sequence, tokens, segment, hooks, reads, finish)?;
-        self.record(&call, tokens.len(), finish);
-        self.positions[sequence] += tokens.len();
-        self.read_outputs(call, start, tokens.len(), finish).await
+    async fn run_call(&mut self, call: Call<'_>) -> Result<CallOutput> {
+        let (start, n, finish) = (self.positions[call.sequence], call.tokens.len(), call.finish);
+        let hooks = self.write_inputs(call)?;
+        self.record(&hooks, n, finish);
+        self.positions[call.sequence] += n;
+        self.read_outputs(hooks, start, n, finish).await
     }
 
     /// Writes a call's inputs (its tokens, their rows and positions, the pick's settings) and the values of the
     /// hooks it runs between the layers: what `record` records and `read_outputs` reads.
-    fn write_inputs(
-        &mut self,
-        sequence: usize,
-        tokens: &[u32],
-        segment: Segment,
-        hooks: &Hooks,
-        reads: &[(usize, usize)],
-        finish: Finish,
-    ) -> Result<CallHooks> {
+    fn write_inputs(&mut self, call: Call<'_>) -> Result<CallHooks> {
+        let Call { sequence, tokens, segment, hooks, reads, finish } = call;
         let n = tokens.len();
         let start = self.positions[sequence];
         let hidden = self.config.hidden;
@@ -793,7 +778,8 @@ impl GpuModel {
         for (i, chunk) in chunks.iter().enumerate() {
             let last = i + 1 == chunks.len();
             let this_finish = if last || keep_all { finish } else { Finish::Layers };
-            let out = self.run_call(sequence, chunk, segment, hooks, &reads, this_finish).await?;
+            let call = Call { sequence, tokens: chunk, segment, hooks, reads: &reads, finish: this_finish };
+            let out = self.run_call(call).await?;
             total.captures.extend(out.captures);
             if let Some(all) = out.all_logits {
                 all_logits.extend(all);
@@ -808,6 +794,18 @@ impl GpuModel {
         }
         Ok(total)
     }
+}
+
+/// One call of a forward: at most MAX_TOKENS_PER_CALL of its tokens, what its hooks do, what the whole forward's
+/// read hooks want (as (layer, absolute position)), and what the call ends with.
+#[derive(Clone, Copy)]
+struct Call<'a> {
+    sequence: usize,
+    tokens: &'a [u32],
+    segment: Segment,
+    hooks: &'a Hooks,
+    reads: &'a [(usize, usize)],
+    finish: Finish,
 }
 
 #[derive(Clone, Copy)]
