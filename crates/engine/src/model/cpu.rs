@@ -24,6 +24,8 @@
 //! but at near-ties).
 
 use std::io::{Read, Seek};
+use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use candle_core::quantized::QTensor;
@@ -546,17 +548,54 @@ impl CpuModel {
         l.ffn_down.values(&gated, row_form)
     }
 
-    /// RMSNorm of each row of `x` with weights `w`, candle's arithmetic (`rms_norm_in_place`). Rows are
-    /// normalized on the pass's threads: a batched step's norms on one thread took 3-4% of the step (candle's own
-    /// `rms_norm` splits rows among rayon's threads, but in a pass they are the team's, spinning).
+    /// RMSNorm of each row of `x` with weights `w`, candle's arithmetic (`rms_norm_in_place`), into a new output.
     fn norm_rows(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
-        let (hidden, eps) = (w.len(), self.config.rms_eps);
-        let mut out = x.to_vec();
-        if out.len() >= NORM_ROWS_PER_TASK * 2 * hidden {
-            team::for_each_part(out.chunks_mut(NORM_ROWS_PER_TASK * hidden), |_, rows| rms_norm_rows(rows, w, eps));
+        self.rows_normed(w, x.len(), x.chunks(NORM_ROWS_PER_TASK * w.len()), |x| x)
+    }
+
+    /// `h += added`, then `norm_rows(h, w)`, each task adding its rows and normalizing them: the residual stream's
+    /// addition ran on one thread while the others waited, and then the norm's copy of the stream.
+    fn add_then_norm(&self, h: &mut [f32], added: &[f32], w: &[f32]) -> Vec<f32> {
+        assert_eq!(h.len(), added.len(), "an added row per row of the stream");
+        let chunk = NORM_ROWS_PER_TASK * w.len();
+        self.rows_normed(w, h.len(), h.chunks_mut(chunk).zip(added.chunks(chunk)), |(h, added)| {
+            h.iter_mut().zip(added).for_each(|(h, a)| *h += a);
+            let h: &[f32] = h;
+            h
+        })
+    }
+
+    /// `len` values normalized row by row with weights `w` into a new output: `source` gives each part's rows (of
+    /// `NORM_ROWS_PER_TASK` rows, the last one shorter), which are copied into the output and normalized there.
+    /// On the pass's threads, a part per task, where there are parts for two: a batched step's norms on one thread
+    /// took 3-4% of the step (candle's own `rms_norm` splits rows among rayon's threads, but in a pass they are the
+    /// team's, spinning).
+    fn rows_normed<'a, P: Send>(
+        &self,
+        w: &[f32],
+        len: usize,
+        parts: impl IntoIterator<Item = P>,
+        source: impl Fn(P) -> &'a [f32] + Sync,
+    ) -> Vec<f32> {
+        let (chunk, eps) = (NORM_ROWS_PER_TASK * w.len(), self.config.rms_eps);
+        let mut out: Vec<f32> = Vec::with_capacity(len);
+        let written = AtomicUsize::new(0);
+        let norm = |(part, room): (P, &mut [MaybeUninit<f32>])| {
+            let rows = room.write_copy_of_slice(source(part));
+            rms_norm_rows(rows, w, eps);
+            written.fetch_add(rows.len(), Ordering::Relaxed);
+        };
+        let parts = parts.into_iter().zip(out.spare_capacity_mut()[..len].chunks_mut(chunk.max(1)));
+        if len >= 2 * chunk {
+            team::for_each_part(parts, |_, part| norm(part));
         } else {
-            rms_norm_rows(&mut out, w, eps);
+            parts.for_each(norm);
         }
+        // Each room was written whole (`write_copy_of_slice` takes a source of its length); check that they cover
+        // the output.
+        assert_eq!(written.into_inner(), len, "parts that cover the rows");
+        // SAFETY: the first `len` values were written (checked just above).
+        unsafe { out.set_len(len) };
         out
     }
 
@@ -702,21 +741,31 @@ impl CpuModel {
             }
         };
         let add = |h: &mut [f32], o: &[f32]| h.iter_mut().zip(o).for_each(|(h, o)| *h += o);
+        // The next layer's input, normalized with the addition that ends a layer where no hook comes between.
+        let mut next_input = None;
         for i in 0..layers {
-            let a = self.norm_rows(&h, &self.layers[i].attn_norm);
+            let a = match next_input.take() {
+                Some(a) => a,
+                None => self.norm_rows(&h, &self.layers[i].attn_norm),
+            };
             let mut o = self.attention(i, &a, calls, row_form)?;
             if let Some(w) = &self.layers[i].post_attention_norm {
                 o = self.norm_rows(&o, w);
             }
-            add(&mut h, &o);
-            let m = self.norm_rows(&h, &self.layers[i].ffn_norm);
+            let m = self.add_then_norm(&mut h, &o, &self.layers[i].ffn_norm);
             let mut m = self.mlp(i, &m, row_form)?;
             if let Some(w) = &self.layers[i].post_ffn_norm {
                 m = self.norm_rows(&m, w);
             }
-            add(&mut h, &m);
+            let hooked = calls.iter().any(|c| c.hooks.touches(i));
+            match self.layers.get(i + 1) {
+                Some(next) if !hooked && i + 1 < layers => {
+                    next_input = Some(self.add_then_norm(&mut h, &m, &next.attn_norm));
+                }
+                _ => add(&mut h, &m),
+            }
 
-            if calls.iter().any(|c| c.hooks.touches(i)) {
+            if hooked {
                 let mut row = 0;
                 for (c, call) in calls.iter().enumerate() {
                     let n = call.tokens.len();
