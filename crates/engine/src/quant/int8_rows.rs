@@ -303,7 +303,14 @@ impl TileRows {
     /// `--int8` step took 1.2-1.5% longer (alternated runs, docs/benchmarks.md).
     fn room(rows: usize, k: usize) -> Self {
         let blocks = k / 32;
-        let (mut values, mut scale, mut scaled_sum) = SPARE_TILES.with_borrow_mut(Vec::pop).unwrap_or_default();
+        // One of the same size where there is one: a step's products alternate between sizes (SmolLM2's layers'
+        // input of 576 values, its down projection's 1,536).
+        let (mut values, mut scale, mut scaled_sum) = SPARE_TILES
+            .with_borrow_mut(|spare| {
+                let same = spare.iter().rposition(|(values, ..)| values.len() == LANES * k);
+                same.map(|i| spare.swap_remove(i)).or_else(|| spare.pop())
+            })
+            .unwrap_or_default();
         fit(&mut values, LANES * k, rows * k);
         fit(&mut scale, LANES * blocks, rows * blocks);
         fit(&mut scaled_sum, LANES * blocks, rows * blocks);
