@@ -543,10 +543,10 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
 
 /// The order in which a matrix's `bands` are handed to `threads` threads: 0, s, 2s, ... then 1, s + 1, ... (s =
 /// `bands / threads`, rounded down, so that each round has a band for every thread), so that the bands that run at
-/// the same time lie apart. Side by side, two bands
-/// running together passed the cache line at their edge back and forth between the cores for every output row;
-/// written from a 64-byte boundary and moved to the output's start afterwards instead, a batched SmolLM2 `--int8`
-/// step took about 2% longer than in this order without the move (alternated runs, docs/benchmarks.md).
+/// the same time lie apart. Side by side, two bands running together passed the cache line at their edge back and
+/// forth between the cores for every output row. Written from a 64-byte boundary and moved to the output's start
+/// afterwards instead, a batched SmolLM2 `--int8` step took about 2% longer than in this order without the move
+/// (alternated runs, docs/benchmarks.md).
 fn apart(bands: usize, threads: usize) -> impl Iterator<Item = usize> {
     let stride = (bands / threads.max(1)).max(1);
     (0..stride).flat_map(move |first| (first..bands).step_by(stride))
