@@ -559,7 +559,7 @@ impl CpuModel {
         assert_eq!(h.len(), added.len(), "an added row per row of the stream");
         let chunk = NORM_ROWS_PER_TASK * w.len();
         self.rows_normed(w, h.len(), h.chunks_mut(chunk).zip(added.chunks(chunk)), |(h, added)| {
-            h.iter_mut().zip(added).for_each(|(h, a)| *h += a);
+            add_rows(h, added);
             let h: &[f32] = h;
             h
         })
@@ -740,7 +740,6 @@ impl CpuModel {
                 (0..self.config.n_layers).rev().find(|&i| calls.iter().any(|c| c.hooks.touches(i))).map_or(0, |i| i + 1)
             }
         };
-        let add = |h: &mut [f32], o: &[f32]| h.iter_mut().zip(o).for_each(|(h, o)| *h += o);
         // The next layer's input, normalized with the addition that ends a layer where no hook comes between.
         let mut next_input = None;
         for i in 0..layers {
@@ -758,11 +757,10 @@ impl CpuModel {
                 m = self.norm_rows(&m, w);
             }
             let hooked = calls.iter().any(|c| c.hooks.touches(i));
-            match self.layers.get(i + 1) {
-                Some(next) if !hooked && i + 1 < layers => {
-                    next_input = Some(self.add_then_norm(&mut h, &m, &next.attn_norm));
-                }
-                _ => add(&mut h, &m),
+            if !hooked && i + 1 < layers {
+                next_input = Some(self.add_then_norm(&mut h, &m, &self.layers[i + 1].attn_norm));
+            } else {
+                add_rows(&mut h, &m);
             }
 
             if hooked {
@@ -813,6 +811,11 @@ impl CpuModel {
         }
         Ok(PassOutput { logits: Some((flat, logits)), captures })
     }
+}
+
+/// The residual stream's addition: `h += added`, value by value.
+fn add_rows(h: &mut [f32], added: &[f32]) {
+    h.iter_mut().zip(added).for_each(|(h, a)| *h += a);
 }
 
 /// How a batch's rows are computed. Every row gets the numbers it gets in any other batch. A decoding step of every
