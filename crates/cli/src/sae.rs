@@ -335,6 +335,8 @@ pub fn sae_eval(
     Ok((eval, path))
 }
 
+/// One argument per flag of `saif sae latent`, as `main` parses them.
+#[allow(clippy::too_many_arguments)]
 pub fn sae_latent(
     engine: &mut Engine,
     gguf_path: &Path,

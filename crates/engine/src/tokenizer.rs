@@ -270,7 +270,8 @@ fn byte_level_bpe(tokens: &[&str], merges: &[&str], pre: &str) -> Result<Inner> 
     Ok(tk)
 }
 
-/// The model of either kind of GGUF tokenizer.
+/// The model of either kind of GGUF tokenizer. One per tokenizer, so the size of its larger variant does not matter.
+#[allow(clippy::large_enum_variant)]
 enum GgufModel {
     ByteLevel(BPE),
     SentencePiece(SentencePieceBpe),

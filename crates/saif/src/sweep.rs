@@ -6,6 +6,7 @@
 //! Discoveries are shared where they can be: one per (layer, placement), with the largest k swept, whose best
 //! latents serve every smaller k.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::future::Future;
 
@@ -179,14 +180,14 @@ where
         let key = (options.layer, options.placement);
         let mut discovery = None;
         if method.needs_sae() {
-            if !saes.contains_key(&options.layer) {
-                saes.insert(options.layer, sae_at(options.layer)?);
+            if let Entry::Vacant(room) = saes.entry(options.layer) {
+                room.insert(sae_at(options.layer)?);
             }
-            if !discoveries.contains_key(&key) {
+            if let Entry::Vacant(room) = discoveries.entry(key) {
                 let mut o = options.discover_options();
                 o.k = largest_k.min(saes[&options.layer].info.d_sae);
                 let d = discover(engine, &saes[&options.layer], options.layer, instruction, &o, &mut progress).await?;
-                discoveries.insert(key, d);
+                room.insert(d);
             }
             let mut d = discoveries[&key].clone();
             d.latents.truncate(options.k);

@@ -210,7 +210,7 @@ impl Gpu {
     /// A storage buffer holding `bytes` (padded to a multiple of 4).
     pub fn storage_with(&self, label: &str, bytes: &[u8]) -> wgpu::Buffer {
         let mut padded;
-        let contents = if bytes.len() % 4 == 0 && !bytes.is_empty() {
+        let contents = if bytes.len().is_multiple_of(4) && !bytes.is_empty() {
             bytes
         } else {
             padded = bytes.to_vec();

@@ -569,25 +569,25 @@ impl GpuModel {
             self.ensure_head_all(n)?;
         }
         // Steering vectors for this call's segment, written before the commands that read them.
-        let mut steered = vec![false; self.config.n_layers];
-        for layer in 0..self.config.n_layers {
-            if let Some(v) = hooks.added_vector(layer, segment) {
+        let steered: Vec<bool> = (0..self.config.n_layers)
+            .map(|layer| {
+                let Some(v) = hooks.added_vector(layer, segment) else { return false };
                 let (buffer, _) = self.steering_op(layer);
                 gpu.queue.write_buffer(buffer, 0, bytemuck::cast_slice(&v));
-                steered[layer] = true;
-            }
-        }
+                true
+            })
+            .collect();
         // Projections for this call's segment: direction and value written before the commands that read them.
-        let mut projected = vec![false; self.config.n_layers];
-        for layer in 0..self.config.n_layers {
-            if let Some(p) = hooks.projection(layer, segment) {
+        let projected: Vec<bool> = (0..self.config.n_layers)
+            .map(|layer| {
+                let Some(p) = hooks.projection(layer, segment) else { return false };
                 let params = ProjectParams { width: hidden as u32, value: p.value, pad: [0; 2] };
                 let (unit, params_buffer, _) = self.projection_op(layer);
                 gpu.queue.write_buffer(unit, 0, bytemuck::cast_slice(&p.unit));
                 gpu.queue.write_buffer(params_buffer, 0, bytemuck::bytes_of(&params));
-                projected[layer] = true;
-            }
-        }
+                true
+            })
+            .collect();
         // Per-position additions (evaluations only): a buffer and a dispatch made for this call.
         let row_ops: Vec<Option<(wgpu::Buffer, Op)>> = (0..self.config.n_layers)
             .map(|layer| {

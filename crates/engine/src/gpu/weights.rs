@@ -39,7 +39,7 @@ impl GpuMatrix {
         bytes: &[u8],
         limit: usize,
     ) -> Result<Self> {
-        if cols % 32 != 0 || cols % dtype.block_size() != 0 {
+        if !cols.is_multiple_of(32) || !cols.is_multiple_of(dtype.block_size()) {
             return Err(EngineError::BadTensor {
                 name: name.into(),
                 why: format!("rows of {cols} values cannot be read 32 at a time on the GPU"),

@@ -13,8 +13,10 @@ pub trait CacheValue: Copy + Send + Sync + 'static {
     /// `prefetch` for a row ahead of the one being read.
     fn prefetch(row: &[Self]);
 
-    /// Sixteen values from `row` (at least sixteen long from `at`) in one register, as f32. Call only where the
-    /// CPU has AVX-512 F.
+    /// Sixteen values from `row` in one register, as f32.
+    ///
+    /// # Safety
+    /// Call only where the CPU has AVX-512 F, with `row` at least sixteen values long from `at`.
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
     unsafe fn load16(row: &[Self], at: usize) -> std::arch::x86_64::__m512;
 }

@@ -436,7 +436,7 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
     let Some(k) = jobs.first().map(|(q, _)| q.cols) else {
         return Ok(Vec::new());
     };
-    if x.len() % k != 0 || jobs.iter().any(|(q, _)| q.cols != k) {
+    if !x.len().is_multiple_of(k) || jobs.iter().any(|(q, _)| q.cols != k) {
         return Err(EngineError::InvalidRequest(format!("activations of {} values for rows of {k}", x.len())));
     }
     let m = x.len() / k;
