@@ -312,6 +312,9 @@ impl CpuModel {
             .collect();
         let this = &*self;
         let step = |i: usize, sequence: &mut Sequence| {
+            // The first head's keys asked for while the new row is made (`CacheRows::prefetch_start`).
+            let len = sequence.position + 1;
+            sequence.caches[layer].keys().prefetch_start(0, this.first_attended(layer, len)..len - 1);
             let rows = |x: &[f32], d: usize| x[i * d..(i + 1) * d].to_vec();
             this.step_row(layer, rows(&q, q_dim), rows(&k, kv_dim), &v[i * kv_dim..(i + 1) * kv_dim], norms, sequence)
         };
@@ -495,6 +498,12 @@ impl CpuModel {
         }
     }
 
+    /// The first of the `len` rows of a sequence's cache that a new row attends to at `layer`: all of them, or the
+    /// last `window` (sliding-window layers).
+    fn first_attended(&self, layer: usize, len: usize) -> usize {
+        self.config.layers[layer].window.map_or(0, |w| len.saturating_sub(w))
+    }
+
     /// `attend_heads` on a cache of f32 or f16 values (an f16 cache's values widened as the kernels load them).
     #[allow(clippy::too_many_arguments)]
     fn attend_heads_in<V: quant::CacheValue>(
@@ -510,15 +519,21 @@ impl CpuModel {
     ) {
         let c = &self.config;
         let (hd, n) = (c.head_dim, heads.len());
-        let first = c.layers[layer].window.map_or(0, |w| len.saturating_sub(w));
+        let first = self.first_attended(layer, len);
         let rows = len - first;
         let mut weights = vec![0f32; n * rows];
+        // Each run of the cache asked for while the one before it is read (`CacheRows::prefetch_start`): the values
+        // during the scores, the next head's keys during the sums.
+        values.prefetch_start(kv_head, first..len);
         // Every head against every key, each score `dot`'s bit for bit, each key read once for all the heads.
         quant::dots_rows(queries, hd, first..len, |j| keys.row(kv_head, j), &mut weights);
         if let Some(cap) = c.attn_softcap {
             weights.iter_mut().for_each(|w| *w = (*w / cap).tanh() * cap);
         }
         softmax_rows(&mut weights, rows);
+        if kv_head + 1 < c.n_kv_heads {
+            keys.prefetch_start(kv_head + 1, first..len);
+        }
         out.fill(0.0);
         value_sums::weighted_sums(out, hd, &weights, |j| values.row(kv_head, first + j));
     }

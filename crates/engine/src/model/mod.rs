@@ -8,7 +8,7 @@
 mod activations;
 pub mod cpu;
 mod kv_cache;
-mod value_sums;
+pub mod value_sums;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -83,9 +83,6 @@ mod avx512 {
     /// Heads per pass: their 64-value runs fill 16 of the 32 registers.
     pub const HEADS: usize = 4;
 
-    /// How many value rows ahead of the one being added the kernel asks for from memory.
-    const AHEAD: usize = 8;
-
     /// `weighted_sums` for `H` heads, `width` a multiple of `CHUNK`.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn sums<'a, const H: usize, V: CacheValue>(
@@ -96,13 +93,14 @@ mod avx512 {
     ) {
         let rows = weights.len() / H;
         assert!(outs.len() == H * width && weights.len() == H * rows && width.is_multiple_of(CHUNK));
+        let ahead = V::rows_ahead(CHUNK);
         for c in 0..width / CHUNK {
             let at = |h: usize, q: usize| h * width + c * CHUNK + 16 * q;
             let mut acc: [[__m512; 4]; H] =
                 std::array::from_fn(|h| std::array::from_fn(|q| _mm512_loadu_ps(outs.as_ptr().add(at(h, q)))));
             for j in 0..rows {
-                if j + AHEAD < rows {
-                    V::prefetch(&value(j + AHEAD)[c * CHUNK..(c + 1) * CHUNK]);
+                if j + ahead < rows {
+                    V::prefetch(&value(j + ahead)[c * CHUNK..(c + 1) * CHUNK]);
                 }
                 let row = &value(j)[c * CHUNK..(c + 1) * CHUNK];
                 let v: [__m512; 4] = std::array::from_fn(|q| V::load16(row, 16 * q));

@@ -84,28 +84,33 @@ unsafe fn finish_block<const X: usize>(acc: [[__m512; 4]; X], x: &[&[f32]], w: [
     }
 }
 
-/// `dot(queries[i], key(j))` for the `Q` queries and the keys of `keys` in whole sets of `K` (`Q x K` at most 16
-/// pairs), bit for bit (f16 keys: of the keys widened to f32), into `out` at `rows.start + i` and column `j -
-/// keys.start` (rows of `keys.len()` values); returns where the whole sets end. The rows' lengths are a multiple of
-/// 16. Call only where `available()`.
+/// `dot(queries[i], key(j))` for the `Q` queries and every key of `keys`, bit for bit (f16 keys: of the keys
+/// widened to f32), into `out` at `rows.start + i` and column `j - keys.start` (rows of `keys.len()` values): the
+/// keys in whole sets of `K` (`Q x K` at most 16 pairs), then the few left over one at a time with all the
+/// queries. Those were each a `dot` of their own (an f16 key widened into a scratch row first), and with 3 queries
+/// and 64 keys (60 in sets, 4 left over) they took about as long as the sets (`examples/attention_speed.rs`). The
+/// rows' lengths are a multiple of 16. Call only where `available()`.
 pub fn dots<'a, const Q: usize, const K: usize, V: CacheValue>(
     queries: [&[f32]; Q],
     keys: std::ops::Range<usize>,
     key: &impl Fn(usize) -> &'a [V],
     out: &mut [f32],
     rows: std::ops::Range<usize>,
-) -> usize {
+) {
     assert!(available() && Q * K <= 16 && Q > 0 && rows.len() == Q);
     let len = queries[0].len();
     assert!(len.is_multiple_of(16) && queries.iter().all(|row| row.len() == len), "rows of one length");
     assert!(out.len() >= rows.end * keys.len(), "room for the scores");
     // SAFETY: the CPU has AVX-512 F (asserted); the kernel reads `len` values of each query (asserted above) and of
     // each key (asserted in it), and writes inside rows `rows` of `out` (asserted above).
-    unsafe { dots_in_sets::<Q, K, V>(queries, keys, key, out, rows.start) }
+    unsafe {
+        let whole = dots_in_sets::<Q, K, V>(queries, keys.clone(), keys.start, key, out, rows.start);
+        dots_in_sets::<Q, 1, V>(queries, keys, whole, key, out, rows.start);
+    }
 }
 
-/// `dots`'s sets, one after another in one function with the kernel (`pairs16`) inlined, each set's scores stored
-/// by query with one masked store. Called set by set, with three queries (SmolLM2's heads per key-value head)
+/// `dots`'s sets from key `first` on, one after another in one function with the kernel (`pairs16`) inlined, each
+/// set's scores stored by query with one masked store; returns where the whole sets end. Called set by set, with three queries (SmolLM2's heads per key-value head)
 /// taking a set of four whose fourth was dropped, the scores took 8.1% of a batched SmolLM2 `--int8` step's samples
 /// in `perf record`, and 6.5% so. Their values were then taken out of the register one by one: 3 queries against
 /// 96 keys held in the L1 cache took 1.32-1.45 us so, and 1.00-1.01 us with the stores (a scratch benchmark,
@@ -114,15 +119,16 @@ pub fn dots<'a, const Q: usize, const K: usize, V: CacheValue>(
 unsafe fn dots_in_sets<'a, const Q: usize, const K: usize, V: CacheValue>(
     queries: [&[f32]; Q],
     keys: std::ops::Range<usize>,
+    first: usize,
     key: &impl Fn(usize) -> &'a [V],
     out: &mut [f32],
     first_row: usize,
 ) -> usize {
-    let len = queries[0].len();
-    let width = keys.len();
-    let whole = keys.start + width / K * K;
-    for j in (keys.start..whole).step_by(K) {
-        (j + KEYS_AHEAD..(j + KEYS_AHEAD + K).min(keys.end)).for_each(|j| V::prefetch(key(j)));
+    let (len, width) = (queries[0].len(), keys.len());
+    let whole = first + (keys.end - first) / K * K;
+    let ahead = V::rows_ahead(len);
+    for j in (first..whole).step_by(K) {
+        (j + ahead..(j + ahead + K).min(keys.end)).for_each(|j| V::prefetch(key(j)));
         let set: [&[V]; K] = std::array::from_fn(|t| key(j + t));
         assert!(set.iter().all(|row| row.len() == len), "keys as long as the queries");
         let sums = pairs16(queries, set);
@@ -136,9 +142,6 @@ unsafe fn dots_in_sets<'a, const Q: usize, const K: usize, V: CacheValue>(
     }
     whole
 }
-
-/// How many keys ahead of the set being summed `dots` asks for from memory.
-const KEYS_AHEAD: usize = 8;
 
 /// `tree16`'s input for each lane of its output: it sums input p into lane 4 (p % 4) + p / 4, and that map is its
 /// own inverse.

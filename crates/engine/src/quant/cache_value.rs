@@ -5,6 +5,14 @@
 //! keeps the loads from memory overlapped with the arithmetic: converting 64 rows at a time into an f32 scratch
 //! (tried first) read half the bytes and took as long as the f32 cache.
 
+/// How far ahead of the row being read attention's kernels ask for the rows that follow (`rows_ahead`), and how
+/// much of a head's keys or values they ask for before they start on them (`CacheRows::prefetch_start`): 8 rows of
+/// 64 f32 values, the distance first measured, and 16 rows of f16. At 8 rows of f16 too, the kernels waited on
+/// memory: a scratch benchmark of a batched SmolLM2 step's attention kernels alone (`examples/attention_speed.rs`,
+/// a cache read after 200 MB of others, steps alternated with and without) took 2-7% less time on an f16 cache at
+/// 16 rows, and the same on an f32 cache.
+pub const AHEAD_BYTES: usize = 2048;
+
 /// A value of a KV cache's rows.
 pub trait CacheValue: Copy + Send + Sync + 'static {
     /// `row` as f32 values: the row itself, or widened into `scratch` (the portable paths and the tails).
@@ -12,6 +20,11 @@ pub trait CacheValue: Copy + Send + Sync + 'static {
 
     /// `prefetch` for a row ahead of the one being read.
     fn prefetch(row: &[Self]);
+
+    /// How many rows of `len` values the kernels ask for ahead of the one they read: `AHEAD_BYTES` of them.
+    fn rows_ahead(len: usize) -> usize {
+        (AHEAD_BYTES / (len * std::mem::size_of::<Self>()).max(1)).max(1)
+    }
 
     /// Sixteen values from `row` in one register, as f32.
     ///

@@ -861,8 +861,8 @@ fn dot4_each(x: &[f32], k: usize, w: [&[f32]; 4], mut put: impl FnMut(usize, [f3
 /// for bit, into `out` (row i's at `i * keys.len() + j - keys.start`): a decoding step's attention scores, the query
 /// heads that share a key-value head against its keys. With AVX-512 (detected at run time) and rows of a multiple
 /// of sixteen values, up to four rows against as many keys as make at most sixteen pairs (one row and 16 keys, two
-/// and 8, three and 5, four and 4), their lanes summed together (`avx512::dots`); else four keys at a time
-/// (`dot4`). The keys may be f16 (an f16 cache): each value is then `dot`'s of the key widened to f32.
+/// and 8, three and 5, four and 4), their lanes summed together, and the keys left over one at a time with all the
+/// rows (`avx512::dots`); else four keys at a time (`dot4`). The keys may be f16 (an f16 cache): each value is then `dot`'s of the key widened to f32.
 pub fn dots_rows<'a, V: CacheValue>(
     x: &[f32],
     k: usize,
@@ -880,18 +880,11 @@ pub fn dots_rows<'a, V: CacheValue>(
         for first in (0..m).step_by(4) {
             let n = 4.min(m - first);
             let (rows, set) = (first..first + n, keys.clone());
-            // The keys past the last whole set, each alone.
-            let whole = match n {
+            match n {
                 1 => avx512::dots::<1, 16, V>([row(first)], set, &key, out, rows),
                 2 => avx512::dots::<2, 8, V>(std::array::from_fn(|i| row(first + i)), set, &key, out, rows),
                 3 => avx512::dots::<3, 5, V>(std::array::from_fn(|i| row(first + i)), set, &key, out, rows),
                 _ => avx512::dots::<4, 4, V>(std::array::from_fn(|i| row(first + i)), set, &key, out, rows),
-            };
-            for j in whole..keys.end {
-                let key = V::as_f32(key(j), &mut scratch);
-                for i in first..first + n {
-                    out[i * width + j - keys.start] = dot(row(i), key);
-                }
             }
         }
         return;
