@@ -7,10 +7,10 @@
 
 /// How far ahead of the row being read attention's kernels ask for the rows that follow (`rows_ahead`), and how
 /// much of a head's keys or values they ask for before they start on them (`CacheRows::prefetch_start`): 8 rows of
-/// 64 f32 values, the distance first measured, and 16 rows of f16. At 8 rows of f16 too, the kernels waited on
-/// memory: a scratch benchmark of a batched SmolLM2 step's attention kernels alone (`examples/attention_speed.rs`,
-/// a cache read after 200 MB of others, steps alternated with and without) took 2-7% less time on an f16 cache at
-/// 16 rows, and the same on an f32 cache.
+/// 64 f32 values, the distance first measured, and 16 rows of f16. At 8 rows of f16 too, the scores waited on
+/// memory: in a scratch build of `examples/attention_speed.rs` (passes alternated between the two distances), they
+/// took 7% less time at 16 rows on an f16 cache read from memory, 0-4% less on one the L3 cache held; f32 rows at
+/// 16 took up to 8% longer than at 8.
 pub const AHEAD_BYTES: usize = 2048;
 
 /// A value of a KV cache's rows.
