@@ -95,9 +95,10 @@ impl<V: CacheValue> CacheRows<'_, V> {
     /// kernel that reads them in order. A head's keys, and its values, are a run of memory of their own; the
     /// kernels ask for the rows ahead of the one they read, but nothing asked for a run's first rows, and each run
     /// began with a wait on memory. Asked for one run earlier (a head's values before its scores, the next head's
-    /// keys before the values' sums), a batched SmolLM2 step's attention kernels took 6-7% less time on an f32 cache
-    /// read from memory and 16% less on an f16 one (`examples/attention_speed.rs`, passes alternated with and
-    /// without; 1-5% less on caches the L3 cache held), and whole batched steps 1.2-1.6% and 2.3-5.1% less.
+    /// keys before the values' sums), a batched SmolLM2 step's attention kernels took 2-7% less time on an f32 cache
+    /// read from memory and 9-16% less on an f16 one (`examples/attention_speed.rs`, passes alternated with and
+    /// without, three runs; on caches the L3 cache held, from 5% less to 6% more), and whole batched steps 1.2-1.6%
+    /// and 2.3-5.1% less (runs alternated step by step).
     pub fn prefetch_start(&self, head: usize, rows: std::ops::Range<usize>) {
         let first = rows.start;
         (first..rows.end.min(first + V::rows_ahead(self.head_dim))).for_each(|j| V::prefetch(self.row(head, j)));

@@ -87,9 +87,10 @@ unsafe fn finish_block<const X: usize>(acc: [[__m512; 4]; X], x: &[&[f32]], w: [
 /// `dot(queries[i], key(j))` for the `Q` queries and every key of `keys`, bit for bit (f16 keys: of the keys
 /// widened to f32), into `out` at `rows.start + i` and column `j - keys.start` (rows of `keys.len()` values): the
 /// keys in whole sets of `K` (`Q x K` at most 16 pairs), then the few left over one at a time with all the
-/// queries. Those were each a `dot` of their own (an f16 key widened into a scratch row first), and with 3 queries
-/// and 64 keys (60 in sets, 4 left over) they took about as long as the sets (`examples/attention_speed.rs`). The
-/// rows' lengths are a multiple of 16. Call only where `available()`.
+/// queries. Those were each a `dot` of their own (an f16 key widened into a scratch row first): with 3 queries and
+/// 64 keys (60 in sets, 4 left over), the scores took 5-6% less time so on an f16 cache and 0-2% on f32 (a scratch
+/// build of `examples/attention_speed.rs` alternating the two). The rows' lengths are a multiple of 16. Call only
+/// where `available()`.
 pub fn dots<'a, const Q: usize, const K: usize, V: CacheValue>(
     queries: [&[f32]; Q],
     keys: std::ops::Range<usize>,
@@ -110,8 +111,9 @@ pub fn dots<'a, const Q: usize, const K: usize, V: CacheValue>(
 }
 
 /// `dots`'s sets from key `first` on, one after another in one function with the kernel (`pairs16`) inlined, each
-/// set's scores stored by query with one masked store; returns where the whole sets end. Called set by set, with three queries (SmolLM2's heads per key-value head)
-/// taking a set of four whose fourth was dropped, the scores took 8.1% of a batched SmolLM2 `--int8` step's samples
+/// set's scores stored by query with one masked store; returns where the whole sets end. Called set by set, with
+/// three queries (SmolLM2's heads per key-value head) taking a set of four whose fourth was dropped, the scores
+/// took 8.1% of a batched SmolLM2 `--int8` step's samples
 /// in `perf record`, and 6.5% so. Their values were then taken out of the register one by one: 3 queries against
 /// 96 keys held in the L1 cache took 1.32-1.45 us so, and 1.00-1.01 us with the stores (a scratch benchmark,
 /// alternated, docs/benchmarks.md).

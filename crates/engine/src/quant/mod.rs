@@ -862,7 +862,8 @@ fn dot4_each(x: &[f32], k: usize, w: [&[f32]; 4], mut put: impl FnMut(usize, [f3
 /// heads that share a key-value head against its keys. With AVX-512 (detected at run time) and rows of a multiple
 /// of sixteen values, up to four rows against as many keys as make at most sixteen pairs (one row and 16 keys, two
 /// and 8, three and 5, four and 4), their lanes summed together, and the keys left over one at a time with all the
-/// rows (`avx512::dots`); else four keys at a time (`dot4`). The keys may be f16 (an f16 cache): each value is then `dot`'s of the key widened to f32.
+/// rows (`avx512::dots`); else four keys at a time (`dot4`). The keys may be f16 (an f16 cache): each value is then
+/// `dot`'s of the key widened to f32.
 pub fn dots_rows<'a, V: CacheValue>(
     x: &[f32],
     k: usize,
