@@ -83,7 +83,7 @@ fn smollm2_with_bytes_flipped_in_its_tensor_directory_is_an_error_or_loads() {
     let mut refused = 0;
     for _ in 0..40 {
         let mut damaged = bytes[..end + 64].to_vec();
-        damaged.extend(std::iter::repeat(0u8).take(bytes.len() - damaged.len())); // the same size, data zeroed
+        damaged.extend(std::iter::repeat_n(0u8, bytes.len() - damaged.len())); // the same size, data zeroed
         for _ in 0..200 {
             let i = start + draws.below(end - start);
             damaged[i] ^= 1 << draws.below(8);

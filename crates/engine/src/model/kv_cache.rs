@@ -91,7 +91,7 @@ impl<V> CacheRows<'_, V> {
 }
 
 impl<V: CacheValue> CacheRows<'_, V> {
-    /// Asks for the first of the rows `rows` of head `head` from memory (`quant::AHEAD_BYTES` of them), ahead of a
+    /// Asks for the first of the rows `rows` of head `head` from memory (`CacheValue::rows_ahead` of them), ahead of a
     /// kernel that reads them in order. A head's keys, and its values, are a run of memory of their own; the
     /// kernels ask for the rows ahead of the one they read, but nothing asked for a run's first rows, and each run
     /// began with a wait on memory. Asked for one run earlier (a head's values before its scores, the next head's

@@ -113,10 +113,9 @@ pub fn dots<'a, const Q: usize, const K: usize, V: CacheValue>(
 /// `dots`'s sets from key `first` on, one after another in one function with the kernel (`pairs16`) inlined, each
 /// set's scores stored by query with one masked store; returns where the whole sets end. Called set by set, with
 /// three queries (SmolLM2's heads per key-value head) taking a set of four whose fourth was dropped, the scores
-/// took 8.1% of a batched SmolLM2 `--int8` step's samples
-/// in `perf record`, and 6.5% so. Their values were then taken out of the register one by one: 3 queries against
-/// 96 keys held in the L1 cache took 1.32-1.45 us so, and 1.00-1.01 us with the stores (a scratch benchmark,
-/// alternated, docs/benchmarks.md).
+/// took 8.1% of a batched SmolLM2 `--int8` step's samples in `perf record`, and 6.5% so. Their values were then
+/// taken out of the register one by one: 3 queries against 96 keys held in the L1 cache took 1.32-1.45 us so, and
+/// 1.00-1.01 us with the stores (a scratch benchmark, alternated, docs/benchmarks.md).
 #[target_feature(enable = "avx512f")]
 unsafe fn dots_in_sets<'a, const Q: usize, const K: usize, V: CacheValue>(
     queries: [&[f32]; Q],

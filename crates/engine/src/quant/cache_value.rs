@@ -5,14 +5,6 @@
 //! keeps the loads from memory overlapped with the arithmetic: converting 64 rows at a time into an f32 scratch
 //! (tried first) read half the bytes and took as long as the f32 cache.
 
-/// How far ahead of the row being read attention's kernels ask for the rows that follow (`rows_ahead`), and how
-/// much of a head's keys or values they ask for before they start on them (`CacheRows::prefetch_start`): 8 rows of
-/// 64 f32 values, the distance first measured, and 16 rows of f16. At 8 rows of f16 too, the scores waited on
-/// memory: in a scratch build of `examples/attention_speed.rs` (passes alternated between the two distances), they
-/// took 7% less time at 16 rows on an f16 cache read from memory, 0-4% less on one the L3 cache held; f32 rows at
-/// 16 took up to 8% longer than at 8.
-pub const AHEAD_BYTES: usize = 2048;
-
 /// A value of a KV cache's rows.
 pub trait CacheValue: Copy + Send + Sync + 'static {
     /// `row` as f32 values: the row itself, or widened into `scratch` (the portable paths and the tails).
@@ -21,9 +13,15 @@ pub trait CacheValue: Copy + Send + Sync + 'static {
     /// `prefetch` for a row ahead of the one being read.
     fn prefetch(row: &[Self]);
 
-    /// How many rows of `len` values the kernels ask for ahead of the one they read: `AHEAD_BYTES` of them.
+    /// How many rows of `len` values attention's kernels ask for ahead of the one they read, and how many of a
+    /// head's keys or values they ask for before they start on them (`CacheRows::prefetch_start`): as many as make
+    /// the products' distance ahead (`PREFETCH_AHEAD_BYTES`, 2 KB), 8 rows of 64 f32 values (the distance first
+    /// measured) and 16 of f16. At 8 rows of f16 too, the scores waited on memory: in a scratch build of
+    /// `examples/attention_speed.rs` (passes alternated between the two distances), they took 7% less time at 16
+    /// rows on an f16 cache read from memory, 0-4% less on one the L3 cache held; f32 rows at 16 took up to 8%
+    /// longer than at 8.
     fn rows_ahead(len: usize) -> usize {
-        (AHEAD_BYTES / (len * std::mem::size_of::<Self>()).max(1)).max(1)
+        (super::PREFETCH_AHEAD_BYTES / (len * std::mem::size_of::<Self>()).max(1)).max(1)
     }
 
     /// Sixteen values from `row` in one register, as f32.

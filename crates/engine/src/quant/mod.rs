@@ -395,7 +395,8 @@ impl QuantMatrix {
     }
 }
 
-/// How far ahead of the row being multiplied a decoding step's products ask for the weights.
+/// How far ahead of the row being multiplied a decoding step's products ask for the weights (and attention's
+/// kernels for the cache's rows, `CacheValue::rows_ahead`).
 const PREFETCH_AHEAD_BYTES: usize = 2048;
 
 /// Asks the CPU to bring the row that comes about `PREFETCH_AHEAD_BYTES` after row `r` of `rows` into its cache.
@@ -875,7 +876,6 @@ pub fn dots_rows<'a, V: CacheValue>(
     let width = keys.len();
     assert!(out.len() >= m * width, "room for every score");
     let row = |i: usize| &x[i * k..(i + 1) * k];
-    let mut scratch = Vec::new();
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
     if avx512::available() && k.is_multiple_of(16) && k > 0 {
         for first in (0..m).step_by(4) {
@@ -892,6 +892,7 @@ pub fn dots_rows<'a, V: CacheValue>(
     }
     let whole = keys.start + width / 4 * 4;
     let mut four_keys: [Vec<f32>; 4] = Default::default();
+    let mut scratch = Vec::new();
     for i in 0..m {
         let out = &mut out[i * width..(i + 1) * width];
         for j in (keys.start..whole).step_by(4) {
