@@ -205,8 +205,8 @@ fn tensors_of_the_wrong_shape_or_missing_are_named_on_both_backends() {
         let options = LoadOptions { max_context: Some(64), ..Default::default() };
         block_on(Engine::load_wgpu(&mut std::io::Cursor::new(bytes), &options, None))
     };
-    let loaders: [(&str, &dyn Fn(&[u8]) -> Result<Engine, EngineError>); 2] =
-        [("cpu", &load_bytes), ("wgpu", &load_gpu)];
+    type Loader<'a> = &'a dyn Fn(&[u8]) -> Result<Engine, EngineError>;
+    let loaders: [(&str, Loader); 2] = [("cpu", &load_bytes), ("wgpu", &load_gpu)];
     for (backend, load) in loaders {
         assert!(load(&intact).is_ok(), "{backend}: the fixture written again loads");
         for (bytes, tensor, why) in [

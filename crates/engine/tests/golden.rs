@@ -323,6 +323,8 @@ fn departure(file: &str, golden: &str, mode: &saif_engine::LoadOptions) -> (Depa
         let call = [BatchCall { sequence: s, tokens: input, segment: Segment::Prompt, hooks: &none }];
         block_on(fast.model.forward_batch(&call)).unwrap();
     }
+    // Step t indexes every live sequence's tokens and its exact steps.
+    #[allow(clippy::needless_range_loop)]
     for t in 0..prompts.iter().map(|(_, want)| want.len() - 1).max().unwrap_or(0) {
         let live: Vec<usize> = (0..prompts.len()).filter(|&s| t + 1 < prompts[s].1.len()).collect();
         let tokens: Vec<[u32; 1]> = live.iter().map(|&s| [prompts[s].1[t]]).collect();

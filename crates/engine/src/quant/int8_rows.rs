@@ -579,7 +579,7 @@ mod tests {
     fn unpacked_rows_of_width(n: usize, k: usize) {
         let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1).collect();
         let wt = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
-        for dtype in TYPES.into_iter().filter(|t| k % t.block_size() == 0) {
+        for dtype in TYPES.into_iter().filter(|t| k.is_multiple_of(t.block_size())) {
             let l = layout(dtype).unwrap();
             let raw = QTensor::quantize(&wt, dtype).unwrap().data().unwrap().to_vec();
             let row_bytes = raw.len() / n;
