@@ -13,10 +13,9 @@
 //! block of sixteen weight rows and one activation row), so the tiles serve products of many activation rows
 //! (`Form::Int8Tiles`, from `TILE_MIN_ROWS` rows). `SAIF_AMX=0` turns them off, for comparisons.
 //!
-//! On a Xeon of this kind the scaling's 512-bit floating-point operations run one a cycle, and they bound the
-//! kernel: with any sixteen of a block's 64 left out (the conversions, the multiplications or the offsets'
-//! multiply-adds), a block of sixteen weight rows and sixteen activation rows took 5.8-6.8 ns less of 37 (scratch
-//! switches, docs/benchmarks.md). Tiles of bf16 give the sums as f32 with no conversion, the same values, but their
+//! On a Xeon of this kind the scaling's 512-bit floating-point operations bound the kernel: with any sixteen of a
+//! block's 64 left out (the conversions, the multiplications or the offsets' multiply-adds), a block of sixteen
+//! weight rows and sixteen activation rows took 5.8-6.8 ns less of 37 (scratch switches, docs/benchmarks.md). Tiles of bf16 give the sums as f32 with no conversion, the same values, but their
 //! own products took longer than the conversions they save.
 
 use std::arch::asm;
