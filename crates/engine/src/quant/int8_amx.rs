@@ -15,8 +15,9 @@
 //!
 //! On a Xeon of this kind the scaling's 512-bit floating-point operations bound the kernel: with any sixteen of a
 //! block's 64 left out (the conversions, the multiplications or the offsets' multiply-adds), a block of sixteen
-//! weight rows and sixteen activation rows took 5.8-6.8 ns less of 37 (scratch switches, docs/benchmarks.md). Tiles of bf16 give the sums as f32 with no conversion, the same values, but their
-//! own products took longer than the conversions they save.
+//! weight rows and sixteen activation rows took 5.8-6.8 ns less of 37 (scratch switches, docs/benchmarks.md).
+//! Tiles of bf16 give the sums as f32 with no conversion, the same values, but their own products took longer than
+//! the conversions they save.
 
 use std::arch::asm;
 use std::arch::x86_64::*;
