@@ -10,9 +10,39 @@ pub fn block_shape(dtype: GgmlDType) -> (usize, usize) {
     (dtype.block_size(), dtype.type_size())
 }
 
+/// The f16 at `bytes[at..at + 2]` as f32.
+#[cfg(not(target_arch = "wasm32"))]
 #[inline(always)]
 pub(crate) fn half(bytes: &[u8], at: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([bytes[at], bytes[at + 1]])).to_f32()
+}
+
+/// The f16 at `bytes[at..at + 2]` as f32 (`f16_table`).
+#[cfg(target_arch = "wasm32")]
+#[inline(always)]
+pub(crate) fn half(bytes: &[u8], at: usize) -> f32 {
+    half_in(f16_table(), bytes, at)
+}
+
+/// Every f16 as f32, indexed by its bits: wasm's f16 conversion. wasm has no conversion instruction, and the
+/// `half` crate's conversion in software, with its branches, took a fifth of the browser's Q4_1 products
+/// (docs/benchmarks.md, 2026-12-06 (session 43)). The table (256 KB, built once on first use) holds that
+/// conversion's own results, so the values are the same bit for bit. The simd128 kernels fetch it once per row.
+#[cfg(target_arch = "wasm32")]
+#[inline(always)]
+pub(crate) fn f16_table() -> &'static [f32; 65536] {
+    static TABLE: std::sync::OnceLock<Box<[f32; 65536]>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let values: Box<[f32]> = (0..=u16::MAX).map(|h| f16::from_bits(h).to_f32()).collect();
+        values.try_into().expect("65,536 values")
+    })
+}
+
+/// `half` with the table at hand. A u16 index into 65,536 values needs no bounds check.
+#[cfg(target_arch = "wasm32")]
+#[inline(always)]
+pub(crate) fn half_in(table: &[f32; 65536], bytes: &[u8], at: usize) -> f32 {
+    table[u16::from_le_bytes([bytes[at], bytes[at + 1]]) as usize]
 }
 
 /// Decodes whole blocks of `dtype` from `bytes` into `out` (`out.len()` values).

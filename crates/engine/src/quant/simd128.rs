@@ -1,6 +1,6 @@
 //! The CPU path's block kernels written out in WebAssembly SIMD (simd128): `blocks::dot_row` (a decoding step's
 //! products) and `blocks::dequantize` (a batched step's and a prompt's weight rows) for the block types of the
-//! offline models (Q8_0, Q4_1, Q4_K, Q6_K). The compiler leaves the portable `dot_row` nearly scalar (natively,
+//! offline models (Q8_0, Q4_1, Q5_0, Q4_K, Q6_K). The compiler leaves the portable `dot_row` nearly scalar (natively,
 //! built without AVX2, it decodes SmolLM2 at 15 tokens/s on one thread against the AVX2 kernels' 76); here each
 //! block's integers are unpacked sixteen bytes at a time and widened to f32 four at a time. (The f32 dot products
 //! `dot` and `dot4` stay portable: in wasm the compiler vectorizes them, and a version written here measured 2-4x
@@ -17,13 +17,14 @@ use core::arch::wasm32::*;
 
 use candle_core::quantized::GgmlDType;
 
-use super::blocks::{half, scale_min_k4};
+use super::blocks::{f16_table, half_in, scale_min_k4};
 
 /// `blocks::dot_row` for the types written here; `None` for the others.
 pub fn dot_row(dtype: GgmlDType, bytes: &[u8], x: &[f32]) -> Option<f32> {
     Some(match dtype {
         GgmlDType::Q8_0 => q8_0(bytes, x),
         GgmlDType::Q4_1 => q4_1(bytes, x),
+        GgmlDType::Q5_0 => q5_0(bytes, x),
         GgmlDType::Q4K => q4k(bytes, x),
         GgmlDType::Q6K => q6k(bytes, x),
         _ => return None,
@@ -71,6 +72,7 @@ pub fn dequantize(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> bool {
     match dtype {
         GgmlDType::Q8_0 => dequantize_q8_0(bytes, out),
         GgmlDType::Q4_1 => dequantize_q4_1(bytes, out),
+        GgmlDType::Q5_0 => dequantize_q5_0(bytes, out),
         GgmlDType::Q4K => dequantize_q4k(bytes, out),
         GgmlDType::Q6K => dequantize_q6k(bytes, out),
         _ => return false,
@@ -96,7 +98,7 @@ fn store4(y: &mut [f32], at: usize, v: v128) {
 
 /// Sixteen bytes from `b[at..at + 16]`.
 #[inline(always)]
-fn load16(b: &[u8], at: usize) -> v128 {
+pub(super) fn load16(b: &[u8], at: usize) -> v128 {
     assert!(at + 16 <= b.len());
     // SAFETY: the sixteen bytes lie inside `b` (asserted); v128 loads need no alignment.
     unsafe { v128_load(b.as_ptr().add(at) as *const v128) }
@@ -162,15 +164,33 @@ fn dot8_halves(q: [v128; 8], x: &[f32; 32]) -> (Lanes, Lanes) {
 
 /// The low and the high four bits of each of the sixteen bytes of `v`.
 #[inline(always)]
-fn nibbles(v: v128) -> (v128, v128) {
+pub(super) fn nibbles(v: v128) -> (v128, v128) {
     (v128_and(v, u8x16_splat(0x0f)), u8x16_shr(v, 4))
+}
+
+/// Byte j of the result is all ones where bit j of `bits` (its low 16 bits) is set, else zero.
+#[inline(always)]
+fn bytes_from_bits(bits: u32) -> v128 {
+    let spread = i8x16_swizzle(u16x8_splat(bits as u16), i8x16(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1));
+    let bit = u8x16(1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128);
+    i8x16_eq(v128_and(spread, bit), bit)
+}
+
+/// The 32 values of a Q5_0 block as signed bytes (values 0-15, then 16-31): `(q | bit << 4) - 16` is the nibble
+/// itself where the fifth bit is set, else the nibble with the byte's top four bits set (the nibble minus 16).
+#[inline(always)]
+pub(super) fn q5_0_values(b: &[u8]) -> (v128, v128) {
+    let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+    let (low, high) = nibbles(load16(b, 6));
+    let top = i8x16_splat(-16);
+    (v128_or(low, v128_andnot(top, bytes_from_bits(qh))), v128_or(high, v128_andnot(top, bytes_from_bits(qh >> 16))))
 }
 
 /// Sixteen values of each of the four runs of 32 of half `h` of a Q6_K block (values l + 32k of the half, run k,
 /// for l in `at..at + 16`, `at` 0 or 16), as signed bytes: four low bits from `ql` and two high bits from `qh`,
 /// minus 32, as `blocks::dot_row` and `blocks::dequantize` unpack them.
 #[inline(always)]
-fn q6k_runs(b: &[u8], h: usize, at: usize) -> [v128; 4] {
+pub(super) fn q6k_runs(b: &[u8], h: usize, at: usize) -> [v128; 4] {
     let (low_a, high_a) = nibbles(load16(b, 64 * h + at));
     let (low_b, high_b) = nibbles(load16(b, 64 * h + 32 + at));
     let qh = load16(b, 128 + 32 * h + at);
@@ -203,24 +223,35 @@ fn fold_blocks<const B: usize, const V: usize>(
 }
 
 fn q8_0(bytes: &[u8], x: &[f32]) -> f32 {
+    let t = f16_table();
     fold_blocks::<34, 32>(bytes, x, |acc, b, x| {
         let q = join(widen_i8(load16(b, 2)), widen_i8(load16(b, 18)));
-        acc.add_scaled(half(b, 0), dot8(q, x));
+        acc.add_scaled(half_in(t, b, 0), dot8(q, x));
     })
 }
 
 fn q4_1(bytes: &[u8], x: &[f32]) -> f32 {
+    let t = f16_table();
     fold_blocks::<20, 32>(bytes, x, |acc, b, x| {
         let (low, high) = nibbles(load16(b, 4));
         let q = join(widen_u8(low), widen_u8(high));
-        acc.add_scaled(half(b, 0), dot8(q, x));
-        acc.add_scaled(half(b, 2), sum8(x));
+        acc.add_scaled(half_in(t, b, 0), dot8(q, x));
+        acc.add_scaled(half_in(t, b, 2), sum8(x));
+    })
+}
+
+fn q5_0(bytes: &[u8], x: &[f32]) -> f32 {
+    let t = f16_table();
+    fold_blocks::<22, 32>(bytes, x, |acc, b, x| {
+        let (low, high) = q5_0_values(b);
+        acc.add_scaled(half_in(t, b, 0), dot8(join(widen_i8(low), widen_i8(high)), x));
     })
 }
 
 fn q4k(bytes: &[u8], x: &[f32]) -> f32 {
+    let t = f16_table();
     fold_blocks::<144, 256>(bytes, x, |acc, b, x| {
-        let (d, dmin) = (half(b, 0), half(b, 2));
+        let (d, dmin) = (half_in(t, b, 0), half_in(t, b, 2));
         let scales = &b[4..16];
         for g in 0..4 {
             let (sc1, m1) = scale_min_k4(2 * g, scales);
@@ -239,8 +270,9 @@ fn q4k(bytes: &[u8], x: &[f32]) -> f32 {
 }
 
 fn q6k(bytes: &[u8], x: &[f32]) -> f32 {
+    let t = f16_table();
     fold_blocks::<210, 256>(bytes, x, |acc, b, x| {
-        let d = half(b, 208);
+        let d = half_in(t, b, 208);
         for h in 0..2 {
             let sc = &b[192 + 8 * h..200 + 8 * h];
             let (first16, last16) = (q6k_runs(b, h, 0), q6k_runs(b, h, 16));
@@ -266,25 +298,38 @@ fn store16(y: &mut [f32], at: usize, q: [v128; 4], d: f32, add: Option<f32>) {
 }
 
 fn dequantize_q8_0(bytes: &[u8], out: &mut [f32]) {
+    let t = f16_table();
     for (b, y) in bytes.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
-        let d = half(b, 0);
+        let d = half_in(t, b, 0);
         store16(y, 0, widen_i8(load16(b, 2)), d, None);
         store16(y, 16, widen_i8(load16(b, 18)), d, None);
     }
 }
 
 fn dequantize_q4_1(bytes: &[u8], out: &mut [f32]) {
+    let t = f16_table();
     for (b, y) in bytes.chunks_exact(20).zip(out.chunks_exact_mut(32)) {
-        let (d, m) = (half(b, 0), half(b, 2));
+        let (d, m) = (half_in(t, b, 0), half_in(t, b, 2));
         let (low, high) = nibbles(load16(b, 4));
         store16(y, 0, widen_u8(low), d, Some(m));
         store16(y, 16, widen_u8(high), d, Some(m));
     }
 }
 
+fn dequantize_q5_0(bytes: &[u8], out: &mut [f32]) {
+    let t = f16_table();
+    for (b, y) in bytes.chunks_exact(22).zip(out.chunks_exact_mut(32)) {
+        let d = half_in(t, b, 0);
+        let (low, high) = q5_0_values(b);
+        store16(y, 0, widen_i8(low), d, None);
+        store16(y, 16, widen_i8(high), d, None);
+    }
+}
+
 fn dequantize_q4k(bytes: &[u8], out: &mut [f32]) {
+    let t = f16_table();
     for (b, y) in bytes.chunks_exact(144).zip(out.chunks_exact_mut(256)) {
-        let (d, dmin) = (half(b, 0), half(b, 2));
+        let (d, dmin) = (half_in(t, b, 0), half_in(t, b, 2));
         let scales = &b[4..16];
         for g in 0..4 {
             let (sc1, m1) = scale_min_k4(2 * g, scales);
@@ -305,8 +350,9 @@ fn dequantize_q4k(bytes: &[u8], out: &mut [f32]) {
 }
 
 fn dequantize_q6k(bytes: &[u8], out: &mut [f32]) {
+    let t = f16_table();
     for (b, y) in bytes.chunks_exact(210).zip(out.chunks_exact_mut(256)) {
-        let d = half(b, 208);
+        let d = half_in(t, b, 208);
         for h in 0..2 {
             let sc = &b[192 + 8 * h..200 + 8 * h];
             for (j, at) in [0, 16].into_iter().enumerate() {
