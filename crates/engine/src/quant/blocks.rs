@@ -25,9 +25,9 @@ pub(crate) fn half(bytes: &[u8], at: usize) -> f32 {
 }
 
 /// Every f16 as f32, indexed by its bits: wasm's f16 conversion. wasm has no conversion instruction, and the
-/// `half` crate's conversion in software, with its branches, took a fifth of the browser's Q4_1 products
-/// (docs/benchmarks.md, 2026-12-06 (session 43)). The table (256 KB, built once on first use) holds that
-/// conversion's own results, so the values are the same bit for bit. The simd128 kernels fetch it once per row.
+/// `half` crate's conversion in software, with its branches, took about 15% of the browser's Q4_1 products
+/// (docs/benchmarks.md, stop 43). The table (256 KB, built once on first use) holds that conversion's own
+/// results, so the values are the same bit for bit. The simd128 kernels fetch it once per row.
 #[cfg(target_arch = "wasm32")]
 #[inline(always)]
 pub(crate) fn f16_table() -> &'static [f32; 65536] {
