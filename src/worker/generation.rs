@@ -49,7 +49,7 @@ pub async fn generate(
         post(id, Response::Text { output: outputs[i], text, tokens: ids.borrow()[i].len() });
         async {
             // Let a Stop request (or a tokenization) in between tokens.
-            gloo::timers::future::TimeoutFuture::new(0).await;
+            super::yield_to_messages().await;
             !STOP.with(|s| s.get())
         }
     })

@@ -550,9 +550,19 @@ async fn load(
     Ok(summary)
 }
 
-/// Lets the requests that arrived meanwhile in (a timer, so that the browser delivers messages first).
+/// Lets the requests that arrived meanwhile in (a Stop, a tokenization): a message this worker sends itself through
+/// a `MessageChannel`, which the browser delivers after the messages already waiting. A timer of 0 ms did the same,
+/// but browsers hold nested timers to at least 4 ms, and a generation waited that long after every token of every
+/// output (docs/benchmarks.md, stop 43).
 async fn yield_to_messages() {
-    gloo::timers::future::TimeoutFuture::new(0).await
+    let Ok(channel) = web_sys::MessageChannel::new() else {
+        return gloo::timers::future::TimeoutFuture::new(0).await;
+    };
+    let delivered = js_sys::Promise::new(&mut |resolve, _| channel.port1().set_onmessage(Some(&resolve)));
+    if channel.port2().post_message(&JsValue::UNDEFINED).is_err() {
+        return gloo::timers::future::TimeoutFuture::new(0).await;
+    }
+    let _ = wasm_bindgen_futures::JsFuture::from(delivered).await;
 }
 
 fn now_ms() -> f64 {

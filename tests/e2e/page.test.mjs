@@ -253,6 +253,28 @@ test("the CPU backend in the browser gives the same tokens on its threads, and s
   await context.close();
 });
 
+test("Stop ends a generation between two tokens, and the page stays usable", async () => {
+  const context = await browser.newContext();
+  const p = smolGolden.prompts[0];
+  const { page, problems } = await openPage(context, "?chat=0&backend=cpu&text=" + encodeURIComponent(p.prompt));
+  await loaded(page);
+  await setNumber(page, "#max-new-tokens", 1000);
+  await page.click("#generate");
+  // A few tokens streamed, then Stop: the worker reads it between two tokens.
+  await page.waitForFunction(() => (document.querySelector("#output-default")?.textContent ?? "").length > 8, null, { timeout: 120_000 });
+  await page.click("#stop");
+  await page.waitForFunction(() => document.querySelector("#output-default")?.dataset.ids, null, { timeout: 60_000 });
+  const stopped = JSON.parse(await page.locator("#output-default").getAttribute("data-ids"));
+  assert.ok(stopped.length > 0 && stopped.length < 1000, `${stopped.length} tokens`);
+  assert.match(await page.locator("#generation-stats").textContent(), /cancelled/);
+  // The prefix generated before Stop is the reference's greedy continuation.
+  assert.deepEqual(stopped.slice(0, 16), p.greedy16_ids.slice(0, Math.min(16, stopped.length)));
+  await setNumber(page, "#max-new-tokens", 16);
+  assert.deepEqual((await generate(page)).default, p.greedy16_ids);
+  assert.deepEqual(problems, []);
+  await context.close();
+});
+
 /** Opens SmolLM2 on the CPU from `host` (a `serve()`), checks the page's isolation and the model card's "Runs on",
  * and that 16 greedy tokens are the reference's; returns the page's text, and closes the host. */
 async function oneThreadGeneration(host, { isolated, runsOn, name }) {
