@@ -21,12 +21,25 @@ use super::blocks::{f16_table, half_in, scale_min_k4};
 
 /// `blocks::dot_row` for the types written here; `None` for the others.
 pub fn dot_row(dtype: GgmlDType, bytes: &[u8], x: &[f32]) -> Option<f32> {
+    dot_rows(dtype, bytes, [x]).map(|[dot]| dot)
+}
+
+/// Whether `dot_row` and `dot_rows` cover `dtype`.
+pub fn covers(dtype: GgmlDType) -> bool {
+    matches!(dtype, GgmlDType::Q8_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q4K | GgmlDType::Q6K)
+}
+
+/// `dot_row` of one weight row with each of `M` activation rows, the row's blocks unpacked once for all of them.
+/// Each activation row gets the same operations in the same order as alone, so each value is `dot_row`'s bit for
+/// bit: this is a batched step's exact product in wasm (`QuantMatrix`'s `Form::Rows`), which then gives a
+/// sequence what a step of its own gives it.
+pub fn dot_rows<const M: usize>(dtype: GgmlDType, bytes: &[u8], xs: [&[f32]; M]) -> Option<[f32; M]> {
     Some(match dtype {
-        GgmlDType::Q8_0 => q8_0(bytes, x),
-        GgmlDType::Q4_1 => q4_1(bytes, x),
-        GgmlDType::Q5_0 => q5_0(bytes, x),
-        GgmlDType::Q4K => q4k(bytes, x),
-        GgmlDType::Q6K => q6k(bytes, x),
+        GgmlDType::Q8_0 => q8_0(bytes, xs),
+        GgmlDType::Q4_1 => q4_1(bytes, xs),
+        GgmlDType::Q5_0 => q5_0(bytes, xs),
+        GgmlDType::Q4K => q4k(bytes, xs),
+        GgmlDType::Q6K => q6k(bytes, xs),
         _ => return None,
     })
 }
@@ -98,7 +111,7 @@ fn store4(y: &mut [f32], at: usize, v: v128) {
 
 /// Sixteen bytes from `b[at..at + 16]`.
 #[inline(always)]
-pub(super) fn load16(b: &[u8], at: usize) -> v128 {
+fn load16(b: &[u8], at: usize) -> v128 {
     assert!(at + 16 <= b.len());
     // SAFETY: the sixteen bytes lie inside `b` (asserted); v128 loads need no alignment.
     unsafe { v128_load(b.as_ptr().add(at) as *const v128) }
@@ -164,7 +177,7 @@ fn dot8_halves(q: [v128; 8], x: &[f32; 32]) -> (Lanes, Lanes) {
 
 /// The low and the high four bits of each of the sixteen bytes of `v`.
 #[inline(always)]
-pub(super) fn nibbles(v: v128) -> (v128, v128) {
+fn nibbles(v: v128) -> (v128, v128) {
     (v128_and(v, u8x16_splat(0x0f)), u8x16_shr(v, 4))
 }
 
@@ -179,7 +192,7 @@ fn bytes_from_bits(bits: u32) -> v128 {
 /// The 32 values of a Q5_0 block as signed bytes (values 0-15, then 16-31): `(q | bit << 4) - 16` is the nibble
 /// itself where the fifth bit is set, else the nibble with the byte's top four bits set (the nibble minus 16).
 #[inline(always)]
-pub(super) fn q5_0_values(b: &[u8]) -> (v128, v128) {
+fn q5_0_values(b: &[u8]) -> (v128, v128) {
     let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
     let (low, high) = nibbles(load16(b, 6));
     let top = i8x16_splat(-16);
@@ -190,7 +203,7 @@ pub(super) fn q5_0_values(b: &[u8]) -> (v128, v128) {
 /// for l in `at..at + 16`, `at` 0 or 16), as signed bytes: four low bits from `ql` and two high bits from `qh`,
 /// minus 32, as `blocks::dot_row` and `blocks::dequantize` unpack them.
 #[inline(always)]
-pub(super) fn q6k_runs(b: &[u8], h: usize, at: usize) -> [v128; 4] {
+fn q6k_runs(b: &[u8], h: usize, at: usize) -> [v128; 4] {
     let (low_a, high_a) = nibbles(load16(b, 64 * h + at));
     let (low_b, high_b) = nibbles(load16(b, 64 * h + 32 + at));
     let qh = load16(b, 128 + 32 * h + at);
@@ -210,47 +223,60 @@ fn join(a: [v128; 4], b: [v128; 4]) -> [v128; 8] {
     [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
 }
 
-fn fold_blocks<const B: usize, const V: usize>(
+/// Runs `f(lanes, block, activations)` over the blocks of a row (`B` bytes and `V` values per block) and the
+/// matching values of each of the `M` activation rows; `f` adds the block's contribution to each row's lanes.
+fn fold_blocks<const B: usize, const V: usize, const M: usize>(
     bytes: &[u8],
-    x: &[f32],
-    f: impl Fn(&mut Lanes, &[u8; B], &[f32; V]),
-) -> f32 {
-    let mut acc = Lanes::zero();
-    for (b, x) in bytes.chunks_exact(B).zip(x.chunks_exact(V)) {
-        f(&mut acc, b.try_into().unwrap(), x.try_into().unwrap());
+    xs: [&[f32]; M],
+    f: impl Fn(&mut [Lanes; M], &[u8; B], [&[f32; V]; M]),
+) -> [f32; M] {
+    let blocks = xs.iter().fold(bytes.len() / B, |n, x| n.min(x.len() / V));
+    let mut acc = [Lanes::zero(); M];
+    for (n, b) in bytes.chunks_exact(B).take(blocks).enumerate() {
+        f(&mut acc, b.try_into().unwrap(), xs.map(|x| x[n * V..(n + 1) * V].try_into().unwrap()));
     }
-    acc.sum()
+    acc.map(Lanes::sum)
 }
 
-fn q8_0(bytes: &[u8], x: &[f32]) -> f32 {
+fn q8_0<const M: usize>(bytes: &[u8], xs: [&[f32]; M]) -> [f32; M] {
     let t = f16_table();
-    fold_blocks::<34, 32>(bytes, x, |acc, b, x| {
+    fold_blocks::<34, 32, M>(bytes, xs, |acc, b, xs| {
         let q = join(widen_i8(load16(b, 2)), widen_i8(load16(b, 18)));
-        acc.add_scaled(half_in(t, b, 0), dot8(q, x));
+        let d = half_in(t, b, 0);
+        for (acc, x) in acc.iter_mut().zip(xs) {
+            acc.add_scaled(d, dot8(q, x));
+        }
     })
 }
 
-fn q4_1(bytes: &[u8], x: &[f32]) -> f32 {
+fn q4_1<const M: usize>(bytes: &[u8], xs: [&[f32]; M]) -> [f32; M] {
     let t = f16_table();
-    fold_blocks::<20, 32>(bytes, x, |acc, b, x| {
+    fold_blocks::<20, 32, M>(bytes, xs, |acc, b, xs| {
         let (low, high) = nibbles(load16(b, 4));
         let q = join(widen_u8(low), widen_u8(high));
-        acc.add_scaled(half_in(t, b, 0), dot8(q, x));
-        acc.add_scaled(half_in(t, b, 2), sum8(x));
+        let (d, m) = (half_in(t, b, 0), half_in(t, b, 2));
+        for (acc, x) in acc.iter_mut().zip(xs) {
+            acc.add_scaled(d, dot8(q, x));
+            acc.add_scaled(m, sum8(x));
+        }
     })
 }
 
-fn q5_0(bytes: &[u8], x: &[f32]) -> f32 {
+fn q5_0<const M: usize>(bytes: &[u8], xs: [&[f32]; M]) -> [f32; M] {
     let t = f16_table();
-    fold_blocks::<22, 32>(bytes, x, |acc, b, x| {
+    fold_blocks::<22, 32, M>(bytes, xs, |acc, b, xs| {
         let (low, high) = q5_0_values(b);
-        acc.add_scaled(half_in(t, b, 0), dot8(join(widen_i8(low), widen_i8(high)), x));
+        let q = join(widen_i8(low), widen_i8(high));
+        let d = half_in(t, b, 0);
+        for (acc, x) in acc.iter_mut().zip(xs) {
+            acc.add_scaled(d, dot8(q, x));
+        }
     })
 }
 
-fn q4k(bytes: &[u8], x: &[f32]) -> f32 {
+fn q4k<const M: usize>(bytes: &[u8], xs: [&[f32]; M]) -> [f32; M] {
     let t = f16_table();
-    fold_blocks::<144, 256>(bytes, x, |acc, b, x| {
+    fold_blocks::<144, 256, M>(bytes, xs, |acc, b, xs| {
         let (d, dmin) = (half_in(t, b, 0), half_in(t, b, 2));
         let scales = &b[4..16];
         for g in 0..4 {
@@ -259,28 +285,33 @@ fn q4k(bytes: &[u8], x: &[f32]) -> f32 {
             let ((low_a, high_a), (low_c, high_c)) = (nibbles(load16(b, 16 + 32 * g)), nibbles(load16(b, 32 + 32 * g)));
             let low = join(widen_u8(low_a), widen_u8(low_c));
             let high = join(widen_u8(high_a), widen_u8(high_c));
-            let x1: &[f32; 32] = x[64 * g..64 * g + 32].try_into().unwrap();
-            let x2: &[f32; 32] = x[64 * g + 32..64 * g + 64].try_into().unwrap();
-            acc.add_scaled(d * sc1 as f32, dot8(low, x1));
-            acc.add_scaled(d * sc2 as f32, dot8(high, x2));
-            acc.add_scaled(-dmin * m1 as f32, sum8(x1));
-            acc.add_scaled(-dmin * m2 as f32, sum8(x2));
+            for (acc, x) in acc.iter_mut().zip(xs) {
+                let x1: &[f32; 32] = x[64 * g..64 * g + 32].try_into().unwrap();
+                let x2: &[f32; 32] = x[64 * g + 32..64 * g + 64].try_into().unwrap();
+                acc.add_scaled(d * sc1 as f32, dot8(low, x1));
+                acc.add_scaled(d * sc2 as f32, dot8(high, x2));
+                acc.add_scaled(-dmin * m1 as f32, sum8(x1));
+                acc.add_scaled(-dmin * m2 as f32, sum8(x2));
+            }
         }
     })
 }
 
-fn q6k(bytes: &[u8], x: &[f32]) -> f32 {
+fn q6k<const M: usize>(bytes: &[u8], xs: [&[f32]; M]) -> [f32; M] {
     let t = f16_table();
-    fold_blocks::<210, 256>(bytes, x, |acc, b, x| {
+    fold_blocks::<210, 256, M>(bytes, xs, |acc, b, xs| {
         let d = half_in(t, b, 208);
         for h in 0..2 {
             let sc = &b[192 + 8 * h..200 + 8 * h];
             let (first16, last16) = (q6k_runs(b, h, 0), q6k_runs(b, h, 16));
             for k in 0..4 {
-                let xs: &[f32; 32] = x[128 * h + 32 * k..128 * h + 32 * k + 32].try_into().unwrap();
-                let (first, second) = dot8_halves(join(widen_i8(first16[k]), widen_i8(last16[k])), xs);
-                acc.add_scaled(d * (sc[2 * k] as i8) as f32, first);
-                acc.add_scaled(d * (sc[2 * k + 1] as i8) as f32, second);
+                let q = join(widen_i8(first16[k]), widen_i8(last16[k]));
+                for (acc, x) in acc.iter_mut().zip(xs) {
+                    let run: &[f32; 32] = x[128 * h + 32 * k..128 * h + 32 * k + 32].try_into().unwrap();
+                    let (first, second) = dot8_halves(q, run);
+                    acc.add_scaled(d * (sc[2 * k] as i8) as f32, first);
+                    acc.add_scaled(d * (sc[2 * k + 1] as i8) as f32, second);
+                }
             }
         }
     })
