@@ -287,38 +287,25 @@ impl QuantMatrix {
             // (docs/benchmarks.md, stop 43).
             #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
             Form::Rows if simd128::covers(dtype) => {
-                let x_row = |i: usize| &x[i * k..(i + 1) * k];
+                // `M` activation rows from row `i` on, dotted with the weight row `row`.
+                fn dots<const M: usize>(dtype: GgmlDType, row: &[u8], x: &[f32], k: usize, i: usize) -> [f32; M] {
+                    let xs = std::array::from_fn(|j| &x[(i + j) * k..(i + j + 1) * k]);
+                    simd128::dot_rows(dtype, row, xs).expect("a type simd128 covers")
+                }
                 for r in 0..count {
                     let row = &rows[r * row_bytes..(r + 1) * row_bytes];
                     let mut i = 0;
                     while i < m {
-                        let mut values = [0f32; 4];
-                        let n = match m - i {
-                            1 => {
-                                values[..1]
-                                    .copy_from_slice(&simd128::dot_rows(dtype, row, [x_row(i)]).expect("covered"));
-                                1
-                            }
-                            2 => {
-                                let xs = [0, 1].map(|j| x_row(i + j));
-                                values[..2].copy_from_slice(&simd128::dot_rows(dtype, row, xs).expect("covered"));
-                                2
-                            }
-                            3 => {
-                                let xs = [0, 1, 2].map(|j| x_row(i + j));
-                                values[..3].copy_from_slice(&simd128::dot_rows(dtype, row, xs).expect("covered"));
-                                3
-                            }
-                            _ => {
-                                let xs = [0, 1, 2, 3].map(|j| x_row(i + j));
-                                values = simd128::dot_rows(dtype, row, xs).expect("covered");
-                                4
-                            }
+                        let values: &[f32] = match m - i {
+                            1 => &dots::<1>(dtype, row, x, k, i),
+                            2 => &dots::<2>(dtype, row, x, k, i),
+                            3 => &dots::<3>(dtype, row, x, k, i),
+                            _ => &dots::<4>(dtype, row, x, k, i),
                         };
-                        for (j, value) in values[..n].iter().enumerate() {
+                        for (j, value) in values.iter().enumerate() {
                             out.write(i + j, r, &[*value]);
                         }
-                        i += n;
+                        i += values.len();
                     }
                 }
             }
