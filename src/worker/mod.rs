@@ -553,7 +553,8 @@ async fn load(
 /// Lets the requests that arrived meanwhile in (a Stop, a tokenization): a message this worker sends itself through
 /// a `MessageChannel`, which the browser delivers after the messages already waiting. A timer of 0 ms did the same,
 /// but browsers hold nested timers to at least 4 ms, and a generation waited that long after every token of every
-/// output (docs/benchmarks.md, stop 43).
+/// output (docs/benchmarks.md, stop 43). A channel per call, not one kept: two tasks that yield at once (a download
+/// and a generation) each get their own answer.
 async fn yield_to_messages() {
     let Ok(channel) = web_sys::MessageChannel::new() else {
         return gloo::timers::future::TimeoutFuture::new(0).await;
