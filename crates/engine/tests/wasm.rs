@@ -121,29 +121,37 @@ fn simd128_kernels_equal_the_portable_ones() {
 
 /// In wasm, a batched step's exact products (`matmul_exact_rows`, which unpacks each weight row once for several
 /// activation rows) give each activation row what a decoding step's fused product of that row alone (`matmul`)
-/// gives it, bit for bit, for batches of 1 to 6 rows and every type the simd128 kernels cover.
+/// gives it, and both equal the portable `dot_row`, bit for bit, for batches of 1 to 6 rows and every type the
+/// simd128 kernels cover. (Both products read the activations' block sums, made once per product, on Q4_1 and
+/// Q4_K; the portable twin sums the blocks itself.)
 #[wasm_bindgen_test]
 fn batched_exact_rows_equal_each_row_alone() {
     use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
+    use saif_engine::quant::blocks::portable_dot_row;
     use saif_engine::quant::QuantMatrix;
     let (rows, cols) = (12, 512);
     for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K] {
         let w = Tensor::from_vec(gpu_cases::noise(rows * cols, 3), (rows, cols), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&w, dtype).unwrap();
+        let bytes = q.data().unwrap().into_owned();
+        let row_bytes = bytes.len() / rows;
         let q = QuantMatrix::new("w", std::sync::Arc::new(q)).unwrap().for_decoding().unwrap();
         for m in 1..=6 {
             let x = gpu_cases::noise(m * cols, 50 + m as u64);
             let batch = q.matmul_exact_rows(&x).unwrap();
             for i in 0..m {
-                let alone = q.matmul(&x[i * cols..(i + 1) * cols]).unwrap();
+                let xi = &x[i * cols..(i + 1) * cols];
+                let alone = q.matmul(xi).unwrap();
                 for r in 0..rows {
-                    let (got, want) = (batch[i * rows + r], alone[r]);
-                    assert_eq!(
-                        got.to_bits(),
-                        want.to_bits(),
-                        "{dtype:?}, {m} rows, row {i}, output {r}: {got} vs {want}"
-                    );
+                    let portable = portable_dot_row(dtype, &bytes[r * row_bytes..(r + 1) * row_bytes], xi);
+                    for (what, got) in [("batched", batch[i * rows + r]), ("alone", alone[r])] {
+                        assert_eq!(
+                            got.to_bits(),
+                            portable.to_bits(),
+                            "{dtype:?}, {m} rows, row {i}, output {r}: {what} {got} vs the portable {portable}"
+                        );
+                    }
                 }
             }
         }

@@ -283,24 +283,35 @@ impl QuantMatrix {
             // (`simd128::dot_rows`). Every value is then a decoding step's fused product bit for bit, so a sequence
             // gets in a batch what its own steps give it. With one or two activation rows (the page's generations)
             // the products took 0.71-0.92 of the time they took with the rows decoded to f32 first; with eight
-            // (an evaluation's batch), 0.82-1.5: the fused arithmetic does more per value than a decoded row's dot
-            // (docs/benchmarks.md, stop 43).
+            // (an evaluation's batch), 0.82-1.5: the fused arithmetic does more per value than a decoded row's dot.
+            // Sharing the activations' block sums brought Q4_1 to 1.06 and Q4_K to 1.40 at eight rows, and a page
+            // evaluation took as long with either form, within the machine's noise (docs/benchmarks.md, stops 43
+            // and 44).
             #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
             Form::Rows if simd128::covers(dtype) => {
-                // `M` activation rows from row `i` on, dotted with the weight row `row`.
-                fn dots<const M: usize>(dtype: GgmlDType, row: &[u8], x: &[f32], k: usize, i: usize) -> [f32; M] {
+                // `M` activation rows from row `i` on, dotted with the weight row `row`, with their block sums where
+                // the product made them (`sums`, else empty).
+                fn dots<const M: usize>(
+                    dtype: GgmlDType,
+                    row: &[u8],
+                    x: &[f32],
+                    k: usize,
+                    sums: &[Vec<f32>],
+                    i: usize,
+                ) -> [f32; M] {
                     let xs = std::array::from_fn(|j| &x[(i + j) * k..(i + j + 1) * k]);
-                    simd128::dot_rows(dtype, row, xs).expect("a type simd128 covers")
+                    let sums = (!sums.is_empty()).then(|| std::array::from_fn(|j| sums[i + j].as_slice()));
+                    simd128::dot_rows(dtype, row, xs, sums).expect("a type simd128 covers")
                 }
                 for r in 0..count {
                     let row = &rows[r * row_bytes..(r + 1) * row_bytes];
                     let mut i = 0;
                     while i < m {
                         let values: &[f32] = match m - i {
-                            1 => &dots::<1>(dtype, row, x, k, i),
-                            2 => &dots::<2>(dtype, row, x, k, i),
-                            3 => &dots::<3>(dtype, row, x, k, i),
-                            _ => &dots::<4>(dtype, row, x, k, i),
+                            1 => &dots::<1>(dtype, row, x, k, &prepared.block_sums, i),
+                            2 => &dots::<2>(dtype, row, x, k, &prepared.block_sums, i),
+                            3 => &dots::<3>(dtype, row, x, k, &prepared.block_sums, i),
+                            _ => &dots::<4>(dtype, row, x, k, &prepared.block_sums, i),
                         };
                         for (j, value) in values.iter().enumerate() {
                             out.write(i + j, r, &[*value]);
@@ -514,7 +525,7 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
             true => transpose(x, m, k),
             false => Vec::new(),
         },
-        block_sums: match jobs.iter().any(|(q, form)| matches!(form, Form::Fused) && takes_block_sums(q.dtype())) {
+        block_sums: match jobs.iter().any(|(q, form)| reads_block_sums(*form) && takes_block_sums(q.dtype())) {
             true => x.chunks_exact(k).map(block_sums).collect(),
             false => Vec::new(),
         },
@@ -652,17 +663,32 @@ struct Prepared {
     totals: Vec<Vec<f32>>,
 }
 
-/// Whether `dot_row_with` reuses an activation row's block sums for `dtype`: Q4_1 and Q4_K in AVX2.
+/// Whether `dot_row_with` (and in wasm, the rows form) reuses an activation row's block sums for `dtype`: Q4_1
+/// and Q4_K in AVX2 and in simd128.
 fn takes_block_sums(dtype: GgmlDType) -> bool {
-    cfg!(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))
-        && matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q4K)
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    return simd128::takes_block_sums(dtype);
+    #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+    return cfg!(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))
+        && matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q4K);
+}
+
+/// Whether `form` reads the activations' block sums (for the types `takes_block_sums` names): the fused products,
+/// and in wasm the rows form's too (`simd128::dot_rows`).
+fn reads_block_sums(form: Form) -> bool {
+    form == Form::Fused || (cfg!(all(target_arch = "wasm32", target_feature = "simd128")) && form == Form::Rows)
 }
 
 /// An activation row's block sums, for `dot_row_with`.
 fn block_sums(x: &[f32]) -> Vec<f32> {
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
     return avx2::block_sums(x);
-    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    return simd128::block_sums(x);
+    #[cfg(not(any(
+        all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"),
+        all(target_arch = "wasm32", target_feature = "simd128")
+    )))]
     unreachable!("block sums only where `takes_block_sums`: {}", x.len())
 }
 
@@ -670,6 +696,10 @@ fn block_sums(x: &[f32]) -> Vec<f32> {
 fn dot_row_with(dtype: GgmlDType, row: &[u8], x: &[f32], sums: Option<&[f32]>) -> f32 {
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
     if let Some(dot) = sums.and_then(|sums| avx2::dot_row_with_sums(dtype, row, x, sums)) {
+        return dot;
+    }
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    if let Some([dot]) = sums.and_then(|sums| simd128::dot_rows(dtype, row, [x], Some([sums]))) {
         return dot;
     }
     let _ = sums;

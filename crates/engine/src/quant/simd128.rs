@@ -21,25 +21,64 @@ use super::blocks::{f16_table, half_in, scale_min_k4};
 
 /// `blocks::dot_row` for the types written here; `None` for the others.
 pub fn dot_row(dtype: GgmlDType, bytes: &[u8], x: &[f32]) -> Option<f32> {
-    dot_rows(dtype, bytes, [x]).map(|[dot]| dot)
+    dot_rows(dtype, bytes, [x], None).map(|[dot]| dot)
 }
 
 /// Whether `dot_row` and `dot_rows` cover `dtype`: asked of `dot_rows` itself, with no activation rows and no
 /// blocks, so that the answer cannot drift from the kernels' own list.
 pub fn covers(dtype: GgmlDType) -> bool {
-    dot_rows::<0>(dtype, &[], []).is_some()
+    dot_rows::<0>(dtype, &[], [], None).is_some()
+}
+
+/// Whether `dtype`'s kernels read the activations' `block_sums` when given them: Q4_1 and Q4_K, whose minimums
+/// multiply each block's sums.
+pub fn takes_block_sums(dtype: GgmlDType) -> bool {
+    matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q4K)
+}
+
+/// The eight lanes of `sum8` of each 32-value block of an activation row, eight values a block. They are the same
+/// for every weight row, so a product makes them once per activation row and hands them to `dot_rows`, which
+/// otherwise sums them again for each weight row (a third of Q4_1's additions).
+pub fn block_sums(x: &[f32]) -> Vec<f32> {
+    let mut sums = vec![0f32; x.len() / 32 * 8];
+    for (block, x) in x.chunks_exact(32).enumerate() {
+        let lanes = sum8(x.try_into().unwrap());
+        store4(&mut sums, 8 * block, lanes.low);
+        store4(&mut sums, 8 * block + 4, lanes.high);
+    }
+    sums
 }
 
 /// `dot_row` of one weight row with each of `M` activation rows, the row's blocks unpacked once for all of them.
 /// Each activation row gets the same operations in the same order as alone, so each value is `dot_row`'s bit for
 /// bit: this is a batched step's exact product in wasm (`QuantMatrix`'s `Form::Rows`), which then gives a
-/// sequence what a step of its own gives it.
-pub fn dot_rows<const M: usize>(dtype: GgmlDType, bytes: &[u8], xs: [&[f32]; M]) -> Option<[f32; M]> {
+/// sequence what a step of its own gives it. `sums`, where given, are each row's `block_sums`, read for the types
+/// `takes_block_sums` names: the values the kernels would sum, so the same results.
+pub fn dot_rows<const M: usize>(
+    dtype: GgmlDType,
+    bytes: &[u8],
+    xs: [&[f32]; M],
+    sums: Option<[&[f32]; M]>,
+) -> Option<[f32; M]> {
+    if let Some(sums) = sums.filter(|_| takes_block_sums(dtype)) {
+        for (x, sums) in xs.iter().zip(sums) {
+            assert!(sums.len() >= x.len() / 32 * 8, "block sums for every block");
+        }
+        let read = |j: usize, at: usize, _: &[f32; 32]| Lanes {
+            low: load4(sums[j], at / 4),
+            high: load4(sums[j], at / 4 + 4),
+        };
+        return Some(match dtype {
+            GgmlDType::Q4_1 => q4_1(bytes, xs, read),
+            _ => q4k(bytes, xs, read),
+        });
+    }
+    let summed = |_: usize, _: usize, x: &[f32; 32]| sum8(x);
     Some(match dtype {
         GgmlDType::Q8_0 => q8_0(bytes, xs),
-        GgmlDType::Q4_1 => q4_1(bytes, xs),
+        GgmlDType::Q4_1 => q4_1(bytes, xs, summed),
         GgmlDType::Q5_0 => q5_0(bytes, xs),
-        GgmlDType::Q4K => q4k(bytes, xs),
+        GgmlDType::Q4K => q4k(bytes, xs, summed),
         GgmlDType::Q6K => q6k(bytes, xs),
         _ => return None,
     })
@@ -224,24 +263,25 @@ fn join(a: [v128; 4], b: [v128; 4]) -> [v128; 8] {
     [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
 }
 
-/// Runs `f(lanes, block, activations)` over the blocks of a row (`B` bytes and `V` values per block) and the
-/// matching values of each of the `M` activation rows; `f` adds the block's contribution to each row's lanes.
+/// Runs `f(lanes, block, activations, at)` over the blocks of a row (`B` bytes and `V` values per block) and the
+/// matching values of each of the `M` activation rows, which start at value `at` of the rows; `f` adds the block's
+/// contribution to each row's lanes.
 fn fold_blocks<const B: usize, const V: usize, const M: usize>(
     bytes: &[u8],
     xs: [&[f32]; M],
-    f: impl Fn(&mut [Lanes; M], &[u8; B], [&[f32; V]; M]),
+    f: impl Fn(&mut [Lanes; M], &[u8; B], [&[f32; V]; M], usize),
 ) -> [f32; M] {
     let blocks = xs.iter().fold(bytes.len() / B, |n, x| n.min(x.len() / V));
     let mut acc = [Lanes::zero(); M];
     for (n, b) in bytes.chunks_exact(B).take(blocks).enumerate() {
-        f(&mut acc, b.try_into().unwrap(), xs.map(|x| x[n * V..(n + 1) * V].try_into().unwrap()));
+        f(&mut acc, b.try_into().unwrap(), xs.map(|x| x[n * V..(n + 1) * V].try_into().unwrap()), n * V);
     }
     acc.map(Lanes::sum)
 }
 
 fn q8_0<const M: usize>(bytes: &[u8], xs: [&[f32]; M]) -> [f32; M] {
     let t = f16_table();
-    fold_blocks::<34, 32, M>(bytes, xs, |acc, b, xs| {
+    fold_blocks::<34, 32, M>(bytes, xs, |acc, b, xs, _| {
         let q = join(widen_i8(load16(b, 2)), widen_i8(load16(b, 18)));
         let d = half_in(t, b, 0);
         for (acc, x) in acc.iter_mut().zip(xs) {
@@ -250,22 +290,27 @@ fn q8_0<const M: usize>(bytes: &[u8], xs: [&[f32]; M]) -> [f32; M] {
     })
 }
 
-fn q4_1<const M: usize>(bytes: &[u8], xs: [&[f32]; M]) -> [f32; M] {
+/// Where Q4_1's and Q4_K's kernels get `sum8` of the 32 values `x` of activation row `j` from value `at` on:
+/// summed from `x`, or read from the row's `block_sums`.
+trait SumsOf: Fn(usize, usize, &[f32; 32]) -> Lanes {}
+impl<F: Fn(usize, usize, &[f32; 32]) -> Lanes> SumsOf for F {}
+
+fn q4_1<const M: usize>(bytes: &[u8], xs: [&[f32]; M], sums: impl SumsOf) -> [f32; M] {
     let t = f16_table();
-    fold_blocks::<20, 32, M>(bytes, xs, |acc, b, xs| {
+    fold_blocks::<20, 32, M>(bytes, xs, |acc, b, xs, at| {
         let (low, high) = nibbles(load16(b, 4));
         let q = join(widen_u8(low), widen_u8(high));
         let (d, m) = (half_in(t, b, 0), half_in(t, b, 2));
-        for (acc, x) in acc.iter_mut().zip(xs) {
+        for (j, (acc, x)) in acc.iter_mut().zip(xs).enumerate() {
             acc.add_scaled(d, dot8(q, x));
-            acc.add_scaled(m, sum8(x));
+            acc.add_scaled(m, sums(j, at, x));
         }
     })
 }
 
 fn q5_0<const M: usize>(bytes: &[u8], xs: [&[f32]; M]) -> [f32; M] {
     let t = f16_table();
-    fold_blocks::<22, 32, M>(bytes, xs, |acc, b, xs| {
+    fold_blocks::<22, 32, M>(bytes, xs, |acc, b, xs, _| {
         let (low, high) = q5_0_values(b);
         let q = join(widen_i8(low), widen_i8(high));
         let d = half_in(t, b, 0);
@@ -275,9 +320,9 @@ fn q5_0<const M: usize>(bytes: &[u8], xs: [&[f32]; M]) -> [f32; M] {
     })
 }
 
-fn q4k<const M: usize>(bytes: &[u8], xs: [&[f32]; M]) -> [f32; M] {
+fn q4k<const M: usize>(bytes: &[u8], xs: [&[f32]; M], sums: impl SumsOf) -> [f32; M] {
     let t = f16_table();
-    fold_blocks::<144, 256, M>(bytes, xs, |acc, b, xs| {
+    fold_blocks::<144, 256, M>(bytes, xs, |acc, b, xs, at| {
         let (d, dmin) = (half_in(t, b, 0), half_in(t, b, 2));
         let scales = &b[4..16];
         for g in 0..4 {
@@ -286,13 +331,13 @@ fn q4k<const M: usize>(bytes: &[u8], xs: [&[f32]; M]) -> [f32; M] {
             let ((low_a, high_a), (low_c, high_c)) = (nibbles(load16(b, 16 + 32 * g)), nibbles(load16(b, 32 + 32 * g)));
             let low = join(widen_u8(low_a), widen_u8(low_c));
             let high = join(widen_u8(high_a), widen_u8(high_c));
-            for (acc, x) in acc.iter_mut().zip(xs) {
+            for (j, (acc, x)) in acc.iter_mut().zip(xs).enumerate() {
                 let x1: &[f32; 32] = x[64 * g..64 * g + 32].try_into().unwrap();
                 let x2: &[f32; 32] = x[64 * g + 32..64 * g + 64].try_into().unwrap();
                 acc.add_scaled(d * sc1 as f32, dot8(low, x1));
                 acc.add_scaled(d * sc2 as f32, dot8(high, x2));
-                acc.add_scaled(-dmin * m1 as f32, sum8(x1));
-                acc.add_scaled(-dmin * m2 as f32, sum8(x2));
+                acc.add_scaled(-dmin * m1 as f32, sums(j, at + 64 * g, x1));
+                acc.add_scaled(-dmin * m2 as f32, sums(j, at + 64 * g + 32, x2));
             }
         }
     })
@@ -300,7 +345,7 @@ fn q4k<const M: usize>(bytes: &[u8], xs: [&[f32]; M]) -> [f32; M] {
 
 fn q6k<const M: usize>(bytes: &[u8], xs: [&[f32]; M]) -> [f32; M] {
     let t = f16_table();
-    fold_blocks::<210, 256, M>(bytes, xs, |acc, b, xs| {
+    fold_blocks::<210, 256, M>(bytes, xs, |acc, b, xs, _| {
         let d = half_in(t, b, 208);
         for h in 0..2 {
             let sc = &b[192 + 8 * h..200 + 8 * h];
