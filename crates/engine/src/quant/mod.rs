@@ -280,13 +280,11 @@ impl QuantMatrix {
                 }
             }
             // In wasm: each weight row's blocks unpacked once for up to four activation rows and dotted there
-            // (`simd128::dot_rows`). Every value is then a decoding step's fused product bit for bit, so a sequence
-            // gets in a batch what its own steps give it. With one or two activation rows (the page's generations)
-            // the products took 0.71-0.92 of the time they took with the rows decoded to f32 first; with eight
-            // (an evaluation's batch), 0.82-1.5: the fused arithmetic does more per value than a decoded row's dot.
-            // Sharing the activations' block sums brought Q4_1 to 1.06 and Q4_K to 1.40 at eight rows, and a page
-            // evaluation took as long with either form, within the machine's noise (docs/benchmarks.md, stops 43
-            // and 44).
+            // (`simd128::dot_rows`), with the activations' block sums made once per product. Every value is then a
+            // decoding step's fused product bit for bit, so a sequence gets in a batch what its own steps give it.
+            // Against the rows decoded to f32 first, this is faster for one or two activation rows (the page's
+            // generations) and up to 1.4x slower for eight on Q4_K; a page evaluation took as long either way
+            // (docs/benchmarks.md, stops 43 and 44).
             #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
             Form::Rows if simd128::covers(dtype) => {
                 // `M` activation rows from row `i` on, dotted with the weight row `row`, with their block sums where
@@ -657,7 +655,7 @@ struct Prepared {
     lanes32: Vec<int8_rows::Lanes>,
     /// `k x m` (`Form::Band`, see `band_product`).
     transposed: Vec<f32>,
-    /// Each row's block sums (`Form::Fused` on the types `takes_block_sums` names).
+    /// Each row's block sums (the forms `reads_block_sums` names, on the types `takes_block_sums` names).
     block_sums: Vec<Vec<f32>>,
     /// Each row's block totals (`Form::Fused` on repacked rows, `q4_1_lanes::block_totals`).
     totals: Vec<Vec<f32>>,
@@ -666,11 +664,10 @@ struct Prepared {
 /// Whether `dot_row_with` (and in wasm, the rows form) reuses an activation row's block sums for `dtype`: Q4_1
 /// and Q4_K in AVX2 and in simd128.
 fn takes_block_sums(dtype: GgmlDType) -> bool {
-    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-    return simd128::takes_block_sums(dtype);
-    #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
-    return cfg!(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))
-        && matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q4K);
+    cfg!(any(
+        all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"),
+        all(target_arch = "wasm32", target_feature = "simd128")
+    )) && matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q4K)
 }
 
 /// Whether `form` reads the activations' block sums (for the types `takes_block_sums` names): the fused products,

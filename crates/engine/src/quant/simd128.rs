@@ -30,12 +30,6 @@ pub fn covers(dtype: GgmlDType) -> bool {
     dot_rows::<0>(dtype, &[], [], None).is_some()
 }
 
-/// Whether `dtype`'s kernels read the activations' `block_sums` when given them: Q4_1 and Q4_K, whose minimums
-/// multiply each block's sums.
-pub fn takes_block_sums(dtype: GgmlDType) -> bool {
-    matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q4K)
-}
-
 /// The eight lanes of `sum8` of each 32-value block of an activation row, eight values a block. They are the same
 /// for every weight row, so a product makes them once per activation row and hands them to `dot_rows`, which
 /// otherwise sums them again for each weight row (a third of Q4_1's additions).
@@ -52,36 +46,33 @@ pub fn block_sums(x: &[f32]) -> Vec<f32> {
 /// `dot_row` of one weight row with each of `M` activation rows, the row's blocks unpacked once for all of them.
 /// Each activation row gets the same operations in the same order as alone, so each value is `dot_row`'s bit for
 /// bit: this is a batched step's exact product in wasm (`QuantMatrix`'s `Form::Rows`), which then gives a
-/// sequence what a step of its own gives it. `sums`, where given, are each row's `block_sums`, read for the types
-/// `takes_block_sums` names: the values the kernels would sum, so the same results.
+/// sequence what a step of its own gives it. `sums`, where given, are each row's `block_sums`, which Q4_1's and
+/// Q4_K's kernels read (the others need none): the values they would sum, so the same results.
 pub fn dot_rows<const M: usize>(
     dtype: GgmlDType,
     bytes: &[u8],
     xs: [&[f32]; M],
     sums: Option<[&[f32]; M]>,
 ) -> Option<[f32; M]> {
-    if let Some(sums) = sums.filter(|_| takes_block_sums(dtype)) {
-        for (x, sums) in xs.iter().zip(sums) {
-            assert!(sums.len() >= x.len() / 32 * 8, "block sums for every block");
-        }
-        let read = |j: usize, at: usize, _: &[f32; 32]| Lanes {
-            low: load4(sums[j], at / 4),
-            high: load4(sums[j], at / 4 + 4),
-        };
-        return Some(match dtype {
-            GgmlDType::Q4_1 => q4_1(bytes, xs, read),
-            _ => q4k(bytes, xs, read),
-        });
-    }
     let summed = |_: usize, _: usize, x: &[f32; 32]| sum8(x);
-    Some(match dtype {
-        GgmlDType::Q8_0 => q8_0(bytes, xs),
-        GgmlDType::Q4_1 => q4_1(bytes, xs, summed),
-        GgmlDType::Q5_0 => q5_0(bytes, xs),
-        GgmlDType::Q4K => q4k(bytes, xs, summed),
-        GgmlDType::Q6K => q6k(bytes, xs),
+    Some(match (dtype, sums) {
+        (GgmlDType::Q8_0, _) => q8_0(bytes, xs),
+        (GgmlDType::Q4_1, None) => q4_1(bytes, xs, summed),
+        (GgmlDType::Q4_1, Some(sums)) => q4_1(bytes, xs, read_sums(xs, sums)),
+        (GgmlDType::Q5_0, _) => q5_0(bytes, xs),
+        (GgmlDType::Q4K, None) => q4k(bytes, xs, summed),
+        (GgmlDType::Q4K, Some(sums)) => q4k(bytes, xs, read_sums(xs, sums)),
+        (GgmlDType::Q6K, _) => q6k(bytes, xs),
         _ => return None,
     })
+}
+
+/// The `SumsOf` that reads each activation row's `block_sums` (checked to cover every block).
+fn read_sums<'a, const M: usize>(xs: [&[f32]; M], sums: [&'a [f32]; M]) -> impl SumsOf + 'a {
+    for (x, sums) in xs.iter().zip(sums) {
+        assert!(sums.len() >= x.len() / 32 * 8, "block sums for every block");
+    }
+    move |j: usize, at: usize, _: &[f32; 32]| Lanes { low: load4(sums[j], at / 4), high: load4(sums[j], at / 4 + 4) }
 }
 
 /// Eight running lanes, as `blocks::dot_row` keeps them: lanes 0-3 and 4-7.
