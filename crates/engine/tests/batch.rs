@@ -240,3 +240,47 @@ fn batched_picks_are_the_picks_of_the_batched_logits() {
     assert!(block_on(engine.model.forward_batch(&[])).unwrap().is_empty());
     assert!(block_on(engine.model.forward_batch_pick(&[], &[])).unwrap().is_empty());
 }
+
+/// Greedy batched steps pick without most of the logits where the output matrix screens them (Q8_0 on both offline
+/// models, `quant::greedy_screen`): the tokens are still `argmax` of the step's logits. Sixteen chat prompts twice
+/// over, as sequences 0-15 and 16-31, step by step: one set's logits from `forward_batch`, the other's picks from
+/// `forward_batch_pick`, each fed the same tokens.
+#[test]
+fn greedy_batched_picks_are_argmax_of_the_logits_on_both_models() {
+    for name in [SMOLLM, GEMMA] {
+        let mut engine = load(&model_path(name));
+        let prompts: Vec<Vec<u32>> = (0..16)
+            .map(|i| {
+                let text = format!("Say something about the number {}.", i * 7 + 3);
+                engine.tokenizer.encode_prompt(&engine.chat.render(&text, None)).unwrap()
+            })
+            .collect();
+        let none = Hooks::none();
+        let model = engine.model.as_mut();
+        for s in 0..32 {
+            model.reset_sequence(s);
+            let call = [BatchCall { sequence: s, tokens: &prompts[s % 16], segment: Segment::Prompt, hooks: &none }];
+            block_on(model.forward_batch(&call)).unwrap();
+        }
+        let mut tokens: Vec<[u32; 1]> = vec![[prompts[0][0]]; 16];
+        let picks = vec![(Sampling::Greedy, 0); 16];
+        for step in 0..4 {
+            fn calls<'a>(first: usize, tokens: &'a [[u32; 1]], none: &'a Hooks) -> Vec<BatchCall<'a>> {
+                (0..16)
+                    .map(|i| BatchCall {
+                        sequence: first + i,
+                        tokens: &tokens[i],
+                        segment: Segment::Generated,
+                        hooks: none,
+                    })
+                    .collect()
+            }
+            let outputs = block_on(model.forward_batch(&calls(0, &tokens, &none))).unwrap();
+            let picked = block_on(model.forward_batch_pick(&calls(16, &tokens, &none), &picks)).unwrap();
+            for (i, (out, got)) in outputs.iter().zip(&picked).enumerate() {
+                assert_eq!(got.token, pick(&out.logits, &Sampling::Greedy, 0), "{name}, step {step}, sequence {i}");
+            }
+            tokens = picked.iter().map(|p| [p.token]).collect();
+        }
+    }
+}

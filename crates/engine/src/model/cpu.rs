@@ -636,7 +636,7 @@ impl CpuModel {
         row_form: RowForm,
     ) -> Result<Vec<StepOutput>> {
         let vocab = self.lm_head.0.rows();
-        self.run_calls(calls, Some(logits), row_form, |out| {
+        self.run_calls(calls, PassHead::Logits(logits), row_form, |out| {
             // No logits where there were no calls.
             let (mut captures, Some((flat, wanted))) = (out.captures, out.logits) else { return Vec::new() };
             match wanted {
@@ -662,7 +662,8 @@ impl CpuModel {
 
     /// `forward_calls` for the last token of each call, then each call's next token picked from its logits
     /// (`picks[i]`: call i's sampling and generation step) on the pass's threads, the logits kept here (see
-    /// `LanguageModel::forward_batch_pick`).
+    /// `LanguageModel::forward_batch_pick`). A batched step whose picks are all greedy may skip most of the logits
+    /// (`PassHead::GreedyTokens`): the same tokens.
     pub fn forward_calls_picking(
         &mut self,
         calls: &[BatchCall],
@@ -673,11 +674,25 @@ impl CpuModel {
             return Err(EngineError::InvalidRequest(format!("{} picks for {} calls", picks.len(), calls.len())));
         }
         let vocab = self.lm_head.0.rows();
-        self.run_calls(calls, Some(LogitsWanted::Last), row_form, |out| {
-            // No logits where there were no calls.
-            let Some((flat, _)) = out.logits else { return Vec::new() };
-            let pick_one = |i: usize| pick(&flat[i * vocab..(i + 1) * vocab], &picks[i].0, picks[i].1);
-            let tokens = if calls.len() > 1 { team::map(calls.len(), pick_one) } else { vec![pick_one(0)] };
+        let greedy = picks.iter().all(|(sampling, _)| *sampling == Sampling::Greedy);
+        let head = match greedy && row_form == RowForm::IndependentSteps {
+            true => PassHead::GreedyTokens,
+            false => PassHead::Logits(LogitsWanted::Last),
+        };
+        self.run_calls(calls, head, row_form, |out| {
+            let tokens = match (out.greedy_tokens, out.logits) {
+                (Some(tokens), _) => tokens,
+                (None, Some((flat, _))) => {
+                    let pick_one = |i: usize| pick(&flat[i * vocab..(i + 1) * vocab], &picks[i].0, picks[i].1);
+                    if calls.len() > 1 {
+                        team::map(calls.len(), pick_one)
+                    } else {
+                        vec![pick_one(0)]
+                    }
+                }
+                // No logits where there were no calls.
+                (None, None) => return Vec::new(),
+            };
             tokens
                 .into_iter()
                 .zip(out.captures)
@@ -686,13 +701,11 @@ impl CpuModel {
         })
     }
 
-    /// A pass over `calls` (`logits` `None`: only the hooks' reads, the pass stopping after the last layer a hook
-    /// touches, with no logits; `LanguageModel::read_prompt`), then `finish` on what it gives, on the pass's
-    /// threads.
+    /// A pass over `calls` that ends as `head` says, then `finish` on what it gives, on the pass's threads.
     fn run_calls<R: Send>(
         &mut self,
         calls: &[BatchCall],
-        logits: Option<LogitsWanted>,
+        head: PassHead,
         row_form: RowForm,
         finish: impl FnOnce(PassOutput) -> R + Send,
     ) -> Result<R> {
@@ -701,19 +714,14 @@ impl CpuModel {
         // parking the caller and waking it again (SmolLM2's decoding on 2 cores: 30 tokens/s before, 36 after),
         // and the pool's other threads spin through the pass as its team (`team.rs`), so that no product waits
         // for a sleeping thread to wake. The plain wasm build has no threads: the pass runs here.
-        let pass = || self.forward_calls_here(calls, logits, row_form).map(finish);
+        let pass = || self.forward_calls_here(calls, head, row_form).map(finish);
         #[cfg(any(not(target_arch = "wasm32"), target_feature = "atomics"))]
         return rayon::scope(|scope| team::with_team(scope, pass));
         #[cfg(all(target_arch = "wasm32", not(target_feature = "atomics")))]
         pass()
     }
 
-    fn forward_calls_here(
-        &mut self,
-        calls: &[BatchCall],
-        logits: Option<LogitsWanted>,
-        row_form: RowForm,
-    ) -> Result<PassOutput> {
+    fn forward_calls_here(&mut self, calls: &[BatchCall], head: PassHead, row_form: RowForm) -> Result<PassOutput> {
         for (i, call) in calls.iter().enumerate() {
             if call.sequence >= MAX_SEQUENCES {
                 return Err(EngineError::InvalidRequest(format!(
@@ -732,9 +740,9 @@ impl CpuModel {
             check_request(&self.config, position, self.max_context, call.tokens, call.hooks)?;
         }
         if calls.is_empty() {
-            return Ok(PassOutput { logits: None, captures: Vec::new() });
+            return Ok(PassOutput { logits: None, greedy_tokens: None, captures: Vec::new() });
         }
-        if calls.len() > 1 && logits == Some(LogitsWanted::All) {
+        if calls.len() > 1 && head == PassHead::Logits(LogitsWanted::All) {
             return Err(EngineError::InvalidRequest("all-position logits are for one sequence at a time".into()));
         }
         let hidden = self.config.hidden;
@@ -749,9 +757,9 @@ impl CpuModel {
         }
         let mut captures: Vec<Vec<Capture>> = vec![Vec::new(); calls.len()];
         // Reads only: the layers up to the last one a hook touches.
-        let layers = match logits {
-            Some(_) => self.config.n_layers,
-            None => {
+        let layers = match head {
+            PassHead::Logits(_) | PassHead::GreedyTokens => self.config.n_layers,
+            PassHead::Reads => {
                 (0..self.config.n_layers).rev().find(|&i| calls.iter().any(|c| c.hooks.touches(i))).map_or(0, |i| i + 1)
             }
         };
@@ -797,8 +805,10 @@ impl CpuModel {
             self.sequences[call.sequence].position += call.tokens.len();
         }
 
-        let Some(logits) = logits else {
-            return Ok(PassOutput { logits: None, captures });
+        let logits = match head {
+            PassHead::Reads => return Ok(PassOutput { logits: None, greedy_tokens: None, captures }),
+            PassHead::Logits(wanted) => wanted,
+            PassHead::GreedyTokens => LogitsWanted::Last,
         };
         // The rows whose logits are wanted: every row of a single call, or the last row of each call.
         let rows = match logits {
@@ -814,6 +824,13 @@ impl CpuModel {
             }
         };
         let normed = self.norm_rows(&rows, &self.final_norm);
+        // Greedy tokens straight from the normed rows, where the output matrix screens them (`quant::greedy_screen`).
+        // Not where a final softcap follows: tanh can round distinct logits to equal ones, which changes the pick.
+        if head == PassHead::GreedyTokens && self.config.final_softcap.is_none() {
+            if let Some(tokens) = self.lm_head.0.argmax_exact_rows(&normed)? {
+                return Ok(PassOutput { logits: None, greedy_tokens: Some(tokens), captures });
+            }
+        }
         // The logits as the product's own rows of values: Gemma's 262,144 logits per sequence were copied twice
         // more on their way out, 34 MB per batched step of 16.
         let [mut flat] = Linear::values_each([&self.lm_head], &normed, row_form)?;
@@ -824,7 +841,7 @@ impl CpuModel {
                 (out / cap as f64).and_then(|x| x.tanh()).and_then(|x| x * cap as f64).context("final softcap")?;
             flat = out.to_dtype(DType::F32).and_then(|x| x.to_vec1::<f32>()).context("logits")?;
         }
-        Ok(PassOutput { logits: Some((flat, logits)), captures })
+        Ok(PassOutput { logits: Some((flat, logits)), greedy_tokens: None, captures })
     }
 }
 
@@ -849,10 +866,25 @@ fn batch_row_form(calls: &[BatchCall]) -> RowForm {
     }
 }
 
+/// How a pass ends after its layers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PassHead {
+    /// With no logits: only the hooks' reads, the pass stopping after the last layer a hook touches
+    /// (`LanguageModel::read_prompt`).
+    Reads,
+    /// With the logits asked for.
+    Logits(LogitsWanted),
+    /// With each call's greedy token at its last position, picked without most of the logits where the output
+    /// matrix screens them (`QuantMatrix::argmax_exact_rows`), else with the last position's logits. Batched
+    /// decoding steps only: the screen's exact values are those of their rows form.
+    GreedyTokens,
+}
+
 /// What a pass gives after its layers: the logits (every position of a single call's, or the last position's of
-/// each call, row after row) where they were asked for, and each call's captures.
+/// each call, row after row) or the greedy tokens, as its head asked, and each call's captures.
 struct PassOutput {
     logits: Option<(Vec<f32>, LogitsWanted)>,
+    greedy_tokens: Option<Vec<u32>>,
     captures: Vec<Vec<Capture>>,
 }
 
@@ -991,7 +1023,7 @@ impl CpuModel {
                 .collect();
             let reset = |model: &mut Self| (0..calls.len()).for_each(|s| model.reset_sequence(s));
             reset(self);
-            let out = self.run_calls(&calls, None, RowForm::Fastest, |out| out.captures);
+            let out = self.run_calls(&calls, PassHead::Reads, RowForm::Fastest, |out| out.captures);
             reset(self);
             for (&i, captures) in group.iter().zip(out?) {
                 all[i] = Some(captures);

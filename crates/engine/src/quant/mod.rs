@@ -20,6 +20,7 @@ pub(crate) mod avx512;
 mod avx512_blocks;
 pub mod blocks;
 mod cache_value;
+mod greedy_screen;
 pub mod int8;
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 mod int8_amx;
@@ -48,6 +49,9 @@ pub struct QuantMatrix {
     /// For a Q8_0 matrix multiplied in `Form::Int8Rows`: its blocks' terms, made at the first such product
     /// (`int8_rows::Q8Terms`). Shared by clones.
     q8_terms: Arc<OnceLock<int8_rows::Q8Terms>>,
+    /// For a Q8_0 matrix whose greedy picks are screened: each row's largest scale and their sum
+    /// (`greedy_screen::RowScales`), made at the first screened step. Shared by clones.
+    row_scales: Arc<OnceLock<greedy_screen::RowScales>>,
     /// Where the CPU has kernels for it: the rows repacked for single sequences' decoding steps (`for_decoding`).
     /// As large as the matrix; shared by clones.
     lanes: Option<Arc<DecodingLanes>>,
@@ -129,7 +133,15 @@ impl QuantMatrix {
                 why: format!("rows of {cols} values do not split into {} blocks of {block}", type_name(tensor.dtype())),
             });
         }
-        Ok(Self { tensor, rows, cols, int8_activations: false, q8_terms: Arc::default(), lanes: None })
+        Ok(Self {
+            tensor,
+            rows,
+            cols,
+            int8_activations: false,
+            q8_terms: Arc::default(),
+            row_scales: Arc::default(),
+            lanes: None,
+        })
     }
 
     /// Products with the activations rounded to 8 bits and integer arithmetic, as llama.cpp computes them: faster,

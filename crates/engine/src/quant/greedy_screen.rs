@@ -1,0 +1,356 @@
+//! The greedy token of a batched decoding step without the whole exact output product. The output matrix is half
+//! of an exact batched step's arithmetic on Gemma 3 (262,144 rows), but greedy decoding wants one row of it per
+//! sequence: the highest. So every row is first approximated with the activations rounded to 8 bits (`int8_rows`'
+//! integer kernels, several times faster than f32), each approximation with a rigorous bound on its distance
+//! from the exact value; then only the rows whose bound reaches the best row's lower bound are computed exactly,
+//! in the form `matmul_exact_rows` computes them, and the highest of those wins, the first among equals. That is
+//! `sampler::argmax` of the exact product, token for token.
+//!
+//! The bound, for weight row r and activation row x (blocks b of 32 columns; the weights `d_b * q` with `|q| <=
+//! 128`; x rounded to `s_b * p`):
+//! - rounding x moves the value by `sum_b |d_b| * 128 * E_b`, where `E_b = sum_j |x_j - s_b * p_j|` over the block;
+//! - each of the two computations in f32 is within `c * sum |terms|` of its real value, `c = (k + k/32 + 8) * 2^-24`
+//!   (at most that many roundings touch a term, in any order of summation), and `sum |terms| <= sum_b |d_b| * 128 *
+//!   (S_b + E_b)` with `S_b = sum_j |x_j|`.
+//!
+//! So `|approximate - exact| <= 128 * sum_b |d_b| * T_b`, `T_b = E_b * (1 + c) + 2 * c * S_b`, computed in f64.
+//! Each row's largest `|d_b|` and their sum, made once per matrix, bound every row cheaply (`RowScales`) and leave a
+//! short list; the listed rows' bounds block by block shorten it.
+
+use candle_core::quantized::GgmlDType;
+
+use super::{blocks::half, dequantize, dot, int8, products, Form, QuantMatrix};
+use crate::error::Result;
+use crate::sampler::argmax;
+
+/// Bytes of a Q8_0 block: an f16 scale, then 32 signed bytes.
+const Q8_0_BLOCK_BYTES: usize = 34;
+
+/// The largest magnitude of a Q8_0 weight (`i8::MIN`).
+const LARGEST_WEIGHT: f64 = 128.0;
+
+/// The fewest activation rows a step screens. With fewer, the approximation took longer than the exact rows form
+/// saved: on a Xeon with AMX, batched steps of 4 ran at 0.81-0.93 of the unscreened speed, of 8 at 1.07-1.35
+/// (docs/benchmarks.md). From 8 rows on, the integer products run on AMX tiles where the CPU has them
+/// (`TILE_MIN_ROWS`).
+const SCREEN_MIN_ROWS: usize = 8;
+
+/// Where this build's integer kernels beat the exact products (VNNI or AMX; elsewhere they may be slower).
+fn available() -> bool {
+    super::int8_rows::reads_q8_0_in_place() || super::int8_rows::tiles_available()
+}
+
+/// f32 arithmetic's relative rounding, with room: the first filter's bounds are made and compared in f32, each
+/// value a few roundings away from its real value (2^-24 each).
+const F32_ROOM: f32 = 1.0 / (1 << 20) as f32;
+
+/// For each row of a Q8_0 matrix, the largest `|scale|` of its blocks and their sum, rounded up: with an
+/// activation row's largest `T_b` and their sum, a bound of the row's error in two multiplications (Hölder's
+/// inequality), looser than the per-block bound but cheap enough for every row. Made once per matrix (8 bytes a
+/// row), at its first screened step.
+pub(super) struct RowScales {
+    largest: Vec<f32>,
+    total: Vec<f32>,
+}
+
+impl RowScales {
+    fn new(raw: &[u8], row_bytes: usize) -> Self {
+        let (mut largest, mut total) = (Vec::new(), Vec::new());
+        for row in raw.chunks_exact(row_bytes) {
+            let scales = row.chunks_exact(Q8_0_BLOCK_BYTES).map(|block| half(block, 0).abs());
+            largest.push(scales.clone().fold(0f32, f32::max));
+            total.push((scales.map(f64::from).sum::<f64>() as f32) * (1.0 + F32_ROOM));
+        }
+        Self { largest, total }
+    }
+}
+
+/// One activation row's terms of the bound: `T_b` per block (see the module's doc).
+fn bound_terms(x: &[f32]) -> Vec<f64> {
+    let rounded = int8::quantize(x);
+    let k = x.len();
+    let c = (k + k / 32 + 8) as f64 * f64::powi(2.0, -24);
+    x.chunks_exact(32)
+        .zip(rounded.values.chunks_exact(32))
+        .zip(&rounded.scale)
+        .map(|((xb, pb), &s)| {
+            let (mut e, mut total) = (0f64, 0f64);
+            for (&x, &p) in xb.iter().zip(pb) {
+                e += (x as f64 - s as f64 * p as f64).abs();
+                total += (x as f64).abs();
+            }
+            e * (1.0 + c) + 2.0 * c * total
+        })
+        .collect()
+}
+
+/// `128 * sum_b scale_b * terms_b`, with room for this sum's own rounding.
+fn bound(scales: impl Iterator<Item = f64>, terms: &[f64]) -> f64 {
+    let sum: f64 = scales.zip(terms).map(|(d, t)| d * t).sum();
+    LARGEST_WEIGHT * sum * (1.0 + 1e-9)
+}
+
+impl QuantMatrix {
+    /// For each activation row of `x`, the index `sampler::argmax` gives for that row of `matmul_exact_rows(x)`,
+    /// from an 8-bit approximation of every row and exact products of the few that can still be the highest (see
+    /// the module's doc). `None` where there is no screen for this matrix here (Q8_0 only, exact rows only, with
+    /// VNNI or AMX, `SCREEN_MIN_ROWS` activation rows at least) or the values are not all finite: the caller
+    /// computes the product.
+    pub fn argmax_exact_rows(&self, x: &[f32]) -> Result<Option<Vec<u32>>> {
+        if x.len() < SCREEN_MIN_ROWS * self.cols {
+            return Ok(None);
+        }
+        Ok(self.screened_argmax(x)?.map(|picks| picks.into_iter().map(|(token, _)| token).collect()))
+    }
+
+    /// `argmax_exact_rows` with, for each activation row, how many rows it computed exactly.
+    fn screened_argmax(&self, x: &[f32]) -> Result<Option<Vec<(u32, usize)>>> {
+        let k = self.cols;
+        if self.dtype() != GgmlDType::Q8_0 || self.rows_form() != Form::Rows || !available() || x.is_empty() {
+            return Ok(None);
+        }
+        if !x.iter().all(|v| v.is_finite()) {
+            return Ok(None);
+        }
+        let approximate = products(&[(self, Form::Int8Rows)], x)?.pop().expect("one product");
+        // Far from overflow, so that no exact value can be infinite where its approximation is finite.
+        if !approximate.iter().all(|v| v.abs() < 1e30) {
+            return Ok(None);
+        }
+        let raw = self.raw()?;
+        let (row_bytes, n) = (self.row_bytes(), self.rows);
+        let scales = self.row_scales.get_or_init(|| RowScales::new(&raw, row_bytes));
+        let scales_of = |r: usize| {
+            let row = &raw[r * row_bytes..(r + 1) * row_bytes];
+            row.chunks_exact(Q8_0_BLOCK_BYTES).map(|block| half(block, 0).abs() as f64)
+        };
+        let pick = |i: usize| {
+            let xi = &x[i * k..(i + 1) * k];
+            let values = &approximate[i * n..(i + 1) * n];
+            let terms = bound_terms(xi);
+            // Every row whose exact value can reach the highest exact value, first with each row's cheap bound: no
+            // row whose upper bound is below the highest approximation's lower bound.
+            let up = |t: f64| (t as f32) * (1.0 + F32_ROOM);
+            let (terms_total, terms_largest) = (up(terms.iter().sum()), up(terms.iter().copied().fold(0.0, f64::max)));
+            let cheap = |value: f32, largest: f32, total: f32| {
+                let bound =
+                    LARGEST_WEIGHT as f32 * (largest * terms_total).min(total * terms_largest) * (1.0 + F32_ROOM);
+                bound + value.abs() * F32_ROOM
+            };
+            let top = argmax(values) as usize;
+            let floor = values[top] - cheap(values[top], scales.largest[top], scales.total[top]);
+            let floor = floor - floor.abs() * F32_ROOM;
+            let reaches = |r: usize| values[r] + cheap(values[r], scales.largest[r], scales.total[r]) >= floor;
+            // Sixteen rows at a time, so that the compiler vectorizes the bounds (Gemma's 262,144 rows per
+            // activation row).
+            const LANES: usize = 16;
+            let mut listed = Vec::new();
+            for g in 0..n / LANES {
+                let at = g * LANES..(g + 1) * LANES;
+                let (v, l, t) = (&values[at.clone()], &scales.largest[at.clone()], &scales.total[at]);
+                let reach: [bool; LANES] = std::array::from_fn(|j| v[j] + cheap(v[j], l[j], t[j]) >= floor);
+                if reach.contains(&true) {
+                    listed.extend((0..LANES).filter(|&j| reach[j]).map(|j| g * LANES + j));
+                }
+            }
+            listed.extend((n / LANES * LANES..n).filter(|&r| reaches(r)));
+            // Then with their bounds block by block.
+            let near: Vec<(usize, f64, f64)> =
+                listed.into_iter().map(|r| (r, values[r] as f64, bound(scales_of(r), &terms))).collect();
+            let floor = near.iter().map(|&(_, v, b)| v - b).fold(f64::NEG_INFINITY, f64::max);
+            let mut best = (f32::NEG_INFINITY, 0u32);
+            let mut exact = 0;
+            let mut w = vec![0f32; k];
+            for &(r, v, b) in &near {
+                if v + b < floor {
+                    continue;
+                }
+                exact += 1;
+                let value = self.exact_row_value(&raw[r * row_bytes..(r + 1) * row_bytes], &mut w, xi);
+                // `sampler::argmax`'s rule: strictly higher wins, so the first among equals stays.
+                if value > best.0 {
+                    best = (value, r as u32);
+                }
+            }
+            (best.1, exact)
+        };
+        let m = x.len() / k;
+        Ok(Some(if m > 1 { crate::team::map(m, pick) } else { vec![pick(0)] }))
+    }
+
+    /// Weight row `row`'s value against `x` as `matmul_exact_rows` computes it (`Form::Rows`): in wasm with simd128,
+    /// `simd128::dot_rows` of the blocks; elsewhere the row decoded to f32 (into `w`), then `dot`.
+    fn exact_row_value(&self, row: &[u8], w: &mut [f32], x: &[f32]) -> f32 {
+        #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+        if let Some([value]) = super::simd128::dot_rows(self.dtype(), row, [x], None) {
+            return value;
+        }
+        dequantize(self.dtype(), row, w);
+        dot(w, x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use candle_core::quantized::QTensor;
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    /// A Q8_0 matrix of `rows x k` from `values` (row after row).
+    fn q8_0(values: Vec<f32>, rows: usize, k: usize) -> QuantMatrix {
+        let t = Tensor::from_vec(values, (rows, k), &Device::Cpu).unwrap();
+        QuantMatrix::new("w", Arc::new(QTensor::quantize(&t, GgmlDType::Q8_0).unwrap())).unwrap()
+    }
+
+    /// A deterministic value in [-1, 1) from a seed (splitmix64).
+    fn noise(seed: u64) -> f32 {
+        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+
+    /// Random weights and activation rows, with an outlier column in each activation row as models have.
+    fn random_case(rows: usize, k: usize, m: usize) -> (Vec<f32>, Vec<f32>) {
+        let mut x: Vec<f32> = (0..m * k).map(|i| noise(i as u64 + (1 << 40))).collect();
+        for i in 0..m {
+            x[i * k + (i * 37) % k] *= 40.0;
+        }
+        let w: Vec<f32> = (0..rows * k).map(|i| noise(i as u64) * 0.05).collect();
+        (w, x)
+    }
+
+    /// The bound holds for every weight row and activation row: the 8-bit approximation is within it of the exact
+    /// value.
+    #[test]
+    fn approximation_is_within_its_bound() {
+        if !available() {
+            eprintln!("skipped: no VNNI or AMX on this CPU, so no screen");
+            return;
+        }
+        let (rows, k, m) = (2048, 256, 8);
+        let (w, x) = random_case(rows, k, m);
+        let matrix = q8_0(w, rows, k);
+        let exact = matrix.matmul_exact_rows(&x).unwrap();
+        let approximate = products(&[(&matrix, Form::Int8Rows)], &x).unwrap().pop().unwrap();
+        let raw = matrix.raw().unwrap();
+        let mut tightest = 0f64;
+        for i in 0..m {
+            let terms = bound_terms(&x[i * k..(i + 1) * k]);
+            for r in 0..rows {
+                let row = &raw[r * matrix.row_bytes()..(r + 1) * matrix.row_bytes()];
+                let b = bound(row.chunks_exact(Q8_0_BLOCK_BYTES).map(|blk| half(blk, 0).abs() as f64), &terms);
+                let error = (approximate[i * rows + r] as f64 - exact[i * rows + r] as f64).abs();
+                assert!(error <= b, "row {r}, activation row {i}: {error} beyond {b}");
+                tightest = tightest.max(error / b);
+            }
+        }
+        // A bound far looser than the errors would screen nothing out.
+        assert!(tightest > 0.2, "largest error {tightest} of the bound");
+    }
+
+    /// The screen picks `argmax` of the exact product on every activation row, and computes few rows exactly, or it
+    /// would save nothing. On random weights, where the highest rows are close. With planted rows that tie exactly:
+    /// copies of a row made to win, one before it and one after. And with families of near ties where rounding the
+    /// activations reorders the highest rows: copies of the winning row, each a weight step up or down in a few
+    /// columns.
+    #[test]
+    fn screened_pick_is_argmax_of_the_exact_product() {
+        if !available() {
+            eprintln!("skipped: no VNNI or AMX on this CPU, so no screen");
+            return;
+        }
+        let (rows, k, m) = (4096, 256, 12);
+        let (mut w, x) = random_case(rows, k, m);
+        let random = q8_0(w.clone(), rows, k);
+        let copies_at = |i: usize| [100 + 300 * i, 40 + 300 * i, 200 + 300 * i];
+        let family = |i: usize| 300 * i + 50..300 * i + 80;
+        for i in 0..m {
+            let own: Vec<f32> = x[i * k..(i + 1) * k].iter().map(|v| v * 0.03).collect();
+            for r in copies_at(i).into_iter().chain(family(i)) {
+                w[r * k..(r + 1) * k].copy_from_slice(&own);
+            }
+        }
+        let planted = q8_0(w, rows, k);
+        // The families' rows as the file holds them, then one weight step up or down in three columns each (never
+        // a block's largest weight, so every other weight keeps its value).
+        let mut stepped = vec![0f32; rows * k];
+        planted.dequantize_rows(0, &mut stepped).unwrap();
+        let raw = planted.raw().unwrap();
+        for r in (0..m).flat_map(family) {
+            for t in 0..3u64 {
+                let j = (noise((r as u64) << 8 | t).abs() * k as f32) as usize % k;
+                let d = half(&raw[r * planted.row_bytes() + j / 32 * Q8_0_BLOCK_BYTES..], 0);
+                if (stepped[r * k + j] / d).abs() < 120.0 {
+                    stepped[r * k + j] += d * noise((r as u64) << 8 | (t + 4)).signum();
+                }
+            }
+        }
+        let near_ties = q8_0(stepped, rows, k);
+        let mut reordered = 0;
+        for (name, matrix) in [("random", &random), ("planted", &planted), ("near ties", &near_ties)] {
+            let exact = matrix.matmul_exact_rows(&x).unwrap();
+            let approximate = products(&[(matrix, Form::Int8Rows)], &x).unwrap().pop().unwrap();
+            for count in [1, 3, m] {
+                let screened = matrix.screened_argmax(&x[..count * k]).unwrap().expect("a screen on this CPU");
+                for (i, &(token, computed)) in screened.iter().enumerate() {
+                    let expected = argmax(&exact[i * rows..(i + 1) * rows]);
+                    assert_eq!(token, expected, "{name}: activation row {i} of {count}");
+                    assert!(computed < rows / 50, "{name}: activation row {i}: {computed} rows computed exactly");
+                    if name == "planted" {
+                        // The copy before the row made to win ties it and comes first.
+                        assert_eq!(token as usize, copies_at(i)[1], "activation row {i}");
+                    }
+                    if count == m {
+                        reordered += usize::from(argmax(&approximate[i * rows..(i + 1) * rows]) != expected);
+                    }
+                }
+            }
+        }
+        // The approximations' own highest rows are wrong somewhere, so the exact products decided.
+        assert!(reordered > 0, "the approximations picked every row right");
+    }
+
+    /// The exact value of one row is `matmul_exact_rows`' bit for bit, in both of `Form::Rows`' paths (rows in
+    /// groups of four, and the rows after the last group).
+    #[test]
+    fn exact_row_value_is_the_rows_form() {
+        let (rows, k, m) = (7, 64, 3);
+        let w: Vec<f32> = (0..rows * k).map(|i| noise(i as u64 + 7)).collect();
+        let x: Vec<f32> = (0..m * k).map(|i| noise(i as u64 + 99)).collect();
+        let matrix = q8_0(w, rows, k);
+        let exact = matrix.matmul_exact_rows(&x).unwrap();
+        let raw = matrix.raw().unwrap();
+        let mut buffer = vec![0f32; k];
+        for i in 0..m {
+            for r in 0..rows {
+                let row = &raw[r * matrix.row_bytes()..(r + 1) * matrix.row_bytes()];
+                let value = matrix.exact_row_value(row, &mut buffer, &x[i * k..(i + 1) * k]);
+                assert_eq!(value.to_bits(), exact[i * rows + r].to_bits(), "row {r}, activation row {i}");
+            }
+        }
+    }
+
+    /// Fewer than `SCREEN_MIN_ROWS` activation rows, non-finite activations, another type, or 8-bit rows leave the
+    /// product to the caller; the same step of enough finite rows on this matrix is screened (where the CPU can).
+    #[test]
+    fn no_screen_where_it_cannot_be_exact_or_gains_nothing() {
+        let (rows, k) = (64, 64);
+        let w: Vec<f32> = (0..rows * k).map(|i| noise(i as u64)).collect();
+        let mut x: Vec<f32> = (0..SCREEN_MIN_ROWS * k).map(|i| noise(i as u64 + 5)).collect();
+        let matrix = q8_0(w.clone(), rows, k);
+        assert_eq!(matrix.argmax_exact_rows(&x).unwrap().is_some(), available());
+        assert!(matrix.argmax_exact_rows(&x[..(SCREEN_MIN_ROWS - 1) * k]).unwrap().is_none());
+        x[3] = f32::NAN;
+        assert!(matrix.argmax_exact_rows(&x).unwrap().is_none());
+        x[3] = 0.5;
+        let rounding = matrix.clone().with_int8_activations(true);
+        assert!(rounding.argmax_exact_rows(&x).unwrap().is_none());
+        let t = Tensor::from_vec(w, (rows, k), &Device::Cpu).unwrap();
+        let q4 = QuantMatrix::new("w", Arc::new(QTensor::quantize(&t, GgmlDType::Q4_0).unwrap())).unwrap();
+        assert!(q4.argmax_exact_rows(&x).unwrap().is_none());
+    }
+}
