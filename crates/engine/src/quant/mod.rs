@@ -3,6 +3,8 @@
 //! order of summation. candle's own `QMatMul` first rounds the activations to 8 bits, which moves Gemma's logits by
 //! up to a quarter and flips greedy tokens; this is the engine's CPU product and the reference the GPU kernels
 //! must match. The one departure is opt-in: `int8` and `int8_rows`, with the activations rounded to 8 bits.
+//! `greedy_screen` uses `int8_rows` to skip most of the exact output product where only its highest row is wanted,
+//! and still gives that row.
 
 use std::cell::RefCell;
 use std::sync::{Arc, OnceLock};
