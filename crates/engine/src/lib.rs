@@ -16,6 +16,7 @@ pub mod gguf;
 mod gguf_guard;
 pub mod gpu;
 pub mod hooks;
+pub mod likelihood;
 pub mod model;
 pub mod quant;
 pub mod sampler;
@@ -35,6 +36,7 @@ pub use generate::{
 };
 pub use gguf::GgufFile;
 pub use hooks::{Capture, Hooks, Positions, Scope, Segment};
+pub use likelihood::token_nll;
 #[cfg(not(target_arch = "wasm32"))]
 pub use model::block_on;
 pub use model::cpu::{CpuModel, LoadOptions};

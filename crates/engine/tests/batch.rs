@@ -8,8 +8,8 @@ mod common;
 
 use common::*;
 use saif_engine::{
-    block_on, generate, generate_batch, pick, BatchCall, Engine, GenerateOptions, Generation, Hooks, Positions,
-    Sampling, Scope, Segment, SequenceRequest,
+    block_on, generate, generate_batch, pick, BatchCall, Engine, GenerateOptions, Generation, Hooks, LogitsWanted,
+    Positions, Sampling, Scope, Segment, SequenceRequest,
 };
 
 fn requests_for(engine: &Engine) -> (Vec<Vec<u32>>, Vec<Hooks>, Vec<GenerateOptions>) {
@@ -281,6 +281,36 @@ fn greedy_batched_picks_are_argmax_of_the_logits_on_both_models() {
                 assert_eq!(got.token, pick(&out.logits, &Sampling::Greedy, 0), "{name}, step {step}, sequence {i}");
             }
             tokens = picked.iter().map(|p| [p.token]).collect();
+        }
+    }
+}
+
+/// `next_token_nlls` (SAIF's fluency measure) reads several prompts in one pass on the CPU, in groups its logits'
+/// memory allows, and gives each prompt exactly what reading it alone gives: `reset`, `forward` with all positions'
+/// logits, then `token_nll` of each next token, bit for bit. Prompts long and short (under `BATCH_INVARIANT_ROWS`,
+/// read alone) mixed, on the tiny models (Gemma 2's softcapped logits among them) and both offline models (Gemma
+/// 3's groups of about three answers).
+#[test]
+fn next_token_nlls_equal_each_prompt_read_alone() {
+    let tiny = ["tiny-llama", "tiny-gemma3", "tiny-gemma2"].map(|name| fixture_path(&format!("{name}.gguf")));
+    for path in tiny.into_iter().chain([model_path(SMOLLM), model_path(GEMMA)]) {
+        let mut engine = load_on(&path, Backend::Cpu);
+        let vocab = engine.config().vocab_size;
+        let prompts: Vec<Vec<u32>> = [9usize, 2, 33, 30, 4, 33, 12, 5, 1, 33]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (0..n).map(|j| ((i * 131 + j * 17) % (vocab.min(500) - 2) + 2) as u32).collect())
+            .collect();
+        let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        let together = block_on(engine.model.next_token_nlls(&refs)).unwrap();
+        assert_eq!(together.len(), prompts.len());
+        for (i, prompt) in prompts.iter().enumerate() {
+            engine.model.reset();
+            let out =
+                block_on(engine.model.forward(prompt, Segment::Prompt, &Hooks::none(), LogitsWanted::All)).unwrap();
+            let alone = saif_engine::likelihood::next_token_nlls(&out.all_logits.unwrap(), vocab, prompt);
+            let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&together[i]), bits(&alone), "{}: prompt {i} ({} tokens)", path.display(), prompt.len());
         }
     }
 }

@@ -6,7 +6,8 @@
 //! can still read as likely, which is why the second measure is there. *Repetition*: the fraction of the output's
 //! token 3-grams that repeat an earlier 3-gram ("La la la la", "JeJeJeJe" are near 1).
 
-use saif_engine::{Engine, EngineError, Hooks, LogitsWanted, Segment};
+pub use saif_engine::token_nll;
+use saif_engine::{Engine, EngineError};
 use serde::{Deserialize, Serialize};
 
 /// The 95% Wilson score interval of `successes` out of `n` (0 to 1 when `n` is 0).
@@ -44,7 +45,7 @@ pub struct Fluency {
     pub mean_tokens: f64,
 }
 
-/// Accumulates the log-likelihood of outputs under the unsteered model, one output at a time.
+/// Accumulates the log-likelihood of outputs under the unsteered model.
 #[derive(Debug, Default)]
 pub struct FluencyMeter {
     nll: f64,
@@ -56,11 +57,18 @@ pub struct FluencyMeter {
 impl FluencyMeter {
     /// Adds one output: `ids` are its tokens (without any stop token).
     pub async fn add(&mut self, engine: &mut Engine, ids: &[u32]) -> Result<(), EngineError> {
-        self.outputs += 1;
-        self.repetition += repetition(ids);
-        let (nll, n) = self_nll(engine, ids).await?;
-        self.nll += nll;
-        self.tokens += n;
+        self.add_all(engine, &[ids.to_vec()]).await
+    }
+
+    /// Adds several outputs, in order, read together where the backend can (`self_nlls`): the same measure as
+    /// adding them one by one.
+    pub async fn add_all(&mut self, engine: &mut Engine, outputs: &[Vec<u32>]) -> Result<(), EngineError> {
+        for (ids, (nll, n)) in outputs.iter().zip(self_nlls(engine, outputs).await?) {
+            self.outputs += 1;
+            self.repetition += repetition(ids);
+            self.nll += nll;
+            self.tokens += n;
+        }
         Ok(())
     }
 
@@ -73,36 +81,27 @@ impl FluencyMeter {
     }
 }
 
-/// The negative log-likelihood of `ids` read after BOS (or after nothing, for models without one) by the model
-/// without hooks, and how many tokens it covers.
-pub async fn self_nll(engine: &mut Engine, ids: &[u32]) -> Result<(f64, usize), EngineError> {
-    let ids: Vec<u32> = ids.iter().copied().take(engine.model.max_context().saturating_sub(1)).collect();
-    if ids.is_empty() {
-        return Ok((0.0, 0));
-    }
-    let mut input: Vec<u32> = engine.tokenizer.bos().into_iter().collect();
-    let skip = input.len();
-    input.extend(&ids);
-    if input.len() < 2 {
-        return Ok((0.0, 0));
-    }
-    engine.model.reset();
-    let out = engine.model.forward(&input, Segment::Prompt, &Hooks::none(), LogitsWanted::All).await?;
-    let vocab = engine.config().vocab_size;
-    let logits = out.all_logits.as_deref().ok_or_else(|| EngineError::InvalidRequest("no logits".into()))?;
-    let first = skip.max(1); // without BOS the first token has nothing to be predicted from
-    let mut nll = 0.0;
-    for p in first..input.len() {
-        nll += token_nll(&logits[(p - 1) * vocab..p * vocab], input[p]);
-    }
-    Ok((nll, input.len() - first))
-}
-
-/// `-log softmax(row)[token]`, in f64.
-pub fn token_nll(row: &[f32], token: u32) -> f64 {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-    let log_z = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
-    log_z - row[token as usize] as f64
+/// For each of `outputs`: the negative log-likelihood of its tokens read after BOS (or after nothing, for models
+/// without one) by the model without hooks, and how many tokens it covers. The outputs are read together where the
+/// backend can (`LanguageModel::next_token_nlls`); each sum runs over its positions in order.
+pub async fn self_nlls(engine: &mut Engine, outputs: &[Vec<u32>]) -> Result<Vec<(f64, usize)>, EngineError> {
+    let bos: Vec<u32> = engine.tokenizer.bos().into_iter().collect();
+    let longest = engine.model.max_context().saturating_sub(1);
+    // Without BOS the first token has nothing to be predicted from, so every input's first token is context.
+    let inputs: Vec<Vec<u32>> =
+        outputs.iter().map(|ids| bos.iter().chain(ids.iter().take(longest)).copied().collect::<Vec<u32>>()).collect();
+    let read: Vec<&[u32]> = inputs.iter().filter(|input| input.len() >= 2).map(Vec::as_slice).collect();
+    let mut nlls = engine.model.next_token_nlls(&read).await?.into_iter();
+    Ok(inputs
+        .iter()
+        .map(|input| match input.len() >= 2 {
+            true => {
+                let values = nlls.next().expect("one list per input read");
+                (values.iter().fold(0.0, |sum, v| sum + v), values.len())
+            }
+            false => (0.0, 0),
+        })
+        .collect())
 }
 
 #[cfg(test)]
@@ -129,12 +128,5 @@ mod tests {
         // 1 2 3 1 2 3: trigrams 123 231 312 123 -> one repeat of four.
         assert_eq!(repetition(&[1, 2, 3, 1, 2, 3]), 0.25);
         assert_eq!(repetition(&[1, 2]), 0.0);
-    }
-
-    #[test]
-    fn nll_of_a_token_is_minus_its_log_probability() {
-        let row = [0.0f32, (3f32).ln()]; // p = [0.25, 0.75]
-        assert!((token_nll(&row, 1) - (-(0.75f64).ln())).abs() < 1e-6);
-        assert!((token_nll(&row, 0) - (-(0.25f64).ln())).abs() < 1e-6);
     }
 }

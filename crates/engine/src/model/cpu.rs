@@ -39,6 +39,7 @@ use crate::config::{rope_cos_sin, Activation, ModelConfig, RopeLayout};
 use crate::error::{EngineError, Result, TensorContext};
 use crate::gguf::GgufFile;
 use crate::hooks::{Capture, Hooks, Segment};
+use crate::likelihood;
 use crate::quant::{self, QuantMatrix, RowForm, BATCH_INVARIANT_ROWS};
 use crate::sampler::{pick, Sampling};
 use crate::team;
@@ -117,6 +118,10 @@ const MAX_SEQUENCES: usize = 64;
 
 /// Prompts `read_prompts` reads in one pass.
 const READ_BATCH: usize = super::PROMPTS_PER_READ;
+
+/// The most logits `CpuModel::next_token_nlls_sync` holds at once (a pass's prompts, every position): 96 MB,
+/// about three answers of 32 tokens on Gemma 3 (262,144 logits a position), sixteen on SmolLM2.
+const LIKELIHOOD_LOGITS: usize = 24 << 20;
 
 /// Rows per task of `CpuModel::norm_rows`, which splits from twice that many rows on.
 const NORM_ROWS_PER_TASK: usize = 4;
@@ -635,6 +640,9 @@ impl CpuModel {
         logits: LogitsWanted,
         row_form: RowForm,
     ) -> Result<Vec<StepOutput>> {
+        if calls.len() > 1 && logits == LogitsWanted::All {
+            return Err(EngineError::InvalidRequest("all-position logits are for one sequence at a time".into()));
+        }
         let vocab = self.lm_head.0.rows();
         self.run_calls(calls, PassHead::Logits(logits), row_form, |out| {
             // No logits where there were no calls.
@@ -741,9 +749,6 @@ impl CpuModel {
         }
         if calls.is_empty() {
             return Ok(PassOutput { logits: None, greedy_tokens: None, captures: Vec::new() });
-        }
-        if calls.len() > 1 && head == PassHead::Logits(LogitsWanted::All) {
-            return Err(EngineError::InvalidRequest("all-position logits are for one sequence at a time".into()));
         }
         let hidden = self.config.hidden;
         let all_tokens: Vec<u32> = calls.iter().flat_map(|c| c.tokens.iter().copied()).collect();
@@ -997,12 +1002,79 @@ impl LanguageModel for CpuModel {
         Box::pin(std::future::ready(self.read_prompts_sync(prompts)))
     }
 
+    fn next_token_nlls<'a>(&'a mut self, prompts: &'a [&'a [u32]]) -> LocalBoxFuture<'a, Result<Vec<Vec<f64>>>> {
+        Box::pin(std::future::ready(self.next_token_nlls_sync(prompts)))
+    }
+
     fn backend_name(&self) -> String {
         "cpu".into()
     }
 }
 
 impl CpuModel {
+    /// `next_token_nlls`: the prompts as sequences of one pass, each pass holding the logits of at most
+    /// `LIKELIHOOD_LOGITS` values (Gemma 3's 262,144 a position), with the products in the prompt form, which gives
+    /// a row the same numbers among any rows from `BATCH_INVARIANT_ROWS` on; shorter prompts are read alone. So each
+    /// prompt gets what reading it alone gives. The likelihoods are computed on the pass's threads.
+    fn next_token_nlls_sync(&mut self, prompts: &[&[u32]]) -> Result<Vec<Vec<f64>>> {
+        let vocab = self.lm_head.0.rows();
+        let mut all: Vec<Option<Vec<f64>>> = vec![None; prompts.len()];
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        let mut held = 0;
+        for (i, prompt) in prompts.iter().enumerate() {
+            let logits = prompt.len() * vocab;
+            let joins = prompt.len() >= BATCH_INVARIANT_ROWS
+                && groups.last().is_some_and(|g| {
+                    prompts[g[0]].len() >= BATCH_INVARIANT_ROWS
+                        && g.len() < READ_BATCH
+                        && held + logits <= LIKELIHOOD_LOGITS
+                });
+            if joins {
+                groups.last_mut().expect("a group to join").push(i);
+                held += logits;
+            } else {
+                groups.push(vec![i]);
+                held = logits;
+            }
+        }
+        let none = Hooks::none();
+        for group in groups {
+            let calls: Vec<BatchCall> = group
+                .iter()
+                .enumerate()
+                .map(|(sequence, &i)| BatchCall {
+                    sequence,
+                    tokens: prompts[i],
+                    segment: Segment::Prompt,
+                    hooks: &none,
+                })
+                .collect();
+            let reset = |model: &mut Self| (0..calls.len()).for_each(|s| model.reset_sequence(s));
+            reset(self);
+            let out = self.run_calls(&calls, PassHead::Logits(LogitsWanted::All), RowForm::Fastest, |out| {
+                let Some((flat, _)) = out.logits else { return Vec::new() };
+                // Every position after a prompt's first, over all the group's prompts, as (row, token).
+                let mut pairs = Vec::new();
+                let mut row = 0;
+                for call in &calls {
+                    pairs.extend((1..call.tokens.len()).map(|p| (row + p - 1, call.tokens[p])));
+                    row += call.tokens.len();
+                }
+                let nlls = team::map(pairs.len(), |j| {
+                    let (row, token) = pairs[j];
+                    likelihood::token_nll(&flat[row * vocab..(row + 1) * vocab], token)
+                });
+                let mut nlls = nlls.into_iter();
+                calls.iter().map(|c| nlls.by_ref().take(c.tokens.len().saturating_sub(1)).collect()).collect()
+            });
+            reset(self);
+            for (&i, nlls) in group.iter().zip(out?) {
+                all[i] = Some(nlls);
+            }
+        }
+        Ok(all.into_iter().map(|n| n.expect("every prompt read")).collect())
+    }
+
     /// `read_prompts` (and `read_prompt`, a list of one): the prompts as sequences of one pass, `READ_BATCH` at a
     /// time, each weight band decoded once for all of them (discovery reads twice as fast). The products take the
     /// prompt form, which gives a row the same numbers among any rows from `BATCH_INVARIANT_ROWS` on; shorter

@@ -16,6 +16,7 @@ use std::pin::Pin;
 use crate::config::ModelConfig;
 use crate::error::{EngineError, Result};
 use crate::hooks::{Capture, Hooks, Segment};
+use crate::likelihood;
 use crate::sampler::{pick, Sampling};
 
 /// Prompts a batching backend reads in one pass of `read_prompts` (the CPU's batch); callers that hand prompts
@@ -143,6 +144,25 @@ pub trait LanguageModel {
             let mut all = Vec::with_capacity(prompts.len());
             for &(tokens, hooks) in prompts {
                 all.push(self.read_prompt(tokens, hooks).await?);
+            }
+            Ok(all)
+        })
+    }
+
+    /// For each prompt, read alone from an empty sequence without hooks (as `reset`, then `forward` with all
+    /// positions' logits): `token_nll` of each token after the first, given the ones before it
+    /// (`likelihood::next_token_nlls`). SAIF's fluency measure. The CPU reads several prompts in one pass and
+    /// computes the values on its pass's threads, with the same numbers; the others read them one by one. Leaves
+    /// sequence 0 empty.
+    fn next_token_nlls<'a>(&'a mut self, prompts: &'a [&'a [u32]]) -> LocalBoxFuture<'a, Result<Vec<Vec<f64>>>> {
+        Box::pin(async move {
+            let mut all = Vec::with_capacity(prompts.len());
+            for &tokens in prompts {
+                self.reset();
+                let out = self.forward(tokens, Segment::Prompt, &Hooks::none(), LogitsWanted::All).await?;
+                self.reset();
+                let logits = out.all_logits.ok_or_else(|| EngineError::InvalidRequest("no logits".into()))?;
+                all.push(likelihood::next_token_nlls(&logits, out.logits.len(), tokens));
             }
             Ok(all)
         })
