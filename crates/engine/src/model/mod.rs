@@ -153,7 +153,7 @@ pub trait LanguageModel {
     /// positions' logits): `token_nll` of each token after the first, given the ones before it
     /// (`likelihood::next_token_nlls`). SAIF's fluency measure. The CPU reads several prompts in one pass and
     /// computes the values on its pass's threads, with the same numbers; the others read them one by one. Leaves
-    /// sequence 0 empty.
+    /// sequence 0 empty (the CPU reads the prompts as its sequences 0..n, and leaves those empty, as `read_prompts`).
     fn next_token_nlls<'a>(&'a mut self, prompts: &'a [&'a [u32]]) -> LocalBoxFuture<'a, Result<Vec<Vec<f64>>>> {
         Box::pin(async move {
             let mut all = Vec::with_capacity(prompts.len());

@@ -35,7 +35,8 @@ const LARGEST_WEIGHT: f64 = 128.0;
 /// (`TILE_MIN_ROWS`).
 const SCREEN_MIN_ROWS: usize = 8;
 
-/// Where this build's integer kernels beat the exact products (VNNI or AMX; elsewhere they may be slower).
+/// Where this build's integer kernels beat the exact products (VNNI or AMX; elsewhere they may be slower). Not in
+/// wasm, where `int8_rows` has no simd128 kernel: `exact_row_value`'s wasm form is there for the day it has one.
 fn available() -> bool {
     super::int8_rows::reads_q8_0_in_place() || super::int8_rows::tiles_available()
 }
