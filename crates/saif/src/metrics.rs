@@ -55,13 +55,8 @@ pub struct FluencyMeter {
 }
 
 impl FluencyMeter {
-    /// Adds one output: `ids` are its tokens (without any stop token).
-    pub async fn add(&mut self, engine: &mut Engine, ids: &[u32]) -> Result<(), EngineError> {
-        self.add_all(engine, &[ids.to_vec()]).await
-    }
-
-    /// Adds several outputs, in order, read together where the backend can (`self_nlls`): the same measure as
-    /// adding them one by one.
+    /// Adds outputs (their tokens, without any stop token), in order, read together where the backend can
+    /// (`self_nlls`): the same measure whether they come in one call or in several.
     pub async fn add_all(&mut self, engine: &mut Engine, outputs: &[Vec<u32>]) -> Result<(), EngineError> {
         for (ids, (nll, n)) in outputs.iter().zip(self_nlls(engine, outputs).await?) {
             self.outputs += 1;

@@ -1018,7 +1018,6 @@ impl CpuModel {
     /// prompt gets what reading it alone gives. The likelihoods are computed on the pass's threads.
     fn next_token_nlls_sync(&mut self, prompts: &[&[u32]]) -> Result<Vec<Vec<f64>>> {
         let vocab = self.lm_head.0.rows();
-        let mut all: Vec<Option<Vec<f64>>> = vec![None; prompts.len()];
         let mut groups: Vec<Vec<usize>> = Vec::new();
         let mut held = 0;
         for (i, prompt) in prompts.iter().enumerate() {
@@ -1038,25 +1037,17 @@ impl CpuModel {
             }
         }
         let none = Hooks::none();
-        for group in groups {
-            let calls: Vec<BatchCall> = group
-                .iter()
-                .enumerate()
-                .map(|(sequence, &i)| BatchCall {
-                    sequence,
-                    tokens: prompts[i],
-                    segment: Segment::Prompt,
-                    hooks: &none,
-                })
-                .collect();
-            let reset = |model: &mut Self| (0..calls.len()).for_each(|s| model.reset_sequence(s));
-            reset(self);
-            let out = self.run_calls(&calls, PassHead::Logits(LogitsWanted::All), RowForm::Fastest, |out| {
+        self.read_groups(
+            prompts.len(),
+            groups,
+            |i| (prompts[i], &none),
+            PassHead::Logits(LogitsWanted::All),
+            |out, calls| {
                 let Some((flat, _)) = out.logits else { return Vec::new() };
                 // Every position after a prompt's first, over all the group's prompts, as (row, token).
                 let mut pairs = Vec::new();
                 let mut row = 0;
-                for call in &calls {
+                for call in calls {
                     pairs.extend((1..call.tokens.len()).map(|p| (row + p - 1, call.tokens[p])));
                     row += call.tokens.len();
                 }
@@ -1066,13 +1057,8 @@ impl CpuModel {
                 });
                 let mut nlls = nlls.into_iter();
                 calls.iter().map(|c| nlls.by_ref().take(c.tokens.len().saturating_sub(1)).collect()).collect()
-            });
-            reset(self);
-            for (&i, nlls) in group.iter().zip(out?) {
-                all[i] = Some(nlls);
-            }
-        }
-        Ok(all.into_iter().map(|n| n.expect("every prompt read")).collect())
+            },
+        )
     }
 
     /// `read_prompts` (and `read_prompt`, a list of one): the prompts as sequences of one pass, `READ_BATCH` at a
@@ -1080,28 +1066,42 @@ impl CpuModel {
     /// prompt form, which gives a row the same numbers among any rows from `BATCH_INVARIANT_ROWS` on; shorter
     /// prompts are read alone, so every prompt gets exactly what it gets alone (tests/hooks.rs).
     fn read_prompts_sync(&mut self, prompts: &[(&[u32], &Hooks)]) -> Result<Vec<Vec<Capture>>> {
-        let mut all: Vec<Option<Vec<Capture>>> = vec![None; prompts.len()];
         let (long, short): (Vec<usize>, Vec<usize>) =
             (0..prompts.len()).partition(|&i| prompts[i].0.len() >= BATCH_INVARIANT_ROWS);
         let groups = long.chunks(READ_BATCH).map(<[usize]>::to_vec).chain(short.into_iter().map(|i| vec![i]));
+        self.read_groups(prompts.len(), groups, |i| prompts[i], PassHead::Reads, |out, _| out.captures)
+    }
+
+    /// Reads each group of prompts (indices among `count`) as the sequences of one pass in the prompt form, those
+    /// sequences emptied before and after, and gives what `finish` makes of each pass, one item per prompt, back in
+    /// the prompts' order.
+    fn read_groups<'p, T: Send>(
+        &mut self,
+        count: usize,
+        groups: impl IntoIterator<Item = Vec<usize>>,
+        prompt: impl Fn(usize) -> (&'p [u32], &'p Hooks),
+        head: PassHead,
+        finish: impl Fn(PassOutput, &[BatchCall]) -> Vec<T> + Sync,
+    ) -> Result<Vec<T>> {
+        let mut all: Vec<Option<T>> = (0..count).map(|_| None).collect();
         for group in groups {
             let calls: Vec<BatchCall> = group
                 .iter()
                 .enumerate()
                 .map(|(sequence, &i)| {
-                    let (tokens, hooks) = prompts[i];
+                    let (tokens, hooks) = prompt(i);
                     BatchCall { sequence, tokens, segment: Segment::Prompt, hooks }
                 })
                 .collect();
             let reset = |model: &mut Self| (0..calls.len()).for_each(|s| model.reset_sequence(s));
             reset(self);
-            let out = self.run_calls(&calls, PassHead::Reads, RowForm::Fastest, |out| out.captures);
+            let out = self.run_calls(&calls, head, RowForm::Fastest, |out| finish(out, &calls));
             reset(self);
-            for (&i, captures) in group.iter().zip(out?) {
-                all[i] = Some(captures);
+            for (&i, item) in group.iter().zip(out?) {
+                all[i] = Some(item);
             }
         }
-        Ok(all.into_iter().map(|c| c.expect("every prompt read")).collect())
+        Ok(all.into_iter().map(|item| item.expect("every prompt read")).collect())
     }
 }
 

@@ -141,7 +141,7 @@ impl QuantMatrix {
             let top = argmax(values) as usize;
             let floor = values[top] - cheap(values[top], scales.largest[top], scales.total[top]);
             let floor = floor - floor.abs() * F32_ROOM;
-            let reaches = |r: usize| values[r] + cheap(values[r], scales.largest[r], scales.total[r]) >= floor;
+            let reaches = |value: f32, largest: f32, total: f32| value + cheap(value, largest, total) >= floor;
             // Sixteen rows at a time, so that the compiler vectorizes the bounds (Gemma's 262,144 rows per
             // activation row).
             const LANES: usize = 16;
@@ -149,12 +149,12 @@ impl QuantMatrix {
             for g in 0..n / LANES {
                 let at = g * LANES..(g + 1) * LANES;
                 let (v, l, t) = (&values[at.clone()], &scales.largest[at.clone()], &scales.total[at]);
-                let reach: [bool; LANES] = std::array::from_fn(|j| v[j] + cheap(v[j], l[j], t[j]) >= floor);
+                let reach: [bool; LANES] = std::array::from_fn(|j| reaches(v[j], l[j], t[j]));
                 if reach.contains(&true) {
                     listed.extend((0..LANES).filter(|&j| reach[j]).map(|j| g * LANES + j));
                 }
             }
-            listed.extend((n / LANES * LANES..n).filter(|&r| reaches(r)));
+            listed.extend((n / LANES * LANES..n).filter(|&r| reaches(values[r], scales.largest[r], scales.total[r])));
             // Then with their bounds block by block.
             let near: Vec<(usize, f64, f64)> =
                 listed.into_iter().map(|r| (r, values[r] as f64, bound(scales_of(r), &terms))).collect();
