@@ -158,6 +158,61 @@ fn batched_exact_rows_equal_each_row_alone() {
     }
 }
 
+/// The greedy screen in wasm: its approximation in simd128 (`greedy_screen::rounded_dots`) equals the portable
+/// twin bit for bit for 1 to 4 activation rows at once (the native tests check the twin against the screen's
+/// bound), and the screened pick is `sampler::argmax` of the exact product, for 1, 2 and 8 rows, with three rows
+/// that tie exactly (the first of them wins).
+#[wasm_bindgen_test]
+fn greedy_screen_picks_the_exact_argmax() {
+    use candle_core::quantized::QTensor;
+    use candle_core::{Device, Tensor};
+    use saif_engine::quant::greedy_screen::{portable_rounded_dot, rounded_dots};
+    use saif_engine::quant::{int8, QuantMatrix};
+    use saif_engine::sampler::argmax;
+    let (rows, cols) = (1024, 256);
+    let mut w: Vec<f32> = gpu_cases::noise(rows * cols, 11).iter().map(|v| v * 0.05).collect();
+    let x = gpu_cases::noise(8 * cols, 12);
+    // Rows 5, 40 and 700 the same, made to win for the first activation row.
+    for r in [5, 40, 700] {
+        let own: Vec<f32> = x[..cols].iter().map(|v| v * 0.03).collect();
+        w[r * cols..(r + 1) * cols].copy_from_slice(&own);
+    }
+    let q = QTensor::quantize(&Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap(), GgmlDType::Q8_0).unwrap();
+    let bytes = q.data().unwrap().into_owned();
+    let row_bytes = bytes.len() / rows;
+    let rounded: Vec<int8::Q8Row> = x.chunks_exact(cols).map(int8::quantize).collect();
+    let widened: Vec<Vec<i16>> = rounded.iter().map(|r| r.values.iter().map(|&v| i16::from(v)).collect()).collect();
+    // `M` activation rows from row i on.
+    fn dots<const M: usize>(row: &[u8], widened: &[Vec<i16>], rounded: &[int8::Q8Row], i: usize) -> [f32; M] {
+        let xs = std::array::from_fn(|j| &widened[i + j][..]);
+        rounded_dots::<M>(row, xs, std::array::from_fn(|j| &rounded[i + j].scale[..]))
+    }
+    for r in 0..rows {
+        let row = &bytes[r * row_bytes..(r + 1) * row_bytes];
+        let got: Vec<f32> = [
+            &dots::<1>(row, &widened, &rounded, 0)[..],
+            &dots::<2>(row, &widened, &rounded, 1)[..],
+            &dots::<3>(row, &widened, &rounded, 3)[..],
+            &dots::<4>(row, &widened, &rounded, 4)[..],
+        ]
+        .concat();
+        assert_eq!(got.len(), 10);
+        for (slot, i) in [0, 1, 2, 3, 4, 5, 4, 5, 6, 7].into_iter().enumerate() {
+            let want = portable_rounded_dot(row, &widened[i], &rounded[i].scale);
+            assert_eq!(got[slot].to_bits(), want.to_bits(), "row {r}, activation row {i}: {} vs {want}", got[slot]);
+        }
+    }
+    let matrix = QuantMatrix::new("w", std::sync::Arc::new(q)).unwrap().for_decoding().unwrap();
+    for m in [1, 2, 8] {
+        let exact = matrix.matmul_exact_rows(&x[..m * cols]).unwrap();
+        let picks = matrix.argmax_exact_rows(&x[..m * cols]).unwrap().expect("a screen in wasm");
+        for (i, &pick) in picks.iter().enumerate() {
+            assert_eq!(pick, argmax(&exact[i * rows..(i + 1) * rows]), "{m} rows, activation row {i}");
+        }
+        assert_eq!(picks[0], 5, "the first of the tied rows");
+    }
+}
+
 // --- WebGPU (SwiftShader in headless Chromium) ---------------------------------------------------------------
 
 mod gpu_cases;

@@ -3,8 +3,8 @@
 //! order of summation. candle's own `QMatMul` first rounds the activations to 8 bits, which moves Gemma's logits by
 //! up to a quarter and flips greedy tokens; this is the engine's CPU product and the reference the GPU kernels
 //! must match. The one departure is opt-in: `int8` and `int8_rows`, with the activations rounded to 8 bits.
-//! `greedy_screen` uses `int8_rows` to skip most of the exact output product where only its highest row is wanted,
-//! and still gives that row.
+//! `greedy_screen` uses 8-bit approximations (`int8_rows` natively, simd128's 16-bit products in wasm) to skip most
+//! of the exact output product where only its highest row is wanted, and still gives that row.
 
 use std::cell::RefCell;
 use std::sync::{Arc, OnceLock};
@@ -22,7 +22,7 @@ pub(crate) mod avx512;
 mod avx512_blocks;
 pub mod blocks;
 mod cache_value;
-mod greedy_screen;
+pub mod greedy_screen;
 pub mod int8;
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
 mod int8_amx;

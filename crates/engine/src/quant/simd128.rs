@@ -6,6 +6,9 @@
 //! `dot` and `dot4` stay portable: in wasm the compiler vectorizes them, and a version written here measured 2-4x
 //! slower.)
 //!
+//! Also the greedy screen's approximation of Q8_0 rows against activations rounded to 8 bits (`q8_0_rounded`), in
+//! integer products of pairs.
+//!
 //! Each kernel keeps its portable twin's lanes (`dot_row`'s eight are two f32x4 registers) and its arithmetic:
 //! the same multiplications and additions in the same order (simd128 has no fused multiply-add), so the results
 //! equal the portable code's bit for bit (tests/wasm.rs).
@@ -279,6 +282,52 @@ fn q8_0<const M: usize>(bytes: &[u8], xs: [&[f32]; M]) -> [f32; M] {
             acc.add_scaled(d, dot8(q, x));
         }
     })
+}
+
+/// Q8_0's greedy screen in wasm (`greedy_screen::rounded_dots`): one weight row against `M` activation rows rounded
+/// to 8 bits, their values widened to i16 (`xs`) with their blocks' scales (`scales`). Each block's weights are
+/// widened once for the `M` rows; `i32x4_dot_i16x8` sums a pair of products into each of four i32 lanes, eight
+/// multiplications an instruction, where the exact kernel converts every weight to f32 first. Lane l of a block
+/// sums values `8v + 2l` and `8v + 2l + 1` over v in 0..4 in integers (exact), then adds `isum * (d * scale)` to
+/// its f32 lane; the four lanes are summed in order at the end, as the portable twin does.
+pub fn q8_0_rounded<const M: usize>(bytes: &[u8], xs: [&[i16]; M], scales: [&[f32]; M]) -> [f32; M] {
+    let t = f16_table();
+    let blocks = bytes.len() / 34;
+    for (x, scale) in xs.iter().zip(&scales) {
+        assert!(x.len() >= 32 * blocks && scale.len() >= blocks, "rounded activations for every block");
+    }
+    let mut acc = [f32x4_splat(0.0); M];
+    for (n, b) in bytes.chunks_exact(34).enumerate() {
+        let b: &[u8; 34] = b.try_into().unwrap();
+        let (low, high) = (load16(b, 2), load16(b, 18));
+        let w = [
+            i16x8_extend_low_i8x16(low),
+            i16x8_extend_high_i8x16(low),
+            i16x8_extend_low_i8x16(high),
+            i16x8_extend_high_i8x16(high),
+        ];
+        let d = half_in(t, b, 0);
+        for j in 0..M {
+            let x: &[i16; 32] = xs[j][32 * n..32 * n + 32].try_into().unwrap();
+            let dot = |v: usize| i32x4_dot_i16x8(w[v], load8_i16(x, 8 * v));
+            let isum = i32x4_add(i32x4_add(dot(0), dot(1)), i32x4_add(dot(2), dot(3)));
+            let scale = f32x4_splat(d * scales[j][n]);
+            acc[j] = f32x4_add(acc[j], f32x4_mul(f32x4_convert_i32x4(isum), scale));
+        }
+    }
+    acc.map(|a| {
+        [f32x4_extract_lane::<0>(a), f32x4_extract_lane::<1>(a), f32x4_extract_lane::<2>(a), f32x4_extract_lane::<3>(a)]
+            .iter()
+            .sum()
+    })
+}
+
+/// Values `at..at + 8` of `x`.
+#[inline(always)]
+fn load8_i16(x: &[i16], at: usize) -> v128 {
+    assert!(at + 8 <= x.len());
+    // SAFETY: the eight values lie inside `x` (asserted; with fixed-size blocks the check folds away).
+    unsafe { v128_load(x.as_ptr().add(at) as *const v128) }
 }
 
 /// Where Q4_1's and Q4_K's kernels get `sum8` of the 32 values `x` of activation row `j` from value `at` on:
