@@ -1,6 +1,6 @@
-//! The greedy token of a batched decoding step without the whole exact output product. The output matrix is half
-//! of an exact batched step's arithmetic on Gemma 3 (262,144 rows), but greedy decoding wants one row of it per
-//! sequence: the highest. So every row is first approximated with the activations rounded to 8 bits (natively
+//! The greedy token of a decoding step (natively, a batched one) without the whole exact output product. The output
+//! matrix is half of an exact batched step's arithmetic on Gemma 3 (262,144 rows), but greedy decoding wants one row
+//! of it per sequence: the highest. So every row is first approximated with the activations rounded to 8 bits (natively
 //! `int8_rows`' integer kernels, several times faster than f32; in wasm `rounded_dots`, simd128's products of
 //! pairs of 16-bit integers), each approximation with a rigorous bound on its distance from the exact value; then
 //! only the rows whose bound reaches the best row's lower bound are computed exactly,
@@ -53,13 +53,15 @@ impl Approximation {
         }
     }
 
-    /// The fewest activation rows a step screens. Natively 8: with fewer, the approximation took longer than the
-    /// exact rows form saved (on a Xeon with AMX, batched steps of 4 ran at 0.81-0.93 of the unscreened speed, of 8
-    /// at 1.07-1.35; docs/benchmarks.md), and from 8 rows on the integer products run on AMX tiles where the CPU
-    /// has them (`TILE_MIN_ROWS`). In wasm, WIDENED_MIN_ROWS.
+    /// The fewest activation rows a step screens (docs/benchmarks.md, stops 45 and 46). Natively, where the CPU
+    /// has AMX tiles, 8: the integer products run on the tiles from 8 rows on (`TILE_MIN_ROWS`), and below that a
+    /// Xeon's batched steps of 4 ran at 0.81-0.93 of the unscreened speed (of 8: 1.07-1.35), its f32 products being
+    /// fast. With VNNI and no tiles, 4: on an AMD EPYC, whose f32 products are slower, steps of 4 ran at 1.0-1.1x,
+    /// of 2 at 0.96-1.0x. In wasm, `WIDENED_MIN_ROWS`.
     fn min_rows(self) -> usize {
         match self {
-            Self::Int8Rows => 8,
+            Self::Int8Rows if int8_rows::tiles_available() => 8,
+            Self::Int8Rows => 4,
             Self::Widened => WIDENED_MIN_ROWS,
         }
     }
@@ -259,7 +261,7 @@ impl QuantMatrix {
             for r in 0..count {
                 let row = &raw[(first + r) * row_bytes..(first + r + 1) * row_bytes];
                 // Up to four activation rows at a time, the row's weights widened once for them.
-                fn from<const M: usize>(
+                fn rounded_rows<const M: usize>(
                     row: &[u8],
                     widened: &[Vec<i16>],
                     rounded: &[int8::Q8Row],
@@ -271,10 +273,10 @@ impl QuantMatrix {
                 let mut i = 0;
                 while i < m {
                     let dots: &[f32] = match m - i {
-                        1 => &from::<1>(row, &widened, &rounded, i),
-                        2 => &from::<2>(row, &widened, &rounded, i),
-                        3 => &from::<3>(row, &widened, &rounded, i),
-                        _ => &from::<4>(row, &widened, &rounded, i),
+                        1 => &rounded_rows::<1>(row, &widened, &rounded, i),
+                        2 => &rounded_rows::<2>(row, &widened, &rounded, i),
+                        3 => &rounded_rows::<3>(row, &widened, &rounded, i),
+                        _ => &rounded_rows::<4>(row, &widened, &rounded, i),
                     };
                     for (j, &value) in dots.iter().enumerate() {
                         values[(i + j) * count + r] = value;
