@@ -234,28 +234,26 @@ impl CpuModel {
         Ok((cos, sin))
     }
 
-    /// Additive attention mask for queries at `start..start + n` over keys `0..start + n`, with the query rows
-    /// repeated for each of the `group` query heads that share a key head. `None` when nothing is masked.
-    fn attention_mask(&self, start: usize, n: usize, window: Option<usize>, group: usize) -> Result<Option<Tensor>> {
+    /// Additive attention mask for queries at `start..start + n` over keys `0..start + n` (one query head's).
+    /// `None` when nothing is masked.
+    fn attention_mask(&self, start: usize, n: usize, window: Option<usize>) -> Result<Option<Tensor>> {
         let total = start + n;
         let hidden_by_window = window.is_some_and(|w| total > w);
         if n == 1 && !hidden_by_window {
             return Ok(None);
         }
-        let mut mask = vec![0f32; group * n * total];
-        for g in 0..group {
-            for i in 0..n {
-                let q = start + i;
-                let row = &mut mask[(g * n + i) * total..(g * n + i + 1) * total];
-                for (j, m) in row.iter_mut().enumerate() {
-                    let visible = j <= q && window.is_none_or(|w| q - j < w);
-                    if !visible {
-                        *m = f32::NEG_INFINITY;
-                    }
+        let mut mask = vec![0f32; n * total];
+        for i in 0..n {
+            let q = start + i;
+            let row = &mut mask[i * total..(i + 1) * total];
+            for (j, m) in row.iter_mut().enumerate() {
+                let visible = j <= q && window.is_none_or(|w| q - j < w);
+                if !visible {
+                    *m = f32::NEG_INFINITY;
                 }
             }
         }
-        Tensor::from_vec(mask, (group * n, total), &Device::Cpu).map(Some).context("mask")
+        Tensor::from_vec(mask, (n, total), &Device::Cpu).map(Some).context("mask")
     }
 
     /// The attention block of `layer` over the rows of every call (`a`: the calls' rows, one after the other):
@@ -281,9 +279,11 @@ impl CpuModel {
             row += call.tokens.len();
         }
         let this = &*self;
+        // One sequence's query heads on the pass's threads; several sequences each on a task of their own.
+        let heads_in_parallel = tasks.len() == 1;
         let attend = |(row, n, sequence): (usize, usize, &mut Sequence)| {
             let part = |x: &Tensor| x.narrow(0, row, n).context("a sequence's rows");
-            this.attend(layer, part(&q)?, part(&k)?, part(&v)?, sequence)
+            this.attend(layer, part(&q)?, part(&k)?, part(&v)?, sequence, heads_in_parallel)
         };
         let outs: Result<Vec<Tensor>> = if tasks.len() == 1 {
             tasks.into_iter().map(attend).collect()
@@ -373,8 +373,18 @@ impl CpuModel {
     }
 
     /// Attention of one sequence's `n` new rows (queries, keys, values: [n, heads * hd]) at `layer`, appending
-    /// the keys and values to the sequence's cache. Returns [n, heads * hd].
-    fn attend(&self, layer: usize, q: Tensor, k: Tensor, v: Tensor, sequence: &mut Sequence) -> Result<Tensor> {
+    /// the keys and values to the sequence's cache. Returns [n, heads * hd]. Each query head attends alone, the same
+    /// arithmetic whether the heads run one after the other or, `heads_in_parallel`, on the pass's threads (a
+    /// single prompt's attention took 17-26% of a 128-token prefill on one thread while the others waited).
+    fn attend(
+        &self,
+        layer: usize,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        sequence: &mut Sequence,
+        heads_in_parallel: bool,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let (n, _) = q.dims2().context("attention input")?;
         let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
@@ -391,7 +401,7 @@ impl CpuModel {
         let spec = c.layers[layer];
         let start = sequence.position;
         let (cos, sin) = self.rope_tables(spec.rope_base, start, n)?;
-        let mask = self.attention_mask(start, n, spec.window, group)?;
+        let mask = self.attention_mask(start, n, spec.window)?;
         let (scale, softcap, eps, layout) = (c.attention_scale as f64, c.attn_softcap, c.rms_eps, c.rope_layout);
 
         // [n, heads * hd] -> [1, heads, n, hd]
@@ -419,21 +429,30 @@ impl CpuModel {
         // Every row so far, as f32 (an f16 cache's widened).
         let (k_all, v_all) = sequence.caches[layer].append(&k, &v).context("kv cache")?;
 
-        // The `group` query heads of one key head attend together: [1, nkv, group * n, hd].
-        let q = (q * scale).context("scale")?.reshape((1, nkv, group * n, hd)).context("group heads")?;
-        // candle's product takes the transposed keys as they are.
-        let mut scores = q.matmul(&k_all.t().context("k^T")?).context("q k^T")?;
-        if let Some(cap) = softcap {
-            scores = ((scores / cap as f64).context("softcap")?.tanh().context("softcap")? * cap as f64)
-                .context("softcap")?;
-        }
-        if let Some(mask) = mask {
-            scores = scores.broadcast_add(&mask).context("mask")?;
-        }
-        let probs = candle_nn::ops::softmax_last_dim(&scores).context("softmax")?;
-        let out = probs.matmul(&v_all).context("attention values")?;
-        debug_assert_eq!(out.dims(), &[1, nkv, group * n, hd]);
-        // [1, nkv, group * n, hd] -> [1, nh, n, hd] -> [n, nh * hd]
+        let q = (q * scale).context("scale")?;
+        // Query head h against key head h / group: [1, 1, n, hd]. candle's product takes the transposed keys as
+        // they are.
+        let head = |h: usize| -> Result<Tensor> {
+            let kv = |x: &Tensor| x.narrow(1, h / group, 1).context("a key head");
+            let mut scores = q.narrow(1, h, 1).context("a query head")?;
+            scores = scores.matmul(&kv(&k_all)?.t().context("k^T")?).context("q k^T")?;
+            if let Some(cap) = softcap {
+                scores = ((scores / cap as f64).context("softcap")?.tanh().context("softcap")? * cap as f64)
+                    .context("softcap")?;
+            }
+            if let Some(mask) = &mask {
+                scores = scores.broadcast_add(mask).context("mask")?;
+            }
+            let probs = candle_nn::ops::softmax_last_dim(&scores).context("softmax")?;
+            probs.matmul(&kv(&v_all)?).context("attention values")
+        };
+        let heads: Result<Vec<Tensor>> = match heads_in_parallel {
+            true => team::map(nh, head).into_iter().collect(),
+            false => (0..nh).map(head).collect(),
+        };
+        let out = Tensor::cat(&heads?, 1).context("heads")?;
+        debug_assert_eq!(out.dims(), &[1, nh, n, hd]);
+        // [1, nh, n, hd] -> [n, nh * hd]
         out.reshape((nh, n, hd))
             .and_then(|o| o.transpose(0, 1))
             .and_then(|o| o.contiguous())
