@@ -1,11 +1,11 @@
 //! The greedy token of a decoding step (natively, a batched one) without the whole exact output product. The output
 //! matrix is half of an exact batched step's arithmetic on Gemma 3 (262,144 rows), but greedy decoding wants one row
-//! of it per sequence: the highest. So every row is first approximated with the activations rounded to 8 bits (natively
-//! `int8_rows`' integer kernels, several times faster than f32; in wasm `rounded_dots`, simd128's products of
-//! pairs of 16-bit integers), each approximation with a rigorous bound on its distance from the exact value; then
-//! only the rows whose bound reaches the best row's lower bound are computed exactly,
-//! in the form `matmul_exact_rows` computes them, and the highest of those wins, the first among equals. That is
-//! `sampler::argmax` of the exact product, token for token.
+//! of it per sequence: the highest. So every row is first approximated with the activations rounded to 8 bits
+//! (natively `Form::Int8Rows`, `int8_rows`' integer kernels, several times faster than f32; in wasm
+//! `Form::Widened`, simd128's products of pairs of 16-bit integers in `rounded_dots`), each approximation with a
+//! rigorous bound on its distance from the exact value; then only the rows whose bound reaches the best row's lower
+//! bound are computed exactly, in the form `matmul_exact_rows` computes them, and the highest of those wins, the
+//! first among equals. That is `sampler::argmax` of the exact product, token for token.
 //!
 //! The bound, for weight row r and activation row x (blocks b of 32 columns; the weights `d_b * q` with `|q| <=
 //! 128`; x rounded to `s_b * p`):
@@ -31,43 +31,33 @@ const Q8_0_BLOCK_BYTES: usize = 34;
 /// The largest magnitude of a Q8_0 weight (`i8::MIN`).
 const LARGEST_WEIGHT: f64 = 128.0;
 
-/// How the screen approximates every row of the matrix.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Approximation {
-    /// `int8_rows`' kernels (`Form::Int8Rows`): natively, where the CPU has VNNI or AMX.
-    Int8Rows,
-    /// The rounded activations widened to i16 against Q8_0's bytes (`rounded_dots`): simd128's kernel in wasm,
-    /// its portable twin elsewhere (which only the tests use).
-    Widened,
-}
-
-impl Approximation {
-    /// This build's, where its integer kernels beat the exact products; `None` natively without VNNI or AMX.
-    fn here() -> Option<Self> {
-        if cfg!(all(target_arch = "wasm32", target_feature = "simd128")) {
-            Some(Self::Widened)
-        } else if int8_rows::reads_q8_0_in_place() || int8_rows::tiles_available() {
-            Some(Self::Int8Rows)
-        } else {
-            None
-        }
-    }
-
-    /// The fewest activation rows a step screens (docs/benchmarks.md, stops 45 and 46). Natively, where the CPU
-    /// has AMX tiles, 8: the integer products run on the tiles from 8 rows on (`TILE_MIN_ROWS`), and below that a
-    /// Xeon's batched steps of 4 ran at 0.81-0.93 of the unscreened speed (of 8: 1.07-1.35), its f32 products being
-    /// fast. With VNNI and no tiles, 4: on an AMD EPYC, whose f32 products are slower, steps of 4 ran at 1.0-1.1x,
-    /// of 2 at 0.96-1.0x. In wasm, `WIDENED_MIN_ROWS`.
-    fn min_rows(self) -> usize {
-        match self {
-            Self::Int8Rows if int8_rows::tiles_available() => 8,
-            Self::Int8Rows => 4,
-            Self::Widened => WIDENED_MIN_ROWS,
-        }
+/// The form in which this build approximates every row, where its integer kernels beat the exact products:
+/// `Form::Widened` in wasm (simd128), `Form::Int8Rows` natively with VNNI or AMX; `None` natively without them.
+/// (`Form::Widened` runs natively too, in `rounded_dots`' portable twin, which only the tests use.)
+fn screen_form() -> Option<Form> {
+    if cfg!(all(target_arch = "wasm32", target_feature = "simd128")) {
+        Some(Form::Widened)
+    } else if int8_rows::reads_q8_0_in_place() || int8_rows::tiles_available() {
+        Some(Form::Int8Rows)
+    } else {
+        None
     }
 }
 
-/// `Approximation::Widened`'s fewest rows: every step. In Chromium on one thread (a 65,536 x 640 Q8_0 matrix,
+/// The fewest activation rows a step screens in `form` (docs/benchmarks.md, stops 45 and 46). Natively, where the
+/// CPU has AMX tiles, 8: the integer products run on the tiles from 8 rows on (`TILE_MIN_ROWS`), and below that a
+/// Xeon's batched steps of 4 ran at 0.81-0.93 of the unscreened speed (of 8: 1.07-1.35), its f32 products being
+/// fast. With VNNI and no tiles, 4: on an AMD EPYC, whose f32 products are slower, steps of 4 ran at 1.0-1.1x, of 2
+/// at 0.96-1.0x. In wasm, `WIDENED_MIN_ROWS`.
+fn min_rows(form: Form) -> usize {
+    match form {
+        Form::Widened => WIDENED_MIN_ROWS,
+        _ if int8_rows::tiles_available() => 8,
+        _ => 4,
+    }
+}
+
+/// `Form::Widened`'s fewest rows: every step. In Chromium on one thread (a 65,536 x 640 Q8_0 matrix,
 /// best of 5 times 10), the screen took 0.92 of the exact rows form's time for one activation row, where both are
 /// bound by reading the weights, and 0.61-0.65 for 2, 4 and 8; the page's greedy generations of one sequence on
 /// Gemma 3 ran 1.18-1.25x faster with it (docs/benchmarks.md).
@@ -157,18 +147,18 @@ impl QuantMatrix {
     /// For each activation row of `x`, the index `sampler::argmax` gives for that row of `matmul_exact_rows(x)`,
     /// from an 8-bit approximation of every row and exact products of the few that can still be the highest (see
     /// the module's doc). `None` where there is no screen for this matrix here (Q8_0 only, exact rows only, in wasm
-    /// or with VNNI or AMX, `Approximation::min_rows` activation rows at least) or the values are not all finite:
-    /// the caller computes the product.
+    /// or with VNNI or AMX, `min_rows` activation rows at least) or the values are not all finite: the caller
+    /// computes the product.
     pub fn argmax_exact_rows(&self, x: &[f32]) -> Result<Option<Vec<u32>>> {
-        let Some(how) = Approximation::here() else { return Ok(None) };
-        if x.len() < how.min_rows() * self.cols {
+        let Some(form) = screen_form() else { return Ok(None) };
+        if x.len() < min_rows(form) * self.cols {
             return Ok(None);
         }
-        Ok(self.screened_argmax(x, how)?.map(|picks| picks.into_iter().map(|(token, _)| token).collect()))
+        Ok(self.screened_argmax(x, form)?.map(|picks| picks.into_iter().map(|(token, _)| token).collect()))
     }
 
-    /// `argmax_exact_rows` approximated `how`, with, for each activation row, how many rows it computed exactly.
-    fn screened_argmax(&self, x: &[f32], how: Approximation) -> Result<Option<Vec<(u32, usize)>>> {
+    /// `argmax_exact_rows` approximated in `form`, with, for each activation row, how many rows it computed exactly.
+    fn screened_argmax(&self, x: &[f32], form: Form) -> Result<Option<Vec<(u32, usize)>>> {
         let k = self.cols;
         if self.dtype() != GgmlDType::Q8_0 || self.rows_form() != Form::Rows || x.is_empty() {
             return Ok(None);
@@ -176,7 +166,7 @@ impl QuantMatrix {
         if !x.iter().all(|v| v.is_finite()) {
             return Ok(None);
         }
-        let approximate = self.approximate(x, how)?;
+        let approximate = products(&[(self, form)], x)?.pop().expect("one product");
         // Far from overflow, so that no exact value can be infinite where its approximation is finite.
         if !approximate.iter().all(|v| v.abs() < 1e30) {
             return Ok(None);
@@ -242,60 +232,6 @@ impl QuantMatrix {
         Ok(Some(if m > 1 { crate::team::map(m, pick) } else { vec![pick(0)] }))
     }
 
-    /// Every row's approximation for every activation row of `x` (row-major: activation row i's at `i * rows`).
-    fn approximate(&self, x: &[f32], how: Approximation) -> Result<Vec<f32>> {
-        if how == Approximation::Int8Rows {
-            return Ok(products(&[(self, Form::Int8Rows)], x)?.pop().expect("one product"));
-        }
-        let raw = self.raw()?;
-        let (k, n, row_bytes) = (self.cols, self.rows, self.row_bytes());
-        let m = x.len() / k;
-        let rounded: Vec<int8::Q8Row> = x.chunks_exact(k).map(int8::quantize).collect();
-        let widened: Vec<Vec<i16>> = rounded.iter().map(|r| r.values.iter().map(|&v| i16::from(v)).collect()).collect();
-        // Bands of weight rows on the pass's threads, each band's values activation row after activation row.
-        const BAND: usize = 2048;
-        let bands = crate::team::map(n.div_ceil(BAND), |band| {
-            let first = band * BAND;
-            let count = BAND.min(n - first);
-            let mut values = vec![0f32; m * count];
-            for r in 0..count {
-                let row = &raw[(first + r) * row_bytes..(first + r + 1) * row_bytes];
-                // Up to four activation rows at a time, the row's weights widened once for them.
-                fn rounded_rows<const M: usize>(
-                    row: &[u8],
-                    widened: &[Vec<i16>],
-                    rounded: &[int8::Q8Row],
-                    i: usize,
-                ) -> [f32; M] {
-                    let xs = std::array::from_fn(|j| &widened[i + j][..]);
-                    rounded_dots::<M>(row, xs, std::array::from_fn(|j| &rounded[i + j].scale[..]))
-                }
-                let mut i = 0;
-                while i < m {
-                    let dots: &[f32] = match m - i {
-                        1 => &rounded_rows::<1>(row, &widened, &rounded, i),
-                        2 => &rounded_rows::<2>(row, &widened, &rounded, i),
-                        3 => &rounded_rows::<3>(row, &widened, &rounded, i),
-                        _ => &rounded_rows::<4>(row, &widened, &rounded, i),
-                    };
-                    for (j, &value) in dots.iter().enumerate() {
-                        values[(i + j) * count + r] = value;
-                    }
-                    i += dots.len();
-                }
-            }
-            values
-        });
-        let mut out = vec![0f32; m * n];
-        for (band, values) in bands.iter().enumerate() {
-            let (first, count) = (band * BAND, values.len() / m);
-            for i in 0..m {
-                out[i * n + first..i * n + first + count].copy_from_slice(&values[i * count..(i + 1) * count]);
-            }
-        }
-        Ok(out)
-    }
-
     /// Weight row `row`'s value against `x` as `matmul_exact_rows` computes it (`Form::Rows`): in wasm with simd128,
     /// `simd128::dot_rows` of the blocks; elsewhere the row decoded to f32 (into `w`), then `dot`.
     fn exact_row_value(&self, row: &[u8], w: &mut [f32], x: &[f32]) -> f32 {
@@ -343,12 +279,17 @@ mod tests {
 
     /// The approximations this CPU can run: the widened one (its portable twin, natively) everywhere, and
     /// `int8_rows`' where the CPU has VNNI or AMX.
-    fn approximations() -> Vec<Approximation> {
-        let native = Approximation::here().filter(|&how| how == Approximation::Int8Rows);
+    fn approximations() -> Vec<Form> {
+        let native = screen_form().filter(|&form| form == Form::Int8Rows);
         if native.is_none() {
             eprintln!("no VNNI or AMX on this CPU: only the widened approximation is tested");
         }
-        native.into_iter().chain([Approximation::Widened]).collect()
+        native.into_iter().chain([Form::Widened]).collect()
+    }
+
+    /// Every row's approximation in `form` for every activation row of `x`.
+    fn approximation(matrix: &QuantMatrix, x: &[f32], form: Form) -> Vec<f32> {
+        products(&[(matrix, form)], x).unwrap().pop().unwrap()
     }
 
     /// The bound holds for every weight row and activation row: each 8-bit approximation is within it of the exact
@@ -360,8 +301,8 @@ mod tests {
         let matrix = q8_0(w, rows, k);
         let exact = matrix.matmul_exact_rows(&x).unwrap();
         let raw = matrix.raw().unwrap();
-        for how in approximations() {
-            let approximate = matrix.approximate(&x, how).unwrap();
+        for form in approximations() {
+            let approximate = approximation(&matrix, &x, form);
             let mut tightest = 0f64;
             for i in 0..m {
                 let terms = bound_terms(&x[i * k..(i + 1) * k]);
@@ -369,12 +310,12 @@ mod tests {
                     let row = &raw[r * matrix.row_bytes()..(r + 1) * matrix.row_bytes()];
                     let b = bound(row.chunks_exact(Q8_0_BLOCK_BYTES).map(|blk| half(blk, 0).abs() as f64), &terms);
                     let error = (approximate[i * rows + r] as f64 - exact[i * rows + r] as f64).abs();
-                    assert!(error <= b, "{how:?}: row {r}, activation row {i}: {error} beyond {b}");
+                    assert!(error <= b, "{form:?}: row {r}, activation row {i}: {error} beyond {b}");
                     tightest = tightest.max(error / b);
                 }
             }
             // A bound far looser than the errors would screen nothing out.
-            assert!(tightest > 0.2, "{how:?}: largest error {tightest} of the bound");
+            assert!(tightest > 0.2, "{form:?}: largest error {tightest} of the bound");
         }
     }
 
@@ -412,23 +353,23 @@ mod tests {
             }
         }
         let near_ties = q8_0(stepped, rows, k);
-        for how in approximations() {
+        for form in approximations() {
             let mut reordered = 0;
             for (name, matrix) in [("random", &random), ("planted", &planted), ("near ties", &near_ties)] {
                 let exact = matrix.matmul_exact_rows(&x).unwrap();
-                let approximate = matrix.approximate(&x, how).unwrap();
+                let approximate = approximation(matrix, &x, form);
                 for count in [1, 3, m] {
-                    let screened = matrix.screened_argmax(&x[..count * k], how).unwrap().expect("a Q8_0 screen");
+                    let screened = matrix.screened_argmax(&x[..count * k], form).unwrap().expect("a Q8_0 screen");
                     for (i, &(token, computed)) in screened.iter().enumerate() {
                         let expected = argmax(&exact[i * rows..(i + 1) * rows]);
-                        assert_eq!(token, expected, "{how:?}, {name}: activation row {i} of {count}");
+                        assert_eq!(token, expected, "{form:?}, {name}: activation row {i} of {count}");
                         assert!(
                             computed < rows / 50,
-                            "{how:?}, {name}: activation row {i}: {computed} computed exactly"
+                            "{form:?}, {name}: activation row {i}: {computed} computed exactly"
                         );
                         if name == "planted" {
                             // The copy before the row made to win ties it and comes first.
-                            assert_eq!(token as usize, copies_at(i)[1], "{how:?}: activation row {i}");
+                            assert_eq!(token as usize, copies_at(i)[1], "{form:?}: activation row {i}");
                         }
                         if count == m {
                             reordered += usize::from(argmax(&approximate[i * rows..(i + 1) * rows]) != expected);
@@ -437,7 +378,7 @@ mod tests {
                 }
             }
             // The approximations' own highest rows are wrong somewhere, so the exact products decided.
-            assert!(reordered > 0, "{how:?}: the approximations picked every row right");
+            assert!(reordered > 0, "{form:?}: the approximations picked every row right");
         }
     }
 
@@ -461,15 +402,14 @@ mod tests {
         }
     }
 
-    /// Fewer than `Approximation::min_rows` activation rows, non-finite activations, another type, or 8-bit rows
-    /// leave the product to the caller; the same step of enough finite rows on this matrix is screened (where the
-    /// CPU can).
+    /// Fewer than `min_rows` activation rows, non-finite activations, another type, or 8-bit rows leave the product
+    /// to the caller; the same step of enough finite rows on this matrix is screened (where the CPU can).
     #[test]
     fn no_screen_where_it_cannot_be_exact_or_gains_nothing() {
         let (rows, k) = (64, 64);
         let w: Vec<f32> = (0..rows * k).map(|i| noise(i as u64)).collect();
-        let here = Approximation::here();
-        let min_rows = here.map_or(8, Approximation::min_rows);
+        let here = screen_form();
+        let min_rows = here.map_or(8, min_rows);
         let mut x: Vec<f32> = (0..min_rows * k).map(|i| noise(i as u64 + 5)).collect();
         let matrix = q8_0(w.clone(), rows, k);
         assert_eq!(matrix.argmax_exact_rows(&x).unwrap().is_some(), here.is_some());

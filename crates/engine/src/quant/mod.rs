@@ -410,6 +410,30 @@ impl QuantMatrix {
                     });
                 }
             }
+            Form::Widened => {
+                assert_eq!(dtype, GgmlDType::Q8_0, "the widened form is Q8_0's");
+                // `M` activation rows from row `i` on against the weight row `row`, its blocks widened once for them.
+                fn dots<const M: usize>(row: &[u8], prepared: &Prepared, i: usize) -> [f32; M] {
+                    let xs = std::array::from_fn(|j| &prepared.widened[i + j][..]);
+                    greedy_screen::rounded_dots(row, xs, std::array::from_fn(|j| &prepared.rounded[i + j].scale[..]))
+                }
+                for r in 0..count {
+                    let row = &rows[r * row_bytes..(r + 1) * row_bytes];
+                    let mut i = 0;
+                    while i < m {
+                        let values: &[f32] = match m - i {
+                            1 => &dots::<1>(row, prepared, i),
+                            2 => &dots::<2>(row, prepared, i),
+                            3 => &dots::<3>(row, prepared, i),
+                            _ => &dots::<4>(row, prepared, i),
+                        };
+                        for (j, value) in values.iter().enumerate() {
+                            out.write(i + j, r, &[*value]);
+                        }
+                        i += values.len();
+                    }
+                }
+            }
             Form::Band => {
                 with_band_scratch(count * k, count * m, |w, out_t| {
                     dequantize(dtype, rows, w);
@@ -507,7 +531,7 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
     // groups of sixteen do). A batched step's rows are rounded on the pass's threads (each row alone, so the same
     // in any split).
     let reads_rounded = |(q, form): &(&QuantMatrix, Form)| match form {
-        Form::Int8 | Form::Int8Rows => true,
+        Form::Int8 | Form::Int8Rows | Form::Widened => true,
         Form::Int8Tiles => q.lanes_for(*form).is_none() || q.rows % lanes::LANES != 0,
         _ => false,
     };
@@ -526,6 +550,10 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
         false => Vec::new(),
     };
     let prepared = Prepared {
+        widened: match uses(|form| matches!(form, Form::Widened)) {
+            true => rounded.iter().map(|row| row.values.iter().map(|&v| i16::from(v)).collect()).collect(),
+            false => Vec::new(),
+        },
         tile_rows: match jobs.iter().any(|(q, form)| *form == Form::Int8Tiles && q.lanes_for(*form).is_some()) {
             true => x.chunks(lanes::LANES * k).map(|rows| int8_rows::TileRows::round(rows, k)).collect(),
             false => Vec::new(),
@@ -660,8 +688,10 @@ impl Columns {
 
 /// The activations as some forms read them, made once per product and shared by its bands.
 struct Prepared {
-    /// Each row rounded to 8 bits (`Form::Int8`, `Form::Int8Rows`, `Form::Int8Tiles`).
+    /// Each row rounded to 8 bits (`Form::Int8`, `Form::Int8Rows`, `Form::Int8Tiles`, `Form::Widened`).
     rounded: Vec<int8::Q8Row>,
+    /// The rounded rows' values widened to i16 (`Form::Widened`).
+    widened: Vec<Vec<i16>>,
     /// The rounded rows sixteen at a time as AMX tiles read them (`Form::Int8Tiles` on repacked rows).
     tile_rows: Vec<int8_rows::TileRows>,
     /// The rounded rows in sets of sixteen lanes, in blocks of 16 and of 32 values (`Form::Int8Rows`).
@@ -781,8 +811,9 @@ unsafe fn transpose_raw(x: &[f32], rows: usize, cols: usize, t: *mut f32, stride
     }
 }
 
-/// How a product is computed (all but `Int8`, `Int8Rows` and `Int8Tiles` exact up to the order of the f32 sums).
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// How a product is computed (all but `Int8`, `Int8Rows`, `Int8Tiles` and `Widened` exact up to the order of the
+/// f32 sums).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Form {
     /// Blocks decoded inside each dot product: fastest for one or two activation rows.
     Fused,
@@ -797,6 +828,9 @@ enum Form {
     /// `Int8Rows` on AMX tiles (`int8_amx`), the same values: for products of at least `TILE_MIN_ROWS` activation
     /// rows, where the CPU has the tiles.
     Int8Tiles,
+    /// Q8_0 only: the activations rounded to 8 bits and widened to i16, each weight row against up to four of them
+    /// at a time (`greedy_screen::rounded_dots`): the greedy screen's approximation in wasm. Not exact.
+    Widened,
 }
 
 /// From this many activation rows on, `Form::Int8Rows` takes the tiles where the CPU has them: a tile's sums are
