@@ -66,18 +66,6 @@ pub struct LoadOptions {
 struct Linear(QuantMatrix);
 
 impl Linear {
-    /// `values_each`'s products as tensors ([n, rows] each), for the prompts' attention.
-    fn forward_each<const N: usize>(linears: [&Linear; N], x: &[f32], row_form: RowForm) -> Result<[Tensor; N]> {
-        let n = x.len() / linears[0].0.cols();
-        let outs = Self::values_each(linears, x, row_form)?;
-        let tensors = outs
-            .into_iter()
-            .zip(linears)
-            .map(|(out, l)| Tensor::from_vec(out, (n, l.0.rows()), &Device::Cpu).context("matrix product"))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(tensors.try_into().unwrap_or_else(|_| unreachable!("one product per matrix")))
-    }
-
     /// The products of several matrices with the same rows of values (`x`: [n * cols]; each product [n * rows]),
     /// in one parallel region (`QuantMatrix::matmul_each`), each row computed as `row_form` says.
     fn values_each<const N: usize>(linears: [&Linear; N], x: &[f32], row_form: RowForm) -> Result<[Vec<f32>; N]> {
@@ -125,6 +113,9 @@ const LIKELIHOOD_LOGITS: usize = 24 << 20;
 
 /// Rows per task of `CpuModel::norm_rows`, which splits from twice that many rows on.
 const NORM_ROWS_PER_TASK: usize = 4;
+
+/// Rows per task where a prompt's attention heads are put side by side in each row (`CpuModel::attend`).
+const MERGED_ROWS_PER_TASK: usize = 16;
 
 /// The token embedding, kept quantized: rows are dequantized on lookup (the 270M table is 671 MB in f32).
 struct Embedding(QuantMatrix);
@@ -224,16 +215,6 @@ impl CpuModel {
         })
     }
 
-    /// cos and sin of the RoPE angles for positions `start..start + n` ([n, head_dim / 2] each), from the tables
-    /// `attention` made sure of.
-    fn rope_tables(&self, base: f32, start: usize, n: usize) -> Result<(Tensor, Tensor)> {
-        let half = self.config.head_dim / 2;
-        let (cos, sin) = self.rope.get(base, half, start..start + n);
-        let cos = Tensor::from_slice(cos, (n, half), &Device::Cpu).context("rope")?;
-        let sin = Tensor::from_slice(sin, (n, half), &Device::Cpu).context("rope")?;
-        Ok((cos, sin))
-    }
-
     /// Additive attention mask for queries at `start..start + n` over keys `0..start + n` (one query head's).
     /// `None` when nothing is masked.
     fn attention_mask(&self, start: usize, n: usize, window: Option<usize>) -> Result<Option<Tensor>> {
@@ -265,35 +246,38 @@ impl CpuModel {
         if calls.iter().all(|c| c.tokens.len() == 1) {
             return self.attention_steps(layer, a, calls, row_form);
         }
-        let l = &self.layers[layer];
-        let [q, k, v] = Linear::forward_each([&l.attn_q, &l.attn_k, &l.attn_v], a, row_form)?;
-        // Each call's rows and its sequence, taken out of `self` for the time of the step so that the sequences'
-        // attention (a fifth of a batched step on SmolLM2) runs in parallel, each task writing its own cache.
+        let (c, l) = (&self.config, &self.layers[layer]);
+        let [q, k, v] = Linear::values_each([&l.attn_q, &l.attn_k, &l.attn_v], a, row_form)?;
+        let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
+        let mut out = vec![0f32; q.len()];
+        // Each call's rows, its part of the output and its sequence, taken out of `self` for the time of the step
+        // so that the sequences' attention (a fifth of a batched step on SmolLM2) runs in parallel, each task
+        // writing its own cache.
         let mut sequences = std::mem::take(&mut self.sequences);
         let mut by_index: Vec<Option<&mut Sequence>> = sequences.iter_mut().map(Some).collect();
         let mut tasks = Vec::with_capacity(calls.len());
-        let mut row = 0;
+        let (mut row, mut rest) = (0, out.as_mut_slice());
         for call in calls {
             let sequence = by_index[call.sequence].take().expect("distinct sequences, checked by forward_calls");
-            tasks.push((row, call.tokens.len(), sequence));
-            row += call.tokens.len();
+            let n = call.tokens.len();
+            let (part, after) = std::mem::take(&mut rest).split_at_mut(n * q_dim);
+            tasks.push((row..row + n, part, sequence));
+            (row, rest) = (row + n, after);
         }
         let this = &*self;
         // One sequence's query heads on the pass's threads; several sequences each on a task of their own.
         let heads_in_parallel = tasks.len() == 1;
-        let attend = |(row, n, sequence): (usize, usize, &mut Sequence)| {
-            let part = |x: &Tensor| x.narrow(0, row, n).context("a sequence's rows");
-            this.attend(layer, part(&q)?, part(&k)?, part(&v)?, sequence, heads_in_parallel)
+        let attend = |(rows, out, sequence): (std::ops::Range<usize>, &mut [f32], &mut Sequence)| {
+            let rows = [(&q, q_dim), (&k, kv_dim), (&v, kv_dim)].map(|(x, d)| &x[rows.start * d..rows.end * d]);
+            this.attend(layer, rows, sequence, heads_in_parallel, out)
         };
-        let outs: Result<Vec<Tensor>> = if tasks.len() == 1 {
-            tasks.into_iter().map(attend).collect()
+        let attended: Result<()> = if tasks.len() == 1 {
+            tasks.into_iter().try_for_each(attend)
         } else {
             team::map_parts(tasks, |_, task| attend(task)).into_iter().collect()
         };
         self.sequences = sequences;
-        let mut outs = outs?;
-        let out = if outs.len() == 1 { outs.pop().expect("one") } else { Tensor::cat(&outs, 0).context("rows")? };
-        let out = out.flatten_all().and_then(|o| o.to_vec1::<f32>()).context("attention output")?;
+        attended?;
         self.layers[layer].attn_output.values(&out, row_form)
     }
 
@@ -372,71 +356,55 @@ impl CpuModel {
         }
     }
 
-    /// Attention of one sequence's `n` new rows (queries, keys, values: [n, heads * hd]) at `layer`, appending
-    /// the keys and values to the sequence's cache. Returns [n, heads * hd]. Each query head attends alone, the same
-    /// arithmetic whether the heads run one after the other or, `heads_in_parallel`, on the pass's threads (a
-    /// single prompt's attention took 17-26% of a 128-token prefill on one thread while the others waited).
+    /// Attention of one sequence's `n` new rows at `layer` (`[q, k, v]`: their queries, keys and values, each
+    /// [n, heads * hd]) into `out` ([n, heads * hd]), appending the keys and values to the sequence's cache. Each
+    /// query head attends alone, the same arithmetic whether the heads run one after the other or,
+    /// `heads_in_parallel`, on the pass's threads, and so is each head's preparation (`head_rows`): a single
+    /// prompt's attention took 17-26% of a 128-token prefill on one thread while the others waited, and its tensor
+    /// operations before the heads then still took 8% of a Gemma 3 prefill.
     fn attend(
         &self,
         layer: usize,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
+        [q, k, v]: [&[f32]; 3],
         sequence: &mut Sequence,
         heads_in_parallel: bool,
-    ) -> Result<Tensor> {
+        out: &mut [f32],
+    ) -> Result<()> {
         let c = &self.config;
-        let (n, _) = q.dims2().context("attention input")?;
         let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
+        let n = q.len() / (nh * hd);
+        let norms = qk_norms(&self.layers[layer]);
         if n == 1 {
             // A decoding row among prompts: the same attention arithmetic as in `attention_steps`.
-            let as_vec = |t: &Tensor| t.flatten_all().and_then(|t| t.to_vec1::<f32>()).context("attention input");
-            let norms = qk_norms(&self.layers[layer]);
-            let step = self.step_row(layer, as_vec(&q)?, as_vec(&k)?, &as_vec(&v)?, norms, sequence)?;
-            let mut out = vec![0f32; nh * hd];
-            self.attend_heads_of(layer, 0..nh, &step.queries, &sequence.caches[layer], step.len, &mut out);
-            return Tensor::from_vec(out, (1, nh * hd), &Device::Cpu).context("merge heads");
+            let step = self.step_row(layer, q.to_vec(), k.to_vec(), v, norms, sequence)?;
+            self.attend_heads_of(layer, 0..nh, &step.queries, &sequence.caches[layer], step.len, out);
+            return Ok(());
         }
         let group = nh / nkv;
         let spec = c.layers[layer];
         let start = sequence.position;
-        let (cos, sin) = self.rope_tables(spec.rope_base, start, n)?;
-        let mask = self.attention_mask(start, n, spec.window)?;
-        let (scale, softcap, eps, layout) = (c.attention_scale as f64, c.attn_softcap, c.rms_eps, c.rope_layout);
+        let parallel = |count: usize, make: &(dyn Fn(usize) -> Result<Vec<f32>> + Sync)| -> Result<Vec<Vec<f32>>> {
+            match heads_in_parallel {
+                true => team::map(count, make).into_iter().collect(),
+                false => (0..count).map(make).collect(),
+            }
+        };
 
-        // [n, heads * hd] -> [1, heads, n, hd]
-        let heads = |x: Tensor, h: usize| -> Result<Tensor> {
-            x.reshape((n, h, hd))
-                .and_then(|x| x.transpose(0, 1))
-                .and_then(|x| x.contiguous())
-                .and_then(|x| x.unsqueeze(0))
-                .context("split heads")
-        };
-        let mut q = heads(q, nh)?;
-        let mut k = heads(k, nkv)?;
-        let v = heads(v, nkv)?;
-        if let Some((qn, kn)) = qk_norms(&self.layers[layer]) {
-            let weights = |w: &[f32]| Tensor::from_slice(w, hd, &Device::Cpu).context("q and k norms");
-            q = candle_nn::ops::rms_norm(&q, &weights(qn)?, eps).context("q norm")?;
-            k = candle_nn::ops::rms_norm(&k, &weights(kn)?, eps).context("k norm")?;
-        }
-        let rope = match layout {
-            RopeLayout::Halves => candle_nn::rotary_emb::rope,
-            RopeLayout::Interleaved => candle_nn::rotary_emb::rope_i,
-        };
-        let q = rope(&q, &cos, &sin).context("rope q")?;
-        let k = rope(&k, &cos, &sin).context("rope k")?;
+        // Each head's rows, [n, hd]: the query heads', the key heads' and the value heads', one after the other.
+        let prepared = parallel(nh + 2 * nkv, &|j| Ok(self.head_rows(layer, [q, k, v], j, start)))?;
+        let (queries, keys) = prepared.split_at(nh);
+        let (keys, values) = keys.split_at(nkv);
         // Every row so far, as f32 (an f16 cache's widened).
-        let (k_all, v_all) = sequence.caches[layer].append(&k, &v).context("kv cache")?;
-
-        let q = (q * scale).context("scale")?;
+        let (k_all, v_all) =
+            sequence.caches[layer].append(&keys.concat(), &values.concat(), nkv, n).context("kv cache")?;
+        let mask = self.attention_mask(start, n, spec.window)?;
         // Query head h against key head h / group: [1, 1, n, hd]. candle's product takes the transposed keys as
         // they are.
-        let head = |h: usize| -> Result<Tensor> {
+        let head = |h: usize| -> Result<Vec<f32>> {
             let kv = |x: &Tensor| x.narrow(1, h / group, 1).context("a key head");
-            let mut scores = q.narrow(1, h, 1).context("a query head")?;
+            let mut scores = Tensor::from_slice(&queries[h], (1, 1, n, hd), &Device::Cpu).context("a query head")?;
             scores = scores.matmul(&kv(&k_all)?.t().context("k^T")?).context("q k^T")?;
-            if let Some(cap) = softcap {
+            if let Some(cap) = c.attn_softcap {
                 scores = ((scores / cap as f64).context("softcap")?.tanh().context("softcap")? * cap as f64)
                     .context("softcap")?;
             }
@@ -444,20 +412,62 @@ impl CpuModel {
                 scores = scores.broadcast_add(mask).context("mask")?;
             }
             let probs = candle_nn::ops::softmax_last_dim(&scores).context("softmax")?;
-            probs.matmul(&kv(&v_all)?).context("attention values")
+            let sums = probs.matmul(&kv(&v_all)?).context("attention values")?;
+            sums.flatten_all().and_then(|s| s.to_vec1::<f32>()).context("a head's output")
         };
-        let heads: Result<Vec<Tensor>> = match heads_in_parallel {
-            true => team::map(nh, head).into_iter().collect(),
-            false => (0..nh).map(head).collect(),
+        let heads = parallel(nh, &head)?;
+        // The heads side by side in each row.
+        let merge = |part: usize, rows: &mut [f32]| {
+            for (i, row) in rows.chunks_exact_mut(nh * hd).enumerate() {
+                let r = part * MERGED_ROWS_PER_TASK + i;
+                for (h, head) in heads.iter().enumerate() {
+                    row[h * hd..(h + 1) * hd].copy_from_slice(&head[r * hd..(r + 1) * hd]);
+                }
+            }
         };
-        let out = Tensor::cat(&heads?, 1).context("heads")?;
-        debug_assert_eq!(out.dims(), &[1, nh, n, hd]);
-        // [1, nh, n, hd] -> [n, nh * hd]
-        out.reshape((nh, n, hd))
-            .and_then(|o| o.transpose(0, 1))
-            .and_then(|o| o.contiguous())
-            .and_then(|o| o.reshape((n, nh * hd)))
-            .context("merge heads")
+        let parts = out.chunks_mut(MERGED_ROWS_PER_TASK * nh * hd);
+        match heads_in_parallel {
+            true => team::for_each_part(parts, merge),
+            false => parts.enumerate().for_each(|(i, part)| merge(i, part)),
+        }
+        Ok(())
+    }
+
+    /// Head `j`'s rows of a prompt's `n` new rows at `layer` (`[q, k, v]` as `attend` takes them), [n, hd], as the
+    /// heads' products take them: query heads first (`j` below `n_heads`), then the key heads, then the value
+    /// heads. The queries and keys normed (Gemma 3) and rotated for their positions from `start`, the queries
+    /// scaled: `step_row`'s arithmetic, row by row.
+    fn head_rows(&self, layer: usize, [q, k, v]: [&[f32]; 3], j: usize, start: usize) -> Vec<f32> {
+        let c = &self.config;
+        let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
+        let (x, head) = match j {
+            j if j < nh => (q, j),
+            j if j < nh + nkv => (k, j - nh),
+            j => (v, j - nh - nkv),
+        };
+        let width = if j < nh { nh * hd } else { nkv * hd };
+        let n = x.len() / width;
+        let mut rows = Vec::with_capacity(n * hd);
+        for row in x.chunks_exact(width) {
+            rows.extend_from_slice(&row[head * hd..(head + 1) * hd]);
+        }
+        if j >= nh + nkv {
+            return rows;
+        }
+        let norm = qk_norms(&self.layers[layer]).map(|(qn, kn)| if j < nh { qn } else { kn });
+        let half = hd / 2;
+        let (cos, sin) = self.rope.get(c.layers[layer].rope_base, half, start..start + n);
+        for (i, row) in rows.chunks_exact_mut(hd).enumerate() {
+            if let Some(w) = norm {
+                rms_norm_in_place(row, w, c.rms_eps);
+            }
+            rotate(row, &cos[i * half..(i + 1) * half], &sin[i * half..(i + 1) * half], c.rope_layout);
+            if j < nh {
+                // candle's `q * scale`: an affine map, `x * scale + 0`.
+                row.iter_mut().for_each(|x| *x = *x * c.attention_scale + 0.0);
+            }
+        }
+        rows
     }
 
     /// A decoding step's new row of one sequence at `layer` (`q`, `k`, `v`: its queries, keys and values;

@@ -45,11 +45,11 @@ impl KvCache {
         self.values.append(heads, head_dim, 1, |h, _, d| v[h * head_dim + d]);
     }
 
-    /// Appends `k` and `v` ([1, heads, n, head_dim], any float type: rounded to the cache's); returns every row
-    /// held so far, keys then values, as f32 tensors of [1, heads, rows, head_dim] (copies: a prompt's products
-    /// read them).
-    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok((self.keys.append_tensor(k)?, self.values.append_tensor(v)?))
+    /// Appends a prompt's `n` rows of each of `heads` heads (`k`, `v`: head after head, [heads, n, head_dim]),
+    /// rounded to the cache's type; returns every row held so far, keys then values, as f32 tensors of [1, heads,
+    /// rows, head_dim] (copies: a prompt's products read them).
+    pub fn append(&mut self, k: &[f32], v: &[f32], heads: usize, n: usize) -> Result<(Tensor, Tensor)> {
+        Ok((self.keys.append_heads(k, heads, n)?, self.values.append_heads(v, heads, n)?))
     }
 
     /// The keys held so far, read in place.
@@ -158,10 +158,10 @@ impl Rows {
         self.len += n;
     }
 
-    /// `append` of the rows of `src` ([1, heads, n, head_dim]); returns every row held so far as an f32 tensor.
-    fn append_tensor(&mut self, src: &Tensor) -> Result<Tensor> {
-        let (_, heads, n, head_dim) = src.dims4()?;
-        let src = src.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    /// `append` of the rows of `src` ([heads, n, head_dim]); returns every row held so far as an f32 tensor.
+    fn append_heads(&mut self, src: &[f32], heads: usize, n: usize) -> Result<Tensor> {
+        let head_dim = src.len() / (heads * n).max(1);
+        assert_eq!(src.len(), heads * n * head_dim, "n rows of each head");
         self.append(heads, head_dim, n, |h, r, d| src[(h * n + r) * head_dim + d]);
         let all: Vec<f32> = match &self.values {
             Values::F32(data) => self.each_head(data).flat_map(|rows| rows.iter().copied()).collect(),
@@ -235,10 +235,9 @@ fn write_rows<V>(
 mod tests {
     use super::*;
 
-    fn rows(values: std::ops::Range<usize>, heads: usize) -> Tensor {
-        let n = values.len();
-        let data: Vec<f32> = (0..heads).flat_map(|h| values.clone().map(move |v| (v + 1000 * h) as f32)).collect();
-        Tensor::from_vec(data, (1, heads, n, 1), &Device::Cpu).unwrap()
+    /// Rows of one value each, head after head: value v of head h is v + 1000 h.
+    fn rows(values: std::ops::Range<usize>, heads: usize) -> Vec<f32> {
+        (0..heads).flat_map(|h| values.clone().map(move |v| (v + 1000 * h) as f32)).collect()
     }
 
     /// Every row a view reads, head after head.
@@ -256,13 +255,13 @@ mod tests {
     #[test]
     fn appends_across_growth_and_resets_without_reallocating() {
         let mut cache = KvCache::default();
-        let (k, _) = cache.append(&rows(0..200, 2), &rows(0..200, 2)).unwrap();
+        let (k, _) = cache.append(&rows(0..200, 2), &rows(0..200, 2), 2, 200).unwrap();
         assert_eq!(k.dims(), &[1, 2, 200, 1]);
         for i in 200..250 {
             let row = [i as f32, (i + 1000) as f32];
             cache.append_row(&row, &row, 2);
         }
-        let (k, v) = cache.append(&rows(250..300, 2), &rows(250..300, 2)).unwrap();
+        let (k, v) = cache.append(&rows(250..300, 2), &rows(250..300, 2), 2, 50).unwrap();
         assert_eq!(k.dims(), &[1, 2, 300, 1]);
         assert_eq!(cache.keys.capacity, 2 * CHUNK);
         let want: Vec<f32> = (0..2).flat_map(|h| (0..300).map(move |i| (i + 1000 * h) as f32)).collect();
@@ -283,15 +282,14 @@ mod tests {
     #[test]
     fn an_f16_cache_rounds_each_value_once() {
         let mut cache = KvCache::new(DType::F16);
-        let row = |x: [f32; 3]| Tensor::from_vec(x.to_vec(), (1, 1, 1, 3), &Device::Cpu).unwrap();
-        cache.append(&row([2049.0, 1.0 / 3.0, -0.5]), &row([1.0, 2.0, 3.0])).unwrap();
+        cache.append(&[2049.0, 1.0 / 3.0, -0.5], &[1.0, 2.0, 3.0], 1, 1).unwrap();
         cache.append_row(&[2051.0, 0.1, 7.0], &[4.0, 5.0, 6.0], 1);
         let f16 = |x: f32| half::f16::from_f32(x).to_f32();
         let want = [2048.0, f16(1.0 / 3.0), -0.5, 2052.0, f16(0.1), 7.0, 1.5, 1.0];
         let CacheView::F16(keys) = cache.keys() else { panic!("an f16 cache") };
         let held: Vec<f32> = (0..2).flat_map(|r| keys.row(0, r).iter().map(|x| x.to_f32())).collect();
         assert_eq!(held, want[..6]);
-        let (k, v) = cache.append(&row([1.5, 1.0, 1.0]), &row([7.0, 8.0, 9.0])).unwrap();
+        let (k, v) = cache.append(&[1.5, 1.0, 1.0], &[7.0, 8.0, 9.0], 1, 1).unwrap();
         assert_eq!((k.dtype(), v.dtype()), (DType::F32, DType::F32));
         assert_eq!(k.flatten_all().unwrap().to_vec1::<f32>().unwrap()[..8], want[..]);
         assert_eq!(f16(1.0 / 3.0), 0.333_251_95, "1/3's nearest f16");
