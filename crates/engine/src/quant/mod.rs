@@ -637,9 +637,17 @@ fn apart(bands: usize, threads: usize) -> impl Iterator<Item = usize> {
 /// A pointer the bands share across rayon's threads; each writes only its own columns (`Columns`).
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
-// SAFETY: used only to build `Columns` over disjoint columns of an output, written by one task each.
+// SAFETY: used only to build `Columns` over disjoint columns of an output, written by one task each, and for the
+// disjoint rows of `transpose`'s parts.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer `offset` values on (a method, so that closures take the whole `SendPtr`, which is `Sync`).
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
 
 /// Columns `first..first + count` of the `m` rows of an `m x n` row-major output: where one band writes.
 struct Columns {
@@ -682,7 +690,7 @@ impl Columns {
         assert_eq!(t.len(), self.count * self.m);
         // SAFETY: `transpose_raw` writes (i, r) at `i * n + r` from this band's first column, for i < m and
         // r < count: inside the room and the columns `new` was given.
-        unsafe { transpose_raw(t, self.count, self.m, self.start.add(self.first), self.n) }
+        unsafe { transpose_raw(t, self.m, self.count, self.m, self.start.add(self.first), self.n) }
     }
 }
 
@@ -773,38 +781,56 @@ fn with_band_scratch(w_len: usize, out_len: usize, f: impl FnOnce(&mut [f32], &m
     })
 }
 
-/// `x` (`m x k`, row-major) as `k x m`.
+/// `x` (`m x k`, row-major) as `k x m`: on the pass's threads, a run of columns each, from
+/// `PARALLEL_TRANSPOSE_VALUES` values on (on one thread, a 128-token prompt's transposes took 4% of a Gemma prefill
+/// while the other threads waited).
 fn transpose(x: &[f32], m: usize, k: usize) -> Vec<f32> {
+    assert_eq!(x.len(), m * k, "m rows of k values");
     let mut t = Vec::with_capacity(m * k);
-    // SAFETY: `t` has room for the `k x m` values, all of which `transpose_raw` writes before the length is set.
-    unsafe {
-        transpose_raw(x, m, k, t.as_mut_ptr(), m);
-        t.set_len(m * k);
+    let start = SendPtr(t.as_mut_ptr());
+    let columns = |part: usize| {
+        let first = part * TRANSPOSED_COLUMNS_PER_TASK;
+        let count = TRANSPOSED_COLUMNS_PER_TASK.min(k - first);
+        // SAFETY: `t` has room for the `k x m` values; this part writes its rows `first..first + count` of them.
+        unsafe { transpose_raw(&x[first..], k, m, count, start.at(first * m), m) }
+    };
+    let parts = k.div_ceil(TRANSPOSED_COLUMNS_PER_TASK);
+    match m * k >= PARALLEL_TRANSPOSE_VALUES {
+        true => crate::team::for_each(parts, columns),
+        false => (0..parts).for_each(columns),
     }
+    // SAFETY: the parts wrote all `k x m` values.
+    unsafe { t.set_len(m * k) };
     t
 }
 
-/// Writes `x` (`rows x cols`, row-major) transposed: value (r, c) at `t + c * stride + r`. In tiles of 8 x 8 (in
-/// registers with AVX2), so that the reads and the writes each stay within a few cache lines, eight rows of `t` at
-/// a time, each written from start to end: the rows of a band's output are a whole output row apart (8 KB for
-/// 2,048 columns), and hopping between them from tile to tile was slower (3.6% of a Gemma prompt's samples against
-/// 2.0%; a value-by-value scatter down the columns had taken 4.5%).
+/// Columns of `x` per task of `transpose` (a multiple of its tiles' 8).
+const TRANSPOSED_COLUMNS_PER_TASK: usize = 64;
+
+/// From this many values on, `transpose` runs on the pass's threads.
+const PARALLEL_TRANSPOSE_VALUES: usize = 1 << 14;
+
+/// Writes `x` (`rows x cols`, row-major, rows `x_stride` values apart) transposed: value (r, c) at `t + c * stride +
+/// r`. In tiles of 8 x 8 (in registers with AVX2), so that the reads and the writes each stay within a few cache
+/// lines, eight rows of `t` at a time, each written from start to end: the rows of a band's output are a whole output
+/// row apart (8 KB for 2,048 columns), and hopping between them from tile to tile was slower (3.6% of a Gemma prompt's
+/// samples against 2.0%; a value-by-value scatter down the columns had taken 4.5%).
 ///
 /// # Safety
 /// `t` must be valid for writes at `c * stride + r` for every r < rows and c < cols, and `stride >= rows`.
-unsafe fn transpose_raw(x: &[f32], rows: usize, cols: usize, t: *mut f32, stride: usize) {
+unsafe fn transpose_raw(x: &[f32], x_stride: usize, rows: usize, cols: usize, t: *mut f32, stride: usize) {
     const TILE: usize = 8;
-    assert!(x.len() == rows * cols && stride >= rows);
+    assert!(stride >= rows && cols <= x_stride && (rows == 0 || x.len() >= (rows - 1) * x_stride + cols));
     for c0 in (0..cols).step_by(TILE) {
         for r0 in (0..rows).step_by(TILE) {
             #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
             if r0 + TILE <= rows && c0 + TILE <= cols {
-                avx2::transpose8x8(x[r0 * cols + c0..].as_ptr(), cols, t.add(c0 * stride + r0), stride);
+                avx2::transpose8x8(x[r0 * x_stride + c0..].as_ptr(), x_stride, t.add(c0 * stride + r0), stride);
                 continue;
             }
             for r in r0..(r0 + TILE).min(rows) {
                 for c in c0..(c0 + TILE).min(cols) {
-                    *t.add(c * stride + r) = x[r * cols + c];
+                    *t.add(c * stride + r) = x[r * x_stride + c];
                 }
             }
         }
@@ -1330,21 +1356,27 @@ mod tests {
     fn transpose_by_hand_and_across_tiles() {
         // [[1, 2, 3], [4, 5, 6]] is [[1, 4], [2, 5], [3, 6]].
         assert_eq!(transpose(&[1., 2., 3., 4., 5., 6.], 2, 3), vec![1., 4., 2., 5., 3., 6.]);
-        // Shapes that end mid-tile: every value lands at (c, r).
+        // Shapes that end mid-tile, on one thread and (from `PARALLEL_TRANSPOSE_VALUES` on) in parts, the last of
+        // them ending mid-tile too: every value lands at (c, r).
+        for (rows, cols) in [(17, 33), (131, 3 * TRANSPOSED_COLUMNS_PER_TASK + 13)] {
+            let x: Vec<f32> = (0..rows * cols).map(|v| v as f32).collect();
+            let t = transpose(&x, rows, cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(t[c * rows + r], x[r * cols + c]);
+                }
+            }
+        }
+        const { assert!(131 * (3 * TRANSPOSED_COLUMNS_PER_TASK + 13) >= PARALLEL_TRANSPOSE_VALUES) };
         let (rows, cols) = (17, 33);
         let x: Vec<f32> = (0..rows * cols).map(|v| v as f32).collect();
         let t = transpose(&x, rows, cols);
-        for r in 0..rows {
-            for c in 0..cols {
-                assert_eq!(t[c * rows + r], x[r * cols + c]);
-            }
-        }
         // Into rows wider than the transpose (a band's columns of an output): the values at (c, r), nothing
         // written beside them.
         let stride = rows + 5;
         let mut wide = vec![-1f32; cols * stride];
         // SAFETY: `wide` holds `cols` rows of `stride` values.
-        unsafe { transpose_raw(&x, rows, cols, wide.as_mut_ptr(), stride) };
+        unsafe { transpose_raw(&x, cols, rows, cols, wide.as_mut_ptr(), stride) };
         for c in 0..cols {
             assert_eq!(wide[c * stride..c * stride + rows], t[c * rows..(c + 1) * rows]);
             assert!(wide[c * stride + rows..(c + 1) * stride].iter().all(|&v| v == -1.0), "row {c}'s padding");
