@@ -114,8 +114,8 @@ const LIKELIHOOD_LOGITS: usize = 24 << 20;
 /// Rows per task of `CpuModel::norm_rows`, which splits from twice that many rows on.
 const NORM_ROWS_PER_TASK: usize = 4;
 
-/// Rows per task where a prompt's attention heads are put side by side in each row (`CpuModel::attend`).
-const MERGED_ROWS_PER_TASK: usize = 16;
+/// A prompt's rows per task of its attention (`CpuModel::attend`).
+const ATTENDED_ROWS_PER_TASK: usize = 4;
 
 /// The token embedding, kept quantized: rows are dequantized on lookup (the 270M table is 671 MB in f32).
 struct Embedding(QuantMatrix);
@@ -215,28 +215,6 @@ impl CpuModel {
         })
     }
 
-    /// Additive attention mask for queries at `start..start + n` over keys `0..start + n` (one query head's).
-    /// `None` when nothing is masked.
-    fn attention_mask(&self, start: usize, n: usize, window: Option<usize>) -> Result<Option<Tensor>> {
-        let total = start + n;
-        let hidden_by_window = window.is_some_and(|w| total > w);
-        if n == 1 && !hidden_by_window {
-            return Ok(None);
-        }
-        let mut mask = vec![0f32; n * total];
-        for i in 0..n {
-            let q = start + i;
-            let row = &mut mask[i * total..(i + 1) * total];
-            for (j, m) in row.iter_mut().enumerate() {
-                let visible = j <= q && window.is_none_or(|w| q - j < w);
-                if !visible {
-                    *m = f32::NEG_INFINITY;
-                }
-            }
-        }
-        Tensor::from_vec(mask, (n, total), &Device::Cpu).map(Some).context("mask")
-    }
-
     /// The attention block of `layer` over the rows of every call (`a`: the calls' rows, one after the other):
     /// the projections on all rows at once, attention per sequence against its own cache.
     fn attention(&mut self, layer: usize, a: &[f32], calls: &[BatchCall], row_form: RowForm) -> Result<Vec<f32>> {
@@ -265,19 +243,17 @@ impl CpuModel {
             (row, rest) = (row + n, after);
         }
         let this = &*self;
-        // One sequence's query heads on the pass's threads; several sequences each on a task of their own.
-        let heads_in_parallel = tasks.len() == 1;
+        // One sequence's rows on the pass's threads; several sequences each on a task of their own.
+        let rows_in_parallel = tasks.len() == 1;
         let attend = |(rows, out, sequence): (std::ops::Range<usize>, &mut [f32], &mut Sequence)| {
             let rows = [(&q, q_dim), (&k, kv_dim), (&v, kv_dim)].map(|(x, d)| &x[rows.start * d..rows.end * d]);
-            this.attend(layer, rows, sequence, heads_in_parallel, out)
+            this.attend(layer, rows, sequence, rows_in_parallel, out)
         };
-        let attended: Result<()> = if tasks.len() == 1 {
-            tasks.into_iter().try_for_each(attend)
-        } else {
-            team::map_parts(tasks, |_, task| attend(task)).into_iter().collect()
-        };
+        match rows_in_parallel {
+            true => tasks.into_iter().for_each(attend),
+            false => team::for_each_part(tasks, |_, task| attend(task)),
+        }
         self.sequences = sequences;
-        attended?;
         self.layers[layer].attn_output.values(&out, row_form)
     }
 
@@ -357,126 +333,85 @@ impl CpuModel {
     }
 
     /// Attention of one sequence's `n` new rows at `layer` (`[q, k, v]`: their queries, keys and values, each
-    /// [n, heads * hd]) into `out` ([n, heads * hd]), appending the keys and values to the sequence's cache. Each
-    /// query head attends alone, the same arithmetic whether the heads run one after the other or,
-    /// `heads_in_parallel`, on the pass's threads, and so is each head's preparation (`head_rows`): a single
-    /// prompt's attention took 17-26% of a 128-token prefill on one thread while the others waited, and its tensor
-    /// operations before the heads then still took 8% of a Gemma 3 prefill.
+    /// [n, heads * hd]) into `out` ([n, heads * hd]), appending the keys and values to the sequence's cache: each
+    /// row as a decoding step at its position would be, bit for bit (`prepare_row`, then `attend_heads_of` over the
+    /// rows up to its own), the causal mask being where each row's attention stops. The rows are prepared, then
+    /// attend, a few at a time on the pass's threads where `rows_in_parallel` (a single prompt's attention took
+    /// 17-26% of a 128-token prefill on one thread while the others waited). Candle's products per head, which this
+    /// replaced, also computed the masked half of the scores.
     fn attend(
         &self,
         layer: usize,
         [q, k, v]: [&[f32]; 3],
         sequence: &mut Sequence,
-        heads_in_parallel: bool,
+        rows_in_parallel: bool,
         out: &mut [f32],
-    ) -> Result<()> {
+    ) {
         let c = &self.config;
         let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
-        let n = q.len() / (nh * hd);
-        let norms = qk_norms(&self.layers[layer]);
-        if n == 1 {
-            // A decoding row among prompts: the same attention arithmetic as in `attention_steps`.
-            let step = self.step_row(layer, q.to_vec(), k.to_vec(), v, norms, sequence)?;
-            self.attend_heads_of(layer, 0..nh, &step.queries, &sequence.caches[layer], step.len, out);
-            return Ok(());
-        }
-        let group = nh / nkv;
-        let spec = c.layers[layer];
+        let (q_dim, kv_dim) = (nh * hd, nkv * hd);
         let start = sequence.position;
-        let parallel = |count: usize, make: &(dyn Fn(usize) -> Result<Vec<f32>> + Sync)| -> Result<Vec<Vec<f32>>> {
-            match heads_in_parallel {
-                true => team::map(count, make).into_iter().collect(),
-                false => (0..count).map(make).collect(),
+        let norms = qk_norms(&self.layers[layer]);
+        let (mut queries, mut keys) = (q.to_vec(), k.to_vec());
+        let parts =
+            queries.chunks_mut(ATTENDED_ROWS_PER_TASK * q_dim).zip(keys.chunks_mut(ATTENDED_ROWS_PER_TASK * kv_dim));
+        let prepare = |part: usize, (queries, keys): (&mut [f32], &mut [f32])| {
+            for (i, (q, k)) in queries.chunks_exact_mut(q_dim).zip(keys.chunks_exact_mut(kv_dim)).enumerate() {
+                self.prepare_row(layer, q, k, norms, start + part * ATTENDED_ROWS_PER_TASK + i);
             }
         };
-
-        // Each head's rows, [n, hd]: the query heads', the key heads' and the value heads', one after the other.
-        let prepared = parallel(nh + 2 * nkv, &|j| Ok(self.head_rows(layer, [q, k, v], j, start)))?;
-        let (queries, keys) = prepared.split_at(nh);
-        let (keys, values) = keys.split_at(nkv);
-        // Every row so far, as f32 (an f16 cache's widened).
-        let (k_all, v_all) =
-            sequence.caches[layer].append(&keys.concat(), &values.concat(), nkv, n).context("kv cache")?;
-        let mask = self.attention_mask(start, n, spec.window)?;
-        // Query head h against key head h / group: [1, 1, n, hd]. candle's product takes the transposed keys as
-        // they are.
-        let head = |h: usize| -> Result<Vec<f32>> {
-            let kv = |x: &Tensor| x.narrow(1, h / group, 1).context("a key head");
-            let mut scores = Tensor::from_slice(&queries[h], (1, 1, n, hd), &Device::Cpu).context("a query head")?;
-            scores = scores.matmul(&kv(&k_all)?.t().context("k^T")?).context("q k^T")?;
-            if let Some(cap) = c.attn_softcap {
-                scores = ((scores / cap as f64).context("softcap")?.tanh().context("softcap")? * cap as f64)
-                    .context("softcap")?;
-            }
-            if let Some(mask) = &mask {
-                scores = scores.broadcast_add(mask).context("mask")?;
-            }
-            let probs = candle_nn::ops::softmax_last_dim(&scores).context("softmax")?;
-            let sums = probs.matmul(&kv(&v_all)?).context("attention values")?;
-            sums.flatten_all().and_then(|s| s.to_vec1::<f32>()).context("a head's output")
-        };
-        let heads = parallel(nh, &head)?;
-        // The heads side by side in each row.
-        let merge = |part: usize, rows: &mut [f32]| {
-            for (i, row) in rows.chunks_exact_mut(nh * hd).enumerate() {
-                let r = part * MERGED_ROWS_PER_TASK + i;
-                for (h, head) in heads.iter().enumerate() {
-                    row[h * hd..(h + 1) * hd].copy_from_slice(&head[r * hd..(r + 1) * hd]);
-                }
-            }
-        };
-        let parts = out.chunks_mut(MERGED_ROWS_PER_TASK * nh * hd);
-        match heads_in_parallel {
-            true => team::for_each_part(parts, merge),
-            false => parts.enumerate().for_each(|(i, part)| merge(i, part)),
+        match rows_in_parallel {
+            true => team::for_each_part(parts, prepare),
+            false => parts.enumerate().for_each(|(i, part)| prepare(i, part)),
         }
-        Ok(())
+        let cache = &mut sequence.caches[layer];
+        for (k, v) in keys.chunks_exact(kv_dim).zip(v.chunks_exact(kv_dim)) {
+            cache.append_row(k, v, nkv);
+        }
+        let cache = &*cache;
+        let attend = |part: usize, out: &mut [f32]| {
+            for (i, out) in out.chunks_exact_mut(q_dim).enumerate() {
+                let row = part * ATTENDED_ROWS_PER_TASK + i;
+                let queries = &queries[row * q_dim..(row + 1) * q_dim];
+                self.attend_heads_of(layer, 0..nh, queries, cache, start + row + 1, out);
+            }
+        };
+        let parts = out.chunks_mut(ATTENDED_ROWS_PER_TASK * q_dim);
+        match rows_in_parallel {
+            true => team::for_each_part(parts, attend),
+            false => parts.enumerate().for_each(|(i, part)| attend(i, part)),
+        }
     }
 
-    /// Head `j`'s rows of a prompt's `n` new rows at `layer` (`[q, k, v]` as `attend` takes them), [n, hd], as the
-    /// heads' products take them: query heads first (`j` below `n_heads`), then the key heads, then the value
-    /// heads. The queries and keys normed (Gemma 3) and rotated for their positions from `start`, the queries
-    /// scaled: `step_row`'s arithmetic, row by row.
-    fn head_rows(&self, layer: usize, [q, k, v]: [&[f32]; 3], j: usize, start: usize) -> Vec<f32> {
+    /// One row's queries `q` and keys `k` at `layer`, at `position`, made ready for attention in place: Gemma 3's
+    /// norms (`qk_norms`), RoPE, and the queries' scale.
+    fn prepare_row(
+        &self,
+        layer: usize,
+        q: &mut [f32],
+        k: &mut [f32],
+        qk_norms: Option<(&[f32], &[f32])>,
+        position: usize,
+    ) {
         let c = &self.config;
-        let (nh, nkv, hd) = (c.n_heads, c.n_kv_heads, c.head_dim);
-        let (x, head) = match j {
-            j if j < nh => (q, j),
-            j if j < nh + nkv => (k, j - nh),
-            j => (v, j - nh - nkv),
-        };
-        let width = if j < nh { nh * hd } else { nkv * hd };
-        let n = x.len() / width;
-        let mut rows = Vec::with_capacity(n * hd);
-        for row in x.chunks_exact(width) {
-            rows.extend_from_slice(&row[head * hd..(head + 1) * hd]);
+        let hd = c.head_dim;
+        if let Some((qn, kn)) = qk_norms {
+            q.chunks_exact_mut(hd).for_each(|head| rms_norm_in_place(head, qn, c.rms_eps));
+            k.chunks_exact_mut(hd).for_each(|head| rms_norm_in_place(head, kn, c.rms_eps));
         }
-        if j >= nh + nkv {
-            return rows;
+        let (cos, sin) = self.rope.get(c.layers[layer].rope_base, hd / 2, position..position + 1);
+        for head in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
+            rotate(head, cos, sin, c.rope_layout);
         }
-        let norm = qk_norms(&self.layers[layer]).map(|(qn, kn)| if j < nh { qn } else { kn });
-        let half = hd / 2;
-        let (cos, sin) = self.rope.get(c.layers[layer].rope_base, half, start..start + n);
-        for (i, row) in rows.chunks_exact_mut(hd).enumerate() {
-            if let Some(w) = norm {
-                rms_norm_in_place(row, w, c.rms_eps);
-            }
-            rotate(row, &cos[i * half..(i + 1) * half], &sin[i * half..(i + 1) * half], c.rope_layout);
-            if j < nh {
-                // candle's `q * scale`: an affine map, `x * scale + 0`.
-                row.iter_mut().for_each(|x| *x = *x * c.attention_scale + 0.0);
-            }
-        }
-        rows
+        // The queries scaled once for all heads.
+        q.iter_mut().for_each(|x| *x *= c.attention_scale);
     }
 
     /// A decoding step's new row of one sequence at `layer` (`q`, `k`, `v`: its queries, keys and values;
-    /// `qk_norms`: Gemma 3's query and key norm weights): the norms, RoPE and the queries' scale applied, the keys and
-    /// values appended to the sequence's cache. The attention itself is `attend_heads`': together they
-    /// are the tensor path's steps and arithmetic (`attend`), up to the order of the sums in the two products,
-    /// without its dozen tensor operations and their allocations, which took a fifth of a batched step on
-    /// SmolLM2. Batched and single-sequence steps both come here, so a sequence gets the same numbers in either.
-    #[allow(clippy::too_many_arguments)]
+    /// `qk_norms`: Gemma 3's query and key norm weights): made ready (`prepare_row`), the keys and values appended to
+    /// the sequence's cache. The attention itself is `attend_heads`'. Batched and single-sequence steps both come
+    /// here, and a prompt's rows take the same arithmetic (`attend`), so a sequence gets the same attention in any of
+    /// them.
     fn step_row(
         &self,
         layer: usize,
@@ -486,20 +421,9 @@ impl CpuModel {
         qk_norms: Option<(&[f32], &[f32])>,
         sequence: &mut Sequence,
     ) -> Result<Step> {
-        let c = &self.config;
-        let (nkv, hd) = (c.n_kv_heads, c.head_dim);
         let position = sequence.position;
-        if let Some((qn, kn)) = qk_norms {
-            q.chunks_exact_mut(hd).for_each(|head| rms_norm_in_place(head, qn, c.rms_eps));
-            k.chunks_exact_mut(hd).for_each(|head| rms_norm_in_place(head, kn, c.rms_eps));
-        }
-        let (cos, sin) = self.rope.get(c.layers[layer].rope_base, hd / 2, position..position + 1);
-        for head in q.chunks_exact_mut(hd).chain(k.chunks_exact_mut(hd)) {
-            rotate(head, cos, sin, c.rope_layout);
-        }
-        // The queries scaled once for all heads (the tensor path scales them before the product too).
-        q.iter_mut().for_each(|x| *x *= c.attention_scale);
-        sequence.caches[layer].append_row(&k, v, nkv);
+        self.prepare_row(layer, &mut q, &mut k, qk_norms, position);
+        sequence.caches[layer].append_row(&k, v, self.config.n_kv_heads);
         Ok(Step { queries: q, len: position + 1 })
     }
 
@@ -1280,7 +1204,9 @@ fn qk_norms(l: &Layer) -> Option<(&[f32], &[f32])> {
 
 #[cfg(test)]
 mod tests {
-    use super::{activations, rms_norm_rows, softmax_rows};
+    use super::{activations, rms_norm_rows, softmax_rows, CpuModel, LoadOptions, Sequence};
+    use crate::gguf::GgufFile;
+    use candle_core::DType;
 
     /// Rows of scores or activations, spread in sign and size.
     fn rows(n: usize, len: usize) -> Vec<f32> {
@@ -1347,6 +1273,58 @@ mod tests {
             let want = e / total;
             let bound = if want > 1e-6 { 2e-7 * want } else { 1e-5 * want + 1e-30 };
             assert!((g as f64 - want).abs() <= bound, "weight {i}: {g} against {want}");
+        }
+    }
+
+    /// A prompt's rows attend as decoding steps at their positions would, bit for bit: `attend` on 11 rows after a
+    /// first 3 (on the pass's threads and on one), against `step_row` and `attend_heads_of` row by row. On the
+    /// fixtures, whose 4-token sliding windows the rows cross (Gemma 2's with its softcap), with f32 and f16 caches.
+    #[test]
+    fn a_prompts_rows_attend_as_decoding_steps() {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        for (name, cache) in ["tiny-gemma3", "tiny-gemma2", "tiny-llama"]
+            .into_iter()
+            .flat_map(|name| [(name, DType::F32), (name, DType::F16)])
+        {
+            let bytes = std::fs::read(fixtures.join(format!("{name}.gguf"))).unwrap();
+            let mut reader = std::io::Cursor::new(bytes.as_slice());
+            let gguf = GgufFile::read(&mut reader).unwrap();
+            let options = LoadOptions { f16_cache: cache == DType::F16, ..Default::default() };
+            let mut model = CpuModel::load(&gguf, &mut reader, &options).unwrap();
+            let c = model.config.clone();
+            let (q_dim, kv_dim, n_layers) = (c.q_dim(), c.kv_dim(), c.n_layers);
+            let layer = n_layers - 1;
+            model.rope.cover(c.layers[layer].rope_base, c.head_dim, model.rope_factors.as_deref(), 14, 64);
+            let values = |n: usize, d: usize, seed: usize| -> Vec<f32> {
+                (0..n * d).map(|i| (((i + seed) * 7919 % 1013) as f32 / 506.5 - 1.0) * 2.0).collect()
+            };
+            let (q, k, v) = (values(14, q_dim, 1), values(14, kv_dim, 2), values(14, kv_dim, 3));
+            let rows = |x: &[f32], d: usize, r: std::ops::Range<usize>| x[r.start * d..r.end * d].to_vec();
+            // Row by row, as decoding steps.
+            let mut stepped = Sequence::new(n_layers, cache);
+            let mut want = vec![0f32; 14 * q_dim];
+            for (i, out) in want.chunks_exact_mut(q_dim).enumerate() {
+                let (qi, ki, vi) = (rows(&q, q_dim, i..i + 1), rows(&k, kv_dim, i..i + 1), rows(&v, kv_dim, i..i + 1));
+                let step =
+                    model.step_row(layer, qi, ki, &vi, super::qk_norms(&model.layers[layer]), &mut stepped).unwrap();
+                model.attend_heads_of(layer, 0..c.n_heads, &step.queries, &stepped.caches[layer], step.len, out);
+                stepped.position += 1;
+            }
+            for in_parallel in [true, false] {
+                let mut prompt = Sequence::new(n_layers, cache);
+                let mut got = vec![0f32; 14 * q_dim];
+                let (first, rest) = got.split_at_mut(3 * q_dim);
+                for (r, out) in [(0..3, first), (3..14, rest)] {
+                    let parts = [rows(&q, q_dim, r.clone()), rows(&k, kv_dim, r.clone()), rows(&v, kv_dim, r.clone())];
+                    model.attend(layer, [&parts[0], &parts[1], &parts[2]], &mut prompt, in_parallel, out);
+                    prompt.position += r.len();
+                }
+                let differs = got.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits());
+                assert_eq!(
+                    differs, None,
+                    "first value that differs: {name}, {cache:?} cache, in parallel: {in_parallel}"
+                );
+            }
         }
     }
 }

@@ -2,15 +2,15 @@
 //! forgets the rows (candle's `KvCache` dropped its storage, so each batch of an evaluation allocated and zeroed its
 //! sixteen sequences' caches again, page faults included), and the storage grows in chunks of rows.
 //!
-//! The rows are plain values, head after head (`[heads, capacity, head_dim]`), which decoding's attention reads in
-//! place (`CacheView`) and a decoding step appends to directly (`append_row`). Held in candle tensors, each step's
+//! The rows are plain values, head after head (`[heads, capacity, head_dim]`), which attention reads in place
+//! (`CacheView`) and each new row, a decoding step's or a prompt's, is appended to directly (`append_row`). Held in candle tensors, each step's
 //! row went through two tensors, a write lock and a copy per layer and sequence, and the readers through a read
 //! lock each: in a batched SmolLM2 step, the sequences' new rows took half as long as their attention.
 //!
 //! The rows are held in f32, or in f16 where the model was loaded so (`LoadOptions::f16_cache`, as llama.cpp keeps
 //! its cache by default): half the bytes for attention to read, each key and value rounded once on its way in.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::DType;
 use half::f16;
 
 use crate::quant::CacheValue;
@@ -36,20 +36,13 @@ impl KvCache {
         Self { keys: Rows::new(dtype), values: Rows::new(dtype) }
     }
 
-    /// Appends one decoding step's key and value rows (`k`, `v`: `heads` rows of `head_dim` values, head after
-    /// head), rounded to the cache's type.
+    /// Appends one position's key and value rows (`k`, `v`: `heads` rows of `head_dim` values, head after head),
+    /// rounded to the cache's type.
     pub fn append_row(&mut self, k: &[f32], v: &[f32], heads: usize) {
         let head_dim = k.len() / heads.max(1);
         assert_eq!(v.len(), k.len(), "a key and a value per head");
         self.keys.append(heads, head_dim, 1, |h, _, d| k[h * head_dim + d]);
         self.values.append(heads, head_dim, 1, |h, _, d| v[h * head_dim + d]);
-    }
-
-    /// Appends a prompt's `n` rows of each of `heads` heads (`k`, `v`: head after head, [heads, n, head_dim]),
-    /// rounded to the cache's type; returns every row held so far, keys then values, as f32 tensors of [1, heads,
-    /// rows, head_dim] (copies: a prompt's products read them).
-    pub fn append(&mut self, k: &[f32], v: &[f32], heads: usize, n: usize) -> Result<(Tensor, Tensor)> {
-        Ok((self.keys.append_heads(k, heads, n)?, self.values.append_heads(v, heads, n)?))
     }
 
     /// The keys held so far, read in place.
@@ -158,24 +151,6 @@ impl Rows {
         self.len += n;
     }
 
-    /// `append` of the rows of `src` ([heads, n, head_dim]); returns every row held so far as an f32 tensor.
-    fn append_heads(&mut self, src: &[f32], heads: usize, n: usize) -> Result<Tensor> {
-        let head_dim = src.len() / (heads * n).max(1);
-        assert_eq!(src.len(), heads * n * head_dim, "n rows of each head");
-        self.append(heads, head_dim, n, |h, r, d| src[(h * n + r) * head_dim + d]);
-        let all: Vec<f32> = match &self.values {
-            Values::F32(data) => self.each_head(data).flat_map(|rows| rows.iter().copied()).collect(),
-            Values::F16(data) => self.each_head(data).flat_map(|rows| rows.iter().map(|x| x.to_f32())).collect(),
-        };
-        Tensor::from_vec(all, (1, heads, self.len, head_dim), &Device::Cpu)
-    }
-
-    /// Each head's rows held so far, in `data` (this cache's storage).
-    fn each_head<'a, V>(&self, data: &'a [V]) -> impl Iterator<Item = &'a [V]> {
-        let (stride, used) = (self.capacity * self.head_dim, self.len * self.head_dim);
-        (0..self.heads).map(move |h| &data[h * stride..h * stride + used])
-    }
-
     /// Room for `capacity` rows of each head: a new storage, each head's rows copied to their new place.
     fn grow(&mut self, capacity: usize) {
         let (heads, head_dim, old, len) = (self.heads, self.head_dim, self.capacity, self.len);
@@ -235,11 +210,6 @@ fn write_rows<V>(
 mod tests {
     use super::*;
 
-    /// Rows of one value each, head after head: value v of head h is v + 1000 h.
-    fn rows(values: std::ops::Range<usize>, heads: usize) -> Vec<f32> {
-        (0..heads).flat_map(|h| values.clone().map(move |v| (v + 1000 * h) as f32)).collect()
-    }
-
     /// Every row a view reads, head after head.
     fn read(view: CacheView, heads: usize, len: usize) -> Vec<f32> {
         let CacheView::F32(rows) = view else { panic!("an f32 cache") };
@@ -250,24 +220,16 @@ mod tests {
         all
     }
 
-    /// Appending in pieces across a growth, prompts' rows and decoding steps' rows alike, gives the rows in order;
-    /// a reset keeps the storage and starts over.
+    /// Appending row by row across a growth gives the rows in order; a reset keeps the storage and starts over.
     #[test]
     fn appends_across_growth_and_resets_without_reallocating() {
         let mut cache = KvCache::default();
-        let (k, _) = cache.append(&rows(0..200, 2), &rows(0..200, 2), 2, 200).unwrap();
-        assert_eq!(k.dims(), &[1, 2, 200, 1]);
-        for i in 200..250 {
+        for i in 0..300 {
             let row = [i as f32, (i + 1000) as f32];
             cache.append_row(&row, &row, 2);
         }
-        let (k, v) = cache.append(&rows(250..300, 2), &rows(250..300, 2), 2, 50).unwrap();
-        assert_eq!(k.dims(), &[1, 2, 300, 1]);
         assert_eq!(cache.keys.capacity, 2 * CHUNK);
         let want: Vec<f32> = (0..2).flat_map(|h| (0..300).map(move |i| (i + 1000 * h) as f32)).collect();
-        for t in [&k, &v] {
-            assert_eq!(t.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
-        }
         assert_eq!(read(cache.keys(), 2, 300), want);
         assert_eq!(read(cache.values(), 2, 300), want);
         cache.reset();
@@ -277,21 +239,17 @@ mod tests {
     }
 
     /// An f16 cache holds each appended value rounded to f16 once (to nearest, as `half` rounds): 2049 is halfway
-    /// between f16's neighbours 2048 and 2050 and goes to the even one, 1/3 to its nearest f16. A prompt reads the
-    /// rows back widened to f32.
+    /// between f16's neighbours 2048 and 2050 and goes to the even one, 1/3 to its nearest f16.
     #[test]
     fn an_f16_cache_rounds_each_value_once() {
         let mut cache = KvCache::new(DType::F16);
-        cache.append(&[2049.0, 1.0 / 3.0, -0.5], &[1.0, 2.0, 3.0], 1, 1).unwrap();
+        cache.append_row(&[2049.0, 1.0 / 3.0, -0.5], &[1.0, 2.0, 3.0], 1);
         cache.append_row(&[2051.0, 0.1, 7.0], &[4.0, 5.0, 6.0], 1);
         let f16 = |x: f32| half::f16::from_f32(x).to_f32();
-        let want = [2048.0, f16(1.0 / 3.0), -0.5, 2052.0, f16(0.1), 7.0, 1.5, 1.0];
+        let want = [2048.0, f16(1.0 / 3.0), -0.5, 2052.0, f16(0.1), 7.0];
         let CacheView::F16(keys) = cache.keys() else { panic!("an f16 cache") };
         let held: Vec<f32> = (0..2).flat_map(|r| keys.row(0, r).iter().map(|x| x.to_f32())).collect();
-        assert_eq!(held, want[..6]);
-        let (k, v) = cache.append(&[1.5, 1.0, 1.0], &[7.0, 8.0, 9.0], 1, 1).unwrap();
-        assert_eq!((k.dtype(), v.dtype()), (DType::F32, DType::F32));
-        assert_eq!(k.flatten_all().unwrap().to_vec1::<f32>().unwrap()[..8], want[..]);
+        assert_eq!(held, want);
         assert_eq!(f16(1.0 / 3.0), 0.333_251_95, "1/3's nearest f16");
     }
 }
