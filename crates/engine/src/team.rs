@@ -12,8 +12,10 @@
 //! parallel loops to them, or to rayon outside a team. Tasks are claimed one at a time from a single atomic word
 //! that holds the job's generation, its task count and the next task, so a helper can never run a task of a job
 //! that has ended.
-// The plain wasm build has no threads: its passes run without a team, and `for_each` falls back to rayon's
-// sequential shim.
+// The plain wasm build has no threads: its passes run without a team, and `for_each` runs its tasks in a plain
+// loop. Through rayon's fallback there (the page's one thread as its pool), a third of the page visits after
+// 0141447 read a 32-token prompt 1.2-2.5x slower, the same build's other visits not; in a plain loop, none of 16
+// (docs/benchmarks.md).
 #![cfg_attr(all(target_arch = "wasm32", not(target_feature = "atomics")), allow(dead_code))]
 
 use std::cell::Cell;
@@ -21,6 +23,7 @@ use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+#[cfg(any(not(target_arch = "wasm32"), target_feature = "atomics"))]
 use rayon::prelude::*;
 
 /// A job's tasks: `run(i)` for every i below the count.
@@ -92,7 +95,7 @@ pub fn with_team<'s, R>(scope: &rayon::Scope<'s>, pass: impl FnOnce() -> R) -> R
 }
 
 /// `run(i)` for every i in `0..count`, in parallel: on the pass's team where this thread runs one, else on
-/// rayon's pool. Returns when all have run.
+/// rayon's pool (one after the other in the plain wasm build, which has no threads). Returns when all have run.
 pub fn for_each(count: usize, run: impl Fn(usize) + Sync) {
     let team = CURRENT.with(Cell::get);
     match team {
@@ -108,7 +111,10 @@ pub fn for_each(count: usize, run: impl Fn(usize) + Sync) {
                 resume_unwind(panic);
             }
         }
+        #[cfg(any(not(target_arch = "wasm32"), target_feature = "atomics"))]
         _ => (0..count).into_par_iter().for_each(&run),
+        #[cfg(all(target_arch = "wasm32", not(target_feature = "atomics")))]
+        _ => (0..count).for_each(&run),
     }
 }
 
