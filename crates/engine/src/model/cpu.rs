@@ -803,6 +803,30 @@ impl CpuModel {
     }
 }
 
+/// Prompts of `lens` tokens in groups for `CpuModel::read_groups`, by index: those of `BATCH_INVARIANT_ROWS`
+/// tokens or more together, in order, `READ_BATCH` at most a group and `budget` at most of `cost` (of a prompt's
+/// length); each shorter prompt alone. Only from that many rows on does a row get, beside others, what it gets alone.
+fn prompt_groups(lens: &[usize], cost: impl Fn(usize) -> usize, budget: usize) -> Vec<Vec<usize>> {
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    // The group that long prompts join, and its cost so far.
+    let (mut open, mut held): (Option<usize>, usize) = (None, 0);
+    for (i, &len) in lens.iter().enumerate() {
+        match open {
+            _ if len < BATCH_INVARIANT_ROWS => groups.push(vec![i]),
+            Some(g) if groups[g].len() < READ_BATCH && held + cost(len) <= budget => {
+                groups[g].push(i);
+                held += cost(len);
+            }
+            _ => {
+                open = Some(groups.len());
+                groups.push(vec![i]);
+                held = cost(len);
+            }
+        }
+    }
+    groups
+}
+
 /// The residual stream's addition: `h += added`, value by value.
 fn add_rows(h: &mut [f32], added: &[f32]) {
     h.iter_mut().zip(added).for_each(|(h, a)| *h += a);
@@ -965,30 +989,14 @@ impl LanguageModel for CpuModel {
 }
 
 impl CpuModel {
-    /// `next_token_nlls`: the prompts as sequences of one pass, each pass holding the logits of at most
+    /// `next_token_nlls`: the prompts as sequences of one pass (`prompt_groups`), each pass holding the logits of at most
     /// `LIKELIHOOD_LOGITS` values (Gemma 3's 262,144 a position), with the products in the prompt form, which gives
     /// a row the same numbers among any rows from `BATCH_INVARIANT_ROWS` on; shorter prompts are read alone. So each
     /// prompt gets what reading it alone gives. The likelihoods are computed on the pass's threads.
     fn next_token_nlls_sync(&mut self, prompts: &[&[u32]]) -> Result<Vec<Vec<f64>>> {
         let vocab = self.lm_head.0.rows();
-        let mut groups: Vec<Vec<usize>> = Vec::new();
-        let mut held = 0;
-        for (i, prompt) in prompts.iter().enumerate() {
-            let logits = prompt.len() * vocab;
-            let joins = prompt.len() >= BATCH_INVARIANT_ROWS
-                && groups.last().is_some_and(|g| {
-                    prompts[g[0]].len() >= BATCH_INVARIANT_ROWS
-                        && g.len() < READ_BATCH
-                        && held + logits <= LIKELIHOOD_LOGITS
-                });
-            if joins {
-                groups.last_mut().expect("a group to join").push(i);
-                held += logits;
-            } else {
-                groups.push(vec![i]);
-                held = logits;
-            }
-        }
+        let lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+        let groups = prompt_groups(&lens, |len| len * vocab, LIKELIHOOD_LOGITS);
         let none = Hooks::none();
         self.read_groups(
             prompts.len(),
@@ -1019,9 +1027,8 @@ impl CpuModel {
     /// prompt form, which gives a row the same numbers among any rows from `BATCH_INVARIANT_ROWS` on; shorter
     /// prompts are read alone, so every prompt gets exactly what it gets alone (tests/hooks.rs).
     fn read_prompts_sync(&mut self, prompts: &[(&[u32], &Hooks)]) -> Result<Vec<Vec<Capture>>> {
-        let (long, short): (Vec<usize>, Vec<usize>) =
-            (0..prompts.len()).partition(|&i| prompts[i].0.len() >= BATCH_INVARIANT_ROWS);
-        let groups = long.chunks(READ_BATCH).map(<[usize]>::to_vec).chain(short.into_iter().map(|i| vec![i]));
+        let lens: Vec<usize> = prompts.iter().map(|(p, _)| p.len()).collect();
+        let groups = prompt_groups(&lens, |_| 0, 0);
         self.read_groups(prompts.len(), groups, |i| prompts[i], PassHead::Reads, |out, _| out.captures)
     }
 
@@ -1204,7 +1211,8 @@ fn qk_norms(l: &Layer) -> Option<(&[f32], &[f32])> {
 
 #[cfg(test)]
 mod tests {
-    use super::{activations, rms_norm_rows, softmax_rows, CpuModel, LoadOptions, Sequence};
+    use super::{activations, prompt_groups, rms_norm_rows, softmax_rows, CpuModel, LoadOptions, Sequence};
+    use super::{BATCH_INVARIANT_ROWS, READ_BATCH};
     use crate::gguf::GgufFile;
     use candle_core::DType;
 
@@ -1326,5 +1334,18 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Long prompts join the open group until it holds `READ_BATCH` or the budget would be passed; short ones go
+    /// alone, without closing it. By hand: lengths 40, 3, 40, 40, 2, 40 (3 and 2 short), a budget of 100 tokens.
+    #[test]
+    fn prompts_are_grouped_by_length_count_and_budget() {
+        const { assert!(3 < BATCH_INVARIANT_ROWS && 40 >= BATCH_INVARIANT_ROWS) };
+        let groups = prompt_groups(&[40, 3, 40, 40, 2, 40], |len| len, 100);
+        assert_eq!(groups, vec![vec![0, 2], vec![1], vec![3, 5], vec![4]]);
+        // Without a budget, `READ_BATCH` to a group.
+        let lens = vec![40; READ_BATCH + 1];
+        let groups = prompt_groups(&lens, |_| 0, 0);
+        assert_eq!(groups, vec![(0..READ_BATCH).collect::<Vec<_>>(), vec![READ_BATCH]]);
     }
 }
