@@ -1,6 +1,7 @@
-//! The transformer on the CPU with candle-core tensors: quantized weights stay quantized in memory and are
-//! dequantized block by block inside each matrix product (`quant`); everything else is f32 candle ops. Runs
-//! natively and in wasm.
+//! The transformer on the CPU: quantized weights stay quantized in memory and are dequantized block by block inside
+//! each matrix product (`quant`); the norms, attention and activations are f32 code on plain rows of values, with
+//! candle's arithmetic where candle had the operation (the hooks still take candle tensors). Runs natively and in
+//! wasm.
 //!
 //! One decoder layer, for the three architectures (Gemma-only steps marked):
 //!
