@@ -786,6 +786,9 @@ fn with_band_scratch(w_len: usize, out_len: usize, f: impl FnOnce(&mut [f32], &m
 /// while the other threads waited).
 fn transpose(x: &[f32], m: usize, k: usize) -> Vec<f32> {
     assert_eq!(x.len(), m * k, "m rows of k values");
+    if x.is_empty() {
+        return Vec::new();
+    }
     let mut t = Vec::with_capacity(m * k);
     let start = SendPtr(t.as_mut_ptr());
     let columns = |part: usize| {
@@ -1356,6 +1359,8 @@ mod tests {
     fn transpose_by_hand_and_across_tiles() {
         // [[1, 2, 3], [4, 5, 6]] is [[1, 4], [2, 5], [3, 6]].
         assert_eq!(transpose(&[1., 2., 3., 4., 5., 6.], 2, 3), vec![1., 4., 2., 5., 3., 6.]);
+        // No rows of many columns: nothing to write, no part past the end.
+        assert!(transpose(&[], 0, 3 * TRANSPOSED_COLUMNS_PER_TASK).is_empty());
         // Shapes that end mid-tile, on one thread and (from `PARALLEL_TRANSPOSE_VALUES` on) in parts, the last of
         // them ending mid-tile too: every value lands at (c, r).
         for (rows, cols) in [(17, 33), (131, 3 * TRANSPOSED_COLUMNS_PER_TASK + 13)] {
