@@ -17,10 +17,10 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 const DEFAULT_PURGE_DELAY: std::ffi::c_long = 1000;
 
 /// Keeps the memory of freed blocks for reuse instead of handing it back to the kernel after mimalloc's default
-/// delay (a second): a pass frees its outputs and allocates them again every few milliseconds, and each page handed back was
-/// zeroed again by the kernel when next touched (on a `saif bench --int8 --batch 16` of SmolLM2, 3,442 page faults
-/// against 696 without purging, and 4.3% of the batched steps' samples in `perf record` zeroing pages). The memory
-/// held stays what the largest step needed. Left alone where `MIMALLOC_PURGE_DELAY` set it otherwise.
+/// delay (a second): a pass frees its outputs and allocates them again every few milliseconds, and each page handed
+/// back was zeroed again by the kernel when next touched (on a `saif bench --int8 --batch 16` of SmolLM2, 3,442 page
+/// faults against 739 with purging off, and 4.3% of the batched steps' samples in `perf record` zeroing pages). The
+/// memory held stays what the largest step needed. Left alone where `MIMALLOC_PURGE_DELAY` set it otherwise.
 fn keep_freed_memory() {
     // SAFETY: reads and sets one of mimalloc's options, which it reads whenever it would purge.
     unsafe {

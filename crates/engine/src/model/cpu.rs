@@ -990,10 +990,10 @@ impl LanguageModel for CpuModel {
 }
 
 impl CpuModel {
-    /// `next_token_nlls`: the prompts as sequences of one pass (`prompt_groups`), each pass holding the logits of at most
-    /// `LIKELIHOOD_LOGITS` values (Gemma 3's 262,144 a position), with the products in the prompt form, which gives
-    /// a row the same numbers among any rows from `BATCH_INVARIANT_ROWS` on; shorter prompts are read alone. So each
-    /// prompt gets what reading it alone gives. The likelihoods are computed on the pass's threads.
+    /// `next_token_nlls`: the prompts as sequences of one pass (`prompt_groups`), each pass holding the logits of at
+    /// most `LIKELIHOOD_LOGITS` values (Gemma 3's 262,144 a position), with the products in the prompt form, which
+    /// gives a row the same numbers among any rows from `BATCH_INVARIANT_ROWS` on; shorter prompts are read alone. So
+    /// each prompt gets what reading it alone gives. The likelihoods are computed on the pass's threads.
     fn next_token_nlls_sync(&mut self, prompts: &[&[u32]]) -> Result<Vec<Vec<f64>>> {
         let vocab = self.lm_head.0.rows();
         let lens: Vec<usize> = prompts.iter().map(|p| p.len()).collect();

@@ -3,9 +3,10 @@
 //! sixteen sequences' caches again, page faults included), and the storage grows in chunks of rows.
 //!
 //! The rows are plain values, head after head (`[heads, capacity, head_dim]`), which attention reads in place
-//! (`CacheView`) and each new row, a decoding step's or a prompt's, is appended to directly (`append_row`). Held in candle tensors, each step's
-//! row went through two tensors, a write lock and a copy per layer and sequence, and the readers through a read
-//! lock each: in a batched SmolLM2 step, the sequences' new rows took half as long as their attention.
+//! (`CacheView`) and each new row, a decoding step's or a prompt's, is appended to directly (`append_row`). Held in
+//! candle tensors, each step's row went through two tensors, a write lock and a copy per layer and sequence, and the
+//! readers through a read lock each: in a batched SmolLM2 step, the sequences' new rows took half as long as their
+//! attention.
 //!
 //! The rows are held in f32, or in f16 where the model was loaded so (`LoadOptions::f16_cache`, as llama.cpp keeps
 //! its cache by default): half the bytes for attention to read, each key and value rounded once on its way in.
