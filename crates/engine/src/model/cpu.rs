@@ -226,29 +226,31 @@ impl CpuModel {
             return self.attention_steps(layer, a, calls, row_form);
         }
         let (c, l) = (&self.config, &self.layers[layer]);
-        let [q, k, v] = Linear::values_each([&l.attn_q, &l.attn_k, &l.attn_v], a, row_form)?;
+        let [mut q, mut k, v] = Linear::values_each([&l.attn_q, &l.attn_k, &l.attn_v], a, row_form)?;
         let (q_dim, kv_dim) = (c.q_dim(), c.kv_dim());
         let mut out = vec![0f32; q.len()];
-        // Each call's rows, its part of the output and its sequence, taken out of `self` for the time of the step
-        // so that the sequences' attention (a fifth of a batched step on SmolLM2) runs in parallel, each task
-        // writing its own cache.
+        // Each call's rows (its queries and keys made ready in place), its part of the output and its sequence,
+        // taken out of `self` for the time of the step so that the sequences' attention (a fifth of a batched step
+        // on SmolLM2) runs in parallel, each task writing its own cache.
         let mut sequences = std::mem::take(&mut self.sequences);
         let mut by_index: Vec<Option<&mut Sequence>> = sequences.iter_mut().map(Some).collect();
         let mut tasks = Vec::with_capacity(calls.len());
-        let (mut row, mut rest) = (0, out.as_mut_slice());
+        let (mut rest_q, mut rest_k, mut rest_v, mut rest_out) = (&mut q[..], &mut k[..], &v[..], &mut out[..]);
         for call in calls {
             let sequence = by_index[call.sequence].take().expect("distinct sequences, checked by forward_calls");
             let n = call.tokens.len();
-            let (part, after) = std::mem::take(&mut rest).split_at_mut(n * q_dim);
-            tasks.push((row..row + n, part, sequence));
-            (row, rest) = (row + n, after);
+            let (q, after_q) = std::mem::take(&mut rest_q).split_at_mut(n * q_dim);
+            let (k, after_k) = std::mem::take(&mut rest_k).split_at_mut(n * kv_dim);
+            let (v, after_v) = rest_v.split_at(n * kv_dim);
+            let (out, after_out) = std::mem::take(&mut rest_out).split_at_mut(n * q_dim);
+            tasks.push((q, k, v, out, sequence));
+            (rest_q, rest_k, rest_v, rest_out) = (after_q, after_k, after_v, after_out);
         }
         let this = &*self;
         // One sequence's rows on the pass's threads; several sequences each on a task of their own.
         let rows_in_parallel = tasks.len() == 1;
-        let attend = |(rows, out, sequence): (std::ops::Range<usize>, &mut [f32], &mut Sequence)| {
-            let rows = [(&q, q_dim), (&k, kv_dim), (&v, kv_dim)].map(|(x, d)| &x[rows.start * d..rows.end * d]);
-            this.attend(layer, rows, sequence, rows_in_parallel, out)
+        let attend = |(q, k, v, out, sequence): (&mut [f32], &mut [f32], &[f32], &mut [f32], &mut Sequence)| {
+            this.attend(layer, q, k, v, sequence, rows_in_parallel, out)
         };
         match rows_in_parallel {
             true => tasks.into_iter().for_each(attend),
@@ -333,17 +335,20 @@ impl CpuModel {
         }
     }
 
-    /// Attention of one sequence's `n` new rows at `layer` (`[q, k, v]`: their queries, keys and values, each
-    /// [n, heads * hd]) into `out` ([n, heads * hd]), appending the keys and values to the sequence's cache: each
-    /// row as a decoding step at its position would be, bit for bit (`prepare_row`, then `attend_heads_of` over the
-    /// rows up to its own), the causal mask being where each row's attention stops. The rows are prepared, then
-    /// attend, a few at a time on the pass's threads where `rows_in_parallel` (a single prompt's attention took
-    /// 17-26% of a 128-token prefill on one thread while the others waited). Candle's products per head, which this
-    /// replaced, also computed the masked half of the scores.
+    /// Attention of one sequence's `n` new rows at `layer` (`queries`, `keys`, `v`: theirs, each [n, heads * hd];
+    /// the queries and keys made ready in place) into `out` ([n, heads * hd]), appending the keys and values to the
+    /// sequence's cache: each row as a decoding step at its position would be, bit for bit (`prepare_row`, then
+    /// `attend_heads_of` over the rows up to its own), the causal mask being where each row's attention stops. The
+    /// rows are prepared, then attend, a few at a time on the pass's threads where `rows_in_parallel` (a single
+    /// prompt's attention took 17-26% of a 128-token prefill on one thread while the others waited). Candle's products
+    /// per head, which this replaced, also computed the masked half of the scores.
+    #[allow(clippy::too_many_arguments)]
     fn attend(
         &self,
         layer: usize,
-        [q, k, v]: [&[f32]; 3],
+        queries: &mut [f32],
+        keys: &mut [f32],
+        v: &[f32],
         sequence: &mut Sequence,
         rows_in_parallel: bool,
         out: &mut [f32],
@@ -353,7 +358,6 @@ impl CpuModel {
         let (q_dim, kv_dim) = (nh * hd, nkv * hd);
         let start = sequence.position;
         let norms = qk_norms(&self.layers[layer]);
-        let (mut queries, mut keys) = (q.to_vec(), k.to_vec());
         let parts =
             queries.chunks_mut(ATTENDED_ROWS_PER_TASK * q_dim).zip(keys.chunks_mut(ATTENDED_ROWS_PER_TASK * kv_dim));
         let prepare = |part: usize, (queries, keys): (&mut [f32], &mut [f32])| {
@@ -1324,8 +1328,8 @@ mod tests {
                 let mut got = vec![0f32; 14 * q_dim];
                 let (first, rest) = got.split_at_mut(3 * q_dim);
                 for (r, out) in [(0..3, first), (3..14, rest)] {
-                    let parts = [rows(&q, q_dim, r.clone()), rows(&k, kv_dim, r.clone()), rows(&v, kv_dim, r.clone())];
-                    model.attend(layer, [&parts[0], &parts[1], &parts[2]], &mut prompt, in_parallel, out);
+                    let (mut qr, mut kr) = (rows(&q, q_dim, r.clone()), rows(&k, kv_dim, r.clone()));
+                    model.attend(layer, &mut qr, &mut kr, &rows(&v, kv_dim, r.clone()), &mut prompt, in_parallel, out);
                     prompt.position += r.len();
                 }
                 let differs = got.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits());
