@@ -22,8 +22,8 @@
 // RoPE's cos and sin come from a table the CPU computes once per base (GPU sin/cos lose precision on the large
 // angles of late positions). Layouts: `halves` pairs dimension i with i + d/2 (Gemma), `interleaved` pairs 2i
 // with 2i + 1 (Llama as llama.cpp stores it).
-// CPU twins: candle_nn::ops::rms_norm, candle_nn::rotary_emb::rope / rope_i and CpuModel::attention
-// (model/cpu.rs).
+// CPU twins: tests/gpu_cases's `rms_norm_cpu` (the norm's formula) and `rope_cpu` (candle_nn's rope / rope_i),
+// and CpuModel::attention (model/cpu.rs).
 
 struct HeadsParams {
     heads: u32,

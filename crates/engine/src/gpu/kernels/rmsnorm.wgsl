@@ -5,7 +5,7 @@
 //   norm_add_norm  Y[row] += norm(X[row]); A[row] = norm2(Y[row])
 //                                               (Gemma's post-attention norm, its residual add and the MLP's input
 //                                               norm in one dispatch)
-// CPU twin: candle_nn::ops::rms_norm as model/cpu.rs uses it.
+// CPU twin: the formula as tests/gpu_cases computes it (`rms_norm_cpu`), which model/cpu.rs's norms compute too.
 
 struct Params {
     width: u32,          // values per row
