@@ -40,10 +40,9 @@ impl KvCache {
     /// Appends one position's key and value rows (`k`, `v`: `heads` rows of `head_dim` values, head after head),
     /// rounded to the cache's type.
     pub fn append_row(&mut self, k: &[f32], v: &[f32], heads: usize) {
-        let head_dim = k.len() / heads.max(1);
         assert_eq!(v.len(), k.len(), "a key and a value per head");
-        self.keys.append(heads, head_dim, 1, |h, _, d| k[h * head_dim + d]);
-        self.values.append(heads, head_dim, 1, |h, _, d| v[h * head_dim + d]);
+        self.keys.append_row(heads, k);
+        self.values.append_row(heads, v);
     }
 
     /// The keys held so far, read in place.
@@ -133,23 +132,28 @@ impl Rows {
         Self { values, heads: 0, head_dim: 0, capacity: 0, len: 0 }
     }
 
-    /// Appends `n` rows of each of `heads` heads, value d of head h's row r being `value(h, r, d)`. One layer's
-    /// heads and head size never change; only the rows grow.
-    fn append(&mut self, heads: usize, head_dim: usize, n: usize, value: impl Fn(usize, usize, usize) -> f32) {
+    /// Appends one row of each of `heads` heads (`row`: head after head). One layer's heads and head size never
+    /// change; only the rows grow.
+    fn append_row(&mut self, heads: usize, row: &[f32]) {
+        let head_dim = row.len() / heads.max(1);
         if self.capacity == 0 {
             (self.heads, self.head_dim) = (heads, head_dim);
         }
         assert_eq!((heads, head_dim), (self.heads, self.head_dim), "a layer's cache keeps its shape");
-        if self.len + n > self.capacity {
-            self.grow((self.len + n).next_multiple_of(CHUNK));
+        if self.len == self.capacity {
+            self.grow(self.capacity + CHUNK);
         }
         let (capacity, len) = (self.capacity, self.len);
-        let at = |h: usize, r: usize| (h * capacity + len + r) * head_dim;
+        // Head h's new row, in the storage.
+        let rows =
+            row.chunks_exact(head_dim.max(1)).enumerate().map(|(h, part)| ((h * capacity + len) * head_dim, part));
         match &mut self.values {
-            Values::F32(data) => write_rows(data, heads, head_dim, n, at, &value, |x| x),
-            Values::F16(data) => write_rows(data, heads, head_dim, n, at, &value, f16::from_f32),
+            Values::F32(data) => rows.for_each(|(at, part)| data[at..at + head_dim].copy_from_slice(part)),
+            Values::F16(data) => rows.for_each(|(at, part)| {
+                data[at..at + head_dim].iter_mut().zip(part).for_each(|(out, &x)| *out = f16::from_f32(x))
+            }),
         }
-        self.len += n;
+        self.len += 1;
     }
 
     /// Room for `capacity` rows of each head: a new storage, each head's rows copied to their new place.
@@ -182,27 +186,6 @@ impl Rows {
         match &self.values {
             Values::F32(data) => CacheView::F32(CacheRows { data, head_stride, head_dim }),
             Values::F16(data) => CacheView::F16(CacheRows { data, head_stride, head_dim }),
-        }
-    }
-}
-
-/// Writes `n` rows of each of `heads` heads into `data`, row r of head h from `at(h, r)`, value d being
-/// `convert(value(h, r, d))`.
-fn write_rows<V>(
-    data: &mut [V],
-    heads: usize,
-    head_dim: usize,
-    n: usize,
-    at: impl Fn(usize, usize) -> usize,
-    value: &impl Fn(usize, usize, usize) -> f32,
-    convert: impl Fn(f32) -> V,
-) {
-    for h in 0..heads {
-        for r in 0..n {
-            let start = at(h, r);
-            for (d, out) in data[start..start + head_dim].iter_mut().enumerate() {
-                *out = convert(value(h, r, d));
-            }
         }
     }
 }
