@@ -135,10 +135,13 @@ pub fn for_each_part<T: Send>(parts: impl IntoIterator<Item = T>, run: impl Fn(u
     for_each(parts.0.len(), |i| run(i, parts.take(i)));
 }
 
-/// `make(i, part)` for each of `parts`, in parallel as `for_each_part`, in order.
-pub fn map_parts<T: Send, R: Send>(parts: impl IntoIterator<Item = T>, make: impl Fn(usize, T) -> R + Sync) -> Vec<R> {
-    let parts = Parts::new(parts);
-    map(parts.0.len(), |i| make(i, parts.take(i)))
+/// `for_each_part` where `parallel`, else `run(i, part)` for each part in order on this thread: for the loops whose
+/// work is worth handing to the team only from some size on.
+pub fn for_each_part_if<T: Send>(parallel: bool, parts: impl IntoIterator<Item = T>, run: impl Fn(usize, T) + Sync) {
+    match parallel {
+        true => for_each_part(parts, run),
+        false => parts.into_iter().enumerate().for_each(|(i, part)| run(i, part)),
+    }
 }
 
 /// Parts that tasks take by index, each once. The lock is never contended: the task of index i is the only one
@@ -231,14 +234,13 @@ mod tests {
                 });
                 assert!(runs.iter().all(|r| r.load(Ordering::Relaxed) == 1), "{n} tasks");
                 assert_eq!(map(n, |i| i * i), (0..n).map(|i| i * i).collect::<Vec<_>>());
-                // Each part reaches the task of its index: each task writes its index into its own part.
-                let mut parts = vec![usize::MAX; n];
-                for_each_part(parts.iter_mut(), |i, part| *part = i);
-                assert_eq!(parts, (0..n).collect::<Vec<_>>());
-                assert_eq!(
-                    map_parts((0..n).map(|i| 3 * i), |i, part| (i, part)),
-                    (0..n).map(|i| (i, 3 * i)).collect::<Vec<_>>()
-                );
+                // Each part reaches the task of its index, on the team or not: each task writes its index into
+                // its own part.
+                for parallel in [true, false] {
+                    let mut parts = vec![usize::MAX; n];
+                    for_each_part_if(parallel, parts.iter_mut(), |i, part| *part = i);
+                    assert_eq!(parts, (0..n).collect::<Vec<_>>(), "{n} parts, in parallel: {parallel}");
+                }
             }
         };
         let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();

@@ -252,10 +252,7 @@ impl CpuModel {
         let attend = |(q, k, v, out, sequence): (&mut [f32], &mut [f32], &[f32], &mut [f32], &mut Sequence)| {
             this.attend(layer, q, k, v, sequence, rows_in_parallel, out)
         };
-        match rows_in_parallel {
-            true => tasks.into_iter().for_each(attend),
-            false => team::for_each_part(tasks, |_, task| attend(task)),
-        }
+        team::for_each_part_if(!rows_in_parallel, tasks, |_, task| attend(task));
         self.sequences = sequences;
         self.layers[layer].attn_output.values(&out, row_form)
     }
@@ -287,28 +284,25 @@ impl CpuModel {
             this.step_row(layer, rows(&q, q_dim), rows(&k, kv_dim), &v[i * kv_dim..(i + 1) * kv_dim], norms, sequence)
         };
         let mut out = vec![0f32; calls.len() * q_dim];
-        let attended = match tasks.as_mut_slice() {
+        match tasks.as_mut_slice() {
             // One sequence: its step, then each of its heads on a task of its own.
-            [sequence] => step(0, sequence).map(|stepped| {
+            [sequence] => {
+                let stepped = step(0, sequence);
                 let cache = &sequence.caches[layer];
                 team::for_each_part(out.chunks_exact_mut(hd), |h, out| {
                     let queries = &stepped.queries[h * hd..(h + 1) * hd];
                     this.attend_heads_of(layer, h..h + 1, queries, cache, stepped.len, out)
                 });
-            }),
+            }
             // Several: a task per sequence, its step and then all its heads, in one round of tasks (as many tasks
             // as heads, each with its own scores to allocate, were slower).
-            _ => team::map_parts(tasks.into_iter().zip(out.chunks_exact_mut(q_dim)), |i, (sequence, out)| {
-                let stepped = step(i, sequence)?;
+            _ => team::for_each_part(tasks.into_iter().zip(out.chunks_exact_mut(q_dim)), |i, (sequence, out)| {
+                let stepped = step(i, sequence);
                 let heads = 0..c.n_heads;
                 this.attend_heads_of(layer, heads, &stepped.queries, &sequence.caches[layer], stepped.len, out);
-                Ok(())
-            })
-            .into_iter()
-            .collect::<Result<()>>(),
-        };
+            }),
+        }
         self.sequences = sequences;
-        attended?;
         self.layers[layer].attn_output.values(&out, row_form)
     }
 
@@ -365,10 +359,7 @@ impl CpuModel {
                 self.prepare_row(layer, q, k, norms, start + part * ATTENDED_ROWS_PER_TASK + i);
             }
         };
-        match rows_in_parallel {
-            true => team::for_each_part(parts, prepare),
-            false => parts.enumerate().for_each(|(i, part)| prepare(i, part)),
-        }
+        team::for_each_part_if(rows_in_parallel, parts, prepare);
         let cache = &mut sequence.caches[layer];
         for (k, v) in keys.chunks_exact(kv_dim).zip(v.chunks_exact(kv_dim)) {
             cache.append_row(k, v, nkv);
@@ -382,10 +373,7 @@ impl CpuModel {
             }
         };
         let parts = out.chunks_mut(ATTENDED_ROWS_PER_TASK * q_dim);
-        match rows_in_parallel {
-            true => team::for_each_part(parts, attend),
-            false => parts.enumerate().for_each(|(i, part)| attend(i, part)),
-        }
+        team::for_each_part_if(rows_in_parallel, parts, attend);
     }
 
     /// One row's queries `q` and keys `k` at `layer`, at `position`, made ready for attention in place: Gemma 3's
@@ -425,11 +413,11 @@ impl CpuModel {
         v: &[f32],
         qk_norms: Option<(&[f32], &[f32])>,
         sequence: &mut Sequence,
-    ) -> Result<Step> {
+    ) -> Step {
         let position = sequence.position;
         self.prepare_row(layer, &mut q, &mut k, qk_norms, position);
         sequence.caches[layer].append_row(&k, v, self.config.n_kv_heads);
-        Ok(Step { queries: q, len: position + 1 })
+        Step { queries: q, len: position + 1 }
     }
 
     /// Attention at `layer` of the query heads `heads`, which share one key-value head (`queries`: theirs, rotated
@@ -518,11 +506,7 @@ impl CpuModel {
         // numbers): on one thread, SmolLM2's 16 rows of 1,536 took 2% of the step.
         let ff = l.ffn_up.0.rows();
         let rows = up.len() / ff;
-        if rows >= 4 {
-            team::for_each_part(gated.chunks_exact_mut(ff), |i, row| gate(row, &up[i * ff..(i + 1) * ff]));
-        } else {
-            gate(&mut gated, &up);
-        }
+        team::for_each_part_if(rows >= 4, gated.chunks_exact_mut(ff), |i, row| gate(row, &up[i * ff..(i + 1) * ff]));
         l.ffn_down.values(&gated, row_form)
     }
 
@@ -564,11 +548,7 @@ impl CpuModel {
             written.fetch_add(rows.len(), Ordering::Relaxed);
         };
         let parts = parts.into_iter().zip(out.spare_capacity_mut()[..len].chunks_mut(chunk.max(1)));
-        if len >= 2 * chunk {
-            team::for_each_part(parts, |_, part| norm(part));
-        } else {
-            parts.for_each(norm);
-        }
+        team::for_each_part_if(len >= 2 * chunk, parts, |_, part| norm(part));
         // Each room was written whole (`write_copy_of_slice` takes a source of its length); check that they cover
         // the output.
         assert_eq!(written.into_inner(), len, "parts that cover the rows");
@@ -1318,8 +1298,7 @@ mod tests {
             let mut want = vec![0f32; 14 * q_dim];
             for (i, out) in want.chunks_exact_mut(q_dim).enumerate() {
                 let (qi, ki, vi) = (rows(&q, q_dim, i..i + 1), rows(&k, kv_dim, i..i + 1), rows(&v, kv_dim, i..i + 1));
-                let step =
-                    model.step_row(layer, qi, ki, &vi, super::qk_norms(&model.layers[layer]), &mut stepped).unwrap();
+                let step = model.step_row(layer, qi, ki, &vi, super::qk_norms(&model.layers[layer]), &mut stepped);
                 model.attend_heads_of(layer, 0..c.n_heads, &step.queries, &stepped.caches[layer], step.len, out);
                 stepped.position += 1;
             }
