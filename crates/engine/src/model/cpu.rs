@@ -1198,7 +1198,9 @@ fn qk_norms(l: &Layer) -> Option<(&[f32], &[f32])> {
 mod tests {
     use super::{activations, prompt_groups, rms_norm_rows, softmax_rows, CpuModel, LoadOptions, Sequence};
     use super::{BATCH_INVARIANT_ROWS, READ_BATCH};
+    use crate::config::ModelConfig;
     use crate::gguf::GgufFile;
+    use crate::model::kv_cache::{CacheView, KvCache};
     use candle_core::DType;
 
     /// Rows of scores or activations, spread in sign and size.
@@ -1269,9 +1271,56 @@ mod tests {
         }
     }
 
+    /// A cache row of head `head` as f64 (an f16 cache's values widened).
+    fn cache_row(view: &CacheView, head: usize, row: usize) -> Vec<f64> {
+        match view {
+            CacheView::F32(rows) => rows.row(head, row).iter().map(|&x| x as f64).collect(),
+            CacheView::F16(rows) => rows.row(head, row).iter().map(|x| x.to_f64()).collect(),
+        }
+    }
+
+    /// Attention of one decoding step in f64, by the formulas, from its prepared queries (`queries`: rotated and
+    /// scaled, head after head) and the sequence's cache at `layer` as it holds its first `len` rows: per head, the
+    /// scores against the keys of its key-value head over the layer's window (the last `window` rows), Gemma 2's
+    /// softcap, the softmax, and the values weighted by it. Beside each value, the sum of its terms' magnitudes,
+    /// which scales its rounding in f32.
+    fn attention_in_f64(
+        config: &ModelConfig,
+        layer: usize,
+        queries: &[f32],
+        cache: &KvCache,
+        len: usize,
+    ) -> Vec<(f64, f64)> {
+        let (hd, group) = (config.head_dim, config.n_heads / config.n_kv_heads);
+        let first = config.layers[layer].window.map_or(0, |w| len.saturating_sub(w));
+        let (keys, values) = (cache.keys(), cache.values());
+        let mut out = Vec::new();
+        for h in 0..config.n_heads {
+            let q = &queries[h * hd..(h + 1) * hd];
+            let scores: Vec<f64> = (first..len)
+                .map(|j| {
+                    let s: f64 = cache_row(&keys, h / group, j).iter().zip(q).map(|(k, &q)| k * q as f64).sum();
+                    config.attn_softcap.map_or(s, |cap| (s / cap as f64).tanh() * cap as f64)
+                })
+                .collect();
+            let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let total: f64 = exps.iter().sum();
+            let rows: Vec<Vec<f64>> = (first..len).map(|j| cache_row(&values, h / group, j)).collect();
+            for d in 0..hd {
+                let terms = exps.iter().zip(&rows).map(|(e, v)| e / total * v[d]);
+                out.push((terms.clone().sum(), terms.map(f64::abs).sum()));
+            }
+        }
+        out
+    }
+
     /// A prompt's rows attend as decoding steps at their positions would, bit for bit: `attend` on 11 rows after a
     /// first 3 (on the pass's threads and on one), against `step_row` and `attend_heads_of` row by row. On the
-    /// fixtures, whose 4-token sliding windows the rows cross (Gemma 2's with its softcap), with f32 and f16 caches.
+    /// fixtures' first and last layers, with f32 and f16 caches: the Gemmas' first layers have 4-token sliding
+    /// windows, which the rows cross (Gemma 2's with its softcap); the last layers are global.
+    /// The steps themselves against the formulas in f64 (`attention_in_f64`), from their prepared queries and the
+    /// cache's rows: each value within 4e-6 of its terms' magnitudes.
     #[test]
     fn a_prompts_rows_attend_as_decoding_steps() {
         let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
@@ -1286,36 +1335,52 @@ mod tests {
             let mut model = CpuModel::load(&gguf, &mut reader, &options).unwrap();
             let c = model.config.clone();
             let (q_dim, kv_dim, n_layers) = (c.q_dim(), c.kv_dim(), c.n_layers);
-            let layer = n_layers - 1;
-            model.rope.cover(c.layers[layer].rope_base, c.head_dim, model.rope_factors.as_deref(), 14, 64);
-            let values = |n: usize, d: usize, seed: usize| -> Vec<f32> {
-                (0..n * d).map(|i| (((i + seed) * 7919 % 1013) as f32 / 506.5 - 1.0) * 2.0).collect()
-            };
-            let (q, k, v) = (values(14, q_dim, 1), values(14, kv_dim, 2), values(14, kv_dim, 3));
-            let rows = |x: &[f32], d: usize, r: std::ops::Range<usize>| x[r.start * d..r.end * d].to_vec();
-            // Row by row, as decoding steps.
-            let mut stepped = Sequence::new(n_layers, cache);
-            let mut want = vec![0f32; 14 * q_dim];
-            for (i, out) in want.chunks_exact_mut(q_dim).enumerate() {
-                let (qi, ki, vi) = (rows(&q, q_dim, i..i + 1), rows(&k, kv_dim, i..i + 1), rows(&v, kv_dim, i..i + 1));
-                let step = model.step_row(layer, qi, ki, &vi, super::qk_norms(&model.layers[layer]), &mut stepped);
-                model.attend_heads_of(layer, 0..c.n_heads, &step.queries, &stepped.caches[layer], step.len, out);
-                stepped.position += 1;
-            }
-            for in_parallel in [true, false] {
-                let mut prompt = Sequence::new(n_layers, cache);
-                let mut got = vec![0f32; 14 * q_dim];
-                let (first, rest) = got.split_at_mut(3 * q_dim);
-                for (r, out) in [(0..3, first), (3..14, rest)] {
-                    let (mut qr, mut kr) = (rows(&q, q_dim, r.clone()), rows(&k, kv_dim, r.clone()));
-                    model.attend(layer, &mut qr, &mut kr, &rows(&v, kv_dim, r.clone()), &mut prompt, in_parallel, out);
-                    prompt.position += r.len();
+            // The first layer (the Gemmas' windowed) and the last (a global one in all three).
+            assert_eq!(c.layers[0].window.is_some(), name != "tiny-llama", "{name}: the first layer's window");
+            assert_eq!(c.layers[n_layers - 1].window, None, "{name}: the last layer's window");
+            for layer in [0, n_layers - 1] {
+                model.rope.cover(c.layers[layer].rope_base, c.head_dim, model.rope_factors.as_deref(), 14, 64);
+                let values = |n: usize, d: usize, seed: usize| -> Vec<f32> {
+                    (0..n * d).map(|i| (((i + seed) * 7919 % 1013) as f32 / 506.5 - 1.0) * 2.0).collect()
+                };
+                let (q, k, v) = (values(14, q_dim, 1), values(14, kv_dim, 2), values(14, kv_dim, 3));
+                let rows = |x: &[f32], d: usize, r: std::ops::Range<usize>| x[r.start * d..r.end * d].to_vec();
+                // Row by row, as decoding steps.
+                let mut stepped = Sequence::new(n_layers, cache);
+                let mut want = vec![0f32; 14 * q_dim];
+                for (i, out) in want.chunks_exact_mut(q_dim).enumerate() {
+                    let (qi, ki) = (rows(&q, q_dim, i..i + 1), rows(&k, kv_dim, i..i + 1));
+                    let norms = super::qk_norms(&model.layers[layer]);
+                    let step = model.step_row(layer, qi, ki, &v[i * kv_dim..(i + 1) * kv_dim], norms, &mut stepped);
+                    let held = &stepped.caches[layer];
+                    model.attend_heads_of(layer, 0..c.n_heads, &step.queries, held, step.len, out);
+                    let reference = attention_in_f64(&c, layer, &step.queries, held, step.len);
+                    for (d, (&got, (want, size))) in out.iter().zip(reference).enumerate() {
+                        // The largest seen: 8.7e-7 of the terms' magnitudes (an f16 cache on tiny-gemma3).
+                        assert!(
+                            (got as f64 - want).abs() <= 4e-6 * size,
+                            "{name}, {cache:?} cache, layer {layer}: row {i}, value {d}: {got} against {want} (terms \
+                             of {size})"
+                        );
+                    }
+                    stepped.position += 1;
                 }
-                let differs = got.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits());
-                assert_eq!(
-                    differs, None,
-                    "first value that differs: {name}, {cache:?} cache, in parallel: {in_parallel}"
-                );
+                for in_parallel in [true, false] {
+                    let mut prompt = Sequence::new(n_layers, cache);
+                    let mut got = vec![0f32; 14 * q_dim];
+                    let (first, rest) = got.split_at_mut(3 * q_dim);
+                    for (r, out) in [(0..3, first), (3..14, rest)] {
+                        let (mut qr, mut kr) = (rows(&q, q_dim, r.clone()), rows(&k, kv_dim, r.clone()));
+                        let vr = rows(&v, kv_dim, r.clone());
+                        model.attend(layer, &mut qr, &mut kr, &vr, &mut prompt, in_parallel, out);
+                        prompt.position += r.len();
+                    }
+                    let differs = got.iter().zip(&want).position(|(a, b)| a.to_bits() != b.to_bits());
+                    assert_eq!(
+                        differs, None,
+                        "first value that differs: {name}, {cache:?} cache, layer {layer}, in parallel: {in_parallel}"
+                    );
+                }
             }
         }
     }
