@@ -87,6 +87,10 @@ pub fn dot_row(dtype: GgmlDType, bytes: &[u8], x: &Q8Row) -> f32 {
     if let Some(dot) = super::int8_avx2::dot_row(dtype, bytes, x) {
         return dot;
     }
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    if let Some(dot) = super::simd128::int8_dot_row(dtype, bytes, x) {
+        return dot;
+    }
     portable_dot_row(dtype, bytes, x)
 }
 

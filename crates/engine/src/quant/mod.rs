@@ -260,8 +260,20 @@ impl QuantMatrix {
     }
 
     /// `Form::Int8Rows` where this matrix rounds its activations and `int8_rows` covers its type, else `exact`.
+    /// In wasm, a batched step's rows rounded to 8 bits take `Form::Int8`, a decoding step's own form, row by row
+    /// (`int8::dot_row` in simd128), and prompts stay with `gemm`: `int8_rows`' kernels are native, and its
+    /// portable twin's fused multiply-adds are a library call in wasm, which has none.
     fn rows_form_if(&self, exact: Form) -> Form {
-        match self.int8_activations && int8_rows::layout(self.dtype()).is_some() {
+        if !self.int8_activations {
+            return exact;
+        }
+        if cfg!(target_arch = "wasm32") {
+            return match exact == Form::Rows && int8::supports(self.dtype()) {
+                true => Form::Int8,
+                false => exact,
+            };
+        }
+        match int8_rows::layout(self.dtype()).is_some() {
             true => Form::Int8Rows,
             false => exact,
         }

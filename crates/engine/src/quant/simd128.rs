@@ -6,8 +6,10 @@
 //! `dot` and `dot4` stay portable: in wasm the compiler vectorizes them, and a version written here measured 2-4x
 //! slower.)
 //!
-//! Also the greedy screen's approximation of Q8_0 rows against activations rounded to 8 bits (`q8_0_rounded`), in
-//! integer products of pairs.
+//! Also the greedy screen's approximation of Q8_0 rows against activations rounded to 8 bits (`q8_0_rounded`), and
+//! `int8::dot_row` (the products with activations rounded to 8 bits, `LoadOptions::int8_activations`) for the
+//! layers' types (`int8_dot_row`), in integer products of pairs: `i32x4_dot_i16x8` multiplies eight pairs of 16-bit
+//! integers an instruction, where the exact kernels widen every weight to f32 and multiply four.
 //!
 //! Each kernel keeps its portable twin's lanes (`dot_row`'s eight are two f32x4 registers) and its arithmetic:
 //! the same multiplications and additions in the same order (simd128 has no fused multiply-add), so the results
@@ -21,6 +23,7 @@ use core::arch::wasm32::*;
 use candle_core::quantized::GgmlDType;
 
 use super::blocks::{f16_table, half_in, scale_min_k4};
+use super::int8::Q8Row;
 
 /// `blocks::dot_row` for the types written here; `None` for the others.
 pub fn dot_row(dtype: GgmlDType, bytes: &[u8], x: &[f32]) -> Option<f32> {
@@ -481,4 +484,96 @@ fn dequantize_q6k(bytes: &[u8], out: &mut [f32]) {
             }
         }
     }
+}
+
+/// `int8::portable_dot_row` for Q4_1, Q5_0, Q4_K and Q6_K, bit for bit; `None` for the other types. Each block's
+/// integer sum is exact in either (i32 lanes of pair products, then the lanes added), and the f32 operations that
+/// scale it are the twin's, in its order.
+pub fn int8_dot_row(dtype: GgmlDType, bytes: &[u8], x: &Q8Row) -> Option<f32> {
+    let t = f16_table();
+    let (q, scale, scaled_sum) = (&x.values, &x.scale, &x.scaled_sum);
+    let mut acc = 0f32;
+    match dtype {
+        GgmlDType::Q4_1 => {
+            for (b, w) in bytes.chunks_exact(20).enumerate() {
+                let (low, high) = nibbles(load16(w, 4));
+                let s = block_sum(widen_u8_i16(low), widen_u8_i16(high), q, 32 * b);
+                acc += half_in(t, w, 0) * scale[b] * s as f32 + half_in(t, w, 2) * scaled_sum[b];
+            }
+        }
+        GgmlDType::Q5_0 => {
+            for (b, w) in bytes.chunks_exact(22).enumerate() {
+                let (low, high) = q5_0_values(w);
+                let s = block_sum(widen_i8_i16(low), widen_i8_i16(high), q, 32 * b);
+                acc += half_in(t, w, 0) * scale[b] * s as f32;
+            }
+        }
+        GgmlDType::Q4K => {
+            for (sb, w) in bytes.chunks_exact(144).enumerate() {
+                let (d, dmin) = (half_in(t, w, 0), half_in(t, w, 2));
+                // Sub-blocks 2p and 2p + 1 share 32 bytes: low nibbles, then high.
+                for p in 0..4 {
+                    let ((low_a, high_a), (low_b, high_b)) =
+                        (nibbles(load16(w, 16 + 32 * p)), nibbles(load16(w, 32 + 32 * p)));
+                    for (half, (a, c)) in [(low_a, low_b), (high_a, high_b)].into_iter().enumerate() {
+                        let (i, b) = (2 * p + half, sb * 8 + 2 * p + half);
+                        let (sc, m) = scale_min_k4(i, &w[4..16]);
+                        let s = block_sum(widen_u8_i16(a), widen_u8_i16(c), q, 32 * b);
+                        acc += d * sc as f32 * scale[b] * s as f32 - dmin * m as f32 * scaled_sum[b];
+                    }
+                }
+            }
+        }
+        GgmlDType::Q6K => {
+            for (sb, w) in bytes.chunks_exact(210).enumerate() {
+                let d = half_in(t, w, 208);
+                for h in 0..2 {
+                    let (first, second) = (q6k_runs(w, h, 0), q6k_runs(w, h, 16));
+                    for run in 0..4 {
+                        let (i, b) = (4 * h + run, sb * 8 + 4 * h + run);
+                        let s0 = half_sum(widen_i8_i16(first[run]), q, 32 * b);
+                        let s1 = half_sum(widen_i8_i16(second[run]), q, 32 * b + 16);
+                        let s = w[192 + 2 * i] as i8 as i32 * s0 + w[192 + 2 * i + 1] as i8 as i32 * s1;
+                        acc += d * scale[b] * s as f32;
+                    }
+                }
+            }
+        }
+        _ => return None,
+    }
+    Some(acc)
+}
+
+/// Sixteen signed bytes as two i16x8: values 0-7 and 8-15.
+#[inline(always)]
+fn widen_i8_i16(v: v128) -> [v128; 2] {
+    [i16x8_extend_low_i8x16(v), i16x8_extend_high_i8x16(v)]
+}
+
+/// `widen_i8_i16` for unsigned bytes.
+#[inline(always)]
+fn widen_u8_i16(v: v128) -> [v128; 2] {
+    [u16x8_extend_low_u8x16(v), u16x8_extend_high_u8x16(v)]
+}
+
+/// The sum of sixteen weights (two i16x8) times the rounded activations `q[at..at + 16]`, exact.
+#[inline(always)]
+fn half_sum(w: [v128; 2], q: &[i8], at: usize) -> i32 {
+    assert!(at + 16 <= q.len());
+    // SAFETY: the sixteen values lie inside `q` (asserted); v128 loads need no alignment.
+    let x = widen_i8_i16(unsafe { v128_load(q.as_ptr().add(at) as *const v128) });
+    lanes_sum(i32x4_add(i32x4_dot_i16x8(w[0], x[0]), i32x4_dot_i16x8(w[1], x[1])))
+}
+
+/// The sum of a block's 32 weights (values 0-15 in `low`, 16-31 in `high`) times `q[at..at + 32]`, exact.
+#[inline(always)]
+fn block_sum(low: [v128; 2], high: [v128; 2], q: &[i8], at: usize) -> i32 {
+    half_sum(low, q, at) + half_sum(high, q, at + 16)
+}
+
+/// The four i32 lanes of `v` added.
+#[inline(always)]
+fn lanes_sum(v: v128) -> i32 {
+    let v = i32x4_add(v, i32x4_shuffle::<2, 3, 0, 1>(v, v));
+    i32x4_extract_lane::<0>(i32x4_add(v, i32x4_shuffle::<1, 0, 3, 2>(v, v)))
 }
