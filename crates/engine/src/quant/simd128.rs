@@ -559,16 +559,23 @@ fn widen_u8_i16(v: v128) -> [v128; 2] {
 /// The sum of sixteen weights (two i16x8) times the rounded activations `q[at..at + 16]`, exact.
 #[inline(always)]
 fn half_sum(w: [v128; 2], q: &[i8], at: usize) -> i32 {
+    lanes_sum(pair_products(w, q, at))
+}
+
+/// The sum of a block's 32 weights (values 0-15 in `low`, 16-31 in `high`) times `q[at..at + 32]`, exact: the four
+/// pair products' lanes added, then the lanes.
+#[inline(always)]
+fn block_sum(low: [v128; 2], high: [v128; 2], q: &[i8], at: usize) -> i32 {
+    lanes_sum(i32x4_add(pair_products(low, q, at), pair_products(high, q, at + 16)))
+}
+
+/// Sixteen weights (two i16x8) times the rounded activations `q[at..at + 16]`, as four i32 lanes of sums of pairs.
+#[inline(always)]
+fn pair_products(w: [v128; 2], q: &[i8], at: usize) -> v128 {
     assert!(at + 16 <= q.len());
     // SAFETY: the sixteen values lie inside `q` (asserted); v128 loads need no alignment.
     let x = widen_i8_i16(unsafe { v128_load(q.as_ptr().add(at) as *const v128) });
-    lanes_sum(i32x4_add(i32x4_dot_i16x8(w[0], x[0]), i32x4_dot_i16x8(w[1], x[1])))
-}
-
-/// The sum of a block's 32 weights (values 0-15 in `low`, 16-31 in `high`) times `q[at..at + 32]`, exact.
-#[inline(always)]
-fn block_sum(low: [v128; 2], high: [v128; 2], q: &[i8], at: usize) -> i32 {
-    half_sum(low, q, at) + half_sum(high, q, at + 16)
+    i32x4_add(i32x4_dot_i16x8(w[0], x[0]), i32x4_dot_i16x8(w[1], x[1]))
 }
 
 /// The four i32 lanes of `v` added.
