@@ -81,6 +81,48 @@ async fn tiny_llama_forward_matches_transformers() {
     check_fixture(include_bytes!("fixtures/tiny-llama.gguf"), include_str!("fixtures/tiny-llama.json")).await;
 }
 
+/// A greedy decoding step picks through the output matrix's screen in wasm (`CpuModel::forward_pick`), and
+/// `generate` gives the tokens the whole logits' argmax gives, step after step, with 8-bit activations too. On
+/// tiny-llama given an untied Q8_0 output matrix of random rows (the offline models' type, the one the screen
+/// reads), written here.
+#[wasm_bindgen_test]
+async fn greedy_steps_through_the_screen_give_the_argmax_of_the_logits() {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+    assert!(saif_engine::quant::greedy_screen::screens_single_rows(), "wasm screens single rows");
+    let mut reader = std::io::Cursor::new(&include_bytes!("fixtures/tiny-llama.gguf")[..]);
+    let content = gguf_file::Content::read(&mut reader).unwrap();
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    let mut tensors: Vec<(String, QTensor)> =
+        names.into_iter().map(|n| (n.clone(), content.tensor(&mut reader, n, &Device::Cpu).unwrap())).collect();
+    let (vocab, hidden) = tensors.iter().find(|(n, _)| n == "token_embd.weight").unwrap().1.shape().dims2().unwrap();
+    let w = Tensor::from_vec(gpu_cases::noise(vocab * hidden, 31), (vocab, hidden), &Device::Cpu).unwrap();
+    tensors.push(("output.weight".into(), QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()));
+    let metadata: Vec<(&str, &gguf_file::Value)> = content.metadata.iter().map(|(k, v)| (&k[..], v)).collect();
+    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (&n[..], t)).collect();
+    let mut out = std::io::Cursor::new(Vec::new());
+    gguf_file::write(&mut out, &metadata, &tensors).unwrap();
+    let bytes = out.into_inner();
+    for int8_activations in [false, true] {
+        let options = LoadOptions { int8_activations, ..Default::default() };
+        let mut engine = Engine::from_bytes_cpu(&bytes, &options).unwrap();
+        let prompt = [1, 7, 42, 99];
+        let steps = 16;
+        let greedy = GenerateOptions { max_new_tokens: steps, sampling: Sampling::Greedy, stop_tokens: vec![] };
+        let screened = generate(engine.model.as_mut(), &prompt, &greedy, &Hooks::none(), |_| true).await.unwrap().ids;
+        let model = engine.model.as_mut();
+        model.reset();
+        let (mut input, mut segment, mut whole) = (prompt.to_vec(), Segment::Prompt, Vec::new());
+        for _ in 0..steps {
+            let out = model.forward(&input, segment, &Hooks::none(), LogitsWanted::Last).await.unwrap();
+            whole.push(saif_engine::sampler::argmax(&out.logits));
+            (input, segment) = (vec![*whole.last().unwrap()], Segment::Generated);
+        }
+        assert_eq!(screened, whole, "8-bit activations: {int8_activations}");
+    }
+}
+
 #[wasm_bindgen_test]
 fn truncated_files_are_errors_not_panics() {
     let bytes = include_bytes!("fixtures/tiny-llama.gguf");

@@ -952,6 +952,38 @@ impl LanguageModel for CpuModel {
         Box::pin(std::future::ready(self.forward_sync(tokens, segment, hooks, logits)))
     }
 
+    /// A greedy decoding step of sequence 0 picks through the output matrix's screen where a single row is screened
+    /// (in wasm: `quant::greedy_screen::screens_single_rows`), as a batched step does: the same token without most
+    /// of the logits (Gemma 3's output product was about a third of the page's decoding, computed whole). There a
+    /// step's products equal the rows form's bit for bit (tests/wasm.rs), so the layers give the same numbers
+    /// either way. Prompts, whose logits `generate` keeps, other sampling and native steps take `forward`.
+    fn forward_pick<'a>(
+        &'a mut self,
+        tokens: &'a [u32],
+        segment: Segment,
+        hooks: &'a Hooks,
+        sampling: Sampling,
+        step: u32,
+    ) -> LocalBoxFuture<'a, Result<Picked>> {
+        let screened = tokens.len() == 1
+            && segment == Segment::Generated
+            && sampling == Sampling::Greedy
+            && quant::greedy_screen::screens_single_rows();
+        let picked = match screened {
+            true => {
+                let call = [BatchCall { sequence: 0, tokens, segment, hooks }];
+                self.forward_calls_picking(&call, &[(sampling, step)], RowForm::IndependentSteps)
+                    .map(|mut picked| picked.pop().expect("one pick per call"))
+            }
+            false => self.forward_sync(tokens, segment, hooks, LogitsWanted::Last).map(|out| Picked {
+                token: pick(&out.logits, &sampling, step),
+                captures: out.captures,
+                logits: Some(out.logits),
+            }),
+        };
+        Box::pin(std::future::ready(picked))
+    }
+
     fn read_prompt<'a>(&'a mut self, tokens: &'a [u32], hooks: &'a Hooks) -> LocalBoxFuture<'a, Result<Vec<Capture>>> {
         let out = self.read_prompts_sync(&[(tokens, hooks)]);
         Box::pin(std::future::ready(out.map(|mut all| all.pop().expect("one list per prompt"))))

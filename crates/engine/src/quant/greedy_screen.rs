@@ -57,6 +57,13 @@ fn min_rows(form: Form) -> usize {
     }
 }
 
+/// Whether a single activation row is screened here (in wasm, `WIDENED_MIN_ROWS`; natively never, its fewest rows
+/// being 4 or 8): where it is, a single sequence's greedy step may pick through the screen too
+/// (`CpuModel::forward_pick`).
+pub fn screens_single_rows() -> bool {
+    screen_form().is_some_and(|form| min_rows(form) <= 1)
+}
+
 /// `Form::Widened`'s fewest rows: every step. In Chromium on one thread (a 65,536 x 640 Q8_0 matrix,
 /// best of 5 times 10), the screen took 0.92 of the exact rows form's time for one activation row, where both are
 /// bound by reading the weights, and 0.61-0.65 for 2, 4 and 8; the page's greedy generations of one sequence on
