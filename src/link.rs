@@ -128,7 +128,7 @@ pub fn parse(query: &str) -> (LinkState, Vec<String>) {
             "text" => state.text = value.into_owned(),
             "backend" => match BackendChoice::from_id(&value) {
                 Some(b) => state.backend = b,
-                None => bad(format!("unknown backend \"{}\" ignored (auto, webgpu or cpu)", clip(&value))),
+                None => bad(format!("unknown backend \"{}\" ignored (auto, webgpu, cpu or cpu-int8)", clip(&value))),
             },
             "chat" | "greedy" => match value.as_ref() {
                 "1" | "0" => {
@@ -290,6 +290,12 @@ mod tests {
         let url = LinkState { model: ModelChoice::Url("https://example.org/m.gguf?x=1".into()), ..Default::default() };
         assert_eq!(parse(&to_query(&url)).0, url);
         assert_eq!(parse(""), (LinkState::default(), vec![]));
+        for backend in BackendChoice::ALL {
+            assert_eq!(
+                parse(&format!("?backend={}", backend.id())),
+                (LinkState { backend, ..Default::default() }, vec![])
+            );
+        }
     }
 
     #[test]

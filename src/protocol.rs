@@ -20,14 +20,22 @@ pub enum BackendChoice {
     Auto,
     Webgpu,
     Cpu,
+    /// The CPU with each layer's activations rounded to 8 bits in decoding steps, as llama.cpp computes (the
+    /// engine's `LoadOptions::int8_activations`): faster, not exact (docs/benchmarks.md measures both).
+    CpuInt8,
 }
 
 impl BackendChoice {
+    /// Every choice, in the order the page offers them.
+    pub const ALL: [BackendChoice; 4] =
+        [BackendChoice::Auto, BackendChoice::Webgpu, BackendChoice::Cpu, BackendChoice::CpuInt8];
+
     pub fn label(self) -> &'static str {
         match self {
             BackendChoice::Auto => "WebGPU, or the CPU without it",
             BackendChoice::Webgpu => "WebGPU only",
             BackendChoice::Cpu => "CPU (WebAssembly)",
+            BackendChoice::CpuInt8 => "CPU, 8-bit activations (faster, not exact)",
         }
     }
 
@@ -36,11 +44,12 @@ impl BackendChoice {
             BackendChoice::Auto => "auto",
             BackendChoice::Webgpu => "webgpu",
             BackendChoice::Cpu => "cpu",
+            BackendChoice::CpuInt8 => "cpu-int8",
         }
     }
 
     pub fn from_id(id: &str) -> Option<Self> {
-        [BackendChoice::Auto, BackendChoice::Webgpu, BackendChoice::Cpu].into_iter().find(|b| b.id() == id)
+        Self::ALL.into_iter().find(|b| b.id() == id)
     }
 }
 

@@ -179,7 +179,7 @@ pub fn ModelPanel() -> impl IntoView {
                         state.backend.set(b);
                     }
                 }>
-                    {[BackendChoice::Auto, BackendChoice::Webgpu, BackendChoice::Cpu].into_iter().map(|b| view! {
+                    {BackendChoice::ALL.into_iter().map(|b| view! {
                         <option value=b.id() selected=move || state.backend.get() == b>{b.label()}</option>
                     }).collect_view()}
                 </select>

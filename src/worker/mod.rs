@@ -446,7 +446,8 @@ async fn load(
     let started = now_ms();
     // Drop the previous model first: two models at once may not fit in the tab's memory.
     forget_model();
-    let options = LoadOptions { max_context: Some(BROWSER_CONTEXT), ..Default::default() };
+    let int8_activations = backend == BackendChoice::CpuInt8;
+    let options = LoadOptions { max_context: Some(BROWSER_CONTEXT), int8_activations, ..Default::default() };
     let mut weights = Reporter::new(id, Stage::LoadingWeights);
     // When each stage began, for `load_steps`.
     let mut began: Vec<(Stage, f64)> = Vec::new();
@@ -467,7 +468,7 @@ async fn load(
     let cursor = || std::io::Cursor::new(bytes.as_slice());
     let on_cpu = |progress: &mut dyn FnMut(LoadStep)| Engine::load_cpu_with_progress(&mut cursor(), &options, progress);
     let (engine, note) = match backend {
-        BackendChoice::Cpu => (on_cpu(&mut progress)?, None),
+        BackendChoice::Cpu | BackendChoice::CpuInt8 => (on_cpu(&mut progress)?, None),
         BackendChoice::Webgpu => {
             let gpu = gpu().await?;
             (Engine::load_wgpu_with_progress(&mut cursor(), &options, gpu, &mut progress)?, None)
@@ -523,6 +524,9 @@ async fn load(
         tokenizer: format!("{:?}", engine.tokenizer.kind()),
         instruction_tuned: engine.instruction_tuned(),
         backend: match engine.model.backend_name() {
+            cpu if cpu == "cpu" && int8_activations => {
+                format!("cpu ({}), activations rounded to 8 bits", threads::describe())
+            }
             cpu if cpu == "cpu" => format!("cpu ({})", threads::describe()),
             other => other,
         },
