@@ -21,7 +21,8 @@ pub enum BackendChoice {
     Webgpu,
     Cpu,
     /// The CPU with each layer's activations rounded to 8 bits in decoding steps, as llama.cpp computes (the
-    /// engine's `LoadOptions::int8_activations`): faster, not exact (docs/benchmarks.md measures both).
+    /// engine's `LoadOptions::int8_activations`; prompts stay exact): not exact, and faster on SmolLM2's Q4_1
+    /// layers, about even on Gemma 3's (docs/benchmarks.md, stop 48).
     CpuInt8,
 }
 
@@ -35,7 +36,7 @@ impl BackendChoice {
             BackendChoice::Auto => "WebGPU, or the CPU without it",
             BackendChoice::Webgpu => "WebGPU only",
             BackendChoice::Cpu => "CPU (WebAssembly)",
-            BackendChoice::CpuInt8 => "CPU, 8-bit activations (faster, not exact)",
+            BackendChoice::CpuInt8 => "CPU, 8-bit activations (not exact; faster on SmolLM2)",
         }
     }
 

@@ -253,6 +253,24 @@ test("the CPU backend in the browser gives the same tokens on its threads, and s
   await context.close();
 });
 
+test("the CPU path with 8-bit activations: named in the model card, the prompt's token exact, the generation repeatable", async () => {
+  const context = await browser.newContext();
+  const p = smolGolden.prompts[0];
+  const { page, problems } = await openPage(context, "?chat=0&backend=cpu-int8&text=" + encodeURIComponent(p.prompt));
+  await loaded(page);
+  assert.match(await page.locator("#model-card").textContent(), /Runs on\s*cpu \(.*\), activations rounded to 8 bits/);
+  assert.equal(await page.inputValue("#backend-select"), "cpu-int8");
+  await setNumber(page, "#max-new-tokens", 16);
+  const first = (await generate(page)).default;
+  // The prompt is read with the exact products, so the first token is the reference's; the steps after it round.
+  assert.equal(first[0], p.greedy16_ids[0]);
+  const agree = first.findIndex((id, i) => id !== p.greedy16_ids[i]);
+  console.log(`8-bit activations: the first ${agree < 0 ? 16 : agree} of 16 greedy tokens are the exact path's`);
+  assert.deepEqual((await generate(page)).default, first);
+  assert.deepEqual(problems, []);
+  await context.close();
+});
+
 test("Stop ends a generation between two tokens, and the page stays usable", async () => {
   const context = await browser.newContext();
   const p = smolGolden.prompts[0];
