@@ -138,7 +138,7 @@ fn simd128_kernels_equal_the_portable_ones() {
     use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
     use saif_engine::quant::blocks::{dequantize, dot_row, portable_dequantize, portable_dot_row};
-    assert!(cfg!(target_feature = "simd128"), "the wasm builds enable simd128 (.cargo/config.toml)");
+    const { assert!(cfg!(target_feature = "simd128"), "the wasm builds enable simd128 (.cargo/config.toml)") };
     let (rows, cols) = (8, 512);
     for dtype in saif_engine::gguf::SUPPORTED_TYPES {
         let w = Tensor::from_vec(gpu_cases::noise(rows * cols, 7), (rows, cols), &Device::Cpu).unwrap();
@@ -161,6 +161,18 @@ fn simd128_kernels_equal_the_portable_ones() {
     }
 }
 
+/// The block types of the offline models' matrices.
+const OFFLINE_TYPES: [GgmlDType; 5] =
+    [GgmlDType::Q8_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K];
+
+/// A `rows x cols` matrix of noise (`seed`) quantized to `dtype`, and its bytes, row after row.
+fn noise_matrix(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> (candle_core::quantized::QTensor, Vec<u8>) {
+    let w = candle_core::Tensor::from_vec(gpu_cases::noise(rows * cols, seed), (rows, cols), &candle_core::Device::Cpu);
+    let q = candle_core::quantized::QTensor::quantize(&w.unwrap(), dtype).unwrap();
+    let bytes = q.data().unwrap().into_owned();
+    (q, bytes)
+}
+
 /// In wasm, a batched step's exact products (`matmul_exact_rows`, which unpacks each weight row once for several
 /// activation rows) give each activation row what a decoding step's fused product of that row alone (`matmul`)
 /// gives it, and both equal the portable `dot_row`, bit for bit, for batches of 1 to 6 rows and every type the
@@ -168,15 +180,11 @@ fn simd128_kernels_equal_the_portable_ones() {
 /// Q4_K; the portable twin sums the blocks itself.)
 #[wasm_bindgen_test]
 fn batched_exact_rows_equal_each_row_alone() {
-    use candle_core::quantized::QTensor;
-    use candle_core::{Device, Tensor};
     use saif_engine::quant::blocks::portable_dot_row;
     use saif_engine::quant::QuantMatrix;
     let (rows, cols) = (12, 512);
-    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K] {
-        let w = Tensor::from_vec(gpu_cases::noise(rows * cols, 3), (rows, cols), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&w, dtype).unwrap();
-        let bytes = q.data().unwrap().into_owned();
+    for dtype in OFFLINE_TYPES {
+        let (q, bytes) = noise_matrix(dtype, rows, cols, 3);
         let row_bytes = bytes.len() / rows;
         let q = QuantMatrix::new("w", std::sync::Arc::new(q)).unwrap().for_decoding().unwrap();
         for m in 1..=6 {
@@ -206,14 +214,10 @@ fn batched_exact_rows_equal_each_row_alone() {
 /// gives it, for batches of 1 to 5 rows, on those types and on Q8_0, which stays exact.
 #[wasm_bindgen_test]
 fn rounded_activations_products_equal_the_portable_ones() {
-    use candle_core::quantized::QTensor;
-    use candle_core::{Device, Tensor};
     use saif_engine::quant::{int8, QuantMatrix};
     let (rows, cols) = (12, 512);
-    for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q4K, GgmlDType::Q6K] {
-        let w = Tensor::from_vec(gpu_cases::noise(rows * cols, 21), (rows, cols), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&w, dtype).unwrap();
-        let bytes = q.data().unwrap().into_owned();
+    for dtype in OFFLINE_TYPES {
+        let (q, bytes) = noise_matrix(dtype, rows, cols, 21);
         let row_bytes = bytes.len() / rows;
         let matrix = QuantMatrix::new("w", std::sync::Arc::new(q)).unwrap().with_int8_activations(true);
         let matrix = matrix.for_decoding().unwrap();

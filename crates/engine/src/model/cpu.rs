@@ -975,11 +975,9 @@ impl LanguageModel for CpuModel {
                 self.forward_calls_picking(&call, &[(sampling, step)], RowForm::IndependentSteps)
                     .map(|mut picked| picked.pop().expect("one pick per call"))
             }
-            false => self.forward_sync(tokens, segment, hooks, LogitsWanted::Last).map(|out| Picked {
-                token: pick(&out.logits, &sampling, step),
-                captures: out.captures,
-                logits: Some(out.logits),
-            }),
+            false => self
+                .forward_sync(tokens, segment, hooks, LogitsWanted::Last)
+                .map(|out| Picked::from_logits(out, &sampling, step)),
         };
         Box::pin(std::future::ready(picked))
     }

@@ -46,6 +46,14 @@ pub struct Picked {
     pub logits: Option<Vec<f32>>,
 }
 
+impl Picked {
+    /// The token `sampler::pick` takes from a forward call's last logits (generation step `step`), with the call's
+    /// captures and the logits kept.
+    pub(crate) fn from_logits(out: StepOutput, sampling: &Sampling, step: u32) -> Self {
+        Picked { token: pick(&out.logits, sampling, step), captures: out.captures, logits: Some(out.logits) }
+    }
+}
+
 /// Figures a backend reports about itself.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BackendStats {
@@ -231,11 +239,7 @@ pub trait LanguageModel {
             Ok(outputs
                 .into_iter()
                 .zip(picks)
-                .map(|(out, (sampling, step))| Picked {
-                    token: pick(&out.logits, sampling, *step),
-                    captures: out.captures,
-                    logits: Some(out.logits),
-                })
+                .map(|(out, (sampling, step))| Picked::from_logits(out, sampling, *step))
                 .collect())
         })
     }
@@ -252,7 +256,7 @@ pub trait LanguageModel {
     ) -> LocalBoxFuture<'a, Result<Picked>> {
         Box::pin(async move {
             let out = self.forward(tokens, segment, hooks, LogitsWanted::Last).await?;
-            Ok(Picked { token: pick(&out.logits, &sampling, step), captures: out.captures, logits: Some(out.logits) })
+            Ok(Picked::from_logits(out, &sampling, step))
         })
     }
 }
