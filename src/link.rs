@@ -128,7 +128,10 @@ pub fn parse(query: &str) -> (LinkState, Vec<String>) {
             "text" => state.text = value.into_owned(),
             "backend" => match BackendChoice::from_id(&value) {
                 Some(b) => state.backend = b,
-                None => bad(format!("unknown backend \"{}\" ignored (auto, webgpu, cpu or cpu-int8)", clip(&value))),
+                None => {
+                    let known = BackendChoice::ALL.map(BackendChoice::id).join(", ");
+                    bad(format!("unknown backend \"{}\" ignored (one of {known})", clip(&value)))
+                }
             },
             "chat" | "greedy" => match value.as_ref() {
                 "1" | "0" => {
@@ -332,7 +335,7 @@ mod tests {
         assert_eq!(problems.len(), 4, "{problems:?}");
         assert!(problems[0].contains("neither a known model"));
         assert!(problems[1].contains("colour"));
-        assert!(problems[2].contains("tpu") && problems[3].contains("chat"));
+        assert!(problems[2].contains("tpu") && problems[2].contains("cpu-int8") && problems[3].contains("chat"));
         let (state, problems) = parse(&format!("text={}", "a".repeat(MAX_TEXT + 10)));
         assert_eq!(state.text.len(), MAX_TEXT);
         assert_eq!(problems.len(), 1);
