@@ -358,6 +358,25 @@ pub(crate) fn q6k_runs(b: &[u8], h: usize) -> [[i8; 32]; 4] {
     q
 }
 
+/// Q5_0 blocks rewritten as Q8_0 blocks of the same values: each block's f16 scale `d` kept, each value `q - 16`
+/// (`-16..=15`) stored as a signed byte. Lossless: `d * (q - 16)` decodes the same in either, and a block's dot
+/// product is the same sum in the same order (`portable_dot_row`'s two arms differ only in the unpacking). 34
+/// bytes a block where Q5_0 takes 22, but in wasm, where no instruction spreads Q5_0's fifth bits, Q8_0's kernels
+/// are the faster (`QuantMatrix::for_decoding`).
+pub fn q5_0_as_q8_0(bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(bytes.len() / 22 * 34);
+    for b in bytes.chunks_exact(22) {
+        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        let value = |j: usize| {
+            let nibble = if j < 16 { b[6 + j] & 0x0f } else { b[6 + j - 16] >> 4 };
+            (nibble as i32 | ((qh >> j) as i32 & 1) << 4) - 16
+        };
+        out.extend_from_slice(&b[..2]);
+        out.extend((0..32).map(|j| value(j) as i8 as u8));
+    }
+    out
+}
+
 /// Scale and minimum of sub-block `j` (0..8) of a Q4_K block: 6 bits each, packed into 12 bytes.
 #[inline(always)]
 pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
@@ -373,6 +392,41 @@ mod tests {
     use super::*;
     use candle_core::quantized::ggml_file::qtensor_from_ggml;
     use candle_core::Device;
+
+    /// Q5_0 blocks rewritten as Q8_0 (random bytes, finite scales) decode to the same values bit for bit, and a
+    /// row's dot product is the same in either type in the portable code (and in simd128's kernels, which equal it:
+    /// tests/wasm.rs; AVX2's two kernels sum in different orders, and natively nothing is rewritten).
+    #[test]
+    fn q5_0_rewritten_as_q8_0_keeps_every_value() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut bytes: Vec<u8> = (0..22 * 40)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        for (i, b) in bytes.chunks_exact_mut(22).enumerate() {
+            b[..2].copy_from_slice(&f16::from_f32(0.02 - i as f32 * 0.001).to_le_bytes());
+        }
+        let q8 = q5_0_as_q8_0(&bytes);
+        assert_eq!(q8.len(), 40 * 34);
+        // By hand: block 0's value 3 is its low nibble of byte 9 with bit 3 of qh as the fifth bit, minus 16.
+        let qh = u32::from_le_bytes([bytes[2], bytes[3], bytes[4], bytes[5]]);
+        assert_eq!(q8[2 + 3] as i8 as i32, (bytes[9] & 0x0f) as i32 + 16 * ((qh >> 3) & 1) as i32 - 16);
+        let (mut from_q5, mut from_q8) = (vec![0f32; 40 * 32], vec![0f32; 40 * 32]);
+        portable_dequantize(GgmlDType::Q5_0, &bytes, &mut from_q5);
+        portable_dequantize(GgmlDType::Q8_0, &q8, &mut from_q8);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&from_q5), bits(&from_q8));
+        let x: Vec<f32> = (0..40 * 32).map(|i| ((i * 53 % 97) as f32 - 48.0) / 17.0).collect();
+        for (q5, q8) in bytes.chunks_exact(22 * 8).zip(q8.chunks_exact(34 * 8)) {
+            let x = &x[..256];
+            let (a, b) = (portable_dot_row(GgmlDType::Q5_0, q5, x), portable_dot_row(GgmlDType::Q8_0, q8, x));
+            assert_eq!(a.to_bits(), b.to_bits(), "{a} vs {b}");
+        }
+    }
 
     /// Random blocks whose f16 scales are finite (random bytes elsewhere), decoded here and by candle.
     #[test]

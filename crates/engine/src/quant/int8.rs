@@ -11,7 +11,8 @@
 //! allowed (16 GB/s against 15 in integers, `examples/dot_speed.rs`), and with AVX-512 its rows are repacked too
 //! (`q8_0_lanes`); an integer kernel for them has not been measured against that one. Batched steps, which are bound
 //! by multiply-adds rather than by memory, round for every type of the offline models, Q8_0 included
-//! (`int8_rows`).
+//! (`int8_rows`). In wasm, Q5_0 rows are stored as Q8_0 rows of the same values (`QuantMatrix::for_decoding`), so
+//! `dot_row` reads Q8_0 blocks too, with Q5_0's sums.
 
 use candle_core::quantized::GgmlDType;
 
@@ -88,10 +89,30 @@ pub fn dot_row(dtype: GgmlDType, bytes: &[u8], x: &Q8Row) -> f32 {
         return dot;
     }
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-    if let Some(dot) = super::simd128::int8_dot_row(dtype, bytes, x) {
+    if let Some(dot) = super::simd128::int8_dot_row(dtype, bytes, x, &widen(&x.values)) {
         return dot;
     }
     portable_dot_row(dtype, bytes, x)
+}
+
+/// `dot_row` with `x`'s values already widened to i16 (`widen`), as wasm's kernels read them: a product widens each
+/// activation row once for all its weight rows, not once a row. Elsewhere `widened` is not read.
+pub fn dot_row_widened(dtype: GgmlDType, bytes: &[u8], x: &Q8Row, widened: &[i16]) -> f32 {
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    if let Some(dot) = super::simd128::int8_dot_row(dtype, bytes, x, widened) {
+        return dot;
+    }
+    let _ = widened;
+    dot_row(dtype, bytes, x)
+}
+
+/// Whether `dot_row_widened` reads the widened values: in wasm.
+pub const READS_WIDENED: bool = cfg!(all(target_arch = "wasm32", target_feature = "simd128"));
+
+/// Rounded values widened to i16, as simd128's products of pairs read them (`dot_row_widened`, and the greedy
+/// screen's `Form::Widened`).
+pub fn widen(values: &[i8]) -> Vec<i16> {
+    values.iter().map(|&v| i16::from(v)).collect()
 }
 
 /// `dot_row` in portable Rust: the wasm path and the twin the AVX2 kernels are tested against. Each 32-value
@@ -121,6 +142,15 @@ pub fn portable_dot_row(dtype: GgmlDType, bytes: &[u8], x: &Q8Row) -> f32 {
                     let high = ((w[6 + j] >> 4) as u32 | (qh >> (j + 12)) & 0x10) as i32 - 16;
                     s += low * qx[j] as i32 + high * qx[j + 16] as i32;
                 }
+                acc += half(w, 0) * x.scale[b] * s as f32;
+            }
+        }
+        GgmlDType::Q8_0 => {
+            // Not a type `supports` names: Q5_0 rows that wasm stores as Q8_0 (`blocks::q5_0_as_q8_0`), whose sums
+            // are Q5_0's, term for term.
+            for (b, w) in bytes.chunks_exact(34).enumerate() {
+                let qx = &q[b * 32..b * 32 + 32];
+                let s: i32 = w[2..].iter().zip(qx).map(|(&v, &c)| v as i8 as i32 * c as i32).sum();
                 acc += half(w, 0) * x.scale[b] * s as f32;
             }
         }
@@ -256,5 +286,22 @@ mod tests {
             }
         }
         assert!(!supports(GgmlDType::Q8_0));
+    }
+
+    /// Q5_0 rows rewritten as Q8_0 (as wasm stores them) give the same 8-bit products bit for bit.
+    #[test]
+    fn q5_0_rows_as_q8_0_give_the_same_integer_products() {
+        let (n, k) = (5, 544);
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1).collect();
+        let raw = QTensor::quantize(&Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(), GgmlDType::Q5_0).unwrap();
+        let raw = raw.data().unwrap();
+        let x: Vec<f32> = (0..k).map(|i| ((i * 104729 % 997) as f32 / 498.5 - 1.0) * (1.0 + (i % 7) as f32)).collect();
+        let q = quantize(&x);
+        for r in 0..n {
+            let q5 = &raw[r * k / 32 * 22..(r + 1) * k / 32 * 22];
+            let q8 = crate::quant::blocks::q5_0_as_q8_0(q5);
+            let (a, b) = (portable_dot_row(GgmlDType::Q5_0, q5, &q), portable_dot_row(GgmlDType::Q8_0, &q8, &q));
+            assert_eq!(a.to_bits(), b.to_bits(), "row {r}: {a} vs {b}");
+        }
     }
 }

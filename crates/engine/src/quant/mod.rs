@@ -48,6 +48,9 @@ pub struct QuantMatrix {
     cols: usize,
     /// Whether decoding products round the activations to 8 bits (`int8`, opt-in, not exact).
     int8_activations: bool,
+    /// The weights' type in the file, which decides the 8-bit products' coverage (`int8::supports`): in wasm,
+    /// `for_decoding` stores Q5_0 rows as Q8_0 (`dtype`), and those still round as Q5_0's did.
+    file_dtype: GgmlDType,
     /// For a Q8_0 matrix multiplied in `Form::Int8Rows`: its blocks' terms, made at the first such product
     /// (`int8_rows::Q8Terms`). Shared by clones.
     q8_terms: Arc<OnceLock<int8_rows::Q8Terms>>,
@@ -109,6 +112,10 @@ pub enum RowForm {
     IndependentSteps,
 }
 
+/// Whether `for_decoding` rewrites Q5_0 rows as Q8_0: in wasm, where Q5_0's fifth bits cost more to unpack than
+/// Q8_0's larger rows cost to read.
+const REWRITES_Q5_0: bool = cfg!(all(target_arch = "wasm32", target_feature = "simd128"));
+
 /// The fewest rows of output one task computes: enough work to amortise scheduling.
 const ROWS_PER_TASK: usize = 64;
 
@@ -136,6 +143,7 @@ impl QuantMatrix {
             });
         }
         Ok(Self {
+            file_dtype: tensor.dtype(),
             tensor,
             rows,
             cols,
@@ -156,8 +164,19 @@ impl QuantMatrix {
 
     /// Repacks the rows as single sequences' decoding steps read them fastest, where the CPU has kernels for that
     /// (Q4_1 and Q8_0 with AVX-512, `q4_1_lanes` and `q8_0_lanes`): a copy of the matrix, made once, for weights
-    /// read at every token.
+    /// read at every token. In wasm, Q5_0 rows are rewritten as Q8_0 rows of the same values instead
+    /// (`blocks::q5_0_as_q8_0`): the same products bit for bit, 1.3-1.5x faster in Chromium, in 1.5x the memory.
     pub fn for_decoding(mut self) -> Result<Self> {
+        if REWRITES_Q5_0 && self.dtype() == GgmlDType::Q5_0 {
+            let q8 = blocks::q5_0_as_q8_0(&self.raw()?);
+            let tensor = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                GgmlDType::Q8_0,
+                &q8,
+                vec![self.rows, self.cols],
+                &candle_core::Device::Cpu,
+            );
+            self.tensor = Arc::new(tensor.context("rewriting Q5_0 rows as Q8_0")?);
+        }
         if !lanes::available() {
             return Ok(self);
         }
@@ -247,7 +266,7 @@ impl QuantMatrix {
         if m > FUSED_MAX_ROWS {
             // Prompts: in 8-bit integers where asked (as llama.cpp computes them), else a decoded band and gemm.
             self.rows_form_if(Form::Band)
-        } else if self.int8_activations && int8::supports(self.dtype()) {
+        } else if self.int8_activations && int8::supports(self.file_dtype) {
             Form::Int8
         } else {
             Form::Fused
@@ -268,7 +287,7 @@ impl QuantMatrix {
             return exact;
         }
         if cfg!(target_arch = "wasm32") {
-            return match exact == Form::Rows && int8::supports(self.dtype()) {
+            return match exact == Form::Rows && int8::supports(self.file_dtype) {
                 true => Form::Int8,
                 false => exact,
             };
@@ -377,7 +396,8 @@ impl QuantMatrix {
                     prefetch_row_ahead(rows, r, row_bytes);
                     let row = &rows[r * row_bytes..(r + 1) * row_bytes];
                     for (i, xi) in prepared.rounded.iter().enumerate() {
-                        out.write(i, r, &[int8::dot_row(dtype, row, xi)]);
+                        let widened = prepared.widened.get(i).map_or(&[][..], |w| &w[..]);
+                        out.write(i, r, &[int8::dot_row_widened(dtype, row, xi, widened)]);
                     }
                 }
             }
@@ -562,8 +582,8 @@ fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<Vec<f32>>> {
         false => Vec::new(),
     };
     let prepared = Prepared {
-        widened: match uses(|form| matches!(form, Form::Widened)) {
-            true => rounded.iter().map(|row| row.values.iter().map(|&v| i16::from(v)).collect()).collect(),
+        widened: match uses(|form| *form == Form::Widened || (*form == Form::Int8 && int8::READS_WIDENED)) {
+            true => rounded.iter().map(|row| int8::widen(&row.values)).collect(),
             false => Vec::new(),
         },
         tile_rows: match jobs.iter().any(|(q, form)| *form == Form::Int8Tiles && q.lanes_for(*form).is_some()) {
@@ -710,7 +730,7 @@ impl Columns {
 struct Prepared {
     /// Each row rounded to 8 bits (`Form::Int8`, `Form::Int8Rows`, `Form::Int8Tiles`, `Form::Widened`).
     rounded: Vec<int8::Q8Row>,
-    /// The rounded rows' values widened to i16 (`Form::Widened`).
+    /// The rounded rows' values widened to i16 (`Form::Widened`; in wasm, `Form::Int8`).
     widened: Vec<Vec<i16>>,
     /// The rounded rows sixteen at a time as AMX tiles read them (`Form::Int8Tiles` on repacked rows).
     tile_rows: Vec<int8_rows::TileRows>,

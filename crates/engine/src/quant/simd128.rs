@@ -486,12 +486,14 @@ fn dequantize_q6k(bytes: &[u8], out: &mut [f32]) {
     }
 }
 
-/// `int8::portable_dot_row` for Q4_1, Q5_0, Q4_K and Q6_K, bit for bit; `None` for the other types. Each block's
-/// integer sum is exact in either (i32 lanes of pair products, then the lanes added), and the f32 operations that
-/// scale it are the twin's, in its order.
-pub fn int8_dot_row(dtype: GgmlDType, bytes: &[u8], x: &Q8Row) -> Option<f32> {
+/// `int8::portable_dot_row` for Q4_1, Q5_0, Q4_K, Q6_K and Q8_0 (wasm's Q5_0 rows, `blocks::q5_0_as_q8_0`), bit for
+/// bit; `None` for the other types. `q` is `x.values` widened to i16 (`int8::widen`), once for every weight row of
+/// a product. Each block's integer sum is exact in either (i32 lanes of pair products, then the lanes added), and
+/// the f32 operations that scale it are the twin's, in its order.
+pub fn int8_dot_row(dtype: GgmlDType, bytes: &[u8], x: &Q8Row, q: &[i16]) -> Option<f32> {
     let t = f16_table();
-    let (q, scale, scaled_sum) = (&x.values, &x.scale, &x.scaled_sum);
+    assert_eq!(q.len(), x.values.len(), "the rounded row widened");
+    let (scale, scaled_sum) = (&x.scale, &x.scaled_sum);
     let mut acc = 0f32;
     match dtype {
         GgmlDType::Q4_1 => {
@@ -505,6 +507,12 @@ pub fn int8_dot_row(dtype: GgmlDType, bytes: &[u8], x: &Q8Row) -> Option<f32> {
             for (b, w) in bytes.chunks_exact(22).enumerate() {
                 let (low, high) = q5_0_values(w);
                 let s = block_sum(widen_i8_i16(low), widen_i8_i16(high), q, 32 * b);
+                acc += half_in(t, w, 0) * scale[b] * s as f32;
+            }
+        }
+        GgmlDType::Q8_0 => {
+            for (b, w) in bytes.chunks_exact(34).enumerate() {
+                let s = block_sum(widen_i8_i16(load16(w, 2)), widen_i8_i16(load16(w, 18)), q, 32 * b);
                 acc += half_in(t, w, 0) * scale[b] * s as f32;
             }
         }
@@ -558,24 +566,21 @@ fn widen_u8_i16(v: v128) -> [v128; 2] {
 
 /// The sum of sixteen weights (two i16x8) times the rounded activations `q[at..at + 16]`, exact.
 #[inline(always)]
-fn half_sum(w: [v128; 2], q: &[i8], at: usize) -> i32 {
+fn half_sum(w: [v128; 2], q: &[i16], at: usize) -> i32 {
     lanes_sum(pair_products(w, q, at))
 }
 
 /// The sum of a block's 32 weights (values 0-15 in `low`, 16-31 in `high`) times `q[at..at + 32]`, exact: the four
 /// pair products' lanes added, then the lanes.
 #[inline(always)]
-fn block_sum(low: [v128; 2], high: [v128; 2], q: &[i8], at: usize) -> i32 {
+fn block_sum(low: [v128; 2], high: [v128; 2], q: &[i16], at: usize) -> i32 {
     lanes_sum(i32x4_add(pair_products(low, q, at), pair_products(high, q, at + 16)))
 }
 
 /// Sixteen weights (two i16x8) times the rounded activations `q[at..at + 16]`, as four i32 lanes of sums of pairs.
 #[inline(always)]
-fn pair_products(w: [v128; 2], q: &[i8], at: usize) -> v128 {
-    assert!(at + 16 <= q.len());
-    // SAFETY: the sixteen values lie inside `q` (asserted); v128 loads need no alignment.
-    let x = widen_i8_i16(unsafe { v128_load(q.as_ptr().add(at) as *const v128) });
-    i32x4_add(i32x4_dot_i16x8(w[0], x[0]), i32x4_dot_i16x8(w[1], x[1]))
+fn pair_products(w: [v128; 2], q: &[i16], at: usize) -> v128 {
+    i32x4_add(i32x4_dot_i16x8(w[0], load8_i16(q, at)), i32x4_dot_i16x8(w[1], load8_i16(q, at + 8)))
 }
 
 /// The four i32 lanes of `v` added.
