@@ -413,6 +413,18 @@ fn read_blocks<R: Read>(reader: &mut R, dtype: GgmlDType, bytes: usize) -> Resul
     }
 }
 
+/// A Q8_0 matrix of `rows x cols` values whose blocks `fill` writes into zeroed bytes, row after row: how the CPU
+/// path stores rows it rewrites (`QuantMatrix::for_decoding`) without a second copy.
+pub(crate) fn q8_0_matrix(rows: usize, cols: usize, fill: impl FnOnce(&mut [u8])) -> Result<QTensor> {
+    const { assert!(std::mem::size_of::<BlockQ8_0>() == 34, "ggml's block_q8_0: an f16 and 32 bytes") };
+    let count = rows * cols / 32;
+    let mut blocks = zeroed::<BlockQ8_0>(count)?;
+    // SAFETY: as in `read_blocks`: the vector's `count` elements are initialised (zeroed) and span these bytes.
+    let raw = unsafe { std::slice::from_raw_parts_mut(blocks.as_mut_ptr() as *mut u8, count * 34) };
+    fill(raw);
+    QTensor::new(QStorage::Cpu(Box::new(blocks)), vec![rows, cols]).context("a Q8_0 matrix")
+}
+
 /// `count` values whose bytes are all zero, from the allocator's zeroed memory (which the system zeroes lazily).
 /// Only for plain data: floats, and GGML blocks of integers and f16 scales, for which all-zero bytes is a value.
 fn zeroed<T>(count: usize) -> Result<Vec<T>> {

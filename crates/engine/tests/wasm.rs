@@ -132,7 +132,7 @@ fn truncated_files_are_errors_not_panics() {
 
 /// The CPU path's block kernels in WebAssembly SIMD (quant/simd128.rs) equal the portable code bit for bit: the
 /// fused dot products and the decoders, on quantized rows of every type (those without a simd128 kernel take the
-/// portable code in both).
+/// portable code in both), and Q5_0's rewriting as Q8_0.
 #[wasm_bindgen_test]
 fn simd128_kernels_equal_the_portable_ones() {
     use candle_core::quantized::QTensor;
@@ -157,6 +157,13 @@ fn simd128_kernels_equal_the_portable_ones() {
         portable_dequantize(dtype, &bytes, &mut want);
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert_eq!(g.to_bits(), w.to_bits(), "{dtype:?} value {i}: {g} vs the portable {w}");
+        }
+        if dtype == GgmlDType::Q5_0 {
+            let mut want = vec![0u8; bytes.len() / 22 * 34];
+            saif_engine::quant::blocks::portable_q5_0_as_q8_0(&bytes, &mut want);
+            let mut got = vec![0u8; want.len()];
+            saif_engine::quant::blocks::q5_0_as_q8_0(&bytes, &mut got);
+            assert_eq!(got, want, "Q5_0 rewritten as Q8_0");
         }
     }
 }

@@ -362,19 +362,27 @@ pub(crate) fn q6k_runs(b: &[u8], h: usize) -> [[i8; 32]; 4] {
 /// (`-16..=15`) stored as a signed byte. Lossless: `d * (q - 16)` decodes the same in either, and a block's dot
 /// product is the same sum in the same order (`portable_dot_row`'s two arms differ only in the unpacking). 34
 /// bytes a block where Q5_0 takes 22, but in wasm, where no instruction spreads Q5_0's fifth bits, Q8_0's kernels
-/// are the faster (`QuantMatrix::for_decoding`).
-pub fn q5_0_as_q8_0(bytes: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(bytes.len() / 22 * 34);
-    for b in bytes.chunks_exact(22) {
+/// are the faster (`QuantMatrix::for_decoding`). In simd128 where compiled (Gemma 3's 63 M values while the model
+/// loads), else `portable_q5_0_as_q8_0`; the same bytes. `out`: 34 bytes for each 22 of `bytes`.
+pub fn q5_0_as_q8_0(bytes: &[u8], out: &mut [u8]) {
+    assert_eq!(bytes.len() / 22 * 34, out.len(), "a Q8_0 block for each Q5_0 block");
+    #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
+    super::simd128::q5_0_as_q8_0(bytes, out);
+    #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+    portable_q5_0_as_q8_0(bytes, out);
+}
+
+/// `q5_0_as_q8_0` in portable Rust, into `out` (34 bytes for each 22 of `bytes`).
+pub fn portable_q5_0_as_q8_0(bytes: &[u8], out: &mut [u8]) {
+    for (b, o) in bytes.chunks_exact(22).zip(out.chunks_exact_mut(34)) {
         let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-        let value = |j: usize| {
-            let nibble = if j < 16 { b[6 + j] & 0x0f } else { b[6 + j - 16] >> 4 };
-            (nibble as i32 | ((qh >> j) as i32 & 1) << 4) - 16
-        };
-        out.extend_from_slice(&b[..2]);
-        out.extend((0..32).map(|j| value(j) as i8 as u8));
+        o[..2].copy_from_slice(&b[..2]);
+        for j in 0..16 {
+            let (low, high) = (b[6 + j] & 0x0f, b[6 + j] >> 4);
+            o[2 + j] = ((low as i32 | ((qh >> j) as i32 & 1) << 4) - 16) as i8 as u8;
+            o[18 + j] = ((high as i32 | ((qh >> (j + 16)) as i32 & 1) << 4) - 16) as i8 as u8;
+        }
     }
-    out
 }
 
 /// Scale and minimum of sub-block `j` (0..8) of a Q4_K block: 6 bits each, packed into 12 bytes.
@@ -410,8 +418,8 @@ mod tests {
         for (i, b) in bytes.chunks_exact_mut(22).enumerate() {
             b[..2].copy_from_slice(&f16::from_f32(0.02 - i as f32 * 0.001).to_le_bytes());
         }
-        let q8 = q5_0_as_q8_0(&bytes);
-        assert_eq!(q8.len(), 40 * 34);
+        let mut q8 = vec![0u8; 40 * 34];
+        q5_0_as_q8_0(&bytes, &mut q8);
         // By hand: block 0's value 3 is its low nibble of byte 9 with bit 3 of qh as the fifth bit, minus 16.
         let qh = u32::from_le_bytes([bytes[2], bytes[3], bytes[4], bytes[5]]);
         assert_eq!(q8[2 + 3] as i8 as i32, (bytes[9] & 0x0f) as i32 + 16 * ((qh >> 3) & 1) as i32 - 16);

@@ -299,7 +299,8 @@ mod tests {
         let q = quantize(&x);
         for r in 0..n {
             let q5 = &raw[r * k / 32 * 22..(r + 1) * k / 32 * 22];
-            let q8 = crate::quant::blocks::q5_0_as_q8_0(q5);
+            let mut q8 = vec![0u8; q5.len() / 22 * 34];
+            crate::quant::blocks::q5_0_as_q8_0(q5, &mut q8);
             let (a, b) = (portable_dot_row(GgmlDType::Q5_0, q5, &q), portable_dot_row(GgmlDType::Q8_0, &q8, &q));
             assert_eq!(a.to_bits(), b.to_bits(), "row {r}: {a} vs {b}");
         }

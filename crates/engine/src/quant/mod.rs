@@ -112,8 +112,9 @@ pub enum RowForm {
     IndependentSteps,
 }
 
-/// Whether `for_decoding` rewrites Q5_0 rows as Q8_0: in wasm, where Q5_0's fifth bits cost more to unpack than
-/// Q8_0's larger rows cost to read.
+/// Whether `for_decoding` rewrites Q5_0 rows as Q8_0: in wasm, where spreading Q5_0's fifth bits costs more than
+/// reading Q8_0's larger rows. Not natively: there, with AVX2, `batch_speed`'s exact rows of a 2048 x 640 matrix ran
+/// at the same pace in either type (16 rows: 59 and 61 G multiply-adds a second on two threads).
 const REWRITES_Q5_0: bool = cfg!(all(target_arch = "wasm32", target_feature = "simd128"));
 
 /// The fewest rows of output one task computes: enough work to amortise scheduling.
@@ -165,17 +166,14 @@ impl QuantMatrix {
     /// Repacks the rows as single sequences' decoding steps read them fastest, where the CPU has kernels for that
     /// (Q4_1 and Q8_0 with AVX-512, `q4_1_lanes` and `q8_0_lanes`): a copy of the matrix, made once, for weights
     /// read at every token. In wasm, Q5_0 rows are rewritten as Q8_0 rows of the same values instead
-    /// (`blocks::q5_0_as_q8_0`): the same products bit for bit, 1.3-1.5x faster in Chromium, in 1.5x the memory.
+    /// (`blocks::q5_0_as_q8_0`): the same products bit for bit in 1.5x the memory, a single row's 1.6-2.1x faster
+    /// in Chromium and batches of 4 or 8 rows as fast (docs/benchmarks.md, stop 49).
     pub fn for_decoding(mut self) -> Result<Self> {
         if REWRITES_Q5_0 && self.dtype() == GgmlDType::Q5_0 {
-            let q8 = blocks::q5_0_as_q8_0(&self.raw()?);
-            let tensor = candle_core::quantized::ggml_file::qtensor_from_ggml(
-                GgmlDType::Q8_0,
-                &q8,
-                vec![self.rows, self.cols],
-                &candle_core::Device::Cpu,
-            );
-            self.tensor = Arc::new(tensor.context("rewriting Q5_0 rows as Q8_0")?);
+            let raw = self.raw()?;
+            let q8 = crate::gguf::q8_0_matrix(self.rows, self.cols, |out| blocks::q5_0_as_q8_0(&raw, out))?;
+            drop(raw);
+            self.tensor = Arc::new(q8);
         }
         if !lanes::available() {
             return Ok(self);

@@ -236,6 +236,20 @@ fn q5_0_values(b: &[u8]) -> (v128, v128) {
     (v128_or(low, v128_andnot(top, bytes_from_bits(qh))), v128_or(high, v128_andnot(top, bytes_from_bits(qh >> 16))))
 }
 
+/// `blocks::q5_0_as_q8_0`: each 22-byte Q5_0 block of `bytes` as a 34-byte Q8_0 block in `out`, its scale copied
+/// and its values unpacked as the Q5_0 kernels unpack them.
+pub fn q5_0_as_q8_0(bytes: &[u8], out: &mut [u8]) {
+    for (b, o) in bytes.chunks_exact(22).zip(out.chunks_exact_mut(34)) {
+        let (low, high) = q5_0_values(b);
+        o[..2].copy_from_slice(&b[..2]);
+        // SAFETY: `o` is 34 bytes: sixteen from 2 and sixteen from 18 lie inside it.
+        unsafe {
+            v128_store(o.as_mut_ptr().add(2) as *mut v128, low);
+            v128_store(o.as_mut_ptr().add(18) as *mut v128, high);
+        }
+    }
+}
+
 /// Sixteen values of each of the four runs of 32 of half `h` of a Q6_K block (values l + 32k of the half, run k,
 /// for l in `at..at + 16`, `at` 0 or 16), as signed bytes: four low bits from `ql` and two high bits from `qh`,
 /// minus 32, as `blocks::dot_row` and `blocks::dequantize` unpack them.
