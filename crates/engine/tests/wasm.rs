@@ -220,15 +220,18 @@ fn batched_exact_rows_equal_each_row_alone() {
 
 /// Activations rounded to 8 bits in wasm (`LoadOptions::int8_activations`): `int8::dot_row`'s simd128 kernels equal
 /// the portable twin bit for bit on every type they cover (Q8_0 too, the form of wasm's Q5_0 rows), with zeros and
-/// an outlier among the activations; a decoding step's product gives what the kernel gives the file's rows (Q5_0
-/// rows included, stored as Q8_0); and a batched step's product (`matmul_exact_rows`) gives each row what a
-/// decoding step of that row alone (`matmul`) gives it, for batches of 1 to 5 rows, on those types and on Q8_0,
-/// which stays exact.
+/// an outlier among the activations, on rows of 16 and 19 blocks; a decoding step's product gives what the kernel
+/// gives the file's rows (Q5_0 rows included, stored as Q8_0); and a batched step's product (`matmul_exact_rows`)
+/// gives each row what a decoding step of that row alone (`matmul`) gives it, for batches of 1 to 5 rows, on those
+/// types and on Q8_0, which stays exact.
 #[wasm_bindgen_test]
 fn rounded_activations_products_equal_the_portable_ones() {
     use saif_engine::quant::{int8, QuantMatrix};
-    let (rows, cols) = (12, 512);
-    for dtype in OFFLINE_TYPES {
+    let rows = 12;
+    // 16 blocks of 32 a row, and for the types of 32-value blocks also 19 (the kernels take four blocks at a time,
+    // then the rest one by one).
+    let cases = OFFLINE_TYPES.map(|dtype| (dtype, 512)).into_iter();
+    for (dtype, cols) in cases.chain([GgmlDType::Q8_0, GgmlDType::Q4_1, GgmlDType::Q5_0].map(|dtype| (dtype, 608))) {
         let (q, bytes) = noise_matrix(dtype, rows, cols, 21);
         let row_bytes = bytes.len() / rows;
         let matrix = QuantMatrix::new("w", std::sync::Arc::new(q)).unwrap().with_int8_activations(true);
