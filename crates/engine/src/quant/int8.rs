@@ -82,7 +82,8 @@ pub fn portable_quantize_into(x: &[f32], values: &mut [i8], scale: &mut [f32], s
     }
 }
 
-/// `sum_c W[c] * x[c]` for one weight row's blocks and a rounded activation row.
+/// `sum_c W[c] * x[c]` for one weight row's blocks and a rounded activation row. In wasm it widens `x` at each call;
+/// a product widens each row once and calls `dot_row_widened`.
 pub fn dot_row(dtype: GgmlDType, bytes: &[u8], x: &Q8Row) -> f32 {
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
     if let Some(dot) = super::int8_avx2::dot_row(dtype, bytes, x) {
