@@ -503,7 +503,10 @@ fn dequantize_q6k(bytes: &[u8], out: &mut [f32]) {
 /// `int8::portable_dot_row` for Q4_1, Q5_0, Q4_K, Q6_K and Q8_0 (wasm's Q5_0 rows, `blocks::q5_0_as_q8_0`), bit for
 /// bit; `None` for the other types. `q` is `x.values` widened to i16 (`int8::widen`), once for every weight row of
 /// a product. Each block's integer sum is exact in either (i32 lanes of pair products, then the lanes added), and
-/// the f32 operations that scale it are the twin's, in its order.
+/// the f32 operations that scale it are the twin's, in its order. Except Q5_0's (which wasm stores as Q8_0), the
+/// blocks' sums are made four blocks (or sub-blocks, or Q6_K's runs) at a time, in one transpose (`four_sums`), and
+/// their terms scaled in one f32x4: Q4_1's products took 1.3x as long a block at a time, Q8_0's 1.15-1.25x, Q4_K's
+/// 1.3x and Q6_K's 1.2x (docs/benchmarks.md, stop 49).
 pub fn int8_dot_row(dtype: GgmlDType, bytes: &[u8], x: &Q8Row, q: &[i16]) -> Option<f32> {
     let t = f16_table();
     assert_eq!(q.len(), x.values.len(), "the rounded row widened");
@@ -547,16 +550,27 @@ pub fn int8_dot_row(dtype: GgmlDType, bytes: &[u8], x: &Q8Row, q: &[i16]) -> Opt
         GgmlDType::Q4K => {
             for (sb, w) in bytes.chunks_exact(144).enumerate() {
                 let (d, dmin) = (half_in(t, w, 0), half_in(t, w, 2));
-                // Sub-blocks 2p and 2p + 1 share 32 bytes: low nibbles, then high.
-                for p in 0..4 {
-                    let ((low_a, high_a), (low_b, high_b)) =
-                        (nibbles(load16(w, 16 + 32 * p)), nibbles(load16(w, 32 + 32 * p)));
-                    for (half, (a, c)) in [(low_a, low_b), (high_a, high_b)].into_iter().enumerate() {
-                        let (i, b) = (2 * p + half, sb * 8 + 2 * p + half);
-                        let (sc, m) = scale_min_k4(i, &w[4..16]);
-                        let s = block_sum(widen_u8_i16(a), widen_u8_i16(c), q, 32 * b);
-                        acc += d * sc as f32 * scale[b] * s as f32 - dmin * m as f32 * scaled_sum[b];
+                let w: &[u8; 144] = w.try_into().unwrap();
+                // Sub-blocks 2p and 2p + 1 share 32 bytes: low nibbles, then high. Four sub-blocks at a time, their
+                // sums together and their terms scaled in one f32x4 (as `fold_four_blocks`), lane by lane the
+                // twin's `d * sc * scale * s - dmin * m * scaled_sum`.
+                for first in [0, 4] {
+                    let mut p = [i32x4_splat(0); 4];
+                    for pair in 0..2 {
+                        let at = 16 + 32 * (first / 2 + pair);
+                        let ((low_a, high_a), (low_b, high_b)) = (nibbles(load16(w, at)), nibbles(load16(w, at + 16)));
+                        let b = sb * 8 + first + 2 * pair;
+                        p[2 * pair] = block_products(widen_u8_i16(low_a), widen_u8_i16(low_b), q, 32 * b);
+                        p[2 * pair + 1] = block_products(widen_u8_i16(high_a), widen_u8_i16(high_b), q, 32 * b + 32);
                     }
+                    let sm: [(u8, u8); 4] = std::array::from_fn(|j| scale_min_k4(first + j, &w[4..16]));
+                    let sc = f32x4(sm[0].0 as f32, sm[1].0 as f32, sm[2].0 as f32, sm[3].0 as f32);
+                    let m = f32x4(sm[0].1 as f32, sm[1].1 as f32, sm[2].1 as f32, sm[3].1 as f32);
+                    let b = sb * 8 + first;
+                    let sums = f32x4_convert_i32x4(four_sums(p));
+                    let up = f32x4_mul(f32x4_mul(f32x4_mul(f32x4_splat(d), sc), load4(scale, b)), sums);
+                    let down = f32x4_mul(f32x4_mul(f32x4_splat(dmin), m), load4(scaled_sum, b));
+                    add_in_order(&mut acc, f32x4_sub(up, down));
                 }
             }
         }
@@ -565,13 +579,22 @@ pub fn int8_dot_row(dtype: GgmlDType, bytes: &[u8], x: &Q8Row, q: &[i16]) -> Opt
                 let d = half_in(t, w, 208);
                 for h in 0..2 {
                     let (first, second) = (q6k_runs(w, h, 0), q6k_runs(w, h, 16));
-                    for run in 0..4 {
-                        let (i, b) = (4 * h + run, sb * 8 + 4 * h + run);
-                        let s0 = half_sum(widen_i8_i16(first[run]), q, 32 * b);
-                        let s1 = half_sum(widen_i8_i16(second[run]), q, 32 * b + 16);
-                        let s = w[192 + 2 * i] as i8 as i32 * s0 + w[192 + 2 * i + 1] as i8 as i32 * s1;
-                        acc += d * scale[b] * s as f32;
-                    }
+                    // The four runs at once: each run's two half sums (`four_sums` of their lanes), times their i8
+                    // scales and added in i32 (exact, as the twin's), then `d * scale * s` lane by lane.
+                    let b = sb * 8 + 4 * h;
+                    let halves = |runs: [v128; 4], at: usize| {
+                        four_sums(std::array::from_fn(|run| {
+                            pair_products(widen_i8_i16(runs[run]), q, 32 * (b + run) + at)
+                        }))
+                    };
+                    let scale_of = |k: usize| {
+                        let sc = |run: usize| w[192 + 2 * (4 * h + run) + k] as i8 as i32;
+                        i32x4(sc(0), sc(1), sc(2), sc(3))
+                    };
+                    let s =
+                        i32x4_add(i32x4_mul(scale_of(0), halves(first, 0)), i32x4_mul(scale_of(1), halves(second, 16)));
+                    let terms = f32x4_mul(f32x4_mul(f32x4_splat(d), load4(scale, b)), f32x4_convert_i32x4(s));
+                    add_in_order(&mut acc, terms);
                 }
             }
         }
@@ -592,12 +615,6 @@ fn widen_u8_i16(v: v128) -> [v128; 2] {
     [u16x8_extend_low_u8x16(v), u16x8_extend_high_u8x16(v)]
 }
 
-/// The sum of sixteen weights (two i16x8) times the rounded activations `q[at..at + 16]`, exact.
-#[inline(always)]
-fn half_sum(w: [v128; 2], q: &[i16], at: usize) -> i32 {
-    lanes_sum(pair_products(w, q, at))
-}
-
 /// The sum of a block's 32 weights (values 0-15 in `low`, 16-31 in `high`) times `q[at..at + 32]`, exact: the four
 /// pair products' lanes added, then the lanes.
 #[inline(always)]
@@ -611,13 +628,29 @@ fn block_products(low: [v128; 2], high: [v128; 2], q: &[i16], at: usize) -> v128
     i32x4_add(pair_products(low, q, at), pair_products(high, q, at + 16))
 }
 
+/// The sums of the four lanes of each of `p[0..4]`, in one vector: `[p0_0 + p0_2, p1_0 + p1_2, p0_1 + p0_3, p1_1 +
+/// p1_3]` and the same of p2 and p3, then their halves added (integers, so in any order the same).
+#[inline(always)]
+fn four_sums(p: [v128; 4]) -> v128 {
+    let a = i32x4_add(i32x4_shuffle::<0, 4, 1, 5>(p[0], p[1]), i32x4_shuffle::<2, 6, 3, 7>(p[0], p[1]));
+    let c = i32x4_add(i32x4_shuffle::<0, 4, 1, 5>(p[2], p[3]), i32x4_shuffle::<2, 6, 3, 7>(p[2], p[3]));
+    i32x4_add(i32x4_shuffle::<0, 1, 4, 5>(a, c), i32x4_shuffle::<2, 3, 6, 7>(a, c))
+}
+
+/// `acc += v[0]; acc += v[1]; ..`: four blocks' terms added one by one, as the twin adds them.
+#[inline(always)]
+fn add_in_order(acc: &mut f32, v: v128) {
+    *acc += f32x4_extract_lane::<0>(v);
+    *acc += f32x4_extract_lane::<1>(v);
+    *acc += f32x4_extract_lane::<2>(v);
+    *acc += f32x4_extract_lane::<3>(v);
+}
+
 /// The sum of a row's blocks (`B` bytes each) as `int8::portable_dot_row` adds them: one f32 term a block, in
 /// order, from zero. `products(b, block)` gives block b's four lanes of integer products (`block_products`). Four
 /// blocks at a time, their four sums come out of one transpose and `terms(b, blocks, sums)` scales them together,
 /// each lane with the twin's operations; the last one to three blocks take `term(b, block, sum)`, the same
-/// operations on one block. Where each block's sum was added across its lanes alone, Q4_1's product took 1.3x as
-/// long, Q8_0's 1.15-1.25x (docs/benchmarks.md, stop 49). The blocks are fixed-size arrays: as slices, Q8_0's ran
-/// at half the speed.
+/// operations on one block. The blocks are fixed-size arrays: as slices, Q8_0's product ran at half the speed.
 #[inline(always)]
 fn fold_four_blocks<const B: usize>(
     bytes: &[u8],
@@ -632,14 +665,7 @@ fn fold_four_blocks<const B: usize>(
     for four in fours {
         let w: [&[u8; B]; 4] = std::array::from_fn(|i| four[i * B..(i + 1) * B].try_into().unwrap());
         let p: [v128; 4] = std::array::from_fn(|i| products(b + i, w[i]));
-        // [p0_0 + p0_2, p1_0 + p1_2, p0_1 + p0_3, p1_1 + p1_3], the same of p2 and p3, then their halves added.
-        let a = i32x4_add(i32x4_shuffle::<0, 4, 1, 5>(p[0], p[1]), i32x4_shuffle::<2, 6, 3, 7>(p[0], p[1]));
-        let c = i32x4_add(i32x4_shuffle::<0, 4, 1, 5>(p[2], p[3]), i32x4_shuffle::<2, 6, 3, 7>(p[2], p[3]));
-        let v = terms(b, w, i32x4_add(i32x4_shuffle::<0, 1, 4, 5>(a, c), i32x4_shuffle::<2, 3, 6, 7>(a, c)));
-        acc += f32x4_extract_lane::<0>(v);
-        acc += f32x4_extract_lane::<1>(v);
-        acc += f32x4_extract_lane::<2>(v);
-        acc += f32x4_extract_lane::<3>(v);
+        add_in_order(&mut acc, terms(b, w, four_sums(p)));
         b += 4;
     }
     for w in rest.chunks_exact(B) {
