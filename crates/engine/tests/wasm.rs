@@ -183,8 +183,8 @@ fn noise_matrix(dtype: GgmlDType, rows: usize, cols: usize, seed: u64) -> (candl
 /// In wasm, a batched step's exact products (`matmul_exact_rows`, which unpacks each weight row once for several
 /// activation rows) give each activation row what a decoding step's fused product of that row alone (`matmul`)
 /// gives it, and both equal the portable `dot_row` of the file's rows, bit for bit, for batches of 1 to 6 rows and
-/// every type the simd128 kernels cover (Q5_0's rows stored as Q8_0). (Both products read the activations' block sums, made once per product, on Q4_1 and
-/// Q4_K; the portable twin sums the blocks itself.)
+/// every type the simd128 kernels cover (Q5_0's rows stored as Q8_0). (Both products read the activations' block
+/// sums, made once per product, on Q4_1 and Q4_K; the portable twin sums the blocks itself.)
 #[wasm_bindgen_test]
 fn batched_exact_rows_equal_each_row_alone() {
     use saif_engine::quant::blocks::portable_dot_row;
