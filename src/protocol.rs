@@ -22,7 +22,7 @@ pub enum BackendChoice {
     Cpu,
     /// The CPU with each layer's activations rounded to 8 bits in decoding steps, as llama.cpp computes (the
     /// engine's `LoadOptions::int8_activations`; prompts stay exact): not exact, and faster on SmolLM2's Q4_1
-    /// layers, about even on Gemma 3's (docs/benchmarks.md, stop 48).
+    /// layers; on Gemma 3's about 1.2x on one thread and even on two (docs/benchmarks.md, stops 48 and 49).
     CpuInt8,
 }
 
