@@ -82,29 +82,31 @@ pub fn portable_quantize_into(x: &[f32], values: &mut [i8], scale: &mut [f32], s
     }
 }
 
-/// `sum_c W[c] * x[c]` for one weight row's blocks and a rounded activation row. In wasm it widens `x` at each call;
-/// a product widens each row once and calls `dot_row_widened`.
+/// `sum_c W[c] * x[c]` for one weight row's blocks and a rounded activation row. In wasm it widens `x` at each call
+/// (`dot_row_widened`); a product widens each row once instead.
 pub fn dot_row(dtype: GgmlDType, bytes: &[u8], x: &Q8Row) -> f32 {
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
-    if let Some(dot) = super::int8_avx2::dot_row(dtype, bytes, x) {
-        return dot;
-    }
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-    if let Some(dot) = super::simd128::int8_dot_row(dtype, bytes, x, &widen(&x.values)) {
-        return dot;
+    return dot_row_widened(dtype, bytes, x, &widen(&x.values));
+    #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+    {
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+        if let Some(dot) = super::int8_avx2::dot_row(dtype, bytes, x) {
+            return dot;
+        }
+        portable_dot_row(dtype, bytes, x)
     }
-    portable_dot_row(dtype, bytes, x)
 }
 
 /// `dot_row` with `x`'s values already widened to i16 (`widen`), as wasm's kernels read them: a product widens each
-/// activation row once for all its weight rows, not once a row. Elsewhere `widened` is not read.
+/// activation row once for all its weight rows, not once a row. Elsewhere `widened` is not read: `dot_row`.
 pub fn dot_row_widened(dtype: GgmlDType, bytes: &[u8], x: &Q8Row, widened: &[i16]) -> f32 {
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-    if let Some(dot) = super::simd128::int8_dot_row(dtype, bytes, x, widened) {
-        return dot;
+    return super::simd128::int8_dot_row(dtype, bytes, x, widened).unwrap_or_else(|| portable_dot_row(dtype, bytes, x));
+    #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
+    {
+        let _ = widened;
+        dot_row(dtype, bytes, x)
     }
-    let _ = widened;
-    dot_row(dtype, bytes, x)
 }
 
 /// Whether `dot_row_widened` reads the widened values: in wasm.
