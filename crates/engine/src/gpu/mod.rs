@@ -4,7 +4,8 @@
 //!
 //! `context` opens the device, `kernels` compiles the `.wgsl` files, `weights` holds matrices in GPU buffers,
 //! `upload` reads a layer's weights from the GGUF onto the device, `plan` turns each part of the model into
-//! dispatches (a layer's plan is `Planner::layer`), and `model` loads, records and runs the forward pass.
+//! dispatches (a layer's plan is `Planner::layer`), and `model` loads the model and runs the forward pass: a call
+//! (`model::call`) or several sequences' steps at once (`model::batch`).
 
 pub mod context;
 pub mod kernels;
