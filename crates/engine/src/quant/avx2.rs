@@ -438,7 +438,7 @@ unsafe fn lanes16<const R: usize>(a: &[f32], b: [&[f32]; R]) -> [(__m256, __m256
     acc
 }
 
-/// The sixteen lanes summed as a tree (`quant::sum16`'s order: lane i plus lane i + 8, then i + 4, i + 2, i + 1),
+/// The sixteen lanes summed as a tree (`f32_dots::sum16`'s order: lane i plus lane i + 8, then i + 4, i + 2, i + 1),
 /// plus the products past the whole chunks. A tree is four dependent additions where an in-order sum is fifteen:
 /// with sixteen activation rows per weight row, the in-order sum was a tenth of a batched decoding step.
 pub(super) fn finish(a: &[f32], b: &[f32], lo: __m256, hi: __m256) -> f32 {
