@@ -1,7 +1,8 @@
-//! Attention on the CPU: each sequence's new rows made ready (Gemma 3's query and key norms, RoPE, the queries'
-//! scale) and appended to its KV cache, then attended over its own cache rows, row by row as decoding steps do, so
-//! that a sequence gets the same numbers in a prompt, a single step or a batch. The query heads that share a
-//! key-value head read each key and value row once for all of them.
+//! A layer's attention block on the CPU: the query, key and value products over every call's rows at once; each
+//! sequence's new rows made ready (Gemma 3's query and key norms, RoPE, the queries' scale) and appended to its KV
+//! cache, then attended over its own cache rows, row by row as decoding steps do, so that a sequence gets the same
+//! numbers in a prompt, a single step or a batch (the query heads that share a key-value head read each key and
+//! value row once for all of them); then the output product.
 
 use super::{rms_norm_in_place, CpuModel, Layer, Linear, Sequence};
 use crate::config::{rope_cos_sin, RopeLayout};
