@@ -556,11 +556,17 @@ mod tests {
     /// formulas in f64 (`made_ready_in_f64`), on the fixtures' first and last layers (the Gemmas' local and global
     /// RoPE bases) at positions 0 to 63: each value within 1e-6 of its pair's magnitude. The largest seen: 2.7e-7
     /// (tiny-gemma3; the f32 tables' cos and sin are rounded from f64, the norm's sum of squares taken in f32).
+    /// No fixture has RoPE frequency factors (a Llama 3 file's `rope_freqs`), so each model also runs with factors
+    /// of its own, which the tables divide each frequency by.
     #[test]
     fn rows_are_made_ready_as_the_formulas_say() {
-        for name in FIXTURES {
+        for (name, with_factors) in FIXTURES.into_iter().flat_map(|name| [(name, false), (name, true)]) {
             let mut model = fixture(name, DType::F32);
             let c = model.config.clone();
+            assert!(model.rope_factors.is_none(), "{name}: the fixtures have no RoPE factors");
+            if with_factors {
+                model.rope_factors = Some((0..c.head_dim / 2).map(|i| 1.0 + 0.37 * i as f32).collect());
+            }
             let (q_dim, kv_dim, n_layers) = (c.q_dim(), c.kv_dim(), c.n_layers);
             for layer in [0, n_layers - 1] {
                 model.rope.cover(c.layers[layer].rope_base, c.head_dim, model.rope_factors.as_deref(), 64, 64);
@@ -579,8 +585,8 @@ mod tests {
                             let off = (got as f64 - want).abs();
                             assert!(
                                 off <= 1e-6 * size,
-                                "{name}, layer {layer}, position {position}, {what} value {d}: {got} against {want} \
-                                 (a pair of {size})"
+                                "{name}, factors {with_factors}, layer {layer}, position {position}, {what} value {d}: \
+                                 {got} against {want} (a pair of {size})"
                             );
                         }
                     }
