@@ -1,7 +1,8 @@
 //! How a product runs: the rows of each matrix cut into bands, handed to the pass's threads (`products`); the
 //! activations prepared once for every band in the forms their kernels read (`Prepared`); each band computed in
 //! its form (`QuantMatrix::band`: blocks decoded inside each dot product, rows decoded once, a band decoded for
-//! `gemm`, or the 8-bit kernels) and written into its own columns of the output (`Columns`).
+//! `gemm`, or the 8-bit kernels) and written into its own columns of the output (`Columns`), or into a buffer of
+//! its own and reduced there, on its thread (`reduce_bands`, for the greedy screen).
 
 use std::cell::RefCell;
 
@@ -19,73 +20,9 @@ pub(super) fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<V
         return Err(EngineError::InvalidRequest(format!("activations of {} values for rows of {k}", x.len())));
     }
     let m = x.len() / k;
-    let tiles = m >= TILE_MIN_ROWS && int8_rows::tiles_available();
-    let jobs: Vec<(&QuantMatrix, Form)> = jobs
-        .iter()
-        .map(|&(q, form)| (q, if form == Form::Int8Rows && tiles { Form::Int8Tiles } else { form }))
-        .collect();
+    let jobs = on_tiles(jobs, m);
     let raws = jobs.iter().map(|(q, _)| q.raw()).collect::<Result<Vec<_>>>()?;
-    // What the bands share, made once: the activation rows rounded to 8 bits, transposed for gemm, or their
-    // block sums.
-    let uses = |wanted: fn(&Form) -> bool| jobs.iter().any(|(_, form)| wanted(form));
-    // The rows rounded one by one, for the forms that read them so (on AMX tiles, only the rows outside whole
-    // groups of sixteen do). A batched step's rows are rounded on the pass's threads (each row alone, so the same
-    // in any split).
-    let reads_rounded = |(q, form): &(&QuantMatrix, Form)| match form {
-        Form::Int8 | Form::Int8Rows | Form::Widened => true,
-        Form::Int8Tiles => q.lanes_for(*form).is_none() || q.rows % lanes::LANES != 0,
-        _ => false,
-    };
-    let rounded: Vec<int8::Q8Row> = match jobs.iter().any(reads_rounded) {
-        true if m >= 4 => crate::team::map(m, |i| int8::quantize(&x[i * k..(i + 1) * k])),
-        true => x.chunks_exact(k).map(int8::quantize).collect(),
-        false => Vec::new(),
-    };
-    // The rounded rows in lanes, for the block lengths the `Int8Rows` jobs' types use.
-    let lanes_of = |len| match jobs.iter().any(|(q, form)| {
-        matches!(form, Form::Int8Rows | Form::Int8Tiles)
-            && int8_rows::layout(q.dtype()).is_some_and(|l| l.len == len)
-            && (q.lanes_for(*form).is_none() || q.rows % lanes::LANES != 0)
-    }) {
-        true => int8_rows::lanes(&rounded, len),
-        false => Vec::new(),
-    };
-    let prepared = Prepared {
-        widened: match uses(|form| *form == Form::Widened || (*form == Form::Int8 && int8::READS_WIDENED)) {
-            true => rounded.iter().map(|row| int8::widen(&row.values)).collect(),
-            false => Vec::new(),
-        },
-        tile_rows: match jobs.iter().any(|(q, form)| *form == Form::Int8Tiles && q.lanes_for(*form).is_some()) {
-            true => x.chunks(lanes::LANES * k).map(|rows| int8_rows::TileRows::round(rows, k)).collect(),
-            false => Vec::new(),
-        },
-        lanes16: lanes_of(16),
-        lanes32: lanes_of(32),
-        rounded,
-        transposed: match uses(|form| matches!(form, Form::Band)) {
-            true => transpose(x, m, k),
-            false => Vec::new(),
-        },
-        block_sums: match jobs.iter().any(|(q, form)| reads_block_sums(*form) && takes_block_sums(q.dtype())) {
-            true => x.chunks_exact(k).map(block_sums).collect(),
-            false => Vec::new(),
-        },
-        totals: match jobs
-            .iter()
-            .any(|(q, form)| matches!(form, Form::Fused) && matches!(q.lanes_for(*form), Some(DecodingLanes::Q4_1(_))))
-        {
-            true => x.chunks_exact(k).map(q4_1_lanes::block_totals).collect(),
-            false => Vec::new(),
-        },
-    };
-    for ((q, form), raw) in jobs.iter().zip(&raws) {
-        if matches!(form, Form::Int8Rows | Form::Int8Tiles)
-            && q.dtype() == GgmlDType::Q8_0
-            && int8_rows::reads_q8_0_in_place()
-        {
-            q.q8_terms.get_or_init(|| int8_rows::Q8Terms::new(raw));
-        }
-    }
+    let prepared = Prepared::new(&jobs, &raws, x, m, k);
     // A few bands per thread and matrix balance the load; more only add scheduling. The rows are shared out
     // evenly, so that no band is shorter than `ROWS_PER_TASK` (in the prompt form, a short band with few
     // activation rows would take gemm's small-product kernel, whose sums run in another order).
@@ -114,7 +51,7 @@ pub(super) fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<V
         let rows = &raws[j][first * q.row_bytes()..(first + count) * q.row_bytes()];
         // SAFETY: `outs[j]` has room for `m x q.rows` values; this task alone writes columns `first..first +
         // count` (the tasks' bands of one matrix are disjoint), and nothing reads `outs` until the tasks end.
-        let mut columns = unsafe { Columns::new(starts[j].0, q.rows, first, count, m) };
+        let mut columns = unsafe { Columns::new(starts[j].0, q.rows, first, count, m, first) };
         q.band(rows, x, m, &prepared, form, &mut columns);
     });
     for (out, (q, _)) in outs.iter_mut().zip(jobs) {
@@ -122,6 +59,58 @@ pub(super) fn products(jobs: &[(&QuantMatrix, Form)], x: &[f32]) -> Result<Vec<V
         unsafe { out.set_len(m * q.rows) };
     }
     Ok(outs)
+}
+
+/// `jobs` with `Form::Int8Rows` run on AMX tiles where the CPU has them and there are enough activation rows.
+fn on_tiles<'a>(jobs: &[(&'a QuantMatrix, Form)], m: usize) -> Vec<(&'a QuantMatrix, Form)> {
+    let tiles = m >= TILE_MIN_ROWS && int8_rows::tiles_available();
+    jobs.iter().map(|&(q, form)| (q, if form == Form::Int8Rows && tiles { Form::Int8Tiles } else { form })).collect()
+}
+
+/// The product of `q` in `form` with the activations `x`, band after band of `band_rows` rows (a multiple of
+/// sixteen; the last band shorter), each band's values handed to `reduce(first, count, values)` on the thread that
+/// made them, while they are in its cache (`values`: `m x count`, activation row i's from `i * count`). Returns what
+/// `reduce` made of each band, in the rows' order. For products that are reduced as soon as they are made: the
+/// greedy screen's approximations of Gemma's 262,144 rows, which `products` would write out whole (16 MB for a
+/// batched step) for the screen to read back twice.
+pub(super) fn reduce_bands<T: Send>(
+    q: &QuantMatrix,
+    form: Form,
+    x: &[f32],
+    band_rows: usize,
+    reduce: impl Fn(usize, usize, &[f32]) -> T + Sync,
+) -> Result<Vec<T>> {
+    let k = q.cols;
+    if !x.len().is_multiple_of(k) || !band_rows.is_multiple_of(lanes::LANES) || band_rows == 0 {
+        return Err(EngineError::InvalidRequest(format!(
+            "activations of {} values for rows of {k}, in bands of {band_rows} rows",
+            x.len()
+        )));
+    }
+    let m = x.len() / k;
+    let jobs = on_tiles(&[(q, form)], m);
+    let form = jobs[0].1;
+    let raws = [q.raw()?];
+    let prepared = Prepared::new(&jobs, &raws, x, m, k);
+    let row_bytes = q.row_bytes();
+    Ok(crate::team::map(q.rows.div_ceil(band_rows), |b| {
+        let (first, count) = (b * band_rows, band_rows.min(q.rows - b * band_rows));
+        REDUCED_BAND.with(|band| {
+            let values = &mut *band.borrow_mut();
+            if values.len() < m * count {
+                values.resize(m * count, 0.0);
+            }
+            // SAFETY: `values` has room for `m x count` values, this task's alone.
+            let mut columns = unsafe { Columns::new(values.as_mut_ptr(), count, first, count, m, 0) };
+            q.band(&raws[0][first * row_bytes..(first + count) * row_bytes], x, m, &prepared, form, &mut columns);
+            reduce(first, count, &values[..m * count])
+        })
+    }))
+}
+
+thread_local! {
+    /// Each thread's band of `reduce_bands`, kept between products (a batched step's screen reduces 64 of them).
+    static REDUCED_BAND: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 impl QuantMatrix {
@@ -357,22 +346,25 @@ impl SendPtr {
     }
 }
 
-/// Columns `first..first + count` of the `m` rows of an `m x n` row-major output: where one band writes.
+/// Where the band of a matrix's rows `first..first + count` writes its values: columns `column..column + count` of
+/// the `m` rows of an `m x n` row-major output (the product's whole output, where `column` is `first`; or the
+/// band's own, where it is 0).
 struct Columns {
     start: *mut f32,
     n: usize,
     first: usize,
     count: usize,
     m: usize,
+    column: usize,
 }
 
 impl Columns {
     /// # Safety
-    /// `start` points to room for `m x n` values that no one else reads or writes in columns `first..first +
+    /// `start` points to room for `m x n` values that no one else reads or writes in columns `column..column +
     /// count` while this lives.
-    unsafe fn new(start: *mut f32, n: usize, first: usize, count: usize, m: usize) -> Self {
-        assert!(first + count <= n);
-        Self { start, n, first, count, m }
+    unsafe fn new(start: *mut f32, n: usize, first: usize, count: usize, m: usize, column: usize) -> Self {
+        assert!(column + count <= n);
+        Self { start, n, first, count, m, column }
     }
 
     /// Writes `values` into row `i` from the band's column `r` on. Through a pointer, not a slice: the output is
@@ -381,7 +373,7 @@ impl Columns {
         assert!(i < self.m && r + values.len() <= self.count);
         // SAFETY: inside the room `new` was given, in this band's own columns (asserted above).
         unsafe {
-            std::ptr::copy_nonoverlapping(values.as_ptr(), self.start.add(i * self.n + self.first + r), values.len())
+            std::ptr::copy_nonoverlapping(values.as_ptr(), self.start.add(i * self.n + self.column + r), values.len())
         }
     }
 
@@ -390,7 +382,7 @@ impl Columns {
     fn block(&mut self, i: usize, rows: usize, r: usize, len: usize) -> (*mut f32, usize) {
         assert!(i + rows <= self.m && r + len <= self.count);
         // SAFETY: row i's column r is inside the room `new` was given (asserted above).
-        (unsafe { self.start.add(i * self.n + self.first + r) }, self.n)
+        (unsafe { self.start.add(i * self.n + self.column + r) }, self.n)
     }
 
     /// The band's values from `t`, their transpose (`count x m`, row-major; see `band_product`).
@@ -398,7 +390,7 @@ impl Columns {
         assert_eq!(t.len(), self.count * self.m);
         // SAFETY: `transpose_raw` writes (i, r) at `i * n + r` from this band's first column, for i < m and
         // r < count: inside the room and the columns `new` was given.
-        unsafe { transpose_raw(t, self.m, self.count, self.m, self.start.add(self.first), self.n) }
+        unsafe { transpose_raw(t, self.m, self.count, self.m, self.start.add(self.column), self.n) }
     }
 }
 
@@ -419,6 +411,72 @@ struct Prepared {
     block_sums: Vec<Vec<f32>>,
     /// Each row's block totals (`Form::Fused` on repacked rows, `q4_1_lanes::block_totals`).
     totals: Vec<Vec<f32>>,
+}
+
+impl Prepared {
+    /// What the bands of `jobs` share, made once: the activation rows rounded to 8 bits, transposed for gemm, or
+    /// their block sums; and each Q8_0 matrix's terms for `int8_rows`, at its first such product.
+    fn new(jobs: &[(&QuantMatrix, Form)], raws: &[std::borrow::Cow<'_, [u8]>], x: &[f32], m: usize, k: usize) -> Self {
+        let uses = |wanted: fn(&Form) -> bool| jobs.iter().any(|(_, form)| wanted(form));
+        // The rows rounded one by one, for the forms that read them so (on AMX tiles, only the rows outside whole
+        // groups of sixteen do). A batched step's rows are rounded on the pass's threads (each row alone, so the same
+        // in any split).
+        let reads_rounded = |(q, form): &(&QuantMatrix, Form)| match form {
+            Form::Int8 | Form::Int8Rows | Form::Widened => true,
+            Form::Int8Tiles => q.lanes_for(*form).is_none() || q.rows % lanes::LANES != 0,
+            _ => false,
+        };
+        let rounded: Vec<int8::Q8Row> = match jobs.iter().any(reads_rounded) {
+            true if m >= 4 => crate::team::map(m, |i| int8::quantize(&x[i * k..(i + 1) * k])),
+            true => x.chunks_exact(k).map(int8::quantize).collect(),
+            false => Vec::new(),
+        };
+        // The rounded rows in lanes, for the block lengths the `Int8Rows` jobs' types use.
+        let lanes_of = |len| match jobs.iter().any(|(q, form)| {
+            matches!(form, Form::Int8Rows | Form::Int8Tiles)
+                && int8_rows::layout(q.dtype()).is_some_and(|l| l.len == len)
+                && (q.lanes_for(*form).is_none() || q.rows % lanes::LANES != 0)
+        }) {
+            true => int8_rows::lanes(&rounded, len),
+            false => Vec::new(),
+        };
+        let prepared = Prepared {
+            widened: match uses(|form| *form == Form::Widened || (*form == Form::Int8 && int8::READS_WIDENED)) {
+                true => rounded.iter().map(|row| int8::widen(&row.values)).collect(),
+                false => Vec::new(),
+            },
+            tile_rows: match jobs.iter().any(|(q, form)| *form == Form::Int8Tiles && q.lanes_for(*form).is_some()) {
+                true => x.chunks(lanes::LANES * k).map(|rows| int8_rows::TileRows::round(rows, k)).collect(),
+                false => Vec::new(),
+            },
+            lanes16: lanes_of(16),
+            lanes32: lanes_of(32),
+            rounded,
+            transposed: match uses(|form| matches!(form, Form::Band)) {
+                true => transpose(x, m, k),
+                false => Vec::new(),
+            },
+            block_sums: match jobs.iter().any(|(q, form)| reads_block_sums(*form) && takes_block_sums(q.dtype())) {
+                true => x.chunks_exact(k).map(block_sums).collect(),
+                false => Vec::new(),
+            },
+            totals: match jobs.iter().any(|(q, form)| {
+                matches!(form, Form::Fused) && matches!(q.lanes_for(*form), Some(DecodingLanes::Q4_1(_)))
+            }) {
+                true => x.chunks_exact(k).map(q4_1_lanes::block_totals).collect(),
+                false => Vec::new(),
+            },
+        };
+        for ((q, form), raw) in jobs.iter().zip(raws) {
+            if matches!(form, Form::Int8Rows | Form::Int8Tiles)
+                && q.dtype() == GgmlDType::Q8_0
+                && int8_rows::reads_q8_0_in_place()
+            {
+                q.q8_terms.get_or_init(|| int8_rows::Q8Terms::new(raw));
+            }
+        }
+        prepared
+    }
 }
 
 /// Whether `dot_row_with` (and in wasm, the rows form) reuses an activation row's block sums for `dtype`: Q4_1
@@ -636,6 +694,57 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `reduce_bands` hands each band's values to `reduce` exactly as `products` writes them, bit for bit, with the
+    /// band's first row and length: on Q8_0 rows (the screen's type, 100 rows: bands of 32 and a last of 4) and on
+    /// Q4_1 rows repacked in groups of sixteen where the CPU reads them so (104 rows: whole groups in every band, and
+    /// 8 rows outside them), in each form that runs here, for 1, 5 and 16 activation rows.
+    #[test]
+    fn reduced_bands_are_the_products_columns() {
+        use std::sync::Arc;
+
+        use candle_core::quantized::QTensor;
+        use candle_core::{Device, Tensor};
+
+        let k = 64;
+        let matrix = |dtype, rows: usize, int8| {
+            let w: Vec<f32> = (0..rows * k).map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.1).collect();
+            let t = Tensor::from_vec(w, (rows, k), &Device::Cpu).unwrap();
+            QuantMatrix::new("w", Arc::new(QTensor::quantize(&t, dtype).unwrap()))
+                .unwrap()
+                .with_int8_activations(int8)
+                .for_decoding()
+                .unwrap()
+        };
+        let mut cases = vec![(matrix(GgmlDType::Q8_0, 100, false), Form::Rows)];
+        cases.push((matrix(GgmlDType::Q8_0, 100, false), Form::Widened));
+        if int8_rows::layout(GgmlDType::Q8_0).is_some() {
+            cases.push((matrix(GgmlDType::Q8_0, 100, true), Form::Int8Rows));
+        }
+        cases.push((matrix(GgmlDType::Q4_1, 104, false), Form::Fused));
+        cases.push((matrix(GgmlDType::Q4_1, 104, true), Form::Int8));
+        cases.push((matrix(GgmlDType::Q4_1, 104, true), Form::Int8Rows));
+        for (q, form) in &cases {
+            for m in [1, 5, 16] {
+                let x: Vec<f32> = (0..m * k).map(|i| ((i * 104729 % 997) as f32 / 498.5 - 1.0) * 3.0).collect();
+                let whole = products(&[(q, *form)], &x).unwrap().pop().unwrap();
+                let n = q.rows;
+                let bands = reduce_bands(q, *form, &x, 32, |first, count, values| {
+                    for i in 0..m {
+                        let (got, want) =
+                            (&values[i * count..(i + 1) * count], &whole[i * n + first..i * n + first + count]);
+                        let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(got), bits(want), "{form:?}, {m} rows: row {i}, band from {first}");
+                    }
+                    (first, count)
+                })
+                .unwrap();
+                let expected: Vec<(usize, usize)> = (0..n).step_by(32).map(|f| (f, 32.min(n - f))).collect();
+                assert_eq!(bands, expected, "{form:?}: the bands in order, covering the rows");
+            }
+        }
+        assert!(reduce_bands(&cases[0].0, Form::Rows, &[0.0; 64], 24, |_, _, _| ()).is_err(), "bands of 24 rows");
     }
 
     #[test]

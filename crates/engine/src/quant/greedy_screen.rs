@@ -18,12 +18,20 @@
 //! So `|approximate - exact| <= 128 * sum_b |d_b| * T_b`, `T_b = E_b * (1 + c) + 2 * c * S_b`, computed in f64.
 //! Each row's largest `|d_b|` and their sum, made once per matrix, bound every row cheaply (`RowScales`) and leave a
 //! short list; the listed rows' bounds block by block shorten it.
+//!
+//! The approximations are never written out whole: each band of rows is reduced to its candidates on the thread
+//! that made it, while it is in that thread's cache (`bands::reduce_bands`, `Candidates`), against a lower bound
+//! the bands share and raise as they go (`SharedFloor`). Written out, a batched step's approximations of Gemma's
+//! rows were 16 MB, read back twice (an `argmax`, then the bounds); a batched exact Gemma 3 step of 16 sequences
+//! ran about 13% faster without them (docs/benchmarks.md, stop 51).
+
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use candle_core::quantized::GgmlDType;
 
-use super::{blocks::half, dequantize, dot, int8, int8_rows, products, Form, QuantMatrix};
+use super::bands::reduce_bands;
+use super::{blocks::half, dequantize, dot, int8, int8_rows, Form, QuantMatrix};
 use crate::error::Result;
-use crate::sampler::argmax;
 
 /// Bytes of a Q8_0 block: an f16 scale, then 32 signed bytes.
 const Q8_0_BLOCK_BYTES: usize = 34;
@@ -150,6 +158,127 @@ pub fn portable_rounded_dot(row: &[u8], x: &[i16], scale: &[f32]) -> f32 {
     lanes.iter().sum()
 }
 
+/// Rows per band of the screen's product (`reduce_bands`): a batched step's approximations of a band (16 activation
+/// rows) take 256 KB, read back from the L2 cache.
+const SCREEN_BAND_ROWS: usize = 4096;
+
+/// The cheap bound of every row's error against one activation row (`RowScales`): with the activation row's `T_b`
+/// summed and their largest, each rounded up.
+struct CheapBound {
+    terms_total: f32,
+    terms_largest: f32,
+}
+
+impl CheapBound {
+    fn new(terms: &[f64]) -> Self {
+        let up = |t: f64| (t as f32) * (1.0 + F32_ROOM);
+        Self { terms_total: up(terms.iter().sum()), terms_largest: up(terms.iter().copied().fold(0.0, f64::max)) }
+    }
+
+    /// How far the exact value of a row (its scales' `largest` and `total`) can be from its approximation `value`,
+    /// with room for this bound's own rounding and the approximation's.
+    fn bound(&self, value: f32, largest: f32, total: f32) -> f32 {
+        let bound =
+            LARGEST_WEIGHT as f32 * (largest * self.terms_total).min(total * self.terms_largest) * (1.0 + F32_ROOM);
+        bound + value.abs() * F32_ROOM
+    }
+
+    /// Whether the row's upper bound reaches `floor`, a lower bound of the highest exact value.
+    fn reaches(&self, value: f32, largest: f32, total: f32, floor: f32) -> bool {
+        value + self.bound(value, largest, total) >= floor
+    }
+}
+
+/// The highest lower bound of an exact value that the bands of one activation row have found so far, shared by the
+/// threads: a band lists only the rows that reach it, and a band that runs late lists few. It only rises, and each
+/// value is a lower bound of the highest exact value, so no row that can be the highest is ever left out. (Against
+/// its own floor alone, each of Gemma's 64 bands listed some 250 rows of a batched step.)
+struct SharedFloor(AtomicU32);
+
+impl SharedFloor {
+    fn new() -> Self {
+        Self(AtomicU32::new(Self::key(f32::NEG_INFINITY)))
+    }
+
+    /// `floor`'s bits as an unsigned integer in the floats' order (for finite values and infinities).
+    fn key(floor: f32) -> u32 {
+        let bits = floor.to_bits();
+        if bits >> 31 == 0 {
+            bits | 1 << 31
+        } else {
+            !bits
+        }
+    }
+
+    fn value(key: u32) -> f32 {
+        f32::from_bits(if key >> 31 == 1 { key & !(1 << 31) } else { !key })
+    }
+
+    /// Raises the floor to `floor` where that is higher; returns the floor now.
+    fn raise(&self, floor: f32) -> f32 {
+        let key = Self::key(floor);
+        Self::value(self.0.fetch_max(key, Ordering::Relaxed).max(key))
+    }
+}
+
+/// What one band of the screen's approximations leaves for one activation row: the band's highest lower bound of
+/// an exact value (`floor`, rounded down), and the band's rows whose upper bounds reach the shared floor once the
+/// band's own has raised it, with their approximations. The highest of the bands' floors bounds the highest exact
+/// value of all rows from below, so every row that can reach it is among some band's candidates.
+struct Candidates {
+    floor: f32,
+    rows: Vec<(u32, f32)>,
+}
+
+impl Candidates {
+    /// The candidates of rows `first..first + values.len()` with approximations `values`; `None` where one is not far
+    /// from overflow (or not finite), so that an exact value could be infinite where its approximation is not.
+    fn of_band(
+        values: &[f32],
+        first: usize,
+        scales: &RowScales,
+        cheap: &CheapBound,
+        shared: &SharedFloor,
+    ) -> Option<Self> {
+        // Sixteen rows at a time in lanes of their own, so that the compiler vectorizes the bounds.
+        const LANES: usize = 16;
+        let at = first..first + values.len();
+        let (largest, total) = (&scales.largest[at.clone()], &scales.total[at]);
+        let groups = || values.chunks_exact(LANES).zip(largest.chunks_exact(LANES)).zip(total.chunks_exact(LANES));
+        let whole = values.len() / LANES * LANES;
+        let (mut floors, mut finite) = ([f32::NEG_INFINITY; LANES], [true; LANES]);
+        for ((v, l), t) in groups() {
+            for j in 0..LANES {
+                // A comparison, not `f32::max`, whose care for NaN costs the loop two instructions a lane (a NaN is
+                // caught by `finite`).
+                let low = v[j] - cheap.bound(v[j], l[j], t[j]);
+                floors[j] = if low > floors[j] { low } else { floors[j] };
+                finite[j] &= v[j].abs() < 1e30;
+            }
+        }
+        let mut floor = floors.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for r in whole..values.len() {
+            floor = floor.max(values[r] - cheap.bound(values[r], largest[r], total[r]));
+        }
+        if !finite.iter().all(|&f| f) || !values[whole..].iter().all(|v| v.abs() < 1e30) {
+            return None;
+        }
+        let floor = floor - floor.abs() * F32_ROOM;
+        let reached = shared.raise(floor);
+        let mut rows = Vec::new();
+        for (g, ((v, l), t)) in groups().enumerate() {
+            let reach: [bool; LANES] = std::array::from_fn(|j| cheap.reaches(v[j], l[j], t[j], reached));
+            // Without `contains`' early exit, which the compiler leaves as a loop over the sixteen.
+            if reach.iter().fold(false, |any, &r| any | r) {
+                rows.extend((0..LANES).filter(|&j| reach[j]).map(|j| ((first + g * LANES + j) as u32, v[j])));
+            }
+        }
+        let rest = (whole..values.len()).filter(|&r| cheap.reaches(values[r], largest[r], total[r], reached));
+        rows.extend(rest.map(|r| ((first + r) as u32, values[r])));
+        Some(Self { floor, rows })
+    }
+}
+
 impl QuantMatrix {
     /// For each activation row of `x`, the index `sampler::argmax` gives for that row of `matmul_exact_rows(x)`,
     /// from an 8-bit approximation of every row and exact products of the few that can still be the highest (see
@@ -173,51 +302,39 @@ impl QuantMatrix {
         if !x.iter().all(|v| v.is_finite()) {
             return Ok(None);
         }
-        let approximate = products(&[(self, form)], x)?.pop().expect("one product");
-        // Far from overflow, so that no exact value can be infinite where its approximation is finite.
-        if !approximate.iter().all(|v| v.abs() < 1e30) {
-            return Ok(None);
-        }
         let raw = self.raw()?;
-        let (row_bytes, n) = (self.row_bytes(), self.rows);
+        let row_bytes = self.row_bytes();
         let scales = self.row_scales.get_or_init(|| RowScales::new(&raw, row_bytes));
+        let m = x.len() / k;
+        let terms: Vec<Vec<f64>> = x.chunks_exact(k).map(bound_terms).collect();
+        let cheap: Vec<CheapBound> = terms.iter().map(|terms| CheapBound::new(terms)).collect();
+        // The approximations, band by band, each reduced to its candidates while it is in the cache.
+        let band_rows = SCREEN_BAND_ROWS.min(self.rows.div_ceil(4 * rayon::current_num_threads()).next_multiple_of(16));
+        let floors: Vec<SharedFloor> = (0..m).map(|_| SharedFloor::new()).collect();
+        let bands = reduce_bands(self, form, x, band_rows, |first, count, values| {
+            (0..m)
+                .map(|i| Candidates::of_band(&values[i * count..(i + 1) * count], first, scales, &cheap[i], &floors[i]))
+                .collect::<Option<Vec<_>>>()
+        })?;
+        // Far from overflow, so that no exact value can be infinite where its approximation is finite.
+        let Some(bands) = bands.into_iter().collect::<Option<Vec<_>>>() else {
+            return Ok(None);
+        };
         let scales_of = |r: usize| {
             let row = &raw[r * row_bytes..(r + 1) * row_bytes];
             row.chunks_exact(Q8_0_BLOCK_BYTES).map(|block| half(block, 0).abs() as f64)
         };
         let pick = |i: usize| {
             let xi = &x[i * k..(i + 1) * k];
-            let values = &approximate[i * n..(i + 1) * n];
-            let terms = bound_terms(xi);
-            // Every row whose exact value can reach the highest exact value, first with each row's cheap bound: no
-            // row whose upper bound is below the highest approximation's lower bound.
-            let up = |t: f64| (t as f32) * (1.0 + F32_ROOM);
-            let (terms_total, terms_largest) = (up(terms.iter().sum()), up(terms.iter().copied().fold(0.0, f64::max)));
-            let cheap = |value: f32, largest: f32, total: f32| {
-                let bound =
-                    LARGEST_WEIGHT as f32 * (largest * terms_total).min(total * terms_largest) * (1.0 + F32_ROOM);
-                bound + value.abs() * F32_ROOM
-            };
-            let top = argmax(values) as usize;
-            let floor = values[top] - cheap(values[top], scales.largest[top], scales.total[top]);
-            let floor = floor - floor.abs() * F32_ROOM;
-            let reaches = |value: f32, largest: f32, total: f32| value + cheap(value, largest, total) >= floor;
-            // Sixteen rows at a time, so that the compiler vectorizes the bounds (Gemma's 262,144 rows per
-            // activation row).
-            const LANES: usize = 16;
-            let mut listed = Vec::new();
-            for g in 0..n / LANES {
-                let at = g * LANES..(g + 1) * LANES;
-                let (v, l, t) = (&values[at.clone()], &scales.largest[at.clone()], &scales.total[at]);
-                let reach: [bool; LANES] = std::array::from_fn(|j| reaches(v[j], l[j], t[j]));
-                if reach.contains(&true) {
-                    listed.extend((0..LANES).filter(|&j| reach[j]).map(|j| g * LANES + j));
-                }
-            }
-            listed.extend((n / LANES * LANES..n).filter(|&r| reaches(values[r], scales.largest[r], scales.total[r])));
+            // The rows that can still reach the highest exact value, first by every band's highest lower bound.
+            let floor = bands.iter().map(|band| band[i].floor).fold(f32::NEG_INFINITY, f32::max);
+            let listed = bands.iter().flat_map(|band| &band[i].rows).filter(|&&(r, value)| {
+                let r = r as usize;
+                cheap[i].reaches(value, scales.largest[r], scales.total[r], floor)
+            });
             // Then with their bounds block by block.
             let near: Vec<(usize, f64, f64)> =
-                listed.into_iter().map(|r| (r, values[r] as f64, bound(scales_of(r), &terms))).collect();
+                listed.map(|&(r, value)| (r as usize, value as f64, bound(scales_of(r as usize), &terms[i]))).collect();
             let floor = near.iter().map(|&(_, v, b)| v - b).fold(f64::NEG_INFINITY, f64::max);
             let mut best = (f32::NEG_INFINITY, 0u32);
             let mut exact = 0;
@@ -235,7 +352,6 @@ impl QuantMatrix {
             }
             (best.1, exact)
         };
-        let m = x.len() / k;
         Ok(Some(if m > 1 { crate::team::map(m, pick) } else { vec![pick(0)] }))
     }
 
@@ -259,6 +375,8 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     use super::*;
+    use crate::quant::bands::products;
+    use crate::sampler::argmax;
 
     /// A Q8_0 matrix of `rows x k` from `values` (row after row).
     fn q8_0(values: Vec<f32>, rows: usize, k: usize) -> QuantMatrix {
@@ -386,6 +504,27 @@ mod tests {
             }
             // The approximations' own highest rows are wrong somewhere, so the exact products decided.
             assert!(reordered > 0, "{form:?}: the approximations picked every row right");
+        }
+    }
+
+    /// The shared floor's keys order floats as they compare (both zeros alike), each key gives its float back bit
+    /// for bit, and raising the floor keeps the highest value seen in any order.
+    #[test]
+    fn shared_floor_keeps_the_highest() {
+        let ordered =
+            [f32::NEG_INFINITY, -1e30, -2.5, -f32::MIN_POSITIVE, -0.0, 0.0, 1e-40, 1.0, 3.5e20, f32::INFINITY];
+        for pair in ordered.windows(2) {
+            let (a, b) = (SharedFloor::key(pair[0]), SharedFloor::key(pair[1]));
+            assert!(a < b || (pair[0] == 0.0 && pair[1] == 0.0 && a + 1 == b), "{pair:?}");
+        }
+        for v in ordered {
+            assert_eq!(SharedFloor::value(SharedFloor::key(v)).to_bits(), v.to_bits(), "{v}");
+        }
+        let shared = SharedFloor::new();
+        let mut highest = f32::NEG_INFINITY;
+        for v in [-3.0, -7.5, 2.0, -1e30, 1.5, 2.25, 0.0] {
+            highest = highest.max(v);
+            assert_eq!(shared.raise(v), highest, "after {v}");
         }
     }
 
