@@ -507,6 +507,32 @@ mod tests {
         }
     }
 
+    /// Rows past the last whole sixteen of the last band (a matrix of 1,000 rows: its last band ends in 8 such rows,
+    /// whatever the thread count) are screened too: winners planted there, one a tie of an earlier row of the tail,
+    /// are picked, and each pick is `argmax` of the exact product.
+    #[test]
+    fn screened_pick_reaches_the_rows_after_the_last_sixteen() {
+        let (rows, k, m) = (1000, 64, 3);
+        let (mut w, x) = random_case(rows, k, m);
+        let planted = [(0, vec![993, 999]), (1, vec![995])];
+        for (i, at) in &planted {
+            let own: Vec<f32> = x[i * k..(i + 1) * k].iter().map(|v| v * 0.03).collect();
+            for &r in at {
+                w[r * k..(r + 1) * k].copy_from_slice(&own);
+            }
+        }
+        let matrix = q8_0(w, rows, k);
+        let exact = matrix.matmul_exact_rows(&x).unwrap();
+        for form in approximations() {
+            let screened = matrix.screened_argmax(&x, form).unwrap().expect("a Q8_0 screen");
+            for (i, &(token, _)) in screened.iter().enumerate() {
+                assert_eq!(token, argmax(&exact[i * rows..(i + 1) * rows]), "{form:?}: activation row {i}");
+            }
+            assert_eq!(screened[0].0, 993, "{form:?}: the first of the tied rows");
+            assert_eq!(screened[1].0, 995, "{form:?}");
+        }
+    }
+
     /// The shared floor's keys order floats as they compare (both zeros alike), each key gives its float back bit
     /// for bit, and raising the floor keeps the highest value seen in any order.
     #[test]
