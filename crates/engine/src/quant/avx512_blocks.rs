@@ -58,11 +58,11 @@ unsafe fn store16(y: &mut [f32], at: usize, v: __m512) {
     _mm512_storeu_ps(y.as_mut_ptr().add(at), v);
 }
 
-/// Sixteen unsigned bytes as f32.
+/// The sixteen values of a nibble, 0 to 15, in lane order: the table decoders' indices as f32.
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn widen_u8(v: __m128i) -> __m512 {
-    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v))
+unsafe fn nibbles() -> __m512 {
+    _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.)
 }
 
 #[target_feature(enable = "avx512f")]
@@ -81,10 +81,9 @@ unsafe fn dequantize_q8_0(bytes: &[u8], out: &mut [f32]) {
 /// block against 2.4-2.6 converting each value (docs/benchmarks.md, stop 51).
 #[target_feature(enable = "avx512f")]
 unsafe fn dequantize_q4_1(bytes: &[u8], out: &mut [f32]) {
-    let nibbles = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
     for (b, y) in bytes.chunks_exact(20).zip(out.chunks_exact_mut(32)) {
         let (d, m) = (_mm512_broadcastss_ps(f16_lane0(b, 0)), _mm512_broadcastss_ps(f16_lane0(b, 2)));
-        let table = _mm512_add_ps(_mm512_mul_ps(nibbles, d), m);
+        let table = _mm512_add_ps(_mm512_mul_ps(nibbles(), d), m);
         let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(b[4..20].as_ptr().cast()));
         // Values 0-15 in the low nibbles, 16-31 in the high ones.
         store16(y, 0, _mm512_permutexvar_ps(bytes, table));
@@ -100,7 +99,7 @@ unsafe fn dequantize_q4_1(bytes: &[u8], out: &mut [f32]) {
 #[target_feature(enable = "avx512f")]
 unsafe fn dequantize_q5_0(bytes: &[u8], out: &mut [f32]) {
     let clear = _mm512_setr_ps(-16., -15., -14., -13., -12., -11., -10., -9., -8., -7., -6., -5., -4., -3., -2., -1.);
-    let set = _mm512_setr_ps(0., 1., 2., 3., 4., 5., 6., 7., 8., 9., 10., 11., 12., 13., 14., 15.);
+    let set = nibbles();
     for (b, y) in bytes.chunks_exact(22).zip(out.chunks_exact_mut(32)) {
         let d = _mm512_broadcastss_ps(f16_lane0(b, 0));
         let (clear, set) = (_mm512_mul_ps(clear, d), _mm512_mul_ps(set, d));
@@ -119,22 +118,28 @@ unsafe fn dequantize_q5_0(bytes: &[u8], out: &mut [f32]) {
     }
 }
 
+/// Q4_K from a table per run of 32 values (each run has its own scale and minimum): the sixteen values a nibble
+/// stands for (`d * scale * q - dmin * min`, the same multiply, then subtract, as the portable twin's), looked up
+/// by `vpermps` as in `dequantize_q4_1`. A group's 32 bytes hold two runs: the low nibbles, then the high ones.
 #[target_feature(enable = "avx512f")]
 unsafe fn dequantize_q4k(bytes: &[u8], out: &mut [f32]) {
-    let mask = _mm256_set1_epi8(0x0f);
     for (b, y) in bytes.chunks_exact(144).zip(out.chunks_exact_mut(256)) {
         let (d, dmin) = (super::blocks::half(b, 0), super::blocks::half(b, 2));
         let scales = &b[4..16];
         for g in 0..4 {
-            let qs = _mm256_loadu_si256(b[16 + 32 * g..48 + 32 * g].as_ptr().cast());
-            let nibbles = [_mm256_and_si256(qs, mask), _mm256_and_si256(_mm256_srli_epi16::<4>(qs), mask)];
-            for (h, q) in nibbles.into_iter().enumerate() {
+            // (Not `[0, 1].map(..)`: a closure does not inherit the target features, and its intrinsics became
+            // calls that took twice the whole decoder's time.)
+            let mut tables = [_mm512_setzero_ps(); 2];
+            for (h, table) in tables.iter_mut().enumerate() {
                 let (sc, m) = super::blocks::scale_min_k4(2 * g + h, scales);
-                let (scale, min) = (_mm512_set1_ps(d * sc as f32), _mm512_set1_ps(dmin * m as f32));
-                let runs = [_mm256_castsi256_si128(q), _mm256_extracti128_si256::<1>(q)];
-                for (i, run) in runs.into_iter().enumerate() {
-                    store16(y, 64 * g + 32 * h + 16 * i, _mm512_sub_ps(_mm512_mul_ps(scale, widen_u8(run)), min));
-                }
+                let scaled = _mm512_mul_ps(_mm512_set1_ps(d * sc as f32), nibbles());
+                *table = _mm512_sub_ps(scaled, _mm512_set1_ps(dmin * m as f32));
+            }
+            for i in 0..2 {
+                let at = 16 + 32 * g + 16 * i;
+                let bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(b[at..at + 16].as_ptr().cast()));
+                store16(y, 64 * g + 16 * i, _mm512_permutexvar_ps(bytes, tables[0]));
+                store16(y, 64 * g + 32 + 16 * i, _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(bytes), tables[1]));
             }
         }
     }
