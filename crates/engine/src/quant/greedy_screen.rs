@@ -219,14 +219,18 @@ impl SharedFloor {
         let key = Self::key(floor);
         Self::value(self.0.fetch_max(key, Ordering::Relaxed).max(key))
     }
+
+    /// The floor now: once the bands are done, the highest of their floors.
+    fn current(&self) -> f32 {
+        Self::value(self.0.load(Ordering::Relaxed))
+    }
 }
 
-/// What one band of the screen's approximations leaves for one activation row: the band's highest lower bound of
-/// an exact value (`floor`, rounded down), and the band's rows whose upper bounds reach the shared floor once the
-/// band's own has raised it, with their approximations. The highest of the bands' floors bounds the highest exact
+/// What one band of the screen's approximations leaves for one activation row: the band's rows whose upper bounds
+/// reach the shared floor once the band's highest lower bound of an exact value (rounded down) has raised it, with
+/// their approximations. The highest of the bands' floors (the shared floor at the end) bounds the highest exact
 /// value of all rows from below, so every row that can reach it is among some band's candidates.
 struct Candidates {
-    floor: f32,
     rows: Vec<(u32, f32)>,
 }
 
@@ -263,8 +267,9 @@ impl Candidates {
         if !finite.iter().all(|&f| f) || !values[whole..].iter().all(|v| v.abs() < 1e30) {
             return None;
         }
-        let floor = floor - floor.abs() * F32_ROOM;
-        let reached = shared.raise(floor);
+        // Each bound is made again below rather than kept from above: kept (in a buffer per thread), a batched
+        // Gemma 3 step took as long (`perf`: these lines 2.4% of the samples either way; stop 52).
+        let reached = shared.raise(floor - floor.abs() * F32_ROOM);
         let mut rows = Vec::new();
         for (g, ((v, l), t)) in groups().enumerate() {
             let reach: [bool; LANES] = std::array::from_fn(|j| cheap.reaches(v[j], l[j], t[j], reached));
@@ -275,7 +280,7 @@ impl Candidates {
         }
         let rest = (whole..values.len()).filter(|&r| cheap.reaches(values[r], largest[r], total[r], reached));
         rows.extend(rest.map(|r| ((first + r) as u32, values[r])));
-        Some(Self { floor, rows })
+        Some(Self { rows })
     }
 }
 
@@ -326,8 +331,9 @@ impl QuantMatrix {
         };
         let pick = |i: usize| {
             let xi = &x[i * k..(i + 1) * k];
-            // The rows that can still reach the highest exact value, first by every band's highest lower bound.
-            let floor = bands.iter().map(|band| band[i].floor).fold(f32::NEG_INFINITY, f32::max);
+            // The rows that can still reach the highest exact value, first by the shared floor (the bands' highest
+            // lower bound).
+            let floor = floors[i].current();
             let listed = bands.iter().flat_map(|band| &band[i].rows).filter(|&&(r, value)| {
                 let r = r as usize;
                 cheap[i].reaches(value, scales.largest[r], scales.total[r], floor)
@@ -552,6 +558,7 @@ mod tests {
             highest = highest.max(v);
             assert_eq!(shared.raise(v), highest, "after {v}");
         }
+        assert_eq!(shared.current(), highest, "the floor at the end");
     }
 
     /// The exact value of one row is `matmul_exact_rows`' bit for bit, in both of `Form::Rows`' paths (rows in
