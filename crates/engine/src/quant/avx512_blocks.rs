@@ -127,8 +127,8 @@ unsafe fn dequantize_q4k(bytes: &[u8], out: &mut [f32]) {
         let (d, dmin) = (super::blocks::half(b, 0), super::blocks::half(b, 2));
         let scales = &b[4..16];
         for g in 0..4 {
-            // (Not `[0, 1].map(..)`: a closure does not inherit the target features, and its intrinsics became
-            // calls that took twice the whole decoder's time.)
+            // (Not `[0, 1].map(..)`: built so, the decoder ran at half the old one's speed, its closure likely
+            // compiled without AVX-512; docs/benchmarks.md, stop 52.)
             let mut tables = [_mm512_setzero_ps(); 2];
             for (h, table) in tables.iter_mut().enumerate() {
                 let (sc, m) = super::blocks::scale_min_k4(2 * g + h, scales);
